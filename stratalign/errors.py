@@ -1,0 +1,20 @@
+"""One exception type for bad input: the CLI prints its message as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class StratalignError(Exception):
+    """A user-facing error. The message is one line that names the culprit."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def preview(items: list, limit: int = 5) -> str:
+    """`a, b, c (+12 more)`: the first few offending items and a count, for one-line errors."""
+    items = list(items)
+    shown = ", ".join(str(x) for x in items[:limit])
+    rest = len(items) - limit
+    return f"{shown} (+{rest} more)" if rest > 0 else shown
