@@ -1,0 +1,59 @@
+"""The typer app: one command per stage. Commands parse arguments and call the library."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from stratalign.cli.common import err_console
+from stratalign.cli.ingest_cmd import ingest
+from stratalign.cli.store_cmds import store_app
+from stratalign.errors import StratalignError
+
+app = typer.Typer(
+    name="stratalign",
+    help="Align frozen unimodal encoders with lightweight heads on cached every-layer features.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("ingest")(ingest)
+app.add_typer(store_app, name="store")
+
+
+def _not_built(name: str, issue: str):
+    def command() -> None:
+        raise StratalignError(f"`stratalign {name}` is not built yet ({issue})")
+
+    command.__doc__ = f"[not built yet] {issue}."
+    return command
+
+
+for _name, _issue in (("extract", "stage 1"), ("layers", "stage 2"), ("train", "stage 3"), ("eval", "stage 3"),
+                      ("sweep", "sweeps over subsets"), ("demo", "the main job")):
+    app.command(_name)(_not_built(_name, _issue))
+
+
+def main() -> None:
+    """Entry point: run the app, turning StratalignError into one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except StratalignError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors and friends
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

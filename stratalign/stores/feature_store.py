@@ -1,0 +1,492 @@
+"""The feature store: a Zarr v3 hierarchy that caches every layer's pooled features for a whole team.
+
+Layout under the store root (a local path or any fsspec URL):
+
+    zarr.json                          root group; attrs["stratalign"] marks a stratalign store + format version
+    datasets/<name>/dataset.json       dataset meta (fingerprints, source, classes, skipped rows)
+    datasets/<name>/images.parquet     image table (rows = image feature rows)
+    datasets/<name>/captions.parquet   caption table (rows = caption feature rows)
+    features/<entry key>/              one Zarr group per (dataset content, encoder, pooling, dtype)
+        layer_000 ... layer_NNN        (rows, dim_l) arrays, one row-chunk per shard, crc32c-checksummed
+        _shards/<s>.json               completion marker: row range + sha256 of each layer's shard bytes
+        _claims/<s>.json               a worker's claim on a shard while it encodes it
+    runs/<run id>/                     trained heads (see stores.runs)
+    layers/<key>.json                  layer-similarity results (see stores.layer_results)
+
+Entry keys are content addresses: a hash of everything that determines the bytes (dataset content
+fingerprint, encoder identity and weights hash, preprocessing, pooling, dtype, shard size, format version),
+so changing any input makes a new entry and never a stale hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import polars as pl
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+import stratalign
+from stratalign.errors import StratalignError, preview
+from stratalign.stores import claims as claims_mod
+from stratalign.stores.location import Location, default_store_url, validate_key
+from stratalign.stores.pairs import PairDataset
+
+FORMAT_VERSION = 1
+STORE_TAG = "stratalign-store"
+DEFAULT_SHARD_ROWS = 1024
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+MODALITIES = ("image", "text")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "x"
+
+
+def _canonical_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def shard_sha(block: np.ndarray) -> str:
+    """sha256 of a shard block's bytes as stored (little-endian, C order)."""
+    return hashlib.sha256(np.ascontiguousarray(block.astype(block.dtype.newbyteorder("<"))).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """Everything that determines an entry's bytes; its hash is the entry key."""
+
+    dataset: str
+    content_fingerprint: str
+    modality: str
+    encoder: dict[str, Any]  # JSON metadata from the encoder: spec, weights_sha256, preprocessing, ...
+    pooling: str
+    layer_names: tuple[str, ...]
+    dims: tuple[int, ...]
+    rows: int
+    dtype: str = "float16"
+    shard_rows: int = DEFAULT_SHARD_ROWS
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise StratalignError(f"unknown modality {self.modality!r}; use one of {MODALITIES}")
+        if self.dtype not in ("float16", "float32"):
+            raise StratalignError(f"unsupported feature dtype {self.dtype!r}: use float16 or float32")
+        if len(self.layer_names) != len(self.dims) or not self.dims:
+            raise StratalignError("an entry needs one dim per layer name and at least one layer")
+        if self.rows < 1 or self.shard_rows < 1:
+            raise StratalignError(f"bad entry size: rows={self.rows}, shard_rows={self.shard_rows}")
+
+    @property
+    def encoder_spec(self) -> str:
+        return str(self.encoder["spec"])
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.rows // self.shard_rows)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "content_fingerprint": self.content_fingerprint,
+            "modality": self.modality,
+            "encoder": self.encoder,
+            "pooling": self.pooling,
+            "layer_names": list(self.layer_names),
+            "dims": list(self.dims),
+            "rows": self.rows,
+            "dtype": self.dtype,
+            "shard_rows": self.shard_rows,
+        }
+
+    @property
+    def key(self) -> str:
+        h = _canonical_hash(self.identity())[:16]
+        return f"{_slug(self.dataset)}--{self.modality}--{_slug(self.encoder_spec)}--{self.pooling}--{h}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.identity(), "dataset": self.dataset, "key": self.key,
+                "stratalign_version": stratalign.__version__}
+
+    @classmethod
+    def from_json(cls, meta: dict[str, Any]) -> "EntrySpec":
+        return cls(dataset=meta["dataset"], content_fingerprint=meta["content_fingerprint"],
+                   modality=meta["modality"], encoder=meta["encoder"], pooling=meta["pooling"],
+                   layer_names=tuple(meta["layer_names"]), dims=tuple(meta["dims"]), rows=int(meta["rows"]),
+                   dtype=meta["dtype"], shard_rows=int(meta["shard_rows"]))
+
+
+class FeatureEntry:
+    """One entry: per-layer arrays written in whole shards, each shard with a completion marker."""
+
+    def __init__(self, store: "FeatureStore", spec: EntrySpec, group: zarr.Group) -> None:
+        self.store = store
+        self.spec = spec
+        self.group = group
+        self.key = spec.key
+        self._markers: dict[int, dict] | None = None
+
+    # ----- layout helpers
+    @property
+    def folder(self) -> tuple[str, str]:
+        return ("features", self.key)
+
+    def layer_array(self, layer: int) -> zarr.Array:
+        return self.group[f"layer_{layer:03d}"]
+
+    def shard_rows_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.spec.shard_rows
+        return start, min(start + self.spec.shard_rows, self.spec.rows)
+
+    def resolve_layer(self, layer: int | str) -> int:
+        """A layer index (negative counts from the end) or name -> index, with a clear error."""
+        n = len(self.spec.dims)
+        if isinstance(layer, str):
+            if layer in self.spec.layer_names:
+                return self.spec.layer_names.index(layer)
+            try:
+                layer = int(layer)
+            except ValueError:
+                raise StratalignError(
+                    f"layer {layer!r} not in {self.spec.encoder_spec}; layers: {preview(self.spec.layer_names, 20)}"
+                ) from None
+        if not -n <= layer < n:
+            raise StratalignError(
+                f"layer index {layer} out of range for {self.spec.encoder_spec} ({n} layers: valid 0..{n - 1} or -1..-{n})"
+            )
+        return layer % n
+
+    # ----- markers
+    def markers(self, refresh: bool = False) -> dict[int, dict]:
+        if self._markers is None or refresh:
+            loc = self.store.loc
+            found = {}
+            for name in loc.listdir(*self.folder, "_shards"):
+                if name.endswith(".json") and name[:-5].isdigit():
+                    found[int(name[:-5])] = loc.read_json(*self.folder, "_shards", name)
+            self._markers = found
+        return self._markers
+
+    def done_shards(self) -> list[int]:
+        return sorted(s for s in self.markers(refresh=True) if s < self.spec.n_shards)
+
+    def pending_shards(self) -> list[int]:
+        done = set(self.done_shards())
+        return [s for s in range(self.spec.n_shards) if s not in done]
+
+    def is_complete(self) -> bool:
+        return not self.pending_shards()
+
+    # ----- writing
+    def claim(self, shard: int, claim: claims_mod.Claim) -> bool:
+        """Claim a pending shard for this worker (False if done or held by a live worker)."""
+        if self.store.loc.exists(*self.folder, "_shards", f"{shard}.json"):
+            return False
+        return claims_mod.try_claim(self.store.loc, "/".join([*self.folder, "_claims"]), shard, claim)
+
+    def release(self, shard: int, claim: claims_mod.Claim) -> None:
+        claims_mod.release(self.store.loc, "/".join([*self.folder, "_claims"]), shard, claim)
+
+    def write_shard(self, shard: int, layers: Sequence[np.ndarray], info: dict[str, Any] | None = None) -> None:
+        """Write all layers of one shard, then its completion marker (the marker is written last).
+
+        Values are checked before anything is written: NaN/inf fail, and values that do not fit float16
+        fail with a hint to use float32 (never an inf in the store).
+        """
+        spec = self.spec
+        if not 0 <= shard < spec.n_shards:
+            raise StratalignError(f"shard {shard} out of range for entry {self.key} ({spec.n_shards} shards)")
+        start, stop = self.shard_rows_range(shard)
+        if len(layers) != len(spec.dims):
+            raise StratalignError(f"shard {shard} of {self.key}: got {len(layers)} layers, expected {len(spec.dims)}")
+        blocks = []
+        for i, (block, dim) in enumerate(zip(layers, spec.dims)):
+            block = np.asarray(block, dtype=np.float32)
+            if block.shape != (stop - start, dim):
+                raise StratalignError(
+                    f"shard {shard} layer {i} of {self.key}: shape {block.shape}, expected {(stop - start, dim)}"
+                )
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                bad = (np.flatnonzero(~finite) + start).tolist()
+                raise StratalignError(
+                    f"NaN/inf features from {spec.encoder_spec} layer {spec.layer_names[i]} at rows {preview(bad)}"
+                )
+            if spec.dtype == "float16":
+                peak = float(np.abs(block).max(initial=0.0))
+                if peak > FLOAT16_MAX:
+                    raise StratalignError(
+                        f"{spec.encoder_spec} layer {spec.layer_names[i]} has values up to {peak:.3g}, beyond float16 "
+                        f"(max {FLOAT16_MAX:.0f}); re-run extract with --dtype float32"
+                    )
+            blocks.append(block.astype(spec.dtype))
+        for i, block in enumerate(blocks):
+            self.layer_array(i)[start:stop] = block
+        marker = {"shard": shard, "rows": [start, stop], "sha256": [shard_sha(b) for b in blocks],
+                  "written_at": time.time(), **(info or {})}
+        self.store.loc.write_json(marker, *self.folder, "_shards", f"{shard}.json")
+        if self._markers is not None:
+            self._markers[shard] = marker
+
+    # ----- reading
+    def read_layer(self, layer: int | str, rows: np.ndarray | None = None, *, verify: bool = True) -> np.ndarray:
+        """One layer's features (all rows, or the given rows), checked against the shard markers."""
+        idx = self.resolve_layer(layer)
+        pending = self.pending_shards()
+        if pending:
+            raise StratalignError(
+                f"entry {self.key} is incomplete ({len(pending)} of {self.spec.n_shards} shards missing); "
+                f"finish it with: stratalign extract --dataset {self.spec.dataset} --encoder {self.spec.encoder_spec}"
+            )
+        try:
+            data = self.layer_array(idx)[...]
+        except ValueError as exc:  # zarr's checksum mismatch
+            raise StratalignError(f"corrupt chunk in {self.key} layer {idx}: {exc}") from None
+        if verify:
+            markers = self.markers()
+            for s in range(self.spec.n_shards):
+                start, stop = self.shard_rows_range(s)
+                if shard_sha(data[start:stop]) != markers[s]["sha256"][idx]:
+                    raise StratalignError(
+                        f"shard {s} of {self.key} layer {idx} does not match its checksum: run `stratalign store verify`"
+                    )
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size and (rows.min() < 0 or rows.max() >= self.spec.rows):
+                raise StratalignError(f"row index out of range for {self.key} ({self.spec.rows} rows)")
+            data = data[rows]
+        return data
+
+    def verify(self) -> dict[str, list]:
+        """Re-read every chunk: {'corrupt': [(shard, layer, why)], 'incomplete': [shard, ...]}."""
+        markers = self.markers(refresh=True)
+        report: dict[str, list] = {"corrupt": [], "incomplete": []}
+        for s in range(self.spec.n_shards):
+            if s not in markers:
+                report["incomplete"].append(s)
+                continue
+            start, stop = self.shard_rows_range(s)
+            for layer in range(len(self.spec.dims)):
+                try:
+                    block = self.layer_array(layer)[start:stop]
+                except Exception as exc:  # checksum mismatch, undecodable or missing metadata
+                    report["corrupt"].append((s, layer, f"{type(exc).__name__}: {str(exc)[:80]}"))
+                    continue
+                if shard_sha(block) != markers[s]["sha256"][layer]:
+                    report["corrupt"].append((s, layer, "sha256 mismatch"))
+        return report
+
+
+class FeatureStore:
+    """A stratalign store. Open with `FeatureStore.open(url, mode="r"|"a")`."""
+
+    def __init__(self, loc: Location, root: zarr.Group, mode: str) -> None:
+        self.loc = loc
+        self.root = root
+        self.mode = mode
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    @classmethod
+    def open(cls, url: str | None = None, mode: str = "r") -> "FeatureStore":
+        """Open (mode 'r') or open-or-create (mode 'a') a store; refuse anything that is not one."""
+        if mode not in ("r", "a"):
+            raise StratalignError(f"store mode must be 'r' or 'a', not {mode!r}")
+        url = url or default_store_url()
+        loc = Location.from_url(url)
+        if loc.fs.isfile(loc.root):
+            raise StratalignError(f"store path {url} is a file, not a store folder")
+        has_root = loc.exists("zarr.json")
+        if not has_root:
+            if mode == "r":
+                raise StratalignError(f"no stratalign store at {url} (run `stratalign ingest` first)")
+            if loc.exists() and loc.listdir():
+                raise StratalignError(f"{url} is a non-empty folder that is not a stratalign store; use another --store")
+            root = zarr.open_group(store=url, mode="a")
+            root.attrs["stratalign"] = {"kind": STORE_TAG, "format_version": FORMAT_VERSION,
+                                        "created_by": stratalign.__version__}
+            root.require_group("features")
+            return cls(loc, root, mode)
+        try:
+            root = zarr.open_group(store=url, mode="r" if mode == "r" else "a")
+        except Exception as exc:
+            raise StratalignError(f"{url} is not a readable Zarr store: {type(exc).__name__}: {exc}") from None
+        tag = root.attrs.get("stratalign")
+        if not isinstance(tag, dict) or tag.get("kind") != STORE_TAG:
+            raise StratalignError(f"{url} is a Zarr hierarchy but not a stratalign store")
+        if tag.get("format_version") != FORMAT_VERSION:
+            raise StratalignError(
+                f"store {url} has format version {tag.get('format_version')} (written by stratalign "
+                f"{tag.get('created_by')}); this stratalign reads version {FORMAT_VERSION}"
+            )
+        return cls(loc, root, mode)
+
+    def _writable(self) -> None:
+        if self.mode != "a":
+            raise StratalignError(f"store {self.url} is open read-only")
+
+    # ----- datasets
+    def datasets(self) -> list[str]:
+        return [n for n in self.loc.listdir("datasets") if self.loc.exists("datasets", n, "dataset.json")]
+
+    def save_dataset(self, ds: PairDataset, *, replace: bool = False) -> bool:
+        """Store a dataset's tables; True if written, False if the identical dataset was already there."""
+        self._writable()
+        validate_key(ds.name, "dataset name")
+        if ds.name in self.datasets():
+            old = self.loc.read_json("datasets", ds.name, "dataset.json")
+            if old.get("fingerprint") == ds.fingerprint:
+                return False
+            if not replace:
+                raise StratalignError(
+                    f"dataset {ds.name!r} already exists in {self.url} with different content "
+                    f"(fingerprint {old.get('fingerprint', '?')[:12]} vs {ds.fingerprint[:12]}); "
+                    "choose another --name or pass --replace"
+                )
+        for table, frame in (("images", ds.images), ("captions", ds.captions)):
+            buf = io.BytesIO()
+            frame.write_parquet(buf)
+            self.loc.write_bytes(buf.getvalue(), "datasets", ds.name, f"{table}.parquet")
+        meta = {**ds.meta, "format_version": FORMAT_VERSION, "stratalign_version": stratalign.__version__,
+                "n_images": ds.images.height, "n_captions": ds.captions.height}
+        self.loc.write_json(meta, "datasets", ds.name, "dataset.json")  # written last: marks the dataset whole
+        return True
+
+    def dataset(self, name: str) -> PairDataset:
+        validate_key(name, "dataset name")
+        if not self.loc.exists("datasets", name, "dataset.json"):
+            known = self.datasets()
+            raise StratalignError(
+                f"dataset {name!r} not in store {self.url}; known: {', '.join(known) or 'none'} "
+                f"(ingest it with `stratalign ingest`)"
+            )
+        meta = self.loc.read_json("datasets", name, "dataset.json")
+        try:
+            images = pl.read_parquet(io.BytesIO(self.loc.read_bytes("datasets", name, "images.parquet")))
+            captions = pl.read_parquet(io.BytesIO(self.loc.read_bytes("datasets", name, "captions.parquet")))
+        except Exception as exc:
+            raise StratalignError(f"dataset {name!r} tables are unreadable: {type(exc).__name__}: {exc}") from None
+        if images.height != meta.get("n_images") or captions.height != meta.get("n_captions"):
+            raise StratalignError(f"dataset {name!r} tables do not match its dataset.json (truncated store?)")
+        return PairDataset(name=name, images=images, captions=captions, meta=meta)
+
+    def remove_dataset(self, name: str) -> None:
+        self._writable()
+        validate_key(name, "dataset name")
+        self.loc.remove("datasets", name, recursive=True)
+
+    # ----- feature entries
+    def entry_keys(self) -> list[str]:
+        return [k for k in self.loc.listdir("features") if self.loc.exists("features", k, "zarr.json")]
+
+    def entry(self, key: str) -> FeatureEntry:
+        validate_key(key, "entry key")
+        try:
+            group = self.root["features"][key]
+        except KeyError:
+            raise StratalignError(f"no feature entry {key!r} in {self.url}") from None
+        meta = group.attrs.get("stratalign_entry")
+        if not isinstance(meta, dict):
+            raise StratalignError(f"features/{key} in {self.url} is not a stratalign entry")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StratalignError(
+                f"entry {key} has format version {meta.get('format_version')} (stratalign "
+                f"{meta.get('stratalign_version')}); this stratalign reads version {FORMAT_VERSION}"
+            )
+        return FeatureEntry(self, EntrySpec.from_json(meta), group)
+
+    def entries(self) -> Iterator[FeatureEntry]:
+        for key in self.entry_keys():
+            try:
+                yield self.entry(key)
+            except StratalignError:
+                continue
+
+    def create_entry(self, spec: EntrySpec) -> FeatureEntry:
+        """Create an entry (or open the identical existing one): arrays first, metadata attrs last."""
+        self._writable()
+        key = spec.key
+        features = self.root.require_group("features")
+        try:
+            group = features.create_group(key)
+        except (ContainsGroupError, ContainsArrayError):
+            group = features[key]
+        for i, dim in enumerate(spec.dims):
+            name = f"layer_{i:03d}"
+            try:
+                group.create_array(
+                    name, shape=(spec.rows, dim), chunks=(spec.shard_rows, dim), dtype=spec.dtype,
+                    serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=float("nan"),
+                    attributes={"layer_name": spec.layer_names[i]},
+                )
+            except (ContainsArrayError, ContainsGroupError):
+                arr = group[name]
+                if arr.shape != (spec.rows, dim) or str(arr.dtype) != spec.dtype:
+                    raise StratalignError(f"entry {key} layer {i} exists with another shape or dtype") from None
+        if not isinstance(group.attrs.get("stratalign_entry"), dict):
+            group.attrs["stratalign_entry"] = spec.to_json()
+        return self.entry(key)
+
+    def find_entry(self, dataset: str, encoder: str, pooling: str | None = None,
+                   modality: str | None = None) -> FeatureEntry:
+        """The complete entry of (dataset, encoder spec[, pooling]) matching the dataset's current content."""
+        ds_meta = self.dataset(dataset).meta
+        matches = [
+            e for e in self.entries()
+            if e.spec.dataset == dataset and e.spec.encoder_spec == encoder
+            and (pooling is None or e.spec.pooling == pooling)
+            and (modality is None or e.spec.modality == modality)
+            and e.spec.content_fingerprint == ds_meta["content_fingerprint"]
+        ]
+        hint = f"stratalign extract --dataset {dataset} --encoder {encoder}"
+        if not matches:
+            raise StratalignError(f"no features of {encoder} for dataset {dataset!r}"
+                                  f"{f' with pooling {pooling}' if pooling else ''}; run: {hint}")
+        complete = [e for e in matches if e.is_complete()]
+        if not complete:
+            raise StratalignError(f"features of {encoder} for {dataset!r} are incomplete; finish them with: {hint}")
+        if pooling is None and len({e.spec.pooling for e in complete}) > 1:
+            default = complete[0].spec.encoder.get("default_pooling")
+            preferred = [e for e in complete if e.spec.pooling == default]
+            if preferred:
+                complete = preferred
+        return complete[0]
+
+    def features(self, dataset: str, encoder: str, layer: int | str, pooling: str | None = None,
+                 rows: np.ndarray | None = None) -> np.ndarray:
+        """One layer of cached features as a numpy array (rows aligned with the dataset's table)."""
+        return self.find_entry(dataset, encoder, pooling).read_layer(layer, rows)
+
+    def remove_entry(self, key: str) -> None:
+        self._writable()
+        validate_key(key, "entry key")
+        if key not in self.loc.listdir("features"):
+            raise StratalignError(f"no feature entry {key!r} in {self.url}")
+        self.loc.remove("features", key, recursive=True)
+
+    def entry_table(self) -> pl.DataFrame:
+        """One row per entry: what `stratalign store ls` shows."""
+        rows = []
+        for e in self.entries():
+            rows.append({
+                "key": e.key, "dataset": e.spec.dataset, "modality": e.spec.modality,
+                "encoder": e.spec.encoder_spec, "pooling": e.spec.pooling, "layers": len(e.spec.dims),
+                "dim": "/".join(str(d) for d in sorted(set(e.spec.dims))), "rows": e.spec.rows,
+                "dtype": e.spec.dtype,
+                "shards": f"{len(e.done_shards())}/{e.spec.n_shards}",
+                "bytes": self.loc.size(*e.folder),
+            })
+        schema = {"key": pl.String, "dataset": pl.String, "modality": pl.String, "encoder": pl.String,
+                  "pooling": pl.String, "layers": pl.Int64, "dim": pl.String, "rows": pl.Int64,
+                  "dtype": pl.String, "shards": pl.String, "bytes": pl.Int64}
+        return pl.DataFrame(rows, schema=schema)

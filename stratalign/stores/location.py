@@ -1,0 +1,127 @@
+"""Where a store lives: a local path or any fsspec URL, and safe keys inside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from stratalign.errors import StratalignError
+
+DEFAULT_STORE = "./stratalign-store"
+STORE_ENV = "STRATALIGN_STORE"
+
+_KEY_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
+
+
+def default_store_url() -> str:
+    """The store named by $STRATALIGN_STORE, else ./stratalign-store."""
+    return os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+def validate_key(key: str, what: str = "key") -> str:
+    """Reject anything that could escape its folder: only `[A-Za-z0-9._+=-]`, no `..`, no slashes."""
+    if not isinstance(key, str) or not _KEY_PART.match(key) or ".." in key:
+        raise StratalignError(
+            f"invalid {what} {key!r}: use letters, digits, '.', '_', '+', '=', '-' (no '/', no '..')"
+        )
+    return key
+
+
+@dataclass(frozen=True)
+class Location:
+    """A filesystem plus a root path inside it; all store I/O other than Zarr goes through here."""
+
+    url: str
+    fs: Any
+    root: str
+
+    @classmethod
+    def from_url(cls, url: str) -> "Location":
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/") or "/"
+        return cls(url=url, fs=fs, root=root)
+
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol
+        protocols = protocol if isinstance(protocol, tuple) else (protocol,)
+        return "file" in protocols or "local" in protocols
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open(self.path(*parts), "rb") as f:
+            return f.read()
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write a whole file; on a local disk via a temp file and rename, so readers never see half."""
+        target = self.path(*parts)
+        self.fs.makedirs(self.fs._parent(target), exist_ok=True)
+        if self.is_local:
+            tmp = f"{target}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            with self.fs.open(target, "wb") as f:
+                f.write(data)
+
+    def read_json(self, *parts: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(*parts))
+        except json.JSONDecodeError as exc:
+            raise StratalignError(f"corrupt JSON file {self.path(*parts)}: {exc}") from None
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=1, sort_keys=True).encode(), *parts)
+
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Create a file only if absent. Atomic on local disks (O_EXCL); best effort elsewhere."""
+        target = self.path(*parts)
+        self.fs.makedirs(self.fs._parent(target), exist_ok=True)
+        if self.is_local:
+            try:
+                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:  # s3fs and others implement "xb" with conditional writes where the backend can
+            with self.fs.open(target, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError):
+            if self.fs.exists(target):
+                return False
+            self.write_bytes(data, *parts)
+            return self.read_bytes(*parts) == data
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names (not paths) of the children of a folder; [] if it does not exist."""
+        base = self.path(*parts)
+        if not self.fs.exists(base):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
+    def remove(self, *parts: str, recursive: bool = False) -> None:
+        target = self.path(*parts)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=recursive)
+
+    def size(self, *parts: str) -> int:
+        target = self.path(*parts)
+        return int(self.fs.du(target)) if self.fs.exists(target) else 0

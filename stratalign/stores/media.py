@@ -1,0 +1,42 @@
+"""Reading the raw items of a dataset row: image files (checked against their ingest hash) and captions."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import fsspec
+from PIL import Image
+
+from stratalign.errors import StratalignError
+
+
+class BadItem(StratalignError):
+    """An image that cannot be read or changed since ingest; carries the row for --skip-bad."""
+
+    def __init__(self, row: int, message: str) -> None:
+        super().__init__(message)
+        self.row = row
+
+
+def load_image(path: str, expected_sha: str | None = None, *, row: int = -1, image_id: str = "?") -> Image.Image:
+    """Decode one image to RGB; fail naming the image if it is missing, corrupt or changed since ingest."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as exc:
+        raise BadItem(row, f"image {image_id} ({path}) cannot be read: {type(exc).__name__}") from None
+    if expected_sha is not None and hashlib.blake2b(data, digest_size=16).hexdigest() != expected_sha:
+        raise BadItem(row, f"image {image_id} ({path}) changed since ingest; re-run `stratalign ingest --replace`")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("P", "LA", "RGBA", "PA"):
+                # Transparent pixels become white, as the images are shown (emoji, logos), not black.
+                rgba = im.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                canvas.alpha_composite(rgba)
+                return canvas.convert("RGB")
+            return im.convert("RGB")
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise BadItem(row, f"image {image_id} ({path}) is corrupt: {type(exc).__name__}: {str(exc)[:60]}") from None

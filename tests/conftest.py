@@ -1,0 +1,82 @@
+"""Fixtures: tiny images, pair datasets and stores made inside the tests."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def make_images(folder: Path, n: int, seed: int = 0, size: int = 16) -> list[Path]:
+    """n small random RGB PNGs (distinct content)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        p = folder / f"img{i:03d}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+WORDS = ["red", "blue", "cat", "dog", "tree", "car", "sun", "moon", "fish", "bird", "house", "road"]
+
+
+def caption_for(i: int, j: int = 0) -> str:
+    return f"a {WORDS[i % len(WORDS)]} and a {WORDS[(i * 7 + j) % len(WORDS)]} number {i}"
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    make_images(tmp_path / "imgs", 30)
+    return tmp_path / "imgs"
+
+
+@pytest.fixture
+def coco_json(tmp_path: Path, image_dir: Path) -> Path:
+    images = [{"id": i, "file_name": f"img{i:03d}.png"} for i in range(30)]
+    anns = [{"id": 100 + 2 * i + j, "image_id": i, "caption": caption_for(i, j)} for i in range(30) for j in range(2)]
+    p = tmp_path / "captions_train.json"
+    p.write_text(json.dumps({"images": images, "annotations": anns}))
+    return p
+
+
+@pytest.fixture
+def karpathy_json(tmp_path: Path, image_dir: Path) -> Path:
+    splits = ["train"] * 20 + ["restval"] * 2 + ["val"] * 3 + ["test"] * 5
+    images = [
+        {"filename": f"img{i:03d}.png", "imgid": i, "split": splits[i],
+         "sentences": [{"raw": caption_for(i, j), "sentid": 3 * i + j} for j in range(3)]}
+        for i in range(30)
+    ]
+    p = tmp_path / "dataset_flickr30k.json"
+    p.write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    return p
+
+
+@pytest.fixture
+def csv_table(tmp_path: Path, image_dir: Path) -> Path:
+    lines = ["image,caption,label"]
+    for i in range(30):
+        lines.append(f"imgs/img{i:03d}.png,{caption_for(i)},{'even' if i % 2 == 0 else 'odd'}")
+    p = tmp_path / "pairs.csv"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.fixture
+def store_with_dataset(tmp_path: Path, coco_json: Path, image_dir: Path):
+    from stratalign.stores.feature_store import FeatureStore
+    from stratalign.stores.sources import ingest_source
+
+    store = FeatureStore.open(str(tmp_path / "store"), "a")
+    ds = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
+    store.save_dataset(ds)
+    return store, ds

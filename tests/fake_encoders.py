@@ -1,0 +1,88 @@
+"""Tiny deterministic encoders that follow the Encoder interface, for testing the store and extraction
+mechanics without any model weights. Real encoders are tested in test_encoders.py."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+
+class TinyImageEncoder:
+    """3 'layers': an 8x8 grey thumbnail through fixed random linear maps with tanh."""
+
+    modality = "image"
+    default_pooling = "avg"
+    poolings = ("avg", "max")
+
+    def __init__(self, spec: str = "tiny-image", delay_s: float = 0.0, scale: float = 1.0) -> None:
+        self.spec = spec
+        self.delay_s = delay_s
+        g = torch.Generator().manual_seed(0)
+        self.w = [torch.randn(64, 16, generator=g) * scale, torch.randn(16, 12, generator=g),
+                  torch.randn(12, 8, generator=g)]
+        self.layer_names = ["l0", "l1", "l2"]
+        self.dims = [16, 12, 8]
+        self.forward_calls = 0
+
+    def metadata(self) -> dict:
+        return {"spec": self.spec, "weights_sha256": "tiny", "preprocessing": "grey 8x8"}
+
+    def preprocess(self, items: list) -> dict[str, torch.Tensor]:
+        arr = np.stack([np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).reshape(-1) / 255.0
+                        for im in items])
+        return {"pixels": torch.from_numpy(arr)}
+
+    def forward_pooled(self, batch, poolings):
+        self.forward_calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        h = batch["pixels"]
+        layers = []
+        for w in self.w:
+            h = torch.tanh(h @ w) if w.shape[0] != 64 else h @ w
+            layers.append(h)
+        out = {}
+        for p in poolings:
+            out[p] = [x.float() if p == "avg" else x.float().abs() for x in layers]
+        return out
+
+
+class TinyTextEncoder:
+    """2 'layers' from character counts of the caption."""
+
+    modality = "text"
+    default_pooling = "mean"
+    poolings = ("mean", "cls")
+
+    def __init__(self, spec: str = "tiny-text") -> None:
+        self.spec = spec
+        g = torch.Generator().manual_seed(1)
+        self.w = [torch.randn(27, 10, generator=g), torch.randn(10, 6, generator=g)]
+        self.layer_names = ["t0", "t1"]
+        self.dims = [10, 6]
+
+    def metadata(self) -> dict:
+        return {"spec": self.spec, "weights_sha256": "tiny", "preprocessing": "char counts"}
+
+    def preprocess(self, items: list) -> dict[str, torch.Tensor]:
+        x = np.zeros((len(items), 27), np.float32)
+        for i, t in enumerate(items):
+            for ch in t.lower():
+                x[i, ord(ch) - 97 if "a" <= ch <= "z" else 26] += 1
+        return {"counts": torch.from_numpy(x)}
+
+    def forward_pooled(self, batch, poolings):
+        h1 = batch["counts"] @ self.w[0]
+        h2 = torch.tanh(h1) @ self.w[1]
+        return {p: [h1, h2] for p in poolings}
+
+
+def load_tiny(spec: str, device: str = "cpu"):
+    if spec.startswith("tiny-image"):
+        return TinyImageEncoder(spec, delay_s=float(os.environ.get("TINY_DELAY_S", "0")))
+    if spec.startswith("tiny-text"):
+        return TinyTextEncoder(spec)
+    raise ValueError(spec)
