@@ -355,9 +355,8 @@ def extract(store: FeatureStore, dataset: str, cfg: ExtractConfig,
     """Extract every encoder of the config over a stored dataset (local engine)."""
     if not cfg.encoders:
         raise StratalignError("name at least one --encoder")
-    from stratalign.pipeline.encoders import load_encoder
-
-    load = load or load_encoder
+    if load is None:
+        from stratalign.pipeline.encoders import load_encoder as load
     ds = store.dataset(dataset)
     device = resolve_device(cfg.device)
     reports = []
