@@ -7,6 +7,7 @@ import sys
 import typer
 
 from stratalign.cli.common import err_console
+from stratalign.cli.extract_cmd import encoders_cmd, extract_cmd
 from stratalign.cli.ingest_cmd import ingest
 from stratalign.cli.store_cmds import store_app
 from stratalign.errors import StratalignError
@@ -19,6 +20,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("ingest")(ingest)
+app.command("extract")(extract_cmd)
+app.command("encoders")(encoders_cmd)
 app.add_typer(store_app, name="store")
 
 
@@ -30,7 +33,7 @@ def _not_built(name: str, issue: str):
     return command
 
 
-for _name, _issue in (("extract", "stage 1"), ("layers", "stage 2"), ("train", "stage 3"), ("eval", "stage 3"),
+for _name, _issue in (("layers", "stage 2"), ("train", "stage 3"), ("eval", "stage 3"),
                       ("sweep", "sweeps over subsets"), ("demo", "the main job")):
     app.command(_name)(_not_built(_name, _issue))
 

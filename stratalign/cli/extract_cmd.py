@@ -1,0 +1,57 @@
+"""`stratalign extract` and `stratalign encoders`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import polars as pl
+import typer
+
+from stratalign.cli.common import StoreOption, console, print_table, store_url
+from stratalign.errors import StratalignError
+from stratalign.pipeline.extract import ExtractConfig, extract
+from stratalign.stores.feature_store import DEFAULT_SHARD_ROWS, FeatureStore
+
+
+def extract_cmd(
+    dataset: str = typer.Option(..., help="Dataset name in the store (see `stratalign ingest`)."),
+    encoder: list[str] = typer.Option(..., "--encoder", "-e", help="Encoder spec; repeat for several."),
+    pooling: list[str] = typer.Option([], "--pooling", help="Pooling(s); default: each encoder's; 'all' for every one."),
+    dtype: str = typer.Option("float16", help="float16 (default) or float32."),
+    batch_size: int = typer.Option(64, help="Rows per forward pass."),
+    shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, help="Rows per store shard (the unit of work and resume)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images instead of stopping."),
+    engine: str = typer.Option("local", help="local or ray (one Ray task per shard)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)."),
+    loader_threads: int = typer.Option(2, help="Threads that decode and preprocess ahead of the model."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Run each encoder once over a dataset; write every layer's pooled features to the store."""
+    cfg = ExtractConfig(encoders=tuple(encoder), poolings=tuple(pooling), dtype=dtype, batch_size=batch_size,
+                        shard_rows=shard_rows, device=device, skip_bad=skip_bad, loader_threads=loader_threads)
+    fs = FeatureStore.open(store_url(store), "a")
+    if engine == "ray":
+        from stratalign.pipeline.ray_engine import extract_ray
+
+        reports = extract_ray(fs, dataset, cfg, address=ray_address)
+    elif engine == "local":
+        reports = extract(fs, dataset, cfg)
+    else:
+        raise StratalignError(f"unknown engine {engine!r}: use local or ray")
+    rows = [{"encoder": r.encoder, "shards encoded": r.shards_encoded, "of": r.shards_total,
+             "rows": r.rows_encoded, "rows/s": round(r.rows_per_s, 1), "bad rows": len(r.bad_rows),
+             "seconds": round(r.wall_s, 2)} for r in reports]
+    print_table(pl.DataFrame(rows), title=f"extract {dataset} -> {fs.url}")
+    for r in reports:
+        if r.bad_rows:
+            console.print(f"[yellow]{r.encoder}: {len(r.bad_rows)} unreadable row(s) recorded: {r.bad_rows[:10]}")
+
+
+def encoders_cmd() -> None:
+    """List the known encoders with their modality, layers and dim."""
+    from stratalign.pipeline.encoders import known_encoders
+
+    rows = [{"name": e.name, "modality": e.modality, "layers": e.n_layers, "dim": str(e.dim),
+             "description": e.description} for e in known_encoders()]
+    print_table(pl.DataFrame(rows), title="known encoders (also: hf:<id or dir>, open_clip:<arch>[:<file>], timm:<name>)")
