@@ -9,6 +9,7 @@ import typer
 from stratalign.cli.common import err_console
 from stratalign.cli.extract_cmd import encoders_cmd, extract_cmd
 from stratalign.cli.ingest_cmd import ingest
+from stratalign.cli.layers_cmd import layers_cmd
 from stratalign.cli.store_cmds import store_app
 from stratalign.errors import StratalignError
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 app.command("ingest")(ingest)
 app.command("extract")(extract_cmd)
 app.command("encoders")(encoders_cmd)
+app.command("layers")(layers_cmd)
 app.add_typer(store_app, name="store")
 
 
@@ -33,7 +35,7 @@ def _not_built(name: str, issue: str):
     return command
 
 
-for _name, _issue in (("layers", "stage 2"), ("train", "stage 3"), ("eval", "stage 3"),
+for _name, _issue in (("train", "stage 3"), ("eval", "stage 3"),
                       ("sweep", "sweeps over subsets"), ("demo", "the main job")):
     app.command(_name)(_not_built(_name, _issue))
 

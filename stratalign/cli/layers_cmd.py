@@ -1,0 +1,51 @@
+"""`stratalign layers`: layer-similarity matrices and the choice of layers to align."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from stratalign.cli.common import StoreOption, console, store_url
+from stratalign.pipeline.layer_choice import (LayersConfig, choose, compute_layer_matrices, record_choice, top_pairs,
+                                              write_heatmap)
+from stratalign.stores.feature_store import FeatureStore
+
+
+def _k(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def layers_cmd(
+    dataset: str = typer.Option(..., help="Dataset whose TRAIN split is compared."),
+    vision: str = typer.Option(..., help="Vision encoder spec (extracted)."),
+    text: str = typer.Option(..., help="Text encoder spec (extracted)."),
+    metric: list[str] = typer.Option(["mutual_knn"], "--metric", help="mutual_knn, cka, unbiased_cka, cknna, cycle_knn."),
+    k: str = typer.Option("rice", help="Neighbours: an integer, or rice | sqrt | sturges (rules of n)."),
+    n: int = typer.Option(5000, help="Train pairs compared (all when the split is smaller)."),
+    seed: int = typer.Option(0, help="Seed of the sample of train pairs."),
+    choose_rule: str = typer.Option("best", "--choose", help="best | last | V,T: recorded for `train --layers auto`."),
+    by: Optional[str] = typer.Option(None, help="Metric the choice uses (default: the first --metric)."),
+    clamp_outliers: bool = typer.Option(False, help="Clip each layer to its 0.95 quantile of |x| first."),
+    heatmap: Optional[str] = typer.Option(None, help="Also copy the heatmap PNG here."),
+    recompute: bool = typer.Option(False, help="Ignore a saved result with the same settings."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Compare every vision layer with every text layer; save matrices + heatmap; record the layer choice."""
+    fs = FeatureStore.open(store_url(store), "a")
+    cfg = LayersConfig(dataset=dataset, vision=vision, text=text, metrics=tuple(metric), k=_k(k), n=n, seed=seed,
+                       clamp_outliers=clamp_outliers)
+    result = compute_layer_matrices(fs, cfg, recompute=recompute)
+    choice = choose(result, choose_rule, by)
+    png = write_heatmap(fs, result, choice, copy_to=heatmap)
+    record_choice(fs, cfg, choice)
+    how = "read saved result" if result["cached"] else f"computed in {result['seconds']['compute']:.2f}s"
+    console.print(f"{vision} x {text} on {result['n']} train pairs of {dataset}, k={result['k']} ({how})")
+    for m in result["matrices"]:
+        tops = ", ".join(f"({v},{t})={s:.3f}" for v, t, s in top_pairs(result, m))
+        last = result["matrices"][m][-1][-1]
+        console.print(f"  {m}: top pairs {tops}; last-layer pair={last:.3f}")
+    console.print(f"chosen ({choose_rule} by {choice['metric']}): vision layer {choice['vision_layer']} "
+                  f"[{choice['vision_name']}], text layer {choice['text_layer']} [{choice['text_name']}], "
+                  f"score {choice['score']:.3f} vs last {choice['last_score']:.3f}")
+    console.print(f"heatmap: {png}")
