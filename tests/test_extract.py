@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fake_encoders import TinyImageEncoder, TinyTextEncoder, load_tiny
+
 from stratalign.errors import StratalignError
 from stratalign.pipeline.extract import ExtractConfig, extract, extract_encoder
 from stratalign.stores.feature_store import FeatureStore

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
 from conftest import caption_for, make_images
+
 from stratalign.errors import StratalignError
 from stratalign.stores.pairs import SPLITS, split_of
 from stratalign.stores.sources import ingest_source

@@ -7,8 +7,14 @@ from typing import Optional
 import typer
 
 from stratalign.cli.common import StoreOption, console, store_url
-from stratalign.pipeline.layer_choice import (LayersConfig, choose, compute_layer_matrices, record_choice, top_pairs,
-                                              write_heatmap)
+from stratalign.pipeline.layer_choice import (
+    LayersConfig,
+    choose,
+    compute_layer_matrices,
+    record_choice,
+    top_pairs,
+    write_heatmap,
+)
 from stratalign.stores.feature_store import FeatureStore
 
 

@@ -11,6 +11,7 @@ from stratalign.cli.extract_cmd import encoders_cmd, extract_cmd
 from stratalign.cli.ingest_cmd import ingest
 from stratalign.cli.layers_cmd import layers_cmd
 from stratalign.cli.store_cmds import store_app
+from stratalign.cli.train_cmds import demo_cmd, eval_cmd, runs_ls, sweep_cmd, train_cmd
 from stratalign.errors import StratalignError
 
 app = typer.Typer(
@@ -24,20 +25,14 @@ app.command("ingest")(ingest)
 app.command("extract")(extract_cmd)
 app.command("encoders")(encoders_cmd)
 app.command("layers")(layers_cmd)
+app.command("train")(train_cmd)
+app.command("eval")(eval_cmd)
+app.command("sweep")(sweep_cmd)
+app.command("demo")(demo_cmd)
 app.add_typer(store_app, name="store")
-
-
-def _not_built(name: str, issue: str):
-    def command() -> None:
-        raise StratalignError(f"`stratalign {name}` is not built yet ({issue})")
-
-    command.__doc__ = f"[not built yet] {issue}."
-    return command
-
-
-for _name, _issue in (("train", "stage 3"), ("eval", "stage 3"),
-                      ("sweep", "sweeps over subsets"), ("demo", "the main job")):
-    app.command(_name)(_not_built(_name, _issue))
+runs_app = typer.Typer(help="Trained runs in the store.", no_args_is_help=True)
+runs_app.command("ls")(runs_ls)
+app.add_typer(runs_app, name="runs")
 
 
 def main() -> None:

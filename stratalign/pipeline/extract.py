@@ -363,4 +363,9 @@ def extract(store: FeatureStore, dataset: str, cfg: ExtractConfig,
     for spec in cfg.encoders:
         encoder = load(spec, str(device))
         reports.append(extract_encoder(store, ds, encoder, cfg, device))
+        if encoder.modality == "text" and ds.class_names:
+            from stratalign.pipeline.prompts import class_prompts, prompt_features
+
+            for entry in plan_entries(store, ds, encoder, cfg):  # zero-shot prompts, cached for eval
+                prompt_features(entry, class_prompts(ds)[2], device=str(device), load=lambda *_, e=encoder: e)
     return reports
