@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from fake_encoders import load_tiny
+
 from stratalign.pipeline.extract import ExtractConfig, extract
 from stratalign.stores.feature_store import FeatureStore
 

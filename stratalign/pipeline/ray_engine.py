@@ -12,8 +12,15 @@ import time
 from typing import Any, Callable
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.extract import (ExtractConfig, ExtractReport, ShardEncoder, _claim_all, pending_union,
-                                         plan_entries, resolve_device)
+from stratalign.pipeline.extract import (
+    ExtractConfig,
+    ExtractReport,
+    ShardEncoder,
+    _claim_all,
+    pending_union,
+    plan_entries,
+    resolve_device,
+)
 from stratalign.stores.claims import Claim
 from stratalign.stores.feature_store import FeatureStore
 
