@@ -9,8 +9,14 @@ from rich.table import Table
 
 from stratalign.stores.location import STORE_ENV, default_store_url
 
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    """A console; when output is not a terminal (CI, files) use a wide page so tables stay readable."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=220)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 StoreOption = typer.Option(
     None, "--store", envvar=STORE_ENV, help="Store URL or path (default ./stratalign-store; env STRATALIGN_STORE)."

@@ -50,4 +50,5 @@ def ingest(
     written = fs.save_dataset(ds, replace=replace)
     for item in ds.meta.get("skipped", [])[:10]:
         console.print(f"[yellow]skipped[/yellow] {item['kind']} {item['id']}: {item['reason']}")
-    console.print(("ingested" if written else "already ingested (identical)"), ds.summary())
+    summary = ", ".join(f"{k}={v}" for k, v in ds.summary().items())
+    console.print(f"{'ingested' if written else 'already ingested (identical)'}: {summary}")

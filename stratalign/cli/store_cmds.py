@@ -18,7 +18,7 @@ def store_ls(store: Optional[str] = StoreOption) -> None:
     """List feature entries: dataset, encoder, pooling, layers, dim, rows, complete shards, bytes."""
     fs = FeatureStore.open(store_url(store), "r")
     for name in fs.datasets():
-        console.print(fs.dataset(name).summary())
+        console.print("dataset " + ", ".join(f"{k}={v}" for k, v in fs.dataset(name).summary().items()))
     table = fs.entry_table()
     if table.height == 0:
         console.print(f"no feature entries in {fs.url}")
