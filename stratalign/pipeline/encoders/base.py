@@ -1,0 +1,271 @@
+"""The Encoder interface, weight hashing with a small cache, and a thread-safe image transform.
+
+An Encoder wraps one frozen model of one modality. The extraction pipeline calls `preprocess` in loader
+threads (cheap, CPU only, no shared mutable state) and `forward_pooled` on the device thread: one forward
+pass under `torch.inference_mode`, every layer pooled in float32, only the pooled (b, d_l) vectors
+returned.
+
+`metadata()` feeds the feature store's entry key, so it must be deterministic across runs and machines:
+it holds the spec, the weights' sha256, the preprocessing and labels, never timings, library versions or
+absolute install paths of packaged weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from stratalign.errors import StratalignError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """One row of `stratalign encoders`."""
+
+    name: str
+    modality: str
+    n_layers: int
+    dim: int | tuple[int, ...]
+    description: str
+    default_pooling: str = ""
+    poolings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def cache_dir() -> Path:
+    """$STRATALIGN_CACHE, else ~/.cache/stratalign (created on demand)."""
+    root = os.environ.get("STRATALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stratalign")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+_HASH_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, cached on (absolute path, size, mtime_ns) in <cache>/sha256_cache.json."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = str(p)
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache_file = cache_dir() / "sha256_cache.json"
+    with _HASH_LOCK:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (FileNotFoundError, ValueError):
+            cache = {}
+        hit = cache.get(key)
+        if isinstance(hit, dict) and hit.get("stamp") == stamp:
+            return str(hit["sha256"])
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        try:  # re-read: another process may have added entries meanwhile; losing a race only costs a rehash
+            cache = json.loads(cache_file.read_text())
+        except (FileNotFoundError, ValueError):
+            cache = {}
+        cache[key] = {"stamp": stamp, "sha256": digest}
+        try:
+            atomic_write_bytes(cache_file, json.dumps(cache, indent=0, sort_keys=True).encode())
+        except OSError:
+            pass
+        return digest
+
+
+def weights_sha256(files: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """One hash for a set of weight files: the file's own sha256 for one file, otherwise the sha256 of
+    the sorted "relative name  sha256" lines."""
+    files = sorted(Path(f) for f in files)
+    if not files:
+        raise StratalignError("no weight files to hash")
+    if len(files) == 1:
+        return file_sha256(files[0])
+    lines = []
+    for f in files:
+        name = os.path.relpath(f, root) if root is not None else f.name
+        lines.append(f"{name}  {file_sha256(f)}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")
+
+
+def weight_files_in(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a model folder: safetensors if any, else the other weight formats."""
+    folder = Path(folder)
+    st = sorted(folder.rglob("*.safetensors"))
+    if st:
+        return st
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0, "lanczos": 1, "box": 4, "hamming": 5}
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """PIL -> normalised CHW float32: resize the shorter side to `resize` (keeping the aspect ratio),
+    centre-crop `crop` x `crop`, scale to [0, 1], subtract mean, divide by std. Pure function of its input,
+    safe to call from several threads."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+
+    def describe(self) -> dict[str, Any]:
+        return {"resize_shorter_side": self.resize, "center_crop": self.crop, "interpolation": self.interpolation,
+                "rescale": "1/255", "mean": list(self.mean), "std": list(self.std), "channels": "RGB"}
+
+    def one(self, image: Any) -> np.ndarray:
+        im = image.convert("RGB")
+        w, h = im.size
+        scale = self.resize / min(w, h)
+        nw, nh = max(self.crop, round(w * scale)), max(self.crop, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), resample=_RESAMPLE[self.interpolation])
+        left = int(round((nw - self.crop) / 2.0))
+        top = int(round((nh - self.crop) / 2.0))
+        im = im.crop((left, top, left + self.crop, top + self.crop))
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return arr.transpose(2, 0, 1)
+
+    def __call__(self, images: list) -> torch.Tensor:
+        if not images:
+            raise StratalignError("preprocess got an empty batch")
+        return torch.from_numpy(np.ascontiguousarray(np.stack([self.one(im) for im in images])))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device, non_blocking=True) if v.device != device else v) for k, v in batch.items()}
+
+
+class Encoder:
+    """Base class: a frozen model of one modality that pools every layer of one forward pass.
+
+    Subclasses set the attributes below and implement `preprocess` and `forward_pooled`."""
+
+    spec: str
+    modality: str  # "image" | "text"
+    layer_names: list[str]
+    dims: list[int]
+    default_pooling: str
+    poolings: tuple[str, ...]
+    model: torch.nn.Module
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.forward_calls = 0
+
+    # --- the interface -------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def preprocess(self, items: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward_pooled(self, batch: dict[str, torch.Tensor], poolings: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device) -> "Encoder":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    # --- helpers -----------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_names)
+
+    def check_poolings(self, poolings: Sequence[str]) -> list[str]:
+        poolings = list(dict.fromkeys(poolings))
+        if not poolings:
+            raise StratalignError(f"{self.spec}: ask for at least one pooling ({', '.join(self.poolings)})")
+        bad = [p for p in poolings if p not in self.poolings]
+        if bad:
+            raise StratalignError(f"pooling {bad[0]!r} not supported by {self.spec}; supported: {', '.join(self.poolings)}")
+        return poolings
+
+    def base_metadata(self) -> dict[str, Any]:
+        return {"spec": self.spec, "modality": self.modality, "model_class": type(self.model).__name__,
+                "layer_names": list(self.layer_names), "dims": [int(d) for d in self.dims],
+                "poolings": list(self.poolings), "default_pooling": self.default_pooling}
+
+    def info(self, name: str | None = None, description: str = "") -> EncoderInfo:
+        dims = tuple(self.dims)
+        return EncoderInfo(name=name or self.spec, modality=self.modality, n_layers=self.n_layers,
+                           dim=dims[0] if len(set(dims)) == 1 else dims, description=description,
+                           default_pooling=self.default_pooling, poolings=tuple(self.poolings))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec} {self.modality} layers={self.n_layers} device={self.device}>"
+
+
+class HookRecorder:
+    """Forward hooks that record module outputs (optionally the input of a first module) in call order.
+
+    Used by encoders whose models do not return hidden states (open_clip, timm, EfficientNet)."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], input_of: torch.nn.Module | None = None) -> None:
+        self.outputs: list[torch.Tensor | None] = [None] * (len(modules) + (input_of is not None))
+        self.handles = []
+        offset = 0
+        if input_of is not None:
+            self.handles.append(input_of.register_forward_pre_hook(self._pre_hook(0), with_kwargs=True))
+            offset = 1
+        for i, m in enumerate(modules):
+            self.handles.append(m.register_forward_hook(self._hook(i + offset)))
+
+    def _pre_hook(self, i: int):
+        def hook(module, args, kwargs):
+            self.outputs[i] = args[0] if args else next(iter(kwargs.values()))
+        return hook
+
+    def _hook(self, i: int):
+        def hook(module, args, output):
+            self.outputs[i] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        missing = [i for i, o in enumerate(self.outputs) if o is None]
+        if missing:
+            raise StratalignError(f"the forward pass did not reach layer(s) {missing}: hooks recorded nothing there")
+        out = list(self.outputs)  # type: ignore[arg-type]
+        self.outputs = [None] * len(self.outputs)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
