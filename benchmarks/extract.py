@@ -1,0 +1,106 @@
+"""Extraction overhead and memory: `extract` against the bare model forward, on the embedded encoders.
+
+For each encoder and each N (first N Twemoji images/captions), two fresh child processes run:
+  bare    - items preprocessed into memory first, then only `model(**batch)` is timed (no I/O, no pooling)
+  extract - `extract_encoder` into a fresh store (decode, preprocess, forward, pool, write), timed without
+            model loading, with peak RSS of the process
+and the table shows extract/bare (goal <= 1.15 on CPU), rows/s and peak RSS at both sizes (it should not
+grow with N beyond about one shard of buffers).
+
+    python benchmarks/extract.py                      # N = 128 and 512, all three encoders
+    python benchmarks/extract.py --n 256 1024 --encoders dinov2-s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from stratalign.pipeline.encoders import load_encoder
+    from stratalign.pipeline.extract import ExtractConfig, extract_encoder
+    from stratalign.stores.feature_store import FeatureStore
+    from stratalign.stores.media import load_image
+    from stratalign.stores.sources import ingest_source
+
+    ds = ingest_source("twemoji", "bench", limit=n)
+    enc = load_encoder(encoder_spec, "cpu")
+    rows = ds.images.height if enc.modality == "image" else ds.captions.height
+    if mode == "bare":
+        if enc.modality == "image":
+            items = [load_image(p) for p in ds.images["path"].to_list()]
+        else:
+            items = ds.captions["text"].to_list()
+        batches = [enc.preprocess(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+
+        def bare(b: dict) -> None:
+            if hasattr(enc.model, "config"):  # transformers models take the batch as keywords
+                enc.model(**b)
+            else:
+                enc.model(b["pixel_values"])
+
+        with torch.inference_mode():
+            bare(batches[0])  # warm-up, as in the extract child
+            t0 = time.perf_counter()
+            for b in batches:
+                bare(b)
+            seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FeatureStore.open(os.path.join(tmp, "store"), "a")
+        store.save_dataset(ds)
+        cfg = ExtractConfig(encoders=(encoder_spec,), batch_size=batch_size, progress=False)
+        first = [load_image(p) for p in ds.images["path"].to_list()[:batch_size]] if enc.modality == "image" \
+            else ds.captions["text"].to_list()[:batch_size]
+        enc.forward_pooled(enc.preprocess(first), [enc.default_pooling])  # warm-up, as in the bare child
+        t0 = time.perf_counter()
+        report = extract_encoder(store, store.dataset("bench"), enc, cfg)
+        seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "rows": rows, "forward_s": report.forward_s, "peak_rss_mb": peak_mb}
+
+
+def run_child(mode: str, encoder: str, n: int, batch_size: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--encoders", encoder, "--n", str(n),
+                          "--batch-size", str(batch_size), "--threads", str(threads)],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        raise SystemExit(f"child {mode} {encoder} n={n} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--encoders", nargs="+", default=["minilm-l6", "efficientnet-lite0", "dinov2-s"])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--child", choices=["bare", "extract"])
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.encoders[0], args.n[0], args.batch_size, args.threads)))
+        return
+    header = f"{'encoder':<20}{'N':>6}{'bare s':>9}{'extract s':>11}{'ratio':>8}{'rows/s':>9}{'peak RSS MB':>13}"
+    print(header)
+    print("-" * len(header))
+    for enc in args.encoders:
+        for n in args.n:
+            bare = run_child("bare", enc, n, args.batch_size, args.threads)
+            ext = run_child("extract", enc, n, args.batch_size, args.threads)
+            print(f"{enc:<20}{n:>6}{bare['seconds']:>9.2f}{ext['seconds']:>11.2f}{ext['seconds'] / bare['seconds']:>8.2f}"
+                  f"{ext['rows'] / ext['seconds']:>9.1f}{ext['peak_rss_mb']:>13.0f}", flush=True)
+    print("\nratio = extract wall time / bare model forward time (same rows, same batch size; goal <= 1.15 on CPU)")
+
+
+if __name__ == "__main__":
+    main()
