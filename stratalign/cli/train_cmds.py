@@ -66,7 +66,7 @@ def train_cmd(
 def _print_metrics(res: dict) -> None:
     keys = [k for k in ("best_step", "lambda_at_best", "stopped_reason", "i2t_R@1", "i2t_R@5", "i2t_R@10",
                         "t2i_R@1", "t2i_R@5", "t2i_R@10", "zs_top1", "zs_top5", "zs_balanced_acc", "alignment_mknn",
-                        "probe_acc", "probe_macro_f1") if k in res]
+                        "probe_acc", "probe_f1_macro") if k in res]
     console.print("  " + "  ".join(f"{k}={res[k]:.2f}" if isinstance(res[k], float) else f"{k}={res[k]}" for k in keys))
     for name in ("probe_baselines",):
         if name in res:

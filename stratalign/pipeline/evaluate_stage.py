@@ -25,11 +25,12 @@ def _eval_entries(store: FeatureStore, resolved: dict[str, Any], dataset: str) -
         return train_v, train_t
     out = []
     for tr in (train_v, train_t):
-        e = store.find_entry(dataset, tr.spec.encoder_spec, tr.spec.pooling, modality=tr.spec.modality)
-        if e.spec.encoder != tr.spec.encoder or e.spec.dims != tr.spec.dims:
+        same = [e for e in store.complete_entries(dataset, tr.spec.encoder_spec, tr.spec.pooling, tr.spec.modality)
+                if e.spec.encoder == tr.spec.encoder and e.spec.dims == tr.spec.dims]
+        if not same:
             raise StratalignError(f"dataset {dataset!r} was extracted with another {tr.spec.encoder_spec} "
                                   f"(weights or preprocessing differ) than run {resolved['run_id']}")
-        out.append(e)
+        out.append(same[0])
     return out[0], out[1]
 
 
@@ -109,16 +110,14 @@ def _probe_comm(model: Any, x_img: np.ndarray, x_txt: np.ndarray, txt_to_img: np
 def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = None) -> dict[str, Any]:
     """Reload a run's heads from safetensors and evaluate them (on its dataset or another one)."""
     from stratalign.pipeline import train as T
-    from stratalign.pipeline.train_stage import gather, train_pairs_of
+    from stratalign.pipeline.train_stage import split_run_tensors, train_features_of
 
     registry = RunRegistry(store)
     config, tensors, metrics = registry.load(run_id)
-    model = T.model_from_tensors(config, tensors)
-    train_features = None
-    if config["objective"] == "comm":
-        train_features = train_pairs_of(store, config)
+    model_tensors, subset = split_run_tensors(tensors)
+    model = T.model_from_tensors(config, model_tensors)
+    train_features = train_features_of(store, config, subset) if config["objective"] == "comm" else None
     res = evaluate_model(store, config, model, dataset, train_features=train_features)
     if dataset and dataset != config["dataset"] and store.mode == "a":
         store.loc.write_json(res, "runs", run_id, f"eval-{dataset}.json")
-    _ = gather
     return {**{k: metrics.get(k) for k in ("best_step", "lambda_at_best", "stopped_reason") if k in metrics}, **res}

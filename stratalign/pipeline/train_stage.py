@@ -139,7 +139,7 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: dict[str, Any] |
     x_txt = gather(t, tl, pairs.caption_rows)
     train_idx = np.arange(len(subset))
     val_idx = np.arange(len(subset), len(pairs))
-    train_cfg = T.TrainConfig(**resolved["train"]) if not isinstance(resolved["train"], T.TrainConfig) else resolved["train"]
+    train_cfg = T.TrainConfig.from_dict(resolved["train"])
     t0 = time.perf_counter()
     if cfg.objective == "csa":
         model, summary = T.train_csa(x_img[train_idx], x_txt[train_idx], train_cfg)
@@ -153,5 +153,31 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: dict[str, Any] |
     metrics.update(evaluate_model(store, resolved, model, cfg.dataset, train_features=(x_img[train_idx],
                                                                                        x_txt[train_idx], labels)))
     config = {k: val_ for k, val_ in resolved.items() if not k.startswith("_")}
-    registry.save(rid, config, T.model_tensors(model), metrics)
+    tensors = {**T.model_tensors(model), **subset_tensors(subset)}
+    registry.save(rid, config, tensors, metrics)
     return {"run_id": rid, "skipped": False, **metrics}
+
+
+SUBSET_KEYS = ("subset_image_rows", "subset_caption_rows")
+
+
+def subset_tensors(subset: PairRows) -> dict[str, Any]:
+    """The exact training rows, saved with the weights (reproducibility, CoMM probes on reload)."""
+    import torch
+
+    return {SUBSET_KEYS[0]: torch.from_numpy(subset.image_rows.astype(np.int64)),
+            SUBSET_KEYS[1]: torch.from_numpy(subset.caption_rows.astype(np.int64))}
+
+
+def split_run_tensors(tensors: dict[str, Any]) -> tuple[dict[str, Any], PairRows]:
+    """(model tensors, training rows) of a saved run."""
+    model = {k: v for k, v in tensors.items() if k not in SUBSET_KEYS}
+    return model, PairRows(tensors[SUBSET_KEYS[0]].numpy(), tensors[SUBSET_KEYS[1]].numpy())
+
+
+def train_features_of(store: FeatureStore, config: dict[str, Any], subset: PairRows) -> tuple[np.ndarray, ...]:
+    """(image features, text features, labels) of a saved run's training pairs."""
+    v, t = store.entry(config["vision_entry"]), store.entry(config["text_entry"])
+    labels = store.dataset(config["dataset"]).images["label"].to_numpy()[subset.image_rows]
+    return (gather(v, config["vision_layer"], subset.image_rows), gather(t, config["text_layer"], subset.caption_rows),
+            labels)

@@ -437,9 +437,9 @@ class FeatureStore:
             group.attrs["stratalign_entry"] = spec.to_json()
         return self.entry(key)
 
-    def find_entry(self, dataset: str, encoder: str, pooling: str | None = None,
-                   modality: str | None = None) -> FeatureEntry:
-        """The complete entry of (dataset, encoder spec[, pooling]) matching the dataset's current content."""
+    def complete_entries(self, dataset: str, encoder: str, pooling: str | None = None,
+                         modality: str | None = None) -> list[FeatureEntry]:
+        """Every complete entry of (dataset, encoder spec[, pooling]) matching the dataset's current content."""
         ds_meta = self.dataset(dataset).meta
         matches = [
             e for e in self.entries()
@@ -455,12 +455,15 @@ class FeatureStore:
         complete = [e for e in matches if e.is_complete()]
         if not complete:
             raise StratalignError(f"features of {encoder} for {dataset!r} are incomplete; finish them with: {hint}")
-        if pooling is None and len({e.spec.pooling for e in complete}) > 1:
-            default = complete[0].spec.encoder.get("default_pooling")
-            preferred = [e for e in complete if e.spec.pooling == default]
-            if preferred:
-                complete = preferred
-        return complete[0]
+        if pooling is None:  # prefer the encoder's default pooling
+            default = [e for e in complete if e.spec.pooling == e.spec.encoder.get("default_pooling")]
+            complete = default + [e for e in complete if e not in default]
+        return complete
+
+    def find_entry(self, dataset: str, encoder: str, pooling: str | None = None,
+                   modality: str | None = None) -> FeatureEntry:
+        """The complete entry of (dataset, encoder spec[, pooling]) matching the dataset's current content."""
+        return self.complete_entries(dataset, encoder, pooling, modality)[0]
 
     def features(self, dataset: str, encoder: str, layer: int | str, pooling: str | None = None,
                  rows: np.ndarray | None = None) -> np.ndarray:

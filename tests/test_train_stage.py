@@ -1,0 +1,170 @@
+"""Stage 2-3 through the store: layers, train every objective, evaluate, reload, sweep skip logic, bad input.
+
+Features come from the tiny deterministic encoders of fake_encoders.py over a small labelled table whose
+captions name each image's brightness class, so there is something to align.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fake_encoders import load_tiny
+from stratalign.errors import StratalignError
+from stratalign.pipeline.extract import ExtractConfig, extract
+from stratalign.pipeline.layer_choice import LayersConfig, choose, compute_layer_matrices, record_choice
+from stratalign.pipeline.train_stage import RunConfig, resolve_run, train_run
+from stratalign.stores.feature_store import FeatureStore
+from stratalign.stores.runs import RunRegistry
+from stratalign.stores.sources import ingest_source
+
+LEVELS = ["dark", "dim", "mid", "bright", "white"]
+FAST = (("max_steps", 60), ("patience", 20), ("eval_every", 5), ("warmup_steps", 20), ("dim", 16))
+
+
+def _toy_table(folder: Path, n: int = 120, name: str = "pairs.csv") -> Path:
+    rng = np.random.default_rng(0)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = ["image,caption,label"]
+    for i in range(n):
+        level = i % len(LEVELS)
+        base = 40 + 45 * level
+        arr = np.clip(base + rng.normal(0, 12, size=(12, 12, 3)), 0, 255).astype(np.uint8)
+        arr[: (i % 7) + 2, :, 0] = 255 - base  # a stripe whose height varies within the class
+        Image.fromarray(arr).save(folder / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,a {LEVELS[level]} square with {(i % 7) + 2} red rows,{LEVELS[level]}")
+    (folder / name).write_text("\n".join(lines) + "\n")
+    return folder / name
+
+
+@pytest.fixture(scope="module")
+def stage_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage")
+    table = _toy_table(root)
+    store = FeatureStore.open(str(root / "store"), "a")
+    store.save_dataset(ingest_source("table", "toy", table=str(table), image_col="image", caption_col="caption",
+                                     label_col="label"))
+    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
+            load=load_tiny)
+    return store
+
+
+def _cfg(**kw) -> RunConfig:
+    base = dict(dataset="toy", vision="tiny-image", text="tiny-text", layers="last", options=FAST)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_layers_saved_and_reused(stage_store) -> None:
+    cfg = LayersConfig(dataset="toy", vision="tiny-image", text="tiny-text", metrics=("mutual_knn", "cka"), k=5)
+    res = compute_layer_matrices(stage_store, cfg)
+    assert not res["cached"] and np.asarray(res["matrices"]["cka"]).shape == (3, 2)
+    ds = stage_store.dataset("toy")
+    assert res["n"] == len(ds.image_rows("train"))  # train split only, one caption per image
+    again = compute_layer_matrices(stage_store, cfg)
+    assert again["cached"] and again["matrices"] == res["matrices"]
+    choice = choose(res, "best", "cka")
+    mat = np.asarray(res["matrices"]["cka"])
+    assert choice["score"] == mat.max() and (choice["vision_layer"], choice["text_layer"]) == np.unravel_index(
+        mat.argmax(), mat.shape)
+    record_choice(stage_store, cfg, choice)
+    resolved = resolve_run(stage_store, _cfg(layers="auto"))
+    assert (resolved["vision_layer"], resolved["text_layer"]) == (choice["vision_layer"], choice["text_layer"])
+
+
+@pytest.mark.parametrize("objective,head", [("clip", "linear"), ("clip+structure", "linear"),
+                                            ("clip+structure-knn", "mlp"), ("clip+ib", "linear"),
+                                            ("clip+vib", "linear"), ("csa", "csa"), ("comm", "linear")])
+def test_every_objective_trains_evaluates_and_reloads(stage_store, objective: str, head: str) -> None:
+    from stratalign.pipeline.evaluate_stage import evaluate_saved_run
+
+    res = train_run(stage_store, _cfg(objective=objective, head=head, n_pairs=50))
+    assert not res["skipped"]
+    if objective == "comm":
+        assert 0 <= res["probe_acc"] <= 100 and set(res["probe_baselines"]) == {"image", "text", "concat"}
+    else:
+        for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "zs_top1", "zs_top5", "zs_balanced_acc"):
+            assert 0 <= res[key] <= 100, key
+        assert res["i2t_R@1"] <= res["i2t_R@5"] <= res["i2t_R@10"]
+    again = evaluate_saved_run(stage_store, res["run_id"])
+    for key, value in again.items():
+        if isinstance(value, float) and key in res:
+            assert value == pytest.approx(res[key], abs=1e-6), key
+
+
+def test_same_command_same_weights_and_skip(stage_store) -> None:
+    registry = RunRegistry(stage_store)
+    first = train_run(stage_store, _cfg(objective="clip+structure", n_pairs=40, seed=3))
+    _, w1, _ = registry.load(first["run_id"])
+    assert train_run(stage_store, _cfg(objective="clip+structure", n_pairs=40, seed=3))["skipped"]
+    forced = train_run(stage_store, _cfg(objective="clip+structure", n_pairs=40, seed=3), force=True)
+    assert forced["run_id"] == first["run_id"]
+    _, w2, _ = registry.load(first["run_id"])
+    assert set(w1) == set(w2) and all(np.array_equal(w1[k].numpy(), w2[k].numpy()) for k in w1)
+    other = train_run(stage_store, _cfg(objective="clip+structure", n_pairs=40, seed=4))
+    assert other["run_id"] != first["run_id"]
+    assert first["lambda_at_best"] > 0 and first["best_step"] >= 20  # restored after the warm-up
+
+
+def test_ids_file_subset(stage_store, tmp_path: Path) -> None:
+    ds = stage_store.dataset("toy")
+    _, cap_rows = ds.pairs("train")
+    ids = [ds.captions["caption_id"][int(r)] for r in cap_rows[:30]]
+    path = tmp_path / "ids.txt"
+    path.write_text("\n".join(ids))
+    resolved = resolve_run(stage_store, _cfg(ids_file=str(path), val_fraction=0.0001))
+    subset, val = resolved["_pairs"]
+    chosen = {ds.captions["caption_id"][int(r)] for r in subset.caption_rows}
+    assert chosen <= set(ids) and len(chosen) >= 25  # minus the few carved out for validation
+
+
+def test_bad_inputs(stage_store) -> None:
+    with pytest.raises(StratalignError, match=r"layer index 7 out of range.*valid 0\.\.2"):
+        resolve_run(stage_store, _cfg(layers="7,0"))
+    with pytest.raises(StratalignError, match="larger than the train split"):
+        resolve_run(stage_store, _cfg(n_pairs=10_000))
+    with pytest.raises(StratalignError, match="run: stratalign extract --dataset toy --encoder minilm-l6"):
+        resolve_run(stage_store, _cfg(text="minilm-l6"))
+    with pytest.raises(StratalignError, match="unknown objective"):
+        resolve_run(stage_store, _cfg(objective="magic"))
+    with pytest.raises(StratalignError, match="unknown training option"):
+        resolve_run(stage_store, _cfg(options=(("learning_rate", 1.0),)))
+
+
+def test_eval_on_dataset_of_other_encoders_refused(stage_store, tmp_path: Path) -> None:
+    from stratalign.pipeline.evaluate_stage import evaluate_saved_run
+
+    table = _toy_table(tmp_path, n=40, name="other.csv")
+    stage_store.save_dataset(ingest_source("table", "toy2", table=str(table), image_col="image",
+                                           caption_col="caption", label_col="label"))
+    run = train_run(stage_store, _cfg(n_pairs=30))
+    with pytest.raises(StratalignError, match="no features of tiny-image for dataset 'toy2'"):
+        evaluate_saved_run(stage_store, run["run_id"], "toy2")
+    from fake_encoders import TinyImageEncoder, TinyTextEncoder
+
+    def other_weights(spec: str, device: str = "cpu"):
+        enc = TinyImageEncoder(spec) if "image" in spec else TinyTextEncoder(spec)
+        enc.metadata = lambda: {"spec": spec, "weights_sha256": "different", "preprocessing": "x"}
+        return enc
+
+    extract(stage_store, "toy2", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
+            load=other_weights)
+    with pytest.raises(StratalignError, match="extracted with another tiny-image"):
+        evaluate_saved_run(stage_store, run["run_id"], "toy2")
+    extract(stage_store, "toy2", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
+            load=load_tiny)
+    res = evaluate_saved_run(stage_store, run["run_id"], "toy2")
+    assert res["eval_dataset"] == "toy2" and 0 <= res["i2t_R@1"] <= 100
+
+
+def test_nan_features_stop_cleanly(stage_store) -> None:
+    from stratalign.pipeline import train as T
+
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    y = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
+    x[5, 2] = np.nan
+    with pytest.raises(StratalignError, match="NaN"):
+        T.train_heads(x, y, np.arange(30), np.arange(30, 40), T.TrainConfig(max_steps=5, dim=8))
