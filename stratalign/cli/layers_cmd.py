@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from rich.markup import escape
+
 from stratalign.cli.common import StoreOption, console, store_url
 from stratalign.pipeline.layer_choice import (
     LayersConfig,
@@ -52,6 +54,7 @@ def layers_cmd(
         last = result["matrices"][m][-1][-1]
         console.print(f"  {m}: top pairs {tops}; last-layer pair={last:.3f}")
     console.print(f"chosen ({choose_rule} by {choice['metric']}): vision layer {choice['vision_layer']} "
-                  f"[{choice['vision_name']}], text layer {choice['text_layer']} [{choice['text_name']}], "
+                  f"{escape('[' + choice['vision_name'] + ']')}, text layer {choice['text_layer']} "
+                  f"{escape('[' + choice['text_name'] + ']')}, "
                   f"score {choice['score']:.3f} vs last {choice['last_score']:.3f}")
     console.print(f"heatmap: {png}")

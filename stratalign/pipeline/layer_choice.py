@@ -127,7 +127,8 @@ def write_heatmap(store: FeatureStore, result: dict[str, Any], choice: dict[str,
         layer_heatmap(mat, png, vision_names=result["vision_layers"], text_names=result["text_layers"],
                       title=f"{choice['metric']}: {result['settings']['vision']} x {result['settings']['text']} "
                             f"(n={result['n']}, k={result['k']})",
-                      chosen=(choice["vision_layer"], choice["text_layer"]), last=(mat.shape[0] - 1, mat.shape[1] - 1))
+                      chosen=(choice["vision_layer"], choice["text_layer"]), last=(mat.shape[0] - 1, mat.shape[1] - 1),
+                      metric=choice["metric"])
         with open(png, "rb") as f:
             data = f.read()
     if store.mode == "a":
