@@ -168,3 +168,25 @@ def test_nan_features_stop_cleanly(stage_store) -> None:
     x[5, 2] = np.nan
     with pytest.raises(StratalignError, match="NaN"):
         T.train_heads(x, y, np.arange(30), np.arange(30, 40), T.TrainConfig(max_steps=5, dim=8))
+
+
+def test_sweep_skips_finished_cells_and_writes_leaderboard(stage_store, tmp_path: Path) -> None:
+    import polars as pl
+
+    from stratalign.pipeline.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(base=_cfg(), n_pairs=(20, 40), seeds=(0, 1), objectives=("clip", "csa"), layer_rules=("last",))
+    first = run_sweep(stage_store, cfg, str(tmp_path / "rep"), progress=False)
+    assert first.trained + first.skipped == 8 and len(set(first.run_ids)) == 8
+    again = run_sweep(stage_store, cfg, str(tmp_path / "rep"), progress=False)
+    assert again.trained == 0 and again.skipped == 8 and again.run_ids == first.run_ids
+    board = pl.read_parquet(tmp_path / "rep" / "leaderboard.parquet")
+    assert board.height == 4 and set(board["seeds"].to_list()) == {2}
+    row = board.filter((pl.col("objective") == "clip") & (pl.col("n_pairs") == 40)).row(0, named=True)
+    seeds = first.runs.filter((pl.col("objective") == "clip") & (pl.col("n_pairs") == 40))["i2t_R@1"]
+    assert row["i2t_R@1_mean"] == pytest.approx(seeds.mean()) and row["i2t_R@1_std"] == pytest.approx(seeds.std())
+    assert (tmp_path / "rep" / "recall_vs_pairs.png").stat().st_size > 5000
+    bigger = SweepConfig(base=_cfg(), n_pairs=(20, 40, 60), seeds=(0, 1), objectives=("clip", "csa"),
+                         layer_rules=("last",))
+    grown = run_sweep(stage_store, bigger, None, progress=False)
+    assert grown.skipped == 8 and grown.trained == 4  # only the new cells run

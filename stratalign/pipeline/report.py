@@ -58,13 +58,20 @@ def findings(board: pl.DataFrame, baseline: str = "clip", metric: str = "i2t_R@1
         lines.append(f"**{obj}** vs {baseline} on {metric}: {verdict} "
                      f"(better beyond the seed spread in {len(wins)} cells, within it in {len(ties)}, "
                      f"worse in {len(losses)}). Cells: {'; '.join(wins + ties + losses)}.")
-    rules = board["layer_rule"].unique().to_list()
-    if "auto" in rules and "last" in rules:
-        a = board.filter(pl.col("layer_rule") == "auto")[mean].mean()
-        last = board.filter(pl.col("layer_rule") == "last")[mean].mean()
-        lines.append(f"Chosen layers vs last layers, {metric} averaged over all cells: {a:.1f} vs {last:.1f} "
-                     f"({'chosen layers better' if a > last else 'last layers better or equal'}).")
     return lines
+
+
+def layer_rule_finding(board: pl.DataFrame, metric: str, margin: float = 1.0) -> str | None:
+    """Chosen ('auto') vs last layers on one metric, averaged over the cells both rules share."""
+    mean = f"{metric}_mean"
+    rules = board["layer_rule"].unique().to_list() if "layer_rule" in board.columns else []
+    if mean not in board.columns or "auto" not in rules or "last" not in rules:
+        return None
+    a = board.filter(pl.col("layer_rule") == "auto")[mean].mean()
+    last = board.filter(pl.col("layer_rule") == "last")[mean].mean()
+    verdict = ("no clear difference" if abs(a - last) < margin else
+               "chosen layers better" if a > last else "last layers better")
+    return f"Chosen vs last layers, {metric} averaged over all cells: {a:.1f} vs {last:.1f} ({verdict})."
 
 
 def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: dict[str, Any] | None,
@@ -86,7 +93,8 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
     md += ["## Results (test split, mean ± std over seeds)", "",
            "R@1 in %, zero-shot top-1 in %. `restored step / λ`: the early-stopping checkpoint and the "
            "STRUCTURE weight in force there (mean over seeds).", "", _markdown_table(table), ""]
-    lines = findings(board)
+    lines = [line for m in KEY_METRICS for line in findings(board, metric=m)]
+    lines += [x for x in (layer_rule_finding(board, m) for m in KEY_METRICS) if x]
     if lines:
         md += ["## What the numbers say", ""] + [f"- {line}" for line in lines] + [""]
     for key, caption in (("recall_png", "R@1 vs training pairs"), ("zeroshot_png", "Zero-shot accuracy vs pairs")):
