@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_encoders import load_tiny
 from PIL import Image
 
-from fake_encoders import load_tiny
 from stratalign.errors import StratalignError
 from stratalign.pipeline.extract import ExtractConfig, extract
 from stratalign.pipeline.layer_choice import LayersConfig, choose, compute_layer_matrices, record_choice

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from stratalign.stores.location import STORE_ENV, default_store_url
 
+
 def _console(stderr: bool = False) -> Console:
     """A console; when output is not a terminal (CI, files) use a wide page so tables stay readable."""
     probe = Console(stderr=stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-
 from rich.markup import escape
 
 from stratalign.cli.common import StoreOption, console, store_url

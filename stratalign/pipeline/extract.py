@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stratalign.errors import StratalignError
+from stratalign.pipeline.device import resolve_device
 from stratalign.stores.claims import Claim
 from stratalign.stores.feature_store import DEFAULT_SHARD_ROWS, EntrySpec, FeatureEntry, FeatureStore
 from stratalign.stores.media import BadItem, load_image
@@ -62,14 +63,6 @@ class ExtractReport:
     @property
     def rows_per_s(self) -> float:
         return self.rows_encoded / self.wall_s if self.wall_s > 0 else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StratalignError(f"device {device!r} requested but no CUDA GPU is available")
-    return torch.device(device)
 
 
 def resolve_poolings(encoder: Any, requested: tuple[str, ...]) -> tuple[str, ...]:

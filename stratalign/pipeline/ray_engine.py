@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 from stratalign.errors import StratalignError
+from stratalign.pipeline.device import resolve_device
 from stratalign.pipeline.extract import (
     ExtractConfig,
     ExtractReport,
@@ -19,7 +20,6 @@ from stratalign.pipeline.extract import (
     _claim_all,
     pending_union,
     plan_entries,
-    resolve_device,
 )
 from stratalign.stores.claims import Claim
 from stratalign.stores.feature_store import FeatureStore

@@ -26,6 +26,7 @@ from stratalign.errors import StratalignError
 from stratalign.pipeline import losses as L
 from stratalign.pipeline.comm import CommModel, comm_step_loss
 from stratalign.pipeline.comm import fused_features as _fused_features
+from stratalign.pipeline.device import resolve_device
 from stratalign.pipeline.heads import (
     CSA,
     AlignedHeads,
@@ -179,15 +180,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StratalignError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def _check_inputs(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray,

@@ -205,6 +205,14 @@ class Encoder:
         return self
 
     # --- helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def frozen(model: torch.nn.Module) -> torch.nn.Module:
+        """The model in eval mode with every parameter frozen: encoders are never trained."""
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
     @property
     def n_layers(self) -> int:
         return len(self.layer_names)

@@ -108,9 +108,7 @@ class HFEncoder(Encoder):
                  extra_metadata: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__()
         self.spec = spec
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = self.frozen(model)
         self.modality = modality
         self.tokenizer = tokenizer
         self.image_processor = image_processor

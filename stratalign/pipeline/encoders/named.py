@@ -83,9 +83,7 @@ class EfficientNetLiteEncoder(Encoder):
     def __init__(self, model: torch.nn.Module, weights_file: Path, device: str = "cpu") -> None:
         super().__init__()
         self.spec = "efficientnet-lite0"
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = self.frozen(model)
         self.weights_file = weights_file
         self.layer_names = [f"blocks.{i}" for i in range(len(model._blocks))] + ["head"]
         self.recorder = HookRecorder(list(model._blocks))

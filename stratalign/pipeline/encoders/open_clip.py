@@ -45,9 +45,7 @@ class OpenCLIPEncoder(Encoder):
                  arch: str, device: str = "cpu") -> None:
         super().__init__()
         self.spec = spec
-        self.full = model.eval()
-        for p in self.full.parameters():
-            p.requires_grad_(False)
+        self.full = self.frozen(model)
         self.modality = tower
         self.transform = transform
         self.tokenizer = tokenizer

@@ -34,9 +34,7 @@ class TimmEncoder(Encoder):
                  checkpoint: str | None, device: str = "cpu") -> None:
         super().__init__()
         self.spec = spec
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = self.frozen(model)
         self.transform = transform
         self.name = name
         self.checkpoint = checkpoint
