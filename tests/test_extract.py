@@ -179,3 +179,29 @@ def test_unwritable_store_reports_cleanly(store_with_dataset) -> None:
             extract_encoder(store, ds, TinyImageEncoder(), _cfg())
     finally:
         os.chmod(store.url + "/features", 0o700)
+
+
+def test_full_disk_keeps_finished_shards_and_resumes(store_with_dataset, monkeypatch) -> None:
+    import errno
+
+    from stratalign.stores.location import Location
+
+    store, ds = store_with_dataset
+    real = Location.write_bytes
+    written = {"n": 0}
+
+    def flaky(self, data, *parts):
+        if parts[-2:-1] == ("_shards",):
+            written["n"] += 1
+            if written["n"] > 2:  # the disk fills up after two shards
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *parts)
+
+    monkeypatch.setattr(Location, "write_bytes", flaky)
+    with pytest.raises(StratalignError, match="cannot write shard .*No space left on device.*rerun to resume"):
+        extract_encoder(store, ds, TinyImageEncoder(), _cfg())
+    entry = next(iter(store.entries()))
+    assert len(entry.done_shards()) == 2 and entry.verify()["corrupt"] == []
+    monkeypatch.setattr(Location, "write_bytes", real)
+    report = extract_encoder(store, ds, TinyImageEncoder(), _cfg())
+    assert report.shards_encoded == 2 and entry.is_complete()
