@@ -205,3 +205,24 @@ def test_full_disk_keeps_finished_shards_and_resumes(store_with_dataset, monkeyp
     monkeypatch.setattr(Location, "write_bytes", real)
     report = extract_encoder(store, ds, TinyImageEncoder(), _cfg())
     assert report.shards_encoded == 2 and entry.is_complete()
+
+
+def test_pooled_vectors_do_not_pin_hidden_states(store_with_dataset) -> None:
+    """cls pooling is a view (h[:, 0]); what the pipeline keeps must own its memory, or every layer's
+    full activations stay alive until the shard is written (seen as RSS growing with N)."""
+    import torch
+
+    from stratalign.pipeline.extract import ShardEncoder, plan_entries
+
+    class ViewEncoder(TinyImageEncoder):
+        def forward_pooled(self, batch, poolings):
+            hidden = torch.randn(len(batch["pixels"]), 50, 16)
+            return {p: [hidden[:, 0]] * 3 for p in poolings}
+
+    store, ds = store_with_dataset
+    enc = ViewEncoder()
+    enc.dims = [16, 16, 16]
+    worker = ShardEncoder(enc, ds, plan_entries(store, ds, enc, _cfg()), _cfg(), torch.device("cpu"))
+    out = worker.forward({"pixels": torch.zeros(4, 64)})
+    for arr in out["avg"]:
+        assert arr.flags.owndata and arr.nbytes == 4 * 16 * 4

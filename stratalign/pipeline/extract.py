@@ -163,7 +163,10 @@ class ShardEncoder:
                 pooled = self.encoder.forward_pooled(batch, self.poolings)
         else:
             pooled = self.encoder.forward_pooled(batch, self.poolings)
-        out = {p: [t.float().cpu().numpy() for t in layers] for p, layers in pooled.items()}
+        # np.array(copy=True): a pooled vector may be a view into a whole hidden state (cls = h[:, 0]);
+        # holding the view until the shard is written would keep every layer's full activations alive.
+        out = {p: [np.array(t.detach().float().cpu().numpy(), copy=True) for t in layers]
+               for p, layers in pooled.items()}
         self.forward_s += time.perf_counter() - t0
         return out
 
