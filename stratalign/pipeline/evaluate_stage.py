@@ -72,8 +72,9 @@ def evaluate_model(store: FeatureStore, resolved: dict[str, Any], model: Any, da
         y = np.array([class_of[x] for x in labels_all[gallery]])
         zs = E.zero_shot_classify(z_img, E.class_embeddings(z_p), y)
         out.update({f"zs_{k}": v for k, v in zs.items()})
-    if len(cap_rows) > 10:
-        out["alignment_mknn"] = 100.0 * E.alignment_score(z_img[txt_to_img], z_txt, k="rice")
+    if len(gallery) > 10:  # one caption per image: repeated image rows would be each other's neighbours
+        first_caption = np.unique(txt_to_img, return_index=True)[1]
+        out["alignment_mknn"] = 100.0 * E.alignment_score(z_img, z_txt[first_caption], k="rice")
     return out
 
 
