@@ -18,3 +18,11 @@ def preview(items: list, limit: int = 5) -> str:
     shown = ", ".join(str(x) for x in items[:limit])
     rest = len(items) - limit
     return f"{shown} (+{rest} more)" if rest > 0 else shown
+
+
+def os_error_line(exc: OSError) -> str:
+    """`<what went wrong>: <file>` for an operating-system error (full disk, permission, missing path)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = exc.filename if exc.filename is not None else ""
+    line = f"{what}: {where}" if where else what
+    return " ".join(f"{type(exc).__name__}: {line}".split())

@@ -12,7 +12,7 @@ from stratalign.cli.ingest_cmd import ingest
 from stratalign.cli.layers_cmd import layers_cmd
 from stratalign.cli.store_cmds import store_app
 from stratalign.cli.train_cmds import demo_cmd, eval_cmd, runs_ls, sweep_cmd, train_cmd
-from stratalign.errors import StratalignError
+from stratalign.errors import StratalignError, os_error_line
 
 app = typer.Typer(
     name="stratalign",
@@ -44,6 +44,9 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
+    except OSError as exc:  # full disk, permission denied, unreachable store: one line, never a traceback
+        err_console.print(f"[red]error:[/red] {os_error_line(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(StratalignError.exit_code)
     except Exception as exc:  # click usage errors and friends
         import click
 
