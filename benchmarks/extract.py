@@ -57,9 +57,10 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int) -
             seconds = time.perf_counter() - t0
         return {"seconds": seconds, "rows": rows}
     with tempfile.TemporaryDirectory() as tmp:
-        store = FeatureStore.open(os.path.join(tmp, "store"), "a")
+        store = FeatureStore.open(os.path.join(tmp, "store"), "a", create=True)
         store.save_dataset(ds)
-        cfg = ExtractConfig(encoders=(encoder_spec,), batch_size=batch_size, progress=False)
+        cfg = ExtractConfig(encoders=(encoder_spec,), batch_size=batch_size, progress=False,
+                            torch_threads=threads)  # the same threads as the bare child
         first = [load_image(p) for p in ds.images["path"].to_list()[:batch_size]] if enc.modality == "image" \
             else ds.captions["text"].to_list()[:batch_size]
         enc.forward_pooled(enc.preprocess(first), [enc.default_pooling])  # warm-up, as in the bare child

@@ -86,3 +86,43 @@ def load_tiny(spec: str, device: str = "cpu"):
     if spec.startswith("tiny-text"):
         return TinyTextEncoder(spec)
     raise ValueError(spec)
+
+
+class PidWeightsImageEncoder(TinyImageEncoder):
+    """Reports a weights hash that differs per process, like a node with another checkpoint."""
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "weights_sha256": f"pid-{os.getpid()}"}
+
+
+class FailingImageEncoder(TinyImageEncoder):
+    """Fails in the forward pass: with a StratalignError, or any other error when `plain`."""
+
+    def __init__(self, spec: str, plain: bool) -> None:
+        super().__init__(spec)
+        self.plain = plain
+
+    def forward_pooled(self, batch, poolings):
+        if self.plain:
+            raise ValueError("weights went missing\nsecond line of detail")
+        from stratalign.errors import StratalignError
+
+        raise StratalignError("tiny-image-fails cannot read row 3 of toy")
+
+
+def load_odd(spec: str, device: str = "cpu"):
+    """Loader for the Ray error tests: per-process weights, encoders that fail, or (in a Ray actor only)
+    a worker whose claims never succeed, as on a store it cannot write to."""
+    if spec == "tiny-image-noclaim":
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            from stratalign.stores import claims
+
+            claims.try_claim = lambda *args, **kwargs: False
+        return TinyImageEncoder(spec)
+    if spec == "tiny-image-pid":
+        return PidWeightsImageEncoder(spec)
+    if spec in ("tiny-image-fails", "tiny-image-crashes"):
+        return FailingImageEncoder(spec, plain=spec == "tiny-image-crashes")
+    return load_tiny(spec, device)

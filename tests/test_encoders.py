@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import threading
 from pathlib import Path
 
@@ -44,16 +45,16 @@ class CallCounter:
 
 
 # --- tiny models saved with save_pretrained -------------------------------------------------------
-def save_tiny_bert(folder: Path) -> Path:
+def save_tiny_bert(folder: Path, seed: int = 0, **save_kw) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     BertTokenizer(vocab_file=str(vocab), model_max_length=16).save_pretrained(folder)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     BertModel(BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(folder)
+                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(folder, **save_kw)
     return folder
 
 
@@ -384,31 +385,36 @@ class _Block(torch.nn.Module):
 
 
 class _Transformer(torch.nn.Module):
-    def __init__(self, d: int, n: int, batch_first: bool) -> None:
+    """Runs its blocks batch-first or sequence-first; `declare` exposes that as `batch_first` (newer
+    open_clip CustomTransformer) or not at all (open_clip's Transformer, which runs sequence-first)."""
+
+    def __init__(self, d: int, n: int, batch_first: bool, declare: bool = True) -> None:
         super().__init__()
         self.resblocks = torch.nn.ModuleList([_Block(d) for _ in range(n)])
-        self.batch_first = batch_first
+        self.runs_batch_first = batch_first
+        if declare:
+            self.batch_first = batch_first
 
     def forward(self, x, attn_mask=None):  # x: batch-first in, runs sequence-first when not batch_first
-        if not self.batch_first:
+        if not self.runs_batch_first:
             x = x.transpose(0, 1)
         for r in self.resblocks:
             x = r(x, attn_mask=attn_mask)
-        return x if self.batch_first else x.transpose(0, 1)
+        return x if self.runs_batch_first else x.transpose(0, 1)
 
 
 class _FakeCLIP(torch.nn.Module):
     """open_clip-like: visual ViT (class token + 4 patches) and a text transformer, 8-d, 2 blocks."""
 
-    def __init__(self, batch_first: bool) -> None:
+    def __init__(self, batch_first: bool, declare: bool = True, seed: int = 0) -> None:
         super().__init__()
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         self.visual = torch.nn.Module()
         self.visual.patch = torch.nn.Linear(3 * 16 * 16, 8)
         self.visual.cls = torch.nn.Parameter(torch.randn(8))
-        self.visual.transformer = _Transformer(8, 2, batch_first)
+        self.visual.transformer = _Transformer(8, 2, batch_first, declare)
         self.token_embedding = torch.nn.Embedding(50, 8)
-        self.transformer = _Transformer(8, 2, batch_first)
+        self.transformer = _Transformer(8, 2, batch_first, declare)
 
     def encode_image(self, x):
         p = x.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).reshape(x.shape[0], 4, -1)
@@ -427,12 +433,13 @@ def _fake_tokenizer(texts):
     return out
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_open_clip_encoder_hooks(batch_first: bool) -> None:
+@pytest.mark.parametrize("batch_first,declare", [(True, True), (False, True), (False, False), (True, False)])
+def test_open_clip_encoder_hooks(batch_first: bool, declare: bool) -> None:
+    """Both layouts, declared by a `batch_first` attribute or not (old open_clip: none, sequence-first)."""
     from stratalign.pipeline.encoders.base import ImageTransform
     from stratalign.pipeline.encoders.open_clip import OpenCLIPEncoder
 
-    model = _FakeCLIP(batch_first)
+    model = _FakeCLIP(batch_first, declare)
     tf = ImageTransform(resize=32, crop=32)
     img = OpenCLIPEncoder("open_clip:fake:image", model, "image", transform=lambda im: tf([im])[0],
                           tokenizer=None, weights=None, arch="fake")
@@ -531,3 +538,135 @@ def test_timm_encoder_hooks() -> None:
     with torch.no_grad():
         assert torch.allclose(out[-1], cnn.forward_features(batch["pixel_values"]).mean(dim=(2, 3)), atol=1e-6)
     json.dumps(enc.metadata())
+
+
+# --- weights hash: the content address of the weights ---------------------------------------------------
+def _sha(folder: Path) -> str:
+    return load_encoder("hf:" + str(folder)).metadata()["weights_sha256"]
+
+
+def test_hf_weights_hash_is_the_loaded_weight_file(tmp_path: Path) -> None:
+    a = save_tiny_bert(tmp_path / "a", seed=0)
+    b = save_tiny_bert(tmp_path / "b", seed=0)  # the same weights in another folder
+    c = save_tiny_bert(tmp_path / "c", seed=1)  # other weights
+    (a / "extra").mkdir()
+    (a / "extra" / "unrelated.safetensors").write_bytes((c / "model.safetensors").read_bytes())
+    ha, hb, hc = _sha(a), _sha(b), _sha(c)
+    assert ha == hb != hc
+    assert ha == hashlib.sha256((a / "model.safetensors").read_bytes()).hexdigest()  # only what was loaded
+
+
+def test_hf_weights_hash_falls_back_to_the_state_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stratalign.pipeline.encoders import hf
+
+    a, b, c = (save_tiny_bert(tmp_path / n, seed=s) for n, s in (("a", 0), ("b", 0), ("c", 1)))
+    monkeypatch.setattr(hf, "_resolve_weight_files", lambda *a, **k: ([], None))  # nothing on disk to be found
+    ha, hb, hc = _sha(a), _sha(b), _sha(c)
+    assert ha == hb != hc and len(ha) == 64 and int(ha, 16) >= 0
+
+
+def test_hf_weight_files_sharded_and_from_the_hub_cache(tmp_path: Path) -> None:
+    from stratalign.pipeline.encoders.base import weights_sha256
+    from stratalign.pipeline.encoders.hf import _resolve_weight_files
+
+    sharded = save_tiny_bert(tmp_path / "sharded", max_shard_size="40KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    files, root = _resolve_weight_files(str(sharded))
+    assert len(files) > 1 and sorted(f.name for f in files) == sorted(set(index["weight_map"].values()))
+    assert _sha(sharded) == weights_sha256(files, root)
+    other = save_tiny_bert(tmp_path / "sharded2", seed=1, max_shard_size="40KB")
+    assert _sha(other) != _sha(sharded)
+
+    plain = save_tiny_bert(tmp_path / "plain")  # lay it out as the HF cache would, for a hub id
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes((plain / "model.safetensors").read_bytes())
+    files, root = _resolve_weight_files("someone/tiny-bert", cache_dir=tmp_path / "hub")
+    assert files == [snap / "model.safetensors"] and root == snap
+    assert _resolve_weight_files("someone/not-cached", cache_dir=tmp_path / "hub") == ([], None)
+
+
+def test_open_clip_and_timm_hash_the_state_dict_without_a_file() -> None:
+    from stratalign.pipeline.encoders.base import ImageTransform
+    from stratalign.pipeline.encoders.open_clip import OpenCLIPEncoder
+    from stratalign.pipeline.encoders.timm_encoder import TimmEncoder
+
+    tf = ImageTransform(resize=32, crop=32)
+
+    def clip_sha(seed: int, weights: str | None) -> str:
+        enc = OpenCLIPEncoder("open_clip:fake:image", _FakeCLIP(True, seed=seed), "image",
+                              transform=lambda im: tf([im])[0], tokenizer=None, weights=weights, arch="fake")
+        return enc.metadata()["weights_sha256"]
+
+    assert clip_sha(0, None) == clip_sha(0, "laion2b") != clip_sha(1, "laion2b")  # a tag is not a hash
+    assert len(clip_sha(0, None)) == 64
+    vit = _FakeTimmViT()
+    sha = TimmEncoder("timm:fake", vit, tf, name="fake", checkpoint=None).metadata()["weights_sha256"]
+    with torch.no_grad():
+        vit.norm.weight.add_(1.0)
+    assert TimmEncoder("timm:fake", vit, tf, name="fake", checkpoint=None).metadata()["weights_sha256"] != sha
+
+
+# --- checkpoints are loaded without unpickling ------------------------------------------------------------
+class _Trap:
+    """Pickles as a call to open(path, 'w'): loading it with a full unpickler creates the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_load_state_dict_file_never_unpickles(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from stratalign.pipeline.encoders.base import load_state_dict_file, torch_load_weights_only
+
+    sd = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "dp.pth")
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "wrapped.pt")
+    for name in ("m.safetensors", "dp.pth", "wrapped.pt"):
+        got = load_state_dict_file(tmp_path / name)
+        assert set(got) == {"w", "b"} and torch.equal(got["w"], sd["w"]), name
+    trap = tmp_path / "trap-fired"
+    torch.save({"state_dict": sd, "extra": _Trap(trap)}, tmp_path / "evil.pt")
+    with pytest.raises(StratalignError, match=r"evil\.pt as plain tensors .*weights_only=True"):
+        load_state_dict_file(tmp_path / "evil.pt")
+    with torch_load_weights_only(), pytest.raises(pickle.UnpicklingError):  # a loader asking for a full unpickle
+        torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert not trap.exists()
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(StratalignError, match="cannot read safetensors checkpoint"):
+        load_state_dict_file(tmp_path / "junk.safetensors")
+    torch.save({"epoch": 3}, tmp_path / "nothing.pt")
+    with pytest.raises(StratalignError, match="holds no state_dict of tensors"):
+        load_state_dict_file(tmp_path / "nothing.pt")
+
+
+def test_timm_checkpoint_loads_ema_weights_strictly(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from stratalign.pipeline.encoders.timm_encoder import load_timm_checkpoint
+
+    src = _FakeTimmViT()
+    with torch.no_grad():
+        ema = {k: v + 1.0 for k, v in src.state_dict().items()}
+    torch.save({"state_dict": src.state_dict(), "state_dict_ema": ema, "epoch": 7}, tmp_path / "train.pth.tar")
+    model = _FakeTimmCNN()  # wrong architecture first
+    with pytest.raises(StratalignError, match=r"train\.pth\.tar does not fit _FakeTimmCNN: missing .*unexpected"):
+        load_timm_checkpoint(model, str(tmp_path / "train.pth.tar"))
+    model = _FakeTimmViT()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    load_timm_checkpoint(model, str(tmp_path / "train.pth.tar"))
+    assert torch.equal(model.cls_token, ema["cls_token"])  # EMA preferred, like timm's load_checkpoint
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    load_timm_checkpoint(model, str(tmp_path / "w.safetensors"))
+    assert torch.equal(model.cls_token, src.cls_token)

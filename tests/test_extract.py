@@ -117,7 +117,7 @@ def _markers(store_dir: Path) -> list[Path]:
 
 def test_resume_after_kill9_is_byte_identical(tmp_path: Path, store_with_dataset) -> None:
     store, _ = store_with_dataset
-    reference = FeatureStore.open(str(tmp_path / "ref"), "a")
+    reference = FeatureStore.open(str(tmp_path / "ref"), "a", create=True)
     reference.save_dataset(store.dataset("toy"))
     extract(reference, "toy", _cfg(encoders=("tiny-image",)), load=load_tiny)
 
@@ -147,7 +147,7 @@ def test_two_processes_at_once_never_encode_a_shard_twice(tmp_path: Path, store_
     entry = next(iter(store.entries()))
     assert entry.verify() == {"corrupt": [], "incomplete": []}
     assert not list(Path(store.url).glob("features/*/_claims/*.json"))  # claims released
-    reference = FeatureStore.open(str(tmp_path / "ref"), "a")
+    reference = FeatureStore.open(str(tmp_path / "ref"), "a", create=True)
     reference.save_dataset(store.dataset("toy"))
     extract(reference, "toy", _cfg(encoders=("tiny-image",)), load=load_tiny)
     assert _layer_bytes(store, "toy", "tiny-image") == _layer_bytes(reference, "toy", "tiny-image")
@@ -214,3 +214,143 @@ def test_pooled_vectors_do_not_pin_hidden_states(store_with_dataset) -> None:
     out = worker.forward({"pixels": torch.zeros(4, 64)})
     for arr in out["avg"]:
         assert arr.flags.owndata and arr.nbytes == 4 * 16 * 4
+
+
+def test_claim_won_just_after_another_worker_finished_is_dropped(store_with_dataset, monkeypatch) -> None:
+    """Another worker writes shard 0's marker and releases its claim between our marker check and our
+    exclusive claim: we win the claim, but must see the marker and not encode the shard again."""
+    import torch
+
+    from stratalign.pipeline.extract import ShardEncoder, plan_entries
+    from stratalign.stores import claims
+
+    store, ds = store_with_dataset
+    cfg = _cfg()
+    entries = plan_entries(store, ds, TinyImageEncoder(), cfg)
+    other = ShardEncoder(TinyImageEncoder(), ds, entries, cfg, torch.device("cpu"))
+    real_try_claim = claims.try_claim
+    raced = []
+
+    def racing_try_claim(loc, folder, shard, claim):
+        if shard == 0 and not raced:
+            raced.append(shard)
+            other.write(0, *other.encode_shard(0))  # the other worker finishes and has released its claim
+        return real_try_claim(loc, folder, shard, claim)
+
+    monkeypatch.setattr(claims, "try_claim", racing_try_claim)
+    enc = TinyImageEncoder()
+    report = extract_encoder(store, ds, enc, cfg)
+    assert raced == [0]
+    assert report.shards_encoded == 3 and enc.forward_calls == 8  # shards 1-3 only: 3 + 3 + 2 batches
+    assert entries[0].is_complete() and entries[0].verify() == {"corrupt": [], "incomplete": []}
+    assert not list(Path(store.url).glob("features/*/_claims/*.json"))
+
+
+def test_heartbeat_keeps_a_slow_shard_from_being_taken_over(store_with_dataset, monkeypatch) -> None:
+    """Shards take longer than the lease; the worker runs 'on another host' (so only its heartbeat can
+    keep its claims fresh) while a challenger keeps trying to take them over."""
+    import dataclasses
+    import threading
+
+    from stratalign.stores.claims import Claim
+
+    lease = 1.0
+    monkeypatch.setenv("STRATALIGN_CLAIM_LEASE_S", str(lease))
+    remote = Claim(host="worker-on-another-host", pid=1, token="remote", heartbeat=0.0)
+    monkeypatch.setattr(Claim, "mine", classmethod(lambda cls: dataclasses.replace(remote, heartbeat=time.time())))
+    store, ds = store_with_dataset
+    cfg = _cfg(shard_rows=16, batch_size=8)  # 2 shards of 2 batches, 0.8 s each: 1.6 s a shard
+    from stratalign.pipeline.extract import plan_entries
+
+    entry = plan_entries(store, ds, TinyImageEncoder(), cfg)[0]
+    challenger = Claim("challenger-host", os.getpid(), "challenger", time.time())
+    stolen, beats, done = [], {}, threading.Event()
+
+    def challenge() -> None:
+        while not done.is_set():
+            for s in range(entry.spec.n_shards):
+                path = Path(store.url) / "features" / entry.key / "_claims" / f"{s}.json"
+                try:
+                    held = json.loads(path.read_text())
+                except (FileNotFoundError, json.JSONDecodeError):
+                    continue
+                if held["token"] != "remote":
+                    continue
+                beats.setdefault(s, []).append(held["heartbeat"])
+                if entry.claim(s, challenger):
+                    stolen.append(s)
+                    entry.release(s, challenger)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=challenge, daemon=True)
+    thread.start()
+    try:
+        report = extract_encoder(store, ds, TinyImageEncoder(delay_s=0.8), cfg)
+    finally:
+        done.set()
+        thread.join()
+    assert stolen == []
+    assert report.shards_encoded == 2 and entry.is_complete()
+    assert max(max(b) - min(b) for b in beats.values()) > lease / 2  # the claim file was refreshed meanwhile
+
+
+def test_heartbeat_refreshes_only_our_claims_and_never_resurrects_a_released_one(tmp_path: Path) -> None:
+    from stratalign.stores.claims import Claim, Heartbeat, refresh, try_claim
+    from stratalign.stores.location import Location
+
+    loc = Location.from_url(str(tmp_path))
+    mine = Claim("h", os.getpid(), "mine", 1.0)
+    theirs = Claim("h", os.getpid(), "theirs", 1.0)
+    assert try_claim(loc, "c", 0, mine) and try_claim(loc, "c", 1, theirs)
+    assert refresh(loc, "c", 0, mine) and json.loads(loc.read_bytes("c", "0.json"))["heartbeat"] > 1.0
+    assert not refresh(loc, "c", 1, mine)  # someone else's: left untouched
+    assert json.loads(loc.read_bytes("c", "1.json"))["heartbeat"] == 1.0
+    hb = Heartbeat(mine, interval_s=0.01)
+    hb.hold(loc, "c", 0)
+    hb.hold(loc, "c", 1)  # not ours: dropped at the first beat and reported lost
+    with hb:
+        time.sleep(0.1)
+        hb.release(loc, "c", 0)
+        time.sleep(0.1)
+    assert not loc.exists("c", "0.json")  # released while beating, never written back
+    assert hb.held() == [] and hb.lost == [(loc.path("c"), 1)]
+    assert json.loads(loc.read_bytes("c", "1.json"))["token"] == "theirs"
+
+
+def test_cpu_extraction_sets_torch_threads_and_restores_them(store_with_dataset, monkeypatch) -> None:
+    import torch
+
+    from stratalign.pipeline import device as dev
+
+    seen: list[int] = []
+
+    class ThreadSpy(TinyImageEncoder):
+        def forward_pooled(self, batch, poolings):
+            seen.append(torch.get_num_threads())
+            return super().forward_pooled(batch, poolings)
+
+    store, ds = store_with_dataset
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(dev, "available_cpus", lambda: 4)
+        report = extract_encoder(store, ds, ThreadSpy(), _cfg(loader_threads=2, poolings=("avg",)))
+        assert set(seen) == {4} and report.torch_threads == 4  # every available CPU, not torch's default
+        assert torch.get_num_threads() == 1  # restored
+        seen.clear()
+        report = extract_encoder(store, ds, ThreadSpy(), _cfg(torch_threads=3, poolings=("max",)))
+        assert set(seen) == {3} and report.torch_threads == 3
+        assert dev.cpu_threads(0, reserve=8) == 1  # never below one, never oversubscribed by loaders
+        with pytest.raises(StratalignError, match="torch threads must be >= 0"):
+            dev.cpu_threads(-1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_available_cpus_follows_affinity_and_quota(monkeypatch) -> None:
+    from stratalign.pipeline import device as dev
+
+    n = len(os.sched_getaffinity(0))
+    assert 1 <= dev.available_cpus() <= n
+    monkeypatch.setattr(dev, "_cgroup_cpu_limit", lambda: 0.5)
+    assert dev.available_cpus() == 1

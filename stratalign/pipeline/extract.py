@@ -3,8 +3,10 @@
 Work is cut into store shards (`shard_rows` rows each). A worker claims a shard (see stores.claims),
 loads and preprocesses its rows in background threads while the model runs, pools every layer in one
 forward pass, and hands the shard's blocks to a background writer that writes all layers and then the
-completion marker. Batches never straddle shards and are cut the same way on every run, so a resumed or
-distributed run writes byte-identical shards to an uninterrupted one.
+completion marker. A heartbeat thread keeps the claims fresh meanwhile, and a claim won just after another
+worker finished the shard is dropped again. On CPU, torch gets the CPUs available to the process.
+Batches never straddle shards and are cut the same way on every run, so a resumed or distributed run
+writes byte-identical shards to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.device import resolve_device
-from stratalign.stores.claims import Claim
+from stratalign.pipeline.device import cpu_threads, resolve_device, torch_threads
+from stratalign.stores.claims import Claim, Heartbeat
 from stratalign.stores.feature_store import DEFAULT_SHARD_ROWS, EntrySpec, FeatureEntry, FeatureStore
 from stratalign.stores.media import BadItem, load_image
 from stratalign.stores.pairs import PairDataset
@@ -45,6 +47,7 @@ class ExtractConfig:
     prefetch_batches: int = 4
     poll_s: float = 2.0
     progress: bool = True
+    torch_threads: int = 0  # torch intra-op threads; 0: on CPU every CPU available to the process
 
 
 @dataclass
@@ -59,6 +62,7 @@ class ExtractReport:
     bad_rows: list[int] = field(default_factory=list)
     forward_s: float = 0.0
     wall_s: float = 0.0
+    torch_threads: int = 0
 
     @property
     def rows_per_s(self) -> float:
@@ -76,18 +80,20 @@ def resolve_poolings(encoder: Any, requested: tuple[str, ...]) -> tuple[str, ...
     return tuple(dict.fromkeys(requested))
 
 
-def plan_entries(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: ExtractConfig) -> list[FeatureEntry]:
-    """Create (or open) the entries this encoder fills: one per pooling, keyed by content."""
+def entry_specs(ds: PairDataset, encoder: Any, cfg: ExtractConfig) -> list[EntrySpec]:
+    """The specs (hence keys) of the entries this encoder fills, one per pooling; nothing is written."""
     rows = ds.images.height if encoder.modality == "image" else ds.captions.height
     meta = encoder.metadata()
     meta.setdefault("default_pooling", encoder.default_pooling)
-    entries = []
-    for pooling in resolve_poolings(encoder, cfg.poolings):
-        spec = EntrySpec(dataset=ds.name, content_fingerprint=ds.content_fingerprint, modality=encoder.modality,
-                         encoder=meta, pooling=pooling, layer_names=tuple(encoder.layer_names),
-                         dims=tuple(encoder.dims), rows=rows, dtype=cfg.dtype, shard_rows=cfg.shard_rows)
-        entries.append(store.create_entry(spec))
-    return entries
+    return [EntrySpec(dataset=ds.name, content_fingerprint=ds.content_fingerprint, modality=encoder.modality,
+                      encoder=meta, pooling=pooling, layer_names=tuple(encoder.layer_names),
+                      dims=tuple(encoder.dims), rows=rows, dtype=cfg.dtype, shard_rows=cfg.shard_rows)
+            for pooling in resolve_poolings(encoder, cfg.poolings)]
+
+
+def plan_entries(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: ExtractConfig) -> list[FeatureEntry]:
+    """Create (or open) the entries this encoder fills: one per pooling, keyed by content."""
+    return [store.create_entry(spec) for spec in entry_specs(ds, encoder, cfg)]
 
 
 class RowReader:
@@ -199,22 +205,60 @@ def pending_union(entries: list[FeatureEntry]) -> list[int]:
     return sorted(set().union(*(e.pending_shards() for e in entries)))
 
 
-def _claim_all(entries: list[FeatureEntry], shard: int, claim: Claim) -> bool:
-    """Claim a shard in every entry that still lacks it, or in none (release on partial success)."""
+def extraction_threads(cfg: ExtractConfig, device: torch.device) -> int:
+    """torch intra-op threads for extraction: `cfg.torch_threads` when set; on CPU every CPU available to
+    the process (affinity mask and container quota, where torch's own default counts the host's cores);
+    on a GPU torch's current setting. No CPU is held back for the loader threads: decoding and resizing a
+    batch costs a few percent of its forward pass (measured in benchmarks/extract.py), and one torch thread
+    fewer would cost half the forward speed on a 2-core machine."""
+    if cfg.torch_threads or device.type == "cpu":
+        return cpu_threads(cfg.torch_threads)
+    return torch.get_num_threads()
+
+
+def claims_folder(entry: FeatureEntry) -> str:
+    """The folder of an entry's shard claims (as FeatureEntry.claim lays it out)."""
+    return "/".join([*entry.folder, "_claims"])
+
+
+def _marker_exists(entry: FeatureEntry, shard: int, refresh: bool = False) -> bool:
+    loc = entry.store.loc
+    if refresh:  # object-store filesystems cache listings; ask the store itself
+        loc.fs.invalidate_cache(loc.path(*entry.folder, "_shards"))
+    return loc.exists(*entry.folder, "_shards", f"{shard}.json")
+
+
+def release_all(entries: list[FeatureEntry], shard: int, claim: Claim, heartbeat: Heartbeat | None = None) -> None:
+    """Drop our claim on a shard in every entry (others' claims are left alone)."""
+    for e in entries:
+        if heartbeat is not None:
+            heartbeat.release(e.store.loc, claims_folder(e), shard)
+        else:
+            e.release(shard, claim)
+
+
+def _claim_all(entries: list[FeatureEntry], shard: int, claim: Claim, heartbeat: Heartbeat | None = None) -> bool:
+    """Claim a shard in every entry that still lacks it, or in none (release on partial success).
+
+    The markers are checked again after the claims are won: another worker may have written its marker
+    and released its claim between our first check and our exclusive create, and the shard is then done."""
     got = []
     for e in entries:
-        if e.store.loc.exists(*e.folder, "_shards", f"{shard}.json"):
+        if _marker_exists(e, shard):
             continue
         if not e.claim(shard, claim):
-            for g in got:
-                g.release(shard, claim)
+            release_all(got, shard, claim, heartbeat)
             return False
         got.append(e)
-    return bool(got)
+        if heartbeat is not None:
+            heartbeat.hold(e.store.loc, claims_folder(e), shard)
+    done = [e for e in got if _marker_exists(e, shard, refresh=True)]
+    release_all(done, shard, claim, heartbeat)
+    return len(done) < len(got)
 
 
 def _claimed_shards(entries: list[FeatureEntry], claim: Claim, poll_s: float,
-                    in_flight: set[int], stop: threading.Event) -> Iterator[int]:
+                    in_flight: set[int], stop: threading.Event, heartbeat: Heartbeat | None = None) -> Iterator[int]:
     """Yield shards this worker now owns until none is pending; wait while others hold the rest."""
     while not stop.is_set():
         pending = [s for s in pending_union(entries) if s not in in_flight]
@@ -224,7 +268,7 @@ def _claimed_shards(entries: list[FeatureEntry], claim: Claim, poll_s: float,
         for s in pending:
             if stop.is_set():
                 return
-            if _claim_all(entries, s, claim):
+            if _claim_all(entries, s, claim, heartbeat):
                 took = True
                 in_flight.add(s)
                 yield s
@@ -236,17 +280,24 @@ def extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ext
                     device: torch.device | None = None,
                     on_shard: Callable[[int], None] | None = None) -> ExtractReport:
     """Fill this encoder's entries for the dataset with the local engine (resumable, concurrent-safe)."""
-    t0 = time.perf_counter()
     device = device or resolve_device(cfg.device)
+    with torch_threads(extraction_threads(cfg, device)) as n_threads:
+        return _extract_encoder(store, ds, encoder, cfg, device, on_shard, n_threads)
+
+
+def _extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: ExtractConfig, device: torch.device,
+                     on_shard: Callable[[int], None] | None, n_threads: int) -> ExtractReport:
+    t0 = time.perf_counter()
     entries = plan_entries(store, ds, encoder, cfg)
     report = ExtractReport(encoder=encoder.spec, entries=[e.key for e in entries],
-                           shards_total=entries[0].spec.n_shards)
+                           shards_total=entries[0].spec.n_shards, torch_threads=n_threads)
     pending = pending_union(entries)
     if not pending:
         report.wall_s = time.perf_counter() - t0
         return report
     worker = ShardEncoder(encoder, ds, entries, cfg, device)
     claim = Claim.mine()
+    heartbeat = Heartbeat(claim)
     rows_pending = sum(len(range(*entries[0].shard_rows_range(s))) for s in pending)
     bar = tqdm(total=rows_pending, unit="row", desc=f"extract {encoder.spec}", disable=not cfg.progress,
                dynamic_ncols=True, smoothing=0.1)
@@ -261,7 +312,7 @@ def extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ext
     def produce() -> None:
         try:
             with ThreadPoolExecutor(max_workers=cfg.loader_threads) as pool:
-                for shard in _claimed_shards(entries, claim, cfg.poll_s, in_flight, stop):
+                for shard in _claimed_shards(entries, claim, cfg.poll_s, in_flight, stop, heartbeat):
                     start, end = entries[0].shard_rows_range(shard)
                     futures = [pool.submit(worker.prepare, rows) for rows in _batches(start, end, cfg.batch_size)]
                     for i, fut in enumerate(futures):
@@ -293,12 +344,12 @@ def extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ext
                 errors.append(exc)
                 stop.set()
             finally:
-                for e in entries:
-                    e.release(shard, claim)
+                release_all(entries, shard, claim, heartbeat)
                 in_flight.discard(shard)
 
     producer = threading.Thread(target=produce, name="stratalign-loader", daemon=True)
     writer = threading.Thread(target=write, name="stratalign-writer", daemon=True)
+    heartbeat.start()
     producer.start()
     writer.start()
     parts: dict[str, list[list[np.ndarray]]] = {p: [] for p in worker.poolings}
@@ -336,8 +387,8 @@ def extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ext
                 pass
         producer.join()
         for s in list(in_flight):
-            for e in entries:
-                e.release(s, claim)
+            release_all(entries, s, claim, heartbeat)
+        heartbeat.stop()
         bar.close()
     if errors:
         raise errors[0]

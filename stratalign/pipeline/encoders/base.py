@@ -17,14 +17,15 @@ import json
 import os
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from stratalign.errors import StratalignError
+from stratalign.errors import StratalignError, preview
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,6 +116,91 @@ def weights_sha256(files: Sequence[str | os.PathLike], root: str | os.PathLike |
         name = os.path.relpath(f, root) if root is not None else f.name
         lines.append(f"{name}  {file_sha256(f)}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over a module's state_dict: each tensor's name, dtype, shape and raw bytes in name order.
+
+    The fallback content address when the weight files a model was loaded from are unknown: it always
+    exists, and two models hash equal exactly when their parameters and buffers are bit-identical."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}\n".encode())
+        flat = t.to("cpu").contiguous().reshape(-1)
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for wrapping a library error into a one-line StratalignError."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def load_state_dict_file(path: str | os.PathLike,
+                         wrapper_keys: Sequence[str] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors, never unpickling code: `safetensors.torch.load_file` for .safetensors,
+    else `torch.load(weights_only=True)` on the CPU. A dict wrapping the weights under one of
+    `wrapper_keys` (tried in order) is unwrapped, and a DataParallel `module.` prefix is stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise StratalignError(f"checkpoint {str(path)!r} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends
+            raise StratalignError(f"cannot read safetensors checkpoint {path}: {first_line(e)}") from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError for pickled objects, RuntimeError for junk
+            raise StratalignError(
+                f"cannot load checkpoint {path} as plain tensors (torch.load weights_only=True: {first_line(e)}); "
+                "save its state_dict alone or convert it to .safetensors"
+            ) from None
+    if isinstance(state, dict):
+        for key in wrapper_keys:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StratalignError(f"checkpoint {path} holds no state_dict of tensors (looked under {list(wrapper_keys)})")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state, strict=True)` with a one-line error naming the checkpoint."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        missing = sorted(set(model.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        what = (f"missing {preview(missing, 3)}; unexpected {preview(unexpected, 3)}" if missing or unexpected
+                else first_line(e))
+        raise StratalignError(f"checkpoint {source} does not fit {type(model).__name__}: {what}") from None
+
+
+@contextmanager
+def torch_load_weights_only() -> Iterator[None]:
+    """Force `weights_only=True` on every `torch.load` inside the block (third-party loaders such as
+    open_clip's or timm's pretrained downloads), so no checkpoint can unpickle arbitrary objects."""
+    real = torch.load
+
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = safe_load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = real  # type: ignore[assignment]
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack")

@@ -19,12 +19,16 @@ A one-row probe forward at load time fixes the layer count and dims and tells th
 - text: `cls` = token 0, `mean` = attention-mask-weighted mean. Causal text models (the CLIP text tower)
   offer `eos` (last attended token) instead of `cls`, because their token 0 never sees the text.
 - CNN backbones (hidden states are feature maps): `avg` global average pooling.
+
+`weights_sha256` (part of the entry key) hashes the weight files from_pretrained read (the folder's or
+the HF cache snapshot's safetensors / bin, shards included), else the loaded model's state_dict.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import threading
 from pathlib import Path
@@ -33,7 +37,13 @@ from typing import Any, Sequence
 import torch
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.encoders.base import Encoder, to_device, weight_files_in, weights_sha256
+from stratalign.pipeline.encoders.base import (
+    Encoder,
+    state_dict_sha256,
+    to_device,
+    weight_files_in,
+    weights_sha256,
+)
 from stratalign.pipeline.pooling import pool_layers
 
 TOWERS = ("image", "text")
@@ -77,16 +87,53 @@ def _config_modality(cfg: Any) -> str:
     raise StratalignError(f"cannot tell whether model type {mt!r} is a vision or a text model")
 
 
-def _resolve_weight_files(ident: str) -> tuple[list[Path], Path | None]:
-    if os.path.isdir(ident):
-        return weight_files_in(ident), Path(ident)
-    try:  # a hub id that from_pretrained has already fetched into the local HF cache
-        from huggingface_hub import snapshot_download
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")  # the order from_pretrained prefers them in
 
-        folder = Path(snapshot_download(ident, local_files_only=True))
-        return weight_files_in(folder), folder
-    except Exception:  # noqa: BLE001 - offline or not cached: hashing is then impossible
-        return [], None
+
+def _resolve_weight_files(ident: str, revision: str | None = None,
+                          cache_dir: str | os.PathLike | None = None) -> tuple[list[Path], Path | None]:
+    """The weight files from_pretrained loads for `ident` (a local folder, or a hub id already in the
+    local HF cache): the first of HF_WEIGHT_FILES present, an index expanded to its shards. For a folder
+    holding none of those, its weight files of any format. ([], None) when nothing can be found."""
+    local = os.path.isdir(ident)
+
+    def locate(name: str) -> Path | None:
+        if local:
+            path = Path(ident) / name
+            return path if path.is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(ident, name, cache_dir=cache_dir, revision=revision)
+        except Exception:  # noqa: BLE001 - not a valid repo id, no cache: nothing found
+            return None
+        return Path(hit) if isinstance(hit, str) and os.path.isfile(hit) else None
+
+    for name in HF_WEIGHT_FILES:
+        found = locate(name)
+        if found is None:
+            continue
+        if not name.endswith(".index.json"):
+            return [found], found.parent
+        try:
+            shard_names = sorted(set(json.loads(found.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        shards = [locate(n) for n in shard_names]
+        if shard_names and all(shards):
+            return [p for p in shards if p is not None], found.parent
+    if local:
+        files = weight_files_in(ident)
+        if files:
+            return files, Path(ident)
+    return [], None
+
+
+def weights_hash(ident: str, model: torch.nn.Module, revision: str | None = None) -> str:
+    """sha256 of the weight files the model was loaded from; when they cannot be found, of its state_dict."""
+    files, root = _resolve_weight_files(ident, revision)
+    return weights_sha256(files, root) if files else state_dict_sha256(model)
 
 
 def _max_text_length(tokenizer: Any, cfg: Any) -> int:
@@ -287,8 +334,7 @@ def load_hf(spec: str, device: str = "cpu", *, canonical: str | None = None, max
         image_processor = AutoImageProcessor.from_pretrained(ident)
         preprocessing = _processor_description(image_processor)
 
-    files, root = _resolve_weight_files(ident)
-    sha = weights_sha256(files, root) if files else "unavailable"
+    sha = weights_hash(ident, model, getattr(cfg, "_commit_hash", None))
     causal = modality == "text" and (getattr(sub_cfg, "model_type", "") in CAUSAL_TEXT_TYPES
                                     or bool(getattr(sub_cfg, "is_decoder", False)))
     extra = {"source": ident, "library": "transformers"}

@@ -1,6 +1,10 @@
 """`timm:<model name>[:<checkpoint file>]` (optional extra `timm`, imported lazily).
 
-Without a checkpoint file, timm's pretrained weights are requested (needs the hub, so not offline).
+Without a checkpoint file, timm's pretrained weights are requested (needs the hub, so not offline; every
+torch.load timm makes is forced to weights_only=True). A checkpoint file is never handed to timm: the
+model is built without weights and the file loaded here (safetensors, or torch.load weights_only=True;
+an EMA state preferred like timm's load_checkpoint) with a strict load_state_dict. `weights_sha256` is the
+checkpoint's sha256, else the sha256 of the loaded state_dict.
 Layers come from forward hooks during one `forward_features` pass:
 - ViT family (`model.blocks` and `model.num_prefix_tokens`): layer 0 is the input of the first block
   (patch embeddings + prefix tokens + positions, after `norm_pre`), layer i the output of block i; the
@@ -23,8 +27,21 @@ from typing import Any, Sequence
 import torch
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.encoders.base import Encoder, HookRecorder, ImageTransform, to_device, weights_sha256
+from stratalign.pipeline.encoders.base import (
+    Encoder,
+    HookRecorder,
+    ImageTransform,
+    first_line,
+    load_state_dict_file,
+    load_weights_into,
+    state_dict_sha256,
+    to_device,
+    torch_load_weights_only,
+    weights_sha256,
+)
 from stratalign.pipeline.pooling import pool_layers
+
+TIMM_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's load_checkpoint order
 
 
 class TimmEncoder(Encoder):
@@ -38,6 +55,7 @@ class TimmEncoder(Encoder):
         self.transform = transform
         self.name = name
         self.checkpoint = checkpoint
+        self._weights_sha: str | None = None
         blocks = getattr(model, "blocks", None)
         self.channels_last: list[bool] = []
         if blocks is not None and hasattr(model, "num_prefix_tokens") and len(blocks) > 0:
@@ -106,15 +124,25 @@ class TimmEncoder(Encoder):
     def metadata(self) -> dict[str, Any]:
         meta = self.base_metadata()
         meta["model_class"] = f"timm {type(self.model).__name__}"
-        if self.checkpoint:
-            sha = weights_sha256([self.checkpoint])
-        else:
-            tag = getattr(getattr(self.model, "pretrained_cfg", None) or {}, "get", lambda *_: None)("hf_hub_id")
-            sha = f"timm-pretrained:{self.name}:{tag}"
-        meta.update({"weights_sha256": sha, "preprocessing": self.transform.describe(),
+        if self._weights_sha is None:  # a file's hash is cached on disk; a state_dict's once per load
+            self._weights_sha = (weights_sha256([self.checkpoint]) if self.checkpoint
+                                 else state_dict_sha256(self.model))
+        meta.update({"weights_sha256": self._weights_sha, "preprocessing": self.transform.describe(),
                      "source": f"timm {self.name}" + (f" {self.checkpoint}" if self.checkpoint else " (pretrained)"),
                      "library": "timm", "prefix_tokens": self.n_prefix if self.kind == "vision" else None})
         return meta
+
+
+def load_timm_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load a checkpoint file into a timm model the way timm's load_checkpoint would, but never unpickling:
+    .npz/.npy (JAX ViT weights) through the model's own numpy loader, anything else through
+    `load_state_dict_file` (EMA weights preferred, `module.` stripped) and a strict load_state_dict."""
+    if Path(path).suffix.lower() in (".npz", ".npy"):
+        if not hasattr(model, "load_pretrained"):
+            raise StratalignError(f"timm checkpoint {path}: {type(model).__name__} cannot load numpy weights")
+        model.load_pretrained(path)
+        return
+    load_weights_into(model, load_state_dict_file(path, TIMM_WRAPPER_KEYS), path)
 
 
 def load_timm(spec: str, device: str = "cpu") -> Encoder:
@@ -130,11 +158,14 @@ def load_timm(spec: str, device: str = "cpu") -> Encoder:
         raise StratalignError(f"timm checkpoint {checkpoint!r} is not a file")
     try:
         if checkpoint:
-            model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint)
+            model = timm.create_model(name, pretrained=False)
         else:
-            model = timm.create_model(name, pretrained=True)
-    except Exception as e:  # noqa: BLE001 - unknown model, no network
-        raise StratalignError(f"timm could not create {name!r}: {e}") from e
+            with torch_load_weights_only():
+                model = timm.create_model(name, pretrained=True)
+    except Exception as e:  # noqa: BLE001 - unknown model, no network, refused pickle
+        raise StratalignError(f"timm could not create {name!r}: {first_line(e)}") from e
+    if checkpoint:
+        load_timm_checkpoint(model, checkpoint)
     cfg = timm.data.resolve_model_data_config(model)
     size = int(cfg["input_size"][-1])
     crop_pct = float(cfg.get("crop_pct") or 1.0)
