@@ -76,7 +76,7 @@ def store_with_dataset(tmp_path: Path, coco_json: Path, image_dir: Path):
     from stratalign.stores.feature_store import FeatureStore
     from stratalign.stores.sources import ingest_source
 
-    store = FeatureStore.open(str(tmp_path / "store"), "a")
+    store = FeatureStore.open(str(tmp_path / "store"), "a", create=True)
     ds = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
     store.save_dataset(ds)
     return store, ds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,89 @@ def test_bad_ingest_writes_nothing(tmp_path: Path, image_dir: Path) -> None:
     assert not (store / "datasets" / "t").exists()
     ok = run("ingest", "table", "--table", str(table), "--name", "t", "--skip-bad", store=store)
     assert ok.returncode == 0 and "skipped image" in ok.stdout
+
+
+def _extracted(store_with_dataset) -> tuple[Path, str]:
+    """A store with one complete tiny-image entry: (store folder, entry key)."""
+    from fake_encoders import load_tiny
+
+    from stratalign.pipeline.extract import ExtractConfig, extract
+
+    store, _ = store_with_dataset
+    extract(store, "toy", ExtractConfig(encoders=("tiny-image",), shard_rows=8, progress=False), load=load_tiny)
+    return Path(store.url), store.find_entry("toy", "tiny-image").key
+
+
+def _break_entry(folder: Path, how: str) -> None:
+    meta_file = folder / "zarr.json"
+    if how == "no-metadata":
+        meta_file.unlink()
+    elif how == "other-version":
+        meta = json.loads(meta_file.read_text())
+        meta["attributes"]["stratalign_entry"]["format_version"] = 2
+        meta_file.write_text(json.dumps(meta))
+    else:
+        meta_file.write_text('{"zarr_format": 3, "attri')
+
+
+def test_verify_ls_and_rm_handle_broken_entries(store_with_dataset) -> None:
+    from stratalign.stores.feature_store import EntrySpec
+
+    store, ds = store_with_dataset
+    folder, good = _extracted(store_with_dataset)
+    broken = {}
+    for how in ("no-metadata", "other-version", "corrupt-json"):
+        spec = EntrySpec(dataset="toy", content_fingerprint=ds.content_fingerprint, modality="image",
+                         encoder={"spec": "enc"}, pooling=how, layer_names=("a",), dims=(4,), rows=30, shard_rows=8)
+        broken[how] = store.create_entry(spec).key
+        _break_entry(folder / "features" / broken[how], how)
+    bad = run("store", "verify", store=folder)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert f"ok {good}" in bad.stdout and "3 problem(s)" in bad.stderr
+    for how, why in (("no-metadata", "has no zarr.json"), ("other-version", "format version 2"),
+                     ("corrupt-json", "corrupt JSON file")):
+        line = next(x for x in bad.stdout.splitlines() if broken[how] in x)
+        assert line.startswith("broken") and why in line, line
+    assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    ls = run("store", "ls", store=folder)
+    assert ls.returncode == 0 and ls.stdout.count("broken") == 3 and all(k in ls.stdout for k in broken.values())
+    rm = run("store", "rm", "-y", *broken.values(), store=folder)
+    assert rm.returncode == 0, rm.stderr
+    assert sorted(p.name for p in (folder / "features").iterdir()) == sorted([good, "zarr.json"])
+    assert run("store", "verify", store=folder).returncode == 0
+
+
+def test_verify_loads_dataset_tables(store_with_dataset) -> None:
+    store, _ = _extracted(store_with_dataset)
+    with open(store / "datasets" / "toy" / "images.parquet", "r+b") as f:
+        f.truncate(100)
+    bad = run("store", "verify", store=store)
+    assert bad.returncode == 2 and "broken dataset toy" in bad.stdout and "unreadable" in bad.stdout
+    ls = run("store", "ls", store=store)
+    assert ls.returncode == 0 and "dataset toy: broken" in ls.stdout
+    rm = run("store", "rm", "-y", "--dataset", "toy", store=store)
+    assert rm.returncode == 0 and not (store / "datasets" / "toy").exists()
+
+
+def test_rm_validates_keys_before_removing(store_with_dataset) -> None:
+    store, key = _extracted(store_with_dataset)
+    for bogus in ("../datasets", "zarr.json"):
+        out = run("store", "rm", "-y", key, bogus, store=store)
+        assert out.returncode == 2 and bogus in out.stderr
+    assert (store / "features" / key).exists() and (store / "features" / "zarr.json").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ("store", "rm", "-y", "xx"), ("store", "verify"), ("store", "ls"), ("runs", "ls"),
+    ("extract", "--dataset", "toy", "--encoder", "minilm-l6"),
+    ("layers", "--dataset", "toy", "--vision", "a", "--text", "b"),
+    ("train", "--dataset", "toy", "--vision", "a", "--text", "b"),
+    ("eval", "--run", "zzz"),
+    ("sweep", "--dataset", "toy", "--vision", "a", "--text", "b"),
+])
+def test_commands_never_create_a_store(tmp_path: Path, args) -> None:
+    store = tmp_path / "newstore"
+    out = run(*args, store=store)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"no stratalign store at {store}; create one with `stratalign ingest" in out.stderr
+    assert not store.exists()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import zarr
 
 from stratalign.errors import StratalignError
 from stratalign.stores.feature_store import EntrySpec, FeatureStore
-from stratalign.stores.location import validate_key
+from stratalign.stores.location import Location, validate_key
 
 
 def _spec(ds, **kw) -> EntrySpec:
@@ -145,12 +148,12 @@ def test_open_rejects_non_stores(tmp_path: Path) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(StratalignError, match="non-empty folder"):
-        FeatureStore.open(str(tmp_path / "busy"), "a")
+        FeatureStore.open(str(tmp_path / "busy"), "a", create=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
 def test_other_format_version_rejected(tmp_path: Path) -> None:
-    store = FeatureStore.open(str(tmp_path / "s"), "a")
+    store = FeatureStore.open(str(tmp_path / "s"), "a", create=True)
     store.root.attrs["stratalign"] = {"kind": "stratalign-store", "format_version": 99, "created_by": "9.9"}
     with pytest.raises(StratalignError, match="format version 99.*reads version 1"):
         FeatureStore.open(str(tmp_path / "s"), "r")
@@ -191,10 +194,169 @@ def test_fsspec_memory_url(coco_json: Path, image_dir: Path) -> None:
     from stratalign.stores.sources import ingest_source
 
     ds = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
-    store = FeatureStore.open("memory://stratalign-test-store", "a")
+    store = FeatureStore.open("memory://stratalign-test-store", "a", create=True)
     store.save_dataset(ds)
     entry = store.create_entry(_spec(ds))
     full = _fill(entry)
     again = FeatureStore.open("memory://stratalign-test-store", "r")
     np.testing.assert_allclose(again.features("toy", "enc", 0), full[0], atol=1e-2)
     assert again.entry(entry.key).verify() == {"corrupt": [], "incomplete": []}
+
+
+def test_open_creates_only_when_asked(tmp_path: Path) -> None:
+    missing, empty = tmp_path / "typo", tmp_path / "empty"
+    empty.mkdir()
+    for path in (missing, empty):
+        with pytest.raises(StratalignError, match=r"no stratalign store at .*create one with `stratalign ingest"):
+            FeatureStore.open(str(path), "a")
+    assert not missing.exists() and list(empty.iterdir()) == []  # nothing created at a mistyped path
+    with pytest.raises(StratalignError, match="creating a store needs mode 'a'"):
+        FeatureStore.open(str(missing), "r", create=True)
+    assert not missing.exists()
+    FeatureStore.open(str(missing), "a", create=True)
+    assert FeatureStore.open(str(missing), "a").mode == "a"  # the README's mode="a" opens an existing store
+    assert FeatureStore.open(str(missing), "a", create=True).mode == "a"  # create on an existing store: opens it
+
+
+def test_dataset_name_is_part_of_the_key(store_with_dataset) -> None:
+    _, ds = store_with_dataset
+    a, b = _spec(ds, dataset="a+b"), _spec(ds, dataset="a-b")
+    assert a.key.split("--")[0] == b.key.split("--")[0]  # the readable slug is lossy ...
+    assert a.key != b.key  # ... the hash is not
+    long = "x" * 70
+    assert _spec(ds, dataset=long + "1").key != _spec(ds, dataset=long + "2").key  # slug cut at 60 chars
+
+
+def test_entry_keyed_by_an_older_derivation_stays_readable(store_with_dataset) -> None:
+    store, ds = store_with_dataset
+    entry = store.create_entry(_spec(ds))
+    full = _fill(entry)
+    root = Path(store.url) / "features"
+    shutil.move(root / entry.key, root / "legacy-key")
+    meta_file = root / "legacy-key" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["stratalign_entry"]["key"] = "legacy-key"
+    meta_file.write_text(json.dumps(meta))
+    old = store.entry("legacy-key")
+    assert old.key == "legacy-key" and old.is_complete()
+    np.testing.assert_allclose(old.read_layer(0), full[0], atol=1e-2)
+    meta["attributes"]["stratalign_entry"]["key"] = "another"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(StratalignError, match="holds the metadata of entry 'another'"):
+        store.entry("legacy-key")
+
+
+def _break_entry(folder: Path, how: str) -> None:
+    meta_file = folder / "zarr.json"
+    if how == "no-metadata":
+        meta_file.unlink()
+    elif how == "other-version":
+        meta = json.loads(meta_file.read_text())
+        meta["attributes"]["stratalign_entry"]["format_version"] = 2
+        meta_file.write_text(json.dumps(meta))
+    elif how == "corrupt-json":
+        meta_file.write_text('{"zarr_format": 3, "attri')
+
+
+BREAKS = {"no-metadata": "has no zarr.json", "other-version": "format version 2",
+          "corrupt-json": "corrupt JSON file .*zarr.json"}
+
+
+@pytest.mark.parametrize("how", sorted(BREAKS))
+def test_broken_entries_are_reported_and_removable(store_with_dataset, how: str) -> None:
+    store, ds = store_with_dataset
+    good = store.create_entry(_spec(ds, pooling="mean"))
+    bad = store.create_entry(_spec(ds))
+    _break_entry(Path(store.url) / "features" / bad.key, how)
+    scan = {key: (entry, why) for key, entry, why in store.scan_entries()}
+    assert set(scan) == {good.key, bad.key} and scan[good.key][1] is None
+    assert scan[bad.key][0] is None and re.search(BREAKS[how], scan[bad.key][1])
+    assert [e.key for e in store.entries()] == [good.key]  # consumers still see the readable ones
+    with pytest.raises(StratalignError, match=BREAKS[how]):
+        store.entry(bad.key)
+    table = {r["key"]: r for r in store.entry_table().iter_rows(named=True)}
+    assert table[good.key]["status"] == "ok" and table[bad.key]["status"].startswith("broken: ")
+    store.remove_entry(bad.key)
+    assert not (Path(store.url) / "features" / bad.key).exists()
+    assert [e.key for e in store.entries()] == [good.key]
+
+
+def test_remove_entry_refuses_non_folders(store_with_dataset) -> None:
+    store, _ = store_with_dataset
+    for key in ("zarr.json", "nope", "../datasets"):
+        with pytest.raises(StratalignError, match="no feature entry|invalid entry key"):
+            store.remove_entry(key)
+    assert (Path(store.url) / "features" / "zarr.json").exists()
+    assert store.datasets() == ["toy"]
+
+
+def test_corrupt_store_metadata_is_a_one_line_error(store_with_dataset) -> None:
+    store, ds = store_with_dataset
+    entry = store.create_entry(_spec(ds))
+    _fill(entry)
+    layer_meta = Path(store.url) / "features" / entry.key / "layer_001" / "zarr.json"
+    layer_meta.write_text("{not json")
+    with pytest.raises(StratalignError, match=r"corrupt JSON file .*layer_001/zarr.json"):
+        store.entry(entry.key).read_layer(1)
+    assert [(s, layer) for s, layer, _ in store.entry(entry.key).verify()["corrupt"]] == [(s, 1) for s in range(4)]
+    (Path(store.url) / "zarr.json").write_text("{")
+    with pytest.raises(StratalignError, match=r"corrupt JSON file .*zarr.json") as err:
+        FeatureStore.open(store.url, "r")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("failing", ["images.parquet", "captions.parquet", "dataset.json"])
+def test_replace_crash_never_serves_new_tables_under_old_fingerprint(store_with_dataset, coco_json: Path,
+                                                                     image_dir: Path, monkeypatch,
+                                                                     failing: str) -> None:
+    from stratalign.stores.sources import ingest_source
+
+    store, old = store_with_dataset
+    new = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir), seed=5)
+    assert new.fingerprint != old.fingerprint and new.images.height == old.images.height
+    real_write = Location.write_bytes
+
+    def crash(self: Location, data: bytes, *parts: str) -> None:
+        if parts[-1] == failing:
+            raise OSError("simulated crash")
+        real_write(self, data, *parts)
+
+    monkeypatch.setattr(Location, "write_bytes", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        store.save_dataset(new, replace=True)
+    monkeypatch.undo()
+    try:
+        loaded = store.dataset("toy")
+    except StratalignError as exc:
+        assert "no dataset.json" in str(exc) and "store rm --dataset toy" in str(exc)
+    else:  # whatever loads must be the old dataset, whole
+        assert loaded.fingerprint == old.fingerprint
+        assert loaded.images.equals(old.images) and loaded.captions.equals(old.captions)
+    assert store.save_dataset(new, replace=True) is True  # and the replace can simply be run again
+    assert store.dataset("toy").fingerprint == new.fingerprint
+
+
+def test_bad_rows_are_the_union_of_the_shard_markers(store_with_dataset) -> None:
+    store, ds = store_with_dataset
+    entry = store.create_entry(_spec(ds))
+    assert entry.bad_rows().dtype == np.int64 and entry.bad_rows().size == 0
+    bad = {0: [5, 1], 2: [17], 3: []}
+    for s in range(entry.spec.n_shards):
+        a, b = entry.shard_rows_range(s)
+        info = {"bad_rows": bad[s]} if s in bad else None
+        entry.write_shard(s, [np.zeros((b - a, 4)), np.zeros((b - a, 6))], info)
+    np.testing.assert_array_equal(store.entry(entry.key).bad_rows(), [1, 5, 17])
+    marker = Path(store.url) / "features" / entry.key / "_shards" / "1.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "bad_rows": [99]}))
+    with pytest.raises(StratalignError, match="bad rows outside 0..29"):
+        store.entry(entry.key).bad_rows()
+
+
+def test_broken_dataset_folder_refuses_to_load_and_can_be_removed(store_with_dataset) -> None:
+    store, _ = store_with_dataset
+    (Path(store.url) / "datasets" / "toy" / "dataset.json").unlink()
+    assert store.dataset_folders() == ["toy"] and store.datasets() == []
+    with pytest.raises(StratalignError, match="no dataset.json"):
+        store.dataset("toy")
+    store.remove_dataset("toy")
+    assert store.dataset_folders() == [] and not (Path(store.url) / "datasets" / "toy").exists()

@@ -70,10 +70,12 @@ def test_checkpoints_before_warmup_are_not_candidates():
     assert min(vals, key=vals.get) < 20  # the overall minimum sits inside the warm-up ...
     assert res.best_step >= 20  # ... but is not a candidate
     assert res.best_step == min((s for s in vals if s >= 20), key=lambda s: vals[s])
-    assert res.lambda_at_best == 10.0 and not res.restored_before_warmup
+    # the lambda of the update that produced the restored step (full strength from step warm-up + 1)
+    assert res.lambda_at_best == res.history[res.best_step]["lambda"] == losses_mod.lambda_at(res.best_step - 1, 10.0, 20)
+    assert res.lambda_at_best > 0 and not res.restored_before_warmup
     assert res.best_val_clip == vals[res.best_step]
     summary = res.summary()
-    assert summary["best_step"] == res.best_step and summary["lambda_at_best"] == 10.0
+    assert summary["best_step"] == res.best_step and summary["lambda_at_best"] == res.lambda_at_best
     # the same data with plain clip (no warm-up) keeps the early minimum
     plain = train_heads(xi, xt, np.arange(64), np.arange(64, 96), TrainConfig(objective="clip", **SMALL))
     assert plain.best_step < 20 and plain.lambda_at_best == 0.0
@@ -206,3 +208,198 @@ def test_knn_objective_with_k0_trains_like_batch_structure():
     sa, sb = _state(a.model), _state(b.model)
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
     assert [h["reg"] for h in a.history[1:]] == pytest.approx([h["reg"] for h in b.history[1:]], rel=1e-6)
+
+
+def test_defaults_equal_method_md():
+    """METHOD.md 3.1-3.6 defaults, field by field."""
+    import inspect
+
+    cfg = TrainConfig()
+    assert cfg.lr == 1e-3 and cfg.betas == (0.9, 0.95) and cfg.weight_decay == 1e-4
+    assert cfg.batch_size == 4096 and cfg.tau == 0.05 and cfg.lam == 10.0
+    assert cfg.warmup_steps == 1000 and cfg.warmup_fraction is None and cfg.resolved_warmup() == 0
+    assert TrainConfig(objective="clip+structure").resolved_warmup() == 1000
+    assert cfg.knn_k == 10 and cfg.beta == 0.01 and cfg.vib_scale == 1.0 and cfg.comm_tau == 0.1
+    assert cfg.dim == 512 and cfg.levels == 1 and cfg.weighting == "none" and cfg.js == "reference"
+    assert inspect.signature(losses_mod.clip_loss).parameters["tau"].default == 0.05
+    assert inspect.signature(losses_mod.structure_regularizer).parameters["tau"].default == 0.05
+    assert losses_mod.lambda_at(500) == 5.0 and losses_mod.lambda_at(1000) == 10.0
+
+
+def test_lambda_at_best_is_the_lambda_of_the_update_that_produced_it(monkeypatch):
+    """Restored inside the warm-up (training turns NaN at step 8): the checkpoint of step 5 was made by
+    the update at t=4, so its lambda is 10 * 4/20 = 2.0 in history, lambda_at_best and the message."""
+    xi, xt = _planted(200)
+    real = losses_mod.clip_loss
+    calls = {"n": 0}
+
+    def flaky(zi, zt, tau=0.05):
+        out = real(zi, zt, tau)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] >= 8:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(losses_mod, "clip_loss", flaky)
+    cfg = TrainConfig(objective="clip+structure", warmup_steps=20, **SMALL)
+    res = train_heads(xi, xt, np.arange(150), np.arange(150, 200), cfg)
+    assert res.stopped_reason == "non_finite" and res.restored_before_warmup
+    assert res.best_step == 5, res.history  # planted pairs: step 5 beats the initial heads
+    assert res.history[5]["lambda"] == 2.0 == res.lambda_at_best
+    assert res.message.startswith("non-finite training loss at step 8")
+    assert res.message.endswith("restored step 5 (lambda 2)")
+
+
+def test_lambda_at_best_zero_when_initial_heads_restored():
+    xi, xt = _random()
+    res = train_heads(xi, xt, np.arange(64), np.arange(64, 96),
+                      TrainConfig(objective="clip+structure", warmup_steps=20, **{**SMALL, "lr": 1e30}))
+    assert res.stopped_reason == "non_finite" and res.best_step == 0 and res.lambda_at_best == 0.0
+    assert res.restored_before_warmup and res.message.endswith("restored step 0 (lambda 0)")
+
+
+def test_cosine_schedule_in_history():
+    xi, xt = _random()
+    cfg = TrainConfig(objective="clip", **{**SMALL, "lr": 3e-3})
+    res = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg)
+    assert res.steps_taken == 40
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=40)
+    for s in range(1, 41):  # history row s holds the lr of the update that produced step s
+        want = 3e-3 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 40))
+        assert res.history[s]["lr"] == pytest.approx(want, rel=1e-9, abs=1e-15), s
+        assert res.history[s]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-6, abs=1e-12), s
+        ref_opt.step()
+        ref.step()
+
+
+def test_gradient_clip_is_per_head(monkeypatch):
+    """The image head's gradient is ~1e3, the text head's ~1e-2: after clipping, the image head's has
+    norm 1 and the text head's is untouched (a global clip would scale it by ~1e-3)."""
+    real = losses_mod.clip_loss
+
+    def lopsided(zi, zt, tau=0.05):
+        return 1e-3 * real(zi, zt, tau) + 1e3 * zi[:, 0].float().sum()
+
+    monkeypatch.setattr(losses_mod, "clip_loss", lopsided)
+    seen: dict[int, torch.Tensor] = {}
+
+    class Recording(torch.optim.AdamW):
+        def step(self, closure=None):
+            if not seen:
+                seen.update({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]})
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    xi, xt = _random(n=48, d=12)
+    cfg = TrainConfig(objective="clip", dim=8, batch_size=64, max_steps=1, eval_every=1, device="cpu")
+    res = train_heads(xi, xt, np.arange(32), np.arange(32, 48), cfg)  # one full-batch step
+
+    torch.manual_seed(cfg.seed)  # the same initial heads and the same (full) batch, by hand
+    ref = make_heads(cfg, 12, 12)
+    lopsided(ref.image(torch.from_numpy(xi[:32])), ref.text(torch.from_numpy(xt[:32])), cfg.tau).backward()
+    raw = {m: [p.grad for p in getattr(ref, m).parameters()] for m in ("image", "text")}
+    got = {m: [seen[id(p)] for p in getattr(res.model, m).parameters()] for m in ("image", "text")}
+    norm = {m: float(torch.sqrt(sum((g.double() ** 2).sum() for g in raw[m]))) for m in raw}
+    assert norm["image"] > 100 and norm["text"] < 0.5, norm
+    for g, r in zip(got["text"], raw["text"]):  # not scaled down by the other head's norm
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-7)
+    for g, r in zip(got["image"], raw["image"]):  # per-group clip to norm 1.0
+        assert torch.allclose(g, r / (norm["image"] + 1e-6), rtol=1e-4, atol=1e-7)
+    clipped = float(torch.sqrt(sum((g.double() ** 2).sum() for g in got["image"])))
+    assert clipped == pytest.approx(1.0, rel=1e-4)
+
+
+def _dense_rs_knn(x_all: torch.Tensor, z_all: torch.Tensor, bidx: list[int], graph: np.ndarray, tau: float,
+                  levels: int) -> float:
+    """METHOD 3.3 written out: P over the extended support (batch U N(i), each row once), float64."""
+    x_all, z_all = x_all.double(), z_all.double()
+    support = sorted(set(bidx) | {int(j) for i in bidx for j in graph[i]})
+    col = {j: c for c, j in enumerate(support)}
+    allowed = torch.zeros(len(bidx), len(support), dtype=torch.bool)
+    for r, i in enumerate(bidx):
+        for j in list(bidx) + [int(j) for j in graph[i]]:
+            allowed[r, col[j]] = True
+
+    def affinities(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        an = torch.nn.functional.normalize(a, dim=1)
+        mean = an[bidx].mean(0)
+        c = an - mean
+        ext = (c[bidx] @ c[support].T / tau).masked_fill(~allowed, -math.inf).softmax(1)
+        batch = (c[bidx] @ c[bidx].T / tau).softmax(1)
+        return ext, batch
+
+    def js_ref(px: torch.Tensor, pz: torch.Tensor) -> float:
+        m = 0.5 * (px + pz)
+        lg = lambda t: torch.log(t + 1e-12)  # noqa: E731
+        return float(0.5 * ((m * (lg(m) - lg(pz))).sum(1).mean() + (m * (lg(m) - lg(px))).sum(1).mean()))
+
+    ex, bx = affinities(x_all)
+    ez, bz = affinities(z_all)
+    ds = [js_ref(ex, ez)]
+    if levels >= 2:
+        ds.append(js_ref(bx @ bx, bz @ bz))
+    return sum(ds) / len(ds)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
+    """The first step's regulariser (initial heads, first batch) against METHOD 3.3 built densely."""
+    import stratalign.pipeline.train as T
+
+    xi, xt = _random(n=60, d=8, seed=4)
+    batches: list[torch.Tensor] = []
+    real_batches = T._batches
+
+    def spy(n, batch, gen):
+        out = real_batches(n, batch, gen)
+        batches.extend(out)
+        return out
+
+    monkeypatch.setattr(T, "_batches", spy)
+    cfg = TrainConfig(objective="clip+structure-knn", knn_k=4, dim=8, batch_size=16, max_steps=1, eval_every=1,
+                      warmup_steps=0, tau=0.1, levels=levels, device="cpu")
+    res = train_heads(xi, xt, np.arange(40), np.arange(40, 60), cfg)
+    bidx = batches[0].tolist()
+    torch.manual_seed(cfg.seed)
+    heads = make_heads(cfg, 8, 8)
+    want = 0.0
+    for x, head in ((xi[:40], heads.image), (xt[:40], heads.text)):
+        xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+        s = xn @ xn.T
+        np.fill_diagonal(s, -np.inf)
+        graph = np.argsort(-s, axis=1, kind="stable")[:, :4]
+        inside = sum(int(j) in bidx for i in bidx for j in graph[i])
+        assert 0 < inside < 4 * len(bidx), "the batch must hold some neighbours and miss others"
+        xt_ = torch.from_numpy(x)
+        with torch.no_grad():
+            want += 0.5 * _dense_rs_knn(xt_, head(xt_), bidx, graph, cfg.tau, levels)
+    assert res.history[1]["reg"] == pytest.approx(want, rel=1e-4)
+    batch_form = 0.5 * sum(float(losses_mod.structure_regularizer(torch.from_numpy(x[bidx]), h(torch.from_numpy(
+        x[bidx])).detach(), tau=0.1, levels=levels)) for x, h in ((xi, heads.image), (xt, heads.text)))
+    assert abs(batch_form - want) > 1e-3 * want  # the graph really changes the value
+
+
+def test_precomputed_graphs_are_used_and_checked(monkeypatch):
+    import stratalign.pipeline.train as T
+
+    xi, xt = _random()
+    cfg = TrainConfig(objective="clip+structure-knn", knn_k=5, warmup_steps=4, **{**SMALL, "max_steps": 8})
+    graphs = T.knn_graphs(xi, xt, np.arange(64), 5)
+    assert graphs[0].shape == (64, 5) and np.array_equal(graphs[1], knn_graph(xt[:64], 5))
+    built = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg)
+
+    def boom(*a, **k):
+        raise AssertionError("knn_graph must not run when graphs are given")
+
+    monkeypatch.setattr(T, "knn_graph", boom)
+    given = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg, graphs=graphs)
+    sa, sb = _state(built.model), _state(given.model)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(StratalignError, match=r"expected \(64, 5\)"):
+        train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg, graphs=(graphs[0][:, :3], graphs[1]))
+    with pytest.raises(StratalignError, match="another subset"):
+        train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg, graphs=(graphs[0] + 1, graphs[1]))
+    with pytest.raises(StratalignError, match="only used by the clip\\+structure-knn"):
+        train_heads(xi, xt, np.arange(64), np.arange(64, 96), TrainConfig(**SMALL), graphs=graphs)

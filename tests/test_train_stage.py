@@ -44,7 +44,7 @@ def _toy_table(folder: Path, n: int = 120, name: str = "pairs.csv") -> Path:
 def stage_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage")
     table = _toy_table(root)
-    store = FeatureStore.open(str(root / "store"), "a")
+    store = FeatureStore.open(str(root / "store"), "a", create=True)
     store.save_dataset(ingest_source("table", "toy", table=str(table), image_col="image", caption_col="caption",
                                      label_col="label"))
     extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
@@ -190,3 +190,145 @@ def test_sweep_skips_finished_cells_and_writes_leaderboard(stage_store, tmp_path
                          layer_rules=("last",))
     grown = run_sweep(stage_store, bigger, None, progress=False)
     assert grown.skipped == 8 and grown.trained == 4  # only the new cells run
+
+
+def _cli(*args: str, store: FeatureStore):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "stratalign.cli.main", *args, "--store", store.url],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("key,value,flag", [("seed", 3, "--seed"), ("objective", "clip", "--objective"),
+                                            ("head", "mlp", "--head")])
+def test_set_of_a_run_flag_names_the_flag(stage_store, key: str, value, flag: str) -> None:
+    import re
+
+    with pytest.raises(StratalignError, match=re.escape(f"--set {key}=... : use {flag}")) as err:
+        resolve_run(stage_store, _cfg(options=FAST + ((key, value),)))
+    assert "\n" not in str(err.value)
+
+
+def test_set_seed_through_the_cli_is_one_line(stage_store) -> None:
+    out = _cli("train", "--dataset", "toy", "--vision", "tiny-image", "--text", "tiny-text", "--layers", "last",
+               "--set", "seed=3", store=stage_store)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--set seed=... : use --seed" in out.stderr and out.stderr.strip().count("\n") == 0
+
+
+def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch) -> None:
+    from stratalign.pipeline import train as T
+    from stratalign.stores import graphs as G
+
+    registry = RunRegistry(stage_store)
+    opts = FAST + (("knn_k", 4),)
+    cfg = _cfg(objective="clip+structure-knn", n_pairs=45, seed=2, options=opts)
+    before = set(stage_store.loc.listdir("graphs")) if stage_store.loc.exists("graphs") else set()
+    first = train_run(stage_store, cfg)
+    assert first["knn_graph_cached"] is False
+    new = set(stage_store.loc.listdir("graphs")) - before
+    assert len(new) == 1 and next(iter(new)).endswith(".safetensors")
+    # the file holds the graphs of exactly this subset's training rows
+    resolved = resolve_run(stage_store, cfg)
+    subset, _ = resolved["_pairs"]
+    key = G.graph_key(resolved["vision_entry"], resolved["vision_layer"], resolved["text_entry"],
+                      resolved["text_layer"], subset.image_rows, subset.caption_rows, 4)
+    assert new == {f"{key}.safetensors"}
+    cached = G.load_graphs(stage_store, key, len(subset.image_rows))
+    v, t = stage_store.entry(resolved["vision_entry"]), stage_store.entry(resolved["text_entry"])
+    x_img = v.read_layer(resolved["vision_layer"], subset.image_rows).astype(np.float32)
+    x_txt = t.read_layer(resolved["text_layer"], subset.caption_rows).astype(np.float32)
+    assert np.array_equal(cached[0], T.knn_graph(x_img, 4)) and np.array_equal(cached[1], T.knn_graph(x_txt, 4))
+
+    _, w1, _ = registry.load(first["run_id"])
+
+    def boom(*a, **k):
+        raise AssertionError("the kNN graph was searched again instead of read from the store")
+
+    monkeypatch.setattr(T, "knn_graph", boom)
+    again = train_run(stage_store, cfg, force=True)  # same run, graphs from the cache: identical results
+    assert again["knn_graph_cached"] is True and again["run_id"] == first["run_id"]
+    _, w2, _ = registry.load(first["run_id"])
+    assert set(w1) == set(w2) and all(np.array_equal(w1[k].numpy(), w2[k].numpy()) for k in w1)
+    for key_, value in first.items():
+        if key_ not in ("train_seconds", "train_loop_seconds", "knn_graph_cached", "skipped"):
+            assert again[key_] == value, key_
+    other_lam = train_run(stage_store, _cfg(objective="clip+structure-knn", n_pairs=45, seed=2,
+                                            options=opts + (("lam", 5.0),)))
+    assert other_lam["knn_graph_cached"] is True and other_lam["run_id"] != first["run_id"]
+    assert set(stage_store.loc.listdir("graphs")) - before == new  # no second file for the same subset
+    assert G.graph_key(resolved["vision_entry"], resolved["vision_layer"], resolved["text_entry"],
+                       resolved["text_layer"], subset.image_rows, subset.caption_rows, 5) != key
+    assert G.graph_key(resolved["vision_entry"], resolved["vision_layer"], resolved["text_entry"],
+                       resolved["text_layer"], subset.image_rows[::-1], subset.caption_rows[::-1], 4) != key
+
+
+def test_non_finite_loss_is_reported_by_stage_and_cli(stage_store) -> None:
+    """lr=1e30 blows the heads up after a few updates: the run stops, restores the initial heads (the
+    only finite checkpoint, inside the warm-up) and says so in metrics.json and on the console."""
+    sets = [f"{k}={v}" for k, v in FAST] + ["lr=1e30"]
+    args = ["train", "--dataset", "toy", "--vision", "tiny-image", "--text", "tiny-text", "--layers", "last",
+            "--objective", "clip+structure", "--n-pairs", "50", "--seed", "6"]
+    for s in sets:
+        args += ["--set", s]
+    out = _cli(*args, store=stage_store)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rid = out.stdout.split()[1]
+    metrics = RunRegistry(stage_store).metrics(rid)
+    assert metrics["stopped_reason"] == "non_finite" and metrics["best_step"] == 0
+    assert metrics["lambda_at_best"] == 0.0 and metrics["restored_before_warmup"] is True
+    assert metrics["message"].startswith("non-finite training loss at step ")
+    assert metrics["message"].endswith("restored step 0 (lambda 0)")
+    assert "stopped_reason=non_finite" in out.stdout
+    assert metrics["message"] in out.stdout  # the saved message line, verbatim
+    assert "restored_before_warmup=True" in out.stdout
+    from stratalign.pipeline.evaluate_stage import evaluate_saved_run
+
+    again = evaluate_saved_run(stage_store, rid)
+    assert again["message"] == metrics["message"] and again["restored_before_warmup"] is True
+
+
+def test_alignment_mknn_is_mutual_knn_of_test_embeddings(stage_store) -> None:
+    from stratalign.pipeline import train as T
+    from stratalign.pipeline.metrics import mutual_knn
+    from stratalign.pipeline.train_stage import split_run_tensors
+
+    res = train_run(stage_store, _cfg(objective="clip", n_pairs=40, seed=8))
+    config, tensors, _ = RunRegistry(stage_store).load(res["run_id"])
+    model = T.model_from_tensors(config, split_run_tensors(tensors)[0])
+    ds = stage_store.dataset("toy")
+    img_rows, cap_rows = ds.pairs("test")
+    first_caption: dict[int, int] = {}
+    for i, c in zip(img_rows.tolist(), cap_rows.tolist()):
+        first_caption.setdefault(i, c)
+    gallery = sorted(first_caption)
+    assert len(gallery) > 10
+    v, t = stage_store.entry(config["vision_entry"]), stage_store.entry(config["text_entry"])
+    z_img = T.embed_features(model, v.read_layer(config["vision_layer"], np.array(gallery)).astype(np.float32),
+                             "image")
+    captions = np.array([first_caption[i] for i in gallery])
+    z_txt = T.embed_features(model, t.read_layer(config["text_layer"], captions).astype(np.float32), "text")
+    want = 100.0 * mutual_knn(z_img, z_txt, k="rice")
+    assert res["alignment_mknn"] == pytest.approx(want, abs=1e-9)
+    assert 0 < want < 100
+
+
+def test_corrupted_cached_graph_is_rebuilt_not_used(tmp_path) -> None:
+    from stratalign.stores import graphs as G
+    from stratalign.stores.feature_store import FeatureStore
+
+    store = FeatureStore.open(str(tmp_path / "s"), "a", create=True)
+    rng = np.random.default_rng(0)
+    pair = (rng.integers(0, 20, size=(20, 3)), rng.integers(0, 20, size=(20, 3)))
+    key = G.graph_key("v", 1, "t", 2, np.arange(20), np.arange(20), 3)
+    G.save_graphs(store, key, pair)
+    got = G.load_graphs(store, key, 20)
+    assert got is not None and all(np.array_equal(a, b) for a, b in zip(got, pair))
+    path = tmp_path / "s" / "graphs" / f"{key}.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[-8] ^= 0x01  # a neighbour index changes but stays a valid row: only the checksum can tell
+    path.write_bytes(bytes(blob))
+    assert G.load_graphs(store, key, 20) is None
+    rebuilt, from_cache = G.cached_graphs(store, key, 20, lambda: pair)
+    assert from_cache is False and G.load_graphs(store, key, 20) is not None

@@ -46,7 +46,7 @@ def ingest(
         args = {"table": table, "image_col": image_col, "caption_col": caption_col, "label_col": label_col,
                 "id_col": id_col, "split_col": split_col, "image_root": images}
     ds = ingest_source(source, name, seed=seed, skip_bad=skip_bad, limit=limit, **args)
-    fs = FeatureStore.open(store_url(store), "a")
+    fs = FeatureStore.open(store_url(store), "a", create=True)
     written = fs.save_dataset(ds, replace=replace)
     for item in ds.meta.get("skipped", [])[:10]:
         console.print(f"[yellow]skipped[/yellow] {item['kind']} {item['id']}: {item['reason']}")

@@ -48,6 +48,9 @@ def layers_cmd(
     record_choice(fs, cfg, choice)
     how = "read saved result" if result["cached"] else f"computed in {result['seconds']['compute']:.2f}s"
     console.print(f"{vision} x {text} on {result['n']} train pairs of {dataset}, k={result['k']} ({how})")
+    if result.get("bad_pairs_dropped"):
+        console.print(f"[yellow]{result['bad_pairs_dropped']} train pair(s) dropped: their image or caption was "
+                      "unreadable at extract (--skip-bad placeholders)")
     for m in result["matrices"]:
         tops = ", ".join(f"({v},{t})={s:.3f}" for v, t, s in top_pairs(result, m))
         last = result["matrices"][m][-1][-1]

@@ -64,10 +64,16 @@ def train_cmd(
 
 
 def _print_metrics(res: dict) -> None:
+    """Headline metrics, then how the checkpoint was chosen (the trainer's message, warm-up warnings)."""
     keys = [k for k in ("best_step", "lambda_at_best", "stopped_reason", "i2t_R@1", "i2t_R@5", "i2t_R@10",
                         "t2i_R@1", "t2i_R@5", "t2i_R@10", "zs_top1", "zs_top5", "zs_balanced_acc", "alignment_mknn",
                         "probe_acc", "probe_f1_macro") if k in res]
     console.print("  " + "  ".join(f"{k}={res[k]:.2f}" if isinstance(res[k], float) else f"{k}={res[k]}" for k in keys))
+    if res.get("message"):
+        console.print(f"  {res['message']}", highlight=False, markup=False, soft_wrap=True)
+    if res.get("restored_before_warmup"):
+        console.print("  restored_before_warmup=True: the restored heads are from inside the lambda warm-up "
+                      "(the regulariser was not at full strength)", highlight=False, soft_wrap=True)
     for name in ("probe_baselines",):
         if name in res:
             console.print(f"  {name}: {res[name]}")

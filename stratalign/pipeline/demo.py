@@ -52,7 +52,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     """Run every stage; returns the timings, the layer choice, the leaderboard and the report path."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    store = FeatureStore.open(store_url, "a")
+    store = FeatureStore.open(store_url, "a", create=True)
     name = cfg.dataset if cfg.limit is None else f"{cfg.dataset}-{cfg.limit}"
     ds = ingest_source("twemoji", name, limit=cfg.limit)
     written = store.save_dataset(ds)

@@ -14,6 +14,7 @@ import numpy as np
 
 from stratalign.errors import StratalignError
 from stratalign.pipeline.prompts import class_prompts, prompt_features
+from stratalign.pipeline.subsets import PairRows, drop_bad_pairs
 from stratalign.stores.feature_store import FeatureEntry, FeatureStore
 from stratalign.stores.runs import RunRegistry
 
@@ -34,14 +35,19 @@ def _eval_entries(store: FeatureStore, resolved: dict[str, Any], dataset: str) -
     return out[0], out[1]
 
 
-def test_split(store: FeatureStore, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gallery image rows, caption rows, caption -> gallery index) of the test split."""
+def test_split(store: FeatureStore, dataset: str, entries: tuple[FeatureEntry, FeatureEntry] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(gallery image rows, caption rows, caption -> gallery index, pairs dropped) of the test split, without
+    the pairs that have a bad (--skip-bad placeholder) row in the (vision, text) `entries`."""
     ds = store.dataset(dataset)
-    img_rows, cap_rows = ds.pairs("test")
-    if len(cap_rows) == 0:
-        raise StratalignError(f"dataset {dataset!r} has no test split to evaluate on")
-    gallery, txt_to_img = np.unique(img_rows, return_inverse=True)
-    return gallery, cap_rows, txt_to_img
+    pairs, dropped = PairRows(*ds.pairs("test")), 0
+    if entries is not None:
+        pairs, dropped = drop_bad_pairs(pairs, *entries)
+    if len(pairs) == 0:
+        why = f" ({dropped} test pairs have an unreadable image or caption)" if dropped else ""
+        raise StratalignError(f"dataset {dataset!r} has no test split to evaluate on{why}")
+    gallery, txt_to_img = np.unique(pairs.image_rows, return_inverse=True)
+    return gallery, pairs.caption_rows, txt_to_img, dropped
 
 
 def evaluate_model(store: FeatureStore, resolved: dict[str, Any], model: Any, dataset: str | None = None,
@@ -53,12 +59,13 @@ def evaluate_model(store: FeatureStore, resolved: dict[str, Any], model: Any, da
     dataset = dataset or resolved["dataset"]
     v, t = _eval_entries(store, resolved, dataset)
     vl, tl = resolved["vision_layer"], resolved["text_layer"]
-    gallery, cap_rows, txt_to_img = test_split(store, dataset)
+    gallery, cap_rows, txt_to_img, dropped = test_split(store, dataset, (v, t))
     ds = store.dataset(dataset)
     x_img = v.read_layer(vl, gallery).astype(np.float32)
     x_txt = t.read_layer(tl, cap_rows).astype(np.float32)
     labels_all = ds.images["label"].to_numpy()
-    out: dict[str, Any] = {"eval_dataset": dataset, "eval_images": len(gallery), "eval_captions": len(cap_rows)}
+    out: dict[str, Any] = {"eval_dataset": dataset, "eval_images": len(gallery), "eval_captions": len(cap_rows),
+                           "eval_bad_pairs_dropped": dropped}
     if resolved["objective"] == "comm":
         return {**out, **_probe_comm(model, x_img, x_txt, txt_to_img, labels_all[gallery], train_features)}
     z_img = T.embed_features(model, x_img, "image")
@@ -121,4 +128,5 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
     res = evaluate_model(store, config, model, dataset, train_features=train_features)
     if dataset and dataset != config["dataset"] and store.mode == "a":
         store.loc.write_json(res, "runs", run_id, f"eval-{dataset}.json")
-    return {**{k: metrics.get(k) for k in ("best_step", "lambda_at_best", "stopped_reason") if k in metrics}, **res}
+    kept = ("best_step", "lambda_at_best", "stopped_reason", "message", "restored_before_warmup")
+    return {**{k: metrics.get(k) for k in kept if k in metrics}, **res}

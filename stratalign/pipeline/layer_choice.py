@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from stratalign.errors import StratalignError
+from stratalign.pipeline.subsets import PairRows, drop_bad_pairs
 from stratalign.stores import layer_results
 from stratalign.stores.feature_store import FeatureEntry, FeatureStore
 
@@ -31,19 +32,27 @@ class LayersConfig:
     clamp_outliers: bool = False
 
 
-def sample_train_pairs(store: FeatureStore, dataset: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n (image row, caption row) pairs from the TRAIN split, one caption per image, drawn with a seed."""
+def sample_train_pairs(store: FeatureStore, dataset: str, n: int, seed: int,
+                       entries: tuple[FeatureEntry, FeatureEntry] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(image rows, caption rows, pairs dropped): n pairs from the TRAIN split, one caption per image, drawn
+    with a seed, after dropping the pairs with a bad (placeholder) row in the (vision, text) `entries`."""
     ds = store.dataset(dataset)
-    img_rows, cap_rows = ds.pairs("train")
-    if len(img_rows) == 0:
+    pairs = PairRows(*ds.pairs("train"))
+    if len(pairs) == 0:
         raise StratalignError(f"dataset {dataset!r} has no train split")
+    dropped = 0
+    if entries is not None:
+        pairs, dropped = drop_bad_pairs(pairs, *entries)
+        if len(pairs) == 0:
+            raise StratalignError(f"all {dropped} train pairs of {dataset!r} have an unreadable image or caption")
+    img_rows, cap_rows = pairs.image_rows, pairs.caption_rows
     rng = np.random.default_rng([seed, 31337])
     order = rng.permutation(len(img_rows))
     _, first = np.unique(img_rows[order], return_index=True)  # one random caption per image
     pick = order[np.sort(first)]
     if len(pick) > n:
         pick = np.sort(rng.choice(pick, size=n, replace=False))
-    return img_rows[pick], cap_rows[pick]
+    return img_rows[pick], cap_rows[pick], dropped
 
 
 def _entries(store: FeatureStore, cfg: LayersConfig) -> tuple[FeatureEntry, FeatureEntry]:
@@ -60,13 +69,15 @@ def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute:
     from stratalign.pipeline import metrics as M
 
     v_entry, t_entry = _entries(store, cfg)
+    img_rows, cap_rows, dropped = sample_train_pairs(store, cfg.dataset, cfg.n, cfg.seed, (v_entry, t_entry))
     settings = {**asdict(cfg), "metrics": sorted(cfg.metrics), "vision_entry": v_entry.key,
                 "text_entry": t_entry.key, "dataset_fingerprint": store.dataset(cfg.dataset).fingerprint}
+    if dropped:  # only then: results saved before bad rows were dropped stay valid where there are none
+        settings["bad_pairs_dropped"] = dropped
     key = layer_results.result_key(settings)
     cached = None if recompute else layer_results.load_result(store, key)
     if cached is not None:
-        return {**cached, "cached": True}
-    img_rows, cap_rows = sample_train_pairs(store, cfg.dataset, cfg.n, cfg.seed)
+        return {**cached, "bad_pairs_dropped": dropped, "cached": True}
     n = len(img_rows)
     k = M.resolve_k(cfg.k, n)
     t0 = time.perf_counter()
@@ -76,7 +87,7 @@ def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute:
     t0 = time.perf_counter()
     mats = M.layer_similarity(vision, text, metrics=cfg.metrics, k=k, clamp_outliers=cfg.clamp_outliers)
     result = {
-        "key": key, "settings": settings, "n": n, "k": k,
+        "key": key, "settings": settings, "n": n, "k": k, "bad_pairs_dropped": dropped,
         "vision_layers": list(v_entry.spec.layer_names), "text_layers": list(t_entry.spec.layer_names),
         "matrices": {m: np.asarray(x).tolist() for m, x in mats.items()},
         "seconds": {"read": round(read_s, 3), "compute": round(time.perf_counter() - t0, 3)},

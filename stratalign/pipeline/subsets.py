@@ -8,11 +8,15 @@ never touched here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stratalign.errors import StratalignError, preview
 from stratalign.stores.pairs import PairDataset
+
+if TYPE_CHECKING:
+    from stratalign.stores.feature_store import FeatureEntry
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,17 @@ class PairRows:
 
     def __len__(self) -> int:
         return len(self.image_rows)
+
+
+def drop_bad_pairs(pairs: PairRows, image_entry: "FeatureEntry", text_entry: "FeatureEntry") -> tuple[PairRows, int]:
+    """(the pairs whose image row and caption row both hold real features, how many were dropped).
+
+    `extract --skip-bad` encodes an unreadable row as a blank placeholder and records it in the shard
+    markers (`FeatureEntry.bad_rows`); a pair with such a row on either side must not be trained or scored on."""
+    bad = np.isin(pairs.image_rows, image_entry.bad_rows()) | np.isin(pairs.caption_rows, text_entry.bad_rows())
+    if not bad.any():
+        return pairs, 0
+    return PairRows(pairs.image_rows[~bad], pairs.caption_rows[~bad]), int(bad.sum())
 
 
 def carve_validation(ds: PairDataset, val_fraction: float, seed: int) -> tuple[PairRows, PairRows]:

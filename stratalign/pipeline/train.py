@@ -147,8 +147,9 @@ class TrainResult:
     """A finished run: the restored model and how it was chosen.
 
     history: one dict per optimiser step {"step", "lr", "lambda", "loss", "clip", "reg"} (+ "val_clip"
-    on evaluated steps; step 0 holds only the initial val_clip). For comm, "clip" is the CoMM loss and
-    "val_clip" the validation CoMM loss.
+    on evaluated steps; step 0 holds only the initial val_clip). Row s holds the lr and lambda of the
+    update that produced step s. For comm, "clip" is the CoMM loss and "val_clip" the validation CoMM loss.
+    lambda_at_best: the lambda of the last update before best_step (history's "lambda" there; 0 at step 0).
     """
 
     model: nn.Module
@@ -380,10 +381,12 @@ def _run_loop(model: nn.Module, params_groups: list[list[nn.Parameter]], n_train
     model.load_state_dict(state)
     model.eval()
     if before:
-        message += (f"; no checkpoint after the {warmup}-step warm-up was usable, restored step {best_step} "
+        message += (f"; no checkpoint after the {warmup}-step warm-up was usable, so the restored one is "
                     "from inside the warm-up (the regulariser was not at full strength)")
-    message += f"; restored step {best_step} (lambda {lam_of(best_step):g})"
-    return TrainResult(model=model, config=cfg, best_step=best_step, lambda_at_best=float(lam_of(best_step)),
+    # the lambda of a checkpoint is that of the last update that produced it (history's "lambda" row)
+    lam_best = float(lam_of(best_step - 1)) if best_step > 0 else 0.0
+    message += f"; restored step {best_step} (lambda {lam_best:g})"
+    return TrainResult(model=model, config=cfg, best_step=best_step, lambda_at_best=lam_best,
                        best_val_clip=best_val, warmup_steps=warmup, steps_taken=step, stopped_reason=reason,
                        message=message, restored_before_warmup=before, history=history,
                        seconds=time.perf_counter() - t0, device=str(dev))
@@ -426,21 +429,54 @@ def _embed_t(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return head(x)
 
 
+def knn_graphs(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen-space kNN graphs of METHOD 3.3 over the training rows (positions within train_idx),
+    exactly as `train_heads` would build them; compute once per subset and pass as `graphs=`."""
+    rows = np.asarray(train_idx, dtype=np.int64)
+    return (knn_graph(np.ascontiguousarray(x_img[rows], dtype=np.float32), k),
+            knn_graph(np.ascontiguousarray(x_txt[rows], dtype=np.float32), k))
+
+
+def _check_graphs(graphs: Any, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Precomputed (image, text) graphs must be what `knn_graphs` gives for these n rows and this k."""
+    if not isinstance(graphs, (tuple, list)) or len(graphs) != 2:
+        raise StratalignError("graphs must be an (image graph, text graph) pair from knn_graphs")
+    width = max(0, min(k, n - 1))
+    out = []
+    for name, g in zip(("image", "text"), graphs):
+        g = np.asarray(g)
+        if g.shape != (n, width) or (g.size and not np.issubdtype(g.dtype, np.integer)):
+            raise StratalignError(f"precomputed {name} kNN graph has shape {g.shape} ({g.dtype}); expected "
+                                  f"({n}, {width}) integers for {n} training rows and knn_k={k}")
+        if g.size and (g.min() < 0 or g.max() >= n or (g == np.arange(n)[:, None]).any()):
+            raise StratalignError(f"precomputed {name} kNN graph holds rows outside [0, {n}) or a row as its "
+                                  "own neighbour: it was built for another subset")
+        out.append(g.astype(np.int64))
+    return out[0], out[1]
+
+
 def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                cfg: TrainConfig) -> TrainResult:
-    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6)."""
+                cfg: TrainConfig, *, graphs: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6).
+
+    graphs: for clip+structure-knn, the (image, text) kNN graphs from `knn_graphs` for this train_idx
+    and cfg.knn_k (e.g. read from a cache); built here when None."""
     if cfg.objective == "comm":
+        if graphs is not None:
+            raise StratalignError("graphs= is only used by the clip+structure-knn objective, not comm")
         return train_comm(x_img, x_txt, train_idx, val_idx, cfg)
+    if graphs is not None and cfg.objective != "clip+structure-knn":
+        raise StratalignError(f"graphs= is only used by the clip+structure-knn objective, not {cfg.objective}")
     tr, va = _check_inputs(x_img, x_txt, train_idx, val_idx)
     dev = resolve_device(cfg.device)
     xi, xt = _to_device(x_img, tr, dev, "x_img"), _to_device(x_txt, tr, dev, "x_txt")
     vi, vt = _to_device(x_img, va, dev, "x_img"), _to_device(x_txt, va, dev, "x_txt")
     warmup = cfg.resolved_warmup()
     structure = cfg.objective in WARMUP_OBJECTIVES
-    graphs = None
     if cfg.objective == "clip+structure-knn":
-        graphs = (torch.from_numpy(knn_graph(xi, cfg.knn_k)).to(dev),
-                  torch.from_numpy(knn_graph(xt, cfg.knn_k)).to(dev))
+        g_img, g_txt = (_check_graphs(graphs, len(tr), cfg.knn_k) if graphs is not None
+                        else (knn_graph(xi, cfg.knn_k), knn_graph(xt, cfg.knn_k)))
+        graphs = (torch.from_numpy(g_img).to(dev), torch.from_numpy(g_txt).to(dev))
     sopts = {"tau": cfg.tau, "levels": cfg.levels, "weighting": cfg.weighting, "centering": cfg.centering,
              "js": cfg.js}
     zero = torch.zeros((), device=dev)
@@ -704,9 +740,10 @@ def load_heads(path: str | Path) -> nn.Module:
 
 
 def train_run(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-              cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+              cfg: TrainConfig, *, graphs: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[nn.Module, dict[str, Any]]:
     """`train_heads` as (model, summary) for the stage-3 runner."""
-    res = train_heads(x_img, x_txt, train_idx, val_idx, cfg)
+    res = train_heads(x_img, x_txt, train_idx, val_idx, cfg, graphs=graphs)
     return res.model, {**res.summary(), "train_loop_seconds": round(res.seconds, 3)}
 
 

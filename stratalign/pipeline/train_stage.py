@@ -15,13 +15,15 @@ from typing import Any
 import numpy as np
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.subsets import PairRows, carve_validation, draw_subset, subset_from_ids
+from stratalign.pipeline.subsets import PairRows, carve_validation, draw_subset, drop_bad_pairs, subset_from_ids
 from stratalign.stores.feature_store import FeatureEntry, FeatureStore
 from stratalign.stores.layer_results import load_choice
 from stratalign.stores.runs import RunRegistry, run_id_of
 
 OBJECTIVES = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "clip+vib", "comm", "csa")
 HEADS = ("linear", "mlp", "residual", "csa")
+# TrainConfig fields that RunConfig sets itself: a --set of one of them names the flag to use instead
+RUN_FLAGS = {"objective": "--objective", "head": "--head", "seed": "--seed"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> dict[str, Any]:
     v, t = _entries(store, cfg)
     vl, tl, rule = _layers(store, cfg, v, t)
     pool, val = carve_validation(ds, cfg.val_fraction, cfg.seed)
+    (pool, pool_dropped), (val, val_dropped) = drop_bad_pairs(pool, v, t), drop_bad_pairs(val, v, t)
     if cfg.ids_file:
         ids = Path(cfg.ids_file).read_text().splitlines()
         subset = subset_from_ids(ds, pool, ids, cfg.ids_kind)
@@ -85,6 +88,10 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> dict[str, Any]:
     else:
         subset = draw_subset(pool, cfg.n_pairs, cfg.seed)
         ids_sha = None
+    taken = [k for k, _ in cfg.options if k in RUN_FLAGS]
+    if taken:
+        raise StratalignError("; ".join(f"--set {k}=... : use {RUN_FLAGS[k]}" for k in taken)
+                              + " (the run sets these itself, not through --set)")
     known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
     bad = [k for k, _ in cfg.options if k not in known]
     if bad:
@@ -101,6 +108,8 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> dict[str, Any]:
         "n_val": len(val), "val_fraction": cfg.val_fraction, "ids_sha": ids_sha, "ids_kind": cfg.ids_kind,
         "train": _jsonable(asdict(train_cfg)),
     }
+    if pool_dropped + val_dropped:  # train/val pairs with a --skip-bad placeholder row; only then (ids stay)
+        resolved["bad_pairs_dropped"] = pool_dropped + val_dropped
     resolved["run_id"] = run_id_of({k: v for k, v in resolved.items() if k != "run_id"})
     resolved["_pairs"] = (subset, val)  # not part of the id; dropped before saving
     return resolved
@@ -146,7 +155,14 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: dict[str, Any] |
     elif cfg.objective == "comm":
         model, summary = T.train_comm_run(x_img, x_txt, train_idx, val_idx, train_cfg)
     else:
-        model, summary = T.train_run(x_img, x_txt, train_idx, val_idx, train_cfg)
+        graphs, extra = None, {}
+        if train_cfg.objective == "clip+structure-knn":  # built once per subset, cached in the store
+            graphs, hit = knn_graphs_cached(store, resolved, pairs.image_rows[train_idx],
+                                            pairs.caption_rows[train_idx], x_img[train_idx], x_txt[train_idx],
+                                            train_cfg.knn_k)
+            extra = {"knn_graph_cached": hit}
+        model, summary = T.train_run(x_img, x_txt, train_idx, val_idx, train_cfg, graphs=graphs)
+        summary = {**summary, **extra}
     train_s = time.perf_counter() - t0
     labels = store.dataset(cfg.dataset).images["label"].to_numpy()[pairs.image_rows[train_idx]]
     metrics = {"run_id": rid, "train_seconds": round(train_s, 3), **summary}
@@ -156,6 +172,23 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: dict[str, Any] |
     tensors = {**T.model_tensors(model), **subset_tensors(subset)}
     registry.save(rid, config, tensors, metrics)
     return {"run_id": rid, "skipped": False, **metrics}
+
+
+def knn_graphs_cached(store: FeatureStore, resolved: dict[str, Any], image_rows: np.ndarray,
+                      caption_rows: np.ndarray, x_img: np.ndarray, x_txt: np.ndarray,
+                      k: int) -> tuple[tuple[np.ndarray, np.ndarray], bool]:
+    """((image graph, text graph), came_from_cache) of the training pairs (store rows image_rows /
+    caption_rows, features x_img / x_txt in the same order): read from graphs/ or built with FAISS and saved."""
+    from stratalign.pipeline import train as T
+    from stratalign.stores import graphs as G
+
+    key = G.graph_key(resolved["vision_entry"], resolved["vision_layer"], resolved["text_entry"],
+                      resolved["text_layer"], image_rows, caption_rows, k)
+    meta = {"vision_entry": resolved["vision_entry"], "text_entry": resolved["text_entry"],
+            "vision_layer": str(resolved["vision_layer"]), "text_layer": str(resolved["text_layer"]),
+            "n_train": str(len(image_rows)), "k": str(k)}
+    return G.cached_graphs(store, key, len(image_rows),
+                           lambda: T.knn_graphs(x_img, x_txt, np.arange(len(x_img)), k), meta)
 
 
 SUBSET_KEYS = ("subset_image_rows", "subset_caption_rows")

@@ -11,9 +11,11 @@ Layout under the store root (a local path or any fsspec URL):
         _shards/<s>.json               completion marker: row range + sha256 of each layer's shard bytes
         _claims/<s>.json               a worker's claim on a shard while it encodes it
     runs/<run id>/                     trained heads (see stores.runs)
-    layers/<key>.json                  layer-similarity results (see stores.layer_results)
+    layers/<key>.json, <key>.png       layer-similarity results and heatmaps (see stores.layer_results)
+    choices/<dataset>--<v>--<t>.json   the recorded layer choice for `train --layers auto`
+    graphs/<key>.safetensors           cached kNN graphs of clip+structure-knn subsets (see stores.graphs)
 
-Entry keys are content addresses: a hash of everything that determines the bytes (dataset content
+Entry keys are content addresses: a hash of everything that determines the bytes (dataset name and content
 fingerprint, encoder identity and weights hash, preprocessing, pooling, dtype, shard size, format version),
 so changing any input makes a new entry and never a stale hit.
 """
@@ -94,8 +96,10 @@ class EntrySpec:
         return -(-self.rows // self.shard_rows)
 
     def identity(self) -> dict[str, Any]:
+        """What the key hashes: the exact dataset name too (the key's readable slug is lossy)."""
         return {
             "format_version": FORMAT_VERSION,
+            "dataset": self.dataset,
             "content_fingerprint": self.content_fingerprint,
             "modality": self.modality,
             "encoder": self.encoder,
@@ -127,11 +131,11 @@ class EntrySpec:
 class FeatureEntry:
     """One entry: per-layer arrays written in whole shards, each shard with a completion marker."""
 
-    def __init__(self, store: "FeatureStore", spec: EntrySpec, group: zarr.Group) -> None:
+    def __init__(self, store: "FeatureStore", spec: EntrySpec, group: zarr.Group, key: str | None = None) -> None:
         self.store = store
         self.spec = spec
         self.group = group
-        self.key = spec.key
+        self.key = key or spec.key  # the folder it lives in (entries keyed by an older derivation keep theirs)
         self._markers: dict[int, dict] | None = None
 
     # ----- layout helpers
@@ -140,7 +144,13 @@ class FeatureEntry:
         return ("features", self.key)
 
     def layer_array(self, layer: int) -> zarr.Array:
-        return self.group[f"layer_{layer:03d}"]
+        """One layer's Zarr array; a corrupt zarr.json is named in a one-line error."""
+        name = f"layer_{layer:03d}"
+        try:
+            return self.group[name]
+        except json.JSONDecodeError as exc:
+            path = self.store.loc.path(*self.folder, name, "zarr.json")
+            raise StratalignError(f"corrupt JSON file {path}: {exc}") from None
 
     def shard_rows_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.spec.shard_rows
@@ -174,6 +184,15 @@ class FeatureEntry:
                     found[int(name[:-5])] = loc.read_json(*self.folder, "_shards", name)
             self._markers = found
         return self._markers
+
+    def bad_rows(self) -> np.ndarray:
+        """Sorted rows that `extract --skip-bad` encoded as blank placeholders (union over the shard markers)."""
+        rows = [r for s, m in self.markers().items() if s < self.spec.n_shards for r in (m.get("bad_rows") or [])]
+        out = np.unique(np.asarray(rows, dtype=np.int64))
+        if out.size and (out[0] < 0 or out[-1] >= self.spec.rows):
+            raise StratalignError(f"shard markers of {self.key} list bad rows outside 0..{self.spec.rows - 1}; "
+                                  "run `stratalign store verify`")
+        return out
 
     def done_shards(self) -> list[int]:
         return sorted(s for s in self.markers(refresh=True) if s < self.spec.n_shards)
@@ -286,7 +305,8 @@ class FeatureEntry:
 
 
 class FeatureStore:
-    """A stratalign store. Open with `FeatureStore.open(url, mode="r"|"a")`."""
+    """A stratalign store. Open an existing one with `FeatureStore.open(url, mode="r"|"a")`; create one with
+    `FeatureStore.open(url, mode="a", create=True)` (what `ingest` and `demo` do)."""
 
     def __init__(self, loc: Location, root: zarr.Group, mode: str) -> None:
         self.loc = loc
@@ -298,27 +318,24 @@ class FeatureStore:
         return self.loc.url
 
     @classmethod
-    def open(cls, url: str | None = None, mode: str = "r") -> "FeatureStore":
-        """Open (mode 'r') or open-or-create (mode 'a') a store; refuse anything that is not one."""
+    def open(cls, url: str | None = None, mode: str = "r", *, create: bool = False) -> "FeatureStore":
+        """Open an existing store read-only ('r') or for writing ('a'); with create=True (mode 'a' only) make
+        it when absent. Refuse anything that is not a stratalign store, and never create one by accident."""
         if mode not in ("r", "a"):
             raise StratalignError(f"store mode must be 'r' or 'a', not {mode!r}")
+        if create and mode != "a":
+            raise StratalignError("creating a store needs mode 'a'")
         url = url or default_store_url()
         loc = Location.from_url(url)
         if loc.fs.isfile(loc.root):
             raise StratalignError(f"store path {url} is a file, not a store folder")
-        has_root = loc.exists("zarr.json")
-        if not has_root:
-            if mode == "r":
-                raise StratalignError(f"no stratalign store at {url} (run `stratalign ingest` first)")
-            if loc.exists() and loc.listdir():
-                raise StratalignError(f"{url} is a non-empty folder that is not a stratalign store; use another --store")
-            root = zarr.open_group(store=url, mode="a")
-            root.attrs["stratalign"] = {"kind": STORE_TAG, "format_version": FORMAT_VERSION,
-                                        "created_by": stratalign.__version__}
-            root.require_group("features")
-            return cls(loc, root, mode)
+        if not loc.exists("zarr.json"):
+            if not create:
+                raise StratalignError(f"no stratalign store at {url}; create one with `stratalign ingest ...`")
+            return cls._create(loc)
+        loc.read_json("zarr.json")  # a corrupt root metadata file is named in a one-line error
         try:
-            root = zarr.open_group(store=url, mode="r" if mode == "r" else "a")
+            root = zarr.open_group(store=url, mode="r" if mode == "r" else "r+")
         except Exception as exc:
             raise StratalignError(f"{url} is not a readable Zarr store: {type(exc).__name__}: {exc}") from None
         tag = root.attrs.get("stratalign")
@@ -331,28 +348,67 @@ class FeatureStore:
             )
         return cls(loc, root, mode)
 
+    @classmethod
+    def _create(cls, loc: Location) -> "FeatureStore":
+        """A new, empty store in an absent or empty folder (never in someone else's files)."""
+        if loc.exists() and loc.listdir():
+            raise StratalignError(f"{loc.url} is a non-empty folder that is not a stratalign store; use another --store")
+        root = zarr.open_group(store=loc.url, mode="a")
+        root.attrs["stratalign"] = {"kind": STORE_TAG, "format_version": FORMAT_VERSION,
+                                    "created_by": stratalign.__version__}
+        root.require_group("features")
+        return cls(loc, root, "a")
+
     def _writable(self) -> None:
         if self.mode != "a":
             raise StratalignError(f"store {self.url} is open read-only")
 
     # ----- datasets
     def datasets(self) -> list[str]:
+        """Names of the datasets that have a dataset.json (the loadable ones, barring damage)."""
         return [n for n in self.loc.listdir("datasets") if self.loc.exists("datasets", n, "dataset.json")]
 
+    def dataset_folders(self) -> list[str]:
+        """Every folder under datasets/, whole or not (what `store verify` checks)."""
+        return self.loc.listdirs("datasets")
+
+    def dataset_folder(self, name: str) -> str:
+        """The name, validated, of an existing dataset folder (loadable or not); a one-line error otherwise."""
+        validate_key(name, "dataset name")
+        if not self.loc.isdir("datasets", name):
+            raise StratalignError(f"dataset {name!r} not in store {self.url}; known: "
+                                  f"{', '.join(self.dataset_folders()) or 'none'}")
+        return name
+
+    def _fingerprint_of(self, name: str, replace: bool) -> str | None:
+        """The stored fingerprint of a dataset (None if absent, or unreadable while replacing it)."""
+        if not self.loc.exists("datasets", name, "dataset.json"):
+            return None
+        try:
+            meta = self.loc.read_json("datasets", name, "dataset.json")
+        except StratalignError:
+            if replace:
+                return None
+            raise
+        return str(meta.get("fingerprint", "?")) if isinstance(meta, dict) else "?"
+
     def save_dataset(self, ds: PairDataset, *, replace: bool = False) -> bool:
-        """Store a dataset's tables; True if written, False if the identical dataset was already there."""
+        """Store a dataset's tables; True if written, False if the identical dataset was already there.
+
+        dataset.json marks a dataset whole: when replacing, the old one is removed before any table is
+        written and the new one is written last, so a crash leaves the old dataset or one that refuses to load.
+        """
         self._writable()
         validate_key(ds.name, "dataset name")
-        if ds.name in self.datasets():
-            old = self.loc.read_json("datasets", ds.name, "dataset.json")
-            if old.get("fingerprint") == ds.fingerprint:
-                return False
-            if not replace:
-                raise StratalignError(
-                    f"dataset {ds.name!r} already exists in {self.url} with different content "
-                    f"(fingerprint {old.get('fingerprint', '?')[:12]} vs {ds.fingerprint[:12]}); "
-                    "choose another --name or pass --replace"
-                )
+        old = self._fingerprint_of(ds.name, replace)
+        if old == ds.fingerprint:
+            return False
+        if old is not None and not replace:
+            raise StratalignError(
+                f"dataset {ds.name!r} already exists in {self.url} with different content "
+                f"(fingerprint {old[:12]} vs {ds.fingerprint[:12]}); choose another --name or pass --replace"
+            )
+        self.loc.remove("datasets", ds.name, "dataset.json")
         for table, frame in (("images", ds.images), ("captions", ds.captions)):
             buf = io.BytesIO()
             frame.write_parquet(buf)
@@ -363,14 +419,22 @@ class FeatureStore:
         return True
 
     def dataset(self, name: str) -> PairDataset:
+        """Load a dataset; a missing dataset.json, unreadable tables or a size mismatch are one-line errors."""
         validate_key(name, "dataset name")
         if not self.loc.exists("datasets", name, "dataset.json"):
+            if self.loc.isdir("datasets", name):
+                raise StratalignError(
+                    f"dataset {name!r} in {self.url} has no dataset.json (interrupted ingest or replace); "
+                    f"ingest it again, or remove it with `stratalign store rm --dataset {name}`"
+                )
             known = self.datasets()
             raise StratalignError(
                 f"dataset {name!r} not in store {self.url}; known: {', '.join(known) or 'none'} "
                 f"(ingest it with `stratalign ingest`)"
             )
         meta = self.loc.read_json("datasets", name, "dataset.json")
+        if not isinstance(meta, dict):
+            raise StratalignError(f"dataset {name!r}: {self.loc.path('datasets', name, 'dataset.json')} is not an object")
         try:
             images = pl.read_parquet(io.BytesIO(self.loc.read_bytes("datasets", name, "images.parquet")))
             captions = pl.read_parquet(io.BytesIO(self.loc.read_bytes("datasets", name, "captions.parquet")))
@@ -381,41 +445,73 @@ class FeatureStore:
         return PairDataset(name=name, images=images, captions=captions, meta=meta)
 
     def remove_dataset(self, name: str) -> None:
+        """Remove a dataset folder (loadable or not): dataset.json first, so a crash leaves it unloadable."""
         self._writable()
-        validate_key(name, "dataset name")
+        self.dataset_folder(name)
+        self.loc.remove("datasets", name, "dataset.json")
         self.loc.remove("datasets", name, recursive=True)
 
     # ----- feature entries
-    def entry_keys(self) -> list[str]:
-        return [k for k in self.loc.listdir("features") if self.loc.exists("features", k, "zarr.json")]
+    def entry_folders(self) -> list[str]:
+        """Every folder under features/: readable entries and broken ones alike."""
+        return self.loc.listdirs("features")
+
+    def entry_folder(self, key: str) -> str:
+        """The key, validated, of an existing entry folder (readable or not); a one-line error otherwise."""
+        validate_key(key, "entry key")
+        if not self.loc.isdir("features", key):
+            raise StratalignError(f"no feature entry {key!r} in {self.url}")
+        return key
 
     def entry(self, key: str) -> FeatureEntry:
-        validate_key(key, "entry key")
-        try:
-            group = self.root["features"][key]
-        except KeyError:
-            raise StratalignError(f"no feature entry {key!r} in {self.url}") from None
-        meta = group.attrs.get("stratalign_entry")
+        """The readable entry in features/<key>; a one-line error says why it is not one."""
+        self.entry_folder(key)
+        if not self.loc.exists("features", key, "zarr.json"):
+            raise StratalignError(f"features/{key} in {self.url} has no zarr.json (entry metadata missing)")
+        node = self.loc.read_json("features", key, "zarr.json")
+        meta = node.get("attributes", {}).get("stratalign_entry") if isinstance(node, dict) else None
         if not isinstance(meta, dict):
-            raise StratalignError(f"features/{key} in {self.url} is not a stratalign entry")
+            raise StratalignError(f"features/{key} in {self.url} is not a stratalign entry (no entry metadata)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise StratalignError(
                 f"entry {key} has format version {meta.get('format_version')} (stratalign "
                 f"{meta.get('stratalign_version')}); this stratalign reads version {FORMAT_VERSION}"
             )
-        return FeatureEntry(self, EntrySpec.from_json(meta), group)
+        if meta.get("key") != key:
+            raise StratalignError(f"features/{key} holds the metadata of entry {meta.get('key')!r} (moved folder?)")
+        try:
+            spec = EntrySpec.from_json(meta)
+            group = self.root[f"features/{key}"]
+        except StratalignError:
+            raise
+        except Exception as exc:
+            raise StratalignError(f"entry {key} is unreadable: {type(exc).__name__}: {exc}") from None
+        return FeatureEntry(self, spec, group, key)
+
+    def scan_entries(self) -> list[tuple[str, FeatureEntry | None, str | None]]:
+        """(key, entry, None) for each readable entry folder, (key, None, why) for each broken one."""
+        out: list[tuple[str, FeatureEntry | None, str | None]] = []
+        for key in self.entry_folders():
+            try:
+                out.append((key, self.entry(key), None))
+            except StratalignError as exc:
+                out.append((key, None, str(exc)))
+        return out
 
     def entries(self) -> Iterator[FeatureEntry]:
-        for key in self.entry_keys():
-            try:
-                yield self.entry(key)
-            except StratalignError:
-                continue
+        """The readable entries (broken ones are listed by `scan_entries` and `store verify`)."""
+        for _, entry, _ in self.scan_entries():
+            if entry is not None:
+                yield entry
 
     def create_entry(self, spec: EntrySpec) -> FeatureEntry:
         """Create an entry (or open the identical existing one): arrays first, metadata attrs last."""
         self._writable()
         key = spec.key
+        for parts in (("features",), ("features", key), *(("features", key, f"layer_{i:03d}") for i in
+                                                           range(len(spec.dims)))):
+            if self.loc.exists(*parts, "zarr.json"):  # a corrupt metadata file is named, not a JSONDecodeError
+                self.loc.read_json(*parts, "zarr.json")
         features = self.root.require_group("features")
         try:
             group = features.create_group(key)
@@ -471,25 +567,30 @@ class FeatureStore:
         return self.find_entry(dataset, encoder, pooling).read_layer(layer, rows)
 
     def remove_entry(self, key: str) -> None:
+        """Remove an entry folder, readable or not (the key is validated: no path escapes)."""
         self._writable()
-        validate_key(key, "entry key")
-        if key not in self.loc.listdir("features"):
-            raise StratalignError(f"no feature entry {key!r} in {self.url}")
+        self.entry_folder(key)
         self.loc.remove("features", key, recursive=True)
 
     def entry_table(self) -> pl.DataFrame:
-        """One row per entry: what `stratalign store ls` shows."""
+        """One row per entry folder, broken ones included: what `stratalign store ls` shows."""
         rows = []
-        for e in self.entries():
-            rows.append({
-                "key": e.key, "dataset": e.spec.dataset, "modality": e.spec.modality,
-                "encoder": e.spec.encoder_spec, "pooling": e.spec.pooling, "layers": len(e.spec.dims),
-                "dim": "/".join(str(d) for d in sorted(set(e.spec.dims))), "rows": e.spec.rows,
-                "dtype": e.spec.dtype,
-                "shards": f"{len(e.done_shards())}/{e.spec.n_shards}",
-                "bytes": self.loc.size(*e.folder),
-            })
+        for key, e, why in self.scan_entries():
+            row: dict[str, Any] = {"key": key, "bytes": self.loc.size("features", key)}
+            if e is not None:
+                try:
+                    row["shards"] = f"{len(e.done_shards())}/{e.spec.n_shards}"
+                except StratalignError as exc:  # e.g. a corrupt shard marker
+                    why = str(exc)
+                row.update({
+                    "dataset": e.spec.dataset, "modality": e.spec.modality,
+                    "encoder": e.spec.encoder_spec, "pooling": e.spec.pooling, "layers": len(e.spec.dims),
+                    "dim": "/".join(str(d) for d in sorted(set(e.spec.dims))), "rows": e.spec.rows,
+                    "dtype": e.spec.dtype,
+                })
+            row["status"] = "ok" if why is None else f"broken: {why}"
+            rows.append(row)
         schema = {"key": pl.String, "dataset": pl.String, "modality": pl.String, "encoder": pl.String,
                   "pooling": pl.String, "layers": pl.Int64, "dim": pl.String, "rows": pl.Int64,
-                  "dtype": pl.String, "shards": pl.String, "bytes": pl.Int64}
+                  "dtype": pl.String, "shards": pl.String, "bytes": pl.Int64, "status": pl.String}
         return pl.DataFrame(rows, schema=schema)

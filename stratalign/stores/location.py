@@ -117,6 +117,17 @@ class Location:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
 
+    def listdirs(self, *parts: str) -> list[str]:
+        """Names of the sub-folders of a folder (files left out); [] if it does not exist."""
+        base = self.path(*parts)
+        if not self.fs.exists(base):
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(base, detail=True)
+                      if e.get("type") == "directory")
+
+    def isdir(self, *parts: str) -> bool:
+        return bool(self.fs.isdir(self.path(*parts)))
+
     def remove(self, *parts: str, recursive: bool = False) -> None:
         target = self.path(*parts)
         if self.fs.exists(target):
