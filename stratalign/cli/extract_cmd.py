@@ -25,11 +25,13 @@ def extract_cmd(
     engine: str = typer.Option("local", help="local or ray (one Ray task per shard)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)."),
     loader_threads: int = typer.Option(2, help="Threads that decode and preprocess ahead of the model."),
+    torch_threads: int = typer.Option(0, help="torch intra-op threads on CPU (0: every CPU available to the process)."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run each encoder once over a dataset; write every layer's pooled features to the store."""
     cfg = ExtractConfig(encoders=tuple(encoder), poolings=tuple(pooling), dtype=dtype, batch_size=batch_size,
-                        shard_rows=shard_rows, device=device, skip_bad=skip_bad, loader_threads=loader_threads)
+                        shard_rows=shard_rows, device=device, skip_bad=skip_bad, loader_threads=loader_threads,
+                        torch_threads=torch_threads)
     fs = FeatureStore.open(store_url(store), "a")
     if engine == "ray":
         from stratalign.pipeline.ray_engine import extract_ray
