@@ -354,3 +354,31 @@ def test_available_cpus_follows_affinity_and_quota(monkeypatch) -> None:
     assert 1 <= dev.available_cpus() <= n
     monkeypatch.setattr(dev, "_cgroup_cpu_limit", lambda: 0.5)
     assert dev.available_cpus() == 1
+
+
+def test_loaders_run_at_most_prefetch_batches_ahead(store_with_dataset) -> None:
+    """Memory stays a few batches whatever the shard size: the loaders never prepare a whole shard ahead."""
+    import threading as th
+
+    lock, state = th.Lock(), {"prepared": 0, "consumed": 0, "ahead": 0}
+
+    class Counting(TinyImageEncoder):
+        def preprocess(self, items):
+            with lock:
+                state["prepared"] += 1
+                state["ahead"] = max(state["ahead"], state["prepared"] - state["consumed"])
+            return super().preprocess(items)
+
+        def forward_pooled(self, batch, poolings):
+            time.sleep(0.02)  # a slow model: fast loaders would otherwise run through the whole shard
+            with lock:
+                state["consumed"] += 1
+            return super().forward_pooled(batch, poolings)
+
+    store, ds = store_with_dataset
+    report = extract_encoder(store, ds, Counting(), _cfg(shard_rows=30, batch_size=1, prefetch_batches=2,
+                                                         loader_threads=2))
+    assert report.shards_encoded == 1 and state["consumed"] == 30
+    # the loaders' window (2) + the hand-over queue (2) + one waiting to be queued + one in the model: never
+    # the 30 batches of the shard
+    assert state["ahead"] <= 2 + 2 + 2, state

@@ -16,6 +16,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -302,7 +303,8 @@ def _extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ex
     bar = tqdm(total=rows_pending, unit="row", desc=f"extract {encoder.spec}", disable=not cfg.progress,
                dynamic_ncols=True, smoothing=0.1)
 
-    prepared: queue.Queue = queue.Queue(maxsize=cfg.prefetch_batches)
+    ahead = max(1, cfg.prefetch_batches)
+    prepared: queue.Queue = queue.Queue(maxsize=ahead)
     to_write: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     in_flight: set[int] = set()
@@ -314,9 +316,15 @@ def _extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ex
             with ThreadPoolExecutor(max_workers=cfg.loader_threads) as pool:
                 for shard in _claimed_shards(entries, claim, cfg.poll_s, in_flight, stop, heartbeat):
                     start, end = entries[0].shard_rows_range(shard)
-                    futures = [pool.submit(worker.prepare, rows) for rows in _batches(start, end, cfg.batch_size)]
-                    for i, fut in enumerate(futures):
-                        item = (shard, i == len(futures) - 1, *fut.result())
+                    batches = list(_batches(start, end, cfg.batch_size))
+                    # A sliding window of prefetch_batches batches in the loaders: memory stays a few batches
+                    # whatever the shard size (submitting a whole shard held every preprocessed image at once).
+                    window = deque(pool.submit(worker.prepare, rows) for rows in batches[:ahead])
+                    for i in range(len(batches)):
+                        fut = window.popleft()
+                        if i + ahead < len(batches):
+                            window.append(pool.submit(worker.prepare, batches[i + ahead]))
+                        item = (shard, i == len(batches) - 1, *fut.result())
                         while not stop.is_set():
                             try:
                                 prepared.put(item, timeout=0.5)
