@@ -80,3 +80,16 @@ def store_with_dataset(tmp_path: Path, coco_json: Path, image_dir: Path):
     ds = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
     store.save_dataset(ds)
     return store, ds
+
+
+def break_entry(folder: Path, how: str) -> None:
+    """Damage a feature entry's metadata: no-metadata, other-version or corrupt-json."""
+    meta_file = folder / "zarr.json"
+    if how == "no-metadata":
+        meta_file.unlink()
+    elif how == "other-version":
+        meta = json.loads(meta_file.read_text())
+        meta["attributes"]["stratalign_entry"]["format_version"] = 2
+        meta_file.write_text(json.dumps(meta))
+    elif how == "corrupt-json":
+        meta_file.write_text('{"zarr_format": 3, "attri')

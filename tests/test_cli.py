@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import break_entry
 
 
 def run(*args: str, store: Path | None = None) -> subprocess.CompletedProcess:
@@ -93,17 +93,6 @@ def _extracted(store_with_dataset) -> tuple[Path, str]:
     return Path(store.url), store.find_entry("toy", "tiny-image").key
 
 
-def _break_entry(folder: Path, how: str) -> None:
-    meta_file = folder / "zarr.json"
-    if how == "no-metadata":
-        meta_file.unlink()
-    elif how == "other-version":
-        meta = json.loads(meta_file.read_text())
-        meta["attributes"]["stratalign_entry"]["format_version"] = 2
-        meta_file.write_text(json.dumps(meta))
-    else:
-        meta_file.write_text('{"zarr_format": 3, "attri')
-
 
 def test_verify_ls_and_rm_handle_broken_entries(store_with_dataset) -> None:
     from stratalign.stores.feature_store import EntrySpec
@@ -115,7 +104,7 @@ def test_verify_ls_and_rm_handle_broken_entries(store_with_dataset) -> None:
         spec = EntrySpec(dataset="toy", content_fingerprint=ds.content_fingerprint, modality="image",
                          encoder={"spec": "enc"}, pooling=how, layer_names=("a",), dims=(4,), rows=30, shard_rows=8)
         broken[how] = store.create_entry(spec).key
-        _break_entry(folder / "features" / broken[how], how)
+        break_entry(folder / "features" / broken[how], how)
     bad = run("store", "verify", store=folder)
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert f"ok {good}" in bad.stdout and "3 problem(s)" in bad.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import break_entry
 
 from stratalign.errors import StratalignError
 from stratalign.stores.feature_store import EntrySpec, FeatureStore
@@ -246,17 +247,6 @@ def test_entry_keyed_by_an_older_derivation_stays_readable(store_with_dataset) -
         store.entry("legacy-key")
 
 
-def _break_entry(folder: Path, how: str) -> None:
-    meta_file = folder / "zarr.json"
-    if how == "no-metadata":
-        meta_file.unlink()
-    elif how == "other-version":
-        meta = json.loads(meta_file.read_text())
-        meta["attributes"]["stratalign_entry"]["format_version"] = 2
-        meta_file.write_text(json.dumps(meta))
-    elif how == "corrupt-json":
-        meta_file.write_text('{"zarr_format": 3, "attri')
-
 
 BREAKS = {"no-metadata": "has no zarr.json", "other-version": "format version 2",
           "corrupt-json": "corrupt JSON file .*zarr.json"}
@@ -267,7 +257,7 @@ def test_broken_entries_are_reported_and_removable(store_with_dataset, how: str)
     store, ds = store_with_dataset
     good = store.create_entry(_spec(ds, pooling="mean"))
     bad = store.create_entry(_spec(ds))
-    _break_entry(Path(store.url) / "features" / bad.key, how)
+    break_entry(Path(store.url) / "features" / bad.key, how)
     scan = {key: (entry, why) for key, entry, why in store.scan_entries()}
     assert set(scan) == {good.key, bad.key} and scan[good.key][1] is None
     assert scan[bad.key][0] is None and re.search(BREAKS[how], scan[bad.key][1])

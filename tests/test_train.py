@@ -115,8 +115,8 @@ def test_bad_config_and_inputs():
         train_heads(bad, xt, np.arange(64), np.arange(64, 96), cfg)
 
 
-def test_nan_loss_stops_and_keeps_best(monkeypatch):
-    xi, xt = _random()
+def _nan_from_step(monkeypatch, step: int) -> None:
+    """Make the training CLIP loss NaN from the `step`-th optimiser step on (validation stays finite)."""
     real = losses_mod.clip_loss
     calls = {"n": 0}
 
@@ -124,11 +124,16 @@ def test_nan_loss_stops_and_keeps_best(monkeypatch):
         out = real(zi, zt, tau)
         if torch.is_grad_enabled():
             calls["n"] += 1
-            if calls["n"] >= 13:
+            if calls["n"] >= step:
                 return out * float("nan")
         return out
 
     monkeypatch.setattr(losses_mod, "clip_loss", flaky)
+
+
+def test_nan_loss_stops_and_keeps_best(monkeypatch):
+    xi, xt = _random()
+    _nan_from_step(monkeypatch, 13)
     res = train_heads(xi, xt, np.arange(64), np.arange(64, 96), TrainConfig(objective="clip", **SMALL))
     assert res.stopped_reason == "non_finite" and "non-finite" in res.message
     assert res.steps_taken == 13 and res.history[-1]["step"] == 13 and math.isnan(res.history[-1]["loss"])
@@ -230,18 +235,7 @@ def test_lambda_at_best_is_the_lambda_of_the_update_that_produced_it(monkeypatch
     """Restored inside the warm-up (training turns NaN at step 8): the checkpoint of step 5 was made by
     the update at t=4, so its lambda is 10 * 4/20 = 2.0 in history, lambda_at_best and the message."""
     xi, xt = _planted(200)
-    real = losses_mod.clip_loss
-    calls = {"n": 0}
-
-    def flaky(zi, zt, tau=0.05):
-        out = real(zi, zt, tau)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] >= 8:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(losses_mod, "clip_loss", flaky)
+    _nan_from_step(monkeypatch, 8)
     cfg = TrainConfig(objective="clip+structure", warmup_steps=20, **SMALL)
     res = train_heads(xi, xt, np.arange(150), np.arange(150, 200), cfg)
     assert res.stopped_reason == "non_finite" and res.restored_before_warmup
