@@ -217,23 +217,11 @@ def extraction_threads(cfg: ExtractConfig, device: torch.device) -> int:
     return torch.get_num_threads()
 
 
-def claims_folder(entry: FeatureEntry) -> str:
-    """The folder of an entry's shard claims (as FeatureEntry.claim lays it out)."""
-    return "/".join([*entry.folder, "_claims"])
-
-
-def _marker_exists(entry: FeatureEntry, shard: int, refresh: bool = False) -> bool:
-    loc = entry.store.loc
-    if refresh:  # object-store filesystems cache listings; ask the store itself
-        loc.fs.invalidate_cache(loc.path(*entry.folder, "_shards"))
-    return loc.exists(*entry.folder, "_shards", f"{shard}.json")
-
-
 def release_all(entries: list[FeatureEntry], shard: int, claim: Claim, heartbeat: Heartbeat | None = None) -> None:
     """Drop our claim on a shard in every entry (others' claims are left alone)."""
     for e in entries:
         if heartbeat is not None:
-            heartbeat.release(e.store.loc, claims_folder(e), shard)
+            heartbeat.release(e.store.loc, e.claims_folder, shard)
         else:
             e.release(shard, claim)
 
@@ -245,15 +233,15 @@ def _claim_all(entries: list[FeatureEntry], shard: int, claim: Claim, heartbeat:
     and released its claim between our first check and our exclusive create, and the shard is then done."""
     got = []
     for e in entries:
-        if _marker_exists(e, shard):
+        if e.shard_done(shard):
             continue
         if not e.claim(shard, claim):
             release_all(got, shard, claim, heartbeat)
             return False
         got.append(e)
         if heartbeat is not None:
-            heartbeat.hold(e.store.loc, claims_folder(e), shard)
-    done = [e for e in got if _marker_exists(e, shard, refresh=True)]
+            heartbeat.hold(e.store.loc, e.claims_folder, shard)
+    done = [e for e in got if e.shard_done(shard, refresh=True)]
     release_all(done, shard, claim, heartbeat)
     return len(done) < len(got)
 

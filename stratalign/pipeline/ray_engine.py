@@ -28,7 +28,6 @@ from stratalign.pipeline.extract import (
     ExtractReport,
     ShardEncoder,
     _claim_all,
-    claims_folder,
     entry_specs,
     pending_union,
     plan_entries,
@@ -178,7 +177,7 @@ def _unclaimed(entries: list[FeatureEntry], shards: list[int]) -> list[int]:
     for s in shards:
         for e in entries:
             loc = e.store.loc
-            if not loc.exists(*e.folder, "_shards", f"{s}.json") and not loc.exists(claims_folder(e), f"{s}.json"):
+            if not e.shard_done(s) and not loc.exists(e.claims_folder, f"{s}.json"):
                 out.append(s)
                 break
     return out

@@ -204,15 +204,28 @@ class FeatureEntry:
     def is_complete(self) -> bool:
         return not self.pending_shards()
 
+    def shard_done(self, shard: int, refresh: bool = False) -> bool:
+        """Does the shard's completion marker exist? `refresh` drops the filesystem's cached listing first
+        (object stores cache listings; a marker another worker just wrote must be seen)."""
+        loc = self.store.loc
+        if refresh:
+            loc.fs.invalidate_cache(loc.path(*self.folder, "_shards"))
+        return loc.exists(*self.folder, "_shards", f"{shard}.json")
+
     # ----- writing
+    @property
+    def claims_folder(self) -> str:
+        """The folder of this entry's shard claims (see stores.claims)."""
+        return "/".join([*self.folder, "_claims"])
+
     def claim(self, shard: int, claim: claims_mod.Claim) -> bool:
         """Claim a pending shard for this worker (False if done or held by a live worker)."""
-        if self.store.loc.exists(*self.folder, "_shards", f"{shard}.json"):
+        if self.shard_done(shard):
             return False
-        return claims_mod.try_claim(self.store.loc, "/".join([*self.folder, "_claims"]), shard, claim)
+        return claims_mod.try_claim(self.store.loc, self.claims_folder, shard, claim)
 
     def release(self, shard: int, claim: claims_mod.Claim) -> None:
-        claims_mod.release(self.store.loc, "/".join([*self.folder, "_claims"]), shard, claim)
+        claims_mod.release(self.store.loc, self.claims_folder, shard, claim)
 
     def write_shard(self, shard: int, layers: Sequence[np.ndarray], info: dict[str, Any] | None = None) -> None:
         """Write all layers of one shard, then its completion marker (the marker is written last).
