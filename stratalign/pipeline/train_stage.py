@@ -76,6 +76,10 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> dict[str, Any]:
         raise StratalignError(f"unknown head {cfg.head!r}; known: {', '.join(HEADS)}")
     if (cfg.objective == "csa") != (cfg.head == "csa"):
         raise StratalignError("the csa head is trained by the csa objective (closed form) and vice versa")
+    taken = [k for k, _ in cfg.options if k in RUN_FLAGS]
+    if taken:
+        raise StratalignError("; ".join(f"--set {k}=... : use {RUN_FLAGS[k]}" for k in taken)
+                              + " (the run sets these itself, not through --set)")
     ds = store.dataset(cfg.dataset)
     v, t = _entries(store, cfg)
     vl, tl, rule = _layers(store, cfg, v, t)
@@ -88,10 +92,6 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> dict[str, Any]:
     else:
         subset = draw_subset(pool, cfg.n_pairs, cfg.seed)
         ids_sha = None
-    taken = [k for k, _ in cfg.options if k in RUN_FLAGS]
-    if taken:
-        raise StratalignError("; ".join(f"--set {k}=... : use {RUN_FLAGS[k]}" for k in taken)
-                              + " (the run sets these itself, not through --set)")
     known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
     bad = [k for k, _ in cfg.options if k not in known]
     if bad:
