@@ -115,7 +115,7 @@ def structure_regularizer(x: torch.Tensor, z: torch.Tensor, tau: float = 0.05, l
 def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Tensor, z_nbr: torch.Tensor,
                               nbr_mask: torch.Tensor | None = None, tau: float = 0.05, levels: int = 1,
                               weighting: str = "none", centering: str = "mean",
-                              js: str = "reference") -> torch.Tensor:
+                              js: str = "reference", nbr_index: torch.Tensor | None = None) -> torch.Tensor:
     """R_S over a kNN graph (METHOD 3.3).
 
     x, z: (b, d) batch inputs / outputs; x_nbr, z_nbr: (b, k, d) the frozen inputs of each anchor's k
@@ -123,14 +123,27 @@ def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Ten
     False for a neighbour to leave out (the trainer masks neighbours already in the batch, so the
     support is the set union). Row i's level-1 support is the batch plus its neighbours, both centred
     with the BATCH mean; levels >= 2 use the batch block as in 3.2. With k = 0 this is 3.2.
+
+    Compact form (what the trainer uses): with `nbr_index` (b, k), x_nbr and z_nbr are (u, d) tables of
+    the distinct neighbours and row i's j-th neighbour is table row nbr_index[i, j]. Each neighbour is
+    then normalised once and its logits come from one (b, u) product, not from (b, k, d) copies.
     """
     _check_pair(x, z, "structure_regularizer_knn")
     _check_options(levels, weighting, centering, js, tau)
     b = x.shape[0]
-    if x_nbr.ndim != 3 or z_nbr.ndim != 3 or x_nbr.shape[:2] != z_nbr.shape[:2] or x_nbr.shape[0] != b:
-        raise StratalignError(f"structure_regularizer_knn: neighbours must be (b, k, d) with b={b}, got "
-                              f"{tuple(x_nbr.shape)} and {tuple(z_nbr.shape)}")
-    k = x_nbr.shape[1]
+    if nbr_index is None:
+        if x_nbr.ndim != 3 or z_nbr.ndim != 3 or x_nbr.shape[:2] != z_nbr.shape[:2] or x_nbr.shape[0] != b:
+            raise StratalignError(f"structure_regularizer_knn: neighbours must be (b, k, d) with b={b}, got "
+                                  f"{tuple(x_nbr.shape)} and {tuple(z_nbr.shape)}")
+        k = x_nbr.shape[1]
+        nbr_index = torch.arange(b * k, device=x.device).view(b, k)
+        x_nbr, z_nbr = x_nbr.reshape(b * k, x_nbr.shape[-1]), z_nbr.reshape(b * k, z_nbr.shape[-1])
+    elif (nbr_index.ndim != 2 or nbr_index.shape[0] != b or x_nbr.ndim != 2 or z_nbr.ndim != 2
+          or x_nbr.shape[0] != z_nbr.shape[0]):
+        raise StratalignError(f"structure_regularizer_knn: with nbr_index ({b}, k) the neighbours must be two "
+                              f"(u, d) tables, got index {tuple(nbr_index.shape)} and tables "
+                              f"{tuple(x_nbr.shape)}, {tuple(z_nbr.shape)}")
+    k = nbr_index.shape[1]
     if nbr_mask is not None and tuple(nbr_mask.shape) != (b, k):
         raise StratalignError(f"structure_regularizer_knn: nbr_mask must be ({b}, {k}), got "
                               f"{tuple(nbr_mask.shape)}")
@@ -141,7 +154,7 @@ def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Ten
 
     def extended(c: torch.Tensor, nc: torch.Tensor) -> torch.Tensor:
         ct = c / tau
-        logits = torch.cat([ct @ c.T, torch.einsum("bd,bkd->bk", ct, nc)], dim=1)
+        logits = torch.cat([ct @ c.T, torch.gather(ct @ nc.T, 1, nbr_index)], dim=1)
         if nbr_mask is not None:
             keep = torch.cat([torch.ones(b, b, dtype=torch.bool, device=c.device), nbr_mask.bool()], 1)
             logits = logits.masked_fill(~keep, float("-inf"))

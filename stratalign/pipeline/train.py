@@ -495,11 +495,14 @@ def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val
             mask = ~torch.isin(nbr, bidx)  # neighbours already in the batch are in the support once
             if not bool(mask.any()):  # e.g. full-batch training: the support is the batch (3.3 == 3.2)
                 return L.structure_regularizer(xb, zb, **sopts)
-            uniq, inv = torch.unique(nbr, return_inverse=True)
-            outside = ~torch.isin(uniq, bidx)
-            z_u = torch.zeros(len(uniq), zb.shape[1], dtype=zb.dtype, device=zb.device)
-            z_u[outside] = head(x_all[uniq[outside]]).to(zb.dtype)  # the head runs only on new rows
-            return L.structure_regularizer_knn(xb, zb, x_all[nbr], z_u[inv], mask, **sopts)
+            # the head runs once on each distinct neighbour outside the batch; the rest are masked, so
+            # their table index (0) is never read
+            outside = nbr[mask].unique()
+            index = torch.zeros_like(nbr)
+            index[mask] = torch.searchsorted(outside, nbr[mask])
+            x_tab = x_all[outside]
+            z_tab = head(x_tab).to(zb.dtype)
+            return L.structure_regularizer_knn(xb, zb, x_tab, z_tab, mask, nbr_index=index, **sopts)
 
         def step_loss(bidx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             a, t = xi[bidx], xt[bidx]
