@@ -250,3 +250,25 @@ def test_bad_options_raise(batch):
         structure_regularizer(x, z[:5])
     with pytest.raises(StratalignError, match="clip_loss"):
         clip_loss(x, z)
+
+
+def test_knn_compact_table_form_equals_gathered_form():
+    g = torch.Generator().manual_seed(11)
+    x_all, w = torch.randn(40, 6, generator=g), torch.randn(6, 5, generator=g)
+    bidx = torch.tensor([1, 4, 9, 16, 25, 36])
+    nbr = torch.randint(0, 40, (6, 3), generator=g)
+    mask = ~torch.isin(nbr, bidx)
+    uniq, index = torch.unique(nbr, return_inverse=True)
+    z_tab = (x_all[uniq] @ w).requires_grad_(True)
+    z_rows = (x_all[nbr] @ w).requires_grad_(True)
+    xb, zb = x_all[bidx], x_all[bidx] @ w
+    compact = structure_regularizer_knn(xb, zb, x_all[uniq], z_tab, mask, tau=0.2, levels=2, nbr_index=index)
+    gathered = structure_regularizer_knn(xb, zb, x_all[nbr], z_rows, mask, tau=0.2, levels=2)
+    assert float(compact) == pytest.approx(float(gathered), rel=1e-5)
+    compact.backward()
+    gathered.backward()
+    # each table row's gradient is the sum over the places it is gathered to
+    want = torch.zeros_like(z_tab).index_add_(0, index.flatten(), z_rows.grad.reshape(-1, 5))
+    assert torch.allclose(z_tab.grad, want, atol=1e-6)
+    with pytest.raises(StratalignError, match="nbr_index"):
+        structure_regularizer_knn(xb, zb, x_all[nbr], z_rows, mask, nbr_index=index)
