@@ -264,7 +264,7 @@ def test_knn_compact_table_form_equals_gathered_form():
     xb, zb = x_all[bidx], x_all[bidx] @ w
     compact = structure_regularizer_knn(xb, zb, x_all[uniq], z_tab, mask, tau=0.2, levels=2, nbr_index=index)
     gathered = structure_regularizer_knn(xb, zb, x_all[nbr], z_rows, mask, tau=0.2, levels=2)
-    assert float(compact) == pytest.approx(float(gathered), rel=1e-5)
+    assert compact.item() == pytest.approx(gathered.item(), rel=1e-5)
     compact.backward()
     gathered.backward()
     # each table row's gradient is the sum over the places it is gathered to
