@@ -1,0 +1,41 @@
+"""The main job end to end on a slice of the embedded default (real packaged encoders, tiny trainer settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from stratalign.pipeline.demo import DemoConfig, run_demo
+
+OBJECTIVES = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "csa")
+
+
+def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: Path) -> None:
+    cfg = DemoConfig(limit=48, seeds=(0, 1), n_pairs=(12, None), objectives=OBJECTIVES, progress=False,
+                     train_options=(("batch_size", 16), ("max_steps", 30), ("warmup_steps", 10),
+                                    ("patience", 10), ("eval_every", 5)))
+    out, store = tmp_path / "report", str(tmp_path / "store")
+    lines: list[str] = []
+    first = run_demo(store, str(out), cfg, log=lines.append)
+
+    assert first["trained"] == 2 * len(OBJECTIVES) * 2 * 2 and first["skipped"] == 0
+    board = first["leaderboard"]
+    assert set(board["objective"]) == set(OBJECTIVES) and set(board["layer_rule"]) == {"last", "auto"}
+    assert (board["seeds"] == 2).all()
+    # the layer choice is recorded for both vision encoders and drawn
+    assert [info["vision"] for info in first["layers"]] == ["dinov2-s", "efficientnet-lite0"]
+    for info in first["layers"]:
+        assert Path(info["heatmap"]).stat().st_size > 0
+    report = Path(first["report"]).read_text()
+    chosen = first["layers"][0]
+    assert f"vision layer {chosen['vision_layer']}" in report and "What the numbers say" in report
+    for name in ("leaderboard.csv", "leaderboard.parquet", "recall_vs_pairs.png", "zeroshot_vs_pairs.png",
+                 "layers-dinov2-s.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert pl.read_csv(out / "leaderboard.csv").height == board.height
+    assert any(line.startswith("[4/4] sweep") for line in lines)
+
+    second = run_demo(store, str(out), cfg, log=lambda _: None)
+    assert second["trained"] == 0 and second["skipped"] == first["trained"]
+    assert second["leaderboard"].equals(board)
