@@ -28,6 +28,9 @@ import time
 def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int) -> dict:
     import torch
 
+    from stratalign.pipeline.device import retain_freed_memory
+
+    retain_freed_memory()  # both children run under the allocator setting extraction uses
     torch.set_num_threads(threads)
     from stratalign.pipeline.encoders import load_encoder
     from stratalign.pipeline.extract import ExtractConfig, extract_encoder

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -13,7 +15,16 @@ from stratalign.errors import StratalignError
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu; a CUDA device without a GPU is a clear error."""
+    """auto -> cuda when available, else cpu; a CUDA device without a GPU is a clear error.
+
+    Choosing the CPU also keeps freed memory in the process (see retain_freed_memory)."""
+    dev = _resolve(device)
+    if dev.type == "cpu":
+        retain_freed_memory()
+    return dev
+
+
+def _resolve(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -70,3 +81,36 @@ def torch_threads(n: int) -> Iterator[int]:
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (glibc malloc.h)
+_ALLOCATOR_VARS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+                   "GLIBC_TUNABLES")
+_retained: bool | None = None
+
+
+def retain_freed_memory() -> bool:
+    """glibc only: serve large blocks from the heap and keep freed memory in the process (once per process).
+
+    glibc hands every block above its mmap threshold (at most 32 MB) to the kernel on free, so each forward
+    pass page-faults its activations in afresh: measured on 2 cores, EfficientNet-Lite0 ran at 15 images/s
+    instead of 50 and DINOv2-S at 7 instead of 9.5, for ~0.3 GB more peak RSS once the memory is kept. The
+    same fix as the jemalloc/tcmalloc settings PyTorch's CPU guides recommend, without preloading a library.
+    Left alone when the user tunes the allocator (MALLOC_*_ / GLIBC_TUNABLES, or LD_PRELOAD of another
+    malloc) or off glibc. Returns whether the setting is in force."""
+    global _retained
+    if _retained is not None:
+        return _retained
+    _retained = False
+    preload = os.environ.get("LD_PRELOAD", "")
+    if (not sys.platform.startswith("linux") or any(v in os.environ for v in _ALLOCATOR_VARS)
+            or "malloc" in preload or "jemalloc" in preload):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: mallopt is a stub or absent
+            return False
+        _retained = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+    return _retained
