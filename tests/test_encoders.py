@@ -670,3 +670,27 @@ def test_timm_checkpoint_loads_ema_weights_strictly(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
     load_timm_checkpoint(model, str(tmp_path / "w.safetensors"))
     assert torch.equal(model.cls_token, src.cls_token)
+
+
+def test_image_transform_is_resize_crop_then_float32_normalisation() -> None:
+    """The batch path writes in place; its bytes equal the plain formula (x / 255 - mean) / std, so stores
+    written before and after stay byte-identical; aspect ratio is kept and the crop is central."""
+    from PIL import Image
+
+    from stratalign.pipeline.encoders.base import ImageTransform
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(72, 72), (40, 90)]]
+    tf = ImageTransform(resize=36, crop=32)
+    got = tf(images)
+    assert got.dtype == torch.float32 and tuple(got.shape) == (2, 3, 32, 32)
+    for im, row in zip(images, got.numpy()):
+        w, h = im.size
+        s = 36 / min(w, h)
+        nw, nh = max(32, round(w * s)), max(32, round(h * s))
+        left, top = int(round((nw - 32) / 2.0)), int(round((nh - 32) / 2.0))
+        ref = np.asarray(im.resize((nw, nh), resample=Image.BICUBIC).crop((left, top, left + 32, top + 32)),
+                         dtype=np.float32) / 255.0
+        ref = ((ref - np.asarray(tf.mean, np.float32)) / np.asarray(tf.std, np.float32)).transpose(2, 0, 1)
+        assert np.array_equal(row, ref)
+        assert np.array_equal(tf.one(im), ref)

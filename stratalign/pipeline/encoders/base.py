@@ -234,7 +234,7 @@ class ImageTransform:
         return {"resize_shorter_side": self.resize, "center_crop": self.crop, "interpolation": self.interpolation,
                 "rescale": "1/255", "mean": list(self.mean), "std": list(self.std), "channels": "RGB"}
 
-    def one(self, image: Any) -> np.ndarray:
+    def _crop(self, image: Any) -> Any:
         im = image.convert("RGB")
         w, h = im.size
         scale = self.resize / min(w, h)
@@ -243,15 +243,28 @@ class ImageTransform:
             im = im.resize((nw, nh), resample=_RESAMPLE[self.interpolation])
         left = int(round((nw - self.crop) / 2.0))
         top = int(round((nh - self.crop) / 2.0))
-        im = im.crop((left, top, left + self.crop, top + self.crop))
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return arr.transpose(2, 0, 1)
+        return im.crop((left, top, left + self.crop, top + self.crop))
+
+    def _normalise_into(self, im: Any, out: np.ndarray) -> None:
+        """(x / 255 - mean) / std in float32, in that order, written straight into a CHW slot of the batch
+        (no temporaries: the loader threads share the CPUs with the model)."""
+        hwc = np.asarray(im).transpose(2, 0, 1)
+        np.divide(hwc, np.float32(255.0), out=out, dtype=np.float32)
+        out -= np.asarray(self.mean, np.float32)[:, None, None]
+        out /= np.asarray(self.std, np.float32)[:, None, None]
+
+    def one(self, image: Any) -> np.ndarray:
+        out = np.empty((3, self.crop, self.crop), np.float32)
+        self._normalise_into(self._crop(image), out)
+        return out
 
     def __call__(self, images: list) -> torch.Tensor:
         if not images:
             raise StratalignError("preprocess got an empty batch")
-        return torch.from_numpy(np.ascontiguousarray(np.stack([self.one(im) for im in images])))
+        batch = np.empty((len(images), 3, self.crop, self.crop), np.float32)
+        for i, im in enumerate(images):
+            self._normalise_into(self._crop(im), batch[i])
+        return torch.from_numpy(batch)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
