@@ -19,9 +19,12 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     lines: list[str] = []
     first = run_demo(store, str(out), cfg, log=lines.append)
 
-    assert first["trained"] == 2 * len(OBJECTIVES) * 2 * 2 and first["skipped"] == 0
+    # every objective x layer rule x n-pairs x seed but the kNN form on the last layers (cfg.skip)
+    assert cfg.skip == (("last", "clip+structure-knn"),)
+    assert first["trained"] == (2 * len(OBJECTIVES) - 1) * 2 * 2 and first["skipped"] == 0
     board = first["leaderboard"]
     assert set(board["objective"]) == set(OBJECTIVES) and set(board["layer_rule"]) == {"last", "auto"}
+    assert board.filter((pl.col("layer_rule") == "last") & (pl.col("objective") == "clip+structure-knn")).height == 0
     assert (board["seeds"] == 2).all()
     # the layer choice is recorded for both vision encoders and drawn
     assert [info["vision"] for info in first["layers"]] == ["dinov2-s", "efficientnet-lite0"]
@@ -30,6 +33,7 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     report = Path(first["report"]).read_text()
     chosen = first["layers"][0]
     assert f"vision layer {chosen['vision_layer']}" in report and "What the numbers say" in report
+    assert "`efficientnet-lite0` x `minilm-l6`" in report and "clip+structure-knn on the last layers" in report
     for name in ("leaderboard.csv", "leaderboard.parquet", "recall_vs_pairs.png", "zeroshot_vs_pairs.png",
                  "layers-dinov2-s.png"):
         assert (out / name).stat().st_size > 0, name

@@ -192,6 +192,25 @@ def test_sweep_skips_finished_cells_and_writes_leaderboard(stage_store, tmp_path
     assert grown.skipped == 8 and grown.trained == 4  # only the new cells run
 
 
+def test_sweep_skip_leaves_out_a_rule_objective_pair() -> None:
+    from stratalign.pipeline.sweep import SweepConfig
+
+    cfg = SweepConfig(base=_cfg(), n_pairs=(20,), seeds=(0, 1), objectives=("clip", "clip+structure"),
+                      layer_rules=("last", "auto"), skip=(("last", "clip+structure"),))
+    assert sorted({(c.layers, c.objective) for c in cfg.cells()}) == [
+        ("auto", "clip"), ("auto", "clip+structure"), ("last", "clip")]
+    assert len(cfg.cells()) == 6
+    with pytest.raises(StratalignError, match="--skip last:comm matches no cell"):
+        SweepConfig(base=_cfg(), objectives=("clip",), skip=(("last", "comm"),)).cells()
+
+
+def test_sweep_skip_through_the_cli_needs_rule_and_objective(stage_store) -> None:
+    out = _cli("sweep", "--dataset", "toy", "--vision", "tiny-image", "--text", "tiny-text", "--skip", "last",
+               store=stage_store)
+    assert out.returncode != 0 and "--skip takes RULE:OBJECTIVE" in out.stderr + out.stdout
+    assert len((out.stderr + out.stdout).strip().splitlines()) == 1
+
+
 def _cli(*args: str, store: FeatureStore):
     import subprocess
     import sys

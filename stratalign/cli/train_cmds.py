@@ -107,6 +107,13 @@ def runs_ls(store: Optional[str] = StoreOption) -> None:
     print_table(table.select(cols), title=f"runs in {fs.url}")
 
 
+def _rule_objective(value: str) -> tuple[str, str]:
+    rule, sep, objective = value.partition(":")
+    if not sep or not rule or not objective:
+        raise StratalignError(f"--skip takes RULE:OBJECTIVE (e.g. last:clip+structure-knn), not {value!r}")
+    return rule, objective
+
+
 def _ints(values: list[str]) -> tuple:
     return tuple(_n_pairs(v) for v in values)
 
@@ -120,6 +127,7 @@ def sweep_cmd(
     objective: list[str] = typer.Option(["clip", "clip+structure"], "--objective", help="Repeat: objectives."),
     layers: list[str] = typer.Option(["last", "auto"], "--layers", help="Repeat: last, auto, or V,T."),
     head: list[str] = typer.Option(["linear"], "--head", help="Repeat: heads."),
+    skip: list[str] = typer.Option([], "--skip", help="Repeat: RULE:OBJECTIVE cells to leave out (last:comm)."),
     set_: list[str] = typer.Option([], "--set", help="Trainer override key=value for every cell."),
     out: str = typer.Option("stratalign-report", help="Folder for leaderboard.parquet/.csv and the plots."),
     store: Optional[str] = StoreOption,
@@ -132,7 +140,7 @@ def sweep_cmd(
     fs = FeatureStore.open(store_url(store), "a")
     cfg = SweepConfig(base=RunConfig(dataset=dataset, vision=vision, text=text, options=_options(set_)),
                       n_pairs=_ints(n_pairs), seeds=tuple(seed), objectives=tuple(objective),
-                      layer_rules=tuple(layers), heads=tuple(head))
+                      layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip))
     res = run_sweep(fs, cfg, out)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already in the store")
     print_table(results_table(res.leaderboard), title="leaderboard (test split, mean ± std over seeds)")

@@ -135,9 +135,8 @@ def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Ten
         if x_nbr.ndim != 3 or z_nbr.ndim != 3 or x_nbr.shape[:2] != z_nbr.shape[:2] or x_nbr.shape[0] != b:
             raise StratalignError(f"structure_regularizer_knn: neighbours must be (b, k, d) with b={b}, got "
                                   f"{tuple(x_nbr.shape)} and {tuple(z_nbr.shape)}")
-        k = x_nbr.shape[1]
-        nbr_index = torch.arange(b * k, device=x.device).view(b, k)
-        x_nbr, z_nbr = x_nbr.reshape(b * k, x_nbr.shape[-1]), z_nbr.reshape(b * k, z_nbr.shape[-1])
+        nbr_index = torch.arange(x_nbr.shape[0] * x_nbr.shape[1], device=x.device).view(x_nbr.shape[:2])
+        x_nbr, z_nbr = x_nbr.flatten(0, 1), z_nbr.flatten(0, 1)  # the (b * k, d) table of the gathered rows
     elif (nbr_index.ndim != 2 or nbr_index.shape[0] != b or x_nbr.ndim != 2 or z_nbr.ndim != 2
           or x_nbr.shape[0] != z_nbr.shape[0]):
         raise StratalignError(f"structure_regularizer_knn: with nbr_index ({b}, k) the neighbours must be two "

@@ -36,11 +36,18 @@ class SweepConfig:
     objectives: tuple[str, ...] = ("clip", "clip+structure")
     layer_rules: tuple[str, ...] = ("last", "auto")
     heads: tuple[str, ...] = ("linear",)
+    skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
 
     def cells(self) -> list[RunConfig]:
+        for rule, obj in self.skip:
+            if rule not in self.layer_rules or obj not in self.objectives:
+                raise StratalignError(f"--skip {rule}:{obj} matches no cell: layer rules {list(self.layer_rules)}, "
+                                      f"objectives {list(self.objectives)}")
         out = []
         for rule, obj, head, n, seed in itertools.product(self.layer_rules, self.objectives, self.heads,
                                                           self.n_pairs, self.seeds):
+            if (rule, obj) in self.skip:
+                continue
             if obj == "csa":
                 head = "csa"  # CSA is a closed-form head with its own objective
             elif head == "csa":

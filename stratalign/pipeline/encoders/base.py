@@ -248,8 +248,8 @@ class ImageTransform:
     def _normalise_into(self, im: Any, out: np.ndarray) -> None:
         """(x / 255 - mean) / std in float32, in that order, written straight into a CHW slot of the batch
         (no temporaries: the loader threads share the CPUs with the model)."""
-        hwc = np.asarray(im).transpose(2, 0, 1)
-        np.divide(hwc, np.float32(255.0), out=out, dtype=np.float32)
+        chw = np.asarray(im).transpose(2, 0, 1)  # a view of the HWC uint8 pixels
+        np.divide(chw, np.float32(255.0), out=out, dtype=np.float32)
         out -= np.asarray(self.mean, np.float32)[:, None, None]
         out /= np.asarray(self.std, np.float32)[:, None, None]
 
