@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+
 def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int) -> dict:
     import torch
 
