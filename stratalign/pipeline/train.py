@@ -497,9 +497,10 @@ def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val
                 return L.structure_regularizer(xb, zb, **sopts)
             # the head runs once on each distinct neighbour outside the batch; the rest are masked, so
             # their table index (0) is never read
-            outside = nbr[mask].unique()
+            picked = nbr[mask]
+            outside = picked.unique()  # sorted, so searchsorted finds each row's table index
             index = torch.zeros_like(nbr)
-            index[mask] = torch.searchsorted(outside, nbr[mask])
+            index[mask] = torch.searchsorted(outside, picked)
             x_tab = x_all[outside]
             z_tab = head(x_tab).to(zb.dtype)
             return L.structure_regularizer_knn(xb, zb, x_tab, z_tab, mask, nbr_index=index, **sopts)
