@@ -137,6 +137,7 @@ class FeatureEntry:
         self.group = group
         self.key = key or spec.key  # the folder it lives in (entries keyed by an older derivation keep theirs)
         self._markers: dict[int, dict] | None = None
+        self._arrays: dict[int, zarr.Array] = {}  # opened once: each open reads and parses zarr.json
 
     # ----- layout helpers
     @property
@@ -145,9 +146,12 @@ class FeatureEntry:
 
     def layer_array(self, layer: int) -> zarr.Array:
         """One layer's Zarr array; a corrupt zarr.json is named in a one-line error."""
+        if layer in self._arrays:
+            return self._arrays[layer]
         name = f"layer_{layer:03d}"
         try:
-            return self.group[name]
+            self._arrays[layer] = self.group[name]
+            return self._arrays[layer]
         except json.JSONDecodeError as exc:
             path = self.store.loc.path(*self.folder, name, "zarr.json")
             raise StratalignError(f"corrupt JSON file {path}: {exc}") from None
@@ -530,10 +534,11 @@ class FeatureStore:
             group = features.create_group(key)
         except (ContainsGroupError, ContainsArrayError):
             group = features[key]
+        created: dict[int, zarr.Array] = {}
         for i, dim in enumerate(spec.dims):
             name = f"layer_{i:03d}"
             try:
-                group.create_array(
+                created[i] = group.create_array(
                     name, shape=(spec.rows, dim), chunks=(spec.shard_rows, dim), dtype=spec.dtype,
                     serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=float("nan"),
                     attributes={"layer_name": spec.layer_names[i]},
@@ -544,7 +549,9 @@ class FeatureStore:
                     raise StratalignError(f"entry {key} layer {i} exists with another shape or dtype") from None
         if not isinstance(group.attrs.get("stratalign_entry"), dict):
             group.attrs["stratalign_entry"] = spec.to_json()
-        return self.entry(key)
+        entry = self.entry(key)
+        entry._arrays.update(created)
+        return entry
 
     def complete_entries(self, dataset: str, encoder: str, pooling: str | None = None,
                          modality: str | None = None) -> list[FeatureEntry]:
