@@ -65,9 +65,9 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
             extract_encoder(store, store.dataset("bench"), enc, cfg)
             return time.perf_counter() - t0
 
-    first = ([load_image(p) for p in ds.images["path"].to_list()[:batch_size]] if image
-             else ds.captions["text"].to_list()[:batch_size])
     if mode == "memory":
+        first = ([load_image(p) for p in ds.images["path"].to_list()[:batch_size]] if image
+                 else ds.captions["text"].to_list()[:batch_size])
         enc.forward_pooled(enc.preprocess(first), [enc.default_pooling])  # warm-up
         loaded = _rss_mb()
         seconds = extract_once()
