@@ -37,7 +37,7 @@ def _rss_mb() -> float:
 
 
 def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, shard_rows: int,
-          repeats: int) -> dict:
+          repeats: int, loaders: str) -> dict:
     import torch
 
     from stratalign.pipeline.device import retain_freed_memory
@@ -45,17 +45,18 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
     retain_freed_memory()  # both paths run under the allocator setting extraction uses
     torch.set_num_threads(threads)
     from stratalign.pipeline.encoders import load_encoder
-    from stratalign.pipeline.extract import ExtractConfig, extract_encoder
+    from stratalign.pipeline.extract import ExtractConfig, extract_encoder, start_loader_processes
     from stratalign.stores.feature_store import FeatureStore
     from stratalign.stores.media import load_image
     from stratalign.stores.sources import ingest_source
 
     ds = ingest_source("twemoji", "bench", limit=n)
+    cfg = ExtractConfig(encoders=(encoder_spec,), batch_size=batch_size, progress=False, torch_threads=threads,
+                        shard_rows=shard_rows, loaders=loaders)  # the same threads as the bare path
+    start_loader_processes(cfg, torch.device("cpu"))  # before the model, as `extract()` does
     enc = load_encoder(encoder_spec, "cpu")
     image = enc.modality == "image"
     rows = ds.images.height if image else ds.captions.height
-    cfg = ExtractConfig(encoders=(encoder_spec,), batch_size=batch_size, progress=False, torch_threads=threads,
-                        shard_rows=shard_rows)  # the same threads as the bare path
 
     def extract_once() -> float:
         with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +103,8 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
 def run_child(mode: str, encoder: str, n: int, args: argparse.Namespace) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--encoders", encoder, "--n", str(n),
                           "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-                          "--shard-rows", str(args.shard_rows), "--repeats", str(args.repeats)],
+                          "--shard-rows", str(args.shard_rows), "--repeats", str(args.repeats),
+                          "--loaders", args.loaders],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode != 0:
         raise SystemExit(f"child {mode} {encoder} n={n} failed:\n{out.stderr[-2000:]}")
@@ -118,11 +120,13 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=256)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (bare, extract) in the time child")
+    ap.add_argument("--loaders", default="auto", choices=["auto", "processes", "threads"],
+                    help="extraction's loaders (auto: processes for the image encoders)")
     ap.add_argument("--child", choices=["time", "memory"])
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.encoders[0], args.n[0], args.batch_size, args.threads,
-                               args.shard_rows, max(1, args.repeats))))
+                               args.shard_rows, max(1, args.repeats), args.loaders)))
         return
     header = (f"{'encoder':<20}{'N':>6}{'shards':>7}{'bare s':>9}{'extract s':>11}{'ratio':>8}{'ratio range':>14}"
               f"{'rows/s':>9}{'peak RSS MB':>13}{'growth MB':>11}")

@@ -9,13 +9,19 @@ import time
 import numpy as np
 import torch
 
+from stratalign.pipeline.encoders.base import ImageTransform
+
+TINY_TRANSFORM = ImageTransform(resize=8, crop=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
 
 class TinyImageEncoder:
-    """3 'layers': an 8x8 grey thumbnail through fixed random linear maps with tanh."""
+    """3 'layers': an 8x8 grey thumbnail through fixed random linear maps with tanh. Its preprocessing is
+    a plain ImageTransform, so on Linux CPU extraction prepares its batches in loader processes."""
 
     modality = "image"
     default_pooling = "avg"
     poolings = ("avg", "max")
+    image_transform = TINY_TRANSFORM
 
     def __init__(self, spec: str = "tiny-image", delay_s: float = 0.0, scale: float = 1.0) -> None:
         self.spec = spec
@@ -31,15 +37,14 @@ class TinyImageEncoder:
         return {"spec": self.spec, "weights_sha256": "tiny", "preprocessing": "grey 8x8"}
 
     def preprocess(self, items: list) -> dict[str, torch.Tensor]:
-        arr = np.stack([np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32).reshape(-1) / 255.0
-                        for im in items])
-        return {"pixels": torch.from_numpy(arr)}
+        return {"pixel_values": self.image_transform(items)}
 
     def forward_pooled(self, batch, poolings):
         self.forward_calls += 1
         if self.delay_s:
             time.sleep(self.delay_s)
-        h = batch["pixels"]
+        pixels = batch["pixel_values"]
+        h = pixels.mean(1).reshape(len(pixels), 64)
         layers = []
         for w in self.w:
             h = torch.tanh(h @ w) if w.shape[0] != 64 else h @ w

@@ -37,10 +37,13 @@ def _layer_bytes(store: FeatureStore, dataset: str, encoder: str, pooling: str |
     return [entry.read_layer(i).tobytes() for i in range(len(entry.spec.dims))]
 
 
-def test_values_equal_independent_forward(store_with_dataset) -> None:
+@pytest.mark.parametrize("loaders", ["processes", "threads"])
+def test_values_equal_independent_forward(store_with_dataset, loaders) -> None:
     store, ds = store_with_dataset
-    reports = extract(store, "toy", _cfg(poolings=()), load=load_tiny)
+    reports = extract(store, "toy", _cfg(poolings=(), loaders="auto" if loaders == "processes" else loaders),
+                      load=load_tiny)
     assert [r.shards_encoded for r in reports] == [4, 8]  # 30 images, 60 captions, 8 rows a shard
+    assert [r.loaders for r in reports] == [loaders, "threads"]  # auto: processes for images on CPU
     enc = TinyImageEncoder()
     images = [load_image(p) for p in ds.images["path"].to_list()]
     expected = enc.forward_pooled(enc.preprocess(images), ["avg"])["avg"]
@@ -84,16 +87,17 @@ def test_float16_overflow_fails_clearly_and_keeps_store(store_with_dataset) -> N
     assert report.shards_encoded == 4
 
 
-def test_corrupt_image_mid_dataset(store_with_dataset) -> None:
+@pytest.mark.parametrize("loaders", ["processes", "threads"])
+def test_corrupt_image_mid_dataset(store_with_dataset, loaders) -> None:
     store, ds = store_with_dataset
     bad_row = 20  # in shard 2
     Path(ds.images["path"][bad_row]).write_bytes(b"garbage")
     with pytest.raises(StratalignError, match=f"image {ds.images['image_id'][bad_row]} .*changed since ingest"):
-        extract_encoder(store, ds, TinyImageEncoder(), _cfg(loader_threads=1, prefetch_batches=1))
+        extract_encoder(store, ds, TinyImageEncoder(), _cfg(loader_workers=1, prefetch_batches=1, loaders=loaders))
     done = next(iter(store.entries())).done_shards()
     assert 2 not in done and set(done) <= {0, 1, 3}  # finished shards kept, the bad one not marked
-    report = extract_encoder(store, ds, TinyImageEncoder(), _cfg(skip_bad=True))
-    assert report.bad_rows == [bad_row]
+    report = extract_encoder(store, ds, TinyImageEncoder(), _cfg(skip_bad=True, loaders=loaders))
+    assert report.loaders == loaders and report.bad_rows == [bad_row]
     marker = next(iter(store.entries())).markers(refresh=True)[2]
     assert marker["bad_rows"] == [bad_row]
 
@@ -111,6 +115,25 @@ def _script(store: str, extra_env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **extra_env})
 
 
+def _stat(pid: int) -> list[str]:
+    """State, parent pid, ... of a process from /proc (empty when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return bool(stat) and stat[0] not in ("Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of pid (Linux /proc)."""
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return [c for c in pids if _alive(c) and int(_stat(c)[1]) == pid]
+
+
 def _markers(store_dir: Path) -> list[Path]:
     return sorted(store_dir.glob("features/*/_shards/*.json"))
 
@@ -125,10 +148,16 @@ def test_resume_after_kill9_is_byte_identical(tmp_path: Path, store_with_dataset
     deadline = time.time() + 60
     while len(_markers(Path(store.url))) < 1 and time.time() < deadline:
         time.sleep(0.02)
+    children = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(_markers(Path(store.url)))
     assert 1 <= done_before < 4, "the kill should land mid-extraction"
+    assert len(children) >= 2  # its loader processes (and multiprocessing's resource tracker) ...
+    deadline = time.time() + 10
+    while any(_alive(c) for c in children) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not [c for c in children if _alive(c)]  # ... die with it
 
     entry = next(iter(store.entries()))
     enc = TinyImageEncoder()
@@ -204,14 +233,14 @@ def test_pooled_vectors_do_not_pin_hidden_states(store_with_dataset) -> None:
 
     class ViewEncoder(TinyImageEncoder):
         def forward_pooled(self, batch, poolings):
-            hidden = torch.randn(len(batch["pixels"]), 50, 16)
+            hidden = torch.randn(len(batch["pixel_values"]), 50, 16)
             return {p: [hidden[:, 0]] * 3 for p in poolings}
 
     store, ds = store_with_dataset
     enc = ViewEncoder()
     enc.dims = [16, 16, 16]
     worker = ShardEncoder(enc, ds, plan_entries(store, ds, enc, _cfg()), _cfg(), torch.device("cpu"))
-    out = worker.forward({"pixels": torch.zeros(4, 64)})
+    out = worker.forward({"pixel_values": torch.zeros(4, 3, 8, 8)})
     for arr in out["avg"]:
         assert arr.flags.owndata and arr.nbytes == 4 * 16 * 4
 
@@ -334,7 +363,7 @@ def test_cpu_extraction_sets_torch_threads_and_restores_them(store_with_dataset,
     torch.set_num_threads(1)
     try:
         monkeypatch.setattr(dev, "available_cpus", lambda: 4)
-        report = extract_encoder(store, ds, ThreadSpy(), _cfg(loader_threads=2, poolings=("avg",)))
+        report = extract_encoder(store, ds, ThreadSpy(), _cfg(loader_workers=2, poolings=("avg",)))
         assert set(seen) == {4} and report.torch_threads == 4  # every available CPU, not torch's default
         assert torch.get_num_threads() == 1  # restored
         seen.clear()
@@ -377,8 +406,8 @@ def test_loaders_run_at_most_prefetch_batches_ahead(store_with_dataset) -> None:
 
     store, ds = store_with_dataset
     report = extract_encoder(store, ds, Counting(), _cfg(shard_rows=30, batch_size=1, prefetch_batches=2,
-                                                         loader_threads=2))
+                                                         loader_workers=2, loaders="threads"))
     assert report.shards_encoded == 1 and state["consumed"] == 30
-    # the loaders' window (2) + the hand-over queue (2) + one waiting to be queued + one in the model: never
+    # the loaders' window (2) + the hand-over queue (1) + one waiting to be queued + one in the model: never
     # the 30 batches of the shard
-    assert state["ahead"] <= 2 + 2 + 2, state
+    assert state["ahead"] <= 2 + 1 + 2, state

@@ -24,13 +24,15 @@ def extract_cmd(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Record unreadable images instead of stopping."),
     engine: str = typer.Option("local", help="local or ray (one Ray task per shard)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local one)."),
-    loader_threads: int = typer.Option(2, help="Threads that decode and preprocess ahead of the model."),
+    loaders: str = typer.Option("auto", help="processes, threads or auto (processes for image encoders on CPU)."),
+    loader_workers: int = typer.Option(2, help="Loader processes or threads that decode and preprocess ahead of the model."),
     torch_threads: int = typer.Option(0, help="torch intra-op threads on CPU (0: every CPU available to the process)."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run each encoder once over a dataset; write every layer's pooled features to the store."""
     cfg = ExtractConfig(encoders=tuple(encoder), poolings=tuple(pooling), dtype=dtype, batch_size=batch_size,
-                        shard_rows=shard_rows, device=device, skip_bad=skip_bad, loader_threads=loader_threads,
+                        shard_rows=shard_rows, device=device, skip_bad=skip_bad, loaders=loaders,
+                        loader_workers=loader_workers,
                         torch_threads=torch_threads)
     fs = FeatureStore.open(store_url(store), "a")
     if engine == "ray":

@@ -1,10 +1,11 @@
 """Stage 1: run each frozen encoder once over a dataset and write every layer's pooled features.
 
 Work is cut into store shards (`shard_rows` rows each). A worker claims a shard (see stores.claims),
-loads and preprocesses its rows in background threads while the model runs, pools every layer in one
-forward pass, and hands the shard's blocks to a background writer that writes all layers and then the
-completion marker. A heartbeat thread keeps the claims fresh meanwhile, and a claim won just after another
-worker finished the shard is dropped again. On CPU, torch gets the CPUs available to the process.
+loads and preprocesses its rows in the background while the model runs (on CPU, images in low-priority
+loader processes, see image_loaders.py; otherwise loader threads), pools every layer in one forward pass,
+and hands the shard's blocks to a background writer that writes all layers and then the completion marker.
+A heartbeat thread keeps the claims fresh meanwhile, and a claim won just after another worker finished the
+shard is dropped again. On CPU, torch gets the CPUs available to the process.
 Batches never straddle shards and are cut the same way on every run, so a resumed or distributed run
 writes byte-identical shards to an uninterrupted one.
 """
@@ -44,7 +45,8 @@ class ExtractConfig:
     batch_size: int = 64
     device: str = "auto"
     skip_bad: bool = False
-    loader_threads: int = 2
+    loaders: str = "auto"  # "processes" | "threads" | "auto": processes for image encoders on CPU (Linux)
+    loader_workers: int = 2
     prefetch_batches: int = 4
     poll_s: float = 2.0
     progress: bool = True
@@ -64,6 +66,8 @@ class ExtractReport:
     forward_s: float = 0.0
     wall_s: float = 0.0
     torch_threads: int = 0
+    loaders: str = ""
+    batches_stolen: int = 0  # batches the loader processes were too slow for, prepared by the loader thread
 
     @property
     def rows_per_s(self) -> float:
@@ -135,30 +139,128 @@ class RowReader:
         return items, bad
 
 
+LOADER_KINDS = ("auto", "processes", "threads")
+STEAL_AFTER_S = 0.25  # the model has waited this long for a loader process's batch: prepare it in-process
+
+
+def choose_loaders(cfg: ExtractConfig, encoder: Any, device: torch.device) -> str:
+    """'processes' or 'threads' for this encoder (see the module docstring); a clear error when the
+    requested kind cannot serve it."""
+    from stratalign.pipeline.image_loaders import SlotBlock, processes_supported
+
+    if cfg.loaders not in LOADER_KINDS:
+        raise StratalignError(f"unknown loaders {cfg.loaders!r}: use {', '.join(LOADER_KINDS)}")
+    if cfg.loader_workers < 1:
+        raise StratalignError(f"loader workers must be >= 1, got {cfg.loader_workers}")
+    if cfg.loaders == "threads":
+        return "threads"
+    transform = getattr(encoder, "image_transform", None)
+    why = None
+    if transform is None:
+        why = f"{encoder.spec} has no plain image transform (text encoders and custom preprocessing use threads)"
+    elif not processes_supported():
+        why = "loader processes need Linux (fork)"
+    elif not SlotBlock.fits(cfg.prefetch_batches + 3, (cfg.batch_size, 3, transform.crop, transform.crop)):
+        why = "/dev/shm has too little free space for the batch slots (lower --batch-size)"
+    elif cfg.loaders == "auto" and device.type != "cpu":
+        return "threads"  # the CPUs are free while a GPU computes
+    if why is None:
+        return "processes"
+    if cfg.loaders == "processes":
+        raise StratalignError(f"--loaders processes: {why}")
+    return "threads"
+
+
+class Hunger:
+    """Set while the model thread waits for a batch: how long it has waited."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def waited(self) -> float:
+        since = self.since
+        return 0.0 if since is None else time.monotonic() - since
+
+
+class ThreadLoader:
+    """Loader threads: `submit(rows)` returns a handle whose `result()` gives (rows, batch, bad, release)."""
+
+    def __init__(self, prepare: "BatchPreparer", n: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="stratalign-load")
+        self.prepare = prepare
+        self.stolen = 0
+
+    def submit(self, rows: range) -> Any:
+        fut = self.pool.submit(self.prepare, rows)
+        return _Later(lambda: (*fut.result(), _nothing), fut.cancel)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Later:
+    def __init__(self, get: Callable[[], tuple], drop: Callable[[], Any]) -> None:
+        self.result, self.drop = get, drop
+
+
+def _nothing() -> None:
+    return None
+
+
+def start_loader_processes(cfg: ExtractConfig, device: torch.device) -> None:
+    """Fork the loader processes now if extraction may use them; a no-op when they run already."""
+    from stratalign.pipeline.image_loaders import loader_pool, processes_supported
+
+    if cfg.loaders != "threads" and (device.type == "cpu" or cfg.loaders == "processes") and processes_supported():
+        loader_pool(cfg.loader_workers)
+
+
+def make_loader(kind: str, prepare: "BatchPreparer", cfg: ExtractConfig, hunger: Hunger) -> Any:
+    if kind == "threads":
+        return ThreadLoader(prepare, cfg.loader_workers)
+    from stratalign.pipeline.image_loaders import ProcessImageLoader, image_rows_factory, loader_pool
+
+    reader = prepare.reader
+    # slots: the loaders' window, the hand-over queue, one waiting to be queued, one in the model
+    return ProcessImageLoader(loader_pool(cfg.loader_workers), prepare.encoder.image_transform,
+                              image_rows_factory(reader.paths, reader.shas, reader.ids, cfg.skip_bad),
+                              cfg.batch_size, max(1, cfg.prefetch_batches) + 3, prepare,
+                              lambda: hunger.waited() > STEAL_AFTER_S)
+
+
 def _batches(start: int, stop: int, size: int) -> list[range]:
     return [range(s, min(s + size, stop)) for s in range(start, stop, size)]
+
+
+class BatchPreparer:
+    """Rows -> (rows, model-ready batch, bad rows), in the calling thread (a loader thread, or the thread
+    that waits on a loader process that is late)."""
+
+    def __init__(self, encoder: Any, ds: PairDataset, skip_bad: bool, device: torch.device) -> None:
+        self.encoder = encoder
+        self.device = device
+        self.reader = RowReader(ds, encoder.modality, skip_bad)
+
+    def __call__(self, rows: range) -> tuple[range, dict[str, torch.Tensor], list[int]]:
+        items, bad = self.reader.read(rows)
+        batch = self.encoder.preprocess(items)
+        if self.device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return rows, batch, bad
 
 
 class ShardEncoder:
     """Encodes whole shards with one loaded model: the unit of work of both engines."""
 
     def __init__(self, encoder: Any, ds: PairDataset, entries: list[FeatureEntry], cfg: ExtractConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, prepare: BatchPreparer | None = None) -> None:
         self.encoder = encoder
         self.entries = entries
         self.cfg = cfg
         self.device = device
-        self.reader = RowReader(ds, encoder.modality, cfg.skip_bad)
+        self.prepare = prepare or BatchPreparer(encoder, ds, cfg.skip_bad, device)
         self.poolings = [e.spec.pooling for e in entries]
         self.forward_s = 0.0
-
-    def prepare(self, rows: range) -> tuple[range, dict[str, torch.Tensor], list[int]]:
-        """Load and preprocess one batch (runs in loader threads)."""
-        items, bad = self.reader.read(rows)
-        batch = self.encoder.preprocess(items)
-        if self.device.type == "cuda":
-            batch = {k: v.pin_memory() for k, v in batch.items()}
-        return rows, batch, bad
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, list[np.ndarray]]:
         """One forward pass; only the pooled float32 vectors leave the device."""
@@ -277,22 +379,51 @@ def extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ext
 def _extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: ExtractConfig, device: torch.device,
                      on_shard: Callable[[int], None] | None, n_threads: int) -> ExtractReport:
     t0 = time.perf_counter()
-    entries = plan_entries(store, ds, encoder, cfg)
-    report = ExtractReport(encoder=encoder.spec, entries=[e.key for e in entries],
-                           shards_total=entries[0].spec.n_shards, torch_threads=n_threads)
-    pending = pending_union(entries)
-    if not pending:
-        report.wall_s = time.perf_counter() - t0
-        return report
-    worker = ShardEncoder(encoder, ds, entries, cfg, device)
+    specs = entry_specs(ds, encoder, cfg)
+    kind = choose_loaders(cfg, encoder, device)
+    prepare = BatchPreparer(encoder, ds, cfg.skip_bad, device)
+    hunger = Hunger()
+    loader = None
+    early: dict[range, Any] = {}
+    if not any(store.loc.exists("features", s.key, "zarr.json") for s in specs):
+        # a new entry: shard 0 is pending unless another worker takes it first, so its first batches load
+        # while the entry is created (~0.1 s of zarr calls); dropped unused if shard 0 goes elsewhere
+        loader = make_loader(kind, prepare, cfg, hunger)
+        first = _batches(0, min(specs[0].rows, cfg.shard_rows), cfg.batch_size)[:max(1, cfg.prefetch_batches)]
+        early = {rows: loader.submit(rows) for rows in first}
+    try:
+        entries = [store.create_entry(spec) for spec in specs]
+        report = ExtractReport(encoder=encoder.spec, entries=[e.key for e in entries],
+                               shards_total=entries[0].spec.n_shards, torch_threads=n_threads, loaders=kind)
+        pending = pending_union(entries)
+        if not pending:
+            report.wall_s = time.perf_counter() - t0
+            return report
+        loader = loader or make_loader(kind, prepare, cfg, hunger)
+        worker = ShardEncoder(encoder, ds, entries, cfg, device, prepare)
+        try:
+            return _run(report, entries, worker, loader, early, hunger, cfg, pending, on_shard, t0)
+        finally:
+            report.batches_stolen = loader.stolen
+    finally:
+        for handle in early.values():
+            handle.drop()
+        if loader is not None:
+            loader.close()
+
+
+def _run(report: ExtractReport, entries: list[FeatureEntry], worker: ShardEncoder, loader: Any,
+         early: dict[range, Any], hunger: Hunger, cfg: ExtractConfig, pending: list[int],
+         on_shard: Callable[[int], None] | None, t0: float) -> ExtractReport:
+    """The claim/load/forward/write loop over this worker's shards; `early` holds batches already submitted."""
     claim = Claim.mine()
     heartbeat = Heartbeat(claim)
     rows_pending = sum(len(range(*entries[0].shard_rows_range(s))) for s in pending)
-    bar = tqdm(total=rows_pending, unit="row", desc=f"extract {encoder.spec}", disable=not cfg.progress,
+    bar = tqdm(total=rows_pending, unit="row", desc=f"extract {worker.encoder.spec}", disable=not cfg.progress,
                dynamic_ncols=True, smoothing=0.1)
 
     ahead = max(1, cfg.prefetch_batches)
-    prepared: queue.Queue = queue.Queue(maxsize=ahead)
+    prepared: queue.Queue = queue.Queue(maxsize=1)  # the loaders' window already runs `ahead` batches ahead
     to_write: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     in_flight: set[int] = set()
@@ -300,30 +431,40 @@ def _extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ex
     END = object()
 
     def produce() -> None:
+        window: deque = deque()
         try:
-            with ThreadPoolExecutor(max_workers=cfg.loader_threads) as pool:
-                for shard in _claimed_shards(entries, claim, cfg.poll_s, in_flight, stop, heartbeat):
-                    start, end = entries[0].shard_rows_range(shard)
-                    batches = list(_batches(start, end, cfg.batch_size))
-                    # A sliding window of prefetch_batches batches in the loaders: memory stays a few batches
-                    # whatever the shard size (submitting a whole shard held every preprocessed image at once).
-                    window = deque(pool.submit(worker.prepare, rows) for rows in batches[:ahead])
-                    for i in range(len(batches)):
-                        fut = window.popleft()
-                        if i + ahead < len(batches):
-                            window.append(pool.submit(worker.prepare, batches[i + ahead]))
-                        item = (shard, i == len(batches) - 1, *fut.result())
-                        while not stop.is_set():
-                            try:
-                                prepared.put(item, timeout=0.5)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
-                            return
+            for shard in _claimed_shards(entries, claim, cfg.poll_s, in_flight, stop, heartbeat):
+                if shard != 0:  # another worker has shard 0: its early batches only hold memory
+                    for handle in early.values():
+                        handle.drop()
+                    early.clear()
+                start, end = entries[0].shard_rows_range(shard)
+                batches = list(_batches(start, end, cfg.batch_size))
+                # A sliding window of prefetch_batches batches in the loaders: memory stays a few batches
+                # whatever the shard size (submitting a whole shard held every preprocessed image at once).
+                def submit(rows: range) -> Any:
+                    return early.pop(rows, None) or loader.submit(rows)
+
+                window.extend(submit(rows) for rows in batches[:ahead])
+                for i in range(len(batches)):
+                    handle = window.popleft()
+                    if i + ahead < len(batches):
+                        window.append(submit(batches[i + ahead]))
+                    item = (shard, i == len(batches) - 1, *handle.result())
+                    while not stop.is_set():
+                        try:
+                            prepared.put(item, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        item[-1]()
+                        return
         except BaseException as exc:  # handed to the main thread
             prepared.put(exc)
         finally:
+            for handle in window:
+                handle.drop()
             prepared.put(END)
 
     def write() -> None:
@@ -352,17 +493,26 @@ def _extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ex
     shard_bad: list[int] = []
     try:
         while True:
-            item = prepared.get()
+            try:
+                item = prepared.get_nowait()
+            except queue.Empty:
+                hunger.since = time.monotonic()
+                item = prepared.get()
+                hunger.since = None
             if item is END:
                 break
             if isinstance(item, BaseException):
                 raise item
             if errors:
                 raise errors[0]
-            shard, last, rows, batch, bad = item
+            shard, last, rows, batch, bad, release = item
             shard_bad += bad
-            for p, layers in worker.forward(batch).items():
-                parts[p].append(layers)
+            try:
+                for p, layers in worker.forward(batch).items():
+                    parts[p].append(layers)
+            finally:
+                del batch
+                release()
             bar.update(len(rows))
             if last:
                 blocks = {p: [np.concatenate(c) for c in zip(*chunks)] for p, chunks in parts.items()}
@@ -402,6 +552,7 @@ def extract(store: FeatureStore, dataset: str, cfg: ExtractConfig,
         from stratalign.pipeline.encoders import load_encoder as load
     ds = store.dataset(dataset)
     device = resolve_device(cfg.device)
+    start_loader_processes(cfg, device)  # forked before any model is loaded (see image_loaders.py)
     reports = []
     for spec in cfg.encoders:
         encoder = load(spec, str(device))

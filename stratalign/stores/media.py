@@ -18,6 +18,9 @@ class BadItem(StratalignError):
         super().__init__(message)
         self.row = row
 
+    def __reduce__(self) -> tuple:  # rebuilt with both arguments when a loader process raises it
+        return BadItem, (self.row, str(self))
+
 
 def load_image(path: str, expected_sha: str | None = None, *, row: int = -1, image_id: str = "?") -> Image.Image:
     """Decode one image to RGB; fail naming the image if it is missing, corrupt or changed since ingest."""

@@ -253,9 +253,13 @@ class ImageTransform:
         out -= np.asarray(self.mean, np.float32)[:, None, None]
         out /= np.asarray(self.std, np.float32)[:, None, None]
 
+    def into(self, image: Any, out: np.ndarray) -> None:
+        """One image into a (3, crop, crop) float32 slot, e.g. of a shared-memory batch (no torch call)."""
+        self._normalise_into(self._crop(image), out)
+
     def one(self, image: Any) -> np.ndarray:
         out = np.empty((3, self.crop, self.crop), np.float32)
-        self._normalise_into(self._crop(image), out)
+        self.into(image, out)
         return out
 
     def __call__(self, images: list) -> torch.Tensor:
@@ -263,7 +267,7 @@ class ImageTransform:
             raise StratalignError("preprocess got an empty batch")
         batch = np.empty((len(images), 3, self.crop, self.crop), np.float32)
         for i, im in enumerate(images):
-            self._normalise_into(self._crop(im), batch[i])
+            self.into(im, batch[i])
         return torch.from_numpy(batch)
 
 
@@ -283,6 +287,9 @@ class Encoder:
     default_pooling: str
     poolings: tuple[str, ...]
     model: torch.nn.Module
+    # Image encoders whose `preprocess(items)` is exactly {"pixel_values": image_transform(items)} set this:
+    # extraction may then prepare their batches in loader processes without the encoder (image_loaders.py).
+    image_transform: "ImageTransform | None" = None
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")

@@ -83,6 +83,7 @@ class EfficientNetLiteEncoder(Encoder):
     def __init__(self, model: torch.nn.Module, weights_file: Path, device: str = "cpu") -> None:
         super().__init__()
         self.spec = "efficientnet-lite0"
+        self.image_transform = EFFNET_TRANSFORM
         self.model = self.frozen(model)
         self.weights_file = weights_file
         self.layer_names = [f"blocks.{i}" for i in range(len(model._blocks))] + ["head"]
@@ -91,7 +92,7 @@ class EfficientNetLiteEncoder(Encoder):
         self.to(device)
 
     def preprocess(self, items: list) -> dict[str, torch.Tensor]:
-        return {"pixel_values": EFFNET_TRANSFORM(items)}
+        return {"pixel_values": EFFNET_TRANSFORM(items)}  # what image_transform promises
 
     def feature_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Every block's output and the head features, from one pass of `extract_features`."""

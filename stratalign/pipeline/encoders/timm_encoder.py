@@ -52,7 +52,7 @@ class TimmEncoder(Encoder):
         super().__init__()
         self.spec = spec
         self.model = self.frozen(model)
-        self.transform = transform
+        self.transform = self.image_transform = transform
         self.name = name
         self.checkpoint = checkpoint
         self._weights_sha: str | None = None

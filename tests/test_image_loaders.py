@@ -1,0 +1,136 @@
+"""Loader processes (stratalign.pipeline.image_loaders): same bytes as loader threads, late batches prepared
+in-process, a clear choice of loader kind, nothing left behind in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fake_encoders import TINY_TRANSFORM, TinyImageEncoder, TinyTextEncoder
+
+from stratalign.errors import StratalignError
+from stratalign.pipeline import extract as extract_mod
+from stratalign.pipeline import image_loaders
+from stratalign.pipeline.encoders.base import ImageTransform
+from stratalign.pipeline.extract import ExtractConfig, choose_loaders, extract_encoder
+from stratalign.stores.feature_store import FeatureStore
+from stratalign.stores.media import BadItem
+
+pytestmark = pytest.mark.skipif(not image_loaders.processes_supported(), reason="loader processes need Linux")
+
+PARENT = os.getpid()
+
+
+def _cfg(**kw) -> ExtractConfig:
+    base = dict(encoders=("tiny-image",), shard_rows=8, batch_size=3, progress=False, poll_s=0.05)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def _bytes(store: FeatureStore) -> list[bytes]:
+    entry = next(iter(store.entries()))
+    return [entry.read_layer(i).tobytes() for i in range(len(entry.spec.dims))]
+
+
+def _fresh(tmp_path: Path, name: str, ds) -> FeatureStore:
+    store = FeatureStore.open(str(tmp_path / name), "a", create=True)
+    store.save_dataset(ds)
+    return store
+
+
+def _our_blocks() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+
+class SlowInWorkers(ImageTransform):
+    """A transform that takes 0.3 s an image in a loader process and no time in the test's own process."""
+
+    def into(self, image, out) -> None:
+        if os.getpid() != PARENT:
+            time.sleep(0.3)
+        super().into(image, out)
+
+
+class SlowLoadingEncoder(TinyImageEncoder):
+    image_transform = SlowInWorkers(resize=8, crop=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def test_processes_write_the_same_bytes_as_threads_and_free_their_memory(store_with_dataset, tmp_path) -> None:
+    store, ds = store_with_dataset
+    before = _our_blocks()
+    report = extract_encoder(store, ds, TinyImageEncoder(), _cfg(loaders="processes"))
+    assert report.loaders == "processes" and report.shards_encoded == 4 and report.batches_stolen == 0
+    assert _our_blocks() <= before  # the batch slots are unlinked when the run ends
+    threads = _fresh(tmp_path, "threads", ds)
+    assert extract_encoder(threads, ds, TinyImageEncoder(), _cfg(loaders="threads")).loaders == "threads"
+    assert _bytes(store) == _bytes(threads)
+
+
+def test_late_worker_batches_are_prepared_in_process(store_with_dataset, tmp_path, monkeypatch) -> None:
+    """Loader processes starved of CPU (here: 0.3 s an image) must not hold the model up: once the model
+    has waited STEAL_AFTER_S, the loader thread prepares the batch itself; the bytes do not change."""
+    store, ds = store_with_dataset
+    monkeypatch.setattr(extract_mod, "STEAL_AFTER_S", 0.05)
+    t0 = time.perf_counter()
+    report = extract_encoder(store, ds, SlowLoadingEncoder(), _cfg(loaders="processes"))
+    took = time.perf_counter() - t0
+    assert report.loaders == "processes" and report.batches_stolen >= 8  # of 11 batches
+    assert took < 30 * 0.3 / 2  # far less than the workers would have needed for the 30 images
+    reference = _fresh(tmp_path, "ref", ds)
+    extract_encoder(reference, ds, TinyImageEncoder(), _cfg(loaders="threads"))
+    assert _bytes(store) == _bytes(reference)
+
+
+def test_choice_of_loaders(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    assert choose_loaders(_cfg(), TinyImageEncoder(), cpu) == "processes"
+    assert choose_loaders(_cfg(), TinyTextEncoder(), cpu) == "threads"
+    assert choose_loaders(_cfg(loaders="threads"), TinyImageEncoder(), cpu) == "threads"
+    assert choose_loaders(_cfg(), TinyImageEncoder(), torch.device("cuda")) == "threads"  # CPUs are free then
+    with pytest.raises(StratalignError, match="tiny-text has no plain image transform"):
+        choose_loaders(_cfg(loaders="processes"), TinyTextEncoder(), cpu)
+    with pytest.raises(StratalignError, match="unknown loaders 'fibers'"):
+        choose_loaders(_cfg(loaders="fibers"), TinyImageEncoder(), cpu)
+    with pytest.raises(StratalignError, match="loader workers must be >= 1"):
+        choose_loaders(_cfg(loader_workers=0), TinyImageEncoder(), cpu)
+    monkeypatch.setattr(image_loaders.SlotBlock, "fits", staticmethod(lambda n, shape: False))
+    assert choose_loaders(_cfg(), TinyImageEncoder(), cpu) == "threads"  # e.g. Docker's 64 MB /dev/shm
+    with pytest.raises(StratalignError, match="/dev/shm has too little free space"):
+        choose_loaders(_cfg(loaders="processes"), TinyImageEncoder(), cpu)
+
+
+def test_pool_is_forked_once_at_low_priority() -> None:
+    pool = image_loaders.loader_pool(2)
+    assert image_loaders.loader_pool(2) is pool
+    pids = list(pool._processes)
+    assert len(pids) == 2 and all(os.getpriority(os.PRIO_PROCESS, pid) == image_loaders.LOADER_NICE for pid in pids)
+
+
+def test_bad_item_survives_the_trip_from_a_worker() -> None:
+    err = pickle.loads(pickle.dumps(BadItem(7, "image x (a.png) is corrupt")))
+    assert isinstance(err, BadItem) and err.row == 7 and str(err) == "image x (a.png) is corrupt"
+
+
+def test_slot_block_maps_each_slot_on_its_own(tmp_path) -> None:
+    """A worker writes one slot through its own mapping; the parent reads it in place, other slots untouched."""
+    from PIL import Image
+
+    block = image_loaders.SlotBlock(3, (2, 3, 8, 8))
+    try:
+        assert block.stride % 4096 == 0
+        block.view(0, 2)[:] = -7.0
+        img = tmp_path / "a.png"
+        Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(img)
+        rows = image_loaders.ImageRows(((str(img), None, 0, "a"), (str(img), None, 1, "a")), skip_bad=False)
+        bad = image_loaders.fill_slot(block.shm.name, block.stride, (2, 3, 8, 8), TINY_TRANSFORM, rows)
+        assert bad == []
+        np.testing.assert_allclose(block.view(1, 2), (200 / 255 - 0.5) / 0.5, rtol=1e-6)
+        assert (block.view(0, 2) == -7.0).all() and (block.view(2, 2) == 0).all()
+    finally:
+        block.close()
+    assert not Path(f"/dev/shm/{block.shm.name}").exists()
