@@ -51,6 +51,32 @@ def test_roundtrip_and_rows(store_with_dataset) -> None:
     np.testing.assert_array_equal(ro.features("toy", "enc", -1), got)
 
 
+def test_layer_arrays_have_the_metadata_zarr_itself_writes(store_with_dataset, tmp_path: Path) -> None:
+    """create_entry makes the first layer through zarr and copies its metadata for the others: each copy must
+    be exactly the document zarr writes for that shape, chunking and name."""
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    store, ds = store_with_dataset
+    spec = _spec(ds, layer_names=("a", "b", "c"), dims=(4, 6, 130), dtype="float32")
+    store.create_entry(spec)
+    scratch = zarr.open_group(str(tmp_path / "scratch"), mode="w")
+    for i, (name, dim) in enumerate(zip(spec.layer_names, spec.dims)):
+        scratch.create_array(f"l{i}", shape=(spec.rows, dim), chunks=(spec.shard_rows, dim), dtype=spec.dtype,
+                             serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=float("nan"),
+                             attributes={"layer_name": name})
+        ours = json.loads((Path(store.url) / "features" / spec.key / f"layer_{i:03d}" / "zarr.json").read_text())
+        assert ours == json.loads((tmp_path / "scratch" / f"l{i}" / "zarr.json").read_text())
+    entry = store.create_entry(spec)  # opening the existing entry again
+    full = _fill(entry)
+    np.testing.assert_array_equal(store.features("toy", "enc", 2), full[2])
+    meta_file = Path(store.url) / "features" / spec.key / "layer_002" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["shape"] = [spec.rows, 131]  # as a foreign writer might have left it
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(StratalignError, match="layer 2 exists with another shape or dtype"):
+        store.create_entry(spec)
+
+
 def test_one_layer_read_touches_only_its_chunks(store_with_dataset) -> None:
     store, ds = store_with_dataset
     entry = store.create_entry(_spec(ds))

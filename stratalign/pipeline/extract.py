@@ -468,6 +468,12 @@ def _run(report: ExtractReport, entries: list[FeatureEntry], worker: ShardEncode
             prepared.put(END)
 
     def write() -> None:
+        try:
+            for entry in entries:
+                entry.open_arrays()  # while the first shard is encoded, not after it
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
         while True:
             job = to_write.get()
             if job is END:
