@@ -8,6 +8,9 @@ For each encoder and each N (first N Twemoji images, or N captions for a text en
                  the two share one process and one model, and each round's pair runs back to back, so the
                  machine's slow and fast phases (+-15% here) cancel in the per-round ratio;
   memory child - a fresh process that only extracts: its peak RSS, and its RSS once the model is loaded.
+Both children start extraction's loader processes before they load the model, as `extract()` does (on CPU,
+image batches are decoded in low-priority processes: stratalign/pipeline/image_loaders.py); `--loaders threads`
+measures the loader threads instead.
 The table shows the median bare and extract times, the median of the per-round ratios (goal <= 1.15 on CPU)
 and their range, rows/s, and the memory child's peak RSS and growth over the loaded model. Shards are
 `--shard-rows` rows (default 256), so the larger N spans several shards: the peak should not grow with N
@@ -15,6 +18,7 @@ beyond about one shard of buffers. Images default to N = 128 and 512, captions t
 costs ~30x less than an image, so at 128 a ~1 s run would measure fixed costs only).
 
     python benchmarks/extract.py                      # all three encoders, 3 rounds
+    python benchmarks/extract.py --encoders minilm-l6 efficientnet-lite0 --repeats 9
     python benchmarks/extract.py --n 256 1024 --encoders dinov2-s --repeats 1
 """
 
@@ -45,7 +49,12 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
     retain_freed_memory()  # both paths run under the allocator setting extraction uses
     torch.set_num_threads(threads)
     from stratalign.pipeline.encoders import load_encoder
-    from stratalign.pipeline.extract import ExtractConfig, extract_encoder, start_loader_processes
+    from stratalign.pipeline.extract import (
+        ExtractConfig,
+        choose_loaders,
+        extract_encoder,
+        start_loader_processes,
+    )
     from stratalign.stores.feature_store import FeatureStore
     from stratalign.stores.media import load_image
     from stratalign.stores.sources import ingest_source
@@ -75,6 +84,7 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"seconds": seconds, "rows": rows, "loaded_rss_mb": loaded, "peak_rss_mb": peak}
 
+    kind = choose_loaders(cfg, enc, torch.device("cpu"))
     items = [load_image(p) for p in ds.images["path"].to_list()] if image else ds.captions["text"].to_list()
     batches = [enc.preprocess(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
@@ -97,7 +107,7 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
         else:
             ext.append(extract_once())
             bare.append(bare_once())
-    return {"bare": bare, "extract": ext, "rows": rows}
+    return {"bare": bare, "extract": ext, "rows": rows, "loaders": kind}
 
 
 def run_child(mode: str, encoder: str, n: int, args: argparse.Namespace) -> dict:
@@ -128,7 +138,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.encoders[0], args.n[0], args.batch_size, args.threads,
                                args.shard_rows, max(1, args.repeats), args.loaders)))
         return
-    header = (f"{'encoder':<20}{'N':>6}{'shards':>7}{'bare s':>9}{'extract s':>11}{'ratio':>8}{'ratio range':>14}"
+    header = (f"{'encoder':<20}{'loaders':>10}{'N':>6}{'shards':>7}{'bare s':>9}{'extract s':>11}{'ratio':>8}{'ratio range':>14}"
               f"{'rows/s':>9}{'peak RSS MB':>13}{'growth MB':>11}")
     print(header)
     print("-" * len(header))
@@ -142,7 +152,7 @@ def main() -> None:
             ratios = [e / b for e, b in zip(t["extract"], t["bare"])]
             b, e = statistics.median(t["bare"]), statistics.median(t["extract"])
             rows = t["rows"]
-            print(f"{enc:<20}{rows:>6}{-(-rows // args.shard_rows):>7}{b:>9.2f}{e:>11.2f}"
+            print(f"{enc:<20}{t['loaders']:>10}{rows:>6}{-(-rows // args.shard_rows):>7}{b:>9.2f}{e:>11.2f}"
                   f"{statistics.median(ratios):>8.2f}{min(ratios):>7.2f}-{max(ratios):<6.2f}{rows / e:>9.1f}"
                   f"{m['peak_rss_mb']:>13.0f}{m['peak_rss_mb'] - m['loaded_rss_mb']:>11.0f}", flush=True)
     print(f"\nratio = median over {args.repeats} rounds of extract wall time / bare model forward time, both in "
