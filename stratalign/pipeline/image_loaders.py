@@ -12,9 +12,10 @@ hold no lock the model needs and run in the gaps the model leaves.
   copy-on-write, and the next forward passes pay to copy them (measured: ~1 s more for 128 images with
   EfficientNet-Lite0). The workers never call torch.
 - Each batch goes to a slot of one shared-memory block (`SlotBlock`); the model reads it in place.
-- Under load from other processes, nice-19 workers can starve. When the model waits for a batch its worker
-  has not finished (`hungry` is set), the calling thread prepares that batch itself (`steal`) and the
-  worker's late copy is dropped: never slower than loading in threads.
+- Under load from other processes, nice-19 workers can starve. Once the model has waited a while for a batch
+  its worker has not finished (`should_steal`, extract.STEAL_AFTER_S), the thread waiting on it prepares
+  that batch itself (`steal`) and the worker's late copy is dropped; with every slot still held by late
+  workers, a new batch is prepared in-process straight away.
 - Linux only (fork, /dev/shm, PR_SET_PDEATHSIG so that workers die with their parent); elsewhere, or when
   /dev/shm is too small (Docker's default is 64 MB), extraction uses loader threads.
 """
@@ -61,14 +62,14 @@ def processes_supported() -> bool:
     return sys.platform.startswith("linux") and "fork" in mp.get_all_start_methods()
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     """In each worker: lowest CPU priority, and die with the parent (a kill -9 leaves no orphans)."""
     try:
         os.setpriority(os.PRIO_PROCESS, 0, LOADER_NICE)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(0)
 
 
@@ -81,7 +82,7 @@ def loader_pool(workers: int) -> ProcessPoolExecutor:
             _pool = None
         if _pool is None:
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
-                                       initializer=_worker_init)
+                                       initializer=_worker_init, initargs=(os.getpid(),))
             for f in [pool.submit(os.getpid) for _ in range(workers)]:  # fork every worker now
                 f.result()
             _pool = pool
