@@ -28,10 +28,20 @@ from tqdm.auto import tqdm
 
 from stratalign.errors import StratalignError
 from stratalign.pipeline.device import cpu_threads, resolve_device, torch_threads
+from stratalign.pipeline.image_loaders import (
+    ProcessImageLoader,
+    SlotBlock,
+    image_rows_factory,
+    loader_pool,
+    no_release,
+    processes_supported,
+)
 from stratalign.stores.claims import Claim, Heartbeat
 from stratalign.stores.feature_store import DEFAULT_SHARD_ROWS, EntrySpec, FeatureEntry, FeatureStore
 from stratalign.stores.media import BadItem, load_image
 from stratalign.stores.pairs import PairDataset
+
+LOADER_KINDS = ("auto", "processes", "threads")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,18 @@ class ExtractConfig:
     poll_s: float = 2.0
     progress: bool = True
     torch_threads: int = 0  # torch intra-op threads; 0: on CPU every CPU available to the process
+
+    def __post_init__(self) -> None:
+        if self.loaders not in LOADER_KINDS:
+            raise StratalignError(f"unknown loaders {self.loaders!r}: use {', '.join(LOADER_KINDS)}")
+        if self.loader_workers < 1:
+            raise StratalignError(f"loader workers must be >= 1, got {self.loader_workers}")
+
+    @property
+    def slots(self) -> int:
+        """Batch slots of loader processes: the loaders' window, the hand-over queue, one batch waiting to be
+        queued and one in the model."""
+        return max(1, self.prefetch_batches) + 3
 
 
 @dataclass
@@ -139,19 +161,12 @@ class RowReader:
         return items, bad
 
 
-LOADER_KINDS = ("auto", "processes", "threads")
 STEAL_AFTER_S = 0.25  # the model has waited this long for a loader process's batch: prepare it in-process
 
 
 def choose_loaders(cfg: ExtractConfig, encoder: Any, device: torch.device) -> str:
     """'processes' or 'threads' for this encoder (see the module docstring); a clear error when the
     requested kind cannot serve it."""
-    from stratalign.pipeline.image_loaders import SlotBlock, processes_supported
-
-    if cfg.loaders not in LOADER_KINDS:
-        raise StratalignError(f"unknown loaders {cfg.loaders!r}: use {', '.join(LOADER_KINDS)}")
-    if cfg.loader_workers < 1:
-        raise StratalignError(f"loader workers must be >= 1, got {cfg.loader_workers}")
     if cfg.loaders == "threads":
         return "threads"
     transform = getattr(encoder, "image_transform", None)
@@ -160,7 +175,7 @@ def choose_loaders(cfg: ExtractConfig, encoder: Any, device: torch.device) -> st
         why = f"{encoder.spec} has no plain image transform (text encoders and custom preprocessing use threads)"
     elif not processes_supported():
         why = "loader processes need Linux (fork)"
-    elif not SlotBlock.fits(cfg.prefetch_batches + 3, (cfg.batch_size, 3, transform.crop, transform.crop)):
+    elif not SlotBlock.fits(cfg.slots, (cfg.batch_size, 3, transform.crop, transform.crop)):
         why = "/dev/shm has too little free space for the batch slots (lower --batch-size)"
     elif cfg.loaders == "auto" and device.type != "cpu":
         return "threads"  # the CPUs are free while a GPU computes
@@ -192,7 +207,7 @@ class ThreadLoader:
 
     def submit(self, rows: range) -> Any:
         fut = self.pool.submit(self.prepare, rows)
-        return _Later(lambda: (*fut.result(), _nothing), fut.cancel)
+        return _Later(lambda: (*fut.result(), no_release), fut.cancel)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -203,14 +218,8 @@ class _Later:
         self.result, self.drop = get, drop
 
 
-def _nothing() -> None:
-    return None
-
-
 def start_loader_processes(cfg: ExtractConfig, device: torch.device) -> None:
     """Fork the loader processes now if extraction may use them; a no-op when they run already."""
-    from stratalign.pipeline.image_loaders import loader_pool, processes_supported
-
     if cfg.loaders != "threads" and (device.type == "cpu" or cfg.loaders == "processes") and processes_supported():
         loader_pool(cfg.loader_workers)
 
@@ -218,13 +227,10 @@ def start_loader_processes(cfg: ExtractConfig, device: torch.device) -> None:
 def make_loader(kind: str, prepare: "BatchPreparer", cfg: ExtractConfig, hunger: Hunger) -> Any:
     if kind == "threads":
         return ThreadLoader(prepare, cfg.loader_workers)
-    from stratalign.pipeline.image_loaders import ProcessImageLoader, image_rows_factory, loader_pool
-
     reader = prepare.reader
-    # slots: the loaders' window, the hand-over queue, one waiting to be queued, one in the model
     return ProcessImageLoader(loader_pool(cfg.loader_workers), prepare.encoder.image_transform,
                               image_rows_factory(reader.paths, reader.shas, reader.ids, cfg.skip_bad),
-                              cfg.batch_size, max(1, cfg.prefetch_batches) + 3, prepare,
+                              cfg.batch_size, cfg.slots, prepare,
                               lambda: hunger.waited() > STEAL_AFTER_S)
 
 

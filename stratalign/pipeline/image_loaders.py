@@ -44,7 +44,7 @@ from stratalign.stores.media import BadItem, load_image
 
 LOADER_NICE = 19
 _PR_SET_PDEATHSIG = 1
-_POLL_S = 0.005
+_POLL_S = 0.05  # how often a thread waiting on a late worker checks whether to load the batch itself
 
 _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -227,11 +227,11 @@ class _Pending:
             pixels = torch.from_numpy(loader.block.view(self.slot, len(self.rows)))  # type: ignore[arg-type]
             return self.rows, {"pixel_values": pixels}, bad, partial(loader.release, self.slot)
         rows, batch, bad = loader.steal(self.rows)
-        return rows, batch, bad, _nothing
+        return rows, batch, bad, no_release
 
 
-def _nothing() -> None:
-    return None
+def no_release() -> None:
+    """The release of a batch that holds no slot."""
 
 
 def image_rows_factory(paths: Sequence[str], shas: Sequence[str | None], ids: Sequence[str],
