@@ -38,7 +38,7 @@ from stratalign.pipeline.image_loaders import (
 )
 from stratalign.stores.claims import Claim, Heartbeat
 from stratalign.stores.feature_store import DEFAULT_SHARD_ROWS, EntrySpec, FeatureEntry, FeatureStore
-from stratalign.stores.media import BadItem, load_image
+from stratalign.stores.media import load_image_or_blank
 from stratalign.stores.pairs import PairDataset
 
 LOADER_KINDS = ("auto", "processes", "threads")
@@ -149,15 +149,11 @@ class RowReader:
                     bad.append(r)
                 items.append(text or ".")
                 continue
-            try:
-                items.append(load_image(self.paths[r], self.shas[r], row=r, image_id=self.ids[r]))
-            except BadItem:
-                if not self.skip_bad:
-                    raise
-                from PIL import Image
-
+            image, was_bad = load_image_or_blank(self.paths[r], self.shas[r], row=r, image_id=self.ids[r],
+                                                 skip_bad=self.skip_bad)
+            items.append(image)
+            if was_bad:
                 bad.append(r)
-                items.append(Image.new("RGB", (32, 32), (255, 255, 255)))
         return items, bad
 
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stratalign.stores.media import BadItem, load_image
+from stratalign.stores.media import load_image_or_blank
 
 LOADER_NICE = 19
 _PR_SET_PDEATHSIG = 1
@@ -114,18 +114,12 @@ def fill_slot(block: str, offset: int, shape: tuple[int, ...], transform: Any, r
 def load_into(out: np.ndarray, transform: Any, rows: ImageRows) -> list[int]:
     """Decode, crop and normalise each image straight into `out[i]`; a bad image raises BadItem, or under
     skip_bad becomes a white image and its row is returned."""
-    from PIL import Image
-
     bad = []
     for i, (path, sha, row, image_id) in enumerate(rows.items):
-        try:
-            image = load_image(path, sha, row=row, image_id=image_id)
-        except BadItem:
-            if not rows.skip_bad:
-                raise
-            bad.append(row)
-            image = Image.new("RGB", (32, 32), (255, 255, 255))
+        image, was_bad = load_image_or_blank(path, sha, row=row, image_id=image_id, skip_bad=rows.skip_bad)
         transform.into(image, out[i])
+        if was_bad:
+            bad.append(row)
     return bad
 
 

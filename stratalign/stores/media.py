@@ -43,3 +43,15 @@ def load_image(path: str, expected_sha: str | None = None, *, row: int = -1, ima
             return im.convert("RGB")
     except Exception as exc:  # PIL raises many types for corrupt data
         raise BadItem(row, f"image {image_id} ({path}) is corrupt: {type(exc).__name__}: {str(exc)[:60]}") from None
+
+
+def load_image_or_blank(path: str, expected_sha: str | None, *, row: int, image_id: str,
+                        skip_bad: bool) -> tuple[Image.Image, bool]:
+    """`load_image`, or under skip_bad a white 32x32 stand-in for an unreadable image: (image, was it bad).
+    Loader threads and loader processes both call this, so a skipped row has the same bytes either way."""
+    try:
+        return load_image(path, expected_sha, row=row, image_id=image_id), False
+    except BadItem:
+        if not skip_bad:
+            raise
+        return Image.new("RGB", (32, 32), (255, 255, 255)), True

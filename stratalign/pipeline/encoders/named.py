@@ -92,7 +92,7 @@ class EfficientNetLiteEncoder(Encoder):
         self.to(device)
 
     def preprocess(self, items: list) -> dict[str, torch.Tensor]:
-        return {"pixel_values": EFFNET_TRANSFORM(items)}  # what image_transform promises
+        return {"pixel_values": self.image_transform(items)}
 
     def feature_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Every block's output and the head features, from one pass of `extract_features`."""
