@@ -207,12 +207,12 @@ def test_full_disk_keeps_finished_shards_and_resumes(store_with_dataset, monkeyp
     real = Location.write_bytes
     written = {"n": 0}
 
-    def flaky(self, data, *parts):
+    def flaky(self, data, *parts, **kw):
         if parts[-2:-1] == ("_shards",):
             written["n"] += 1
             if written["n"] > 2:  # the disk fills up after two shards
                 raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, data, *parts)
+        return real(self, data, *parts, **kw)
 
     monkeypatch.setattr(Location, "write_bytes", flaky)
     with pytest.raises(StratalignError, match="cannot write shard .*No space left on device.*rerun to resume"):

@@ -30,11 +30,11 @@ from stratalign.errors import StratalignError
 from stratalign.pipeline.device import cpu_threads, resolve_device, torch_threads
 from stratalign.pipeline.image_loaders import (
     ProcessImageLoader,
-    SlotBlock,
     image_rows_factory,
     loader_pool,
     no_release,
     processes_supported,
+    spare_fits,
 )
 from stratalign.stores.claims import Claim, Heartbeat
 from stratalign.stores.feature_store import DEFAULT_SHARD_ROWS, EntrySpec, FeatureEntry, FeatureStore
@@ -171,7 +171,7 @@ def choose_loaders(cfg: ExtractConfig, encoder: Any, device: torch.device) -> st
         why = f"{encoder.spec} has no plain image transform (text encoders and custom preprocessing use threads)"
     elif not processes_supported():
         why = "loader processes need Linux (fork)"
-    elif not SlotBlock.fits(cfg.slots, (cfg.batch_size, 3, transform.crop, transform.crop)):
+    elif not spare_fits(cfg.slots, (cfg.batch_size, 3, transform.crop, transform.crop)):
         why = "/dev/shm has too little free space for the batch slots (lower --batch-size)"
     elif cfg.loaders == "auto" and device.type != "cpu":
         return "threads"  # the CPUs are free while a GPU computes
@@ -201,7 +201,8 @@ class ThreadLoader:
         self.prepare = prepare
         self.stolen = 0
 
-    def submit(self, rows: range) -> Any:
+    def submit(self, rows: range, parts: int = 1) -> Any:
+        """`parts` is for loader processes; a thread prepares a whole batch."""
         fut = self.pool.submit(self.prepare, rows)
         return _Later(lambda: (*fut.result(), no_release), fut.cancel)
 
@@ -392,7 +393,8 @@ def _extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ex
         # while the entry is created (~0.1 s of zarr calls); dropped unused if shard 0 goes elsewhere
         loader = make_loader(kind, prepare, cfg, hunger)
         first = _batches(0, min(specs[0].rows, cfg.shard_rows), cfg.batch_size)[:max(1, cfg.prefetch_batches)]
-        early = {rows: loader.submit(rows) for rows in first}
+        # the first batch is cut between the loaders: the model waits for it alone
+        early = {rows: loader.submit(rows, parts=cfg.loader_workers if i == 0 else 1) for i, rows in enumerate(first)}
     try:
         entries = [store.create_entry(spec) for spec in specs]
         report = ExtractReport(encoder=encoder.spec, entries=[e.key for e in entries],

@@ -31,8 +31,7 @@ import queue
 import signal
 import sys
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import shared_memory
@@ -48,6 +47,7 @@ _POLL_S = 0.05  # how often a thread waiting on a late worker checks whether to 
 
 _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_spare: "SlotBlock | None" = None  # the last loader's block, idle, kept for the next one (see take_block)
 
 
 @dataclass(frozen=True)
@@ -93,17 +93,62 @@ def loader_pool(workers: int) -> ProcessPoolExecutor:
 def _shutdown_pool() -> None:
     if _pool is not None:
         _pool.shutdown(wait=False, cancel_futures=True)
+    release_spare_block()
+
+
+def take_block(n: int, shape: tuple[int, ...]) -> "SlotBlock":
+    """A block of `n` slots of `shape` for one loader: the spare one when it matches, else a new one.
+
+    Fresh shared memory is slow to fill: the kernel zeroes each page on first touch (measured here ~4.5 us a
+    page, ~20 ms a 32-image slot at 224 px in the nice-19 workers, and ~25 ms more to unlink the block), so a
+    block outlives its loader and the next extraction in this process writes into pages that already exist."""
+    global _spare
+    with _pool_lock:
+        block, _spare = _spare, None
+    if block is not None and block.n == n and block.shape == shape:
+        return block
+    if block is not None:
+        block.close()
+    return SlotBlock(n, shape)
+
+
+def give_back_block(block: "SlotBlock") -> None:
+    """Keep an idle block (every slot back: no worker writes into it any more) as the spare; free any other."""
+    global _spare
+    if block.free.qsize() == block.n:
+        with _pool_lock:
+            if _spare is None:
+                _spare = block
+                return
+    block.close()
+
+
+def spare_fits(n: int, shape: tuple[int, ...]) -> bool:
+    """Whether a loader of `n` slots of `shape` has room: the spare block serves it, or /dev/shm has space."""
+    spare = _spare
+    return (spare is not None and spare.n == n and spare.shape == shape) or SlotBlock.fits(n, shape)
+
+
+def release_spare_block() -> None:
+    """Free the idle block kept for the next extraction (its slots' shared memory)."""
+    global _spare
+    with _pool_lock:
+        block, _spare = _spare, None
+    if block is not None:
+        block.close()
 
 
 def fill_slot(block: str, offset: int, shape: tuple[int, ...], transform: Any, rows: ImageRows) -> list[int]:
-    """In a worker: load and preprocess `rows` into the slot at `offset` of shared block `block`; returns the
-    bad rows. The slot is mapped for this batch only (pre-faulted in one call), so an idle worker holds no
-    shared memory, and straight from /dev/shm: SharedMemory would register it with a resource tracker."""
+    """In a worker: load and preprocess `rows` into the `shape` float32 array at byte `offset` of shared block
+    `block`; returns the bad rows. Only those pages are mapped, for this batch only (pre-faulted in one call),
+    so an idle worker holds no shared memory, and straight from /dev/shm: SharedMemory would register the
+    block with a resource tracker."""
+    skip = offset % mmap.PAGESIZE  # a part of a slot may start inside a page
     with open(f"/dev/shm/{block}", "r+b") as f:
-        mm = mmap.mmap(f.fileno(), int(np.prod(shape)) * 4, offset=offset,
+        mm = mmap.mmap(f.fileno(), skip + int(np.prod(shape)) * 4, offset=offset - skip,
                        flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     try:
-        out = np.ndarray(shape, np.float32, buffer=mm)
+        out = np.ndarray(shape, np.float32, buffer=mm, offset=skip)
         bad = load_into(out, transform, rows)
         del out
     finally:
@@ -128,6 +173,7 @@ class SlotBlock:
     Slots start on page boundaries, so a worker can map one alone."""
 
     def __init__(self, n: int, shape: tuple[int, ...]) -> None:
+        self.n = n
         self.shape = shape
         nbytes = int(np.prod(shape)) * 4
         self.stride = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -170,51 +216,70 @@ class ProcessImageLoader:
         self.rows_of = rows_of
         self.steal = steal
         self.should_steal = should_steal
-        self.block = SlotBlock(slots, (batch_size, 3, transform.crop, transform.crop))
+        self.block = take_block(slots, (batch_size, 3, transform.crop, transform.crop))
         self.stolen = 0
 
-    def submit(self, rows: range) -> "_Pending":
+    def submit(self, rows: range, parts: int = 1) -> "_Pending":
+        """Prepare `rows` into a free slot, cut into `parts` consecutive tasks (the first batch of a run goes
+        to every worker at once, so the model starts sooner)."""
         try:
             slot = self.block.free.get_nowait()
         except queue.Empty:  # every slot waits for a late worker: this batch is prepared in-process
-            return _Pending(self, rows, None, None)
-        fut = self.pool.submit(fill_slot, self.block.shm.name, slot * self.block.stride,
-                               (len(rows), *self.block.shape[1:]), self.transform, self.rows_of(rows))
-        return _Pending(self, rows, slot, fut)
+            return _Pending(self, rows, None, [])
+        image = int(np.prod(self.block.shape[1:])) * 4
+        futs = []
+        for part in np.array_split(np.arange(len(rows)), max(1, min(parts, len(rows)))):
+            sub = rows[part[0]:part[-1] + 1]
+            futs.append(self.pool.submit(fill_slot, self.block.shm.name, slot * self.block.stride + part[0] * image,
+                                         (len(sub), *self.block.shape[1:]), self.transform, self.rows_of(sub)))
+        return _Pending(self, rows, slot, futs)
 
     def release(self, slot: int) -> None:
         self.block.free.put(slot)
 
     def close(self) -> None:
-        self.block.close()
+        give_back_block(self.block)
 
 
 class _Pending:
-    def __init__(self, loader: ProcessImageLoader, rows: range, slot: int | None, fut: Future | None) -> None:
-        self.loader, self.rows, self.slot, self.fut = loader, rows, slot, fut
+    def __init__(self, loader: ProcessImageLoader, rows: range, slot: int | None, futs: list[Future]) -> None:
+        self.loader, self.rows, self.slot, self.futs = loader, rows, slot, futs
 
     def drop(self) -> None:
-        """Give the slot back once the worker is done with it (it may still be writing)."""
-        if self.fut is not None:
-            if self.fut.cancel():  # not started yet
+        """Give the slot back once no worker writes into it any more (a started task may still be writing)."""
+        futs, self.futs = self.futs, []
+        running = [f for f in futs if not f.cancel()]  # cancel() fails once a task has started
+        if not futs:
+            return
+        if not running:
+            self.loader.release(self.slot)  # type: ignore[arg-type]
+            return
+        left, lock = [len(running)], threading.Lock()
+
+        def done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
                 self.loader.release(self.slot)  # type: ignore[arg-type]
-            else:
-                self.fut.add_done_callback(lambda _, slot=self.slot: self.loader.release(slot))  # type: ignore[misc]
-            self.fut = None
+
+        for f in running:
+            f.add_done_callback(done)
 
     def result(self) -> tuple[range, dict, list[int], Callable[[], None]]:
         import torch
 
         loader = self.loader
-        while self.fut is not None:
-            try:
-                bad = self.fut.result(timeout=_POLL_S)
-            except FutureTimeout:
+        while self.futs:
+            finished, _ = wait(self.futs, timeout=_POLL_S)
+            if len(finished) < len(self.futs):
                 if loader.should_steal():  # the model has waited too long: load it here instead
                     self.drop()
                     loader.stolen += 1
                     break
                 continue
+            try:
+                bad = [row for f in self.futs for row in f.result()]
             except BaseException:
                 self.drop()
                 raise

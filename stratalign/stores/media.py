@@ -22,11 +22,20 @@ class BadItem(StratalignError):
         return BadItem, (self.row, str(self))
 
 
+def read_bytes(path: str) -> bytes:
+    """A file's bytes: a local path straight through `open` (fsspec.open costs ~0.1 ms of URL parsing a call,
+    most of a small image's load time), anything with a protocol (s3://, gs://, file://) through fsspec."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            return f.read()
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
 def load_image(path: str, expected_sha: str | None = None, *, row: int = -1, image_id: str = "?") -> Image.Image:
     """Decode one image to RGB; fail naming the image if it is missing, corrupt or changed since ingest."""
     try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
+        data = read_bytes(path)
     except (OSError, ValueError) as exc:
         raise BadItem(row, f"image {image_id} ({path}) cannot be read: {type(exc).__name__}") from None
     if expected_sha is not None and hashlib.blake2b(data, digest_size=16).hexdigest() != expected_sha:
