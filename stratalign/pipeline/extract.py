@@ -201,8 +201,7 @@ class ThreadLoader:
         self.prepare = prepare
         self.stolen = 0
 
-    def submit(self, rows: range, parts: int = 1) -> Any:
-        """`parts` is for loader processes; a thread prepares a whole batch."""
+    def submit(self, rows: range) -> Any:
         fut = self.pool.submit(self.prepare, rows)
         return _Later(lambda: (*fut.result(), no_release), fut.cancel)
 
@@ -393,8 +392,7 @@ def _extract_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: Ex
         # while the entry is created (~0.1 s of zarr calls); dropped unused if shard 0 goes elsewhere
         loader = make_loader(kind, prepare, cfg, hunger)
         first = _batches(0, min(specs[0].rows, cfg.shard_rows), cfg.batch_size)[:max(1, cfg.prefetch_batches)]
-        # the first batch is cut between the loaders: the model waits for it alone
-        early = {rows: loader.submit(rows, parts=cfg.loader_workers if i == 0 else 1) for i, rows in enumerate(first)}
+        early = {rows: loader.submit(rows) for rows in first}
     try:
         entries = [store.create_entry(spec) for spec in specs]
         report = ExtractReport(encoder=encoder.spec, entries=[e.key for e in entries],

@@ -11,7 +11,9 @@ hold no lock the model needs and run in the gaps the model leaves.
   it loads a model), because a pool forked from a process that has run a model shares its activation pages
   copy-on-write, and the next forward passes pay to copy them (measured: ~1 s more for 128 images with
   EfficientNet-Lite0). The workers never call torch.
-- Each batch goes to a slot of one shared-memory block (`SlotBlock`); the model reads it in place.
+- Each batch goes to a slot of one shared-memory block (`SlotBlock`); the model reads it in place. The block
+  outlives its loader (`take_block`, `give_back_block`): the next extraction in the process writes into pages
+  that exist, where fresh ones cost the kernel's zeroing on first touch.
 - Under load from other processes, nice-19 workers can starve. Once the model has waited a while for a batch
   its worker has not finished (`should_steal`, extract.STEAL_AFTER_S), the thread waiting on it prepares
   that batch itself (`steal`) and the worker's late copy is dropped; with every slot still held by late
@@ -31,7 +33,8 @@ import queue
 import signal
 import sys
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import shared_memory
@@ -139,16 +142,14 @@ def release_spare_block() -> None:
 
 
 def fill_slot(block: str, offset: int, shape: tuple[int, ...], transform: Any, rows: ImageRows) -> list[int]:
-    """In a worker: load and preprocess `rows` into the `shape` float32 array at byte `offset` of shared block
-    `block`; returns the bad rows. Only those pages are mapped, for this batch only (pre-faulted in one call),
-    so an idle worker holds no shared memory, and straight from /dev/shm: SharedMemory would register the
-    block with a resource tracker."""
-    skip = offset % mmap.PAGESIZE  # a part of a slot may start inside a page
+    """In a worker: load and preprocess `rows` into the slot at `offset` of shared block `block`; returns the
+    bad rows. The slot is mapped for this batch only (pre-faulted in one call), so an idle worker holds no
+    shared memory, and straight from /dev/shm: SharedMemory would register it with a resource tracker."""
     with open(f"/dev/shm/{block}", "r+b") as f:
-        mm = mmap.mmap(f.fileno(), skip + int(np.prod(shape)) * 4, offset=offset - skip,
+        mm = mmap.mmap(f.fileno(), int(np.prod(shape)) * 4, offset=offset,
                        flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     try:
-        out = np.ndarray(shape, np.float32, buffer=mm, offset=skip)
+        out = np.ndarray(shape, np.float32, buffer=mm)
         bad = load_into(out, transform, rows)
         del out
     finally:
@@ -219,20 +220,14 @@ class ProcessImageLoader:
         self.block = take_block(slots, (batch_size, 3, transform.crop, transform.crop))
         self.stolen = 0
 
-    def submit(self, rows: range, parts: int = 1) -> "_Pending":
-        """Prepare `rows` into a free slot, cut into `parts` consecutive tasks (the first batch of a run goes
-        to every worker at once, so the model starts sooner)."""
+    def submit(self, rows: range) -> "_Pending":
         try:
             slot = self.block.free.get_nowait()
         except queue.Empty:  # every slot waits for a late worker: this batch is prepared in-process
-            return _Pending(self, rows, None, [])
-        image = int(np.prod(self.block.shape[1:])) * 4
-        futs = []
-        for part in np.array_split(np.arange(len(rows)), max(1, min(parts, len(rows)))):
-            sub = rows[part[0]:part[-1] + 1]
-            futs.append(self.pool.submit(fill_slot, self.block.shm.name, slot * self.block.stride + part[0] * image,
-                                         (len(sub), *self.block.shape[1:]), self.transform, self.rows_of(sub)))
-        return _Pending(self, rows, slot, futs)
+            return _Pending(self, rows, None, None)
+        fut = self.pool.submit(fill_slot, self.block.shm.name, slot * self.block.stride,
+                               (len(rows), *self.block.shape[1:]), self.transform, self.rows_of(rows))
+        return _Pending(self, rows, slot, fut)
 
     def release(self, slot: int) -> None:
         self.block.free.put(slot)
@@ -242,44 +237,31 @@ class ProcessImageLoader:
 
 
 class _Pending:
-    def __init__(self, loader: ProcessImageLoader, rows: range, slot: int | None, futs: list[Future]) -> None:
-        self.loader, self.rows, self.slot, self.futs = loader, rows, slot, futs
+    def __init__(self, loader: ProcessImageLoader, rows: range, slot: int | None, fut: Future | None) -> None:
+        self.loader, self.rows, self.slot, self.fut = loader, rows, slot, fut
 
     def drop(self) -> None:
-        """Give the slot back once no worker writes into it any more (a started task may still be writing)."""
-        futs, self.futs = self.futs, []
-        running = [f for f in futs if not f.cancel()]  # cancel() fails once a task has started
-        if not futs:
-            return
-        if not running:
-            self.loader.release(self.slot)  # type: ignore[arg-type]
-            return
-        left, lock = [len(running)], threading.Lock()
-
-        def done(_: Future) -> None:
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
+        """Give the slot back once the worker is done with it (it may still be writing)."""
+        if self.fut is not None:
+            if self.fut.cancel():  # not started yet
                 self.loader.release(self.slot)  # type: ignore[arg-type]
-
-        for f in running:
-            f.add_done_callback(done)
+            else:
+                self.fut.add_done_callback(lambda _, slot=self.slot: self.loader.release(slot))  # type: ignore[misc]
+            self.fut = None
 
     def result(self) -> tuple[range, dict, list[int], Callable[[], None]]:
         import torch
 
         loader = self.loader
-        while self.futs:
-            finished, _ = wait(self.futs, timeout=_POLL_S)
-            if len(finished) < len(self.futs):
+        while self.fut is not None:
+            try:
+                bad = self.fut.result(timeout=_POLL_S)
+            except FutureTimeout:
                 if loader.should_steal():  # the model has waited too long: load it here instead
                     self.drop()
                     loader.stolen += 1
                     break
                 continue
-            try:
-                bad = [row for f in self.futs for row in f.result()]
             except BaseException:
                 self.drop()
                 raise

@@ -545,8 +545,8 @@ class FeatureStore:
     def create_entry(self, spec: EntrySpec) -> FeatureEntry:
         """Create an entry (or open the identical existing one): arrays first, metadata attrs last.
 
-        zarr creates the first layer's array; the others get the same metadata document with their own
-        shape, chunks and layer name, built by zarr's ArrayV3Metadata and written as one small file each.
+        zarr creates the first layer's array; the others get its metadata document (zarr's own `to_dict`)
+        with their own shape, chunks and layer name, written as one small file each.
         Creating 17 arrays through zarr took ~0.1 s (its async round trips per array), the first batch's
         whole forward pass for a small model; the copies take ~1 ms."""
         self._writable()

@@ -24,7 +24,7 @@ class BadItem(StratalignError):
 
 def read_bytes(path: str) -> bytes:
     """A file's bytes: a local path straight through `open` (fsspec.open costs ~0.1 ms of URL parsing a call,
-    most of a small image's load time), anything with a protocol (s3://, gs://, file://) through fsspec."""
+    a third of loading a 72 px emoji), anything with a protocol (s3://, gs://, file://) through fsspec."""
     if "://" not in path:
         with open(path, "rb") as f:
             return f.read()
