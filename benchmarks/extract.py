@@ -67,13 +67,17 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
     image = enc.modality == "image"
     rows = ds.images.height if image else ds.captions.height
 
+    stolen = []  # batches the loader thread prepared itself because a loader process was late
+
     def extract_once() -> float:
         with tempfile.TemporaryDirectory() as tmp:
             store = FeatureStore.open(os.path.join(tmp, "store"), "a", create=True)
             store.save_dataset(ds)
             t0 = time.perf_counter()
-            extract_encoder(store, store.dataset("bench"), enc, cfg)
-            return time.perf_counter() - t0
+            report = extract_encoder(store, store.dataset("bench"), enc, cfg)
+            seconds = time.perf_counter() - t0
+            stolen.append(report.batches_stolen)
+            return seconds
 
     if mode == "memory":
         first = ([load_image(p) for p in ds.images["path"].to_list()[:batch_size]] if image
@@ -82,7 +86,7 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
         loaded = _rss_mb()
         seconds = extract_once()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"seconds": seconds, "rows": rows, "loaded_rss_mb": loaded, "peak_rss_mb": peak}
+        return {"seconds": seconds, "rows": rows, "loaded_rss_mb": loaded, "peak_rss_mb": peak, "stolen": stolen[0]}
 
     kind = choose_loaders(cfg, enc, torch.device("cpu"))
     items = [load_image(p) for p in ds.images["path"].to_list()] if image else ds.captions["text"].to_list()
@@ -99,6 +103,7 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
             return time.perf_counter() - t0
 
     bare_once(), extract_once()  # warm-up of both paths
+    stolen.clear()
     bare, ext = [], []
     for r in range(repeats):
         if r % 2 == 0:
@@ -107,7 +112,7 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
         else:
             ext.append(extract_once())
             bare.append(bare_once())
-    return {"bare": bare, "extract": ext, "rows": rows, "loaders": kind}
+    return {"bare": bare, "extract": ext, "rows": rows, "loaders": kind, "stolen": stolen}
 
 
 def run_child(mode: str, encoder: str, n: int, args: argparse.Namespace) -> dict:
@@ -139,7 +144,7 @@ def main() -> None:
                                args.shard_rows, max(1, args.repeats), args.loaders)))
         return
     header = (f"{'encoder':<20}{'loaders':>10}{'N':>6}{'shards':>7}{'bare s':>9}{'extract s':>11}{'ratio':>8}{'ratio range':>14}"
-              f"{'rows/s':>9}{'peak RSS MB':>13}{'growth MB':>11}")
+              f"{'rows/s':>9}{'peak RSS MB':>13}{'growth MB':>11}{'stolen':>8}")
     print(header)
     print("-" * len(header))
     from stratalign.pipeline.encoders import known_encoders
@@ -154,11 +159,13 @@ def main() -> None:
             rows = t["rows"]
             print(f"{enc:<20}{t['loaders']:>10}{rows:>6}{-(-rows // args.shard_rows):>7}{b:>9.2f}{e:>11.2f}"
                   f"{statistics.median(ratios):>8.2f}{min(ratios):>7.2f}-{max(ratios):<6.2f}{rows / e:>9.1f}"
-                  f"{m['peak_rss_mb']:>13.0f}{m['peak_rss_mb'] - m['loaded_rss_mb']:>11.0f}", flush=True)
+                  f"{m['peak_rss_mb']:>13.0f}{m['peak_rss_mb'] - m['loaded_rss_mb']:>11.0f}"
+                  f"{sum(t['stolen']):>5}/{m['stolen']:<2}", flush=True)
     print(f"\nratio = median over {args.repeats} rounds of extract wall time / bare model forward time, both in "
           "one process, back to back (same rows, same batch size; goal <= 1.15 on CPU); ratio range: the rounds' "
           "ratios; peak RSS: a fresh process that only extracts; growth: its peak less its RSS once the model "
-          "was loaded")
+          "was loaded; stolen: batches the loader thread prepared itself because a loader process was late, in all "
+          "timed rounds / in the memory run")
 
 
 if __name__ == "__main__":
