@@ -376,3 +376,21 @@ def test_broken_dataset_folder_refuses_to_load_and_can_be_removed(store_with_dat
         store.dataset("toy")
     store.remove_dataset("toy")
     assert store.dataset_folders() == [] and not (Path(store.url) / "datasets" / "toy").exists()
+
+
+def test_images_read_alike_from_a_path_and_from_urls(tmp_path: Path) -> None:
+    """Local paths skip fsspec (media.read_bytes); file:// and other URLs go through it: same image either way."""
+    import fsspec
+    from PIL import Image
+
+    from stratalign.stores.media import BadItem, load_image
+
+    local = tmp_path / "a.png"
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(local)
+    with fsspec.open("memory://media-test/a.png", "wb") as f:
+        f.write(local.read_bytes())
+    want = np.asarray(load_image(str(local)))
+    for url in (f"file://{local}", "memory://media-test/a.png"):
+        np.testing.assert_array_equal(np.asarray(load_image(url)), want)
+    with pytest.raises(BadItem, match=r"image x \(.*nope.png\) cannot be read: FileNotFoundError"):
+        load_image(str(tmp_path / "nope.png"), image_id="x")

@@ -548,7 +548,7 @@ class FeatureStore:
         zarr creates the first layer's array; the others get its metadata document (zarr's own `to_dict`)
         with their own shape, chunks and layer name, written as one small file each.
         Creating 17 arrays through zarr took ~0.1 s (its async round trips per array), the first batch's
-        whole forward pass for a small model; the copies take ~1 ms."""
+        whole forward pass for a small model; the copies take a few ms."""
         self._writable()
         key = spec.key
         for parts in (("features",), ("features", key), *(("features", key, f"layer_{i:03d}") for i in

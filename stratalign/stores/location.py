@@ -63,8 +63,8 @@ class Location:
             return f.read()
 
     def write_bytes(self, data: bytes, *parts: str, durable: bool = True) -> None:
-        """Write a whole file; on a local disk via a temp file and rename, so readers never see half, and
-        flushed to disk first unless not `durable` (~1 ms a file here)."""
+        """Write a whole file; on a local disk via a temp file and rename, so readers never see half, the temp
+        file fsynced before the rename when `durable` (the default; ~1 ms a file here)."""
         target = self.path(*parts)
         self.fs.makedirs(self.fs._parent(target), exist_ok=True)
         if self.is_local:
