@@ -105,10 +105,8 @@ def take_block(n: int, shape: tuple[int, ...]) -> "SlotBlock":
     Fresh shared memory is slow to fill: the kernel zeroes each page on first touch (measured here ~4.5 us a
     page, ~20 ms a 32-image slot at 224 px in the nice-19 workers, and ~25 ms more to unlink the block), so a
     block outlives its loader and the next extraction in this process writes into pages that already exist."""
-    global _spare
-    with _pool_lock:
-        block, _spare = _spare, None
-    if block is not None and block.n == n and block.shape == shape:
+    block = _pop_spare()
+    if block is not None and block.serves(n, shape):
         return block
     if block is not None:
         block.close()
@@ -129,14 +127,19 @@ def give_back_block(block: "SlotBlock") -> None:
 def spare_fits(n: int, shape: tuple[int, ...]) -> bool:
     """Whether a loader of `n` slots of `shape` has room: the spare block serves it, or /dev/shm has space."""
     spare = _spare
-    return (spare is not None and spare.n == n and spare.shape == shape) or SlotBlock.fits(n, shape)
+    return (spare is not None and spare.serves(n, shape)) or SlotBlock.fits(n, shape)
+
+
+def _pop_spare() -> "SlotBlock | None":
+    global _spare
+    with _pool_lock:
+        block, _spare = _spare, None
+    return block
 
 
 def release_spare_block() -> None:
     """Free the idle block kept for the next extraction (its slots' shared memory)."""
-    global _spare
-    with _pool_lock:
-        block, _spare = _spare, None
+    block = _pop_spare()
     if block is not None:
         block.close()
 
@@ -191,6 +194,10 @@ class SlotBlock:
         except OSError:
             return False
         return st.f_bavail * st.f_frsize > 2 * n * int(np.prod(shape)) * 4
+
+    def serves(self, n: int, shape: tuple[int, ...]) -> bool:
+        """Whether this block is the one a loader of `n` slots of `shape` would make."""
+        return self.n == n and self.shape == shape
 
     def view(self, slot: int, rows: int) -> np.ndarray:
         """The first `rows` images of a slot, in place."""

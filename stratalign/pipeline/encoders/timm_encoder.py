@@ -52,7 +52,7 @@ class TimmEncoder(Encoder):
         super().__init__()
         self.spec = spec
         self.model = self.frozen(model)
-        self.transform = self.image_transform = transform
+        self.image_transform = transform
         self.name = name
         self.checkpoint = checkpoint
         self._weights_sha: str | None = None
@@ -106,7 +106,7 @@ class TimmEncoder(Encoder):
         return [s.permute(0, 3, 1, 2) if cl else s for s, cl in zip(states, self.channels_last)]
 
     def preprocess(self, items: list) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.transform(items)}
+        return {"pixel_values": self.image_transform(items)}
 
     def _states(self, batch: dict[str, torch.Tensor], raw: bool = False) -> list[torch.Tensor]:
         batch = to_device(batch, self.device)
@@ -127,7 +127,7 @@ class TimmEncoder(Encoder):
         if self._weights_sha is None:  # a file's hash is cached on disk; a state_dict's once per load
             self._weights_sha = (weights_sha256([self.checkpoint]) if self.checkpoint
                                  else state_dict_sha256(self.model))
-        meta.update({"weights_sha256": self._weights_sha, "preprocessing": self.transform.describe(),
+        meta.update({"weights_sha256": self._weights_sha, "preprocessing": self.image_transform.describe(),
                      "source": f"timm {self.name}" + (f" {self.checkpoint}" if self.checkpoint else " (pretrained)"),
                      "library": "timm", "prefix_tokens": self.n_prefix if self.kind == "vision" else None})
         return meta
