@@ -9,7 +9,7 @@ For each encoder and each N (first N Twemoji images, or N captions for a text en
                  machine's slow and fast phases (+-15% here) cancel in the per-round ratio;
   memory child - a fresh process that only extracts: its peak RSS, and its RSS once the model is loaded.
 Both children start extraction's loader processes before they load the model, as `extract()` does (on CPU,
-image batches are decoded in low-priority processes: stratalign/pipeline/image_loaders.py); `--loaders threads`
+image batches are decoded in low-priority processes: stratalign/stages/image_loaders.py); `--loaders threads`
 measures the loader threads instead.
 The table shows the median bare and extract times, the median of the per-round ratios (goal <= 1.15 on CPU)
 and their range, rows/s, and the memory child's peak RSS and growth over the loaded model. Shards are
@@ -44,20 +44,20 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
           repeats: int, loaders: str) -> dict:
     import torch
 
-    from stratalign.pipeline.device import retain_freed_memory
+    from stratalign.device import retain_freed_memory
 
     retain_freed_memory()  # both paths run under the allocator setting extraction uses
     torch.set_num_threads(threads)
-    from stratalign.pipeline.encoders import load_encoder
-    from stratalign.pipeline.extract import (
+    from stratalign.encoders import load_encoder
+    from stratalign.stages.extract import (
         ExtractConfig,
         choose_loaders,
         extract_encoder,
         start_loader_processes,
     )
-    from stratalign.stores.feature_store import FeatureStore
-    from stratalign.stores.media import load_image
-    from stratalign.stores.sources import ingest_source
+    from stratalign.stages.sources import ingest_source
+    from stratalign.store.features import FeatureStore
+    from stratalign.store.media import load_image
 
     ds = ingest_source("twemoji", "bench", limit=n)
     cfg = ExtractConfig(encoders=(encoder_spec,), batch_size=batch_size, progress=False, torch_threads=threads,
@@ -147,7 +147,7 @@ def main() -> None:
               f"{'rows/s':>9}{'peak RSS MB':>13}{'growth MB':>11}{'stolen':>8}")
     print(header)
     print("-" * len(header))
-    from stratalign.pipeline.encoders import known_encoders
+    from stratalign.encoders import known_encoders
 
     text = {info.name for info in known_encoders() if info.modality == "text"}
     for enc in args.encoders:

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from stratalign.pipeline import metrics as M
+from stratalign.core import similarity as M
 
 
 def synthetic_layers(n: int, layers: int, dim: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from stratalign.pipeline.encoders.base import ImageTransform
+from stratalign.encoders.base import ImageTransform
 
 TINY_TRANSFORM = ImageTransform(resize=8, crop=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -122,7 +122,7 @@ def load_odd(spec: str, device: str = "cpu"):
         import ray
 
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-            from stratalign.stores import claims
+            from stratalign.store import claims
 
             claims.try_claim = lambda *args, **kwargs: False
         return TinyImageEncoder(spec)

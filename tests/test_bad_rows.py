@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fake_encoders import load_tiny
 
-from stratalign.pipeline.extract import ExtractConfig, extract
-from stratalign.pipeline.subsets import PairRows, drop_bad_pairs
+from stratalign.stages.extract import ExtractConfig, extract
+from stratalign.stages.subsets import PairRows, drop_bad_pairs
 
 
 class _Marked:
@@ -51,8 +51,8 @@ def _pairs_of(ds, split: str, bad: list[int]) -> tuple[int, int]:
 
 
 def test_placeholder_rows_are_dropped_from_every_stage(skipped_store) -> None:
-    from stratalign.pipeline.layer_choice import LayersConfig, compute_layer_matrices, sample_train_pairs
-    from stratalign.pipeline.train_stage import RunConfig, resolve_run, train_run
+    from stratalign.stages.layers import LayersConfig, compute_layer_matrices, sample_train_pairs
+    from stratalign.stages.train import RunConfig, resolve_run, train_run
 
     store, ds, bad = skipped_store
     v, t = store.find_entry("toy", "tiny-image"), store.find_entry("toy", "tiny-text")

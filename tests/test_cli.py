@@ -32,8 +32,8 @@ def test_ingest_ls_verify_and_corruption(tmp_path: Path, coco_json: Path, image_
     sys.path.insert(0, str(Path(__file__).parent))
     from fake_encoders import load_tiny
 
-    from stratalign.pipeline.extract import ExtractConfig, extract
-    from stratalign.stores.feature_store import FeatureStore
+    from stratalign.stages.extract import ExtractConfig, extract
+    from stratalign.store.features import FeatureStore
 
     extract(FeatureStore.open(str(store), "a"), "toy", ExtractConfig(encoders=("tiny-image",), shard_rows=8,
                                                                       progress=False), load=load_tiny)
@@ -86,7 +86,7 @@ def _extracted(store_with_dataset) -> tuple[Path, str]:
     """A store with one complete tiny-image entry: (store folder, entry key)."""
     from fake_encoders import load_tiny
 
-    from stratalign.pipeline.extract import ExtractConfig, extract
+    from stratalign.stages.extract import ExtractConfig, extract
 
     store, _ = store_with_dataset
     extract(store, "toy", ExtractConfig(encoders=("tiny-image",), shard_rows=8, progress=False), load=load_tiny)
@@ -95,7 +95,7 @@ def _extracted(store_with_dataset) -> tuple[Path, str]:
 
 
 def test_verify_ls_and_rm_handle_broken_entries(store_with_dataset) -> None:
-    from stratalign.stores.feature_store import EntrySpec
+    from stratalign.store.features import EntrySpec
 
     store, ds = store_with_dataset
     folder, good = _extracted(store_with_dataset)

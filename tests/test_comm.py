@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stratalign.errors import StratalignError
-from stratalign.pipeline.comm import (
+from stratalign.core.comm import (
     MASKS,
     CommModel,
     augment_features,
@@ -18,7 +17,8 @@ from stratalign.pipeline.comm import (
     fused_features,
     nt_xent,
 )
-from stratalign.pipeline.train import TrainConfig, load_heads, save_heads, train_comm
+from stratalign.errors import StratalignError
+from stratalign.train.trainer import TrainConfig, load_heads, save_heads, train_comm
 
 
 def naive_nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> float:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
-from stratalign.pipeline.demo import DemoConfig, run_demo
+from stratalign.stages.demo import DemoConfig, run_demo
 
 OBJECTIVES = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "csa")
 

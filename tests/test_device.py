@@ -15,7 +15,7 @@ import sys
 import pytest
 
 PROBE = """
-from stratalign.pipeline import device
+from stratalign import device
 before = device._retained
 device.resolve_device("cpu")
 print(before, device._retained, device.retain_freed_memory())

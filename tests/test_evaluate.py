@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from stratalign.core import scoring as E
+from stratalign.core import similarity as M
 from stratalign.errors import StratalignError
-from stratalign.pipeline import evaluate as E
-from stratalign.pipeline import metrics as M
 
 
 def brute_recall(img: np.ndarray, txt: np.ndarray, owner: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:

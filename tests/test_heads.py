@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stratalign.errors import StratalignError
-from stratalign.pipeline.heads import (
+from stratalign.core.heads import (
     CSA,
     LinearHead,
     MLPHead,
@@ -17,8 +16,9 @@ from stratalign.pipeline.heads import (
     build_model,
     fit_csa,
 )
-from stratalign.pipeline.losses import clip_loss
-from stratalign.pipeline.train import TrainConfig, embed, model_from_tensors, model_tensors, refine_csa
+from stratalign.core.losses import clip_loss
+from stratalign.errors import StratalignError
+from stratalign.train.trainer import TrainConfig, embed, model_from_tensors, model_tensors, refine_csa
 
 
 @pytest.mark.parametrize("kind,opts", [("linear", {}), ("mlp", {"hidden": 32, "layers": 3, "dropout": 0.1}),

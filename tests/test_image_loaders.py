@@ -1,4 +1,4 @@
-"""Loader processes (stratalign.pipeline.image_loaders): same bytes as loader threads, late batches prepared
+"""Loader processes (stratalign.stages.image_loaders): same bytes as loader threads, late batches prepared
 in-process, a clear choice of loader kind, nothing left behind in /dev/shm."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import pytest
 import torch
 from fake_encoders import TINY_TRANSFORM, TinyImageEncoder, TinyTextEncoder
 
+from stratalign.encoders.base import ImageTransform
 from stratalign.errors import StratalignError
-from stratalign.pipeline import extract as extract_mod
-from stratalign.pipeline import image_loaders
-from stratalign.pipeline.encoders.base import ImageTransform
-from stratalign.pipeline.extract import ExtractConfig, choose_loaders, extract_encoder
-from stratalign.stores.feature_store import FeatureStore
-from stratalign.stores.media import BadItem
+from stratalign.stages import extract as extract_mod
+from stratalign.stages import image_loaders
+from stratalign.stages.extract import ExtractConfig, choose_loaders, extract_encoder
+from stratalign.store.features import FeatureStore
+from stratalign.store.media import BadItem
 
 pytestmark = pytest.mark.skipif(not image_loaders.processes_supported(), reason="loader processes need Linux")
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import caption_for, make_images
 
 from stratalign.errors import StratalignError
-from stratalign.stores.pairs import SPLITS, split_of
-from stratalign.stores.sources import ingest_source
+from stratalign.stages.sources import ingest_source
+from stratalign.store.datasets import SPLITS, split_of
 
 
 def test_coco_source(coco_json: Path, image_dir: Path) -> None:

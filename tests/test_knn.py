@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from stratalign.core import knn as K
 from stratalign.errors import StratalignError
-from stratalign.pipeline import knn as K
 
 
 def unit32(x: np.ndarray) -> np.ndarray:

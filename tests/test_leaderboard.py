@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from stratalign.pipeline.leaderboard import aggregate
+from stratalign.report.leaderboard import aggregate
 
 
 def test_mean_std_over_seeds() -> None:
@@ -28,7 +28,7 @@ def test_mean_std_over_seeds() -> None:
 
 
 def test_findings_say_where_a_method_does_not_help() -> None:
-    from stratalign.pipeline.report import findings, layer_rule_finding
+    from stratalign.report.report import findings, layer_rule_finding
 
     runs = pl.DataFrame({
         "objective": ["clip"] * 4 + ["clip+structure"] * 4 + ["clip+ib"] * 4,

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from stratalign.errors import StratalignError
-from stratalign.pipeline.losses import (
+from stratalign.core.losses import (
     EPS_LOG,
     clip_loss,
     ib_deterministic,
@@ -17,6 +16,7 @@ from stratalign.pipeline.losses import (
     structure_regularizer_knn,
     vib_kl,
 )
+from stratalign.errors import StratalignError
 
 
 def _norm(v: torch.Tensor) -> torch.Tensor:

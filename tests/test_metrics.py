@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from stratalign.core import similarity as M
 from stratalign.errors import StratalignError
-from stratalign.pipeline import metrics as M
 
 # ---------------------------------------------------------------------------------------------------------
 # Dense references: the formulas of METHOD.md written out with n x n matrices.

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.plots import curves, layer_heatmap
+from stratalign.report.plots import curves, layer_heatmap
 
 
 def check_png(path: Path, min_w: int = 300, min_h: int = 250) -> np.ndarray:

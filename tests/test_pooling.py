@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stratalign.core.pooling import cls_pool, eos_pool, masked_mean_pool, patch_mean_pool, pool_layers, spatial_avg_pool
 from stratalign.errors import StratalignError
-from stratalign.pipeline.pooling import cls_pool, eos_pool, masked_mean_pool, patch_mean_pool, pool_layers, spatial_avg_pool
 
 
 def tokens() -> torch.Tensor:

@@ -13,8 +13,8 @@ import zarr
 from conftest import break_entry
 
 from stratalign.errors import StratalignError
-from stratalign.stores.feature_store import EntrySpec, FeatureStore
-from stratalign.stores.location import Location, validate_key
+from stratalign.store.features import EntrySpec, FeatureStore
+from stratalign.store.location import Location, validate_key
 
 
 def _spec(ds, **kw) -> EntrySpec:
@@ -187,7 +187,7 @@ def test_other_format_version_rejected(tmp_path: Path) -> None:
 
 
 def test_dataset_not_silently_overwritten(store_with_dataset, coco_json: Path, image_dir: Path) -> None:
-    from stratalign.stores.sources import ingest_source
+    from stratalign.stages.sources import ingest_source
 
     store, ds = store_with_dataset
     assert store.save_dataset(ds) is False  # identical: nothing to do
@@ -218,7 +218,7 @@ def test_entry_table(store_with_dataset) -> None:
 
 def test_fsspec_memory_url(coco_json: Path, image_dir: Path) -> None:
     """The store works through fsspec URLs as well as local paths (memory:// stands in for s3://)."""
-    from stratalign.stores.sources import ingest_source
+    from stratalign.stages.sources import ingest_source
 
     ds = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
     store = FeatureStore.open("memory://stratalign-test-store", "a", create=True)
@@ -325,7 +325,7 @@ def test_corrupt_store_metadata_is_a_one_line_error(store_with_dataset) -> None:
 def test_replace_crash_never_serves_new_tables_under_old_fingerprint(store_with_dataset, coco_json: Path,
                                                                      image_dir: Path, monkeypatch,
                                                                      failing: str) -> None:
-    from stratalign.stores.sources import ingest_source
+    from stratalign.stages.sources import ingest_source
 
     store, old = store_with_dataset
     new = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir), seed=5)
@@ -383,7 +383,7 @@ def test_images_read_alike_from_a_path_and_from_urls(tmp_path: Path) -> None:
     import fsspec
     from PIL import Image
 
-    from stratalign.stores.media import BadItem, load_image
+    from stratalign.store.media import BadItem, load_image
 
     local = tmp_path / "a.png"
     Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(local)

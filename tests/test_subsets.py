@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.subsets import carve_validation, draw_subset, subset_from_ids
-from stratalign.stores.sources import ingest_source
+from stratalign.stages.sources import ingest_source
+from stratalign.stages.subsets import carve_validation, draw_subset, subset_from_ids
 
 
 @pytest.fixture

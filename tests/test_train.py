@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-import stratalign.pipeline.losses as losses_mod
+import stratalign.core.losses as losses_mod
+from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.errors import StratalignError
-from stratalign.pipeline.heads import AlignedHeads, VariationalHead
-from stratalign.pipeline.train import (
+from stratalign.train.trainer import (
     TrainConfig,
     embed,
     knn_graph,
@@ -340,7 +340,7 @@ def _dense_rs_knn(x_all: torch.Tensor, z_all: torch.Tensor, bidx: list[int], gra
 @pytest.mark.parametrize("levels", [1, 2])
 def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
     """The first step's regulariser (initial heads, first batch) against METHOD 3.3 built densely."""
-    import stratalign.pipeline.train as T
+    import stratalign.train.trainer as T
 
     xi, xt = _random(n=60, d=8, seed=4)
     batches: list[torch.Tensor] = []
@@ -376,7 +376,7 @@ def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
 
 
 def test_precomputed_graphs_are_used_and_checked(monkeypatch):
-    import stratalign.pipeline.train as T
+    import stratalign.train.trainer as T
 
     xi, xt = _random()
     cfg = TrainConfig(objective="clip+structure-knn", knn_k=5, warmup_steps=4, **{**SMALL, "max_steps": 8})

@@ -14,12 +14,12 @@ from fake_encoders import load_tiny
 from PIL import Image
 
 from stratalign.errors import StratalignError
-from stratalign.pipeline.extract import ExtractConfig, extract
-from stratalign.pipeline.layer_choice import LayersConfig, choose, compute_layer_matrices, record_choice
-from stratalign.pipeline.train_stage import RunConfig, resolve_run, train_run
-from stratalign.stores.feature_store import FeatureStore
-from stratalign.stores.runs import RunRegistry
-from stratalign.stores.sources import ingest_source
+from stratalign.stages.extract import ExtractConfig, extract
+from stratalign.stages.layers import LayersConfig, choose, compute_layer_matrices, record_choice
+from stratalign.stages.sources import ingest_source
+from stratalign.stages.train import RunConfig, resolve_run, train_run
+from stratalign.store.features import FeatureStore
+from stratalign.store.runs import RunRegistry
 
 LEVELS = ["dark", "dim", "mid", "bright", "white"]
 FAST = (("max_steps", 60), ("patience", 20), ("eval_every", 5), ("warmup_steps", 20), ("dim", 16))
@@ -79,7 +79,7 @@ def test_layers_saved_and_reused(stage_store) -> None:
                                             ("clip+structure-knn", "mlp"), ("clip+ib", "linear"),
                                             ("clip+vib", "linear"), ("csa", "csa"), ("comm", "linear")])
 def test_every_objective_trains_evaluates_and_reloads(stage_store, objective: str, head: str) -> None:
-    from stratalign.pipeline.evaluate_stage import evaluate_saved_run
+    from stratalign.stages.evaluate import evaluate_saved_run
 
     res = train_run(stage_store, _cfg(objective=objective, head=head, n_pairs=50))
     assert not res["skipped"]
@@ -135,7 +135,7 @@ def test_bad_inputs(stage_store) -> None:
 
 
 def test_eval_on_dataset_of_other_encoders_refused(stage_store, tmp_path: Path) -> None:
-    from stratalign.pipeline.evaluate_stage import evaluate_saved_run
+    from stratalign.stages.evaluate import evaluate_saved_run
 
     table = _toy_table(tmp_path, n=40, name="other.csv")
     stage_store.save_dataset(ingest_source("table", "toy2", table=str(table), image_col="image",
@@ -161,7 +161,7 @@ def test_eval_on_dataset_of_other_encoders_refused(stage_store, tmp_path: Path) 
 
 
 def test_nan_features_stop_cleanly(stage_store) -> None:
-    from stratalign.pipeline import train as T
+    from stratalign.train import trainer as T
 
     x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
     y = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
@@ -173,7 +173,7 @@ def test_nan_features_stop_cleanly(stage_store) -> None:
 def test_sweep_skips_finished_cells_and_writes_leaderboard(stage_store, tmp_path: Path) -> None:
     import polars as pl
 
-    from stratalign.pipeline.sweep import SweepConfig, run_sweep
+    from stratalign.stages.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(base=_cfg(), n_pairs=(20, 40), seeds=(0, 1), objectives=("clip", "csa"), layer_rules=("last",))
     first = run_sweep(stage_store, cfg, str(tmp_path / "rep"), progress=False)
@@ -193,7 +193,7 @@ def test_sweep_skips_finished_cells_and_writes_leaderboard(stage_store, tmp_path
 
 
 def test_sweep_skip_leaves_out_a_rule_objective_pair() -> None:
-    from stratalign.pipeline.sweep import SweepConfig
+    from stratalign.stages.sweep import SweepConfig
 
     cfg = SweepConfig(base=_cfg(), n_pairs=(20,), seeds=(0, 1), objectives=("clip", "clip+structure"),
                       layer_rules=("last", "auto"), skip=(("last", "clip+structure"),))
@@ -237,8 +237,8 @@ def test_set_seed_through_the_cli_is_one_line(stage_store) -> None:
 
 
 def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch) -> None:
-    from stratalign.pipeline import train as T
-    from stratalign.stores import graphs as G
+    from stratalign.store import graphs as G
+    from stratalign.train import trainer as T
 
     registry = RunRegistry(stage_store)
     opts = FAST + (("knn_k", 4),)
@@ -302,16 +302,16 @@ def test_non_finite_loss_is_reported_by_stage_and_cli(stage_store) -> None:
     assert "stopped_reason=non_finite" in out.stdout
     assert metrics["message"] in out.stdout  # the saved message line, verbatim
     assert "restored_before_warmup=True" in out.stdout
-    from stratalign.pipeline.evaluate_stage import evaluate_saved_run
+    from stratalign.stages.evaluate import evaluate_saved_run
 
     again = evaluate_saved_run(stage_store, rid)
     assert again["message"] == metrics["message"] and again["restored_before_warmup"] is True
 
 
 def test_alignment_mknn_is_mutual_knn_of_test_embeddings(stage_store) -> None:
-    from stratalign.pipeline import train as T
-    from stratalign.pipeline.metrics import mutual_knn
-    from stratalign.pipeline.train_stage import split_run_tensors
+    from stratalign.core.similarity import mutual_knn
+    from stratalign.stages.train import split_run_tensors
+    from stratalign.train import trainer as T
 
     res = train_run(stage_store, _cfg(objective="clip", n_pairs=40, seed=8))
     config, tensors, _ = RunRegistry(stage_store).load(res["run_id"])
@@ -334,8 +334,8 @@ def test_alignment_mknn_is_mutual_knn_of_test_embeddings(stage_store) -> None:
 
 
 def test_corrupted_cached_graph_is_rebuilt_not_used(tmp_path) -> None:
-    from stratalign.stores import graphs as G
-    from stratalign.stores.feature_store import FeatureStore
+    from stratalign.store import graphs as G
+    from stratalign.store.features import FeatureStore
 
     store = FeatureStore.open(str(tmp_path / "s"), "a", create=True)
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stratalign.stores.location import STORE_ENV, default_store_url
+from stratalign.store.location import STORE_ENV, default_store_url
 
 
 def _console(stderr: bool = False) -> Console:

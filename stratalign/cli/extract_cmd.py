@@ -9,8 +9,8 @@ import typer
 
 from stratalign.cli.common import StoreOption, console, print_table, store_url
 from stratalign.errors import StratalignError
-from stratalign.pipeline.extract import ExtractConfig, extract
-from stratalign.stores.feature_store import DEFAULT_SHARD_ROWS, FeatureStore
+from stratalign.stages.extract import ExtractConfig, extract
+from stratalign.store.features import DEFAULT_SHARD_ROWS, FeatureStore
 
 
 def extract_cmd(
@@ -36,7 +36,7 @@ def extract_cmd(
                         torch_threads=torch_threads)
     fs = FeatureStore.open(store_url(store), "a")
     if engine == "ray":
-        from stratalign.pipeline.ray_engine import extract_ray
+        from stratalign.stages.ray_engine import extract_ray
 
         reports = extract_ray(fs, dataset, cfg, address=ray_address)
     elif engine == "local":
@@ -54,7 +54,7 @@ def extract_cmd(
 
 def encoders_cmd() -> None:
     """List the known encoders with their modality, layers and dim."""
-    from stratalign.pipeline.encoders import known_encoders
+    from stratalign.encoders import known_encoders
 
     rows = [{"name": e.name, "modality": e.modality, "layers": e.n_layers, "dim": str(e.dim),
              "description": e.description} for e in known_encoders()]

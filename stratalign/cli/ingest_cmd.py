@@ -8,8 +8,8 @@ import typer
 
 from stratalign.cli.common import StoreOption, console, store_url
 from stratalign.errors import StratalignError
-from stratalign.stores.feature_store import FeatureStore
-from stratalign.stores.sources import SOURCES, ingest_source
+from stratalign.stages.sources import SOURCES, ingest_source
+from stratalign.store.features import FeatureStore
 
 
 def ingest(

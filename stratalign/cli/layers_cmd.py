@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from stratalign.cli.common import StoreOption, console, store_url
-from stratalign.pipeline.layer_choice import (
+from stratalign.stages.layers import (
     LayersConfig,
     choose,
     compute_layer_matrices,
@@ -16,7 +16,7 @@ from stratalign.pipeline.layer_choice import (
     top_pairs,
     write_heatmap,
 )
-from stratalign.stores.feature_store import FeatureStore
+from stratalign.store.features import FeatureStore
 
 
 def _k(value: str) -> int | str:

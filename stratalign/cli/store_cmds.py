@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from stratalign.cli.common import StoreOption, console, print_table, store_url
 from stratalign.errors import StratalignError
-from stratalign.stores.feature_store import FeatureStore
+from stratalign.store.features import FeatureStore
 
 store_app = typer.Typer(help="Inspect, verify and clean the feature store.", no_args_is_help=True)
 

@@ -9,8 +9,8 @@ import typer
 
 from stratalign.cli.common import StoreOption, console, print_table, store_url
 from stratalign.errors import StratalignError
-from stratalign.stores.feature_store import FeatureStore
-from stratalign.stores.runs import RunRegistry
+from stratalign.store.features import FeatureStore
+from stratalign.store.runs import RunRegistry
 
 
 def _options(pairs: list[str]) -> tuple:
@@ -52,7 +52,7 @@ def train_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Train alignment heads on cached features, evaluate on the test split, save the run."""
-    from stratalign.pipeline.train_stage import RunConfig, train_run
+    from stratalign.stages.train import RunConfig, train_run
 
     fs = FeatureStore.open(store_url(store), "a")
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
@@ -85,7 +85,7 @@ def eval_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Re-load a run's heads and evaluate retrieval and zero-shot classification (FAISS search)."""
-    from stratalign.pipeline.evaluate_stage import evaluate_saved_run
+    from stratalign.stages.evaluate import evaluate_saved_run
 
     fs = FeatureStore.open(store_url(store), "a")
     registry = RunRegistry(fs)
@@ -133,9 +133,9 @@ def sweep_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
-    from stratalign.pipeline.report import results_table
-    from stratalign.pipeline.sweep import SweepConfig, run_sweep
-    from stratalign.pipeline.train_stage import RunConfig
+    from stratalign.report.report import results_table
+    from stratalign.stages.sweep import SweepConfig, run_sweep
+    from stratalign.stages.train import RunConfig
 
     fs = FeatureStore.open(store_url(store), "a")
     cfg = SweepConfig(base=RunConfig(dataset=dataset, vision=vision, text=text, options=_options(set_)),
@@ -154,7 +154,7 @@ def demo_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """The main job on the embedded default: Twemoji, 3 packaged encoders, layer choice, sweep, report."""
-    from stratalign.pipeline.demo import DemoConfig, run_demo
+    from stratalign.stages.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(limit=limit, seeds=tuple(range(seeds)))
     if limit is not None and limit < 300:

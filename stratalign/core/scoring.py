@@ -1,0 +1,144 @@
+"""Evaluation metrics of a learned space (METHOD.md section 4): retrieval, zero-shot, linear probe, alignment.
+
+All take numpy arrays or torch tensors and return plain floats in percent (alignment_score: a fraction),
+so results can go straight into JSON and tables.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from stratalign.core.knn import as_matrix, l2_normalize, search, to_numpy
+from stratalign.core.similarity import mutual_knn
+from stratalign.errors import StratalignError, preview
+
+
+def _labels(y: Any, n: int, name: str, n_classes: int | None = None) -> np.ndarray:
+    arr = to_numpy(y, name)
+    if arr.ndim != 1 or len(arr) != n:
+        raise StratalignError(f"{name} must be a 1-D array of {n} entries, got shape {arr.shape}")
+    if n_classes is None:
+        return arr
+    if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise StratalignError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= n_classes))
+    if len(bad):
+        raise StratalignError(f"{name} out of range 0..{n_classes - 1} at {preview(bad.tolist())} "
+                              f"(values {preview(arr[bad].tolist())})")
+    return arr.astype(np.int64)
+
+
+def retrieval_recall(img_emb: Any, txt_emb: Any, txt_to_img: Any, ks: Sequence[int] = (1, 5, 10),
+                     *, device: str = "auto") -> dict[str, float]:
+    """Image<->text recall@k in % over a gallery of unique images and all their captions.
+
+    img_emb (N_i, d), txt_emb (N_t, d), txt_to_img (N_t,) the image row of each caption. An image is an
+    i2t hit at k if ANY of its captions is among the k best captions; a caption is a t2i hit if its image
+    is among the k best images. Cosine similarity; exact ranking, ties by the lower index. A k at least
+    the gallery size ranks the whole gallery (every query a hit).
+    """
+    img = as_matrix(img_emb, "image embeddings")
+    txt = as_matrix(txt_emb, "text embeddings")
+    if img.shape[1] != txt.shape[1]:
+        raise StratalignError(f"image embeddings have {img.shape[1]} dims but text embeddings {txt.shape[1]}")
+    owner = _labels(txt_to_img, len(txt), "txt_to_img", n_classes=len(img))
+    orphans = np.setdiff1d(np.arange(len(img)), owner)
+    if len(orphans):
+        raise StratalignError(f"{len(orphans)} gallery image(s) have no caption: rows {preview(orphans.tolist())}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise StratalignError(f"recall ks must be positive integers, got {ks}")
+    img, txt = l2_normalize(img), l2_normalize(txt)
+    out: dict[str, float] = {}
+    # image -> text: rank of the first correct caption
+    kt = min(ks[-1], len(txt))
+    _, top_t = search(txt, img, kt, normalize=False, device=device)
+    correct = owner[top_t] == np.arange(len(img))[:, None]  # (N_i, kt)
+    first_i2t = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+    ki = min(ks[-1], len(img))
+    _, top_i = search(img, txt, ki, normalize=False, device=device)
+    correct = top_i == owner[:, None]
+    first_t2i = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
+    for k in ks:
+        out[f"i2t_R@{k}"] = float(100.0 * np.mean(first_i2t < k))
+    for k in ks:
+        out[f"t2i_R@{k}"] = float(100.0 * np.mean(first_t2i < k))
+    return out
+
+
+def class_embeddings(template_emb: Any) -> np.ndarray:
+    """(C, T, d) prompt embeddings -> (C, d): each normalised, averaged over templates, renormalised."""
+    arr = to_numpy(template_emb, "template embeddings")
+    if arr.ndim == 2:
+        arr = arr[:, None, :]
+    if arr.ndim != 3 or 0 in arr.shape:
+        raise StratalignError(f"template embeddings must be (classes, templates, dims), got shape {arr.shape}")
+    flat = as_matrix(arr.reshape(-1, arr.shape[-1]), "template embeddings")
+    mean = l2_normalize(flat).reshape(arr.shape).mean(axis=1)
+    return l2_normalize(mean)
+
+
+def zero_shot_classify(img_emb: Any, class_emb: Any, labels: Any) -> dict[str, float]:
+    """Zero-shot accuracy in %: top1, top5 (only with >= 5 classes) and balanced_acc (mean per-class recall
+    over the classes present in labels). An image's class is the argmax cosine (ties: lower class index)."""
+    img = l2_normalize(as_matrix(img_emb, "image embeddings"))
+    cls = l2_normalize(as_matrix(class_emb, "class embeddings"))
+    if img.shape[1] != cls.shape[1]:
+        raise StratalignError(f"image embeddings have {img.shape[1]} dims but class embeddings {cls.shape[1]}")
+    n_cls = len(cls)
+    y = _labels(labels, len(img), "labels", n_classes=n_cls)
+    s = img @ cls.T
+    true = s[np.arange(len(y)), y][:, None]
+    cols = np.arange(n_cls)[None, :]
+    rank = ((s > true) | ((s == true) & (cols < y[:, None]))).sum(1)  # 0 = predicted class
+    out = {"top1": float(100.0 * np.mean(rank < 1))}
+    if n_cls >= 5:
+        out["top5"] = float(100.0 * np.mean(rank < 5))
+    present = np.unique(y)
+    out["balanced_acc"] = float(100.0 * np.mean([np.mean(rank[y == c] < 1) for c in present]))
+    return out
+
+
+def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, seed: int = 0,
+                 max_iter: int = 1000) -> dict[str, float]:
+    """Logistic regression on standardised features (fit on train only); acc, balanced_acc, f1_weighted and
+    f1_macro on test, in %. Labels may be any hashable values (strings, ints)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    xtr = as_matrix(train_x, "train features")
+    xte = as_matrix(test_x, "test features")
+    if xtr.shape[1] != xte.shape[1]:
+        raise StratalignError(f"train features have {xtr.shape[1]} dims but test features {xte.shape[1]}")
+    ytr = _labels(train_y, len(xtr), "train labels")
+    yte = _labels(test_y, len(xte), "test labels")
+    for name, y in (("train labels", ytr), ("test labels", yte)):
+        if any(v is None for v in y.tolist()):
+            raise StratalignError(f"{name} contain None at rows {preview([i for i, v in enumerate(y) if v is None])}")
+    if len(np.unique(ytr)) < 2:
+        raise StratalignError(f"linear probe needs at least 2 classes in the train labels, got {np.unique(ytr).tolist()}")
+    scaler = StandardScaler().fit(xtr)
+    clf = LogisticRegression(max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter and classes absent from one side
+        clf.fit(scaler.transform(xtr), ytr)
+        pred = clf.predict(scaler.transform(xte))
+        return {
+            "acc": float(100.0 * accuracy_score(yte, pred)),
+            "balanced_acc": float(100.0 * balanced_accuracy_score(yte, pred)),
+            "f1_weighted": float(100.0 * f1_score(yte, pred, average="weighted", zero_division=0)),
+            "f1_macro": float(100.0 * f1_score(yte, pred, average="macro", zero_division=0)),
+        }
+
+
+def alignment_score(z_img: Any, z_txt: Any, k: int | str = "rice", *, device: str = "auto") -> float:
+    """mutual_knn between paired rows of the learned image and text spaces (a fraction in [0, 1])."""
+    return mutual_knn(z_img, z_txt, k, device=device)

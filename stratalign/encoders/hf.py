@@ -1,0 +1,341 @@
+"""`hf:<model id or local dir>[:image|:text]`: a transformers model run with output_hidden_states=True.
+
+Modality comes from the config: a model type with an image processor (ViT, DINOv2, DeiT, BEiT, ConvNeXt,
+ResNet, ...) is a vision model; a CLIP/SigLIP checkpoint (config with vision_config and text_config) is
+loaded as its vision tower (CLIPVisionModel) unless the spec ends in `:text` (CLIPTextModel); anything with
+a vocabulary is a text model. Preprocessing: AutoImageProcessor, or AutoTokenizer with padding to the
+longest row and truncation to the model's max length.
+
+Layers are the model's `hidden_states`: index 0 is the embedding output (for CLIP vision, the input of the
+first block, i.e. after `pre_layrnorm`), index i the output of block i. In HF ViT, DINOv2 and CLIP the
+final LayerNorm (`layernorm` / `post_layernorm`) is applied after the encoder to `last_hidden_state` /
+the pooled output only, so every hidden state, the last included, is taken before it (checked in
+tests/test_encoders.py: hidden_states[-1] != last_hidden_state == layernorm(hidden_states[-1])).
+
+A one-row probe forward at load time fixes the layer count and dims and tells the token layout:
+- ViT: prefix tokens = tokens - patches (class token, plus DINOv2 register tokens or the DeiT distillation
+  token); `cls` = token 0, `mean` = mean over the patch tokens only. A model without a class token
+  (SigLIP) offers `mean` only.
+- text: `cls` = token 0, `mean` = attention-mask-weighted mean. Causal text models (the CLIP text tower)
+  offer `eos` (last attended token) instead of `cls`, because their token 0 never sees the text.
+- CNN backbones (hidden states are feature maps): `avg` global average pooling.
+
+`weights_sha256` (part of the entry key) hashes the weight files from_pretrained read (the folder's or
+the HF cache snapshot's safetensors / bin, shards included), else the loaded model's state_dict.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from stratalign.core.pooling import pool_layers
+from stratalign.encoders.base import (
+    Encoder,
+    state_dict_sha256,
+    to_device,
+    weight_files_in,
+    weights_sha256,
+)
+from stratalign.errors import StratalignError
+
+TOWERS = ("image", "text")
+DUAL_TOWER_CLASSES = {
+    "clip": ("CLIPVisionModel", "CLIPTextModel"),
+    "siglip": ("SiglipVisionModel", "SiglipTextModel"),
+    "siglip2": ("Siglip2VisionModel", "Siglip2TextModel"),
+}
+CAUSAL_TEXT_TYPES = {"clip", "clip_text_model", "gpt2", "gpt_neo", "gptj", "llama", "mistral", "qwen2", "qwen3",
+                     "phi", "phi3", "opt", "bloom", "falcon", "gemma", "gemma2"}
+TEXT_ROLES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None]:
+    """'hf:<ident>[:image|:text]' -> (ident, tower or None)."""
+    body = spec[3:] if spec.startswith("hf:") else spec
+    tower = None
+    for t in TOWERS:
+        if body.endswith(":" + t):
+            body, tower = body[: -len(t) - 1], t
+            break
+    if not body:
+        raise StratalignError(f"encoder spec {spec!r} names no model: use hf:<model id or local folder>")
+    return body, tower
+
+
+def _is_dual(cfg: Any) -> bool:
+    return hasattr(cfg, "vision_config") and hasattr(cfg, "text_config")
+
+
+def _config_modality(cfg: Any) -> str:
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    mt = getattr(cfg, "model_type", "")
+    if mt in IMAGE_PROCESSOR_MAPPING_NAMES or mt.endswith("vision_model"):
+        return "image"
+    if hasattr(cfg, "vocab_size"):
+        return "text"
+    if hasattr(cfg, "num_channels") or hasattr(cfg, "image_size"):
+        return "image"
+    raise StratalignError(f"cannot tell whether model type {mt!r} is a vision or a text model")
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")  # the order from_pretrained prefers them in
+
+
+def _resolve_weight_files(ident: str, revision: str | None = None,
+                          cache_dir: str | os.PathLike | None = None) -> tuple[list[Path], Path | None]:
+    """The weight files from_pretrained loads for `ident` (a local folder, or a hub id already in the
+    local HF cache): the first of HF_WEIGHT_FILES present, an index expanded to its shards. For a folder
+    holding none of those, its weight files of any format. ([], None) when nothing can be found."""
+    local = os.path.isdir(ident)
+
+    def locate(name: str) -> Path | None:
+        if local:
+            path = Path(ident) / name
+            return path if path.is_file() else None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(ident, name, cache_dir=cache_dir, revision=revision)
+        except Exception:  # noqa: BLE001 - not a valid repo id, no cache: nothing found
+            return None
+        return Path(hit) if isinstance(hit, str) and os.path.isfile(hit) else None
+
+    for name in HF_WEIGHT_FILES:
+        found = locate(name)
+        if found is None:
+            continue
+        if not name.endswith(".index.json"):
+            return [found], found.parent
+        try:
+            shard_names = sorted(set(json.loads(found.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            continue
+        shards = [locate(n) for n in shard_names]
+        if shard_names and all(shards):
+            return [p for p in shards if p is not None], found.parent
+    if local:
+        files = weight_files_in(ident)
+        if files:
+            return files, Path(ident)
+    return [], None
+
+
+def weights_hash(ident: str, model: torch.nn.Module, revision: str | None = None) -> str:
+    """sha256 of the weight files the model was loaded from; when they cannot be found, of its state_dict."""
+    files, root = _resolve_weight_files(ident, revision)
+    return weights_sha256(files, root) if files else state_dict_sha256(model)
+
+
+def _max_text_length(tokenizer: Any, cfg: Any) -> int:
+    n = getattr(tokenizer, "model_max_length", None)
+    if isinstance(n, int) and 0 < n < 100_000:
+        return n
+    n = getattr(cfg, "max_position_embeddings", None) or 512
+    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        n -= 2
+    return int(n)
+
+
+class HFEncoder(Encoder):
+    """A transformers model that returns hidden states; pools all of them from one forward pass."""
+
+    def __init__(self, spec: str, model: torch.nn.Module, modality: str, *, tokenizer: Any = None,
+                 image_processor: Any = None, image_transform: Any = None, max_length: int | None = None,
+                 causal: bool = False, weights_sha: str, preprocessing: dict[str, Any],
+                 extra_metadata: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = self.frozen(model)
+        self.modality = modality
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_transform = image_transform
+        self.max_length = max_length
+        self.causal = causal
+        self._weights_sha = weights_sha
+        self._preprocessing = preprocessing
+        self._extra = dict(extra_metadata or {})
+        self._tok_lock = threading.Lock()
+        accepted = set(inspect.signature(self.model.forward).parameters)
+        self._text_keys = tuple(k for k in TEXT_ROLES if k in accepted)
+        self.to(device)
+        self._probe()
+
+    # --- layout from one probe row ----------------------------------------------------------------
+    def _probe(self) -> None:
+        from PIL import Image
+
+        item = Image.new("RGB", (256, 256), (128, 128, 128)) if self.modality == "image" else "a photo"
+        batch = self.preprocess([item])
+        hs = self._hidden_states(batch)
+        shapes = [tuple(h.shape) for h in hs]
+        if all(len(s) == 4 for s in shapes):
+            self.kind, self.n_prefix = "cnn", 0
+            self.dims = [s[1] for s in shapes]
+            self.poolings, self.default_pooling = ("avg",), "avg"
+        elif all(len(s) == 3 for s in shapes):
+            self.dims = [s[-1] for s in shapes]
+            if self.modality == "text":
+                self.kind, self.n_prefix = "text", 0
+                self.poolings = ("mean", "eos") if self.causal else ("mean", "cls")
+                self.default_pooling = "mean"
+            else:
+                self.kind = "vision"
+                self.n_prefix = self._prefix_tokens(batch, shapes)
+                if self.n_prefix >= 1:
+                    self.poolings, self.default_pooling = ("cls", "mean"), "cls"
+                else:
+                    self.poolings, self.default_pooling = ("mean",), "mean"
+        else:
+            raise StratalignError(f"{self.spec}: hidden states of mixed or unexpected shapes {shapes}; "
+                                  "not a model stratalign can pool")
+        self.layer_names = ["embeddings"] + [f"layer.{i}" for i in range(1, len(hs))]
+        self.forward_calls = 0
+
+    def _prefix_tokens(self, batch: dict[str, torch.Tensor], shapes: list[tuple[int, ...]]) -> int:
+        tokens = {s[1] for s in shapes}
+        cfg = getattr(self.model, "config", None)
+        patch = getattr(cfg, "patch_size", None)
+        if len(tokens) != 1:
+            return 0  # hierarchical (Swin-like): no class token
+        if isinstance(patch, (list, tuple)):
+            patch = patch[0]
+        pv = batch.get("pixel_values")
+        if not isinstance(patch, int) or pv is None or pv.ndim != 4:
+            return 1
+        n_patches = (pv.shape[-2] // patch) * (pv.shape[-1] // patch)
+        prefix = tokens.pop() - n_patches
+        return prefix if prefix >= 0 else 1
+
+    # --- interface ---------------------------------------------------------------------------------
+    def preprocess(self, items: list) -> dict[str, torch.Tensor]:
+        if not items:
+            raise StratalignError("preprocess got an empty batch")
+        if self.modality == "text":
+            # one tokenizer behind a lock: a fast tokenizer's padding/truncation state is not safe to share
+            # between loader threads, and a per-thread deep copy cost more (0.15 s each) than a batch's
+            # tokenisation (~2 ms for 32 captions)
+            with self._tok_lock:
+                enc = self.tokenizer([str(t) for t in items], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+            return {k: enc[k] for k in self._text_keys if k in enc}
+        images = [im.convert("RGB") for im in items]
+        if self.image_transform is not None:
+            return {"pixel_values": self.image_transform(images)}
+        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()}
+
+    def _hidden_states(self, batch: dict[str, torch.Tensor]) -> Sequence[torch.Tensor]:
+        batch = to_device(batch, self.device)
+        with torch.inference_mode():
+            self.forward_calls += 1
+            out = self.model(**batch, output_hidden_states=True, return_dict=True)
+        hs = out.get("hidden_states") if hasattr(out, "get") else getattr(out, "hidden_states", None)
+        if not hs:
+            raise StratalignError(f"{self.spec}: {type(self.model).__name__} returned no hidden states with "
+                                  "output_hidden_states=True, so its layers cannot be extracted")
+        return hs
+
+    def forward_pooled(self, batch: dict[str, torch.Tensor], poolings: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+        poolings = self.check_poolings(poolings)
+        with torch.inference_mode():
+            hs = self._hidden_states(batch)
+            if len(hs) != len(self.layer_names):
+                raise StratalignError(f"{self.spec}: got {len(hs)} hidden states, expected {len(self.layer_names)}")
+            mask = batch.get("attention_mask")
+            if mask is not None:
+                mask = mask.to(self.device)
+            return pool_layers(hs, poolings, kind=self.kind, attention_mask=mask, n_prefix=self.n_prefix)
+
+    def metadata(self) -> dict[str, Any]:
+        meta = self.base_metadata()
+        meta.update({"weights_sha256": self._weights_sha, "preprocessing": self._preprocessing,
+                     "prefix_tokens": self.n_prefix if self.kind == "vision" else None})
+        meta.update(self._extra)
+        return meta
+
+
+def _processor_description(processor: Any) -> dict[str, Any]:
+    keys = ("size", "crop_size", "do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize",
+            "image_mean", "image_std", "resample", "do_convert_rgb")
+    desc: dict[str, Any] = {"image_processor": type(processor).__name__}
+    for k in keys:
+        v = getattr(processor, k, None)
+        if v is None:
+            continue
+        if hasattr(v, "items"):
+            v = dict(v.items())
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif not isinstance(v, (int, float, str, bool, list)):
+            v = int(v) if hasattr(v, "__int__") else str(v)
+        desc[k] = v
+    return desc
+
+
+def load_hf(spec: str, device: str = "cpu", *, canonical: str | None = None, max_length: int | None = None,
+            extra_metadata: dict[str, Any] | None = None) -> HFEncoder:
+    """Load `hf:<ident>[:image|:text]` (or a named encoder that is an HF folder, via `canonical`)."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    ident, tower = parse_hf_spec(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(ident)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; one line for the user
+        raise StratalignError(f"cannot load a transformers config from {ident!r} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); offline, use a local model folder") from e
+    dual = _is_dual(cfg)
+    if dual:
+        tower = tower or "image"
+        modality = tower
+        names = DUAL_TOWER_CLASSES.get(cfg.model_type)
+        if names is not None:
+            model = getattr(transformers, names[0 if tower == "image" else 1]).from_pretrained(ident)
+        else:
+            full = AutoModel.from_pretrained(ident)
+            model = getattr(full, "vision_model" if tower == "image" else "text_model", None)
+            if model is None:
+                raise StratalignError(f"{ident}: a two-tower {cfg.model_type} model without a "
+                                      f"{'vision_model' if tower == 'image' else 'text_model'} submodule")
+        sub_cfg = cfg.vision_config if tower == "image" else cfg.text_config
+    else:
+        modality = _config_modality(cfg)
+        if tower is not None and tower != modality:
+            raise StratalignError(f"{ident} is a {modality} model, not {tower}")
+        model = AutoModel.from_pretrained(ident)
+        sub_cfg = cfg
+    canonical_spec = canonical or ("hf:" + ident + (f":{tower}" if dual else ""))
+
+    tokenizer = image_processor = None
+    if modality == "text":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ident)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        max_length = max_length or _max_text_length(tokenizer, sub_cfg)
+        preprocessing = {"tokenizer": type(tokenizer).__name__, "max_length": max_length, "padding": "longest",
+                         "truncation": True}
+    else:
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(ident)
+        preprocessing = _processor_description(image_processor)
+
+    sha = weights_hash(ident, model, getattr(cfg, "_commit_hash", None))
+    causal = modality == "text" and (getattr(sub_cfg, "model_type", "") in CAUSAL_TEXT_TYPES
+                                    or bool(getattr(sub_cfg, "is_decoder", False)))
+    extra = {"source": ident, "library": "transformers"}
+    extra.update(extra_metadata or {})
+    return HFEncoder(canonical_spec, model, modality, tokenizer=tokenizer, image_processor=image_processor,
+                     max_length=max_length, causal=causal, weights_sha=sha, preprocessing=preprocessing,
+                     extra_metadata=extra, device=device)

@@ -1,0 +1,114 @@
+"""The main job on the embedded default: ingest Twemoji, extract, choose layers, sweep, report.
+
+Everything is cached in the store, so a second run only re-reads results (and re-writes the report).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from stratalign.report.report import results_table, write_report
+from stratalign.stages.extract import ExtractConfig, extract
+from stratalign.stages.layers import (
+    LayersConfig,
+    choose,
+    compute_layer_matrices,
+    record_choice,
+    write_heatmap,
+)
+from stratalign.stages.sources import ingest_source
+from stratalign.stages.sweep import SweepConfig, run_sweep
+from stratalign.stages.train import RunConfig
+from stratalign.store.features import FeatureStore
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's grid. Defaults fit in about 10 minutes on 2 CPU cores from a fresh store."""
+
+    dataset: str = "twemoji"
+    vision: str = "dinov2-s"
+    text: str = "minilm-l6"
+    extra_encoders: tuple[str, ...] = ("efficientnet-lite0",)
+    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "csa")
+    n_pairs: tuple[int | None, ...] = (200, 500, None)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    layer_rules: tuple[str, ...] = ("last", "auto")
+    # the kNN-graph form costs twice the batch form; last vs chosen layers is compared on the others
+    skip: tuple[tuple[str, str], ...] = (("last", "clip+structure-knn"),)
+    limit: int | None = None  # only the first N emoji (tests)
+    # CPU-sized trainer settings (METHOD's defaults are batch 4096, 1000 warm-up steps, patience 300):
+    # mini-batches of 256 make the kNN-graph form differ from the batch form (a full batch already holds
+    # every neighbour) and keep 90 runs within minutes on 2 cores. STRUCTURE runs restore the first
+    # checkpoint after the warm-up (the validation CLIP loss only rises once lambda is at full strength), so
+    # the warm-up length sets their cost: 100 steps against 150 cut it by a third, retrieval within the seed
+    # spread (measured on the full Twemoji set, 2026-11-23).
+    train_options: tuple[tuple[str, object], ...] = (("batch_size", 256), ("max_steps", 600),
+                                                     ("warmup_steps", 100), ("patience", 40), ("eval_every", 10))
+    batch_size: int = 32
+    progress: bool = True
+
+
+def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage; returns the timings, the layer choice, the leaderboard and the report path."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    store = FeatureStore.open(store_url, "a", create=True)
+    name = cfg.dataset if cfg.limit is None else f"{cfg.dataset}-{cfg.limit}"
+    ds = ingest_source("twemoji", name, limit=cfg.limit)
+    written = store.save_dataset(ds)
+    log(f"[1/4] dataset {name}: {ds.images.height} pairs ({'ingested' if written else 'cached'})")
+    timings["ingest"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    encoders = (cfg.vision, *cfg.extra_encoders, cfg.text)
+    reports = extract(store, name, ExtractConfig(encoders=encoders, batch_size=cfg.batch_size,
+                                                        progress=cfg.progress))
+    for r in reports:
+        log(f"[2/4] extract {r.encoder}: {r.shards_encoded}/{r.shards_total} shards encoded, "
+            f"{r.rows_per_s:.0f} rows/s, {r.wall_s:.1f}s")
+    timings["extract"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    layer_infos = []
+    for vision in (cfg.vision, *cfg.extra_encoders):
+        lcfg = LayersConfig(dataset=name, vision=vision, text=cfg.text, metrics=("mutual_knn", "cka"))
+        result = compute_layer_matrices(store, lcfg)
+        choice = choose(result, "best", "mutual_knn")
+        record_choice(store, lcfg, choice)
+        png = write_heatmap(store, result, choice, copy_to=os.path.join(out_dir, f"layers-{vision}.png"))
+        layer_infos.append({**choice, "n": result["n"], "k": result["k"], "heatmap": png, "vision": vision})
+        log(f"[3/4] layers {vision} x {cfg.text}: best ({choice['vision_layer']},{choice['text_layer']}) "
+            f"mutual_knn={choice['score']:.3f} vs last {choice['last_score']:.3f}")
+    timings["layers"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sweep_cfg = SweepConfig(base=RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=cfg.train_options),
+                            n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
+                            layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip)
+    sweep = run_sweep(store, sweep_cfg, out_dir, progress=cfg.progress)
+    log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
+    timings["sweep"] = time.perf_counter() - t0
+
+    intro = [f"Embedded demo: {ds.images.height} Twemoji image-caption pairs (caption = Unicode name, "
+             f"label = one of {len(ds.class_names)} categories), vision `{cfg.vision}`, text `{cfg.text}`, "
+             f"linear heads, seeds {list(cfg.seeds)}. Training pairs come from the train split "
+             f"(validation carved out of it), numbers are on the test split. n_pairs=None means all train pairs. "
+             "Trainer settings sized for a CPU: " + ", ".join(f"{k}={v}" for k, v in cfg.train_options) +
+             " (everything else as METHOD.md: tau 0.05, lambda 10, AdamW lr 1e-3, early stopping on the "
+             "validation CLIP loss, no checkpoint before the warm-up ends)."
+             + "".join(f" Left out of the grid: {obj} on the {rule} layers." for rule, obj in cfg.skip),
+             *(f"Layers of the other vision encoder, `{info['vision']}` x `{cfg.text}` (not used by the sweep): "
+               f"best ({info['vision_layer']},{info['text_layer']}) mutual_knn {info['score']:.3f} against "
+               f"{info['last_score']:.3f} for the last layers; heatmap `{os.path.basename(info['heatmap'])}`."
+               for info in layer_infos[1:]),
+             "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
+    report = write_report(out_dir, title="stratalign demo: how much paired data, which layers, which objective?",
+                          board=sweep.leaderboard, layer_info=layer_infos[0], files=sweep.files, extra=intro)
+    return {"timings": timings, "layers": layer_infos, "leaderboard": sweep.leaderboard,
+            "table": results_table(sweep.leaderboard), "report": report, "files": sweep.files,
+            "trained": sweep.trained, "skipped": sweep.skipped}

