@@ -1,0 +1,178 @@
+"""A store written by commit 3d4de15 (before the module moves) is read and reused by the current code.
+
+The fixture tests/fixtures/store_3d4de15/ was written by tests/fixtures/make_old_store.py run against 3d4de15
+(see its docstring). The current code must open it, find its features complete (nothing re-extracted), its layer
+result cached, its runs done (nothing retrained), and reproduce its metrics; and a store rebuilt from the same
+pinned inputs by the current code must have the same keys and the same bytes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from fake_encoders import load_tiny
+
+FIXTURE = Path(__file__).parent / "fixtures" / "store_3d4de15"
+ENTRY_KEYS = {
+    "toy--image--tiny-image--avg--a373f67358f9962b",
+    "toy--text--tiny-text--mean--2e3ccb25096e2e6f",
+    "toy-resplit--image--tiny-image--avg--0f501b17967e1ca7",
+    "toy-resplit--text--tiny-text--mean--e1ab24ac1f1df56d",
+}
+LAYER_KEY = "toy--tiny-image--tiny-text--c9ff66777565"
+RUN_IDS = ["clip-linear-n12-s0-c2322d26d74d", "clip_structure-linear-n12-s0-5a3151fa3dcf",
+           "clip_structure_knn-linear-n12-s1-9515c6ad9da0", "csa-csa-n12-s0-c493673e6699"]
+GRAPH_FILE = "store/graphs/17e2fc4592f1dcc3ccdaadf3fd1fe05385512255ea44ed4a2c0b4cb7d141a106.safetensors"
+PROMPT_FILE = "store/prompts/065c3a65d2c95313312f96af.safetensors"
+# Files that differ between two runs of the OLD code on the same inputs, and how they are compared instead.
+# JSON files whose content carries the time, host or process of the writer: compared as JSON without these fields.
+VOLATILE = {
+    "_shards": ("host", "pid", "written_at"),  # shard markers: who wrote the shard and when
+    "layers": ("seconds",),  # layer results: read and compute timings
+    "metrics.json": ("train_seconds", "train_loop_seconds"),  # run metrics: training timings
+}
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_old_store", FIXTURE.parent / "make_old_store.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GEN = _generator()
+API = GEN.api()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _safetensors_parts(data: bytes) -> tuple[dict, bytes]:
+    """(header as a dict, tensor bytes): the header's __metadata__ order follows a hash map in the safetensors
+    library, so the kNN graph files (which carry metadata) differ in byte order between any two runs."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _volatile_fields(rel: str) -> tuple[str, ...] | None:
+    parts = rel.split("/")
+    for marker, fields in VOLATILE.items():
+        if marker in parts[:-1] or parts[-1] == marker:
+            return fields
+    return None
+
+
+@pytest.fixture
+def old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A copy of the fixture (cwd = the copy: the store records its image paths relative to it), opened to append."""
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    monkeypatch.chdir(tmp_path / "old")
+    return API.FeatureStore.open("store", "a"), tmp_path / "old"
+
+
+def test_current_code_is_under_test() -> None:
+    """The entry points come from this checkout (an editable install of another one could shadow them)."""
+    root = Path(__file__).resolve().parents[1] / "stratalign"
+    for fn in (API.extract, API.compute_layer_matrices, API.train_run, API.evaluate_saved_run, API.FeatureStore.open):
+        assert Path(fn.__code__.co_filename).resolve().is_relative_to(root), fn
+
+
+def test_fixture_is_small_and_from_the_old_code() -> None:
+    files = _tree(FIXTURE)
+    assert sum(len(b) for b in files.values()) < 200_000
+    assert not any("__pycache__" in f for f in files)
+    store_meta = json.loads(files["store/zarr.json"])
+    assert store_meta["attributes"]["stratalign"]["created_by"] == "0.1.0"
+
+
+def test_old_store_opens_lists_and_reads(old) -> None:
+    store, root = old
+    assert sorted(store.datasets()) == ["toy", "toy-resplit"]
+    assert {e.key for e in store.entries()} == ENTRY_KEYS
+    ds = store.dataset("toy")
+    meta = json.loads((root / "store/datasets/toy/dataset.json").read_text())
+    assert ds.fingerprint == meta["fingerprint"] and ds.content_fingerprint == meta["content_fingerprint"]
+    assert len(ds.images) == 24 and len(ds.captions) == 48 and ds.images["path"][0] == "inputs/img/00.png"
+    for entry in store.entries():
+        assert entry.is_complete() and entry.verify() == {"corrupt": [], "incomplete": []}
+        for layer in range(len(entry.spec.dims)):
+            raw = zarr.open_array(str(root / "store" / "features" / entry.key / f"layer_{layer:03d}"), mode="r")[:]
+            got = entry.read_layer(layer)
+            assert got.dtype == raw.dtype and np.array_equal(got, raw), (entry.key, layer)
+
+
+def test_extract_encodes_nothing(old) -> None:
+    store, root = old
+    before = _tree(root)
+    for dataset in ("toy", "toy-resplit"):
+        reports = GEN.extract(API, store, dataset, load_tiny)
+        assert [r.shards_encoded for r in reports] == [0, 0]
+        assert {k for r in reports for k in r.entries} <= ENTRY_KEYS
+    assert _tree(root) == before
+
+
+def test_layers_cached_and_runs_skipped(old) -> None:
+    store, root = old
+    before = _tree(root)
+    res = API.compute_layer_matrices(store, GEN.layers_config(API))
+    saved = json.loads((root / "store/layers" / f"{LAYER_KEY}.json").read_text())
+    assert res["cached"] and res["key"] == LAYER_KEY and res["matrices"] == saved["matrices"]
+    choice = API.choose(res, "best", "cka")
+    assert choice == json.loads((root / "store/choices/toy--tiny-image--tiny-text.json").read_text())
+    results = [API.train_run(store, cfg) for cfg in GEN.run_configs(API)]
+    assert [r["run_id"] for r in results] == RUN_IDS and all(r["skipped"] for r in results)
+    assert _tree(root) == before
+
+
+@pytest.mark.parametrize("run_id", RUN_IDS)
+def test_saved_runs_reproduce_their_metrics(old, run_id: str) -> None:
+    store, root = old
+    stored = json.loads((root / "store/runs" / run_id / "metrics.json").read_text())
+    again = API.evaluate_saved_run(store, run_id)
+    evaluated = [k for k, v in again.items() if isinstance(v, float) and k in stored]
+    assert {"i2t_R@1", "t2i_R@1"} <= set(evaluated)
+    for key in evaluated:
+        assert again[key] == pytest.approx(stored[key], abs=1e-9), key
+
+
+def test_saved_cross_dataset_eval_reproduced(old) -> None:
+    store, root = old
+    path = root / "store/runs" / RUN_IDS[0] / "eval-toy-resplit.json"
+    before = path.read_bytes()
+    again = API.evaluate_saved_run(store, RUN_IDS[0], "toy-resplit")
+    assert path.read_bytes() == before  # rewritten with the very same bytes
+    assert {k: again[k] for k in json.loads(before)} == json.loads(before)
+
+
+def test_rebuilt_by_current_code_is_the_same_store(tmp_path: Path) -> None:
+    """The generator's steps with the current code: same keys, and every file byte-identical except the fields
+    in VOLATILE (time, host, pid of the writer), which are compared as JSON without them."""
+    made = GEN.build(tmp_path / "new", load_tiny)
+    assert made["layer_key"] == LAYER_KEY and made["run_ids"] == RUN_IDS
+    old_files, new_files = _tree(FIXTURE), _tree(tmp_path / "new")
+    assert sorted(new_files) == sorted(old_files)
+    assert GRAPH_FILE in new_files and PROMPT_FILE in new_files
+    assert {p.split("/")[2] for p in new_files if p.startswith("store/features/") and p.count("/") > 2} == ENTRY_KEYS
+    compared_as_json, compared_as_safetensors = [], []
+    for rel, data in new_files.items():
+        fields = _volatile_fields(rel)
+        if rel.startswith("store/graphs/"):
+            assert _safetensors_parts(data) == _safetensors_parts(old_files[rel]), rel
+            compared_as_safetensors.append(rel)
+        elif fields is not None:
+            new, was = json.loads(data), json.loads(old_files[rel])
+            assert set(new) == set(was), rel
+            assert {k: v for k, v in new.items() if k not in fields} == {k: v for k, v in was.items() if k not in fields}, rel
+            compared_as_json.append(rel)
+        else:
+            assert data == old_files[rel], f"{rel} differs from the store written by 3d4de15"
+    assert len(compared_as_json) == 7 + 1 + len(RUN_IDS)  # shard markers, the layer result, run metrics
+    assert compared_as_safetensors == [GRAPH_FILE]
