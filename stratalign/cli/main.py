@@ -60,9 +60,9 @@ INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
 
 def click_exceptions() -> ModuleType:
-    """The module of the click exceptions typer raises. typer up to 0.2x uses the `click` package; typer 0.29
-    vendors its own copy as `typer._click`, whose exceptions are not the `click` package's. `typer.BadParameter`
-    is public in both and is defined in that module."""
+    """The module of the click exceptions typer raises. Older typer (checked: 0.15) uses the `click` package;
+    typer 0.29 vendors its own copy as `typer._click`, whose exceptions are not the `click` package's.
+    `typer.BadParameter` is public in both and is defined in that module."""
     return sys.modules[typer.BadParameter.__module__]
 
 
