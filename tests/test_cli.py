@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +157,110 @@ def test_commands_never_create_a_store(tmp_path: Path, args) -> None:
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"no stratalign store at {store}; create one with `stratalign ingest" in out.stderr
     assert not store.exists()
+
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).parent / "stratalign"
+HEAVY = ("torch", "zarr", "polars", "faiss")
+
+
+def run_script(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, importing this checkout (PYTHONPATH) rather than the installed one."""
+    if not SCRIPT.exists():
+        pytest.skip(f"no installed console script at {SCRIPT} (pip install -e . puts it there)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=120, env=env, input=stdin)
+
+
+@pytest.mark.parametrize("args, error", [
+    (("trian",), "No such command 'trian'"),
+    (("train", "--bogus"), "No such option: --bogus"),
+    (("train",), "Missing option '--dataset'"),
+    (("train", "--dataset", "d", "--vision", "v", "--text", "t", "--n-pairs", "abc"), "Invalid value for '--n-pairs'"),
+    (("sweep", "--dataset", "d", "--vision", "v", "--text", "t", "--seed", "x"), "Invalid value for '--seed'"),
+    (("ingest", "csv"), "No such command 'csv'"),
+    (("store", "verify", "--stor", "x"), "No such option: --stor"),
+])
+def test_usage_errors_are_usage_and_one_error_line(args, error) -> None:
+    out = run_script(*args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[0].startswith(f"Usage: stratalign {args[0] if args[0] != 'trian' else '[OPTIONS]'}"), lines[0]
+    assert lines[-1].startswith("Error: ") and error in lines[-1], lines[-1]
+    assert sum(line.startswith("Error") for line in lines) == 1
+
+
+def test_aborted_rm_exits_nonzero_and_removes_nothing(store_with_dataset) -> None:
+    store, key = _extracted(store_with_dataset)
+    for answer, message in (("n\n", ""), ("", "Aborted!")):  # a "no", then end of input at the prompt
+        out = run_script("store", "rm", key, "--store", str(store), stdin=answer)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and message in out.stderr and "removed" not in out.stdout
+        assert (store / "features" / key).exists()
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from stratalign.cli.main import main
+    from stratalign.stages import sources
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources, "ingest_source", interrupted)  # the command imports it when it runs
+    monkeypatch.setattr(sys, "argv", ["stratalign", "ingest", "twemoji", "--store", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize("source, own, foreign", [
+    ("coco", ("--captions", "--images"), ("--split-file", "--table", "--image-col")),
+    ("karpathy", ("--split-file", "--images"), ("--captions", "--table", "--caption-col")),
+    ("table", ("--table", "--image-col", "--caption-col", "--label-col", "--split-col"), ("--captions", "--split-file")),
+    ("twemoji", ("--name", "--limit", "--replace"), ("--captions", "--split-file", "--table", "--images")),
+])
+def test_ingest_help_shows_only_its_own_options(source: str, own, foreign) -> None:
+    out = run("ingest", source, "--help")
+    assert out.returncode == 0, out.stderr
+    assert all(opt in out.stdout for opt in own + ("--store", "--skip-bad", "--seed"))
+    assert not any(opt in out.stdout for opt in foreign), out.stdout
+
+
+def test_tables_are_plain_columns_when_not_a_terminal() -> None:
+    from stratalign.encoders import known_encoders
+
+    out = run("encoders")
+    assert out.returncode == 0, out.stderr
+    assert not set("─│┃━┏┡╇└┘") & set(out.stdout)
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("known encoders") and lines[1].split() == ["name", "modality", "layers", "dim",
+                                                                           "description"]
+    rows = {line.split()[0]: line.split()[1:3] for line in lines[2:]}
+    assert rows == {e.name: [e.modality, str(e.n_layers)] for e in known_encoders()}
+
+
+def test_tables_fold_to_the_terminal_width() -> None:
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "90", "NO_COLOR": "1"}
+    out = subprocess.run([sys.executable, "-m", "stratalign.cli.main", "encoders"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)
+    assert "┃ name" in text and max(len(line) for line in text.splitlines()) <= 90
+    assert "minilm-l6" in text
+
+
+def test_cli_spells_out_library_constants() -> None:
+    from stratalign.cli import common, extract_cmd
+    from stratalign.store import features, location
+
+    assert extract_cmd.DEFAULT_SHARD_ROWS == features.DEFAULT_SHARD_ROWS
+    assert common.STORE_ENV == location.STORE_ENV
+
+
+def test_importing_the_cli_loads_no_heavy_library() -> None:
+    code = f"import sys, stratalign.cli.main; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"`stratalign --help` imports {out.stdout.strip()}"

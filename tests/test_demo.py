@@ -43,3 +43,10 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     second = run_demo(store, str(out), cfg, log=lambda _: None)
     assert second["trained"] == 0 and second["skipped"] == first["trained"]
     assert second["leaderboard"].equals(board)
+
+
+def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
+    assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None))
+    assert DemoConfig.sized(200).n_pairs == (25, None)
+    assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
+    assert DemoConfig.sized() == DemoConfig()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.layers import LayersConfig, choose, compute_layer_matrices, record_choice
+from stratalign.stages.layers import LayersConfig, choose, compute_layer_matrices, record_choice, run_layers
 from stratalign.stages.sources import ingest_source
 from stratalign.stages.train import RunConfig, resolve_run, train_run
 from stratalign.store.features import FeatureStore
@@ -73,6 +73,25 @@ def test_layers_saved_and_reused(stage_store) -> None:
     record_choice(stage_store, cfg, choice)
     resolved = resolve_run(stage_store, _cfg(layers="auto"))
     assert (resolved["vision_layer"], resolved["text_layer"]) == (choice["vision_layer"], choice["text_layer"])
+
+
+def test_run_layers_is_the_whole_stage(stage_store, tmp_path: Path) -> None:
+    from stratalign.store import layer_results
+
+    cfg = LayersConfig(dataset="toy", vision="tiny-image", text="tiny-text", metrics=("mutual_knn", "cka"), k=5)
+    copy = tmp_path / "sub" / "heat.png"
+    done = run_layers(stage_store, cfg, "best", "cka", heatmap_copy=str(copy))
+    direct = compute_layer_matrices(stage_store, cfg)
+    assert done.result["matrices"] == direct["matrices"] and done.choice == choose(direct, "best", "cka")
+    assert done.png == str(copy) and copy.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert copy.read_bytes() == stage_store.loc.read_bytes("layers", f"{direct['key']}.png")
+    assert layer_results.load_choice(stage_store, "toy", "tiny-image", "tiny-text")["vision_layer"] == \
+        done.choice["vision_layer"]
+    resolved = resolve_run(stage_store, _cfg(layers="auto"))
+    assert (resolved["vision_layer"], resolved["text_layer"]) == (done.choice["vision_layer"], done.choice["text_layer"])
+    last = run_layers(stage_store, cfg, "last", "cka")
+    assert last.png == layer_results.heatmap_path(stage_store, direct["key"]) and last.result["cached"]
+    record_choice(stage_store, cfg, done.choice)  # leave the best choice recorded for the other tests
 
 
 @pytest.mark.parametrize("objective,head", [("clip", "linear"), ("clip+structure", "linear"),

@@ -1,23 +1,32 @@
-"""Options and output helpers shared by the CLI commands."""
+"""Options and output helpers shared by the CLI commands.
+
+Every `stratalign ... --help` imports this module: keep its imports light (no polars, zarr, torch, faiss).
+"""
 
 from __future__ import annotations
 
-import polars as pl
+from typing import TYPE_CHECKING, Any, Sequence
+
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from stratalign.store.location import STORE_ENV, default_store_url
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def _console(stderr: bool = False) -> Console:
-    """A console; when output is not a terminal (CI, files) use a wide page so tables stay readable."""
+    """On a terminal: rich output fitted to its width. Elsewhere (pipes, files, CI): lines are never wrapped,
+    so each message stays one line for grep and friends."""
     probe = Console(stderr=stderr)
-    return probe if probe.is_terminal else Console(stderr=stderr, width=220)
+    return probe if probe.is_terminal else Console(stderr=stderr, soft_wrap=True)
 
 
 console = _console()
 err_console = _console(stderr=True)
+
+# = stratalign.store.location.STORE_ENV, spelt out so that `--help` does not import the store (fsspec);
+# tests/test_cli.py checks that the two agree
+STORE_ENV = "STRATALIGN_STORE"
 
 StoreOption = typer.Option(
     None, "--store", envvar=STORE_ENV, help="Store URL or path (default ./stratalign-store; env STRATALIGN_STORE)."
@@ -25,14 +34,52 @@ StoreOption = typer.Option(
 
 
 def store_url(value: str | None) -> str:
+    """The --store given, else $STRATALIGN_STORE, else ./stratalign-store."""
+    from stratalign.store.location import default_store_url
+
     return value or default_store_url()
 
 
+def _cell(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def plain_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, no box drawing; an empty cell shows as '-' so that splitting a
+    line on whitespace keeps every column in place."""
+    lines = [list(header)] + [[" ".join(c.split()) or "-" for c in row] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
 def print_table(frame: pl.DataFrame, title: str | None = None) -> None:
-    """Render a polars frame as a rich table (floats to 2 decimals)."""
+    """Print a polars frame (floats to 2 decimals): on a terminal a rich table folded to fit its width,
+    otherwise the title line and plain aligned columns."""
+    rows = [[_cell(v) for v in row] for row in frame.iter_rows()]
+    if not console.is_terminal:
+        console.out((f"{title}\n" if title else "") + plain_columns(frame.columns, rows), highlight=False)
+        return
+    from rich.table import Table
+
     table = Table(title=title, show_lines=False)
     for col in frame.columns:
         table.add_column(col, overflow="fold")
-    for row in frame.iter_rows():
-        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row])
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
+
+
+def print_metrics(res: dict) -> None:
+    """A run's headline metrics, then how the checkpoint was chosen (the trainer's message, warm-up warnings)."""
+    keys = [k for k in ("best_step", "lambda_at_best", "stopped_reason", "i2t_R@1", "i2t_R@5", "i2t_R@10",
+                        "t2i_R@1", "t2i_R@5", "t2i_R@10", "zs_top1", "zs_top5", "zs_balanced_acc", "alignment_mknn",
+                        "probe_acc", "probe_f1_macro") if k in res]
+    console.print("  " + "  ".join(f"{k}={res[k]:.2f}" if isinstance(res[k], float) else f"{k}={res[k]}" for k in keys))
+    if res.get("message"):
+        console.print(f"  {res['message']}", highlight=False, markup=False, soft_wrap=True)
+    if res.get("restored_before_warmup"):
+        console.print("  restored_before_warmup=True: the restored heads are from inside the lambda warm-up "
+                      "(the regulariser was not at full strength)", highlight=False, soft_wrap=True)
+    for name in ("probe_baselines",):
+        if name in res:
+            console.print(f"  {name}: {res[name]}")

@@ -1,16 +1,17 @@
-"""`stratalign extract` and `stratalign encoders`."""
+"""`stratalign extract`: run encoders over a dataset and write every layer's pooled features to the store."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-import polars as pl
 import typer
 
 from stratalign.cli.common import StoreOption, console, print_table, store_url
 from stratalign.errors import StratalignError
-from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.store.features import DEFAULT_SHARD_ROWS, FeatureStore
+
+# = stratalign.store.features.DEFAULT_SHARD_ROWS, spelt out so that `--help` does not import the store (zarr);
+# tests/test_cli.py checks that the two agree
+DEFAULT_SHARD_ROWS = 1024
 
 
 def extract_cmd(
@@ -30,6 +31,11 @@ def extract_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run each encoder once over a dataset; write every layer's pooled features to the store."""
+    import polars as pl
+
+    from stratalign.stages.extract import ExtractConfig, extract
+    from stratalign.store.features import FeatureStore
+
     cfg = ExtractConfig(encoders=tuple(encoder), poolings=tuple(pooling), dtype=dtype, batch_size=batch_size,
                         shard_rows=shard_rows, device=device, skip_bad=skip_bad, loaders=loaders,
                         loader_workers=loader_workers,
@@ -50,12 +56,3 @@ def extract_cmd(
     for r in reports:
         if r.bad_rows:
             console.print(f"[yellow]{r.encoder}: {len(r.bad_rows)} unreadable row(s) recorded: {r.bad_rows[:10]}")
-
-
-def encoders_cmd() -> None:
-    """List the known encoders with their modality, layers and dim."""
-    from stratalign.encoders import known_encoders
-
-    rows = [{"name": e.name, "modality": e.modality, "layers": e.n_layers, "dim": str(e.dim),
-             "description": e.description} for e in known_encoders()]
-    print_table(pl.DataFrame(rows), title="known encoders (also: hf:<id or dir>, open_clip:<arch>[:<file>], timm:<name>)")

@@ -1,50 +1,34 @@
-"""`stratalign ingest`: read a pair dataset and keep its tables in the store."""
+"""`stratalign ingest coco | karpathy | table | twemoji`: read a pair dataset and keep its tables in the store.
+
+One sub-command per source, each with only its own options; the options every source shares are declared once
+below.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from stratalign.cli.common import StoreOption, console, store_url
 from stratalign.errors import StratalignError
-from stratalign.stages.sources import SOURCES, ingest_source
-from stratalign.store.features import FeatureStore
+
+ingest_app = typer.Typer(help="Ingest a pair dataset (COCO, Karpathy split, a table, or the embedded twemoji).",
+                         no_args_is_help=True)
+
+NameOption = typer.Option(None, help="Dataset name in the store (default: the source kind).")
+SeedOption = typer.Option(0, help="Seed of the train/val/test split when the source has none.")
+LimitOption = typer.Option(None, help="Keep only the first N images (quick looks).")
+SkipBadOption = typer.Option(False, "--skip-bad", help="Ingest the rest and record what was skipped.")
+ReplaceOption = typer.Option(False, "--replace", help="Replace a dataset of the same name.")
 
 
-def ingest(
-    source: str = typer.Argument(..., help=f"One of: {', '.join(SOURCES)}."),
-    name: Optional[str] = typer.Option(None, help="Dataset name in the store (default: the source kind)."),
-    captions: Optional[str] = typer.Option(None, help="coco: the captions_*.json file."),
-    split_file: Optional[str] = typer.Option(None, help="karpathy: dataset_coco.json / dataset_flickr30k.json."),
-    images: Optional[str] = typer.Option(None, help="coco/karpathy: image folder; table: image root."),
-    table: Optional[str] = typer.Option(None, help="table: a .csv, .tsv, .parquet or .jsonl file."),
-    image_col: str = typer.Option("image", help="table: column holding image paths."),
-    caption_col: str = typer.Option("caption", help="table: column holding captions."),
-    label_col: Optional[str] = typer.Option(None, help="table: optional label column."),
-    id_col: Optional[str] = typer.Option(None, help="table: optional image id column."),
-    split_col: Optional[str] = typer.Option(None, help="table: optional split column (train/val/test)."),
-    seed: int = typer.Option(0, help="Seed of the train/val/test split when the source has none."),
-    limit: Optional[int] = typer.Option(None, help="Keep only the first N images (quick looks)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Ingest the rest and record what was skipped."),
-    replace: bool = typer.Option(False, "--replace", help="Replace a dataset of the same name."),
-    store: Optional[str] = StoreOption,
-) -> None:
-    """Ingest a pair dataset (COCO, Karpathy split, a table, or the embedded twemoji)."""
-    args: dict = {}
-    if source == "coco":
-        if not captions or not images:
-            raise StratalignError("coco needs --captions captions_*.json and --images FOLDER")
-        args = {"captions_json": captions, "image_dir": images}
-    elif source == "karpathy":
-        if not split_file or not images:
-            raise StratalignError("karpathy needs --split-file dataset_*.json and --images FOLDER")
-        args = {"split_json": split_file, "image_dir": images}
-    elif source == "table":
-        if not table:
-            raise StratalignError("table needs --table FILE (.csv/.tsv/.parquet/.jsonl)")
-        args = {"table": table, "image_col": image_col, "caption_col": caption_col, "label_col": label_col,
-                "id_col": id_col, "split_col": split_col, "image_root": images}
+def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], skip_bad: bool, replace: bool,
+            store: Optional[str], **args: Any) -> None:
+    """Read and validate the source, save it (unless the identical dataset is there), print what happened."""
+    from stratalign.stages.sources import ingest_source
+    from stratalign.store.features import FeatureStore
+
     ds = ingest_source(source, name, seed=seed, skip_bad=skip_bad, limit=limit, **args)
     fs = FeatureStore.open(store_url(store), "a", create=True)
     written = fs.save_dataset(ds, replace=replace)
@@ -52,3 +36,73 @@ def ingest(
         console.print(f"[yellow]skipped[/yellow] {item['kind']} {item['id']}: {item['reason']}")
     summary = ", ".join(f"{k}={v}" for k, v in ds.summary().items())
     console.print(f"{'ingested' if written else 'already ingested (identical)'}: {summary}")
+
+
+@ingest_app.command("coco")
+def ingest_coco(
+    captions: Optional[str] = typer.Option(None, help="The captions_*.json file (required)."),
+    images: Optional[str] = typer.Option(None, help="Image folder (required)."),
+    name: Optional[str] = NameOption,
+    seed: int = SeedOption,
+    limit: Optional[int] = LimitOption,
+    skip_bad: bool = SkipBadOption,
+    replace: bool = ReplaceOption,
+    store: Optional[str] = StoreOption,
+) -> None:
+    """COCO captions: a captions_*.json file and its image folder."""
+    if not captions or not images:
+        raise StratalignError("coco needs --captions captions_*.json and --images FOLDER")
+    _ingest("coco", name, seed, limit, skip_bad, replace, store, captions_json=captions, image_dir=images)
+
+
+@ingest_app.command("karpathy")
+def ingest_karpathy(
+    split_file: Optional[str] = typer.Option(None, help="dataset_coco.json / dataset_flickr30k.json (required)."),
+    images: Optional[str] = typer.Option(None, help="Image folder (required)."),
+    name: Optional[str] = NameOption,
+    seed: int = SeedOption,
+    limit: Optional[int] = LimitOption,
+    skip_bad: bool = SkipBadOption,
+    replace: bool = ReplaceOption,
+    store: Optional[str] = StoreOption,
+) -> None:
+    """A Karpathy split file (COCO, Flickr30k) and its image folder; the split file's train/val/test is kept."""
+    if not split_file or not images:
+        raise StratalignError("karpathy needs --split-file dataset_*.json and --images FOLDER")
+    _ingest("karpathy", name, seed, limit, skip_bad, replace, store, split_json=split_file, image_dir=images)
+
+
+@ingest_app.command("table")
+def ingest_table(
+    table: Optional[str] = typer.Option(None, help="A .csv, .tsv, .parquet or .jsonl file (required)."),
+    images: Optional[str] = typer.Option(None, help="Image root the paths are relative to (default: the table's folder)."),
+    image_col: str = typer.Option("image", help="Column holding image paths."),
+    caption_col: str = typer.Option("caption", help="Column holding captions."),
+    label_col: Optional[str] = typer.Option(None, help="Optional label column."),
+    id_col: Optional[str] = typer.Option(None, help="Optional image id column."),
+    split_col: Optional[str] = typer.Option(None, help="Optional split column (train/val/test)."),
+    name: Optional[str] = NameOption,
+    seed: int = SeedOption,
+    limit: Optional[int] = LimitOption,
+    skip_bad: bool = SkipBadOption,
+    replace: bool = ReplaceOption,
+    store: Optional[str] = StoreOption,
+) -> None:
+    """A table with one row per (image path, caption); rows sharing an image are grouped."""
+    if not table:
+        raise StratalignError("table needs --table FILE (.csv/.tsv/.parquet/.jsonl)")
+    _ingest("table", name, seed, limit, skip_bad, replace, store, table=table, image_col=image_col,
+            caption_col=caption_col, label_col=label_col, id_col=id_col, split_col=split_col, image_root=images)
+
+
+@ingest_app.command("twemoji")
+def ingest_twemoji(
+    name: Optional[str] = NameOption,
+    seed: int = SeedOption,
+    limit: Optional[int] = LimitOption,
+    skip_bad: bool = SkipBadOption,
+    replace: bool = ReplaceOption,
+    store: Optional[str] = StoreOption,
+) -> None:
+    """The embedded Twemoji set (caption = Unicode name, label = category); needs the 'embedded' extra."""
+    _ingest("twemoji", name, seed, limit, skip_bad, replace, store)

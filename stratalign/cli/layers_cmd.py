@@ -8,15 +8,6 @@ import typer
 from rich.markup import escape
 
 from stratalign.cli.common import StoreOption, console, store_url
-from stratalign.stages.layers import (
-    LayersConfig,
-    choose,
-    compute_layer_matrices,
-    record_choice,
-    top_pairs,
-    write_heatmap,
-)
-from stratalign.store.features import FeatureStore
 
 
 def _k(value: str) -> int | str:
@@ -39,13 +30,14 @@ def layers_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Compare every vision layer with every text layer; save matrices + heatmap; record the layer choice."""
+    from stratalign.stages.layers import LayersConfig, run_layers, top_pairs
+    from stratalign.store.features import FeatureStore
+
     fs = FeatureStore.open(store_url(store), "a")
     cfg = LayersConfig(dataset=dataset, vision=vision, text=text, metrics=tuple(metric), k=_k(k), n=n, seed=seed,
                        clamp_outliers=clamp_outliers)
-    result = compute_layer_matrices(fs, cfg, recompute=recompute)
-    choice = choose(result, choose_rule, by)
-    png = write_heatmap(fs, result, choice, copy_to=heatmap)
-    record_choice(fs, cfg, choice)
+    done = run_layers(fs, cfg, choose_rule, by, heatmap_copy=heatmap, recompute=recompute)
+    result, choice = done.result, done.choice
     how = "read saved result" if result["cached"] else f"computed in {result['seconds']['compute']:.2f}s"
     console.print(f"{vision} x {text} on {result['n']} train pairs of {dataset}, k={result['k']} ({how})")
     if result.get("bad_pairs_dropped"):
@@ -59,4 +51,4 @@ def layers_cmd(
                   f"{escape('[' + choice['vision_name'] + ']')}, text layer {choice['text_layer']} "
                   f"{escape('[' + choice['text_name'] + ']')}, "
                   f"score {choice['score']:.3f} vs last {choice['last_score']:.3f}")
-    console.print(f"heatmap: {png}")
+    console.print(f"heatmap: {done.png}")

@@ -1,27 +1,51 @@
-"""The typer app: one command per stage. Commands parse arguments and call the library."""
+"""The typer app: one command per stage. Commands parse arguments and call the library.
+
+Every command module imports only typer, rich and the light parts of stratalign at import time; the library
+(torch, zarr, polars, faiss behind it) is imported inside each command, so `stratalign --help` costs nothing.
+"""
 
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 
 import typer
+from typer.core import TyperGroup
 
 from stratalign.cli.common import err_console
-from stratalign.cli.extract_cmd import encoders_cmd, extract_cmd
-from stratalign.cli.ingest_cmd import ingest
+from stratalign.cli.demo_cmd import demo_cmd
+from stratalign.cli.encoders_cmd import encoders_cmd
+from stratalign.cli.eval_cmd import eval_cmd
+from stratalign.cli.extract_cmd import extract_cmd
+from stratalign.cli.ingest_cmd import ingest_app
 from stratalign.cli.layers_cmd import layers_cmd
-from stratalign.cli.store_cmds import store_app
-from stratalign.cli.train_cmds import demo_cmd, eval_cmd, runs_ls, sweep_cmd, train_cmd
+from stratalign.cli.runs_cmd import runs_app
+from stratalign.cli.store_cmd import store_app
+from stratalign.cli.sweep_cmd import sweep_cmd
+from stratalign.cli.train_cmd import train_cmd
 from stratalign.errors import StratalignError, os_error_line
+
+# the order `stratalign --help` lists the commands in: the stages in the order they run, then the tools
+COMMAND_ORDER = ("ingest", "extract", "encoders", "layers", "train", "eval", "sweep", "demo", "store", "runs")
+
+
+class _StageOrder(TyperGroup):
+    """typer lists plain commands before command groups; list them in COMMAND_ORDER instead."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
 
 app = typer.Typer(
     name="stratalign",
+    cls=_StageOrder,
     help="Align frozen unimodal encoders with lightweight heads on cached every-layer features.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.command("ingest")(ingest)
+app.add_typer(ingest_app, name="ingest")
 app.command("extract")(extract_cmd)
 app.command("encoders")(encoders_cmd)
 app.command("layers")(layers_cmd)
@@ -30,32 +54,49 @@ app.command("eval")(eval_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("demo")(demo_cmd)
 app.add_typer(store_app, name="store")
-runs_app = typer.Typer(help="Trained runs in the store.", no_args_is_help=True)
-runs_app.command("ls")(runs_ls)
 app.add_typer(runs_app, name="runs")
+
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
+
+
+def click_exceptions() -> ModuleType:
+    """The module of the click exceptions typer raises. Older typer (checked: 0.15) uses the `click` package;
+    typer 0.29 vendors its own copy as `typer._click`, whose exceptions are not the `click` package's.
+    `typer.BadParameter` is public in both and is defined in that module."""
+    return sys.modules[typer.BadParameter.__module__]
+
+
+def _fail(line: str, code: int) -> None:
+    err_console.print(line, highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 def main() -> None:
-    """Entry point: run the app, turning StratalignError into one line on stderr and exit code 2."""
+    """Entry point: run the app. A StratalignError or an OSError is one line on stderr and exit 2; a usage error
+    is click's usage line and one error line, exit 2; Ctrl-C is one line, exit 130; never a traceback for these."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit, and 130 for Ctrl-C, instead of exiting
     except StratalignError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
+        _fail(f"[red]error:[/red] {exc}", exc.exit_code)
     except OSError as exc:  # full disk, permission denied, unreachable store: one line, never a traceback
-        err_console.print(f"[red]error:[/red] {os_error_line(exc)}", highlight=False, soft_wrap=True)
-        sys.exit(StratalignError.exit_code)
-    except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
+        _fail(f"[red]error:[/red] {os_error_line(exc)}", StratalignError.exit_code)
+    except KeyboardInterrupt:  # typer turns one inside a command into code 130; this is one outside it
+        _fail("interrupted", INTERRUPTED)
+    except typer.Abort as exc:  # end of input at a prompt; Ctrl-C too with typer < 0.29 (it raises Abort from it)
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            _fail("interrupted", INTERRUPTED)
+        _fail("Aborted!", 1)
+    except Exception as exc:
+        errors = click_exceptions()
+        if isinstance(exc, typer.Exit):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        if not isinstance(exc, errors.ClickException):
+            raise
+        exc.show()  # usage errors: the usage line, a hint, then `Error: ...`
+        sys.exit(exc.exit_code)
+    if code == INTERRUPTED:
+        _fail("interrupted", INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,7 @@ from typing import Any, Callable
 
 from stratalign.report.report import results_table, write_report
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.layers import (
-    LayersConfig,
-    choose,
-    compute_layer_matrices,
-    record_choice,
-    write_heatmap,
-)
+from stratalign.stages.layers import LayersConfig, run_layers
 from stratalign.stages.sources import ingest_source
 from stratalign.stages.sweep import SweepConfig, run_sweep
 from stratalign.stages.train import RunConfig
@@ -51,6 +45,14 @@ class DemoConfig:
     batch_size: int = 32
     progress: bool = True
 
+    @classmethod
+    def sized(cls, limit: int | None = None, seeds: int = 3) -> DemoConfig:
+        """The grid for the first `limit` emoji and seeds 0..seeds-1: under 300 emoji the subset sizes shrink
+        to limit // 8 (at least 10) and all: the default sizes (200, 500) do not fit a small train split."""
+        if limit is not None and limit < 300:
+            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(max(10, limit // 8), None))
+        return cls(limit=limit, seeds=tuple(range(seeds)))
+
 
 def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -77,10 +79,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     layer_infos = []
     for vision in (cfg.vision, *cfg.extra_encoders):
         lcfg = LayersConfig(dataset=name, vision=vision, text=cfg.text, metrics=("mutual_knn", "cka"))
-        result = compute_layer_matrices(store, lcfg)
-        choice = choose(result, "best", "mutual_knn")
-        record_choice(store, lcfg, choice)
-        png = write_heatmap(store, result, choice, copy_to=os.path.join(out_dir, f"layers-{vision}.png"))
+        done = run_layers(store, lcfg, "best", "mutual_knn", heatmap_copy=os.path.join(out_dir, f"layers-{vision}.png"))
+        result, choice, png = done.result, done.choice, done.png
         layer_infos.append({**choice, "n": result["n"], "k": result["k"], "heatmap": png, "vision": vision})
         log(f"[3/4] layers {vision} x {cfg.text}: best ({choice['vision_layer']},{choice['text_layer']}) "
             f"mutual_knn={choice['score']:.3f} vs last {choice['last_score']:.3f}")

@@ -153,5 +153,25 @@ def write_heatmap(store: FeatureStore, result: dict[str, Any], choice: dict[str,
 
 
 def record_choice(store: FeatureStore, cfg: LayersConfig, choice: dict[str, Any]) -> None:
+    """Save the choice where `train --layers auto` finds it (per dataset, vision and text encoder)."""
     layer_results.save_choice(store, cfg.dataset, cfg.vision, cfg.text, choice)
 
+
+@dataclass(frozen=True)
+class LayersOutcome:
+    """What `run_layers` did: the matrices (result), the recorded choice, and the heatmap PNG written."""
+
+    result: dict[str, Any]
+    choice: dict[str, Any]
+    png: str
+
+
+def run_layers(store: FeatureStore, cfg: LayersConfig, rule: str = "best", by: str | None = None,
+               heatmap_copy: str | None = None, *, recompute: bool = False) -> LayersOutcome:
+    """The layers stage: compute (or read back) the matrices, choose the layer pair by `rule` on metric `by`,
+    write the heatmap (also to `heatmap_copy`), and record the choice for `train --layers auto`."""
+    result = compute_layer_matrices(store, cfg, recompute=recompute)
+    choice = choose(result, rule, by)
+    png = write_heatmap(store, result, choice, copy_to=heatmap_copy)
+    record_choice(store, cfg, choice)
+    return LayersOutcome(result=result, choice=choice, png=png)

@@ -1,0 +1,23 @@
+"""`stratalign demo`: the main job on the embedded default."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from stratalign.cli.common import StoreOption, console, print_table, store_url
+
+
+def demo_cmd(
+    out: str = typer.Option("stratalign-report", help="Report folder (report.md, PNGs, leaderboard)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N emoji (a quick look)."),
+    seeds: int = typer.Option(3, help="Seeds per cell."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """The main job on the embedded default: Twemoji, 3 packaged encoders, layer choice, sweep, report."""
+    from stratalign.stages.demo import DemoConfig, run_demo
+
+    res = run_demo(store_url(store), out, DemoConfig.sized(limit, seeds), log=console.print)
+    print_table(res["table"], title="demo results (test split, mean ± std over seeds)")
+    console.print(f"report: {res['report']}")

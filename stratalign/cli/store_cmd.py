@@ -1,0 +1,96 @@
+"""`stratalign store ls | verify | rm`: inspect, verify and clean the feature store."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import typer
+from rich.markup import escape
+
+from stratalign.cli.common import StoreOption, console, print_table, store_url
+from stratalign.errors import StratalignError
+
+if TYPE_CHECKING:
+    from stratalign.store.verify import Finding
+
+store_app = typer.Typer(help="Inspect, verify and clean the feature store.", no_args_is_help=True)
+
+
+@store_app.command("ls")
+def store_ls(store: Optional[str] = StoreOption) -> None:
+    """List datasets and feature entries (dataset, encoder, pooling, layers, dim, rows, shards, bytes, status)."""
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "r")
+    for name in fs.dataset_folders():
+        try:
+            console.print("dataset " + ", ".join(f"{k}={v}" for k, v in fs.dataset(name).summary().items()))
+        except StratalignError as exc:
+            console.print(f"dataset {name}: [red]broken[/red] ({escape(str(exc))})", soft_wrap=True)
+    table = fs.entry_table()
+    if table.height == 0:
+        console.print(f"no feature entries in {fs.url}")
+    else:
+        print_table(table, title=f"feature entries in {fs.url}")
+
+
+# how each (kind, status) of a finding reads; target and message are escaped before they are filled in
+_LINES = {
+    ("dataset", "ok"): "[green]ok[/green] dataset {target} ({message})",
+    ("dataset", "broken"): "[red]broken dataset[/red] {target}: {message}",
+    ("group", "broken"): "[red]broken[/red] {target} group: {message}",
+    ("entry", "broken"): "[red]broken[/red] {target}: {message}",
+    ("shard", "corrupt"): "[red]corrupt[/red] {target} shard {shard} layer {layer}: {message}",
+    ("entry", "incomplete"): "[yellow]incomplete[/yellow] {target}: {message}",
+    ("entry", "ok"): "[green]ok[/green] {target} ({message})",
+}
+
+
+def finding_line(finding: Finding) -> str:
+    """One finding as the rich-markup line `store verify` prints."""
+    return _LINES[finding.kind, finding.status].format(
+        target=escape(finding.target), message=escape(finding.message),
+        shard=finding.shards[0] if finding.shards else "", layer=finding.layer)
+
+
+@store_app.command("verify")
+def store_verify(store: Optional[str] = StoreOption) -> None:
+    """Load every dataset and re-read every entry's chunks; report broken datasets or entries and corrupt or
+    incomplete shards (non-zero exit if any)."""
+    from stratalign.store.features import FeatureStore
+    from stratalign.store.verify import verify_store
+
+    report = verify_store(FeatureStore.open(store_url(store), "r"))
+    for finding in report.findings:
+        console.print(finding_line(finding), soft_wrap=True)
+    if report.problems:
+        raise StratalignError(f"store {report.url} has {report.problems} problem(s) (broken datasets or entries, "
+                              "corrupt or incomplete shards); see above")
+
+
+@store_app.command("rm")
+def store_rm(
+    keys: list[str] = typer.Argument(None, help="Entry keys to remove (see `store ls`; broken entries too)."),
+    dataset: Optional[str] = typer.Option(None, help="Remove a dataset's tables (its features stay)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Remove feature entries or a dataset (readable or broken)."""
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "a")
+    targets = list(keys or [])
+    if not targets and not dataset:
+        raise StratalignError("name entry keys or --dataset to remove")
+    for key in targets:
+        fs.entry_folder(key)  # validates the key (no path escapes) and that its folder exists
+    if dataset:
+        fs.dataset_folder(dataset)
+    if not yes and not typer.confirm(f"remove {len(targets)} entr(y/ies){' and dataset ' + dataset if dataset else ''}?"):
+        raise typer.Exit(1)
+    for key in targets:
+        fs.remove_entry(key)
+        console.print(f"removed {key}")
+    if dataset:
+        fs.remove_dataset(dataset)
+        console.print(f"removed dataset {dataset}")

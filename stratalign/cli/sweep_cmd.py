@@ -1,0 +1,49 @@
+"""`stratalign sweep`: every cell of a grid of runs, then the leaderboard and plots."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from stratalign.cli.common import StoreOption, console, print_table, store_url
+from stratalign.cli.values import check_n_pairs, n_pairs, trainer_overrides
+from stratalign.errors import StratalignError
+
+
+def _rule_objective(value: str) -> tuple[str, str]:
+    rule, sep, objective = value.partition(":")
+    if not sep or not rule or not objective:
+        raise StratalignError(f"--skip takes RULE:OBJECTIVE (e.g. last:clip+structure-knn), not {value!r}")
+    return rule, objective
+
+
+def sweep_cmd(
+    dataset: str = typer.Option(..., help="Dataset with extracted features."),
+    vision: str = typer.Option(...),
+    text: str = typer.Option(...),
+    n_pairs_: list[str] = typer.Option(["all"], "--n-pairs", callback=check_n_pairs,
+                                       help="Repeat: subset sizes ('all' = whole train pool)."),
+    seed: list[int] = typer.Option([0, 1, 2], "--seed", help="Repeat: seeds."),
+    objective: list[str] = typer.Option(["clip", "clip+structure"], "--objective", help="Repeat: objectives."),
+    layers: list[str] = typer.Option(["last", "auto"], "--layers", help="Repeat: last, auto, or V,T."),
+    head: list[str] = typer.Option(["linear"], "--head", help="Repeat: heads."),
+    skip: list[str] = typer.Option([], "--skip", help="Repeat: RULE:OBJECTIVE cells to leave out (last:comm)."),
+    set_: list[str] = typer.Option([], "--set", help="Trainer override key=value for every cell."),
+    out: str = typer.Option("stratalign-report", help="Folder for leaderboard.parquet/.csv and the plots."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
+    from stratalign.report.report import results_table
+    from stratalign.stages.sweep import SweepConfig, run_sweep
+    from stratalign.stages.train import RunConfig
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "a")
+    cfg = SweepConfig(base=RunConfig(dataset=dataset, vision=vision, text=text, options=trainer_overrides(set_)),
+                      n_pairs=tuple(n_pairs(v) for v in n_pairs_), seeds=tuple(seed), objectives=tuple(objective),
+                      layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip))
+    res = run_sweep(fs, cfg, out)
+    console.print(f"{res.trained} run(s) trained, {res.skipped} already in the store")
+    print_table(results_table(res.leaderboard), title="leaderboard (test split, mean ± std over seeds)")
+    console.print("files: " + ", ".join(v for k, v in res.files.items() if k != "plot_seconds"))

@@ -1,0 +1,41 @@
+"""Parsers of option values shared by several commands (train, sweep): one-line errors naming the option."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional, Union
+
+import typer
+
+from stratalign.errors import StratalignError
+
+
+def trainer_overrides(pairs: list[str]) -> tuple:
+    """--set key=value training overrides (values parsed as JSON when they can be)."""
+    out = []
+    for item in pairs:
+        if "=" not in item:
+            raise StratalignError(f"--set takes key=value, not {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out.append((k.strip(), json.loads(v)))
+        except json.JSONDecodeError:
+            out.append((k.strip(), v))
+    return tuple(out)
+
+
+def n_pairs(value: Optional[str]) -> Optional[int]:
+    """--n-pairs: an integer, or 'all' (None: the whole train pool)."""
+    if value in (None, "all"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected an integer or 'all', not {value!r}") from None
+
+
+def check_n_pairs(value: Union[str, list[str], None]) -> Union[str, list[str], None]:
+    """Option callback: a malformed --n-pairs is a usage error (usage line, exit 2) before anything runs."""
+    for item in value if isinstance(value, list) else [value]:
+        n_pairs(item)
+    return value

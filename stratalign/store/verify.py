@@ -1,0 +1,103 @@
+"""Check a whole store: load every dataset folder and re-read every chunk of every feature entry.
+
+`verify_store` returns typed findings (what `stratalign store verify` prints); it never raises for a broken
+dataset or entry, it reports it. Only an unreadable store itself (no store, I/O failure) raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from stratalign.errors import StratalignError
+from stratalign.store.features import FeatureStore
+
+Kind = Literal["dataset", "group", "entry", "shard"]
+Status = Literal["ok", "broken", "corrupt", "incomplete"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One checked thing and its state.
+
+    kind: dataset (a dataset folder), group (the features/ group document), entry (a feature entry),
+    shard (one shard x layer chunk range of an entry). target: the dataset name, "features", or the entry key.
+    message: the detail (an error, or a size for ok). shards: the shard(s) concerned (corrupt, incomplete);
+    layer: the layer of a corrupt chunk range."""
+
+    kind: Kind
+    status: Status
+    target: str
+    message: str
+    shards: tuple[int, ...] = ()
+    layer: int | None = None
+
+    @property
+    def problems(self) -> int:
+        """0 for ok, one per incomplete shard, 1 for anything else."""
+        if self.status == "ok":
+            return 0
+        return len(self.shards) if self.status == "incomplete" else 1
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Every finding in store order (datasets, then the features group, then entries)."""
+
+    url: str
+    findings: tuple[Finding, ...]
+
+    @property
+    def problems(self) -> int:
+        """Broken datasets or entries, corrupt chunk ranges and incomplete shards, counted one each."""
+        return sum(f.problems for f in self.findings)
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0
+
+
+def verify_datasets(store: FeatureStore) -> list[Finding]:
+    """Load every dataset folder (tables, sizes, metadata): one finding each."""
+    out = []
+    for name in store.dataset_folders():
+        try:
+            ds = store.dataset(name)
+        except StratalignError as exc:
+            out.append(Finding("dataset", "broken", name, str(exc)))
+            continue
+        out.append(Finding("dataset", "ok", name, f"{ds.images.height} images, {ds.captions.height} captions"))
+    return out
+
+
+def verify_entries(store: FeatureStore) -> list[Finding]:
+    """Read the features group document, then re-read every chunk of every entry folder against its checksums."""
+    out = []
+    if store.loc.exists("features", "zarr.json"):
+        try:
+            store.loc.read_json("features", "zarr.json")
+        except StratalignError as exc:
+            out.append(Finding("group", "broken", "features", str(exc)))
+    for key, entry, why in store.scan_entries():
+        report = None
+        if entry is not None:
+            try:
+                report = entry.verify()
+            except StratalignError as exc:  # e.g. a corrupt shard marker
+                why = str(exc)
+        if entry is None or report is None:
+            out.append(Finding("entry", "broken", key, str(why)))
+            continue
+        for shard, layer, what in report["corrupt"]:
+            out.append(Finding("shard", "corrupt", entry.key, what, shards=(shard,), layer=layer))
+        if report["incomplete"]:
+            out.append(Finding("entry", "incomplete", entry.key, f"shards {report['incomplete']}",
+                               shards=tuple(report["incomplete"])))
+        if not report["corrupt"] and not report["incomplete"]:
+            out.append(Finding("entry", "ok", entry.key, f"{entry.spec.n_shards} shards"))
+    return out
+
+
+def verify_store(store: FeatureStore) -> VerifyReport:
+    """Every dataset and every entry of the store, checked (see the module docstring)."""
+    return VerifyReport(url=store.url, findings=tuple(verify_datasets(store) + verify_entries(store)))
