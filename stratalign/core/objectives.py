@@ -208,6 +208,9 @@ REGISTRY: tuple[Objective, ...] = (
 
 OBJECTIVES: tuple[str, ...] = tuple(o.name for o in REGISTRY)
 HEADS: tuple[str, ...] = tuple(dict.fromkeys(h for o in REGISTRY for h in o.heads))
+# heads only a closed-form fit produces (no gradient loop builds them)
+CLOSED_FORM_HEADS: tuple[str, ...] = tuple(
+    h for h in HEADS if all(o.training is Training.CLOSED_FORM for o in REGISTRY if h in o.heads))
 _BY_NAME = {o.name: o for o in REGISTRY}
 
 

@@ -18,6 +18,7 @@ from stratalign.core import losses as L
 from stratalign.core.comm import CommModel, comm_step_loss
 from stratalign.core.heads import CSA, AlignedHeads, VariationalHead, build_head, fit_csa
 from stratalign.core.objectives import (
+    CLOSED_FORM_HEADS,
     KnnSupport,
     Objective,
     Side,
@@ -40,8 +41,8 @@ Graphs = tuple[np.ndarray, np.ndarray]
 
 def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
     """Fresh image and text heads for a config (variational when the objective samples embeddings)."""
-    if cfg.head == "csa":
-        raise StratalignError("the csa head is fitted in closed form: use train_csa / fit_csa")
+    if cfg.head in CLOSED_FORM_HEADS:
+        raise StratalignError(f"the {cfg.head} head is fitted in closed form: use train_csa / fit_csa")
     opts = dict(cfg.head_options)
     if objective_named(cfg.objective).variational:
         opts["variational"] = True
