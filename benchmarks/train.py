@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stratalign.core.heads import LinearHead
 from stratalign.core.losses import clip_loss, lambda_at, structure_regularizer
-from stratalign.train.trainer import TrainConfig, train_heads
+from stratalign.train import TrainConfig, train_heads
 
 D_IN, D_OUT = 384, 512
 BATCH = 4096

@@ -68,8 +68,8 @@ def test_placeholder_rows_are_dropped_from_every_stage(skipped_store) -> None:
 
     cfg = RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", layers="last", objective="csa", head="csa")
     resolved = resolve_run(store, cfg)
-    subset, val = resolved["_pairs"]
-    assert resolved["bad_pairs_dropped"] == train_bad
+    subset, val = resolved.subset, resolved.val
+    assert resolved.bad_pairs_dropped == train_bad
     assert not np.isin(np.concatenate([subset.image_rows, val.image_rows]), bad).any()
     res = train_run(store, cfg, resolved=resolved)
     assert res["eval_bad_pairs_dropped"] == test_bad and res["eval_captions"] == n_test - test_bad

@@ -18,7 +18,7 @@ from stratalign.core.comm import (
     nt_xent,
 )
 from stratalign.errors import StratalignError
-from stratalign.train.trainer import TrainConfig, load_heads, save_heads, train_comm
+from stratalign.train import TrainConfig, load_heads, save_heads, train_comm
 
 
 def naive_nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> float:

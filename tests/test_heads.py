@@ -18,7 +18,7 @@ from stratalign.core.heads import (
 )
 from stratalign.core.losses import clip_loss
 from stratalign.errors import StratalignError
-from stratalign.train.trainer import TrainConfig, embed, model_from_tensors, model_tensors, refine_csa
+from stratalign.train import TrainConfig, embed, model_from_tensors, model_tensors, refine_csa
 
 
 @pytest.mark.parametrize("kind,opts", [("linear", {}), ("mlp", {"hidden": 32, "layers": 3, "dropout": 0.1}),

@@ -11,9 +11,10 @@ import torch
 import stratalign.core.losses as losses_mod
 from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.errors import StratalignError
-from stratalign.train.trainer import (
+from stratalign.train import (
     TrainConfig,
     embed,
+    fit_run,
     knn_graph,
     load_heads,
     make_heads,
@@ -21,7 +22,6 @@ from stratalign.train.trainer import (
     model_tensors,
     save_heads,
     train_heads,
-    train_run,
 )
 
 
@@ -199,8 +199,8 @@ def test_training_beats_random_heads_on_planted_relation(objective):
     assert trained > 0.3 and trained > 5 * max(baseline, 0.01), (trained, baseline)
     if objective.startswith("clip+structure"):
         assert res.best_step >= 20
-    model, summary = train_run(xi, xt, np.arange(600), np.arange(600, 700),
-                               TrainConfig(**{**cfg.__dict__, "max_steps": 2, "warmup_steps": 1}))
+    model, summary = fit_run(xi, xt, np.arange(600), np.arange(600, 700),
+                             TrainConfig(**{**cfg.__dict__, "max_steps": 2, "warmup_steps": 1}))
     assert {"best_step", "lambda_at_best", "stopped_reason"} <= set(summary)
 
 
@@ -340,7 +340,7 @@ def _dense_rs_knn(x_all: torch.Tensor, z_all: torch.Tensor, bidx: list[int], gra
 @pytest.mark.parametrize("levels", [1, 2])
 def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
     """The first step's regulariser (initial heads, first batch) against METHOD 3.3 built densely."""
-    import stratalign.train.trainer as T
+    import stratalign.train.loop as T
 
     xi, xt = _random(n=60, d=8, seed=4)
     batches: list[torch.Tensor] = []
@@ -376,7 +376,7 @@ def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
 
 
 def test_precomputed_graphs_are_used_and_checked(monkeypatch):
-    import stratalign.train.trainer as T
+    import stratalign.train.knn as T
 
     xi, xt = _random()
     cfg = TrainConfig(objective="clip+structure-knn", knn_k=5, warmup_steps=4, **{**SMALL, "max_steps": 8})

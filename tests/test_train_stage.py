@@ -72,7 +72,7 @@ def test_layers_saved_and_reused(stage_store) -> None:
         mat.argmax(), mat.shape)
     record_choice(stage_store, cfg, choice)
     resolved = resolve_run(stage_store, _cfg(layers="auto"))
-    assert (resolved["vision_layer"], resolved["text_layer"]) == (choice["vision_layer"], choice["text_layer"])
+    assert (resolved.vision_layer, resolved.text_layer) == (choice["vision_layer"], choice["text_layer"])
 
 
 def test_run_layers_is_the_whole_stage(stage_store, tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_ids_file_subset(stage_store, tmp_path: Path) -> None:
     path = tmp_path / "ids.txt"
     path.write_text("\n".join(ids))
     resolved = resolve_run(stage_store, _cfg(ids_file=str(path), val_fraction=0.0001))
-    subset, val = resolved["_pairs"]
+    subset = resolved.subset
     chosen = {ds.captions["caption_id"][int(r)] for r in subset.caption_rows}
     assert chosen <= set(ids) and len(chosen) >= 25  # minus the few carved out for validation
 
@@ -180,7 +180,7 @@ def test_eval_on_dataset_of_other_encoders_refused(stage_store, tmp_path: Path) 
 
 
 def test_nan_features_stop_cleanly(stage_store) -> None:
-    from stratalign.train import trainer as T
+    import stratalign.train as T
 
     x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
     y = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
@@ -257,7 +257,7 @@ def test_set_seed_through_the_cli_is_one_line(stage_store) -> None:
 
 def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch) -> None:
     from stratalign.store import graphs as G
-    from stratalign.train import trainer as T
+    from stratalign.train import knn as T
 
     registry = RunRegistry(stage_store)
     opts = FAST + (("knn_k", 4),)
@@ -269,14 +269,14 @@ def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch
     assert len(new) == 1 and next(iter(new)).endswith(".safetensors")
     # the file holds the graphs of exactly this subset's training rows
     resolved = resolve_run(stage_store, cfg)
-    subset, _ = resolved["_pairs"]
-    key = G.graph_key(resolved["vision_entry"], resolved["vision_layer"], resolved["text_entry"],
-                      resolved["text_layer"], subset.image_rows, subset.caption_rows, 4)
+    subset = resolved.subset
+    key = G.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
+                      resolved.text_layer, subset.image_rows, subset.caption_rows, 4)
     assert new == {f"{key}.safetensors"}
     cached = G.load_graphs(stage_store, key, len(subset.image_rows))
-    v, t = stage_store.entry(resolved["vision_entry"]), stage_store.entry(resolved["text_entry"])
-    x_img = v.read_layer(resolved["vision_layer"], subset.image_rows).astype(np.float32)
-    x_txt = t.read_layer(resolved["text_layer"], subset.caption_rows).astype(np.float32)
+    v, t = stage_store.entry(resolved.vision_entry), stage_store.entry(resolved.text_entry)
+    x_img = v.read_layer(resolved.vision_layer, subset.image_rows).astype(np.float32)
+    x_txt = t.read_layer(resolved.text_layer, subset.caption_rows).astype(np.float32)
     assert np.array_equal(cached[0], T.knn_graph(x_img, 4)) and np.array_equal(cached[1], T.knn_graph(x_txt, 4))
 
     _, w1, _ = registry.load(first["run_id"])
@@ -296,10 +296,10 @@ def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch
                                             options=opts + (("lam", 5.0),)))
     assert other_lam["knn_graph_cached"] is True and other_lam["run_id"] != first["run_id"]
     assert set(stage_store.loc.listdir("graphs")) - before == new  # no second file for the same subset
-    assert G.graph_key(resolved["vision_entry"], resolved["vision_layer"], resolved["text_entry"],
-                       resolved["text_layer"], subset.image_rows, subset.caption_rows, 5) != key
-    assert G.graph_key(resolved["vision_entry"], resolved["vision_layer"], resolved["text_entry"],
-                       resolved["text_layer"], subset.image_rows[::-1], subset.caption_rows[::-1], 4) != key
+    assert G.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
+                       resolved.text_layer, subset.image_rows, subset.caption_rows, 5) != key
+    assert G.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
+                       resolved.text_layer, subset.image_rows[::-1], subset.caption_rows[::-1], 4) != key
 
 
 def test_non_finite_loss_is_reported_by_stage_and_cli(stage_store) -> None:
@@ -328,9 +328,9 @@ def test_non_finite_loss_is_reported_by_stage_and_cli(stage_store) -> None:
 
 
 def test_alignment_mknn_is_mutual_knn_of_test_embeddings(stage_store) -> None:
+    import stratalign.train as T
     from stratalign.core.similarity import mutual_knn
-    from stratalign.stages.train import split_run_tensors
-    from stratalign.train import trainer as T
+    from stratalign.stages.run_data import split_run_tensors
 
     res = train_run(stage_store, _cfg(objective="clip", n_pairs=40, seed=8))
     config, tensors, _ = RunRegistry(stage_store).load(res["run_id"])

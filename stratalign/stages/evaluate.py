@@ -8,21 +8,30 @@ each unimodal layer and on their concatenation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from stratalign.core import scoring as E
+from stratalign.core.objectives import Evaluation, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.prompts import class_prompts, prompt_features
+from stratalign.stages.run_config import ResolvedRun
+from stratalign.stages.run_data import split_run_tensors, train_features_of
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
+from stratalign.store.datasets import PairDataset
 from stratalign.store.features import FeatureEntry, FeatureStore
 from stratalign.store.runs import RunRegistry
+from stratalign.train import embed_features, fused_features, model_from_tensors
+
+TrainFeatures = tuple[np.ndarray, np.ndarray, np.ndarray]  # (image features, text features, labels)
 
 
-def _eval_entries(store: FeatureStore, resolved: dict[str, Any], dataset: str) -> tuple[FeatureEntry, FeatureEntry]:
+def _eval_entries(store: FeatureStore, run: ResolvedRun, dataset: str) -> tuple[FeatureEntry, FeatureEntry]:
     """The eval dataset's entries of the run's encoders; refuse features from other encoders or weights."""
-    train_v, train_t = store.entry(resolved["vision_entry"]), store.entry(resolved["text_entry"])
-    if dataset == resolved["dataset"]:
+    train_v, train_t = store.entry(run.vision_entry), store.entry(run.text_entry)
+    if dataset == run.dataset:
         return train_v, train_t
     out = []
     for tr in (train_v, train_t):
@@ -30,7 +39,7 @@ def _eval_entries(store: FeatureStore, resolved: dict[str, Any], dataset: str) -
                 if e.spec.encoder == tr.spec.encoder and e.spec.dims == tr.spec.dims]
         if not same:
             raise StratalignError(f"dataset {dataset!r} was extracted with another {tr.spec.encoder_spec} "
-                                  f"(weights or preprocessing differ) than run {resolved['run_id']}")
+                                  f"(weights or preprocessing differ) than run {run.run_id}")
         out.append(same[0])
     return out[0], out[1]
 
@@ -50,15 +59,26 @@ def test_split(store: FeatureStore, dataset: str, entries: tuple[FeatureEntry, F
     return gallery, pairs.caption_rows, txt_to_img, dropped
 
 
-def evaluate_model(store: FeatureStore, resolved: dict[str, Any], model: Any, dataset: str | None = None,
-                   train_features: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
-    """All metrics of one model on a dataset's test split (flat dict of floats, in %)."""
-    from stratalign.core import scoring as E
-    from stratalign.train import trainer as T
+@dataclass(frozen=True)
+class _TestData:
+    """A run's test-split features on one dataset."""
 
-    dataset = dataset or resolved["dataset"]
-    v, t = _eval_entries(store, resolved, dataset)
-    vl, tl = resolved["vision_layer"], resolved["text_layer"]
+    text_entry: FeatureEntry
+    text_layer: int
+    x_img: np.ndarray  # gallery images
+    x_txt: np.ndarray  # captions
+    txt_to_img: np.ndarray  # caption -> gallery index
+    labels: np.ndarray  # of the gallery images
+    dataset: PairDataset
+
+
+def evaluate_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: str | None = None,
+                   train_features: TrainFeatures | None = None) -> dict[str, Any]:
+    """All metrics of one model on a dataset's test split (flat dict of floats, in %), scored the way
+    the run's objective is evaluated."""
+    dataset = dataset or run.dataset
+    v, t = _eval_entries(store, run, dataset)
+    vl, tl = run.vision_layer, run.text_layer
     gallery, cap_rows, txt_to_img, dropped = test_split(store, dataset, (v, t))
     ds = store.dataset(dataset)
     x_img = v.read_layer(vl, gallery).astype(np.float32)
@@ -66,31 +86,35 @@ def evaluate_model(store: FeatureStore, resolved: dict[str, Any], model: Any, da
     labels_all = ds.images["label"].to_numpy()
     out: dict[str, Any] = {"eval_dataset": dataset, "eval_images": len(gallery), "eval_captions": len(cap_rows),
                            "eval_bad_pairs_dropped": dropped}
-    if resolved["objective"] == "comm":
-        return {**out, **_probe_comm(model, x_img, x_txt, txt_to_img, labels_all[gallery], train_features)}
-    z_img = T.embed_features(model, x_img, "image")
-    z_txt = T.embed_features(model, x_txt, "text")
-    out.update(E.retrieval_recall(z_img, z_txt, txt_to_img))
-    if ds.class_names and all(x is not None for x in labels_all[gallery]):
+    data = _TestData(t, tl, x_img, x_txt, txt_to_img, labels_all[gallery], ds)
+    scorer = _SCORERS[objective_named(run.objective).evaluation]
+    return {**out, **scorer(model, data, train_features)}
+
+
+def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures | None) -> dict[str, Any]:
+    """Retrieval both ways, zero-shot classification (when the dataset has classes), mutual-kNN alignment."""
+    out: dict[str, Any] = {}
+    z_img = embed_features(model, data.x_img, "image")
+    z_txt = embed_features(model, data.x_txt, "text")
+    out.update(E.retrieval_recall(z_img, z_txt, data.txt_to_img))
+    ds = data.dataset
+    if ds.class_names and all(x is not None for x in data.labels):
         classes, templates, prompts = class_prompts(ds)
-        p = prompt_features(t, prompts)[tl]
-        z_p = T.embed_features(model, p.astype(np.float32), "text").reshape(len(classes), len(templates), -1)
+        p = prompt_features(data.text_entry, prompts)[data.text_layer]
+        z_p = embed_features(model, p.astype(np.float32), "text").reshape(len(classes), len(templates), -1)
         class_of = {c: i for i, c in enumerate(classes)}
-        y = np.array([class_of[x] for x in labels_all[gallery]])
+        y = np.array([class_of[x] for x in data.labels])
         zs = E.zero_shot_classify(z_img, E.class_embeddings(z_p), y)
         out.update({f"zs_{k}": v for k, v in zs.items()})
-    if len(gallery) > 10:  # one caption per image: repeated image rows would be each other's neighbours
-        first_caption = np.unique(txt_to_img, return_index=True)[1]
+    if len(data.x_img) > 10:  # one caption per image: repeated image rows would be each other's neighbours
+        first_caption = np.unique(data.txt_to_img, return_index=True)[1]
         out["alignment_mknn"] = 100.0 * E.alignment_score(z_img, z_txt[first_caption], k="rice")
     return out
 
 
-def _probe_comm(model: Any, x_img: np.ndarray, x_txt: np.ndarray, txt_to_img: np.ndarray, labels: np.ndarray,
-                train_features: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> dict[str, Any]:
+def _score_probe(model: Any, data: _TestData, train_features: TrainFeatures | None) -> dict[str, Any]:
     """Linear probes on labels: the fused CLS output vs each unimodal layer vs their concatenation."""
-    from stratalign.core import scoring as E
-    from stratalign.train import trainer as T
-
+    x_img, x_txt, txt_to_img, labels = data.x_img, data.x_txt, data.txt_to_img, data.labels
     if train_features is None:
         raise StratalignError("a CoMM run is scored by a linear probe, which needs its training features")
     tr_img, tr_txt, tr_y = train_features
@@ -98,7 +122,7 @@ def _probe_comm(model: Any, x_img: np.ndarray, x_txt: np.ndarray, txt_to_img: np
         raise StratalignError("CoMM evaluation needs a label for every image (a --label-col at ingest)")
     te_img, te_txt, te_y = x_img[txt_to_img], x_txt, labels[txt_to_img]
     probes = {
-        "fused": (T.fused_features(model, tr_img, tr_txt), T.fused_features(model, te_img, te_txt)),
+        "fused": (fused_features(model, tr_img, tr_txt), fused_features(model, te_img, te_txt)),
         "image": (tr_img, te_img),
         "text": (tr_txt, te_txt),
         "concat": (np.concatenate([tr_img, tr_txt], 1), np.concatenate([te_img, te_txt], 1)),
@@ -115,18 +139,20 @@ def _probe_comm(model: Any, x_img: np.ndarray, x_txt: np.ndarray, txt_to_img: np
     return out
 
 
+_SCORERS = {Evaluation.RETRIEVAL: _score_retrieval, Evaluation.PROBE: _score_probe}
+
+
 def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = None) -> dict[str, Any]:
     """Reload a run's heads from safetensors and evaluate them (on its dataset or another one)."""
-    from stratalign.stages.train import split_run_tensors, train_features_of
-    from stratalign.train import trainer as T
-
     registry = RunRegistry(store)
     config, tensors, metrics = registry.load(run_id)
-    model_tensors, subset = split_run_tensors(tensors)
-    model = T.model_from_tensors(config, model_tensors)
-    train_features = train_features_of(store, config, subset) if config["objective"] == "comm" else None
-    res = evaluate_model(store, config, model, dataset, train_features=train_features)
-    if dataset and dataset != config["dataset"] and store.mode == "a":
+    run = ResolvedRun.from_config(config)
+    weights, subset = split_run_tensors(tensors)
+    model = model_from_tensors(config, weights)
+    needs_train = objective_named(run.objective).evaluation.needs_train_features
+    train_features = train_features_of(store, run, subset) if needs_train else None
+    res = evaluate_model(store, run, model, dataset, train_features=train_features)
+    if dataset and dataset != run.dataset and store.mode == "a":
         store.loc.write_json(res, "runs", run_id, f"eval-{dataset}.json")
     kept = ("best_step", "lambda_at_best", "stopped_reason", "message", "restored_before_warmup")
     return {**{k: metrics.get(k) for k in kept if k in metrics}, **res}

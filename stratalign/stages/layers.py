@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from stratalign.core.layer_rule import CHOOSE_KEYWORDS, LayerRule
 from stratalign.errors import StratalignError
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store import layer_results
@@ -102,17 +103,15 @@ def choose(result: dict[str, Any], rule: str, metric: str | None = None) -> dict
     metric = metric or next(iter(result["matrices"]))
     if metric not in result["matrices"]:
         raise StratalignError(f"metric {metric!r} was not computed; computed: {list(result['matrices'])}")
+    parsed = LayerRule.parse(rule, CHOOSE_KEYWORDS, "--choose", indices=True)
     mat = np.asarray(result["matrices"][metric])
     nv, nt = mat.shape
-    if rule == "best":
+    if parsed.kind == "best":
         v, t = (int(i) for i in np.unravel_index(int(np.argmax(mat)), mat.shape))
-    elif rule == "last":
+    elif parsed.kind == "last":
         v, t = nv - 1, nt - 1
     else:
-        try:
-            v, t = (int(x) for x in rule.split(","))
-        except ValueError:
-            raise StratalignError(f"--choose must be best, last or V,T (two layer indices), not {rule!r}") from None
+        v, t = parsed.index_pair()
         if not (-nv <= v < nv and -nt <= t < nt):
             raise StratalignError(f"layer pair {rule} out of range: vision 0..{nv - 1}, text 0..{nt - 1}")
         v, t = v % nv, t % nt

@@ -16,9 +16,12 @@ from typing import Any, Callable
 import polars as pl
 from tqdm.auto import tqdm
 
+from stratalign.core.layer_rule import LayerRule
+from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
-from stratalign.stages.train import RunConfig, resolve_run, train_run
+from stratalign.stages.run_config import RunConfig, resolve_run
+from stratalign.stages.train import train_run
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 
@@ -39,6 +42,11 @@ class SweepConfig:
     skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
 
     def cells(self) -> list[RunConfig]:
+        """Every cell of the grid, once; an objective with its own head (csa) gets it, others skip it."""
+        for rule in self.layer_rules:
+            LayerRule.parse(rule)  # a bad rule or head fails here, before any cell trains
+        for head in self.heads:
+            check_head_kind(head)
         for rule, obj in self.skip:
             if rule not in self.layer_rules or obj not in self.objectives:
                 raise StratalignError(f"--skip {rule}:{obj} matches no cell: layer rules {list(self.layer_rules)}, "
@@ -48,9 +56,10 @@ class SweepConfig:
                                                           self.n_pairs, self.seeds):
             if (rule, obj) in self.skip:
                 continue
-            if obj == "csa":
-                head = "csa"  # CSA is a closed-form head with its own objective
-            elif head == "csa":
+            objective = objective_named(obj)
+            if objective.own_head:
+                head = objective.own_head  # e.g. CSA: a closed-form head with its own objective
+            elif head not in objective.heads:
                 continue
             out.append(replace(self.base, layers=rule, objective=obj, head=head, n_pairs=n, seed=seed))
         return list(dict.fromkeys(out))
@@ -92,7 +101,7 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     bar = tqdm(cells, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
     for cell in bar:
         resolved = resolve_run(store, cell)
-        rid = resolved["run_id"]
+        rid = resolved.run_id
         if registry.is_done(rid):
             skipped += 1
             done = True

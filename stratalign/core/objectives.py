@@ -1,0 +1,233 @@
+"""The objective registry: one declaration per training objective (METHOD.md sections 3.1-3.5).
+
+Each `Objective` says what it adds to the CLIP loss (its regulariser and weight), which TrainConfig knobs
+it reads, which heads it trains, whether its lambda warms up, how it is trained (gradient loop, CoMM loop
+or closed form), how it is evaluated (retrieval + zero-shot, or a linear probe) and what selects its
+checkpoint. The trainer, run resolution, evaluation and sweeps read this table instead of naming
+objectives, so a new objective is one entry here.
+
+Regularisers are pure functions of a `StepBatch` (the batch inputs and their embeddings) and the training
+config (read by attribute: this module does not import the trainer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+
+import torch
+
+from stratalign.core import losses as L
+from stratalign.errors import StratalignError
+
+
+class Training(Enum):
+    """How a model is fitted."""
+
+    GRADIENT = "gradient"  # aligned heads, the shared optimisation loop (METHOD 3.6)
+    COMM = "comm"  # the CoMM fusion model in the same loop (METHOD 3.5)
+    CLOSED_FORM = "closed_form"  # CSA: canonical correlation, then an optional R_S refinement
+
+
+class Evaluation(Enum):
+    """How a trained model is scored on the test split (METHOD 4)."""
+
+    RETRIEVAL = "retrieval"  # retrieval R@k, zero-shot classification, mutual-kNN alignment
+    PROBE = "probe"  # linear probe on labels of the fused output (needs the training features)
+
+    @property
+    def needs_train_features(self) -> bool:
+        """Whether scoring fits something on the run's training features (a probe)."""
+        return self is Evaluation.PROBE
+
+
+class Selection(Enum):
+    """What picks the restored checkpoint."""
+
+    VAL_CLIP = "val_clip"  # lowest validation CLIP loss (after the warm-up, if any)
+    VAL_COMM = "val_comm"  # lowest validation CoMM loss
+    CLOSED_FORM = "closed_form"  # nothing to select: the fit is the model
+
+
+@dataclass(frozen=True)
+class KnnSupport:
+    """What the kNN form of R_S (METHOD 3.3) needs beyond the batch: the head, every training input and
+    the (n, k) neighbour graph over them, indexed by the batch's training rows."""
+
+    head: Callable[[torch.Tensor], torch.Tensor]
+    table: torch.Tensor
+    graph: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Side:
+    """One modality of a training batch: inputs x, embeddings z (sampled for VIB, with mu and logvar)."""
+
+    x: torch.Tensor
+    z: torch.Tensor
+    mu: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
+    knn: KnnSupport | None = None
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """A training batch: its rows (positions among the training pairs) and both sides."""
+
+    rows: torch.Tensor
+    image: Side
+    text: Side
+
+
+Regulariser = Callable[[StepBatch, Any], torch.Tensor]
+
+STRUCTURE_KNOBS = ("lam", "warmup_steps", "warmup_fraction", "levels", "weighting", "centering", "js")
+
+
+def structure_options(cfg: Any) -> dict[str, Any]:
+    """The R_S settings of a training config (METHOD 3.2)."""
+    return {"tau": cfg.tau, "levels": cfg.levels, "weighting": cfg.weighting, "centering": cfg.centering,
+            "js": cfg.js}
+
+
+def structure_term(batch: StepBatch, cfg: Any) -> torch.Tensor:
+    """R_S over the batch (METHOD 3.2), averaged over both sides."""
+    opts = structure_options(cfg)
+    return 0.5 * (L.structure_regularizer(batch.image.x, batch.image.z, **opts)
+                  + L.structure_regularizer(batch.text.x, batch.text.z, **opts))
+
+
+def _knn_side(side: Side, rows: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:
+    """R_S of one side over the batch plus each row's frozen-space neighbours (METHOD 3.3)."""
+    assert side.knn is not None
+    nbr = side.knn.graph[rows]  # (b, k)
+    mask = ~torch.isin(nbr, rows)  # neighbours already in the batch are in the support once
+    if not bool(mask.any()):  # e.g. full-batch training: the support is the batch (3.3 == 3.2)
+        return L.structure_regularizer(side.x, side.z, **opts)
+    # the head runs once on each distinct neighbour outside the batch; the rest are masked, so their
+    # table index (0) is never read
+    picked = nbr[mask]
+    outside = picked.unique()  # sorted, so searchsorted finds each row's table index
+    index = torch.zeros_like(nbr)
+    index[mask] = torch.searchsorted(outside, picked)
+    x_tab = side.knn.table[outside]
+    z_tab = side.knn.head(x_tab).to(side.z.dtype)
+    return L.structure_regularizer_knn(side.x, side.z, x_tab, z_tab, mask, nbr_index=index, **opts)
+
+
+def _structure_knn(batch: StepBatch, cfg: Any) -> torch.Tensor:
+    """R_S with kNN-extended supports, averaged over both sides."""
+    opts = structure_options(cfg)
+    return 0.5 * (_knn_side(batch.image, batch.rows, opts) + _knn_side(batch.text, batch.rows, opts))
+
+
+def _ib(batch: StepBatch, cfg: Any) -> torch.Tensor:
+    return L.ib_deterministic(batch.image.z, batch.text.z)
+
+
+def _vib(batch: StepBatch, cfg: Any) -> torch.Tensor:
+    i, t = batch.image, batch.text
+    return L.vib_kl(i.mu, i.logvar, t.mu, t.logvar, symmetric=cfg.vib_symmetric)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One training objective.
+
+    regulariser: added to the CLIP loss as `weight * reg` (None: plain CLIP; for csa, the loss of the
+    optional refinement); weight_knob names the TrainConfig field holding the weight, ramped by METHOD 3.2's
+    warm-up when `warmup` is set.
+    knobs: the objective-specific TrainConfig fields it reads. heads: the head kinds it trains (the
+    first when it brings its own). variational: heads output (mu, logvar) and embeddings are sampled.
+    knn_graphs: it needs the frozen-space kNN graphs of the training rows. train_objective: the
+    objective its recorded TrainConfig names (csa runs have always recorded 'clip'; run ids hash it).
+    """
+
+    name: str
+    summary: str
+    heads: tuple[str, ...]
+    training: Training
+    evaluation: Evaluation
+    selection: Selection
+    regulariser: Regulariser | None = None
+    weight_knob: str | None = None
+    knobs: tuple[str, ...] = ()
+    warmup: bool = False
+    variational: bool = False
+    knn_graphs: bool = False
+    train_objective: str | None = None
+
+    @property
+    def recorded_objective(self) -> str:
+        """The objective name written into the run's training settings."""
+        return self.train_objective or self.name
+
+    @property
+    def own_head(self) -> str | None:
+        """The one head kind this objective comes with, if it allows only one."""
+        return self.heads[0] if len(self.heads) == 1 else None
+
+    def weight(self, cfg: Any, lam_now: float) -> float:
+        """The regulariser's weight at a step: the warmed-up lambda, else the weight knob's value."""
+        return lam_now if self.warmup else getattr(cfg, self.weight_knob or "")
+
+    def check_head(self, head: str) -> None:
+        """Refuse a head kind this objective does not train, naming the ones it does."""
+        check_head_kind(head)
+        if head not in self.heads:
+            owners = [o.name for o in REGISTRY if head in o.heads]
+            raise StratalignError(f"objective {self.name} trains {' | '.join(self.heads)} heads, not {head!r} "
+                                  f"({head} heads are trained by: {', '.join(owners)})")
+
+
+TRAINED_HEADS = ("linear", "mlp", "residual")
+
+REGISTRY: tuple[Objective, ...] = (
+    Objective("clip", "symmetric InfoNCE (METHOD 3.1)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
+              Selection.VAL_CLIP),
+    Objective("clip+structure", "CLIP + lambda * R_S over the batch (METHOD 3.2)", TRAINED_HEADS,
+              Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=structure_term,
+              weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True),
+    Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (METHOD 3.3)", TRAINED_HEADS,
+              Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_structure_knn,
+              weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True),
+    Objective("clip+ib", "CLIP + beta * deterministic IB term (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
+              Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_ib, weight_knob="beta", knobs=("beta",)),
+    Objective("clip+vib", "CLIP on sampled embeddings + beta * KL (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
+              Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_vib, weight_knob="beta",
+              knobs=("beta", "vib_scale", "vib_symmetric"), variational=True),
+    Objective("comm", "CoMM fusion model (METHOD 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,
+              Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise")),
+    Objective("csa", "closed-form CSA, optional R_S refinement (METHOD 3.5)", ("csa",), Training.CLOSED_FORM,
+              Evaluation.RETRIEVAL, Selection.CLOSED_FORM, regulariser=structure_term, weight_knob="lam",
+              knobs=("csa_ridge", "csa_refine_steps", "csa_refine_lr", "lam", "levels", "weighting", "centering",
+                     "js"),
+              train_objective="clip"),
+)
+
+OBJECTIVES: tuple[str, ...] = tuple(o.name for o in REGISTRY)
+HEADS: tuple[str, ...] = tuple(dict.fromkeys(h for o in REGISTRY for h in o.heads))
+# heads only a closed-form fit produces (no gradient loop builds them)
+CLOSED_FORM_HEADS: tuple[str, ...] = tuple(
+    h for h in HEADS if all(o.training is Training.CLOSED_FORM for o in REGISTRY if h in o.heads))
+_BY_NAME = {o.name: o for o in REGISTRY}
+
+
+def objective_named(name: str) -> Objective:
+    """The registry entry of an objective, or one error listing every known name."""
+    try:
+        return _BY_NAME[name]
+    except (KeyError, TypeError):
+        raise StratalignError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}") from None
+
+
+def objectives_with(**attrs: Any) -> tuple[str, ...]:
+    """Names of the objectives whose attributes have the given values (e.g. knn_graphs=True)."""
+    return tuple(o.name for o in REGISTRY if all(getattr(o, k) == v for k, v in attrs.items()))
+
+
+def check_head_kind(head: str) -> None:
+    """Refuse a head kind no objective trains, listing the known ones."""
+    if head not in HEADS:
+        raise StratalignError(f"unknown head {head!r}; known: {', '.join(HEADS)}")

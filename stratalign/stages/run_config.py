@@ -1,0 +1,177 @@
+"""A training run as the user states it (`RunConfig`) and fully resolved (`ResolvedRun`).
+
+Resolution pins every implicit choice: the feature entries, the layer pair, the validation carve-out, the
+training subset and every trainer setting. A run is content-addressed by its resolved config (see
+store.runs): `ResolvedRun.identity()` is exactly what the run id hashes and `config_dict()` exactly what
+config.json holds, so ids of existing runs never change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from stratalign.core.layer_rule import LayerRule
+from stratalign.core.objectives import objective_named
+from stratalign.errors import StratalignError
+from stratalign.stages.subsets import PairRows, carve_validation, draw_subset, drop_bad_pairs, subset_from_ids
+from stratalign.store.features import FeatureEntry, FeatureStore
+from stratalign.store.layer_results import load_choice
+from stratalign.store.runs import run_id_of
+from stratalign.train import TrainConfig
+
+# TrainConfig fields that RunConfig sets itself: a --set of one of them names the flag to use instead
+RUN_FLAGS = {"objective": "--objective", "head": "--head", "seed": "--seed"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run as the user states it; `resolve_run` pins every implicit choice."""
+
+    dataset: str
+    vision: str
+    text: str
+    layers: str = "auto"  # auto (the recorded choice) | last | "V,T"
+    head: str = "linear"
+    objective: str = "clip"
+    n_pairs: int | None = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    ids_file: str | None = None
+    ids_kind: str = "caption"
+    vision_pooling: str | None = None
+    text_pooling: str | None = None
+    options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # TrainConfig overrides
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run with every choice pinned. The fields up to `bad_pairs_dropped` are its identity (hashed into
+    `run_id`, written to config.json); `subset` and `val` are the training and validation pairs, carried
+    along but not part of the id (None for a run read back from its config.json)."""
+
+    dataset: str
+    dataset_fingerprint: str
+    vision: str
+    text: str
+    vision_entry: str
+    text_entry: str
+    vision_layer: int
+    text_layer: int
+    layer_rule: str
+    vision_layer_name: str
+    text_layer_name: str
+    head: str
+    objective: str
+    seed: int
+    n_pairs: int
+    n_train: int
+    n_val: int
+    val_fraction: float
+    ids_sha: str | None
+    ids_kind: str
+    train: dict[str, Any]  # TrainConfig as JSON (tuples as lists)
+    bad_pairs_dropped: int = 0  # train/val pairs with a --skip-bad placeholder row; in the id only when > 0
+    run_id: str = ""
+    subset: PairRows | None = field(default=None, compare=False, repr=False)
+    val: PairRows | None = field(default=None, compare=False, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        """What the run id hashes (bad_pairs_dropped only when non-zero, so older ids stay valid)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IDENTITY}
+        if not self.bad_pairs_dropped:
+            del out["bad_pairs_dropped"]
+        return out
+
+    def config_dict(self) -> dict[str, Any]:
+        """config.json of the run: the identity plus its run id."""
+        return {**self.identity(), "run_id": self.run_id}
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.train)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ResolvedRun:
+        """The run described by a saved config.json (without its pairs)."""
+        names = [f.name for f in fields(cls) if f.name not in ("subset", "val", "bad_pairs_dropped")]
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise StratalignError(f"run config {config.get('run_id', '?')} lacks {missing}: not a stratalign run")
+        return cls(**{n: config[n] for n in names}, bad_pairs_dropped=int(config.get("bad_pairs_dropped", 0)))
+
+
+_NOT_IDENTITY = ("run_id", "subset", "val")
+
+
+def run_entries(store: FeatureStore, cfg: RunConfig, dataset: str | None = None) -> tuple[FeatureEntry, FeatureEntry]:
+    """The (vision, text) feature entries a run config names."""
+    ds = dataset or cfg.dataset
+    v = store.find_entry(ds, cfg.vision, cfg.vision_pooling, modality="image")
+    t = store.find_entry(ds, cfg.text, cfg.text_pooling, modality="text")
+    return v, t
+
+
+def _layer_pair(store: FeatureStore, cfg: RunConfig, v: FeatureEntry, t: FeatureEntry) -> tuple[int, int, str]:
+    """(vision layer, text layer, recorded rule) of the run's layer rule."""
+    rule = LayerRule.parse(cfg.layers)
+    if rule.kind == "auto":
+        choice = load_choice(store, cfg.dataset, cfg.vision, cfg.text)
+        return int(choice["vision_layer"]), int(choice["text_layer"]), str(rule)
+    if rule.kind == "last":
+        return len(v.spec.dims) - 1, len(t.spec.dims) - 1, str(rule)
+    return v.resolve_layer(rule.vision), t.resolve_layer(rule.text), str(rule)
+
+
+def _check_choices(cfg: RunConfig) -> None:
+    objective_named(cfg.objective).check_head(cfg.head)
+    taken = [k for k, _ in cfg.options if k in RUN_FLAGS]
+    if taken:
+        raise StratalignError("; ".join(f"--set {k}=... : use {RUN_FLAGS[k]}" for k in taken)
+                              + " (the run sets these itself, not through --set)")
+
+
+def _train_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The run's TrainConfig as JSON (the objective as its registry entry records it)."""
+    known = {f.name for f in fields(TrainConfig)}
+    bad = [k for k, _ in cfg.options if k not in known]
+    if bad:
+        raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
+    train_cfg = TrainConfig(objective=objective_named(cfg.objective).recorded_objective, head=cfg.head,
+                            seed=cfg.seed, **dict(cfg.options))
+    return _jsonable(asdict(train_cfg))
+
+
+def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
+    """The fully resolved run (entries, layer indices, subset, trainer settings) and its run id."""
+    _check_choices(cfg)
+    ds = store.dataset(cfg.dataset)
+    v, t = run_entries(store, cfg)
+    vl, tl, rule = _layer_pair(store, cfg, v, t)
+    pool, val = carve_validation(ds, cfg.val_fraction, cfg.seed)
+    (pool, pool_dropped), (val, val_dropped) = drop_bad_pairs(pool, v, t), drop_bad_pairs(val, v, t)
+    if cfg.ids_file:
+        ids = Path(cfg.ids_file).read_text().splitlines()
+        subset = subset_from_ids(ds, pool, ids, cfg.ids_kind)
+        ids_sha = hashlib.sha256("\n".join(sorted(i.strip() for i in ids)).encode()).hexdigest()[:16]
+    else:
+        subset = draw_subset(pool, cfg.n_pairs, cfg.seed)
+        ids_sha = None
+    run = ResolvedRun(
+        dataset=cfg.dataset, dataset_fingerprint=ds.fingerprint, vision=cfg.vision, text=cfg.text,
+        vision_entry=v.key, text_entry=t.key, vision_layer=vl, text_layer=tl, layer_rule=rule,
+        vision_layer_name=v.spec.layer_names[vl], text_layer_name=t.spec.layer_names[tl],
+        head=cfg.head, objective=cfg.objective, seed=cfg.seed,
+        n_pairs=cfg.n_pairs if cfg.n_pairs is not None else len(subset), n_train=len(subset), n_val=len(val),
+        val_fraction=cfg.val_fraction, ids_sha=ids_sha, ids_kind=cfg.ids_kind, train=_train_settings(cfg),
+        bad_pairs_dropped=pool_dropped + val_dropped, subset=subset, val=val)
+    return replace(run, run_id=run_id_of(run.identity()))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

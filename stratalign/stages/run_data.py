@@ -1,0 +1,39 @@
+"""A run's data in the store, shared by training and evaluation: cached features of its pairs and the
+training rows saved beside its weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from stratalign.stages.run_config import ResolvedRun
+from stratalign.stages.subsets import PairRows
+from stratalign.store.features import FeatureEntry, FeatureStore
+
+SUBSET_KEYS = ("subset_image_rows", "subset_caption_rows")
+
+
+def gather(entry: FeatureEntry, layer: int, rows: np.ndarray) -> np.ndarray:
+    """One layer's features of the given rows as float32."""
+    return entry.read_layer(layer, rows).astype(np.float32)
+
+
+def subset_tensors(subset: PairRows) -> dict[str, Any]:
+    """The exact training rows, saved with the weights (reproducibility, CoMM probes on reload)."""
+    return {SUBSET_KEYS[0]: torch.from_numpy(subset.image_rows.astype(np.int64)),
+            SUBSET_KEYS[1]: torch.from_numpy(subset.caption_rows.astype(np.int64))}
+
+
+def split_run_tensors(tensors: dict[str, Any]) -> tuple[dict[str, Any], PairRows]:
+    """(model tensors, training rows) of a saved run."""
+    model = {k: v for k, v in tensors.items() if k not in SUBSET_KEYS}
+    return model, PairRows(tensors[SUBSET_KEYS[0]].numpy(), tensors[SUBSET_KEYS[1]].numpy())
+
+
+def train_features_of(store: FeatureStore, run: ResolvedRun, subset: PairRows) -> tuple[np.ndarray, ...]:
+    """(image features, text features, labels) of a run's training pairs."""
+    v, t = store.entry(run.vision_entry), store.entry(run.text_entry)
+    labels = store.dataset(run.dataset).images["label"].to_numpy()[subset.image_rows]
+    return gather(v, run.vision_layer, subset.image_rows), gather(t, run.text_layer, subset.caption_rows), labels

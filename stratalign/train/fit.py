@@ -1,0 +1,240 @@
+"""Fitting models on paired features: aligned heads and CoMM through the shared loop, CSA in closed form.
+
+Each objective's loss comes from its registry entry (stratalign.core.objectives): the trainer embeds the
+batch, takes the CLIP loss and adds the entry's regulariser with its weight. Every result records the
+step it restored and the lambda in force there.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stratalign.core import losses as L
+from stratalign.core.comm import CommModel, comm_step_loss
+from stratalign.core.heads import CSA, AlignedHeads, VariationalHead, build_head, fit_csa
+from stratalign.core.objectives import (
+    CLOSED_FORM_HEADS,
+    KnnSupport,
+    Objective,
+    Side,
+    StepBatch,
+    Training,
+    objective_named,
+    objectives_with,
+    structure_term,
+)
+from stratalign.device import resolve_device
+from stratalign.errors import StratalignError
+from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.train.data import check_inputs, to_device
+from stratalign.train.inference import head_embedding
+from stratalign.train.knn import training_graphs
+from stratalign.train.loop import StepLoss, autocast, run_fixed_steps, run_loop
+
+Graphs = tuple[np.ndarray, np.ndarray]
+
+
+def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
+    """Fresh image and text heads for a config (variational when the objective samples embeddings)."""
+    if cfg.head in CLOSED_FORM_HEADS:
+        raise StratalignError(f"the {cfg.head} head is fitted in closed form: use train_csa / fit_csa")
+    opts = dict(cfg.head_options)
+    if objective_named(cfg.objective).variational:
+        opts["variational"] = True
+    return AlignedHeads(build_head(cfg.head, d_img, cfg.dim, **opts), build_head(cfg.head, d_txt, cfg.dim, **opts))
+
+
+@torch.no_grad()
+def _val_clip(model: AlignedHeads, xi: torch.Tensor, xt: torch.Tensor, cfg: TrainConfig,
+              dev: torch.device) -> float:
+    """Validation CLIP loss: fixed chunks of min(batch, n_val) rows, size-weighted mean; VIB uses mu."""
+    model.eval()
+    b = min(cfg.batch_size, len(xi))
+    total, count = 0.0, 0
+    for s in range(0, len(xi), b):
+        a, t = xi[s:s + b], xt[s:s + b]
+        if len(a) < 2:
+            continue
+        with autocast(dev, cfg.amp):
+            zi, zt = head_embedding(model.image, a), head_embedding(model.text, t)
+        total += float(L.clip_loss(zi, zt, cfg.tau)) * len(a)
+        count += len(a)
+    return total / count
+
+
+def _step_batch(model: AlignedHeads, obj: Objective, cfg: TrainConfig, bidx: torch.Tensor, xi: torch.Tensor,
+                xt: torch.Tensor, graphs: tuple[torch.Tensor, torch.Tensor] | None) -> StepBatch:
+    """The batch's inputs and embeddings (VIB: sampled, with mu and logvar; kNN form: the neighbour tables)."""
+    a, t = xi[bidx], xt[bidx]
+    if obj.variational:
+        mu_i, lv_i = model.image(a)
+        mu_t, lv_t = model.text(t)
+        zi = VariationalHead.sample(mu_i.float(), lv_i.float(), cfg.vib_scale)
+        zt = VariationalHead.sample(mu_t.float(), lv_t.float(), cfg.vib_scale)
+        return StepBatch(bidx, Side(a, zi, mu_i, lv_i), Side(t, zt, mu_t, lv_t))
+    zi, zt = model.image(a), model.text(t)
+    if graphs is None:
+        return StepBatch(bidx, Side(a, zi), Side(t, zt))
+    return StepBatch(bidx, Side(a, zi, knn=KnnSupport(model.image, xi, graphs[0])),
+                     Side(t, zt, knn=KnnSupport(model.text, xt, graphs[1])))
+
+
+def _heads_step_loss(model: AlignedHeads, obj: Objective, cfg: TrainConfig, dev: torch.device, xi: torch.Tensor,
+                     xt: torch.Tensor, graphs: tuple[torch.Tensor, torch.Tensor] | None, lam_of) -> StepLoss:
+    """step_loss(batch rows, step) -> (CLIP + weight * regulariser, CLIP, regulariser) of the objective."""
+    zero = torch.zeros((), device=dev)
+
+    def step_loss(bidx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast(dev, cfg.amp):
+            batch = _step_batch(model, obj, cfg, bidx, xi, xt, graphs)
+            clip = L.clip_loss(batch.image.z, batch.text.z, cfg.tau)
+            if obj.regulariser is None:
+                return clip, clip, zero
+            reg = obj.regulariser(batch, cfg)
+            return clip + obj.weight(cfg, lam_of(step)) * reg, clip, reg
+
+    return step_loss
+
+
+def _check_objective(cfg: TrainConfig, graphs: Graphs | None) -> Objective:
+    obj = objective_named(cfg.objective)
+    if graphs is not None and not obj.knn_graphs:
+        users = " / ".join(objectives_with(knn_graphs=True))
+        raise StratalignError(f"graphs= is only used by the {users} objective, not {cfg.objective}")
+    if obj.training is Training.CLOSED_FORM:
+        raise StratalignError(f"objective {obj.name} is fitted in closed form: use train_csa")
+    return obj
+
+
+def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                cfg: TrainConfig, *, graphs: Graphs | None = None) -> TrainResult:
+    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6); a CoMM
+    objective goes to `train_comm`.
+
+    graphs: for objectives with kNN graphs, the (image, text) graphs from `knn_graphs` for this train_idx
+    and cfg.knn_k (e.g. read from a cache); built here when None."""
+    obj = _check_objective(cfg, graphs)
+    if obj.training is Training.COMM:
+        return train_comm(x_img, x_txt, train_idx, val_idx, cfg)
+    tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
+    dev = resolve_device(cfg.device)
+    xi, xt = to_device(x_img, tr, dev, "x_img"), to_device(x_txt, tr, dev, "x_txt")
+    vi, vt = to_device(x_img, va, dev, "x_img"), to_device(x_txt, va, dev, "x_txt")
+    warmup = cfg.resolved_warmup()
+    dev_graphs = training_graphs(graphs, xi, xt, cfg.knn_k, dev) if obj.knn_graphs else None
+
+    def lam_of(step: int) -> float:
+        return L.lambda_at(step, cfg.lam, warmup) if obj.warmup else 0.0
+
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        model = make_heads(cfg, xi.shape[1], xt.shape[1]).to(dev)
+        step_loss = _heads_step_loss(model, obj, cfg, dev, xi, xt, dev_graphs, lam_of)
+        groups = [[p for p in model.image.parameters() if p.requires_grad],
+                  [p for p in model.text.parameters() if p.requires_grad]]
+        return run_loop(model, groups, len(tr), cfg, dev, warmup, step_loss,
+                        lambda: _val_clip(model, vi, vt, cfg, dev), lam_of)
+
+
+def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+               cfg: TrainConfig) -> TrainResult:
+    """Train the CoMM fusion model (METHOD 3.5) with the same loop; early stopping monitors the
+    validation CoMM loss (views drawn from a fixed seed, so the yardstick does not move)."""
+    tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
+    dev = resolve_device(cfg.device)
+    xi, xt = to_device(x_img, tr, dev, "x_img"), to_device(x_txt, tr, dev, "x_txt")
+    vi, vt = to_device(x_img, va, dev, "x_img"), to_device(x_txt, va, dev, "x_txt")
+    std_i, std_t = xi.std(0, keepdim=True), xt.std(0, keepdim=True)
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        model = CommModel(xi.shape[1], xt.shape[1], dim=cfg.comm_dim, heads=cfg.comm_heads,
+                          out_dim=cfg.comm_out).to(dev)
+        zero = torch.zeros((), device=dev)
+        aug = {"tau": cfg.comm_tau, "drop": cfg.aug_drop, "noise": cfg.aug_noise}
+
+        def step_loss(bidx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with autocast(dev, cfg.amp):
+                loss = comm_step_loss(model, xi[bidx], xt[bidx], std_i, std_t, **aug)
+            return loss, loss, zero
+
+        @torch.no_grad()
+        def val_loss() -> float:
+            model.eval()
+            g = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+            b = min(cfg.batch_size, len(vi))
+            total, count = 0.0, 0
+            for s in range(0, len(vi), b):
+                if len(vi[s:s + b]) < 2:
+                    continue
+                with autocast(dev, cfg.amp):
+                    v = comm_step_loss(model, vi[s:s + b], vt[s:s + b], std_i, std_t, generator=g, **aug)
+                total += float(v) * len(vi[s:s + b])
+                count += len(vi[s:s + b])
+            return total / count
+
+        return run_loop(model, [[p for p in model.parameters() if p.requires_grad]], len(tr), cfg, dev, 0,
+                        step_loss, val_loss, lambda s: 0.0)
+
+
+def refine_csa(model: CSA, x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfig) -> CSA:
+    """Optional R_S refinement: `cfg.csa_refine_steps` AdamW steps on the CSA projections with
+    clip + lam * structure (full lambda, no warm-up, no early stopping)."""
+    steps = cfg.csa_refine_steps
+    if steps == 0:
+        return model
+    dev = resolve_device(cfg.device)
+    rows = np.arange(len(x_img))
+    xi, xt = to_device(x_img, rows, dev, "x_img"), to_device(x_txt, rows, dev, "x_txt")
+    model = model.to(dev)
+
+    def batch_loss(bidx: torch.Tensor) -> torch.Tensor:
+        a, t = xi[bidx], xt[bidx]
+        zi, zt = model.image(a), model.text(t)
+        reg = structure_term(StepBatch(bidx, Side(a, zi), Side(t, zt)), cfg)
+        return L.clip_loss(zi, zt, cfg.tau) + cfg.lam * reg
+
+    groups = [list(model.image.parameters()), list(model.text.parameters())]
+    run_fixed_steps(model, groups, len(xi), cfg, dev, steps, cfg.csa_refine_lr, batch_loss)
+    return model.cpu()
+
+
+def train_csa(x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfig) -> tuple[CSA, dict[str, Any]]:
+    """Closed-form CSA on the training pairs (dim = cfg.dim capped by the feature widths), then the
+    optional R_S refinement. Returns (model, summary)."""
+    t0 = time.perf_counter()
+    model = fit_csa(x_img, x_txt, dim=cfg.dim, ridge=cfg.csa_ridge)
+    model = refine_csa(model, x_img, x_txt, cfg)
+    d = int(model.image.config["d_out"])
+    return model, {"best_step": cfg.csa_refine_steps, "lambda_at_best": cfg.lam if cfg.csa_refine_steps else 0.0,
+                   "stopped_reason": "closed_form", "csa_dim": d,
+                   "csa_top_correlations": [round(float(c), 4) for c in model.correlations[:5]],
+                   "train_seconds_fit": round(time.perf_counter() - t0, 3)}
+
+
+def fit_run(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+            cfg: TrainConfig, *, graphs: Graphs | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """`train_heads` (or `train_comm`) as (model, summary) for a runner."""
+    res = train_heads(x_img, x_txt, train_idx, val_idx, cfg, graphs=graphs)
+    return res.model, {**res.summary(), "train_loop_seconds": round(res.seconds, 3)}
+
+
+def _fit_closed_form(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                     cfg: TrainConfig, *, graphs: Graphs | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    return train_csa(x_img[train_idx], x_txt[train_idx], cfg)
+
+
+_FITTERS = {Training.GRADIENT: fit_run, Training.COMM: fit_run, Training.CLOSED_FORM: _fit_closed_form}
+
+
+def fit_objective(objective: Objective, x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray,
+                  val_idx: np.ndarray, cfg: TrainConfig, *,
+                  graphs: Graphs | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Fit one run's model the way its objective is trained: (model, summary)."""
+    return _FITTERS[objective.training](x_img, x_txt, train_idx, val_idx, cfg, graphs=graphs)

@@ -1,0 +1,206 @@
+"""The optimisation loop shared by every gradient-trained model (METHOD.md section 3.6).
+
+Batches are index permutations of the training tensor (no DataLoader). AdamW with a cosine schedule over
+`max_steps`, gradient-norm clip 1.0 per parameter group (one per head), seeded so the same call twice gives
+bit-identical weights on CPU. Early stopping monitors a validation loss; checkpoints before the warm-up
+ends are not candidates. A NaN/inf loss stops training and keeps the best checkpoint (no exception).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from stratalign.errors import StratalignError
+from stratalign.train.config import TrainConfig, TrainResult
+
+# step_loss(batch rows, step) -> (loss, clip, reg); val_loss() -> float; lam_of(step) -> lambda in force
+StepLoss = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def _batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of batches: a seeded permutation cut into full batches (b = min(batch, n))."""
+    b = min(batch, n)
+    perm = torch.randperm(n, generator=gen)
+    return [perm[s:s + b] for s in range(0, n - b + 1, b)]
+
+
+def autocast(dev: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA when enabled; a no-op context on the CPU."""
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                          enabled=bool(enabled and dev.type == "cuda"))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class CheckpointSelector:
+    """Checkpoint selection: lowest validation loss among candidates (step >= warmup)."""
+
+    def __init__(self, warmup: int, patience: int) -> None:
+        self.warmup, self.patience = warmup, patience
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.fallback: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def offer(self, step: int, val: float, model: nn.Module) -> None:
+        if not math.isfinite(val):
+            return
+        if step >= self.warmup:
+            if self.best is None or val < self.best[0]:
+                self.best = (val, step, _snapshot(model))
+        elif self.fallback is None or val < self.fallback[0]:
+            self.fallback = (val, step, _snapshot(model))
+
+    def should_stop(self, step: int) -> bool:
+        return self.best is not None and step - self.best[1] >= self.patience
+
+    def chosen(self) -> tuple[float, int, dict[str, torch.Tensor], bool]:
+        """(validation loss, step, weights, restored_before_warmup) of the checkpoint to restore."""
+        if self.best is not None:
+            return (*self.best, False)
+        if self.fallback is None:
+            raise StratalignError("the validation CLIP loss was never finite, not even for the initial heads: "
+                                  "check the feature scale (inputs this large overflow float32)")
+        return (*self.fallback, True)
+
+
+class _Loop:
+    """One run of the loop: optimiser, schedule, history (losses moved off the device in bulk), selector."""
+
+    def __init__(self, model: nn.Module, params_groups: list[list[nn.Parameter]], n_train: int,
+                 cfg: TrainConfig, dev: torch.device, warmup: int, step_loss: StepLoss,
+                 val_loss: Callable[[], float], lam_of: Callable[[int], float]) -> None:
+        self.model, self.groups, self.n_train, self.cfg, self.dev = model, params_groups, n_train, cfg, dev
+        self.warmup, self.step_loss, self.val_loss, self.lam_of = warmup, step_loss, val_loss, lam_of
+        all_params = [p for g in params_groups for p in g]
+        self.opt = torch.optim.AdamW(all_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: _cosine(t, cfg.max_steps))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.sel = CheckpointSelector(warmup, cfg.patience)
+        self.history: list[dict[str, Any]] = [{"step": 0}]
+        self.pending: list[tuple[int, float, float, torch.Tensor]] = []  # (step, lr, lam, [loss, clip, reg])
+
+    def evaluate(self, at: int) -> float:
+        v = float(self.val_loss())
+        self.history[at]["val_clip"] = v
+        self.sel.offer(at, v, self.model)
+        return v
+
+    def flush(self) -> int | None:
+        """Move pending step losses into the history; return the first non-finite step, if any."""
+        if not self.pending:
+            return None
+        vals = torch.stack([p[3] for p in self.pending]).float().cpu().numpy()
+        bad = None
+        for (s, lr, lam, _), (lo, cl, rg) in zip(self.pending, vals):
+            self.history.append({"step": s, "lr": lr, "lambda": lam, "loss": float(lo), "clip": float(cl),
+                                 "reg": float(rg)})
+            if bad is None and not np.isfinite([lo, cl, rg]).all():
+                bad = s
+        self.pending.clear()
+        return bad
+
+    def update(self, bidx: torch.Tensor, step: int) -> int:
+        """One optimiser step on a batch; returns the new step count."""
+        lr = self.opt.param_groups[0]["lr"]
+        lam = self.lam_of(step)
+        self.model.train()
+        loss, clip, reg = self.step_loss(bidx, step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in self.groups:
+            torch.nn.utils.clip_grad_norm_(group, 1.0)
+        self.opt.step()
+        self.sched.step()
+        step += 1
+        self.pending.append((step, lr, lam, torch.stack([loss.detach().float(), clip.detach().float(),
+                                                         reg.detach().float()])))
+        return step
+
+    def checkpoint(self, step: int) -> tuple[int, str, str] | None:
+        """Record losses, evaluate, offer the checkpoint; (step, reason, message) when training stops."""
+        bad = self.flush()
+        if bad is not None:
+            del self.history[bad + 1:]
+            return bad, "non_finite", f"non-finite training loss at step {bad}"
+        v = self.evaluate(step)
+        if not math.isfinite(v):
+            return step, "non_finite", f"non-finite validation loss at step {step}"
+        if self.sel.should_stop(step):
+            return step, "early_stopping", f"no validation improvement for {self.cfg.patience} steps"
+        return None
+
+    def optimise(self) -> tuple[int, str, str]:
+        """Epochs of seeded batches until max_steps, early stopping or a non-finite loss."""
+        cfg, step = self.cfg, 0
+        self.evaluate(0)
+        while True:
+            for bidx in _batches(self.n_train, cfg.batch_size, self.gen):
+                step = self.update(bidx.to(self.dev), step)
+                if step % cfg.eval_every == 0 or step == cfg.max_steps or step == self.warmup:
+                    stop = self.checkpoint(step)
+                    if stop is not None:
+                        return stop
+                if step >= cfg.max_steps:
+                    return step, "max_steps", f"reached max_steps={cfg.max_steps}"
+
+    def finish(self, step: int, reason: str, message: str, t0: float) -> TrainResult:
+        """Restore the chosen checkpoint and describe how it was chosen."""
+        best_val, best_step, state, before = self.sel.chosen()
+        self.model.load_state_dict(state)
+        self.model.eval()
+        if before:
+            message += (f"; no checkpoint after the {self.warmup}-step warm-up was usable, so the restored one is "
+                        "from inside the warm-up (the regulariser was not at full strength)")
+        # the lambda of a checkpoint is that of the last update that produced it (history's "lambda" row)
+        lam_best = float(self.lam_of(best_step - 1)) if best_step > 0 else 0.0
+        message += f"; restored step {best_step} (lambda {lam_best:g})"
+        return TrainResult(model=self.model, config=self.cfg, best_step=best_step, lambda_at_best=lam_best,
+                           best_val_clip=best_val, warmup_steps=self.warmup, steps_taken=step, stopped_reason=reason,
+                           message=message, restored_before_warmup=before, history=self.history,
+                           seconds=time.perf_counter() - t0, device=str(self.dev))
+
+
+def run_loop(model: nn.Module, params_groups: list[list[nn.Parameter]], n_train: int, cfg: TrainConfig,
+             dev: torch.device, warmup: int, step_loss: StepLoss, val_loss: Callable[[], float],
+             lam_of: Callable[[int], float]) -> TrainResult:
+    """Train `model` with the shared loop: step_loss(batch_idx, step) -> (loss, clip, reg) tensors;
+    val_loss() -> float; lam_of(step) -> the lambda used at that step (0 when none)."""
+    t0 = time.perf_counter()
+    loop = _Loop(model, params_groups, n_train, cfg, dev, warmup, step_loss, val_loss, lam_of)
+    step, reason, message = loop.optimise()
+    return loop.finish(step, reason, message, t0)
+
+
+def run_fixed_steps(model: nn.Module, params_groups: list[list[nn.Parameter]], n_train: int, cfg: TrainConfig,
+                    dev: torch.device, steps: int, lr: float,
+                    batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """`steps` AdamW updates (cfg.betas, no weight decay, no schedule, no early stopping) over seeded
+    epochs of batches, gradient-norm clip 1.0 per group; leaves the model in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    done = 0
+    while done < steps:
+        for bidx in _batches(n_train, cfg.batch_size, gen):
+            loss = batch_loss(bidx.to(dev))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in params_groups:
+                torch.nn.utils.clip_grad_norm_(group, 1.0)
+            opt.step()
+            done += 1
+            if done >= steps:
+                break
+    model.eval()
