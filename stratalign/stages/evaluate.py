@@ -127,6 +127,6 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
     train_features = train_features_of(store, config, subset) if config["objective"] == "comm" else None
     res = evaluate_model(store, config, model, dataset, train_features=train_features)
     if dataset and dataset != config["dataset"] and store.mode == "a":
-        store.loc.write_json(res, "runs", run_id, f"eval-{dataset}.json")
+        registry.save_eval(run_id, dataset, res)
     kept = ("best_step", "lambda_at_best", "stopped_reason", "message", "restored_before_warmup")
     return {**{k: metrics.get(k) for k in kept if k in metrics}, **res}

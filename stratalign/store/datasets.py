@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import polars as pl
 from PIL import Image
 
 from stratalign.errors import StratalignError, preview
+from stratalign.store.keys import content_fingerprint, dataset_fingerprint
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -94,10 +94,6 @@ class PairDataset:
             "skipped": len(self.meta.get("skipped", [])),
             "fingerprint": self.fingerprint[:16],
         }
-
-
-def _hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _check_image(path: str) -> tuple[str | None, str | None]:
@@ -230,16 +226,12 @@ def build_dataset(
     )
     labels = [x for x in images_df["label"].to_list() if x is not None]
     classes = sorted(set(labels))
-    content_fp = _hash_json(
-        {
-            "images": list(zip(images_df["image_id"].to_list(), images_df["relpath"].to_list(),
-                               images_df["sha"].to_list())),
-            "captions": list(zip(captions_df["caption_id"].to_list(), captions_df["image_id"].to_list(),
-                                 captions_df["text"].to_list())),
-        }
+    content_fp = content_fingerprint(
+        list(zip(images_df["image_id"].to_list(), images_df["relpath"].to_list(), images_df["sha"].to_list())),
+        list(zip(captions_df["caption_id"].to_list(), captions_df["image_id"].to_list(),
+                 captions_df["text"].to_list())),
     )
-    fp = _hash_json({"content": content_fp, "split": images_df["split"].to_list(),
-                     "label": images_df["label"].to_list()})
+    fp = dataset_fingerprint(content_fp, images_df["split"].to_list(), images_df["label"].to_list())
     meta = {
         "name": name,
         "source": source,
