@@ -4,9 +4,10 @@ The store is the interface: every actor opens the same store URL (a shared path 
 claims a shard with the same protocol as the local engine (heartbeat included), encodes it with the same
 ShardEncoder and writes it, so Ray and local runs produce identical bytes and may even run side by side.
 
-The driver plans the entries; each actor loads its own copy of the encoder and must arrive at the very
-same entry keys (same weights, preprocessing and layers), or it refuses to start with a one-line error
-naming the metadata that differs. Each actor runs torch with as many threads as the CPUs Ray gave it.
+The driver plans the entries (and caches a text encoder's zero-shot prompts, as the local engine does);
+each actor loads its own copy of the encoder and must arrive at the very same entry keys (same weights,
+preprocessing and layers), or it refuses to start with a one-line error naming the metadata that differs.
+Each actor runs torch with as many threads as the CPUs Ray gave it.
 """
 
 from __future__ import annotations
@@ -23,16 +24,9 @@ from tqdm.auto import tqdm
 
 from stratalign.device import cpu_threads, resolve_device
 from stratalign.errors import StratalignError, preview
-from stratalign.stages.extract import (
-    ExtractConfig,
-    ExtractReport,
-    ShardEncoder,
-    _claim_all,
-    entry_specs,
-    pending_union,
-    plan_entries,
-    release_all,
-)
+from stratalign.stages.extract import entry_specs, plan_encoder
+from stratalign.stages.extract_config import ExtractConfig, ExtractReport
+from stratalign.stages.extract_shards import ShardEncoder, claim_all, pending_union, release_all
 from stratalign.store.claims import Claim, Heartbeat
 from stratalign.store.features import EntrySpec, FeatureEntry, FeatureStore
 
@@ -118,7 +112,7 @@ class ShardWorker:
         """Encode and write one shard if we can claim it; report what happened."""
         if self.init_error is not None:
             raise self.init_error
-        if not _claim_all(self.entries, shard, self.claim, self.heartbeat):
+        if not claim_all(self.entries, shard, self.claim, self.heartbeat):
             return {"shard": shard, "encoded": False}
         try:
             t0 = time.perf_counter()
@@ -176,8 +170,7 @@ def _unclaimed(entries: list[FeatureEntry], shards: list[int]) -> list[int]:
     out = []
     for s in shards:
         for e in entries:
-            loc = e.store.loc
-            if not e.shard_done(s) and not loc.exists(e.claims_folder, f"{s}.json"):
+            if not e.shard_done(s) and not e.has_claim(s):
                 out.append(s)
                 break
     return out
@@ -208,7 +201,8 @@ def extract_ray(store: FeatureStore, dataset: str, cfg: ExtractConfig, *, addres
         for spec in cfg.encoders:
             t0 = time.perf_counter()
             encoder = load_fn(spec, "cpu")
-            entries = plan_entries(store, ds, encoder, cfg)  # creates entries once, up front
+            specs = plan_encoder(store, ds, encoder, cfg, "cpu")  # the zero-shot prompts too, as the local engine
+            entries = [store.create_entry(s) for s in specs]  # creates entries once, up front
             del encoder
             expected = [e.spec.identity() for e in entries]
             report = ExtractReport(encoder=spec, entries=[e.key for e in entries],
