@@ -3,6 +3,7 @@ features in the store, so evaluation never loads the encoder; `extract` picks it
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,11 @@ def test_unknown_engine_is_one_line(labelled_store) -> None:
     assert store.entry_folders() == []
 
 
-def test_ray_engine_caches_the_same_prompts(labelled_store, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_ray_engine_caches_the_same_prompts(labelled_store, tmp_path: Path, monkeypatch) -> None:
+    """Through the one entry point: the Ray driver starts (and stops) its own local Ray instance."""
     pytest.importorskip("ray")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     store, ds = labelled_store
     extract(store, "lab", _cfg(encoders=("tiny-text",)), load=load_tiny, engine="ray")
     ref = FeatureStore.open(str(tmp_path / "ref"), "a", create=True)
