@@ -44,6 +44,7 @@ __all__ = ["ExtractConfig", "ExtractReport", "ShardEncoder", "choose_loaders", "
 
 
 def resolve_poolings(encoder: Any, requested: tuple[str, ...]) -> tuple[str, ...]:
+    """The poolings to extract: the encoder's default for none, all it supports for ("all",)."""
     if not requested:
         return (encoder.default_pooling,)
     if requested == ("all",):
@@ -68,6 +69,7 @@ def entry_specs(ds: PairDataset, encoder: Any, cfg: ExtractConfig) -> list[Entry
 def plan_entries(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: ExtractConfig) -> list[FeatureEntry]:
     """Create (or open) the entries this encoder fills: one per pooling, keyed by content."""
     return [store.create_entry(spec) for spec in entry_specs(ds, encoder, cfg)]
+
 
 def plan_encoder(store: FeatureStore, ds: PairDataset, encoder: Any, cfg: ExtractConfig, device: str) -> list[EntrySpec]:
     """The per-encoder planning both engines share: the specs (hence keys) of the entries a loaded encoder

@@ -3,7 +3,7 @@
 
 `FeatureStore` opens or creates a store and finds, creates and lists its entries; one entry's arrays,
 markers and claims are `FeatureEntry`'s (store.entry), a dataset's tables are store.dataset_tables'.
-`EntrySpec`, `FeatureEntry` and `DEFAULT_SHARD_ROWS` are re-exported here, their historical home.
+`EntrySpec`, `FeatureEntry`, `shard_sha` and the constants are re-exported here, their historical home.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import stratalign
 from stratalign.errors import StratalignError
 from stratalign.store import dataset_tables
 from stratalign.store.datasets import PairDataset
-from stratalign.store.entry import DEFAULT_SHARD_ROWS, EntrySpec, FeatureEntry
+from stratalign.store.entry import DEFAULT_SHARD_ROWS, FLOAT16_MAX, MODALITIES, EntrySpec, FeatureEntry, shard_sha
 from stratalign.store.keys import FORMAT_VERSION
 from stratalign.store.location import Location, default_store_url, validate_key
 
-__all__ = ["DEFAULT_SHARD_ROWS", "EntrySpec", "FeatureEntry", "FeatureStore", "STORE_TAG"]
+__all__ = ["DEFAULT_SHARD_ROWS", "FLOAT16_MAX", "FORMAT_VERSION", "MODALITIES", "STORE_TAG", "EntrySpec", "FeatureEntry",
+           "FeatureStore", "shard_sha"]
 
 STORE_TAG = "stratalign-store"
 
