@@ -15,7 +15,7 @@ from fake_encoders import TINY_TRANSFORM, TinyImageEncoder, TinyTextEncoder
 
 from stratalign.encoders.base import ImageTransform
 from stratalign.errors import StratalignError
-from stratalign.stages import extract as extract_mod
+from stratalign.stages import extract_loading as extract_mod
 from stratalign.stages import image_loaders
 from stratalign.stages.extract import ExtractConfig, choose_loaders, extract_encoder
 from stratalign.store.features import FeatureStore

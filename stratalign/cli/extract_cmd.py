@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 
 from stratalign.cli.common import StoreOption, console, print_table, store_url
-from stratalign.errors import StratalignError
 
 # = stratalign.store.features.DEFAULT_SHARD_ROWS, spelt out so that `--help` does not import the store (zarr);
 # tests/test_cli.py checks that the two agree
@@ -41,14 +40,7 @@ def extract_cmd(
                         loader_workers=loader_workers,
                         torch_threads=torch_threads)
     fs = FeatureStore.open(store_url(store), "a")
-    if engine == "ray":
-        from stratalign.stages.ray_engine import extract_ray
-
-        reports = extract_ray(fs, dataset, cfg, address=ray_address)
-    elif engine == "local":
-        reports = extract(fs, dataset, cfg)
-    else:
-        raise StratalignError(f"unknown engine {engine!r}: use local or ray")
+    reports = extract(fs, dataset, cfg, engine=engine, ray_address=ray_address)
     rows = [{"encoder": r.encoder, "shards encoded": r.shards_encoded, "of": r.shards_total,
              "rows": r.rows_encoded, "rows/s": round(r.rows_per_s, 1), "bad rows": len(r.bad_rows),
              "seconds": round(r.wall_s, 2)} for r in reports]

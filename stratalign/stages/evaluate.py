@@ -153,6 +153,6 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
     train_features = train_features_of(store, run, subset) if needs_train else None
     res = evaluate_model(store, run, model, dataset, train_features=train_features)
     if dataset and dataset != run.dataset and store.mode == "a":
-        store.loc.write_json(res, "runs", run_id, f"eval-{dataset}.json")
+        registry.save_eval(run_id, dataset, res)
     kept = ("best_step", "lambda_at_best", "stopped_reason", "message", "restored_before_warmup")
     return {**{k: metrics.get(k) for k in kept if k in metrics}, **res}

@@ -15,7 +15,7 @@ hold no lock the model needs and run in the gaps the model leaves.
   outlives its loader (`take_block`, `give_back_block`): the next extraction in the process writes into pages
   that exist, where fresh ones cost the kernel's zeroing on first touch.
 - Under load from other processes, nice-19 workers can starve. Once the model has waited a while for a batch
-  its worker has not finished (`should_steal`, extract.STEAL_AFTER_S), the thread waiting on it prepares
+  its worker has not finished (`should_steal`, extract_loading.STEAL_AFTER_S), the thread waiting on it prepares
   that batch itself (`steal`) and the worker's late copy is dropped; with every slot still held by late
   workers, a new batch is prepared in-process straight away.
 - Linux only (fork, /dev/shm, PR_SET_PDEATHSIG so that workers die with their parent); elsewhere, or when

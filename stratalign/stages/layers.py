@@ -142,7 +142,7 @@ def write_heatmap(store: FeatureStore, result: dict[str, Any], choice: dict[str,
         with open(png, "rb") as f:
             data = f.read()
     if store.mode == "a":
-        store.loc.write_bytes(data, "layers", f"{result['key']}.png")
+        layer_results.save_heatmap(store, result["key"], data)
     if copy_to:
         os.makedirs(os.path.dirname(os.path.abspath(copy_to)), exist_ok=True)
         with open(copy_to, "wb") as f:

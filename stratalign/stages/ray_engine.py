@@ -4,9 +4,10 @@ The store is the interface: every actor opens the same store URL (a shared path 
 claims a shard with the same protocol as the local engine (heartbeat included), encodes it with the same
 ShardEncoder and writes it, so Ray and local runs produce identical bytes and may even run side by side.
 
-The driver plans the entries; each actor loads its own copy of the encoder and must arrive at the very
-same entry keys (same weights, preprocessing and layers), or it refuses to start with a one-line error
-naming the metadata that differs. Each actor runs torch with as many threads as the CPUs Ray gave it.
+The driver plans the entries (and caches a text encoder's zero-shot prompts, as the local engine does);
+each actor loads its own copy of the encoder and must arrive at the very same entry keys (same weights,
+preprocessing and layers), or it refuses to start with a one-line error naming the metadata that differs.
+Each actor runs torch with as many threads as the CPUs Ray gave it.
 """
 
 from __future__ import annotations
@@ -23,16 +24,9 @@ from tqdm.auto import tqdm
 
 from stratalign.device import cpu_threads, resolve_device
 from stratalign.errors import StratalignError, preview
-from stratalign.stages.extract import (
-    ExtractConfig,
-    ExtractReport,
-    ShardEncoder,
-    _claim_all,
-    entry_specs,
-    pending_union,
-    plan_entries,
-    release_all,
-)
+from stratalign.stages.extract import entry_specs, plan_encoder
+from stratalign.stages.extract_config import ExtractConfig, ExtractReport
+from stratalign.stages.extract_shards import ShardEncoder, claim_all, pending_union, release_all
 from stratalign.store.claims import Claim, Heartbeat
 from stratalign.store.features import EntrySpec, FeatureEntry, FeatureStore
 
@@ -118,7 +112,7 @@ class ShardWorker:
         """Encode and write one shard if we can claim it; report what happened."""
         if self.init_error is not None:
             raise self.init_error
-        if not _claim_all(self.entries, shard, self.claim, self.heartbeat):
+        if not claim_all(self.entries, shard, self.claim, self.heartbeat):
             return {"shard": shard, "encoded": False}
         try:
             t0 = time.perf_counter()
@@ -176,8 +170,7 @@ def _unclaimed(entries: list[FeatureEntry], shards: list[int]) -> list[int]:
     out = []
     for s in shards:
         for e in entries:
-            loc = e.store.loc
-            if not e.shard_done(s) and not loc.exists(e.claims_folder, f"{s}.json"):
+            if not e.shard_done(s) and not e.has_claim(s):
                 out.append(s)
                 break
     return out
@@ -188,8 +181,6 @@ def extract_ray(store: FeatureStore, dataset: str, cfg: ExtractConfig, *, addres
     """Extract with Ray: actors hold the model (a GPU each when the cluster has them), one task per shard."""
     try:
         import ray
-        from ray.exceptions import RayError
-        from ray.util import ActorPool
     except ImportError:
         raise StratalignError("--engine ray needs the 'ray' extra: pip install 'stratalign[ray]'") from None
     started = not ray.is_initialized()
@@ -208,64 +199,74 @@ def extract_ray(store: FeatureStore, dataset: str, cfg: ExtractConfig, *, addres
         for spec in cfg.encoders:
             t0 = time.perf_counter()
             encoder = load_fn(spec, "cpu")
-            entries = plan_entries(store, ds, encoder, cfg)  # creates entries once, up front
+            specs = plan_encoder(store, ds, encoder, cfg, "cpu")  # the zero-shot prompts too, as the local engine
+            entries = [store.create_entry(s) for s in specs]  # creates entries once, up front
             del encoder
-            expected = [e.spec.identity() for e in entries]
             report = ExtractReport(encoder=spec, entries=[e.key for e in entries],
                                    shards_total=entries[0].spec.n_shards)
             pending = pending_union(entries)
-            if not pending:
-                report.wall_s = time.perf_counter() - t0
-                reports.append(report)
-                continue
-            n = min(actors or (gpus if gpus else max(1, cpus // 2)), len(pending))
-            per_actor = _actor_cpus(ray, n, gpus, cpus, cfg)
-            report.torch_threads = per_actor
-            handles = [Actor.options(num_cpus=per_actor).remote(store.url, dataset, spec, cfg, load, expected)
-                       for _ in range(n)]
-            pool = ActorPool(handles)
-            rows = sum(len(range(*entries[0].shard_rows_range(s))) for s in pending)
-            bar = tqdm(total=rows, unit="row", desc=f"extract {spec} (ray x{n})", disable=not cfg.progress,
-                       dynamic_ncols=True, smoothing=0.1)
-            idle = 0
-            try:
-                while pending:
-                    progressed = False
-                    try:
-                        for result in pool.map_unordered(lambda a, s: a.encode.remote(s), pending):
-                            if result["encoded"]:
-                                progressed = True
-                                report.shards_encoded += 1
-                                report.rows_encoded += result["rows"]
-                                report.bad_rows += result["bad_rows"]
-                                report.forward_s += result["seconds"]
-                                bar.update(result["rows"])
-                    except RayError as exc:
-                        raise ray_error(exc, spec) from None
-                    left = pending_union(entries)
-                    if progressed or left != pending:
-                        idle = 0
-                    elif _unclaimed(entries, left):
-                        idle += 1  # free shards that no actor could take: nothing will change by waiting
-                        if idle >= IDLE_ROUNDS:
-                            raise StratalignError(
-                                f"extract {spec}: no progress on shards {preview(_unclaimed(entries, left))} of "
-                                f"{entries[0].key} after {idle} rounds although nobody holds them; check that "
-                                f"{store.url} is writable from every Ray node"
-                            )
-                        time.sleep(cfg.poll_s)
-                    else:
-                        idle = 0
-                        time.sleep(cfg.poll_s)  # other workers hold these shards (with live heartbeats): wait
-                    pending = left
-            finally:
-                bar.close()
-                for h in handles:
-                    ray.kill(h)
-            report.bad_rows.sort()
+            if pending:
+                n = min(actors or (gpus if gpus else max(1, cpus // 2)), len(pending))
+                report.torch_threads = _actor_cpus(ray, n, gpus, cpus, cfg)
+                expected = [e.spec.identity() for e in entries]
+                handles = [Actor.options(num_cpus=report.torch_threads).remote(store.url, dataset, spec, cfg, load,
+                                                                               expected) for _ in range(n)]
+                try:
+                    _run_shards(handles, entries, pending, report, store.url, cfg)
+                finally:
+                    for h in handles:
+                        ray.kill(h)
+                report.bad_rows.sort()
             report.wall_s = time.perf_counter() - t0
             reports.append(report)
         return reports
     finally:
         if started:
             ray.shutdown()
+
+
+def _run_shards(handles: list[Any], entries: list[FeatureEntry], pending: list[int], report: ExtractReport,
+                store_url: str, cfg: ExtractConfig) -> None:
+    """One task per pending shard over the actors, in rounds until every entry is complete; gives up with a
+    one-line error when free shards make no progress for IDLE_ROUNDS rounds."""
+    from ray.exceptions import RayError
+    from ray.util import ActorPool
+
+    spec = report.encoder
+    pool = ActorPool(handles)
+    rows = sum(len(range(*entries[0].shard_rows_range(s))) for s in pending)
+    bar = tqdm(total=rows, unit="row", desc=f"extract {spec} (ray x{len(handles)})", disable=not cfg.progress,
+               dynamic_ncols=True, smoothing=0.1)
+    idle = 0
+    try:
+        while pending:
+            progressed = False
+            try:
+                for result in pool.map_unordered(lambda a, s: a.encode.remote(s), pending):
+                    if result["encoded"]:
+                        progressed = True
+                        report.shards_encoded += 1
+                        report.rows_encoded += result["rows"]
+                        report.bad_rows += result["bad_rows"]
+                        report.forward_s += result["seconds"]
+                        bar.update(result["rows"])
+            except RayError as exc:
+                raise ray_error(exc, spec) from None
+            left = pending_union(entries)
+            if progressed or left != pending:
+                idle = 0
+            elif _unclaimed(entries, left):
+                idle += 1  # free shards that no actor could take: nothing will change by waiting
+                if idle >= IDLE_ROUNDS:
+                    raise StratalignError(
+                        f"extract {spec}: no progress on shards {preview(_unclaimed(entries, left))} of "
+                        f"{entries[0].key} after {idle} rounds although nobody holds them; check that "
+                        f"{store_url} is writable from every Ray node"
+                    )
+                time.sleep(cfg.poll_s)
+            else:
+                idle = 0
+                time.sleep(cfg.poll_s)  # other workers hold these shards (with live heartbeats): wait
+            pending = left
+    finally:
+        bar.close()

@@ -79,7 +79,7 @@ def run_table(registry: RunRegistry, run_ids: list[str]) -> pl.DataFrame:
     """One row per run: the cell description, seed and headline metrics."""
     rows = []
     for rid in run_ids:
-        cfg, met = registry.loc.read_json("runs", rid, "config.json"), registry.metrics(rid)
+        cfg, met = registry.config(rid), registry.metrics(rid)
         row: dict[str, Any] = {"run": rid, "objective": cfg["objective"], "head": cfg["head"],
                                "layer_rule": cfg["layer_rule"], "n_pairs": cfg["n_pairs"], "seed": cfg["seed"],
                                "vision_layer": cfg["vision_layer"], "text_layer": cfg["text_layer"]}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ import polars as pl
 from PIL import Image
 
 from stratalign.errors import StratalignError, preview
+from stratalign.store.keys import content_fingerprint, dataset_fingerprint
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -96,10 +96,6 @@ class PairDataset:
         }
 
 
-def _hash_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def _check_image(path: str) -> tuple[str | None, str | None]:
     """(content hash, None) for a readable image, (None, reason) otherwise."""
     try:
@@ -127,38 +123,26 @@ def split_of(image_id: str, seed: int, fractions: tuple[float, float, float] = D
     return SPLITS[int(np.searchsorted(edges, u, side="right").clip(0, 2))]
 
 
-def build_dataset(
-    name: str,
-    images: list[RawImage],
-    captions: list[RawCaption],
-    *,
-    source: dict[str, Any],
-    seed: int = 0,
-    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
-    skip_bad: bool = False,
-    templates: tuple[str, ...] | None = None,
-    workers: int = 8,
-) -> PairDataset:
-    """Validate raw records into a PairDataset.
+class _Rejects:
+    """Bad records of one dataset: raised as one error naming the first few, or recorded under skip_bad."""
 
-    Bad records (duplicate image ids, captions of unknown images, empty captions, missing or corrupt
-    image files, images left without captions) raise one StratalignError naming the first few and the
-    count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason.
-    """
-    if not images:
-        raise StratalignError(f"dataset {name!r} has no images")
-    skipped: list[dict[str, str]] = []
+    def __init__(self, name: str, skip_bad: bool) -> None:
+        self.name, self.skip_bad = name, skip_bad
+        self.skipped: list[dict[str, str]] = []
 
-    def reject(kind: str, ids: list[str], reason: str) -> None:
+    def __call__(self, kind: str, ids: list[str], reason: str) -> None:
         if not ids:
             return
-        if not skip_bad:
+        if not self.skip_bad:
             raise StratalignError(
-                f"{len(ids)} {kind}(s) with {reason} in dataset {name!r}: {preview(ids)} "
+                f"{len(ids)} {kind}(s) with {reason} in dataset {self.name!r}: {preview(ids)} "
                 "(fix them or pass --skip-bad to ingest the rest)"
             )
-        skipped.extend({"kind": kind, "id": i, "reason": reason} for i in ids)
+        self.skipped.extend({"kind": kind, "id": i, "reason": reason} for i in ids)
 
+
+def _valid_images(images: list[RawImage], reject: _Rejects) -> list[RawImage]:
+    """Drop duplicate ids (the first occurrence is kept) and unknown splits."""
     seen: set[str] = set()
     dup = [im.image_id for im in images if im.image_id in seen or seen.add(im.image_id)]
     reject("image", sorted(set(dup)), "duplicate image id")
@@ -169,11 +153,13 @@ def build_dataset(
                 seen.add(im.image_id)
                 unique.append(im)
         images = unique
-
     bad_split = [im.image_id for im in images if im.split is not None and im.split not in SPLITS]
     reject("image", bad_split, f"a split not in {SPLITS}")
-    images = [im for im in images if im.image_id not in set(bad_split)]
+    return [im for im in images if im.image_id not in set(bad_split)]
 
+
+def _valid_captions(captions: list[RawCaption], images: list[RawImage], reject: _Rejects) -> list[RawCaption]:
+    """Drop captions of unknown images and empty ones; duplicate caption ids are an error."""
     ids = {im.image_id for im in images}
     unknown = [c.caption_id for c in captions if c.image_id not in ids]
     reject("caption", unknown, "an unknown image id")
@@ -185,8 +171,12 @@ def build_dataset(
     if len(set(cap_ids)) != len(cap_ids):
         seen_c: set[str] = set()
         dup_c = sorted({c for c in cap_ids if c in seen_c or seen_c.add(c)})
-        raise StratalignError(f"{len(dup_c)} duplicate caption id(s) in dataset {name!r}: {preview(dup_c)}")
+        raise StratalignError(f"{len(dup_c)} duplicate caption id(s) in dataset {reject.name!r}: {preview(dup_c)}")
+    return captions
 
+
+def _readable_images(images: list[RawImage], reject: _Rejects, workers: int) -> list[tuple[RawImage, str]]:
+    """(image, content hash) of the images whose file reads and decodes."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         checks = list(pool.map(lambda im: _check_image(im.path), images))
     by_reason: dict[str, list[str]] = {}
@@ -195,17 +185,12 @@ def build_dataset(
             by_reason.setdefault(reason.split(" (")[0], []).append(f"{im.image_id} ({im.path})")
     for reason, bad in by_reason.items():
         reject("image", bad, reason)
-    good = [(im, sha) for im, (sha, reason) in zip(images, checks) if reason is None]
+    return [(im, sha) for im, (sha, reason) in zip(images, checks) if reason is None]
 
-    captioned = {c.image_id for c in captions}
-    lonely = [im.image_id for im, _ in good if im.image_id not in captioned]
-    reject("image", lonely, "no caption")
-    good = [(im, sha) for im, sha in good if im.image_id in captioned]
-    kept = {im.image_id for im, _ in good}
-    captions = [c for c in captions if c.image_id in kept]
-    if not good:
-        raise StratalignError(f"dataset {name!r} has no usable image-caption pairs left")
 
+def _tables(good: list[tuple[RawImage, str]], captions: list[RawCaption], seed: int,
+            fractions: tuple[float, float, float]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The images and captions tables (captions point at their image's row)."""
     images_df = pl.DataFrame(
         {
             "image_id": [im.image_id for im, _ in good],
@@ -228,27 +213,57 @@ def build_dataset(
         },
         schema={"caption_id": pl.String, "image_id": pl.String, "image_row": pl.Int64, "text": pl.String},
     )
+    return images_df, captions_df
+
+
+def build_dataset(
+    name: str,
+    images: list[RawImage],
+    captions: list[RawCaption],
+    *,
+    source: dict[str, Any],
+    seed: int = 0,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    skip_bad: bool = False,
+    templates: tuple[str, ...] | None = None,
+    workers: int = 8,
+) -> PairDataset:
+    """Validate raw records into a PairDataset.
+
+    Bad records (duplicate image ids, captions of unknown images, empty captions, missing or corrupt
+    image files, images left without captions) raise one StratalignError naming the first few and the
+    count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason.
+    """
+    if not images:
+        raise StratalignError(f"dataset {name!r} has no images")
+    reject = _Rejects(name, skip_bad)
+    images = _valid_images(images, reject)
+    captions = _valid_captions(captions, images, reject)
+    good = _readable_images(images, reject, workers)
+    captioned = {c.image_id for c in captions}
+    lonely = [im.image_id for im, _ in good if im.image_id not in captioned]
+    reject("image", lonely, "no caption")
+    good = [(im, sha) for im, sha in good if im.image_id in captioned]
+    kept = {im.image_id for im, _ in good}
+    captions = [c for c in captions if c.image_id in kept]
+    if not good:
+        raise StratalignError(f"dataset {name!r} has no usable image-caption pairs left")
+    images_df, captions_df = _tables(good, captions, seed, fractions)
     labels = [x for x in images_df["label"].to_list() if x is not None]
-    classes = sorted(set(labels))
-    content_fp = _hash_json(
-        {
-            "images": list(zip(images_df["image_id"].to_list(), images_df["relpath"].to_list(),
-                               images_df["sha"].to_list())),
-            "captions": list(zip(captions_df["caption_id"].to_list(), captions_df["image_id"].to_list(),
-                                 captions_df["text"].to_list())),
-        }
+    content_fp = content_fingerprint(
+        list(zip(images_df["image_id"].to_list(), images_df["relpath"].to_list(), images_df["sha"].to_list())),
+        list(zip(captions_df["caption_id"].to_list(), captions_df["image_id"].to_list(),
+                 captions_df["text"].to_list())),
     )
-    fp = _hash_json({"content": content_fp, "split": images_df["split"].to_list(),
-                     "label": images_df["label"].to_list()})
     meta = {
         "name": name,
         "source": source,
         "seed": seed,
         "fractions": list(fractions),
         "content_fingerprint": content_fp,
-        "fingerprint": fp,
-        "classes": classes,
+        "fingerprint": dataset_fingerprint(content_fp, images_df["split"].to_list(), images_df["label"].to_list()),
+        "classes": sorted(set(labels)),
         "templates": list(templates or DEFAULT_TEMPLATES),
-        "skipped": skipped,
+        "skipped": reject.skipped,
     }
     return PairDataset(name=name, images=images_df, captions=captions_df, meta=meta)

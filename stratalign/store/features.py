@@ -1,139 +1,34 @@
-"""The feature store: a Zarr v3 hierarchy that caches every layer's pooled features for a whole team.
+"""The feature store: a Zarr v3 hierarchy that caches every layer's pooled features for a whole team
+(the layout is in the docstring of the `stratalign.store` package).
 
-Layout under the store root (a local path or any fsspec URL):
-
-    zarr.json                          root group; attrs["stratalign"] marks a stratalign store + format version
-    datasets/<name>/dataset.json       dataset meta (fingerprints, source, classes, skipped rows)
-    datasets/<name>/images.parquet     image table (rows = image feature rows)
-    datasets/<name>/captions.parquet   caption table (rows = caption feature rows)
-    features/<entry key>/              one Zarr group per (dataset content, encoder, pooling, dtype)
-        layer_000 ... layer_NNN        (rows, dim_l) arrays, one row-chunk per shard, crc32c-checksummed
-        _shards/<s>.json               completion marker: row range + sha256 of each layer's shard bytes
-        _claims/<s>.json               a worker's claim on a shard while it encodes it
-    runs/<run id>/                     trained heads (see store.runs)
-    layers/<key>.json, <key>.png       layer-similarity results and heatmaps (see store.layer_results)
-    choices/<dataset>--<v>--<t>.json   the recorded layer choice for `train --layers auto`
-    graphs/<key>.safetensors           cached kNN graphs of clip+structure-knn subsets (see store.graphs)
-
-Entry keys are content addresses: a hash of everything that determines the bytes (dataset name and content
-fingerprint, encoder identity and weights hash, preprocessing, pooling, dtype, shard size, format version),
-so changing any input makes a new entry and never a stale hit.
+`FeatureStore` opens or creates a store and finds, creates and lists its entries; one entry's arrays,
+markers and claims are `FeatureEntry`'s (store.entry), a dataset's tables are store.dataset_tables'.
+`EntrySpec`, `FeatureEntry`, `shard_sha` and the constants are re-exported here, their historical home.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import io
 import json
-import re
-import time
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
-from zarr.core.sync import sync as zarr_sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 import stratalign
-from stratalign.errors import StratalignError, preview
-from stratalign.store import claims as claims_mod
+from stratalign.errors import StratalignError
+from stratalign.store import dataset_tables
 from stratalign.store.datasets import PairDataset
+from stratalign.store.entry import DEFAULT_SHARD_ROWS, FLOAT16_MAX, MODALITIES, EntrySpec, FeatureEntry, shard_sha
+from stratalign.store.keys import FORMAT_VERSION
 from stratalign.store.location import Location, default_store_url, validate_key
 
-FORMAT_VERSION = 1
+__all__ = ["DEFAULT_SHARD_ROWS", "FLOAT16_MAX", "FORMAT_VERSION", "MODALITIES", "STORE_TAG", "EntrySpec", "FeatureEntry",
+           "FeatureStore", "shard_sha"]
+
 STORE_TAG = "stratalign-store"
-DEFAULT_SHARD_ROWS = 1024
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-MODALITIES = ("image", "text")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "x"
-
-
-def _canonical_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def shard_sha(block: np.ndarray) -> str:
-    """sha256 of a shard block's bytes as stored (little-endian, C order)."""
-    return hashlib.sha256(np.ascontiguousarray(block.astype(block.dtype.newbyteorder("<"))).tobytes()).hexdigest()
-
-
-@dataclass(frozen=True)
-class EntrySpec:
-    """Everything that determines an entry's bytes; its hash is the entry key."""
-
-    dataset: str
-    content_fingerprint: str
-    modality: str
-    encoder: dict[str, Any]  # JSON metadata from the encoder: spec, weights_sha256, preprocessing, ...
-    pooling: str
-    layer_names: tuple[str, ...]
-    dims: tuple[int, ...]
-    rows: int
-    dtype: str = "float16"
-    shard_rows: int = DEFAULT_SHARD_ROWS
-
-    def __post_init__(self) -> None:
-        if self.modality not in MODALITIES:
-            raise StratalignError(f"unknown modality {self.modality!r}; use one of {MODALITIES}")
-        if self.dtype not in ("float16", "float32"):
-            raise StratalignError(f"unsupported feature dtype {self.dtype!r}: use float16 or float32")
-        if len(self.layer_names) != len(self.dims) or not self.dims:
-            raise StratalignError("an entry needs one dim per layer name and at least one layer")
-        if self.rows < 1 or self.shard_rows < 1:
-            raise StratalignError(f"bad entry size: rows={self.rows}, shard_rows={self.shard_rows}")
-
-    @property
-    def encoder_spec(self) -> str:
-        return str(self.encoder["spec"])
-
-    @property
-    def n_shards(self) -> int:
-        return -(-self.rows // self.shard_rows)
-
-    def identity(self) -> dict[str, Any]:
-        """What the key hashes: the exact dataset name too (the key's readable slug is lossy)."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "dataset": self.dataset,
-            "content_fingerprint": self.content_fingerprint,
-            "modality": self.modality,
-            "encoder": self.encoder,
-            "pooling": self.pooling,
-            "layer_names": list(self.layer_names),
-            "dims": list(self.dims),
-            "rows": self.rows,
-            "dtype": self.dtype,
-            "shard_rows": self.shard_rows,
-        }
-
-    @property
-    def key(self) -> str:
-        h = _canonical_hash(self.identity())[:16]
-        return f"{_slug(self.dataset)}--{self.modality}--{_slug(self.encoder_spec)}--{self.pooling}--{h}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.identity(), "dataset": self.dataset, "key": self.key,
-                "stratalign_version": stratalign.__version__}
-
-    @classmethod
-    def from_json(cls, meta: dict[str, Any]) -> "EntrySpec":
-        return cls(dataset=meta["dataset"], content_fingerprint=meta["content_fingerprint"],
-                   modality=meta["modality"], encoder=meta["encoder"], pooling=meta["pooling"],
-                   layer_names=tuple(meta["layer_names"]), dims=tuple(meta["dims"]), rows=int(meta["rows"]),
-                   dtype=meta["dtype"], shard_rows=int(meta["shard_rows"]))
-
-
-async def _write_chunks(arrays: list[Any], rows: slice, blocks: list[np.ndarray]) -> None:
-    """One shard's chunk of every layer, written concurrently on zarr's event loop (one after the other,
-    each write waited for its own round trip: ~2.5 ms a layer on a local disk, more on object stores)."""
-    await asyncio.gather(*(a.setitem(rows, b) for a, b in zip(arrays, blocks)))
 
 
 def _array_metadata(template: dict[str, Any], shape: tuple[int, int], chunks: tuple[int, int], layer_name: str) -> bytes:
@@ -143,203 +38,6 @@ def _array_metadata(template: dict[str, Any], shape: tuple[int, int], chunks: tu
     doc = {**template, "shape": list(shape), "attributes": {"layer_name": layer_name},
            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}}}
     return json.dumps(doc, allow_nan=True, indent=zarr.config.get("json_indent")).encode()
-
-
-class FeatureEntry:
-    """One entry: per-layer arrays written in whole shards, each shard with a completion marker."""
-
-    def __init__(self, store: "FeatureStore", spec: EntrySpec, group: zarr.Group, key: str | None = None) -> None:
-        self.store = store
-        self.spec = spec
-        self.group = group
-        self.key = key or spec.key  # the folder it lives in (entries keyed by an older derivation keep theirs)
-        self._markers: dict[int, dict] | None = None
-        self._arrays: dict[int, zarr.Array] = {}  # opened once: each open reads and parses zarr.json
-
-    # ----- layout helpers
-    @property
-    def folder(self) -> tuple[str, str]:
-        return ("features", self.key)
-
-    def layer_array(self, layer: int) -> zarr.Array:
-        """One layer's Zarr array; a corrupt zarr.json is named in a one-line error."""
-        if layer in self._arrays:
-            return self._arrays[layer]
-        name = f"layer_{layer:03d}"
-        try:
-            self._arrays[layer] = self.group[name]
-            return self._arrays[layer]
-        except json.JSONDecodeError as exc:
-            path = self.store.loc.path(*self.folder, name, "zarr.json")
-            raise StratalignError(f"corrupt JSON file {path}: {exc}") from None
-
-    def open_arrays(self) -> list[zarr.Array]:
-        """Every layer's array, opened once (the writer thread does it before the first shard is ready)."""
-        return [self.layer_array(i) for i in range(len(self.spec.dims))]
-
-    def shard_rows_range(self, shard: int) -> tuple[int, int]:
-        start = shard * self.spec.shard_rows
-        return start, min(start + self.spec.shard_rows, self.spec.rows)
-
-    def resolve_layer(self, layer: int | str) -> int:
-        """A layer index (negative counts from the end) or name -> index, with a clear error."""
-        n = len(self.spec.dims)
-        if isinstance(layer, str):
-            if layer in self.spec.layer_names:
-                return self.spec.layer_names.index(layer)
-            try:
-                layer = int(layer)
-            except ValueError:
-                raise StratalignError(
-                    f"layer {layer!r} not in {self.spec.encoder_spec}; layers: {preview(self.spec.layer_names, 20)}"
-                ) from None
-        if not -n <= layer < n:
-            raise StratalignError(
-                f"layer index {layer} out of range for {self.spec.encoder_spec} ({n} layers: valid 0..{n - 1} or -1..-{n})"
-            )
-        return layer % n
-
-    # ----- markers
-    def markers(self, refresh: bool = False) -> dict[int, dict]:
-        if self._markers is None or refresh:
-            loc = self.store.loc
-            found = {}
-            for name in loc.listdir(*self.folder, "_shards"):
-                if name.endswith(".json") and name[:-5].isdigit():
-                    found[int(name[:-5])] = loc.read_json(*self.folder, "_shards", name)
-            self._markers = found
-        return self._markers
-
-    def bad_rows(self) -> np.ndarray:
-        """Sorted rows that `extract --skip-bad` encoded as blank placeholders (union over the shard markers)."""
-        rows = [r for s, m in self.markers().items() if s < self.spec.n_shards for r in (m.get("bad_rows") or [])]
-        out = np.unique(np.asarray(rows, dtype=np.int64))
-        if out.size and (out[0] < 0 or out[-1] >= self.spec.rows):
-            raise StratalignError(f"shard markers of {self.key} list bad rows outside 0..{self.spec.rows - 1}; "
-                                  "run `stratalign store verify`")
-        return out
-
-    def done_shards(self) -> list[int]:
-        return sorted(s for s in self.markers(refresh=True) if s < self.spec.n_shards)
-
-    def pending_shards(self) -> list[int]:
-        done = set(self.done_shards())
-        return [s for s in range(self.spec.n_shards) if s not in done]
-
-    def is_complete(self) -> bool:
-        return not self.pending_shards()
-
-    def shard_done(self, shard: int, refresh: bool = False) -> bool:
-        """Does the shard's completion marker exist? `refresh` drops the filesystem's cached listing first
-        (object stores cache listings; a marker another worker just wrote must be seen)."""
-        loc = self.store.loc
-        if refresh:
-            loc.fs.invalidate_cache(loc.path(*self.folder, "_shards"))
-        return loc.exists(*self.folder, "_shards", f"{shard}.json")
-
-    # ----- writing
-    @property
-    def claims_folder(self) -> str:
-        """The folder of this entry's shard claims (see store.claims)."""
-        return "/".join([*self.folder, "_claims"])
-
-    def claim(self, shard: int, claim: claims_mod.Claim) -> bool:
-        """Claim a pending shard for this worker (False if done or held by a live worker)."""
-        if self.shard_done(shard):
-            return False
-        return claims_mod.try_claim(self.store.loc, self.claims_folder, shard, claim)
-
-    def release(self, shard: int, claim: claims_mod.Claim) -> None:
-        claims_mod.release(self.store.loc, self.claims_folder, shard, claim)
-
-    def write_shard(self, shard: int, layers: Sequence[np.ndarray], info: dict[str, Any] | None = None) -> None:
-        """Write all layers of one shard, then its completion marker (the marker is written last).
-
-        Values are checked before anything is written: NaN/inf fail, and values that do not fit float16
-        fail with a hint to use float32 (never an inf in the store).
-        """
-        spec = self.spec
-        if not 0 <= shard < spec.n_shards:
-            raise StratalignError(f"shard {shard} out of range for entry {self.key} ({spec.n_shards} shards)")
-        start, stop = self.shard_rows_range(shard)
-        if len(layers) != len(spec.dims):
-            raise StratalignError(f"shard {shard} of {self.key}: got {len(layers)} layers, expected {len(spec.dims)}")
-        blocks = []
-        for i, (block, dim) in enumerate(zip(layers, spec.dims)):
-            block = np.asarray(block, dtype=np.float32)
-            if block.shape != (stop - start, dim):
-                raise StratalignError(
-                    f"shard {shard} layer {i} of {self.key}: shape {block.shape}, expected {(stop - start, dim)}"
-                )
-            finite = np.isfinite(block).all(axis=1)
-            if not finite.all():
-                bad = (np.flatnonzero(~finite) + start).tolist()
-                raise StratalignError(
-                    f"NaN/inf features from {spec.encoder_spec} layer {spec.layer_names[i]} at rows {preview(bad)}"
-                )
-            if spec.dtype == "float16":
-                peak = float(np.abs(block).max(initial=0.0))
-                if peak > FLOAT16_MAX:
-                    raise StratalignError(
-                        f"{spec.encoder_spec} layer {spec.layer_names[i]} has values up to {peak:.3g}, beyond float16 "
-                        f"(max {FLOAT16_MAX:.0f}); re-run extract with --dtype float32"
-                    )
-            blocks.append(block.astype(spec.dtype))
-        arrays = self.open_arrays()
-        zarr_sync(_write_chunks([a.async_array for a in arrays], slice(start, stop), blocks))
-        marker = {"shard": shard, "rows": [start, stop], "sha256": [shard_sha(b) for b in blocks],
-                  "written_at": time.time(), **(info or {})}
-        self.store.loc.write_json(marker, *self.folder, "_shards", f"{shard}.json")
-        if self._markers is not None:
-            self._markers[shard] = marker
-
-    # ----- reading
-    def read_layer(self, layer: int | str, rows: np.ndarray | None = None, *, verify: bool = True) -> np.ndarray:
-        """One layer's features (all rows, or the given rows), checked against the shard markers."""
-        idx = self.resolve_layer(layer)
-        pending = self.pending_shards()
-        if pending:
-            raise StratalignError(
-                f"entry {self.key} is incomplete ({len(pending)} of {self.spec.n_shards} shards missing); "
-                f"finish it with: stratalign extract --dataset {self.spec.dataset} --encoder {self.spec.encoder_spec}"
-            )
-        try:
-            data = self.layer_array(idx)[...]
-        except ValueError as exc:  # zarr's checksum mismatch
-            raise StratalignError(f"corrupt chunk in {self.key} layer {idx}: {exc}") from None
-        if verify:
-            markers = self.markers()
-            for s in range(self.spec.n_shards):
-                start, stop = self.shard_rows_range(s)
-                if shard_sha(data[start:stop]) != markers[s]["sha256"][idx]:
-                    raise StratalignError(
-                        f"shard {s} of {self.key} layer {idx} does not match its checksum: run `stratalign store verify`"
-                    )
-        if rows is not None:
-            rows = np.asarray(rows, dtype=np.int64)
-            if rows.size and (rows.min() < 0 or rows.max() >= self.spec.rows):
-                raise StratalignError(f"row index out of range for {self.key} ({self.spec.rows} rows)")
-            data = data[rows]
-        return data
-
-    def verify(self) -> dict[str, list]:
-        """Re-read every chunk: {'corrupt': [(shard, layer, why)], 'incomplete': [shard, ...]}."""
-        markers = self.markers(refresh=True)
-        report: dict[str, list] = {"corrupt": [], "incomplete": []}
-        for s in range(self.spec.n_shards):
-            if s not in markers:
-                report["incomplete"].append(s)
-                continue
-            start, stop = self.shard_rows_range(s)
-            for layer in range(len(self.spec.dims)):
-                try:
-                    block = self.layer_array(layer)[start:stop]
-                except Exception as exc:  # checksum mismatch, undecodable or missing metadata
-                    report["corrupt"].append((s, layer, f"{type(exc).__name__}: {str(exc)[:80]}"))
-                    continue
-                if shard_sha(block) != markers[s]["sha256"][layer]:
-                    report["corrupt"].append((s, layer, "sha256 mismatch"))
-        return report
 
 
 class FeatureStore:
@@ -397,102 +95,46 @@ class FeatureStore:
         root.require_group("features")
         return cls(loc, root, "a")
 
-    def _writable(self) -> None:
+    def require_writable(self) -> None:
+        """Raise a one-line error unless the store is open for writing (mode 'a')."""
         if self.mode != "a":
             raise StratalignError(f"store {self.url} is open read-only")
 
-    # ----- datasets
+    # ----- datasets (see store.dataset_tables)
     def datasets(self) -> list[str]:
         """Names of the datasets that have a dataset.json (the loadable ones, barring damage)."""
-        return [n for n in self.loc.listdir("datasets") if self.loc.exists("datasets", n, "dataset.json")]
+        return dataset_tables.names(self.loc)
 
     def dataset_folders(self) -> list[str]:
         """Every folder under datasets/, whole or not (what `store verify` checks)."""
-        return self.loc.listdirs("datasets")
+        return dataset_tables.folders(self.loc)
 
     def dataset_folder(self, name: str) -> str:
         """The name, validated, of an existing dataset folder (loadable or not); a one-line error otherwise."""
-        validate_key(name, "dataset name")
-        if not self.loc.isdir("datasets", name):
-            raise StratalignError(f"dataset {name!r} not in store {self.url}; known: "
-                                  f"{', '.join(self.dataset_folders()) or 'none'}")
-        return name
-
-    def _fingerprint_of(self, name: str, replace: bool) -> str | None:
-        """The stored fingerprint of a dataset (None if absent, or unreadable while replacing it)."""
-        if not self.loc.exists("datasets", name, "dataset.json"):
-            return None
-        try:
-            meta = self.loc.read_json("datasets", name, "dataset.json")
-        except StratalignError:
-            if replace:
-                return None
-            raise
-        return str(meta.get("fingerprint", "?")) if isinstance(meta, dict) else "?"
+        return dataset_tables.folder(self.loc, name)
 
     def save_dataset(self, ds: PairDataset, *, replace: bool = False) -> bool:
-        """Store a dataset's tables; True if written, False if the identical dataset was already there.
-
-        dataset.json marks a dataset whole: when replacing, the old one is removed before any table is
-        written and the new one is written last, so a crash leaves the old dataset or one that refuses to load.
-        """
-        self._writable()
-        validate_key(ds.name, "dataset name")
-        old = self._fingerprint_of(ds.name, replace)
-        if old == ds.fingerprint:
-            return False
-        if old is not None and not replace:
-            raise StratalignError(
-                f"dataset {ds.name!r} already exists in {self.url} with different content "
-                f"(fingerprint {old[:12]} vs {ds.fingerprint[:12]}); choose another --name or pass --replace"
-            )
-        self.loc.remove("datasets", ds.name, "dataset.json")
-        for table, frame in (("images", ds.images), ("captions", ds.captions)):
-            buf = io.BytesIO()
-            frame.write_parquet(buf)
-            self.loc.write_bytes(buf.getvalue(), "datasets", ds.name, f"{table}.parquet")
-        meta = {**ds.meta, "format_version": FORMAT_VERSION, "stratalign_version": stratalign.__version__,
-                "n_images": ds.images.height, "n_captions": ds.captions.height}
-        self.loc.write_json(meta, "datasets", ds.name, "dataset.json")  # written last: marks the dataset whole
-        return True
+        """Store a dataset's tables; True if written, False if the identical dataset was already there."""
+        self.require_writable()
+        return dataset_tables.save(self.loc, ds, replace=replace)
 
     def dataset(self, name: str) -> PairDataset:
         """Load a dataset; a missing dataset.json, unreadable tables or a size mismatch are one-line errors."""
-        validate_key(name, "dataset name")
-        if not self.loc.exists("datasets", name, "dataset.json"):
-            if self.loc.isdir("datasets", name):
-                raise StratalignError(
-                    f"dataset {name!r} in {self.url} has no dataset.json (interrupted ingest or replace); "
-                    f"ingest it again, or remove it with `stratalign store rm --dataset {name}`"
-                )
-            known = self.datasets()
-            raise StratalignError(
-                f"dataset {name!r} not in store {self.url}; known: {', '.join(known) or 'none'} "
-                f"(ingest it with `stratalign ingest`)"
-            )
-        meta = self.loc.read_json("datasets", name, "dataset.json")
-        if not isinstance(meta, dict):
-            raise StratalignError(f"dataset {name!r}: {self.loc.path('datasets', name, 'dataset.json')} is not an object")
-        try:
-            images = pl.read_parquet(io.BytesIO(self.loc.read_bytes("datasets", name, "images.parquet")))
-            captions = pl.read_parquet(io.BytesIO(self.loc.read_bytes("datasets", name, "captions.parquet")))
-        except Exception as exc:
-            raise StratalignError(f"dataset {name!r} tables are unreadable: {type(exc).__name__}: {exc}") from None
-        if images.height != meta.get("n_images") or captions.height != meta.get("n_captions"):
-            raise StratalignError(f"dataset {name!r} tables do not match its dataset.json (truncated store?)")
-        return PairDataset(name=name, images=images, captions=captions, meta=meta)
+        return dataset_tables.load(self.loc, name)
 
     def remove_dataset(self, name: str) -> None:
         """Remove a dataset folder (loadable or not): dataset.json first, so a crash leaves it unloadable."""
-        self._writable()
-        self.dataset_folder(name)
-        self.loc.remove("datasets", name, "dataset.json")
-        self.loc.remove("datasets", name, recursive=True)
+        self.require_writable()
+        dataset_tables.remove(self.loc, name)
 
     # ----- feature entries
     def entry_folders(self) -> list[str]:
         """Every folder under features/: readable entries and broken ones alike."""
         return self.loc.listdirs("features")
+
+    def entry_exists(self, key: str) -> bool:
+        """Does features/<key> hold an entry's metadata (readable or not)? Nothing is validated or read."""
+        return self.loc.exists("features", key, "zarr.json")
 
     def entry_folder(self, key: str) -> str:
         """The key, validated, of an existing entry folder (readable or not); a one-line error otherwise."""
@@ -549,7 +191,7 @@ class FeatureStore:
         with their own shape, chunks and layer name, written as one small file each.
         Creating 17 arrays through zarr took ~0.1 s (its async round trips per array), the first batch's
         whole forward pass for a small model; the copies take a few ms."""
-        self._writable()
+        self.require_writable()
         key = spec.key
         for parts in (("features",), ("features", key), *(("features", key, f"layer_{i:03d}") for i in
                                                            range(len(spec.dims)))):
@@ -583,7 +225,7 @@ class FeatureStore:
         if not isinstance(group.attrs.get("stratalign_entry"), dict):
             group.attrs["stratalign_entry"] = spec.to_json()
         entry = self.entry(key)
-        entry._arrays.update(created)
+        entry.keep_arrays(created)
         return entry
 
     def complete_entries(self, dataset: str, encoder: str, pooling: str | None = None,
@@ -621,7 +263,7 @@ class FeatureStore:
 
     def remove_entry(self, key: str) -> None:
         """Remove an entry folder, readable or not (the key is validated: no path escapes)."""
-        self._writable()
+        self.require_writable()
         self.entry_folder(key)
         self.loc.remove("features", key, recursive=True)
 

@@ -20,22 +20,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from stratalign.store.features import FeatureStore
+from stratalign.store.keys import graph_key
 from stratalign.store.location import validate_key
+
+__all__ = ["cached_graphs", "graph_key", "load_graphs", "save_graphs"]
 
 FOLDER = "graphs"
 GraphPair = tuple[np.ndarray, np.ndarray]
-
-
-def graph_key(vision_entry: str, vision_layer: int, text_entry: str, text_layer: int, image_rows: np.ndarray,
-              caption_rows: np.ndarray, k: int) -> str:
-    """sha256 hex of (entries, layers, training rows, k): the file name stem of the cached graphs."""
-    h = hashlib.sha256()
-    h.update(json.dumps([vision_entry, int(vision_layer), text_entry, int(text_layer), int(k)]).encode())
-    for rows in (image_rows, caption_rows):
-        arr = np.ascontiguousarray(np.asarray(rows, dtype="<i8"))
-        h.update(len(arr).to_bytes(8, "little"))
-        h.update(arr.tobytes())
-    return validate_key(h.hexdigest(), "graph key")
 
 
 def _header_metadata(blob: bytes) -> dict[str, str]:
@@ -70,7 +61,7 @@ def load_graphs(store: FeatureStore, key: str, n: int) -> GraphPair | None:
 
 def save_graphs(store: FeatureStore, key: str, graphs: GraphPair, meta: dict[str, str] | None = None) -> None:
     """Write (image, text) graphs as one safetensors file under graphs/."""
-    store._writable()
+    store.require_writable()
     name = f"{validate_key(key, 'graph key')}.safetensors"
     blob = st_save({"image": torch.from_numpy(np.ascontiguousarray(graphs[0], dtype=np.int64)),
                     "text": torch.from_numpy(np.ascontiguousarray(graphs[1], dtype=np.int64))},

@@ -7,22 +7,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from typing import Any
 
 from stratalign.errors import StratalignError
 from stratalign.store.features import FeatureStore
+from stratalign.store.keys import choice_name
+from stratalign.store.keys import layer_result_key as result_key
 
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:50] or "x"
-
-
-def result_key(settings: dict[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{_slug(settings['dataset'])}--{_slug(settings['vision'])}--{_slug(settings['text'])}--{h}"
+__all__ = ["choice_name", "heatmap_path", "load_choice", "load_result", "result_key",
+           "save_choice", "save_heatmap", "save_result"]
 
 
 def load_result(store: FeatureStore, key: str) -> dict[str, Any] | None:
@@ -30,20 +23,22 @@ def load_result(store: FeatureStore, key: str) -> dict[str, Any] | None:
 
 
 def save_result(store: FeatureStore, key: str, result: dict[str, Any]) -> None:
-    store._writable()
+    store.require_writable()
     store.loc.write_json(result, "layers", f"{key}.json")
+
+
+def save_heatmap(store: FeatureStore, key: str, png: bytes) -> None:
+    """Keep a result's heatmap (PNG bytes) beside it."""
+    store.require_writable()
+    store.loc.write_bytes(png, "layers", f"{key}.png")
 
 
 def heatmap_path(store: FeatureStore, key: str) -> str:
     return store.loc.path("layers", f"{key}.png")
 
 
-def choice_name(dataset: str, vision: str, text: str) -> str:
-    return f"{_slug(dataset)}--{_slug(vision)}--{_slug(text)}.json"
-
-
 def save_choice(store: FeatureStore, dataset: str, vision: str, text: str, choice: dict[str, Any]) -> None:
-    store._writable()
+    store.require_writable()
     store.loc.write_json(choice, "choices", choice_name(dataset, vision, text))
 
 

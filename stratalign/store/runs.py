@@ -10,9 +10,7 @@ A run id is a hash of its config, so re-running an identical cell finds it done 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from typing import Any
 
 import polars as pl
@@ -22,14 +20,10 @@ from safetensors.torch import save as st_save
 
 from stratalign.errors import StratalignError
 from stratalign.store.features import FeatureStore
+from stratalign.store.keys import run_id_of
 from stratalign.store.location import validate_key
 
-
-def run_id_of(config: dict[str, Any]) -> str:
-    """A readable, content-addressed id: <objective>-<head>-n<pairs>-s<seed>-<hash>."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
-    obj = re.sub(r"[^a-z0-9]+", "_", str(config.get("objective", "run")).lower())
-    return f"{obj}-{config.get('head', 'head')}-n{config.get('n_pairs', 'all')}-s{config.get('seed', 0)}-{h}"
+__all__ = ["RunRegistry", "run_id_of"]
 
 
 class RunRegistry:
@@ -49,7 +43,7 @@ class RunRegistry:
     def save(self, run_id: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
              metrics: dict[str, Any]) -> None:
         """Write config, weights, then metrics (last, so a half-written run never looks done)."""
-        self.store._writable()
+        self.store.require_writable()
         validate_key(run_id, "run id")
         self.loc.write_json(config, "runs", run_id, "config.json")
         blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
@@ -64,18 +58,30 @@ class RunRegistry:
             known = self.ids()
             raise StratalignError(f"no finished run {run_id!r} in {self.store.url}; runs: "
                                   f"{', '.join(known[:5]) or 'none'}{' ...' if len(known) > 5 else ''}")
-        config = self.loc.read_json("runs", run_id, "config.json")
+        config = self.config(run_id)
         try:
             tensors = st_load(self.loc.read_bytes("runs", run_id, "weights.safetensors"))
         except Exception as exc:
             raise StratalignError(f"weights of run {run_id} are unreadable: {type(exc).__name__}: {exc}") from None
         return config, tensors, self.loc.read_json("runs", run_id, "metrics.json")
 
+    def config(self, run_id: str) -> dict[str, Any]:
+        """The resolved config a run was trained with."""
+        validate_key(run_id, "run id")
+        return self.loc.read_json("runs", run_id, "config.json")
+
+    def save_eval(self, run_id: str, dataset: str, result: dict[str, Any]) -> None:
+        """Keep a run's evaluation on another dataset beside it (runs/<id>/eval-<dataset>.json)."""
+        self.store.require_writable()
+        validate_key(run_id, "run id")
+        validate_key(dataset, "dataset name")
+        self.loc.write_json(result, "runs", run_id, f"eval-{dataset}.json")
+
     def metrics(self, run_id: str) -> dict[str, Any]:
         return self.loc.read_json("runs", run_id, "metrics.json")
 
     def update_metrics(self, run_id: str, extra: dict[str, Any]) -> None:
-        self.store._writable()
+        self.store.require_writable()
         metrics = self.metrics(run_id)
         metrics.update(extra)
         self.loc.write_json(metrics, "runs", run_id, "metrics.json")
@@ -97,7 +103,7 @@ class RunRegistry:
         for rid in self.ids():
             if not self.is_done(rid):
                 continue
-            cfg = self.loc.read_json("runs", rid, "config.json")
+            cfg = self.config(rid)
             met = self.metrics(rid)
             row = {"run": rid}
             row.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.items()

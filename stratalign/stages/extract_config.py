@@ -1,0 +1,63 @@
+"""What to extract and what came of it: the config both engines read and the per-encoder report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stratalign.errors import StratalignError
+from stratalign.store.features import DEFAULT_SHARD_ROWS
+
+LOADER_KINDS = ("auto", "processes", "threads")
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to extract; resolved once from the CLI or the caller."""
+
+    encoders: tuple[str, ...]
+    poolings: tuple[str, ...] = ()  # empty: each encoder's default pooling; "all": every pooling it supports
+    dtype: str = "float16"
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    batch_size: int = 64
+    device: str = "auto"
+    skip_bad: bool = False
+    loaders: str = "auto"  # "processes" | "threads" | "auto": processes for image encoders on CPU (Linux)
+    loader_workers: int = 2
+    prefetch_batches: int = 4
+    poll_s: float = 2.0
+    progress: bool = True
+    torch_threads: int = 0  # torch intra-op threads; 0: on CPU every CPU available to the process
+
+    def __post_init__(self) -> None:
+        if self.loaders not in LOADER_KINDS:
+            raise StratalignError(f"unknown loaders {self.loaders!r}: use {', '.join(LOADER_KINDS)}")
+        if self.loader_workers < 1:
+            raise StratalignError(f"loader workers must be >= 1, got {self.loader_workers}")
+
+    @property
+    def slots(self) -> int:
+        """Batch slots of loader processes: the loaders' window, the hand-over queue, one batch waiting to be
+        queued and one in the model."""
+        return max(1, self.prefetch_batches) + 3
+
+
+@dataclass
+class ExtractReport:
+    """What one encoder's extraction did: counts and timings (the benchmark reads these)."""
+
+    encoder: str
+    entries: list[str]
+    shards_total: int
+    shards_encoded: int = 0
+    rows_encoded: int = 0
+    bad_rows: list[int] = field(default_factory=list)
+    forward_s: float = 0.0
+    wall_s: float = 0.0
+    torch_threads: int = 0
+    loaders: str = ""
+    batches_stolen: int = 0  # batches the loader processes were too slow for, prepared by the loader thread
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_encoded / self.wall_s if self.wall_s > 0 else 0.0

@@ -1,0 +1,128 @@
+"""Whole shards, the unit of work of both engines: claiming them in every entry of an encoder, encoding
+one with a loaded model, writing its blocks (every layer, then the completion marker).
+
+A shard is claimed in all of an encoder's entries (one per pooling) or in none; the markers are checked
+again after the claims are won, so a shard another worker finished meanwhile is dropped, not re-encoded.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from stratalign.errors import StratalignError
+from stratalign.stages.extract_config import ExtractConfig
+from stratalign.stages.extract_loading import BatchPreparer, batches
+from stratalign.store.claims import Claim, Heartbeat
+from stratalign.store.datasets import PairDataset
+from stratalign.store.features import FeatureEntry
+
+
+class ShardEncoder:
+    """Encodes whole shards with one loaded model: the unit of work of both engines."""
+
+    def __init__(self, encoder: Any, ds: PairDataset, entries: list[FeatureEntry], cfg: ExtractConfig,
+                 device: torch.device, prepare: BatchPreparer | None = None) -> None:
+        self.encoder = encoder
+        self.entries = entries
+        self.cfg = cfg
+        self.device = device
+        self.prepare = prepare or BatchPreparer(encoder, ds, cfg.skip_bad, device)
+        self.poolings = [e.spec.pooling for e in entries]
+        self.forward_s = 0.0
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, list[np.ndarray]]:
+        """One forward pass; only the pooled float32 vectors leave the device."""
+        t0 = time.perf_counter()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                pooled = self.encoder.forward_pooled(batch, self.poolings)
+        else:
+            pooled = self.encoder.forward_pooled(batch, self.poolings)
+        # np.array(copy=True): a pooled vector may be a view into a whole hidden state (cls = h[:, 0]);
+        # holding the view until the shard is written would keep every layer's full activations alive.
+        out = {p: [np.array(t.detach().float().cpu().numpy(), copy=True) for t in layers]
+               for p, layers in pooled.items()}
+        self.forward_s += time.perf_counter() - t0
+        return out
+
+    def encode_shard(self, shard: int) -> tuple[dict[str, list[np.ndarray]], list[int]]:
+        """All layers of one shard for every pooling (no prefetching: used by the Ray engine)."""
+        start, stop = self.entries[0].shard_rows_range(shard)
+        parts: dict[str, list[list[np.ndarray]]] = {p: [] for p in self.poolings}
+        bad_rows: list[int] = []
+        for rows in batches(start, stop, self.cfg.batch_size):
+            _, batch, bad = self.prepare(rows)
+            bad_rows += bad
+            for p, layers in self.forward(batch).items():
+                parts[p].append(layers)
+        return {p: [np.concatenate(c) for c in zip(*chunks)] for p, chunks in parts.items()}, bad_rows
+
+    def write(self, shard: int, blocks: dict[str, list[np.ndarray]], bad_rows: list[int]) -> None:
+        """Write the shard into every entry that lacks it; a failed write is a one-line error (resumable)."""
+        info = {"bad_rows": bad_rows, "host": socket.gethostname(), "pid": os.getpid()}
+        for entry in self.entries:
+            if not entry.shard_done(shard):
+                try:
+                    entry.write_shard(shard, blocks[entry.spec.pooling], info)
+                except OSError as exc:
+                    raise StratalignError(
+                        f"cannot write shard {shard} of {entry.key} to {entry.store.url}: {exc}; "
+                        "finished shards are kept, rerun to resume"
+                    ) from None
+
+
+def pending_union(entries: list[FeatureEntry]) -> list[int]:
+    """Shards that at least one of the entries still lacks."""
+    return sorted(set().union(*(e.pending_shards() for e in entries)))
+
+
+def release_all(entries: list[FeatureEntry], shard: int, claim: Claim, heartbeat: Heartbeat | None = None) -> None:
+    """Drop our claim on a shard in every entry (others' claims are left alone)."""
+    for e in entries:
+        e.release(shard, claim, heartbeat)
+
+
+def claim_all(entries: list[FeatureEntry], shard: int, claim: Claim, heartbeat: Heartbeat | None = None) -> bool:
+    """Claim a shard in every entry that still lacks it, or in none (release on partial success).
+
+    The markers are checked again after the claims are won: another worker may have written its marker
+    and released its claim between our first check and our exclusive create, and the shard is then done."""
+    got = []
+    for e in entries:
+        if e.shard_done(shard):
+            continue
+        if not e.claim(shard, claim, heartbeat):
+            release_all(got, shard, claim, heartbeat)
+            return False
+        got.append(e)
+    done = [e for e in got if e.shard_done(shard, refresh=True)]
+    release_all(done, shard, claim, heartbeat)
+    return len(done) < len(got)
+
+
+def claimed_shards(entries: list[FeatureEntry], claim: Claim, poll_s: float,
+                    in_flight: set[int], stop: threading.Event, heartbeat: Heartbeat | None = None) -> Iterator[int]:
+    """Yield shards this worker now owns until none is pending; wait while others hold the rest."""
+    while not stop.is_set():
+        pending = [s for s in pending_union(entries) if s not in in_flight]
+        if not pending:
+            return
+        took = False
+        for s in pending:
+            if stop.is_set():
+                return
+            if claim_all(entries, s, claim, heartbeat):
+                took = True
+                in_flight.add(s)
+                yield s
+        if not took:
+            time.sleep(poll_s)  # the rest is held by live workers: wait for them or for their lease to lapse
