@@ -1,7 +1,96 @@
-"""stratalign: align frozen unimodal encoders with lightweight heads on cached every-layer features."""
+"""stratalign: align frozen unimodal encoders with lightweight heads on cached every-layer features.
+
+The public face. Every stage is a function of a store and a typed config; the CLI only parses arguments:
+
+    import stratalign as sa
+
+    store = sa.open_store("./my-store", "a", create=True)
+    store.save_dataset(sa.ingest_source("twemoji"))
+    sa.extract(store, "twemoji", sa.ExtractConfig(encoders=("dinov2-s", "minilm-l6")))
+    sa.run_layers(store, sa.LayersConfig(dataset="twemoji", vision="dinov2-s", text="minilm-l6"))
+    res = sa.train_run(store, sa.RunConfig(dataset="twemoji", vision="dinov2-s", text="minilm-l6",
+                                           objective="clip+structure"))
+
+Names are imported on first use (PEP 562), so `import stratalign` loads no torch, zarr or polars.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from stratalign.errors import StratalignError
+from stratalign.version import __version__
 
-__version__ = "0.1.0"
+# public name -> the module that defines it (the rooms are described in ARCHITECTURE.md)
+_EXPORTS = {
+    "FeatureStore": "stratalign.store.features",
+    "FeatureEntry": "stratalign.store.features",
+    "PairDataset": "stratalign.store.datasets",
+    "RunRegistry": "stratalign.store.runs",
+    "verify_store": "stratalign.store.verify",
+    "load_encoder": "stratalign.encoders",
+    "known_encoders": "stratalign.encoders",
+    "OBJECTIVES": "stratalign.core.objectives",
+    "HEADS": "stratalign.core.objectives",
+    "TrainConfig": "stratalign.train",
+    "ingest_source": "stratalign.stages.sources",
+    "ExtractConfig": "stratalign.stages.extract",
+    "extract": "stratalign.stages.extract",
+    "LayersConfig": "stratalign.stages.layers",
+    "run_layers": "stratalign.stages.layers",
+    "RunConfig": "stratalign.stages.train",
+    "ResolvedRun": "stratalign.stages.train",
+    "resolve_run": "stratalign.stages.train",
+    "train_run": "stratalign.stages.train",
+    "evaluate_saved_run": "stratalign.stages.evaluate",
+    "SweepConfig": "stratalign.stages.sweep",
+    "run_sweep": "stratalign.stages.sweep",
+    "DemoConfig": "stratalign.stages.demo",
+    "run_demo": "stratalign.stages.demo",
+}
 
-__all__ = ["StratalignError", "__version__"]
+__all__ = [
+    "StratalignError", "__version__", "open_store",
+    "FeatureStore", "FeatureEntry", "PairDataset", "RunRegistry", "verify_store", "load_encoder",
+    "known_encoders", "OBJECTIVES", "HEADS", "TrainConfig", "ingest_source", "ExtractConfig", "extract",
+    "LayersConfig", "run_layers", "RunConfig", "ResolvedRun", "resolve_run", "train_run",
+    "evaluate_saved_run", "SweepConfig", "run_sweep", "DemoConfig", "run_demo",
+]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
+    from stratalign.core.objectives import HEADS, OBJECTIVES
+    from stratalign.encoders import known_encoders, load_encoder
+    from stratalign.stages.demo import DemoConfig, run_demo
+    from stratalign.stages.evaluate import evaluate_saved_run
+    from stratalign.stages.extract import ExtractConfig, extract
+    from stratalign.stages.layers import LayersConfig, run_layers
+    from stratalign.stages.sources import ingest_source
+    from stratalign.stages.sweep import SweepConfig, run_sweep
+    from stratalign.stages.train import ResolvedRun, RunConfig, resolve_run, train_run
+    from stratalign.store.datasets import PairDataset
+    from stratalign.store.features import FeatureEntry, FeatureStore
+    from stratalign.store.runs import RunRegistry
+    from stratalign.store.verify import verify_store
+    from stratalign.train import TrainConfig
+
+
+def open_store(url: str | None = None, mode: str = "r", *, create: bool = False) -> FeatureStore:
+    """Open a store (local path or fsspec URL; default $STRATALIGN_STORE or ./stratalign-store).
+    mode "r" reads, "a" also writes; create=True makes a new store where there is none."""
+    from stratalign.store.features import FeatureStore
+
+    return FeatureStore.open(url, mode, create=create)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stratalign' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

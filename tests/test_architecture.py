@@ -31,7 +31,7 @@ def test_contracts_are_declared() -> None:
     assert {"layers", "train-uses-core-only", "encoders-use-core-only"} <= ids
     layers = next(c for c in config["contracts"] if c["id"] == "layers")
     assert layers["exhaustive"] is True
-    assert layers["layers"][0] == "cli" and layers["layers"][-1] == "errors"
+    assert layers["layers"][0] == "cli" and layers["layers"][-1] == "errors | version"
 
 
 def test_import_contracts_kept() -> None:

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from stratalign.device import cpu_threads, resolve_device
 from stratalign.errors import StratalignError, preview
-from stratalign.stages.extract import entry_specs, plan_encoder
 from stratalign.stages.extract_config import ExtractConfig, ExtractReport
+from stratalign.stages.extract_plan import entry_specs, plan_encoder
 from stratalign.stages.extract_shards import ShardEncoder, claim_all, pending_union, release_all
 from stratalign.store.claims import Claim, Heartbeat
 from stratalign.store.features import EntrySpec, FeatureEntry, FeatureStore

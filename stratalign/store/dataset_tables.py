@@ -7,11 +7,11 @@ import io
 
 import polars as pl
 
-import stratalign
 from stratalign.errors import StratalignError
 from stratalign.store.datasets import PairDataset
 from stratalign.store.keys import FORMAT_VERSION
 from stratalign.store.location import Location, validate_key
+from stratalign.version import __version__
 
 FOLDER = "datasets"
 META = "dataset.json"
@@ -68,7 +68,7 @@ def save(loc: Location, ds: PairDataset, *, replace: bool = False) -> bool:
         buf = io.BytesIO()
         frame.write_parquet(buf)
         loc.write_bytes(buf.getvalue(), FOLDER, ds.name, f"{table}.parquet")
-    meta = {**ds.meta, "format_version": FORMAT_VERSION, "stratalign_version": stratalign.__version__,
+    meta = {**ds.meta, "format_version": FORMAT_VERSION, "stratalign_version": __version__,
             "n_images": ds.images.height, "n_captions": ds.captions.height}
     loc.write_json(meta, FOLDER, ds.name, META)  # written last: marks the dataset whole
     return True

@@ -18,10 +18,10 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
-import stratalign
 from stratalign.errors import StratalignError, preview
 from stratalign.store import claims as claims_mod
 from stratalign.store.keys import FORMAT_VERSION, entry_key
+from stratalign.version import __version__
 
 if TYPE_CHECKING:
     from stratalign.store.features import FeatureStore
@@ -91,7 +91,7 @@ class EntrySpec:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.identity(), "dataset": self.dataset, "key": self.key,
-                "stratalign_version": stratalign.__version__}
+                "stratalign_version": __version__}
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "EntrySpec":

@@ -17,13 +17,13 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-import stratalign
 from stratalign.errors import StratalignError
 from stratalign.store import dataset_tables
 from stratalign.store.datasets import PairDataset
 from stratalign.store.entry import DEFAULT_SHARD_ROWS, FLOAT16_MAX, MODALITIES, EntrySpec, FeatureEntry, shard_sha
 from stratalign.store.keys import FORMAT_VERSION
 from stratalign.store.location import Location, default_store_url, validate_key
+from stratalign.version import __version__
 
 __all__ = ["DEFAULT_SHARD_ROWS", "FLOAT16_MAX", "FORMAT_VERSION", "MODALITIES", "STORE_TAG", "EntrySpec", "FeatureEntry",
            "FeatureStore", "shard_sha"]
@@ -91,7 +91,7 @@ class FeatureStore:
             raise StratalignError(f"{loc.url} is a non-empty folder that is not a stratalign store; use another --store")
         root = zarr.open_group(store=loc.url, mode="a")
         root.attrs["stratalign"] = {"kind": STORE_TAG, "format_version": FORMAT_VERSION,
-                                    "created_by": stratalign.__version__}
+                                    "created_by": __version__}
         root.require_group("features")
         return cls(loc, root, "a")
 

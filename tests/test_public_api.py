@@ -1,0 +1,39 @@
+"""The public face: `import stratalign` exposes every stage and config by name, lazily (no torch at import)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import stratalign
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_public_name_resolves_to_its_defining_object() -> None:
+    assert set(stratalign.__all__) == {"StratalignError", "__version__", "open_store", *stratalign._EXPORTS}
+    for name, module in stratalign._EXPORTS.items():
+        obj = getattr(stratalign, name)
+        assert obj is getattr(__import__(module, fromlist=[name]), name), name
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    try:
+        stratalign.no_such_thing  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_thing" in str(exc)
+    else:
+        raise AssertionError("expected AttributeError")
+
+
+def test_import_is_light() -> None:
+    code = "import sys, stratalign; print(sorted(m for m in ('torch', 'zarr', 'polars', 'faiss') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_open_store_round_trip(tmp_path: Path) -> None:
+    store = stratalign.open_store(str(tmp_path / "st"), "a", create=True)
+    assert isinstance(store, stratalign.FeatureStore)
+    assert stratalign.open_store(str(tmp_path / "st")).datasets() == []
