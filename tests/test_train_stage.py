@@ -88,7 +88,7 @@ def test_run_layers_is_the_whole_stage(stage_store, tmp_path: Path) -> None:
     assert layer_results.load_choice(stage_store, "toy", "tiny-image", "tiny-text")["vision_layer"] == \
         done.choice["vision_layer"]
     resolved = resolve_run(stage_store, _cfg(layers="auto"))
-    assert (resolved["vision_layer"], resolved["text_layer"]) == (done.choice["vision_layer"], done.choice["text_layer"])
+    assert (resolved.vision_layer, resolved.text_layer) == (done.choice["vision_layer"], done.choice["text_layer"])
     last = run_layers(stage_store, cfg, "last", "cka")
     assert last.png == layer_results.heatmap_path(stage_store, direct["key"]) and last.result["cached"]
     record_choice(stage_store, cfg, done.choice)  # leave the best choice recorded for the other tests
