@@ -38,6 +38,8 @@ VOLATILE = {
     "layers": ("seconds",),  # layer results: read and compute timings
     "metrics.json": ("train_seconds", "train_loop_seconds"),  # run metrics: training timings
 }
+# Added since 3d4de15: an evaluation on another dataset names the dataset version it ran on.
+ADDED_EVAL_FIELD = "eval_dataset_fingerprint"
 
 
 def _generator():
@@ -144,12 +146,18 @@ def test_saved_runs_reproduce_their_metrics(old, run_id: str) -> None:
 
 
 def test_saved_cross_dataset_eval_reproduced(old) -> None:
+    """The old result does not name its dataset version: it is stale, recomputed to the very same numbers and
+    rewritten with the version (the only new field)."""
     store, root = old
     path = root / "store/runs" / RUN_IDS[0] / "eval-toy-resplit.json"
-    before = path.read_bytes()
+    before = json.loads(path.read_bytes())
+    assert ADDED_EVAL_FIELD not in before
     again = API.evaluate_saved_run(store, RUN_IDS[0], "toy-resplit")
-    assert path.read_bytes() == before  # rewritten with the very same bytes
-    assert {k: again[k] for k in json.loads(before)} == json.loads(before)
+    after = json.loads(path.read_bytes())
+    assert after.pop(ADDED_EVAL_FIELD) == store.dataset("toy-resplit").fingerprint
+    assert after == before
+    assert {k: again[k] for k in before} == before
+    assert again["previous_eval"] == "stale" and again["eval_file"].endswith("eval-toy-resplit.json")
 
 
 def test_rebuilt_by_current_code_is_the_same_store(tmp_path: Path) -> None:
@@ -167,6 +175,10 @@ def test_rebuilt_by_current_code_is_the_same_store(tmp_path: Path) -> None:
         if rel.startswith("store/graphs/"):
             assert _safetensors_parts(data) == _safetensors_parts(old_files[rel]), rel
             compared_as_safetensors.append(rel)
+        elif rel.split("/")[-1].startswith("eval-"):
+            new, was = json.loads(data), json.loads(old_files[rel])
+            assert ADDED_EVAL_FIELD in new and ADDED_EVAL_FIELD not in was, rel
+            assert {k: v for k, v in new.items() if k != ADDED_EVAL_FIELD} == was, rel
         elif fields is not None:
             new, was = json.loads(data), json.loads(old_files[rel])
             assert set(new) == set(was), rel

@@ -30,11 +30,12 @@ def sweep_cmd(
     head: list[str] = typer.Option(["linear"], "--head", help="Repeat: heads."),
     skip: list[str] = typer.Option([], "--skip", help="Repeat: RULE:OBJECTIVE cells to leave out (last:comm)."),
     set_: list[str] = typer.Option([], "--set", help="Trainer override key=value for every cell."),
+    baseline: str = typer.Option("clip", help="Objective every other one is compared with (paired, per cell and seed)."),
     out: str = typer.Option("stratalign-report", help="Folder for leaderboard.parquet/.csv and the plots."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
-    from stratalign.report.report import results_table
+    from stratalign.report.report import KEY_METRICS, findings, results_table
     from stratalign.stages.sweep import SweepConfig, run_sweep
     from stratalign.stages.train import RunConfig
     from stratalign.store.features import FeatureStore
@@ -42,8 +43,18 @@ def sweep_cmd(
     fs = FeatureStore.open(store_url(store), "a")
     cfg = SweepConfig(base=RunConfig(dataset=dataset, vision=vision, text=text, options=trainer_overrides(set_)),
                       n_pairs=tuple(n_pairs(v) for v in n_pairs_), seeds=tuple(seed), objectives=tuple(objective),
-                      layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip))
+                      layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip),
+                      baseline=baseline)
     res = run_sweep(fs, cfg, out)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already in the store")
-    print_table(results_table(res.leaderboard), title="leaderboard (test split, mean ± std over seeds)")
+    one_seed = len(seed) == 1
+    print_table(results_table(res.leaderboard),
+                title="leaderboard (test split, one seed: no spread)" if one_seed else
+                "leaderboard (test split, mean ± sample std over seeds)")
+    for kind in ("objective", "layers"):
+        for line in (x for m in KEY_METRICS for x in findings(res.comparisons, m, kind)):
+            console.print(line.replace("**", ""), soft_wrap=True)
+    if res.comparisons.height:
+        console.print("verdicts: paired 95 % bootstrap intervals over test queries pooled over seeds "
+                      "(comparisons.csv); 'helps'/'hurts' only where the interval excludes 0")
     console.print("files: " + ", ".join(v for k, v in res.files.items() if k != "plot_seconds"))

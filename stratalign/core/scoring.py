@@ -35,14 +35,12 @@ def _labels(y: Any, n: int, name: str, n_classes: int | None = None) -> np.ndarr
     return arr.astype(np.int64)
 
 
-def retrieval_recall(img_emb: Any, txt_emb: Any, txt_to_img: Any, ks: Sequence[int] = (1, 5, 10),
-                     *, device: str = "auto") -> dict[str, float]:
-    """Image<->text recall@k in % over a gallery of unique images and all their captions.
+def retrieval_ranks(img_emb: Any, txt_emb: Any, txt_to_img: Any, max_k: int = 10,
+                    *, device: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(rank of the first correct caption of each image, rank of the image of each caption), 0-based.
 
-    img_emb (N_i, d), txt_emb (N_t, d), txt_to_img (N_t,) the image row of each caption. An image is an
-    i2t hit at k if ANY of its captions is among the k best captions; a caption is a t2i hit if its image
-    is among the k best images. Cosine similarity; exact ranking, ties by the lower index. A k at least
-    the gallery size ranks the whole gallery (every query a hit).
+    A rank is only resolved up to max_k: queries with no hit among the max_k best get max_k (so `rank < k`
+    is the R@k hit for every k <= max_k). Cosine similarity, exact ranking, ties by the lower index.
     """
     img = as_matrix(img_emb, "image embeddings")
     txt = as_matrix(txt_emb, "text embeddings")
@@ -52,25 +50,48 @@ def retrieval_recall(img_emb: Any, txt_emb: Any, txt_to_img: Any, ks: Sequence[i
     orphans = np.setdiff1d(np.arange(len(img)), owner)
     if len(orphans):
         raise StratalignError(f"{len(orphans)} gallery image(s) have no caption: rows {preview(orphans.tolist())}")
+    if max_k < 1:
+        raise StratalignError(f"recall ks must be positive integers, got max k {max_k}")
+    img, txt = l2_normalize(img), l2_normalize(txt)
+    kt = min(max_k, len(txt))  # image -> text: rank of the first correct caption
+    _, top_t = search(txt, img, kt, normalize=False, device=device)
+    correct = owner[top_t] == np.arange(len(img))[:, None]  # (N_i, kt)
+    first_i2t = np.where(correct.any(1), correct.argmax(1), max_k)
+    ki = min(max_k, len(img))
+    _, top_i = search(img, txt, ki, normalize=False, device=device)
+    correct = top_i == owner[:, None]
+    first_t2i = np.where(correct.any(1), correct.argmax(1), max_k)
+    # a k at least the gallery size ranks the whole gallery: every query is a hit within it
+    return first_i2t.astype(np.int64), first_t2i.astype(np.int64)
+
+
+def retrieval_hits(img_emb: Any, txt_emb: Any, txt_to_img: Any, ks: Sequence[int] = (1, 5, 10),
+                   *, device: str = "auto") -> dict[str, np.ndarray]:
+    """Per-query R@k hits: `i2t_R@k` a bool per gallery image, `t2i_R@k` a bool per caption."""
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise StratalignError(f"recall ks must be positive integers, got {ks}")
-    img, txt = l2_normalize(img), l2_normalize(txt)
-    out: dict[str, float] = {}
-    # image -> text: rank of the first correct caption
-    kt = min(ks[-1], len(txt))
-    _, top_t = search(txt, img, kt, normalize=False, device=device)
-    correct = owner[top_t] == np.arange(len(img))[:, None]  # (N_i, kt)
-    first_i2t = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
-    ki = min(ks[-1], len(img))
-    _, top_i = search(img, txt, ki, normalize=False, device=device)
-    correct = top_i == owner[:, None]
-    first_t2i = np.where(correct.any(1), correct.argmax(1), np.iinfo(np.int64).max)
-    for k in ks:
-        out[f"i2t_R@{k}"] = float(100.0 * np.mean(first_i2t < k))
-    for k in ks:
-        out[f"t2i_R@{k}"] = float(100.0 * np.mean(first_t2i < k))
+    first_i2t, first_t2i = retrieval_ranks(img_emb, txt_emb, txt_to_img, ks[-1], device=device)
+    out = {f"i2t_R@{k}": first_i2t < k for k in ks}
+    out.update({f"t2i_R@{k}": first_t2i < k for k in ks})
     return out
+
+
+def retrieval_recall(img_emb: Any, txt_emb: Any, txt_to_img: Any, ks: Sequence[int] = (1, 5, 10),
+                     *, device: str = "auto") -> dict[str, float]:
+    """Image<->text recall@k in % over a gallery of unique images and all their captions.
+
+    img_emb (N_i, d), txt_emb (N_t, d), txt_to_img (N_t,) the image row of each caption. An image is an
+    i2t hit at k if ANY of its captions is among the k best captions; a caption is a t2i hit if its image
+    is among the k best images. Cosine similarity; exact ranking, ties by the lower index. A k at least
+    the gallery size ranks the whole gallery (every query a hit).
+    """
+    return recall_of(retrieval_hits(img_emb, txt_emb, txt_to_img, ks, device=device))
+
+
+def recall_of(hits: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per-query hits -> the metric in % (their mean x 100)."""
+    return {k: float(100.0 * np.mean(v)) for k, v in hits.items()}
 
 
 def class_embeddings(template_emb: Any) -> np.ndarray:
@@ -85,19 +106,25 @@ def class_embeddings(template_emb: Any) -> np.ndarray:
     return l2_normalize(mean)
 
 
-def zero_shot_classify(img_emb: Any, class_emb: Any, labels: Any) -> dict[str, float]:
-    """Zero-shot accuracy in %: top1, top5 (only with >= 5 classes) and balanced_acc (mean per-class recall
-    over the classes present in labels). An image's class is the argmax cosine (ties: lower class index)."""
+def zero_shot_ranks(img_emb: Any, class_emb: Any, labels: Any) -> np.ndarray:
+    """Rank of each image's true class among all classes by cosine (0 = predicted; ties: lower class index)."""
     img = l2_normalize(as_matrix(img_emb, "image embeddings"))
     cls = l2_normalize(as_matrix(class_emb, "class embeddings"))
     if img.shape[1] != cls.shape[1]:
         raise StratalignError(f"image embeddings have {img.shape[1]} dims but class embeddings {cls.shape[1]}")
-    n_cls = len(cls)
-    y = _labels(labels, len(img), "labels", n_classes=n_cls)
+    y = _labels(labels, len(img), "labels", n_classes=len(cls))
     s = img @ cls.T
     true = s[np.arange(len(y)), y][:, None]
-    cols = np.arange(n_cls)[None, :]
-    rank = ((s > true) | ((s == true) & (cols < y[:, None]))).sum(1)  # 0 = predicted class
+    cols = np.arange(len(cls))[None, :]
+    return ((s > true) | ((s == true) & (cols < y[:, None]))).sum(1)
+
+
+def zero_shot_classify(img_emb: Any, class_emb: Any, labels: Any) -> dict[str, float]:
+    """Zero-shot accuracy in %: top1, top5 (only with >= 5 classes) and balanced_acc (mean per-class recall
+    over the classes present in labels). An image's class is the argmax cosine (ties: lower class index)."""
+    rank = zero_shot_ranks(img_emb, class_emb, labels)
+    n_cls = len(as_matrix(class_emb, "class embeddings"))
+    y = _labels(labels, len(rank), "labels", n_classes=n_cls)
     out = {"top1": float(100.0 * np.mean(rank < 1))}
     if n_cls >= 5:
         out["top5"] = float(100.0 * np.mean(rank < 5))

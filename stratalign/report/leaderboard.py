@@ -1,4 +1,4 @@
-"""Sweep leaderboards: every metric of every cell, as mean and std over seeds."""
+"""Sweep leaderboards: every metric of every cell, as mean and std over seeds (no std with one seed)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def metric_columns(frame: pl.DataFrame, exclude: Sequence[str] = ()) -> list[str
 
 def aggregate(runs: pl.DataFrame, by: Sequence[str] = CELL_COLUMNS,
               metrics: Sequence[str] | None = None) -> pl.DataFrame:
-    """One row per cell: `<metric>_mean`, `<metric>_std` (sample std, 0 for one seed) and `seeds`."""
+    """One row per cell: `<metric>_mean`, `<metric>_std` (sample std; null with one seed: there is no spread)
+    and `seeds`."""
     metrics = list(metrics) if metrics is not None else metric_columns(runs, exclude=by)
     aggs = [pl.len().alias("seeds")]
     for m in metrics:
-        aggs += [pl.col(m).mean().alias(f"{m}_mean"), pl.col(m).std(ddof=1).fill_null(0.0).alias(f"{m}_std")]
+        aggs += [pl.col(m).mean().alias(f"{m}_mean"), pl.col(m).std(ddof=1).alias(f"{m}_std")]
     return runs.group_by(list(by), maintain_order=True).agg(aggs).sort(list(by))

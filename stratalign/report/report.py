@@ -1,7 +1,8 @@
 """The sweep report: a markdown summary with the table, the layer heatmap and the curves.
 
-Wording is generated from the numbers: an objective "helps" only where its mean beats the CLIP baseline of
-the same cell by more than the seeds' spread, and the report says so where it does not.
+Wording is generated from the numbers: "helps" / "hurts" only where the paired 95 % bootstrap interval of the
+difference against the baseline excludes 0 (report.compare, core.stats), "no clear difference" otherwise.
+With one seed the table shows no ± (there is no spread), and says so.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from typing import Any
 
 import polars as pl
 
+from stratalign.core.stats import HELPS, HURTS, NO_CLEAR
+
 KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")
+TABLE_METRICS = (*KEY_METRICS, "zs_balanced_acc")
+MIN_SEEDS = 5  # METHOD.md section 4: at least 5 seeds where a report draws conclusions
 
 
 def _fmt(mean: float | None, std: float | None) -> str:
@@ -20,8 +25,9 @@ def _fmt(mean: float | None, std: float | None) -> str:
     return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
 
 
-def results_table(board: pl.DataFrame, metrics: tuple[str, ...] = KEY_METRICS) -> pl.DataFrame:
-    """Compact table: one row per cell, `mean ± std` strings for the key metrics."""
+def results_table(board: pl.DataFrame, metrics: tuple[str, ...] = TABLE_METRICS) -> pl.DataFrame:
+    """Compact table: one row per cell, `mean ± std` strings for the key metrics (`mean` alone for one seed),
+    the majority-class rate of the test split beside the zero-shot accuracies."""
     cols = [c for c in ("layer_rule", "objective", "head", "n_pairs", "seeds") if c in board.columns]
     rows = []
     for r in board.iter_rows(named=True):
@@ -29,53 +35,58 @@ def results_table(board: pl.DataFrame, metrics: tuple[str, ...] = KEY_METRICS) -
         for m in metrics:
             if f"{m}_mean" in r:
                 row[m] = _fmt(r[f"{m}_mean"], r.get(f"{m}_std"))
+        if r.get("zs_majority") is not None:
+            row["zs majority class"] = f"{r['zs_majority']:.1f}"
         if "lambda_at_best_mean" in r and r["lambda_at_best_mean"] is not None:
             row["restored step / λ"] = f"{r.get('best_step_mean', 0):.0f} / {r['lambda_at_best_mean']:.2f}"
         rows.append(row)
     return pl.DataFrame(rows)
 
 
-def findings(board: pl.DataFrame, baseline: str = "clip", metric: str = "i2t_R@1") -> list[str]:
-    """Plain sentences comparing each objective with the baseline, cell by cell."""
+def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") -> list[str]:
+    """Plain sentences, one per method: the verdict of each cell from its paired interval, and the counts."""
+    if comparisons.height == 0:
+        return []
+    rows = comparisons.filter((pl.col("comparison") == kind) & (pl.col("metric") == metric))
     lines = []
-    mean, std = f"{metric}_mean", f"{metric}_std"
-    if mean not in board.columns:
-        return lines
-    base = board.filter(pl.col("objective") == baseline)
-    for obj in [o for o in board["objective"].unique(maintain_order=True).to_list() if o != baseline]:
-        wins, ties, losses = [], [], []
-        for r in board.filter(pl.col("objective") == obj).iter_rows(named=True):
-            b = base.filter((pl.col("layer_rule") == r["layer_rule"]) & (pl.col("n_pairs") == r["n_pairs"]))
-            if b.height == 0 or r[mean] is None:
-                continue
-            b = b.row(0, named=True)
-            diff = r[mean] - b[mean]
-            spread = max(r[std] or 0.0, b[std] or 0.0)
-            cell = f"{r['layer_rule']} layers, n={r['n_pairs']}: {diff:+.1f}"
-            (wins if diff > spread else losses if diff < -spread else ties).append(cell)
-        verdict = ("helps" if len(wins) > len(losses) + len(ties) else
-                   "hurts" if len(losses) > len(wins) + len(ties) else "does not clearly help")
-        lines.append(f"**{obj}** vs {baseline} on {metric}: {verdict} "
-                     f"(better beyond the seed spread in {len(wins)} cells, within it in {len(ties)}, "
-                     f"worse in {len(losses)}). Cells: {'; '.join(wins + ties + losses)}.")
+    for method in rows["method"].unique(maintain_order=True).to_list():
+        cells, counts = [], {HELPS: 0, HURTS: 0, NO_CLEAR: 0}
+        for r in rows.filter(pl.col("method") == method).iter_rows(named=True):
+            where = (f"{r['layer_rule']} layers" if kind == "objective" else r["objective"]) + f", n={r['n_pairs']}"
+            cells.append(f"{where}: {r['diff']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}] {r['verdict']}")
+            counts[r["verdict"]] += 1
+        r0 = rows.filter(pl.col("method") == method).row(0, named=True)
+        what = f"**{method}** vs {r0['baseline']}" if kind == "objective" else f"**{method} layers** vs {r0['baseline']}"
+        lines.append(f"{what} on {metric}: helps in {counts[HELPS]} cells, hurts in {counts[HURTS]}, no clear "
+                     f"difference in {counts[NO_CLEAR]}. Cells: {'; '.join(cells)}.")
     return lines
 
 
-def layer_rule_finding(board: pl.DataFrame, metric: str, margin: float = 1.0) -> str | None:
-    """Chosen ('auto') vs last layers on one metric, averaged over the cells both rules share."""
-    mean = f"{metric}_mean"
-    rules = board["layer_rule"].unique().to_list() if "layer_rule" in board.columns else []
-    if mean not in board.columns or "auto" not in rules or "last" not in rules:
-        return None
-    a = board.filter(pl.col("layer_rule") == "auto")[mean].mean()
-    last = board.filter(pl.col("layer_rule") == "last")[mean].mean()
-    verdict = ("no clear difference" if abs(a - last) < margin else
-               "chosen layers better" if a > last else "last layers better")
-    return f"Chosen vs last layers, {metric} averaged over all cells: {a:.1f} vs {last:.1f} ({verdict})."
+def _comparison_intro(comparisons: pl.DataFrame, seeds: int) -> list[str]:
+    r = comparisons.row(0, named=True)
+    text = (f"Paired differences (points of %) against the baseline run with the same layer rule, head, n_pairs "
+            f"and seed, averaged over seeds, with a 95 % percentile interval from a bootstrap over the test "
+            f"queries ({r['queries']} {r['query_unit']} for {r['metric']}; images for i2t and zero-shot, captions "
+            f"for t2i), one resample shared by both runs of a pair and all seeds. "
+            f"\"helps\" / \"hurts\" only where the interval excludes 0, otherwise \"no clear difference\".")
+    if seeds < MIN_SEEDS:
+        text += (f" With {seeds} seed{'s' if seeds != 1 else ''} the intervals cover the test queries, not the "
+                 f"training randomness: METHOD.md asks for at least {MIN_SEEDS} seeds before drawing conclusions.")
+    return [text, ""]
+
+
+def _spread_note(board: pl.DataFrame) -> str:
+    seeds = board["seeds"].to_list() if "seeds" in board.columns else []
+    if seeds and max(seeds) == 1:
+        return "One seed per cell: no ± is shown (a spread over seeds needs at least two)."
+    if seeds and min(seeds) == 1:
+        return "Cells with one seed show no ± (a spread over seeds needs at least two)."
+    return "± is the sample standard deviation over seeds."
 
 
 def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: dict[str, Any] | None,
-                 files: dict[str, str], extra: list[str] | None = None) -> str:
+                 files: dict[str, str], extra: list[str] | None = None,
+                 comparisons: pl.DataFrame | None = None) -> str:
     """Write report.md into out_dir (PNG links are relative) and return its path."""
     os.makedirs(out_dir, exist_ok=True)
     table = results_table(board)
@@ -90,13 +101,16 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
                f"score {layer_info['score']:.3f}; last-layer pair: {layer_info['last_score']:.3f}.", ""]
         if layer_info.get("heatmap"):
             md += [f"![layer similarity]({os.path.basename(layer_info['heatmap'])})", ""]
-    md += ["## Results (test split, mean ± std over seeds)", "",
-           "R@1 in %, zero-shot top-1 in %. `restored step / λ`: the early-stopping checkpoint and the "
-           "STRUCTURE weight in force there (mean over seeds).", "", _markdown_table(table), ""]
-    lines = [line for m in KEY_METRICS for line in findings(board, metric=m)]
-    lines += [x for x in (layer_rule_finding(board, m) for m in KEY_METRICS) if x]
-    if lines:
-        md += ["## What the numbers say", ""] + [f"- {line}" for line in lines] + [""]
+    md += ["## Results (test split, mean over seeds)", "",
+           "R@1 in %, zero-shot top-1 and balanced accuracy in %, beside the majority-class rate of the test split "
+           "(the accuracy of always guessing the most frequent class). " + _spread_note(board) +
+           " `restored step / λ`: the restored checkpoint and the STRUCTURE weight in force there (mean over seeds).",
+           "", _markdown_table(table), ""]
+    if comparisons is not None and comparisons.height:
+        seeds = int(comparisons["seeds"].min())
+        lines = [line for kind in ("objective", "layers") for m in KEY_METRICS for line in findings(comparisons, m, kind)]
+        md += ["## What the numbers say", ""] + _comparison_intro(comparisons, seeds)
+        md += [f"- {line}" for line in lines] + [""]
     for key, caption in (("recall_png", "R@1 vs training pairs"), ("zeroshot_png", "Zero-shot accuracy vs pairs")):
         if key in files:
             md += [f"![{caption}]({os.path.basename(files[key])})", ""]

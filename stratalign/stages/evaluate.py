@@ -4,6 +4,11 @@ Retrieval over the gallery of unique test images and all their captions, zero-sh
 the dataset's class names and templates through the chosen text layer and head, and the mutual-kNN
 alignment of the learned spaces. CoMM runs are scored by linear probes on labels instead, beside probes on
 each unimodal layer and on their concatenation.
+
+Besides the metrics, retrieval scoring keeps the per-query results (an R@k hit per gallery image and per
+caption, a zero-shot hit per image) that paired comparisons bootstrap over (core.stats); they are stored
+beside the run (store.runs: queries.safetensors) and recomputed from the weights for runs that lack them.
+An evaluation result names the dataset version (fingerprint) it ran on.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 
 from stratalign.core import scoring as E
 from stratalign.core.objectives import Evaluation, objective_named
+from stratalign.core.stats import majority_rate
 from stratalign.errors import StratalignError
 from stratalign.stages.prompts import class_prompts, prompt_features
 from stratalign.stages.run_config import ResolvedRun
@@ -22,10 +28,19 @@ from stratalign.stages.run_data import split_run_tensors, train_features_of
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store.datasets import PairDataset
 from stratalign.store.features import FeatureEntry, FeatureStore
-from stratalign.store.runs import RunRegistry
+from stratalign.store.runs import EVAL_FINGERPRINT, RunRegistry
 from stratalign.train import embed_features, fused_features, model_from_tensors
 
 TrainFeatures = tuple[np.ndarray, np.ndarray, np.ndarray]  # (image features, text features, labels)
+Queries = dict[str, np.ndarray]  # per-query results: hits per image / caption, the rows they are of
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Metrics of one evaluation (flat dict, in %) and its per-query results (empty for probe scoring)."""
+
+    metrics: dict[str, Any]
+    queries: Queries
 
 
 def _eval_entries(store: FeatureStore, run: ResolvedRun, dataset: str) -> tuple[FeatureEntry, FeatureEntry]:
@@ -72,10 +87,10 @@ class _TestData:
     dataset: PairDataset
 
 
-def evaluate_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: str | None = None,
-                   train_features: TrainFeatures | None = None) -> dict[str, Any]:
-    """All metrics of one model on a dataset's test split (flat dict of floats, in %), scored the way
-    the run's objective is evaluated."""
+def score_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: str | None = None,
+                train_features: TrainFeatures | None = None) -> Scored:
+    """All metrics of one model on a dataset's test split, scored the way the run's objective is evaluated,
+    with the per-query results (and the dataset rows of the queries) where the scoring has them."""
     dataset = dataset or run.dataset
     v, t = _eval_entries(store, run, dataset)
     vl, tl = run.vision_layer, run.text_layer
@@ -87,16 +102,27 @@ def evaluate_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: s
     out: dict[str, Any] = {"eval_dataset": dataset, "eval_images": len(gallery), "eval_captions": len(cap_rows),
                            "eval_bad_pairs_dropped": dropped}
     data = _TestData(t, tl, x_img, x_txt, txt_to_img, labels_all[gallery], ds)
-    scorer = _SCORERS[objective_named(run.objective).evaluation]
-    return {**out, **scorer(model, data, train_features)}
+    scored = _SCORERS[objective_named(run.objective).evaluation](model, data, train_features)
+    queries = scored.queries
+    if queries:
+        queries = {**queries, "image_rows": gallery.astype(np.int64), "caption_rows": cap_rows.astype(np.int64)}
+    return Scored({**out, **scored.metrics}, queries)
 
 
-def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures | None) -> dict[str, Any]:
+def evaluate_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: str | None = None,
+                   train_features: TrainFeatures | None = None) -> dict[str, Any]:
+    """All metrics of one model on a dataset's test split (flat dict of floats, in %), scored the way
+    the run's objective is evaluated."""
+    return score_model(store, run, model, dataset, train_features).metrics
+
+
+def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures | None) -> Scored:
     """Retrieval both ways, zero-shot classification (when the dataset has classes), mutual-kNN alignment."""
     out: dict[str, Any] = {}
     z_img = embed_features(model, data.x_img, "image")
     z_txt = embed_features(model, data.x_txt, "text")
-    out.update(E.retrieval_recall(z_img, z_txt, data.txt_to_img))
+    hits = E.retrieval_hits(z_img, z_txt, data.txt_to_img)
+    out.update(E.recall_of(hits))
     ds = data.dataset
     if ds.class_names and all(x is not None for x in data.labels):
         classes, templates, prompts = class_prompts(ds)
@@ -104,15 +130,21 @@ def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures 
         z_p = embed_features(model, p.astype(np.float32), "text").reshape(len(classes), len(templates), -1)
         class_of = {c: i for i, c in enumerate(classes)}
         y = np.array([class_of[x] for x in data.labels])
-        zs = E.zero_shot_classify(z_img, E.class_embeddings(z_p), y)
+        class_emb = E.class_embeddings(z_p)
+        zs = E.zero_shot_classify(z_img, class_emb, y)
         out.update({f"zs_{k}": v for k, v in zs.items()})
+        rank = E.zero_shot_ranks(z_img, class_emb, y)
+        hits["zs_top1"] = rank < 1
+        if len(classes) >= 5:
+            hits["zs_top5"] = rank < 5
+        hits["zs_true"] = y.astype(np.int64)
     if len(data.x_img) > 10:  # one caption per image: repeated image rows would be each other's neighbours
         first_caption = np.unique(data.txt_to_img, return_index=True)[1]
         out["alignment_mknn"] = 100.0 * E.alignment_score(z_img, z_txt[first_caption], k="rice")
-    return out
+    return Scored(out, hits)
 
 
-def _score_probe(model: Any, data: _TestData, train_features: TrainFeatures | None) -> dict[str, Any]:
+def _score_probe(model: Any, data: _TestData, train_features: TrainFeatures | None) -> Scored:
     """Linear probes on labels: the fused CLS output vs each unimodal layer vs their concatenation."""
     x_img, x_txt, txt_to_img, labels = data.x_img, data.x_txt, data.txt_to_img, data.labels
     if train_features is None:
@@ -136,23 +168,73 @@ def _score_probe(model: Any, data: _TestData, train_features: TrainFeatures | No
         else:
             baselines[name] = {k: round(v, 2) for k, v in res.items()}
     out["probe_baselines"] = baselines
-    return out
+    return Scored(out, {})
 
 
 _SCORERS = {Evaluation.RETRIEVAL: _score_retrieval, Evaluation.PROBE: _score_probe}
 
 
-def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = None) -> dict[str, Any]:
-    """Reload a run's heads from safetensors and evaluate them (on its dataset or another one)."""
-    registry = RunRegistry(store)
-    config, tensors, metrics = registry.load(run_id)
+def _rescore(store: FeatureStore, run_id: str, dataset: str | None) -> tuple[ResolvedRun, dict[str, Any], Scored]:
+    """(the run, its training metrics, its evaluation on `dataset`), the heads reloaded from safetensors."""
+    config, tensors, metrics = RunRegistry(store).load(run_id)
     run = ResolvedRun.from_config(config)
     weights, subset = split_run_tensors(tensors)
     model = model_from_tensors(config, weights)
     needs_train = objective_named(run.objective).evaluation.needs_train_features
     train_features = train_features_of(store, run, subset) if needs_train else None
-    res = evaluate_model(store, run, model, dataset, train_features=train_features)
-    if dataset and dataset != run.dataset and store.mode == "a":
-        registry.save_eval(run_id, dataset, res)
+    return run, metrics, score_model(store, run, model, dataset, train_features=train_features)
+
+
+def _queries_meta(run: ResolvedRun, scored: Scored, fingerprint: str) -> dict[str, str]:
+    meta = {"dataset": run.dataset, "dataset_fingerprint": fingerprint}
+    if "zs_true" in scored.queries:
+        meta["zs_majority"] = f"{majority_rate(scored.queries['zs_true']):.6f}"
+    return meta
+
+
+def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = None) -> dict[str, Any]:
+    """Reload a run's heads and evaluate them on its dataset or another one's test split.
+
+    The result names the dataset version it ran on (`eval_dataset_fingerprint`). On another dataset it is
+    written to runs/<id>/eval-<dataset>.json (path in `eval_file`; `previous_eval` says whether the result it
+    replaced was of the current dataset version or a stale one). On the run's own dataset the per-query
+    results are kept (queries.safetensors) and `dataset_changed` flags a dataset replaced since training."""
+    registry = RunRegistry(store)
+    run, metrics, scored = _rescore(store, run_id, dataset)
+    target = dataset or run.dataset
+    fingerprint = store.dataset(target).fingerprint
+    res = {**scored.metrics, EVAL_FINGERPRINT: fingerprint}
+    if target != run.dataset:
+        if store.mode == "a":
+            _, res["previous_eval"] = registry.stored_eval(run_id, target, fingerprint)
+            res["eval_file"] = registry.save_eval(run_id, target, {k: v for k, v in res.items()
+                                                                   if k not in ("previous_eval", "eval_file")})
+    else:
+        if fingerprint != run.dataset_fingerprint:
+            res["dataset_changed"] = (f"dataset {target!r} was replaced since run {run_id} was trained "
+                                      f"(fingerprint {run.dataset_fingerprint[:12]} then, {fingerprint[:12]} now): "
+                                      "these numbers are on the current version, metrics.json on the old one")
+        elif scored.queries and store.mode == "a":
+            registry.save_queries(run_id, scored.queries, _queries_meta(run, scored, fingerprint))
     kept = ("best_step", "lambda_at_best", "stopped_reason", "message", "restored_before_warmup")
     return {**{k: metrics.get(k) for k in kept if k in metrics}, **res}
+
+
+def run_queries(store: FeatureStore, run_id: str) -> tuple[Queries, dict[str, str]] | None:
+    """(per-query results, their metadata) of a run on its own test split: read from the run folder, or
+    recomputed from its weights (and kept, in a writable store) for runs that lack them. None for a run
+    scored by probes, or whose dataset was replaced since it was trained (its test split is gone)."""
+    registry = RunRegistry(store)
+    stored = registry.load_queries(run_id)
+    config = registry.config(run_id)
+    if stored is not None and stored[1].get("dataset_fingerprint") == config.get("dataset_fingerprint"):
+        return stored
+    if store.dataset(config["dataset"]).fingerprint != config.get("dataset_fingerprint"):
+        return None
+    run, _, scored = _rescore(store, run_id, None)
+    if not scored.queries:
+        return None
+    meta = _queries_meta(run, scored, run.dataset_fingerprint)
+    if store.mode == "a":
+        registry.save_queries(run_id, scored.queries, meta)
+    return scored.queries, meta

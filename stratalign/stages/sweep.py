@@ -1,7 +1,8 @@
 """Sweeps over n-pairs x seeds x objectives x layer rule x heads, each cell a run in the store.
 
 A cell's run id is the hash of its resolved config, so a cell already run is skipped. The leaderboard
-(Parquet + CSV) holds every metric as mean and std over seeds; plots show R@1 both ways and zero-shot
+(Parquet + CSV) holds every metric as mean and std over seeds; comparisons.csv the paired differences
+against the baseline with their bootstrap intervals (stages.compare); plots show R@1 both ways and zero-shot
 accuracy against n-pairs per objective.
 """
 
@@ -20,6 +21,7 @@ from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
+from stratalign.stages.compare import compare_runs
 from stratalign.stages.run_config import RunConfig, resolve_run
 from stratalign.stages.train import train_run
 from stratalign.store.features import FeatureStore
@@ -40,6 +42,7 @@ class SweepConfig:
     layer_rules: tuple[str, ...] = ("last", "auto")
     heads: tuple[str, ...] = ("linear",)
     skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
+    baseline: str = "clip"  # the objective every other one is compared with, cell by cell and seed by seed
 
     def cells(self) -> list[RunConfig]:
         """Every cell of the grid, once; an objective with its own head (csa) gets it, others skip it."""
@@ -73,6 +76,7 @@ class SweepResult:
     runs: pl.DataFrame
     leaderboard: pl.DataFrame
     files: dict[str, str] = field(default_factory=dict)
+    comparisons: pl.DataFrame = field(default_factory=pl.DataFrame)  # paired differences (report.compare)
 
 
 def run_table(registry: RunRegistry, run_ids: list[str]) -> pl.DataFrame:
@@ -118,7 +122,10 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     board = aggregate(runs.drop("run", "vision_layer", "text_layer"), by=CELL_COLUMNS, metrics=metrics)
     layers = runs.group_by("layer_rule").agg(pl.col("vision_layer").first(), pl.col("text_layer").first())
     board = board.join(layers, on="layer_rule", how="left")
-    result = SweepResult(run_ids, trained, skipped, runs, board)
+    comparisons, majority = compare_runs(store, runs, baseline=cfg.baseline)
+    if majority is not None:
+        board = board.with_columns(pl.lit(majority).alias("zs_majority"))
+    result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons)
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
     return result
@@ -133,10 +140,12 @@ def write_leaderboard(result: SweepResult, out_dir: str) -> dict[str, str]:
         "leaderboard_parquet": os.path.join(out_dir, "leaderboard.parquet"),
         "leaderboard_csv": os.path.join(out_dir, "leaderboard.csv"),
         "runs_csv": os.path.join(out_dir, "runs.csv"),
+        "comparisons_csv": os.path.join(out_dir, "comparisons.csv"),
     }
     result.leaderboard.write_parquet(files["leaderboard_parquet"])
     result.leaderboard.write_csv(files["leaderboard_csv"])
     result.runs.write_csv(files["runs_csv"])
+    result.comparisons.write_csv(files["comparisons_csv"])
     runs = result.runs.with_columns(
         pl.concat_str([pl.col("objective"), pl.lit(" / "), pl.col("layer_rule")]).alias("method"))
     t0 = time.perf_counter()

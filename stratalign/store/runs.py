@@ -3,7 +3,9 @@
     runs/<run id>/config.json          the resolved config (dataset fingerprint, encoders, layers, head, objective, ...)
     runs/<run id>/weights.safetensors  head weights (never pickle)
     runs/<run id>/metrics.json         training summary + evaluation results; written last: marks the run done
-    runs/<run id>/eval-<dataset>.json  evaluation on another dataset
+    runs/<run id>/eval-<dataset>.json  evaluation on another dataset (records that dataset's fingerprint)
+    runs/<run id>/queries.safetensors  per-query results on its own test split (hits per image / caption),
+                                       for paired comparisons; recomputable from the weights
 
 A run id is a hash of its config, so re-running an identical cell finds it done and skips it.
 """
@@ -13,8 +15,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
+from safetensors.numpy import load as np_load
+from safetensors.numpy import save as np_save
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -23,7 +28,10 @@ from stratalign.store.features import FeatureStore
 from stratalign.store.keys import run_id_of
 from stratalign.store.location import validate_key
 
-__all__ = ["RunRegistry", "run_id_of"]
+__all__ = ["QUERIES_FILE", "RunRegistry", "run_id_of"]
+
+QUERIES_FILE = "queries.safetensors"
+EVAL_FINGERPRINT = "eval_dataset_fingerprint"  # the key of an evaluation result that names its dataset version
 
 
 class RunRegistry:
@@ -70,12 +78,58 @@ class RunRegistry:
         validate_key(run_id, "run id")
         return self.loc.read_json("runs", run_id, "config.json")
 
-    def save_eval(self, run_id: str, dataset: str, result: dict[str, Any]) -> None:
-        """Keep a run's evaluation on another dataset beside it (runs/<id>/eval-<dataset>.json)."""
+    def save_eval(self, run_id: str, dataset: str, result: dict[str, Any]) -> str:
+        """Keep a run's evaluation on another dataset beside it (runs/<id>/eval-<dataset>.json); the result
+        must name the dataset version it ran on. Returns the path written."""
         self.store.require_writable()
         validate_key(run_id, "run id")
         validate_key(dataset, "dataset name")
+        if not result.get(EVAL_FINGERPRINT):
+            raise StratalignError(f"evaluation of run {run_id} on {dataset!r} does not record the dataset's "
+                                  f"fingerprint ({EVAL_FINGERPRINT}); refusing to store a result of unknown version")
         self.loc.write_json(result, "runs", run_id, f"eval-{dataset}.json")
+        return self.eval_path(run_id, dataset)
+
+    def eval_path(self, run_id: str, dataset: str) -> str:
+        validate_key(run_id, "run id")
+        validate_key(dataset, "dataset name")
+        return self.loc.path("runs", run_id, f"eval-{dataset}.json")
+
+    def stored_eval(self, run_id: str, dataset: str, fingerprint: str) -> tuple[dict[str, Any] | None, str]:
+        """(the stored evaluation on `dataset` if it ran on the version `fingerprint`, else None; its state):
+        state is 'current', 'absent', or 'stale' (another version of the dataset, or one written before
+        evaluations recorded their version): a stale result is never returned as current."""
+        validate_key(run_id, "run id")
+        validate_key(dataset, "dataset name")
+        if not self.loc.exists("runs", run_id, f"eval-{dataset}.json"):
+            return None, "absent"
+        result = self.loc.read_json("runs", run_id, f"eval-{dataset}.json")
+        if isinstance(result, dict) and result.get(EVAL_FINGERPRINT) == fingerprint:
+            return result, "current"
+        return None, "stale"
+
+    def save_queries(self, run_id: str, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+        """Per-query results of a run on its test split (bool hits, int rows) as safetensors, never pickle."""
+        self.store.require_writable()
+        validate_key(run_id, "run id")
+        blob = np_save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                       metadata={**{k: str(v) for k, v in meta.items()}, "run_id": run_id})
+        self.loc.write_bytes(blob, "runs", run_id, QUERIES_FILE)
+
+    def load_queries(self, run_id: str) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
+        """(arrays, metadata) of a run's per-query results, or None when the run has none (older runs)."""
+        validate_key(run_id, "run id")
+        if not self.loc.exists("runs", run_id, QUERIES_FILE):
+            return None
+        data = self.loc.read_bytes("runs", run_id, QUERIES_FILE)
+        try:
+            arrays = np_load(data)
+            n = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+        except Exception as exc:
+            raise StratalignError(f"per-query results of run {run_id} are unreadable ({type(exc).__name__}: {exc}); "
+                                  f"delete {self.loc.path('runs', run_id, QUERIES_FILE)} to recompute them") from None
+        return arrays, meta
 
     def metrics(self, run_id: str) -> dict[str, Any]:
         return self.loc.read_json("runs", run_id, "metrics.json")
