@@ -14,11 +14,13 @@ from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.stages.run_config import ResolvedRun
 from stratalign.stages.train import RunConfig, resolve_run, train_run
 
+# validation="carve": these runs carved their validation pairs from the train split, as every run did before
+# the dataset's own val split became the default (a new default, so new ids; the old runs keep theirs)
 CASES = {
-    "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1),
+    "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1, validation="carve"),
     "structure_pair": dict(layers="1,0", objective="clip+structure", head="mlp", n_pairs=None, seed=0,
                            options=(("max_steps", 7), ("warmup_steps", 3), ("lam", 5.0),
-                                    ("head_options", {"hidden": 8}))),
+                                    ("head_options", {"hidden": 8})), validation="carve"),
 }
 # (run id, sha256 of config.json) from 6907e8d; "_bad": one train image unreadable (bad_pairs_dropped > 0)
 PINNED = {
@@ -65,6 +67,21 @@ def test_run_ids_with_dropped_pairs_unchanged(store_with_dataset) -> None:
     extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, progress=False,
                                         skip_bad=True), load=load_tiny)
     _check(store, "_bad")
+
+
+def test_own_val_split_is_the_default_and_changes_the_id(store_with_dataset) -> None:
+    """The toy dataset has a val split: by default a run validates on it (METHOD.md 3.6), and says so."""
+    store, ds = store_with_dataset
+    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, progress=False),
+            load=load_tiny)
+    kw = {k: v for k, v in CASES["csa_last"].items() if k != "validation"}
+    run = resolve_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", **kw))
+    n_val_pairs = len(ds.pairs("val")[0])
+    assert run.validation == "split" and run.n_val == n_val_pairs > 0 and run.run_id != PINNED["csa_last"][0]
+    assert run.config_dict()["validation"] == "split" and "own val split" in run.validation_note()
+    assert ResolvedRun.from_config(json.loads(_config_bytes(run))) == run
+    carved = resolve_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", **CASES["csa_last"]))
+    assert carved.validation == "carved" and "carved from the train split" in carved.validation_note()
 
 
 def test_saved_config_missing_a_field_is_refused() -> None:

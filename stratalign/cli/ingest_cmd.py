@@ -27,6 +27,7 @@ def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], s
             store: Optional[str], **args: Any) -> None:
     """Read and validate the source, save it (unless the identical dataset is there), print what happened."""
     from stratalign.stages.sources import ingest_source
+    from stratalign.store.datasets import no_train_fix
     from stratalign.store.features import FeatureStore
 
     ds = ingest_source(source, name, seed=seed, skip_bad=skip_bad, limit=limit, **args)
@@ -36,6 +37,13 @@ def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], s
         console.print(f"[yellow]skipped[/yellow] {item['kind']} {item['id']}: {item['reason']}")
     summary = ", ".join(f"{k}={v}" for k, v in ds.summary().items())
     console.print(f"{'ingested' if written else 'already ingested (identical)'}: {summary}")
+    counts = ds.split_counts()
+    if not counts.get("train"):
+        console.print(f"[yellow]warning[/yellow]: dataset {ds.name!r} has no train split; "
+                      f"`layers` and `train` will refuse it: {no_train_fix(ds.name)}")
+    elif not counts.get("val"):
+        console.print(f"note: dataset {ds.name!r} has no val split; runs will carve their validation pairs "
+                      "from the train split (10 % of its images by default)")
 
 
 @ingest_app.command("coco")
@@ -80,7 +88,10 @@ def ingest_table(
     caption_col: str = typer.Option("caption", help="Column holding captions."),
     label_col: Optional[str] = typer.Option(None, help="Optional label column."),
     id_col: Optional[str] = typer.Option(None, help="Optional image id column."),
-    split_col: Optional[str] = typer.Option(None, help="Optional split column (train/val/test)."),
+    split_col: Optional[str] = typer.Option(None, help="Optional split column (train/val/test); without it a "
+                                            "70/10/20 split is drawn by --seed."),
+    group_col: Optional[str] = typer.Option(None, help="Optional group column: images of one group (one patient, "
+                                            "the variants of one item) always land in one split."),
     name: Optional[str] = NameOption,
     seed: int = SeedOption,
     limit: Optional[int] = LimitOption,
@@ -92,7 +103,8 @@ def ingest_table(
     if not table:
         raise StratalignError("table needs --table FILE (.csv/.tsv/.parquet/.jsonl)")
     _ingest("table", name, seed, limit, skip_bad, replace, store, table=table, image_col=image_col,
-            caption_col=caption_col, label_col=label_col, id_col=id_col, split_col=split_col, image_root=images)
+            caption_col=caption_col, label_col=label_col, id_col=id_col, split_col=split_col,
+            group_col=group_col, image_root=images)
 
 
 @ingest_app.command("twemoji")

@@ -27,8 +27,10 @@ def train_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Train alignment heads on cached features, evaluate on the test split, save the run."""
+    from stratalign.stages.run_config import ResolvedRun
     from stratalign.stages.train import RunConfig, train_run
     from stratalign.store.features import FeatureStore
+    from stratalign.store.runs import RunRegistry
 
     fs = FeatureStore.open(store_url(store), "a")
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
@@ -37,4 +39,5 @@ def train_cmd(
     res = train_run(fs, cfg, force=force)
     verb = "already in the store" if res.get("skipped") else f"trained in {res.get('train_seconds', 0):.2f}s"
     console.print(f"run {res['run_id']} ({verb})")
+    console.print(ResolvedRun.from_config(RunRegistry(fs).config(res["run_id"])).validation_note())
     print_metrics(res)

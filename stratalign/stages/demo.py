@@ -54,6 +54,11 @@ class DemoConfig:
         return cls(limit=limit, seeds=tuple(range(seeds)))
 
 
+def _split_words(ds: Any) -> str:
+    counts = ds.split_counts()
+    return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("train", "val", "test")) + " images"
+
+
 def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage; returns the timings, the layer choice, the leaderboard and the report path."""
@@ -62,8 +67,10 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     store = FeatureStore.open(store_url, "a", create=True)
     name = cfg.dataset if cfg.limit is None else f"{cfg.dataset}-{cfg.limit}"
     ds = ingest_source("twemoji", name, limit=cfg.limit)
-    written = store.save_dataset(ds)
-    log(f"[1/4] dataset {name}: {ds.images.height} pairs ({'ingested' if written else 'cached'})")
+    resplit = name in store.datasets() and store.dataset(name).content_fingerprint == ds.content_fingerprint
+    written = store.save_dataset(ds, replace=resplit)  # same images and captions: a new split, features kept
+    state = ("re-split: same content, cached features kept" if resplit else "ingested") if written else "cached"
+    log(f"[1/4] dataset {name}: {ds.images.height} pairs ({state})")
     timings["ingest"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -96,8 +103,10 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
 
     intro = [f"Embedded demo: {ds.images.height} Twemoji image-caption pairs (caption = Unicode name, "
              f"label = one of {len(ds.class_names)} categories), vision `{cfg.vision}`, text `{cfg.text}`, "
-             f"linear heads, seeds {list(cfg.seeds)}. Training pairs come from the train split "
-             f"(validation carved out of it), numbers are on the test split. n_pairs=None means all train pairs. "
+             f"linear heads, seeds {list(cfg.seeds)}. The split keeps the variants of one emoji (genders, family "
+             f"members, mirrored, flag aliases) together: {_split_words(ds)}. Training pairs come from the train "
+             f"split, checkpoints are chosen on the dataset's own val split, numbers are on the test split. "
+             f"n_pairs=None means all train pairs. "
              "Trainer settings sized for a CPU: " + ", ".join(f"{k}={v}" for k, v in cfg.train_options) +
              " (everything else as METHOD.md: tau 0.05, lambda 10, AdamW lr 1e-3, early stopping on the "
              "validation CLIP loss, no checkpoint before the warm-up ends)."
@@ -108,7 +117,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
                for info in layer_infos[1:]),
              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
     report = write_report(out_dir, title="stratalign demo: how much paired data, which layers, which objective?",
-                          board=sweep.leaderboard, layer_info=layer_infos[0], files=sweep.files, extra=intro)
+                          board=sweep.leaderboard, layer_info=layer_infos[0], files=sweep.files, extra=intro,
+                          comparisons=sweep.comparisons)
     return {"timings": timings, "layers": layer_infos, "leaderboard": sweep.leaderboard,
             "table": results_table(sweep.leaderboard), "report": report, "files": sweep.files,
             "trained": sweep.trained, "skipped": sweep.skipped}

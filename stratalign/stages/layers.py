@@ -38,9 +38,8 @@ def sample_train_pairs(store: FeatureStore, dataset: str, n: int, seed: int,
     """(image rows, caption rows, pairs dropped): n pairs from the TRAIN split, one caption per image, drawn
     with a seed, after dropping the pairs with a bad (placeholder) row in the (vision, text) `entries`."""
     ds = store.dataset(dataset)
+    ds.require_train_split("choose layers")
     pairs = PairRows(*ds.pairs("train"))
-    if len(pairs) == 0:
-        raise StratalignError(f"dataset {dataset!r} has no train split")
     dropped = 0
     if entries is not None:
         pairs, dropped = drop_bad_pairs(pairs, *entries)
@@ -69,6 +68,7 @@ def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute:
     """The L_vision x L_text matrix of every metric asked (cached in the store by its settings)."""
     from stratalign.core import similarity as M
 
+    store.dataset(cfg.dataset).require_train_split("choose layers")  # before anything else is read
     v_entry, t_entry = _entries(store, cfg)
     img_rows, cap_rows, dropped = sample_train_pairs(store, cfg.dataset, cfg.n, cfg.seed, (v_entry, t_entry))
     settings = {**asdict(cfg), "metrics": sorted(cfg.metrics), "vision_entry": v_entry.key,

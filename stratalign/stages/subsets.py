@@ -1,8 +1,9 @@
 """Training subsets: row selections over cached features, drawn from the TRAIN split only.
 
-Validation pairs for early stopping are carved out of the train split by image (an image's captions all
-land on one side), then the training subset is drawn from the rest with a seed. The evaluation split is
-never touched here.
+Validation pairs (checkpoint selection) are the dataset's own val split when it has one (METHOD.md 3.6);
+only a dataset without one gets them carved out of the train split, by image (an image's captions all land
+on one side) or by group where the dataset names groups. The training subset is drawn from the train pool
+with a seed. The evaluation split is never touched here.
 """
 
 from __future__ import annotations
@@ -41,17 +42,44 @@ def drop_bad_pairs(pairs: PairRows, image_entry: "FeatureEntry", text_entry: "Fe
     return PairRows(pairs.image_rows[~bad], pairs.caption_rows[~bad]), int(bad.sum())
 
 
+VALIDATION_CHOICES = ("auto", "split", "carve")
+SPLIT, CARVED = "split", "carved"  # where a run's validation pairs came from
+
+
+def validation_source(ds: PairDataset, choice: str = "auto") -> str:
+    """SPLIT (the dataset's own val split) or CARVED (from the train split) for a run's `validation` choice:
+    auto = the val split when the dataset has one, carved otherwise."""
+    if choice not in VALIDATION_CHOICES:
+        raise StratalignError(f"validation must be one of {VALIDATION_CHOICES}, not {choice!r}")
+    has_val = len(ds.pairs("val")[0]) > 0
+    if choice == "split" and not has_val:
+        raise StratalignError(f"dataset {ds.name!r} has no val split: use validation 'carve' (or 'auto') to carve "
+                              "validation pairs from the train split")
+    return SPLIT if choice == "split" or (choice == "auto" and has_val) else CARVED
+
+
+def validation_pairs(ds: PairDataset, source: str, val_fraction: float, seed: int) -> tuple[PairRows, PairRows]:
+    """(train pool, validation) pairs: the train and val splits (SPLIT), or carve_validation (CARVED)."""
+    ds.require_train_split("train a run")
+    if source == SPLIT:
+        return PairRows(*ds.pairs("train")), PairRows(*ds.pairs("val"))
+    return carve_validation(ds, val_fraction, seed)
+
+
 def carve_validation(ds: PairDataset, val_fraction: float, seed: int) -> tuple[PairRows, PairRows]:
-    """(train pool, validation) pairs of the train split, split by image with a seed."""
+    """(train pool, validation) pairs of the train split, split by image (by group when the dataset names
+    groups) with a seed."""
     img_rows, cap_rows = ds.pairs("train")
     if len(img_rows) == 0:
-        raise StratalignError(f"dataset {ds.name!r} has no train split pairs")
-    images = np.unique(img_rows)
+        ds.require_train_split("train a run")
+    groups = ds.groups
+    units = img_rows if groups is None else groups[img_rows]  # what is kept on one side
+    uniq = np.unique(units)
     rng = np.random.default_rng([seed, 7919])
-    n_val = int(round(len(images) * val_fraction)) if val_fraction > 0 else 0
-    n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(images) - 1)
-    val_images = rng.choice(images, size=n_val, replace=False) if n_val else np.array([], np.int64)
-    is_val = np.isin(img_rows, val_images)
+    n_val = int(round(len(uniq) * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(uniq) - 1)
+    val_units = rng.choice(uniq, size=n_val, replace=False) if n_val else uniq[:0]
+    is_val = np.isin(units, val_units)
     return PairRows(img_rows[~is_val], cap_rows[~is_val]), PairRows(img_rows[is_val], cap_rows[is_val])
 
 
@@ -63,8 +91,8 @@ def draw_subset(pool: PairRows, n_pairs: int | None, seed: int) -> PairRows:
         raise StratalignError(f"--n-pairs must be at least 2, got {n_pairs}")
     if n_pairs > len(pool):
         raise StratalignError(
-            f"subset of {n_pairs} pairs is larger than the train split allows ({len(pool)} train pairs after "
-            "carving validation pairs)"
+            f"subset of {n_pairs} pairs is larger than the train split allows ({len(pool)} train pairs, "
+            "validation pairs excluded)"
         )
     pick = np.sort(np.random.default_rng([seed, 104729]).choice(len(pool), size=n_pairs, replace=False))
     return PairRows(pool.image_rows[pick], pool.caption_rows[pick])

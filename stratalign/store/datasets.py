@@ -4,6 +4,12 @@ Features are stored once per image and once per caption (never once per pair), r
 these tables. Two fingerprints are kept: `content_fingerprint` (images' relative paths and bytes, the
 captions) keys the cached features, so re-splitting a dataset never re-encodes it; `fingerprint` also
 covers the split and labels and identifies this version of the dataset.
+
+Images may name a group (the variants of one emoji, the photos of one patient): a drawn split keeps every
+group in one split (the split is drawn per group from the seed), and a given split that puts one group in
+two splits is refused. Groups are kept in the images table's `group` column (only when there are any, so
+datasets without groups keep their bytes); regrouping changes the split, hence `fingerprint`, never
+`content_fingerprint` (no re-extraction).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class RawImage:
     relpath: str
     split: str | None = None
     label: str | None = None
+    group: str | None = None  # images of one group always land in one split
 
 
 @dataclass
@@ -68,6 +75,22 @@ class PairDataset:
     def templates(self) -> list[str]:
         return list(self.meta.get("templates") or DEFAULT_TEMPLATES)
 
+    @property
+    def groups(self) -> np.ndarray | None:
+        """The group of each image row (None when the dataset names no groups)."""
+        return self.images["group"].to_numpy() if "group" in self.images.columns else None
+
+    def split_counts(self) -> dict[str, int]:
+        """Images per split."""
+        counts = self.images.group_by("split").len()
+        return dict(zip(counts["split"].to_list(), counts["len"].to_list()))
+
+    def require_train_split(self, doing: str) -> None:
+        """Refuse (one line, with the fix) to `doing` on a dataset that has no train images."""
+        if self.split_counts().get("train", 0) == 0:
+            raise StratalignError(f"dataset {self.name!r} has no train split, so it cannot be used to {doing}: "
+                                  + no_train_fix(self.name))
+
     def image_rows(self, split: str | None = None) -> np.ndarray:
         """Row indices of the images of a split (all rows when split is None)."""
         if split is None:
@@ -91,6 +114,7 @@ class PairDataset:
             "captions": self.captions.height,
             "splits": dict(zip(counts["split"].to_list(), counts["len"].to_list())),
             "classes": len(self.class_names),
+            **({"groups": int(self.images["group"].n_unique())} if "group" in self.images.columns else {}),
             "skipped": len(self.meta.get("skipped", [])),
             "fingerprint": self.fingerprint[:16],
         }
@@ -113,6 +137,13 @@ def _check_image(path: str) -> tuple[str | None, str | None]:
     except Exception as exc:  # PIL raises many types for corrupt data
         return None, f"corrupt image ({type(exc).__name__}: {str(exc)[:60]})"
     return hashlib.blake2b(data, digest_size=16).hexdigest(), None
+
+
+def no_train_fix(name: str) -> str:
+    """The fix for a dataset without train images (ingest warns with it, layers and train refuse with it)."""
+    return (f"ingest it again (--replace) with a split column that marks train rows (--split-col), or without "
+            f"--split-col to draw a 70/10/20 train/val/test split by --seed; as it is, {name!r} can only be "
+            f"evaluated on (`stratalign eval --run RUN --dataset {name}`)")
 
 
 def split_of(image_id: str, seed: int, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
@@ -188,21 +219,37 @@ def _readable_images(images: list[RawImage], reject: _Rejects, workers: int) -> 
     return [(im, sha) for im, (sha, reason) in zip(images, checks) if reason is None]
 
 
+def _check_group_splits(name: str, images: list[RawImage]) -> None:
+    """A given split must keep each group in one split (else near-duplicates leak across splits)."""
+    seen: dict[str, set[str]] = {}
+    for im in images:
+        if im.group is not None and im.split is not None:
+            seen.setdefault(im.group, set()).add(im.split)
+    torn = sorted(g for g, s in seen.items() if len(s) > 1)
+    if torn:
+        raise StratalignError(f"{len(torn)} group(s) of dataset {name!r} span several splits: {preview(torn)} "
+                              "(put each group in one split in the split column, or drop --group-col)")
+
+
 def _tables(good: list[tuple[RawImage, str]], captions: list[RawCaption], seed: int,
             fractions: tuple[float, float, float]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The images and captions tables (captions point at their image's row)."""
-    images_df = pl.DataFrame(
-        {
-            "image_id": [im.image_id for im, _ in good],
-            "path": [im.path for im, _ in good],
-            "relpath": [im.relpath for im, _ in good],
-            "sha": [sha for _, sha in good],
-            "split": [im.split or split_of(im.image_id, seed, fractions) for im, _ in good],
-            "label": [im.label for im, _ in good],
-        },
-        schema={"image_id": pl.String, "path": pl.String, "relpath": pl.String, "sha": pl.String,
-                "split": pl.String, "label": pl.String},
-    )
+    """The images and captions tables (captions point at their image's row); a drawn split is drawn per group
+    (an image without a group is its own group), and the `group` column is there only when groups are."""
+    columns: dict[str, list] = {
+        "image_id": [im.image_id for im, _ in good],
+        "path": [im.path for im, _ in good],
+        "relpath": [im.relpath for im, _ in good],
+        "sha": [sha for _, sha in good],
+        "split": [im.split or split_of(im.image_id if im.group is None else f"group:{im.group}", seed, fractions)
+                  for im, _ in good],
+        "label": [im.label for im, _ in good],
+    }
+    schema = {"image_id": pl.String, "path": pl.String, "relpath": pl.String, "sha": pl.String,
+              "split": pl.String, "label": pl.String}
+    if any(im.group is not None for im, _ in good):
+        columns["group"] = [im.group if im.group is not None else im.image_id for im, _ in good]
+        schema["group"] = pl.String
+    images_df = pl.DataFrame(columns, schema=schema)
     row_of = {iid: i for i, iid in enumerate(images_df["image_id"].to_list())}
     captions_df = pl.DataFrame(
         {
@@ -237,6 +284,7 @@ def build_dataset(
     if not images:
         raise StratalignError(f"dataset {name!r} has no images")
     reject = _Rejects(name, skip_bad)
+    _check_group_splits(name, images)
     images = _valid_images(images, reject)
     captions = _valid_captions(captions, images, reject)
     good = _readable_images(images, reject, workers)
