@@ -38,8 +38,10 @@ VOLATILE = {
     "layers": ("seconds",),  # layer results: read and compute timings
     "metrics.json": ("train_seconds", "train_loop_seconds"),  # run metrics: training timings
 }
-# Added since 3d4de15: an evaluation on another dataset names the dataset version it ran on.
+# Added since 3d4de15: an evaluation on another dataset names the dataset version it ran on, and a run keeps its
+# per-query results (for paired comparisons) beside its metrics.
 ADDED_EVAL_FIELD = "eval_dataset_fingerprint"
+ADDED_RUN_FILE = "queries.safetensors"
 
 
 def _generator():
@@ -166,6 +168,9 @@ def test_rebuilt_by_current_code_is_the_same_store(tmp_path: Path) -> None:
     made = GEN.build(tmp_path / "new", load_tiny)
     assert made["layer_key"] == LAYER_KEY and made["run_ids"] == RUN_IDS
     old_files, new_files = _tree(FIXTURE), _tree(tmp_path / "new")
+    added = sorted(p for p in new_files if p.endswith("/" + ADDED_RUN_FILE))
+    assert added == sorted(f"store/runs/{rid}/{ADDED_RUN_FILE}" for rid in RUN_IDS)  # every run is scored by retrieval
+    new_files = {p: b for p, b in new_files.items() if p not in added}
     assert sorted(new_files) == sorted(old_files)
     assert GRAPH_FILE in new_files and PROMPT_FILE in new_files
     assert {p.split("/")[2] for p in new_files if p.startswith("store/features/") and p.count("/") > 2} == ENTRY_KEYS

@@ -56,6 +56,7 @@ def _run(fs: FeatureStore, objective: str = "clip", seed: int = 0) -> str:
 def test_queries_recomputed_from_weights_match_the_run_metrics(store, monkeypatch) -> None:
     rid = _run(store)
     registry = RunRegistry(store)
+    assert registry.load_queries(rid) is not None  # kept by train_run
     registry.loc.remove("runs", rid, QUERIES_FILE)  # as a run trained before per-query results existed
     queries, meta = ev.run_queries(store, rid)
     metrics = registry.metrics(rid)
@@ -68,6 +69,9 @@ def test_queries_recomputed_from_weights_match_the_run_metrics(store, monkeypatc
     counts = np.bincount(queries["zs_true"])
     assert float(meta["zs_majority"]) == pytest.approx(100 * counts.max() / counts.sum())
     assert meta["dataset_fingerprint"] == ds.fingerprint
+    from stratalign.store.verify import verify_store
+
+    assert [f.status for f in verify_store(store).findings if f.target == rid] == ["ok"]
     monkeypatch.setattr(ev, "_rescore", lambda *a, **k: pytest.fail("recomputed although stored"))
     again, _ = ev.run_queries(store, rid)
     assert all(np.array_equal(again[k], queries[k]) for k in queries)

@@ -43,6 +43,8 @@ _LINES = {
     ("shard", "corrupt"): "[red]corrupt[/red] {target} shard {shard} layer {layer}: {message}",
     ("entry", "incomplete"): "[yellow]incomplete[/yellow] {target}: {message}",
     ("entry", "ok"): "[green]ok[/green] {target} ({message})",
+    ("run", "ok"): "[green]ok[/green] run {target} ({message})",
+    ("run", "broken"): "[red]broken[/red] run {target}: {message}",
 }
 
 

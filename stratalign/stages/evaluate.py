@@ -220,6 +220,12 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
     return {**{k: metrics.get(k) for k in kept if k in metrics}, **res}
 
 
+def save_run_queries(store: FeatureStore, run: ResolvedRun, scored: Scored) -> None:
+    """Keep the per-query results of a run's evaluation on its own test split (train_run calls this)."""
+    if scored.queries and store.mode == "a":
+        RunRegistry(store).save_queries(run.run_id, scored.queries, _queries_meta(run, scored, run.dataset_fingerprint))
+
+
 def run_queries(store: FeatureStore, run_id: str) -> tuple[Queries, dict[str, str]] | None:
     """(per-query results, their metadata) of a run on its own test split: read from the run folder, or
     recomputed from its weights (and kept, in a writable store) for runs that lack them. None for a run

@@ -14,7 +14,7 @@ import numpy as np
 
 from stratalign.core.objectives import objective_named
 from stratalign.errors import StratalignError
-from stratalign.stages.evaluate import evaluate_model
+from stratalign.stages.evaluate import save_run_queries, score_model
 from stratalign.stages.run_config import RUN_FLAGS, ResolvedRun, RunConfig, resolve_run, run_entries
 from stratalign.stages.run_data import gather, subset_tensors
 from stratalign.stages.subsets import PairRows
@@ -57,10 +57,11 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | No
     train_s = time.perf_counter() - t0
     labels = store.dataset(cfg.dataset).images["label"].to_numpy()[pairs.image_rows[train_idx]]
     metrics = {"run_id": rid, "train_seconds": round(train_s, 3), **summary}
-    metrics.update(evaluate_model(store, run, model, cfg.dataset, train_features=(x_img[train_idx],
-                                                                                  x_txt[train_idx], labels)))
+    scored = score_model(store, run, model, cfg.dataset, train_features=(x_img[train_idx], x_txt[train_idx], labels))
+    metrics.update(scored.metrics)
     tensors = {**model_tensors(model), **subset_tensors(subset)}
     registry.save(rid, run.config_dict(), tensors, metrics)
+    save_run_queries(store, run, scored)  # after the done mark: a run without them recomputes them when compared
     return {"run_id": rid, "skipped": False, **metrics}
 
 

@@ -11,8 +11,9 @@ from typing import Literal
 
 from stratalign.errors import StratalignError
 from stratalign.store.features import FeatureStore
+from stratalign.store.runs import RunRegistry
 
-Kind = Literal["dataset", "group", "entry", "shard"]
+Kind = Literal["dataset", "group", "entry", "shard", "run"]
 Status = Literal["ok", "broken", "corrupt", "incomplete"]
 
 
@@ -98,6 +99,21 @@ def verify_entries(store: FeatureStore) -> list[Finding]:
     return out
 
 
+def verify_runs(store: FeatureStore) -> list[Finding]:
+    """Read back the per-query results of every run that has them (a broken file is recomputable: delete it)."""
+    registry, out = RunRegistry(store), []
+    for rid in registry.ids():
+        try:
+            got = registry.load_queries(rid)
+        except StratalignError as exc:
+            out.append(Finding("run", "broken", rid, str(exc)))
+            continue
+        if got is not None:
+            out.append(Finding("run", "ok", rid, f"per-query results of {len(got[0].get('image_rows', []))} images"))
+    return out
+
+
 def verify_store(store: FeatureStore) -> VerifyReport:
-    """Every dataset and every entry of the store, checked (see the module docstring)."""
-    return VerifyReport(url=store.url, findings=tuple(verify_datasets(store) + verify_entries(store)))
+    """Every dataset, entry and run per-query file of the store, checked (see the module docstring)."""
+    return VerifyReport(url=store.url,
+                        findings=tuple(verify_datasets(store) + verify_entries(store) + verify_runs(store)))
