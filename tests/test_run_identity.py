@@ -15,7 +15,10 @@ from stratalign.stages.run_config import ResolvedRun
 from stratalign.stages.train import RunConfig, resolve_run, train_run
 
 CASES = {
-    "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1),
+    # the csa of 6907e8d was STRUCTURE's cosine baseline: asked for by name, it keeps its id (csa_k and
+    # csa_similarity at their legacy values are not recorded)
+    "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1,
+                     options=(("csa_similarity", "cosine"),)),
     "structure_pair": dict(layers="1,0", objective="clip+structure", head="mlp", n_pairs=None, seed=0,
                            options=(("max_steps", 7), ("warmup_steps", 3), ("lam", 5.0),
                                     ("head_options", {"hidden": 8}))),
