@@ -75,7 +75,7 @@ def test_every_default_in_its_grid_and_grids_name_knobs():
             assert len(values) >= 3 and getattr(cfg, knob) in values, (o.name, knob, getattr(cfg, knob))
     grids = {o.name: dict(o.grid) for o in O.REGISTRY}
     assert grids["clip+structure"]["lam"] == (1.0, 3.0, 10.0, 30.0)
-    assert grids["clip+ib"]["beta"] == grids["clip+vib"]["beta"] == (0.1, 0.3, 1.0, 3.0)
+    assert grids["clip+ib"]["beta"] == grids["clip+vib"]["beta"] == (0.3, 1.0, 3.0, 10.0)
     assert {"csa_k", "csa_ridge"} <= set(grids["csa"])
 
 

@@ -199,11 +199,17 @@ class Objective:
 
 
 TRAINED_HEADS = ("linear", "mlp", "residual")
-IB_BETA = 1.0  # measured on Twemoji (validation): 0.01 changes nothing, 1 moves the mean positive cosine
-VIB_BETA = 1.0
+# Defaults and grids chosen on the Twemoji pairs (DINOv2-S layer 11 x MiniLM layer 6, all 1,219 training pairs,
+# seeds 0-2, the demo's CPU trainer settings), by the mean rsum on each run's carved validation pairs, the
+# selection metric of METHOD 3.6. IB: beta 0.01 and 0.1 change nothing measurable (mean positive cosine 0.22),
+# beta 3 had the best validation rsum (277 vs CLIP's 265) and moves the positive cosine to 0.66. VIB (s = 0.05):
+# validation rsum rises with beta (271, 280, 286 at 0.1, 1, 3). The best value sits at the grids' upper edge,
+# so the beta grid reaches 10.
+IB_BETA = 3.0
+VIB_BETA = 3.0
 STRUCTURE_GRID = (("lam", (1.0, 3.0, 10.0, 30.0)),)
-BETA_GRID = (("beta", (0.1, 0.3, 1.0, 3.0)),)
-CSA_GRID = (("csa_k", (16, 32, 64, 128)), ("csa_ridge", (0.01, 0.1, 1.0)))
+BETA_GRID = (("beta", (0.3, 1.0, 3.0, 10.0)),)
+CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
 
 REGISTRY: tuple[Objective, ...] = (
     Objective("clip", "symmetric InfoNCE (METHOD 3.1)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
