@@ -105,3 +105,31 @@ def test_train_comm_and_fused_features(tmp_path):
     again = load_heads(path)
     assert isinstance(again, CommModel)
     assert np.array_equal(fused_features(again, xi, xt), f)
+
+
+def test_final_layernorm_before_cls_is_there_and_trained():
+    """As the original models/mmfusion.py: the fused CLS output goes through a final LayerNorm, whose weights
+    train; a model saved before it existed (config without final_norm) rebuilds without it."""
+    from stratalign.core.heads import build_model
+
+    torch.manual_seed(0)
+    model = CommModel(10, 6, dim=32, heads=8)
+    assert isinstance(model.ln_f, torch.nn.LayerNorm) and model.config["options"]["final_norm"] is True
+    xi, xt = torch.randn(7, 10) * 5 + 3, torch.randn(7, 6)
+    with torch.no_grad():
+        fused = model.fuse(xi, xt)  # at init the LayerNorm's affine is the identity: rows of mean 0, std 1
+    assert torch.allclose(fused.mean(1), torch.zeros(7), atol=1e-5)
+    assert torch.allclose(fused.var(1, unbiased=False), torch.ones(7), atol=1e-3)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((96, 10)).astype(np.float32), rng.standard_normal((96, 6)).astype(np.float32)
+    cfg = TrainConfig(objective="comm", comm_dim=16, comm_out=8, comm_heads=2, batch_size=32, max_steps=6,
+                      eval_every=2, patience=100)
+    assert cfg.comm_final_norm is True
+    trained = train_comm(a, b, np.arange(64), np.arange(64, 96), cfg).model
+    assert not torch.allclose(trained.ln_f.weight, torch.ones(16))  # it is trained, not a fixed normalisation
+    old = {k: v for k, v in model.config["options"].items() if k != "final_norm"}
+    legacy = build_model({"type": "comm", "options": old})
+    assert isinstance(legacy.ln_f, torch.nn.Identity)
+    legacy.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ln_f.")}, strict=True)
+    unnormed = TrainConfig(objective="comm", comm_final_norm=False)
+    assert unnormed.comm_final_norm is False and "comm_final_norm" not in unnormed.to_dict()

@@ -1,4 +1,5 @@
-"""Heads: shapes, normalised outputs, a gate that learns, config round trips, CSA on planted data."""
+"""Heads: shapes, normalised outputs, a gate that learns, config round trips, CSA on planted data and against a
+direct implementation of the paper's weighted_corr_sim."""
 
 from __future__ import annotations
 
@@ -100,10 +101,10 @@ def test_csa_recovers_planted_subspace():
     ci = embed(model, xi[600:], "image")
     ct = embed(model, xt[600:], "text")
     assert torch.allclose(ci.norm(dim=1), torch.ones(200), atol=1e-5)
-    # held-out canonical variates (before normalisation) are strongly correlated per direction
+    # held-out canonical variates (before weighting and normalisation) are strongly correlated per direction
     with torch.no_grad():
-        ui = model.image.features(torch.from_numpy(xi[600:])).numpy()
-        ut = model.text.features(torch.from_numpy(xt[600:])).numpy()
+        ui = model.image.variates(torch.from_numpy(xi[600:])).numpy()
+        ut = model.text.variates(torch.from_numpy(xt[600:])).numpy()
     corr = [np.corrcoef(ui[:, j], ut[:, j])[0, 1] for j in range(4)]
     assert min(corr) > 0.75, corr
     assert float(model.correlations[0]) > 0.9
@@ -114,8 +115,8 @@ def test_csa_recovers_planted_subspace():
 
 def test_csa_caps_dim_and_round_trips_as_tensors():
     xi, xt = _planted(n=100)
-    model = fit_csa(xi, xt, dim=512, ridge=1e-2)
-    assert model.image.config["d_out"] == 14
+    model = fit_csa(xi, xt, dim=512, ridge=1e-2, k=0)
+    assert model.correlations.numel() == 14 and model.image.config["d_out"] == 14 + 2  # + the two padding slots
     tensors = model_tensors(model)
     assert all(isinstance(v, torch.Tensor) for v in tensors.values())
     again = model_from_tensors(None, tensors)
@@ -141,3 +142,85 @@ def test_csa_bad_input():
         fit_csa(np.zeros((5, 3)), np.zeros((4, 3)), dim=2)
     with pytest.raises(StratalignError, match="NaN"):
         fit_csa(np.full((5, 3), np.nan), np.zeros((5, 3)), dim=2)
+
+
+# --------------------------------------------------------------------------- CSA as published
+
+
+def _naive_csa(x: np.ndarray, y: np.ndarray, ridge: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge CCA the textbook way, independent of fit_csa: the generalised eigenproblem
+    C_xy C_yy^-1 C_yx w = rho^2 C_xx w (scipy), then w_y = C_yy^-1 C_yx w_x / rho. Returns (canonical variates of
+    x, of y, correlations) of the top k directions."""
+    import scipy.linalg
+
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    n = len(x)
+    cxx, cyy, cxy = xc.T @ xc / (n - 1), yc.T @ yc / (n - 1), xc.T @ yc / (n - 1)
+    cxx = cxx + ridge * np.trace(cxx) / len(cxx) * np.eye(len(cxx))
+    cyy = cyy + ridge * np.trace(cyy) / len(cyy) * np.eye(len(cyy))
+    m = cxy @ np.linalg.solve(cyy, cxy.T)
+    vals, vecs = scipy.linalg.eigh(m, cxx)  # w^T C_xx w = 1
+    order = np.argsort(vals)[::-1][:k]
+    rho = np.sqrt(vals[order])
+    wx = vecs[:, order]
+    wy = np.linalg.solve(cyy, cxy.T @ wx) / rho
+    return xc @ wx, yc @ wy, rho
+
+
+def _naive_weighted_corr_sim(u: np.ndarray, v: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """The paper's weighted_corr_sim for every (image, text) pair, with explicit loops: both rows normalised
+    over the kept directions, then sum_i rho_i u_i v_i."""
+    out = np.zeros((len(u), len(v)))
+    for a in range(len(u)):
+        ua = u[a] / np.sqrt(sum(c * c for c in u[a]))
+        for b in range(len(v)):
+            vb = v[b] / np.sqrt(sum(c * c for c in v[b]))
+            out[a, b] = sum(rho[i] * ua[i] * vb[i] for i in range(len(rho)))
+    return out
+
+
+@pytest.mark.parametrize("ridge,k", [(0.1, 3), (1.0, 5)])
+def test_csa_weighted_score_equals_direct_weighted_corr_sim(ridge, k):
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((200, 7)), rng.standard_normal((200, 6))
+    y[:, :3] += x[:, :3] @ rng.standard_normal((3, 3))  # some shared signal, distinct correlations
+    model = fit_csa(x, y, ridge=ridge, k=k)
+    assert model.similarity == "weighted"
+    u, v, rho = _naive_csa(x, y, ridge, k)
+    assert np.allclose(model.correlations.numpy(), rho, atol=1e-5)
+    xq, yq = x[:15], y[:12]  # queries and gallery rows
+    want = _naive_weighted_corr_sim(u[:15], v[:12], rho)
+    zi, zt = embed(model, xq.astype(np.float32), "image"), embed(model, yq.astype(np.float32), "text")
+    assert torch.allclose(zi.norm(dim=1), torch.ones(15), atol=1e-5)  # unit vectors, as the search expects
+    assert np.allclose((zi @ zt.T).numpy(), want, atol=1e-5)
+
+
+def test_csa_k_and_ridge_act():
+    xi, xt = _planted(n=400)
+    base = fit_csa(xi, xt, ridge=0.1, k=8)
+    fewer = fit_csa(xi, xt, ridge=0.1, k=2)
+    stronger = fit_csa(xi, xt, ridge=1.0, k=8)
+    assert base.correlations.numel() == 8 and fewer.correlations.numel() == 2
+    assert base.image.config["d_out"] == 10 and fewer.image.config["d_out"] == 4
+    # a larger ridge shrinks every canonical correlation
+    assert (stronger.correlations < base.correlations - 1e-3).all()
+    s = {name: (embed(m, xi[:50], "image") @ embed(m, xt[:50], "text").T).numpy()
+         for name, m in (("base", base), ("fewer", fewer), ("stronger", stronger))}
+    assert np.abs(s["base"] - s["fewer"]).max() > 0.05 and np.abs(s["base"] - s["stronger"]).max() > 0.05
+
+
+def test_csa_cosine_option_is_structures_baseline():
+    """similarity=cosine keeps the plain cosine over the kept directions and the config older stores hold."""
+    xi, xt = _planted(n=300)
+    model = fit_csa(xi, xt, ridge=1e-3, k=0, similarity="cosine")
+    assert model.image.config == {"kind": "csa", "d_in": xi.shape[1], "d_out": min(xi.shape[1], xt.shape[1])}
+    with torch.no_grad():
+        u = model.image.variates(torch.from_numpy(xi))
+    assert torch.allclose(embed(model, xi, "image"), torch.nn.functional.normalize(u, dim=1), atol=1e-6)
+    weighted = fit_csa(xi, xt, ridge=1e-3, k=0)
+    again = model_from_tensors(None, model_tensors(weighted))
+    assert again.similarity == "weighted" and torch.equal(embed(again, xi, "image"), embed(weighted, xi, "image"))
+    with pytest.raises(StratalignError, match="similarity"):
+        fit_csa(xi, xt, similarity="dot")
+    with pytest.raises(StratalignError, match="k must be"):
+        fit_csa(xi, xt, k=-1)

@@ -17,7 +17,10 @@ from stratalign.stages.train import RunConfig, resolve_run, train_run
 # validation="carve": these runs carved their validation pairs from the train split, as every run did before
 # the dataset's own val split became the default (a new default, so new ids; the old runs keep theirs)
 CASES = {
-    "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1, validation="carve"),
+    # the csa of 6907e8d was STRUCTURE's cosine baseline: asked for by name, it keeps its id (csa_k and
+    # csa_similarity at their legacy values are not recorded)
+    "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1, validation="carve",
+                     options=(("csa_similarity", "cosine"),)),
     "structure_pair": dict(layers="1,0", objective="clip+structure", head="mlp", n_pairs=None, seed=0,
                            options=(("max_steps", 7), ("warmup_steps", 3), ("lam", 5.0),
                                     ("head_options", {"hidden": 8})), validation="carve"),

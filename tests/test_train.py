@@ -224,7 +224,10 @@ def test_defaults_equal_method_md():
     assert cfg.batch_size == 4096 and cfg.tau == 0.05 and cfg.lam == 10.0
     assert cfg.warmup_steps == 1000 and cfg.warmup_fraction is None and cfg.resolved_warmup() == 0
     assert TrainConfig(objective="clip+structure").resolved_warmup() == 1000
-    assert cfg.knn_k == 10 and cfg.beta == 0.01 and cfg.vib_scale == 1.0 and cfg.comm_tau == 0.1
+    assert cfg.knn_k == 10 and cfg.comm_tau == 0.1
+    # beta and the VIB scale are the objective's (3.4): s = 0.05 for VIB; clip records the values older runs hold
+    assert TrainConfig(objective="clip+vib").vib_scale == 0.05 and TrainConfig(objective="clip+ib").beta >= 0.1
+    assert cfg.beta == 0.01 and cfg.vib_scale == 1.0
     assert cfg.dim == 512 and cfg.levels == 1 and cfg.weighting == "none" and cfg.js == "reference"
     assert inspect.signature(losses_mod.clip_loss).parameters["tau"].default == 0.05
     assert inspect.signature(losses_mod.structure_regularizer).parameters["tau"].default == 0.05

@@ -1,7 +1,8 @@
 """CoMM on cached features (METHOD.md section 3.5).
 
 A fusion module reads one token per modality (a Linear from each cached pooled layer to d), prepends
-a learned CLS token, runs one pre-LayerNorm transformer block (8 heads) and returns the CLS output;
+a learned CLS token, runs one pre-LayerNorm transformer block (8 heads), applies a final LayerNorm (as the
+original models/mmfusion.py does before taking the CLS token) and returns the CLS output;
 a projection MLP (Linear-BN-ReLU-Linear-BN-ReLU-Linear) maps it to 256-d for the loss. A masked
 modality is removed from attention (key padding), so "image only" really sees only the image token.
 """
@@ -24,7 +25,7 @@ class CommModel(nn.Module):
     """Fusion encoder + projection head; `config` rebuilds it (`CommModel(**config["options"])`)."""
 
     def __init__(self, d_img: int, d_txt: int, dim: int = 512, heads: int = 8, out_dim: int = 256,
-                 mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+                 mlp_ratio: int = 4, dropout: float = 0.0, final_norm: bool = True) -> None:
         super().__init__()
         for name, v in (("d_img", d_img), ("d_txt", d_txt), ("dim", dim), ("heads", heads),
                         ("out_dim", out_dim), ("mlp_ratio", mlp_ratio)):
@@ -40,18 +41,20 @@ class CommModel(nn.Module):
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(mlp_ratio * dim, dim))
+        # the final LayerNorm of the original fusion; final_norm=False rebuilds models saved before it existed
+        self.ln_f = nn.LayerNorm(dim) if final_norm else nn.Identity()
         self.proj = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(),
                                   nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(),
                                   nn.Linear(dim, out_dim))
         self.options = {"d_img": d_img, "d_txt": d_txt, "dim": dim, "heads": heads, "out_dim": out_dim,
-                        "mlp_ratio": mlp_ratio, "dropout": float(dropout)}
+                        "mlp_ratio": mlp_ratio, "dropout": float(dropout), "final_norm": bool(final_norm)}
 
     @property
     def config(self) -> dict[str, Any]:
         return {"type": "comm", "options": dict(self.options)}
 
     def fuse(self, x_img: torch.Tensor, x_txt: torch.Tensor, mask: str = "both") -> torch.Tensor:
-        """CLS output of the fusion block; mask in image | text | both (which tokens are visible)."""
+        """CLS output of the fusion block (after the final LayerNorm); mask in image | text | both (which tokens are visible)."""
         if mask not in MASKS:
             raise StratalignError(f"CoMM mask must be one of {MASKS}, not {mask!r}")
         n = x_img.shape[0]
@@ -65,7 +68,7 @@ class CommModel(nn.Module):
         seq = seq + self.attn(h, h, h, key_padding_mask=pad if mask != "both" else None,
                               need_weights=False)[0]
         seq = seq + self.mlp(self.ln2(seq))
-        return seq[:, 0]
+        return self.ln_f(seq)[:, 0]
 
     def forward(self, x_img: torch.Tensor, x_txt: torch.Tensor, mask: str = "both") -> torch.Tensor:
         """Projected (un-normalised) 256-d output used by the loss."""

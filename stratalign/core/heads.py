@@ -3,7 +3,8 @@
 Every head returns L2-normalised rows. A head carries `config` (a JSON-able dict) so that
 `build_head(**config)` rebuilds it before its tensors are loaded; nothing is ever pickled.
 The variational wrapper (for VIB, section 3.4) returns (mu, logvar) instead, with logvar = tanh(.).
-CSA is closed form: ridge-regularised CCA between the centred features of the two layers.
+CSA is closed form: ridge-regularised CCA between the centred features of the two layers, top-k
+directions, pairs scored by the correlation-weighted similarity (or, as STRUCTURE's baseline, a plain cosine).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from stratalign.errors import StratalignError
 
 HEAD_KINDS = ("linear", "mlp", "residual", "csa")
+VIB_SCALE = 0.05  # s in z = mu + s * sigma * eps (METHOD 3.4)
 
 
 def _check_dims(**dims: int) -> None:
@@ -109,7 +111,8 @@ class VariationalHead(nn.Module):
     """VIB head (section 3.4): a base head of width 2*d_out whose halves are mu and logvar = tanh(.).
 
     forward(x) -> (mu, logvar), both (n, d_out), mu NOT normalised (the KL uses it as is);
-    `sample` gives z = normalise(mu + s * sigma * eps); at evaluation z = normalise(mu) (`embed`).
+    `sample` gives z = normalise(mu + s * sigma * eps), s = 0.05 by default; at evaluation
+    z = normalise(mu) (`embed`).
     """
 
     def __init__(self, base: _Head, d_out: int) -> None:
@@ -127,9 +130,10 @@ class VariationalHead(nn.Module):
         return mu, torch.tanh(raw)
 
     @staticmethod
-    def sample(mu: torch.Tensor, logvar: torch.Tensor, scale: float = 1.0,
+    def sample(mu: torch.Tensor, logvar: torch.Tensor, scale: float = VIB_SCALE,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = normalise(mu + scale * sigma * eps), eps ~ N(0, I)."""
+        """z = normalise(mu + scale * sigma * eps), eps ~ N(0, I); scale 0.05 by default, as the VIB
+        authors' code hard-codes it (METHOD 3.4)."""
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return F.normalize(mu + scale * torch.exp(0.5 * logvar) * eps, dim=-1)
 
@@ -138,19 +142,60 @@ class VariationalHead(nn.Module):
         return F.normalize(self(x)[0], dim=-1)
 
 
-class CSAProjection(_Head):
-    """One modality's side of CSA: normalise((x - mean) @ W). W and mean are parameters so R_S
-    refinement can train them; they are saved as plain tensors."""
+CSA_SIMILARITIES = ("weighted", "cosine")
+# Defaults of weighted CSA, chosen on the Twemoji pairs by validation rsum (see core.objectives): k in
+# {16, 32, 64, 128, all} x ridge in {0.01, 0.1, 1, 10}; ridge 1 was best at every k (also for zero-shot), k 128
+# best at 500 and 1,219 pairs (flat in k at 200). k is capped at n - 1 (and dim).
+CSA_K = 128  # canonical directions kept
+CSA_RIDGE = 1.0  # ridge, as a fraction of the mean feature variance
+_CSA_SIDES = ("image", "text")
 
-    def __init__(self, d_in: int, d_out: int = 512) -> None:
+
+class CSAProjection(_Head):
+    """One modality's side of CSA. Its canonical variates are u = (x - mean) @ W (k directions); W and mean
+    are parameters so R_S refinement can train them; they are saved as plain tensors.
+
+    similarity "cosine" (STRUCTURE's baseline): the embedding is normalise(u), so the dot product of two
+    embeddings is the plain cosine over every kept direction.
+    similarity "weighted" (the paper's weighted_corr_sim): with u^ = normalise(u) and rho the canonical
+    correlations (buffer `corr`), the score of a pair is sum_i rho_i u^_i v^_i. That is the dot product of
+    a = sqrt(rho) * u^ and b = sqrt(rho) * v^, whose norms (<= 1) differ from row to row. The embedding is
+    [a, sqrt(1 - |a|^2), 0] on the image side and [b, 0, sqrt(1 - |b|^2)] on the text side: unit vectors
+    whose cross-modal dot product is weighted_corr_sim exactly (the two padding slots are orthogonal), so
+    the embed / search machinery scores pairs with the paper's similarity. d_out = k + 2 then. Dot
+    products within one modality are not the paper's (it defines none): they include the padding term.
+    """
+
+    def __init__(self, d_in: int, d_out: int = 512, similarity: str = "cosine", side: str = "image") -> None:
         super().__init__()
         _check_dims(d_in=d_in, d_out=d_out)
+        if similarity not in CSA_SIMILARITIES:
+            raise StratalignError(f"csa similarity must be one of {CSA_SIMILARITIES}, not {similarity!r}")
+        weighted = similarity == "weighted"
+        if weighted and (side not in _CSA_SIDES or d_out < 3):
+            raise StratalignError(f"a weighted csa head needs side image | text and d_out >= 3, got {side!r}, {d_out}")
+        k = d_out - 2 if weighted else d_out
         self.mean = nn.Parameter(torch.zeros(d_in), requires_grad=False)
-        self.weight = nn.Parameter(torch.zeros(d_in, d_out))
+        self.weight = nn.Parameter(torch.zeros(d_in, k))
+        self.similarity, self.side = similarity, side
         self.config = {"kind": "csa", "d_in": int(d_in), "d_out": int(d_out)}
+        if weighted:  # a cosine head keeps the config (and weights) of the stores written before weighting
+            self.register_buffer("corr", torch.zeros(k))
+            self.config.update(similarity=similarity, side=side)
+
+    def variates(self, x: torch.Tensor) -> torch.Tensor:
+        """Canonical variates u = (x - mean) @ W, one column per kept direction."""
+        return (x - self.mean) @ self.weight
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) @ self.weight
+        u = self.variates(x)
+        if self.similarity == "cosine":
+            return u
+        a = F.normalize(u, dim=-1) * self.corr.clamp(0.0, 1.0).sqrt()
+        pad = (1.0 - (a * a).sum(-1, keepdim=True)).clamp_min(0.0).sqrt()
+        zero = torch.zeros_like(pad)
+        slots = (pad, zero) if self.side == "image" else (zero, pad)
+        return torch.cat([a, *slots], dim=-1)
 
 
 _BUILDERS = {"linear": LinearHead, "mlp": MLPHead, "residual": ResidualLowRankHead, "csa": CSAProjection}
@@ -158,7 +203,8 @@ _BUILDERS = {"linear": LinearHead, "mlp": MLPHead, "residual": ResidualLowRankHe
 
 def build_head(kind: str, d_in: int, d_out: int = 512, **options: Any) -> nn.Module:
     """A fresh head from its JSON config: kind in linear | mlp | residual | csa, plus options
-    (mlp: hidden, layers, dropout; residual: rank, dropout, gate_init; any: variational=True)."""
+    (mlp: hidden, layers, dropout; residual: rank, dropout, gate_init; csa: similarity, side; any but csa:
+    variational=True)."""
     if kind not in _BUILDERS:
         raise StratalignError(f"unknown head kind {kind!r}; known: {', '.join(HEAD_KINDS)}")
     options = dict(options)
@@ -206,12 +252,17 @@ class AlignedHeads(nn.Module):
 
 
 class CSA(AlignedHeads):
-    """Closed-form canonical correlation heads (see `fit_csa`); `correlations` are the top-d
-    canonical correlations of the fit (a buffer, saved with the weights)."""
+    """Closed-form canonical correlation heads (see `fit_csa`); `correlations` are the canonical
+    correlations of the kept directions (a buffer, saved with the weights)."""
 
     def __init__(self, image: CSAProjection, text: CSAProjection) -> None:
         super().__init__(image, text)
-        self.register_buffer("correlations", torch.zeros(image.config["d_out"]))
+        self.register_buffer("correlations", torch.zeros(image.weight.shape[1]))
+
+    @property
+    def similarity(self) -> str:
+        """How a pair is scored: weighted (the paper's weighted_corr_sim) or cosine (all kept directions)."""
+        return self.image.similarity
 
     def transform_image(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         return self.image(torch.as_tensor(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x)
@@ -226,26 +277,37 @@ def _inv_sqrt(c: np.ndarray) -> np.ndarray:
     return (v / np.sqrt(w)) @ v.T
 
 
-def fit_csa(x_img: np.ndarray, x_txt: np.ndarray, dim: int = 512, ridge: float = 1e-3) -> CSA:
-    """Ridge-regularised CCA between the centred features of the two layers, top-`dim` directions.
-
-    C_xx + r I with r = ridge * mean variance (scale free), whitened cross-covariance
-    C_xx^-1/2 C_xy C_yy^-1/2 = U S V^T, W_x = C_xx^-1/2 U_d, W_y = C_yy^-1/2 V_d (float64).
-    `dim` is capped at min(d_img, d_txt, n-1): CCA has no more directions than that.
-    """
-    a = np.asarray(x_img, dtype=np.float64)
-    b = np.asarray(x_txt, dtype=np.float64)
+def _check_csa_args(a: np.ndarray, b: np.ndarray, dim: int, ridge: float, k: int, similarity: str) -> None:
     if a.ndim != 2 or b.ndim != 2 or len(a) != len(b):
         raise StratalignError(f"fit_csa needs paired 2-D arrays, got shapes {a.shape} and {b.shape}")
     if len(a) < 3:
         raise StratalignError(f"fit_csa needs at least 3 pairs, got {len(a)}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise StratalignError("fit_csa: features contain NaN or inf")
-    if ridge < 0:
+    if not ridge >= 0:
         raise StratalignError(f"fit_csa ridge must be >= 0, not {ridge}")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+        raise StratalignError(f"fit_csa k must be an integer >= 0 (0: every direction), not {k!r}")
+    if similarity not in CSA_SIMILARITIES:
+        raise StratalignError(f"fit_csa similarity must be one of {CSA_SIMILARITIES}, not {similarity!r}")
     _check_dims(dim=dim)
+
+
+def fit_csa(x_img: np.ndarray, x_txt: np.ndarray, dim: int = 512, ridge: float = CSA_RIDGE, *, k: int = CSA_K,
+            similarity: str = "weighted") -> CSA:
+    """CSA (Li et al., ICLR 2025): ridge-regularised CCA between the centred features of the two layers,
+    the top-k directions, pairs scored by `similarity` (see CSAProjection).
+
+    C_xx + r I with r = ridge * mean variance (scale free), whitened cross-covariance
+    C_xx^-1/2 C_xy C_yy^-1/2 = U S V^T (S: the canonical correlations, descending), W_x = C_xx^-1/2 U_k,
+    W_y = C_yy^-1/2 V_k (float64). k = 0 keeps every direction; k is capped at min(dim, d_img, d_txt, n-1):
+    CCA has no more directions than that. STRUCTURE's own CSA baseline is k=0, ridge=1e-3, cosine.
+    """
+    a = np.asarray(x_img, dtype=np.float64)
+    b = np.asarray(x_txt, dtype=np.float64)
+    _check_csa_args(a, b, dim, ridge, k, similarity)
     n = len(a)
-    d = int(min(dim, a.shape[1], b.shape[1], n - 1))
+    d = int(min(k or dim, dim, a.shape[1], b.shape[1], n - 1))
     ma, mb = a.mean(0), b.mean(0)
     ac, bc = a - ma, b - mb
     caa = ac.T @ ac / (n - 1)
@@ -255,16 +317,18 @@ def fit_csa(x_img: np.ndarray, x_txt: np.ndarray, dim: int = 512, ridge: float =
     cbb += (ridge * max(np.trace(cbb) / len(cbb), 1e-12)) * np.eye(len(cbb))
     ia, ib = _inv_sqrt(caa), _inv_sqrt(cbb)
     u, s, vt = np.linalg.svd(ia @ cab @ ib, full_matrices=False)
-    wa = ia @ u[:, :d]
-    wb = ib @ vt[:d].T
-    pi, pt = CSAProjection(a.shape[1], d), CSAProjection(b.shape[1], d)
+    width = d + 2 if similarity == "weighted" else d
+    pi = CSAProjection(a.shape[1], width, similarity, "image")
+    pt = CSAProjection(b.shape[1], width, similarity, "text")
+    rho = torch.from_numpy(s[:d]).float()
     with torch.no_grad():
-        pi.mean.copy_(torch.from_numpy(ma).float())
-        pi.weight.copy_(torch.from_numpy(wa).float())
-        pt.mean.copy_(torch.from_numpy(mb).float())
-        pt.weight.copy_(torch.from_numpy(wb).float())
+        for proj, mean, w in ((pi, ma, ia @ u[:, :d]), (pt, mb, ib @ vt[:d].T)):
+            proj.mean.copy_(torch.from_numpy(mean).float())
+            proj.weight.copy_(torch.from_numpy(w).float())
+            if similarity == "weighted":
+                proj.corr.copy_(rho)
     model = CSA(pi, pt)
-    model.correlations.copy_(torch.from_numpy(s[:d]).float())
+    model.correlations.copy_(rho)
     return model
 
 
@@ -280,5 +344,5 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     if kind == "comm":
         from stratalign.core.comm import CommModel
 
-        return CommModel(**config["options"])
+        return CommModel(**{"final_norm": False, **config["options"]})  # saved before the final LayerNorm: none
     raise StratalignError(f"unknown model type {kind!r} in saved config")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from stratalign.core import losses as L
+from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE
 from stratalign.errors import StratalignError
 
 
@@ -142,6 +143,10 @@ class Objective:
     first when it brings its own). variational: heads output (mu, logvar) and embeddings are sampled.
     knn_graphs: it needs the frozen-space kNN graphs of the training rows. train_objective: the
     objective its recorded TrainConfig names (csa runs have always recorded 'clip'; run ids hash it).
+    defaults: (knob, value) defaults of this objective for the TrainConfig knobs that default to None
+    (train.config.UNREAD_VALUES); variants: ((knob, value), defaults) pairs that override them when a
+    knob takes that value (e.g. csa_similarity=cosine brings STRUCTURE's CSA baseline settings).
+    grid: (knob, values) the METHOD 3.7 tuning tries, as data (the default among them).
     """
 
     name: str
@@ -157,6 +162,18 @@ class Objective:
     variational: bool = False
     knn_graphs: bool = False
     train_objective: str | None = None
+    defaults: tuple[tuple[str, Any], ...] = ()
+    variants: tuple[tuple[tuple[str, Any], tuple[tuple[str, Any], ...]], ...] = ()
+    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def knob_defaults(self, given: dict[str, Any]) -> dict[str, Any]:
+        """This objective's knob defaults, given the knobs set explicitly (those win): the defaults, then
+        the variants whose knob value (given or default) matches."""
+        out = dict(self.defaults)
+        for (knob, value), extra in self.variants:
+            if given.get(knob, out.get(knob)) == value:
+                out.update(extra)
+        return {**out, **given}
 
     @property
     def recorded_objective(self) -> str:
@@ -182,28 +199,47 @@ class Objective:
 
 
 TRAINED_HEADS = ("linear", "mlp", "residual")
+# Defaults and grids chosen on the Twemoji pairs (DINOv2-S layer 11 x MiniLM layer 6, all 1,219 training pairs,
+# seeds 0-2, the demo's CPU trainer settings), by the mean rsum on each run's carved validation pairs, the
+# selection metric of METHOD 3.6. IB: beta 0.01 and 0.1 change nothing measurable (mean positive cosine 0.22),
+# beta 3 had the best validation rsum (277 vs CLIP's 265) and moves the positive cosine to 0.66. VIB (s = 0.05):
+# validation rsum rises with beta (271, 280, 286 at 0.1, 1, 3). The best value sits at the grids' upper edge,
+# so the beta grid reaches 10.
+IB_BETA = 3.0
+VIB_BETA = 3.0
+STRUCTURE_GRID = (("lam", (1.0, 3.0, 10.0, 30.0)),)
+BETA_GRID = (("beta", (0.3, 1.0, 3.0, 10.0)),)
+CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
 
 REGISTRY: tuple[Objective, ...] = (
     Objective("clip", "symmetric InfoNCE (METHOD 3.1)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
               Selection.VAL_CLIP),
     Objective("clip+structure", "CLIP + lambda * R_S over the batch (METHOD 3.2)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=structure_term,
-              weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True),
+              weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True, grid=STRUCTURE_GRID),
     Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (METHOD 3.3)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_structure_knn,
-              weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True),
+              weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True,
+              grid=STRUCTURE_GRID),
     Objective("clip+ib", "CLIP + beta * deterministic IB term (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
-              Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_ib, weight_knob="beta", knobs=("beta",)),
+              Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_ib, weight_knob="beta", knobs=("beta",),
+              defaults=(("beta", IB_BETA),), grid=BETA_GRID),
     Objective("clip+vib", "CLIP on sampled embeddings + beta * KL (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_vib, weight_knob="beta",
-              knobs=("beta", "vib_scale", "vib_symmetric"), variational=True),
+              knobs=("beta", "vib_scale", "vib_symmetric"), variational=True,
+              defaults=(("beta", VIB_BETA), ("vib_scale", VIB_SCALE)), grid=BETA_GRID),
     Objective("comm", "CoMM fusion model (METHOD 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,
-              Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise")),
-    Objective("csa", "closed-form CSA, optional R_S refinement (METHOD 3.5)", ("csa",), Training.CLOSED_FORM,
-              Evaluation.RETRIEVAL, Selection.CLOSED_FORM, regulariser=structure_term, weight_knob="lam",
-              knobs=("csa_ridge", "csa_refine_steps", "csa_refine_lr", "lam", "levels", "weighting", "centering",
-                     "js"),
-              train_objective="clip"),
+              Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise",
+                                         "comm_final_norm"), defaults=(("comm_final_norm", True),)),
+    Objective("csa", "closed-form CSA: top-k canonical directions, correlation-weighted similarity, optional "
+              "R_S refinement (METHOD 3)", ("csa",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM,
+              regulariser=structure_term, weight_knob="lam",
+              knobs=("csa_similarity", "csa_k", "csa_ridge", "csa_refine_steps", "csa_refine_lr", "lam", "levels",
+                     "weighting", "centering", "js"),
+              train_objective="clip",
+              defaults=(("csa_similarity", "weighted"), ("csa_k", CSA_K), ("csa_ridge", CSA_RIDGE)),
+              variants=((("csa_similarity", "cosine"), (("csa_k", 0), ("csa_ridge", 1e-3))),),
+              grid=CSA_GRID),
 )
 
 OBJECTIVES: tuple[str, ...] = tuple(o.name for o in REGISTRY)
@@ -220,6 +256,15 @@ def objective_named(name: str) -> Objective:
         return _BY_NAME[name]
     except (KeyError, TypeError):
         raise StratalignError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}") from None
+
+
+def settings_objective(objective: str, head: str) -> Objective:
+    """The entry whose knobs a TrainConfig of (objective, head) follows: the objective that brings its own
+    `head` and records `objective` in its settings (csa records 'clip'), else the objective named."""
+    for o in REGISTRY:
+        if o.own_head == head and o.recorded_objective == objective:
+            return o
+    return objective_named(objective)
 
 
 def objectives_with(**attrs: Any) -> tuple[str, ...]:

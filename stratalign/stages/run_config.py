@@ -9,7 +9,7 @@ config.json holds, so ids of existing runs never change.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,7 @@ def _train_settings(cfg: RunConfig) -> dict[str, Any]:
         raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
     train_cfg = TrainConfig(objective=objective_named(cfg.objective).recorded_objective, head=cfg.head,
                             seed=cfg.seed, **dict(cfg.options))
-    return _jsonable(asdict(train_cfg))
+    return _jsonable(train_cfg.to_dict())
 
 
 def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:

@@ -5,14 +5,24 @@ Objective and head names are checked against the objective registry (stratalign.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
 from stratalign.core import losses as L
-from stratalign.core.objectives import HEADS, objective_named
+from stratalign.core.heads import CSA_SIMILARITIES
+from stratalign.core.objectives import HEADS, objective_named, settings_objective
 from stratalign.errors import StratalignError
+
+# Knobs whose default is the objective's (core.objectives: Objective.defaults). Left None, they resolve to the
+# objective's default, or, for an objective without one, to the value every older run recorded: so runs of
+# the objectives that do not read a knob keep their settings, and their run ids, byte for byte.
+UNREAD_VALUES: dict[str, Any] = {"beta": 0.01, "vib_scale": 1.0, "csa_ridge": 1e-3, "csa_k": 0,
+                                 "csa_similarity": "cosine", "comm_final_norm": False}
+# Knobs added after runs were recorded: left out of the recorded settings at these values (older run ids
+# stay valid) and read back as these values when a record lacks them (an older run means what it meant).
+ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False}
 
 
 @dataclass
@@ -22,6 +32,9 @@ class TrainConfig:
     warm-up: `warmup_fraction` (of max_steps), when set, wins over `warmup_steps`. The warm-up only
     applies to the structure objectives (the lambda of 3.2 step 5). `patience` and `eval_every` are
     in optimiser steps; patience only counts from the first candidate checkpoint.
+    The knobs that default to None (beta, vib_scale, csa_*, comm_final_norm) take the objective's default
+    when the config is made (see UNREAD_VALUES); `to_dict` / `from_dict` are the recorded form.
+    csa_k: canonical directions kept (0: every one, capped by dim); csa_similarity: weighted | cosine.
     """
 
     objective: str = "clip"
@@ -44,8 +57,8 @@ class TrainConfig:
     centering: str = "mean"
     js: str = "reference"
     knn_k: int = 10
-    beta: float = 0.01
-    vib_scale: float = 1.0
+    beta: float | None = None
+    vib_scale: float | None = None
     vib_symmetric: bool = False
     comm_dim: int = 512
     comm_out: int = 256
@@ -53,7 +66,10 @@ class TrainConfig:
     comm_tau: float = 0.1
     aug_drop: float = 0.1
     aug_noise: float = 0.1
-    csa_ridge: float = 1e-3
+    comm_final_norm: bool | None = None
+    csa_ridge: float | None = None
+    csa_k: int | None = None
+    csa_similarity: str | None = None
     csa_refine_steps: int = 0
     csa_refine_lr: float = 1e-4
     seed: int = 0
@@ -66,11 +82,12 @@ class TrainConfig:
         objective_named(self.objective)  # unknown -> one error listing the registry
         if self.head not in HEADS:
             raise StratalignError(f"unknown head {self.head!r}; known: {', '.join(HEADS)}")
+        self._resolve_objective_defaults()
         for name in ("dim", "batch_size", "max_steps", "patience", "eval_every", "levels"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise StratalignError(f"TrainConfig.{name} must be a positive integer, not {v!r}")
-        for name in ("warmup_steps", "knn_k", "csa_refine_steps"):
+        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise StratalignError(f"TrainConfig.{name} must be an integer >= 0, not {v!r}")
@@ -90,12 +107,33 @@ class TrainConfig:
             raise StratalignError(f"TrainConfig.centering must be one of {L.CENTERINGS}, not {self.centering!r}")
         if self.js not in L.JS_FORMS:
             raise StratalignError(f"TrainConfig.js must be one of {L.JS_FORMS}, not {self.js!r}")
+        if self.csa_similarity not in CSA_SIMILARITIES:
+            raise StratalignError(f"TrainConfig.csa_similarity must be one of {CSA_SIMILARITIES}, not {self.csa_similarity!r}")
+        if not isinstance(self.comm_final_norm, bool):
+            raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise StratalignError(f"TrainConfig.device must be auto, cpu or cuda[:n], not {self.device!r}")
         if objective_named(self.objective).warmup and self.resolved_warmup() > self.max_steps:
             raise StratalignError(
                 f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: no checkpoint "
                 "after the warm-up could be chosen; lower warmup_steps or use warmup_fraction")
+
+    def _resolve_objective_defaults(self) -> None:
+        """Fill the knobs left None: the objective's default, else the value older runs recorded."""
+        given = {k: getattr(self, k) for k in UNREAD_VALUES if getattr(self, k) is not None}
+        defaults = settings_objective(self.objective, self.head).knob_defaults(given)
+        for name, unread in UNREAD_VALUES.items():
+            if getattr(self, name) is None:
+                setattr(self, name, defaults.get(name, unread))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recorded settings (JSON-able; run ids hash them): every field, except a knob added later
+        while it holds the value that older runs meant by its absence."""
+        out = asdict(self)
+        for name, legacy in ADDED_KNOBS.items():
+            if out[name] == legacy and type(out[name]) is type(legacy):
+                del out[name]
+        return out
 
     def resolved_warmup(self) -> int:
         """Warm-up length in optimiser steps (0 for objectives without a lambda warm-up)."""
@@ -107,11 +145,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config of recorded settings (`to_dict`): a missing added knob reads as its legacy value."""
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
             raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**{**ADDED_KNOBS, **d})
 
 
 @dataclass

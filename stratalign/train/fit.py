@@ -155,7 +155,7 @@ def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
         model = CommModel(xi.shape[1], xt.shape[1], dim=cfg.comm_dim, heads=cfg.comm_heads,
-                          out_dim=cfg.comm_out).to(dev)
+                          out_dim=cfg.comm_out, final_norm=cfg.comm_final_norm).to(dev)
         zero = torch.zeros((), device=dev)
         aug = {"tau": cfg.comm_tau, "drop": cfg.aug_drop, "noise": cfg.aug_noise}
 
@@ -209,9 +209,9 @@ def train_csa(x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfig) -> tuple[C
     """Closed-form CSA on the training pairs (dim = cfg.dim capped by the feature widths), then the
     optional R_S refinement. Returns (model, summary)."""
     t0 = time.perf_counter()
-    model = fit_csa(x_img, x_txt, dim=cfg.dim, ridge=cfg.csa_ridge)
+    model = fit_csa(x_img, x_txt, dim=cfg.dim, ridge=cfg.csa_ridge, k=cfg.csa_k, similarity=cfg.csa_similarity)
     model = refine_csa(model, x_img, x_txt, cfg)
-    d = int(model.image.config["d_out"])
+    d = int(model.correlations.numel())  # canonical directions kept
     return model, {"best_step": cfg.csa_refine_steps, "lambda_at_best": cfg.lam if cfg.csa_refine_steps else 0.0,
                    "stopped_reason": "closed_form", "csa_dim": d,
                    "csa_top_correlations": [round(float(c), 4) for c in model.correlations[:5]],
