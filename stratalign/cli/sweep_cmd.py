@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from stratalign.cli.common import StoreOption, console, print_table, store_url
-from stratalign.cli.values import check_n_pairs, n_pairs, trainer_overrides
+from stratalign.cli.values import PRESET_HELP, check_n_pairs, check_preset, n_pairs, preset_line, trainer_overrides
 from stratalign.errors import StratalignError
 
 
@@ -29,6 +29,7 @@ def sweep_cmd(
     layers: list[str] = typer.Option(["last", "auto"], "--layers", help="Repeat: last, auto, or V,T."),
     head: list[str] = typer.Option(["linear"], "--head", help="Repeat: heads."),
     skip: list[str] = typer.Option([], "--skip", help="Repeat: RULE:OBJECTIVE cells to leave out (last:comm)."),
+    preset: str = typer.Option("auto", callback=check_preset, help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help="Trainer override key=value for every cell."),
     out: str = typer.Option("stratalign-report", help="Folder for leaderboard.parquet/.csv and the plots."),
     store: Optional[str] = StoreOption,
@@ -40,9 +41,12 @@ def sweep_cmd(
     from stratalign.store.features import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "a")
-    cfg = SweepConfig(base=RunConfig(dataset=dataset, vision=vision, text=text, options=trainer_overrides(set_)),
+    overrides = trainer_overrides(set_)
+    base = RunConfig(dataset=dataset, vision=vision, text=text, options=overrides, preset=preset)
+    cfg = SweepConfig(base=base,
                       n_pairs=tuple(n_pairs(v) for v in n_pairs_), seeds=tuple(seed), objectives=tuple(objective),
                       layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip))
+    console.print(preset_line(preset, overrides), highlight=False, markup=False)
     res = run_sweep(fs, cfg, out)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already in the store")
     print_table(results_table(res.leaderboard), title="leaderboard (test split, mean ± std over seeds)")
