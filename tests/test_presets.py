@@ -127,9 +127,9 @@ def test_cli_train_prints_and_records_the_preset(tiny_store) -> None:
     out = _cli("train", "--dataset", "toy", "--vision", "tiny-image", "--text", "tiny-text", "--layers", "last",
                "--preset", "cpu", "--set", "max_steps=6", "--set", "dim=8", "--store", str(tiny_store.url))
     assert out.returncode == 0, out.stdout + out.stderr
-    first = out.stdout.splitlines()[0]
-    assert first == "preset cpu: batch 256, 6 steps (--set), warm-up 100, patience 40, eval every 10; --set dim=8"
-    rid = out.stdout.splitlines()[1].split()[1]
+    assert out.stderr.splitlines()[0] == (
+        "preset cpu: batch 256, 6 steps (--set), warm-up 100, patience 40, eval every 10; --set dim=8")
+    rid = out.stdout.split()[1]  # stdout starts with the run line, as before presets
     config = json.loads((Path(tiny_store.url) / "runs" / rid / "config.json").read_text())
     assert config["preset"] == "cpu"
     assert config["train"]["batch_size"] == 256 and config["train"]["max_steps"] == 6 and config["train"]["dim"] == 8

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, print_table, store_url
+from stratalign.cli.common import StoreOption, console, err_console, print_table, store_url
 from stratalign.cli.values import PRESET_HELP, check_n_pairs, check_preset, n_pairs, preset_line, trainer_overrides
 from stratalign.errors import StratalignError
 
@@ -37,7 +37,7 @@ def sweep_cmd(
     """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
     from stratalign.report.report import results_table
     from stratalign.stages.sweep import SweepConfig, run_sweep
-    from stratalign.stages.train import RunConfig
+    from stratalign.stages.train import RunConfig, resolve_run
     from stratalign.store.features import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "a")
@@ -46,7 +46,10 @@ def sweep_cmd(
     cfg = SweepConfig(base=base,
                       n_pairs=tuple(n_pairs(v) for v in n_pairs_), seeds=tuple(seed), objectives=tuple(objective),
                       layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip))
-    console.print(preset_line(preset, overrides), highlight=False, markup=False)
+    cells = cfg.cells()
+    if cells:  # a bad option is one error line before anything else is printed
+        resolve_run(fs, cells[0])
+    err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
     res = run_sweep(fs, cfg, out)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already in the store")
     print_table(results_table(res.leaderboard), title="leaderboard (test split, mean ± std over seeds)")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, print_metrics, store_url
+from stratalign.cli.common import StoreOption, console, err_console, print_metrics, store_url
 from stratalign.cli.values import PRESET_HELP, check_n_pairs, check_preset, n_pairs, preset_line, trainer_overrides
 
 
@@ -28,7 +28,7 @@ def train_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Train alignment heads on cached features, evaluate on the test split, save the run."""
-    from stratalign.stages.train import RunConfig, train_run
+    from stratalign.stages.train import RunConfig, resolve_run, train_run
     from stratalign.store.features import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "a")
@@ -36,8 +36,9 @@ def train_cmd(
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
                     n_pairs=n_pairs(n_pairs_), seed=seed, ids_file=ids, ids_kind=ids_kind,
                     options=overrides, preset=preset)
-    console.print(preset_line(preset, overrides), highlight=False, markup=False)
-    res = train_run(fs, cfg, force=force)
+    resolved = resolve_run(fs, cfg)  # a bad option is one error line before anything else is printed
+    err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
+    res = train_run(fs, cfg, resolved=resolved, force=force)
     verb = "already in the store" if res.get("skipped") else f"trained in {res.get('train_seconds', 0):.2f}s"
     console.print(f"run {res['run_id']} ({verb})")
     print_metrics(res)
