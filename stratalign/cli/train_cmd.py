@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, print_metrics, store_url
-from stratalign.cli.values import check_n_pairs, n_pairs, trainer_overrides
+from stratalign.cli.common import StoreOption, console, err_console, print_metrics, store_url
+from stratalign.cli.values import PRESET_HELP, check_n_pairs, check_preset, n_pairs, preset_line, trainer_overrides
 
 
 def train_cmd(
@@ -22,21 +22,25 @@ def train_cmd(
     seed: int = typer.Option(0, help="Seed of the subset, the validation carve-out and the initialisation."),
     ids: Optional[str] = typer.Option(None, help="File of caption ids (one per line) to train on instead."),
     ids_kind: str = typer.Option("caption", help="What --ids lists: caption or image ids."),
+    preset: str = typer.Option("auto", callback=check_preset, help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help="Trainer override key=value (e.g. max_steps=500, lam=5)."),
     force: bool = typer.Option(False, help="Train again even if the identical run is in the store."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Train alignment heads on cached features, evaluate on the test split, save the run."""
     from stratalign.stages.run_config import ResolvedRun
-    from stratalign.stages.train import RunConfig, train_run
+    from stratalign.stages.train import RunConfig, resolve_run, train_run
     from stratalign.store.features import FeatureStore
     from stratalign.store.runs import RunRegistry
 
     fs = FeatureStore.open(store_url(store), "a")
+    overrides = trainer_overrides(set_)
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
                     n_pairs=n_pairs(n_pairs_), seed=seed, ids_file=ids, ids_kind=ids_kind,
-                    options=trainer_overrides(set_))
-    res = train_run(fs, cfg, force=force)
+                    options=overrides, preset=preset)
+    resolved = resolve_run(fs, cfg)  # a bad option is one error line before anything else is printed
+    err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
+    res = train_run(fs, cfg, resolved=resolved, force=force)
     verb = "already in the store" if res.get("skipped") else f"trained in {res.get('train_seconds', 0):.2f}s"
     console.print(f"run {res['run_id']} ({verb})")
     console.print(ResolvedRun.from_config(RunRegistry(fs).config(res["run_id"])).validation_note())

@@ -39,3 +39,23 @@ def check_n_pairs(value: Union[str, list[str], None]) -> Union[str, list[str], N
     for item in value if isinstance(value, list) else [value]:
         n_pairs(item)
     return value
+
+
+# = stratalign.train.presets.PRESET_NAMES, spelt out so that `--help` does not import the trainer (torch);
+# tests/test_cli.py checks that the two agree
+PRESET_HELP = ("Trainer schedule: auto (cpu without CUDA, gpu with it), cpu (batch 256, 600 steps), gpu, "
+               "paper (METHOD's published schedule: batch 4096, 3000 steps). --set overrides any one setting.")
+
+
+def check_preset(value: str) -> str:
+    """Option callback: an unknown --preset is one error line (exit 2) before anything runs."""
+    from stratalign.train.presets import check_preset_name
+
+    return check_preset_name(value)
+
+
+def preset_line(preset: str, overrides: tuple) -> str:
+    """'preset cpu (no CUDA): batch 256, 600 steps, ...': the schedule in force, printed at the start of a run."""
+    from stratalign.train.presets import choose_preset, describe
+
+    return describe(choose_preset(preset, dict(overrides)), overrides)

@@ -9,13 +9,27 @@ Spec strings:
 - `open_clip:<arch>[:<weights file or tag>][:image|:text]`: extra `clip` (open_clip.py);
 - `timm:<name>[:<checkpoint file>]`: extra `timm` (timm_encoder.py).
 
-Importing this package loads no model and sets nothing global.
+Importing this package loads no model, sets nothing global and imports no torch (`Encoder` and `EncoderInfo`
+are loaded from base.py on first use), so that `encoders.identity` can answer without torch.
 """
 
 from __future__ import annotations
 
-from stratalign.encoders.base import Encoder, EncoderInfo, cache_dir, file_sha256
+from typing import TYPE_CHECKING, Any
+
+from stratalign.encoders.hashing import cache_dir, file_sha256
 from stratalign.errors import StratalignError
+
+if TYPE_CHECKING:
+    from stratalign.encoders.base import Encoder, EncoderInfo
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Encoder", "EncoderInfo"):
+        from stratalign.encoders import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 PREFIXES = ("hf:", "open_clip:", "timm:")
 

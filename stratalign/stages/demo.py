@@ -17,6 +17,7 @@ from stratalign.stages.sources import ingest_source
 from stratalign.stages.sweep import SweepConfig, run_sweep
 from stratalign.stages.train import RunConfig
 from stratalign.store.features import FeatureStore
+from stratalign.train.presets import choose_preset, describe
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,15 @@ class DemoConfig:
     # the kNN-graph form costs twice the batch form; last vs chosen layers is compared on the others
     skip: tuple[tuple[str, str], ...] = (("last", "clip+structure-knn"),)
     limit: int | None = None  # only the first N emoji (tests)
-    # CPU-sized trainer settings (METHOD's defaults are batch 4096, 1000 warm-up steps, patience 300):
-    # mini-batches of 256 make the kNN-graph form differ from the batch form (a full batch already holds
-    # every neighbour) and keep 90 runs within minutes on 2 cores. STRUCTURE runs restore the first
-    # checkpoint after the warm-up (the validation CLIP loss only rises once lambda is at full strength), so
-    # the warm-up length sets their cost: 100 steps against 150 cut it by a third, retrieval within the seed
-    # spread (measured on the full Twemoji set, 2026-11-23).
-    train_options: tuple[tuple[str, object], ...] = (("batch_size", 256), ("max_steps", 600),
-                                                     ("warmup_steps", 100), ("patience", 40), ("eval_every", 10))
+    # trainer schedule: the `cpu` preset (train.presets: batch 256, 600 steps, warm-up 100, patience 40, eval
+    # every 10) on every machine, so that the demo's runs are the same everywhere. Mini-batches of 256 make the
+    # kNN-graph form differ from the batch form (a full batch already holds every neighbour) and keep 90 runs
+    # within minutes on 2 cores. STRUCTURE runs restore the first checkpoint after the warm-up (the validation
+    # CLIP loss only rises once lambda is at full strength), so the warm-up length sets their cost: 100 steps
+    # against 150 cut it by a third, retrieval within the seed spread (measured on the full Twemoji set,
+    # 2026-11-23). `train_options` are --set overrides on top of the preset.
+    preset: str = "cpu"
+    train_options: tuple[tuple[str, object], ...] = ()
     batch_size: int = 32
     progress: bool = True
 
@@ -94,7 +96,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     timings["layers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sweep_cfg = SweepConfig(base=RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=cfg.train_options),
+    base = RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=cfg.train_options, preset=cfg.preset)
+    sweep_cfg = SweepConfig(base=base,
                             n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
                             layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip)
     sweep = run_sweep(store, sweep_cfg, out_dir, progress=cfg.progress)
@@ -107,8 +110,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              f"members, mirrored, flag aliases) together: {_split_words(ds)}. Training pairs come from the train "
              f"split, checkpoints are chosen on the dataset's own val split, numbers are on the test split. "
              f"n_pairs=None means all train pairs. "
-             "Trainer settings sized for a CPU: " + ", ".join(f"{k}={v}" for k, v in cfg.train_options) +
-             " (everything else as METHOD.md: tau 0.05, lambda 10, AdamW lr 1e-3, early stopping on the "
+             "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)
+             + " (everything else as METHOD.md: tau 0.05, lambda 10, AdamW lr 1e-3, early stopping on the "
              "validation CLIP loss, no checkpoint before the warm-up ends)."
              + "".join(f" Left out of the grid: {obj} on the {rule} layers." for rule, obj in cfg.skip),
              *(f"Layers of the other vision encoder, `{info['vision']}` x `{cfg.text}` (not used by the sweep): "

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from stratalign.errors import StratalignError
 from stratalign.store import prompt_cache
@@ -46,6 +45,8 @@ def spec_prompt_features(store: FeatureStore, spec: EntrySpec, prompts: list[str
     if load is None:
         from stratalign.encoders import load_encoder as load
     encoder = load(spec.encoder_spec, device)
+    import torch  # here, not at the top: stages.extract_skip reads class_prompts without loading torch
+
     if encoder.metadata().get("weights_sha256") != spec.encoder.get("weights_sha256"):
         raise StratalignError(f"encoder {spec.encoder_spec} now has other weights than when its features "
                               "were extracted; re-extract before evaluating")

@@ -29,6 +29,7 @@ from stratalign.store.features import FeatureEntry, FeatureStore
 from stratalign.store.layer_results import load_choice
 from stratalign.store.runs import run_id_of
 from stratalign.train import TrainConfig
+from stratalign.train.presets import apply_preset, check_preset_name, choose_preset
 
 # TrainConfig fields that RunConfig sets itself: a --set of one of them names the flag to use instead
 RUN_FLAGS = {"objective": "--objective", "head": "--head", "seed": "--seed"}
@@ -52,14 +53,19 @@ class RunConfig:
     ids_kind: str = "caption"
     vision_pooling: str | None = None
     text_pooling: str | None = None
-    options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # TrainConfig overrides
+    options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # TrainConfig overrides (win over preset)
+    # trainer schedule (train.presets): cpu | gpu | paper | auto (cpu or gpu by the machine: the CLI's default).
+    # None: TrainConfig's own defaults (METHOD's, = paper), machine-independent, as before presets existed.
+    preset: str | None = None
 
 
 @dataclass(frozen=True)
 class ResolvedRun:
     """A run with every choice pinned. The fields up to `bad_pairs_dropped` are its identity (hashed into
     `run_id`, written to config.json); `subset` and `val` are the training and validation pairs, carried
-    along but not part of the id (None for a run read back from its config.json)."""
+    along but not part of the id (None for a run read back from its config.json). `preset` is the schedule
+    preset the settings came from: written to config.json when there was one, but not hashed (the id depends on
+    the settings in `train`, not on how they were asked for)."""
 
     dataset: str
     dataset_fingerprint: str
@@ -85,6 +91,7 @@ class ResolvedRun:
     bad_pairs_dropped: int = 0  # train/val pairs with a --skip-bad placeholder row; in the id only when > 0
     validation: str = CARVED  # "split" (the dataset's val split) or "carved"; in the id only when "split"
     run_id: str = ""
+    preset: str | None = None
     subset: PairRows | None = field(default=None, compare=False, repr=False)
     val: PairRows | None = field(default=None, compare=False, repr=False)
 
@@ -106,8 +113,8 @@ class ResolvedRun:
         return f"validation: the dataset's own val split ({self.n_val} pairs)"
 
     def config_dict(self) -> dict[str, Any]:
-        """config.json of the run: the identity plus its run id."""
-        return {**self.identity(), "run_id": self.run_id}
+        """config.json of the run: the identity plus its run id (and the preset, when there was one)."""
+        return {**self.identity(), "run_id": self.run_id, **({"preset": self.preset} if self.preset else {})}
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.train)
@@ -115,16 +122,16 @@ class ResolvedRun:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ResolvedRun:
         """The run described by a saved config.json (without its pairs)."""
-        optional = ("subset", "val", "bad_pairs_dropped", "validation")
+        optional = ("subset", "val", "bad_pairs_dropped", "validation", "preset")
         names = [f.name for f in fields(cls) if f.name not in optional]
         missing = [n for n in names if n not in config]
         if missing:
             raise StratalignError(f"run config {config.get('run_id', '?')} lacks {missing}: not a stratalign run")
         return cls(**{n: config[n] for n in names}, bad_pairs_dropped=int(config.get("bad_pairs_dropped", 0)),
-                   validation=str(config.get("validation", CARVED)))
+                   validation=str(config.get("validation", CARVED)), preset=config.get("preset"))
 
 
-_NOT_IDENTITY = ("run_id", "subset", "val")
+_NOT_IDENTITY = ("run_id", "preset", "subset", "val")
 
 
 def run_entries(store: FeatureStore, cfg: RunConfig, dataset: str | None = None) -> tuple[FeatureEntry, FeatureEntry]:
@@ -147,6 +154,8 @@ def _layer_pair(store: FeatureStore, cfg: RunConfig, v: FeatureEntry, t: Feature
 
 
 def _check_choices(cfg: RunConfig) -> None:
+    if cfg.preset is not None:
+        check_preset_name(cfg.preset)
     objective_named(cfg.objective).check_head(cfg.head)
     taken = [k for k, _ in cfg.options if k in RUN_FLAGS]
     if taken:
@@ -154,20 +163,28 @@ def _check_choices(cfg: RunConfig) -> None:
                               + " (the run sets these itself, not through --set)")
 
 
-def _train_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The run's TrainConfig as JSON (the objective as its registry entry records it)."""
+def run_preset(cfg: RunConfig) -> str | None:
+    """The name of the preset in force (auto resolved on this machine), or None without one."""
+    return None if cfg.preset is None else choose_preset(cfg.preset, dict(cfg.options)).name
+
+
+def _train_settings(cfg: RunConfig, preset: str | None) -> dict[str, Any]:
+    """The run's TrainConfig as JSON (the objective as its registry entry records it): TrainConfig's defaults,
+    under the preset's schedule, under the --set overrides."""
     known = {f.name for f in fields(TrainConfig)}
     bad = [k for k, _ in cfg.options if k not in known]
     if bad:
         raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
+    settings = dict(cfg.options) if preset is None else apply_preset(choose_preset(preset), dict(cfg.options))
     train_cfg = TrainConfig(objective=objective_named(cfg.objective).recorded_objective, head=cfg.head,
-                            seed=cfg.seed, **dict(cfg.options))
+                            seed=cfg.seed, **settings)
     return _jsonable(train_cfg.to_dict())
 
 
 def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
     """The fully resolved run (entries, layer indices, subset, trainer settings) and its run id."""
     _check_choices(cfg)
+    preset = run_preset(cfg)
     ds = store.dataset(cfg.dataset)
     ds.require_train_split("train a run")
     v, t = run_entries(store, cfg)
@@ -188,8 +205,8 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
         vision_layer_name=v.spec.layer_names[vl], text_layer_name=t.spec.layer_names[tl],
         head=cfg.head, objective=cfg.objective, seed=cfg.seed,
         n_pairs=cfg.n_pairs if cfg.n_pairs is not None else len(subset), n_train=len(subset), n_val=len(val),
-        val_fraction=cfg.val_fraction, ids_sha=ids_sha, ids_kind=cfg.ids_kind, train=_train_settings(cfg),
-        bad_pairs_dropped=pool_dropped + val_dropped, validation=source, subset=subset, val=val)
+        val_fraction=cfg.val_fraction, ids_sha=ids_sha, ids_kind=cfg.ids_kind, train=_train_settings(cfg, preset),
+        bad_pairs_dropped=pool_dropped + val_dropped, validation=source, preset=preset, subset=subset, val=val)
     return replace(run, run_id=run_id_of(run.identity()))
 
 

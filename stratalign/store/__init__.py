@@ -13,6 +13,7 @@ artifact by name or key. Layout under the store root:
         _shards/<s>.json               completion marker: row range + sha256 of each layer's shard bytes
         _claims/<s>.json               a worker's claim on a shard while it encodes it
     prompts/<key>.safetensors          zero-shot prompt features of one text entry's encoder + pooling
+    extract_records/<key>.json         an extraction request's complete entries + the encoder's cheap identity
     runs/<run id>/config.json          a trained run's resolved config
     runs/<run id>/weights.safetensors  its head weights (never pickle)
     runs/<run id>/metrics.json         training summary + evaluation; written last: marks the run done
@@ -24,7 +25,7 @@ artifact by name or key. Layout under the store root:
 
 Modules: location (where a store lives, safe keys), keys (every content address), features (FeatureStore),
 entry (EntrySpec, FeatureEntry), claims (shard claims and heartbeats), datasets (PairDataset, validation,
-fingerprints), dataset_tables (a dataset's files), media (images), prompt_cache, runs (RunRegistry),
+fingerprints), dataset_tables (a dataset's files), media (images), prompt_cache, extract_records, runs (RunRegistry),
 layer_results, graphs, verify (what `stratalign store verify` checks: datasets, entries, per-query files).
 
 Keys are content addresses (store.keys): a hash of everything that determines the bytes (for an entry:

@@ -98,3 +98,14 @@ def graph_key(vision_entry: str, vision_layer: int, text_entry: str, text_layer:
         blobs += [len(arr).to_bytes(8, "little"), arr.tobytes()]
     ident = [vision_entry, int(vision_layer), text_entry, int(text_layer), int(k)]
     return validate_key(content_hash(ident, compact=False, sort_keys=False, blobs=blobs), "graph key")
+
+
+def extract_record_key(dataset: str, content_fingerprint: str, encoder: str, poolings: Sequence[str], dtype: str,
+                       shard_rows: int) -> str:
+    """Extraction record (store.extract_records) of one extraction request: <dataset>--<encoder>--<hash>. v1
+    recipe: compact, sorted, 16 hex characters of everything the request names (the encoder by its spec string,
+    the poolings as requested: empty for the encoder's default) and the store format."""
+    h = content_hash({"dataset": dataset, "content_fingerprint": content_fingerprint, "encoder": encoder,
+                      "poolings": list(poolings), "dtype": dtype, "shard_rows": int(shard_rows),
+                      "format_version": FORMAT_VERSION}, length=16)
+    return f"{slug(dataset, 50)}--{slug(encoder, 50)}--{h}"

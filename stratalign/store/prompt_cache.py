@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from stratalign.store.features import FeatureStore
 from stratalign.store.location import validate_key
@@ -24,9 +21,16 @@ def _name(key: str) -> str:
     return f"{validate_key(key, 'prompt cache key')}.safetensors"
 
 
+def exists(store: FeatureStore, key: str) -> bool:
+    """Whether prompt features are cached under `key` (imports no torch)."""
+    return store.loc.exists(FOLDER, _name(key))
+
+
 def load(store: FeatureStore, key: str, n_layers: int) -> list[np.ndarray] | None:
     """The cached features of every layer under `key`, or None when nothing is cached."""
-    if not store.loc.exists(FOLDER, _name(key)):
+    from safetensors.torch import load as st_load
+
+    if not exists(store, key):
         return None
     tensors = st_load(store.loc.read_bytes(FOLDER, _name(key)))
     return [tensors[f"layer_{i:03d}"].numpy() for i in range(n_layers)]
@@ -34,6 +38,9 @@ def load(store: FeatureStore, key: str, n_layers: int) -> list[np.ndarray] | Non
 
 def save(store: FeatureStore, key: str, layers: list[np.ndarray], prompts: list[str]) -> None:
     """Cache every layer's features of the prompts under `key`."""
+    import torch
+    from safetensors.torch import save as st_save
+
     store.require_writable()
     blob = st_save({f"layer_{i:03d}": torch.from_numpy(x) for i, x in enumerate(layers)},
                    metadata={"prompts": json.dumps(prompts)})
