@@ -277,12 +277,12 @@ def test_gradient_clip_is_per_head(monkeypatch):
         return 1e-3 * real(zi, zt, tau) + 1e3 * zi[:, 0].float().sum()
 
     monkeypatch.setattr(losses_mod, "clip_loss", lopsided)
-    seen: dict[int, torch.Tensor] = {}
+    seen: list[torch.Tensor] = []
 
     class Recording(torch.optim.AdamW):
-        def step(self, closure=None):
+        def step(self, closure=None):  # the trainer's parameters: each head's, stacked over runs (here 1)
             if not seen:
-                seen.update({id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]})
+                seen.extend(p.grad.detach()[0].clone() for g in self.param_groups for p in g["params"])
             return super().step(closure)
 
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
@@ -294,7 +294,9 @@ def test_gradient_clip_is_per_head(monkeypatch):
     ref = make_heads(cfg, 12, 12)
     lopsided(ref.image(torch.from_numpy(xi[:32])), ref.text(torch.from_numpy(xt[:32])), cfg.tau).backward()
     raw = {m: [p.grad for p in getattr(ref, m).parameters()] for m in ("image", "text")}
-    got = {m: [seen[id(p)] for p in getattr(res.model, m).parameters()] for m in ("image", "text")}
+    n_img = len(raw["image"])  # image parameters first, then text, in named_parameters order
+    got = {"image": seen[:n_img], "text": seen[n_img:]}
+    assert [g.shape for g in got["text"]] == [p.shape for p in res.model.text.parameters()]
     norm = {m: float(torch.sqrt(sum((g.double() ** 2).sum() for g in raw[m]))) for m in raw}
     assert norm["image"] > 100 and norm["text"] < 0.5, norm
     for g, r in zip(got["text"], raw["text"]):  # not scaled down by the other head's norm

@@ -142,6 +142,10 @@ class Objective:
     first when it brings its own). variational: heads output (mu, logvar) and embeddings are sampled.
     knn_graphs: it needs the frozen-space kNN graphs of the training rows. train_objective: the
     objective its recorded TrainConfig names (csa runs have always recorded 'clip'; run ids hash it).
+    batches: many runs of it train together with stacked heads (stratalign.train.batched); False: each
+    run trains alone (CoMM's fusion model, closed-form CSA). vmap_regulariser: the regulariser is a pure
+    function of the batch tensors, so one torch.func.vmap call computes it for every run of a group;
+    False (the kNN form: data-dependent neighbour sets) computes it run by run inside the batched step.
     """
 
     name: str
@@ -157,6 +161,8 @@ class Objective:
     variational: bool = False
     knn_graphs: bool = False
     train_objective: str | None = None
+    batches: bool = True
+    vmap_regulariser: bool = True
 
     @property
     def recorded_objective(self) -> str:
@@ -191,19 +197,21 @@ REGISTRY: tuple[Objective, ...] = (
               weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True),
     Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (METHOD 3.3)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_structure_knn,
-              weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True),
+              weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True,
+              vmap_regulariser=False),
     Objective("clip+ib", "CLIP + beta * deterministic IB term (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_ib, weight_knob="beta", knobs=("beta",)),
     Objective("clip+vib", "CLIP on sampled embeddings + beta * KL (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_vib, weight_knob="beta",
               knobs=("beta", "vib_scale", "vib_symmetric"), variational=True),
     Objective("comm", "CoMM fusion model (METHOD 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,
-              Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise")),
+              Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise"),
+              batches=False),
     Objective("csa", "closed-form CSA, optional R_S refinement (METHOD 3.5)", ("csa",), Training.CLOSED_FORM,
               Evaluation.RETRIEVAL, Selection.CLOSED_FORM, regulariser=structure_term, weight_knob="lam",
               knobs=("csa_ridge", "csa_refine_steps", "csa_refine_lr", "lam", "levels", "weighting", "centering",
                      "js"),
-              train_objective="clip"),
+              train_objective="clip", batches=False),
 )
 
 OBJECTIVES: tuple[str, ...] = tuple(o.name for o in REGISTRY)

@@ -1,4 +1,5 @@
-"""Fitting models on paired features: aligned heads and CoMM through the shared loop, CSA in closed form.
+"""Fitting models on paired features: aligned heads batched (train_many; train_heads is one run of it),
+CoMM through the shared loop, CSA in closed form.
 
 Each objective's loss comes from its registry entry (stratalign.core.objectives): the trainer embeds the
 batch, takes the CLIP loss and adds the entry's regulariser with its weight. Every result records the
@@ -8,18 +9,18 @@ step it restored and the lambda in force there.
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from stratalign.core import losses as L
 from stratalign.core.comm import CommModel, comm_step_loss
-from stratalign.core.heads import CSA, AlignedHeads, VariationalHead, build_head, fit_csa
+from stratalign.core.heads import CSA, fit_csa
 from stratalign.core.objectives import (
-    CLOSED_FORM_HEADS,
-    KnnSupport,
     Objective,
     Side,
     StepBatch,
@@ -30,75 +31,25 @@ from stratalign.core.objectives import (
 )
 from stratalign.device import resolve_device
 from stratalign.errors import StratalignError
+from stratalign.train.batched import GroupLoop, GroupRun, group_key, make_heads  # noqa: F401 (re-exported)
 from stratalign.train.config import TrainConfig, TrainResult
 from stratalign.train.data import check_inputs, to_device
-from stratalign.train.inference import head_embedding
 from stratalign.train.knn import training_graphs
-from stratalign.train.loop import StepLoss, autocast, run_fixed_steps, run_loop
+from stratalign.train.loop import autocast, run_fixed_steps, run_loop
 
 Graphs = tuple[np.ndarray, np.ndarray]
 
 
-def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
-    """Fresh image and text heads for a config (variational when the objective samples embeddings)."""
-    if cfg.head in CLOSED_FORM_HEADS:
-        raise StratalignError(f"the {cfg.head} head is fitted in closed form: use train_csa / fit_csa")
-    opts = dict(cfg.head_options)
-    if objective_named(cfg.objective).variational:
-        opts["variational"] = True
-    return AlignedHeads(build_head(cfg.head, d_img, cfg.dim, **opts), build_head(cfg.head, d_txt, cfg.dim, **opts))
+@dataclass(frozen=True)
+class RunSpec:
+    """One run for `train_many`: its config, its training and validation rows of feature source `source`
+    (an index into the sources given to train_many) and, for kNN objectives, precomputed graphs."""
 
-
-@torch.no_grad()
-def _val_clip(model: AlignedHeads, xi: torch.Tensor, xt: torch.Tensor, cfg: TrainConfig,
-              dev: torch.device) -> float:
-    """Validation CLIP loss: fixed chunks of min(batch, n_val) rows, size-weighted mean; VIB uses mu."""
-    model.eval()
-    b = min(cfg.batch_size, len(xi))
-    total, count = 0.0, 0
-    for s in range(0, len(xi), b):
-        a, t = xi[s:s + b], xt[s:s + b]
-        if len(a) < 2:
-            continue
-        with autocast(dev, cfg.amp):
-            zi, zt = head_embedding(model.image, a), head_embedding(model.text, t)
-        total += float(L.clip_loss(zi, zt, cfg.tau)) * len(a)
-        count += len(a)
-    return total / count
-
-
-def _step_batch(model: AlignedHeads, obj: Objective, cfg: TrainConfig, bidx: torch.Tensor, xi: torch.Tensor,
-                xt: torch.Tensor, graphs: tuple[torch.Tensor, torch.Tensor] | None) -> StepBatch:
-    """The batch's inputs and embeddings (VIB: sampled, with mu and logvar; kNN form: the neighbour tables)."""
-    a, t = xi[bidx], xt[bidx]
-    if obj.variational:
-        mu_i, lv_i = model.image(a)
-        mu_t, lv_t = model.text(t)
-        zi = VariationalHead.sample(mu_i.float(), lv_i.float(), cfg.vib_scale)
-        zt = VariationalHead.sample(mu_t.float(), lv_t.float(), cfg.vib_scale)
-        return StepBatch(bidx, Side(a, zi, mu_i, lv_i), Side(t, zt, mu_t, lv_t))
-    zi, zt = model.image(a), model.text(t)
-    if graphs is None:
-        return StepBatch(bidx, Side(a, zi), Side(t, zt))
-    return StepBatch(bidx, Side(a, zi, knn=KnnSupport(model.image, xi, graphs[0])),
-                     Side(t, zt, knn=KnnSupport(model.text, xt, graphs[1])))
-
-
-def _heads_step_loss(model: AlignedHeads, obj: Objective, cfg: TrainConfig, dev: torch.device, xi: torch.Tensor,
-                     xt: torch.Tensor, graphs: tuple[torch.Tensor, torch.Tensor] | None, lam_of) -> StepLoss:
-    """step_loss(batch rows, step) -> (CLIP + weight * regulariser, CLIP, regulariser) of the objective."""
-    zero = torch.zeros((), device=dev)
-
-    def step_loss(bidx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with autocast(dev, cfg.amp):
-            batch = _step_batch(model, obj, cfg, bidx, xi, xt, graphs)
-            clip = L.clip_loss(batch.image.z, batch.text.z, cfg.tau)
-            if obj.regulariser is None:
-                return clip, clip, zero
-            reg = obj.regulariser(batch, cfg)
-            return clip + obj.weight(cfg, lam_of(step)) * reg, clip, reg
-
-    return step_loss
+    cfg: TrainConfig
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    source: int = 0
+    graphs: Graphs | None = None
 
 
 def _check_objective(cfg: TrainConfig, graphs: Graphs | None) -> Objective:
@@ -112,34 +63,83 @@ def _check_objective(cfg: TrainConfig, graphs: Graphs | None) -> Objective:
 
 
 def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                cfg: TrainConfig, *, graphs: Graphs | None = None) -> TrainResult:
-    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6); a CoMM
-    objective goes to `train_comm`.
+                cfg: TrainConfig, *, graphs: Graphs | None = None, progress: bool = False) -> TrainResult:
+    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6): the
+    one-run case of `train_many` (a CoMM objective goes to `train_comm`).
 
     graphs: for objectives with kNN graphs, the (image, text) graphs from `knn_graphs` for this train_idx
     and cfg.knn_k (e.g. read from a cache); built here when None."""
-    obj = _check_objective(cfg, graphs)
-    if obj.training is Training.COMM:
-        return train_comm(x_img, x_txt, train_idx, val_idx, cfg)
-    tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
-    dev = resolve_device(cfg.device)
-    xi, xt = to_device(x_img, tr, dev, "x_img"), to_device(x_txt, tr, dev, "x_txt")
-    vi, vt = to_device(x_img, va, dev, "x_img"), to_device(x_txt, va, dev, "x_txt")
-    warmup = cfg.resolved_warmup()
-    dev_graphs = training_graphs(graphs, xi, xt, cfg.knn_k, dev) if obj.knn_graphs else None
+    return train_many([(x_img, x_txt)], [RunSpec(cfg, train_idx, val_idx, graphs=graphs)], progress=progress)[0]
 
-    def lam_of(step: int) -> float:
-        return L.lambda_at(step, cfg.lam, warmup) if obj.warmup else 0.0
 
-    devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed)
-        model = make_heads(cfg, xi.shape[1], xt.shape[1]).to(dev)
-        step_loss = _heads_step_loss(model, obj, cfg, dev, xi, xt, dev_graphs, lam_of)
-        groups = [[p for p in model.image.parameters() if p.requires_grad],
-                  [p for p in model.text.parameters() if p.requires_grad]]
-        return run_loop(model, groups, len(tr), cfg, dev, warmup, step_loss,
-                        lambda: _val_clip(model, vi, vt, cfg, dev), lam_of)
+def train_many(sources: Sequence[tuple[np.ndarray, np.ndarray]], runs: Sequence[RunSpec], *,
+               progress: bool = False, desc: str = "train") -> list[TrainResult]:
+    """Train many runs, batched: runs that can share a loop (`batched.group_key`; objectives with
+    `batches`) train together with stacked heads, each with its own seed, rows, knobs, warm-up, early
+    stopping and restored checkpoint; other objectives (CoMM) train one by one. Results in input order.
+
+    sources: (image features, text features) pairs; a run reads the rows of its `source`. Each group
+    uploads the union of its runs' rows of each source once."""
+    checked = []
+    for spec in runs:
+        obj = _check_objective(spec.cfg, spec.graphs)
+        x_img, x_txt = sources[spec.source]
+        tr, va = check_inputs(x_img, x_txt, spec.train_idx, spec.val_idx)
+        checked.append((spec, obj, tr, va))
+    results: list[TrainResult | None] = [None] * len(runs)
+    groups: dict[tuple, list[int]] = {}
+    for i, (spec, obj, tr, _) in enumerate(checked):
+        if not obj.batches:
+            x_img, x_txt = sources[spec.source]
+            results[i] = train_comm(x_img, x_txt, spec.train_idx, spec.val_idx, spec.cfg)
+            continue
+        x_img, x_txt = sources[spec.source]
+        dev = str(resolve_device(spec.cfg.device))
+        groups.setdefault(group_key(spec.cfg, len(tr), (x_img.shape[1], x_txt.shape[1]), dev), []).append(i)
+    for g, members in enumerate(groups.values()):
+        label = f"{desc} {g + 1}/{len(groups)}" if len(groups) > 1 else desc
+        for i, res in zip(members, _train_group(sources, [checked[i] for i in members], progress, label)):
+            results[i] = res
+    return [r for r in results if r is not None]
+
+
+def _train_group(sources: Sequence[tuple[np.ndarray, np.ndarray]], members: list, progress: bool,
+                 desc: str) -> list[TrainResult]:
+    """Upload each source's rows once (union over the group), then one GroupLoop."""
+    dev = resolve_device(members[0][0].cfg.device)
+    parts_i, parts_t, where = [], [], {}
+    offset = 0
+    for src in sorted({spec.source for spec, *_ in members}):
+        rows = np.unique(np.concatenate([np.concatenate([tr, va]) for spec, _, tr, va in members
+                                         if spec.source == src]))
+        x_img, x_txt = sources[src]
+        parts_i.append(to_device(x_img, rows, dev, "x_img"))
+        parts_t.append(to_device(x_txt, rows, dev, "x_txt"))
+        where[src] = (rows, offset)
+        offset += len(rows)
+    xi, xt = torch.cat(parts_i), torch.cat(parts_t)
+    specs = []
+    for spec, obj, tr, va in members:
+        rows, off = where[spec.source]
+        tpos = torch.from_numpy(off + np.searchsorted(rows, tr)).to(dev)
+        vpos = torch.from_numpy(off + np.searchsorted(rows, va)).to(dev)
+        graphs = training_graphs(spec.graphs, xi[tpos], xt[tpos], spec.cfg.knn_k, dev) if obj.knn_graphs else None
+        specs.append(GroupRun(spec.cfg, tpos, vpos, graphs))
+    bar = tqdm(total=specs[0].cfg.max_steps, desc=desc, unit="step", disable=not progress, leave=False,
+               dynamic_ncols=True)
+
+    def on_step(step: int, runs: list) -> None:
+        bar.update(1)
+        if step % specs[0].cfg.eval_every == 0:
+            best = [r.sel.best[0] for r in runs if r.sel.best is not None]
+            active = sum(r.stop is None for r in runs)
+            bar.set_postfix(runs=f"{active}/{len(runs)} active",
+                            best_val=f"{min(best):.4f}" if best else "-", refresh=False)
+
+    try:
+        return GroupLoop(xi, xt, specs, dev, on_step).run()
+    finally:
+        bar.close()
 
 
 def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,

@@ -1,4 +1,7 @@
-"""The optimisation loop shared by every gradient-trained model (METHOD.md section 3.6).
+"""The optimisation loop of models trained alone (CoMM) and the pieces every loop shares (METHOD.md 3.6).
+
+Aligned heads train in stratalign.train.batched (many runs at once; one run is the S = 1 case); it
+uses the schedule, batches, autocast and checkpoint selection defined here.
 
 Batches are index permutations of the training tensor (no DataLoader). AdamW with a cosine schedule over
 `max_steps`, gradient-norm clip 1.0 per parameter group (one per head), seeded so the same call twice gives
@@ -45,21 +48,24 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class CheckpointSelector:
-    """Checkpoint selection: lowest validation loss among candidates (step >= warmup)."""
+    """Checkpoint selection: lowest validation loss among candidates (step >= warmup).
+
+    One selector per run (the batched trainer keeps one for each run of a group). `offer` takes the
+    checkpoint's weights as a callable, so a checkpoint is copied only when it becomes a candidate."""
 
     def __init__(self, warmup: int, patience: int) -> None:
         self.warmup, self.patience = warmup, patience
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.fallback: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
-    def offer(self, step: int, val: float, model: nn.Module) -> None:
+    def offer(self, step: int, val: float, state: Callable[[], dict[str, torch.Tensor]]) -> None:
         if not math.isfinite(val):
             return
         if step >= self.warmup:
             if self.best is None or val < self.best[0]:
-                self.best = (val, step, _snapshot(model))
+                self.best = (val, step, state())
         elif self.fallback is None or val < self.fallback[0]:
-            self.fallback = (val, step, _snapshot(model))
+            self.fallback = (val, step, state())
 
     def should_stop(self, step: int) -> bool:
         return self.best is not None and step - self.best[1] >= self.patience
@@ -72,6 +78,14 @@ class CheckpointSelector:
             raise StratalignError("the validation CLIP loss was never finite, not even for the initial heads: "
                                   "check the feature scale (inputs this large overflow float32)")
         return (*self.fallback, True)
+
+
+def make_selector(objective: Any, warmup: int, patience: int) -> CheckpointSelector:
+    """The checkpoint selector of a run. Today every objective's rule is "lowest validation loss after
+    the warm-up" (`Selection.VAL_CLIP` / `VAL_COMM`); METHOD 3.6's switch to a task metric (rsum) is a
+    selector that maximises the value the trainer offers, chosen here from `objective.selection`, plus
+    the validation function that computes it (batched.GroupLoop.validate)."""
+    return CheckpointSelector(warmup, patience)
 
 
 class _Loop:
@@ -93,7 +107,7 @@ class _Loop:
     def evaluate(self, at: int) -> float:
         v = float(self.val_loss())
         self.history[at]["val_clip"] = v
-        self.sel.offer(at, v, self.model)
+        self.sel.offer(at, v, lambda: _snapshot(self.model))
         return v
 
     def flush(self) -> int | None:
