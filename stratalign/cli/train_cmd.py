@@ -34,7 +34,7 @@ def train_cmd(
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
                     n_pairs=n_pairs(n_pairs_), seed=seed, ids_file=ids, ids_kind=ids_kind,
                     options=trainer_overrides(set_))
-    res = train_run(fs, cfg, force=force)
+    res = train_run(fs, cfg, force=force, progress=True)
     verb = "already in the store" if res.get("skipped") else f"trained in {res.get('train_seconds', 0):.2f}s"
     console.print(f"run {res['run_id']} ({verb})")
     print_metrics(res)

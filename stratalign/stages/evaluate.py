@@ -18,7 +18,7 @@ from stratalign.core.objectives import Evaluation, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.prompts import class_prompts, prompt_features
 from stratalign.stages.run_config import ResolvedRun
-from stratalign.stages.run_data import split_run_tensors, train_features_of
+from stratalign.stages.run_data import LayerCache, gather, split_run_tensors, train_features_of
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store.datasets import PairDataset
 from stratalign.store.features import FeatureEntry, FeatureStore
@@ -70,25 +70,34 @@ class _TestData:
     txt_to_img: np.ndarray  # caption -> gallery index
     labels: np.ndarray  # of the gallery images
     dataset: PairDataset
+    cache: LayerCache | None = None
 
 
 def evaluate_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: str | None = None,
-                   train_features: TrainFeatures | None = None) -> dict[str, Any]:
+                   train_features: TrainFeatures | None = None, cache: LayerCache | None = None) -> dict[str, Any]:
     """All metrics of one model on a dataset's test split (flat dict of floats, in %), scored the way
-    the run's objective is evaluated."""
+    the run's objective is evaluated. `cache` (a sweep's): test features and prompts read once."""
     dataset = dataset or run.dataset
     v, t = _eval_entries(store, run, dataset)
     vl, tl = run.vision_layer, run.text_layer
     gallery, cap_rows, txt_to_img, dropped = test_split(store, dataset, (v, t))
     ds = store.dataset(dataset)
-    x_img = v.read_layer(vl, gallery).astype(np.float32)
-    x_txt = t.read_layer(tl, cap_rows).astype(np.float32)
+    x_img, x_txt = gather(v, vl, gallery, cache), gather(t, tl, cap_rows, cache)
     labels_all = ds.images["label"].to_numpy()
     out: dict[str, Any] = {"eval_dataset": dataset, "eval_images": len(gallery), "eval_captions": len(cap_rows),
                            "eval_bad_pairs_dropped": dropped}
-    data = _TestData(t, tl, x_img, x_txt, txt_to_img, labels_all[gallery], ds)
+    data = _TestData(t, tl, x_img, x_txt, txt_to_img, labels_all[gallery], ds, cache)
     scorer = _SCORERS[objective_named(run.objective).evaluation]
     return {**out, **scorer(model, data, train_features)}
+
+
+def _prompts(entry: FeatureEntry, prompts: list[str], cache: LayerCache | None) -> list[np.ndarray]:
+    if cache is None:
+        return prompt_features(entry, prompts)
+    key = (entry.key, tuple(prompts))
+    if key not in cache.prompts:
+        cache.prompts[key] = prompt_features(entry, prompts)
+    return cache.prompts[key]
 
 
 def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures | None) -> dict[str, Any]:
@@ -100,7 +109,7 @@ def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures 
     ds = data.dataset
     if ds.class_names and all(x is not None for x in data.labels):
         classes, templates, prompts = class_prompts(ds)
-        p = prompt_features(data.text_entry, prompts)[data.text_layer]
+        p = _prompts(data.text_entry, prompts, data.cache)[data.text_layer]
         z_p = embed_features(model, p.astype(np.float32), "text").reshape(len(classes), len(templates), -1)
         class_of = {c: i for i, c in enumerate(classes)}
         y = np.array([class_of[x] for x in data.labels])

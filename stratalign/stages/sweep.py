@@ -1,6 +1,7 @@
 """Sweeps over n-pairs x seeds x objectives x layer rule x heads, each cell a run in the store.
 
-A cell's run id is the hash of its resolved config, so a cell already run is skipped. The leaderboard
+A cell's run id is the hash of its resolved config, so a cell already run is skipped; the other cells
+train batched (stages.train.train_runs), with the same numbers as one train_run per cell. The leaderboard
 (Parquet + CSV) holds every metric as mean and std over seeds; plots show R@1 both ways and zero-shot
 accuracy against n-pairs per objective.
 """
@@ -21,7 +22,7 @@ from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
 from stratalign.stages.run_config import RunConfig, resolve_run
-from stratalign.stages.train import train_run
+from stratalign.stages.train import train_runs
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 
@@ -92,27 +93,42 @@ def run_table(registry: RunRegistry, run_ids: list[str]) -> pl.DataFrame:
 
 def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None, *, progress: bool = True,
               on_cell: Callable[[RunConfig, str, bool], None] | None = None) -> SweepResult:
-    """Train and evaluate every cell not yet in the store; write the leaderboard and plots to out_dir."""
+    """Train and evaluate every cell not yet in the store; write the leaderboard and plots to out_dir.
+
+    All cells are resolved first and done ones skipped; the rest train together (`train_runs`: features
+    gathered once per entry and layer, runs that can share a loop batched, closed-form fits one by one)."""
     registry = RunRegistry(store)
     cells = cfg.cells()
     if not cells:
         raise StratalignError("the sweep has no cells: give at least one objective, head, n-pairs and seed")
-    run_ids, trained, skipped = [], 0, 0
-    bar = tqdm(cells, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
-    for cell in bar:
-        resolved = resolve_run(store, cell)
-        rid = resolved.run_id
-        if registry.is_done(rid):
-            skipped += 1
-            done = True
-        else:
-            train_run(store, cell, resolved=resolved)
-            trained += 1
-            done = False
-        run_ids.append(rid)
+    resolved = [resolve_run(store, cell) for cell in cells]  # every cell resolved first: bad ones fail early
+    run_ids = [r.run_id for r in resolved]
+    done = [registry.is_done(rid) for rid in run_ids]
+    todo = list(dict((r.run_id, r) for r, d in zip(resolved, done) if not d).values())
+    skipped = len(cells) - len(todo)
+    bar = tqdm(total=len(cells), desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    bar.update(skipped)
+    bar.set_postfix(trained=0, skipped=skipped)
+    by_id = {r.run_id: (cell, d) for cell, r, d in zip(cells, resolved, done)}
+    if on_cell:
+        for cell, r, d in zip(cells, resolved, done):
+            if d:
+                on_cell(cell, r.run_id, True)
+    trained = 0
+
+    def saved(metrics: dict[str, Any]) -> None:
+        nonlocal trained
+        trained += 1
+        bar.update(1)
         bar.set_postfix(trained=trained, skipped=skipped)
         if on_cell:
-            on_cell(cell, rid, done)
+            on_cell(by_id[metrics["run_id"]][0], metrics["run_id"], False)
+
+    try:
+        if todo:
+            train_runs(store, todo, progress=progress, on_done=saved)
+    finally:
+        bar.close()
     runs = run_table(registry, run_ids)
     metrics = [m for m in HEADLINE if m in runs.columns and runs[m].null_count() < runs.height]
     board = aggregate(runs.drop("run", "vision_layer", "text_layer"), by=CELL_COLUMNS, metrics=metrics)

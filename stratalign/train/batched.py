@@ -105,7 +105,7 @@ class _Run:
         self.buf.clear()
         return bad
 
-    def finish(self, seconds: float, dev: torch.device) -> TrainResult:
+    def finish(self, seconds: float, dev: torch.device, group_size: int) -> TrainResult:
         """Restore the chosen checkpoint and describe how it was chosen (as a run alone does)."""
         step, reason, message = self.stop or (0, "max_steps", "")
         best_val, best_step, state, before = self.sel.chosen()
@@ -119,7 +119,7 @@ class _Run:
         return TrainResult(model=self.model, config=self.cfg, best_step=best_step, lambda_at_best=lam_best,
                            best_val_clip=best_val, warmup_steps=self.warmup, steps_taken=step, stopped_reason=reason,
                            message=message, restored_before_warmup=before, history=self.history,
-                           seconds=seconds, device=str(dev))
+                           seconds=seconds, device=str(dev), group_size=group_size)
 
 
 def _clip_per_run(params: list[torch.Tensor], max_norm: float = 1.0) -> None:
@@ -349,4 +349,4 @@ class GroupLoop:
                     break
                 self._compact()
         seconds = (time.perf_counter() - t0) / len(self.runs)
-        return [r.finish(seconds, self.dev) for r in self.runs]
+        return [r.finish(seconds, self.dev, len(self.runs)) for r in self.runs]

@@ -137,6 +137,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     seconds: float
     device: str
+    group_size: int = 1  # runs that shared the training loop (seconds is this run's share of it)
 
     @property
     def restored_step(self) -> int:
