@@ -115,9 +115,10 @@ def test_fallback_objective_trains_alone_with_the_same_result() -> None:
     assert got[1].group_size == 1
 
 
-def test_sweep_equals_one_train_run_per_cell(stage_store) -> None:  # noqa: F811
+def test_sweep_equals_one_train_run_per_cell(stage_store, monkeypatch) -> None:  # noqa: F811
     from dataclasses import replace
 
+    import stratalign.stages.sweep as sweep_mod
     from stratalign.stages.run_config import resolve_run
     from stratalign.stages.sweep import SweepConfig, run_sweep
     from stratalign.stages.train import train_run
@@ -127,7 +128,17 @@ def test_sweep_equals_one_train_run_per_cell(stage_store) -> None:  # noqa: F811
                          ("batch_size", 16)))
     cfg = SweepConfig(base=base, n_pairs=(30, 50), seeds=(0, 1), objectives=("clip", "clip+structure-knn", "csa"),
                       layer_rules=("last",))
+    sizes: list[int] = []
+    real = sweep_mod.train_runs
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        sizes.extend(m["train_group_size"] for m in out)
+        return out
+
+    monkeypatch.setattr(sweep_mod, "train_runs", spy)
     sweep = run_sweep(stage_store, cfg, None, progress=False)
+    assert len(sizes) == len(cfg.cells()) and max(sizes) > 1  # the sweep really batched
     assert sweep.trained == len(cfg.cells())
     swept = RunRegistry(stage_store)
     # the cells again, one train_run each (forced), into the same store: compare before and after
@@ -149,4 +160,3 @@ def test_sweep_equals_one_train_run_per_cell(stage_store) -> None:  # noqa: F811
         if all(torch.equal(tensors[k], again[k]) for k in tensors):
             assert all(one[k] == pytest.approx(v, abs=1e-9) for k, v in met.items()
                        if isinstance(v, float) and "seconds" not in k)
-    assert any(m["train_group_size"] > 1 for m, _ in before.values() if "train_group_size" in m)

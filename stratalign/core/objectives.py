@@ -143,9 +143,7 @@ class Objective:
     knn_graphs: it needs the frozen-space kNN graphs of the training rows. train_objective: the
     objective its recorded TrainConfig names (csa runs have always recorded 'clip'; run ids hash it).
     batches: many runs of it train together with stacked heads (stratalign.train.batched); False: each
-    run trains alone (CoMM's fusion model, closed-form CSA). vmap_regulariser: the regulariser is a pure
-    function of the batch tensors, so one torch.func.vmap call computes it for every run of a group;
-    False (the kNN form: data-dependent neighbour sets) computes it run by run inside the batched step.
+    run trains alone (CoMM's fusion model, closed-form CSA).
     """
 
     name: str
@@ -162,7 +160,6 @@ class Objective:
     knn_graphs: bool = False
     train_objective: str | None = None
     batches: bool = True
-    vmap_regulariser: bool = True
 
     @property
     def recorded_objective(self) -> str:
@@ -197,8 +194,7 @@ REGISTRY: tuple[Objective, ...] = (
               weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True),
     Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (METHOD 3.3)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_structure_knn,
-              weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True,
-              vmap_regulariser=False),
+              weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True),
     Objective("clip+ib", "CLIP + beta * deterministic IB term (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_ib, weight_knob="beta", knobs=("beta",)),
     Objective("clip+vib", "CLIP on sampled embeddings + beta * KL (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,

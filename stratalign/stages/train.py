@@ -24,6 +24,8 @@ from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.train import RunSpec, fit_objective, knn_graphs, model_tensors, train_many
 
+GROUP_SIZE = "train_group_size"
+
 __all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "knn_graphs_cached", "resolve_run", "train_run", "train_runs"]
 
 
@@ -81,7 +83,8 @@ def train_runs(store: FeatureStore, runs: list[ResolvedRun], *, progress: bool =
     """Train, evaluate and save resolved runs together: features gathered once per (entry, layer),
     runs that can share a loop trained batched (`train.train_many`), closed-form fits one by one.
     train_seconds of a batched run is its group's loop time divided by the runs in the group (its share)
-    plus its own kNN-graph time; `train_group_size` says how many runs shared the loop."""
+    plus its own kNN-graph time; the returned metrics' `train_group_size` (not saved) says how many runs
+    shared the loop."""
     cache = cache or LayerCache()
     sources, prepared = _sources(store, runs, cache)
     for p in prepared:
@@ -104,7 +107,9 @@ def train_runs(store: FeatureStore, runs: list[ResolvedRun], *, progress: bool =
         metrics.update(evaluate_model(store, run, model, run.dataset, cache=cache,
                                       train_features=(x_img[p.rows[:n]], x_txt[p.rows[:n]], labels)))
         tensors = {**model_tensors(model), **subset_tensors(run.subset)}
+        group = metrics.pop(GROUP_SIZE, 1)  # not in metrics.json: its keys stay those of older stores
         RunRegistry(store).save(run.run_id, run.config_dict(), tensors, metrics)
+        metrics = {**metrics, GROUP_SIZE: group}
         out.append(metrics)
         if on_done:
             on_done(metrics)
@@ -119,7 +124,7 @@ def _fit(sources: list, prepared: list[_Prepared], progress: bool) -> list[tuple
                      prepared[i].rows[prepared[i].run.n_train:], prepared[i].source, prepared[i].graphs) for i in many]
     for i, res in zip(many, train_many(sources, specs, progress=progress)):
         out[i] = (res.model, {**res.summary(), "train_loop_seconds": round(res.seconds, 3),
-                              "train_group_size": res.group_size}, res.seconds)
+                              GROUP_SIZE: res.group_size}, res.seconds)
     for i, p in enumerate(prepared):
         if out[i] is None:
             t0 = time.perf_counter()

@@ -15,8 +15,10 @@ what makes it itself:
   leaves the stack (its slices of the parameters and of the AdamW state are dropped), the others go on.
 AdamW is elementwise, so one optimiser over the stacked tensors is S separate ones (same lr schedule);
 the loss is the sum of the runs' losses, whose gradient w.r.t. each run's slice is that run's own.
-Regularisers run through torch.func.vmap (one call for every run of an objective) or, for objectives
-that cannot (`Objective.vmap_regulariser` False: the kNN form), run by run on the stacked embeddings.
+The CLIP loss and the regularisers run run by run on the stacked embeddings (small (b, b) products; the
+head matmuls, the backward pass and the optimiser are the batched part), so every run keeps its own bits:
+a run equals the single-run trainer of 3270fe2 bitwise with linear and mlp heads, to ~1e-7 with
+residual heads (see stacked.py); batched and alone agree to 1e-5 (tests/test_batched_train.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.func import vmap
 
 from stratalign.core import losses as L
 from stratalign.core.heads import AlignedHeads, build_head
@@ -123,11 +124,19 @@ class _Run:
 
 
 def _clip_per_run(params: list[torch.Tensor], max_norm: float = 1.0) -> None:
-    """clip_grad_norm_(max_norm) of each run's slice of one head's stacked parameters."""
-    norms = torch.stack([torch.linalg.vector_norm(p.grad.reshape(p.shape[0], -1), dim=1) for p in params])
-    coef = torch.clamp(max_norm / (torch.linalg.vector_norm(norms, dim=0) + 1e-6), max=1.0)
-    for p in params:
-        p.grad.mul_(coef.view(-1, *[1] * (p.grad.ndim - 1)))
+    """clip_grad_norm_(max_norm) of each run's slice of one head's stacked parameters, run by run with the
+    kernels clip_grad_norm_ uses (a norm over an (S, n) tensor's rows may sum in another order)."""
+    for s in range(params[0].shape[0]):
+        grads = [p.grad[s] for p in params]
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+
+
+def _clip_losses(zi: torch.Tensor, zt: torch.Tensor, tau: float) -> torch.Tensor:
+    """(S,) CLIP losses, run by run: the (b, b) similarity of each run is its own matmul, so every run gets
+    the bits it gets alone (vmap's bmm + batched cross-entropy differ from them by ~1e-7)."""
+    return torch.stack([L.clip_loss(a, t, tau) for a, t in zip(zi, zt)])
 
 
 class GroupLoop:
@@ -197,37 +206,23 @@ class GroupLoop:
         return sides[0], sides[1]
 
     def _regularisers(self, rows: torch.Tensor, img: Side, txt: Side) -> torch.Tensor:
-        """(S,) regulariser values (0 for runs whose objective has none)."""
-        reg = torch.zeros(len(self.active), device=self.dev)
-        by_obj: dict[str, list[int]] = {}
-        for i, r in enumerate(self.active):
-            if r.obj.regulariser is not None:
-                by_obj.setdefault(r.obj.name, []).append(i)
-        for name, idx in by_obj.items():
-            obj, cfg = objective_named(name), self.active[idx[0]].cfg
-            if obj.vmap_regulariser:
-                sel = torch.tensor(idx, device=self.dev)
-                leaves = {k: v[sel] for k, v in (("rows", rows), ("xi", img.x), ("zi", img.z), ("mi", img.mu),
-                                                 ("li", img.logvar), ("xt", txt.x), ("zt", txt.z), ("mt", txt.mu),
-                                                 ("lt", txt.logvar)) if v is not None}
-
-                def one(d: dict[str, torch.Tensor], obj: Objective = obj, cfg: TrainConfig = cfg) -> torch.Tensor:
-                    batch = StepBatch(d["rows"], Side(d["xi"], d["zi"], d.get("mi"), d.get("li")),
-                                      Side(d["xt"], d["zt"], d.get("mt"), d.get("lt")))
-                    return obj.regulariser(batch, cfg)
-
-                reg = reg.index_put((sel,), vmap(one)(leaves))
-            else:
-                vals = [self._one_regulariser(i, rows[i], img, txt) for i in idx]
-                reg = reg.index_put((torch.tensor(idx, device=self.dev),), torch.stack(vals).float())
-        return reg
+        """(S,) regulariser values (0 for runs whose objective has none), run by run on the stacked
+        embeddings: each run's value has the bits it has alone (vmap would batch its matmuls and change them
+        by ~1e-7, so stores rebuilt by this code would no longer match older ones byte for byte)."""
+        vals = [self._one_regulariser(i, rows[i], img, txt) if r.obj.regulariser is not None
+                else torch.zeros((), device=self.dev) for i, r in enumerate(self.active)]
+        return torch.stack([v.float() for v in vals])
 
     def _one_regulariser(self, i: int, rows: torch.Tensor, img: Side, txt: Side) -> torch.Tensor:
-        """The regulariser of the run at stack position i alone (kNN form: its graphs, tables and head)."""
+        """The regulariser of the run at stack position i (kNN form: with its graphs, tables and head)."""
         r = self.active[i]
-        assert r.spec.graphs is not None and r.tables is not None
-        si = Side(img.x[i], img.z[i], knn=KnnSupport(self.image.one(i, r.rng), r.tables[0], r.spec.graphs[0]))
-        st = Side(txt.x[i], txt.z[i], knn=KnnSupport(self.text.one(i, r.rng), r.tables[1], r.spec.graphs[1]))
+        ki = kt = None
+        if r.spec.graphs is not None and r.tables is not None:
+            ki = KnnSupport(self.image.one(i, r.rng), r.tables[0], r.spec.graphs[0])
+            kt = KnnSupport(self.text.one(i, r.rng), r.tables[1], r.spec.graphs[1])
+        pick = lambda t: None if t is None else t[i]  # noqa: E731
+        si = Side(img.x[i], img.z[i], pick(img.mu), pick(img.logvar), knn=ki)
+        st = Side(txt.x[i], txt.z[i], pick(txt.mu), pick(txt.logvar), knn=kt)
         return r.obj.regulariser(StepBatch(rows, si, st), r.cfg)
 
     def update(self, step: int) -> None:
@@ -241,7 +236,7 @@ class GroupLoop:
                                 for r, lam in zip(self.active, lams)], device=self.dev)
         with loop.autocast(self.dev, c.amp):
             img, txt = self._embed_batch(pos)
-            clip = vmap(lambda a, b: L.clip_loss(a, b, c.tau))(img.z, txt.z)
+            clip = _clip_losses(img.z, txt.z, c.tau)
             reg = self._regularisers(rows, img, txt)
             loss = clip + weights * reg
         self.opt.zero_grad(set_to_none=True)
@@ -287,7 +282,7 @@ class GroupLoop:
                     continue
                 with loop.autocast(self.dev, self.cfg.amp):
                     zi, zt = self.image.embed(self.xi[chunk], sel), self.text.embed(self.xt[chunk], sel)
-                    v = vmap(lambda a, t: L.clip_loss(a, t, self.cfg.tau))(zi, zt)
+                    v = _clip_losses(zi, zt, self.cfg.tau)
                 total += np.asarray(v.float().cpu().tolist()) * chunk.shape[1]
                 count += chunk.shape[1]
             for r, tv in zip(group, total):

@@ -2,8 +2,9 @@
 
 Each parameter of a head (state-dict name `linear.weight`, `net.3.bias`, `gate`, ...) becomes one
 (S, *shape) leaf tensor; run s's head is slice s. The forward of a slice equals the run's own
-`nn.Module` forward: `torch.baddbmm(bias, x, W^T)` gives the same bits as `F.linear` on the CPU (checked
-by tests/test_batched_train.py), GELU and the L2 normalisation are row-wise, and dropout draws its mask
+`nn.Module` forward: `torch.baddbmm(bias, x, W^T)` gives the same bits as `F.linear` on the CPU for the
+linear and mlp heads (residual heads: within ~1e-7, their small rank-r products take another
+kernel), GELU and the L2 normalisation are row-wise, and dropout draws its mask
 from the run's own generator with the very kernel `F.dropout` uses on the CPU (`bernoulli_(1 - p)`, then
 `/ (1 - p)`), so a run's random stream is the one it would consume alone. The head kinds are those of
 stratalign.core.heads (linear, mlp, residual; variational wrappers of each).
