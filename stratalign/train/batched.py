@@ -128,7 +128,7 @@ def _clip_per_run(params: list[torch.Tensor], max_norm: float = 1.0) -> None:
     kernels clip_grad_norm_ uses (a norm over an (S, n) tensor's rows may sum in another order)."""
     for s in range(params[0].shape[0]):
         grads = [p.grad[s] for p in params]
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+        total = torch.nn.utils.get_total_norm(grads, 2.0)  # what clip_grad_norm_ computes (foreach norms)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)
 

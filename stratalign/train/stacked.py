@@ -22,8 +22,12 @@ Gens = Sequence[torch.Generator] | None
 
 
 def _linear(p: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
-    """x (S, b, d_in) through the stacked Linear `name` -> (S, b, d_out)."""
-    return torch.baddbmm(p[f"{name}.bias"].unsqueeze(1), x, p[f"{name}.weight"].transpose(1, 2))
+    """x (S, b, d_in) through the stacked Linear `name` -> (S, b, d_out). Below 400 multiply-adds per
+    run, baddbmm takes a naive kernel whose bits differ from F.linear's: there, F.linear run by run."""
+    w, bias = p[f"{name}.weight"], p[f"{name}.bias"]
+    if x.shape[-1] * x.shape[-2] * w.shape[1] < 400:
+        return torch.stack([F.linear(xs, ws, bs) for xs, ws, bs in zip(x, w, bias)])
+    return torch.baddbmm(bias.unsqueeze(1), x, w.transpose(1, 2))
 
 
 def _dropout(x: torch.Tensor, rate: float, gens: Gens) -> torch.Tensor:
