@@ -40,14 +40,7 @@ def model_from_tensors(config: dict[str, Any] | None, tensors: dict[str, torch.T
     if CONFIG_KEY not in tensors:
         raise StratalignError(f"saved weights lack {CONFIG_KEY}: not written by stratalign's model_tensors")
     mcfg = json.loads(bytes(tensors[CONFIG_KEY].numpy().tobytes()).decode())
-    model = build_model(mcfg)
-    state = {k: v for k, v in tensors.items() if k != CONFIG_KEY}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise StratalignError(f"saved weights do not fit their config: {str(exc).splitlines()[0]}") from None
-    model.eval()
-    return model
+    return _built(mcfg, {k: v for k, v in tensors.items() if k != CONFIG_KEY}, "saved weights")
 
 
 def save_heads(path: str | Path, result: TrainResult | nn.Module) -> Path:
@@ -78,10 +71,16 @@ def load_heads(path: str | Path) -> nn.Module:
         raise StratalignError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from None
     if "stratalign_model" not in meta:
         raise StratalignError(f"{path} has no stratalign_model metadata: not written by save_heads")
-    model = build_model(json.loads(meta["stratalign_model"]))
+    return _built(json.loads(meta["stratalign_model"]), tensors, f"{path}: weights")
+
+
+def _built(config: dict[str, Any], state: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """The model a config describes with `state` loaded strictly, in eval mode; one error line naming `what`
+    when the weights do not fit the config."""
+    model = build_model(config)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise StratalignError(f"{path}: weights do not fit their config: {str(exc).splitlines()[0]}") from None
+        raise StratalignError(f"{what} do not fit their config: {str(exc).splitlines()[0]}") from None
     model.eval()
     return model
