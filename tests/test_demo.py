@@ -8,11 +8,12 @@ import polars as pl
 
 from stratalign.stages.demo import DemoConfig, run_demo
 
-OBJECTIVES = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "csa")
+OBJECTIVES = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "comm", "csa")
 
 
 def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: Path) -> None:
-    cfg = DemoConfig(limit=48, seeds=(0, 1), n_pairs=(12, None), objectives=OBJECTIVES, progress=False,
+    # tune=False: one run per cell here (tuning is tested in test_tune.py)
+    cfg = DemoConfig(limit=48, seeds=(0, 1), n_pairs=(12, None), objectives=OBJECTIVES, progress=False, tune=False,
                      train_options=(("batch_size", 16), ("max_steps", 30), ("warmup_steps", 10),
                                     ("patience", 10), ("eval_every", 5)))
     out, store = tmp_path / "report", str(tmp_path / "store")
@@ -35,6 +36,7 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     assert f"vision layer {chosen['vision_layer']}" in report and "What the numbers say" in report
     assert "`efficientnet-lite0` x `minilm-l6`" in report and "clip+structure-knn on the last layers" in report
     for name in ("leaderboard.csv", "leaderboard.parquet", "recall_vs_pairs.png", "zeroshot_vs_pairs.png",
+                 "validation_curves.png",
                  "layers-dinov2-s.png"):
         assert (out / name).stat().st_size > 0, name
     assert pl.read_csv(out / "leaderboard.csv").height == board.height
@@ -49,4 +51,5 @@ def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
     assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None))
     assert DemoConfig.sized(200).n_pairs == (25, None)
     assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
+    assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # METHOD 4 and 3.7
     assert DemoConfig.sized() == DemoConfig()

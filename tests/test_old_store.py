@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -42,6 +43,23 @@ VOLATILE = {
 # per-query results (for paired comparisons) beside its metrics.
 ADDED_EVAL_FIELD = "eval_dataset_fingerprint"
 ADDED_RUN_FILE = "queries.safetensors"
+# Since 2026-11-25 a run's metrics name how its checkpoint was chosen (`selection`) and its validation curve holds
+# every yardstick per evaluation step ({"step", "clip_loss", "rsum", ...} where 3d4de15 wrote [step, val CLIP loss]).
+ADDED_METRICS_FIELD = "selection"
+
+
+def _old_curve(metrics: dict) -> dict:
+    """metrics.json with its validation curve in 3d4de15's form and without the fields added since."""
+    out = {k: v for k, v in metrics.items() if k != ADDED_METRICS_FIELD}
+    if out.get("stopped_reason") == "closed_form":  # a closed-form fit records its validation scores since
+        del out["val_curve"]
+    if out.get("val_curve") and isinstance(out["val_curve"][0], dict):
+        out["val_curve"] = [[row["step"], row["clip_loss"]] for row in out["val_curve"]]
+    # the message names the selection metric and value now: "restored step 12 by validation clip_loss 3.757 (...)"
+    if "message" in out:
+        out["message"] = re.sub(r" by validation clip_loss [^ ]+", "", out["message"]).replace(
+            "no validation clip_loss improvement", "no validation improvement")
+    return out
 
 
 def _generator():
@@ -184,6 +202,14 @@ def test_rebuilt_by_current_code_is_the_same_store(tmp_path: Path) -> None:
             new, was = json.loads(data), json.loads(old_files[rel])
             assert ADDED_EVAL_FIELD in new and ADDED_EVAL_FIELD not in was, rel
             assert {k: v for k, v in new.items() if k != ADDED_EVAL_FIELD} == was, rel
+        elif rel.endswith("/metrics.json"):
+            new, was = json.loads(data), json.loads(old_files[rel])
+            assert new[ADDED_METRICS_FIELD]["metric"] in ("clip_loss", "closed_form"), rel
+            assert ADDED_METRICS_FIELD not in was, rel
+            new = _old_curve(new)
+            assert set(new) == set(was), rel
+            assert {k: v for k, v in new.items() if k not in fields} == {k: v for k, v in was.items() if k not in fields}, rel
+            compared_as_json.append(rel)
         elif fields is not None:
             new, was = json.loads(data), json.loads(old_files[rel])
             assert set(new) == set(was), rel

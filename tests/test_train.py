@@ -63,7 +63,7 @@ def test_checkpoints_before_warmup_are_not_candidates():
     """Random pairs overfit at once, so the val CLIP loss is lowest inside the warm-up; the structure run
     must still restore a step at or after the warm-up, with full lambda recorded."""
     xi, xt = _random()
-    cfg = TrainConfig(objective="clip+structure", warmup_steps=20, **SMALL)
+    cfg = TrainConfig(objective="clip+structure", warmup_steps=20, select="clip_loss", **SMALL)
     res = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg)
     vals = {h["step"]: h["val_clip"] for h in res.history if "val_clip" in h}
     assert 20 in vals, "the warm-up end must be evaluated"
@@ -77,7 +77,8 @@ def test_checkpoints_before_warmup_are_not_candidates():
     summary = res.summary()
     assert summary["best_step"] == res.best_step and summary["lambda_at_best"] == res.lambda_at_best
     # the same data with plain clip (no warm-up) keeps the early minimum
-    plain = train_heads(xi, xt, np.arange(64), np.arange(64, 96), TrainConfig(objective="clip", **SMALL))
+    plain = train_heads(xi, xt, np.arange(64), np.arange(64, 96),
+                        TrainConfig(objective="clip", select="clip_loss", **SMALL))
     assert plain.best_step < 20 and plain.lambda_at_best == 0.0
 
 
@@ -245,7 +246,7 @@ def test_lambda_at_best_is_the_lambda_of_the_update_that_produced_it(monkeypatch
     assert res.best_step == 5, res.history  # planted pairs: step 5 beats the initial heads
     assert res.history[5]["lambda"] == 2.0 == res.lambda_at_best
     assert res.message.startswith("non-finite training loss at step 8")
-    assert res.message.endswith("restored step 5 (lambda 2)")
+    assert res.message.endswith(f"restored step 5 by validation rsum {res.best_value:.4g} (lambda 2)")
 
 
 def test_lambda_at_best_zero_when_initial_heads_restored():
@@ -253,7 +254,7 @@ def test_lambda_at_best_zero_when_initial_heads_restored():
     res = train_heads(xi, xt, np.arange(64), np.arange(64, 96),
                       TrainConfig(objective="clip+structure", warmup_steps=20, **{**SMALL, "lr": 1e30}))
     assert res.stopped_reason == "non_finite" and res.best_step == 0 and res.lambda_at_best == 0.0
-    assert res.restored_before_warmup and res.message.endswith("restored step 0 (lambda 0)")
+    assert res.restored_before_warmup and res.message.endswith("(lambda 0)") and "restored step 0 " in res.message
 
 
 def test_cosine_schedule_in_history():
@@ -400,3 +401,78 @@ def test_precomputed_graphs_are_used_and_checked(monkeypatch):
         train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg, graphs=(graphs[0] + 1, graphs[1]))
     with pytest.raises(StratalignError, match="only used by the clip\\+structure-knn"):
         train_heads(xi, xt, np.arange(64), np.arange(64, 96), TrainConfig(**SMALL), graphs=graphs)
+
+
+def _curve_rule(res, key, higher, first_candidate):
+    """The checkpoint METHOD 3.6 restores, computed from the recorded curve: the best value of the selection
+    metric among the evaluated steps >= the first candidate, the earliest on ties."""
+    rows = [r for r in res.val_curve if r["step"] >= first_candidate and math.isfinite(r[key])]
+    best = max(r[key] for r in rows) if higher else min(r[key] for r in rows)
+    return min(r["step"] for r in rows if r[key] == best)
+
+
+@pytest.mark.parametrize("objective", ["clip", "clip+structure", "clip+ib", "clip+vib"])
+def test_selection_by_validation_rsum_is_the_default(objective):
+    """Planted pairs: the curve of every yardstick is recorded at the same steps, and the restored step is the
+    best validation rsum (R@1+R@5+R@10 both ways, recomputed here from the restored heads) after the warm-up."""
+    xi, xt = _planted(260)
+    cfg = TrainConfig(objective=objective, warmup_steps=10, **{**SMALL, "max_steps": 60})
+    assert cfg.select == "rsum"
+    res = train_heads(xi, xt, np.arange(200), np.arange(200, 260), cfg)
+    steps = [r["step"] for r in res.val_curve]
+    assert steps == list(range(0, 61, 5))  # the same evaluation steps whatever the objective
+    assert all({"rsum", "clip_loss", "lambda"} <= set(r) for r in res.val_curve)
+    first = cfg.resolved_warmup()
+    assert res.best_step == _curve_rule(res, "rsum", True, first)
+    assert res.best_value == max(r["rsum"] for r in res.val_curve if r["step"] >= first)
+    # the restored heads really score that rsum on the validation pairs (each pair its own image)
+    from stratalign.core.scoring import retrieval_recall
+
+    zi, zt = embed(res.model, xi[200:], "image").numpy(), embed(res.model, xt[200:], "text").numpy()
+    rec = retrieval_recall(zi, zt, np.arange(60))
+    assert sum(rec.values()) == pytest.approx(res.best_value, abs=1e-6)
+    summary = res.summary()
+    assert summary["selection"]["metric"] == "rsum" and summary["selection"]["step"] == res.best_step
+    assert summary["val_curve"] == res.val_curve
+
+
+def test_selection_metric_choices_pick_different_rules():
+    """clip_loss picks the lowest validation CLIP loss, zeroshot the best validation top-1; an unknown metric,
+    zeroshot without labels, and select on an objective that has nothing to select are one-line errors."""
+    from stratalign.train.validation import ValidationTargets
+
+    xi, xt = _planted(260)
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 60)
+    prompts = rng.standard_normal((3, 2, xt.shape[1])).astype(np.float32)
+    targets = ValidationTargets(np.arange(60), labels, prompts)
+    by = {}
+    for select in ("rsum", "zeroshot", "clip_loss"):
+        cfg = TrainConfig(objective="clip", select=select, **{**SMALL, "max_steps": 60})
+        by[select] = train_heads(xi, xt, np.arange(200), np.arange(200, 260), cfg, targets=targets)
+    assert all("zs_top1" in r for r in by["zeroshot"].val_curve)
+    assert by["clip_loss"].best_step == _curve_rule(by["clip_loss"], "clip_loss", False, 0)
+    assert by["zeroshot"].best_step == _curve_rule(by["zeroshot"], "zs_top1", True, 0)
+    assert by["rsum"].val_curve == by["zeroshot"].val_curve  # selection does not change what is trained
+    with pytest.raises(StratalignError, match="select must be one of"):
+        TrainConfig(select="accuracy")
+    with pytest.raises(StratalignError, match="select zeroshot needs validation labels"):
+        train_heads(xi, xt, np.arange(200), np.arange(200, 260), TrainConfig(select="zeroshot", **SMALL))
+    with pytest.raises(StratalignError, match="does not select on a validation metric"):
+        TrainConfig(objective="comm", select="rsum")
+
+
+def test_rsum_gallery_dedups_images_of_several_captions():
+    """Validation pairs sharing an image id form one gallery image: i2t counts an image once, with any of its
+    captions a hit (METHOD 4), so the rsum differs from the one that treats every pair as its own image."""
+    from stratalign.train.validation import ValidationTargets, Validator
+
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((4, 6)).astype(np.float32)
+    vi = torch.from_numpy(np.repeat(img, 2, axis=0))  # 4 images, 2 captions each
+    vt = torch.from_numpy(np.repeat(img, 2, axis=0) + 0.01 * rng.standard_normal((8, 6)).astype(np.float32))
+    ident = lambda modality, x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    grouped = Validator(vi, vt, ValidationTargets(np.repeat(np.arange(4), 2)), 0.1, 32).score(ident)
+    assert grouped["rsum"] == pytest.approx(600.0)  # every image finds a caption, every caption its image
+    per_pair = Validator(vi, vt, ValidationTargets.pairs_only(8), 0.1, 32).score(ident)
+    assert per_pair["rsum"] < grouped["rsum"]  # duplicated images split the R@1 hits between two "images"

@@ -317,7 +317,8 @@ def test_non_finite_loss_is_reported_by_stage_and_cli(stage_store) -> None:
     assert metrics["stopped_reason"] == "non_finite" and metrics["best_step"] == 0
     assert metrics["lambda_at_best"] == 0.0 and metrics["restored_before_warmup"] is True
     assert metrics["message"].startswith("non-finite training loss at step ")
-    assert metrics["message"].endswith("restored step 0 (lambda 0)")
+    assert "restored step 0 by validation rsum" in metrics["message"] and metrics["message"].endswith("(lambda 0)")
+    assert metrics["selection"]["metric"] == "rsum" and metrics["selection"]["step"] == 0
     assert "stopped_reason=non_finite" in out.stdout
     assert metrics["message"] in out.stdout  # the saved message line, verbatim
     assert "restored_before_warmup=True" in out.stdout

@@ -7,7 +7,17 @@ from typing import Optional
 import typer
 
 from stratalign.cli.common import StoreOption, console, err_console, print_table, store_url
-from stratalign.cli.values import PRESET_HELP, check_n_pairs, check_preset, n_pairs, preset_line, trainer_overrides
+from stratalign.cli.values import (
+    PRESET_HELP,
+    SELECT_HELP,
+    TUNE_HELP,
+    check_n_pairs,
+    check_preset,
+    check_select,
+    n_pairs,
+    preset_line,
+    trainer_overrides,
+)
 from stratalign.errors import StratalignError
 
 
@@ -31,6 +41,8 @@ def sweep_cmd(
     skip: list[str] = typer.Option([], "--skip", help="Repeat: RULE:OBJECTIVE cells to leave out (last:comm)."),
     preset: str = typer.Option("auto", callback=check_preset, help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help="Trainer override key=value for every cell."),
+    select: Optional[str] = typer.Option(None, callback=check_select, help=SELECT_HELP),
+    tune: bool = typer.Option(False, "--tune", help=TUNE_HELP),
     baseline: str = typer.Option("clip", help="Objective every other one is compared with (paired, per cell and seed)."),
     out: str = typer.Option("stratalign-report", help="Folder for leaderboard.parquet/.csv and the plots."),
     store: Optional[str] = StoreOption,
@@ -38,19 +50,18 @@ def sweep_cmd(
     """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
     from stratalign.report.report import KEY_METRICS, findings, results_table
     from stratalign.stages.sweep import SweepConfig, run_sweep
-    from stratalign.stages.train import RunConfig, resolve_run
+    from stratalign.stages.train import RunConfig
     from stratalign.store.features import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "a")
     overrides = trainer_overrides(set_)
-    base = RunConfig(dataset=dataset, vision=vision, text=text, options=overrides, preset=preset)
+    base = RunConfig(dataset=dataset, vision=vision, text=text, options=overrides, preset=preset, select=select)
     cfg = SweepConfig(base=base,
                       n_pairs=tuple(n_pairs(v) for v in n_pairs_), seeds=tuple(seed), objectives=tuple(objective),
                       layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip),
-                      baseline=baseline)
-    cells = cfg.cells()
-    if cells:  # a bad option is one error line before anything else is printed
-        resolve_run(fs, cells[0])
+                      baseline=baseline, tune=tune)
+    if not cfg.cells():
+        raise StratalignError("the sweep has no cells: give at least one objective, head, n-pairs and seed")
     err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
     res = run_sweep(fs, cfg, out)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already in the store")

@@ -7,7 +7,17 @@ from typing import Optional
 import typer
 
 from stratalign.cli.common import StoreOption, console, err_console, print_metrics, store_url
-from stratalign.cli.values import PRESET_HELP, check_n_pairs, check_preset, n_pairs, preset_line, trainer_overrides
+from stratalign.cli.values import (
+    PRESET_HELP,
+    SELECT_HELP,
+    TUNE_HELP,
+    check_n_pairs,
+    check_preset,
+    check_select,
+    n_pairs,
+    preset_line,
+    trainer_overrides,
+)
 
 
 def train_cmd(
@@ -24,6 +34,8 @@ def train_cmd(
     ids_kind: str = typer.Option("caption", help="What --ids lists: caption or image ids."),
     preset: str = typer.Option("auto", callback=check_preset, help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help="Trainer override key=value (e.g. max_steps=500, lam=5)."),
+    select: Optional[str] = typer.Option(None, callback=check_select, help=SELECT_HELP),
+    tune: bool = typer.Option(False, "--tune", help=TUNE_HELP),
     force: bool = typer.Option(False, help="Train again even if the identical run is in the store."),
     store: Optional[str] = StoreOption,
 ) -> None:
@@ -37,11 +49,30 @@ def train_cmd(
     overrides = trainer_overrides(set_)
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
                     n_pairs=n_pairs(n_pairs_), seed=seed, ids_file=ids, ids_kind=ids_kind,
-                    options=overrides, preset=preset)
+                    options=overrides, preset=preset, select=select)
     resolved = resolve_run(fs, cfg)  # a bad option is one error line before anything else is printed
     err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
-    res = train_run(fs, cfg, resolved=resolved, force=force)
-    verb = "already in the store" if res.get("skipped") else f"trained in {res.get('train_seconds', 0):.2f}s"
+    if tune:
+        from stratalign.stages.tune import tune_run
+
+        tuned = tune_run(fs, cfg, force=force, progress=True)
+        res = tuned.metrics
+        _print_tuning(tuned)
+        verb = f"chosen on validation: {tuned.chosen_label()}" if tuned.tuning else "nothing to tune"
+    else:
+        res = train_run(fs, cfg, resolved=resolved, force=force, progress=True)  # tqdm on stderr, as extract/sweep
+        verb = "already in the store" if res.get("skipped") else f"trained in {res.get('train_seconds', 0):.2f}s"
     console.print(f"run {res['run_id']} ({verb})")
     console.print(ResolvedRun.from_config(RunRegistry(fs).config(res["run_id"])).validation_note())
     print_metrics(res)
+
+
+def _print_tuning(tuned) -> None:
+    """The grid's validation values, the chosen point marked."""
+    if not tuned.tuning:
+        return
+    metric = tuned.tuning["metric"]
+    for point in tuned.tuning["grid"]:
+        mark = "*" if point["run_id"] == tuned.run_id else " "
+        knobs = ", ".join(f"{k}={v}" for k, v in point["knobs"].items())
+        console.print(f"{mark} {knobs:<24} val {metric} {point['value']:.4g}  {point['run_id']}", highlight=False)

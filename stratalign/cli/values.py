@@ -47,6 +47,21 @@ PRESET_HELP = ("Trainer schedule: auto (cpu without CUDA, gpu with it), cpu (bat
                "paper (METHOD's published schedule: batch 4096, 3000 steps). --set overrides any one setting.")
 
 
+# = stratalign.train.validation.SELECT_METRICS (spelt out for a light --help; tests/test_cli.py checks they agree)
+SELECT_CHOICES = ("rsum", "zeroshot", "clip_loss")
+SELECT_HELP = ("Validation metric that picks the restored checkpoint (METHOD 3.6): rsum (R@1+R@5+R@10 both ways, "
+               "default), zeroshot (top-1; needs labels) or clip_loss. CoMM and CSA have their own rule.")
+TUNE_HELP = ("Choose the objective's knobs on validation (METHOD 3.7): one run per value of its grid (lambda, beta, "
+             "CSA k x ridge), the best by the --select metric; the grid's validation scores are kept with the run.")
+
+
+def check_select(value: Optional[str]) -> Optional[str]:
+    """Option callback: an unknown --select is a usage error (exit 2) before anything runs."""
+    if value is not None and value not in SELECT_CHOICES:
+        raise typer.BadParameter(f"expected one of {', '.join(SELECT_CHOICES)}, not {value!r}")
+    return value
+
+
 def check_preset(value: str) -> str:
     """Option callback: an unknown --preset is one error line (exit 2) before anything runs."""
     from stratalign.train.presets import check_preset_name

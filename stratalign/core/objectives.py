@@ -46,9 +46,14 @@ class Evaluation(Enum):
 class Selection(Enum):
     """What picks the restored checkpoint."""
 
-    VAL_CLIP = "val_clip"  # lowest validation CLIP loss (after the warm-up, if any)
-    VAL_COMM = "val_comm"  # lowest validation CoMM loss
+    VALIDATION = "validation"  # the best validation value of the run's `select` metric (rsum by default;
+    # METHOD 3.6), among the checkpoints after the warm-up, if any
+    VAL_COMM = "val_comm"  # lowest validation CoMM loss (a fused model has no retrieval space to rank)
     CLOSED_FORM = "closed_form"  # nothing to select: the fit is the model
+
+
+# METHOD 3.6: objectives selected on validation pick their checkpoint by retrieval rsum unless told otherwise
+SELECT_DEFAULT = "rsum"
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,8 @@ class Objective:
         """This objective's knob defaults, given the knobs set explicitly (those win): the defaults, then
         the variants whose knob value (given or default) matches."""
         out = dict(self.defaults)
+        if self.selection is Selection.VALIDATION:
+            out.setdefault("select", SELECT_DEFAULT)
         for (knob, value), extra in self.variants:
             if given.get(knob, out.get(knob)) == value:
                 out.update(extra)
@@ -213,19 +220,19 @@ CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
 
 REGISTRY: tuple[Objective, ...] = (
     Objective("clip", "symmetric InfoNCE (METHOD 3.1)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
-              Selection.VAL_CLIP),
+              Selection.VALIDATION),
     Objective("clip+structure", "CLIP + lambda * R_S over the batch (METHOD 3.2)", TRAINED_HEADS,
-              Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=structure_term,
+              Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=structure_term,
               weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True, grid=STRUCTURE_GRID),
     Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (METHOD 3.3)", TRAINED_HEADS,
-              Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_structure_knn,
+              Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_structure_knn,
               weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True,
               grid=STRUCTURE_GRID),
     Objective("clip+ib", "CLIP + beta * deterministic IB term (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
-              Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_ib, weight_knob="beta", knobs=("beta",),
+              Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_ib, weight_knob="beta", knobs=("beta",),
               defaults=(("beta", IB_BETA),), grid=BETA_GRID),
     Objective("clip+vib", "CLIP on sampled embeddings + beta * KL (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
-              Evaluation.RETRIEVAL, Selection.VAL_CLIP, regulariser=_vib, weight_knob="beta",
+              Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_vib, weight_knob="beta",
               knobs=("beta", "vib_scale", "vib_symmetric"), variational=True,
               defaults=(("beta", VIB_BETA), ("vib_scale", VIB_SCALE)), grid=BETA_GRID),
     Objective("comm", "CoMM fusion model (METHOD 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,

@@ -84,9 +84,25 @@ def _spread_note(board: pl.DataFrame) -> str:
     return "± is the sample standard deviation over seeds."
 
 
+def tuning_lines(tuning: pl.DataFrame) -> list[str]:
+    """One line per tuned objective and cell: which grid values validation chose, over how many seeds."""
+    if tuning is None or tuning.height == 0:
+        return []
+    chosen = tuning.filter(pl.col("chosen"))
+    lines = []
+    for (obj, rule, n), rows in chosen.group_by(["objective", "layer_rule", "n_pairs"], maintain_order=True):
+        counts = rows.group_by("knobs", maintain_order=True).len().sort("len", descending=True)
+        picks = ", ".join(f"{r['knobs']} ({r['len']} seed{'s' if r['len'] != 1 else ''})" for r in counts.to_dicts())
+        grid = tuning.filter((pl.col("objective") == obj) & (pl.col("layer_rule") == rule)
+                             & pl.col("n_pairs").eq_missing(n) & (pl.col("seed") == rows["seed"][0]))
+        lines.append(f"{obj}, {rule} layers, n={n if n is not None else 'all'}: chose {picks} "
+                     f"from {grid.height} grid points by {rows['metric'][0]}")
+    return lines
+
+
 def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: dict[str, Any] | None,
                  files: dict[str, str], extra: list[str] | None = None,
-                 comparisons: pl.DataFrame | None = None) -> str:
+                 comparisons: pl.DataFrame | None = None, tuning: pl.DataFrame | None = None) -> str:
     """Write report.md into out_dir (PNG links are relative) and return its path."""
     os.makedirs(out_dir, exist_ok=True)
     table = results_table(board)
@@ -111,6 +127,18 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
         lines = [line for kind in ("objective", "layers") for m in KEY_METRICS for line in findings(comparisons, m, kind)]
         md += ["## What the numbers say", ""] + _comparison_intro(comparisons, seeds)
         md += [f"- {line}" for line in lines] + [""]
+    tuned = tuning_lines(tuning) if tuning is not None else []
+    if tuned:
+        md += ["## Knobs chosen on validation", "",
+               "Each tuned cell trained one run per value of its objective's grid and kept the one with the best "
+               "validation value (the test split never took part); every point's value is in tuning.csv.", ""]
+        md += [f"- {line}" for line in tuned] + [""]
+    if "val_curves_png" in files:
+        md += ["## Along training", "",
+               "Validation rsum and zero-shot top-1 at every evaluation step (the run's checkpoint is the best "
+               "validation value of its selection metric after any warm-up): where retrieval still rises while "
+               "zero-shot falls, one stopping point trades one for the other.", "",
+               f"![validation curves]({os.path.basename(files['val_curves_png'])})", ""]
     for key, caption in (("recall_png", "R@1 vs training pairs"), ("zeroshot_png", "Zero-shot accuracy vs pairs")):
         if key in files:
             md += [f"![{caption}]({os.path.basename(files[key])})", ""]

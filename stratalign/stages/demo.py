@@ -28,9 +28,9 @@ class DemoConfig:
     vision: str = "dinov2-s"
     text: str = "minilm-l6"
     extra_encoders: tuple[str, ...] = ("efficientnet-lite0",)
-    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "csa")
+    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "comm", "csa")
     n_pairs: tuple[int | None, ...] = (200, 500, None)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # METHOD 4: at least 5 seeds where a report draws conclusions
     layer_rules: tuple[str, ...] = ("last", "auto")
     # the kNN-graph form costs twice the batch form; last vs chosen layers is compared on the others
     skip: tuple[tuple[str, str], ...] = (("last", "clip+structure-knn"),)
@@ -44,11 +44,14 @@ class DemoConfig:
     # 2026-11-23). `train_options` are --set overrides on top of the preset.
     preset: str = "cpu"
     train_options: tuple[tuple[str, object], ...] = ()
+    # knobs chosen on validation per cell and seed (METHOD 3.7: lambda, beta, CSA k x ridge from each objective's
+    # grid); False trains the registry's defaults
+    tune: bool = True
     batch_size: int = 32
     progress: bool = True
 
     @classmethod
-    def sized(cls, limit: int | None = None, seeds: int = 3) -> DemoConfig:
+    def sized(cls, limit: int | None = None, seeds: int = 5) -> DemoConfig:
         """The grid for the first `limit` emoji and seeds 0..seeds-1: under 300 emoji the subset sizes shrink
         to limit // 8 (at least 10) and all: the default sizes (200, 500) do not fit a small train split."""
         if limit is not None and limit < 300:
@@ -99,7 +102,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     base = RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=cfg.train_options, preset=cfg.preset)
     sweep_cfg = SweepConfig(base=base,
                             n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
-                            layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip)
+                            layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, tune=cfg.tune)
     sweep = run_sweep(store, sweep_cfg, out_dir, progress=cfg.progress)
     log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
     timings["sweep"] = time.perf_counter() - t0
@@ -111,8 +114,10 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              f"split, checkpoints are chosen on the dataset's own val split, numbers are on the test split. "
              f"n_pairs=None means all train pairs. "
              "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)
-             + " (everything else as METHOD.md: tau 0.05, lambda 10, AdamW lr 1e-3, early stopping on the "
-             "validation CLIP loss, no checkpoint before the warm-up ends)."
+             + " (everything else as METHOD.md: tau 0.05, AdamW lr 1e-3; the checkpoint of the best validation rsum, "
+             "none before a warm-up ends; CoMM on its validation loss)."
+             + (" Knobs (STRUCTURE lambda, IB beta, CSA k and ridge) chosen per cell and seed on validation from "
+                "each objective's grid." if cfg.tune else "")
              + "".join(f" Left out of the grid: {obj} on the {rule} layers." for rule, obj in cfg.skip),
              *(f"Layers of the other vision encoder, `{info['vision']}` x `{cfg.text}` (not used by the sweep): "
                f"best ({info['vision_layer']},{info['text_layer']}) mutual_knn {info['score']:.3f} against "
@@ -121,7 +126,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
     report = write_report(out_dir, title="stratalign demo: how much paired data, which layers, which objective?",
                           board=sweep.leaderboard, layer_info=layer_infos[0], files=sweep.files, extra=intro,
-                          comparisons=sweep.comparisons)
+                          comparisons=sweep.comparisons, tuning=sweep.tuning)
     return {"timings": timings, "layers": layer_infos, "leaderboard": sweep.leaderboard,
             "table": results_table(sweep.leaderboard), "report": report, "files": sweep.files,
             "trained": sweep.trained, "skipped": sweep.skipped}

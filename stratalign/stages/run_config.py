@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stratalign.core.layer_rule import LayerRule
-from stratalign.core.objectives import objective_named
+from stratalign.core.objectives import Selection, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.subsets import (
     CARVED,
@@ -25,11 +25,13 @@ from stratalign.stages.subsets import (
     validation_pairs,
     validation_source,
 )
+from stratalign.store.datasets import PairDataset
 from stratalign.store.features import FeatureEntry, FeatureStore
 from stratalign.store.layer_results import load_choice
 from stratalign.store.runs import run_id_of
 from stratalign.train import TrainConfig
 from stratalign.train.presets import apply_preset, check_preset_name, choose_preset
+from stratalign.train.validation import check_select
 
 # TrainConfig fields that RunConfig sets itself: a --set of one of them names the flag to use instead
 RUN_FLAGS = {"objective": "--objective", "head": "--head", "seed": "--seed"}
@@ -57,6 +59,10 @@ class RunConfig:
     # trainer schedule (train.presets): cpu | gpu | paper | auto (cpu or gpu by the machine: the CLI's default).
     # None: TrainConfig's own defaults (METHOD's, = paper), machine-independent, as before presets existed.
     preset: str | None = None
+    # the validation metric that picks the checkpoint (rsum | zeroshot | clip_loss) of the objectives that select
+    # on validation (CoMM and CSA do not: left alone there, so one sweep can name it for every cell); None: the
+    # objective's default (rsum). A --set select=... wins.
+    select: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,9 +159,15 @@ def _layer_pair(store: FeatureStore, cfg: RunConfig, v: FeatureEntry, t: Feature
     return v.resolve_layer(rule.vision), t.resolve_layer(rule.text), str(rule)
 
 
-def _check_choices(cfg: RunConfig) -> None:
+def _check_choices(cfg: RunConfig, ds: PairDataset) -> None:
     if cfg.preset is not None:
         check_preset_name(cfg.preset)
+    select = dict(cfg.options).get("select", cfg.select)
+    if select is not None:
+        check_select(select)
+        if select == "zeroshot" and not ds.class_names:
+            raise StratalignError(f"--select zeroshot needs class labels, and dataset {ds.name!r} has none: use "
+                                  "--select rsum (retrieval) or clip_loss")
     objective_named(cfg.objective).check_head(cfg.head)
     taken = [k for k, _ in cfg.options if k in RUN_FLAGS]
     if taken:
@@ -176,6 +188,8 @@ def _train_settings(cfg: RunConfig, preset: str | None) -> dict[str, Any]:
     if bad:
         raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
     settings = dict(cfg.options) if preset is None else apply_preset(choose_preset(preset), dict(cfg.options))
+    if cfg.select is not None and objective_named(cfg.objective).selection is Selection.VALIDATION:
+        settings.setdefault("select", cfg.select)
     train_cfg = TrainConfig(objective=objective_named(cfg.objective).recorded_objective, head=cfg.head,
                             seed=cfg.seed, **settings)
     return _jsonable(train_cfg.to_dict())
@@ -183,9 +197,9 @@ def _train_settings(cfg: RunConfig, preset: str | None) -> dict[str, Any]:
 
 def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
     """The fully resolved run (entries, layer indices, subset, trainer settings) and its run id."""
-    _check_choices(cfg)
-    preset = run_preset(cfg)
     ds = store.dataset(cfg.dataset)
+    _check_choices(cfg, ds)
+    preset = run_preset(cfg)
     ds.require_train_split("train a run")
     v, t = run_entries(store, cfg)
     vl, tl, rule = _layer_pair(store, cfg, v, t)

@@ -1,5 +1,5 @@
-"""A run's data in the store, shared by training and evaluation: cached features of its pairs and the
-training rows saved beside its weights."""
+"""A run's data in the store, shared by training and evaluation: cached features of its pairs, what its
+validation yardsticks need (image ids, labels, class prompts), and the training rows saved beside its weights."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from stratalign.stages.prompts import class_prompts, prompt_features
 from stratalign.stages.run_config import ResolvedRun
 from stratalign.stages.subsets import PairRows
 from stratalign.store.features import FeatureEntry, FeatureStore
+from stratalign.train.validation import ValidationTargets
 
 SUBSET_KEYS = ("subset_image_rows", "subset_caption_rows")
 
@@ -37,3 +39,19 @@ def train_features_of(store: FeatureStore, run: ResolvedRun, subset: PairRows) -
     v, t = store.entry(run.vision_entry), store.entry(run.text_entry)
     labels = store.dataset(run.dataset).images["label"].to_numpy()[subset.image_rows]
     return gather(v, run.vision_layer, subset.image_rows), gather(t, run.text_layer, subset.caption_rows), labels
+
+
+def validation_targets(store: FeatureStore, dataset: str, val: PairRows, text_entry: FeatureEntry,
+                       text_layer: int) -> ValidationTargets:
+    """The validation pairs' image rows (one gallery image each), and for a labelled dataset their class
+    indices and the class prompts' features at the text layer (zero-shot on validation, METHOD 3.6)."""
+    ds = store.dataset(dataset)
+    labels = ds.images["label"].to_list() if "label" in ds.images.columns else []
+    val_labels = [labels[i] for i in val.image_rows] if labels else []
+    if not ds.class_names or not val_labels or any(x is None for x in val_labels):
+        return ValidationTargets(val.image_rows.copy())
+    classes, templates, prompts = class_prompts(ds)
+    feats = prompt_features(text_entry, prompts)[text_layer].astype(np.float32)
+    class_of = {c: i for i, c in enumerate(classes)}
+    return ValidationTargets(val.image_rows.copy(), np.array([class_of[x] for x in val_labels], dtype=np.int64),
+                             feats.reshape(len(classes), len(templates), -1))

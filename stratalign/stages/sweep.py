@@ -24,6 +24,7 @@ from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
 from stratalign.stages.compare import compare_runs
 from stratalign.stages.run_config import RunConfig, resolve_run
 from stratalign.stages.train import train_run
+from stratalign.stages.tune import TunedRun, tune_run
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 
@@ -43,6 +44,7 @@ class SweepConfig:
     heads: tuple[str, ...] = ("linear",)
     skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
     baseline: str = "clip"  # the objective every other one is compared with, cell by cell and seed by seed
+    tune: bool = False  # each cell: the best point of its objective's grid on validation (stages.tune)
 
     def cells(self) -> list[RunConfig]:
         """Every cell of the grid, once; an objective with its own head (csa) gets it, others skip it."""
@@ -77,16 +79,46 @@ class SweepResult:
     leaderboard: pl.DataFrame
     files: dict[str, str] = field(default_factory=dict)
     comparisons: pl.DataFrame = field(default_factory=pl.DataFrame)  # paired differences (report.compare)
+    tuning: pl.DataFrame = field(default_factory=pl.DataFrame)  # every grid point's validation value (tuned sweeps)
+    val_curves: pl.DataFrame = field(default_factory=pl.DataFrame)  # every run's validation curve, one row a step
 
 
-def run_table(registry: RunRegistry, run_ids: list[str]) -> pl.DataFrame:
-    """One row per run: the cell description, seed and headline metrics."""
+def curve_table(registry: RunRegistry, runs: pl.DataFrame) -> pl.DataFrame:
+    """The validation curves of the runs (rsum, zero-shot top-1, CLIP loss, lambda per evaluation step), one
+    row per (run, step) with the cell columns; runs recorded before curves held every yardstick are left out."""
+    rows = []
+    for r in runs.select("run", "objective", "layer_rule", "n_pairs", "seed").to_dicts():
+        for point in registry.metrics(r["run"]).get("val_curve") or []:
+            if isinstance(point, dict):
+                rows.append({**r, "method": f"{r['objective']} / {r['layer_rule']}", **point})
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def tuning_table(tunings: list[tuple[RunConfig, TunedRun]]) -> pl.DataFrame:
+    """One row per grid point tried: the cell, the knob values, the run, its validation value, whether chosen."""
+    rows = []
+    for cell, tuned in tunings:
+        if not tuned.tuning:
+            continue
+        for point in tuned.tuning["grid"]:
+            rows.append({"objective": cell.objective, "layer_rule": cell.layers, "n_pairs": cell.n_pairs,
+                         "seed": cell.seed, "knobs": ", ".join(f"{k}={v}" for k, v in point["knobs"].items()),
+                         "metric": f"val_{tuned.tuning['metric']}", "value": point["value"], "run": point["run_id"],
+                         "chosen": point["run_id"] == tuned.run_id})
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def run_table(registry: RunRegistry, run_ids: list[str], tuned: dict[str, str] | None = None) -> pl.DataFrame:
+    """One row per run: the cell description, seed, the knob values tuning chose (`tuned`, when tuned) and
+    headline metrics."""
     rows = []
     for rid in run_ids:
         cfg, met = registry.config(rid), registry.metrics(rid)
         row: dict[str, Any] = {"run": rid, "objective": cfg["objective"], "head": cfg["head"],
                                "layer_rule": cfg["layer_rule"], "n_pairs": cfg["n_pairs"], "seed": cfg["seed"],
                                "vision_layer": cfg["vision_layer"], "text_layer": cfg["text_layer"]}
+        if tuned is not None:
+            row["tuned"] = tuned.get(rid, "")
         for m in HEADLINE:
             v = met.get(m)
             row[m] = float(v) if isinstance(v, (int, float)) else None
@@ -101,31 +133,45 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     cells = cfg.cells()
     if not cells:
         raise StratalignError("the sweep has no cells: give at least one objective, head, n-pairs and seed")
+    early: dict[RunConfig, Any] = {}
+    for cell in cells:  # one cell of each objective x layer rule x head resolved first: a bad setting fails now
+        kind = (cell.objective, cell.layers, cell.head)
+        if kind not in {(c.objective, c.layers, c.head) for c in early}:
+            early[cell] = resolve_run(store, cell)
     run_ids, trained, skipped = [], 0, 0
-    bar = tqdm(cells, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
+    tunings: list[tuple[RunConfig, TunedRun]] = []
+    bar = tqdm(cells, desc="sweep" + (" (tuned)" if cfg.tune else ""), unit="cell", disable=not progress,
+               dynamic_ncols=True)
     for cell in bar:
-        resolved = resolve_run(store, cell)
-        rid = resolved.run_id
-        if registry.is_done(rid):
-            skipped += 1
-            done = True
+        if cfg.tune:
+            tuned = tune_run(store, cell)
+            rid, done = tuned.run_id, tuned.trained == 0
+            tunings.append((cell, tuned))
+            trained, skipped = trained + tuned.trained, skipped + tuned.tried - tuned.trained
         else:
-            train_run(store, cell, resolved=resolved)
-            trained += 1
-            done = False
+            resolved = early.get(cell) or resolve_run(store, cell)
+            rid = resolved.run_id
+            done = registry.is_done(rid)
+            if not done:
+                train_run(store, cell, resolved=resolved)
+            trained, skipped = trained + (not done), skipped + done
         run_ids.append(rid)
-        bar.set_postfix(trained=trained, skipped=skipped)
+        selection = registry.metrics(rid).get("selection") or {}
+        bar.set_postfix_str(f"trained {trained}, skipped {skipped}; last: val {selection.get('metric', '-')} "
+                            f"{selection.get('value') if selection.get('value') is not None else '-'}", refresh=False)
         if on_cell:
             on_cell(cell, rid, done)
-    runs = run_table(registry, run_ids)
+    runs = run_table(registry, run_ids, {t.run_id: t.chosen_label() for _, t in tunings} if cfg.tune else None)
     metrics = [m for m in HEADLINE if m in runs.columns and runs[m].null_count() < runs.height]
-    board = aggregate(runs.drop("run", "vision_layer", "text_layer"), by=CELL_COLUMNS, metrics=metrics)
+    board = aggregate(runs.drop("run", "vision_layer", "text_layer", *(["tuned"] if cfg.tune else [])),
+                      by=CELL_COLUMNS, metrics=metrics)
     layers = runs.group_by("layer_rule").agg(pl.col("vision_layer").first(), pl.col("text_layer").first())
     board = board.join(layers, on="layer_rule", how="left")
     comparisons, majority = compare_runs(store, runs, baseline=cfg.baseline)
     if majority is not None:
         board = board.with_columns(pl.lit(majority).alias("zs_majority"))
-    result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons)
+    result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons,
+                         tuning=tuning_table(tunings), val_curves=curve_table(registry, runs))
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
     return result
@@ -142,6 +188,9 @@ def write_leaderboard(result: SweepResult, out_dir: str) -> dict[str, str]:
         "runs_csv": os.path.join(out_dir, "runs.csv"),
         "comparisons_csv": os.path.join(out_dir, "comparisons.csv"),
     }
+    if result.tuning.height:
+        files["tuning_csv"] = os.path.join(out_dir, "tuning.csv")
+        result.tuning.write_csv(files["tuning_csv"])
     result.leaderboard.write_parquet(files["leaderboard_parquet"])
     result.leaderboard.write_csv(files["leaderboard_csv"])
     result.runs.write_csv(files["runs_csv"])
@@ -158,5 +207,22 @@ def write_leaderboard(result: SweepResult, out_dir: str) -> dict[str, str]:
         curves(runs, zs_png, x="n_pairs", y=["zs_top1"], hue="method",
                title="Zero-shot top-1 accuracy vs training pairs")
         files["zeroshot_png"] = zs_png
+    curves_png = _validation_curves(result.val_curves, out_dir)
+    if curves_png:
+        files["val_curves_png"] = curves_png
     files["plot_seconds"] = f"{time.perf_counter() - t0:.2f}"
     return files
+
+
+def _validation_curves(table: pl.DataFrame, out_dir: str) -> str | None:
+    """Validation rsum and zero-shot along training per objective / layers (mean +- std over seeds) at the
+    largest training set: the retrieval / zero-shot trade-off one stopping point would hide (METHOD 3.6)."""
+    from stratalign.report.plots import curves
+
+    if not table.height or "rsum" not in table.columns:
+        return None
+    top = table.filter(pl.col("n_pairs") == table["n_pairs"].max())
+    ys = ["rsum"] + (["zs_top1"] if "zs_top1" in top.columns and top["zs_top1"].null_count() < top.height else [])
+    path = os.path.join(out_dir, "validation_curves.png")
+    return curves(top, path, x="step", y=ys, hue="method", logx=False, xlabel="optimiser step",
+                  title=f"Validation along training ({int(top['n_pairs'][0])} pairs; mean ± std over seeds)")

@@ -8,27 +8,57 @@ How a model is trained and scored comes from its objective's registry entry (cor
 from __future__ import annotations
 
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
-from stratalign.core.objectives import objective_named
+from stratalign.core.objectives import Training, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.evaluate import save_run_queries, score_model
 from stratalign.stages.run_config import RUN_FLAGS, ResolvedRun, RunConfig, resolve_run, run_entries
-from stratalign.stages.run_data import gather, subset_tensors
+from stratalign.stages.run_data import gather, subset_tensors, validation_targets
 from stratalign.stages.subsets import PairRows
 from stratalign.store import graphs as G
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.train import fit_objective, knn_graphs, model_tensors
+from stratalign.train.loop import Progress
+
+
+@contextmanager
+def step_progress(progress: Progress | bool, run_id: str, metric: str) -> Iterator[Progress | None]:
+    """The loop's progress callback: the caller's, a tqdm step bar (True) closed at the end, or None."""
+    if not progress:
+        yield None
+        return
+    if callable(progress):
+        yield progress
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, desc=f"train {run_id}", unit="step", dynamic_ncols=True, leave=False)
+
+    def tick(step: int, total: int, value: float) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+        bar.set_postfix_str(f"val {metric} {value:.4g}", refresh=False)
+
+    try:
+        yield tick
+    finally:
+        bar.close()
+
 
 __all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "knn_graphs_cached", "resolve_run", "train_run"]
 
 
 def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | None = None,
-              force: bool = False) -> dict[str, Any]:
-    """Train (unless the identical run is done), evaluate on the test split, save; returns the metrics."""
+              force: bool = False, progress: Progress | bool = False) -> dict[str, Any]:
+    """Train (unless the identical run is done), evaluate on the test split, save; returns the metrics.
+
+    progress: True shows a step bar (steps, the validation selection metric, ETA) on stderr; a callable is
+    called as progress(step, max_steps, validation value) at every evaluation step instead."""
     registry = RunRegistry(store)
     run = resolved or resolve_run(store, cfg)
     rid = run.run_id
@@ -52,7 +82,10 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | No
         graphs, hit = knn_graphs_cached(store, run, pairs.image_rows[train_idx], pairs.caption_rows[train_idx],
                                         x_img[train_idx], x_txt[train_idx], train_cfg.knn_k)
         extra = {"knn_graph_cached": hit}
-    model, summary = fit_objective(objective, x_img, x_txt, train_idx, val_idx, train_cfg, graphs=graphs)
+    targets = validation_targets(store, cfg.dataset, val, t, run.text_layer)
+    with step_progress(progress, rid, train_cfg.select if objective.training is Training.GRADIENT else "loss") as tick:
+        model, summary = fit_objective(objective, x_img, x_txt, train_idx, val_idx, train_cfg, graphs=graphs,
+                                       targets=targets, progress=tick)
     summary = {**summary, **extra}
     train_s = time.perf_counter() - t0
     labels = store.dataset(cfg.dataset).images["label"].to_numpy()[pairs.image_rows[train_idx]]

@@ -69,6 +69,11 @@ def run_id_of(config: dict[str, Any]) -> str:
     return f"{obj}-{config.get('head', 'head')}-n{config.get('n_pairs', 'all')}-s{config.get('seed', 0)}-{h}"
 
 
+def tuning_key(run_ids: Sequence[str]) -> str:
+    """Key of a tuning record (runs/<chosen>/tuning-<key>.json): the grid's run ids, in grid order."""
+    return content_hash(list(run_ids))[:12]
+
+
 def layer_result_key(settings: dict[str, Any]) -> str:
     """Layer-similarity result: <dataset>--<vision>--<text>--<hash>. Frozen v1 recipe: json's default
     separators, sorted, 12 hex characters; slugs of at most 50 characters."""

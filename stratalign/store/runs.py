@@ -6,6 +6,8 @@
     runs/<run id>/eval-<dataset>.json  evaluation on another dataset (records that dataset's fingerprint)
     runs/<run id>/queries.safetensors  per-query results on its own test split (hits per image / caption),
                                        for paired comparisons; recomputable from the weights
+    runs/<run id>/tuning-<key>.json    a grid this run was chosen from on validation (METHOD 3.7): every point's
+                                       run id and validation value; key = hash of the points' run ids
 
 A run id is a hash of its config, so re-running an identical cell finds it done and skips it.
 """
@@ -25,7 +27,7 @@ from safetensors.torch import save as st_save
 
 from stratalign.errors import StratalignError
 from stratalign.store.features import FeatureStore
-from stratalign.store.keys import run_id_of
+from stratalign.store.keys import run_id_of, tuning_key
 from stratalign.store.location import validate_key
 
 __all__ = ["QUERIES_FILE", "RunRegistry", "run_id_of"]
@@ -133,6 +135,20 @@ class RunRegistry:
 
     def metrics(self, run_id: str) -> dict[str, Any]:
         return self.loc.read_json("runs", run_id, "metrics.json")
+
+    def save_tuning(self, run_id: str, record: dict[str, Any]) -> str:
+        """Keep the grid a run was chosen from beside it (idempotent: the same grid writes the same file)."""
+        self.store.require_writable()
+        validate_key(run_id, "run id")
+        key = tuning_key([p["run_id"] for p in record["grid"]])
+        self.loc.write_json(record, "runs", run_id, f"tuning-{key}.json")
+        return self.loc.path("runs", run_id, f"tuning-{key}.json")
+
+    def tunings(self, run_id: str) -> list[dict[str, Any]]:
+        """Every tuning record kept beside a run (the grids it was chosen from)."""
+        validate_key(run_id, "run id")
+        names = sorted(n for n in self.loc.listdir("runs", run_id) if n.startswith("tuning-") and n.endswith(".json"))
+        return [self.loc.read_json("runs", run_id, n) for n in names]
 
     def update_metrics(self, run_id: str, extra: dict[str, Any]) -> None:
         self.store.require_writable()

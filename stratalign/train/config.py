@@ -12,17 +12,20 @@ from torch import nn
 
 from stratalign.core import losses as L
 from stratalign.core.heads import CSA_SIMILARITIES
-from stratalign.core.objectives import HEADS, objective_named, settings_objective
+from stratalign.core.objectives import HEADS, Selection, objective_named, settings_objective
 from stratalign.errors import StratalignError
+from stratalign.train.validation import check_select
 
 # Knobs whose default is the objective's (core.objectives: Objective.defaults). Left None, they resolve to the
 # objective's default, or, for an objective without one, to the value every older run recorded: so runs of
 # the objectives that do not read a knob keep their settings, and their run ids, byte for byte.
 UNREAD_VALUES: dict[str, Any] = {"beta": 0.01, "vib_scale": 1.0, "csa_ridge": 1e-3, "csa_k": 0,
-                                 "csa_similarity": "cosine", "comm_final_norm": False}
+                                 "csa_similarity": "cosine", "comm_final_norm": False, "select": "clip_loss"}
 # Knobs added after runs were recorded: left out of the recorded settings at these values (older run ids
 # stay valid) and read back as these values when a record lacks them (an older run means what it meant).
-ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False}
+# `select`: runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss.
+ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False,
+                               "select": "clip_loss"}
 
 
 @dataclass
@@ -35,6 +38,9 @@ class TrainConfig:
     The knobs that default to None (beta, vib_scale, csa_*, comm_final_norm) take the objective's default
     when the config is made (see UNREAD_VALUES); `to_dict` / `from_dict` are the recorded form.
     csa_k: canonical directions kept (0: every one, capped by dim); csa_similarity: weighted | cosine.
+    select: the validation metric that picks the restored checkpoint (METHOD 3.6): rsum (the default of the
+    objectives selected on retrieval) | zeroshot | clip_loss; CoMM selects on its own loss, CSA has nothing to
+    select (both record clip_loss, the value every older run meant).
     """
 
     objective: str = "clip"
@@ -72,6 +78,7 @@ class TrainConfig:
     csa_similarity: str | None = None
     csa_refine_steps: int = 0
     csa_refine_lr: float = 1e-4
+    select: str | None = None
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -109,6 +116,10 @@ class TrainConfig:
             raise StratalignError(f"TrainConfig.js must be one of {L.JS_FORMS}, not {self.js!r}")
         if self.csa_similarity not in CSA_SIMILARITIES:
             raise StratalignError(f"TrainConfig.csa_similarity must be one of {CSA_SIMILARITIES}, not {self.csa_similarity!r}")
+        check_select(self.select)
+        if self.select != UNREAD_VALUES["select"] and objective_named(self.objective).selection is not Selection.VALIDATION:
+            raise StratalignError(f"objective {self.objective} does not select on a validation metric (CoMM: its own "
+                                  f"loss, CSA: nothing to select); drop select={self.select}")
         if not isinstance(self.comm_final_norm, bool):
             raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -157,9 +168,11 @@ class TrainConfig:
 class TrainResult:
     """A finished run: the restored model and how it was chosen.
 
-    history: one dict per optimiser step {"step", "lr", "lambda", "loss", "clip", "reg"} (+ "val_clip"
-    on evaluated steps; step 0 holds only the initial val_clip). Row s holds the lr and lambda of the
-    update that produced step s. For comm, "clip" is the CoMM loss and "val_clip" the validation CoMM loss.
+    history: one dict per optimiser step {"step", "lr", "lambda", "loss", "clip", "reg"} (+ "val_clip",
+    "val_rsum", "val_zs_top1" on evaluated steps; step 0 holds only the initial values). Row s holds the lr and
+    lambda of the update that produced step s. For comm, "clip" is the CoMM loss and "val_clip" the validation
+    CoMM loss. val_curve: one row per evaluation step {"step", "rsum", "zs_top1" (with labels), "clip_loss"
+    (comm: "comm_loss"), "lambda"}; best_value is the selection metric's value at best_step.
     lambda_at_best: the lambda of the last update before best_step (history's "lambda" there; 0 at step 0).
     """
 
@@ -176,16 +189,28 @@ class TrainResult:
     history: list[dict[str, Any]]
     seconds: float
     device: str
+    selection_metric: str = "clip_loss"
+    best_value: float = float("nan")  # of the selection metric at best_step
+    val_curve: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def restored_step(self) -> int:
         return self.best_step
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able facts for metrics.json (validation curve, not the per-step history)."""
-        curve = [[h["step"], h["val_clip"]] for h in self.history if h.get("val_clip") is not None]
-        return {"best_step": self.best_step, "lambda_at_best": self.lambda_at_best,
+        """JSON-able facts for metrics.json (validation curve and selection, not the per-step history)."""
+        selection = {"metric": self.selection_metric, "step": self.best_step, "value": json_float(self.best_value),
+                     "first_candidate": self.warmup_steps, "restored_before_warmup": self.restored_before_warmup,
+                     "lambda": self.lambda_at_best}
+        curve = [{k: json_float(v) if k != "step" else int(v) for k, v in row.items()} for row in self.val_curve]
+        return {"selection": selection, "best_step": self.best_step, "lambda_at_best": self.lambda_at_best,
                 "best_val_clip": self.best_val_clip, "warmup_steps": self.warmup_steps,
                 "steps_taken": self.steps_taken, "stopped_reason": self.stopped_reason,
                 "message": self.message, "restored_before_warmup": self.restored_before_warmup,
                 "train_device": self.device, "val_curve": curve}
+
+
+def json_float(v: float) -> float | None:
+    """A float for JSON (NaN and inf are not JSON: None)."""
+    v = float(v)
+    return v if v == v and abs(v) != float("inf") else None

@@ -30,11 +30,14 @@ from stratalign.core.objectives import (
 )
 from stratalign.device import resolve_device
 from stratalign.errors import StratalignError
-from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.train.config import TrainConfig, TrainResult, json_float
 from stratalign.train.data import check_inputs, to_device
-from stratalign.train.inference import head_embedding
+from stratalign.train.inference import embed, head_embedding
 from stratalign.train.knn import training_graphs
-from stratalign.train.loop import StepLoss, autocast, run_fixed_steps, run_loop
+from stratalign.train.loop import Progress, Selection, StepLoss, autocast, run_fixed_steps, run_loop
+from stratalign.train.validation import SELECT_METRICS, ValidationTargets, Validator
+
+COMM_SELECTION = Selection("comm_loss", "comm_loss", False)  # a fused model is selected on its own loss
 
 Graphs = tuple[np.ndarray, np.ndarray]
 
@@ -49,22 +52,27 @@ def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
     return AlignedHeads(build_head(cfg.head, d_img, cfg.dim, **opts), build_head(cfg.head, d_txt, cfg.dim, **opts))
 
 
-@torch.no_grad()
-def _val_clip(model: AlignedHeads, xi: torch.Tensor, xt: torch.Tensor, cfg: TrainConfig,
-              dev: torch.device) -> float:
-    """Validation CLIP loss: fixed chunks of min(batch, n_val) rows, size-weighted mean; VIB uses mu."""
-    model.eval()
-    b = min(cfg.batch_size, len(xi))
-    total, count = 0.0, 0
-    for s in range(0, len(xi), b):
-        a, t = xi[s:s + b], xt[s:s + b]
-        if len(a) < 2:
-            continue
+def _validator_score(model: AlignedHeads, validator: Validator, cfg: TrainConfig, dev: torch.device):
+    """score() for the loop: the heads in eval mode (VIB: the mean) under the run's autocast."""
+
+    def embed(modality: str, x: torch.Tensor) -> torch.Tensor:
         with autocast(dev, cfg.amp):
-            zi, zt = head_embedding(model.image, a), head_embedding(model.text, t)
-        total += float(L.clip_loss(zi, zt, cfg.tau)) * len(a)
-        count += len(a)
-    return total / count
+            return head_embedding(model.head(modality), x)
+
+    def score() -> dict[str, float]:
+        model.eval()
+        return validator.score(embed)
+
+    return score
+
+
+def selection_of(cfg: TrainConfig, targets: ValidationTargets) -> Selection:
+    """The run's selection metric; zeroshot needs labelled validation images and class prompts."""
+    key, higher = SELECT_METRICS[cfg.select]
+    if cfg.select == "zeroshot" and not targets.has_zeroshot:
+        raise StratalignError("select zeroshot needs validation labels and class prompts (a dataset with a label "
+                              "column); use select rsum or clip_loss")
+    return Selection(cfg.select, key, higher)
 
 
 def _step_batch(model: AlignedHeads, obj: Objective, cfg: TrainConfig, bidx: torch.Tensor, xi: torch.Tensor,
@@ -112,20 +120,27 @@ def _check_objective(cfg: TrainConfig, graphs: Graphs | None) -> Objective:
 
 
 def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                cfg: TrainConfig, *, graphs: Graphs | None = None) -> TrainResult:
+                cfg: TrainConfig, *, graphs: Graphs | None = None, targets: ValidationTargets | None = None,
+                progress: Progress | None = None) -> TrainResult:
     """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6); a CoMM
     objective goes to `train_comm`.
 
     graphs: for objectives with kNN graphs, the (image, text) graphs from `knn_graphs` for this train_idx
-    and cfg.knn_k (e.g. read from a cache); built here when None."""
+    and cfg.knn_k (e.g. read from a cache); built here when None.
+    targets: the validation pairs' images (for the rsum gallery), labels and class prompts (for zero-shot);
+    None: each validation pair is its own image and there is no zero-shot yardstick.
+    progress: called at every evaluation step with (step, max_steps, selection value)."""
     obj = _check_objective(cfg, graphs)
     if obj.training is Training.COMM:
-        return train_comm(x_img, x_txt, train_idx, val_idx, cfg)
+        return train_comm(x_img, x_txt, train_idx, val_idx, cfg, progress=progress)
     tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
     dev = resolve_device(cfg.device)
     xi, xt = to_device(x_img, tr, dev, "x_img"), to_device(x_txt, tr, dev, "x_txt")
     vi, vt = to_device(x_img, va, dev, "x_img"), to_device(x_txt, va, dev, "x_txt")
     warmup = cfg.resolved_warmup()
+    targets = targets if targets is not None else ValidationTargets.pairs_only(len(va))
+    selection = selection_of(cfg, targets)
+    validator = Validator(vi, vt, targets, cfg.tau, cfg.batch_size)
     dev_graphs = training_graphs(graphs, xi, xt, cfg.knn_k, dev) if obj.knn_graphs else None
 
     def lam_of(step: int) -> float:
@@ -139,11 +154,11 @@ def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val
         groups = [[p for p in model.image.parameters() if p.requires_grad],
                   [p for p in model.text.parameters() if p.requires_grad]]
         return run_loop(model, groups, len(tr), cfg, dev, warmup, step_loss,
-                        lambda: _val_clip(model, vi, vt, cfg, dev), lam_of)
+                        _validator_score(model, validator, cfg, dev), selection, lam_of, progress)
 
 
 def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-               cfg: TrainConfig) -> TrainResult:
+               cfg: TrainConfig, *, progress: Progress | None = None) -> TrainResult:
     """Train the CoMM fusion model (METHOD 3.5) with the same loop; early stopping monitors the
     validation CoMM loss (views drawn from a fixed seed, so the yardstick does not move)."""
     tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
@@ -165,7 +180,7 @@ def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_
             return loss, loss, zero
 
         @torch.no_grad()
-        def val_loss() -> float:
+        def val_loss() -> dict[str, float]:
             model.eval()
             g = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
             b = min(cfg.batch_size, len(vi))
@@ -177,10 +192,10 @@ def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_
                     v = comm_step_loss(model, vi[s:s + b], vt[s:s + b], std_i, std_t, generator=g, **aug)
                 total += float(v) * len(vi[s:s + b])
                 count += len(vi[s:s + b])
-            return total / count
+            return {"comm_loss": total / count}
 
         return run_loop(model, [[p for p in model.parameters() if p.requires_grad]], len(tr), cfg, dev, 0,
-                        step_loss, val_loss, lambda s: 0.0)
+                        step_loss, val_loss, COMM_SELECTION, lambda s: 0.0, progress)
 
 
 def refine_csa(model: CSA, x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfig) -> CSA:
@@ -218,23 +233,44 @@ def train_csa(x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfig) -> tuple[C
                    "train_seconds_fit": round(time.perf_counter() - t0, 3)}
 
 
+def closed_form_validation(model: nn.Module, x_img: np.ndarray, x_txt: np.ndarray, val_idx: np.ndarray,
+                           cfg: TrainConfig, targets: ValidationTargets | None) -> dict[str, Any]:
+    """`selection` and a one-row `val_curve` for a fit with nothing to select: the validation yardsticks of
+    the fitted model (what `tune` compares grid values by)."""
+    vi = torch.from_numpy(np.ascontiguousarray(x_img[val_idx], dtype=np.float32))
+    vt = torch.from_numpy(np.ascontiguousarray(x_txt[val_idx], dtype=np.float32))
+    targets = targets if targets is not None else ValidationTargets.pairs_only(len(val_idx))
+    scores = Validator(vi, vt, targets, cfg.tau, cfg.batch_size).score(lambda m, x: embed(model, x, m))
+    step = cfg.csa_refine_steps
+    lam = cfg.lam if step else 0.0
+    row = {"step": step, **scores, "lambda": lam}
+    return {"selection": {"metric": "closed_form", "step": step, "value": None, "first_candidate": step,
+                          "restored_before_warmup": False, "lambda": lam},
+            "val_curve": [{k: json_float(v) if k != "step" else int(v) for k, v in row.items()}]}
+
+
 def fit_run(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-            cfg: TrainConfig, *, graphs: Graphs | None = None) -> tuple[nn.Module, dict[str, Any]]:
+            cfg: TrainConfig, *, graphs: Graphs | None = None, targets: ValidationTargets | None = None,
+            progress: Progress | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """`train_heads` (or `train_comm`) as (model, summary) for a runner."""
-    res = train_heads(x_img, x_txt, train_idx, val_idx, cfg, graphs=graphs)
+    res = train_heads(x_img, x_txt, train_idx, val_idx, cfg, graphs=graphs, targets=targets, progress=progress)
     return res.model, {**res.summary(), "train_loop_seconds": round(res.seconds, 3)}
 
 
 def _fit_closed_form(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                     cfg: TrainConfig, *, graphs: Graphs | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    return train_csa(x_img[train_idx], x_txt[train_idx], cfg)
+                     cfg: TrainConfig, *, graphs: Graphs | None = None, targets: ValidationTargets | None = None,
+                     progress: Progress | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    model, summary = train_csa(x_img[train_idx], x_txt[train_idx], cfg)
+    return model, {**summary, **closed_form_validation(model, x_img, x_txt, val_idx, cfg, targets)}
 
 
 _FITTERS = {Training.GRADIENT: fit_run, Training.COMM: fit_run, Training.CLOSED_FORM: _fit_closed_form}
 
 
 def fit_objective(objective: Objective, x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray,
-                  val_idx: np.ndarray, cfg: TrainConfig, *,
-                  graphs: Graphs | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                  val_idx: np.ndarray, cfg: TrainConfig, *, graphs: Graphs | None = None,
+                  targets: ValidationTargets | None = None,
+                  progress: Progress | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fit one run's model the way its objective is trained: (model, summary)."""
-    return _FITTERS[objective.training](x_img, x_txt, train_idx, val_idx, cfg, graphs=graphs)
+    return _FITTERS[objective.training](x_img, x_txt, train_idx, val_idx, cfg, graphs=graphs, targets=targets,
+                                        progress=progress)

@@ -2,14 +2,20 @@
 
 Batches are index permutations of the training tensor (no DataLoader). AdamW with a cosine schedule over
 `max_steps`, gradient-norm clip 1.0 per parameter group (one per head), seeded so the same call twice gives
-bit-identical weights on CPU. Early stopping monitors a validation loss; checkpoints before the warm-up
-ends are not candidates. A NaN/inf loss stops training and keeps the best checkpoint (no exception).
+bit-identical weights on CPU. At every evaluation step (multiples of eval_every and the last step, the same
+for every objective of a comparison; plus the end of a warm-up, the first candidate, when it falls between
+them) the model is scored on validation (`score()`: a dict of yardsticks, see
+train.validation); the checkpoint with the best value of the selection metric among the candidates (steps
+after the warm-up) is restored, and training stops early after `patience` steps without improvement. A
+NaN/inf loss stops training and keeps the best checkpoint (no exception). Progress (step, validation metric,
+ETA) goes to an optional callback.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -19,8 +25,26 @@ from torch import nn
 from stratalign.errors import StratalignError
 from stratalign.train.config import TrainConfig, TrainResult
 
-# step_loss(batch rows, step) -> (loss, clip, reg); val_loss() -> float; lam_of(step) -> lambda in force
+# step_loss(batch rows, step) -> (loss, clip, reg); score() -> {yardstick: value}; lam_of(step) -> lambda in force
 StepLoss = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Score = Callable[[], dict[str, float]]
+# the history keeps the loss yardstick (CLIP, or CoMM's own loss) under its older name
+_HISTORY_KEYS = {"clip_loss": "val_clip", "comm_loss": "val_clip"}
+# progress(step, max_steps, the selection metric's latest value): called at every evaluation step
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which validation yardstick picks the checkpoint: its key in score()'s dict, and its direction."""
+
+    metric: str  # the name users give (rsum | zeroshot | clip_loss | comm_loss)
+    key: str  # the key of score()'s dict
+    higher_is_better: bool
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether a is strictly better than b."""
+        return a > b if self.higher_is_better else a < b
 
 
 def _cosine(step: int, total: int) -> float:
@@ -45,32 +69,34 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class CheckpointSelector:
-    """Checkpoint selection: lowest validation loss among candidates (step >= warmup)."""
+    """Checkpoint selection: the best validation value among candidates (step >= warmup); before the
+    warm-up ends, the best value is only a fallback (used when no candidate was ever finite)."""
 
-    def __init__(self, warmup: int, patience: int) -> None:
-        self.warmup, self.patience = warmup, patience
+    def __init__(self, warmup: int, patience: int, selection: Selection) -> None:
+        self.warmup, self.patience, self.selection = warmup, patience, selection
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.fallback: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
     def offer(self, step: int, val: float, model: nn.Module) -> None:
         if not math.isfinite(val):
             return
+        better = self.selection.better
         if step >= self.warmup:
-            if self.best is None or val < self.best[0]:
+            if self.best is None or better(val, self.best[0]):
                 self.best = (val, step, _snapshot(model))
-        elif self.fallback is None or val < self.fallback[0]:
+        elif self.fallback is None or better(val, self.fallback[0]):
             self.fallback = (val, step, _snapshot(model))
 
     def should_stop(self, step: int) -> bool:
         return self.best is not None and step - self.best[1] >= self.patience
 
     def chosen(self) -> tuple[float, int, dict[str, torch.Tensor], bool]:
-        """(validation loss, step, weights, restored_before_warmup) of the checkpoint to restore."""
+        """(validation value, step, weights, restored_before_warmup) of the checkpoint to restore."""
         if self.best is not None:
             return (*self.best, False)
         if self.fallback is None:
-            raise StratalignError("the validation CLIP loss was never finite, not even for the initial heads: "
-                                  "check the feature scale (inputs this large overflow float32)")
+            raise StratalignError(f"the validation {self.selection.metric} was never finite, not even for the initial "
+                                  "heads: check the feature scale (inputs this large overflow float32)")
         return (*self.fallback, True)
 
 
@@ -78,22 +104,30 @@ class _Loop:
     """One run of the loop: optimiser, schedule, history (losses moved off the device in bulk), selector."""
 
     def __init__(self, model: nn.Module, params_groups: list[list[nn.Parameter]], n_train: int,
-                 cfg: TrainConfig, dev: torch.device, warmup: int, step_loss: StepLoss,
-                 val_loss: Callable[[], float], lam_of: Callable[[int], float]) -> None:
+                 cfg: TrainConfig, dev: torch.device, warmup: int, step_loss: StepLoss, score: Score,
+                 selection: Selection, lam_of: Callable[[int], float], progress: Progress | None) -> None:
         self.model, self.groups, self.n_train, self.cfg, self.dev = model, params_groups, n_train, cfg, dev
-        self.warmup, self.step_loss, self.val_loss, self.lam_of = warmup, step_loss, val_loss, lam_of
+        self.warmup, self.step_loss, self.score, self.lam_of = warmup, step_loss, score, lam_of
+        self.selection, self.progress = selection, progress
         all_params = [p for g in params_groups for p in g]
         self.opt = torch.optim.AdamW(all_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: _cosine(t, cfg.max_steps))
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.sel = CheckpointSelector(warmup, cfg.patience)
+        self.sel = CheckpointSelector(warmup, cfg.patience, selection)
         self.history: list[dict[str, Any]] = [{"step": 0}]
+        self.curve: list[dict[str, float]] = []  # one row per evaluation step
         self.pending: list[tuple[int, float, float, torch.Tensor]] = []  # (step, lr, lam, [loss, clip, reg])
 
     def evaluate(self, at: int) -> float:
-        v = float(self.val_loss())
-        self.history[at]["val_clip"] = v
+        """Score the model on validation, record the curve row, offer the checkpoint; the selection value."""
+        scores = self.score()
+        lam = float(self.lam_of(at - 1)) if at > 0 else 0.0  # that of the update that produced this step
+        self.curve.append({"step": at, **{k: float(v) for k, v in scores.items()}, "lambda": lam})
+        self.history[at].update({_HISTORY_KEYS.get(k, f"val_{k}"): float(v) for k, v in scores.items()})
+        v = float(scores[self.selection.key])
         self.sel.offer(at, v, self.model)
+        if self.progress is not None:
+            self.progress(at, self.cfg.max_steps, v)
         return v
 
     def flush(self) -> int | None:
@@ -135,9 +169,9 @@ class _Loop:
             return bad, "non_finite", f"non-finite training loss at step {bad}"
         v = self.evaluate(step)
         if not math.isfinite(v):
-            return step, "non_finite", f"non-finite validation loss at step {step}"
+            return step, "non_finite", f"non-finite validation {self.selection.metric} at step {step}"
         if self.sel.should_stop(step):
-            return step, "early_stopping", f"no validation improvement for {self.cfg.patience} steps"
+            return step, "early_stopping", f"no validation {self.selection.metric} improvement for {self.cfg.patience} steps"
         return None
 
     def optimise(self) -> tuple[int, str, str]:
@@ -164,20 +198,24 @@ class _Loop:
                         "from inside the warm-up (the regulariser was not at full strength)")
         # the lambda of a checkpoint is that of the last update that produced it (history's "lambda" row)
         lam_best = float(self.lam_of(best_step - 1)) if best_step > 0 else 0.0
-        message += f"; restored step {best_step} (lambda {lam_best:g})"
+        message += f"; restored step {best_step} by validation {self.selection.metric} {best_val:.4g} (lambda {lam_best:g})"
+        row = self.history[best_step]
         return TrainResult(model=self.model, config=self.cfg, best_step=best_step, lambda_at_best=lam_best,
-                           best_val_clip=best_val, warmup_steps=self.warmup, steps_taken=step, stopped_reason=reason,
-                           message=message, restored_before_warmup=before, history=self.history,
-                           seconds=time.perf_counter() - t0, device=str(self.dev))
+                           best_val_clip=float(row.get("val_clip", best_val)),
+                           warmup_steps=self.warmup, steps_taken=step, stopped_reason=reason, message=message,
+                           restored_before_warmup=before, history=self.history, seconds=time.perf_counter() - t0,
+                           device=str(self.dev), selection_metric=self.selection.metric, best_value=best_val,
+                           val_curve=self.curve)
 
 
 def run_loop(model: nn.Module, params_groups: list[list[nn.Parameter]], n_train: int, cfg: TrainConfig,
-             dev: torch.device, warmup: int, step_loss: StepLoss, val_loss: Callable[[], float],
-             lam_of: Callable[[int], float]) -> TrainResult:
+             dev: torch.device, warmup: int, step_loss: StepLoss, score: Score, selection: Selection,
+             lam_of: Callable[[int], float], progress: Progress | None = None) -> TrainResult:
     """Train `model` with the shared loop: step_loss(batch_idx, step) -> (loss, clip, reg) tensors;
-    val_loss() -> float; lam_of(step) -> the lambda used at that step (0 when none)."""
+    score() -> the validation yardsticks (selection.key among them); lam_of(step) -> the lambda used at that
+    step (0 when none); progress(step, max_steps, value) at each evaluation step."""
     t0 = time.perf_counter()
-    loop = _Loop(model, params_groups, n_train, cfg, dev, warmup, step_loss, val_loss, lam_of)
+    loop = _Loop(model, params_groups, n_train, cfg, dev, warmup, step_loss, score, selection, lam_of, progress)
     step, reason, message = loop.optimise()
     return loop.finish(step, reason, message, t0)
 

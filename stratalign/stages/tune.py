@@ -1,0 +1,103 @@
+"""Hyperparameter choice on validation (METHOD.md 3.7): one run per value of the objective's grid, the best by
+the validation selection metric.
+
+Each grid point is an ordinary run in the store (content-addressed, so a point trained before is reused); the
+choice reads only each run's validation value (the selected checkpoint's value of the selection metric; for a
+closed-form fit, its one validation row), never a test number. The chosen run carries a tuning record
+(store.runs: the grid, each point's run id and validation value) so reports say what was tried. A knob given
+with --set is not tuned (the grid is cut to the points with that value). An objective without a grid trains
+its one run.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any
+
+from stratalign.core.objectives import Objective, objective_named
+from stratalign.errors import StratalignError
+from stratalign.stages.run_config import RunConfig, resolve_run
+from stratalign.stages.train import train_run
+from stratalign.store.features import FeatureStore
+from stratalign.store.runs import RunRegistry
+from stratalign.train.validation import SELECT_METRICS
+
+DEFAULT_TUNE_METRIC = "rsum"
+
+
+@dataclass(frozen=True)
+class TunedRun:
+    """The chosen run's metrics and the grid it was chosen from (None when the objective has no grid)."""
+
+    metrics: dict[str, Any]
+    tuning: dict[str, Any] | None
+    trained: int = 0  # runs trained (the others were in the store already)
+    tried: int = 1  # runs asked for (grid points)
+
+    @property
+    def run_id(self) -> str:
+        return str(self.metrics["run_id"])
+
+    def chosen_label(self) -> str:
+        """e.g. 'lam=3' (empty without tuning)."""
+        if not self.tuning:
+            return ""
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in self.tuning["chosen"].items())
+
+
+def grid_points(objective: Objective, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the objective's grid values, in grid order; a knob in `fixed` keeps its value."""
+    names = [k for k, _ in objective.grid]
+    values = [(fixed[k],) if k in fixed else tuple(v) for k, v in objective.grid]
+    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def validation_value(metrics: dict[str, Any], metric: str) -> float:
+    """A run's validation value of `metric` (rsum | zeroshot | clip_loss): at its selected checkpoint for a
+    trained run, its one validation row for a closed-form fit."""
+    key = SELECT_METRICS[metric][0]
+    curve = metrics.get("val_curve") or []
+    if not curve or not isinstance(curve[0], dict):
+        raise StratalignError(f"run {metrics.get('run_id')} has no validation curve (trained before 2026-11-25): "
+                              "train it again with --force to tune on it")
+    step = (metrics.get("selection") or {}).get("step", curve[-1]["step"])
+    row = next((r for r in curve if r["step"] == step), curve[-1])
+    value = row.get(key)
+    if value is None:
+        raise StratalignError(f"run {metrics.get('run_id')} has no validation {metric} (a dataset without labels "
+                              "has no zero-shot): tune on rsum or clip_loss")
+    return float(value)
+
+
+def tune_run(store: FeatureStore, cfg: RunConfig, *, metric: str | None = None, force: bool = False,
+             progress: bool = False) -> TunedRun:
+    """Train every grid point of the run's objective (reusing the ones in the store), choose the best by
+    validation `metric` (default: the run's --select, else rsum), record the grid with the chosen run."""
+    objective = objective_named(cfg.objective)
+    metric = metric or cfg.select or dict(cfg.options).get("select") or DEFAULT_TUNE_METRIC
+    key, higher = SELECT_METRICS[metric]
+    if not objective.grid:
+        res = train_run(store, cfg, force=force, progress=progress)
+        return TunedRun(res, None, int(not res.get("skipped")), 1)
+    fixed = {k: v for k, v in cfg.options if k in dict(objective.grid)}
+    points = grid_points(objective, fixed)
+    cells = [replace(cfg, options=tuple((k, v) for k, v in cfg.options if k not in point) + tuple(point.items()))
+             for point in points]
+    for cell in cells:  # every point resolves (a bad setting fails here, before any training)
+        resolve_run(store, cell)
+    tried, trained = [], 0
+    for point, cell in zip(points, cells):
+        res = train_run(store, cell, force=force, progress=progress)
+        trained += not res.get("skipped")
+        tried.append({"knobs": point, "run_id": res["run_id"], "value": validation_value(res, metric)})
+    best = tried[0]
+    for t in tried[1:]:  # strictly better only: on a tie the earlier grid point stays
+        if (t["value"] > best["value"]) if higher else (t["value"] < best["value"]):
+            best = t
+    tuning = {"metric": metric, "key": key, "split": "validation", "fixed": fixed, "chosen": best["knobs"],
+              "chosen_run": best["run_id"], "grid": tried}
+    registry = RunRegistry(store)
+    registry.save_tuning(best["run_id"], tuning)
+    return TunedRun({**registry.metrics(best["run_id"]), "run_id": best["run_id"]}, tuning, trained, len(tried))

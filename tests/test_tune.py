@@ -1,0 +1,160 @@
+"""Model selection and tuning through the store (METHOD 3.6-3.7): every run records how its checkpoint was chosen
+and its validation curve; `tune_run` picks a grid point by validation only and keeps the grid with the run.
+
+The store holds a small labelled table encoded by the tiny deterministic encoders of fake_encoders.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from fake_encoders import load_tiny
+from PIL import Image
+
+from stratalign.errors import StratalignError
+from stratalign.stages.extract import ExtractConfig, extract
+from stratalign.stages.sources import ingest_source
+from stratalign.stages.sweep import SweepConfig, run_sweep
+from stratalign.stages.train import RunConfig, resolve_run, train_run
+from stratalign.stages.tune import grid_points, tune_run, validation_value
+from stratalign.store.features import FeatureStore
+from stratalign.store.runs import RunRegistry
+
+LEVELS = ["dark", "dim", "mid", "bright", "white"]
+FAST = (("max_steps", 30), ("patience", 30), ("eval_every", 5), ("warmup_steps", 10), ("dim", 16))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> FeatureStore:
+    root = tmp_path_factory.mktemp("tune")
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir()
+    lines = ["image,caption,label"]
+    for i in range(90):
+        level = i % len(LEVELS)
+        px = np.clip(rng.normal(40 + 50 * level, 12, (12, 12, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(px).save(root / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,a {LEVELS[level]} square number {i},{LEVELS[level]}")
+    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
+    fs = FeatureStore.open(str(root / "store"), "a", create=True)
+    fs.save_dataset(ingest_source("table", "toy", table=str(root / "pairs.csv"), image_col="image",
+                                  caption_col="caption", label_col="label"))
+    extract(fs, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
+            load=load_tiny)
+    return fs
+
+
+def _cfg(**kw) -> RunConfig:
+    return RunConfig(**{**dict(dataset="toy", vision="tiny-image", text="tiny-text", layers="last", options=FAST), **kw})
+
+
+@pytest.mark.parametrize("objective,head,metric", [("clip", "linear", "rsum"), ("clip+ib", "linear", "rsum"),
+                                                   ("comm", "linear", "comm_loss"), ("csa", "csa", "closed_form")])
+def test_every_run_records_selection_and_validation_curve(store, objective, head, metric) -> None:
+    """metrics.json names the selection metric and restored step, and holds a curve row per evaluation step with
+    rsum, zero-shot top-1 (the table is labelled) and the CLIP loss; CoMM records its own loss."""
+    res = train_run(store, _cfg(objective=objective, head=head, n_pairs=40))
+    met = RunRegistry(store).metrics(res["run_id"])
+    sel, curve = met["selection"], met["val_curve"]
+    assert sel["metric"] == metric and sel["step"] == met["best_step"]
+    steps = [row["step"] for row in curve]
+    if metric == "closed_form":
+        assert steps == [0] and {"rsum", "zs_top1", "clip_loss"} <= set(curve[0])
+        return
+    assert steps == list(range(0, 31, 5))
+    assert all("lambda" in row for row in curve)
+    if metric == "comm_loss":
+        assert all(set(row) == {"step", "comm_loss", "lambda"} for row in curve)
+        assert sel["value"] == min(row["comm_loss"] for row in curve)
+    else:
+        assert all({"rsum", "zs_top1", "clip_loss"} <= set(row) for row in curve)
+        assert sel["value"] == max(row["rsum"] for row in curve)
+        assert next(r for r in curve if r["step"] == sel["step"])["rsum"] == sel["value"]
+
+
+def test_select_zeroshot_and_clip_loss_choose_by_their_metric(store) -> None:
+    """The same training (same curve) restores different checkpoints by the metric asked for."""
+    by = {s: RunRegistry(store).metrics(train_run(store, _cfg(n_pairs=40, seed=3, select=s))["run_id"])
+          for s in ("rsum", "zeroshot", "clip_loss")}
+    assert by["rsum"]["val_curve"] == by["zeroshot"]["val_curve"] == by["clip_loss"]["val_curve"]
+    curve = by["rsum"]["val_curve"]
+    for select, key, pick in (("zeroshot", "zs_top1", max), ("clip_loss", "clip_loss", min), ("rsum", "rsum", max)):
+        best = pick(row[key] for row in curve)
+        assert by[select]["selection"]["step"] == next(r["step"] for r in curve if r[key] == best), select
+    # runs that differ only in the selection metric are different runs (the restored weights may differ)
+    assert len({m["run_id"] for m in by.values()}) == 3
+    with pytest.raises(StratalignError, match="select must be one of"):
+        resolve_run(store, _cfg(select="accuracy"))
+    # CoMM and CSA have their own rule: a sweep's --select leaves them alone
+    assert "select" not in resolve_run(store, _cfg(objective="comm", select="zeroshot")).train
+
+
+def test_tune_picks_the_best_validation_point_and_keeps_the_grid(store) -> None:
+    cfg = _cfg(objective="clip+structure", n_pairs=40, seed=1)
+    tuned = tune_run(store, cfg)
+    registry = RunRegistry(store)
+    grid = tuned.tuning["grid"]
+    assert [p["knobs"] for p in grid] == grid_points(__import__("stratalign.core.objectives", fromlist=["x"])
+                                                      .objective_named("clip+structure"), {})
+    assert [p["knobs"]["lam"] for p in grid] == [1.0, 3.0, 10.0, 30.0] and tuned.trained == 4
+    # each point's value is its run's validation rsum at its restored checkpoint, read back from the store
+    values = [validation_value(registry.metrics(p["run_id"]), "rsum") for p in grid]
+    assert [p["value"] for p in grid] == values
+    best = grid[int(np.argmax(values))]  # argmax: the earliest grid point on a tie, as tune_run
+    assert tuned.run_id == best["run_id"] and tuned.tuning["chosen"] == best["knobs"]
+    assert registry.config(tuned.run_id)["train"]["lam"] == best["knobs"]["lam"]
+    assert registry.tunings(tuned.run_id) == [tuned.tuning]
+    again = tune_run(store, cfg)  # every point in the store: nothing trained, the same choice
+    assert again.trained == 0 and again.run_id == tuned.run_id
+    # a knob given with --set is not tuned
+    fixed = tune_run(store, replace(cfg, options=FAST + (("lam", 3.0),)))
+    assert [p["knobs"] for p in fixed.tuning["grid"]] == [{"lam": 3.0}] and fixed.trained == 0
+
+
+def test_tune_csa_grid_on_validation_and_untuned_objective(store) -> None:
+    tuned = tune_run(store, _cfg(objective="csa", head="csa", n_pairs=40, options=FAST + (("dim", 8),)))
+    grid = tuned.tuning["grid"]
+    assert len(grid) == 16 and {tuple(p["knobs"]) for p in grid} == {("csa_k", "csa_ridge")}
+    assert tuned.tuning["chosen"] == max(grid, key=lambda p: p["value"])["knobs"]
+    plain = tune_run(store, _cfg(objective="clip", n_pairs=40))
+    assert plain.tuning is None and plain.tried == 1
+
+
+def test_tuned_sweep_writes_the_grid_and_validation_curves(store, tmp_path: Path) -> None:
+    cfg = SweepConfig(base=_cfg(), n_pairs=(40,), seeds=(0, 1), objectives=("clip", "clip+ib"),
+                      layer_rules=("last",), tune=True)
+    res = run_sweep(store, cfg, str(tmp_path / "out"), progress=False)
+    tuning = pl.read_csv(tmp_path / "out" / "tuning.csv")
+    assert tuning.height == 2 * 4 and tuning["chosen"].sum() == 2  # clip has no grid: nothing to tune
+    chosen = set(tuning.filter(pl.col("chosen"))["run"].to_list())
+    assert chosen <= set(res.run_ids) and set(res.runs["tuned"].to_list()) >= {""}
+    assert (tmp_path / "out" / "validation_curves.png").stat().st_size > 0
+    assert set(res.val_curves["method"]) == {"clip / last", "clip+ib / last"}
+
+
+def test_cli_select_and_tune(store) -> None:
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "stratalign.cli.main", *args, "--store", store.url],
+                              capture_output=True, text=True, timeout=300)
+
+    base = ["train", "--dataset", "toy", "--vision", "tiny-image", "--text", "tiny-text", "--layers", "last",
+            "--n-pairs", "40", *[x for k, v in FAST for x in ("--set", f"{k}={v}")]]
+    bad = cli(*base, "--select", "accuracy")
+    assert bad.returncode == 2 and "expected one of rsum, zeroshot, clip_loss" in bad.stderr
+    out = cli(*base, "--objective", "clip+ib", "--tune", "--seed", "2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("val rsum") == 4 and "chosen on validation: beta=" in out.stdout
+
+
+def test_cli_select_choices_are_the_trainer_metrics() -> None:
+    """The CLI spells the metric names out (a light --help); they must be the trainer's."""
+    from stratalign.cli.values import SELECT_CHOICES
+    from stratalign.train.validation import SELECT_METRICS
+
+    assert SELECT_CHOICES == tuple(SELECT_METRICS)
