@@ -8,7 +8,7 @@ import polars as pl
 
 from stratalign.stages.demo import DemoConfig, run_demo
 
-OBJECTIVES = ("clip", "clip+structure", "clip+structure-knn", "clip+ib", "comm", "csa")
+OBJECTIVES = ("clip", "clip+structure", "clip+ib", "comm", "csa")
 
 
 def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: Path) -> None:
@@ -20,12 +20,13 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     lines: list[str] = []
     first = run_demo(store, str(out), cfg, log=lines.append)
 
-    # every objective x layer rule x n-pairs x seed but the kNN form on the last layers (cfg.skip)
-    assert cfg.skip == (("last", "clip+structure-knn"),)
-    assert first["trained"] == (2 * len(OBJECTIVES) - 1) * 2 * 2 and first["skipped"] == 0
+    # every objective on the chosen layers, CLIP and STRUCTURE on the last layers too (cfg.skip), x n-pairs x seed
+    assert cfg.skip == (("last", "clip+ib"), ("last", "comm"), ("last", "csa"))
+    assert first["trained"] == (len(OBJECTIVES) + 2) * 2 * 2 and first["skipped"] == 0
     board = first["leaderboard"]
     assert set(board["objective"]) == set(OBJECTIVES) and set(board["layer_rule"]) == {"last", "auto"}
-    assert board.filter((pl.col("layer_rule") == "last") & (pl.col("objective") == "clip+structure-knn")).height == 0
+    last = board.filter(pl.col("layer_rule") == "last")
+    assert set(last["objective"]) == {"clip", "clip+structure"}
     assert (board["seeds"] == 2).all()
     # the layer choice is recorded for both vision encoders and drawn
     assert [info["vision"] for info in first["layers"]] == ["dinov2-s", "efficientnet-lite0"]
@@ -34,7 +35,7 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     report = Path(first["report"]).read_text()
     chosen = first["layers"][0]
     assert f"vision layer {chosen['vision_layer']}" in report and "What the numbers say" in report
-    assert "`efficientnet-lite0` x `minilm-l6`" in report and "clip+structure-knn on the last layers" in report
+    assert "`efficientnet-lite0` x `minilm-l6`" in report and "comm on the last layers" in report
     for name in ("leaderboard.csv", "leaderboard.parquet", "recall_vs_pairs.png", "zeroshot_vs_pairs.png",
                  "validation_curves.png",
                  "layers-dinov2-s.png"):

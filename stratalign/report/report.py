@@ -15,7 +15,8 @@ import polars as pl
 from stratalign.core.stats import HELPS, HURTS, NO_CLEAR
 
 KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")
-TABLE_METRICS = (*KEY_METRICS, "zs_balanced_acc")
+# probe_acc: CoMM's linear probe on its fused features, beside the same probe on the frozen features (concatenated)
+TABLE_METRICS = (*KEY_METRICS, "zs_balanced_acc", "probe_acc", "probe_concat_acc")
 MIN_SEEDS = 5  # METHOD.md section 4: at least 5 seeds where a report draws conclusions
 
 
@@ -120,7 +121,9 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
     md += ["## Results (test split, mean over seeds)", "",
            "R@1 in %, zero-shot top-1 and balanced accuracy in %, beside the majority-class rate of the test split "
            "(the accuracy of always guessing the most frequent class). " + _spread_note(board) +
-           " `restored step / λ`: the restored checkpoint and the STRUCTURE weight in force there (mean over seeds).",
+           " `restored step / λ`: the restored checkpoint and the STRUCTURE weight in force there (mean over seeds)."
+           " CoMM is a fusion model with no retrieval space: `probe_acc` is a linear probe on the labels from its fused"
+           " features, `probe_concat_acc` the same probe on the frozen features concatenated (test captions).",
            "", _markdown_table(table), ""]
     if comparisons is not None and comparisons.height:
         seeds = int(comparisons["seeds"].min())

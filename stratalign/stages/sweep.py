@@ -29,7 +29,8 @@ from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 
 HEADLINE = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10", "zs_top1", "zs_top5",
-            "zs_balanced_acc", "alignment_mknn", "probe_acc", "best_step", "lambda_at_best", "train_seconds")
+            "zs_balanced_acc", "alignment_mknn", "probe_acc", "probe_concat_acc", "best_step", "lambda_at_best",
+            "train_seconds")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ def run_table(registry: RunRegistry, run_ids: list[str], tuned: dict[str, str] |
                                "vision_layer": cfg["vision_layer"], "text_layer": cfg["text_layer"]}
         if tuned is not None:
             row["tuned"] = tuned.get(rid, "")
+        concat = (met.get("probe_baselines") or {}).get("concat") or {}
+        met = {**met, "probe_concat_acc": concat.get("acc")}  # CoMM: a probe on the frozen features, side by side
         for m in HEADLINE:
             v = met.get(m)
             row[m] = float(v) if isinstance(v, (int, float)) else None

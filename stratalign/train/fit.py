@@ -34,10 +34,10 @@ from stratalign.train.config import TrainConfig, TrainResult, json_float
 from stratalign.train.data import check_inputs, to_device
 from stratalign.train.inference import embed, head_embedding
 from stratalign.train.knn import training_graphs
-from stratalign.train.loop import Progress, Selection, StepLoss, autocast, run_fixed_steps, run_loop
+from stratalign.train.loop import Progress, SelectionRule, StepLoss, autocast, run_fixed_steps, run_loop
 from stratalign.train.validation import SELECT_METRICS, ValidationTargets, Validator
 
-COMM_SELECTION = Selection("comm_loss", "comm_loss", False)  # a fused model is selected on its own loss
+COMM_SELECTION = SelectionRule("comm_loss", "comm_loss", False)  # a fused model is selected on its own loss
 
 Graphs = tuple[np.ndarray, np.ndarray]
 
@@ -66,13 +66,13 @@ def _validator_score(model: AlignedHeads, validator: Validator, cfg: TrainConfig
     return score
 
 
-def selection_of(cfg: TrainConfig, targets: ValidationTargets) -> Selection:
+def selection_of(cfg: TrainConfig, targets: ValidationTargets) -> SelectionRule:
     """The run's selection metric; zeroshot needs labelled validation images and class prompts."""
     key, higher = SELECT_METRICS[cfg.select]
     if cfg.select == "zeroshot" and not targets.has_zeroshot:
         raise StratalignError("select zeroshot needs validation labels and class prompts (a dataset with a label "
                               "column); use select rsum or clip_loss")
-    return Selection(cfg.select, key, higher)
+    return SelectionRule(cfg.select, key, higher)
 
 
 def _step_batch(model: AlignedHeads, obj: Objective, cfg: TrainConfig, bidx: torch.Tensor, xi: torch.Tensor,

@@ -35,7 +35,7 @@ Progress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
-class Selection:
+class SelectionRule:
     """Which validation yardstick picks the checkpoint: its key in score()'s dict, and its direction."""
 
     metric: str  # the name users give (rsum | zeroshot | clip_loss | comm_loss)
@@ -72,7 +72,7 @@ class CheckpointSelector:
     """Checkpoint selection: the best validation value among candidates (step >= warmup); before the
     warm-up ends, the best value is only a fallback (used when no candidate was ever finite)."""
 
-    def __init__(self, warmup: int, patience: int, selection: Selection) -> None:
+    def __init__(self, warmup: int, patience: int, selection: SelectionRule) -> None:
         self.warmup, self.patience, self.selection = warmup, patience, selection
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.fallback: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -105,7 +105,7 @@ class _Loop:
 
     def __init__(self, model: nn.Module, params_groups: list[list[nn.Parameter]], n_train: int,
                  cfg: TrainConfig, dev: torch.device, warmup: int, step_loss: StepLoss, score: Score,
-                 selection: Selection, lam_of: Callable[[int], float], progress: Progress | None) -> None:
+                 selection: SelectionRule, lam_of: Callable[[int], float], progress: Progress | None) -> None:
         self.model, self.groups, self.n_train, self.cfg, self.dev = model, params_groups, n_train, cfg, dev
         self.warmup, self.step_loss, self.score, self.lam_of = warmup, step_loss, score, lam_of
         self.selection, self.progress = selection, progress
@@ -209,7 +209,7 @@ class _Loop:
 
 
 def run_loop(model: nn.Module, params_groups: list[list[nn.Parameter]], n_train: int, cfg: TrainConfig,
-             dev: torch.device, warmup: int, step_loss: StepLoss, score: Score, selection: Selection,
+             dev: torch.device, warmup: int, step_loss: StepLoss, score: Score, selection: SelectionRule,
              lam_of: Callable[[int], float], progress: Progress | None = None) -> TrainResult:
     """Train `model` with the shared loop: step_loss(batch_idx, step) -> (loss, clip, reg) tensors;
     score() -> the validation yardsticks (selection.key among them); lam_of(step) -> the lambda used at that
