@@ -160,8 +160,9 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
             trained, skipped = trained + (not done), skipped + done
         run_ids.append(rid)
         selection = registry.metrics(rid).get("selection") or {}
+        value = selection.get("value")
         bar.set_postfix_str(f"trained {trained}, skipped {skipped}; last: val {selection.get('metric', '-')} "
-                            f"{selection.get('value') if selection.get('value') is not None else '-'}", refresh=False)
+                            + (f"{value:.4g}" if isinstance(value, (int, float)) else "-"), refresh=False)
         if on_cell:
             on_cell(cell, rid, done)
     runs = run_table(registry, run_ids, {t.run_id: t.chosen_label() for _, t in tunings} if cfg.tune else None)
