@@ -37,3 +37,19 @@ def test_open_store_round_trip(tmp_path: Path) -> None:
     store = stratalign.open_store(str(tmp_path / "st"), "a", create=True)
     assert isinstance(store, stratalign.FeatureStore)
     assert stratalign.open_store(str(tmp_path / "st")).datasets() == []
+
+
+def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise() -> None:
+    """`import stratalign` makes OpenMP threads wait passively (spinning threads crawl on a shared CPU), and
+    leaves a user's own OMP_WAIT_POLICY alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, stratalign; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
