@@ -86,8 +86,15 @@ def test_objective_defaults_and_records():
     assert (baseline.csa_k, baseline.csa_ridge) == (0, 1e-3)  # STRUCTURE's CSA baseline
     assert TrainConfig(head="csa", csa_similarity="cosine", csa_k=32).csa_k == 32  # explicit wins
     clip = TrainConfig()
-    assert {k: getattr(clip, k) for k in UNREAD_VALUES} == UNREAD_VALUES  # what every older run recorded
-    assert not set(ADDED_KNOBS) & set(clip.to_dict())
+    # clip selects its checkpoint by validation rsum (METHOD 3.6) and records it; every other knob clip does not
+    # read holds what every older run recorded, and is left out of its record
+    assert clip.select == "rsum" and clip.to_dict()["select"] == "rsum"
+    assert {k: getattr(clip, k) for k in UNREAD_VALUES if k != "select"} == {
+        k: v for k, v in UNREAD_VALUES.items() if k != "select"}
+    assert set(ADDED_KNOBS) & set(clip.to_dict()) == {"select"}
+    legacy = TrainConfig(select="clip_loss")  # what a run recorded before the rsum default means
+    assert "select" not in legacy.to_dict() and TrainConfig.from_dict(legacy.to_dict()) == legacy
+    assert "select" not in csa.to_dict()  # CSA has nothing to select: its record and run id stay as they were
     assert TrainConfig.from_dict(csa.to_dict()) == csa and TrainConfig.from_dict(baseline.to_dict()) == baseline
     old_record = baseline.to_dict()  # as a run recorded before csa_similarity existed
     assert "csa_similarity" not in old_record and TrainConfig.from_dict(old_record).csa_similarity == "cosine"

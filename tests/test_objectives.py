@@ -119,7 +119,7 @@ def test_a_new_registry_entry_is_all_it_takes(labelled_store, monkeypatch) -> No
         return (batch.image.z - batch.text.z).pow(2).sum(1).mean()
 
     new = O.Objective("clip+l2", "CLIP + beta * squared distance", O.TRAINED_HEADS, O.Training.GRADIENT,
-                      O.Evaluation.RETRIEVAL, O.Selection.VAL_CLIP, regulariser=l2, weight_knob="beta",
+                      O.Evaluation.RETRIEVAL, O.Selection.VALIDATION, regulariser=l2, weight_knob="beta",
                       knobs=("beta",))
     monkeypatch.setitem(O._BY_NAME, "clip+l2", new)
     res = train_run(labelled_store, _run("clip+l2", "linear"))

@@ -21,9 +21,10 @@ CASES = {
     # csa_similarity at their legacy values are not recorded)
     "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1, validation="carve",
                      options=(("csa_similarity", "cosine"),)),
+    # select="clip_loss": the checkpoint rule of every run before validation rsum became the default
     "structure_pair": dict(layers="1,0", objective="clip+structure", head="mlp", n_pairs=None, seed=0,
                            options=(("max_steps", 7), ("warmup_steps", 3), ("lam", 5.0),
-                                    ("head_options", {"hidden": 8})), validation="carve"),
+                                    ("head_options", {"hidden": 8})), validation="carve", select="clip_loss"),
 }
 # (run id, sha256 of config.json) from 6907e8d; "_bad": one train image unreadable (bad_pairs_dropped > 0)
 PINNED = {

@@ -158,3 +158,16 @@ def test_cli_select_choices_are_the_trainer_metrics() -> None:
     from stratalign.train.validation import SELECT_METRICS
 
     assert SELECT_CHOICES == tuple(SELECT_METRICS)
+
+
+def test_comm_on_one_class_records_why_it_has_no_probe(store, tmp_path: Path) -> None:
+    """A CoMM run whose training pairs hold one class cannot be probed: the run is saved and says why (a sweep
+    goes on) instead of failing after training."""
+    ds = store.dataset("toy")
+    pool_images, pool_captions = ds.pairs("train")
+    labels = ds.images["label"].to_numpy()[pool_images]
+    ids = np.asarray(ds.captions["caption_id"].to_list(), dtype=object)[pool_captions][labels == "dark"]
+    (tmp_path / "ids.txt").write_text("\n".join(ids[:12]) + "\n")
+    res = train_run(store, _cfg(objective="comm", n_pairs=None, ids_file=str(tmp_path / "ids.txt")))
+    met = RunRegistry(store).metrics(res["run_id"])
+    assert "one class (dark)" in met["probe_skipped"] and "probe_acc" not in met

@@ -153,6 +153,9 @@ def _score_probe(model: Any, data: _TestData, train_features: TrainFeatures | No
     if any(x is None for x in tr_y) or any(x is None for x in labels):
         raise StratalignError("CoMM evaluation needs a label for every image (a --label-col at ingest)")
     te_img, te_txt, te_y = x_img[txt_to_img], x_txt, labels[txt_to_img]
+    if len(set(tr_y)) < 2:  # e.g. a small subset of one class: no probe to fit, and a sweep goes on
+        return Scored({"probe_skipped": f"the {len(tr_y)} training pairs hold one class ({tr_y[0]}): no linear "
+                                        "probe can be fitted"}, {})
     probes = {
         "fused": (fused_features(model, tr_img, tr_txt), fused_features(model, te_img, te_txt)),
         "image": (tr_img, te_img),
