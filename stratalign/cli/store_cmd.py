@@ -11,6 +11,7 @@ from stratalign.cli.common import StoreOption, console, print_table, store_url
 from stratalign.errors import StratalignError
 
 if TYPE_CHECKING:
+    from stratalign.store.location import Location
     from stratalign.store.verify import Finding
 
 store_app = typer.Typer(help="Inspect, verify and clean the feature store.", no_args_is_help=True)
@@ -32,6 +33,15 @@ def store_ls(store: Optional[str] = StoreOption) -> None:
         console.print(f"no feature entries in {fs.url}")
     else:
         print_table(table, title=f"feature entries in {fs.url}")
+    print_claims(fs.loc)
+
+
+def print_claims(loc: Location) -> None:
+    """One line per shard claim: who holds it until when, or that it is stale."""
+    from stratalign.store.claims import store_claims
+
+    for key, state in store_claims(loc):
+        console.print(f"claim {escape(key)} {escape(state.describe())}", soft_wrap=True, highlight=False)
 
 
 # how each (kind, status) of a finding reads; target and message are escaped before they are filled in
@@ -45,6 +55,8 @@ _LINES = {
     ("entry", "ok"): "[green]ok[/green] {target} ({message})",
     ("run", "ok"): "[green]ok[/green] run {target} ({message})",
     ("run", "broken"): "[red]broken[/red] run {target}: {message}",
+    ("claim", "held"): "claim {target} {message}",
+    ("claim", "stale"): "[yellow]stale claim[/yellow] {target} {message} (`stratalign store unlock` removes it)",
 }
 
 
@@ -96,3 +108,22 @@ def store_rm(
     if dataset:
         fs.remove_dataset(dataset)
         console.print(f"removed dataset {dataset}")
+
+
+@store_app.command("unlock")
+def store_unlock(
+    force: bool = typer.Option(False, "--force", help="Remove every claim, live ones too (only when no extract runs)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (with --force)."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Remove stale shard claims (unreadable, or of a process that is gone or stopped beating); --force: all."""
+    from stratalign.store.claims import unlock_store
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "a")
+    if force and not yes and not typer.confirm("remove every claim, live ones too (no extract may be running)?"):
+        raise typer.Exit(1)
+    removed = unlock_store(fs.loc, force=force)
+    for key, state in removed:
+        console.print(f"removed claim {escape(key)} {escape(state.describe())}", soft_wrap=True, highlight=False)
+    console.print(f"{len(removed)} claim(s) removed from {escape(fs.url)}")

@@ -226,6 +226,14 @@ class FeatureEntry:
         else:
             claims_mod.release(self.store.loc, self.claims_folder, shard, claim)
 
+    def claim_state(self, shard: int) -> claims_mod.ClaimState | None:
+        """Who holds the shard's claim and whether it is stale (None: no claim)."""
+        return claims_mod.read_claim(self.store.loc, self.claims_folder, shard)
+
+    def claim_states(self) -> list[claims_mod.ClaimState]:
+        """Every claim on this entry's shards (store ls / verify / unlock)."""
+        return claims_mod.describe_claims(self.store.loc, self.claims_folder)
+
     def has_claim(self, shard: int) -> bool:
         """Does anyone (this worker included) hold a claim on the shard?"""
         return self.store.loc.exists(self.claims_folder, f"{shard}.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,13 +94,7 @@ class Location:
         target = self.path(*parts)
         self.fs.makedirs(self.fs._parent(target), exist_ok=True)
         if self.is_local:
-            try:
-                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
+            return _create_exclusive_local(target, data)
         try:  # s3fs and others implement "xb" with conditional writes where the backend can
             with self.fs.open(target, "xb") as f:
                 f.write(data)
@@ -138,3 +133,27 @@ class Location:
     def size(self, *parts: str) -> int:
         target = self.path(*parts)
         return int(self.fs.du(target)) if self.fs.exists(target) else 0
+
+
+def _create_exclusive_local(target: str, data: bytes) -> bool:
+    """Create `target` holding `data` only if absent, never visible empty or half-written: the content goes to a
+    temp file that is then hard-linked into place (link fails if the target exists). Where hard links are not
+    supported, O_EXCL and a write (a crash in between can leave an empty file; readers treat it as stale)."""
+    tmp = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    finally:
+        os.unlink(tmp)

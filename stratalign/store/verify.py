@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stratalign.errors import StratalignError
+from stratalign.store.claims import store_claims
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 
-Kind = Literal["dataset", "group", "entry", "shard", "run"]
-Status = Literal["ok", "broken", "corrupt", "incomplete"]
+Kind = Literal["dataset", "group", "entry", "shard", "run", "claim"]
+Status = Literal["ok", "broken", "corrupt", "incomplete", "held", "stale"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class Finding:
 
     @property
     def problems(self) -> int:
-        """0 for ok, one per incomplete shard, 1 for anything else."""
-        if self.status == "ok":
+        """0 for ok and for claims (a stale claim is taken over by the next extract), one per incomplete shard,
+        1 for anything else."""
+        if self.status in ("ok", "held", "stale"):
             return 0
         return len(self.shards) if self.status == "incomplete" else 1
 
@@ -113,7 +115,14 @@ def verify_runs(store: FeatureStore) -> list[Finding]:
     return out
 
 
+def verify_claims(store: FeatureStore) -> list[Finding]:
+    """Every shard claim: who holds it and until when, or that it is stale (`store unlock` removes those)."""
+    return [Finding("claim", "stale" if state.stale else "held", key, state.describe(), shards=(state.shard,))
+            for key, state in store_claims(store.loc)]
+
+
 def verify_store(store: FeatureStore) -> VerifyReport:
-    """Every dataset, entry and run per-query file of the store, checked (see the module docstring)."""
-    return VerifyReport(url=store.url,
-                        findings=tuple(verify_datasets(store) + verify_entries(store) + verify_runs(store)))
+    """Every dataset, entry and run per-query file of the store, checked, and its claims listed (see the module
+    docstring)."""
+    return VerifyReport(url=store.url, findings=tuple(
+        verify_datasets(store) + verify_entries(store) + verify_runs(store) + verify_claims(store)))
