@@ -43,7 +43,11 @@ class Location:
 
     @classmethod
     def from_url(cls, url: str) -> "Location":
-        fs, root = fsspec.core.url_to_fs(url)
+        try:
+            fs, root = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as exc:  # an unknown protocol, or its library not installed
+            raise StratalignError(f"cannot open store {url!r}: {exc}; use a local path or an fsspec URL "
+                                  "(s3://bucket/path, gs://..., memory://...)") from None
         root = root.rstrip("/") or "/"
         return cls(url=url, fs=fs, root=root)
 
