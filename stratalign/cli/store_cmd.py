@@ -127,3 +127,24 @@ def store_unlock(
     for key, state in removed:
         console.print(f"removed claim {escape(key)} {escape(state.describe())}", soft_wrap=True, highlight=False)
     console.print(f"{len(removed)} claim(s) removed from {escape(fs.url)}")
+
+
+@store_app.command("gc")
+def store_gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Remove what killed writers left: temp files of processes that are gone, and stale shard claims."""
+    from stratalign.store.claims import unlock_store
+    from stratalign.store.cleanup import collect
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
+    temps = collect(fs.loc, dry_run=dry_run)
+    claims = [] if dry_run else unlock_store(fs.loc)
+    verb = "would remove" if dry_run else "removed"
+    for path in temps:
+        console.print(f"{verb} {escape(path)}", soft_wrap=True, highlight=False)
+    for key, state in claims:
+        console.print(f"{verb} claim {escape(key)} {escape(state.describe())}", soft_wrap=True, highlight=False)
+    console.print(f"{len(temps)} temp file(s), {len(claims)} stale claim(s) {verb}")

@@ -8,6 +8,7 @@ import io
 import polars as pl
 
 from stratalign.errors import StratalignError
+from stratalign.store.cleanup import clean_folder
 from stratalign.store.datasets import PairDataset
 from stratalign.store.keys import FORMAT_VERSION
 from stratalign.store.location import Location, validate_key
@@ -55,6 +56,7 @@ def save(loc: Location, ds: PairDataset, *, replace: bool = False) -> bool:
     written and the new one is written last, so a crash leaves the old dataset or one that refuses to load.
     """
     validate_key(ds.name, "dataset name")
+    clean_folder(loc, "datasets", ds.name)  # temp files a killed writer left (see store.cleanup)
     old = _fingerprint_of(loc, ds.name, replace)
     if old == ds.fingerprint:
         return False

@@ -24,6 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from stratalign.errors import StratalignError
+from stratalign.store.cleanup import clean_folder
 from stratalign.store.features import FeatureStore
 from stratalign.store.keys import run_id_of
 from stratalign.store.location import validate_key
@@ -53,6 +54,7 @@ class RunRegistry:
         """Write config, weights, then metrics (last, so a half-written run never looks done)."""
         self.store.require_writable()
         validate_key(run_id, "run id")
+        clean_folder(self.loc, "runs", run_id)  # temp files a killed writer left (see store.cleanup)
         self.loc.write_json(config, "runs", run_id, "config.json")
         blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                        metadata={"run_id": run_id})
