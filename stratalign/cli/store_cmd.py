@@ -50,12 +50,13 @@ _LINES = {
     ("dataset", "broken"): "[red]broken dataset[/red] {target}: {message}",
     ("group", "broken"): "[red]broken[/red] {target} group: {message}",
     ("entry", "broken"): "[red]broken[/red] {target}: {message}",
-    ("shard", "corrupt"): "[red]corrupt[/red] {target} shard {shard} layer {layer}: {message}",
+    ("shard", "corrupt"): "[red]corrupt[/red] {target} shard {shard} {layer}: {message}",
     ("entry", "incomplete"): "[yellow]incomplete[/yellow] {target}: {message}",
     ("entry", "ok"): "[green]ok[/green] {target} ({message})",
     ("run", "ok"): "[green]ok[/green] run {target} ({message})",
     ("run", "broken"): "[red]broken[/red] run {target}: {message}",
     ("claim", "held"): "claim {target} {message}",
+    ("file", "broken"): "[red]broken[/red] {target}: {message}",
     ("claim", "stale"): "[yellow]stale claim[/yellow] {target} {message} (`stratalign store unlock` removes it)",
 }
 
@@ -64,7 +65,8 @@ def finding_line(finding: Finding) -> str:
     """One finding as the rich-markup line `store verify` prints."""
     return _LINES[finding.kind, finding.status].format(
         target=escape(finding.target), message=escape(finding.message),
-        shard=finding.shards[0] if finding.shards else "", layer=finding.layer)
+        shard=finding.shards[0] if finding.shards else "",
+        layer="marker" if finding.layer is None else f"layer {finding.layer}")
 
 
 @store_app.command("verify")
@@ -148,3 +150,30 @@ def store_gc(
     for key, state in claims:
         console.print(f"{verb} claim {escape(key)} {escape(state.describe())}", soft_wrap=True, highlight=False)
     console.print(f"{len(temps)} temp file(s), {len(claims)} stale claim(s) {verb}")
+
+
+@store_app.command("repair")
+def store_repair(
+    keys: list[str] = typer.Argument(None, help="Entry keys to repair (default: every entry)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list the shards that would be re-encoded."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Re-encode exactly the shards whose chunks or markers fail their checks (byte-identical to a clean run)."""
+    from stratalign.stages.repair import repair_store
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
+    for key in keys or []:
+        fs.entry_folder(key)
+    report = repair_store(fs, tuple(keys or ()), device=device, dry_run=dry_run)
+    verb = "would re-encode" if dry_run else "re-encoded"
+    for key, shards in report.repaired.items():
+        console.print(f"{verb} {escape(key)} shards {shards}", soft_wrap=True, highlight=False)
+    for key, why in report.unreadable.items():
+        console.print(f"[red]cannot repair[/red] {escape(key)}: {escape(why)}", soft_wrap=True)
+    total = sum(len(s) for s in report.repaired.values())
+    console.print(f"{total} shard(s) in {len(report.repaired)} entr(y/ies) {verb}")
+    if report.unreadable:
+        raise StratalignError(f"{len(report.unreadable)} entr(y/ies) cannot be repaired (see above): remove them "
+                              "with `stratalign store rm KEY` and extract again")

@@ -154,7 +154,13 @@ def _layer_pair(store: FeatureStore, cfg: RunConfig, v: FeatureEntry, t: Feature
     rule = LayerRule.parse(cfg.layers)
     if rule.kind == "auto":
         choice = load_choice(store, cfg.dataset, cfg.vision, cfg.text)
-        return int(choice["vision_layer"]), int(choice["text_layer"]), str(rule)
+        vl, tl = int(choice["vision_layer"]), int(choice["text_layer"])
+        if vl >= len(v.spec.dims) or tl >= len(t.spec.dims):
+            raise StratalignError(f"the recorded layer choice for {cfg.dataset} / {cfg.vision} / {cfg.text} names "
+                                  f"layers {vl},{tl} but the entries have {len(v.spec.dims)} and {len(t.spec.dims)}; "
+                                  f"record it again: stratalign layers --dataset {cfg.dataset} --vision {cfg.vision} "
+                                  f"--text {cfg.text} --choose best")
+        return vl, tl, str(rule)
     if rule.kind == "last":
         return len(v.spec.dims) - 1, len(t.spec.dims) - 1, str(rule)
     return v.resolve_layer(rule.vision), t.resolve_layer(rule.text), str(rule)

@@ -35,6 +35,10 @@ QUERIES_FILE = "queries.safetensors"
 EVAL_FINGERPRINT = "eval_dataset_fingerprint"  # the key of an evaluation result that names its dataset version
 
 
+# what every saved run's config.json holds (checked on read, so a damaged file is one line, not a KeyError)
+CONFIG_KEYS = ("dataset", "dataset_fingerprint", "vision", "text", "vision_entry", "text_entry", "vision_layer",
+               "text_layer", "head", "objective", "seed", "n_pairs", "train")
+
 class RunRegistry:
     """Read and write runs of one store."""
 
@@ -73,12 +77,17 @@ class RunRegistry:
             tensors = st_load(self.loc.read_bytes("runs", run_id, "weights.safetensors"))
         except Exception as exc:
             raise StratalignError(f"weights of run {run_id} are unreadable: {type(exc).__name__}: {exc}") from None
-        return config, tensors, self.loc.read_json("runs", run_id, "metrics.json")
+        return config, tensors, self.metrics(run_id)
 
     def config(self, run_id: str) -> dict[str, Any]:
-        """The resolved config a run was trained with."""
+        """The resolved config a run was trained with; a damaged one is a one-line error naming the file."""
         validate_key(run_id, "run id")
-        return self.loc.read_json("runs", run_id, "config.json")
+        config = self.loc.read_json("runs", run_id, "config.json")
+        missing = [k for k in CONFIG_KEYS if k not in config] if isinstance(config, dict) else list(CONFIG_KEYS)
+        if missing or not isinstance(config.get("train"), dict):
+            raise StratalignError(f"run {run_id}: {self.loc.path('runs', run_id, 'config.json')} is damaged (lacks "
+                                  f"{missing or ['train']}); remove the run folder and train it again")
+        return config
 
     def save_eval(self, run_id: str, dataset: str, result: dict[str, Any]) -> str:
         """Keep a run's evaluation on another dataset beside it (runs/<id>/eval-<dataset>.json); the result
@@ -134,7 +143,12 @@ class RunRegistry:
         return arrays, meta
 
     def metrics(self, run_id: str) -> dict[str, Any]:
-        return self.loc.read_json("runs", run_id, "metrics.json")
+        validate_key(run_id, "run id")
+        metrics = self.loc.read_json("runs", run_id, "metrics.json")
+        if not isinstance(metrics, dict):
+            raise StratalignError(f"run {run_id}: {self.loc.path('runs', run_id, 'metrics.json')} is not an object; "
+                                  "remove the run folder and train it again")
+        return metrics
 
     def update_metrics(self, run_id: str, extra: dict[str, Any]) -> None:
         self.store.require_writable()
