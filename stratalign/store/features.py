@@ -42,14 +42,15 @@ def _array_metadata(template: dict[str, Any], shape: tuple[int, int], chunks: tu
 
 
 def _untagged_group(loc: Location, *parts: str) -> bool:
-    """Is this zarr.json absent, unreadable, or a group document without stratalign's tag?"""
+    """Is this zarr.json absent, unreadable, or a group document with no attributes yet (what zarr writes before
+    `_create` sets stratalign's tag)?"""
     if not loc.exists(*parts):
         return True
     try:
         doc = json.loads(loc.read_bytes(*parts) or b"{}")
     except (ValueError, UnicodeDecodeError):
         return True
-    return isinstance(doc, dict) and "stratalign" not in (doc.get("attributes") or {})
+    return isinstance(doc, dict) and not doc.get("attributes")  # another's group has attributes: never ours
 
 
 def _half_created(loc: Location) -> bool:

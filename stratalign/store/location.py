@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -51,14 +52,29 @@ class Location:
         root = root.rstrip("/") or "/"
         return cls(url=url, fs=fs, root=root)
 
-    @property
+    @functools.cached_property
     def is_local(self) -> bool:
         protocol = self.fs.protocol
         protocols = protocol if isinstance(protocol, tuple) else (protocol,)
         return "file" in protocols or "local" in protocols
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
+        """The full path of a file or folder in the store; on a local disk, refused in one line when a symlink
+        on the way leads outside the store's root (a crafted store must not make us read, write or delete
+        elsewhere)."""
+        if not parts:
+            return self.root
+        target = "/".join([self.root.rstrip("/"), *parts])
+        if self.is_local:
+            real, root = os.path.realpath(target), self._real_root
+            if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+                raise StratalignError(f"{target} leads outside the store {self.root} (a symlink to {real}); "
+                                      "refusing to follow it: replace the link by the folder itself")
+        return target
+
+    @functools.cached_property
+    def _real_root(self) -> str:
+        return os.path.realpath(self.root)
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
