@@ -8,8 +8,8 @@ that a loader process is late with is prepared in-process once the model has wai
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
