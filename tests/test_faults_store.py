@@ -109,3 +109,27 @@ def test_temp_files_of_dead_writers_are_cleaned_by_the_next_writer_and_gc(tmp_pa
     done = runner.invoke(app, ["store", "gc", "--store", store.url])
     assert done.exit_code == 0 and "1 temp file(s)" in done.output
     assert not root_tmp.exists() and live_tmp.exists()
+
+
+def test_full_disk_names_the_file_in_one_line_and_leaves_no_temp(tmp_path: Path, coco_json: Path, image_dir: Path,
+                                                                 monkeypatch, capsys) -> None:
+    import errno
+
+    from stratalign.cli.main import main
+
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        real_fsync(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write on a full disk: no file name
+
+    root = tmp_path / "store"
+    monkeypatch.setattr(os, "fsync", full)
+    monkeypatch.setattr(sys, "argv", ["stratalign", "ingest", "coco", "--captions", str(coco_json), "--images",
+                                      str(image_dir), "--name", "toy", "--store", str(root)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert "No space left on device" in err and str(root / "datasets" / "toy") in err
+    assert not list(root.rglob("*.tmp-*"))

@@ -90,12 +90,21 @@ class Location:
         self.fs.makedirs(self.fs._parent(target), exist_ok=True)
         if self.is_local:
             tmp = f"{target}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except OSError as exc:  # a full disk says which file it could not write (the CLI prints one line)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                if exc.filename is None:
+                    raise OSError(exc.errno, exc.strerror or str(exc), target) from None
+                raise
         else:
             with self.fs.open(target, "wb") as f:
                 f.write(data)
