@@ -177,9 +177,9 @@ class FeatureEntry:
             if damaged:
                 shard, why = next(iter(damaged.items()))
                 raise StratalignError(
-                    f"shard marker {self.store.loc.path(*self.folder, '_shards', f'{shard}.json')} is damaged ({why}) "
-                    f"{'and ' + str(len(damaged) - 1) + ' more ' if len(damaged) > 1 else ''}"
-                    f"; re-encode those shards with `stratalign store repair`")
+                    f"shard marker {self.store.loc.path(*self.folder, '_shards', f'{shard}.json')} is damaged ({why})"
+                    f"{f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}; re-encode those shards with "
+                    "`stratalign store repair`")
             self._markers = found
         return self._markers
 
