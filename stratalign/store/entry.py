@@ -366,7 +366,7 @@ class FeatureEntry:
         report: dict[str, list] = {"corrupt": [], "incomplete": []}
         for s in range(self.spec.n_shards):
             if s in damaged:
-                report["corrupt"].append((s, None, f"marker: {damaged[s]}"))
+                report["corrupt"].append((s, None, damaged[s]))
                 continue
             if s not in markers:
                 report["incomplete"].append(s)
