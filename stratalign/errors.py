@@ -26,3 +26,11 @@ def os_error_line(exc: OSError) -> str:
     where = exc.filename if exc.filename is not None else ""
     line = f"{what}: {where}" if where else what
     return " ".join(f"{type(exc).__name__}: {line}".split())
+
+
+def require_int(value: object, flag: str, low: int = 0) -> int:
+    """An integer >= `low` (bools refused), else a one-line error naming the flag: for counts, sizes and seeds
+    checked at the boundary, before any work."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise StratalignError(f"{flag} must be an integer >= {low}, got {value!r}")
+    return value

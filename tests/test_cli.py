@@ -212,7 +212,8 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path: Path, monkeypatch, capsys) -> 
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 130
-    assert capsys.readouterr().err.strip() == "interrupted"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: ") and "rerun the same `stratalign ingest twemoji` command" in err and "\n" not in err
 
 
 @pytest.mark.parametrize("source, own, foreign", [

@@ -364,7 +364,8 @@ def test_bad_rows_are_the_union_of_the_shard_markers(store_with_dataset) -> None
     np.testing.assert_array_equal(store.entry(entry.key).bad_rows(), [1, 5, 17])
     marker = Path(store.url) / "features" / entry.key / "_shards" / "1.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "bad_rows": [99]}))
-    with pytest.raises(StratalignError, match="bad rows outside 0..29"):
+    with pytest.raises(StratalignError, match=r"1.json is damaged \(bad_rows outside the shard's rows 8..15\); "
+                                              r"re-encode those shards with `stratalign store repair`"):
         store.entry(entry.key).bad_rows()
 
 

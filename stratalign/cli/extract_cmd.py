@@ -27,6 +27,8 @@ def extract_cmd(
     loaders: str = typer.Option("auto", help="processes, threads or auto (processes for image encoders on CPU)."),
     loader_workers: int = typer.Option(2, help="Loader processes or threads that decode and preprocess ahead of the model."),
     torch_threads: int = typer.Option(0, help="torch intra-op threads on CPU (0: every CPU available to the process)."),
+    wait: Optional[float] = typer.Option(None, "--wait", help="Give up after this many seconds without progress on "
+                                         "shards other workers hold (default: wait until their claims lapse)."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run each encoder once over a dataset; write every layer's pooled features to the store."""
@@ -38,7 +40,7 @@ def extract_cmd(
     cfg = ExtractConfig(encoders=tuple(encoder), poolings=tuple(pooling), dtype=dtype, batch_size=batch_size,
                         shard_rows=shard_rows, device=device, skip_bad=skip_bad, loaders=loaders,
                         loader_workers=loader_workers,
-                        torch_threads=torch_threads)
+                        torch_threads=torch_threads, claim_wait_s=wait)
     fs = FeatureStore.open(store_url(store), "a")
     reports = extract(fs, dataset, cfg, engine=engine, ray_address=ray_address)
     rows = [{"encoder": r.encoder, "shards encoded": r.shards_encoded, "of": r.shards_total,

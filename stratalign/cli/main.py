@@ -6,6 +6,7 @@ Every command module imports only typer, rich and the light parts of stratalign 
 
 from __future__ import annotations
 
+import signal
 import sys
 from types import ModuleType
 
@@ -57,6 +58,27 @@ app.add_typer(store_app, name="store")
 app.add_typer(runs_app, name="runs")
 
 INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM
+_received: list[int] = []  # the signal that interrupted the command, if any
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds the command like Ctrl-C (finally blocks release claims, temp files go), then exits 143."""
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def interrupted_line() -> str:
+    """What an interrupted command says: what is kept and how to resume."""
+    what = "terminated" if _received and _received[-1] == signal.SIGTERM else "interrupted"
+    verb = " ".join(a for a in sys.argv[1:3] if not a.startswith("-"))
+    resume = f"; rerun the same `stratalign {verb}` command to resume" if verb else ""
+    return f"{what}: finished work (written shards, saved runs, ingested datasets) is kept in the store{resume}"
+
+
+def _interrupted() -> None:
+    code = TERMINATED if _received and _received[-1] == signal.SIGTERM else INTERRUPTED
+    _fail(interrupted_line(), code)
 
 
 def click_exceptions() -> ModuleType:
@@ -72,8 +94,18 @@ def _fail(line: str, code: int) -> None:
 
 
 def main() -> None:
-    """Entry point: run the app. A StratalignError or an OSError is one line on stderr and exit 2; a usage error
+    """Entry point: run the app with SIGTERM handled like Ctrl-C (exit 143, see `run`)."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run() -> None:
+    """Run the app. A StratalignError or an OSError is one line on stderr and exit 2; a usage error
     is click's usage line and one error line, exit 2; Ctrl-C is one line, exit 130; never a traceback for these."""
+    _received.clear()
     try:
         code = app(standalone_mode=False)  # returns the code of a typer.Exit, and 130 for Ctrl-C, instead of exiting
     except StratalignError as exc:
@@ -81,10 +113,10 @@ def main() -> None:
     except OSError as exc:  # full disk, permission denied, unreachable store: one line, never a traceback
         _fail(f"[red]error:[/red] {os_error_line(exc)}", StratalignError.exit_code)
     except KeyboardInterrupt:  # typer turns one inside a command into code 130; this is one outside it
-        _fail("interrupted", INTERRUPTED)
+        _interrupted()
     except typer.Abort as exc:  # end of input at a prompt; Ctrl-C too with typer < 0.29 (it raises Abort from it)
         if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
-            _fail("interrupted", INTERRUPTED)
+            _interrupted()
         _fail("Aborted!", 1)
     except Exception as exc:
         errors = click_exceptions()
@@ -95,7 +127,7 @@ def main() -> None:
         exc.show()  # usage errors: the usage line, a hint, then `Error: ...`
         sys.exit(exc.exit_code)
     if code == INTERRUPTED:
-        _fail("interrupted", INTERRUPTED)
+        _interrupted()
     sys.exit(code if isinstance(code, int) else 0)
 
 

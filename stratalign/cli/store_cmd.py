@@ -11,6 +11,7 @@ from stratalign.cli.common import StoreOption, console, print_table, store_url
 from stratalign.errors import StratalignError
 
 if TYPE_CHECKING:
+    from stratalign.store.location import Location
     from stratalign.store.verify import Finding
 
 store_app = typer.Typer(help="Inspect, verify and clean the feature store.", no_args_is_help=True)
@@ -32,6 +33,15 @@ def store_ls(store: Optional[str] = StoreOption) -> None:
         console.print(f"no feature entries in {fs.url}")
     else:
         print_table(table, title=f"feature entries in {fs.url}")
+    print_claims(fs.loc)
+
+
+def print_claims(loc: Location) -> None:
+    """One line per shard claim: who holds it until when, or that it is stale."""
+    from stratalign.store.claims import store_claims
+
+    for key, state in store_claims(loc):
+        console.print(f"claim {escape(key)} {escape(state.describe())}", soft_wrap=True, highlight=False)
 
 
 # how each (kind, status) of a finding reads; target and message are escaped before they are filled in
@@ -40,11 +50,14 @@ _LINES = {
     ("dataset", "broken"): "[red]broken dataset[/red] {target}: {message}",
     ("group", "broken"): "[red]broken[/red] {target} group: {message}",
     ("entry", "broken"): "[red]broken[/red] {target}: {message}",
-    ("shard", "corrupt"): "[red]corrupt[/red] {target} shard {shard} layer {layer}: {message}",
+    ("shard", "corrupt"): "[red]corrupt[/red] {target} shard {shard} {layer}: {message}",
     ("entry", "incomplete"): "[yellow]incomplete[/yellow] {target}: {message}",
     ("entry", "ok"): "[green]ok[/green] {target} ({message})",
     ("run", "ok"): "[green]ok[/green] run {target} ({message})",
     ("run", "broken"): "[red]broken[/red] run {target}: {message}",
+    ("claim", "held"): "claim {target} {message}",
+    ("file", "broken"): "[red]broken[/red] {target}: {message}",
+    ("claim", "stale"): "[yellow]stale claim[/yellow] {target} {message} (`stratalign store unlock` removes it)",
 }
 
 
@@ -52,7 +65,8 @@ def finding_line(finding: Finding) -> str:
     """One finding as the rich-markup line `store verify` prints."""
     return _LINES[finding.kind, finding.status].format(
         target=escape(finding.target), message=escape(finding.message),
-        shard=finding.shards[0] if finding.shards else "", layer=finding.layer)
+        shard=finding.shards[0] if finding.shards else "",
+        layer="marker" if finding.layer is None else f"layer {finding.layer}")
 
 
 @store_app.command("verify")
@@ -96,3 +110,70 @@ def store_rm(
     if dataset:
         fs.remove_dataset(dataset)
         console.print(f"removed dataset {dataset}")
+
+
+@store_app.command("unlock")
+def store_unlock(
+    force: bool = typer.Option(False, "--force", help="Remove every claim, live ones too (only when no extract runs)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (with --force)."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Remove stale shard claims (unreadable, or of a process that is gone or stopped beating); --force: all."""
+    from stratalign.store.claims import unlock_store
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "a")
+    if force and not yes and not typer.confirm("remove every claim, live ones too (no extract may be running)?"):
+        raise typer.Exit(1)
+    removed = unlock_store(fs.loc, force=force)
+    for key, state in removed:
+        console.print(f"removed claim {escape(key)} {escape(state.describe())}", soft_wrap=True, highlight=False)
+    console.print(f"{len(removed)} claim(s) removed from {escape(fs.url)}")
+
+
+@store_app.command("gc")
+def store_gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Remove what killed writers left: temp files of processes that are gone, and stale shard claims."""
+    from stratalign.store.claims import unlock_store
+    from stratalign.store.cleanup import collect
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
+    temps = collect(fs.loc, dry_run=dry_run)
+    claims = [] if dry_run else unlock_store(fs.loc)
+    verb = "would remove" if dry_run else "removed"
+    for path in temps:
+        console.print(f"{verb} {escape(path)}", soft_wrap=True, highlight=False)
+    for key, state in claims:
+        console.print(f"{verb} claim {escape(key)} {escape(state.describe())}", soft_wrap=True, highlight=False)
+    console.print(f"{len(temps)} temp file(s), {len(claims)} stale claim(s) {verb}")
+
+
+@store_app.command("repair")
+def store_repair(
+    keys: list[str] = typer.Argument(None, help="Entry keys to repair (default: every entry)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list the shards that would be re-encoded."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 ..."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Re-encode exactly the shards whose chunks or markers fail their checks (byte-identical to a clean run)."""
+    from stratalign.stages.repair import repair_store
+    from stratalign.store.features import FeatureStore
+
+    fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
+    for key in keys or []:
+        fs.entry_folder(key)
+    report = repair_store(fs, tuple(keys or ()), device=device, dry_run=dry_run)
+    verb = "would re-encode" if dry_run else "re-encoded"
+    for key, shards in report.repaired.items():
+        console.print(f"{verb} {escape(key)} shards {shards}", soft_wrap=True, highlight=False)
+    for key, why in report.unreadable.items():
+        console.print(f"[red]cannot repair[/red] {escape(key)}: {escape(why)}", soft_wrap=True)
+    total = sum(len(s) for s in report.repaired.values())
+    console.print(f"{total} shard(s) in {len(report.repaired)} entr(y/ies) {verb}")
+    if report.unreadable:
+        raise StratalignError(f"{len(report.unreadable)} entr(y/ies) cannot be repaired (see above): remove them "
+                              "with `stratalign store rm KEY` and extract again")

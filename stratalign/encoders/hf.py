@@ -281,6 +281,19 @@ def _processor_description(processor: Any) -> dict[str, Any]:
     return desc
 
 
+def _weights(from_pretrained: Any, ident: str) -> Any:
+    """A model's weights through `from_pretrained`; weights that will not load as plain tensors (a pickled
+    checkpoint with code in it, a damaged file) are one line naming the folder, never a traceback."""
+    try:
+        return from_pretrained(ident)
+    except StratalignError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers and torch raise many types; one line for the user
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise StratalignError(f"cannot load the weights of {ident!r} ({type(e).__name__}: {first[:160]}); only "
+                              "safetensors or weights-only checkpoints load: convert or replace the model files") from None
+
+
 def load_hf(spec: str, device: str = "cpu", *, canonical: str | None = None, max_length: int | None = None,
             extra_metadata: dict[str, Any] | None = None) -> HFEncoder:
     """Load `hf:<ident>[:image|:text]` (or a named encoder that is an HF folder, via `canonical`)."""
@@ -299,9 +312,9 @@ def load_hf(spec: str, device: str = "cpu", *, canonical: str | None = None, max
         modality = tower
         names = DUAL_TOWER_CLASSES.get(cfg.model_type)
         if names is not None:
-            model = getattr(transformers, names[0 if tower == "image" else 1]).from_pretrained(ident)
+            model = _weights(getattr(transformers, names[0 if tower == "image" else 1]).from_pretrained, ident)
         else:
-            full = AutoModel.from_pretrained(ident)
+            full = _weights(AutoModel.from_pretrained, ident)
             model = getattr(full, "vision_model" if tower == "image" else "text_model", None)
             if model is None:
                 raise StratalignError(f"{ident}: a two-tower {cfg.model_type} model without a "
@@ -311,7 +324,7 @@ def load_hf(spec: str, device: str = "cpu", *, canonical: str | None = None, max
         modality = _config_modality(cfg)
         if tower is not None and tower != modality:
             raise StratalignError(f"{ident} is a {modality} model, not {tower}")
-        model = AutoModel.from_pretrained(ident)
+        model = _weights(AutoModel.from_pretrained, ident)
         sub_cfg = cfg
     canonical_spec = canonical or ("hf:" + ident + (f":{tower}" if dual else ""))
 

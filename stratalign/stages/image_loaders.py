@@ -66,7 +66,12 @@ def processes_supported() -> bool:
 
 
 def _worker_init(parent: int) -> None:
-    """In each worker: lowest CPU priority, and die with the parent (a kill -9 leaves no orphans)."""
+    """In each worker: lowest CPU priority, die with the parent (a kill -9 leaves no orphans), and ignore Ctrl-C
+    (a terminal sends it to the whole process group: the parent handles it and the workers end with it, quietly
+    instead of each printing a KeyboardInterrupt traceback); SIGTERM ends a worker at once (the CLI's handler,
+    inherited through fork, would unwind it with a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         os.setpriority(os.PRIO_PROCESS, 0, LOADER_NICE)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

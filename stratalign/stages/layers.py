@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from stratalign.core.layer_rule import CHOOSE_KEYWORDS, LayerRule
-from stratalign.errors import StratalignError
+from stratalign.errors import StratalignError, require_int
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store import layer_results
 from stratalign.store.features import FeatureEntry, FeatureStore
@@ -31,6 +31,12 @@ class LayersConfig:
     vision_pooling: str | None = None
     text_pooling: str | None = None
     clamp_outliers: bool = False
+
+    def __post_init__(self) -> None:
+        require_int(self.n, "--n (train pairs compared)", 1)
+        require_int(self.seed, "--seed")
+        if isinstance(self.k, int):
+            require_int(self.k, "--k", 1)
 
 
 def sample_train_pairs(store: FeatureStore, dataset: str, n: int, seed: int,
@@ -111,13 +117,18 @@ def choose(result: dict[str, Any], rule: str, metric: str | None = None) -> dict
     elif parsed.kind == "last":
         v, t = nv - 1, nt - 1
     else:
-        v, t = parsed.index_pair()
-        if not (-nv <= v < nv and -nt <= t < nt):
-            raise StratalignError(f"layer pair {rule} out of range: vision 0..{nv - 1}, text 0..{nt - 1}")
-        v, t = v % nv, t % nt
+        v, t = check_pair(parsed.index_pair(), nv, nt, rule)
     return {"rule": rule, "metric": metric, "vision_layer": v, "text_layer": t, "score": float(mat[v, t]),
             "vision_name": result["vision_layers"][v], "text_name": result["text_layers"][t],
             "last_score": float(mat[-1, -1]), "result_key": result["key"]}
+
+
+def check_pair(pair: tuple[int, int], nv: int, nt: int, rule: str) -> tuple[int, int]:
+    """An explicit (vision, text) layer pair within the layers there are (negative counts from the end)."""
+    v, t = pair
+    if not (-nv <= v < nv and -nt <= t < nt):
+        raise StratalignError(f"layer pair {rule} out of range: vision 0..{nv - 1}, text 0..{nt - 1}")
+    return v % nv, t % nt
 
 
 def top_pairs(result: dict[str, Any], metric: str, count: int = 5) -> list[tuple[int, int, float]]:
@@ -169,6 +180,10 @@ def run_layers(store: FeatureStore, cfg: LayersConfig, rule: str = "best", by: s
                heatmap_copy: str | None = None, *, recompute: bool = False) -> LayersOutcome:
     """The layers stage: compute (or read back) the matrices, choose the layer pair by `rule` on metric `by`,
     write the heatmap (also to `heatmap_copy`), and record the choice for `train --layers auto`."""
+    parsed = LayerRule.parse(rule, CHOOSE_KEYWORDS, "--choose", indices=True)  # bad text: before any work
+    if parsed.is_pair:
+        v_entry, t_entry = _entries(store, cfg)
+        check_pair(parsed.index_pair(), len(v_entry.spec.dims), len(t_entry.spec.dims), rule)
     result = compute_layer_matrices(store, cfg, recompute=recompute)
     choice = choose(result, rule, by)
     png = write_heatmap(store, result, choice, copy_to=heatmap_copy)

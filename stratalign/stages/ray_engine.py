@@ -26,7 +26,7 @@ from stratalign.device import cpu_threads, resolve_device
 from stratalign.errors import StratalignError, preview
 from stratalign.stages.extract_config import ExtractConfig, ExtractReport
 from stratalign.stages.extract_plan import entry_specs, plan_encoder
-from stratalign.stages.extract_shards import ShardEncoder, claim_all, pending_union, release_all
+from stratalign.stages.extract_shards import ClaimWait, ShardEncoder, claim_all, pending_union, release_all, say_stderr
 from stratalign.store.claims import Claim, Heartbeat
 from stratalign.store.features import EntrySpec, FeatureEntry, FeatureStore
 
@@ -238,6 +238,7 @@ def _run_shards(handles: list[Any], entries: list[FeatureEntry], pending: list[i
     bar = tqdm(total=rows, unit="row", desc=f"extract {spec} (ray x{len(handles)})", disable=not cfg.progress,
                dynamic_ncols=True, smoothing=0.1)
     idle = 0
+    waiting = ClaimWait(cfg.poll_s, cfg.claim_wait_s, say_stderr)
     try:
         while pending:
             progressed = False
@@ -255,6 +256,7 @@ def _run_shards(handles: list[Any], entries: list[FeatureEntry], pending: list[i
             left = pending_union(entries)
             if progressed or left != pending:
                 idle = 0
+                waiting.progress()
             elif _unclaimed(entries, left):
                 idle += 1  # free shards that no actor could take: nothing will change by waiting
                 if idle >= IDLE_ROUNDS:
@@ -266,7 +268,7 @@ def _run_shards(handles: list[Any], entries: list[FeatureEntry], pending: list[i
                 time.sleep(cfg.poll_s)
             else:
                 idle = 0
-                time.sleep(cfg.poll_s)  # other workers hold these shards (with live heartbeats): wait
+                waiting.wait(entries, left)  # other workers hold these shards: say who, until when; poll
             pending = left
     finally:
         bar.close()

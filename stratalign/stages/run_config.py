@@ -9,13 +9,13 @@ config.json holds, so ids of existing runs never change.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import Selection, objective_named
-from stratalign.errors import StratalignError
+from stratalign.errors import StratalignError, require_int
 from stratalign.stages.subsets import (
     CARVED,
     PairRows,
@@ -63,6 +63,13 @@ class RunConfig:
     # on validation (CoMM and CSA do not: left alone there, so one sweep can name it for every cell); None: the
     # objective's default (rsum). A --set select=... wins.
     select: str | None = None
+
+    def __post_init__(self) -> None:
+        require_int(self.seed, "--seed")
+        if self.n_pairs is not None:
+            require_int(self.n_pairs, "--n-pairs", 1)
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise StratalignError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction!r}")
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,13 @@ def _layer_pair(store: FeatureStore, cfg: RunConfig, v: FeatureEntry, t: Feature
     rule = LayerRule.parse(cfg.layers)
     if rule.kind == "auto":
         choice = load_choice(store, cfg.dataset, cfg.vision, cfg.text)
-        return int(choice["vision_layer"]), int(choice["text_layer"]), str(rule)
+        vl, tl = int(choice["vision_layer"]), int(choice["text_layer"])
+        if vl >= len(v.spec.dims) or tl >= len(t.spec.dims):
+            raise StratalignError(f"the recorded layer choice for {cfg.dataset} / {cfg.vision} / {cfg.text} names "
+                                  f"layers {vl},{tl} but the entries have {len(v.spec.dims)} and {len(t.spec.dims)}; "
+                                  f"record it again: stratalign layers --dataset {cfg.dataset} --vision {cfg.vision} "
+                                  f"--text {cfg.text} --choose best")
+        return vl, tl, str(rule)
     if rule.kind == "last":
         return len(v.spec.dims) - 1, len(t.spec.dims) - 1, str(rule)
     return v.resolve_layer(rule.vision), t.resolve_layer(rule.text), str(rule)
@@ -175,6 +188,42 @@ def _check_choices(cfg: RunConfig, ds: PairDataset) -> None:
                               + " (the run sets these itself, not through --set)")
 
 
+def check_option_types(options: tuple[tuple[str, Any], ...]) -> None:
+    """Each --set value has the type of the TrainConfig default it overrides (a number for a number, a mapping
+    for a mapping, ...); negative numbers are refused (no trainer setting is negative). One line naming it."""
+    defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc]
+                for f in fields(TrainConfig) if f.default is not MISSING or f.default_factory is not MISSING}
+    for key, value in options:
+        default = defaults.get(key)
+        if default is None:
+            continue
+        kinds: tuple[type, ...] = ((bool,) if isinstance(default, bool) else (int,) if isinstance(default, int)
+                                   else (int, float) if isinstance(default, float) else (type(default),)
+                                   if isinstance(default, (str, dict)) else (list, tuple)
+                                   if isinstance(default, (list, tuple)) else ())
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if kinds and (wrong_bool or not isinstance(value, kinds)):
+            raise StratalignError(f"--set {key}={value!r}: expected {' or '.join(k.__name__ for k in kinds)} "
+                                  f"(like the default {default!r})")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+            raise StratalignError(f"--set {key}={value!r}: must be >= 0")
+
+
+def read_ids_file(path: str) -> list[str]:
+    """The ids listed one per line in a text file; a missing, binary or undecodable file is one line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise StratalignError(f"cannot read --ids file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise StratalignError(f"--ids file {path} is not UTF-8 text (one id a line)") from None
+    if "\x00" in text:
+        raise StratalignError(f"--ids file {path} is binary, not text (one id a line)")
+    return text.splitlines()
+
+
 def run_preset(cfg: RunConfig) -> str | None:
     """The name of the preset in force (auto resolved on this machine), or None without one."""
     return None if cfg.preset is None else choose_preset(cfg.preset, dict(cfg.options)).name
@@ -187,6 +236,7 @@ def _train_settings(cfg: RunConfig, preset: str | None) -> dict[str, Any]:
     bad = [k for k, _ in cfg.options if k not in known]
     if bad:
         raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
+    check_option_types(cfg.options)
     settings = dict(cfg.options) if preset is None else apply_preset(choose_preset(preset), dict(cfg.options))
     if cfg.select is not None and objective_named(cfg.objective).selection is Selection.VALIDATION:
         settings.setdefault("select", cfg.select)
@@ -207,7 +257,7 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
     pool, val = validation_pairs(ds, source, cfg.val_fraction, cfg.seed)
     (pool, pool_dropped), (val, val_dropped) = drop_bad_pairs(pool, v, t), drop_bad_pairs(val, v, t)
     if cfg.ids_file:
-        ids = Path(cfg.ids_file).read_text().splitlines()
+        ids = read_ids_file(cfg.ids_file)
         subset = subset_from_ids(ds, pool, ids, cfg.ids_kind)
         ids_sha = hashlib.sha256("\n".join(sorted(i.strip() for i in ids)).encode()).hexdigest()[:16]
     else:

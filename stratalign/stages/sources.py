@@ -11,7 +11,7 @@ from typing import Any
 import fsspec
 import polars as pl
 
-from stratalign.errors import StratalignError
+from stratalign.errors import StratalignError, preview, require_int
 from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
 
 TWEMOJI_TEMPLATES = ("an emoji of {}.",)
@@ -70,8 +70,13 @@ def read_karpathy(split_json: str, image_dir: str, **kw: Any) -> tuple[list[RawI
         iid = str(im.get("cocoid", _need(im, "imgid", where)))
         split = _need(im, "split", where)
         images.append(RawImage(iid, _join(image_dir, rel), rel, split="train" if split == "restval" else split))
-        for j, s in enumerate(_need(im, "sentences", where)):
-            text = s.get("raw") or " ".join(s.get("tokens", []))
+        sentences = _need(im, "sentences", where)
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
+            raise StratalignError(f"{where}: 'sentences' must be a list of objects with 'raw' or 'tokens', "
+                                  f"not {type(sentences).__name__} {str(sentences)[:40]!r}")
+        for j, s in enumerate(sentences):
+            tokens = s.get("tokens") or []
+            text = s.get("raw") or (" ".join(str(t) for t in tokens) if isinstance(tokens, list) else "")
             captions.append(RawCaption(str(s.get("sentid", f"{iid}-{j}")), iid, text))
     return images, captions, {"kind": "karpathy", "split_file": split_json, "images": image_dir}
 
@@ -112,6 +117,7 @@ def read_table(
     root = image_root
     images: dict[str, RawImage] = {}
     captions = []
+    clashes: dict[str, set[str]] = {}
     for i, row in enumerate(df.iter_rows(named=True)):
         rel = row[image_col]
         if rel is None or str(rel).strip() == "":
@@ -125,8 +131,15 @@ def read_table(
                 label=str(row[label_col]) if label_col and row[label_col] is not None else None,
                 group=str(row[group_col]) if group_col and row[group_col] is not None else None,
             )
+        elif images[iid].relpath != rel:  # one id, two images: never merge them silently
+            clashes.setdefault(iid, {images[iid].relpath}).add(rel)
         text = row[caption_col]
         captions.append(RawCaption(f"{i}", iid, "" if text is None else str(text)))
+    if clashes:
+        first = next(iter(clashes))
+        raise StratalignError(
+            f"table {table}: {len(clashes)} id(s) in --id-col {id_col!r} name several different images (id "
+            f"{first!r}: {preview(sorted(clashes[first]), 3)}); give each image its own id, or leave --id-col out")
     source = {"kind": "table", "table": table, "image_col": image_col, "caption_col": caption_col,
               "label_col": label_col, "id_col": id_col, "split_col": split_col, "image_root": root}
     if group_col:  # only then: sources recorded before groups existed keep their bytes
@@ -177,6 +190,11 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
     """Read a source and validate it into a PairDataset (not yet saved: see FeatureStore.save_dataset)."""
     if kind not in SOURCES:
         raise StratalignError(f"unknown dataset source {kind!r}; known: {', '.join(SOURCES)}")
+    if limit is not None:
+        require_int(limit, "--limit (images kept)", 1)
+    if name is not None and not name.strip():
+        raise StratalignError("--name is empty: name the dataset (letters, digits, '.', '_', '+', '=', '-')")
+    require_int(seed, "--seed")
     images, captions, source = SOURCES[kind](**args)
     if limit is not None:
         images = images[:limit]
@@ -185,5 +203,5 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
         source["limit"] = limit
     templates = TWEMOJI_TEMPLATES if kind == "twemoji" else None
     default_name = "twemoji" if kind == "twemoji" else kind
-    return build_dataset(name or default_name, images, captions, source=source, seed=seed,
+    return build_dataset(default_name if name is None else name, images, captions, source=source, seed=seed,
                          skip_bad=skip_bad, templates=templates)

@@ -11,7 +11,10 @@ artifact by name or key. Layout under the store root:
         zarr.json                      group metadata; attrs["stratalign_entry"] is the entry's spec
         layer_000 ... layer_NNN        (rows, dim_l) arrays, one row-chunk per shard, crc32c-checksummed
         _shards/<s>.json               completion marker: row range + sha256 of each layer's shard bytes
-        _claims/<s>.json               a worker's claim on a shard while it encodes it
+        _claims/<s>.json               a worker's claim on a shard while it encodes it (host, pid, process start,
+                                       heartbeat); an unreadable or dead one is stale (`store unlock`, `store gc`)
+    <file>.tmp-<pid>[-<thread>]        a write in progress; a dead writer's is removed by the next writer of its
+                                       folder and by `store gc` (store.cleanup)
     prompts/<key>.safetensors          zero-shot prompt features of one text entry's encoder + pooling
     extract_records/<key>.json         an extraction request's complete entries + the encoder's cheap identity
     runs/<run id>/config.json          a trained run's resolved config
@@ -27,7 +30,11 @@ artifact by name or key. Layout under the store root:
 Modules: location (where a store lives, safe keys), keys (every content address), features (FeatureStore),
 entry (EntrySpec, FeatureEntry), claims (shard claims and heartbeats), datasets (PairDataset, validation,
 fingerprints), dataset_tables (a dataset's files), media (images), prompt_cache, extract_records, runs (RunRegistry),
-layer_results, graphs, verify (what `stratalign store verify` checks: datasets, entries, per-query files).
+layer_results, graphs, cleanup (temp files of dead writers), verify (what `stratalign store verify` checks: datasets,
+entries and their keys, shard markers, claims, runs, prompt caches, layer results and choices, graphs).
+
+A local store never follows a symlink out of its root (Location.path refuses it in one line), so a crafted
+store cannot make a command read, write or delete elsewhere.
 
 Keys are content addresses (store.keys): a hash of everything that determines the bytes (for an entry:
 dataset name and content fingerprint, encoder identity and weights hash, preprocessing, pooling, dtype, shard

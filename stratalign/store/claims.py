@@ -7,6 +7,12 @@ and may be taken over, when its process is gone (same host) or its heartbeat is 
 claims with a fresh heartbeat every quarter lease, so only a worker that stopped beating loses a shard.
 A shard is done once its completion marker exists; the claim is then removed. A killed worker leaves a
 claim and no marker, so a rerun re-encodes exactly that shard.
+
+A claim never wedges a store: its content is written with the exclusive create itself (Location.create_exclusive
+links a complete temp file into place on a local disk), and a claim that cannot be read (empty, truncated, not a
+claim) is stale. A claim also records when its process started, so a pid reused by another process does not
+hold a shard. `describe_claims` says who holds what and until when (store ls / verify, a waiting extract);
+`unlock` removes stale claims (`stratalign store unlock`).
 """
 
 from __future__ import annotations
@@ -31,19 +37,39 @@ def lease_seconds() -> float:
     return float(os.environ.get("STRATALIGN_CLAIM_LEASE_S", DEFAULT_LEASE_S))
 
 
+def _started(pid: int) -> float:
+    """When process `pid` started (0.0 when unknown): tells a live claimant from a reused pid."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
 @dataclass
 class Claim:
     host: str
     pid: int
     token: str
     heartbeat: float
+    started: float = 0.0  # the claimant process's start time (0.0 in claims written before it was recorded)
 
     @classmethod
     def mine(cls) -> "Claim":
-        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex, time.time())
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex, time.time(), _started(os.getpid()))
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "Claim | None":
+        """The claim in a file's bytes, or None when they are not a readable claim (empty, truncated, garbage)."""
+        try:
+            obj = json.loads(raw)
+            claim = cls(host=str(obj["host"]), pid=int(obj["pid"]), token=str(obj["token"]),
+                        heartbeat=float(obj["heartbeat"]), started=float(obj.get("started") or 0.0))
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+            return None
+        return claim if claim.token and claim.pid > 0 else None
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
+        return json.dumps(dataclasses.asdict(self)).encode()
 
     def is_stale(self, lease: float) -> bool:
         if self.host == socket.gethostname():
@@ -53,9 +79,81 @@ class Claim:
                 alive = False
             if not alive:
                 return True
+            if self.started and abs(_started(self.pid) - self.started) > 1.0:
+                return True  # the pid now belongs to another process
             if self.pid == os.getpid():
                 return False
         return time.time() - self.heartbeat > lease
+
+    def expires_at(self, lease: float) -> float:
+        """When the claim lapses unless its heartbeat is refreshed."""
+        return self.heartbeat + lease
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """One claim file as found: its shard, the claim (None when unreadable) and whether it is stale."""
+
+    folder: str
+    shard: int
+    claim: Claim | None
+    stale: bool
+
+    def describe(self, lease: float | None = None) -> str:
+        """'shard 3: held by host pid 123 (heartbeat 4 s ago), until 12:30:05 UTC' or why it is stale."""
+        lease = lease_seconds() if lease is None else lease
+        c = self.claim
+        if c is None:
+            return f"shard {self.shard}: unreadable claim (stale: a crash between create and write?)"
+        age = max(0.0, time.time() - c.heartbeat)
+        who = f"host {c.host} pid {c.pid} (heartbeat {age:.0f} s ago)"
+        if self.stale:
+            return f"shard {self.shard}: stale claim of {who}"
+        until = time.strftime("%H:%M:%S UTC", time.gmtime(c.expires_at(lease)))
+        return f"shard {self.shard}: held by {who} until {until} unless it keeps beating"
+
+
+def read_claim(loc: Location, folder: str, shard: int) -> ClaimState | None:
+    """The state of one shard's claim file; None when there is no claim."""
+    try:
+        raw = loc.read_bytes(folder, f"{shard}.json")
+    except FileNotFoundError:
+        return None
+    claim = Claim.parse(raw)
+    return ClaimState(folder, shard, claim, claim is None or claim.is_stale(lease_seconds()))
+
+
+def describe_claims(loc: Location, folder: str) -> list[ClaimState]:
+    """Every claim file of one claims folder, by shard (other files are left out)."""
+    states = []
+    for name in loc.listdir(folder):
+        if name.endswith(".json") and name[:-5].isdigit():
+            state = read_claim(loc, folder, int(name[:-5]))
+            if state is not None:
+                states.append(state)
+    return sorted(states, key=lambda st: st.shard)
+
+
+def unlock(loc: Location, folder: str, force: bool = False) -> list[ClaimState]:
+    """Remove the stale claims of one claims folder (every claim with `force`); returns what was removed."""
+    removed = []
+    for state in describe_claims(loc, folder):
+        if state.stale or force:
+            loc.remove(folder, f"{state.shard}.json")
+            removed.append(state)
+    return removed
+
+
+def store_claims(loc: Location) -> list[tuple[str, ClaimState]]:
+    """(entry key, claim state) for every claim in a store's `features/<key>/_claims/` folders."""
+    return [(key, state) for key in loc.listdirs("features")
+            for state in describe_claims(loc, f"features/{key}/_claims")]
+
+
+def unlock_store(loc: Location, force: bool = False) -> list[tuple[str, ClaimState]]:
+    """Remove every stale claim of a store (every claim with `force`); returns what was removed."""
+    return [(key, state) for key in loc.listdirs("features")
+            for state in unlock(loc, f"features/{key}/_claims", force)]
 
 
 def try_claim(loc: Location, folder: str, shard: int, claim: Claim) -> bool:
@@ -65,10 +163,10 @@ def try_claim(loc: Location, folder: str, shard: int, claim: Claim) -> bool:
         return True
     try:
         raw = loc.read_bytes(folder, name)
-        held = Claim(**json.loads(raw))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+    except FileNotFoundError:
         return loc.create_exclusive(claim.to_bytes(), folder, name)
-    if held.token == claim.token or not held.is_stale(lease_seconds()):
+    held = Claim.parse(raw)  # None: unreadable, so stale (nothing can ever refresh it)
+    if held is not None and (held.token == claim.token or not held.is_stale(lease_seconds())):
         return held.token == claim.token
     # Stale: remove it only if it is still the very claim we judged stale, then race for it exclusively.
     try:
@@ -82,10 +180,10 @@ def try_claim(loc: Location, folder: str, shard: int, claim: Claim) -> bool:
 def release(loc: Location, folder: str, shard: int, claim: Claim) -> None:
     """Drop our claim on a shard (leave anyone else's alone)."""
     try:
-        held = json.loads(loc.read_bytes(folder, f"{shard}.json"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        held = Claim.parse(loc.read_bytes(folder, f"{shard}.json"))
+    except FileNotFoundError:
         return
-    if held.get("token") == claim.token:
+    if held is not None and held.token == claim.token:
         loc.remove(folder, f"{shard}.json")
 
 
@@ -94,10 +192,10 @@ def refresh(loc: Location, folder: str, shard: int, claim: Claim) -> bool:
     file is gone or belongs to someone else (it was released, or taken over as stale)."""
     name = f"{shard}.json"
     try:
-        held = json.loads(loc.read_bytes(folder, name))
-    except (FileNotFoundError, json.JSONDecodeError):
+        held = Claim.parse(loc.read_bytes(folder, name))
+    except FileNotFoundError:
         return False
-    if held.get("token") != claim.token:
+    if held is None or held.token != claim.token:
         return False
     loc.write_bytes(dataclasses.replace(claim, heartbeat=time.time()).to_bytes(), folder, name)
     return True

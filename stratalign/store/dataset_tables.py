@@ -8,6 +8,7 @@ import io
 import polars as pl
 
 from stratalign.errors import StratalignError
+from stratalign.store.cleanup import clean_folder
 from stratalign.store.datasets import PairDataset
 from stratalign.store.keys import FORMAT_VERSION
 from stratalign.store.location import Location, validate_key
@@ -55,10 +56,11 @@ def save(loc: Location, ds: PairDataset, *, replace: bool = False) -> bool:
     written and the new one is written last, so a crash leaves the old dataset or one that refuses to load.
     """
     validate_key(ds.name, "dataset name")
+    clean_folder(loc, "datasets", ds.name)  # temp files a killed writer left (see store.cleanup)
     old = _fingerprint_of(loc, ds.name, replace)
-    if old == ds.fingerprint:
-        return False
-    if old is not None and not replace:
+    if old == ds.fingerprint and _loads(loc, ds.name):
+        return False  # identical and whole (a damaged copy of the same content is rewritten below)
+    if old is not None and old != ds.fingerprint and not replace:
         raise StratalignError(
             f"dataset {ds.name!r} already exists in {loc.url} with different content "
             f"(fingerprint {old[:12]} vs {ds.fingerprint[:12]}); choose another --name or pass --replace"
@@ -71,6 +73,15 @@ def save(loc: Location, ds: PairDataset, *, replace: bool = False) -> bool:
     meta = {**ds.meta, "format_version": FORMAT_VERSION, "stratalign_version": __version__,
             "n_images": ds.images.height, "n_captions": ds.captions.height}
     loc.write_json(meta, FOLDER, ds.name, META)  # written last: marks the dataset whole
+    return True
+
+
+def _loads(loc: Location, name: str) -> bool:
+    """Does the stored dataset load (tables present, readable, of the recorded sizes)?"""
+    try:
+        load(loc, name)
+    except StratalignError:
+        return False
     return True
 
 
@@ -95,9 +106,11 @@ def load(loc: Location, name: str) -> PairDataset:
         images = pl.read_parquet(io.BytesIO(loc.read_bytes(FOLDER, name, "images.parquet")))
         captions = pl.read_parquet(io.BytesIO(loc.read_bytes(FOLDER, name, "captions.parquet")))
     except Exception as exc:
-        raise StratalignError(f"dataset {name!r} tables are unreadable: {type(exc).__name__}: {exc}") from None
+        raise StratalignError(f"dataset {name!r} tables are unreadable ({type(exc).__name__}: {str(exc)[:100]}); "
+                              f"ingest it again: `stratalign ingest ... --name {name} --replace`") from None
     if images.height != meta.get("n_images") or captions.height != meta.get("n_captions"):
-        raise StratalignError(f"dataset {name!r} tables do not match its dataset.json (truncated store?)")
+        raise StratalignError(f"dataset {name!r} tables do not match its dataset.json (truncated store?); "
+                              f"ingest it again: `stratalign ingest ... --name {name} --replace`")
     return PairDataset(name=name, images=images, captions=captions, meta=meta)
 
 

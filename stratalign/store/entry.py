@@ -138,6 +138,10 @@ class FeatureEntry:
         except json.JSONDecodeError as exc:
             path = self.store.loc.path(*self.folder, name, "zarr.json")
             raise StratalignError(f"corrupt JSON file {path}: {exc}") from None
+        except (KeyError, FileNotFoundError):  # the layer's folder or metadata is gone
+            path = self.store.loc.path(*self.folder, name)
+            raise StratalignError(f"layer {layer} of entry {self.key} is missing ({path}); re-encode it with "
+                                  "`stratalign store repair`") from None
 
     def open_arrays(self) -> list[zarr.Array]:
         """Every layer's array, opened once (the writer thread does it before the first shard is ready)."""
@@ -167,14 +171,55 @@ class FeatureEntry:
 
     # ----- markers
     def markers(self, refresh: bool = False) -> dict[int, dict]:
+        """Every shard's completion marker; a damaged one is a one-line error naming its file and the fix."""
         if self._markers is None or refresh:
-            loc = self.store.loc
-            found = {}
-            for name in loc.listdir(*self.folder, "_shards"):
-                if name.endswith(".json") and name[:-5].isdigit():
-                    found[int(name[:-5])] = loc.read_json(*self.folder, "_shards", name)
+            found, damaged = self.read_markers()
+            if damaged:
+                shard, why = next(iter(damaged.items()))
+                raise StratalignError(
+                    f"shard marker {self.store.loc.path(*self.folder, '_shards', f'{shard}.json')} is damaged ({why})"
+                    f"{f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}; re-encode those shards with "
+                    "`stratalign store repair`")
             self._markers = found
         return self._markers
+
+    def read_markers(self) -> tuple[dict[int, dict], dict[int, str]]:
+        """(whole markers by shard, damaged ones by shard with why): what verify and repair read."""
+        loc = self.store.loc
+        found: dict[int, dict] = {}
+        damaged: dict[int, str] = {}
+        for name in loc.listdir(*self.folder, "_shards"):
+            if name.endswith(".json") and name[:-5].isdigit():
+                shard = int(name[:-5])
+                try:
+                    marker = loc.read_json(*self.folder, "_shards", name)
+                except StratalignError:
+                    damaged[shard] = "not JSON"
+                    continue
+                why = self.marker_problem(shard, marker)
+                if why is None:
+                    found[shard] = marker
+                else:
+                    damaged[shard] = why
+        return found, damaged
+
+    def marker_problem(self, shard: int, marker: Any) -> str | None:
+        """Why a shard marker is not whole (None when it is): a sha256 per layer, its rows, bad rows inside it."""
+        if shard >= self.spec.n_shards:
+            return None  # beyond the entry: ignored, as before
+        if not isinstance(marker, dict):
+            return "not an object"
+        sha = marker.get("sha256")
+        if not isinstance(sha, list) or len(sha) != len(self.spec.dims) or not all(isinstance(h, str) for h in sha):
+            return f"no sha256 for each of its {len(self.spec.dims)} layers"
+        start, stop = self.shard_rows_range(shard)
+        if "rows" in marker and list(marker["rows"]) != [start, stop]:
+            return f"rows {marker['rows']} are not {[start, stop]}"
+        bad = marker.get("bad_rows") or []
+        if not isinstance(bad, list) or any(isinstance(r, bool) or not isinstance(r, int) or not start <= r < stop
+                                            for r in bad):
+            return f"bad_rows outside the shard's rows {start}..{stop - 1}"
+        return None
 
     def bad_rows(self) -> np.ndarray:
         """Sorted rows that `extract --skip-bad` encoded as blank placeholders (union over the shard markers)."""
@@ -203,6 +248,12 @@ class FeatureEntry:
             loc.fs.invalidate_cache(loc.path(*self.folder, "_shards"))
         return loc.exists(*self.folder, "_shards", f"{shard}.json")
 
+    def forget_shards(self, shards: Sequence[int]) -> None:
+        """Remove the completion markers of these shards, so that the next extract encodes them again (repair)."""
+        for s in shards:
+            self.store.loc.remove(*self.folder, "_shards", f"{s}.json")
+        self._markers = None
+
     # ----- writing
     @property
     def claims_folder(self) -> str:
@@ -225,6 +276,14 @@ class FeatureEntry:
             heartbeat.release(self.store.loc, self.claims_folder, shard)
         else:
             claims_mod.release(self.store.loc, self.claims_folder, shard, claim)
+
+    def claim_state(self, shard: int) -> claims_mod.ClaimState | None:
+        """Who holds the shard's claim and whether it is stale (None: no claim)."""
+        return claims_mod.read_claim(self.store.loc, self.claims_folder, shard)
+
+    def claim_states(self) -> list[claims_mod.ClaimState]:
+        """Every claim on this entry's shards (store ls / verify / unlock)."""
+        return claims_mod.describe_claims(self.store.loc, self.claims_folder)
 
     def has_claim(self, shard: int) -> bool:
         """Does anyone (this worker included) hold a claim on the shard?"""
@@ -301,10 +360,14 @@ class FeatureEntry:
         return data
 
     def verify(self) -> dict[str, list]:
-        """Re-read every chunk: {'corrupt': [(shard, layer, why)], 'incomplete': [shard, ...]}."""
-        markers = self.markers(refresh=True)
+        """Re-read every chunk: {'corrupt': [(shard, layer, why)], 'incomplete': [shard, ...]}; a damaged marker
+        is a corrupt shard with layer None."""
+        markers, damaged = self.read_markers()
         report: dict[str, list] = {"corrupt": [], "incomplete": []}
         for s in range(self.spec.n_shards):
+            if s in damaged:
+                report["corrupt"].append((s, None, damaged[s]))
+                continue
             if s not in markers:
                 report["incomplete"].append(s)
                 continue

@@ -9,6 +9,7 @@ markers and claims are `FeatureEntry`'s (store.entry), a dataset's tables are st
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -18,7 +19,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from stratalign.errors import StratalignError
-from stratalign.store import dataset_tables
+from stratalign.store import cleanup, dataset_tables
 from stratalign.store.datasets import PairDataset
 from stratalign.store.entry import DEFAULT_SHARD_ROWS, FLOAT16_MAX, MODALITIES, EntrySpec, FeatureEntry, shard_sha
 from stratalign.store.keys import FORMAT_VERSION
@@ -38,6 +39,30 @@ def _array_metadata(template: dict[str, Any], shape: tuple[int, int], chunks: tu
     doc = {**template, "shape": list(shape), "attributes": {"layer_name": layer_name},
            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}}}
     return json.dumps(doc, allow_nan=True, indent=zarr.config.get("json_indent")).encode()
+
+
+def _untagged_group(loc: Location, *parts: str) -> bool:
+    """Is this zarr.json absent, unreadable, or a group document with no attributes yet (what zarr writes before
+    `_create` sets stratalign's tag)?"""
+    if not loc.exists(*parts):
+        return True
+    try:
+        doc = json.loads(loc.read_bytes(*parts) or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return True
+    return isinstance(doc, dict) and not doc.get("attributes")  # another's group has attributes: never ours
+
+
+def _half_created(loc: Location) -> bool:
+    """What an interrupted `_create` leaves and nothing else: the root zarr.json (untagged, empty or cut short),
+    an empty features/ group, temp files. Such a folder is finished by the next `open(..., create=True)`."""
+    names = [n for n in loc.listdir() if ".tmp-" not in n]
+    if not names or not set(names) <= {"zarr.json", "features"} or not _untagged_group(loc, "zarr.json"):
+        return False
+    if "features" in names:
+        inner = [n for n in loc.listdir("features") if ".tmp-" not in n]
+        return set(inner) <= {"zarr.json"}
+    return True
 
 
 class FeatureStore:
@@ -65,9 +90,15 @@ class FeatureStore:
         loc = Location.from_url(url)
         if loc.fs.isfile(loc.root):
             raise StratalignError(f"store path {url} is a file, not a store folder")
-        if not loc.exists("zarr.json"):
+        if not loc.exists("zarr.json") or _half_created(loc):
             if not create:
+                if loc.exists() and _half_created(loc):
+                    raise StratalignError(f"{url} is a half-created stratalign store (a command creating it was "
+                                          "interrupted): rerun `stratalign ingest ...` to finish it, or remove the folder")
                 raise StratalignError(f"no stratalign store at {url}; create one with `stratalign ingest ...`")
+            if loc.exists() and loc.listdir():
+                print(f"note: finishing the store at {url} that an interrupted command left half-created",
+                      file=sys.stderr, flush=True)
             return cls._create(loc)
         loc.read_json("zarr.json")  # a corrupt root metadata file is named in a one-line error
         try:
@@ -88,7 +119,10 @@ class FeatureStore:
     def _create(cls, loc: Location) -> "FeatureStore":
         """A new, empty store in an absent or empty folder (never in someone else's files)."""
         if loc.exists() and loc.listdir():
-            raise StratalignError(f"{loc.url} is a non-empty folder that is not a stratalign store; use another --store")
+            if not _half_created(loc):
+                raise StratalignError(f"{loc.url} is a non-empty folder that is not a stratalign store; use another --store")
+            for name in loc.listdir():  # the leftovers carry nothing: start again from an empty folder
+                loc.remove(name, recursive=True)
         root = zarr.open_group(store=loc.url, mode="a")
         root.attrs["stratalign"] = {"kind": STORE_TAG, "format_version": FORMAT_VERSION,
                                     "created_by": __version__}
@@ -226,6 +260,8 @@ class FeatureStore:
             group.attrs["stratalign_entry"] = spec.to_json()
         entry = self.entry(key)
         entry.keep_arrays(created)
+        for parts in (("features", key), ("features", key, "_shards"), ("features", key, "_claims")):
+            cleanup.clean_folder(self.loc, *parts)  # temp files a killed writer left (see store.cleanup)
         return entry
 
     def complete_entries(self, dataset: str, encoder: str, pooling: str | None = None,

@@ -59,6 +59,17 @@ def load_graphs(store: FeatureStore, key: str, n: int) -> GraphPair | None:
     return pair
 
 
+def check(blob: bytes) -> str | None:
+    """Why a graph file is unusable (None when it reads back and matches its checksum)."""
+    try:
+        tensors = st_load(blob)
+        pair = (tensors["image"].numpy(), tensors["text"].numpy())
+        stored = _header_metadata(blob).get("sha256")
+    except Exception as exc:
+        return f"unreadable ({type(exc).__name__})"
+    return None if stored == _digest(pair) else "checksum mismatch"
+
+
 def save_graphs(store: FeatureStore, key: str, graphs: GraphPair, meta: dict[str, str] | None = None) -> None:
     """Write (image, text) graphs as one safetensors file under graphs/."""
     store.require_writable()

@@ -19,7 +19,38 @@ __all__ = ["choice_name", "heatmap_path", "load_choice", "load_result", "result_
 
 
 def load_result(store: FeatureStore, key: str) -> dict[str, Any] | None:
-    return store.loc.read_json("layers", f"{key}.json") if store.loc.exists("layers", f"{key}.json") else None
+    """A saved layer result, or None when absent or damaged (it is then computed again and overwritten)."""
+    if not store.loc.exists("layers", f"{key}.json"):
+        return None
+    try:
+        result = store.loc.read_json("layers", f"{key}.json")
+    except StratalignError:
+        return None
+    return result if result_problem(result) is None else None
+
+
+def result_problem(result: Any) -> str | None:
+    """Why a layer result is unusable (None when it is whole): matrices of the right shape, layer names."""
+    if not isinstance(result, dict):
+        return "not an object"
+    missing = [k for k in ("matrices", "vision_layers", "text_layers", "key") if k not in result]
+    if missing:
+        return f"lacks {missing}"
+    nv, nt = len(result["vision_layers"]), len(result["text_layers"])
+    for metric, mat in (result["matrices"] or {}).items():
+        if not isinstance(mat, list) or len(mat) != nv or any(not isinstance(r, list) or len(r) != nt for r in mat):
+            return f"matrix {metric} is not {nv} x {nt}"
+    return None
+
+
+def choice_problem(choice: Any) -> str | None:
+    """Why a recorded layer choice is unusable (None when it is whole): two integer layer indices."""
+    if not isinstance(choice, dict):
+        return "not an object"
+    for k in ("vision_layer", "text_layer"):
+        if isinstance(choice.get(k), bool) or not isinstance(choice.get(k), int) or choice[k] < 0:
+            return f"{k} is {choice.get(k)!r}, not a layer index"
+    return None
 
 
 def save_result(store: FeatureStore, key: str, result: dict[str, Any]) -> None:
@@ -49,4 +80,9 @@ def load_choice(store: FeatureStore, dataset: str, vision: str, text: str) -> di
             f"no layer choice recorded for {dataset} / {vision} / {text}; run: stratalign layers --dataset {dataset} "
             f"--vision {vision} --text {text} --choose best"
         )
-    return store.loc.read_json("choices", name)
+    choice = store.loc.read_json("choices", name)
+    why = choice_problem(choice)
+    if why is not None:
+        raise StratalignError(f"layer choice {store.loc.path('choices', name)} is damaged ({why}); record it again: "
+                              f"stratalign layers --dataset {dataset} --vision {vision} --text {text} --choose best")
+    return choice

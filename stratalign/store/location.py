@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,18 +44,37 @@ class Location:
 
     @classmethod
     def from_url(cls, url: str) -> "Location":
-        fs, root = fsspec.core.url_to_fs(url)
+        try:
+            fs, root = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as exc:  # an unknown protocol, or its library not installed
+            raise StratalignError(f"cannot open store {url!r}: {exc}; use a local path or an fsspec URL "
+                                  "(s3://bucket/path, gs://..., memory://...)") from None
         root = root.rstrip("/") or "/"
         return cls(url=url, fs=fs, root=root)
 
-    @property
+    @functools.cached_property
     def is_local(self) -> bool:
         protocol = self.fs.protocol
         protocols = protocol if isinstance(protocol, tuple) else (protocol,)
         return "file" in protocols or "local" in protocols
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
+        """The full path of a file or folder in the store; on a local disk, refused in one line when a symlink
+        on the way leads outside the store's root (a crafted store must not make us read, write or delete
+        elsewhere)."""
+        if not parts:
+            return self.root
+        target = "/".join([self.root.rstrip("/"), *parts])
+        if self.is_local:
+            real, root = os.path.realpath(target), self._real_root
+            if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+                raise StratalignError(f"{target} leads outside the store {self.root} (a symlink to {real}); "
+                                      "refusing to follow it: replace the link by the folder itself")
+        return target
+
+    @functools.cached_property
+    def _real_root(self) -> str:
+        return os.path.realpath(self.root)
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
@@ -69,12 +90,21 @@ class Location:
         self.fs.makedirs(self.fs._parent(target), exist_ok=True)
         if self.is_local:
             tmp = f"{target}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except OSError as exc:  # a full disk says which file it could not write (the CLI prints one line)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                if exc.filename is None:
+                    raise OSError(exc.errno, exc.strerror or str(exc), target) from None
+                raise
         else:
             with self.fs.open(target, "wb") as f:
                 f.write(data)
@@ -93,13 +123,7 @@ class Location:
         target = self.path(*parts)
         self.fs.makedirs(self.fs._parent(target), exist_ok=True)
         if self.is_local:
-            try:
-                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
+            return _create_exclusive_local(target, data)
         try:  # s3fs and others implement "xb" with conditional writes where the backend can
             with self.fs.open(target, "xb") as f:
                 f.write(data)
@@ -138,3 +162,27 @@ class Location:
     def size(self, *parts: str) -> int:
         target = self.path(*parts)
         return int(self.fs.du(target)) if self.fs.exists(target) else 0
+
+
+def _create_exclusive_local(target: str, data: bytes) -> bool:
+    """Create `target` holding `data` only if absent, never visible empty or half-written: the content goes to a
+    temp file that is then hard-linked into place (link fails if the target exists). Where hard links are not
+    supported, O_EXCL and a write (a crash in between can leave an empty file; readers treat it as stale)."""
+    tmp = f"{target}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        os.link(tmp, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem
+        try:
+            fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    finally:
+        os.unlink(tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 
 import fsspec
 from PIL import Image
@@ -64,3 +65,22 @@ def load_image_or_blank(path: str, expected_sha: str | None, *, row: int, image_
         if not skip_bad:
             raise
         return Image.new("RGB", (32, 32), (255, 255, 255)), True
+
+
+def outside_roots(path: str, relpath: str, roots: list[str]) -> bool:
+    """Is an image path of a dataset table outside the dataset's declared image roots? A path must be one of
+    the roots joined with its relative path, and that relative path must stay inside (no '..', not absolute),
+    unless the table named the file by its absolute path or URL (relpath == path) under a root that declares
+    that as allowed ('*' in roots: tables, whose users may list absolute paths)."""
+    if "://" in relpath or relpath.startswith("/"):
+        return not ("*" in roots and path == relpath)
+    parts = relpath.replace("\\", "/").split("/")
+    if ".." in parts:
+        return True
+    for root in roots:
+        if root == "*":
+            continue
+        joined = f"{root.rstrip('/')}/{relpath}" if "://" in root else os.path.join(root, relpath)
+        if path == joined or os.path.normpath(path) == os.path.normpath(joined):
+            return False
+    return True

@@ -27,13 +27,35 @@ def exists(store: FeatureStore, key: str) -> bool:
 
 
 def load(store: FeatureStore, key: str, n_layers: int) -> list[np.ndarray] | None:
-    """The cached features of every layer under `key`, or None when nothing is cached."""
-    from safetensors.torch import load as st_load
-
+    """The cached features of every layer under `key`, or None when nothing (whole) is cached."""
     if not exists(store, key):
         return None
-    tensors = st_load(store.loc.read_bytes(FOLDER, _name(key)))
-    return [tensors[f"layer_{i:03d}"].numpy() for i in range(n_layers)]
+    try:
+        layers = check(store.loc.read_bytes(FOLDER, _name(key)))
+    except ValueError:
+        return None  # a damaged cache is computed again (and overwritten when the store is writable)
+    return layers if len(layers) == n_layers else None
+
+
+def check(blob: bytes) -> list[np.ndarray]:
+    """The layers of a prompt cache file; ValueError saying why when it is not one (store verify, load)."""
+    from safetensors.torch import load as st_load
+
+    try:
+        tensors = st_load(blob)
+        size = int.from_bytes(blob[:8], "little")
+        prompts = json.loads(json.loads(blob[8:8 + size]).get("__metadata__", {}).get("prompts", "null"))
+    except Exception as exc:
+        raise ValueError(f"unreadable ({type(exc).__name__}: {str(exc)[:80]})") from None
+    names = [f"layer_{i:03d}" for i in range(len(tensors))]
+    if sorted(tensors) != names or not names:
+        raise ValueError(f"tensors {sorted(tensors)[:4]} are not layer_000 ...")
+    layers = [tensors[n].numpy() for n in names]
+    if not isinstance(prompts, list) or any(x.ndim != 2 or x.shape[0] != len(prompts) for x in layers):
+        raise ValueError("layers do not hold one row per prompt")
+    if any(not np.isfinite(x).all() for x in layers):
+        raise ValueError("NaN/inf features")
+    return layers
 
 
 def save(store: FeatureStore, key: str, layers: list[np.ndarray], prompts: list[str]) -> None:

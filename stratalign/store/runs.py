@@ -26,6 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from stratalign.errors import StratalignError
+from stratalign.store.cleanup import clean_folder
 from stratalign.store.features import FeatureStore
 from stratalign.store.keys import run_id_of, tuning_key
 from stratalign.store.location import validate_key
@@ -35,6 +36,10 @@ __all__ = ["QUERIES_FILE", "RunRegistry", "run_id_of"]
 QUERIES_FILE = "queries.safetensors"
 EVAL_FINGERPRINT = "eval_dataset_fingerprint"  # the key of an evaluation result that names its dataset version
 
+
+# what every saved run's config.json holds (checked on read, so a damaged file is one line, not a KeyError)
+CONFIG_KEYS = ("dataset", "dataset_fingerprint", "vision", "text", "vision_entry", "text_entry", "vision_layer",
+               "text_layer", "head", "objective", "seed", "n_pairs", "train")
 
 class RunRegistry:
     """Read and write runs of one store."""
@@ -55,6 +60,7 @@ class RunRegistry:
         """Write config, weights, then metrics (last, so a half-written run never looks done)."""
         self.store.require_writable()
         validate_key(run_id, "run id")
+        clean_folder(self.loc, "runs", run_id)  # temp files a killed writer left (see store.cleanup)
         self.loc.write_json(config, "runs", run_id, "config.json")
         blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                        metadata={"run_id": run_id})
@@ -73,12 +79,17 @@ class RunRegistry:
             tensors = st_load(self.loc.read_bytes("runs", run_id, "weights.safetensors"))
         except Exception as exc:
             raise StratalignError(f"weights of run {run_id} are unreadable: {type(exc).__name__}: {exc}") from None
-        return config, tensors, self.loc.read_json("runs", run_id, "metrics.json")
+        return config, tensors, self.metrics(run_id)
 
     def config(self, run_id: str) -> dict[str, Any]:
-        """The resolved config a run was trained with."""
+        """The resolved config a run was trained with; a damaged one is a one-line error naming the file."""
         validate_key(run_id, "run id")
-        return self.loc.read_json("runs", run_id, "config.json")
+        config = self.loc.read_json("runs", run_id, "config.json")
+        missing = [k for k in CONFIG_KEYS if k not in config] if isinstance(config, dict) else list(CONFIG_KEYS)
+        if missing or not isinstance(config.get("train"), dict):
+            raise StratalignError(f"run {run_id}: {self.loc.path('runs', run_id, 'config.json')} is damaged (lacks "
+                                  f"{missing or ['train']}); remove the run folder and train it again")
+        return config
 
     def save_eval(self, run_id: str, dataset: str, result: dict[str, Any]) -> str:
         """Keep a run's evaluation on another dataset beside it (runs/<id>/eval-<dataset>.json); the result
@@ -134,7 +145,12 @@ class RunRegistry:
         return arrays, meta
 
     def metrics(self, run_id: str) -> dict[str, Any]:
-        return self.loc.read_json("runs", run_id, "metrics.json")
+        validate_key(run_id, "run id")
+        metrics = self.loc.read_json("runs", run_id, "metrics.json")
+        if not isinstance(metrics, dict):
+            raise StratalignError(f"run {run_id}: {self.loc.path('runs', run_id, 'metrics.json')} is not an object; "
+                                  "remove the run folder and train it again")
+        return metrics
 
     def save_tuning(self, run_id: str, record: dict[str, Any]) -> str:
         """Keep the grid a run was chosen from beside it (idempotent: the same grid writes the same file)."""

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stratalign.errors import StratalignError
+from stratalign.store import graphs, layer_results, prompt_cache
+from stratalign.store.claims import store_claims
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 
-Kind = Literal["dataset", "group", "entry", "shard", "run"]
-Status = Literal["ok", "broken", "corrupt", "incomplete"]
+Kind = Literal["dataset", "group", "entry", "shard", "run", "claim", "file"]
+Status = Literal["ok", "broken", "corrupt", "incomplete", "held", "stale"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,9 @@ class Finding:
 
     @property
     def problems(self) -> int:
-        """0 for ok, one per incomplete shard, 1 for anything else."""
-        if self.status == "ok":
+        """0 for ok and for claims (a stale claim is taken over by the next extract), one per incomplete shard,
+        1 for anything else."""
+        if self.status in ("ok", "held", "stale"):
             return 0
         return len(self.shards) if self.status == "incomplete" else 1
 
@@ -83,8 +86,11 @@ def verify_entries(store: FeatureStore) -> list[Finding]:
         report = None
         if entry is not None:
             try:
+                if entry.spec.key != key:  # the content address: the metadata must hash to the folder's key
+                    raise StratalignError(f"its metadata hashes to {entry.spec.key}, not to its key (edited or "
+                                          f"moved metadata); remove it with `stratalign store rm {key}`")
                 report = entry.verify()
-            except StratalignError as exc:  # e.g. a corrupt shard marker
+            except StratalignError as exc:
                 why = str(exc)
         if entry is None or report is None:
             out.append(Finding("entry", "broken", key, str(why)))
@@ -100,20 +106,75 @@ def verify_entries(store: FeatureStore) -> list[Finding]:
 
 
 def verify_runs(store: FeatureStore) -> list[Finding]:
-    """Read back the per-query results of every run that has them (a broken file is recomputable: delete it)."""
+    """Read back every finished run: config, weights, metrics, evaluations on other datasets, per-query results."""
     registry, out = RunRegistry(store), []
     for rid in registry.ids():
+        if not registry.is_done(rid):
+            continue  # an unfinished run (no metrics.json) is trained again by the next `train`
         try:
+            registry.load(rid)  # config (its keys), weights, metrics
+            for name in store.loc.listdir("runs", rid):
+                if name.startswith("eval-") and name.endswith(".json"):
+                    if not isinstance(store.loc.read_json("runs", rid, name), dict):
+                        raise StratalignError(f"{store.loc.path('runs', rid, name)} is not an object; delete it "
+                                              "to evaluate again")
             got = registry.load_queries(rid)
         except StratalignError as exc:
             out.append(Finding("run", "broken", rid, str(exc)))
             continue
-        if got is not None:
-            out.append(Finding("run", "ok", rid, f"per-query results of {len(got[0].get('image_rows', []))} images"))
+        queries = f", per-query results of {len(got[0].get('image_rows', []))} images" if got is not None else ""
+        out.append(Finding("run", "ok", rid, f"config, weights, metrics{queries}"))
     return out
 
 
+def _check_file(store: FeatureStore, folder: str, name: str) -> str | None:
+    """Why one cache file (prompts, layers, choices, graphs) is unusable, with the fix; None when it is whole."""
+    loc = store.loc
+    try:
+        if folder == "prompts":
+            prompt_cache.check(loc.read_bytes(folder, name))
+        elif folder == "graphs":
+            if graphs.check(loc.read_bytes(folder, name)) is not None:
+                return "damaged (fails its checksum): delete it, the next run rebuilds it"
+        elif folder == "layers":
+            why = layer_results.result_problem(loc.read_json(folder, name))
+            if why:
+                return f"{why}: delete it, the next `stratalign layers` computes it again"
+        elif folder == "choices":
+            why = layer_results.choice_problem(loc.read_json(folder, name))
+            if why:
+                return f"{why}: record it again with `stratalign layers ... --choose best`"
+    except ValueError as exc:
+        return f"{exc}: delete it, it is computed again when needed"
+    except StratalignError as exc:
+        return f"{exc}: delete it, it is computed again when needed"
+    return None
+
+
+CACHE_FILES = {"prompts": ".safetensors", "graphs": ".safetensors", "layers": ".json", "choices": ".json"}
+
+
+def verify_files(store: FeatureStore) -> list[Finding]:
+    """Every prompt cache, kNN graph, layer result and layer choice file: a finding for each damaged one."""
+    out = []
+    for folder, suffix in CACHE_FILES.items():
+        for name in store.loc.listdir(folder):
+            if name.endswith(suffix) and ".tmp-" not in name:
+                why = _check_file(store, folder, name)
+                if why is not None:
+                    out.append(Finding("file", "broken", f"{folder}/{name}", why))
+    return out
+
+
+def verify_claims(store: FeatureStore) -> list[Finding]:
+    """Every shard claim: who holds it and until when, or that it is stale (`store unlock` removes those)."""
+    return [Finding("claim", "stale" if state.stale else "held", key, state.describe(), shards=(state.shard,))
+            for key, state in store_claims(store.loc)]
+
+
 def verify_store(store: FeatureStore) -> VerifyReport:
-    """Every dataset, entry and run per-query file of the store, checked (see the module docstring)."""
-    return VerifyReport(url=store.url,
-                        findings=tuple(verify_datasets(store) + verify_entries(store) + verify_runs(store)))
+    """Every dataset, entry and run per-query file of the store, checked, and its claims listed (see the module
+    docstring)."""
+    return VerifyReport(url=store.url, findings=tuple(
+        verify_datasets(store) + verify_entries(store) + verify_runs(store) + verify_files(store)
+        + verify_claims(store)))
