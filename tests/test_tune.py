@@ -171,3 +171,21 @@ def test_comm_on_one_class_records_why_it_has_no_probe(store, tmp_path: Path) ->
     res = train_run(store, _cfg(objective="comm", n_pairs=None, ids_file=str(tmp_path / "ids.txt")))
     met = RunRegistry(store).metrics(res["run_id"])
     assert "one class (dark)" in met["probe_skipped"] and "probe_acc" not in met
+
+
+def test_verify_reads_tuning_records(store) -> None:
+    """verify counts the tuning grids kept beside a run and reports a damaged one with the fix."""
+    from stratalign.store.verify import verify_runs
+
+    tuned = tune_run(store, _cfg(objective="clip+ib", n_pairs=40, seed=4))
+    finding = next(f for f in verify_runs(store) if f.target == tuned.run_id)
+    assert finding.status == "ok" and "1 tuning grid" in finding.message
+    name = next(n for n in store.loc.listdir("runs", tuned.run_id) if n.startswith("tuning-"))
+    path = Path(store.loc.path("runs", tuned.run_id, name))
+    saved = path.read_bytes()
+    try:
+        path.write_text("[1, 2]")
+        finding = next(f for f in verify_runs(store) if f.target == tuned.run_id)
+        assert finding.status == "broken" and "not a tuning record; delete it" in finding.message
+    finally:
+        path.write_bytes(saved)

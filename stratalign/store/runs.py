@@ -164,7 +164,14 @@ class RunRegistry:
         """Every tuning record kept beside a run (the grids it was chosen from)."""
         validate_key(run_id, "run id")
         names = sorted(n for n in self.loc.listdir("runs", run_id) if n.startswith("tuning-") and n.endswith(".json"))
-        return [self.loc.read_json("runs", run_id, n) for n in names]
+        out = []
+        for name in names:
+            record = self.loc.read_json("runs", run_id, name)
+            if not isinstance(record, dict) or not isinstance(record.get("grid"), list):
+                raise StratalignError(f"{self.loc.path('runs', run_id, name)} is not a tuning record; delete it and "
+                                      "run the tuning again (its runs are kept)")
+            out.append(record)
+        return out
 
     def update_metrics(self, run_id: str, extra: dict[str, Any]) -> None:
         self.store.require_writable()

@@ -118,12 +118,14 @@ def verify_runs(store: FeatureStore) -> list[Finding]:
                     if not isinstance(store.loc.read_json("runs", rid, name), dict):
                         raise StratalignError(f"{store.loc.path('runs', rid, name)} is not an object; delete it "
                                               "to evaluate again")
+            tunings = registry.tunings(rid)  # the grids it was chosen from (each checked as it is read)
             got = registry.load_queries(rid)
         except StratalignError as exc:
             out.append(Finding("run", "broken", rid, str(exc)))
             continue
         queries = f", per-query results of {len(got[0].get('image_rows', []))} images" if got is not None else ""
-        out.append(Finding("run", "ok", rid, f"config, weights, metrics{queries}"))
+        tuned = f", chosen from {len(tunings)} tuning grid(s)" if tunings else ""
+        out.append(Finding("run", "ok", rid, f"config, weights, metrics{queries}{tuned}"))
     return out
 
 
