@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import DEFAULT_SHARD_ROWS
+from stratalign.store.features import DEFAULT_SHARD_ROWS, ENTRY_FORMATS, LAYOUT_SHARDED
 
 LOADER_KINDS = ("auto", "processes", "threads")
 ENGINES = ("local", "ray")
@@ -28,10 +28,13 @@ class ExtractConfig:
     poll_s: float = 2.0
     progress: bool = True
     torch_threads: int = 0  # torch intra-op threads; 0: on CPU every CPU available to the process
+    entry_format: int = LAYOUT_SHARDED  # layout of NEW entries (store.entry); a complete entry in another is reused
 
     def __post_init__(self) -> None:
         if self.loaders not in LOADER_KINDS:
             raise StratalignError(f"unknown loaders {self.loaders!r}: use {', '.join(LOADER_KINDS)}")
+        if self.entry_format not in ENTRY_FORMATS:
+            raise StratalignError(f"unknown entry format {self.entry_format!r}: use one of {ENTRY_FORMATS}")
         if self.loader_workers < 1:
             raise StratalignError(f"loader workers must be >= 1, got {self.loader_workers}")
 
