@@ -85,13 +85,13 @@ def test_a_read_costs_what_it_returns(store_with_dataset, monkeypatch: pytest.Mo
     entry = store.create_entry(_spec(ds, dims=(4, 64)))
     _fill(entry)
     read: list[int] = []
-    real = shard_format.ByteSource.ranges
+    real = shard_format.ByteSource.read_into
 
-    def counting(self, shards, starts, stops):
-        read.extend(b - a for a, b in zip(starts, stops))
-        return real(self, shards, starts, stops)
+    def counting(self, shards, starts, outs):
+        read.extend(o.size for o in outs)
+        return real(self, shards, starts, outs)
 
-    monkeypatch.setattr(shard_format.ByteSource, "ranges", counting)
+    monkeypatch.setattr(shard_format.ByteSource, "read_into", counting)
     entry.read_layer(1, np.array([1, 2, 13, 25]))  # rows 1, 2 share an inner chunk; 3 chunks in 3 shards
     geo = shard_format.ShardGeometry(30, 64, "float16", 8, 4)
     assert sum(read) == 3 * shard_format.index_nbytes(2) + 3 * geo.chunk_nbytes

@@ -92,40 +92,53 @@ class ShardGeometry:
 
 
 class ByteSource:
-    """Byte ranges of the shard files of one layer: `pread` on a local disk, one concurrent `cat_ranges` per
-    batch elsewhere. `path(s)` names shard s's file; `sizes` gives file sizes (for the index at the end)."""
+    """Byte ranges of the shard files of one layer, read straight into the caller's buffers: `preadv` on a local
+    disk (each file opened once per read), one concurrent `cat_ranges` per batch elsewhere. `path(s)` names
+    shard s's file; `sizes` gives file sizes (the index sits at the end)."""
 
     def __init__(self, fs: Any, local: bool, path: Callable[[int], str]) -> None:
         self.fs, self.local, self.path = fs, local, path
         self._sizes: dict[int, int] = {}
+        self._fds: dict[int, int] = {}
 
-    def sizes(self, shards: list[int]) -> dict[int, int]:
+    def _fd(self, shard: int) -> int:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.path(shard), os.O_RDONLY)
+        return self._fds[shard]
+
+    def close(self) -> None:
+        """Close the files a read opened (local disks)."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def sizes(self, shards: list[int]) -> list[int]:
         missing = [s for s in shards if s not in self._sizes]
         if missing and self.local:
             for s in missing:
-                self._sizes[s] = os.stat(self.path(s)).st_size
-        elif missing:
-            for s in missing:  # one listing per layer on object stores, not one HEAD per shard
-                folder = self.path(s).rsplit("/", 2)[0]
-                found = self.fs.find(folder, detail=True)
-                self._sizes.update({_shard_of(name): int(info["size"]) for name, info in found.items()
-                                    if _shard_of(name) is not None})
-                break
-        return {s: self._sizes[s] for s in shards}
-
-    def ranges(self, shards: list[int], starts: list[int], stops: list[int]) -> list[bytes]:
-        if not self.local:
-            return self.fs.cat_ranges([self.path(s) for s in shards], starts, stops)
-        out, fds = [], {}
+                self._sizes[s] = os.fstat(self._fd(s)).st_size
+        elif missing:  # one listing per layer on object stores, not one HEAD per shard
+            found = self.fs.find(self.path(missing[0]).rsplit("/", 2)[0], detail=True)
+            self._sizes.update({_shard_of(name): int(info["size"]) for name, info in found.items()
+                                if _shard_of(name) is not None})
         try:
-            for s, a, b in zip(shards, starts, stops):
-                if s not in fds:
-                    fds[s] = os.open(self.path(s), os.O_RDONLY)
-                out.append(os.pread(fds[s], b - a, a))
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        return out
+            return [self._sizes[s] for s in shards]
+        except KeyError as exc:
+            raise FileNotFoundError(2, "no such shard file", self.path(int(exc.args[0]))) from None
+
+    def read_into(self, shards: list[int], starts: list[int], outs: list[np.ndarray]) -> None:
+        """Fill each contiguous uint8 buffer in `outs` with the bytes of its shard file from its start."""
+        if not self.local:
+            blobs = self.fs.cat_ranges([self.path(s) for s in shards], starts, [a + o.size for a, o in zip(starts, outs)])
+            for blob, out in zip(blobs, outs):
+                if len(blob) != out.size:
+                    raise ShardCorrupt(f"short read of {len(blob)} bytes, expected {out.size}")
+                out[:] = np.frombuffer(blob, dtype=np.uint8)
+            return
+        for s, a, out in zip(shards, starts, outs):
+            got = os.preadv(self._fd(s), [out], a)
+            if got != out.size:
+                raise ShardCorrupt(f"short read of {got} bytes from {self.path(s)}, expected {out.size}")
 
 
 def _shard_of(name: str) -> int | None:
@@ -134,47 +147,59 @@ def _shard_of(name: str) -> int | None:
     return int(parts[-2]) if len(parts) >= 3 and parts[-3] == "c" and parts[-2].isdigit() and parts[-1] == "0" else None
 
 
+def _crc_ok(blocks: np.ndarray) -> np.ndarray:
+    """Per row of a (n, payload + 4) uint8 array: does the payload's crc32c match the last 4 bytes?"""
+    stored = np.ascontiguousarray(blocks[:, -4:]).view("<u4").ravel()
+    computed = np.fromiter((google_crc32c.value(b) for b in blocks[:, :-4]), dtype=np.uint32, count=len(blocks))
+    return stored == computed
+
+
+def _indexes(src: ByteSource, geo: ShardGeometry, shards: list[int], where: str) -> np.ndarray:
+    """The (len(shards), chunks_per_shard, 2) offsets and sizes of the shards' inner chunks, crc32c-checked."""
+    n_idx = index_nbytes(geo.chunks_per_shard)
+    raw = np.empty((len(shards), n_idx), dtype=np.uint8)
+    src.read_into(shards, [size - n_idx for size in src.sizes(shards)], list(raw))
+    ok = _crc_ok(raw)
+    if not ok.all():
+        raise ShardCorrupt(f"{where} shard {shards[int(np.argmin(ok))]}: shard index fails its crc32c")
+    return raw[:, :-4].view("<u8").reshape(len(shards), geo.chunks_per_shard, 2)
+
+
 def read_rows(src: ByteSource, geo: ShardGeometry, rows: np.ndarray | None, where: str) -> np.ndarray:
     """Rows (any order, repeats allowed; None: all) of one layer, reading only the index and the inner chunks
     that hold them, every chunk read checked against its crc32c. Raises ShardCorrupt on damage."""
-    all_rows = rows is None
-    uniq, inverse = (np.arange(geo.rows), None) if all_rows else np.unique(rows, return_inverse=True)
-    out_dtype = np.dtype(geo.dtype)
+    uniq, inverse = (np.arange(geo.rows), None) if rows is None else np.unique(rows, return_inverse=True)
     if uniq.size == 0:
-        return np.empty((0, geo.dim), dtype=out_dtype)
-    cid = uniq // geo.chunk_rows
-    chunk_ids, first = np.unique(cid, return_index=True)
+        return np.empty((0, geo.dim), dtype=geo.dtype)
+    chunk_ids, first = np.unique(uniq // geo.chunk_rows, return_index=True)
     shard_of = chunk_ids // geo.chunks_per_shard
-    shards = np.unique(shard_of).tolist()
-    n_idx = index_nbytes(geo.chunks_per_shard)
-    sizes = src.sizes(shards)
-    raw_idx = src.ranges(shards, [sizes[s] - n_idx for s in shards], [sizes[s] for s in shards])
-    index = {s: parse_index(raw, geo.chunks_per_shard, f"{where} shard {s}") for s, raw in zip(shards, raw_idx)}
-    offsets = np.array([index[s][c % geo.chunks_per_shard] for s, c in zip(shard_of.tolist(), chunk_ids.tolist())],
-                       dtype=np.uint64).reshape(-1, 2)
-    if (offsets[:, 0] == EMPTY).any() or (offsets[:, 1] != geo.chunk_nbytes).any():
-        bad = int(chunk_ids[np.flatnonzero((offsets[:, 0] == EMPTY) | (offsets[:, 1] != geo.chunk_nbytes))[0]])
-        raise ShardCorrupt(f"{where} shard {bad // geo.chunks_per_shard}: inner chunk {bad % geo.chunks_per_shard} "
-                           "is missing or has the wrong size")
-    starts = offsets[:, 0].astype(np.int64)
-    # one request per run of chunks adjacent in the same file
-    breaks = np.flatnonzero((np.diff(shard_of) != 0) | (np.diff(starts) != geo.chunk_nbytes)) + 1
-    run_first = np.concatenate([[0], breaks])
-    run_last = np.concatenate([breaks, [len(chunk_ids)]])
-    blobs = src.ranges([int(shard_of[a]) for a in run_first], [int(starts[a]) for a in run_first],
-                       [int(starts[b - 1]) + geo.chunk_nbytes for b in run_last])
-    chunks = np.concatenate([np.frombuffer(b, dtype=np.uint8).reshape(-1, geo.chunk_nbytes) for b in blobs])
-    stored = np.ascontiguousarray(chunks[:, -4:]).view("<u4").ravel()
-    computed = np.fromiter((google_crc32c.value(c) for c in chunks[:, :-4]), dtype=np.uint32, count=len(chunks))
-    if (stored != computed).any():
-        c = int(chunk_ids[np.flatnonzero(stored != computed)[0]])
+    shards, pos = np.unique(shard_of, return_inverse=True)
+    try:
+        offsets = _indexes(src, geo, shards.tolist(), where)[pos, chunk_ids % geo.chunks_per_shard]
+        bad = (offsets[:, 0] == EMPTY) | (offsets[:, 1] != geo.chunk_nbytes)
+        if bad.any():
+            c = int(chunk_ids[np.argmax(bad)])
+            raise ShardCorrupt(f"{where} shard {c // geo.chunks_per_shard}: inner chunk {c % geo.chunks_per_shard} "
+                               "is missing or has the wrong size")
+        starts = offsets[:, 0].astype(np.int64)
+        # one read per run of chunks adjacent in the same file, straight into its rows of `chunks`
+        breaks = np.flatnonzero((np.diff(shard_of) != 0) | (np.diff(starts) != geo.chunk_nbytes)) + 1
+        run_first, run_end = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(chunk_ids)]])
+        chunks = np.empty((len(chunk_ids), geo.chunk_nbytes), dtype=np.uint8)
+        src.read_into(shard_of[run_first].tolist(), starts[run_first].tolist(),
+                      [chunks[a:b].reshape(-1) for a, b in zip(run_first.tolist(), run_end.tolist())])
+    finally:
+        src.close()
+    ok = _crc_ok(chunks)
+    if not ok.all():
+        c = int(chunk_ids[np.argmin(ok)])
         raise ShardCorrupt(f"{where} shard {c // geo.chunks_per_shard}: inner chunk {c % geo.chunks_per_shard} "
                            "fails its crc32c")
-    payload = chunks[:, :-4]
-    values = np.ascontiguousarray(payload).view(out_dtype.newbyteorder("<")).reshape(len(chunk_ids), geo.chunk_rows,
-                                                                                      geo.dim)
-    if all_rows:
-        return values.reshape(-1, geo.dim)[: geo.rows].astype(out_dtype, copy=False)
+    values = chunks[:, :-4].view(np.dtype(geo.dtype).newbyteorder("<")).reshape(len(chunk_ids), geo.chunk_rows, geo.dim)
+    if rows is None:  # one copy, into an array padded to whole chunks
+        out = np.empty((len(chunk_ids) * geo.chunk_rows, geo.dim), dtype=geo.dtype)
+        out.reshape(values.shape)[...] = values
+        return out[: geo.rows]
     slot = np.repeat(np.arange(len(chunk_ids)), np.diff(np.append(first, len(uniq))))
     picked = values[slot, uniq - chunk_ids[slot] * geo.chunk_rows]
-    return picked[inverse].astype(out_dtype, copy=False)
+    return picked[inverse].astype(geo.dtype, copy=False)
