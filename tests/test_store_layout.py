@@ -136,3 +136,26 @@ def test_a_complete_entry_of_the_other_layout_is_reused(store_with_dataset) -> N
     # both layouts present: readers prefer the newest
     _fill(store.create_entry(_spec(ds, shard_rows=4)), seed=0)
     assert store.find_entry("toy", "enc", "cls").spec.format_version == LAYOUT_SHARDED
+
+
+def test_a_sweep_gathers_each_entry_layer_rows_once(store_with_dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stratalign.stages import run_data
+
+    store, ds = store_with_dataset
+    entry = store.create_entry(_spec(ds))
+    full = _fill(entry)
+    calls: list[int] = []
+    real = type(entry).read_layer
+    monkeypatch.setattr(type(entry), "read_layer", lambda self, layer, rows=None, **kw: calls.append(layer) or
+                        real(self, layer, rows, **kw))
+    rows = np.array([5, 1, 9])
+    first = run_data.gather(entry, 1, rows)
+    first[:] = 0  # a caller may scale its copy in place: the cache keeps the stored values
+    again = run_data.gather(store.entry(entry.key), 1, rows.tolist())
+    assert calls == [1] and again.dtype == np.float32
+    np.testing.assert_array_equal(again, full[1][rows].astype(np.float32))
+    run_data.gather(entry, 1, np.array([5, 1]))
+    monkeypatch.setenv("STRATALIGN_GATHER_CACHE_MB", "0")
+    run_data.gather(entry, 0, rows)
+    run_data.gather(entry, 0, rows)
+    assert calls == [1, 1, 0, 0]  # other rows are another read; a zero budget caches nothing
