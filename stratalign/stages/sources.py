@@ -12,6 +12,7 @@ import fsspec
 import polars as pl
 
 from stratalign.errors import StratalignError
+from stratalign.stages.sources_shards import read_hf, read_webdataset
 from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
 
 TWEMOJI_TEMPLATES = ("an emoji of {}.",)
@@ -169,7 +170,8 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     return images, captions, {"kind": "twemoji", "groups": "emoji variants"}
 
 
-SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "twemoji": read_twemoji}
+SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "twemoji": read_twemoji,
+           "webdataset": read_webdataset, "hf": read_hf}
 
 
 def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad: bool = False,
