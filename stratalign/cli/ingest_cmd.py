@@ -61,7 +61,7 @@ def ingest_coco(
     """COCO captions: a captions_*.json file and its image folder."""
     if not captions or not images:
         raise StratalignError("coco needs --captions captions_*.json and --images FOLDER")
-    _ingest("coco", name, seed, limit, skip_bad, replace, store, captions_json=captions, image_dir=images)
+    _ingest("coco", name, seed, limit, skip_bad, replace, store, captions_json=captions, image_dir=images, progress=True)
 
 
 @ingest_app.command("karpathy")

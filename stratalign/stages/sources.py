@@ -40,20 +40,57 @@ def _need(record: dict, key: str, where: str) -> Any:
     return record[key]
 
 
-def read_coco(captions_json: str, image_dir: str, **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
-    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed."""
-    data = _load_json(captions_json, "COCO captions file")
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+def _coco_items(captions_json: str, progress: bool) -> tuple[list[dict], list[dict]]:
+    """The `images` and `annotations` arrays of a COCO captions file. With ijson (the `ingest` extra) they are
+    streamed, one record at a time, with a progress bar over the file's bytes: a 590k-caption file is never held
+    as one parsed document. Without it, json.load."""
+    try:
+        import ijson
+    except ImportError:
+        ijson = None
+    if ijson is None:
+        data = _load_json(captions_json, "COCO captions file")
+        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+            raise StratalignError(f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')")
+        return data["images"], data["annotations"]
+    from tqdm import tqdm
+
+    keep = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "caption")}
+    found: dict[str, list[dict]] = {"images": [], "annotations": []}
+    try:
+        fs, path = fsspec.core.url_to_fs(captions_json)
+        size = fs.size(path)
+        with tqdm(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=not progress) as bar:
+            for n, (key, fields) in enumerate(keep.items()):  # one streaming pass per array
+                with fs.open(path, "rb") as f:
+                    for record in ijson.items(f, f"{key}.item", use_float=True):
+                        found[key].append({k: record[k] for k in fields if k in record}
+                                          if isinstance(record, dict) else record)
+                        if len(found[key]) % 20_000 == 0:
+                            bar.update(n * size + f.tell() - bar.n)
+                bar.update((n + 1) * size - bar.n)
+    except FileNotFoundError:
+        raise StratalignError(f"COCO captions file not found: {captions_json}") from None
+    except (ijson.JSONError, UnicodeDecodeError) as exc:
+        raise StratalignError(f"COCO captions file {captions_json} is not valid JSON: {exc}") from None
+    if not found["images"] or not found["annotations"]:
         raise StratalignError(f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')")
+    return found["images"], found["annotations"]
+
+
+def read_coco(captions_json: str, image_dir: str, progress: bool = False,
+              **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
+    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed."""
+    raw_images, raw_annotations = _coco_items(captions_json, progress)
     images = []
-    for i, im in enumerate(data["images"]):
+    for i, im in enumerate(raw_images):
         fn = _need(im, "file_name", f"{captions_json} images[{i}]")
         images.append(RawImage(str(_need(im, "id", f"{captions_json} images[{i}]")), _join(image_dir, fn), fn))
     captions = [
         RawCaption(str(_need(a, "id", f"{captions_json} annotations[{i}]")),
                    str(_need(a, "image_id", f"{captions_json} annotations[{i}]")),
                    str(_need(a, "caption", f"{captions_json} annotations[{i}]")))
-        for i, a in enumerate(data["annotations"])
+        for i, a in enumerate(raw_annotations)
     ]
     return images, captions, {"kind": "coco", "captions": captions_json, "images": image_dir}
 
