@@ -131,3 +131,13 @@ def test_ingest_webdataset_cli(tmp_path: Path) -> None:
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "ingested" in out.stdout and FeatureStore.open(str(tmp_path / "store")).dataset("w").images.height == 5
+
+
+def test_coco_streamed_and_loaded_whole_give_the_same_dataset(coco_json: Path, image_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("ijson", reason="the streamed reader needs ijson (the ingest extra)")
+    streamed = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
+    monkeypatch.setitem(sys.modules, "ijson", None)  # the reader falls back to json.load
+    whole = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
+    assert streamed.fingerprint == whole.fingerprint and streamed.meta["source"] == whole.meta["source"]
+    assert streamed.captions.height == 60
