@@ -118,7 +118,9 @@ class ByteSource:
             for s in missing:
                 self._sizes[s] = os.fstat(self._fd(s)).st_size
         elif missing:  # one listing per layer on object stores, not one HEAD per shard
-            found = self.fs.find(self.path(missing[0]).rsplit("/", 2)[0], detail=True)
+            folder = self.path(missing[0]).rsplit("/", 2)[0]
+            self.fs.invalidate_cache(folder)  # a listing cached before the last shards were written would miss them
+            found = self.fs.find(folder, detail=True)
             self._sizes.update({_shard_of(name): int(info["size"]) for name, info in found.items()
                                 if _shard_of(name) is not None})
         try:
@@ -131,6 +133,8 @@ class ByteSource:
         if not self.local:
             blobs = self.fs.cat_ranges([self.path(s) for s in shards], starts, [a + o.size for a, o in zip(starts, outs)])
             for blob, out in zip(blobs, outs):
+                if isinstance(blob, BaseException):  # cat_ranges hands back a failed range's exception
+                    raise blob
                 if len(blob) != out.size:
                     raise ShardCorrupt(f"short read of {len(blob)} bytes, expected {out.size}")
                 out[:] = np.frombuffer(blob, dtype=np.uint8)
