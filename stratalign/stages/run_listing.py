@@ -32,7 +32,12 @@ def train_overrides(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _selection(metrics: dict[str, Any]) -> str:
-    """How the checkpoint was chosen: the validation score(s) it was selected by (`best_val_*`)."""
+    """How the checkpoint was chosen: the recorded `selection` (metric and its value) where the run has one, else
+    the validation score(s) older runs recorded (`best_val_*`)."""
+    sel = metrics.get("selection")
+    if isinstance(sel, dict) and sel.get("metric"):
+        value = sel.get("value")
+        return f"{sel['metric']}={value:.3g}" if isinstance(value, (int, float)) else str(sel["metric"])
     picked = {k[len("best_val_"):]: v for k, v in metrics.items() if k.startswith("best_val_") and isinstance(v, (int, float))}
     return ", ".join(f"{k}={v:.3g}" for k, v in sorted(picked.items()))
 
