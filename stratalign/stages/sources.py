@@ -40,10 +40,20 @@ def _need(record: dict, key: str, where: str) -> Any:
     return record[key]
 
 
-def _coco_items(captions_json: str, progress: bool) -> tuple[list[dict], list[dict]]:
-    """The `images` and `annotations` arrays of a COCO captions file. With ijson (the `ingest` extra) they are
-    streamed, one record at a time, with a progress bar over the file's bytes: a 590k-caption file is never held
-    as one parsed document. Without it, json.load."""
+def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[list[RawImage], list[RawCaption]]:
+    """The images and captions of a COCO captions file. With ijson (the `ingest` extra) its two arrays are
+    streamed, one record at a time turned into a raw record, with a progress bar over the file's bytes: a
+    590k-caption file is never held as one parsed document. Without it, json.load."""
+    def image(i: int, im: Any) -> RawImage:
+        where = f"{captions_json} images[{i}]"
+        fn = _need(im, "file_name", where)
+        return RawImage(str(_need(im, "id", where)), _join(image_dir, fn), fn)
+
+    def caption(i: int, a: Any) -> RawCaption:
+        where = f"{captions_json} annotations[{i}]"
+        return RawCaption(str(_need(a, "id", where)), str(_need(a, "image_id", where)), str(_need(a, "caption", where)))
+
+    make = {"images": image, "annotations": caption}
     try:
         import ijson
     except ImportError:
@@ -52,21 +62,19 @@ def _coco_items(captions_json: str, progress: bool) -> tuple[list[dict], list[di
         data = _load_json(captions_json, "COCO captions file")
         if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
             raise StratalignError(f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')")
-        return data["images"], data["annotations"]
+        return [image(i, r) for i, r in enumerate(data["images"])], [caption(i, r) for i, r in enumerate(data["annotations"])]
     from tqdm import tqdm
 
-    keep = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "caption")}
-    found: dict[str, list[dict]] = {"images": [], "annotations": []}
+    found: dict[str, list] = {"images": [], "annotations": []}
     try:
         fs, path = fsspec.core.url_to_fs(captions_json)
         size = fs.size(path)
         with tqdm(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=not progress) as bar:
-            for n, (key, fields) in enumerate(keep.items()):  # one streaming pass per array
+            for n, key in enumerate(make):  # one streaming pass per array
                 with fs.open(path, "rb") as f:
-                    for record in ijson.items(f, f"{key}.item", use_float=True):
-                        found[key].append({k: record[k] for k in fields if k in record}
-                                          if isinstance(record, dict) else record)
-                        if len(found[key]) % 20_000 == 0:
+                    for i, record in enumerate(ijson.items(f, f"{key}.item", use_float=True)):
+                        found[key].append(make[key](i, record if isinstance(record, dict) else {}))
+                        if i % 20_000 == 0:
                             bar.update(n * size + f.tell() - bar.n)
                 bar.update((n + 1) * size - bar.n)
     except FileNotFoundError:
@@ -81,17 +89,7 @@ def _coco_items(captions_json: str, progress: bool) -> tuple[list[dict], list[di
 def read_coco(captions_json: str, image_dir: str, progress: bool = False,
               **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed."""
-    raw_images, raw_annotations = _coco_items(captions_json, progress)
-    images = []
-    for i, im in enumerate(raw_images):
-        fn = _need(im, "file_name", f"{captions_json} images[{i}]")
-        images.append(RawImage(str(_need(im, "id", f"{captions_json} images[{i}]")), _join(image_dir, fn), fn))
-    captions = [
-        RawCaption(str(_need(a, "id", f"{captions_json} annotations[{i}]")),
-                   str(_need(a, "image_id", f"{captions_json} annotations[{i}]")),
-                   str(_need(a, "caption", f"{captions_json} annotations[{i}]")))
-        for i, a in enumerate(raw_annotations)
-    ]
+    images, captions = _coco_records(captions_json, image_dir, progress)
     return images, captions, {"kind": "coco", "captions": captions_json, "images": image_dir}
 
 
