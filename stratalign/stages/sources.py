@@ -69,7 +69,9 @@ def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[l
     try:
         fs, path = fsspec.core.url_to_fs(captions_json)
         size = fs.size(path)
-        with tqdm(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=not progress) as bar:
+        # on a terminal only (disable=None): piped output and logs keep one line per outcome
+        with tqdm(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=None if progress else True) \
+                as bar:
             for n, key in enumerate(make):  # one streaming pass per array
                 with fs.open(path, "rb") as f:
                     for i, record in enumerate(ijson.items(f, f"{key}.item", use_float=True)):

@@ -73,7 +73,7 @@ def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress:
     urls = expand_shards(shards)
     images: list[RawImage] = []
     captions: list[RawCaption] = []
-    for url in tqdm(urls, desc="webdataset shards", unit="shard", disable=not progress):
+    for url in tqdm(urls, desc="webdataset shards", unit="shard", disable=None if progress else True):
         shard_name = posixpath.basename(url.rstrip("/"))
         found: dict[str, dict[str, str]] = {}
         for key, ext, name, tar, member in _tar_members(url):
@@ -179,7 +179,8 @@ def read_hf(path: str, image_col: str = "image", text_col: str = "text", image_d
     captions: list[RawCaption] = []
     for split, files in _hf_tables(path):
         for file in files:
-            for batch in tqdm(_batches(file), desc=f"{Path(file).name}", unit="batch", disable=not progress):
+            for batch in tqdm(_batches(file), desc=f"{Path(file).name}", unit="batch",
+                              disable=None if progress else True):
                 cols = batch.schema.names
                 for col, flag in ((image_col, "--image-col"), (text_col, "--text-col")):
                     if col not in cols:
