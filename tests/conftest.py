@@ -92,7 +92,7 @@ def break_entry(folder: Path, how: str) -> None:
         meta_file.unlink()
     elif how == "other-version":
         meta = json.loads(meta_file.read_text())
-        meta["attributes"]["stratalign_entry"]["format_version"] = 2
+        meta["attributes"]["stratalign_entry"]["format_version"] = 99
         meta_file.write_text(json.dumps(meta))
     elif how == "corrupt-json":
         meta_file.write_text('{"zarr_format": 3, "attri')

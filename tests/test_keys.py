@@ -3,6 +3,7 @@ they are, so a refactor of the hashing must leave each hex string byte-identical
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ def _tiny_dataset(tmp_path: Path):
 
 def test_entry_key_is_pinned() -> None:
     assert SPEC.key == "toy-set--image--hf-org-model--cls--90e31f957c74bbe3"
+    # entry layout 2 (sharded, inner chunks of 4 rows): its own key, pinned as well
+    assert replace(SPEC, format_version=2).key == "toy-set--image--hf-org-model--cls--671170060d816c18"
 
 
 def test_dataset_fingerprints_are_pinned(tmp_path: Path) -> None:

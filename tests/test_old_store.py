@@ -141,6 +141,33 @@ def test_extract_encodes_nothing(old) -> None:
     assert _tree(root) == before
 
 
+def test_extract_in_the_new_layout_reuses_the_old_entries(old) -> None:
+    """New extractions write entry layout 2 (a new entry key); a complete layout-1 entry of the same content is
+    found and reused, so an old store is never re-extracted."""
+    store, root = old
+    before = _tree(root)
+    for dataset in ("toy", "toy-resplit"):
+        reports = GEN.extract(API, store, dataset, load_tiny, entry_format=2)
+        assert [r.shards_encoded for r in reports] == [0, 0]
+        assert {k for r in reports for k in r.entries} <= ENTRY_KEYS
+    assert _tree(root) == before
+
+
+def test_new_layout_holds_the_same_features(old) -> None:
+    """The same inputs extracted in layout 2 into another store: other keys, the very same values."""
+    store, root = old
+    fresh = API.FeatureStore.open("store2", "a", create=True)
+    fresh.save_dataset(GEN.ingest(API, "inputs/pairs.csv", "toy"))
+    reports = GEN.extract(API, fresh, "toy", load_tiny, entry_format=2)
+    assert sum(r.shards_encoded for r in reports) > 0
+    for new in fresh.entries():
+        assert new.spec.format_version == 2 and new.key not in ENTRY_KEYS
+        was = store.find_entry("toy", new.spec.encoder_spec, new.spec.pooling)
+        assert was.spec.format_version == 1 and was.spec.twins()[0].key == new.key
+        for layer in range(len(new.spec.dims)):
+            np.testing.assert_array_equal(new.read_layer(layer), was.read_layer(layer))
+
+
 def test_layers_cached_and_runs_skipped(old) -> None:
     store, root = old
     before = _tree(root)

@@ -29,6 +29,9 @@ def extract_cmd(
     torch_threads: int = typer.Option(0, help="torch intra-op threads on CPU (0: every CPU available to the process)."),
     wait: Optional[float] = typer.Option(None, "--wait", help="Give up after this many seconds without progress on "
                                          "shards other workers hold (default: wait until their claims lapse)."),
+    entry_format: int = typer.Option(2, help="Layout of new entries: 2 (sharded, reads cost what they return) or 1 "
+                                     "(one chunk per shard, as stores before layout 2); a complete entry in either "
+                                     "layout is reused."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run each encoder once over a dataset; write every layer's pooled features to the store."""
@@ -40,7 +43,7 @@ def extract_cmd(
     cfg = ExtractConfig(encoders=tuple(encoder), poolings=tuple(pooling), dtype=dtype, batch_size=batch_size,
                         shard_rows=shard_rows, device=device, skip_bad=skip_bad, loaders=loaders,
                         loader_workers=loader_workers,
-                        torch_threads=torch_threads, claim_wait_s=wait)
+                        torch_threads=torch_threads, claim_wait_s=wait, entry_format=entry_format)
     fs = FeatureStore.open(store_url(store), "a")
     reports = extract(fs, dataset, cfg, engine=engine, ray_address=ray_address)
     rows = [{"encoder": r.encoder, "shards encoded": r.shards_encoded, "of": r.shards_total,

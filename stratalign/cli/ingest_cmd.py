@@ -1,4 +1,4 @@
-"""`stratalign ingest coco | karpathy | table | twemoji`: read a pair dataset and keep its tables in the store.
+"""`stratalign ingest coco | karpathy | table | twemoji | webdataset | hf`: read a pair dataset and keep its tables in the store.
 
 One sub-command per source, each with only its own options; the options every source shares are declared once
 below.
@@ -13,7 +13,8 @@ import typer
 from stratalign.cli.common import StoreOption, console, store_url
 from stratalign.errors import StratalignError
 
-ingest_app = typer.Typer(help="Ingest a pair dataset (COCO, Karpathy split, a table, or the embedded twemoji).",
+ingest_app = typer.Typer(help="Ingest a pair dataset (COCO, Karpathy split, a table, webdataset tars, a Hugging Face "
+                         "dataset, or the embedded twemoji).",
                          no_args_is_help=True)
 
 NameOption = typer.Option(None, help="Dataset name in the store (default: the source kind).")
@@ -60,7 +61,7 @@ def ingest_coco(
     """COCO captions: a captions_*.json file and its image folder."""
     if not captions or not images:
         raise StratalignError("coco needs --captions captions_*.json and --images FOLDER")
-    _ingest("coco", name, seed, limit, skip_bad, replace, store, captions_json=captions, image_dir=images)
+    _ingest("coco", name, seed, limit, skip_bad, replace, store, captions_json=captions, image_dir=images, progress=True)
 
 
 @ingest_app.command("karpathy")
@@ -118,3 +119,41 @@ def ingest_twemoji(
 ) -> None:
     """The embedded Twemoji set (caption = Unicode name, label = category); needs the 'embedded' extra."""
     _ingest("twemoji", name, seed, limit, skip_bad, replace, store)
+
+
+@ingest_app.command("webdataset")
+def ingest_webdataset(
+    shards: list[str] = typer.Argument(..., help="Tar shards: paths or fsspec URLs, a brace range "
+                                       "(shards-{00000..00099}.tar) or a glob."),
+    caption_ext: str = typer.Option("txt", help="Extension of the caption member (`.json`'s caption field "
+                                    "is used when it is absent)."),
+    name: Optional[str] = NameOption,
+    seed: int = SeedOption,
+    limit: Optional[int] = LimitOption,
+    skip_bad: bool = SkipBadOption,
+    replace: bool = ReplaceOption,
+    store: Optional[str] = StoreOption,
+) -> None:
+    """webdataset tar shards as img2dataset writes them: <key>.jpg/.png + <key>.txt (+ <key>.json)."""
+    _ingest("webdataset", name, seed, limit, skip_bad, replace, store, shards=list(shards), caption_ext=caption_ext,
+            progress=True)
+
+
+@ingest_app.command("hf")
+def ingest_hf(
+    path: str = typer.Argument(..., help="A local Hugging Face dataset (save_to_disk folder), or Arrow / Parquet "
+                               "files or a folder of them."),
+    image_col: str = typer.Option("image", help="Column holding the images (an Image feature or paths)."),
+    text_col: str = typer.Option("text", help="Column holding the caption (or a list of captions)."),
+    image_dir: Optional[str] = typer.Option(None, help="Where embedded image bytes are written "
+                                            "(default: <path>-images)."),
+    name: Optional[str] = NameOption,
+    seed: int = SeedOption,
+    limit: Optional[int] = LimitOption,
+    skip_bad: bool = SkipBadOption,
+    replace: bool = ReplaceOption,
+    store: Optional[str] = StoreOption,
+) -> None:
+    """A local Hugging Face dataset with an image and a text column; its split names are kept."""
+    _ingest("hf", name, seed, limit, skip_bad, replace, store, path=path, image_col=image_col, text_col=text_col,
+            image_dir=image_dir, progress=True)

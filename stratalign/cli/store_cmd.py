@@ -1,4 +1,4 @@
-"""`stratalign store ls | verify | rm`: inspect, verify and clean the feature store."""
+"""`stratalign store ls | verify | rm`: inspect, verify and clean the store (listings come from store.inventory)."""
 
 from __future__ import annotations
 
@@ -18,22 +18,45 @@ store_app = typer.Typer(help="Inspect, verify and clean the feature store.", no_
 
 
 @store_app.command("ls")
-def store_ls(store: Optional[str] = StoreOption) -> None:
-    """List datasets and feature entries (dataset, encoder, pooling, layers, dim, rows, shards, bytes, status)."""
+def store_ls(
+    kind: Optional[str] = typer.Option(None, help="Only artifacts of this kind (run, eval, queries, layers, heatmap, "
+                                       "choice, graph, prompts, extract_record)."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """List datasets, feature entries and every other artifact (runs, evals, per-query results, layer results,
+    choices, kNN graphs, prompt caches, extraction records) with sizes; orphans say what they lost."""
     from stratalign.store.features import FeatureStore
+    from stratalign.store.inventory import KINDS, inventory
 
     fs = FeatureStore.open(store_url(store), "r")
-    for name in fs.dataset_folders():
-        try:
-            console.print("dataset " + ", ".join(f"{k}={v}" for k, v in fs.dataset(name).summary().items()))
-        except StratalignError as exc:
-            console.print(f"dataset {name}: [red]broken[/red] ({escape(str(exc))})", soft_wrap=True)
-    table = fs.entry_table()
-    if table.height == 0:
-        console.print(f"no feature entries in {fs.url}")
-    else:
-        print_table(table, title=f"feature entries in {fs.url}")
-    print_claims(fs.loc)
+    if kind is not None and kind not in KINDS:
+        raise StratalignError(f"unknown artifact kind {kind!r}; kinds: {', '.join(KINDS)}")
+    if kind is None:
+        for name in fs.dataset_folders():
+            try:
+                console.print("dataset " + ", ".join(f"{k}={v}" for k, v in fs.dataset(name).summary().items()))
+            except StratalignError as exc:
+                console.print(f"dataset {name}: [red]broken[/red] ({escape(str(exc))})", soft_wrap=True)
+        table = fs.entry_table()
+        if table.height == 0:
+            console.print(f"no feature entries in {fs.url}")
+        else:
+            print_table(table, title=f"feature entries in {fs.url}")
+    import polars as pl
+
+    found = [a for a in inventory(fs) if (a.kind == kind if kind else a.kind not in ("dataset", "entry"))]
+    if found:
+        print_table(pl.DataFrame({"kind": [a.kind for a in found], "name": [a.name for a in found],
+                                  "bytes": [a.bytes for a in found], "what": [a.detail for a in found],
+                                  "status": [f"orphan: {a.orphan}" if a.orphan else "ok" for a in found]}),
+                    title=f"artifacts in {fs.url}")
+    totals: dict[str, list[int]] = {}
+    for a in found:
+        totals.setdefault(a.kind, []).append(a.bytes)
+    console.print(", ".join(f"{len(v)} {k} ({sum(v):,} bytes)" for k, v in totals.items()) or "no other artifacts",
+                  highlight=False)
+    if kind is None:
+        print_claims(fs.loc)
 
 
 def print_claims(loc: Location) -> None:
@@ -88,21 +111,40 @@ def store_verify(store: Optional[str] = StoreOption) -> None:
 def store_rm(
     keys: list[str] = typer.Argument(None, help="Entry keys to remove (see `store ls`; broken entries too)."),
     dataset: Optional[str] = typer.Option(None, help="Remove a dataset's tables (its features stay)."),
+    run: list[str] = typer.Option(None, "--run", help="Remove a run (id or unique prefix); repeatable."),
+    artifact: list[str] = typer.Option(None, "--artifact", help="Remove an artifact named KIND:NAME as `store ls` "
+                                       "shows it (e.g. layers:KEY, graph:KEY, eval:RUN/DATASET); repeatable."),
+    orphans: bool = typer.Option(False, "--orphans", help="Remove every artifact whose entry or dataset is gone."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     store: Optional[str] = StoreOption,
 ) -> None:
-    """Remove feature entries or a dataset (readable or broken)."""
+    """Remove feature entries, a dataset, runs, single artifacts, or all orphans (readable or broken)."""
+    from stratalign.store import inventory
     from stratalign.store.features import FeatureStore
+    from stratalign.store.runs import RunRegistry
 
     fs = FeatureStore.open(store_url(store), "a")
     targets = list(keys or [])
-    if not targets and not dataset:
-        raise StratalignError("name entry keys or --dataset to remove")
+    if not (targets or dataset or run or artifact or orphans):
+        raise StratalignError("name entry keys, --dataset, --run, --artifact KIND:NAME or --orphans to remove")
     for key in targets:
         fs.entry_folder(key)  # validates the key (no path escapes) and that its folder exists
     if dataset:
         fs.dataset_folder(dataset)
-    if not yes and not typer.confirm(f"remove {len(targets)} entr(y/ies){' and dataset ' + dataset if dataset else ''}?"):
+    doomed = [inventory.find(fs, "run", RunRegistry(fs).resolve(r)) for r in run or []]
+    for spec in artifact or []:
+        if ":" not in spec:
+            raise StratalignError(f"--artifact {spec!r}: use KIND:NAME, e.g. layers:<key> (see `stratalign store ls`)")
+        doomed.append(inventory.find(fs, *spec.split(":", 1)))
+    if orphans:
+        doomed += [a for a in inventory.inventory(fs) if a.orphan and a not in doomed]
+    doomed = [a for a in doomed if not any(a.parts[:len(b.parts)] == b.parts and a != b for b in doomed)]
+    what = [f"{len(targets)} entr(y/ies)"] * bool(targets) + [f"dataset {dataset}"] * bool(dataset) + \
+        [a.label + (f" ({a.orphan})" if a.orphan else "") for a in doomed]
+    if not what:
+        console.print("nothing to remove")
+        return
+    if not yes and not typer.confirm(f"remove {'; '.join(what)}?"):
         raise typer.Exit(1)
     for key in targets:
         fs.remove_entry(key)
@@ -110,6 +152,9 @@ def store_rm(
     if dataset:
         fs.remove_dataset(dataset)
         console.print(f"removed dataset {dataset}")
+    for a in doomed:
+        inventory.remove(fs, a)
+        console.print(f"removed {a.label}", highlight=False)
 
 
 @store_app.command("unlock")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import DEFAULT_SHARD_ROWS
+from stratalign.store.features import DEFAULT_SHARD_ROWS, ENTRY_FORMATS, LAYOUT_SHARDED
 
 LOADER_KINDS = ("auto", "processes", "threads")
 ENGINES = ("local", "ray")
@@ -29,10 +29,13 @@ class ExtractConfig:
     progress: bool = True
     torch_threads: int = 0  # torch intra-op threads; 0: on CPU every CPU available to the process
     claim_wait_s: float | None = None  # give up after this long without progress on shards others hold (None: wait)
+    entry_format: int = LAYOUT_SHARDED  # layout of NEW entries (store.entry); a complete entry in another is reused
 
     def __post_init__(self) -> None:
         if self.loaders not in LOADER_KINDS:
             raise StratalignError(f"unknown loaders {self.loaders!r}: use {', '.join(LOADER_KINDS)}")
+        if self.entry_format not in ENTRY_FORMATS:
+            raise StratalignError(f"unknown entry format {self.entry_format!r}: use one of {ENTRY_FORMATS}")
         if self.loader_workers < 1:
             raise StratalignError(f"loader workers must be >= 1, got {self.loader_workers}")
         for name, low in (("batch_size", 1), ("shard_rows", 1), ("prefetch_batches", 1), ("torch_threads", 0)):

@@ -32,7 +32,8 @@ def entry_specs(ds: PairDataset, encoder: Any, cfg: ExtractConfig) -> list[Entry
     meta.setdefault("default_pooling", encoder.default_pooling)
     return [EntrySpec(dataset=ds.name, content_fingerprint=ds.content_fingerprint, modality=encoder.modality,
                       encoder=meta, pooling=pooling, layer_names=tuple(encoder.layer_names),
-                      dims=tuple(encoder.dims), rows=rows, dtype=cfg.dtype, shard_rows=cfg.shard_rows)
+                      dims=tuple(encoder.dims), rows=rows, dtype=cfg.dtype, shard_rows=cfg.shard_rows,
+                      format_version=cfg.entry_format)
             for pooling in resolve_poolings(encoder, cfg.poolings)]
 
 

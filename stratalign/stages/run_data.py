@@ -3,6 +3,9 @@ validation yardsticks need (image ids, labels, class prompts), and the training 
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -17,9 +20,30 @@ from stratalign.train.validation import ValidationTargets
 SUBSET_KEYS = ("subset_image_rows", "subset_caption_rows")
 
 
+_CACHE: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (store, entry, layer, rows digest) -> features as stored
+
+
+def _cache_bytes() -> int:
+    """The gather cache's budget: STRATALIGN_GATHER_CACHE_MB (default 512; 0 turns it off)."""
+    return int(float(os.environ.get("STRATALIGN_GATHER_CACHE_MB", "512")) * 2**20)
+
+
 def gather(entry: FeatureEntry, layer: int, rows: np.ndarray) -> np.ndarray:
-    """One layer's features of the given rows as float32."""
-    return entry.read_layer(layer, rows).astype(np.float32)
+    """One layer's features of the given rows as float32 (a fresh array). The rows as stored are kept in a small
+    LRU cache, so the runs of a sweep that share an (entry, layer, rows) read them once (entries are immutable
+    once complete: a key names its bytes)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    key = (entry.store.url, entry.key, int(layer), hashlib.sha256(rows.tobytes()).hexdigest())
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key].astype(np.float32)
+    data = entry.read_layer(layer, rows)
+    budget = _cache_bytes()
+    if data.nbytes <= budget // 2:
+        _CACHE[key] = data
+        while sum(a.nbytes for a in _CACHE.values()) > budget:
+            _CACHE.popitem(last=False)
+    return data.astype(np.float32)
 
 
 def subset_tensors(subset: PairRows) -> dict[str, Any]:

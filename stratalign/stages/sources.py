@@ -12,6 +12,7 @@ import fsspec
 import polars as pl
 
 from stratalign.errors import StratalignError, preview, require_int
+from stratalign.stages.sources_shards import read_hf, read_webdataset
 from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
 
 TWEMOJI_TEMPLATES = ("an emoji of {}.",)
@@ -39,21 +40,58 @@ def _need(record: dict, key: str, where: str) -> Any:
     return record[key]
 
 
-def read_coco(captions_json: str, image_dir: str, **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
-    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed."""
-    data = _load_json(captions_json, "COCO captions file")
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[list[RawImage], list[RawCaption]]:
+    """The images and captions of a COCO captions file. With ijson (the `ingest` extra) its two arrays are
+    streamed, one record at a time turned into a raw record, with a progress bar over the file's bytes: a
+    590k-caption file is never held as one parsed document. Without it, json.load."""
+    def image(i: int, im: Any) -> RawImage:
+        where = f"{captions_json} images[{i}]"
+        fn = _need(im, "file_name", where)
+        return RawImage(str(_need(im, "id", where)), _join(image_dir, fn), fn)
+
+    def caption(i: int, a: Any) -> RawCaption:
+        where = f"{captions_json} annotations[{i}]"
+        return RawCaption(str(_need(a, "id", where)), str(_need(a, "image_id", where)), str(_need(a, "caption", where)))
+
+    make = {"images": image, "annotations": caption}
+    try:
+        import ijson
+    except ImportError:
+        ijson = None
+    if ijson is None:
+        data = _load_json(captions_json, "COCO captions file")
+        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+            raise StratalignError(f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')")
+        return [image(i, r) for i, r in enumerate(data["images"])], [caption(i, r) for i, r in enumerate(data["annotations"])]
+    from tqdm import tqdm
+
+    found: dict[str, list] = {"images": [], "annotations": []}
+    try:
+        fs, path = fsspec.core.url_to_fs(captions_json)
+        size = fs.size(path)
+        # on a terminal only (disable=None): piped output and logs keep one line per outcome
+        with tqdm(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=None if progress else True) \
+                as bar:
+            for n, key in enumerate(make):  # one streaming pass per array
+                with fs.open(path, "rb") as f:
+                    for i, record in enumerate(ijson.items(f, f"{key}.item", use_float=True)):
+                        found[key].append(make[key](i, record if isinstance(record, dict) else {}))
+                        if i % 20_000 == 0:
+                            bar.update(n * size + f.tell() - bar.n)
+                bar.update((n + 1) * size - bar.n)
+    except FileNotFoundError:
+        raise StratalignError(f"COCO captions file not found: {captions_json}") from None
+    except (ijson.JSONError, UnicodeDecodeError) as exc:
+        raise StratalignError(f"COCO captions file {captions_json} is not valid JSON: {exc}") from None
+    if not found["images"] or not found["annotations"]:
         raise StratalignError(f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')")
-    images = []
-    for i, im in enumerate(data["images"]):
-        fn = _need(im, "file_name", f"{captions_json} images[{i}]")
-        images.append(RawImage(str(_need(im, "id", f"{captions_json} images[{i}]")), _join(image_dir, fn), fn))
-    captions = [
-        RawCaption(str(_need(a, "id", f"{captions_json} annotations[{i}]")),
-                   str(_need(a, "image_id", f"{captions_json} annotations[{i}]")),
-                   str(_need(a, "caption", f"{captions_json} annotations[{i}]")))
-        for i, a in enumerate(data["annotations"])
-    ]
+    return found["images"], found["annotations"]
+
+
+def read_coco(captions_json: str, image_dir: str, progress: bool = False,
+              **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
+    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed."""
+    images, captions = _coco_records(captions_json, image_dir, progress)
     return images, captions, {"kind": "coco", "captions": captions_json, "images": image_dir}
 
 
@@ -182,7 +220,8 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     return images, captions, {"kind": "twemoji", "groups": "emoji variants"}
 
 
-SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "twemoji": read_twemoji}
+SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "twemoji": read_twemoji,
+           "webdataset": read_webdataset, "hf": read_hf}
 
 
 def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad: bool = False,

@@ -9,7 +9,9 @@ artifact by name or key. Layout under the store root:
     datasets/<name>/captions.parquet   caption table (rows = caption feature rows)
     features/<entry key>/              one Zarr group per (dataset content, encoder, pooling, dtype)
         zarr.json                      group metadata; attrs["stratalign_entry"] is the entry's spec
-        layer_000 ... layer_NNN        (rows, dim_l) arrays, one row-chunk per shard, crc32c-checksummed
+        layer_000 ... layer_NNN        (rows, dim_l) arrays; layout 1: one crc32c-checked chunk per shard; layout 2
+                                       (new entries): one Zarr shard per extraction shard, inner chunks of 4 rows
+                                       with a crc32c each, read by byte range (store.shard_format)
         _shards/<s>.json               completion marker: row range + sha256 of each layer's shard bytes
         _claims/<s>.json               a worker's claim on a shard while it encodes it (host, pid, process start,
                                        heartbeat); an unreadable or dead one is stale (`store unlock`, `store gc`)
@@ -31,12 +33,14 @@ Modules: location (where a store lives, safe keys), keys (every content address)
 entry (EntrySpec, FeatureEntry), claims (shard claims and heartbeats), datasets (PairDataset, validation,
 fingerprints), dataset_tables (a dataset's files), media (images), prompt_cache, extract_records, runs (RunRegistry),
 layer_results, graphs, cleanup (temp files of dead writers), verify (what `stratalign store verify` checks: datasets,
-entries and their keys, shard markers, claims, runs, prompt caches, layer results and choices, graphs).
+entries and their keys, shard markers, claims, runs, prompt caches, layer results and choices, graphs), shard_format
+(layout 2's shard files), inventory (every artifact with its size and orphan status: `store ls | rm`).
 
 A local store never follows a symlink out of its root (Location.path refuses it in one line), so a crafted
 store cannot make a command read, write or delete elsewhere.
 
 Keys are content addresses (store.keys): a hash of everything that determines the bytes (for an entry:
 dataset name and content fingerprint, encoder identity and weights hash, preprocessing, pooling, dtype, shard
-size, format version), so changing any input makes a new key and never a stale hit.
+size, entry layout), so changing any input makes a new key and never a stale hit. A new extraction writes
+layout 2 but reuses a complete entry of the same content in layout 1 (`FeatureStore.reusable_twin`).
 """

@@ -10,23 +10,33 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
 
 from stratalign.errors import StratalignError, preview
 from stratalign.store import claims as claims_mod
-from stratalign.store.keys import FORMAT_VERSION, entry_key
+from stratalign.store.keys import entry_key
+from stratalign.store.shard_format import ByteSource, ShardCorrupt, ShardGeometry, encode_shard, read_rows
 from stratalign.version import __version__
 
 if TYPE_CHECKING:
     from stratalign.store.features import FeatureStore
 
 DEFAULT_SHARD_ROWS = 1024
+# Entry layouts (the `format_version` an entry key hashes): 1 = one Zarr chunk per shard (a read of any row
+# decodes and checks whole shards); 2 = one Zarr shard per extraction shard, cut into inner chunks of
+# `chunk_rows` rows with a crc32c each (store.shard_format: a read of r rows touches O(r) bytes).
+LAYOUT_CHUNK = 1
+LAYOUT_SHARDED = 2
+ENTRY_FORMATS = (LAYOUT_CHUNK, LAYOUT_SHARDED)
+DEFAULT_CHUNK_ROWS = 4  # rows per inner chunk of layout 2: 8 KB at 1024-d float16
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 MODALITIES = ("image", "text")
 
@@ -50,8 +60,18 @@ class EntrySpec:
     rows: int
     dtype: str = "float16"
     shard_rows: int = DEFAULT_SHARD_ROWS
+    format_version: int = LAYOUT_CHUNK  # the entry layout; new extractions ask for LAYOUT_SHARDED
+    chunk_rows: int = 0  # layout 2's inner chunk rows (0: gcd(shard_rows, DEFAULT_CHUNK_ROWS)); unused by layout 1
 
     def __post_init__(self) -> None:
+        if self.format_version not in ENTRY_FORMATS:
+            raise StratalignError(f"unknown entry format {self.format_version!r}: use one of {ENTRY_FORMATS}")
+        if self.format_version == LAYOUT_CHUNK:
+            object.__setattr__(self, "chunk_rows", 0)
+        elif self.chunk_rows == 0:
+            object.__setattr__(self, "chunk_rows", math.gcd(self.shard_rows, DEFAULT_CHUNK_ROWS))
+        if self.chunk_rows < 0 or (self.chunk_rows and self.shard_rows % self.chunk_rows):
+            raise StratalignError(f"chunk rows {self.chunk_rows} must divide the shard rows {self.shard_rows}")
         if self.modality not in MODALITIES:
             raise StratalignError(f"unknown modality {self.modality!r}; use one of {MODALITIES}")
         if self.dtype not in ("float16", "float32"):
@@ -70,9 +90,12 @@ class EntrySpec:
         return -(-self.rows // self.shard_rows)
 
     def identity(self) -> dict[str, Any]:
-        """What the key hashes: the exact dataset name too (the key's readable slug is lossy)."""
+        """What the key hashes: the exact dataset name too (the key's readable slug is lossy). Layout 1's is
+        exactly what it always was (its keys are pinned); layout 2 adds its inner chunk rows."""
+        extra = {"chunk_rows": self.chunk_rows} if self.format_version != LAYOUT_CHUNK else {}
         return {
-            "format_version": FORMAT_VERSION,
+            **extra,
+            "format_version": self.format_version,
             "dataset": self.dataset,
             "content_fingerprint": self.content_fingerprint,
             "modality": self.modality,
@@ -98,13 +121,26 @@ class EntrySpec:
         return cls(dataset=meta["dataset"], content_fingerprint=meta["content_fingerprint"],
                    modality=meta["modality"], encoder=meta["encoder"], pooling=meta["pooling"],
                    layer_names=tuple(meta["layer_names"]), dims=tuple(meta["dims"]), rows=int(meta["rows"]),
-                   dtype=meta["dtype"], shard_rows=int(meta["shard_rows"]))
+                   dtype=meta["dtype"], shard_rows=int(meta["shard_rows"]),
+                   format_version=int(meta.get("format_version", LAYOUT_CHUNK)), chunk_rows=int(meta.get("chunk_rows", 0)))
+
+    def twins(self) -> list["EntrySpec"]:
+        """The same content in the other layouts, newest first (an extraction reuses a complete one)."""
+        return [replace(self, format_version=f, chunk_rows=0) for f in sorted(ENTRY_FORMATS, reverse=True)
+                if f != self.format_version]
 
 
 async def _write_chunks(arrays: list[Any], rows: slice, blocks: list[np.ndarray]) -> None:
     """One shard's chunk of every layer, written concurrently on zarr's event loop (one after the other,
     each write waited for its own round trip: ~2.5 ms a layer on a local disk, more on object stores)."""
     await asyncio.gather(*(a.setitem(rows, b) for a, b in zip(arrays, blocks)))
+
+
+async def _write_shard_files(arrays: list[Any], shard: int, payloads: list[bytes]) -> None:
+    """Layout 2: one shard file per layer (bytes made by store.shard_format), set through zarr's store."""
+    proto = default_buffer_prototype()
+    await asyncio.gather(*((a.store_path / a.metadata.encode_chunk_key((shard, 0))).set(proto.buffer.from_bytes(p))
+                           for a, p in zip(arrays, payloads)))
 
 
 class FeatureEntry:
@@ -117,6 +153,7 @@ class FeatureEntry:
         self.key = key or spec.key  # the folder it lives in (entries keyed by an older derivation keep theirs)
         self._markers: dict[int, dict] | None = None
         self._arrays: dict[int, zarr.Array] = {}  # opened once: each open reads and parses zarr.json
+        self._sources: dict[int, tuple[ByteSource, ShardGeometry]] = {}  # layout 2 readers, one per layer
 
     def keep_arrays(self, arrays: dict[int, zarr.Array]) -> None:
         """Adopt layer arrays already open (the ones `FeatureStore.create_entry` just made)."""
@@ -322,8 +359,11 @@ class FeatureEntry:
                         f"(max {FLOAT16_MAX:.0f}); re-run extract with --dtype float32"
                     )
             blocks.append(block.astype(spec.dtype))
-        arrays = self.open_arrays()
-        zarr_sync(_write_chunks([a.async_array for a in arrays], slice(start, stop), blocks))
+        arrays = [a.async_array for a in self.open_arrays()]
+        if spec.format_version == LAYOUT_SHARDED:
+            zarr_sync(_write_shard_files(arrays, shard, [encode_shard(b, spec.shard_rows, spec.chunk_rows) for b in blocks]))
+        else:
+            zarr_sync(_write_chunks(arrays, slice(start, stop), blocks))
         marker = {"shard": shard, "rows": [start, stop], "sha256": [shard_sha(b) for b in blocks],
                   "written_at": time.time(), **(info or {})}
         self.store.loc.write_json(marker, *self.folder, "_shards", f"{shard}.json")
@@ -331,8 +371,33 @@ class FeatureEntry:
             self._markers[shard] = marker
 
     # ----- reading
+    def _source(self, layer: int) -> tuple[ByteSource, ShardGeometry]:
+        """Layout 2: the byte source of a layer's shard files and its geometry (opened once per entry)."""
+        if layer not in self._sources:
+            arr, loc = self.layer_array(layer), self.store.loc
+            name = f"layer_{layer:03d}"
+            src = ByteSource(loc.fs, loc.is_local,
+                             lambda s: loc.path(*self.folder, name, arr.metadata.encode_chunk_key((s, 0))))
+            geo = ShardGeometry(self.spec.rows, self.spec.dims[layer], self.spec.dtype, self.spec.shard_rows,
+                                self.spec.chunk_rows)
+            self._sources[layer] = (src, geo)
+        return self._sources[layer]
+
+    def _read_sharded(self, idx: int, rows: np.ndarray | None) -> np.ndarray:
+        """Layout 2: only the inner chunks holding `rows` (all when None), each checked against its crc32c."""
+        src, geo = self._source(idx)
+        try:
+            return read_rows(src, geo, rows, f"{self.key} layer {idx}")
+        except ShardCorrupt as exc:
+            raise StratalignError(f"corrupt chunk in {exc}: run `stratalign store verify`") from None
+        except FileNotFoundError as exc:
+            raise StratalignError(f"a shard file of {self.key} layer {idx} is missing ({exc.filename}): "
+                                  "run `stratalign store verify`") from None
+
     def read_layer(self, layer: int | str, rows: np.ndarray | None = None, *, verify: bool = True) -> np.ndarray:
-        """One layer's features (all rows, or the given rows), checked against the shard markers."""
+        """One layer's features (all rows, or the given rows in their order). Layout 2 reads only the inner
+        chunks holding the rows, each checked against its crc32c; layout 1 reads and decodes the whole layer and
+        checks it against the shard markers' sha256 (unless `verify` is False)."""
         idx = self.resolve_layer(layer)
         pending = self.pending_shards()
         if pending:
@@ -340,6 +405,12 @@ class FeatureEntry:
                 f"entry {self.key} is incomplete ({len(pending)} of {self.spec.n_shards} shards missing); "
                 f"finish it with: stratalign extract --dataset {self.spec.dataset} --encoder {self.spec.encoder_spec}"
             )
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if rows.size and (rows.min() < 0 or rows.max() >= self.spec.rows):
+                raise StratalignError(f"row index out of range for {self.key} ({self.spec.rows} rows)")
+        if self.spec.format_version == LAYOUT_SHARDED:
+            return self._read_sharded(idx, rows)
         try:
             data = self.layer_array(idx)[...]
         except ValueError as exc:  # zarr's checksum mismatch
@@ -352,12 +423,15 @@ class FeatureEntry:
                     raise StratalignError(
                         f"shard {s} of {self.key} layer {idx} does not match its checksum: run `stratalign store verify`"
                     )
-        if rows is not None:
-            rows = np.asarray(rows, dtype=np.int64)
-            if rows.size and (rows.min() < 0 or rows.max() >= self.spec.rows):
-                raise StratalignError(f"row index out of range for {self.key} ({self.spec.rows} rows)")
-            data = data[rows]
-        return data
+        return data if rows is None else data[rows]
+
+    def _shard_block(self, layer: int, shard: int) -> np.ndarray:
+        """One shard of one layer as stored (for `verify`)."""
+        start, stop = self.shard_rows_range(shard)
+        if self.spec.format_version == LAYOUT_SHARDED:
+            src, geo = self._source(layer)
+            return read_rows(src, geo, np.arange(start, stop), f"{self.key} layer {layer}")
+        return self.layer_array(layer)[start:stop]
 
     def verify(self) -> dict[str, list]:
         """Re-read every chunk: {'corrupt': [(shard, layer, why)], 'incomplete': [shard, ...]}; a damaged marker
@@ -371,10 +445,9 @@ class FeatureEntry:
             if s not in markers:
                 report["incomplete"].append(s)
                 continue
-            start, stop = self.shard_rows_range(s)
             for layer in range(len(self.spec.dims)):
                 try:
-                    block = self.layer_array(layer)[start:stop]
+                    block = self._shard_block(layer, s)
                 except Exception as exc:  # checksum mismatch, undecodable or missing metadata
                     report["corrupt"].append((s, layer, f"{type(exc).__name__}: {str(exc)[:80]}"))
                     continue

@@ -21,23 +21,36 @@ from zarr.errors import ContainsArrayError, ContainsGroupError
 from stratalign.errors import StratalignError
 from stratalign.store import cleanup, dataset_tables
 from stratalign.store.datasets import PairDataset
-from stratalign.store.entry import DEFAULT_SHARD_ROWS, FLOAT16_MAX, MODALITIES, EntrySpec, FeatureEntry, shard_sha
+from stratalign.store.entry import (
+    DEFAULT_SHARD_ROWS,
+    ENTRY_FORMATS,
+    FLOAT16_MAX,
+    LAYOUT_SHARDED,
+    MODALITIES,
+    EntrySpec,
+    FeatureEntry,
+    shard_sha,
+)
 from stratalign.store.keys import FORMAT_VERSION
 from stratalign.store.location import Location, default_store_url, validate_key
+from stratalign.store.shard_format import sharding_codec
 from stratalign.version import __version__
 
-__all__ = ["DEFAULT_SHARD_ROWS", "FLOAT16_MAX", "FORMAT_VERSION", "MODALITIES", "STORE_TAG", "EntrySpec", "FeatureEntry",
-           "FeatureStore", "shard_sha"]
+__all__ = ["DEFAULT_SHARD_ROWS", "ENTRY_FORMATS", "FLOAT16_MAX", "FORMAT_VERSION", "LAYOUT_SHARDED", "MODALITIES",
+           "STORE_TAG", "EntrySpec", "FeatureEntry", "FeatureStore", "shard_sha"]
 
 STORE_TAG = "stratalign-store"
 
 
-def _array_metadata(template: dict[str, Any], shape: tuple[int, int], chunks: tuple[int, int], layer_name: str) -> bytes:
+def _array_metadata(template: dict[str, Any], shape: tuple[int, int], chunks: tuple[int, int], layer_name: str,
+                    chunk_rows: int = 0) -> bytes:
     """zarr.json of an array like `template` (another layer's `metadata.to_dict()`) with its own shape, chunks
-    and name, serialised as zarr's `to_buffer_dict` does (a round trip through ArrayV3Metadata cost ~1 ms a
-    layer, most of creating an entry)."""
+    (and inner chunks of `chunk_rows` rows for layout 2), and name, serialised as zarr's `to_buffer_dict` does (a
+    round trip through ArrayV3Metadata cost ~1 ms a layer, most of creating an entry)."""
     doc = {**template, "shape": list(shape), "attributes": {"layer_name": layer_name},
            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}}}
+    if chunk_rows:
+        doc["codecs"] = [sharding_codec(chunk_rows, shape[1])]
     return json.dumps(doc, allow_nan=True, indent=zarr.config.get("json_indent")).encode()
 
 
@@ -186,10 +199,10 @@ class FeatureStore:
         meta = node.get("attributes", {}).get("stratalign_entry") if isinstance(node, dict) else None
         if not isinstance(meta, dict):
             raise StratalignError(f"features/{key} in {self.url} is not a stratalign entry (no entry metadata)")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in ENTRY_FORMATS:
             raise StratalignError(
                 f"entry {key} has format version {meta.get('format_version')} (stratalign "
-                f"{meta.get('stratalign_version')}); this stratalign reads version {FORMAT_VERSION}"
+                f"{meta.get('stratalign_version')}); this stratalign reads versions {ENTRY_FORMATS}"
             )
         if meta.get("key") != key:
             raise StratalignError(f"features/{key} holds the metadata of entry {meta.get('key')!r} (moved folder?)")
@@ -218,14 +231,30 @@ class FeatureStore:
             if entry is not None:
                 yield entry
 
+    def reusable_twin(self, spec: EntrySpec) -> FeatureEntry | None:
+        """A complete entry of the same content in another layout (e.g. one written before layout 2), which an
+        extraction asking for `spec` reuses rather than encoding everything again; None when there is none."""
+        if self.entry_exists(spec.key):
+            return None
+        for twin in spec.twins():
+            if self.entry_exists(twin.key):
+                entry = self.entry(twin.key)
+                if entry.is_complete():
+                    return entry
+        return None
+
     def create_entry(self, spec: EntrySpec) -> FeatureEntry:
-        """Create an entry (or open the identical existing one): arrays first, metadata attrs last.
+        """Create an entry (or open the identical existing one, or a complete one of the same content in another
+        layout: `reusable_twin`): arrays first, metadata attrs last.
 
         zarr creates the first layer's array; the others get its metadata document (zarr's own `to_dict`)
         with their own shape, chunks and layer name, written as one small file each.
         Creating 17 arrays through zarr took ~0.1 s (its async round trips per array), the first batch's
         whole forward pass for a small model; the copies take a few ms."""
         self.require_writable()
+        twin = self.reusable_twin(spec)
+        if twin is not None:
+            return twin
         key = spec.key
         for parts in (("features",), ("features", key), *(("features", key, f"layer_{i:03d}") for i in
                                                            range(len(spec.dims)))):
@@ -242,12 +271,15 @@ class FeatureStore:
             name = f"layer_{i:03d}"
             if template is not None and not self.loc.exists("features", key, name, "zarr.json"):
                 self.loc.write_bytes(_array_metadata(template, (spec.rows, dim), (spec.shard_rows, dim),
-                                                     spec.layer_names[i]), "features", key, name, "zarr.json",
-                                     durable=False)  # as zarr writes its own metadata
+                                                     spec.layer_names[i], spec.chunk_rows), "features", key, name,
+                                     "zarr.json", durable=False)  # as zarr writes its own metadata
                 continue
+            sharded = spec.format_version == LAYOUT_SHARDED
             try:
                 created[i] = group.create_array(
-                    name, shape=(spec.rows, dim), chunks=(spec.shard_rows, dim), dtype=spec.dtype,
+                    name, shape=(spec.rows, dim), dtype=spec.dtype,
+                    chunks=(spec.chunk_rows, dim) if sharded else (spec.shard_rows, dim),
+                    shards=(spec.shard_rows, dim) if sharded else None,
                     serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=float("nan"),
                     attributes={"layer_name": spec.layer_names[i]},
                 )
@@ -282,6 +314,7 @@ class FeatureStore:
         complete = [e for e in matches if e.is_complete()]
         if not complete:
             raise StratalignError(f"features of {encoder} for {dataset!r} are incomplete; finish them with: {hint}")
+        complete.sort(key=lambda e: -e.spec.format_version)  # the newest layout first (stable: key order otherwise)
         if pooling is None:  # prefer the encoder's default pooling
             default = [e for e in complete if e.spec.pooling == e.spec.encoder.get("default_pooling")]
             complete = default + [e for e in complete if e not in default]

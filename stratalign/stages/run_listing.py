@@ -1,0 +1,83 @@
+"""What `stratalign runs ls | show | rm` print and do: the trained runs of a store, one row each, with their encoders,
+layers, objective, the training settings that differ from TrainConfig's defaults, the selection score and the
+training time; one run's resolved config and metrics; removing a run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import polars as pl
+
+from stratalign.errors import StratalignError
+from stratalign.store import inventory
+from stratalign.store.features import FeatureStore
+from stratalign.store.runs import RunRegistry
+
+COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "overrides",
+           "selection", "best_step", "i2t_R@1", "t2i_R@1", "zs_top1", "seconds")
+
+
+def train_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's training settings that differ from TrainConfig's defaults for its objective, head and seed
+    (a preset's schedule shows here too); {} when the defaults cannot be rebuilt."""
+    from stratalign.train.config import TrainConfig
+
+    train = config.get("train") or {}
+    try:
+        defaults = TrainConfig(objective=train["objective"], head=train["head"], seed=train["seed"]).to_dict()
+    except (KeyError, TypeError, StratalignError):
+        return {}
+    return {k: v for k, v in train.items() if k in defaults and json.dumps(defaults[k]) != json.dumps(v)}
+
+
+def _selection(metrics: dict[str, Any]) -> str:
+    """How the checkpoint was chosen: the recorded `selection` (metric and its value) where the run has one, else
+    the validation score(s) older runs recorded (`best_val_*`)."""
+    sel = metrics.get("selection")
+    if isinstance(sel, dict) and sel.get("metric"):
+        value = sel.get("value")
+        return f"{sel['metric']}={value:.3g}" if isinstance(value, (int, float)) else str(sel["metric"])
+    picked = {k[len("best_val_"):]: v for k, v in metrics.items() if k.startswith("best_val_") and isinstance(v, (int, float))}
+    return ", ".join(f"{k}={v:.3g}" for k, v in sorted(picked.items()))
+
+
+def runs_table(store: FeatureStore, dataset: str | None = None, objective: str | None = None) -> pl.DataFrame:
+    """One row per finished run (filtered by dataset and objective when given), COLUMNS in order."""
+    reg = RunRegistry(store)
+    rows = []
+    for rid in reg.ids():
+        if not reg.is_done(rid):
+            continue
+        cfg, met = reg.config(rid), reg.metrics(rid)
+        if (dataset and cfg.get("dataset") != dataset) or (objective and cfg.get("objective") != objective):
+            continue
+        over = train_overrides(cfg)
+        rows.append({
+            "run": rid, "dataset": cfg.get("dataset"), "vision": cfg.get("vision"), "text": cfg.get("text"),
+            "layers": f"{cfg.get('vision_layer')},{cfg.get('text_layer')}", "objective": cfg.get("objective"),
+            "head": cfg.get("head"), "n_pairs": cfg.get("n_pairs"), "seed": cfg.get("seed"),
+            "overrides": " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(over.items())),
+            "selection": _selection(met), "best_step": met.get("best_step"),
+            **{k: met.get(k) for k in ("i2t_R@1", "t2i_R@1", "zs_top1")}, "seconds": met.get("train_seconds"),
+        })
+    if not rows:
+        return pl.DataFrame()
+    frame = pl.DataFrame(rows, infer_schema_length=None)
+    return frame.select([c for c in COLUMNS if c in frame.columns and frame[c].null_count() < frame.height])
+
+
+def show_run(store: FeatureStore, run: str) -> dict[str, Any]:
+    """A run (full id or unique prefix): its resolved config, its metrics (None if unfinished), its files and sizes."""
+    reg = RunRegistry(store)
+    rid = reg.resolve(run)
+    return {"run": rid, "config": reg.config(rid), "metrics": reg.metrics(rid) if reg.is_done(rid) else None,
+            "overrides": train_overrides(reg.config(rid)),
+            "files": [(n, store.loc.size("runs", rid, n)) for n in store.loc.listdir("runs", rid)]}
+
+
+def remove_run(store: FeatureStore, run: str) -> str:
+    """Remove a run's folder (weights, metrics, evals, per-query results); returns its id."""
+    rid = RunRegistry(store).resolve(run)
+    inventory.remove(store, inventory.find(store, "run", rid))
+    return rid
