@@ -19,7 +19,7 @@ store_app = typer.Typer(help="Inspect, verify and clean the feature store.", no_
 
 @store_app.command("ls")
 def store_ls(
-    kind: Optional[str] = typer.Option(None, help="Only artifacts of this kind (run, eval, queries, layers, heatmap, "
+    kind: Optional[str] = typer.Option(None, help="Only artifacts of this kind (run, eval, queries, tuning, layers, heatmap, "
                                        "choice, graph, prompts, extract_record)."),
     store: Optional[str] = StoreOption,
 ) -> None:

@@ -20,7 +20,7 @@ from stratalign.errors import StratalignError
 from stratalign.store.features import FeatureStore
 from stratalign.store.keys import prompt_key, slug
 
-KINDS = ("dataset", "entry", "run", "eval", "queries", "layers", "heatmap", "choice", "graph", "prompts",
+KINDS = ("dataset", "entry", "run", "eval", "queries", "tuning", "layers", "heatmap", "choice", "graph", "prompts",
          "extract_record")
 
 
@@ -113,6 +113,9 @@ def _runs(store: FeatureStore, entries: set[str], datasets: set[str]) -> list[Ar
                                     orphan or (f"dataset {ds} is gone" if ds not in datasets else None)))
             elif name == "queries.safetensors":
                 out.append(Artifact("queries", rid, ("runs", rid, name), size, f"per-query results of {rid}", orphan))
+            elif name.startswith("tuning-") and name.endswith(".json"):
+                out.append(Artifact("tuning", f"{rid}/{name[len('tuning-'):-len('.json')]}", ("runs", rid, name), size,
+                                    f"the validation grid {rid} was chosen from", orphan))
     return out
 
 
