@@ -189,3 +189,11 @@ def test_verify_reads_tuning_records(store) -> None:
         assert finding.status == "broken" and "not a tuning record; delete it" in finding.message
     finally:
         path.write_bytes(saved)
+
+
+def test_sweep_skip_n_leaves_out_one_objective_at_one_size() -> None:
+    cfg = SweepConfig(base=_cfg(), n_pairs=(20, None), seeds=(0,), objectives=("clip", "comm"),
+                      layer_rules=("last", "auto"), skip_n=(("comm", 20),))
+    cells = {(c.layers, c.objective, c.n_pairs) for c in cfg.cells()}
+    assert ("last", "comm", 20) not in cells and ("auto", "comm", 20) not in cells
+    assert {("last", "comm", None), ("auto", "comm", None), ("last", "clip", 20)} <= cells and len(cells) == 6

@@ -44,6 +44,7 @@ class SweepConfig:
     layer_rules: tuple[str, ...] = ("last", "auto")
     heads: tuple[str, ...] = ("linear",)
     skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
+    skip_n: tuple[tuple[str, int | None], ...] = ()  # (objective, n_pairs) pairs left out (every layer rule)
     baseline: str = "clip"  # the objective every other one is compared with, cell by cell and seed by seed
     tune: bool = False  # each cell: the best point of its objective's grid on validation (stages.tune)
 
@@ -60,7 +61,7 @@ class SweepConfig:
         out = []
         for rule, obj, head, n, seed in itertools.product(self.layer_rules, self.objectives, self.heads,
                                                           self.n_pairs, self.seeds):
-            if (rule, obj) in self.skip:
+            if (rule, obj) in self.skip or (obj, n) in self.skip_n:
                 continue
             objective = objective_named(obj)
             if objective.own_head:
