@@ -144,7 +144,8 @@ def test_export_load_in_a_new_process_gives_the_same_embeddings(hf_store, tmp_pa
     texts = ["a red heart", "a grinning face"]
     code = ("import json, sys, numpy as np\nfrom stratalign.stages.aligned import AlignedModel\n"
             "m = AlignedModel.load(sys.argv[1], device='cpu')\n"
-            "np.save(sys.argv[2], np.concatenate([m.encode_image(json.loads(sys.argv[3])), m.encode_text(json.loads(sys.argv[4]))]))\n")
+            "z = [m.encode_image(json.loads(sys.argv[3])), m.encode_text(json.loads(sys.argv[4]))]\n"
+            "np.save(sys.argv[2], np.concatenate(z))\n")
     res = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "z.npy"), json.dumps(paths),
                           json.dumps(texts)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

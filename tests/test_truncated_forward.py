@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_encoders import TEXTS, images, save_tiny_bert, save_tiny_vit
 
 from stratalign.encoders import load_encoder
 from stratalign.errors import StratalignError
-from test_encoders import TEXTS, images, save_tiny_bert, save_tiny_vit
 
 
 @pytest.fixture(autouse=True)
