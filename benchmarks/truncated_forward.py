@@ -66,14 +66,14 @@ def main() -> None:
             enc = load_encoder(spec)
             batch = enc.preprocess(_items(modality, args.batch))
             pooling = enc.default_pooling
-            full = _time(lambda: enc.forward_pooled(batch, [pooling]), args.repeats)
+            full = _time(lambda e=enc, b=batch, p=pooling: e.forward_pooled(b, [p]), args.repeats)
             name = spec if not spec.startswith("hf:") else f"random-init HF {'ViT' if modality == 'image' else 'BERT'}"
             n = enc.n_layers
             print(f"\n{name}: {n} layers, batch {args.batch}, full forward {1000 * full:.1f} ms "
                   f"(truncates: {enc.truncates})")
             print(f"{'layer':>6} {'blocks run':>11} {'truncated ms':>13} {'ratio':>7}")
             for layer in sorted({1, n // 4, n // 2, (3 * n) // 4, n - 1}):
-                t = _time(lambda: enc.forward_layer(batch, layer, pooling), args.repeats)
+                t = _time(lambda e=enc, b=batch, n_=layer, p=pooling: e.forward_layer(b, n_, p), args.repeats)
                 print(f"{layer:>6} {f'{layer}/{n - 1}':>11} {1000 * t:>13.1f} {t / full:>7.2f}")
 
 
