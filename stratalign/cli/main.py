@@ -25,6 +25,7 @@ from stratalign.cli.ingest_cmd import ingest_app
 from stratalign.cli.layers_cmd import layers_cmd
 from stratalign.cli.runs_cmd import runs_app
 from stratalign.cli.search_cmd import search_cmd
+from stratalign.cli.serve_cmd import serve_cmd
 from stratalign.cli.store_cmd import store_app
 from stratalign.cli.sweep_cmd import sweep_cmd
 from stratalign.cli.train_cmd import train_cmd
@@ -32,7 +33,7 @@ from stratalign.errors import StratalignError, os_error_line
 
 # the order `stratalign --help` lists the commands in: the stages in the order they run, then the tools
 COMMAND_ORDER = ("ingest", "extract", "encoders", "layers", "train", "eval", "sweep", "demo", "export", "embed", "index",
-                 "search", "classify", "store", "runs")
+                 "search", "classify", "serve", "store", "runs")
 
 
 class _StageOrder(TyperGroup):
@@ -64,6 +65,7 @@ app.command("embed")(embed_cmd)
 app.command("index")(index_cmd)
 app.command("search")(search_cmd)
 app.command("classify")(classify_cmd)
+app.command("serve")(serve_cmd)
 app.add_typer(store_app, name="store")
 app.add_typer(runs_app, name="runs")
 

@@ -27,7 +27,8 @@ artifact by name or key. Layout under the store root:
 Modules: location (where a store lives, safe keys), keys (every content address), features (FeatureStore),
 entry (EntrySpec, FeatureEntry), claims (shard claims and heartbeats), datasets (PairDataset, validation,
 fingerprints), dataset_tables (a dataset's files), media (images), prompt_cache, extract_records, runs (RunRegistry),
-layer_results, graphs, indexes (search indexes), exports (an exported model folder, outside the store), verify (what `stratalign store verify` checks: datasets, entries, per-query files).
+layer_results, graphs, indexes (search indexes), exports (an exported model folder, outside the store),
+verify (what `stratalign store verify` checks: datasets, entries, per-query files).
 
 Keys are content addresses (store.keys): a hash of everything that determines the bytes (for an entry:
 dataset name and content fingerprint, encoder identity and weights hash, preprocessing, pooling, dtype, shard
