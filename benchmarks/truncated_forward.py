@@ -9,7 +9,6 @@ depth beside the fraction of blocks run (the goal: proportional to the layers ru
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,14 +45,17 @@ def _items(modality: str, n: int) -> list:
     return [" ".join(rng.choice(words, size=24)) for _ in range(n)]
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _paired(full, truncated, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` seconds of each, measured alternately (full, truncated, full, ...) so that load from
+    other processes on a shared machine hits both alike; the minimum is the least disturbed run."""
+    full(), truncated()  # warm-up
+    tf, tt = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in ((full, tf), (truncated, tt)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return min(tf), min(tt)
 
 
 def main() -> None:
@@ -66,15 +68,14 @@ def main() -> None:
             enc = load_encoder(spec)
             batch = enc.preprocess(_items(modality, args.batch))
             pooling = enc.default_pooling
-            full = _time(lambda e=enc, b=batch, p=pooling: e.forward_pooled(b, [p]), args.repeats)
             name = spec if not spec.startswith("hf:") else f"random-init HF {'ViT' if modality == 'image' else 'BERT'}"
             n = enc.n_layers
-            print(f"\n{name}: {n} layers, batch {args.batch}, full forward {1000 * full:.1f} ms "
-                  f"(truncates: {enc.truncates})")
-            print(f"{'layer':>6} {'blocks run':>11} {'truncated ms':>13} {'ratio':>7}")
+            print(f"\n{name}: {n} layers, batch {args.batch} (truncates: {enc.truncates})")
+            print(f"{'layer':>6} {'blocks run':>11} {'full ms':>9} {'truncated ms':>13} {'ratio':>7}")
             for layer in sorted({1, n // 4, n // 2, (3 * n) // 4, n - 1}):
-                t = _time(lambda e=enc, b=batch, n_=layer, p=pooling: e.forward_layer(b, n_, p), args.repeats)
-                print(f"{layer:>6} {f'{layer}/{n - 1}':>11} {1000 * t:>13.1f} {t / full:>7.2f}")
+                full, t = _paired(lambda e=enc, b=batch, p=pooling: e.forward_pooled(b, [p]),
+                                  lambda e=enc, b=batch, n_=layer, p=pooling: e.forward_layer(b, n_, p), args.repeats)
+                print(f"{layer:>6} {f'{layer}/{n - 1}':>11} {1000 * full:>9.1f} {1000 * t:>13.1f} {t / full:>7.2f}")
 
 
 if __name__ == "__main__":
