@@ -14,9 +14,10 @@ def export_cmd(
     out: str = typer.Option(..., "--out", help="Folder to write (created; files in it are replaced)."),
     store: Optional[str] = StoreOption,
 ) -> None:
-    """Export a run's heads with everything needed to use them without the store: encoder specs and weights
-    hashes, layers, pooling, preprocessing, zero-shot classes and templates, the run's config and metrics.
-    Load it with `AlignedModel.load(DIR)` or `--model DIR`."""
+    """Export a run as a folder usable without the store (model.json + heads.safetensors).
+
+    model.json holds the encoder specs and weights hashes, layers, pooling, preprocessing, zero-shot classes and
+    templates, the run's config and metrics. Load it with `AlignedModel.load(DIR)` or `--model DIR`."""
     from stratalign.cli.common import store_url
     from stratalign.stages.aligned_card import run_card
     from stratalign.store.exports import write_export
