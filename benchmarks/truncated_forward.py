@@ -1,7 +1,8 @@
 """Truncated forward (`Encoder.forward_layer`, what AlignedModel runs) vs the full forward (`forward_pooled`, what
 extraction runs), on random-init HF models: a ViT-B-like vision model and a BERT-base-like text model (12
 blocks each), and the packaged minilm-l6 / efficientnet-lite0. Prints the time ratio truncated / full per layer
-depth beside the fraction of blocks run (the goal: proportional to the layers run).
+depth beside the fraction of blocks run (the goal: proportional to the layers run). Times are CPU seconds of
+this process (see `_paired`).
 
     python benchmarks/truncated_forward.py [--repeats 5] [--batch 16]
 """
@@ -46,15 +47,16 @@ def _items(modality: str, n: int) -> list:
 
 
 def _paired(full, truncated, repeats: int) -> tuple[float, float]:
-    """Best-of-`repeats` seconds of each, measured alternately (full, truncated, full, ...) so that load from
-    other processes on a shared machine hits both alike; the minimum is the least disturbed run."""
+    """Best-of-`repeats` CPU seconds of this process (all torch threads; `time.process_time`) of each, measured
+    alternately (full, truncated, full, ...): on a shared, loaded machine wall time mostly measures the other
+    processes, CPU time the work done; the minimum is the least disturbed run."""
     full(), truncated()  # warm-up
     tf, tt = [], []
     for _ in range(repeats):
         for fn, out in ((full, tf), (truncated, tt)):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            out.append(time.perf_counter() - t0)
+            out.append(time.process_time() - t0)
     return min(tf), min(tt)
 
 
@@ -71,11 +73,11 @@ def main() -> None:
             name = spec if not spec.startswith("hf:") else f"random-init HF {'ViT' if modality == 'image' else 'BERT'}"
             n = enc.n_layers
             print(f"\n{name}: {n} layers, batch {args.batch} (truncates: {enc.truncates})")
-            print(f"{'layer':>6} {'blocks run':>11} {'full ms':>9} {'truncated ms':>13} {'ratio':>7}")
+            print(f"{'layer':>6} {'blocks run':>11} {'full CPU ms':>12} {'truncated CPU ms':>17} {'ratio':>7}")
             for layer in sorted({1, n // 4, n // 2, (3 * n) // 4, n - 1}):
                 full, t = _paired(lambda e=enc, b=batch, p=pooling: e.forward_pooled(b, [p]),
                                   lambda e=enc, b=batch, n_=layer, p=pooling: e.forward_layer(b, n_, p), args.repeats)
-                print(f"{layer:>6} {f'{layer}/{n - 1}':>11} {1000 * full:>9.1f} {1000 * t:>13.1f} {t / full:>7.2f}")
+                print(f"{layer:>6} {f'{layer}/{n - 1}':>11} {1000 * full:>12.1f} {1000 * t:>17.1f} {t / full:>7.2f}")
 
 
 if __name__ == "__main__":
