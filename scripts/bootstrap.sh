@@ -15,5 +15,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # --no-compile: pip would byte-compile every installed module (~14,000 files, over half the set-up time on
 # 2 cores); precompile.py compiles the few thousand stratalign and its tests import, once.
-.venv/bin/python -m pip install -q --no-compile -e ".[embedded,dev,s3-test,hf,ingest]"
+.venv/bin/python -m pip install -q --no-compile -e ".[embedded,dev,s3-test,hf,ingest,serve,browser]"
 .venv/bin/python scripts/precompile.py

@@ -55,6 +55,7 @@ _EXPORTS = {
     "run_sweep": "stratalign.stages.sweep",
     "DemoConfig": "stratalign.stages.demo",
     "run_demo": "stratalign.stages.demo",
+    "AlignedModel": "stratalign.stages.aligned",
 }
 
 __all__ = [
@@ -62,12 +63,13 @@ __all__ = [
     "FeatureStore", "FeatureEntry", "PairDataset", "RunRegistry", "verify_store", "load_encoder",
     "known_encoders", "OBJECTIVES", "HEADS", "TrainConfig", "ingest_source", "ExtractConfig", "extract",
     "LayersConfig", "run_layers", "RunConfig", "ResolvedRun", "resolve_run", "train_run",
-    "evaluate_saved_run", "SweepConfig", "run_sweep", "DemoConfig", "run_demo",
+    "evaluate_saved_run", "SweepConfig", "run_sweep", "DemoConfig", "run_demo", "AlignedModel",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
     from stratalign.core.objectives import HEADS, OBJECTIVES
     from stratalign.encoders import known_encoders, load_encoder
+    from stratalign.stages.aligned import AlignedModel
     from stratalign.stages.demo import DemoConfig, run_demo
     from stratalign.stages.evaluate import evaluate_saved_run
     from stratalign.stages.extract import ExtractConfig, extract

@@ -13,21 +13,28 @@ from types import ModuleType
 import typer
 from typer.core import TyperGroup
 
+from stratalign.cli.classify_cmd import classify_cmd
 from stratalign.cli.common import err_console
 from stratalign.cli.demo_cmd import demo_cmd
+from stratalign.cli.embed_cmd import embed_cmd
 from stratalign.cli.encoders_cmd import encoders_cmd
 from stratalign.cli.eval_cmd import eval_cmd
+from stratalign.cli.export_cmd import export_cmd
 from stratalign.cli.extract_cmd import extract_cmd
+from stratalign.cli.index_cmd import index_cmd
 from stratalign.cli.ingest_cmd import ingest_app
 from stratalign.cli.layers_cmd import layers_cmd
 from stratalign.cli.runs_cmd import runs_app
+from stratalign.cli.search_cmd import search_cmd
+from stratalign.cli.serve_cmd import serve_cmd
 from stratalign.cli.store_cmd import store_app
 from stratalign.cli.sweep_cmd import sweep_cmd
 from stratalign.cli.train_cmd import train_cmd
 from stratalign.errors import StratalignError, os_error_line
 
 # the order `stratalign --help` lists the commands in: the stages in the order they run, then the tools
-COMMAND_ORDER = ("ingest", "extract", "encoders", "layers", "train", "eval", "sweep", "demo", "store", "runs")
+COMMAND_ORDER = ("ingest", "extract", "encoders", "layers", "train", "eval", "sweep", "demo", "export", "embed", "index",
+                 "search", "classify", "serve", "store", "runs")
 
 
 class _StageOrder(TyperGroup):
@@ -54,6 +61,12 @@ app.command("train")(train_cmd)
 app.command("eval")(eval_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("demo")(demo_cmd)
+app.command("export")(export_cmd)
+app.command("embed")(embed_cmd)
+app.command("index")(index_cmd)
+app.command("search")(search_cmd)
+app.command("classify")(classify_cmd)
+app.command("serve")(serve_cmd)
 app.add_typer(store_app, name="store")
 app.add_typer(runs_app, name="runs")
 

@@ -234,6 +234,25 @@ class Encoder:
         self.model.to(self.device)
         return self
 
+    # --- one layer only (AlignedModel) ---------------------------------------------------------------
+    #: True when `forward_layer` stops the model after the layer asked for; False: it runs the full forward.
+    truncates = False
+
+    def forward_layer(self, batch: dict[str, torch.Tensor], layer: int, pooling: str) -> torch.Tensor:
+        """The pooled (b, d) float32 features of one layer, the same numbers `forward_pooled` gives for it.
+
+        Encoders that can stop early (`truncates`) run their blocks only up to that layer; this default runs
+        the full forward pass and keeps the one layer."""
+        pooling = self.check_layer(layer, pooling)
+        with torch.inference_mode():
+            return self.forward_pooled(batch, [pooling])[pooling][layer]
+
+    def check_layer(self, layer: int, pooling: str) -> str:
+        """The pooling, checked; a layer index outside the encoder is a one-line error."""
+        if not 0 <= int(layer) < self.n_layers:
+            raise StratalignError(f"{self.spec} has layers 0..{self.n_layers - 1}, not {layer}")
+        return self.check_poolings([pooling])[0]
+
     # --- helpers -----------------------------------------------------------------------------------
     @staticmethod
     def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -271,13 +290,20 @@ class Encoder:
         return f"<{type(self).__name__} {self.spec} {self.modality} layers={self.n_layers} device={self.device}>"
 
 
+class LayerReached(Exception):
+    """Raised by a hook to stop a forward pass once the layer asked for is computed (`HookRecorder.until`)."""
+
+
 class HookRecorder:
     """Forward hooks that record module outputs (optionally the input of a first module) in call order.
 
-    Used by encoders whose models do not return hidden states (open_clip, timm, EfficientNet)."""
+    Used by encoders whose models do not return hidden states (open_clip, timm, EfficientNet). Inside
+    `until(i)` the hook of recorded index i stops the forward pass (LayerReached) once it has recorded:
+    the blocks after it never run."""
 
     def __init__(self, modules: Sequence[torch.nn.Module], input_of: torch.nn.Module | None = None) -> None:
         self.outputs: list[torch.Tensor | None] = [None] * (len(modules) + (input_of is not None))
+        self.stop: int | None = None
         self.handles = []
         offset = 0
         if input_of is not None:
@@ -289,18 +315,36 @@ class HookRecorder:
     def _pre_hook(self, i: int):
         def hook(module, args, kwargs):
             self.outputs[i] = args[0] if args else next(iter(kwargs.values()))
+            if i == self.stop:
+                raise LayerReached
         return hook
 
     def _hook(self, i: int):
         def hook(module, args, output):
             self.outputs[i] = output[0] if isinstance(output, (tuple, list)) else output
+            if i == self.stop:
+                raise LayerReached
         return hook
 
-    def take(self) -> list[torch.Tensor]:
-        missing = [i for i, o in enumerate(self.outputs) if o is None]
+    def run_until(self, index: int, forward: Any) -> list[torch.Tensor]:
+        """Call `forward()` and stop it once recorded index `index` is computed; the recorded outputs
+        0..index (a stop past the last recorded module runs the whole forward)."""
+        self.stop = index
+        try:
+            forward()
+        except LayerReached:
+            pass
+        finally:
+            self.stop = None
+        return self.take(index + 1)
+
+    def take(self, n: int | None = None) -> list[torch.Tensor]:
+        """The first n recorded outputs (all by default), then forget every recording."""
+        n = len(self.outputs) if n is None else min(n, len(self.outputs))
+        missing = [i for i, o in enumerate(self.outputs[:n]) if o is None]
         if missing:
             raise StratalignError(f"the forward pass did not reach layer(s) {missing}: hooks recorded nothing there")
-        out = list(self.outputs)  # type: ignore[arg-type]
+        out = list(self.outputs[:n])  # type: ignore[arg-type]
         self.outputs = [None] * len(self.outputs)
         return out
 

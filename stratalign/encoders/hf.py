@@ -38,6 +38,7 @@ import torch
 from stratalign.core.pooling import pool_layers
 from stratalign.encoders.base import (
     Encoder,
+    LayerReached,
     state_dict_sha256,
     to_device,
     weight_files_in,
@@ -199,7 +200,24 @@ class HFEncoder(Encoder):
             raise StratalignError(f"{self.spec}: hidden states of mixed or unexpected shapes {shapes}; "
                                   "not a model stratalign can pool")
         self.layer_names = ["embeddings"] + [f"layer.{i}" for i in range(1, len(hs))]
+        self.blocks = self._find_blocks()
         self.forward_calls = 0
+
+    def _find_blocks(self) -> list[torch.nn.Module] | None:
+        """The transformer blocks whose outputs are hidden states 1..n (a ModuleList of n blocks: BERT's
+        `encoder.layer`, CLIP's `encoder.layers`, ...), so `forward_layer` can stop after block L; None for
+        CNN backbones (their hidden states are stage outputs) or when no such list is found."""
+        n = len(self.layer_names) - 1
+        if self.kind == "cnn" or n < 1:
+            return None
+        for _, module in self.model.named_modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+                return list(module)
+        return None
+
+    @property
+    def truncates(self) -> bool:  # type: ignore[override]
+        return self.blocks is not None
 
     def _prefix_tokens(self, batch: dict[str, torch.Tensor], shapes: list[tuple[int, ...]]) -> int:
         tokens = {s[1] for s in shapes}
@@ -254,6 +272,41 @@ class HFEncoder(Encoder):
             if mask is not None:
                 mask = mask.to(self.device)
             return pool_layers(hs, poolings, kind=self.kind, attention_mask=mask, n_prefix=self.n_prefix)
+
+    def forward_layer(self, batch: dict[str, torch.Tensor], layer: int, pooling: str) -> torch.Tensor:
+        """Hidden state `layer` pooled, running blocks 1..layer only: a hook on block `layer` (or on the input
+        of block 1 for the embeddings) stops the forward pass, so the later blocks and the final norm never
+        run. hidden_states[L] is block L's output (the input of block L+1), as `output_hidden_states` gives it."""
+        pooling = self.check_layer(layer, pooling)
+        if self.blocks is None:
+            return super().forward_layer(batch, layer, pooling)
+        seen: list[torch.Tensor] = []
+
+        def before_first(module: Any, args: tuple, kwargs: dict) -> None:
+            seen.append(args[0] if args else kwargs["hidden_states"])
+            raise LayerReached
+
+        def after(module: Any, args: tuple, output: Any) -> None:
+            seen.append(output[0] if isinstance(output, (tuple, list)) else output)
+            raise LayerReached
+
+        handle = (self.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True) if layer == 0
+                  else self.blocks[layer - 1].register_forward_hook(after))
+        batch = to_device(batch, self.device)
+        try:
+            with torch.inference_mode():
+                self.forward_calls += 1
+                try:
+                    self.model(**batch, return_dict=True)
+                except LayerReached:
+                    pass
+                if not seen:
+                    raise StratalignError(f"{self.spec}: the forward pass never reached block {layer}")
+                mask = batch.get("attention_mask")
+                return pool_layers(seen[:1], [pooling], kind=self.kind, attention_mask=mask,
+                                   n_prefix=self.n_prefix)[pooling][0]
+        finally:
+            handle.remove()
 
     def metadata(self) -> dict[str, Any]:
         meta = self.base_metadata()

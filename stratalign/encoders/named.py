@@ -107,6 +107,19 @@ class EfficientNetLiteEncoder(Encoder):
             maps = self.feature_maps(batch["pixel_values"])
             return pool_layers(maps, poolings, kind="cnn")
 
+    truncates = True
+
+    def forward_layer(self, batch: dict[str, torch.Tensor], layer: int, pooling: str) -> torch.Tensor:
+        """Block `layer`'s output pooled, the later blocks and the head not run (the head layer: the full pass)."""
+        pooling = self.check_layer(layer, pooling)
+        if layer == self.n_layers - 1:
+            return super().forward_layer(batch, layer, pooling)
+        pixels = to_device(batch, self.device)["pixel_values"]
+        with torch.inference_mode():
+            self.forward_calls += 1
+            maps = self.recorder.run_until(layer, lambda: self.model.extract_features(pixels))
+            return pool_layers(maps[layer:], [pooling], kind="cnn")[pooling][0]
+
     def metadata(self) -> dict[str, Any]:
         meta = self.base_metadata()
         meta.update({"weights_sha256": weights_sha256([self.weights_file]), "preprocessing": EFFNET_TRANSFORM.describe(),

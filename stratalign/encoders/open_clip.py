@@ -168,6 +168,22 @@ class OpenCLIPEncoder(Encoder):
         states = self.recorder.take()
         return states if raw or self.kind == "cnn" else self._batch_first(states)
 
+    truncates = True
+
+    def forward_layer(self, batch: dict[str, torch.Tensor], layer: int, pooling: str) -> torch.Tensor:
+        """Layer `layer` pooled; the hook that records it stops the tower (later blocks, final norm unused)."""
+        pooling = self.check_layer(layer, pooling)
+        batch = to_device(batch, self.device)
+        with torch.inference_mode():
+            self.forward_calls += 1
+            if self.modality == "image":
+                states = self.recorder.run_until(layer, lambda: self.full.encode_image(batch["pixel_values"]))
+            else:
+                states = self.recorder.run_until(layer, lambda: self.full.encode_text(batch["input_ids"]))
+            state = states[layer] if self.kind == "cnn" else self._batch_first(states[layer:])[0]
+            mask = batch.get("attention_mask")
+            return pool_layers([state], [pooling], kind=self.kind, attention_mask=mask, n_prefix=self.n_prefix)[pooling][0]
+
     def forward_pooled(self, batch: dict[str, torch.Tensor], poolings: Sequence[str]) -> dict[str, list[torch.Tensor]]:
         poolings = self.check_poolings(poolings)
         with torch.inference_mode():

@@ -121,6 +121,18 @@ class TimmEncoder(Encoder):
         with torch.inference_mode():
             return pool_layers(self._states(batch), poolings, kind=self.kind, n_prefix=self.n_prefix)
 
+    truncates = True
+
+    def forward_layer(self, batch: dict[str, torch.Tensor], layer: int, pooling: str) -> torch.Tensor:
+        """Layer `layer` pooled; the hook that records it stops `forward_features` there."""
+        pooling = self.check_layer(layer, pooling)
+        pixels = to_device(batch, self.device)["pixel_values"]
+        with torch.inference_mode():
+            self.forward_calls += 1
+            states = self.recorder.run_until(layer, lambda: self.model.forward_features(pixels))
+            state = self._fix_layout(states)[layer] if self.kind == "cnn" else states[layer]
+            return pool_layers([state], [pooling], kind=self.kind, n_prefix=self.n_prefix)[pooling][0]
+
     def metadata(self) -> dict[str, Any]:
         meta = self.base_metadata()
         meta["model_class"] = f"timm {type(self.model).__name__}"

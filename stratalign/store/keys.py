@@ -114,3 +114,9 @@ def extract_record_key(dataset: str, content_fingerprint: str, encoder: str, poo
                       "poolings": list(poolings), "dtype": dtype, "shard_rows": int(shard_rows),
                       "format_version": FORMAT_VERSION}, length=16)
     return f"{slug(dataset, 50)}--{slug(encoder, 50)}--{h}"
+
+
+def index_key(run_id: str, dataset_fingerprint: str, modality: str, split: str | None) -> str:
+    """Search index of one dataset (version) in one run's space: <run id>--<modality>--<split|all>--<hash>."""
+    h = content_hash({"run": run_id, "dataset": dataset_fingerprint, "modality": modality, "split": split}, length=12)
+    return f"{run_id}--{modality}--{split or 'all'}--{h}"

@@ -81,6 +81,13 @@ class RunRegistry:
             raise StratalignError(f"weights of run {run_id} are unreadable: {type(exc).__name__}: {exc}") from None
         return config, tensors, self.metrics(run_id)
 
+    def weights_bytes(self, run_id: str) -> bytes:
+        """The raw safetensors bytes of a finished run's weights (for exporting them unchanged)."""
+        validate_key(run_id, "run id")
+        if not self.is_done(run_id):
+            raise StratalignError(f"no finished run {run_id!r} in {self.store.url}")
+        return self.loc.read_bytes("runs", run_id, "weights.safetensors")
+
     def config(self, run_id: str) -> dict[str, Any]:
         """The resolved config a run was trained with; a damaged one is a one-line error naming the file."""
         validate_key(run_id, "run id")

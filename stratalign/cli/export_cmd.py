@@ -1,0 +1,30 @@
+"""`stratalign export`: a run as a self-contained model folder (model.json + heads.safetensors)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from stratalign.cli.common import StoreOption, console
+
+
+def export_cmd(
+    run: str = typer.Option(..., "--run", help="Run id (or a unique prefix; see `stratalign runs ls`)."),
+    out: str = typer.Option(..., "--out", help="Folder to write (created; files in it are replaced)."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Export a run as a folder usable without the store (model.json + heads.safetensors).
+
+    model.json holds the encoder specs and weights hashes, layers, pooling, preprocessing, zero-shot classes and
+    templates, the run's config and metrics. Load it with `AlignedModel.load(DIR)` or `--model DIR`."""
+    from stratalign.cli.common import store_url
+    from stratalign.stages.aligned_card import run_card
+    from stratalign.store.exports import write_export
+    from stratalign.store.features import FeatureStore
+
+    card, heads = run_card(FeatureStore.open(store_url(store), "r"), run)
+    path = write_export(out, card, heads)
+    v, t = card["towers"]["image"], card["towers"]["text"]
+    console.print(f"exported run {card['run_id']} to {path}: {v['encoder']} layer {v['layer']} ({v['pooling']}), "
+                  f"{t['encoder']} layer {t['layer']} ({t['pooling']})", highlight=False)
