@@ -132,3 +132,30 @@ def test_pickled_model_folder_is_refused_in_one_line_and_never_run(tmp_path: Pat
         load_encoder(f"hf:{folder}")
     assert "\n" not in str(err.value) and str(folder) in str(err.value)
     assert not mark.exists()
+
+
+def test_a_table_naming_absolute_paths_reads_only_the_folders_it_named(tmp_path: Path) -> None:
+    """A table may name images by absolute path; ingest records their folders, and an images.parquet edited to
+    point (path and relpath alike) at a file in another folder is refused, naming the row, before any read."""
+    import numpy as np
+    from PIL import Image
+
+    from stratalign.stages.sources import ingest_source
+
+    shots, secret_dir = tmp_path / "shots", tmp_path / "secret"
+    shots.mkdir()
+    secret_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(shots / f"{i}.png")
+    shutil.copy(shots / "0.png", secret_dir / "secret.png")
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(f"{shots / f'{i}.png'},shot {i}\n" for i in range(12)))
+    store = FeatureStore.open(str(tmp_path / "store"), "a", create=True)
+    ds = ingest_source("table", "toy", table=str(tmp_path / "pairs.csv"), image_col="image", caption_col="caption")
+    assert ds.meta["source"]["absolute_dirs"] == [str(shots)]
+    store.save_dataset(ds)
+    secret = str(secret_dir / "secret.png")
+    _edit_images(store, lambda f: f.with_columns(
+        pl.Series("path", [secret, *f["path"].to_list()[1:]]), pl.Series("relpath", [secret, *f["relpath"].to_list()[1:]])))
+    with pytest.raises(StratalignError, match=r"images.parquet row 0 .*outside the dataset's image roots"):
+        extract(FeatureStore.open(store.url, "a"), "toy", _cfg(), load=load_tiny)

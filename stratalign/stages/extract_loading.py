@@ -29,14 +29,17 @@ from stratalign.store.media import load_image_or_blank, outside_roots
 
 
 def image_roots(ds: PairDataset) -> list[str]:
-    """The folders a dataset's images may be read from, as its source declared them at ingest ('*': a table,
-    whose rows may also name files by absolute path or URL)."""
+    """The folders a dataset's images may be read from, as its source declared them at ingest ('abs:<dir>': a
+    folder a table named files in by absolute path or URL; '*': any such path, for tables ingested before)."""
     source = ds.meta.get("source") or {}
     kind = source.get("kind")
     if kind in ("coco", "karpathy") and source.get("images"):
         return [str(source["images"])]
     if kind == "table" and source.get("image_root"):
-        return [str(source["image_root"]), "*"]
+        # files named by absolute path or URL: under the folders recorded at ingest; a table ingested before
+        # they were recorded keeps the older rule (any absolute path that the table itself named)
+        absolute = source.get("absolute_dirs")
+        return [str(source["image_root"]), *(["*"] if absolute is None else [f"abs:{d}" for d in absolute])]
     if kind == "hf":  # embedded images were written to image_dir; a path column names files like a table
         return [str(source["image_dir"]), "*"] if source.get("image_dir") else ["*"]
     if kind == "twemoji":

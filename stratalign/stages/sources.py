@@ -182,6 +182,10 @@ def read_table(
               "label_col": label_col, "id_col": id_col, "split_col": split_col, "image_root": root}
     if group_col:  # only then: sources recorded before groups existed keep their bytes
         source["group_col"] = group_col
+    absolute = sorted({posixpath.dirname(im.relpath) for im in images.values()
+                       if "://" in im.relpath or im.relpath.startswith("/")})
+    if absolute:  # the folders the table names files in by absolute path or URL: the only ones extract reads
+        source["absolute_dirs"] = absolute
     return list(images.values()), captions, source
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
 
 import fsspec
 from PIL import Image
@@ -70,10 +71,14 @@ def load_image_or_blank(path: str, expected_sha: str | None, *, row: int, image_
 def outside_roots(path: str, relpath: str, roots: list[str]) -> bool:
     """Is an image path of a dataset table outside the dataset's declared image roots? A path must be one of
     the roots joined with its relative path, and that relative path must stay inside (no '..', not absolute),
-    unless the table named the file by its absolute path or URL (relpath == path) under a root that declares
-    that as allowed ('*' in roots: tables, whose users may list absolute paths)."""
+    unless the table named the file by its absolute path or URL (relpath == path) in a folder the roots declare
+    ('abs:<folder>', recorded at ingest) or the roots allow any ('*': tables ingested before folders were
+    recorded)."""
     if "://" in relpath or relpath.startswith("/"):
-        return not ("*" in roots and path == relpath)
+        if path != relpath or ".." in relpath.replace("\\", "/").split("/"):
+            return True
+        folder = posixpath.dirname(relpath)
+        return not ("*" in roots or f"abs:{folder}" in roots)
     parts = relpath.replace("\\", "/").split("/")
     if ".." in parts:
         return True
