@@ -159,3 +159,14 @@ def test_a_table_naming_absolute_paths_reads_only_the_folders_it_named(tmp_path:
         pl.Series("path", [secret, *f["path"].to_list()[1:]]), pl.Series("relpath", [secret, *f["relpath"].to_list()[1:]])))
     with pytest.raises(StratalignError, match=r"images.parquet row 0 .*outside the dataset's image roots"):
         extract(FeatureStore.open(store.url, "a"), "toy", _cfg(), load=load_tiny)
+
+
+def test_tar_members_only_of_declared_webdataset_shards() -> None:
+    """A webdataset image (tar://<member>::<shard>) is read only from a shard the dataset declared."""
+    from stratalign.store.media import outside_roots
+
+    roots = ["tar:/data/shard-0.tar"]
+    assert not outside_roots("tar://k1.png::/data/shard-0.tar", "shard-0.tar/k1.png", roots)
+    assert outside_roots("tar://k1.png::/data/other.tar", "other.tar/k1.png", roots)
+    assert outside_roots("tar://../k1.png::/data/shard-0.tar", "shard-0.tar/../k1.png", roots)
+    assert outside_roots("tar://k1.png::/data/shard-0.tar", "shard-0.tar/k1.png", ["/data"])

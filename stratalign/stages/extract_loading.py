@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from stratalign.errors import StratalignError
+from stratalign.errors import StratalignError, preview
 from stratalign.stages.extract_config import ExtractConfig
 from stratalign.stages.image_loaders import (
     ProcessImageLoader,
@@ -30,7 +30,8 @@ from stratalign.store.media import load_image_or_blank, outside_roots
 
 def image_roots(ds: PairDataset) -> list[str]:
     """The folders a dataset's images may be read from, as its source declared them at ingest ('abs:<dir>': a
-    folder a table named files in by absolute path or URL; '*': any such path, for tables ingested before)."""
+    folder a table named files in by absolute path or URL; '*': any such path, for tables ingested before;
+    'tar:<shard>': a webdataset shard whose members are the images)."""
     source = ds.meta.get("source") or {}
     kind = source.get("kind")
     if kind in ("coco", "karpathy") and source.get("images"):
@@ -40,6 +41,8 @@ def image_roots(ds: PairDataset) -> list[str]:
         # they were recorded keeps the older rule (any absolute path that the table itself named)
         absolute = source.get("absolute_dirs")
         return [str(source["image_root"]), *(["*"] if absolute is None else [f"abs:{d}" for d in absolute])]
+    if kind == "webdataset":  # images stay in the declared shards: tar://<member>::<shard>
+        return [f"tar:{url}" for url in source.get("shards") or []]
     if kind == "hf":  # embedded images were written to image_dir; a path column names files like a table
         return [str(source["image_dir"]), "*"] if source.get("image_dir") else ["*"]
     if kind == "twemoji":
@@ -56,19 +59,12 @@ def check_image_paths(ds: PairDataset) -> None:
     or crafted images.parquet must not make extract read files elsewhere)."""
     roots = image_roots(ds)
     rel = ds.images["relpath"].to_list()
-    source = ds.meta.get("source") or {}
-    shards = set(source.get("shards") or []) if source.get("kind") == "webdataset" else None
     for row, path in enumerate(ds.images["path"].to_list()):
-        if shards is not None:  # webdataset: tar://<member>::<one of the declared shards>
-            member, sep, shard = path.removeprefix("tar://").partition("::")
-            outside = not (path.startswith("tar://") and sep and shard in shards and ".." not in member.split("/"))
-        else:
-            outside = outside_roots(path, rel[row], roots)
-        if outside:
-            roots = sorted(shards)[:3] if shards is not None else roots
+        if outside_roots(path, rel[row], roots):
+            declared = preview(roots, 3) if roots else "(none declared)"
             raise StratalignError(
                 f"dataset {ds.name!r} images.parquet row {row} (image {ds.images['image_id'][row]}): path {path!r} is "
-                f"outside the dataset's image roots {roots or '(none declared)'}; ingest the dataset again (--replace)")
+                f"outside the dataset's image roots {declared}; ingest the dataset again (--replace)")
 
 
 class RowReader:

@@ -73,7 +73,10 @@ def outside_roots(path: str, relpath: str, roots: list[str]) -> bool:
     the roots joined with its relative path, and that relative path must stay inside (no '..', not absolute),
     unless the table named the file by its absolute path or URL (relpath == path) in a folder the roots declare
     ('abs:<folder>', recorded at ingest) or the roots allow any ('*': tables ingested before folders were
-    recorded)."""
+    recorded). A tar member (tar://<member>::<shard>) must be of a declared shard ('tar:<shard>')."""
+    if path.startswith("tar://"):  # a member of a tar shard: tar://<member>::<shard>
+        member, sep, shard = path.removeprefix("tar://").partition("::")
+        return not (sep and f"tar:{shard}" in roots and ".." not in member.split("/"))
     if "://" in relpath or relpath.startswith("/"):
         if path != relpath or ".." in relpath.replace("\\", "/").split("/"):
             return True
