@@ -460,6 +460,8 @@ def test_selection_metric_choices_pick_different_rules():
         train_heads(xi, xt, np.arange(200), np.arange(200, 260), TrainConfig(select="zeroshot", **SMALL))
     with pytest.raises(StratalignError, match="does not select on a validation metric"):
         TrainConfig(objective="comm", select="rsum")
+    with pytest.raises(StratalignError, match="objective csa does not select"):
+        TrainConfig(head="csa", select="rsum")  # csa records objective 'clip' with its own head
 
 
 def test_rsum_gallery_dedups_images_of_several_captions():

@@ -85,11 +85,10 @@ def tune_run(store: FeatureStore, cfg: RunConfig, *, metric: str | None = None, 
     points = grid_points(objective, fixed)
     cells = [replace(cfg, options=tuple((k, v) for k, v in cfg.options if k not in point) + tuple(point.items()))
              for point in points]
-    for cell in cells:  # every point resolves (a bad setting fails here, before any training)
-        resolve_run(store, cell)
+    resolved = [resolve_run(store, cell) for cell in cells]  # a bad setting fails here, before any training
     tried, trained = [], 0
-    for point, cell in zip(points, cells):
-        res = train_run(store, cell, force=force, progress=progress)
+    for point, cell, run in zip(points, cells, resolved):
+        res = train_run(store, cell, resolved=run, force=force, progress=progress)
         trained += not res.get("skipped")
         tried.append({"knobs": point, "run_id": res["run_id"], "value": validation_value(res, metric)})
     best = tried[0]

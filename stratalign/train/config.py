@@ -117,8 +117,9 @@ class TrainConfig:
         if self.csa_similarity not in CSA_SIMILARITIES:
             raise StratalignError(f"TrainConfig.csa_similarity must be one of {CSA_SIMILARITIES}, not {self.csa_similarity!r}")
         check_select(self.select)
-        if self.select != UNREAD_VALUES["select"] and objective_named(self.objective).selection is not Selection.VALIDATION:
-            raise StratalignError(f"objective {self.objective} does not select on a validation metric (CoMM: its own "
+        settings = settings_objective(self.objective, self.head)  # csa records objective 'clip' with its own head
+        if self.select != UNREAD_VALUES["select"] and settings.selection is not Selection.VALIDATION:
+            raise StratalignError(f"objective {settings.name} does not select on a validation metric (CoMM: its own "
                                   f"loss, CSA: nothing to select); drop select={self.select}")
         if not isinstance(self.comm_final_norm, bool):
             raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
@@ -202,12 +203,17 @@ class TrainResult:
         selection = {"metric": self.selection_metric, "step": self.best_step, "value": json_float(self.best_value),
                      "first_candidate": self.warmup_steps, "restored_before_warmup": self.restored_before_warmup,
                      "lambda": self.lambda_at_best}
-        curve = [{k: json_float(v) if k != "step" else int(v) for k, v in row.items()} for row in self.val_curve]
+        curve = [json_curve_row(row) for row in self.val_curve]
         return {"selection": selection, "best_step": self.best_step, "lambda_at_best": self.lambda_at_best,
                 "best_val_clip": self.best_val_clip, "warmup_steps": self.warmup_steps,
                 "steps_taken": self.steps_taken, "stopped_reason": self.stopped_reason,
                 "message": self.message, "restored_before_warmup": self.restored_before_warmup,
                 "train_device": self.device, "val_curve": curve}
+
+
+def json_curve_row(row: dict[str, float]) -> dict[str, float | int | None]:
+    """One validation-curve row for metrics.json: the step an int, the values JSON floats."""
+    return {k: int(v) if k == "step" else json_float(v) for k, v in row.items()}
 
 
 def json_float(v: float) -> float | None:

@@ -30,7 +30,7 @@ from stratalign.core.objectives import (
 )
 from stratalign.device import resolve_device
 from stratalign.errors import StratalignError
-from stratalign.train.config import TrainConfig, TrainResult, json_float
+from stratalign.train.config import TrainConfig, TrainResult, json_curve_row
 from stratalign.train.data import check_inputs, to_device
 from stratalign.train.inference import embed, head_embedding
 from stratalign.train.knn import training_graphs
@@ -246,7 +246,7 @@ def closed_form_validation(model: nn.Module, x_img: np.ndarray, x_txt: np.ndarra
     row = {"step": step, **scores, "lambda": lam}
     return {"selection": {"metric": "closed_form", "step": step, "value": None, "first_candidate": step,
                           "restored_before_warmup": False, "lambda": lam},
-            "val_curve": [{k: json_float(v) if k != "step" else int(v) for k, v in row.items()}]}
+            "val_curve": [json_curve_row(row)]}
 
 
 def fit_run(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
