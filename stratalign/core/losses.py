@@ -3,6 +3,9 @@ information-bottleneck terms and the lambda warm-up. Pure functions over tensors
 
 Regularisers are computed in float32 even under autocast: softmaxes at tau = 0.05 and matrix powers
 are not safe in bf16.
+
+Batched runs: `clip_loss`, `structure_regularizer`, `ib_deterministic` and `vib_kl` also take (S, b, d) tensors,
+the stacked batches of S independent runs, and return the S losses; slice s equals the 2-D call on slice s.
 """
 
 from __future__ import annotations
@@ -19,21 +22,28 @@ JS_FORMS = ("reference", "textbook")
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
-        raise StratalignError(f"{what}: need two 2-D tensors with the same rows, got {tuple(a.shape)} "
-                              f"and {tuple(b.shape)}")
+    """Two (b, d) tensors, or two (S, b, d) stacks of S runs' batches, with the same leading shape."""
+    if a.ndim not in (2, 3) or b.ndim != a.ndim or a.shape[:-1] != b.shape[:-1]:
+        raise StratalignError(f"{what}: need two 2-D tensors with the same rows (or two (runs, rows, dims) stacks), "
+                              f"got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def clip_loss(z_img: torch.Tensor, z_txt: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
     """L_clip = 1/2 [CE(S, diag) + CE(S^T, diag)], S = Z_I Z_T^T / tau (inputs already normalised)."""
     _check_pair(z_img, z_txt, "clip_loss")
-    if z_img.shape[1] != z_txt.shape[1]:
-        raise StratalignError(f"clip_loss: widths differ ({z_img.shape[1]} vs {z_txt.shape[1]})")
+    if z_img.shape[-1] != z_txt.shape[-1]:
+        raise StratalignError(f"clip_loss: widths differ ({z_img.shape[-1]} vs {z_txt.shape[-1]})")
     if tau <= 0:
         raise StratalignError(f"clip_loss tau must be > 0, not {tau}")
-    s = (z_img.float() @ z_txt.float().T) / tau
-    target = torch.arange(s.shape[0], device=s.device)
-    return 0.5 * (F.cross_entropy(s, target) + F.cross_entropy(s.T, target))
+    s = (z_img.float() @ z_txt.float().mT) / tau
+    b = s.shape[-1]
+    if s.ndim == 2:
+        target = torch.arange(b, device=s.device)
+        return 0.5 * (F.cross_entropy(s, target) + F.cross_entropy(s.T, target))
+    target = torch.arange(b, device=s.device).repeat(s.shape[0])  # (S, b, b): each run's rows are its own CE
+    rows = F.cross_entropy(s.reshape(-1, b), target, reduction="none").view(-1, b).mean(-1)
+    cols = F.cross_entropy(s.mT.reshape(-1, b), target, reduction="none").view(-1, b).mean(-1)
+    return 0.5 * (rows + cols)
 
 
 def _check_options(levels: int, weighting: str, centering: str, js: str, tau: float) -> None:
@@ -52,14 +62,14 @@ def _check_options(levels: int, weighting: str, centering: str, js: str, tau: fl
 def _normalise_centre(x: torch.Tensor, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows L2-normalised, then the batch mean subtracted (not renormalised). Returns (X~, mean)."""
     xh = F.normalize(x.float(), dim=-1)
-    mu = xh.mean(0, keepdim=True) if centering == "mean" else torch.zeros_like(xh[:1])
+    mu = xh.mean(-2, keepdim=True) if centering == "mean" else torch.zeros_like(xh[..., :1, :])
     return xh - mu, mu
 
 
 def _kl_rows(a: torch.Tensor, b: torch.Tensor, log_b: torch.Tensor | None = None) -> torch.Tensor:
     """KL(a || b) summed over columns, averaged over rows, 1e-12 inside the logs."""
     log_b = torch.log(b + EPS_LOG) if log_b is None else log_b
-    return (a * (torch.log(a + EPS_LOG) - log_b)).sum(-1).mean()
+    return (a * (torch.log(a + EPS_LOG) - log_b)).sum(-1).mean(-1)
 
 
 def _divergence(p_x: torch.Tensor, p_z: torch.Tensor, js: str) -> torch.Tensor:
@@ -69,7 +79,7 @@ def _divergence(p_x: torch.Tensor, p_z: torch.Tensor, js: str) -> torch.Tensor:
         # the authors' code: 1/2 [KL(M||P_Z) + KL(M||P_X)], written as one pass over the b x b matrix:
         # 1/2 sum_j M (2 log M - log P_Z - log P_X), averaged over rows
         inner = 2.0 * log_m - torch.log(p_z + EPS_LOG) - torch.log(p_x + EPS_LOG)
-        return 0.5 * (m * inner).sum(-1).mean()
+        return 0.5 * (m * inner).sum(-1).mean(-1)
     # textbook Jensen-Shannon: 1/2 [KL(P_X||M) + KL(P_Z||M)]
     return 0.5 * (_kl_rows(p_x, m, log_m) + _kl_rows(p_z, m, log_m))
 
@@ -77,14 +87,14 @@ def _divergence(p_x: torch.Tensor, p_z: torch.Tensor, js: str) -> torch.Tensor:
 def _combine(ds: list[torch.Tensor], weighting: str) -> torch.Tensor:
     if weighting == "inverse":
         ds = [d / (i + 1) for i, d in enumerate(ds)]
-    return torch.stack(ds).mean()
+    return torch.stack(ds).mean(0)
 
 
 def _batch_levels(xc: torch.Tensor, zc: torch.Tensor, tau: float, levels: int, js: str,
                   first: torch.Tensor | None = None) -> list[torch.Tensor]:
     """D_l for l = 1..levels from batch affinities; `first` replaces D_1 when given (kNN form)."""
-    p_x = torch.softmax((xc / tau) @ xc.T, dim=1)  # scaling the b x d factor, not the b x b product
-    p_z = torch.softmax((zc / tau) @ zc.T, dim=1)
+    p_x = torch.softmax((xc / tau) @ xc.mT, dim=-1)  # scaling the b x d factor, not the b x b product
+    p_z = torch.softmax((zc / tau) @ zc.mT, dim=-1)
     out: list[torch.Tensor] = []
     px_l, pz_l = p_x, p_z
     for level in range(1, levels + 1):
@@ -129,6 +139,8 @@ def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Ten
     then normalised once and its logits come from one (b, u) product, not from (b, k, d) copies.
     """
     _check_pair(x, z, "structure_regularizer_knn")
+    if x.ndim != 2:
+        raise StratalignError("structure_regularizer_knn takes one run's (b, d) batch, not a stack of runs")
     _check_options(levels, weighting, centering, js, tau)
     b = x.shape[0]
     if nbr_index is None:
@@ -166,7 +178,7 @@ def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Ten
 def ib_deterministic(z_img: torch.Tensor, z_txt: torch.Tensor) -> torch.Tensor:
     """R_IB = 1 - mean_i cos(z_I,i, z_T,i) (METHOD 3.4, deterministic form)."""
     _check_pair(z_img, z_txt, "ib_deterministic")
-    return 1.0 - F.cosine_similarity(z_img.float(), z_txt.float(), dim=-1).mean()
+    return 1.0 - F.cosine_similarity(z_img.float(), z_txt.float(), dim=-1).mean(-1)
 
 
 def vib_kl(mu_i: torch.Tensor, logvar_i: torch.Tensor, mu_t: torch.Tensor, logvar_t: torch.Tensor,
@@ -174,13 +186,14 @@ def vib_kl(mu_i: torch.Tensor, logvar_i: torch.Tensor, mu_t: torch.Tensor, logva
     """KL(N(mu_I, s_I^2) || N(mu_T, s_T^2)) summed over dims, averaged over the batch; symmetric=True
     averages both directions (METHOD 3.4, variational form)."""
     shapes = {tuple(t.shape) for t in (mu_i, logvar_i, mu_t, logvar_t)}
-    if len(shapes) != 1 or mu_i.ndim != 2:
-        raise StratalignError(f"vib_kl: mu and logvar of both heads must share one 2-D shape, got {shapes}")
+    if len(shapes) != 1 or mu_i.ndim not in (2, 3):
+        raise StratalignError(f"vib_kl: mu and logvar of both heads must share one 2-D shape (or one (runs, rows, "
+                              f"dims) shape), got {shapes}")
 
     def kl(m1: torch.Tensor, l1: torch.Tensor, m2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
         m1, l1, m2, l2 = m1.float(), l1.float(), m2.float(), l2.float()
         per = 0.5 * (l2 - l1 + (torch.exp(l1) + (m1 - m2) ** 2) / torch.exp(l2) - 1.0)
-        return per.sum(-1).mean()
+        return per.sum(-1).mean(-1)
 
     forward = kl(mu_i, logvar_i, mu_t, logvar_t)
     if not symmetric:

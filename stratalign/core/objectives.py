@@ -152,6 +152,7 @@ class Objective:
     (train.config.UNREAD_VALUES); variants: ((knob, value), defaults) pairs that override them when a
     knob takes that value (e.g. csa_similarity=cosine brings STRUCTURE's CSA baseline settings).
     grid: (knob, values) the METHOD 3.7 tuning tries, as data (the default among them).
+    batched: the regulariser is vectorised over the runs of a batched group (else the trainer calls it run by run).
     """
 
     name: str
@@ -170,6 +171,7 @@ class Objective:
     defaults: tuple[tuple[str, Any], ...] = ()
     variants: tuple[tuple[tuple[str, Any], tuple[tuple[str, Any], ...]], ...] = ()
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    batched: bool = True  # the regulariser takes the stacked batches of many runs ((S, b, d) sides) and returns (S,)
 
     def knob_defaults(self, given: dict[str, Any]) -> dict[str, Any]:
         """This objective's knob defaults, given the knobs set explicitly (those win): the defaults, then
@@ -227,7 +229,7 @@ REGISTRY: tuple[Objective, ...] = (
     Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (METHOD 3.3)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_structure_knn,
               weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True,
-              grid=STRUCTURE_GRID),
+              grid=STRUCTURE_GRID, batched=False),
     Objective("clip+ib", "CLIP + beta * deterministic IB term (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_ib, weight_knob="beta", knobs=("beta",),
               defaults=(("beta", IB_BETA),), grid=BETA_GRID),

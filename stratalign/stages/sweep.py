@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import polars as pl
-from tqdm.auto import tqdm
 
 from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import check_head_kind, objective_named
@@ -23,8 +22,8 @@ from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
 from stratalign.stages.compare import compare_runs
 from stratalign.stages.run_config import RunConfig, resolve_run
-from stratalign.stages.train import train_run
-from stratalign.stages.tune import TunedRun, tune_run
+from stratalign.stages.train import train_runs
+from stratalign.stages.tune import TunedRun, tune_runs
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 
@@ -144,28 +143,20 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
             early[cell] = resolve_run(store, cell)
     run_ids, trained, skipped = [], 0, 0
     tunings: list[tuple[RunConfig, TunedRun]] = []
-    bar = tqdm(cells, desc="sweep" + (" (tuned)" if cfg.tune else ""), unit="cell", disable=not progress,
-               dynamic_ncols=True)
-    for cell in bar:
-        if cfg.tune:
-            tuned = tune_run(store, cell)
-            rid, done = tuned.run_id, tuned.trained == 0
+    if cfg.tune:  # every grid point of every cell trains in one batched call
+        for cell, tuned in zip(cells, tune_runs(store, cells, progress=progress)):
             tunings.append((cell, tuned))
+            run_ids.append(tuned.run_id)
             trained, skipped = trained + tuned.trained, skipped + tuned.tried - tuned.trained
-        else:
-            resolved = early.get(cell) or resolve_run(store, cell)
-            rid = resolved.run_id
-            done = registry.is_done(rid)
-            if not done:
-                train_run(store, cell, resolved=resolved)
-            trained, skipped = trained + (not done), skipped + done
-        run_ids.append(rid)
-        selection = registry.metrics(rid).get("selection") or {}
-        value = selection.get("value")
-        bar.set_postfix_str(f"trained {trained}, skipped {skipped}; last: val {selection.get('metric', '-')} "
-                            + (f"{value:.4g}" if isinstance(value, (int, float)) else "-"), refresh=False)
-        if on_cell:
-            on_cell(cell, rid, done)
+            if on_cell:
+                on_cell(cell, tuned.run_id, tuned.trained == 0)
+    else:
+        resolved = [early.get(cell) or resolve_run(store, cell) for cell in cells]
+        for cell, res in zip(cells, train_runs(store, cells, resolved=resolved, progress=progress)):
+            run_ids.append(res["run_id"])
+            trained, skipped = trained + (not res["skipped"]), skipped + bool(res["skipped"])
+            if on_cell:
+                on_cell(cell, res["run_id"], bool(res["skipped"]))
     runs = run_table(registry, run_ids, {t.run_id: t.chosen_label() for _, t in tunings} if cfg.tune else None)
     metrics = [m for m in HEADLINE if m in runs.columns and runs[m].null_count() < runs.height]
     board = aggregate(runs.drop("run", "vision_layer", "text_layer", *(["tuned"] if cfg.tune else [])),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,8 +23,9 @@ from stratalign.stages.subsets import PairRows
 from stratalign.store import graphs as G
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
-from stratalign.train import fit_objective, knn_graphs, model_tensors
+from stratalign.train import RunSpec, TrainConfig, TrainResult, fit_objective, knn_graphs, model_tensors, train_many
 from stratalign.train.loop import Progress
+from stratalign.train.validation import ValidationTargets
 
 
 @contextmanager
@@ -50,7 +52,24 @@ def step_progress(progress: Progress | bool, run_id: str, metric: str) -> Iterat
         bar.close()
 
 
-__all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "knn_graphs_cached", "resolve_run", "train_run"]
+__all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "knn_graphs_cached", "resolve_run", "train_run", "train_runs"]
+
+
+@dataclass
+class _Prepared:
+    """A run to train: its resolution, pairs (training then validation) and what fitting needs."""
+
+    cfg: RunConfig
+    run: ResolvedRun
+    pairs: PairRows
+    n_train: int
+    targets: ValidationTargets
+    train_cfg: TrainConfig
+
+    @property
+    def features_key(self) -> tuple:
+        """Runs with one key read the same two feature layers (one table pair for all of them)."""
+        return self.run.vision_entry, self.run.vision_layer, self.run.text_entry, self.run.text_layer
 
 
 def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | None = None,
@@ -59,43 +78,141 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | No
 
     progress: True shows a step bar (steps, the validation selection metric, ETA) on stderr; a callable is
     called as progress(step, max_steps, validation value) at every evaluation step instead."""
+    return train_runs(store, [cfg], resolved=None if resolved is None else [resolved], force=force,
+                      progress=progress)[0]
+
+
+def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[ResolvedRun] | None = None,
+               force: bool = False, progress: Progress | bool = False) -> list[dict[str, Any]]:
+    """Train every run not yet done (one training for a run asked for twice), evaluate and save each; the
+    metrics in `cfgs` order. Runs of aligned heads that read the same feature layers train together in batched
+    groups (train.train_many: the numbers each would get alone); CoMM and CSA runs are fitted one by one.
+
+    progress: True shows a bar (one run: its steps and validation metric; many: steps of all runs, runs done,
+    ETA); a callable gets (step, max_steps, value) of a single run's evaluations."""
     registry = RunRegistry(store)
-    run = resolved or resolve_run(store, cfg)
-    rid = run.run_id
-    if registry.is_done(rid) and not force:
-        return {"run_id": rid, "skipped": True, **registry.metrics(rid)}
+    runs = resolved or [resolve_run(store, c) for c in cfgs]  # a bad setting fails here, before any training
+    todo: dict[str, tuple[RunConfig, ResolvedRun]] = {}
+    for cfg, run in zip(cfgs, runs):
+        if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
+            todo[run.run_id] = (cfg, run)
+    targets: dict[tuple, ValidationTargets] = {}
+    prepared = [_prepare(store, cfg, run, targets) for cfg, run in todo.values()]
+    _train_prepared(store, registry, prepared, progress)
+    return [{"run_id": run.run_id, "skipped": run.run_id not in todo, **registry.metrics(run.run_id)} for run in runs]
+
+
+def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
+             targets: dict[tuple, ValidationTargets]) -> _Prepared:
+    """The run's pairs and validation targets (one targets object for the runs that share them: they are scored
+    on validation together)."""
     subset, val = run.subset, run.val
     if subset is None or val is None:
-        raise StratalignError(f"run {rid} was read back from its config: resolve_run gives the pairs train_run needs")
-    v, t = run_entries(store, cfg)
+        raise StratalignError(f"run {run.run_id} was read back from its config: resolve_run gives the pairs training "
+                              "needs")
     pairs = PairRows(np.concatenate([subset.image_rows, val.image_rows]),
                      np.concatenate([subset.caption_rows, val.caption_rows]))
-    x_img = gather(v, run.vision_layer, pairs.image_rows)
-    x_txt = gather(t, run.text_layer, pairs.caption_rows)
-    train_idx = np.arange(len(subset))
-    val_idx = np.arange(len(subset), len(pairs))
-    train_cfg = run.train_config()
-    objective = objective_named(run.objective)
-    t0 = time.perf_counter()
-    graphs, extra = None, {}
-    if objective.knn_graphs:  # built once per subset, cached in the store
-        graphs, hit = knn_graphs_cached(store, run, pairs.image_rows[train_idx], pairs.caption_rows[train_idx],
-                                        x_img[train_idx], x_txt[train_idx], train_cfg.knn_k)
-        extra = {"knn_graph_cached": hit}
-    targets = validation_targets(store, cfg.dataset, val, t, run.text_layer)
-    with step_progress(progress, rid, train_cfg.select if objective.training is Training.GRADIENT else "loss") as tick:
-        model, summary = fit_objective(objective, x_img, x_txt, train_idx, val_idx, train_cfg, graphs=graphs,
-                                       targets=targets, progress=tick)
-    summary = {**summary, **extra}
-    train_s = time.perf_counter() - t0
-    labels = store.dataset(cfg.dataset).images["label"].to_numpy()[pairs.image_rows[train_idx]]
-    metrics = {"run_id": rid, "train_seconds": round(train_s, 3), **summary}
-    scored = score_model(store, run, model, cfg.dataset, train_features=(x_img[train_idx], x_txt[train_idx], labels))
+    key = (cfg.dataset, run.text_entry, run.text_layer, val.image_rows.tobytes(), val.caption_rows.tobytes())
+    if key not in targets:
+        _, t = run_entries(store, cfg)
+        targets[key] = validation_targets(store, cfg.dataset, val, t, run.text_layer)
+    return _Prepared(cfg, run, pairs, len(subset), targets[key], run.train_config())
+
+
+def _train_prepared(store: FeatureStore, registry: RunRegistry, prepared: list[_Prepared],
+                    progress: Progress | bool) -> None:
+    """Fit every prepared run (batched where it can), then score and save each as it comes."""
+    single = len(prepared) == 1
+    bar = None if single or not progress else _group_bar(len(prepared))
+    try:
+        by_features: dict[tuple, list[_Prepared]] = {}
+        for p in prepared:
+            by_features.setdefault(p.features_key, []).append(p)
+        for group in by_features.values():
+            _train_group(store, registry, group, progress if single else None, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _group_bar(n_runs: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=None, desc=f"train {n_runs} runs", unit="step", dynamic_ncols=True)
+
+
+def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepared], progress: Progress | bool | None,
+                 bar: Any) -> None:
+    """The runs of one feature-layer pair: one table of their pairs' features, aligned heads batched."""
+    first = group[0]
+    v, t = store.entry(first.run.vision_entry), store.entry(first.run.text_entry)
+    both = np.stack([np.concatenate([p.pairs.image_rows for p in group]),
+                     np.concatenate([p.pairs.caption_rows for p in group])], 1)
+    union, where = np.unique(both, axis=0, return_inverse=True)
+    where = where.reshape(-1)
+    x_img = gather(v, first.run.vision_layer, union[:, 0])
+    x_txt = gather(t, first.run.text_layer, union[:, 1])
+    starts = np.cumsum([0] + [len(p.pairs) for p in group])
+    positions = [where[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    labels = store.dataset(first.cfg.dataset).images["label"].to_numpy()
+    heads, others = [], []
+    for p, pos in zip(group, positions):
+        (heads if objective_named(p.run.objective).training is Training.GRADIENT else others).append((p, pos))
+    specs, extras = [], []
+    for p, pos in heads:
+        tr, va = pos[:p.n_train], pos[p.n_train:]
+        graphs, extra = None, {}
+        if objective_named(p.run.objective).knn_graphs:  # built once per subset, cached in the store
+            graphs, hit = knn_graphs_cached(store, p.run, p.pairs.image_rows[:p.n_train],
+                                            p.pairs.caption_rows[:p.n_train], x_img[tr], x_txt[tr], p.train_cfg.knn_k)
+            extra = {"knn_graph_cached": hit}
+        specs.append(RunSpec(p.train_cfg, tr, va, graphs, p.targets))
+        extras.append(extra)
+    if specs:
+        results = _fit_heads(x_img, x_txt, specs, heads[0][0], progress, bar)
+        for (p, pos), res, extra in zip(heads, results, extras):
+            summary = {**res.summary(), "train_loop_seconds": round(res.seconds, 3), **extra}
+            _save(store, registry, p, res.model, summary, res.seconds, x_img[pos[:p.n_train]],
+                  x_txt[pos[:p.n_train]], labels)
+    for p, pos in others:
+        tr, va = pos[:p.n_train], pos[p.n_train:]
+        t0 = time.perf_counter()
+        with step_progress(progress or False, p.run.run_id, "loss") as tick:  # many runs: the group bar instead
+            model, summary = fit_objective(objective_named(p.run.objective), x_img, x_txt, tr, va, p.train_cfg,
+                                           targets=p.targets, progress=tick)
+        _save(store, registry, p, model, summary, time.perf_counter() - t0, x_img[tr], x_txt[tr], labels)
+        if bar is not None:
+            bar.set_postfix_str(f"fitted {p.run.run_id}")
+
+
+def _fit_heads(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], first: _Prepared,
+               progress: Progress | bool | None, bar: Any) -> list[TrainResult]:
+    """train_many with the progress asked for: a single run's step bar, or the group bar's steps and runs."""
+    if bar is None:
+        with step_progress(progress or False, first.run.run_id, first.train_cfg.select) as tick:
+            specs[0].progress = tick
+            return train_many(x_img, x_txt, specs)
+    base = bar.n
+
+    def on_step(done: int, planned: int, finished: int, runs: int) -> None:
+        bar.total = base + planned
+        bar.update(base + done - bar.n)
+        bar.set_postfix_str(f"runs done {finished}/{runs}", refresh=False)
+
+    return train_many(x_img, x_txt, specs, on_step=on_step)
+
+
+def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, summary: dict[str, Any],
+          seconds: float, x_train_img: np.ndarray, x_train_txt: np.ndarray, all_labels: np.ndarray) -> None:
+    """Score the fitted model on the test split and save the run (weights, training rows, metrics, queries)."""
+    rid = p.run.run_id
+    subset = PairRows(p.pairs.image_rows[:p.n_train], p.pairs.caption_rows[:p.n_train])
+    metrics = {"run_id": rid, "train_seconds": round(seconds, 3), **summary}
+    scored = score_model(store, p.run, model, p.cfg.dataset,
+                         train_features=(x_train_img, x_train_txt, all_labels[subset.image_rows]))
     metrics.update(scored.metrics)
-    tensors = {**model_tensors(model), **subset_tensors(subset)}
-    registry.save(rid, run.config_dict(), tensors, metrics)
-    save_run_queries(store, run, scored)  # after the done mark: a run without them recomputes them when compared
-    return {"run_id": rid, "skipped": False, **metrics}
+    registry.save(rid, p.run.config_dict(), {**model_tensors(model), **subset_tensors(subset)}, metrics)
+    save_run_queries(store, p.run, scored)  # after the done mark: a run without them recomputes them when compared
 
 
 def knn_graphs_cached(store: FeatureStore, run: ResolvedRun, image_rows: np.ndarray,

@@ -18,7 +18,7 @@ from typing import Any
 from stratalign.core.objectives import Objective, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.run_config import RunConfig, resolve_run
-from stratalign.stages.train import train_run
+from stratalign.stages.train import train_runs
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.train.validation import SELECT_METRICS
@@ -71,32 +71,68 @@ def validation_value(metrics: dict[str, Any], metric: str) -> float:
     return float(value)
 
 
-def tune_run(store: FeatureStore, cfg: RunConfig, *, metric: str | None = None, force: bool = False,
-             progress: bool = False) -> TunedRun:
-    """Train every grid point of the run's objective (reusing the ones in the store), choose the best by
-    validation `metric` (default: the run's --select, else rsum), record the grid with the chosen run."""
+@dataclass(frozen=True)
+class _Plan:
+    """One tuned cell: the metric, the grid points and their resolved runs (one point without a grid)."""
+
+    metric: str
+    fixed: dict[str, Any]
+    points: list[dict[str, Any]] | None
+    cells: list[RunConfig]
+    resolved: list[Any]
+
+
+def _plan(store: FeatureStore, cfg: RunConfig, metric: str | None) -> _Plan:
     objective = objective_named(cfg.objective)
     metric = metric or cfg.select or dict(cfg.options).get("select") or DEFAULT_TUNE_METRIC
-    key, higher = SELECT_METRICS[metric]
+    SELECT_METRICS[metric]  # noqa: B018 - an unknown metric fails here
     if not objective.grid:
-        res = train_run(store, cfg, force=force, progress=progress)
-        return TunedRun(res, None, int(not res.get("skipped")), 1)
+        return _Plan(metric, {}, None, [cfg], [resolve_run(store, cfg)])
     fixed = {k: v for k, v in cfg.options if k in dict(objective.grid)}
     points = grid_points(objective, fixed)
     cells = [replace(cfg, options=tuple((k, v) for k, v in cfg.options if k not in point) + tuple(point.items()))
              for point in points]
-    resolved = [resolve_run(store, cell) for cell in cells]  # a bad setting fails here, before any training
-    tried, trained = [], 0
-    for point, cell, run in zip(points, cells, resolved):
-        res = train_run(store, cell, resolved=run, force=force, progress=progress)
-        trained += not res.get("skipped")
-        tried.append({"knobs": point, "run_id": res["run_id"], "value": validation_value(res, metric)})
+    return _Plan(metric, fixed, points, cells, [resolve_run(store, cell) for cell in cells])
+
+
+def tune_run(store: FeatureStore, cfg: RunConfig, *, metric: str | None = None, force: bool = False,
+             progress: bool = False) -> TunedRun:
+    """Train every grid point of the run's objective (reusing the ones in the store), choose the best by
+    validation `metric` (default: the run's --select, else rsum), record the grid with the chosen run."""
+    return tune_runs(store, [cfg], metric=metric, force=force, progress=progress)[0]
+
+
+def tune_runs(store: FeatureStore, cfgs: list[RunConfig], *, metric: str | None = None, force: bool = False,
+              progress: bool = False) -> list[TunedRun]:
+    """`tune_run` of many cells: every grid point of every cell is resolved first (a bad setting fails before any
+    training), all points train in one `train_runs` call (batched), then each cell chooses its point."""
+    plans = [_plan(store, cfg, metric) for cfg in cfgs]
+    cells = [c for p in plans for c in p.cells]
+    results = iter(train_runs(store, cells, resolved=[r for p in plans for r in p.resolved], force=force,
+                              progress=progress))
+    registry = RunRegistry(store)
+    out = []
+    for plan in plans:
+        got = [next(results) for _ in plan.cells]
+        if plan.points is None:
+            out.append(TunedRun(got[0], None, int(not got[0].get("skipped")), 1))
+            continue
+        out.append(_choose(registry, plan, got))
+    return out
+
+
+def _choose(registry: RunRegistry, plan: _Plan, results: list[dict[str, Any]]) -> TunedRun:
+    """The best grid point by validation value (strictly better only: on a tie the earlier point stays),
+    recorded with the chosen run."""
+    key, higher = SELECT_METRICS[plan.metric]
+    tried = [{"knobs": point, "run_id": res["run_id"], "value": validation_value(res, plan.metric)}
+             for point, res in zip(plan.points or [], results)]
     best = tried[0]
-    for t in tried[1:]:  # strictly better only: on a tie the earlier grid point stays
+    for t in tried[1:]:
         if (t["value"] > best["value"]) if higher else (t["value"] < best["value"]):
             best = t
-    tuning = {"metric": metric, "key": key, "split": "validation", "fixed": fixed, "chosen": best["knobs"],
+    tuning = {"metric": plan.metric, "key": key, "split": "validation", "fixed": plan.fixed, "chosen": best["knobs"],
               "chosen_run": best["run_id"], "grid": tried}
-    registry = RunRegistry(store)
     registry.save_tuning(best["run_id"], tuning)
+    trained = sum(not r.get("skipped") for r in results)
     return TunedRun({**registry.metrics(best["run_id"]), "run_id": best["run_id"]}, tuning, trained, len(tried))

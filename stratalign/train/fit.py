@@ -8,6 +8,7 @@ step it restored and the lambda in force there.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,54 +17,21 @@ from torch import nn
 
 from stratalign.core import losses as L
 from stratalign.core.comm import CommModel, comm_step_loss
-from stratalign.core.heads import CSA, AlignedHeads, VariationalHead, build_head, fit_csa
-from stratalign.core.objectives import (
-    CLOSED_FORM_HEADS,
-    KnnSupport,
-    Objective,
-    Side,
-    StepBatch,
-    Training,
-    objective_named,
-    objectives_with,
-    structure_term,
-)
+from stratalign.core.heads import CSA, fit_csa
+from stratalign.core.objectives import Objective, Side, StepBatch, Training, objective_named, objectives_with, structure_term
 from stratalign.device import resolve_device
 from stratalign.errors import StratalignError
+from stratalign.train.batched import GroupProgress, HeadsJob, train_heads_many
 from stratalign.train.config import TrainConfig, TrainResult, json_curve_row
 from stratalign.train.data import check_inputs, to_device
-from stratalign.train.inference import embed, head_embedding
+from stratalign.train.inference import embed
 from stratalign.train.knn import training_graphs
-from stratalign.train.loop import Progress, SelectionRule, StepLoss, autocast, run_fixed_steps, run_loop
+from stratalign.train.loop import Progress, SelectionRule, autocast, run_fixed_steps, run_loop
 from stratalign.train.validation import SELECT_METRICS, ValidationTargets, Validator
 
 COMM_SELECTION = SelectionRule("comm_loss", "comm_loss", False)  # a fused model is selected on its own loss
 
 Graphs = tuple[np.ndarray, np.ndarray]
-
-
-def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
-    """Fresh image and text heads for a config (variational when the objective samples embeddings)."""
-    if cfg.head in CLOSED_FORM_HEADS:
-        raise StratalignError(f"the {cfg.head} head is fitted in closed form: use train_csa / fit_csa")
-    opts = dict(cfg.head_options)
-    if objective_named(cfg.objective).variational:
-        opts["variational"] = True
-    return AlignedHeads(build_head(cfg.head, d_img, cfg.dim, **opts), build_head(cfg.head, d_txt, cfg.dim, **opts))
-
-
-def _validator_score(model: AlignedHeads, validator: Validator, cfg: TrainConfig, dev: torch.device):
-    """score() for the loop: the heads in eval mode (VIB: the mean) under the run's autocast."""
-
-    def embed(modality: str, x: torch.Tensor) -> torch.Tensor:
-        with autocast(dev, cfg.amp):
-            return head_embedding(model.head(modality), x)
-
-    def score() -> dict[str, float]:
-        model.eval()
-        return validator.score(embed)
-
-    return score
 
 
 def selection_of(cfg: TrainConfig, targets: ValidationTargets) -> SelectionRule:
@@ -73,40 +41,6 @@ def selection_of(cfg: TrainConfig, targets: ValidationTargets) -> SelectionRule:
         raise StratalignError("select zeroshot needs validation labels and class prompts (a dataset with a label "
                               "column); use select rsum or clip_loss")
     return SelectionRule(cfg.select, key, higher)
-
-
-def _step_batch(model: AlignedHeads, obj: Objective, cfg: TrainConfig, bidx: torch.Tensor, xi: torch.Tensor,
-                xt: torch.Tensor, graphs: tuple[torch.Tensor, torch.Tensor] | None) -> StepBatch:
-    """The batch's inputs and embeddings (VIB: sampled, with mu and logvar; kNN form: the neighbour tables)."""
-    a, t = xi[bidx], xt[bidx]
-    if obj.variational:
-        mu_i, lv_i = model.image(a)
-        mu_t, lv_t = model.text(t)
-        zi = VariationalHead.sample(mu_i.float(), lv_i.float(), cfg.vib_scale)
-        zt = VariationalHead.sample(mu_t.float(), lv_t.float(), cfg.vib_scale)
-        return StepBatch(bidx, Side(a, zi, mu_i, lv_i), Side(t, zt, mu_t, lv_t))
-    zi, zt = model.image(a), model.text(t)
-    if graphs is None:
-        return StepBatch(bidx, Side(a, zi), Side(t, zt))
-    return StepBatch(bidx, Side(a, zi, knn=KnnSupport(model.image, xi, graphs[0])),
-                     Side(t, zt, knn=KnnSupport(model.text, xt, graphs[1])))
-
-
-def _heads_step_loss(model: AlignedHeads, obj: Objective, cfg: TrainConfig, dev: torch.device, xi: torch.Tensor,
-                     xt: torch.Tensor, graphs: tuple[torch.Tensor, torch.Tensor] | None, lam_of) -> StepLoss:
-    """step_loss(batch rows, step) -> (CLIP + weight * regulariser, CLIP, regulariser) of the objective."""
-    zero = torch.zeros((), device=dev)
-
-    def step_loss(bidx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with autocast(dev, cfg.amp):
-            batch = _step_batch(model, obj, cfg, bidx, xi, xt, graphs)
-            clip = L.clip_loss(batch.image.z, batch.text.z, cfg.tau)
-            if obj.regulariser is None:
-                return clip, clip, zero
-            reg = obj.regulariser(batch, cfg)
-            return clip + obj.weight(cfg, lam_of(step)) * reg, clip, reg
-
-    return step_loss
 
 
 def _check_objective(cfg: TrainConfig, graphs: Graphs | None) -> Objective:
@@ -119,11 +53,56 @@ def _check_objective(cfg: TrainConfig, graphs: Graphs | None) -> Objective:
     return obj
 
 
+@dataclass
+class RunSpec:
+    """One run of aligned heads for `train_many`: its config, its rows of the shared feature arrays, and what
+    validation and the kNN form need (see `train_heads`)."""
+
+    cfg: TrainConfig
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    graphs: Graphs | None = None
+    targets: ValidationTargets | None = None
+    progress: Progress | None = None
+
+
+def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
+               on_step: GroupProgress | None = None) -> list[TrainResult]:
+    """Train many runs of aligned heads on paired rows x_img[i] <-> x_txt[i] in batched groups (train.batched):
+    the rows they use go to the device once, runs that can share a step train in one loop. Every spec is checked
+    before anything trains. The results in spec order; each equals the run trained alone (`train_heads`)."""
+    if not specs:
+        return []
+    checked = []
+    for spec in specs:
+        obj = _check_objective(spec.cfg, spec.graphs)
+        if obj.training is not Training.GRADIENT:
+            raise StratalignError(f"objective {obj.name} is not trained as aligned heads: use fit_objective")
+        tr, va = check_inputs(x_img, x_txt, spec.train_idx, spec.val_idx)
+        targets = spec.targets if spec.targets is not None else ValidationTargets.pairs_only(len(va))
+        checked.append((spec, obj, tr, va, targets, selection_of(spec.cfg, targets)))
+    devs = {str(resolve_device(s.cfg.device)) for s in specs}
+    if len(devs) > 1:
+        raise StratalignError(f"train_many: the runs ask for different devices {sorted(devs)}; train them apart")
+    dev = resolve_device(specs[0].cfg.device)
+    used = np.unique(np.concatenate([np.concatenate([tr, va]) for _, _, tr, va, _, _ in checked]))
+    xi, xt = to_device(x_img, used, dev, "x_img"), to_device(x_txt, used, dev, "x_txt")
+    jobs = []
+    for spec, obj, tr, va, targets, selection in checked:
+        tr_pos, va_pos = np.searchsorted(used, tr), np.searchsorted(used, va)
+        graphs = None
+        if obj.knn_graphs:
+            rows = torch.from_numpy(tr_pos).to(dev)
+            graphs = training_graphs(spec.graphs, xi[rows], xt[rows], spec.cfg.knn_k, dev)
+        jobs.append(HeadsJob(spec.cfg, tr_pos, va_pos, targets, selection, graphs, spec.progress))
+    return train_heads_many(xi, xt, jobs, dev, on_step=on_step)
+
+
 def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                 cfg: TrainConfig, *, graphs: Graphs | None = None, targets: ValidationTargets | None = None,
                 progress: Progress | None = None) -> TrainResult:
-    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6); a CoMM
-    objective goes to `train_comm`.
+    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6): the one-run case
+    of `train_many`; a CoMM objective goes to `train_comm`.
 
     graphs: for objectives with kNN graphs, the (image, text) graphs from `knn_graphs` for this train_idx
     and cfg.knn_k (e.g. read from a cache); built here when None.
@@ -133,28 +112,7 @@ def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val
     obj = _check_objective(cfg, graphs)
     if obj.training is Training.COMM:
         return train_comm(x_img, x_txt, train_idx, val_idx, cfg, progress=progress)
-    tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
-    dev = resolve_device(cfg.device)
-    xi, xt = to_device(x_img, tr, dev, "x_img"), to_device(x_txt, tr, dev, "x_txt")
-    vi, vt = to_device(x_img, va, dev, "x_img"), to_device(x_txt, va, dev, "x_txt")
-    warmup = cfg.resolved_warmup()
-    targets = targets if targets is not None else ValidationTargets.pairs_only(len(va))
-    selection = selection_of(cfg, targets)
-    validator = Validator(vi, vt, targets, cfg.tau, cfg.batch_size)
-    dev_graphs = training_graphs(graphs, xi, xt, cfg.knn_k, dev) if obj.knn_graphs else None
-
-    def lam_of(step: int) -> float:
-        return L.lambda_at(step, cfg.lam, warmup) if obj.warmup else 0.0
-
-    devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.seed)
-        model = make_heads(cfg, xi.shape[1], xt.shape[1]).to(dev)
-        step_loss = _heads_step_loss(model, obj, cfg, dev, xi, xt, dev_graphs, lam_of)
-        groups = [[p for p in model.image.parameters() if p.requires_grad],
-                  [p for p in model.text.parameters() if p.requires_grad]]
-        return run_loop(model, groups, len(tr), cfg, dev, warmup, step_loss,
-                        _validator_score(model, validator, cfg, dev), selection, lam_of, progress)
+    return train_many(x_img, x_txt, [RunSpec(cfg, train_idx, val_idx, graphs, targets, progress)])[0]
 
 
 def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,

@@ -77,15 +77,16 @@ class CheckpointSelector:
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.fallback: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
-    def offer(self, step: int, val: float, model: nn.Module) -> None:
+    def offer(self, step: int, val: float, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Keep (a copy of the weights from `state()`) when `val` is the best so far."""
         if not math.isfinite(val):
             return
         better = self.selection.better
         if step >= self.warmup:
             if self.best is None or better(val, self.best[0]):
-                self.best = (val, step, _snapshot(model))
+                self.best = (val, step, state())
         elif self.fallback is None or better(val, self.fallback[0]):
-            self.fallback = (val, step, _snapshot(model))
+            self.fallback = (val, step, state())
 
     def should_stop(self, step: int) -> bool:
         return self.best is not None and step - self.best[1] >= self.patience
@@ -125,7 +126,7 @@ class _Loop:
         self.curve.append({"step": at, **{k: float(v) for k, v in scores.items()}, "lambda": lam})
         self.history[at].update({_HISTORY_KEYS.get(k, f"val_{k}"): float(v) for k, v in scores.items()})
         v = float(scores[self.selection.key])
-        self.sel.offer(at, v, self.model)
+        self.sel.offer(at, v, lambda: _snapshot(self.model))
         if self.progress is not None:
             self.progress(at, self.cfg.max_steps, v)
         return v

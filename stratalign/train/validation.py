@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stratalign.core import losses as L
-from stratalign.core import scoring as E
 from stratalign.errors import StratalignError
 
 # selection metric -> (the curve's key, True when higher is better)
@@ -69,65 +69,104 @@ def gallery_of(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, inverse.reshape(-1)
 
 
-def rsum_of(ranks_i2t: np.ndarray, ranks_t2i: np.ndarray) -> float:
-    """R@1 + R@5 + R@10 (in %) of both directions from 0-based first-hit ranks (0..600)."""
-    return float(sum(100.0 * np.mean(r < k) for r in (ranks_i2t, ranks_t2i) for k in RECALL_KS))
-
-
 Embed = Callable[[str, torch.Tensor], torch.Tensor]  # (modality, rows) -> embeddings, for one model state
+# (modality, rows (n, d_in)) -> the (S, n, d) embeddings of S model states (the runs of a batched group)
+EmbedMany = Callable[[str, torch.Tensor], torch.Tensor]
+_SIMS_BUDGET = 2**25  # similarity entries scored at once (runs are taken in chunks that fit)
+
+
+def _first_hit_ranks(z_img: torch.Tensor, z_txt: torch.Tensor, owner: torch.Tensor,
+                     max_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, Ni) and (S, Nt) 0-based ranks of the first correct caption of each image and of the image of each
+    caption, capped at max_k, for S runs' normalised embeddings: exact cosine ranking, ties by the lower index
+    (as core.scoring.retrieval_ranks, which ranks one run)."""
+    sims = z_img @ z_txt.mT  # (S, Ni, Nt)
+    n_img, n_txt = sims.shape[1], sims.shape[2]
+    img_idx = torch.arange(n_img, device=sims.device).view(1, -1, 1)
+    txt_idx = torch.arange(n_txt, device=sims.device).view(1, 1, -1)
+    own = owner.view(1, 1, -1)
+    true_t = sims.gather(1, own.expand(sims.shape[0], 1, n_txt))  # each caption's score with its image
+    t2i = ((sims > true_t) | ((sims == true_t) & (img_idx < own))).sum(1)
+    best, at = sims.masked_fill(own != img_idx, float("-inf")).max(-1, keepdim=True)  # each image's best caption
+    i2t = ((sims > best) | ((sims == best) & (txt_idx < at))).sum(-1)
+    return i2t.clamp(max=max_k), t2i.clamp(max=max_k)
 
 
 class Validator:
-    """Scores one model state on the validation pairs: {"rsum", "clip_loss", "zs_top1" (with labels)}."""
+    """Scores model states on the validation pairs: {"rsum", "clip_loss", "zs_top1" (with labels)} per state.
+
+    `score_many` scores the S runs of a batched group in one pass (stacked embeddings, one batched similarity
+    per run chunk); `score` is its one-state case."""
 
     def __init__(self, vi: torch.Tensor, vt: torch.Tensor, targets: ValidationTargets, tau: float,
                  batch_size: int) -> None:
         targets.check(len(vi))
         self.vi, self.vt, self.targets, self.tau, self.batch = vi, vt, targets, tau, batch_size
         self.first, self.txt_to_img = gallery_of(targets.image_ids)
+        self.first_t = torch.from_numpy(self.first).to(vi.device)
+        self.owner = torch.from_numpy(self.txt_to_img.astype(np.int64)).to(vi.device)
         if targets.has_zeroshot:
             p = targets.prompts
             self.prompt_shape = p.shape[:2]
             self.prompt_rows = torch.from_numpy(np.ascontiguousarray(p.reshape(-1, p.shape[-1]), dtype=np.float32)
                                                 ).to(vi.device)
-            self.labels = np.asarray(targets.labels)[self.first].astype(np.int64)
+            self.labels = torch.from_numpy(np.asarray(targets.labels)[self.first].astype(np.int64)).to(vi.device)
 
     @torch.no_grad()
-    def _embed_pairs(self, embed: Embed) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Image and text embeddings of the validation pairs in fixed chunks of min(batch, n_val) rows."""
+    def _embed_pairs(self, embed: EmbedMany) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(S, rows, d) image and text embeddings of the validation pairs in fixed chunks of min(batch, n_val)."""
         b = min(self.batch, len(self.vi))
         starts = range(0, len(self.vi), b)
         return ([embed("image", self.vi[s:s + b]) for s in starts], [embed("text", self.vt[s:s + b]) for s in starts])
 
-    def clip_loss(self, embed: Embed) -> float:
-        """Validation CLIP loss: the size-weighted mean over the chunks (a last chunk of one row is left out)."""
-        return self._clip_of(*self._embed_pairs(embed))
-
-    def _clip_of(self, zi: list[torch.Tensor], zt: list[torch.Tensor]) -> float:
-        total, count = 0.0, 0
+    def _clip_of(self, zi: list[torch.Tensor], zt: list[torch.Tensor]) -> torch.Tensor:
+        """(S,) validation CLIP losses: the size-weighted mean over the chunks (a last chunk of one row is left out)."""
+        total, count = torch.zeros(zi[0].shape[0], dtype=torch.float64), 0
         for a, t in zip(zi, zt):
-            if len(a) < 2:
+            if a.shape[1] < 2:
                 continue
-            total += float(L.clip_loss(a, t, self.tau)) * len(a)
-            count += len(a)
+            total += L.clip_loss(a, t, self.tau).double().cpu() * a.shape[1]
+            count += a.shape[1]
         return total / count
 
+    def clip_loss(self, embed: Embed) -> float:
+        """Validation CLIP loss of one model state."""
+        return float(self._clip_of(*self._embed_pairs(lambda m, x: embed(m, x).unsqueeze(0)))[0])
+
+    def _zero_shot(self, z_img: torch.Tensor, embed: EmbedMany) -> torch.Tensor:
+        """(S,) zero-shot top-1 in % of the gallery images against the class prompts (ties: lower class)."""
+        z_p = F.normalize(embed("text", self.prompt_rows).float(), dim=-1)
+        classes = F.normalize(z_p.view(z_p.shape[0], *self.prompt_shape, -1).mean(2), dim=-1)  # (S, C, d)
+        s = z_img @ classes.mT
+        true = s.gather(2, self.labels.view(1, -1, 1).expand(s.shape[0], -1, 1))
+        cols = torch.arange(s.shape[2], device=s.device).view(1, 1, -1)
+        rank = ((s > true) | ((s == true) & (cols < self.labels.view(1, -1, 1)))).sum(-1)
+        return 100.0 * (rank < 1).double().mean(-1).cpu()
+
     @torch.no_grad()
-    def score(self, embed: Embed) -> dict[str, float]:
-        """Every yardstick of the current model state (the pairs embedded once for all of them)."""
+    def score_many(self, embed: EmbedMany) -> list[dict[str, float]]:
+        """Every yardstick of each of S model states (the pairs embedded once for all of them)."""
         zi, zt = self._embed_pairs(embed)
-        out = {"clip_loss": self._clip_of(zi, zt)}
-        z_img = torch.cat(zi)[torch.from_numpy(self.first).to(zi[0].device)].float().cpu().numpy()
-        z_txt = torch.cat(zt).float().cpu().numpy()
-        if np.isfinite(z_img).all() and np.isfinite(z_txt).all():
-            r_i2t, r_t2i = E.retrieval_ranks(z_img, z_txt, self.txt_to_img, max(RECALL_KS), device="cpu")
-            out["rsum"] = rsum_of(r_i2t, r_t2i)
-            if self.targets.has_zeroshot:
-                z_p = embed("text", self.prompt_rows).float().cpu().numpy().reshape(*self.prompt_shape, -1)
-                rank = E.zero_shot_ranks(z_img, E.class_embeddings(z_p), self.labels)
-                out["zs_top1"] = float(100.0 * np.mean(rank < 1))
-        else:
-            out["rsum"] = float("nan")
-            if self.targets.has_zeroshot:
-                out["zs_top1"] = float("nan")
+        clip = self._clip_of(zi, zt)
+        z_img = F.normalize(torch.cat(zi, 1).float()[:, self.first_t], dim=-1)
+        z_txt = F.normalize(torch.cat(zt, 1).float(), dim=-1)
+        n_runs = z_img.shape[0]
+        finite = (torch.isfinite(z_img).flatten(1).all(1) & torch.isfinite(z_txt).flatten(1).all(1)).cpu()
+        rsum = torch.full((n_runs,), float("nan"), dtype=torch.float64)
+        step = max(1, _SIMS_BUDGET // max(1, z_img.shape[1] * z_txt.shape[1]))
+        for a in range(0, n_runs, step):
+            i2t, t2i = _first_hit_ranks(z_img[a:a + step], z_txt[a:a + step], self.owner, max(RECALL_KS))
+            got = sum(100.0 * (r < k).double().mean(-1) for r in (i2t, t2i) for k in RECALL_KS)
+            rsum[a:a + step] = got.cpu()
+        zs = self._zero_shot(z_img, embed) if self.targets.has_zeroshot else None
+        out = []
+        for s in range(n_runs):
+            row = {"clip_loss": float(clip[s]), "rsum": float(rsum[s]) if finite[s] else float("nan")}
+            if zs is not None:
+                row["zs_top1"] = float(zs[s]) if finite[s] else float("nan")
+            out.append(row)
         return out
+
+    def score(self, embed: Embed) -> dict[str, float]:
+        """Every yardstick of one model state."""
+        return self.score_many(lambda m, x: embed(m, x).unsqueeze(0))[0]

@@ -1,0 +1,417 @@
+"""Many runs of aligned heads trained together: one loop, stacked heads, batched matmuls (METHOD.md 3.6).
+
+`train_heads_many` takes jobs over one pair of feature tables and splits them into groups of runs that agree on
+what one shared step needs (`group_key`: head kind and dims, lr, betas, weight decay, max_steps, eval_every,
+tau, device, amp, the effective batch b = min(batch_size, n_train), variational or not). A run alone is the
+S = 1 case of this very code (`train.fit.train_heads`). Each run keeps what makes it itself:
+- its seed: its heads are initialised under torch.manual_seed(seed) as alone, its own generator cuts its epochs
+  (torch.Generator(seed)), and one more (the RNG state right after init) draws its dropout masks and VIB noise;
+- its own training rows (any subset of the tables; subsets of one size batch together), validation rows and
+  targets, objective and knob values (lambda, beta, structure options: the loss of each objective is computed
+  once over the slices of its runs, vectorised over runs when the objective's regulariser takes stacked
+  batches, run by run otherwise), warm-up, patience and selection metric;
+- its own gradient-norm clip (1.0 per head over that run's slice of the stacked parameters);
+- its own selector, history and stop: a run whose patience runs out (or whose loss turns non-finite) keeps its
+  chosen checkpoint and leaves the stack (its slices of the weights and of the AdamW state are dropped).
+AdamW is elementwise, so one optimiser over the stacked tensors is S separate ones (one lr schedule); the loss
+is the sum of the runs' losses, whose gradient with respect to a run's slice is that run's own. Validation
+scores every run due at a step in one pass (`Validator.score_many`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from stratalign.core import losses as L
+from stratalign.core.heads import AlignedHeads, VariationalHead, build_head
+from stratalign.core.objectives import CLOSED_FORM_HEADS, KnnSupport, Objective, Side, StepBatch, objective_named
+from stratalign.errors import StratalignError
+from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.train.loop import CheckpointSelector, Progress, SelectionRule, _batches, _cosine, autocast
+from stratalign.train.stacked import StackedSide
+from stratalign.train.validation import ValidationTargets, Validator
+
+# TrainConfig fields one step of a group shares; every other field may differ from run to run
+SHARED_FIELDS = ("head", "head_options", "dim", "lr", "betas", "weight_decay", "max_steps", "eval_every", "tau",
+                 "device", "amp")
+# group progress: (steps done over all runs, steps planned over all runs, runs finished, runs in all)
+GroupProgress = Callable[[int, int, int, int], None]
+
+
+@dataclass
+class HeadsJob:
+    """One run for `train_heads_many`: its config, its rows of the shared tables, what validation needs."""
+
+    cfg: TrainConfig
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    targets: ValidationTargets
+    selection: SelectionRule
+    graphs: tuple[torch.Tensor, torch.Tensor] | None = None  # kNN graphs over the training rows (device)
+    progress: Progress | None = None
+
+
+def group_key(job: HeadsJob, dims: tuple[int, int]) -> tuple:
+    """What runs must share to train in one group (see the module docstring)."""
+    cfg = job.cfg
+    shared = tuple((k, repr(getattr(cfg, k))) for k in SHARED_FIELDS)
+    return shared, min(cfg.batch_size, len(job.train_idx)), dims, objective_named(cfg.objective).variational
+
+
+def _loss_key(cfg: TrainConfig, obj: Objective) -> tuple:
+    """Runs whose objective and regulariser settings agree compute their loss in one call (weights may differ)."""
+    return obj.name, tuple((k, repr(getattr(cfg, k))) for k in obj.knobs if k != obj.weight_knob)
+
+
+class _Run:
+    """One run's own state in a group."""
+
+    def __init__(self, job: HeadsJob, model: AlignedHeads, rng: torch.Generator, dev: torch.device) -> None:
+        self.job, self.cfg, self.model, self.rng = job, job.cfg, model, rng
+        self.obj = objective_named(job.cfg.objective)
+        self.warmup = job.cfg.resolved_warmup()
+        self.train_pos = torch.from_numpy(job.train_idx).to(dev)
+        self.perm = torch.Generator().manual_seed(job.cfg.seed)
+        self.epoch: list[torch.Tensor] = []
+        self.sel = CheckpointSelector(self.warmup, job.cfg.patience, job.selection)
+        self.history: list[dict[str, Any]] = [{"step": 0}]
+        self.curve: list[dict[str, float]] = []
+        self.stop: tuple[int, str, str] | None = None
+        self.seconds = 0.0
+
+    def lam_of(self, step: int) -> float:
+        return L.lambda_at(step, self.cfg.lam, self.warmup) if self.obj.warmup else 0.0
+
+    def weight(self, step: int) -> float:
+        return float(self.obj.weight(self.cfg, self.lam_of(step))) if self.obj.regulariser else 0.0
+
+    def next_batch(self) -> torch.Tensor:
+        """The next batch of training positions (a new seeded epoch when the last one is used up)."""
+        if not self.epoch:
+            self.epoch = list(reversed(_batches(len(self.job.train_idx), self.cfg.batch_size, self.perm)))
+        return self.epoch.pop()
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps or step == self.warmup
+
+    def record(self, rows: list[tuple[int, float, float, np.ndarray]]) -> int | None:
+        """Step losses into the history; the first non-finite step among them, if any."""
+        bad = None
+        for step, lr, lam, (lo, cl, rg) in rows:
+            self.history.append({"step": step, "lr": lr, "lambda": lam, "loss": float(lo), "clip": float(cl),
+                                 "reg": float(rg)})
+            if bad is None and not np.isfinite([lo, cl, rg]).all():
+                bad = step
+        return bad
+
+    def evaluated(self, step: int, scores: dict[str, float], state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """Record an evaluation, offer the checkpoint, decide whether the run stops here."""
+        lam = float(self.lam_of(step - 1)) if step > 0 else 0.0
+        self.curve.append({"step": step, **scores, "lambda": lam})
+        self.history[step].update({("val_clip" if k == "clip_loss" else f"val_{k}"): float(v)
+                                   for k, v in scores.items()})
+        rule = self.job.selection
+        v = float(scores[rule.key])
+        self.sel.offer(step, v, state)
+        if self.job.progress is not None:
+            self.job.progress(step, self.cfg.max_steps, v)
+        if step == 0:
+            return
+        if not np.isfinite(v):
+            self.stop = (step, "non_finite", f"non-finite validation {rule.metric} at step {step}")
+        elif self.sel.should_stop(step):
+            self.stop = (step, "early_stopping", f"no validation {rule.metric} improvement for {self.cfg.patience} steps")
+        elif step >= self.cfg.max_steps:
+            self.stop = (step, "max_steps", f"reached max_steps={self.cfg.max_steps}")
+
+    def finish(self, dev: torch.device, group_size: int) -> TrainResult:
+        """Restore the chosen checkpoint and describe how it was chosen."""
+        step, reason, message = self.stop or (0, "max_steps", "")
+        best_val, best_step, state, before = self.sel.chosen()
+        self.model.load_state_dict(state)
+        self.model.eval()
+        if before:
+            message += (f"; no checkpoint after the {self.warmup}-step warm-up was usable, so the restored one is "
+                        "from inside the warm-up (the regulariser was not at full strength)")
+        lam_best = float(self.lam_of(best_step - 1)) if best_step > 0 else 0.0
+        message += (f"; restored step {best_step} by validation {self.job.selection.metric} {best_val:.4g} "
+                    f"(lambda {lam_best:g})")
+        if group_size > 1:
+            message += f"; trained in a batch of {group_size} runs"
+        row = self.history[best_step]
+        return TrainResult(model=self.model, config=self.cfg, best_step=best_step, lambda_at_best=lam_best,
+                           best_val_clip=float(row.get("val_clip", best_val)), warmup_steps=self.warmup,
+                           steps_taken=step, stopped_reason=reason, message=message, restored_before_warmup=before,
+                           history=self.history, seconds=self.seconds, device=str(dev),
+                           selection_metric=self.job.selection.metric, best_value=best_val, val_curve=self.curve)
+
+
+def _clip_grads(params: list[torch.Tensor], max_norm: float = 1.0) -> None:
+    """clip_grad_norm_(max_norm) of each run's slice of one head's stacked parameters (the norm over that run's
+    gradients only)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = torch.stack([g.detach().float().pow(2).reshape(len(g), -1).sum(1) for g in grads]).sum(0)  # (S,)
+    coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
+
+
+class GroupLoop:
+    """The optimisation loop of one group of runs over shared feature tables."""
+
+    def __init__(self, xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], models: list[AlignedHeads],
+                 rngs: list[torch.Generator], dev: torch.device, on_step: GroupProgress | None = None) -> None:
+        self.xi, self.xt, self.dev, self.on_step = xi, xt, dev, on_step
+        self.cfg = jobs[0].cfg
+        self.runs = [_Run(j, m, g, dev) for j, m, g in zip(jobs, models, rngs)]
+        self.active = list(self.runs)  # stack order
+        self.image = StackedSide([m.image for m in models])
+        self.text = StackedSide([m.text for m in models])
+        self.variational = self.image.variational
+        self.opt = self._optimiser()
+        self.validators: dict[tuple, Validator] = {}
+        self.t0 = time.perf_counter()
+
+    # ---------------------------------------------------------------- the stack
+
+    def _params(self) -> list[torch.Tensor]:
+        return list(self.image.params.values()) + list(self.text.params.values())
+
+    def _optimiser(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.AdamW(self._params(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+
+    def _state(self, s: int) -> Callable[[], dict[str, torch.Tensor]]:
+        def state() -> dict[str, torch.Tensor]:
+            return {**{f"image.{n}": v for n, v in self.image.state(s).items()},
+                    **{f"text.{n}": v for n, v in self.text.state(s).items()}}
+
+        return state
+
+    def _compact(self) -> None:
+        """Drop stopped runs from the stack and from the AdamW state (same step count and lr for the rest)."""
+        keep = [i for i, r in enumerate(self.active) if r.stop is None]
+        idx = torch.tensor(keep, device=self.dev, dtype=torch.long)
+        old_state, lr = self.opt.state, self.opt.param_groups[0]["lr"]
+        moved = {**self.image.keep(idx), **self.text.keep(idx)}
+        self.opt = self._optimiser()
+        self.opt.param_groups[0]["lr"] = lr
+        for old, new in moved.items():
+            if old in old_state:
+                self.opt.state[new] = {k: (v[idx].clone() if v.ndim > 0 else v.clone())
+                                       for k, v in old_state[old].items()}
+        self.active = [self.active[i] for i in keep]
+
+    # ---------------------------------------------------------------- one step
+
+    def _sides(self, pos: torch.Tensor) -> tuple[Side, Side]:
+        """Both sides of the stacked batch (S, b): inputs, embeddings (VIB: sampled, with mu and logvar)."""
+        a, t = self.xi[pos], self.xt[pos]
+        gens = [r.rng for r in self.active]
+        oi, ot = self.image.forward(a, gens), self.text.forward(t, gens)
+        if not self.variational:
+            return Side(a, oi), Side(t, ot)
+        (mu_i, lv_i), (mu_t, lv_t) = oi, ot
+        zi = torch.stack([VariationalHead.sample(mu_i[s].float(), lv_i[s].float(), r.cfg.vib_scale, r.rng)
+                          for s, r in enumerate(self.active)])
+        zt = torch.stack([VariationalHead.sample(mu_t[s].float(), lv_t[s].float(), r.cfg.vib_scale, r.rng)
+                          for s, r in enumerate(self.active)])
+        return Side(a, zi, mu_i, lv_i), Side(t, zt, mu_t, lv_t)
+
+    def _regularisers(self, rows: torch.Tensor, image: Side, text: Side) -> torch.Tensor:
+        """(S,) regulariser values: one call per objective and settings over its runs' slices."""
+        reg = torch.zeros(len(self.active), device=self.dev)
+        buckets: dict[tuple, list[int]] = {}
+        for s, r in enumerate(self.active):
+            if r.obj.regulariser is not None:
+                buckets.setdefault(_loss_key(r.cfg, r.obj), []).append(s)
+        for members in buckets.values():
+            run = self.active[members[0]]
+            if run.obj.batched:
+                idx = torch.tensor(members, device=self.dev)
+                batch = StepBatch(rows[idx], _pick(image, idx), _pick(text, idx))
+                reg = reg.index_put((idx,), run.obj.regulariser(batch, run.cfg).float())
+                continue
+            for s in members:  # run by run (the kNN form: each run's head over its own neighbour table)
+                r = self.active[s]
+                batch = StepBatch(rows[s], self._one_side(image, s, self.image, self.xi, r),
+                                  self._one_side(text, s, self.text, self.xt, r))
+                reg = reg.index_put((torch.tensor([s], device=self.dev),), r.obj.regulariser(batch, r.cfg).float().view(1))
+        return reg
+
+    def _one_side(self, side: Side, s: int, stack: StackedSide, table: torch.Tensor, run: _Run) -> Side:
+        knn = None
+        if run.job.graphs is not None:
+            graph = run.job.graphs[0] if stack is self.image else run.job.graphs[1]
+            knn = KnnSupport(stack.one(s, run.rng), table[run.train_pos], graph)
+        mu, logvar = (None, None) if side.mu is None else (side.mu[s], side.logvar[s])
+        return Side(side.x[s], side.z[s], mu, logvar, knn)
+
+    def step(self, step: int) -> np.ndarray:
+        """One optimiser step of every active run; (S, 3) [loss, clip, reg] per run."""
+        batch_pos = torch.stack([r.next_batch().to(self.dev) for r in self.active])  # (S, b) training positions
+        pos = torch.stack([r.train_pos[p] for r, p in zip(self.active, batch_pos)])  # (S, b) table rows
+        weights = torch.tensor([r.weight(step) for r in self.active], device=self.dev)
+        with autocast(self.dev, self.cfg.amp):
+            image, text = self._sides(pos)
+            clip = L.clip_loss(image.z, text.z, self.cfg.tau)
+            reg = self._regularisers(batch_pos, image, text)
+            loss = clip + weights * reg
+        self.opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        _clip_grads(list(self.image.params.values()))
+        _clip_grads(list(self.text.params.values()))
+        self.opt.step()
+        return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float().cpu().numpy()
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _validator(self, run: _Run) -> Validator:
+        """One validator per (validation rows, targets, chunk size): the runs that share them are scored together."""
+        key = (run.job.val_idx.tobytes(), id(run.job.targets), run.cfg.batch_size)
+        if key not in self.validators:
+            va = torch.from_numpy(run.job.val_idx).to(self.dev)
+            self.validators[key] = Validator(self.xi[va], self.xt[va], run.job.targets, self.cfg.tau,
+                                             run.cfg.batch_size)
+        return self.validators[key]
+
+    def evaluate(self, step: int, due: list[int]) -> None:
+        """Score the due runs (positions in the stack) on validation, bucketed by their validator."""
+        buckets: dict[int, list[int]] = {}
+        for s in due:
+            v = self._validator(self.active[s])
+            buckets.setdefault(id(v), []).append(s)
+        for members in buckets.values():
+            validator = self._validator(self.active[members[0]])
+            idx = torch.tensor(members, device=self.dev)
+
+            def embed(modality: str, x: torch.Tensor, idx: torch.Tensor = idx) -> torch.Tensor:
+                stack = self.image if modality == "image" else self.text
+                with autocast(self.dev, self.cfg.amp):
+                    return stack.embed(x.unsqueeze(0).expand(len(idx), -1, -1), idx)
+
+            for s, scores in zip(members, validator.score_many(embed)):
+                self.active[s].evaluated(step, scores, self._state(s))
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> list[TrainResult]:
+        max_steps, total_runs = self.cfg.max_steps, len(self.runs)
+        with torch.no_grad():
+            self.evaluate(0, list(range(len(self.active))))
+        pending: list[tuple[int, float, list[_Run], list[float], np.ndarray]] = []
+        step, done_steps = 0, 0
+        while self.active and step < max_steps:
+            lr = self.opt.param_groups[0]["lr"]
+            lams = [r.lam_of(step) for r in self.active]
+            losses = self.step(step)
+            step += 1
+            done_steps += len(self.active)
+            for g in self.opt.param_groups:  # the cosine schedule (LambdaLR's arithmetic: base lr x factor)
+                g["lr"] = self.cfg.lr * _cosine(step, max_steps)
+            pending.append((step, lr, list(self.active), lams, losses))
+            due = [s for s, r in enumerate(self.active) if r.due(step)]
+            if due:
+                self._checkpoint(step, due, pending)
+            if self.on_step is not None:
+                planned = done_steps + len(self.active) * (max_steps - step)
+                self.on_step(done_steps, planned, sum(r.stop is not None for r in self.runs), total_runs)
+        return [r.finish(self.dev, total_runs) for r in self.runs]
+
+    def _checkpoint(self, step: int, due: list[int], pending: list) -> None:
+        """Move the due runs' step losses into their histories, evaluate them, drop the runs that stop."""
+        due_runs = {id(self.active[s]) for s in due}
+        keep_pending = []
+        rows: dict[int, list] = {}
+        for st, lr, runs, lams, losses in pending:
+            rest = []
+            for i, r in enumerate(runs):
+                if id(r) in due_runs:
+                    rows.setdefault(id(r), []).append((st, lr, lams[i], losses[i]))
+                else:
+                    rest.append(i)
+            if rest:
+                keep_pending.append((st, lr, [runs[i] for i in rest], [lams[i] for i in rest], losses[rest]))
+        pending[:] = keep_pending
+        scored = []
+        for s in due:
+            r = self.active[s]
+            bad = r.record(rows.get(id(r), []))
+            if bad is not None:
+                del r.history[bad + 1:]
+                r.stop = (bad, "non_finite", f"non-finite training loss at step {bad}")
+            else:
+                scored.append(s)
+        with torch.no_grad():
+            self.evaluate(step, scored)
+        now = time.perf_counter() - self.t0
+        for s in due:
+            if self.active[s].stop is not None:
+                self.active[s].seconds = now
+        if any(r.stop is not None for r in self.active):
+            self._compact()
+
+
+def _pick(side: Side, idx: torch.Tensor) -> Side:
+    """The slices `idx` of a stacked side."""
+    return Side(side.x[idx], side.z[idx], None if side.mu is None else side.mu[idx],
+                None if side.logvar is None else side.logvar[idx])
+
+
+def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
+    """Fresh image and text heads for a config (variational when the objective samples embeddings)."""
+    if cfg.head in CLOSED_FORM_HEADS:
+        raise StratalignError(f"the {cfg.head} head is fitted in closed form: use train_csa / fit_csa")
+    opts = dict(cfg.head_options)
+    if objective_named(cfg.objective).variational:
+        opts["variational"] = True
+    return AlignedHeads(build_head(cfg.head, d_img, cfg.dim, **opts), build_head(cfg.head, d_txt, cfg.dim, **opts))
+
+
+def _init(job: HeadsJob, d_img: int, d_txt: int, dev: torch.device) -> tuple[AlignedHeads, torch.Generator]:
+    """The run's heads initialised under its seed (as alone), and its generator for dropout and VIB noise."""
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(job.cfg.seed)
+        model = make_heads(job.cfg, d_img, d_txt).to(dev)
+        if dev.type == "cuda":
+            rng = torch.Generator(device=dev).manual_seed(job.cfg.seed)
+        else:
+            rng = torch.Generator()
+            rng.set_state(torch.get_rng_state())
+    return model, rng
+
+
+def train_heads_many(xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], dev: torch.device, *,
+                     on_step: GroupProgress | None = None, max_group: int = 64) -> list[TrainResult]:
+    """Train every job on the device tables xi / xt (rows = pairs), grouped as `group_key` says, at most
+    `max_group` runs a group; the results in job order. on_step(steps done, steps planned, runs finished, runs)
+    is called after every step with the totals over all groups."""
+    dims = (int(xi.shape[1]), int(xt.shape[1]))
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(group_key(job, dims), []).append(i)
+    chunks = [m[a:a + max_group] for m in groups.values() for a in range(0, len(m), max_group)]
+    results: list[TrainResult | None] = [None] * len(jobs)
+    planned = [len(c) * jobs[c[0]].cfg.max_steps for c in chunks]
+    done_before, finished_before = 0, 0
+
+    def tick(done: int, plan: int, finished: int, _runs: int, k: int = 0) -> None:
+        if on_step is not None:
+            on_step(done_before + done, done_before + plan + sum(planned[k + 1:]), finished_before + finished,
+                    len(jobs))
+
+    for k, members in enumerate(chunks):
+        built = [_init(jobs[i], dims[0], dims[1], dev) for i in members]
+        loop = GroupLoop(xi, xt, [jobs[i] for i in members], [m for m, _ in built], [g for _, g in built], dev,
+                         on_step=lambda d, p, f, r, k=k: tick(d, p, f, r, k))
+        for i, res in zip(members, loop.run()):
+            results[i] = res
+            done_before += res.steps_taken
+        finished_before += len(members)
+    return [r for r in results if r is not None]

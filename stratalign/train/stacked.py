@@ -1,0 +1,111 @@
+"""The heads of S runs as stacked tensors: one batched matmul per layer instead of S small ones.
+
+Each parameter of a head (state-dict name `linear.weight`, `net.3.bias`, `gate`, ...) becomes one (S, *shape)
+leaf tensor; run s's head is slice s. The forward of a slice computes what the run's own `nn.Module` does
+(`baddbmm(bias, x, W^T)` for each Linear, GELU and the L2 normalisation row-wise), and dropout draws each run's
+mask from that run's own generator, so a run consumes the same random stream in a stack as alone. The head kinds
+are those of stratalign.core.heads (linear, mlp, residual; the variational wrapper of each).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Gens = Sequence[torch.Generator] | None
+
+
+def _linear(p: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    """x (S, b, d_in) through the stacked Linear `name` -> (S, b, d_out)."""
+    return torch.baddbmm(p[f"{name}.bias"].unsqueeze(1), x, p[f"{name}.weight"].transpose(1, 2))
+
+
+def _dropout(x: torch.Tensor, rate: float, gens: Gens) -> torch.Tensor:
+    """Dropout of each run's slice with its own generator (no-op when gens is None: evaluation)."""
+    if gens is None or rate == 0.0:
+        return x
+    keep = torch.empty_like(x)
+    for s, g in enumerate(gens):
+        keep[s].bernoulli_(1.0 - rate, generator=g)
+    return x * keep.div_(1.0 - rate)
+
+
+def _features_linear(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens) -> torch.Tensor:
+    return _linear(p, "linear", x)
+
+
+def _features_mlp(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens) -> torch.Tensor:
+    h = _linear(p, "net.0", x)
+    for i in range(1, int(cfg["layers"])):  # Sequential: Linear, then (GELU, Dropout, Linear) per extra layer
+        h = _linear(p, f"net.{3 * i}", _dropout(F.gelu(h), float(cfg["dropout"]), gens))
+    return h
+
+
+def _features_residual(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens) -> torch.Tensor:
+    branch = _linear(p, "up", _dropout(F.gelu(_linear(p, "down", x)), float(cfg["dropout"]), gens))
+    return _linear(p, "proj", x) + p["gate"].view(-1, 1, 1) * branch
+
+
+_FEATURES = {"linear": _features_linear, "mlp": _features_mlp, "residual": _features_residual}
+
+
+class StackedSide:
+    """One modality's heads of S runs (same kind and config): `params` maps each head parameter's state-dict name
+    to its (S, *shape) leaf tensor."""
+
+    def __init__(self, heads: Sequence[nn.Module]) -> None:
+        cfg = dict(heads[0].config)
+        self.variational = bool(cfg.pop("variational", False))
+        self.d_out = int(cfg["d_out"])
+        self.cfg = cfg
+        self.prefix = "base." if self.variational else ""
+        names = [n for n, _ in heads[0].named_parameters()]
+        self.params = {n: torch.stack([dict(h.named_parameters())[n].detach() for h in heads]).requires_grad_()
+                       for n in names}
+
+    def _base(self, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        k = len(self.prefix)
+        return {n[k:]: t for n, t in p.items()}
+
+    def raw(self, x: torch.Tensor, gens: Gens, runs: slice | None = None) -> torch.Tensor:
+        """The heads' raw outputs (before normalisation) for x (S, b, d_in); `runs` picks a range of slices."""
+        p = self.params if runs is None else {n: t[runs] for n, t in self.params.items()}
+        return _FEATURES[self.cfg["kind"]](self._base(p), self.cfg, x, gens)
+
+    def forward(self, x: torch.Tensor, gens: Gens) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Training output: normalised rows, or (mu, logvar = tanh(.)) for variational heads."""
+        h = self.raw(x, gens)
+        if self.variational:
+            return h[..., : self.d_out], torch.tanh(h[..., self.d_out:])
+        return F.normalize(h, dim=-1)
+
+    def embed(self, x: torch.Tensor, runs: slice | None = None) -> torch.Tensor:
+        """Evaluation embedding (no dropout): normalised output, or normalise(mu) for variational heads."""
+        h = self.raw(x, None, runs)
+        return F.normalize(h[..., : self.d_out] if self.variational else h, dim=-1)
+
+    def one(self, s: int, gen: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Run s's head as a function of 2-D inputs (training mode: its dropout draws from `gen`); what the kNN
+        form of R_S calls on a run's neighbour table."""
+        def head(x: torch.Tensor) -> torch.Tensor:
+            p = {n: t[s:s + 1] for n, t in self.params.items()}
+            h = _FEATURES[self.cfg["kind"]](self._base(p), self.cfg, x.unsqueeze(0), None if gen is None else [gen])[0]
+            return F.normalize(h, dim=-1)
+
+        return head
+
+    def state(self, s: int) -> dict[str, torch.Tensor]:
+        """Run s's head weights under their state-dict names (a detached copy)."""
+        return {n: t[s].detach().clone() for n, t in self.params.items()}
+
+    def keep(self, runs: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+        """Keep only the slices `runs` (stopped runs leave the stack); returns {old leaf: new leaf}."""
+        moved = {}
+        for n, t in list(self.params.items()):
+            new = t.detach()[runs].clone().requires_grad_()
+            moved[t] = new
+            self.params[n] = new
+        return moved
