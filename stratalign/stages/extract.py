@@ -64,6 +64,9 @@ def extract(store: FeatureStore, dataset: str, cfg: ExtractConfig, load: Callabl
     todo = tuple(spec for spec in cfg.encoders if done[spec] is None)
     made: dict[str, ExtractReport] = {}
     if todo:
+        from stratalign.stages.extract_loading import check_image_paths
+
+        check_image_paths(ds)  # a table pointing outside its image roots fails before any model loads
         reports = _run_engine(store, dataset, replace(cfg, encoders=todo), load, engine, ray_address)
         for spec, report in zip(todo, reports):
             remember(store, ds, spec, cfg, identities[spec], report)
