@@ -9,9 +9,9 @@ On a CUDA machine it runs, each on the CPU (float32, the reference) and on the G
   (core.knn.knn_indices) and the layer matrices (core.similarity.layer_similarity, mutual_knn + cka). Tolerance:
   >= 99.9 % of kNN indices identical (the CPU and GPU kernels may break float32 near-ties differently) and the
   matrices within 1e-3;
-- training: a few hundred steps of clip+structure on random paired features (train.train_heads, bf16 autocast on
-  the GPU, float32 on the CPU). Tolerance: best validation CLIP loss within 5 % relative (autocast changes the
-  trajectory, not where it goes).
+- training: a few hundred steps of `--runs` clip+structure runs trained batched on random paired features
+  (train.train_many: stacked heads in one loop; bf16 autocast on the GPU, float32 on the CPU). Tolerance: the mean
+  best validation CLIP loss within 5 % relative (autocast changes the trajectory, not where it goes).
 It prints a table (value on each device, the difference, the tolerance, CPU s, GPU s, speed-up) and exits 1 when
 a check fails. Timings synchronise the GPU before reading the clock and exclude a warm-up pass.
 
@@ -163,29 +163,31 @@ def paired_features(rows: int, dim: int, seed: int = 3) -> tuple[np.ndarray, np.
     return x_img, x_txt
 
 
-def train_once(x_img: np.ndarray, x_txt: np.ndarray, steps: int, device: str, batch: int = 1024,
-               dim: int = 256) -> tuple[float, float]:
-    """(best validation CLIP loss, seconds) of clip+structure trained on the first 90 % of the rows."""
-    from stratalign.train import TrainConfig, train_heads
+def train_group(x_img: np.ndarray, x_txt: np.ndarray, steps: int, device: str, runs: int, batch: int = 1024,
+                dim: int = 256) -> tuple[float, float]:
+    """(mean best validation CLIP loss, seconds) of `runs` clip+structure runs (seeds 0..runs-1, lambda 1..4)
+    trained batched (train.train_many: one loop, stacked heads) on the first 90 % of the rows."""
+    from stratalign.train import RunSpec, TrainConfig, train_many
 
     n = len(x_img)
     tr, va = np.arange(int(n * 0.9)), np.arange(int(n * 0.9), n)
-    cfg = TrainConfig(objective="clip+structure", dim=dim, batch_size=batch, max_steps=steps,
-                      warmup_steps=max(1, steps // 6), patience=steps, eval_every=max(1, steps // 30), device=device,
-                      amp=True)
-    result, seconds = timed(lambda: train_heads(x_img, x_txt, tr, va, cfg), device)
-    return float(result.best_val_clip), seconds
+    specs = [RunSpec(TrainConfig(objective="clip+structure", dim=dim, batch_size=batch, max_steps=steps, seed=s,
+                                 lam=float(1 + s % 4), warmup_steps=max(1, steps // 6), patience=steps,
+                                 eval_every=max(1, steps // 30), device=device, amp=True, select="clip_loss"), tr, va)
+             for s in range(runs)]
+    results, seconds = timed(lambda: train_many(x_img, x_txt, specs), device)
+    return float(np.mean([r.best_val_clip for r in results])), seconds
 
 
-def check_training(rows: int, dim: int, steps: int, device: str) -> Row:
+def check_training(rows: int, dim: int, steps: int, device: str, runs: int) -> Row:
     x_img, x_txt = paired_features(rows, dim)
     if device.startswith("cuda"):
-        train_once(x_img[:512], x_txt[:512], 5, device, batch=128, dim=32)  # warm-up: CUDA context, kernels
-    ref, cpu_s = train_once(x_img, x_txt, steps, "cpu")
-    got, dev_s = train_once(x_img, x_txt, steps, device)
+        train_group(x_img[:512], x_txt[:512], 5, device, 2, batch=128, dim=32)  # warm-up: CUDA context, kernels
+    ref, cpu_s = train_group(x_img, x_txt, steps, "cpu", runs)
+    got, dev_s = train_group(x_img, x_txt, steps, device, runs)
     rel = abs(got - ref) / max(abs(ref), 1e-12)
-    return Row(f"train clip+structure {steps} steps, n={rows}", f"val clip {ref:.4f}", f"val clip {got:.4f}", rel,
-               "relative <= 5 %", rel <= 0.05, cpu_s, dev_s)
+    return Row(f"train {runs} clip+structure runs batched, {steps} steps, n={rows}", f"val clip {ref:.4f}",
+               f"val clip {got:.4f}", rel, "relative <= 5 %", rel <= 0.05, cpu_s, dev_s)
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=256, help="images through the ViT")
     ap.add_argument("--layers", type=int, default=12, help="ViT blocks")
     ap.add_argument("--steps", type=int, default=300, help="training steps")
+    ap.add_argument("--runs", type=int, default=8, help="runs trained batched")
     ap.add_argument("--device", default="cuda", help="the CUDA device to check")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [check_knn(args.rows * 4, 384, 10, dev), check_layer_matrix(args.rows, 6, 384, dev)]
     else:
         print("faiss: no GPU index (faiss.get_num_gpus() == 0 or faiss-cpu installed): kNN checks skipped")
-    rows.append(check_training(args.rows * 4, 384, args.steps, dev))
+    rows.append(check_training(args.rows * 4, 384, args.steps, dev, args.runs))
     print(table(rows))
     failed = [r.check for r in rows if not r.ok]
     if failed:

@@ -56,6 +56,6 @@ def test_feature_comparison_catches_a_wrong_device_result(gc) -> None:
 def test_knn_matrix_and_training_references_agree_with_themselves(gc) -> None:
     assert gc.check_knn(200, 16, 5, "cpu").diff == 0
     assert gc.check_layer_matrix(60, 2, 8, "cpu").diff == 0
-    row = gc.check_training(400, 16, 12, "cpu")
+    row = gc.check_training(400, 16, 12, "cpu", 2)
     assert row.ok and row.diff == 0 and "val clip" in row.cpu
     assert "speed-up" in gc.table([row]).splitlines()[0]
