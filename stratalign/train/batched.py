@@ -233,6 +233,9 @@ class GroupLoop:
         for members in buckets.values():
             run = self.active[members[0]]
             if run.obj.batched:
+                if len(members) == len(self.active):  # every run: the stacks as they are (no copy)
+                    reg = run.obj.regulariser(StepBatch(rows, image, text), run.cfg).float()
+                    continue
                 idx = torch.tensor(members, device=self.dev)
                 batch = StepBatch(rows[idx], _pick(image, idx), _pick(text, idx))
                 reg = reg.index_put((idx,), run.obj.regulariser(batch, run.cfg).float())
