@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -20,6 +22,7 @@ from PIL import Image
 from stratalign.errors import StratalignError
 from stratalign.stages.sources import ingest_source
 from stratalign.store.features import FeatureStore
+from stratalign.store.keys import content_fingerprint, content_fingerprint_batches
 
 POLARS_OF_EXPECTED = "2.1.0"
 EXPECTED = {  # computed with the record-list code (1ed7604) by `_ingest` on `_coco_input`
@@ -77,9 +80,14 @@ def _ingest(tmp_path: Path, bad: bool) -> dict[str, str]:
     }
 
 
+@pytest.mark.parametrize("reader", ["ijson", "json.load"])
 @pytest.mark.parametrize("case", ["skip_bad", "clean"])
-def test_coco_ingest_matches_the_record_list_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
-    pytest.importorskip("ijson", reason="the streamed COCO reader needs ijson (the `ingest` extra)")
+def test_coco_ingest_matches_the_record_list_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str,
+                                                  reader: str) -> None:
+    if reader == "ijson":
+        pytest.importorskip("ijson", reason="the streamed COCO reader needs ijson (the `ingest` extra)")
+    else:
+        monkeypatch.setitem(sys.modules, "ijson", None)  # the reader falls back to json.load
     monkeypatch.chdir(tmp_path)
     got = _ingest(tmp_path, case == "skip_bad")
     want = dict(EXPECTED[case])
@@ -97,3 +105,27 @@ def test_duplicate_caption_ids_are_one_error(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(StratalignError, match=r"1 duplicate caption id\(s\) in dataset 'tiny-coco': 100"):
         ingest_source("coco", "tiny-coco", captions_json=str(path), image_dir=str(tmp_path / "img"), skip_bad=True)
+
+
+def test_fingerprint_of_batches_is_the_fingerprint_of_the_lists() -> None:
+    rng = random.Random(0)
+    alphabet = ["a", " ", '"', "\\", "é", "🐶", "\n", "\u2003", "x"]
+
+    def word() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 8)))
+
+    images = [(word(), word(), word()) for _ in range(50)]
+    captions = [(word(), word(), word()) for _ in range(130)]
+    cuts = sorted(rng.sample(range(131), 6))  # uneven batches, empty ones included
+    batches = [captions[a:b] for a, b in zip([0, *cuts, cuts[-1]], [*cuts, cuts[-1], 130])]
+    assert sum(map(len, batches)) == 130 and any(len(b) == 0 for b in batches)
+    assert content_fingerprint_batches([images[:20], images[20:]], batches) == content_fingerprint(images, captions)
+    assert content_fingerprint_batches([], []) == content_fingerprint([], [])
+
+
+def test_limit_keeps_the_first_images_and_their_captions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    anns = json.loads(_coco_input(tmp_path, False).read_text())["annotations"]
+    ds = ingest_source("coco", "tiny-coco", captions_json="captions.json", image_dir="img", limit=4)
+    assert ds.images["image_id"].to_list() == ["0", "1", "2", "3"]
+    assert ds.captions["caption_id"].to_list() == [str(a["id"]) for a in anns if a["image_id"] < 4]

@@ -32,7 +32,7 @@ artifact by name or key. Layout under the store root:
 
 Modules: location (where a store lives, safe keys), keys (every content address), features (FeatureStore),
 entry (EntrySpec, FeatureEntry), claims (shard claims and heartbeats), datasets (PairDataset, validation,
-fingerprints), dataset_tables (a dataset's files), media (images), prompt_cache, extract_records, runs (RunRegistry),
+fingerprints), raw_records (a source's records as columnar batches), dataset_tables (a dataset's files), media (images), prompt_cache, extract_records, runs (RunRegistry),
 layer_results, graphs, cleanup (temp files of dead writers), verify (what `stratalign store verify` checks: datasets,
 entries and their keys, shard markers, claims, runs, prompt caches, layer results and choices, graphs), shard_format
 (layout 2's shard files), inventory (every artifact with its size and orphan status: `store ls | rm`), indexes (search
