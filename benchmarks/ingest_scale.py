@@ -4,7 +4,7 @@ the whole ingest (read, validate and hash every image, build the tables, save th
 A synthetic `captions_*.json` of `--images` images (default 118,287, COCO train2017) x `--per-image` captions
 (default 5: ~590k captions, COCO's field layout and caption lengths), and with `--with-images` one tiny distinct
 PNG per image (the whole ingest reads and hashes every image). Each measurement runs in a child process of its
-own, so its peak RSS (ru_maxrss) is its own. With `--before DIR` (a source tree of an earlier commit, e.g.
+own, so its peak RSS (VmHWM) is its own. With `--before DIR` (a source tree of an earlier commit, e.g.
 `git archive 1ed7604 | tar -x -C DIR`) every measurement is repeated with that code, in the same run, on the
 same file: before/after ratios of time and peak RSS.
 
@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from peak_rss import peak_rss_mb
 
 
 def make(root: Path, n_images: int, per_image: int, with_images: bool) -> Path:
@@ -61,7 +62,7 @@ def child(args: argparse.Namespace) -> dict:
         images, captions, _ = read_coco(args.file, args.images_dir)
         n = (len(images), len(captions))
     return {"s": time.perf_counter() - t0, "rows": n,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:

@@ -10,6 +10,11 @@ peak RSS is the method's own. Reported: median seconds over `--repeats`, bytes r
 from /proc/self/io for the store; for the memmap the 4 KB pages the rows sit in), the child's peak RSS, and the
 ratios layout-1/layout-2 (goal >= 20x at 5,000 rows) and layout-2/memmap (goal <= 10x). Then `layers`' read:
 every layer of both entries at n sampled pairs (n = 1k, 5k, 20k), to show it grows with n, not with the layer.
+Then the stages through the library, each in a child process of its own (benchmarks/store_scale_stages.py: the
+entries belong to a real dataset record with a Karpathy-like split): `layers` (every layer pair, mutual kNN) at
+`--stage-n` sampled pairs on layout 2 and at 5,000 on layout 1, and one `train` run (clip, linear heads, cpu
+preset, `--train-pairs` or every train pair, evaluated on the test split) per layout: wall seconds, the stage's
+own read seconds, peak RSS (VmHWM). `--only reads|stages` runs one half (with `--dir --keep`, on a built store).
 The page cache is warm (each child reads its method's files once before timing): this measures decoding and
 checking, not the disk; on object stores layout 1's whole-layer download is the larger cost. The peak RSS of
 the row reads is taken before the whole-layer reads (memmap's counts the mapped file pages it touched).
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from peak_rss import peak_rss_mb
 from store_scale_stages import (
     DATASET,
     build_dataset_record,
@@ -113,7 +118,7 @@ def child(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     for r in [*args.r, "all"]:
         if r == "all":  # the row reads' own peak, before a whole layer is held
-            out["peak_rss_rows_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            out["peak_rss_rows_mb"] = peak_rss_mb()
         times, nbytes = [], []
         for rep in range(args.repeats + 1):  # the first is a warm-up
             rows = None if r == "all" else rng.choice(args.rows, size=min(int(r), args.rows), replace=False)
@@ -139,7 +144,7 @@ def child(args: argparse.Namespace) -> dict:
             text(layer, cap)
             image(layer, img)
         out["layers"][str(n)] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import resource
 import time
 from pathlib import Path
+
+from peak_rss import peak_rss_mb
 
 DATASET = "coco-synthetic"
 
@@ -80,7 +81,7 @@ def stage_child(args: argparse.Namespace) -> dict:
                "eval_images": m["eval_images"], "eval_captions": m["eval_captions"],
                "t2i_R@1": m.get("t2i_R@1"), "i2t_R@1": m.get("i2t_R@1")}
     res["wall_s"] = time.perf_counter() - t0
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mb"] = peak_rss_mb()
     return res
 
 
