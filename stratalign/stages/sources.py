@@ -264,4 +264,4 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
     templates = TWEMOJI_TEMPLATES if kind == "twemoji" else None
     default_name = "twemoji" if kind == "twemoji" else kind
     return build_dataset(default_name if name is None else name, images, captions, source=source, seed=seed,
-                         skip_bad=skip_bad, templates=templates)
+                         skip_bad=skip_bad, templates=templates, progress=bool(args.get("progress", False)))

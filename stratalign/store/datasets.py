@@ -32,6 +32,7 @@ from stratalign.store.raw_records import caption_columns, image_columns
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CHECK_BATCH = 4096  # image checks in flight at once (bounded memory on 100k+ images)
 
 
 @dataclass
@@ -190,19 +191,26 @@ def _valid_captions(captions: pl.DataFrame, images: pl.DataFrame, reject: _Rejec
     reject("caption", unknown, "an unknown image id")
     empty = captions.filter(known & (pl.col("text") == ""))["caption_id"].to_list()  # text is normalised
     reject("caption", empty, "empty text")
-    captions = captions.filter(~pl.col("caption_id").is_in(unknown + empty))
+    if unknown or empty:  # (a filter copies the table)
+        captions = captions.filter(~pl.col("caption_id").is_in(unknown + empty))
     dup_c = sorted(set(captions.filter(pl.col("caption_id").is_duplicated())["caption_id"].to_list()))
     if dup_c:
         raise StratalignError(f"{len(dup_c)} duplicate caption id(s) in dataset {reject.name!r}: {preview(dup_c)}")
     return captions
 
 
-def _readable_images(images: pl.DataFrame, reject: _Rejects, workers: int) -> pl.DataFrame:
-    """The images whose file reads and decodes, with their content hash (`sha`)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        checks = list(pool.map(_check_image, images["path"].to_list()))
+def _readable_images(images: pl.DataFrame, reject: _Rejects, workers: int, progress: bool) -> pl.DataFrame:
+    """The images whose file reads and decodes, with their content hash (`sha`); a bar on a terminal."""
+    from tqdm import tqdm
+
+    paths, checks = images["path"].to_list(), []
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(paths), unit="image", desc="checking images", disable=None if progress else True) as bar:
+        for i in range(0, len(paths), CHECK_BATCH):  # pool.map submits all at once: a future per image
+            checks += pool.map(_check_image, paths[i:i + CHECK_BATCH])
+            bar.update(len(checks) - bar.n)
     by_reason: dict[str, list[str]] = {}
-    for iid, path, (_, reason) in zip(images["image_id"].to_list(), images["path"].to_list(), checks):
+    for iid, path, (_, reason) in zip(images["image_id"].to_list(), paths, checks):
         if reason:
             by_reason.setdefault(reason.split(" (")[0], []).append(f"{iid} ({path})")
     for reason, bad in by_reason.items():
@@ -264,12 +272,14 @@ def build_dataset(
     skip_bad: bool = False,
     templates: tuple[str, ...] | None = None,
     workers: int = 8,
+    progress: bool = False,
 ) -> PairDataset:
     """Validate raw records (lists of RawImage / RawCaption, or the frames of store.raw_records) into a PairDataset.
 
     Bad records (duplicate image ids, captions of unknown images, empty captions, missing or corrupt
     image files, images left without captions) raise one StratalignError naming the first few and the
-    count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason.
+    count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason. `progress`: a bar
+    over the image checks (every image file is read, decoded and hashed) on a terminal.
     """
     images, captions = _as_frames(images, captions)
     if images.height == 0:
@@ -278,14 +288,16 @@ def build_dataset(
     _check_group_splits(name, images)
     images = _valid_images(images, reject)
     captions = _valid_captions(captions, images, reject)
-    good = _readable_images(images, reject, workers)
+    good = _readable_images(images, reject, workers, progress)
     captioned = pl.col("image_id").is_in(captions["image_id"].implode())
     reject("image", good.filter(~captioned)["image_id"].to_list(), "no caption")
     good = good.filter(captioned)
-    captions = captions.filter(pl.col("image_id").is_in(good["image_id"].implode()))
+    if good.height < images.height:  # captions of unreadable images go too (a filter copies the table)
+        captions = captions.filter(pl.col("image_id").is_in(good["image_id"].implode()))
     if good.height == 0:
         raise StratalignError(f"dataset {name!r} has no usable image-caption pairs left")
     images_df, captions_df = _tables(good, captions, seed, fractions)
+    del good, captions, images  # the tables are copies: one copy of the captions is held from here on
     labels = [x for x in images_df["label"].to_list() if x is not None]
     content_fp = content_fingerprint_batches(
         (b.rows() for b in images_df.select("image_id", "relpath", "sha").iter_slices(65_536)),

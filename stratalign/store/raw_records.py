@@ -60,12 +60,13 @@ class RecordColumns:
         self._pending = []
 
     def frame(self) -> pl.DataFrame:
-        """Every record so far, one contiguous frame (the batches are released)."""
+        """Every record so far, one frame of the batches as chunks (not copied into one: whoever needs contiguous
+        columns, e.g. to write Parquet, rechunks the frame it finally keeps)."""
         self._flush()
         frames, self._frames = self._frames, []
         if not frames:
             return pl.DataFrame(schema=self.columns)
-        return pl.concat(frames, rechunk=True)
+        return pl.concat(frames, rechunk=False)
 
 
 def image_columns() -> RecordColumns:
