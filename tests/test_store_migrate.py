@@ -109,6 +109,8 @@ def test_a_cut_between_two_renames_is_completed(old: Path, monkeypatch: pytest.M
     monkeypatch.undo()
     monkeypatch.chdir(old)
     assert not (old / "store" / "features" / KEY).exists()
+    report = verify_store(API.FeatureStore.open("store", "r"))
+    assert not report.ok and any("interrupted `store migrate`" in f.message for f in report.findings)
     recovered, done = migrate.migrate_store(API.FeatureStore.open("store", "a"), (KEY,))
     assert "the verified layout-2 copy put in place" in recovered[0] and done[0].action == "skipped"
     entry = API.FeatureStore.open("store", "r").entry(KEY)
