@@ -15,7 +15,9 @@ from test_old_store import API, ENTRY_KEYS, FIXTURE, GEN, LAYER_KEY, RUN_IDS, _t
 from typer.testing import CliRunner
 
 from stratalign.cli.main import app
+from stratalign.errors import StratalignError
 from stratalign.store import migrate
+from stratalign.store.entry import FeatureEntry
 from stratalign.store.verify import verify_store
 
 KEY = sorted(ENTRY_KEYS)[0]
@@ -74,11 +76,19 @@ def test_dry_run_and_cli(old: Path) -> None:
     assert API.FeatureStore.open("store", "r").entry(KEY).spec.format_version == 2
 
 
-def test_a_failed_check_or_a_cut_before_the_swap_leaves_the_entry(old: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fault", ["old shard corrupt", "copy differs"])
+def test_a_failed_check_leaves_the_entry(old: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
     store = API.FeatureStore.open("store", "a")
     values = _values(store)[KEY]
-    monkeypatch.setattr(migrate, "shard_sha", lambda block: "0" * 64)  # the copy "differs" from the markers
-    with pytest.raises(Exception, match="do not match their checksums"):
+    if fault == "old shard corrupt":  # the original's shards no longer match their markers
+        monkeypatch.setattr(migrate, "shard_sha", lambda block: "0" * 64)
+        match = "do not match their checksums"
+    else:  # the copy is written with other values: caught when it is read back, before any swap
+        real = FeatureEntry.write_shard
+        monkeypatch.setattr(FeatureEntry, "write_shard", lambda self, s, blocks, info=None: real(
+            self, s, [np.asarray(b, dtype=np.float32) + 1 for b in blocks], info))
+        match = "differs at shard 0"
+    with pytest.raises(StratalignError, match=match):
         migrate.migrate_store(store, (KEY,))
     monkeypatch.undo()
     monkeypatch.chdir(old)
