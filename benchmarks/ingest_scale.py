@@ -4,23 +4,28 @@ the whole ingest (read, validate and hash every image, build the tables, save th
 A synthetic `captions_*.json` of `--images` images (default 118,287, COCO train2017) x `--per-image` captions
 (default 5: ~590k captions, COCO's field layout and caption lengths), and with `--with-images` one tiny distinct
 PNG per image (the whole ingest reads and hashes every image). Each measurement runs in a child process of its
-own, so its peak RSS (ru_maxrss) is its own.
+own, so its peak RSS (VmHWM) is its own. With `--before DIR` (a source tree of an earlier commit, e.g.
+`git archive 1ed7604 | tar -x -C DIR`) every measurement is repeated with that code, in the same run, on the
+same file: before/after ratios of time and peak RSS.
 
     python benchmarks/ingest_scale.py --images 20000               # the reader only, a sixth of COCO
     python benchmarks/ingest_scale.py --with-images                # COCO scale, the whole ingest too
+    python benchmarks/ingest_scale.py --with-images --before /tmp/old   # ... against the code in /tmp/old
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from peak_rss import peak_rss_mb
 
 
 def make(root: Path, n_images: int, per_image: int, with_images: bool) -> Path:
@@ -57,7 +62,7 @@ def child(args: argparse.Namespace) -> dict:
         images, captions, _ = read_coco(args.file, args.images_dir)
         n = (len(images), len(captions))
     return {"s": time.perf_counter() - t0, "rows": n,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
@@ -65,6 +70,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=118_287)
     p.add_argument("--per-image", type=int, default=5)
     p.add_argument("--with-images", action="store_true", help="write the images too and time the whole ingest")
+    p.add_argument("--before", default=None, help="a source tree of earlier code to measure too (its root: PYTHONPATH)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="ijson", help=argparse.SUPPRESS)
     p.add_argument("--file", help=argparse.SUPPRESS)
@@ -81,14 +87,31 @@ def main() -> None:
         print(f"wrote {path.stat().st_size / 2**20:.0f} MB of JSON in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         modes = ["ijson", "json.load"] + (["ingest"] if args.with_images else [])
         print(f"\n{args.images:,} images x {args.per_image} captions ({path.stat().st_size / 2**20:.0f} MB JSON)\n")
-        print("| what | seconds | peak RSS MB | images | captions |\n| --- | --- | --- | --- | --- |")
+        print("| what | code | seconds | peak RSS MB | images | captions |\n| --- | --- | --- | --- | --- | --- |")
+        trees = {"this": str(Path(__file__).resolve().parents[1]), **({"before": args.before} if args.before else {})}
         for mode in modes:
-            cmd = [sys.executable, __file__, "--child", "--mode", mode, "--file", str(path),
-                   "--images-dir", str(root / "img"), "--store", str(root / "store")]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            label = {"ijson": "read_coco, streamed (ijson)", "json.load": "read_coco, json.load",
-                     "ingest": "whole ingest (streamed read, image hashing, tables, save)"}[mode]
-            print(f"| {label} | {res['s']:.1f} | {res['peak_rss_mb']:.0f} | {res['rows'][0]:,} | {res['rows'][1]:,} |")
+            res = {}
+            for code, tree in trees.items():
+                cmd = [sys.executable, __file__, "--child", "--mode", mode, "--file", str(path),
+                       "--images-dir", str(root / "img"), "--store", str(root / f"store-{code}")]
+                env = {**os.environ, "PYTHONPATH": tree}
+                res[code] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+                label = {"ijson": "read_coco, streamed (ijson)", "json.load": "read_coco, json.load",
+                         "ingest": "whole ingest (streamed read, image hashing, tables, save)"}[mode]
+                r = res[code]
+                print(f"| {label} | {code} | {r['s']:.1f} | {r['peak_rss_mb']:.0f} | {r['rows'][0]:,} | {r['rows'][1]:,} |",
+                      flush=True)
+            if "before" in res:
+                b, a = res["before"], res["this"]
+                print(f"| ... before / this | | {b['s'] / a['s']:.2f}x | {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x | | |")
+        if args.with_images and args.before:
+            same = {f: (root / "store-this" / "datasets" / "coco-synthetic" / f).read_bytes()
+                    == (root / "store-before" / "datasets" / "coco-synthetic" / f).read_bytes()
+                    for f in ("images.parquet", "captions.parquet")}
+            metas = [json.loads((root / f"store-{c}" / "datasets" / "coco-synthetic" / "dataset.json").read_text())
+                     for c in ("this", "before")]
+            same.update({k: metas[0][k] == metas[1][k] for k in ("content_fingerprint", "fingerprint", "skipped")})
+            print(f"\nstored tables byte-identical and fingerprints equal, this vs before: {same}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

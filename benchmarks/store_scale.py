@@ -10,6 +10,11 @@ peak RSS is the method's own. Reported: median seconds over `--repeats`, bytes r
 from /proc/self/io for the store; for the memmap the 4 KB pages the rows sit in), the child's peak RSS, and the
 ratios layout-1/layout-2 (goal >= 20x at 5,000 rows) and layout-2/memmap (goal <= 10x). Then `layers`' read:
 every layer of both entries at n sampled pairs (n = 1k, 5k, 20k), to show it grows with n, not with the layer.
+Then the stages through the library, each in a child process of its own (benchmarks/store_scale_stages.py: the
+entries belong to a real dataset record with a Karpathy-like split): `layers` (every layer pair, mutual kNN) at
+`--stage-n` sampled pairs on layout 2 and at 5,000 on layout 1, and one `train` run (clip, linear heads, cpu
+preset, `--train-pairs` or every train pair, evaluated on the test split) per layout: wall seconds, the stage's
+own read seconds, peak RSS (VmHWM). `--only reads|stages` runs one half (with `--dir --keep`, on a built store).
 The page cache is warm (each child reads its method's files once before timing): this measures decoding and
 checking, not the disk; on object stores layout 1's whole-layer download is the larger cost. The peak RSS of
 the row reads is taken before the whole-layer reads (memmap's counts the mapped file pages it touched).
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -33,6 +37,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from peak_rss import peak_rss_mb
+from store_scale_stages import (
+    DATASET,
+    build_dataset_record,
+    content_fingerprint,
+    encoder_name,
+    n_images,
+    stage_child,
+    stage_table,
+)
 
 
 def _read_bytes() -> int:
@@ -40,23 +54,25 @@ def _read_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
-def _spec(rows: int, layers: int, dim: int, shard_rows: int, modality: str, layout: int):
+def _spec(rows: int, layers: int, dim: int, shard_rows: int, modality: str, layout: int, content: str):
     from stratalign.store.features import EntrySpec
 
-    return EntrySpec(dataset="coco-synthetic", content_fingerprint="f" * 64, modality=modality,
-                     encoder={"spec": f"synthetic-{modality}"}, pooling="mean",
+    return EntrySpec(dataset=DATASET, content_fingerprint=content, modality=modality,
+                     encoder={"spec": encoder_name(modality, layout), "default_pooling": "mean"}, pooling="mean",
                      layer_names=tuple(f"l{i}" for i in range(layers)), dims=(dim,) * layers, rows=rows,
                      shard_rows=shard_rows, format_version=layout)
 
 
 def build(root: Path, rows: int, layers: int, dim: int, shard_rows: int) -> dict:
-    """Both entries in both layouts plus the memmaps; returns write seconds per layout."""
+    """The dataset record, both entries in both layouts plus the memmaps; returns write seconds per layout."""
     from stratalign.store.features import FeatureStore
 
-    store = FeatureStore.open(str(root / "store"), "a", create=True)
-    timings = {}
-    for modality, n in (("text", rows), ("image", max(1, rows // 5))):
-        entries = {layout: store.create_entry(_spec(n, layers, dim, shard_rows, modality, layout)) for layout in (1, 2)}
+    timings: dict = {"dataset_record_s": round(build_dataset_record(root, rows), 1)}
+    content = content_fingerprint(root)
+    store = FeatureStore.open(str(root / "store"), "a")
+    for modality, n in (("text", rows), ("image", n_images(rows))):
+        entries = {layout: store.create_entry(_spec(n, layers, dim, shard_rows, modality, layout, content))
+                   for layout in (1, 2)}
         maps = [np.lib.format.open_memmap(root / f"{modality}_{i}.npy", mode="w+", dtype=np.float16, shape=(n, dim))
                 for i in range(layers)]
         t_write = {1: 0.0, 2: 0.0}
@@ -84,12 +100,14 @@ def child(args: argparse.Namespace) -> dict:
 
     root = Path(args.dir)
     store = FeatureStore.open(str(root / "store"), "r")
+    content = store.dataset(DATASET).content_fingerprint
 
     def reader(modality: str, rows_total: int):
         if args.method == "memmap":
             maps = [np.load(root / f"{modality}_{i}.npy", mmap_mode="r") for i in range(args.layers)]
             return lambda layer, rows: np.array(maps[layer] if rows is None else maps[layer][rows])
-        entry = store.entry(_spec(rows_total, args.layers, args.dim, args.shard_rows, modality, int(args.method[-1])).key)
+        entry = store.entry(_spec(rows_total, args.layers, args.dim, args.shard_rows, modality, int(args.method[-1]),
+                                  content).key)
         return entry.read_layer
 
     n_img = max(1, args.rows // 5)
@@ -100,7 +118,7 @@ def child(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     for r in [*args.r, "all"]:
         if r == "all":  # the row reads' own peak, before a whole layer is held
-            out["peak_rss_rows_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            out["peak_rss_rows_mb"] = peak_rss_mb()
         times, nbytes = [], []
         for rep in range(args.repeats + 1):  # the first is a warm-up
             rows = None if r == "all" else rng.choice(args.rows, size=min(int(r), args.rows), replace=False)
@@ -126,7 +144,7 @@ def child(args: argparse.Namespace) -> dict:
             text(layer, cap)
             image(layer, img)
         out["layers"][str(n)] = time.perf_counter() - t0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -137,8 +155,9 @@ def _warm(root: Path, store, args: argparse.Namespace) -> None:
         files = sorted(root.glob("*.npy"))
     else:
         layout = int(args.method[-1])
-        keys = [_spec(n, args.layers, args.dim, args.shard_rows, m, layout).key
-                for m, n in (("text", args.rows), ("image", max(1, args.rows // 5)))]
+        content = store.dataset(DATASET).content_fingerprint
+        keys = [_spec(n, args.layers, args.dim, args.shard_rows, m, layout, content).key
+                for m, n in (("text", args.rows), ("image", n_images(args.rows)))]
         files = [f for k in keys for f in sorted((root / "store" / "features" / k).glob("layer_*/c/*/*"))]
     for f in files:
         with open(f, "rb") as fh:
@@ -161,11 +180,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where the synthetic store goes (default: a temp folder, removed)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic store (and reuse one already in --dir)")
+    p.add_argument("--stage-n", type=int, nargs="+", default=[1000, 5000, 20000],
+                   help="n of the `layers` stage runs on layout 2 (n = 5,000 also on layout 1)")
+    p.add_argument("--train-pairs", type=int, default=None, help="the train run's --n-pairs (default: every train pair)")
+    p.add_argument("--only", choices=("all", "reads", "stages"), default="all")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default="memmap", help=argparse.SUPPRESS)
+    p.add_argument("--layout", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=5000, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
+        print(json.dumps(stage_child(args) if args.method in ("layers", "train") else child(args)))
         return
     root = Path(args.dir or tempfile.mkdtemp(prefix="store_scale-"))
     built = None
@@ -175,17 +200,29 @@ def main() -> None:
         built = build(root, args.rows, args.layers, args.dim, args.shard_rows)
         print(f"built {root} in {time.perf_counter() - t0:.0f} s: {json.dumps(built)}", file=sys.stderr)
     try:
-        results = {}
-        for method in ("memmap", "layout1", "layout2"):
-            cmd = [sys.executable, __file__, "--child", "--method", method, "--dir", str(root), *sum(
-                ([f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])] for k, v in vars(args).items()
-                 if k in ("rows", "layers", "dim", "shard_rows", "r", "layers_n", "repeats")), [])]
-            print(f"reading: {method}", file=sys.stderr, flush=True)
-            results[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        _table(args, results, built)
+        if args.only in ("all", "reads"):
+            results = {method: _run_child(args, root, method) for method in ("memmap", "layout1", "layout2")}
+            _table(args, results, built)
+        if args.only in ("all", "stages"):
+            runs = [("layers", 2, n) for n in args.stage_n] + [("layers", 1, 5000), ("train", 2, 0), ("train", 1, 0)]
+            stage_table(args, {run: _run_child(args, root, run[0], layout=run[1], n=run[2]) for run in runs})
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_child(args: argparse.Namespace, root: Path, method: str, **extra: int) -> dict:
+    """One method's reads (or one stage run) in a child process; its JSON answer."""
+    passed = {k: v for k, v in vars(args).items()
+              if k in ("rows", "layers", "dim", "shard_rows", "r", "layers_n", "repeats", "train_pairs") and v is not None}
+    cmd = [sys.executable, __file__, "--child", "--method", method, "--dir", str(root), *sum(
+        ([f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, list) else [v])] for k, v in {**passed, **extra}.items()),
+        [])]
+    print(f"running: {method} {extra or ''}", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"{method} {extra} failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _table(args: argparse.Namespace, res: dict, built: dict | None) -> None:

@@ -1,4 +1,4 @@
-"""`stratalign store ls | verify | rm`: inspect, verify and clean the store (listings come from store.inventory)."""
+"""`stratalign store ls | verify | rm | migrate`: inspect, verify and clean the store (listings come from store.inventory)."""
 
 from __future__ import annotations
 
@@ -222,3 +222,36 @@ def store_repair(
     if report.unreadable:
         raise StratalignError(f"{len(report.unreadable)} entr(y/ies) cannot be repaired (see above): remove them "
                               "with `stratalign store rm KEY` and extract again")
+
+
+@store_app.command("migrate")
+def store_migrate(
+    keys: list[str] = typer.Argument(None, help="Entry keys to migrate (default: every layout-1 entry)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be migrated."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Rewrite layout-1 entries as layout 2 (a read of r rows then costs O(r) bytes, not whole shards) under the
+    SAME keys, so runs, layer results and graphs still find them: each entry's copy is built beside it, compared
+    value by value with the original's checksums, then swapped in atomically (local stores)."""
+    from tqdm import tqdm
+
+    from stratalign.store.features import FeatureStore
+    from stratalign.store.migrate import migrate_store
+
+    fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
+    bars: dict[str, tqdm] = {}
+
+    def progress(key: str, done: int, total: int) -> None:
+        bar = bars.setdefault(key, tqdm(total=total, unit="shard", desc=key[:40], disable=None, leave=False))
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    recovered, done = migrate_store(fs, tuple(keys or ()), dry_run=dry_run, progress=progress)
+    for line in recovered:
+        console.print(f"recovered {escape(line)}", soft_wrap=True, highlight=False)
+    for m in done:
+        sizes = f" ({m.bytes_before:,} -> {m.bytes_after:,} bytes, {m.seconds:.1f} s)" if m.action == "migrated" else ""
+        console.print(f"{m.action} {escape(m.key)}: {escape(m.detail)}{sizes}", soft_wrap=True, highlight=False)
+    counts = {a: sum(m.action == a for m in done) for a in ("migrated", "would migrate", "skipped")}
+    console.print(", ".join(f"{n} {a}" for a, n in counts.items() if n) or "no entries", highlight=False)

@@ -14,6 +14,7 @@ import polars as pl
 from stratalign.errors import StratalignError, preview, require_int
 from stratalign.stages.sources_shards import read_hf, read_webdataset
 from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
+from stratalign.store.raw_records import caption_columns, image_columns
 
 TWEMOJI_TEMPLATES = ("an emoji of {}.",)
 
@@ -40,20 +41,23 @@ def _need(record: dict, key: str, where: str) -> Any:
     return record[key]
 
 
-def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[list[RawImage], list[RawCaption]]:
-    """The images and captions of a COCO captions file. With ijson (the `ingest` extra) its two arrays are
-    streamed, one record at a time turned into a raw record, with a progress bar over the file's bytes: a
-    590k-caption file is never held as one parsed document. Without it, json.load."""
-    def image(i: int, im: Any) -> RawImage:
-        where = f"{captions_json} images[{i}]"
-        fn = _need(im, "file_name", where)
-        return RawImage(str(_need(im, "id", where)), _join(image_dir, fn), fn)
+def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The images and captions of a COCO captions file, as the columns of store.raw_records. With ijson (the
+    `ingest` extra) its two arrays are streamed, one record at a time appended to the columns, with a progress
+    bar over the file's bytes: a 590k-caption file is never held as one parsed document nor as one Python object
+    per record. Without it, json.load."""
+    found = {"images": image_columns(), "annotations": caption_columns()}
 
-    def caption(i: int, a: Any) -> RawCaption:
-        where = f"{captions_json} annotations[{i}]"
-        return RawCaption(str(_need(a, "id", where)), str(_need(a, "image_id", where)), str(_need(a, "caption", where)))
+    def add(key: str, i: int, r: Any) -> None:
+        r = r if isinstance(r, dict) else {}
+        if key == "images":
+            where = f"{captions_json} images[{i}]"
+            fn = _need(r, "file_name", where)
+            found[key].append(str(_need(r, "id", where)), _join(image_dir, fn), fn)
+        else:
+            where = f"{captions_json} annotations[{i}]"
+            found[key].append(str(_need(r, "id", where)), str(_need(r, "image_id", where)), str(_need(r, "caption", where)))
 
-    make = {"images": image, "annotations": caption}
     try:
         import ijson
     except ImportError:
@@ -62,20 +66,22 @@ def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[l
         data = _load_json(captions_json, "COCO captions file")
         if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
             raise StratalignError(f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')")
-        return [image(i, r) for i, r in enumerate(data["images"])], [caption(i, r) for i, r in enumerate(data["annotations"])]
+        for key in found:
+            for i, r in enumerate(data[key]):
+                add(key, i, r)
+        return found["images"].frame(), found["annotations"].frame()
     from tqdm import tqdm
 
-    found: dict[str, list] = {"images": [], "annotations": []}
     try:
         fs, path = fsspec.core.url_to_fs(captions_json)
         size = fs.size(path)
         # on a terminal only (disable=None): piped output and logs keep one line per outcome
         with tqdm(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=None if progress else True) \
                 as bar:
-            for n, key in enumerate(make):  # one streaming pass per array
+            for n, key in enumerate(found):  # one streaming pass per array
                 with fs.open(path, "rb") as f:
                     for i, record in enumerate(ijson.items(f, f"{key}.item", use_float=True)):
-                        found[key].append(make[key](i, record if isinstance(record, dict) else {}))
+                        add(key, i, record)
                         if i % 20_000 == 0:
                             bar.update(n * size + f.tell() - bar.n)
                 bar.update((n + 1) * size - bar.n)
@@ -83,14 +89,16 @@ def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[l
         raise StratalignError(f"COCO captions file not found: {captions_json}") from None
     except (ijson.JSONError, UnicodeDecodeError) as exc:
         raise StratalignError(f"COCO captions file {captions_json} is not valid JSON: {exc}") from None
-    if not found["images"] or not found["annotations"]:
+    if not len(found["images"]) or not len(found["annotations"]):
         raise StratalignError(f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')")
-    return found["images"], found["annotations"]
+    return found["images"].frame(), found["annotations"].frame()
 
 
 def read_coco(captions_json: str, image_dir: str, progress: bool = False,
-              **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
-    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed."""
+              **kw: Any) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed. The records come
+    as columns (store.raw_records), so a COCO-scale file ingests in memory that follows the tables, not the
+    records."""
     images, captions = _coco_records(captions_json, image_dir, progress)
     return images, captions, {"kind": "coco", "captions": captions_json, "images": image_dir}
 
@@ -224,6 +232,17 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     return images, captions, {"kind": "twemoji", "groups": "emoji variants"}
 
 
+def _first_images(images: list[RawImage] | pl.DataFrame, captions: list[RawCaption] | pl.DataFrame,
+                  limit: int) -> tuple[Any, Any]:
+    """The first `limit` images and their captions (records as lists or as raw_records frames)."""
+    if isinstance(images, pl.DataFrame):
+        images = images.head(limit)
+        return images, captions.filter(pl.col("image_id").is_in(images["image_id"].implode()))
+    images = images[:limit]
+    keep = {im.image_id for im in images}
+    return images, [c for c in captions if c.image_id in keep]
+
+
 SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "twemoji": read_twemoji,
            "webdataset": read_webdataset, "hf": read_hf}
 
@@ -240,11 +259,9 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
     require_int(seed, "--seed")
     images, captions, source = SOURCES[kind](**args)
     if limit is not None:
-        images = images[:limit]
-        keep = {im.image_id for im in images}
-        captions = [c for c in captions if c.image_id in keep]
+        images, captions = _first_images(images, captions, limit)
         source["limit"] = limit
     templates = TWEMOJI_TEMPLATES if kind == "twemoji" else None
     default_name = "twemoji" if kind == "twemoji" else kind
     return build_dataset(default_name if name is None else name, images, captions, source=source, seed=seed,
-                         skip_bad=skip_bad, templates=templates)
+                         skip_bad=skip_bad, templates=templates, progress=bool(args.get("progress", False)))

@@ -26,11 +26,13 @@ import polars as pl
 from PIL import Image
 
 from stratalign.errors import StratalignError, preview
-from stratalign.store.keys import content_fingerprint, dataset_fingerprint
+from stratalign.store.keys import content_fingerprint_batches, dataset_fingerprint
+from stratalign.store.raw_records import caption_columns, image_columns
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CHECK_BATCH = 4096  # image checks in flight at once (bounded memory on 100k+ images)
 
 
 @dataclass
@@ -172,101 +174,97 @@ class _Rejects:
         self.skipped.extend({"kind": kind, "id": i, "reason": reason} for i in ids)
 
 
-def _valid_images(images: list[RawImage], reject: _Rejects) -> list[RawImage]:
+def _valid_images(images: pl.DataFrame, reject: _Rejects) -> pl.DataFrame:
     """Drop duplicate ids (the first occurrence is kept) and unknown splits."""
-    seen: set[str] = set()
-    dup = [im.image_id for im in images if im.image_id in seen or seen.add(im.image_id)]
-    reject("image", sorted(set(dup)), "duplicate image id")
-    if dup:  # keep the first occurrence of each id
-        seen, unique = set(), []
-        for im in images:
-            if im.image_id not in seen:
-                seen.add(im.image_id)
-                unique.append(im)
-        images = unique
-    bad_split = [im.image_id for im in images if im.split is not None and im.split not in SPLITS]
+    first = images["image_id"].is_first_distinct()
+    reject("image", sorted(set(images.filter(~first)["image_id"].to_list())), "duplicate image id")
+    images = images.filter(first)
+    bad_split = images.filter(pl.col("split").is_not_null() & ~pl.col("split").is_in(SPLITS))["image_id"].to_list()
     reject("image", bad_split, f"a split not in {SPLITS}")
-    return [im for im in images if im.image_id not in set(bad_split)]
+    return images.filter(~pl.col("image_id").is_in(bad_split))
 
 
-def _valid_captions(captions: list[RawCaption], images: list[RawImage], reject: _Rejects) -> list[RawCaption]:
+def _valid_captions(captions: pl.DataFrame, images: pl.DataFrame, reject: _Rejects) -> pl.DataFrame:
     """Drop captions of unknown images and empty ones; duplicate caption ids are an error."""
-    ids = {im.image_id for im in images}
-    unknown = [c.caption_id for c in captions if c.image_id not in ids]
+    known = pl.col("image_id").is_in(images["image_id"].implode())
+    unknown = captions.filter(~known)["caption_id"].to_list()
     reject("caption", unknown, "an unknown image id")
-    empty = [c.caption_id for c in captions if c.image_id in ids and not (c.text or "").strip()]
+    empty = captions.filter(known & (pl.col("text") == ""))["caption_id"].to_list()  # text is normalised
     reject("caption", empty, "empty text")
-    bad_caps = set(unknown) | set(empty)
-    captions = [c for c in captions if c.caption_id not in bad_caps]
-    cap_ids = [c.caption_id for c in captions]
-    if len(set(cap_ids)) != len(cap_ids):
-        seen_c: set[str] = set()
-        dup_c = sorted({c for c in cap_ids if c in seen_c or seen_c.add(c)})
+    if unknown or empty:  # (a filter copies the table)
+        captions = captions.filter(~pl.col("caption_id").is_in(unknown + empty))
+    dup_c = sorted(set(captions.filter(pl.col("caption_id").is_duplicated())["caption_id"].to_list()))
+    if dup_c:
         raise StratalignError(f"{len(dup_c)} duplicate caption id(s) in dataset {reject.name!r}: {preview(dup_c)}")
     return captions
 
 
-def _readable_images(images: list[RawImage], reject: _Rejects, workers: int) -> list[tuple[RawImage, str]]:
-    """(image, content hash) of the images whose file reads and decodes."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        checks = list(pool.map(lambda im: _check_image(im.path), images))
+def _readable_images(images: pl.DataFrame, reject: _Rejects, workers: int, progress: bool) -> pl.DataFrame:
+    """The images whose file reads and decodes, with their content hash (`sha`); a bar on a terminal."""
+    from tqdm import tqdm
+
+    paths, checks = images["path"].to_list(), []
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(paths), unit="image", desc="checking images", disable=None if progress else True) as bar:
+        for i in range(0, len(paths), CHECK_BATCH):  # pool.map submits all at once: a future per image
+            checks += pool.map(_check_image, paths[i:i + CHECK_BATCH])
+            bar.update(len(checks) - bar.n)
     by_reason: dict[str, list[str]] = {}
-    for im, (_, reason) in zip(images, checks):
+    for iid, path, (_, reason) in zip(images["image_id"].to_list(), paths, checks):
         if reason:
-            by_reason.setdefault(reason.split(" (")[0], []).append(f"{im.image_id} ({im.path})")
+            by_reason.setdefault(reason.split(" (")[0], []).append(f"{iid} ({path})")
     for reason, bad in by_reason.items():
         reject("image", bad, reason)
-    return [(im, sha) for im, (sha, reason) in zip(images, checks) if reason is None]
+    readable = pl.Series([reason is None for _, reason in checks], dtype=pl.Boolean)
+    return images.with_columns(sha=pl.Series([sha for sha, _ in checks], dtype=pl.String)).filter(readable)
 
 
-def _check_group_splits(name: str, images: list[RawImage]) -> None:
+def _check_group_splits(name: str, images: pl.DataFrame) -> None:
     """A given split must keep each group in one split (else near-duplicates leak across splits)."""
-    seen: dict[str, set[str]] = {}
-    for im in images:
-        if im.group is not None and im.split is not None:
-            seen.setdefault(im.group, set()).add(im.split)
-    torn = sorted(g for g, s in seen.items() if len(s) > 1)
+    spans = (images.filter(pl.col("group").is_not_null() & pl.col("split").is_not_null())
+             .group_by("group").agg(pl.col("split").n_unique()))
+    torn = sorted(spans.filter(pl.col("split") > 1)["group"].to_list())
     if torn:
         raise StratalignError(f"{len(torn)} group(s) of dataset {name!r} span several splits: {preview(torn)} "
                               "(put each group in one split in the split column, or drop --group-col)")
 
 
-def _tables(good: list[tuple[RawImage, str]], captions: list[RawCaption], seed: int,
+def _tables(good: pl.DataFrame, captions: pl.DataFrame, seed: int,
             fractions: tuple[float, float, float]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The images and captions tables (captions point at their image's row); a drawn split is drawn per group
-    (an image without a group is its own group), and the `group` column is there only when groups are."""
-    columns: dict[str, list] = {
-        "image_id": [im.image_id for im, _ in good],
-        "path": [im.path for im, _ in good],
-        "relpath": [im.relpath for im, _ in good],
-        "sha": [sha for _, sha in good],
-        "split": [im.split or split_of(im.image_id if im.group is None else f"group:{im.group}", seed, fractions)
-                  for im, _ in good],
-        "label": [im.label for im, _ in good],
-    }
-    schema = {"image_id": pl.String, "path": pl.String, "relpath": pl.String, "sha": pl.String,
-              "split": pl.String, "label": pl.String}
-    if any(im.group is not None for im, _ in good):
-        columns["group"] = [im.group if im.group is not None else im.image_id for im, _ in good]
-        schema["group"] = pl.String
-    images_df = pl.DataFrame(columns, schema=schema)
-    row_of = {iid: i for i, iid in enumerate(images_df["image_id"].to_list())}
-    captions_df = pl.DataFrame(
-        {
-            "caption_id": [c.caption_id for c in captions],
-            "image_id": [c.image_id for c in captions],
-            "image_row": [row_of[c.image_id] for c in captions],
-            "text": [" ".join(c.text.split()) for c in captions],
-        },
-        schema={"caption_id": pl.String, "image_id": pl.String, "image_row": pl.Int64, "text": pl.String},
-    )
+    (an image without a group is its own group), and the `group` column is there only when groups are.
+    Both are rechunked: the Parquet bytes follow the frame's chunks."""
+    split = [s or split_of(i if g is None else f"group:{g}", seed, fractions)
+             for i, s, g in zip(good["image_id"].to_list(), good["split"].to_list(), good["group"].to_list())]
+    columns = [pl.col("image_id"), pl.col("path"), pl.col("relpath"), pl.col("sha"),
+               pl.Series("split", split, dtype=pl.String), pl.col("label")]
+    if good["group"].is_not_null().any():
+        columns.append(pl.coalesce("group", "image_id").alias("group"))
+    images_df = good.select(columns).rechunk()
+    rows = images_df.select("image_id", image_row=pl.int_range(pl.len(), dtype=pl.Int64))
+    captions_df = (captions.join(rows, on="image_id", how="left", maintain_order="left")
+                   .select("caption_id", "image_id", "image_row", "text").rechunk())
     return images_df, captions_df
+
+
+def _as_frames(images: list[RawImage] | pl.DataFrame,
+               captions: list[RawCaption] | pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Raw records as the frames of store.raw_records (lists of records are converted; frames are as is)."""
+    if not isinstance(images, pl.DataFrame):
+        cols = image_columns()
+        cols.extend((im.image_id, im.path, im.relpath, im.split, im.label, im.group) for im in images)
+        images = cols.frame()
+    if not isinstance(captions, pl.DataFrame):
+        cols = caption_columns()
+        cols.extend((c.caption_id, c.image_id, c.text) for c in captions)
+        captions = cols.frame()
+    return images, captions
 
 
 def build_dataset(
     name: str,
-    images: list[RawImage],
-    captions: list[RawCaption],
+    images: list[RawImage] | pl.DataFrame,
+    captions: list[RawCaption] | pl.DataFrame,
     *,
     source: dict[str, Any],
     seed: int = 0,
@@ -274,34 +272,36 @@ def build_dataset(
     skip_bad: bool = False,
     templates: tuple[str, ...] | None = None,
     workers: int = 8,
+    progress: bool = False,
 ) -> PairDataset:
-    """Validate raw records into a PairDataset.
+    """Validate raw records (lists of RawImage / RawCaption, or the frames of store.raw_records) into a PairDataset.
 
     Bad records (duplicate image ids, captions of unknown images, empty captions, missing or corrupt
     image files, images left without captions) raise one StratalignError naming the first few and the
-    count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason.
+    count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason. `progress`: a bar
+    over the image checks (every image file is read, decoded and hashed) on a terminal.
     """
-    if not images:
+    images, captions = _as_frames(images, captions)
+    if images.height == 0:
         raise StratalignError(f"dataset {name!r} has no images")
     reject = _Rejects(name, skip_bad)
     _check_group_splits(name, images)
     images = _valid_images(images, reject)
     captions = _valid_captions(captions, images, reject)
-    good = _readable_images(images, reject, workers)
-    captioned = {c.image_id for c in captions}
-    lonely = [im.image_id for im, _ in good if im.image_id not in captioned]
-    reject("image", lonely, "no caption")
-    good = [(im, sha) for im, sha in good if im.image_id in captioned]
-    kept = {im.image_id for im, _ in good}
-    captions = [c for c in captions if c.image_id in kept]
-    if not good:
+    good = _readable_images(images, reject, workers, progress)
+    captioned = pl.col("image_id").is_in(captions["image_id"].implode())
+    reject("image", good.filter(~captioned)["image_id"].to_list(), "no caption")
+    good = good.filter(captioned)
+    if good.height < images.height:  # captions of unreadable images go too (a filter copies the table)
+        captions = captions.filter(pl.col("image_id").is_in(good["image_id"].implode()))
+    if good.height == 0:
         raise StratalignError(f"dataset {name!r} has no usable image-caption pairs left")
     images_df, captions_df = _tables(good, captions, seed, fractions)
+    del good, captions, images  # the tables are copies: one copy of the captions is held from here on
     labels = [x for x in images_df["label"].to_list() if x is not None]
-    content_fp = content_fingerprint(
-        list(zip(images_df["image_id"].to_list(), images_df["relpath"].to_list(), images_df["sha"].to_list())),
-        list(zip(captions_df["caption_id"].to_list(), captions_df["image_id"].to_list(),
-                 captions_df["text"].to_list())),
+    content_fp = content_fingerprint_batches(
+        (b.rows() for b in images_df.select("image_id", "relpath", "sha").iter_slices(65_536)),
+        (b.rows() for b in captions_df.select("caption_id", "image_id", "text").iter_slices(65_536)),
     )
     meta = {
         "name": name,

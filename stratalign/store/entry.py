@@ -62,10 +62,15 @@ class EntrySpec:
     shard_rows: int = DEFAULT_SHARD_ROWS
     format_version: int = LAYOUT_CHUNK  # the entry layout; new extractions ask for LAYOUT_SHARDED
     chunk_rows: int = 0  # layout 2's inner chunk rows (0: gcd(shard_rows, DEFAULT_CHUNK_ROWS)); unused by layout 1
+    # the layout the key was derived under when it is not this one: an entry migrated from layout 1 keeps its key
+    # (store.migrate), so the runs, layer results and graphs that name it still find it
+    key_layout: int | None = None
 
     def __post_init__(self) -> None:
         if self.format_version not in ENTRY_FORMATS:
             raise StratalignError(f"unknown entry format {self.format_version!r}: use one of {ENTRY_FORMATS}")
+        if self.key_layout is not None and not (self.key_layout in ENTRY_FORMATS and self.key_layout < self.format_version):
+            raise StratalignError(f"key layout {self.key_layout!r} must be an older layout than {self.format_version}")
         if self.format_version == LAYOUT_CHUNK:
             object.__setattr__(self, "chunk_rows", 0)
         elif self.chunk_rows == 0:
@@ -110,11 +115,13 @@ class EntrySpec:
 
     @property
     def key(self) -> str:
+        if self.key_layout is not None:  # a migrated entry: the key of the layout it was written in
+            return replace(self, format_version=self.key_layout, chunk_rows=0, key_layout=None).key
         return entry_key(self.identity())
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.identity(), "dataset": self.dataset, "key": self.key,
-                "stratalign_version": __version__}
+        return {**self.identity(), "dataset": self.dataset, "key": self.key, "stratalign_version": __version__,
+                **({"key_layout": self.key_layout} if self.key_layout is not None else {})}
 
     @classmethod
     def from_json(cls, meta: dict[str, Any]) -> "EntrySpec":
@@ -122,11 +129,12 @@ class EntrySpec:
                    modality=meta["modality"], encoder=meta["encoder"], pooling=meta["pooling"],
                    layer_names=tuple(meta["layer_names"]), dims=tuple(meta["dims"]), rows=int(meta["rows"]),
                    dtype=meta["dtype"], shard_rows=int(meta["shard_rows"]),
-                   format_version=int(meta.get("format_version", LAYOUT_CHUNK)), chunk_rows=int(meta.get("chunk_rows", 0)))
+                   format_version=int(meta.get("format_version", LAYOUT_CHUNK)), chunk_rows=int(meta.get("chunk_rows", 0)),
+                   key_layout=None if meta.get("key_layout") is None else int(meta["key_layout"]))
 
     def twins(self) -> list["EntrySpec"]:
         """The same content in the other layouts, newest first (an extraction reuses a complete one)."""
-        return [replace(self, format_version=f, chunk_rows=0) for f in sorted(ENTRY_FORMATS, reverse=True)
+        return [replace(self, format_version=f, chunk_rows=0, key_layout=None) for f in sorted(ENTRY_FORMATS, reverse=True)
                 if f != self.format_version]
 
 

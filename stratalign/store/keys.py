@@ -55,6 +55,29 @@ def content_fingerprint(images: Sequence[tuple[str, str, str]], captions: Sequen
     return content_hash({"images": list(images), "captions": list(captions)})
 
 
+def content_fingerprint_batches(images: Iterable[Sequence[tuple[str, str, str]]],
+                                captions: Iterable[Sequence[tuple[str, str, str]]]) -> str:
+    """`content_fingerprint` of rows given in batches: the same bytes hashed as they come, never joined into one
+    JSON document (a 590k-caption dataset's is ~60 MB)."""
+    h = hashlib.sha256(b'{"captions":')
+    _hash_json_array(h, captions)
+    h.update(b',"images":')
+    _hash_json_array(h, images)
+    h.update(b"}")
+    return h.hexdigest()
+
+
+def _hash_json_array(h: Any, batches: Iterable[Sequence[tuple]]) -> None:
+    """Feed h the compact JSON array of every batch's rows, exactly as canonical_json writes the whole list."""
+    h.update(b"[")
+    first = True
+    for batch in batches:
+        if len(batch):
+            h.update((b"" if first else b",") + canonical_json(list(batch))[1:-1])
+            first = False
+    h.update(b"]")
+
+
 def dataset_fingerprint(content: str, splits: list[str], labels: list[str | None]) -> str:
     """A dataset version: its content fingerprint plus the split and label of each image. Frozen v1 recipe:
     compact, sorted, full length."""

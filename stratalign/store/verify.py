@@ -13,6 +13,7 @@ from stratalign.errors import StratalignError
 from stratalign.store import graphs, layer_results, prompt_cache
 from stratalign.store.claims import store_claims
 from stratalign.store.features import FeatureStore
+from stratalign.store.migrate import STAGING
 from stratalign.store.runs import RunRegistry
 
 Kind = Literal["dataset", "group", "entry", "shard", "run", "claim", "file"]
@@ -174,9 +175,15 @@ def verify_claims(store: FeatureStore) -> list[Finding]:
             for key, state in store_claims(store.loc)]
 
 
+def verify_migrations(store: FeatureStore) -> list[Finding]:
+    """What an interrupted `store migrate` left (the entry may be missing until it is finished or undone)."""
+    return [Finding("entry", "broken", key, f"an interrupted `store migrate` left {STAGING}/{key}: run "
+                    "`stratalign store migrate` to finish or undo it") for key in store.loc.listdirs(STAGING)]
+
+
 def verify_store(store: FeatureStore) -> VerifyReport:
     """Every dataset, entry and run per-query file of the store, checked, and its claims listed (see the module
     docstring)."""
     return VerifyReport(url=store.url, findings=tuple(
-        verify_datasets(store) + verify_entries(store) + verify_runs(store) + verify_files(store)
-        + verify_claims(store)))
+        verify_datasets(store) + verify_entries(store) + verify_migrations(store) + verify_runs(store)
+        + verify_files(store) + verify_claims(store)))
