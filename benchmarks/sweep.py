@@ -19,6 +19,7 @@ one by one; larger S extrapolated from S = 8's per-run time), seconds and runs/s
     python benchmarks/sweep.py --store stratalign-store            # part 1 (~8 min on 2 cores)
     python benchmarks/sweep.py --store stratalign-store --seeds 25 --no-alone   # the 5x grid, batched only
     python benchmarks/sweep.py --scaling 1,8,32,128 --no-grid       # part 2
+    python benchmarks/sweep.py --store stratalign-store --seeds 2 --busy 1   # beside one busy process
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import io
 import os
 import pstats
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,10 +175,24 @@ def main() -> None:
     ap.add_argument("--scaling", default="", help="part 2: comma-separated S, e.g. 1,8,32,128")
     ap.add_argument("--steps", type=int, default=60, help="part 2: steps per run")
     ap.add_argument("--keep", default="", help="keep the two store copies in this folder")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="processes spinning on a core while both modes run (a shared machine, reproducibly)")
     args = ap.parse_args()
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"{args.busy} busy process(es) beside", flush=True)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        ratio = _parts(args)
+    finally:
+        for p in busy:
+            p.kill()
+    if ratio is not None:
+        print(f"speedup: {ratio:.2f}x")
+
+
+def _parts(args: argparse.Namespace) -> float | None:
     ratio = None
     if not args.no_grid:
         workdir = args.keep or tempfile.mkdtemp(prefix="sweep-bench-")
@@ -187,8 +203,7 @@ def main() -> None:
                 shutil.rmtree(workdir, ignore_errors=True)
     if args.scaling:
         scaling([int(s) for s in args.scaling.split(",")], args.steps)
-    if ratio is not None:
-        print(f"speedup: {ratio:.2f}x")
+    return ratio
 
 
 if __name__ == "__main__":

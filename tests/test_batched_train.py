@@ -1,5 +1,6 @@
-"""Batched training (train.batched): many runs in one loop give each run the numbers it gets alone (1e-5, fp32,
-CPU), for every objective that trains heads, with different seeds, subsets, knob values, patience and stops."""
+"""Batched training (train.batched): many runs in one loop give each run the numbers it gets alone, bit for bit on
+the CPU in fp32 (the issue asks 1e-5), for every objective that trains heads, with different seeds, subsets, knob
+values, patience and stops."""
 
 from __future__ import annotations
 
@@ -39,19 +40,19 @@ def _specs(objective: str, head: str = "linear", head_options=None, **extra) -> 
     return out
 
 
-def _same(alone, batched, tol=1e-5):
+def _same(alone, batched):
     sa, sb = alone.model.state_dict(), batched.model.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
-        assert torch.allclose(sa[k], sb[k], atol=tol, rtol=0), (k, float((sa[k] - sb[k]).abs().max()))
+        assert torch.equal(sa[k], sb[k]), (k, float((sa[k] - sb[k]).abs().max()))
     assert (alone.best_step, alone.steps_taken, alone.stopped_reason) == (batched.best_step, batched.steps_taken,
                                                                          batched.stopped_reason)
     assert len(alone.val_curve) == len(batched.val_curve)
     for a, b in zip(alone.val_curve, batched.val_curve):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a), (a, b)
+        assert a == b
     assert [h["step"] for h in alone.history] == [h["step"] for h in batched.history]
     for a, b in zip(alone.history[1:], batched.history[1:]):
-        assert a["loss"] == pytest.approx(b["loss"], abs=tol) and a["lambda"] == b["lambda"] and a["lr"] == b["lr"]
+        assert a == b
 
 
 @pytest.mark.parametrize("objective,head,options", [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -172,15 +172,17 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
         results = _fit_heads(x_img, x_txt, specs, heads[0][0], progress, bar)
         for (p, pos), res, extra in zip(heads, results, extras):
             summary = {**res.summary(), "train_loop_seconds": round(res.seconds, 3), **extra}
-            _save(store, registry, p, res.model, summary, res.seconds, x_img[pos[:p.n_train]],
-                  x_txt[pos[:p.n_train]], labels)
+            rows = pos[:p.n_train]
+            _save(store, registry, p, res.model, summary, res.seconds, lambda r=rows: x_img[r], lambda r=rows: x_txt[r],
+                  labels)
     for p, pos in others:
         tr, va = pos[:p.n_train], pos[p.n_train:]
         t0 = time.perf_counter()
         with step_progress(progress or False, p.run.run_id, "loss") as tick:  # many runs: the group bar instead
             model, summary = fit_objective(objective_named(p.run.objective), x_img, x_txt, tr, va, p.train_cfg,
                                            targets=p.targets, progress=tick)
-        _save(store, registry, p, model, summary, time.perf_counter() - t0, x_img[tr], x_txt[tr], labels)
+        _save(store, registry, p, model, summary, time.perf_counter() - t0, lambda r=tr: x_img[r],
+              lambda r=tr: x_txt[r], labels)
         if bar is not None:
             bar.set_postfix_str(f"fitted {p.run.run_id}")
 
@@ -203,13 +205,16 @@ def _fit_heads(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], first
 
 
 def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, summary: dict[str, Any],
-          seconds: float, x_train_img: np.ndarray, x_train_txt: np.ndarray, all_labels: np.ndarray) -> None:
+          seconds: float, x_train_img: Callable[[], np.ndarray], x_train_txt: Callable[[], np.ndarray],
+          all_labels: np.ndarray) -> None:
     """Score the fitted model on the test split and save the run (weights, training rows, metrics, queries)."""
     rid = p.run.run_id
     subset = PairRows(p.pairs.image_rows[:p.n_train], p.pairs.caption_rows[:p.n_train])
     metrics = {"run_id": rid, "train_seconds": round(seconds, 3), **summary}
-    scored = score_model(store, p.run, model, p.cfg.dataset,
-                         train_features=(x_train_img, x_train_txt, all_labels[subset.image_rows]))
+    train_features = None  # only an objective scored by a probe reads them (a copy of the training rows)
+    if objective_named(p.run.objective).evaluation.needs_train_features:
+        train_features = (x_train_img(), x_train_txt(), all_labels[subset.image_rows])
+    scored = score_model(store, p.run, model, p.cfg.dataset, train_features=train_features)
     metrics.update(scored.metrics)
     registry.save(rid, p.run.config_dict(), {**model_tensors(model), **subset_tensors(subset)}, metrics)
     save_run_queries(store, p.run, scored)  # after the done mark: a run without them recomputes them when compared

@@ -59,13 +59,19 @@ class HeadsJob:
 def group_key(job: HeadsJob, dims: tuple[int, int]) -> tuple:
     """What runs must share to train in one group (see the module docstring)."""
     cfg = job.cfg
+    obj = objective_named(cfg.objective)
     shared = tuple((k, repr(getattr(cfg, k))) for k in SHARED_FIELDS)
-    return shared, min(cfg.batch_size, len(job.train_idx)), dims, objective_named(cfg.objective).variational
+    # runs without a regulariser stack apart: beside regularised runs their gradients moved by ~1e-8 (measured,
+    # cause not found), which a validation near-tie can turn into another restored step
+    return shared, min(cfg.batch_size, len(job.train_idx)), dims, obj.variational, obj.regulariser is None
 
 
-def _loss_key(cfg: TrainConfig, obj: Objective) -> tuple:
-    """Runs whose objective and regulariser settings agree compute their loss in one call (weights may differ)."""
-    return obj.name, tuple((k, repr(getattr(cfg, k))) for k in obj.knobs if k != obj.weight_knob)
+def _loss_key(cfg: TrainConfig, obj: Objective) -> str:
+    """Runs whose objective and regulariser settings agree compute their regulariser in one call (weights may
+    differ); '' for objectives without one."""
+    if obj.regulariser is None:
+        return ""
+    return repr((obj.name, tuple((k, repr(getattr(cfg, k))) for k in obj.knobs if k != obj.weight_knob)))
 
 
 class _Run:
@@ -151,16 +157,6 @@ class _Run:
                            selection_metric=self.job.selection.metric, best_value=best_val, val_curve=self.curve)
 
 
-def _clip_grads(params: list[torch.Tensor], max_norm: float = 1.0) -> None:
-    """clip_grad_norm_(max_norm) of each run's slice of one head's stacked parameters (the norm over that run's
-    gradients only)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    sq = torch.stack([g.detach().float().pow(2).reshape(len(g), -1).sum(1) for g in grads]).sum(0)  # (S,)
-    coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
-
-
 class GroupLoop:
     """The optimisation loop of one group of runs over shared feature tables."""
 
@@ -180,7 +176,7 @@ class GroupLoop:
     # ---------------------------------------------------------------- the stack
 
     def _params(self) -> list[torch.Tensor]:
-        return list(self.image.params.values()) + list(self.text.params.values())
+        return [p for s in range(len(self.active)) for p in self.image.params(s) + self.text.params(s)]
 
     def _optimiser(self) -> torch.optim.Optimizer:
         c = self.cfg
@@ -194,18 +190,16 @@ class GroupLoop:
         return state
 
     def _compact(self) -> None:
-        """Drop stopped runs from the stack and from the AdamW state (same step count and lr for the rest)."""
+        """Drop stopped runs from the stack and from the optimiser (the others keep their tensors and state)."""
         keep = [i for i, r in enumerate(self.active) if r.stop is None]
-        idx = torch.tensor(keep, device=self.dev, dtype=torch.long)
-        old_state, lr = self.opt.state, self.opt.param_groups[0]["lr"]
-        moved = {**self.image.keep(idx), **self.text.keep(idx)}
-        self.opt = self._optimiser()
-        self.opt.param_groups[0]["lr"] = lr
-        for old, new in moved.items():
-            if old in old_state:
-                self.opt.state[new] = {k: (v[idx].clone() if v.ndim > 0 else v.clone())
-                                       for k, v in old_state[old].items()}
+        gone = [p for i, r in enumerate(self.active) if r.stop is not None
+                for p in self.image.params(i) + self.text.params(i)]
+        self.image.keep(keep)
+        self.text.keep(keep)
         self.active = [self.active[i] for i in keep]
+        for p in gone:
+            self.opt.state.pop(p, None)
+        self.opt.param_groups[0]["params"] = self._params()
 
     # ---------------------------------------------------------------- one step
 
@@ -224,28 +218,30 @@ class GroupLoop:
         return Side(a, zi, mu_i, lv_i), Side(t, zt, mu_t, lv_t)
 
     def _regularisers(self, rows: torch.Tensor, image: Side, text: Side) -> torch.Tensor:
-        """(S,) regulariser values: one call per objective and settings over its runs' slices."""
-        reg = torch.zeros(len(self.active), device=self.dev)
-        buckets: dict[tuple, list[int]] = {}
-        for s, r in enumerate(self.active):
-            if r.obj.regulariser is not None:
-                buckets.setdefault(_loss_key(r.cfg, r.obj), []).append(s)
-        for members in buckets.values():
-            run = self.active[members[0]]
-            if run.obj.batched:
-                if len(members) == len(self.active):  # every run: the stacks as they are (no copy)
-                    reg = run.obj.regulariser(StepBatch(rows, image, text), run.cfg).float()
-                    continue
-                idx = torch.tensor(members, device=self.dev)
-                batch = StepBatch(rows[idx], _pick(image, idx), _pick(text, idx))
-                reg = reg.index_put((idx,), run.obj.regulariser(batch, run.cfg).float())
-                continue
-            for s in members:  # run by run (the kNN form: each run's head over its own neighbour table)
-                r = self.active[s]
-                batch = StepBatch(rows[s], self._one_side(image, s, self.image, self.xi, r),
-                                  self._one_side(text, s, self.text, self.xt, r))
-                reg = reg.index_put((torch.tensor([s], device=self.dev),), r.obj.regulariser(batch, r.cfg).float().view(1))
-        return reg
+        """(S,) regulariser values: one call per run of consecutive runs with one objective and settings (the
+        group is ordered that way: `train_heads_many`), on slices of the stacks; zeros for runs without one.
+        Slices (not an index) keep every run's gradient bit for bit what it is alone."""
+        parts: list[torch.Tensor] = []
+        s, n = 0, len(self.active)
+        while s < n:
+            first = self.active[s]
+            key = _loss_key(first.cfg, first.obj)
+            e = s + 1
+            while e < n and _loss_key(self.active[e].cfg, self.active[e].obj) == key:
+                e += 1
+            if first.obj.regulariser is None:
+                parts.append(torch.zeros(e - s, device=self.dev))
+            elif first.obj.batched:
+                batch = StepBatch(rows[s:e], _slice(image, s, e), _slice(text, s, e))
+                parts.append(first.obj.regulariser(batch, first.cfg).float())
+            else:  # run by run (the kNN form: each run's head over its own neighbour table)
+                for k in range(s, e):
+                    r = self.active[k]
+                    batch = StepBatch(rows[k], self._one_side(image, k, self.image, self.xi, r),
+                                      self._one_side(text, k, self.text, self.xt, r))
+                    parts.append(r.obj.regulariser(batch, r.cfg).float().view(1))
+            s = e
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _one_side(self, side: Side, s: int, stack: StackedSide, table: torch.Tensor, run: _Run) -> Side:
         knn = None
@@ -267,8 +263,9 @@ class GroupLoop:
             loss = clip + weights * reg
         self.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
-        _clip_grads(list(self.image.params.values()))
-        _clip_grads(list(self.text.params.values()))
+        for s in range(len(self.active)):  # each run's own clip per head, on its own tensors (as alone)
+            torch.nn.utils.clip_grad_norm_(self.image.params(s), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.text.params(s), 1.0)
         self.opt.step()
         return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float().cpu().numpy()
 
@@ -291,12 +288,11 @@ class GroupLoop:
             buckets.setdefault(id(v), []).append(s)
         for members in buckets.values():
             validator = self._validator(self.active[members[0]])
-            idx = torch.tensor(members, device=self.dev)
 
-            def embed(modality: str, x: torch.Tensor, idx: torch.Tensor = idx) -> torch.Tensor:
+            def embed(modality: str, x: torch.Tensor, runs: list[int] = members) -> torch.Tensor:
                 stack = self.image if modality == "image" else self.text
                 with autocast(self.dev, self.cfg.amp):
-                    return stack.embed(x.unsqueeze(0).expand(len(idx), -1, -1), idx)
+                    return stack.embed(x.unsqueeze(0).expand(len(runs), -1, -1), runs)
 
             for s, scores in zip(members, validator.score_many(embed)):
                 self.active[s].evaluated(step, scores, self._state(s))
@@ -360,10 +356,10 @@ class GroupLoop:
             self._compact()
 
 
-def _pick(side: Side, idx: torch.Tensor) -> Side:
-    """The slices `idx` of a stacked side."""
-    return Side(side.x[idx], side.z[idx], None if side.mu is None else side.mu[idx],
-                None if side.logvar is None else side.logvar[idx])
+def _slice(side: Side, a: int, b: int) -> Side:
+    """Runs a..b-1 of a stacked side (views)."""
+    return Side(side.x[a:b], side.z[a:b], None if side.mu is None else side.mu[a:b],
+                None if side.logvar is None else side.logvar[a:b])
 
 
 def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
@@ -399,6 +395,8 @@ def train_heads_many(xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], d
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(group_key(job, dims), []).append(i)
+    for members in groups.values():  # runs of one regulariser next to each other (see GroupLoop._regularisers)
+        members.sort(key=lambda i: _loss_key(jobs[i].cfg, objective_named(jobs[i].cfg.objective)))
     chunks = [m[a:a + max_group] for m in groups.values() for a in range(0, len(m), max_group)]
     results: list[TrainResult | None] = [None] * len(jobs)
     planned = [len(c) * jobs[c[0]].cfg.max_steps for c in chunks]

@@ -1,7 +1,8 @@
 """The heads of S runs as stacked tensors: one batched matmul per layer instead of S small ones.
 
-Each parameter of a head (state-dict name `linear.weight`, `net.3.bias`, `gate`, ...) becomes one (S, *shape)
-leaf tensor; run s's head is slice s. The forward of a slice computes what the run's own `nn.Module` does
+Each run keeps its own parameter tensors; for a step they are stacked per name (`linear.weight`, `net.3.bias`,
+`gate`, ...) into one (S, *shape) tensor, run s's head being slice s. The forward of a slice computes what the
+run's own `nn.Module` does
 (`baddbmm(bias, x, W^T)` for each Linear, GELU and the L2 normalisation row-wise), and dropout draws each run's
 mask from that run's own generator, so a run consumes the same random stream in a stack as alone. The head kinds
 are those of stratalign.core.heads (linear, mlp, residual; the variational wrapper of each).
@@ -53,8 +54,10 @@ _FEATURES = {"linear": _features_linear, "mlp": _features_mlp, "residual": _feat
 
 
 class StackedSide:
-    """One modality's heads of S runs (same kind and config): `params` maps each head parameter's state-dict name
-    to its (S, *shape) leaf tensor."""
+    """One modality's heads of S runs (same kind and config). Each run keeps its own leaf tensors (`leaves[s]`:
+    state-dict name -> tensor), so its optimiser and gradient clip see exactly the tensors a run alone has;
+    `stacked()` stacks them into (S, *shape) tensors for one batched forward (the stack's backward hands each
+    leaf its own gradient)."""
 
     def __init__(self, heads: Sequence[nn.Module]) -> None:
         cfg = dict(heads[0].config)
@@ -62,18 +65,18 @@ class StackedSide:
         self.d_out = int(cfg["d_out"])
         self.cfg = cfg
         self.prefix = "base." if self.variational else ""
-        names = [n for n, _ in heads[0].named_parameters()]
-        self.params = {n: torch.stack([dict(h.named_parameters())[n].detach() for h in heads]).requires_grad_()
-                       for n in names}
+        self.names = [n for n, _ in heads[0].named_parameters()]
+        self.leaves = [{n: p.detach().clone().requires_grad_() for n, p in h.named_parameters()} for h in heads]
 
-    def _base(self, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def stacked(self, runs: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """The (S, *shape) stack of every parameter (of the runs `runs`, in that order, when given)."""
+        leaves = self.leaves if runs is None else [self.leaves[s] for s in runs]
         k = len(self.prefix)
-        return {n[k:]: t for n, t in p.items()}
+        return {n[k:]: torch.stack([leaf[n] for leaf in leaves]) for n in self.names}
 
-    def raw(self, x: torch.Tensor, gens: Gens, runs: slice | None = None) -> torch.Tensor:
-        """The heads' raw outputs (before normalisation) for x (S, b, d_in); `runs` picks a range of slices."""
-        p = self.params if runs is None else {n: t[runs] for n, t in self.params.items()}
-        return _FEATURES[self.cfg["kind"]](self._base(p), self.cfg, x, gens)
+    def raw(self, x: torch.Tensor, gens: Gens, runs: Sequence[int] | None = None) -> torch.Tensor:
+        """The heads' raw outputs (before normalisation) for x (S, b, d_in); `runs` picks some of the runs."""
+        return _FEATURES[self.cfg["kind"]](self.stacked(runs), self.cfg, x, gens)
 
     def forward(self, x: torch.Tensor, gens: Gens) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training output: normalised rows, or (mu, logvar = tanh(.)) for variational heads."""
@@ -82,7 +85,7 @@ class StackedSide:
             return h[..., : self.d_out], torch.tanh(h[..., self.d_out:])
         return F.normalize(h, dim=-1)
 
-    def embed(self, x: torch.Tensor, runs: slice | None = None) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, runs: Sequence[int] | None = None) -> torch.Tensor:
         """Evaluation embedding (no dropout): normalised output, or normalise(mu) for variational heads."""
         h = self.raw(x, None, runs)
         return F.normalize(h[..., : self.d_out] if self.variational else h, dim=-1)
@@ -91,21 +94,19 @@ class StackedSide:
         """Run s's head as a function of 2-D inputs (training mode: its dropout draws from `gen`); what the kNN
         form of R_S calls on a run's neighbour table."""
         def head(x: torch.Tensor) -> torch.Tensor:
-            p = {n: t[s:s + 1] for n, t in self.params.items()}
-            h = _FEATURES[self.cfg["kind"]](self._base(p), self.cfg, x.unsqueeze(0), None if gen is None else [gen])[0]
+            h = self.raw(x.unsqueeze(0), None if gen is None else [gen], [s])[0]
             return F.normalize(h, dim=-1)
 
         return head
 
+    def params(self, s: int) -> list[torch.Tensor]:
+        """Run s's leaf tensors (what its optimiser steps and its gradient clip covers)."""
+        return list(self.leaves[s].values())
+
     def state(self, s: int) -> dict[str, torch.Tensor]:
         """Run s's head weights under their state-dict names (a detached copy)."""
-        return {n: t[s].detach().clone() for n, t in self.params.items()}
+        return {n: t.detach().clone() for n, t in self.leaves[s].items()}
 
-    def keep(self, runs: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
-        """Keep only the slices `runs` (stopped runs leave the stack); returns {old leaf: new leaf}."""
-        moved = {}
-        for n, t in list(self.params.items()):
-            new = t.detach()[runs].clone().requires_grad_()
-            moved[t] = new
-            self.params[n] = new
-        return moved
+    def keep(self, runs: Sequence[int]) -> None:
+        """Keep only the runs `runs` (stopped runs leave the stack)."""
+        self.leaves = [self.leaves[s] for s in runs]
