@@ -50,6 +50,9 @@ _EXPORTS = {
     "ResolvedRun": "stratalign.stages.train",
     "resolve_run": "stratalign.stages.train",
     "train_run": "stratalign.stages.train",
+    "train_runs": "stratalign.stages.train",
+    "tune_run": "stratalign.stages.tune",
+    "tune_runs": "stratalign.stages.tune",
     "evaluate_saved_run": "stratalign.stages.evaluate",
     "SweepConfig": "stratalign.stages.sweep",
     "run_sweep": "stratalign.stages.sweep",
@@ -62,8 +65,8 @@ __all__ = [
     "StratalignError", "__version__", "open_store",
     "FeatureStore", "FeatureEntry", "PairDataset", "RunRegistry", "verify_store", "load_encoder",
     "known_encoders", "OBJECTIVES", "HEADS", "TrainConfig", "ingest_source", "ExtractConfig", "extract",
-    "LayersConfig", "run_layers", "RunConfig", "ResolvedRun", "resolve_run", "train_run",
-    "evaluate_saved_run", "SweepConfig", "run_sweep", "DemoConfig", "run_demo", "AlignedModel",
+    "LayersConfig", "run_layers", "RunConfig", "ResolvedRun", "resolve_run", "train_run", "train_runs", "tune_run",
+    "tune_runs", "evaluate_saved_run", "SweepConfig", "run_sweep", "DemoConfig", "run_demo", "AlignedModel",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
@@ -76,7 +79,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from stratalign.stages.layers import LayersConfig, run_layers
     from stratalign.stages.sources import ingest_source
     from stratalign.stages.sweep import SweepConfig, run_sweep
-    from stratalign.stages.train import ResolvedRun, RunConfig, resolve_run, train_run
+    from stratalign.stages.train import ResolvedRun, RunConfig, resolve_run, train_run, train_runs
+    from stratalign.stages.tune import tune_run, tune_runs
     from stratalign.store.datasets import PairDataset
     from stratalign.store.features import FeatureEntry, FeatureStore
     from stratalign.store.runs import RunRegistry
