@@ -148,3 +148,26 @@ def test_score_many_equals_score_of_each_state():
         assert many[s].keys() == single.keys() == {"clip_loss", "rsum", "zs_top1"}
         assert all(many[s][k] == pytest.approx(single[k], abs=1e-9) for k in single)
     assert len({round(m["rsum"], 6) for m in many}) > 1
+
+
+def test_a_regulariser_written_for_one_run_trains_batched(monkeypatch):
+    """A new objective whose regulariser takes one run's 2-D batch (batched=False, the default) is called run by
+    run inside the stack; each run still equals itself alone."""
+    from stratalign.core import objectives as O
+
+    shapes = []
+
+    def l2(batch, cfg):
+        shapes.append(tuple(batch.image.z.shape))
+        return (batch.image.z - batch.text.z).pow(2).sum(1).mean()
+
+    new = O.Objective("clip+l2", "CLIP + beta * squared distance", O.TRAINED_HEADS, O.Training.GRADIENT,
+                      O.Evaluation.RETRIEVAL, O.Selection.VALIDATION, regulariser=l2, weight_knob="beta",
+                      knobs=("beta",))
+    monkeypatch.setitem(O._BY_NAME, "clip+l2", new)
+    xi, xt = _planted(seed=5)
+    specs = _specs("clip+l2")[:3]
+    batched = train_many(xi, xt, specs)
+    assert shapes and all(len(s) == 2 for s in shapes)
+    for spec, got in zip(specs, batched):
+        _same(train_heads(xi, xt, spec.train_idx, spec.val_idx, spec.cfg), got)

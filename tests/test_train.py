@@ -281,18 +281,18 @@ def test_gradient_clip_is_per_head(monkeypatch):
         return 1e-3 * real(zi, zt, tau) + 1e3 * zi[..., 0].float().sum(-1)
 
     monkeypatch.setattr(losses_mod, "clip_loss", lopsided)
-    seen: list[torch.Tensor] = []  # the stacked (1, ...) gradients: image head's parameters, then the text head's
+    seen: list[torch.Tensor] = []  # the run's gradients: image head's parameters, then the text head's
 
     class Recording(torch.optim.AdamW):
         def step(self, closure=None):
             if not seen:
-                seen.extend(p.grad.detach()[0].clone() for g in self.param_groups for p in g["params"])
+                seen.extend(p.grad.detach().clone() for g in self.param_groups for p in g["params"])
             return super().step(closure)
 
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
     xi, xt = _random(n=48, d=12)
     cfg = TrainConfig(objective="clip", dim=8, batch_size=64, max_steps=1, eval_every=1, device="cpu")
-    res = train_heads(xi, xt, np.arange(32), np.arange(32, 48), cfg)  # one full-batch step
+    train_heads(xi, xt, np.arange(32), np.arange(32, 48), cfg)  # one full-batch step
 
     torch.manual_seed(cfg.seed)  # the same initial heads and the same (full) batch, by hand
     ref = make_heads(cfg, 12, 12)

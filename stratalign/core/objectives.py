@@ -152,7 +152,8 @@ class Objective:
     (train.config.UNREAD_VALUES); variants: ((knob, value), defaults) pairs that override them when a
     knob takes that value (e.g. csa_similarity=cosine brings STRUCTURE's CSA baseline settings).
     grid: (knob, values) the METHOD 3.7 tuning tries, as data (the default among them).
-    batched: the regulariser is vectorised over the runs of a batched group (else the trainer calls it run by run).
+    batched: the regulariser is vectorised over the runs of a batched group (else the trainer calls it run by run on
+    one run's 2-D batch, so a new objective's regulariser written for one run needs nothing more).
     """
 
     name: str
@@ -171,7 +172,7 @@ class Objective:
     defaults: tuple[tuple[str, Any], ...] = ()
     variants: tuple[tuple[tuple[str, Any], tuple[tuple[str, Any], ...]], ...] = ()
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
-    batched: bool = True  # the regulariser takes the stacked batches of many runs ((S, b, d) sides) and returns (S,)
+    batched: bool = False  # the regulariser takes the stacked batches of many runs ((S, b, d) sides), returns (S,)
 
     def knob_defaults(self, given: dict[str, Any]) -> dict[str, Any]:
         """This objective's knob defaults, given the knobs set explicitly (those win): the defaults, then
@@ -225,18 +226,18 @@ REGISTRY: tuple[Objective, ...] = (
               Selection.VALIDATION),
     Objective("clip+structure", "CLIP + lambda * R_S over the batch (METHOD 3.2)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=structure_term,
-              weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True, grid=STRUCTURE_GRID),
+              weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True, grid=STRUCTURE_GRID, batched=True),
     Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (METHOD 3.3)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_structure_knn,
               weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True,
-              grid=STRUCTURE_GRID, batched=False),
+              grid=STRUCTURE_GRID),
     Objective("clip+ib", "CLIP + beta * deterministic IB term (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_ib, weight_knob="beta", knobs=("beta",),
-              defaults=(("beta", IB_BETA),), grid=BETA_GRID),
+              defaults=(("beta", IB_BETA),), grid=BETA_GRID, batched=True),
     Objective("clip+vib", "CLIP on sampled embeddings + beta * KL (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_vib, weight_knob="beta",
               knobs=("beta", "vib_scale", "vib_symmetric"), variational=True,
-              defaults=(("beta", VIB_BETA), ("vib_scale", VIB_SCALE)), grid=BETA_GRID),
+              defaults=(("beta", VIB_BETA), ("vib_scale", VIB_SCALE)), grid=BETA_GRID, batched=True),
     Objective("comm", "CoMM fusion model (METHOD 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,
               Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise",
                                          "comm_final_norm"), defaults=(("comm_final_norm", True),)),
