@@ -81,6 +81,28 @@ def test_symlinked_entry_folder_is_not_extracted_into(tmp_path: Path, store_with
     assert _snapshot(outside) == before
 
 
+@pytest.mark.parametrize("link", ["shard-file", "shard-folder"])
+def test_a_symlinked_shard_file_is_not_read(tmp_path: Path, store_with_dataset, link) -> None:
+    """Layout-2 reads open shard files one path component at a time below the checked layer folder: a shard file
+    (or its folder) swapped for a link to a file outside with the same bytes is refused, not read."""
+    store, _ = store_with_dataset
+    extract(store, "toy", _cfg(), load=load_tiny)
+    [entry] = list(store.entries())
+    assert entry.spec.format_version == 2
+    shard = Path(store.url) / "features" / entry.key / "layer_000" / "c" / "0"
+    outside = _outside(tmp_path)
+    shutil.copytree(shard, outside / "0")
+    shutil.rmtree(shard)
+    if link == "shard-folder":
+        os.symlink(outside / "0", shard)
+    else:
+        shard.mkdir()
+        os.symlink(outside / "0" / "0", shard / "0")
+    fresh = FeatureStore.open(store.url, "r")
+    with pytest.raises(StratalignError, match="symlink"):
+        fresh.entry(entry.key).read_layer(0, [0, 1])
+
+
 def _edit_images(store: FeatureStore, change) -> None:
     path = Path(store.url) / "datasets" / "toy" / "images.parquet"
     frame = change(pl.read_parquet(path))

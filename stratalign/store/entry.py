@@ -8,12 +8,14 @@ and holds the claims through which several workers share it (see store.claims).
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import zarr
@@ -23,7 +25,7 @@ from zarr.core.sync import sync as zarr_sync
 from stratalign.errors import StratalignError, preview
 from stratalign.store import claims as claims_mod
 from stratalign.store.keys import entry_key
-from stratalign.store.shard_format import ByteSource, ShardCorrupt, ShardGeometry, encode_shard, read_rows
+from stratalign.store.shard_format import ByteSource, ShardCorrupt, ShardGeometry, encode_shard, open_below, read_rows
 from stratalign.version import __version__
 
 if TYPE_CHECKING:
@@ -162,6 +164,8 @@ class FeatureEntry:
         self._markers: dict[int, dict] | None = None
         self._arrays: dict[int, zarr.Array] = {}  # opened once: each open reads and parses zarr.json
         self._sources: dict[int, tuple[ByteSource, ShardGeometry]] = {}  # layout 2 readers, one per layer
+        self._seen_complete = False  # every marker was found once: a complete entry stays complete (reads skip the
+        # listing of its markers, ~600 files at COCO scale); forget_shards (repair) clears it
 
     def keep_arrays(self, arrays: dict[int, zarr.Array]) -> None:
         """Adopt layer arrays already open (the ones `FeatureStore.create_entry` just made)."""
@@ -298,6 +302,7 @@ class FeatureEntry:
         for s in shards:
             self.store.loc.remove(*self.folder, "_shards", f"{s}.json")
         self._markers = None
+        self._seen_complete = False
 
     # ----- writing
     @property
@@ -384,8 +389,12 @@ class FeatureEntry:
         if layer not in self._sources:
             arr, loc = self.layer_array(layer), self.store.loc
             name = f"layer_{layer:03d}"
+            opener = None
+            if loc.is_local:  # the layer folder checked once; each shard file opened without following links
+                folder = loc.path(*self.folder, name)
+                opener = functools.partial(_open_shard, folder, arr.metadata.encode_chunk_key, loc.root)
             src = ByteSource(loc.fs, loc.is_local,
-                             lambda s: loc.path(*self.folder, name, arr.metadata.encode_chunk_key((s, 0))))
+                             lambda s: loc.path(*self.folder, name, arr.metadata.encode_chunk_key((s, 0))), opener)
             geo = ShardGeometry(self.spec.rows, self.spec.dims[layer], self.spec.dtype, self.spec.shard_rows,
                                 self.spec.chunk_rows)
             self._sources[layer] = (src, geo)
@@ -407,12 +416,13 @@ class FeatureEntry:
         chunks holding the rows, each checked against its crc32c; layout 1 reads and decodes the whole layer and
         checks it against the shard markers' sha256 (unless `verify` is False)."""
         idx = self.resolve_layer(layer)
-        pending = self.pending_shards()
+        pending = [] if self._seen_complete else self.pending_shards()
         if pending:
             raise StratalignError(
                 f"entry {self.key} is incomplete ({len(pending)} of {self.spec.n_shards} shards missing); "
                 f"finish it with: stratalign extract --dataset {self.spec.dataset} --encoder {self.spec.encoder_spec}"
             )
+        self._seen_complete = True
         if rows is not None:
             rows = np.asarray(rows, dtype=np.int64).reshape(-1)
             if rows.size and (rows.min() < 0 or rows.max() >= self.spec.rows):
@@ -462,3 +472,16 @@ class FeatureEntry:
                 if shard_sha(block) != markers[s]["sha256"][layer]:
                     report["corrupt"].append((s, layer, "sha256 mismatch"))
         return report
+
+
+def _open_shard(folder: str, chunk_key: Callable[[tuple[int, int]], str], root: str, shard: int) -> int:
+    """A descriptor of a layout-2 shard file below its (checked) layer folder; a symlink on the way is refused in
+    one line, as Location.path refuses it."""
+    rel = chunk_key((shard, 0))
+    try:
+        return open_below(folder, rel)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StratalignError(f"{folder}/{rel} is a symlink: refusing to follow it out of the store {root}; "
+                                  "replace the link by the file itself") from None
+        raise
