@@ -32,7 +32,15 @@ from stratalign.core.heads import AlignedHeads, VariationalHead, build_head
 from stratalign.core.objectives import CLOSED_FORM_HEADS, KnnSupport, Objective, Side, StepBatch, objective_named
 from stratalign.errors import StratalignError
 from stratalign.train.config import TrainConfig, TrainResult
-from stratalign.train.loop import CheckpointSelector, Progress, SelectionRule, _batches, _cosine, autocast
+from stratalign.train.loop import (
+    CheckpointSelector,
+    Progress,
+    SelectionRule,
+    _batches,
+    _cosine,
+    autocast,
+    restore_chosen,
+)
 from stratalign.train.stacked import StackedSide
 from stratalign.train.validation import ValidationTargets, Validator
 
@@ -138,15 +146,7 @@ class _Run:
     def finish(self, dev: torch.device, group_size: int) -> TrainResult:
         """Restore the chosen checkpoint and describe how it was chosen."""
         step, reason, message = self.stop or (0, "max_steps", "")
-        best_val, best_step, state, before = self.sel.chosen()
-        self.model.load_state_dict(state)
-        self.model.eval()
-        if before:
-            message += (f"; no checkpoint after the {self.warmup}-step warm-up was usable, so the restored one is "
-                        "from inside the warm-up (the regulariser was not at full strength)")
-        lam_best = float(self.lam_of(best_step - 1)) if best_step > 0 else 0.0
-        message += (f"; restored step {best_step} by validation {self.job.selection.metric} {best_val:.4g} "
-                    f"(lambda {lam_best:g})")
+        best_val, best_step, lam_best, before, message = restore_chosen(self.sel, self.model, self.lam_of, message)
         if group_size > 1:
             message += f"; trained in a batch of {group_size} runs"
         row = self.history[best_step]

@@ -101,6 +101,21 @@ class CheckpointSelector:
         return (*self.fallback, True)
 
 
+def restore_chosen(sel: CheckpointSelector, model: nn.Module, lam_of: Callable[[int], float],
+                   message: str) -> tuple[float, int, float, bool, str]:
+    """Load the selector's chosen checkpoint into `model` (eval mode); (its validation value, step, the lambda of
+    the update that produced it, whether it is from inside the warm-up, the message saying so)."""
+    best_val, best_step, state, before = sel.chosen()
+    model.load_state_dict(state)
+    model.eval()
+    if before:
+        message += (f"; no checkpoint after the {sel.warmup}-step warm-up was usable, so the restored one is "
+                    "from inside the warm-up (the regulariser was not at full strength)")
+    lam_best = float(lam_of(best_step - 1)) if best_step > 0 else 0.0
+    message += f"; restored step {best_step} by validation {sel.selection.metric} {best_val:.4g} (lambda {lam_best:g})"
+    return best_val, best_step, lam_best, before, message
+
+
 class _Loop:
     """One run of the loop: optimiser, schedule, history (losses moved off the device in bulk), selector."""
 
@@ -191,15 +206,7 @@ class _Loop:
 
     def finish(self, step: int, reason: str, message: str, t0: float) -> TrainResult:
         """Restore the chosen checkpoint and describe how it was chosen."""
-        best_val, best_step, state, before = self.sel.chosen()
-        self.model.load_state_dict(state)
-        self.model.eval()
-        if before:
-            message += (f"; no checkpoint after the {self.warmup}-step warm-up was usable, so the restored one is "
-                        "from inside the warm-up (the regulariser was not at full strength)")
-        # the lambda of a checkpoint is that of the last update that produced it (history's "lambda" row)
-        lam_best = float(self.lam_of(best_step - 1)) if best_step > 0 else 0.0
-        message += f"; restored step {best_step} by validation {self.selection.metric} {best_val:.4g} (lambda {lam_best:g})"
+        best_val, best_step, lam_best, before, message = restore_chosen(self.sel, self.model, self.lam_of, message)
         row = self.history[best_step]
         return TrainResult(model=self.model, config=self.cfg, best_step=best_step, lambda_at_best=lam_best,
                            best_val_clip=float(row.get("val_clip", best_val)),
