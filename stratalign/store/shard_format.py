@@ -208,6 +208,8 @@ def read_rows(src: ByteSource, geo: ShardGeometry, rows: np.ndarray | None, wher
         return out[: geo.rows]
     slot = np.repeat(np.arange(len(chunk_ids)), np.diff(np.append(first, len(uniq))))
     picked = values[slot, uniq - chunk_ids[slot] * geo.chunk_rows]
+    if len(rows) == len(uniq) and np.array_equal(rows, uniq):  # sorted distinct rows (a run's table): no 2nd copy
+        return picked.astype(geo.dtype, copy=False)
     return picked[inverse].astype(geo.dtype, copy=False)
 
 
