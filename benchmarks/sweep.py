@@ -141,6 +141,9 @@ def scaling(sizes: list[int], steps: int) -> None:
     print("\n| S runs | one by one s | batched s | runs/s one by one | runs/s batched | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
     per_run_alone = None
+    warm = rng.standard_normal((600, 384), dtype=np.float32)  # first-call costs (imports, allocator) off the clock
+    train_many(warm, warm, [RunSpec(TrainConfig(objective="clip+structure", batch_size=256, max_steps=5, warmup_steps=1,
+                                                device="cpu"), np.arange(500), np.arange(500, 600))])
     for s in sizes:
         xi = rng.standard_normal((1000 * min(s, 8) + n_val, 384), dtype=np.float32)
         xt = rng.standard_normal((1000 * min(s, 8) + n_val, 384), dtype=np.float32)
