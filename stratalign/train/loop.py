@@ -1,4 +1,6 @@
-"""The optimisation loop shared by every gradient-trained model (METHOD.md section 3.6).
+"""The rules of the optimisation loop (METHOD.md section 3.6), shared by the batched loop of aligned heads
+(train.batched) and the loop CoMM trains in (`run_loop`, here): batches, the cosine schedule, checkpoint
+selection and its restore.
 
 Batches are index permutations of the training tensor (no DataLoader). AdamW with a cosine schedule over
 `max_steps`, gradient-norm clip 1.0 per parameter group (one per head), seeded so the same call twice gives
