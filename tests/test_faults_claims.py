@@ -108,3 +108,20 @@ def test_claim_file_content_round_trips(tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "c" / "0.json").read_bytes())
     assert raw["pid"] == os.getpid() and raw["started"] > 0
     assert Claim.parse((tmp_path / "c" / "0.json").read_bytes()) == mine
+
+
+def test_the_wait_line_names_holders_or_says_nothing() -> None:
+    """A shard whose claim went between our failed try and the look at its holders is tried again in silence
+    (it printed 'held by other workers:' with nobody after the colon); a held one is named."""
+    from types import SimpleNamespace
+
+    from stratalign.stages.extract_shards import ClaimWait
+
+    said: list[str] = []
+    claim = SimpleNamespace(describe=lambda: "shard 3 by host:42 until 12:00")
+    entry = SimpleNamespace(key="toy--entry", claim_state=lambda s: claim if s == 3 else None)
+    wait = ClaimWait(poll_s=0.0, max_wait_s=None, say=said.append)
+    wait.wait([entry], [1, 2])
+    assert said == []
+    wait.wait([entry], [3])
+    assert len(said) == 1 and "shard 3 by host:42" in said[0] and said[0].startswith("waiting for 1 shard(s)")

@@ -136,10 +136,12 @@ class ClaimWait:
         now = time.monotonic()
         self.since = now if self.since is None else self.since
         held = holders(entries, pending)
+        # no holder: their claims went between our try and this look (a worker finished or died); the next try
+        # takes them, so nothing is said (it printed "held by other workers:" with nobody after the colon)
         line = (f"waiting for {len(pending)} shard(s) of {entries[0].key} held by other workers: "
                 + "; ".join(held[:5]) + (f" (+{len(held) - 5} more)" if len(held) > 5 else "")
-                + " -- `stratalign store unlock` clears stale claims")
-        if line != self.last_line or now - self.last_said >= self.every_s:
+                + " -- `stratalign store unlock` clears stale claims") if held else ""
+        if line and (line != self.last_line or now - self.last_said >= self.every_s):
             self.say(line)
             self.last_line, self.last_said = line, now
         if self.max_wait_s is not None and now - self.since >= self.max_wait_s:
