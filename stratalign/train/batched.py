@@ -34,12 +34,15 @@ from stratalign.errors import StratalignError
 from stratalign.train.config import TrainConfig, TrainResult
 from stratalign.train.loop import (
     CheckpointSelector,
+    Pending,
     Progress,
     SelectionRule,
     _batches,
     _cosine,
     autocast,
+    history_rows,
     restore_chosen,
+    validation_history,
 )
 from stratalign.train.stacked import StackedSide
 from stratalign.train.validation import ValidationTargets, Validator
@@ -88,6 +91,7 @@ class _Run:
     def __init__(self, job: HeadsJob, model: AlignedHeads, rng: torch.Generator, dev: torch.device) -> None:
         self.job, self.cfg, self.model, self.rng = job, job.cfg, model, rng
         self.obj = objective_named(job.cfg.objective)
+        self.loss_key = _loss_key(job.cfg, self.obj)
         self.warmup = job.cfg.resolved_warmup()
         self.train_pos = torch.from_numpy(job.train_idx).to(dev)
         self.perm = torch.Generator().manual_seed(job.cfg.seed)
@@ -95,6 +99,7 @@ class _Run:
         self.sel = CheckpointSelector(self.warmup, job.cfg.patience, job.selection)
         self.history: list[dict[str, Any]] = [{"step": 0}]
         self.curve: list[dict[str, float]] = []
+        self.pending: list[Pending] = []  # steps since the last evaluation, losses still on the device
         self.stop: tuple[int, str, str] | None = None
         self.seconds = 0.0
 
@@ -113,22 +118,18 @@ class _Run:
     def due(self, step: int) -> bool:
         return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps or step == self.warmup
 
-    def record(self, rows: list[tuple[int, float, float, np.ndarray]]) -> int | None:
-        """Step losses into the history; the first non-finite step among them, if any."""
-        bad = None
-        for step, lr, lam, (lo, cl, rg) in rows:
-            self.history.append({"step": step, "lr": lr, "lambda": lam, "loss": float(lo), "clip": float(cl),
-                                 "reg": float(rg)})
-            if bad is None and not np.isfinite([lo, cl, rg]).all():
-                bad = step
+    def record(self, values: np.ndarray) -> int | None:
+        """The pending steps into the history (`values`: their losses on the host); the first non-finite step."""
+        rows, bad = history_rows(self.pending, values)
+        self.history.extend(rows)
+        self.pending.clear()
         return bad
 
     def evaluated(self, step: int, scores: dict[str, float], state: Callable[[], dict[str, torch.Tensor]]) -> None:
         """Record an evaluation, offer the checkpoint, decide whether the run stops here."""
         lam = float(self.lam_of(step - 1)) if step > 0 else 0.0
         self.curve.append({"step": step, **scores, "lambda": lam})
-        self.history[step].update({("val_clip" if k == "clip_loss" else f"val_{k}"): float(v)
-                                   for k, v in scores.items()})
+        self.history[step].update(validation_history(scores))
         rule = self.job.selection
         v = float(scores[rule.key])
         self.sel.offer(step, v, state)
@@ -225,9 +226,8 @@ class GroupLoop:
         s, n = 0, len(self.active)
         while s < n:
             first = self.active[s]
-            key = _loss_key(first.cfg, first.obj)
             e = s + 1
-            while e < n and _loss_key(self.active[e].cfg, self.active[e].obj) == key:
+            while e < n and self.active[e].loss_key == first.loss_key:
                 e += 1
             if first.obj.regulariser is None:
                 parts.append(torch.zeros(e - s, device=self.dev))
@@ -251,8 +251,8 @@ class GroupLoop:
         mu, logvar = (None, None) if side.mu is None else (side.mu[s], side.logvar[s])
         return Side(side.x[s], side.z[s], mu, logvar, knn)
 
-    def step(self, step: int) -> np.ndarray:
-        """One optimiser step of every active run; (S, 3) [loss, clip, reg] per run."""
+    def step(self, step: int) -> torch.Tensor:
+        """One optimiser step of every active run; (S, 3) [loss, clip, reg] per run, left on the device."""
         batch_pos = torch.stack([r.next_batch().to(self.dev) for r in self.active])  # (S, b) training positions
         pos = torch.stack([r.train_pos[p] for r, p in zip(self.active, batch_pos)])  # (S, b) table rows
         weights = torch.tensor([r.weight(step) for r in self.active], device=self.dev)
@@ -267,7 +267,7 @@ class GroupLoop:
             torch.nn.utils.clip_grad_norm_(self.image.params(s), 1.0)
             torch.nn.utils.clip_grad_norm_(self.text.params(s), 1.0)
         self.opt.step()
-        return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float().cpu().numpy()
+        return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float()
 
     # ---------------------------------------------------------------- evaluation
 
@@ -303,7 +303,6 @@ class GroupLoop:
         max_steps, total_runs = self.cfg.max_steps, len(self.runs)
         with torch.no_grad():
             self.evaluate(0, list(range(len(self.active))))
-        pending: list[tuple[int, float, list[_Run], list[float], np.ndarray]] = []
         step, done_steps = 0, 0
         while self.active and step < max_steps:
             lr = self.opt.param_groups[0]["lr"]
@@ -313,34 +312,26 @@ class GroupLoop:
             done_steps += len(self.active)
             for g in self.opt.param_groups:  # the cosine schedule (LambdaLR's arithmetic: base lr x factor)
                 g["lr"] = self.cfg.lr * _cosine(step, max_steps)
-            pending.append((step, lr, list(self.active), lams, losses))
+            for s, r in enumerate(self.active):
+                r.pending.append((step, lr, lams[s], losses[s]))
             due = [s for s, r in enumerate(self.active) if r.due(step)]
             if due:
-                self._checkpoint(step, due, pending)
+                self._checkpoint(step, due)
             if self.on_step is not None:
                 planned = done_steps + len(self.active) * (max_steps - step)
                 self.on_step(done_steps, planned, sum(r.stop is not None for r in self.runs), total_runs)
         return [r.finish(self.dev, total_runs) for r in self.runs]
 
-    def _checkpoint(self, step: int, due: list[int], pending: list) -> None:
-        """Move the due runs' step losses into their histories, evaluate them, drop the runs that stop."""
-        due_runs = {id(self.active[s]) for s in due}
-        keep_pending = []
-        rows: dict[int, list] = {}
-        for st, lr, runs, lams, losses in pending:
-            rest = []
-            for i, r in enumerate(runs):
-                if id(r) in due_runs:
-                    rows.setdefault(id(r), []).append((st, lr, lams[i], losses[i]))
-                else:
-                    rest.append(i)
-            if rest:
-                keep_pending.append((st, lr, [runs[i] for i in rest], [lams[i] for i in rest], losses[rest]))
-        pending[:] = keep_pending
-        scored = []
-        for s in due:
+    def _checkpoint(self, step: int, due: list[int]) -> None:
+        """Move the due runs' step losses into their histories (off the device in one transfer), evaluate them,
+        drop the runs that stop."""
+        counts = [len(self.active[s].pending) for s in due]
+        values = torch.stack([p[3] for s in due for p in self.active[s].pending]).cpu().numpy()
+        scored, start = [], 0
+        for s, n in zip(due, counts):
             r = self.active[s]
-            bad = r.record(rows.get(id(r), []))
+            bad = r.record(values[start:start + n])
+            start += n
             if bad is not None:
                 del r.history[bad + 1:]
                 r.stop = (bad, "non_finite", f"non-finite training loss at step {bad}")

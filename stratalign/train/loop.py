@@ -103,6 +103,26 @@ class CheckpointSelector:
         return (*self.fallback, True)
 
 
+# a step waiting for its losses to leave the device: (step, lr, lambda, [loss, clip, reg] on the device)
+Pending = tuple[int, float, float, torch.Tensor]
+
+
+def history_rows(pending: list[Pending], values: np.ndarray) -> tuple[list[dict[str, Any]], int | None]:
+    """The history rows of pending steps (`values`: their [loss, clip, reg] on the host, one row a step), and the
+    first step whose losses are not finite (None when all are)."""
+    rows, bad = [], None
+    for (s, lr, lam, _), (lo, cl, rg) in zip(pending, values):
+        rows.append({"step": s, "lr": lr, "lambda": lam, "loss": float(lo), "clip": float(cl), "reg": float(rg)})
+        if bad is None and not np.isfinite([lo, cl, rg]).all():
+            bad = s
+    return rows, bad
+
+
+def validation_history(scores: dict[str, float]) -> dict[str, float]:
+    """A validation score dict under the history's keys (the loss yardstick keeps its older name val_clip)."""
+    return {_HISTORY_KEYS.get(k, f"val_{k}"): float(v) for k, v in scores.items()}
+
+
 def restore_chosen(sel: CheckpointSelector, model: nn.Module, lam_of: Callable[[int], float],
                    message: str) -> tuple[float, int, float, bool, str]:
     """Load the selector's chosen checkpoint into `model` (eval mode); (its validation value, step, the lambda of
@@ -134,14 +154,14 @@ class _Loop:
         self.sel = CheckpointSelector(warmup, cfg.patience, selection)
         self.history: list[dict[str, Any]] = [{"step": 0}]
         self.curve: list[dict[str, float]] = []  # one row per evaluation step
-        self.pending: list[tuple[int, float, float, torch.Tensor]] = []  # (step, lr, lam, [loss, clip, reg])
+        self.pending: list[Pending] = []
 
     def evaluate(self, at: int) -> float:
         """Score the model on validation, record the curve row, offer the checkpoint; the selection value."""
         scores = self.score()
         lam = float(self.lam_of(at - 1)) if at > 0 else 0.0  # that of the update that produced this step
         self.curve.append({"step": at, **{k: float(v) for k, v in scores.items()}, "lambda": lam})
-        self.history[at].update({_HISTORY_KEYS.get(k, f"val_{k}"): float(v) for k, v in scores.items()})
+        self.history[at].update(validation_history(scores))
         v = float(scores[self.selection.key])
         self.sel.offer(at, v, lambda: _snapshot(self.model))
         if self.progress is not None:
@@ -152,13 +172,8 @@ class _Loop:
         """Move pending step losses into the history; return the first non-finite step, if any."""
         if not self.pending:
             return None
-        vals = torch.stack([p[3] for p in self.pending]).float().cpu().numpy()
-        bad = None
-        for (s, lr, lam, _), (lo, cl, rg) in zip(self.pending, vals):
-            self.history.append({"step": s, "lr": lr, "lambda": lam, "loss": float(lo), "clip": float(cl),
-                                 "reg": float(rg)})
-            if bad is None and not np.isfinite([lo, cl, rg]).all():
-                bad = s
+        rows, bad = history_rows(self.pending, torch.stack([p[3] for p in self.pending]).float().cpu().numpy())
+        self.history.extend(rows)
         self.pending.clear()
         return bad
 
