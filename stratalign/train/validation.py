@@ -129,10 +129,6 @@ class Validator:
             count += a.shape[1]
         return total / count
 
-    def clip_loss(self, embed: Embed) -> float:
-        """Validation CLIP loss of one model state."""
-        return float(self._clip_of(*self._embed_pairs(lambda m, x: embed(m, x).unsqueeze(0)))[0])
-
     def _zero_shot(self, z_img: torch.Tensor, embed: EmbedMany) -> torch.Tensor:
         """(S,) zero-shot top-1 in % of the gallery images against the class prompts (ties: lower class)."""
         z_p = F.normalize(embed("text", self.prompt_rows).float(), dim=-1)
