@@ -21,7 +21,7 @@ from stratalign.stages.run_config import RunConfig, resolve_run
 from stratalign.stages.train import train_runs
 from stratalign.store.features import FeatureStore
 from stratalign.store.runs import RunRegistry
-from stratalign.train.validation import SELECT_METRICS
+from stratalign.train.validation import SELECT_METRICS, check_select
 
 DEFAULT_TUNE_METRIC = "rsum"
 
@@ -85,7 +85,7 @@ class _Plan:
 def _plan(store: FeatureStore, cfg: RunConfig, metric: str | None) -> _Plan:
     objective = objective_named(cfg.objective)
     metric = metric or cfg.select or dict(cfg.options).get("select") or DEFAULT_TUNE_METRIC
-    SELECT_METRICS[metric]  # noqa: B018 - an unknown metric fails here
+    check_select(metric)  # an unknown metric fails here, in one line
     if not objective.grid:
         return _Plan(metric, {}, None, [cfg], [resolve_run(store, cfg)])
     fixed = {k: v for k, v in cfg.options if k in dict(objective.grid)}
