@@ -1,4 +1,5 @@
-"""COCO ingest in columnar batches: the same dataset, byte for byte, as the record-list code wrote before it.
+"""COCO ingest in columnar batches: the same dataset, byte for byte, as the record-list code wrote before it; and
+with its captions spilled to Parquet files (bounded memory), the same dataset as with the captions in memory.
 
 The expected hashes were computed with the record-list implementation (commit 1ed7604, before the columnar
 path) on the very input `_coco_input` writes: a COCO file with every kind of bad record (a duplicate image id,
@@ -9,6 +10,7 @@ version, so the table-byte hashes are checked with the polars that wrote them (2
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import random
@@ -17,12 +19,16 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from stratalign.errors import StratalignError
 from stratalign.stages.sources import ingest_source
+from stratalign.store.datasets import _duplicate_ids, build_dataset
 from stratalign.store.features import FeatureStore
 from stratalign.store.keys import content_fingerprint, content_fingerprint_batches
+from stratalign.store.raw_records import CAPTION_COLUMNS, RecordColumns, Spill, SpilledFrame, image_columns
 
 POLARS_OF_EXPECTED = "2.1.0"
 EXPECTED = {  # computed with the record-list code (1ed7604) by `_ingest` on `_coco_input`
@@ -129,3 +135,79 @@ def test_limit_keeps_the_first_images_and_their_captions(tmp_path: Path, monkeyp
     ds = ingest_source("coco", "tiny-coco", captions_json="captions.json", image_dir="img", limit=4)
     assert ds.images["image_id"].to_list() == ["0", "1", "2", "3"]
     assert ds.captions["caption_id"].to_list() == [str(a["id"]) for a in anns if a["image_id"] < 4]
+
+
+def _records(path: Path, batch_rows: int, spill: bool):
+    """The COCO file's images as a frame, its captions in columns of `batch_rows` rows (spilled or in memory)."""
+    data = json.loads(path.read_text())
+    images = image_columns()
+    for r in data["images"]:
+        images.append(str(r["id"]), str(path.parent / "img" / r["file_name"]), r["file_name"])
+    captions = RecordColumns(CAPTION_COLUMNS, batch_rows=batch_rows, spill=Spill() if spill else None)
+    captions.extend((str(a["id"]), str(a["image_id"]), a["caption"]) for a in data["annotations"])
+    return images.frame(), captions.frame()
+
+
+@pytest.mark.parametrize("bad", [True, False])
+def test_spilled_captions_make_the_dataset_the_memory_path_makes(tmp_path: Path, bad: bool) -> None:
+    path = _coco_input(tmp_path, bad)
+    images, spilled = _records(path, batch_rows=5, spill=True)
+    assert isinstance(spilled, SpilledFrame) and len(list(spilled.spill.path.glob("records-*.parquet"))) > 3
+    in_memory = build_dataset("d", *_records(path, batch_rows=5, spill=False), source={}, skip_bad=bad)
+    from_files = build_dataset("d", images, spilled, source={}, skip_bad=bad)
+    assert in_memory.captions_file is None and from_files.captions_file.is_file()
+    assert from_files.captions_file.parent == spilled.spill.path
+    assert from_files.n_captions == in_memory.captions.height > 20
+    assert from_files.meta == in_memory.meta and (not bad or from_files.meta["skipped"])
+    assert from_files.images.equals(in_memory.images)
+    assert from_files.captions.equals(in_memory.captions)
+    batches = list(from_files.caption_batches(["caption_id", "text"], rows=7))
+    assert pl.concat(batches).equals(in_memory.captions.select("caption_id", "text"))
+
+
+def test_a_saved_spilled_table_is_the_file_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _coco_input(tmp_path, False)
+    ds = ingest_source("coco", "tiny-coco", captions_json="captions.json", image_dir="img")
+    assert ds.captions_file is not None and ds._captions is None  # not loaded by the ingest
+    store = FeatureStore.open(str(tmp_path / "store"), "a", create=True)
+    assert store.save_dataset(ds) is True
+    stored = tmp_path / "store" / "datasets" / "tiny-coco" / "captions.parquet"
+    assert stored.read_bytes() == ds.captions_file.read_bytes()
+    assert store.dataset("tiny-coco").captions.equals(ds.captions)
+    assert store.save_dataset(ds) is False  # identical and whole
+    data = bytearray(stored.read_bytes())  # a damaged page in the middle of the table (the footer is intact)
+    data[len(data) // 3: len(data) // 3 + 40] = bytes(40)
+    stored.write_bytes(bytes(data))
+    assert store.save_dataset(ds) is True  # the damaged copy is rewritten
+    assert stored.read_bytes() == ds.captions_file.read_bytes()
+
+
+def test_the_spill_folder_goes_with_the_dataset_or_the_error(tmp_path: Path) -> None:
+    path = _coco_input(tmp_path, False)
+    images, spilled = _records(path, batch_rows=5, spill=True)
+    folder = spilled.spill.path
+    ds = build_dataset("d", images, spilled, source={})
+    del spilled
+    gc.collect()
+    assert ds.captions_file.is_file()  # the dataset holds the folder
+    del ds
+    gc.collect()
+    assert not folder.exists()
+    data = json.loads(path.read_text())
+    data["annotations"].append({**data["annotations"][0], "image_id": 5})  # a duplicate caption id: refused
+    path.write_text(json.dumps(data))
+    images, spilled = _records(path, batch_rows=5, spill=True)
+    folder = spilled.spill.path
+    with pytest.raises(StratalignError, match="duplicate caption id"):
+        build_dataset("d", images, spilled, source={})
+    del spilled
+    gc.collect()
+    assert not folder.exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="ab\u00e9 ", max_size=3), max_size=40))
+def test_duplicate_ids_are_the_repeated_values(values: list[str]) -> None:
+    frame = pl.LazyFrame({"caption_id": values}, schema={"caption_id": pl.String})
+    assert _duplicate_ids(frame, "caption_id") == sorted({v for v in values if values.count(v) > 1})

@@ -330,14 +330,17 @@ def test_replace_crash_never_serves_new_tables_under_old_fingerprint(store_with_
     store, old = store_with_dataset
     new = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir), seed=5)
     assert new.fingerprint != old.fingerprint and new.images.height == old.images.height
-    real_write = Location.write_bytes
+    assert new.captions_file is not None  # a COCO ingest's captions table is a file, copied by write_file
 
-    def crash(self: Location, data: bytes, *parts: str) -> None:
-        if parts[-1] == failing:
-            raise OSError("simulated crash")
-        real_write(self, data, *parts)
+    def crashing(real):
+        def crash(self: Location, data, *parts: str) -> None:
+            if parts[-1] == failing:
+                raise OSError("simulated crash")
+            real(self, data, *parts)
+        return crash
 
-    monkeypatch.setattr(Location, "write_bytes", crash)
+    monkeypatch.setattr(Location, "write_bytes", crashing(Location.write_bytes))
+    monkeypatch.setattr(Location, "write_file", crashing(Location.write_file))
     with pytest.raises(OSError, match="simulated crash"):
         store.save_dataset(new, replace=True)
     monkeypatch.undo()

@@ -14,7 +14,7 @@ import polars as pl
 from stratalign.errors import StratalignError, preview, require_int
 from stratalign.stages.sources_shards import read_hf, read_webdataset
 from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
-from stratalign.store.raw_records import caption_columns, image_columns
+from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
 
 TWEMOJI_TEMPLATES = ("an emoji of {}.",)
 
@@ -41,12 +41,12 @@ def _need(record: dict, key: str, where: str) -> Any:
     return record[key]
 
 
-def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The images and captions of a COCO captions file, as the columns of store.raw_records. With ijson (the
-    `ingest` extra) its two arrays are streamed, one record at a time appended to the columns, with a progress
-    bar over the file's bytes: a 590k-caption file is never held as one parsed document nor as one Python object
-    per record. Without it, json.load."""
-    found = {"images": image_columns(), "annotations": caption_columns()}
+def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[pl.DataFrame, SpilledFrame]:
+    """The images and captions of a COCO captions file, as the columns of store.raw_records, the captions spilled
+    to a temporary folder batch by batch. With ijson (the `ingest` extra) its two arrays are streamed, one record
+    at a time appended to the columns, with a progress bar over the file's bytes: a 590k-caption file is never
+    held as one parsed document, nor as one Python object per record, nor as one table. Without it, json.load."""
+    found = {"images": image_columns(), "annotations": caption_columns(Spill())}
 
     def add(key: str, i: int, r: Any) -> None:
         r = r if isinstance(r, dict) else {}
@@ -95,10 +95,10 @@ def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[p
 
 
 def read_coco(captions_json: str, image_dir: str, progress: bool = False,
-              **kw: Any) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
-    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed. The records come
-    as columns (store.raw_records), so a COCO-scale file ingests in memory that follows the tables, not the
-    records."""
+              **kw: Any) -> tuple[pl.DataFrame, SpilledFrame, dict]:
+    """COCO captions JSON (`captions_*.json`) plus its image folder; split assigned by seed. The images come as
+    columns (store.raw_records), the captions as a SpilledFrame, so a COCO-scale file ingests in memory that
+    follows the images table, not the captions."""
     images, captions = _coco_records(captions_json, image_dir, progress)
     return images, captions, {"kind": "coco", "captions": captions_json, "images": image_dir}
 
@@ -232,10 +232,10 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     return images, captions, {"kind": "twemoji", "groups": "emoji variants"}
 
 
-def _first_images(images: list[RawImage] | pl.DataFrame, captions: list[RawCaption] | pl.DataFrame,
+def _first_images(images: list[RawImage] | pl.DataFrame, captions: list[RawCaption] | pl.DataFrame | SpilledFrame,
                   limit: int) -> tuple[Any, Any]:
     """The first `limit` images and their captions (records as lists or as raw_records frames)."""
-    if isinstance(images, pl.DataFrame):
+    if isinstance(images, pl.DataFrame):  # captions: a frame or a SpilledFrame
         images = images.head(limit)
         return images, captions.filter(pl.col("image_id").is_in(images["image_id"].implode()))
     images = images[:limit]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from stratalign.errors import StratalignError
 from stratalign.store.cleanup import clean_folder
@@ -66,21 +68,36 @@ def save(loc: Location, ds: PairDataset, *, replace: bool = False) -> bool:
             f"(fingerprint {old[:12]} vs {ds.fingerprint[:12]}); choose another --name or pass --replace"
         )
     loc.remove(FOLDER, ds.name, META)
-    for table, frame in (("images", ds.images), ("captions", ds.captions)):
-        buf = io.BytesIO()
-        frame.write_parquet(buf)
-        loc.write_bytes(buf.getvalue(), FOLDER, ds.name, f"{table}.parquet")
+    _write_table(loc, ds.images, FOLDER, ds.name, "images.parquet")
+    if ds.captions_file is not None:  # a large table kept in a file by the ingest: copied, never loaded
+        loc.write_file(ds.captions_file, FOLDER, ds.name, "captions.parquet")
+    else:
+        _write_table(loc, ds.captions, FOLDER, ds.name, "captions.parquet")
     meta = {**ds.meta, "format_version": FORMAT_VERSION, "stratalign_version": __version__,
-            "n_images": ds.images.height, "n_captions": ds.captions.height}
+            "n_images": ds.images.height, "n_captions": ds.n_captions}
     loc.write_json(meta, FOLDER, ds.name, META)  # written last: marks the dataset whole
     return True
 
 
+def _write_table(loc: Location, frame: pl.DataFrame, *parts: str) -> None:
+    buf = io.BytesIO()
+    frame.write_parquet(buf)
+    loc.write_bytes(buf.getvalue(), *parts)
+
+
 def _loads(loc: Location, name: str) -> bool:
-    """Does the stored dataset load (tables present, readable, of the recorded sizes)?"""
+    """Does the stored dataset load (dataset.json readable, both tables decodable Parquet of the recorded sizes)?
+    The tables are decoded batch by batch: a 590k-caption table is checked without being held."""
     try:
-        load(loc, name)
-    except StratalignError:
+        meta = loc.read_json(FOLDER, name, META)
+        for table, key in (("images", "n_images"), ("captions", "n_captions")):
+            with loc.fs.open(loc.path(FOLDER, name, f"{table}.parquet"), "rb") as f:
+                file = pq.ParquetFile(f)
+                if file.metadata.num_rows != meta.get(key):
+                    return False
+                for _ in file.iter_batches(batch_size=65_536):
+                    pass
+    except (StratalignError, OSError, pa.ArrowException, AttributeError):
         return False
     return True
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
 import fsspec
 import numpy as np
@@ -27,7 +28,7 @@ from PIL import Image
 
 from stratalign.errors import StratalignError, preview
 from stratalign.store.keys import content_fingerprint_batches, dataset_fingerprint
-from stratalign.store.raw_records import caption_columns, image_columns
+from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -52,14 +53,44 @@ class RawCaption:
     text: str
 
 
-@dataclass
 class PairDataset:
-    """A validated pair dataset. `images` and `captions` are polars tables; meta is JSON-able."""
+    """A validated pair dataset. `images` and `captions` are polars tables; meta is JSON-able.
 
-    name: str
-    images: pl.DataFrame  # image_id, path, relpath, sha, split, label
-    captions: pl.DataFrame  # caption_id, image_id, image_row, text
-    meta: dict[str, Any] = field(default_factory=dict)
+    The captions table may live in a local Parquet file instead of memory (`captions_file`, made by an ingest of a
+    large source: see `build_dataset`); `captions` then reads it on first use, and saving the dataset copies the
+    file, so a 590k-caption ingest never holds the table."""
+
+    def __init__(self, name: str, images: pl.DataFrame, captions: pl.DataFrame | None = None,
+                 meta: dict[str, Any] | None = None, *, captions_file: Path | None = None,
+                 spill: Spill | None = None) -> None:
+        if (captions is None) == (captions_file is None):
+            raise ValueError("PairDataset needs its captions as a frame or as a file, not both or neither")
+        self.name, self.images, self.meta = name, images, dict(meta or {})
+        self._captions, self.captions_file, self._spill = captions, captions_file, spill
+        self._n_captions = captions.height if captions is not None else None
+
+    def __repr__(self) -> str:
+        return f"PairDataset({self.name!r}, {self.images.height} images, {self.n_captions} captions)"
+
+    @property
+    def captions(self) -> pl.DataFrame:
+        """caption_id, image_id, image_row, text (read from `captions_file` on first use when it lives there)."""
+        if self._captions is None:
+            self._captions = pl.read_parquet(self.captions_file)
+        return self._captions
+
+    @property
+    def n_captions(self) -> int:
+        if self._n_captions is None:
+            self._n_captions = pl.scan_parquet(self.captions_file).select(pl.len()).collect().item()
+        return self._n_captions
+
+    def caption_batches(self, columns: list[str], rows: int = 65_536) -> Iterator[pl.DataFrame]:
+        """The captions table's `columns` in batches of about `rows` rows, without loading a table kept in a file."""
+        if self._captions is not None:
+            yield from self._captions.select(columns).iter_slices(rows)
+        else:
+            yield from pl.scan_parquet(self.captions_file).select(columns).collect_batches(chunk_size=rows)
 
     @property
     def fingerprint(self) -> str:
@@ -113,7 +144,7 @@ class PairDataset:
         return {
             "name": self.name,
             "images": self.images.height,
-            "captions": self.captions.height,
+            "captions": self.n_captions,
             "splits": dict(zip(counts["split"].to_list(), counts["len"].to_list())),
             "classes": len(self.class_names),
             **({"groups": int(self.images["group"].n_unique())} if "group" in self.images.columns else {}),
@@ -184,19 +215,31 @@ def _valid_images(images: pl.DataFrame, reject: _Rejects) -> pl.DataFrame:
     return images.filter(~pl.col("image_id").is_in(bad_split))
 
 
-def _valid_captions(captions: pl.DataFrame, images: pl.DataFrame, reject: _Rejects) -> pl.DataFrame:
-    """Drop captions of unknown images and empty ones; duplicate caption ids are an error."""
+def _valid_captions(captions: pl.LazyFrame, images: pl.DataFrame, reject: _Rejects) -> pl.LazyFrame:
+    """Drop captions of unknown images and empty ones; duplicate caption ids are an error. Streaming passes over
+    `captions`: what is held is the bad records and, for a moment, 16 bytes a caption for the duplicate check."""
     known = pl.col("image_id").is_in(images["image_id"].implode())
-    unknown = captions.filter(~known)["caption_id"].to_list()
-    reject("caption", unknown, "an unknown image id")
-    empty = captions.filter(known & (pl.col("text") == ""))["caption_id"].to_list()  # text is normalised
-    reject("caption", empty, "empty text")
-    if unknown or empty:  # (a filter copies the table)
-        captions = captions.filter(~pl.col("caption_id").is_in(unknown + empty))
-    dup_c = sorted(set(captions.filter(pl.col("caption_id").is_duplicated())["caption_id"].to_list()))
+    bad = (captions.filter(~known | (pl.col("text") == ""))  # text is normalised
+           .select("caption_id", unknown=~known).collect(engine="streaming"))
+    reject("caption", bad.filter(pl.col("unknown"))["caption_id"].to_list(), "an unknown image id")
+    reject("caption", bad.filter(~pl.col("unknown"))["caption_id"].to_list(), "empty text")
+    valid = captions.filter(known & (pl.col("text") != ""))
+    dup_c = _duplicate_ids(valid, "caption_id")
     if dup_c:
         raise StratalignError(f"{len(dup_c)} duplicate caption id(s) in dataset {reject.name!r}: {preview(dup_c)}")
-    return captions
+    return valid
+
+
+def _duplicate_ids(frame: pl.LazyFrame, column: str) -> list[str]:
+    """The values of `column` that occur more than once, sorted. One pass keeps a 64-bit hash per row; only the
+    rows whose hash repeats are read again to tell real duplicates from hash collisions."""
+    hashed = pl.col(column).hash(seed=11)
+    hashes = np.sort(frame.select(hashed).collect(engine="streaming").to_series().to_numpy())
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    if not len(repeated):
+        return []
+    suspects = frame.filter(hashed.is_in(pl.Series(repeated).implode())).select(column).collect()
+    return sorted(set(suspects.filter(pl.col(column).is_duplicated())[column].to_list()))
 
 
 def _readable_images(images: pl.DataFrame, reject: _Rejects, workers: int, progress: bool) -> pl.DataFrame:
@@ -229,11 +272,12 @@ def _check_group_splits(name: str, images: pl.DataFrame) -> None:
                               "(put each group in one split in the split column, or drop --group-col)")
 
 
-def _tables(good: pl.DataFrame, captions: pl.DataFrame, seed: int,
-            fractions: tuple[float, float, float]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The images and captions tables (captions point at their image's row); a drawn split is drawn per group
-    (an image without a group is its own group), and the `group` column is there only when groups are.
-    Both are rechunked: the Parquet bytes follow the frame's chunks."""
+def _tables(good: pl.DataFrame, captions: pl.LazyFrame, seed: int, fractions: tuple[float, float, float],
+            spill: Spill | None) -> tuple[pl.DataFrame, pl.DataFrame | Path]:
+    """The images table and the captions table (captions point at their image's row): in memory, or written to a
+    Parquet file in `spill` (streamed: never held). A drawn split is drawn per group (an image without a group is
+    its own group), and the `group` column is there only when groups are. Frames in memory are rechunked: the
+    Parquet bytes follow the frame's chunks."""
     split = [s or split_of(i if g is None else f"group:{g}", seed, fractions)
              for i, s, g in zip(good["image_id"].to_list(), good["split"].to_list(), good["group"].to_list())]
     columns = [pl.col("image_id"), pl.col("path"), pl.col("relpath"), pl.col("sha"),
@@ -241,30 +285,37 @@ def _tables(good: pl.DataFrame, captions: pl.DataFrame, seed: int,
     if good["group"].is_not_null().any():
         columns.append(pl.coalesce("group", "image_id").alias("group"))
     images_df = good.select(columns).rechunk()
-    rows = images_df.select("image_id", image_row=pl.int_range(pl.len(), dtype=pl.Int64))
-    captions_df = (captions.join(rows, on="image_id", how="left", maintain_order="left")
-                   .select("caption_id", "image_id", "image_row", "text").rechunk())
-    return images_df, captions_df
+    rows = images_df.lazy().select("image_id", image_row=pl.int_range(pl.len(), dtype=pl.Int64))
+    table = (captions.join(rows, on="image_id", how="left", maintain_order="left")  # (a join holds less than
+             .select("caption_id", "image_id", "image_row", "text"))                  # replace_strict: 30 vs 60 MB)
+    if spill is None:
+        return images_df, table.collect().rechunk()
+    path = spill.new_file("captions")
+    table.sink_parquet(path)
+    return images_df, path
 
 
-def _as_frames(images: list[RawImage] | pl.DataFrame,
-               captions: list[RawCaption] | pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Raw records as the frames of store.raw_records (lists of records are converted; frames are as is)."""
+def _as_frames(images: list[RawImage] | pl.DataFrame, captions: list[RawCaption] | pl.DataFrame | SpilledFrame
+               ) -> tuple[pl.DataFrame, pl.LazyFrame, Spill | None]:
+    """Raw records as the frames of store.raw_records (lists of records are converted; frames are as is); the
+    captions as a LazyFrame, with the Spill folder they live in when they were spilled."""
     if not isinstance(images, pl.DataFrame):
         cols = image_columns()
         cols.extend((im.image_id, im.path, im.relpath, im.split, im.label, im.group) for im in images)
         images = cols.frame()
+    if isinstance(captions, SpilledFrame):
+        return images, captions.lazy, captions.spill
     if not isinstance(captions, pl.DataFrame):
         cols = caption_columns()
         cols.extend((c.caption_id, c.image_id, c.text) for c in captions)
         captions = cols.frame()
-    return images, captions
+    return images, captions.lazy(), None
 
 
 def build_dataset(
     name: str,
     images: list[RawImage] | pl.DataFrame,
-    captions: list[RawCaption] | pl.DataFrame,
+    captions: list[RawCaption] | pl.DataFrame | SpilledFrame,
     *,
     source: dict[str, Any],
     seed: int = 0,
@@ -280,8 +331,11 @@ def build_dataset(
     image files, images left without captions) raise one StratalignError naming the first few and the
     count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason. `progress`: a bar
     over the image checks (every image file is read, decoded and hashed) on a terminal.
+
+    Captions given as a SpilledFrame (a large source's, from store.raw_records) are validated in streaming
+    passes and the captions table is written beside them: memory then follows the images, not the captions.
     """
-    images, captions = _as_frames(images, captions)
+    images, captions, spill = _as_frames(images, captions)
     if images.height == 0:
         raise StratalignError(f"dataset {name!r} has no images")
     reject = _Rejects(name, skip_bad)
@@ -289,21 +343,26 @@ def build_dataset(
     images = _valid_images(images, reject)
     captions = _valid_captions(captions, images, reject)
     good = _readable_images(images, reject, workers, progress)
-    captioned = pl.col("image_id").is_in(captions["image_id"].implode())
+    with_captions = captions.select("image_id").unique().collect(engine="streaming")["image_id"]
+    captioned = pl.col("image_id").is_in(with_captions.implode())
     reject("image", good.filter(~captioned)["image_id"].to_list(), "no caption")
     good = good.filter(captioned)
-    if good.height < images.height:  # captions of unreadable images go too (a filter copies the table)
+    if good.height < images.height:  # captions of unreadable images go too
         captions = captions.filter(pl.col("image_id").is_in(good["image_id"].implode()))
     if good.height == 0:
         raise StratalignError(f"dataset {name!r} has no usable image-caption pairs left")
-    images_df, captions_df = _tables(good, captions, seed, fractions)
-    del good, captions, images  # the tables are copies: one copy of the captions is held from here on
+    images_df, captions_table = _tables(good, captions, seed, fractions, spill)
+    del good, captions, images, with_captions  # one copy of the tables is held from here on (or none, spilled)
+    if isinstance(captions_table, pl.DataFrame):
+        ds = PairDataset(name, images_df, captions_table)
+    else:
+        ds = PairDataset(name, images_df, captions_file=captions_table, spill=spill)
     labels = [x for x in images_df["label"].to_list() if x is not None]
     content_fp = content_fingerprint_batches(
         (b.rows() for b in images_df.select("image_id", "relpath", "sha").iter_slices(65_536)),
-        (b.rows() for b in captions_df.select("caption_id", "image_id", "text").iter_slices(65_536)),
+        (b.rows() for b in ds.caption_batches(["caption_id", "image_id", "text"])),
     )
-    meta = {
+    ds.meta = {
         "name": name,
         "source": source,
         "seed": seed,
@@ -314,4 +373,4 @@ def build_dataset(
         "templates": list(templates or DEFAULT_TEMPLATES),
         "skipped": reject.skipped,
     }
-    return PairDataset(name=name, images=images_df, captions=captions_df, meta=meta)
+    return ds

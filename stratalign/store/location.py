@@ -6,9 +6,10 @@ import functools
 import json
 import os
 import re
+import shutil
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import fsspec
 
@@ -89,25 +90,21 @@ class Location:
         target = self.path(*parts)
         self.fs.makedirs(self.fs._parent(target), exist_ok=True)
         if self.is_local:
-            tmp = f"{target}.tmp-{os.getpid()}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    if durable:
-                        f.flush()
-                        os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except OSError as exc:  # a full disk says which file it could not write (the CLI prints one line)
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                if exc.filename is None:
-                    raise OSError(exc.errno, exc.strerror or str(exc), target) from None
-                raise
+            _replace_local(target, lambda f: f.write(data), durable)
         else:
             with self.fs.open(target, "wb") as f:
                 f.write(data)
+
+    def write_file(self, local_path: str | os.PathLike, *parts: str) -> None:
+        """Copy a local file into the store without holding it in memory (a large table); on a local disk as
+        `write_bytes` writes (temp file, fsync, rename)."""
+        target = self.path(*parts)
+        self.fs.makedirs(self.fs._parent(target), exist_ok=True)
+        if not self.is_local:
+            self.fs.put_file(os.fspath(local_path), target)
+            return
+        with open(local_path, "rb") as src:
+            _replace_local(target, lambda f: shutil.copyfileobj(src, f, 1 << 20), True)
 
     def read_json(self, *parts: str) -> Any:
         try:
@@ -186,3 +183,24 @@ def _create_exclusive_local(target: str, data: bytes) -> bool:
         return True
     finally:
         os.unlink(tmp)
+
+
+def _replace_local(target: str, write: Callable[[BinaryIO], object], durable: bool) -> None:
+    """Write a local file through a temp file and a rename (fsynced first when `durable`): readers never see half
+    of it; a failed write removes the temp file and names the target (a full disk: the CLI prints one line)."""
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), target) from None
+        raise

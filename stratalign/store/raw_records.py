@@ -5,13 +5,46 @@ then the lists and tuples each check makes); held as Arrow columns it costs abou
 append records one at a time (`RecordColumns.append`) and every `batch_rows` records become a polars frame; a
 caption's text is normalised (whitespace runs -> one space, as the captions table stores it) when its batch is
 made, so the raw string never outlives its batch.
+
+With a `Spill` folder the batches go to Parquet files there instead of memory, and `frame()` is a LazyFrame
+that scans them: a source's captions then cost one batch of memory, whatever their number (`build_dataset`
+validates such a frame in streaming passes and writes the captions table into the same folder).
 """
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import polars as pl
+
+
+class Spill:
+    """A temporary local folder for tables too large to hold: removed when the last object holding it is gone
+    (or at exit), so an ingest that fails leaves nothing behind. `TMPDIR` chooses where it lives."""
+
+    def __init__(self, prefix: str = "stratalign-ingest-") -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix=prefix)
+        self.path = Path(self._dir.name)
+        self._files = 0
+
+    def new_file(self, stem: str) -> Path:
+        """A fresh file name in the folder (numbered: names sort in the order they were asked for)."""
+        self._files += 1
+        return self.path / f"{stem}-{self._files:06d}.parquet"
+
+
+@dataclass(frozen=True)
+class SpilledFrame:
+    """Records kept in a Spill folder: `lazy` scans them, and whoever holds this keeps the folder alive."""
+
+    lazy: pl.LazyFrame
+    spill: Spill
+
+    def filter(self, predicate: pl.Expr) -> SpilledFrame:
+        return SpilledFrame(self.lazy.filter(predicate), self.spill)
 
 IMAGE_COLUMNS = {"image_id": pl.String, "path": pl.String, "relpath": pl.String, "split": pl.String,
                  "label": pl.String, "group": pl.String}
@@ -26,10 +59,12 @@ def normalize_text(text: str | None) -> str:
 class RecordColumns:
     """Records of one kind (images or captions) gathered into polars frames of `batch_rows` rows."""
 
-    def __init__(self, columns: dict[str, Any], batch_rows: int = 65_536) -> None:
-        self.columns, self.batch_rows = columns, batch_rows
+    def __init__(self, columns: dict[str, Any], batch_rows: int = 65_536, spill: Spill | None = None) -> None:
+        self.columns, self.batch_rows, self.spill = columns, batch_rows, spill
         self._pending: list[tuple] = []
         self._frames: list[pl.DataFrame] = []
+        self._files: list[Path] = []
+        self._spilled_rows = 0
 
     def append(self, *values: Any) -> None:
         """One record, its values in the order of `columns` (missing trailing ones are None)."""
@@ -42,7 +77,7 @@ class RecordColumns:
             self.append(*values)
 
     def __len__(self) -> int:
-        return sum(f.height for f in self._frames) + len(self._pending)
+        return sum(f.height for f in self._frames) + self._spilled_rows + len(self._pending)
 
     def _flush(self) -> None:
         if not self._pending:
@@ -56,13 +91,25 @@ class RecordColumns:
                 cols[n].append(None)
         if "text" in cols:
             cols["text"] = [normalize_text(t) for t in cols["text"]]
-        self._frames.append(pl.DataFrame(cols, schema=self.columns))
+        batch = pl.DataFrame(cols, schema=self.columns)
         self._pending = []
+        if self.spill is None:
+            self._frames.append(batch)
+            return
+        path = self.spill.new_file("records")
+        batch.write_parquet(path, compression="lz4")  # read back once or twice: fast beats small
+        self._files.append(path)
+        self._spilled_rows += batch.height
 
-    def frame(self) -> pl.DataFrame:
-        """Every record so far, one frame of the batches as chunks (not copied into one: whoever needs contiguous
-        columns, e.g. to write Parquet, rechunks the frame it finally keeps)."""
+    def frame(self) -> pl.DataFrame | SpilledFrame:
+        """Every record so far: in memory, one frame of the batches as chunks (not copied into one: whoever needs
+        contiguous columns, e.g. to write Parquet, rechunks the frame it finally keeps); spilled, a SpilledFrame
+        scanning the batch files in order."""
         self._flush()
+        if self.spill is not None:
+            files, self._files, self._spilled_rows = self._files, [], 0
+            lazy = pl.scan_parquet(files) if files else pl.LazyFrame(schema=self.columns)
+            return SpilledFrame(lazy, self.spill)
         frames, self._frames = self._frames, []
         if not frames:
             return pl.DataFrame(schema=self.columns)
@@ -74,6 +121,6 @@ def image_columns() -> RecordColumns:
     return RecordColumns(IMAGE_COLUMNS)
 
 
-def caption_columns() -> RecordColumns:
-    """Captions: caption_id, image_id, text (see datasets.RawCaption)."""
-    return RecordColumns(CAPTION_COLUMNS)
+def caption_columns(spill: Spill | None = None) -> RecordColumns:
+    """Captions: caption_id, image_id, text (see datasets.RawCaption); in `spill`'s folder when given."""
+    return RecordColumns(CAPTION_COLUMNS, spill=spill)
