@@ -20,6 +20,13 @@ one by one; larger S extrapolated from S = 8's per-run time), seconds and runs/s
     python benchmarks/sweep.py --store stratalign-store --seeds 25 --no-alone   # the 5x grid, batched only
     python benchmarks/sweep.py --scaling 1,8,32,128 --no-grid       # part 2
     python benchmarks/sweep.py --store stratalign-store --seeds 2 --busy 1   # beside one busy process
+    python benchmarks/sweep.py --no-grid --floor 1,8,32             # part 3
+
+Part 3 (`--floor`): why batching cannot go far on a CPU. The trainer's seconds per run-step (S clip+structure runs
+of 1,000 synthetic 384-d pairs, batch 256, batched) against the bare dense products of one step (heads, their
+weight gradients, CLIP logits and gradients, R_S similarities and gradient: ~1 GFLOP a run), batched over the same
+S runs with torch.bmm and timed back to back. No loop, batched or not, runs a step in less than its dense
+products at fp32, so trainer / products bounds the speedup any batching could bring.
 """
 
 from __future__ import annotations
@@ -168,6 +175,64 @@ def scaling(sizes: list[int], steps: int) -> None:
               flush=True)
 
 
+def _step_matmuls(s: int, b: int = 256, d_in: int = 384, d_out: int = 512) -> tuple[list, float]:
+    """The dense products of one clip+structure step of S linear-head runs (METHOD 3.1-3.2, L = 1), batched over the
+    runs as a stacked trainer would at best: heads forward and weight gradients (2 modalities), CLIP logits and
+    their two gradients, R_S's frozen-side and head-side similarities and the head side's gradient; (the
+    closures, GFLOP of one run's step)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(s, b, d_in, generator=g) for _ in range(2)]
+    w = [torch.randn(s, d_in, d_out, generator=g) for _ in range(2)]
+    z = [torch.randn(s, b, d_out, generator=g) for _ in range(2)]
+    gz = torch.randn(s, b, b, generator=g)
+    ops = [lambda i=i: torch.bmm(x[i], w[i]) for i in range(2)]  # heads forward
+    ops += [lambda i=i: torch.bmm(x[i].transpose(1, 2), z[i]) for i in range(2)]  # weight gradients
+    ops += [lambda: torch.bmm(z[0], z[1].transpose(1, 2)), lambda: torch.bmm(gz, z[1]),
+            lambda: torch.bmm(gz.transpose(1, 2), z[0])]  # CLIP logits, d logits -> dZ_i, dZ_t
+    ops += [lambda i=i: torch.bmm(x[i], x[i].transpose(1, 2)) for i in range(2)]  # R_S frozen side
+    ops += [lambda i=i: torch.bmm(z[i], z[i].transpose(1, 2)) for i in range(2)]  # R_S head side
+    ops += [lambda i=i: torch.bmm(gz, z[i]) for i in range(2)]  # R_S head side, gradient
+    flops = 2 * b * (4 * d_in * d_out + 3 * b * d_out + 2 * b * d_in + 4 * b * d_out)
+    return ops, flops / 1e9
+
+
+def floor(sizes: list[int], steps: int) -> float:
+    """How much faster a run-step could get at most: the trainer's seconds per run-step (S runs batched through
+    train_many, early stopping off) against the bare dense products of one step batched over the same S runs,
+    measured back to back; the dense products are a floor that no batching or loop can go under at fp32."""
+    from stratalign.train import RunSpec, TrainConfig, train_many
+
+    rng = np.random.default_rng(0)
+    print("\n| S runs | trainer ms / run-step | dense products ms / run-step | GFLOP/s of the products | trainer / floor |")
+    print("| --- | --- | --- | --- | --- |")
+    ceiling = 0.0
+    for s in sizes:
+        xi = rng.standard_normal((1000 + 300, 384), dtype=np.float32)
+        xt = rng.standard_normal((1000 + 300, 384), dtype=np.float32)
+        specs = [RunSpec(TrainConfig(objective="clip+structure", batch_size=256, max_steps=steps,
+                                     warmup_steps=min(10, steps), patience=10 * steps, eval_every=10 * steps, seed=i,
+                                     device="cpu"),
+                         np.arange(1000), np.arange(1000, 1300)) for i in range(s)]
+        train_many(xi, xt, specs[:1])  # warm-up
+        t0 = time.perf_counter()
+        train_many(xi, xt, specs)
+        trainer = (time.perf_counter() - t0) / (s * steps)
+        ops, gflop = _step_matmuls(s)
+        for op in ops:  # warm-up
+            op()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for op in ops:
+                op()
+        dense = (time.perf_counter() - t0) / (s * steps)
+        ceiling = max(ceiling, trainer / dense)
+        print(f"| {s} | {trainer * 1e3:.2f} | {dense * 1e3:.2f} | {gflop / dense:.0f} | {trainer / dense:.2f}x |",
+              flush=True)
+    return ceiling
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default="stratalign-store", help="a store with the demo's features (stratalign demo)")
@@ -176,7 +241,9 @@ def main() -> None:
     ap.add_argument("--no-grid", action="store_true", help="skip part 1")
     ap.add_argument("--profile", action="store_true", help="cProfile both modes and print where the time went")
     ap.add_argument("--scaling", default="", help="part 2: comma-separated S, e.g. 1,8,32,128")
-    ap.add_argument("--steps", type=int, default=60, help="part 2: steps per run")
+    ap.add_argument("--steps", type=int, default=60, help="parts 2 and 3: steps per run")
+    ap.add_argument("--floor", default="", help="part 3: comma-separated S, e.g. 1,8,32: the trainer against the "
+                    "bare dense products of its steps (the most any batching could gain)")
     ap.add_argument("--keep", default="", help="keep the two store copies in this folder")
     ap.add_argument("--busy", type=int, default=0,
                     help="processes spinning on a core while both modes run (a shared machine, reproducibly)")
@@ -206,6 +273,10 @@ def _parts(args: argparse.Namespace) -> float | None:
                 shutil.rmtree(workdir, ignore_errors=True)
     if args.scaling:
         scaling([int(s) for s in args.scaling.split(",")], args.steps)
+    if args.floor:
+        ceiling = floor([int(s) for s in args.floor.split(",")], args.steps)
+        print(f"\nat most {ceiling:.2f}x from any faster loop at these shapes (the trainer's run-step over the bare "
+              "dense products of one)")
     return ratio
 
 
