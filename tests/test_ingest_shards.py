@@ -52,6 +52,7 @@ def _write_shards(folder: Path, n_shards: int = 2, per_shard: int = 6) -> list[P
 def test_webdataset_tars_ingest_and_extract(tmp_path: Path) -> None:
     shards = _write_shards(tmp_path / "wds")
     ds = ingest_source("webdataset", "wds", shards=str(tmp_path / "wds" / "shard-{00000..00001}.tar"))
+    assert ds.captions_file is not None and ds.n_captions == 10  # spilled as read: bounded memory at any scale
     assert ds.images.height == 10 and ds.captions.height == 10  # 2 of 12 keys had no caption
     assert "000000002" not in ds.images["image_id"].to_list() and "000000001" in ds.images["image_id"].to_list()
     assert ds.captions.filter(ds.captions["image_id"] == "000000001")["text"].to_list() == [caption_for(1)]
@@ -96,6 +97,7 @@ def test_hugging_face_dataset_folder_ingests_with_its_splits(tmp_path: Path) -> 
         features=features) for split, idx in parts.items()})
     dd.save_to_disk(str(tmp_path / "hfds"))
     ds = ingest_source("hf", "hfds", path=str(tmp_path / "hfds"))
+    assert ds.captions_file is not None and ds.n_captions == 18  # spilled as read: bounded memory at any scale
     assert ds.images.height == 9 and ds.captions.height == 18
     assert ds.split_counts() == {"train": 6, "val": 2, "test": 1}
     first = ds.images.row(0, named=True)

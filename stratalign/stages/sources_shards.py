@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
+import polars as pl
 
 from stratalign.errors import StratalignError
-from stratalign.store.datasets import RawCaption, RawImage
+from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 HF_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
@@ -65,14 +66,14 @@ def _tar_members(url: str) -> Iterator[tuple[str, str, str, tarfile.TarFile, tar
 
 
 def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress: bool = False,
-                    **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
+                    **kw: Any) -> tuple[pl.DataFrame, SpilledFrame, dict]:
     """webdataset tar shards: per key an image (`.jpg`, `.png`, `.webp`, ...) and its caption (`.txt`, or the
-    `caption` field of `.json`). Keys without an image or a caption are left out; an image id is the key."""
+    `caption` field of `.json`). Keys without an image or a caption are left out; an image id is the key. The
+    captions are spilled to a temporary folder as they come (bounded memory: see store.raw_records)."""
     from tqdm import tqdm
 
     urls = expand_shards(shards)
-    images: list[RawImage] = []
-    captions: list[RawCaption] = []
+    images, captions = image_columns(), caption_columns(Spill())
     for url in tqdm(urls, desc="webdataset shards", unit="shard", disable=None if progress else True):
         shard_name = posixpath.basename(url.rstrip("/"))
         found: dict[str, dict[str, str]] = {}
@@ -87,11 +88,11 @@ def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress:
                     item["text"] = text
         for key, item in found.items():
             if "image" in item and "text" in item:
-                images.append(RawImage(key, f"tar://{item['image']}::{url}", f"{shard_name}/{item['image']}"))
-                captions.append(RawCaption(key, key, item["text"]))
-    if not images:
+                images.append(key, f"tar://{item['image']}::{url}", f"{shard_name}/{item['image']}")
+                captions.append(key, key, item["text"])
+    if not len(images):
         raise StratalignError(f"no (image, caption) pairs in the webdataset shards {urls[:3]}")
-    return images, captions, {"kind": "webdataset", "shards": urls, "caption_ext": caption_ext}
+    return images.frame(), captions.frame(), {"kind": "webdataset", "shards": urls, "caption_ext": caption_ext}
 
 
 def _json_caption(raw: str) -> str | None:
@@ -167,16 +168,16 @@ def _sniff(data: bytes) -> str:
 
 
 def read_hf(path: str, image_col: str = "image", text_col: str = "text", image_dir: str | None = None,
-            progress: bool = False, **kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
+            progress: bool = False, **kw: Any) -> tuple[pl.DataFrame, SpilledFrame, dict]:
     """A local Hugging Face dataset (or Arrow / Parquet files) with an image column (an `Image` feature or paths)
     and a text column (one caption, or a list of captions per image). Splits come from the dataset's split
     names (validation -> val). Embedded image bytes are written once into `image_dir` (default:
-    `<path>-images`), as the store keeps images by path."""
+    `<path>-images`), as the store keeps images by path. The captions are spilled to a temporary folder as they
+    come (bounded memory: see store.raw_records)."""
     from tqdm import tqdm
 
     out_dir = Path(image_dir or f"{str(path).rstrip('/')}-images")
-    images: list[RawImage] = []
-    captions: list[RawCaption] = []
+    images, captions = image_columns(), caption_columns(Spill())
     for split, files in _hf_tables(path):
         for file in files:
             for batch in tqdm(_batches(file), desc=f"{Path(file).name}", unit="batch",
@@ -188,8 +189,9 @@ def read_hf(path: str, image_col: str = "image", text_col: str = "text", image_d
                 for img, text in zip(batch.column(image_col).to_pylist(), batch.column(text_col).to_pylist()):
                     iid = f"{split or 'all'}-{len(images):08d}"
                     p, rel = _image_file(img, out_dir, iid)
-                    images.append(RawImage(iid, p, rel, split=HF_SPLITS.get(split or "", None)))
+                    images.append(iid, p, rel, HF_SPLITS.get(split or "", None))
                     texts = text if isinstance(text, list) else [text]
-                    captions += [RawCaption(f"{iid}-{j}", iid, "" if t is None else str(t)) for j, t in enumerate(texts)]
-    return images, captions, {"kind": "hf", "path": str(path), "image_col": image_col, "text_col": text_col,
+                    for j, t in enumerate(texts):
+                        captions.append(f"{iid}-{j}", iid, "" if t is None else str(t))
+    return images.frame(), captions.frame(), {"kind": "hf", "path": str(path), "image_col": image_col, "text_col": text_col,
                               "image_dir": str(out_dir)}
