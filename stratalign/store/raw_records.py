@@ -6,8 +6,8 @@ append records one at a time (`RecordColumns.append`) and every `batch_rows` rec
 caption's text is normalised (whitespace runs -> one space, as the captions table stores it) when its batch is
 made, so the raw string never outlives its batch.
 
-With a `Spill` folder the batches go to Parquet files there instead of memory, and `frame()` is a LazyFrame
-that scans them: a source's captions then cost one batch of memory, whatever their number (`build_dataset`
+With a `Spill` folder the batches go to Parquet files there instead of memory, and `frame()` is a SpilledFrame
+whose LazyFrame scans them: a source's captions then cost one batch of memory, whatever their number (`build_dataset`
 validates such a frame in streaming passes and writes the captions table into the same folder).
 """
 
@@ -46,6 +46,7 @@ class SpilledFrame:
     def filter(self, predicate: pl.Expr) -> SpilledFrame:
         return SpilledFrame(self.lazy.filter(predicate), self.spill)
 
+
 IMAGE_COLUMNS = {"image_id": pl.String, "path": pl.String, "relpath": pl.String, "split": pl.String,
                  "label": pl.String, "group": pl.String}
 CAPTION_COLUMNS = {"caption_id": pl.String, "image_id": pl.String, "text": pl.String}
@@ -64,7 +65,7 @@ class RecordColumns:
         self._pending: list[tuple] = []
         self._frames: list[pl.DataFrame] = []
         self._files: list[Path] = []
-        self._spilled_rows = 0
+        self._flushed = 0  # rows in _frames or _files: len() is O(1) (readers call it per record)
 
     def append(self, *values: Any) -> None:
         """One record, its values in the order of `columns` (missing trailing ones are None)."""
@@ -77,7 +78,7 @@ class RecordColumns:
             self.append(*values)
 
     def __len__(self) -> int:
-        return sum(f.height for f in self._frames) + self._spilled_rows + len(self._pending)
+        return self._flushed + len(self._pending)
 
     def _flush(self) -> None:
         if not self._pending:
@@ -93,21 +94,22 @@ class RecordColumns:
             cols["text"] = [normalize_text(t) for t in cols["text"]]
         batch = pl.DataFrame(cols, schema=self.columns)
         self._pending = []
+        self._flushed += batch.height
         if self.spill is None:
             self._frames.append(batch)
             return
         path = self.spill.new_file("records")
         batch.write_parquet(path, compression="lz4")  # read back once or twice: fast beats small
         self._files.append(path)
-        self._spilled_rows += batch.height
 
     def frame(self) -> pl.DataFrame | SpilledFrame:
         """Every record so far: in memory, one frame of the batches as chunks (not copied into one: whoever needs
         contiguous columns, e.g. to write Parquet, rechunks the frame it finally keeps); spilled, a SpilledFrame
         scanning the batch files in order."""
         self._flush()
+        self._flushed = 0
         if self.spill is not None:
-            files, self._files, self._spilled_rows = self._files, [], 0
+            files, self._files = self._files, []
             lazy = pl.scan_parquet(files) if files else pl.LazyFrame(schema=self.columns)
             return SpilledFrame(lazy, self.spill)
         frames, self._frames = self._frames, []
