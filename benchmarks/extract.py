@@ -9,7 +9,7 @@ For each encoder and each N (first N Twemoji images, or N captions for a text en
                  machine's slow and fast phases (+-15% here) cancel in the per-round ratio;
   memory child - a fresh process that only extracts: its peak RSS, and its RSS once the model is loaded.
 Both children start extraction's loader processes before they load the model, as `extract()` does (on CPU,
-image batches are decoded in low-priority processes: stratalign/stages/image_loaders.py); `--loaders threads`
+image batches are decoded in low-priority processes: stratalign/stages/extract/image_loaders.py); `--loaders threads`
 measures the loader threads instead.
 The table shows the median bare and extract times, the median of the per-round ratios (goal <= 1.15 on CPU)
 and their range, rows/s, and the memory child's peak RSS and growth over the loaded model. Shards are
@@ -55,8 +55,8 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
         extract_encoder,
         start_loader_processes,
     )
-    from stratalign.stages.sources import ingest_source
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.ingest.sources import ingest_source
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.media import load_image
 
     ds = ingest_source("twemoji", "bench", limit=n)

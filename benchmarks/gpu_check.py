@@ -80,7 +80,7 @@ def pooled_features(model: torch.nn.Module, pixels: torch.Tensor, device: str, b
 
     from stratalign.encoders.base import ImageTransform
     from stratalign.encoders.hf import HFEncoder
-    from stratalign.stages.extract_shards import ShardEncoder
+    from stratalign.stages.extract.shards import ShardEncoder
 
     dev = torch.device(device)
     size = int(model.config.image_size)  # the transform only serves the encoder's one-image layout probe

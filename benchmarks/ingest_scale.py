@@ -50,11 +50,11 @@ def make(root: Path, n_images: int, per_image: int, with_images: bool) -> Path:
 def child(args: argparse.Namespace) -> dict:
     if args.mode == "json.load":
         sys.modules["ijson"] = None  # the reader falls back to json.load
-    from stratalign.stages.sources import ingest_source, read_coco
+    from stratalign.stages.ingest.sources import ingest_source, read_coco
 
     t0 = time.perf_counter()
     if args.mode == "ingest":
-        from stratalign.store.features import FeatureStore
+        from stratalign.store.feature_store import FeatureStore
 
         ds = ingest_source("coco", "coco-synthetic", captions_json=args.file, image_dir=args.images_dir)
         FeatureStore.open(args.store, "a", create=True).save_dataset(ds)

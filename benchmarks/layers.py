@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from stratalign.core import similarity as M
+from stratalign.core import similarity as similarity_mod
 
 
 def synthetic_layers(n: int, layers: int, dim: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -54,11 +54,11 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
     k = int(args.k) if str(args.k).isdigit() else args.k
     vis, txt = synthetic_layers(args.n, args.layers, args.dim, args.seed)
-    kk = M.resolve_k(k, args.n)
+    kk = similarity_mod.resolve_k(k, args.n)
     n_pairs = len(vis) * len(txt)
     print(f"n={args.n} layers={args.layers}x{args.layers} dim={args.dim} k={kk} metrics={','.join(args.metrics)} "
           f"threads={args.threads or 'default'}")
-    M.mutual_knn(vis[0][:200], txt[0][:200], 5)  # warm FAISS / BLAS up outside the timings
+    similarity_mod.mutual_knn(vis[0][:200], txt[0][:200], 5)  # warm FAISS / BLAS up outside the timings
 
     pairs = [(v, t) for v in range(len(vis)) for t in range(len(txt))]
     if 0 < args.sample < n_pairs:
@@ -67,21 +67,21 @@ def main() -> None:
     rows = []
     for metric in args.metrics:
         t0 = time.perf_counter()
-        mat = M.layer_similarity(vis, txt, metrics=(metric,), k=k)[metric]
+        mat = similarity_mod.layer_similarity(vis, txt, metrics=(metric,), k=k)[metric]
         fast = time.perf_counter() - t0
         t0 = time.perf_counter()
         worst = 0.0
         for v, t in pairs:
-            value = M.METRICS[metric](vis[v], txt[t], k)
+            value = similarity_mod.METRICS[metric](vis[v], txt[t], k)
             worst = max(worst, abs(value - mat[v, t]))
         slow = (time.perf_counter() - t0) * n_pairs / len(pairs)
-        tol = 0.0 if metric in M.KNN_METRICS else 1e-12
+        tol = 0.0 if metric in similarity_mod.KNN_METRICS else 1e-12
         status = "equal" if worst <= tol else f"DIFFER (max |diff| {worst:.3g})"
         mark = "" if len(pairs) == n_pairs else "~"
-        best = M.choose_layers(mat, "best")
-        rows.append((f"{metric}: per-pair loop ({2 * n_pairs if metric in M.KNN_METRICS else 0} kNN searches)",
+        best = similarity_mod.choose_layers(mat, "best")
+        rows.append((f"{metric}: per-pair loop ({2 * n_pairs if metric in similarity_mod.KNN_METRICS else 0} kNN searches)",
                      f"{mark}{slow:.2f}", "1.0x", status))
-        rows.append((f"{metric}: layer_similarity ({len(vis) + len(txt) if metric in M.KNN_METRICS else 0} kNN searches)",
+        rows.append((f"{metric}: layer_similarity ({len(vis) + len(txt) if metric in similarity_mod.KNN_METRICS else 0} kNN searches)",
                      f"{fast:.2f}", f"{slow / fast:.1f}x",
                      f"best pair {best} = {mat[best]:.4f}, last = {mat[-1, -1]:.4f}"))
     width = max(len(r[0]) for r in rows)

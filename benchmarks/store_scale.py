@@ -55,7 +55,7 @@ def _read_bytes() -> int:
 
 
 def _spec(rows: int, layers: int, dim: int, shard_rows: int, modality: str, layout: int, content: str):
-    from stratalign.store.features import EntrySpec
+    from stratalign.store.feature_store import EntrySpec
 
     return EntrySpec(dataset=DATASET, content_fingerprint=content, modality=modality,
                      encoder={"spec": encoder_name(modality, layout), "default_pooling": "mean"}, pooling="mean",
@@ -65,7 +65,7 @@ def _spec(rows: int, layers: int, dim: int, shard_rows: int, modality: str, layo
 
 def build(root: Path, rows: int, layers: int, dim: int, shard_rows: int) -> dict:
     """The dataset record, both entries in both layouts plus the memmaps; returns write seconds per layout."""
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     timings: dict = {"dataset_record_s": round(build_dataset_record(root, rows), 1)}
     content = content_fingerprint(root)
@@ -96,7 +96,7 @@ def build(root: Path, rows: int, layers: int, dim: int, shard_rows: int) -> dict
 
 def child(args: argparse.Namespace) -> dict:
     """One method's reads, in a process of its own (its peak RSS is the method's)."""
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     root = Path(args.dir)
     store = FeatureStore.open(str(root / "store"), "r")

@@ -1,5 +1,5 @@
 """The stages of `store_scale.py` at scale: the synthetic store's dataset record, and the `layers` and `train`
-stages run through the library (`stages.layers.run_layers`, `stages.train.train_run`) in child processes.
+stages run through the library (`stages.layers.run_layers`, `stages.runs.training.train_run`) in child processes.
 
 The entries of `store_scale.py` are the features of a real dataset record: `build_dataset` + `save_dataset`
 (the store's own validation and fingerprints), rows//5 images with five captions each (COCO's shape), a
@@ -34,7 +34,7 @@ def build_dataset_record(root: Path, rows: int) -> float:
     from PIL import Image
 
     from stratalign.store.datasets import RawCaption, RawImage, build_dataset
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     t0 = time.perf_counter()
     png = root / "pixel.png"
@@ -53,7 +53,7 @@ def build_dataset_record(root: Path, rows: int) -> float:
 
 
 def content_fingerprint(root: Path) -> str:
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     return FeatureStore.open(str(root / "store"), "r").dataset(DATASET).content_fingerprint
 
@@ -61,9 +61,9 @@ def content_fingerprint(root: Path) -> str:
 def stage_child(args: argparse.Namespace) -> dict:
     """One stage run in this process (its peak RSS is the stage's): `layers` at n = args.n, or one `train` run."""
     from stratalign.stages.layers import LayersConfig, run_layers
-    from stratalign.stages.run_config import RunConfig, resolve_run
-    from stratalign.stages.train import train_run
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.config import RunConfig, resolve_run
+    from stratalign.stages.runs.training import train_run
+    from stratalign.store.feature_store import FeatureStore
 
     store = FeatureStore.open(str(Path(args.dir) / "store"), "a")
     vision, text = encoder_name("image", args.layout), encoder_name("text", args.layout)

@@ -51,9 +51,9 @@ def _copy_without_runs(src: str, dst: str) -> None:
 
 def _cells(store_url: str, seeds: int) -> list:
     from stratalign.stages.demo import DemoConfig
-    from stratalign.stages.run_config import RunConfig
-    from stratalign.stages.sweep import SweepConfig
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.config import RunConfig
+    from stratalign.stages.runs.sweep import SweepConfig
+    from stratalign.store.feature_store import FeatureStore
 
     demo = DemoConfig()
     store = FeatureStore.open(store_url, "r")
@@ -86,7 +86,7 @@ def _timed(fn, profile: bool) -> tuple[float, str, object]:
 
 def _compare(store_a: str, store_b: str) -> tuple[int, float, float]:
     """(runs compared, max |weight difference|, max |test metric difference|) between the two copies."""
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
     a, b = RunRegistry(FeatureStore.open(store_a, "r")), RunRegistry(FeatureStore.open(store_b, "r"))
@@ -108,8 +108,8 @@ def _compare(store_a: str, store_b: str) -> tuple[int, float, float]:
 
 
 def grid(store: str, seeds: int, alone: bool, profile: bool, workdir: str) -> float | None:
-    from stratalign.stages.tune import tune_run, tune_runs
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.tune import tune_run, tune_runs
+    from stratalign.store.feature_store import FeatureStore
 
     cells = _cells(store, seeds)
     copies = {}

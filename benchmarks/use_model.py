@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from stratalign.stages.aligned import AlignedModel
-from stratalign.stages.evaluate import test_split
-from stratalign.stages.search import dataset_index, dataset_vectors
-from stratalign.store.features import FeatureStore
+from stratalign.stages.runs.evaluate import test_split
+from stratalign.store.feature_store import FeatureStore
+from stratalign.use.model import AlignedModel
+from stratalign.use.search import dataset_index, dataset_vectors
 
 
 def main() -> None:

@@ -27,12 +27,15 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from stratalign.errors import StratalignError  # noqa: E402
+from stratalign.moved import install as _install_moved  # noqa: E402
 from stratalign.version import __version__  # noqa: E402
+
+_install_moved()  # old import paths of moved modules keep working for one release (stratalign.moved)
 
 # public name -> the module that defines it (the rooms are described in ARCHITECTURE.md)
 _EXPORTS = {
-    "FeatureStore": "stratalign.store.features",
-    "FeatureEntry": "stratalign.store.features",
+    "FeatureStore": "stratalign.store.feature_store",
+    "FeatureEntry": "stratalign.store.feature_store",
     "PairDataset": "stratalign.store.datasets",
     "RunRegistry": "stratalign.store.runs",
     "verify_store": "stratalign.store.verify",
@@ -41,24 +44,24 @@ _EXPORTS = {
     "OBJECTIVES": "stratalign.core.objectives",
     "HEADS": "stratalign.core.objectives",
     "TrainConfig": "stratalign.train",
-    "ingest_source": "stratalign.stages.sources",
+    "ingest_source": "stratalign.stages.ingest.sources",
     "ExtractConfig": "stratalign.stages.extract",
     "extract": "stratalign.stages.extract",
     "LayersConfig": "stratalign.stages.layers",
     "run_layers": "stratalign.stages.layers",
-    "RunConfig": "stratalign.stages.train",
-    "ResolvedRun": "stratalign.stages.train",
-    "resolve_run": "stratalign.stages.train",
-    "train_run": "stratalign.stages.train",
-    "train_runs": "stratalign.stages.train",
-    "tune_run": "stratalign.stages.tune",
-    "tune_runs": "stratalign.stages.tune",
-    "evaluate_saved_run": "stratalign.stages.evaluate",
-    "SweepConfig": "stratalign.stages.sweep",
-    "run_sweep": "stratalign.stages.sweep",
+    "RunConfig": "stratalign.stages.runs.training",
+    "ResolvedRun": "stratalign.stages.runs.training",
+    "resolve_run": "stratalign.stages.runs.training",
+    "train_run": "stratalign.stages.runs.training",
+    "train_runs": "stratalign.stages.runs.training",
+    "tune_run": "stratalign.stages.runs.tune",
+    "tune_runs": "stratalign.stages.runs.tune",
+    "evaluate_saved_run": "stratalign.stages.runs.evaluate",
+    "SweepConfig": "stratalign.stages.runs.sweep",
+    "run_sweep": "stratalign.stages.runs.sweep",
     "DemoConfig": "stratalign.stages.demo",
     "run_demo": "stratalign.stages.demo",
-    "AlignedModel": "stratalign.stages.aligned",
+    "AlignedModel": "stratalign.use.model",
 }
 
 __all__ = [
@@ -72,26 +75,26 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
     from stratalign.core.objectives import HEADS, OBJECTIVES
     from stratalign.encoders import known_encoders, load_encoder
-    from stratalign.stages.aligned import AlignedModel
     from stratalign.stages.demo import DemoConfig, run_demo
-    from stratalign.stages.evaluate import evaluate_saved_run
     from stratalign.stages.extract import ExtractConfig, extract
+    from stratalign.stages.ingest.sources import ingest_source
     from stratalign.stages.layers import LayersConfig, run_layers
-    from stratalign.stages.sources import ingest_source
-    from stratalign.stages.sweep import SweepConfig, run_sweep
-    from stratalign.stages.train import ResolvedRun, RunConfig, resolve_run, train_run, train_runs
-    from stratalign.stages.tune import tune_run, tune_runs
+    from stratalign.stages.runs.evaluate import evaluate_saved_run
+    from stratalign.stages.runs.sweep import SweepConfig, run_sweep
+    from stratalign.stages.runs.training import ResolvedRun, RunConfig, resolve_run, train_run, train_runs
+    from stratalign.stages.runs.tune import tune_run, tune_runs
     from stratalign.store.datasets import PairDataset
-    from stratalign.store.features import FeatureEntry, FeatureStore
+    from stratalign.store.feature_store import FeatureEntry, FeatureStore
     from stratalign.store.runs import RunRegistry
     from stratalign.store.verify import verify_store
     from stratalign.train import TrainConfig
+    from stratalign.use.model import AlignedModel
 
 
 def open_store(url: str | None = None, mode: str = "r", *, create: bool = False) -> FeatureStore:
     """Open a store (local path or fsspec URL; default $STRATALIGN_STORE or ./stratalign-store).
     mode "r" reads, "a" also writes; create=True makes a new store where there is none."""
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     return FeatureStore.open(url, mode, create=create)
 

@@ -76,8 +76,8 @@ def csv_table(tmp_path: Path, image_dir: Path) -> Path:
 
 @pytest.fixture
 def store_with_dataset(tmp_path: Path, coco_json: Path, image_dir: Path):
-    from stratalign.stages.sources import ingest_source
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.ingest.sources import ingest_source
+    from stratalign.store.feature_store import FeatureStore
 
     store = FeatureStore.open(str(tmp_path / "store"), "a", create=True)
     ds = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))

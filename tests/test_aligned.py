@@ -14,11 +14,11 @@ import pytest
 from test_encoders import save_tiny_bert, save_tiny_vit
 
 from stratalign.errors import StratalignError
-from stratalign.stages.aligned import AlignedModel
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.sources import ingest_source
-from stratalign.stages.train import RunConfig, train_run
-from stratalign.store.features import FeatureStore
+from stratalign.stages.ingest.sources import ingest_source
+from stratalign.stages.runs.training import RunConfig, train_run
+from stratalign.store.feature_store import FeatureStore
+from stratalign.use.model import AlignedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = (("max_steps", 30), ("patience", 10), ("eval_every", 5), ("warmup_steps", 5), ("dim", 16),
@@ -142,7 +142,7 @@ def test_export_load_in_a_new_process_gives_the_same_embeddings(hf_store, tmp_pa
     assert card["towers"]["image"]["encoder_metadata"]["weights_sha256"]
     paths = store.dataset("twemoji").images["path"].to_list()[:4]
     texts = ["a red heart", "a grinning face"]
-    code = ("import json, sys, numpy as np\nfrom stratalign.stages.aligned import AlignedModel\n"
+    code = ("import json, sys, numpy as np\nfrom stratalign.use.model import AlignedModel\n"
             "m = AlignedModel.load(sys.argv[1], device='cpu')\n"
             "z = [m.encode_image(json.loads(sys.argv[3])), m.encode_text(json.loads(sys.argv[4]))]\n"
             "np.save(sys.argv[2], np.concatenate(z))\n")

@@ -14,7 +14,7 @@ import pytest
 from test_aligned import _run, _store
 from test_encoders import save_tiny_bert, save_tiny_vit
 
-from stratalign.stages.aligned import AlignedModel
+from stratalign.use.model import AlignedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 

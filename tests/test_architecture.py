@@ -31,7 +31,11 @@ def test_contracts_are_declared() -> None:
     assert {"layers", "train-uses-core-only", "encoders-use-core-only"} <= ids
     layers = next(c for c in config["contracts"] if c["id"] == "layers")
     assert layers["exhaustive"] is True
-    assert layers["layers"][0] == "cli" and layers["layers"][-1] == "errors | version"
+    assert layers["layers"][:3] == ["cli", "use", "stages"]  # the product's use path sits between the CLI and the stages
+    assert layers["layers"][-1] == "errors | version | moved"
+    acyclic = next(c for c in config["contracts"] if c["id"] == "stages-acyclic")
+    assert {"stratalign.stages", "stratalign.stages.runs", "stratalign.stages.extract", "stratalign.use"} <= set(
+        acyclic["ancestors"])
 
 
 def test_import_contracts_kept() -> None:

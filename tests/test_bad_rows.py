@@ -52,7 +52,7 @@ def _pairs_of(ds, split: str, bad: list[int]) -> tuple[int, int]:
 
 def test_placeholder_rows_are_dropped_from_every_stage(skipped_store) -> None:
     from stratalign.stages.layers import LayersConfig, compute_layer_matrices, sample_train_pairs
-    from stratalign.stages.train import RunConfig, resolve_run, train_run
+    from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
 
     store, ds, bad = skipped_store
     v, t = store.find_entry("toy", "tiny-image"), store.find_entry("toy", "tiny-text")

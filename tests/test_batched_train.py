@@ -1,4 +1,4 @@
-"""Batched training (train.batched): many runs in one loop give each run the numbers it gets alone, bit for bit on
+"""Batched training (train.heads_loop): many runs in one loop give each run the numbers it gets alone, bit for bit on
 the CPU in fp32 (the issue asks 1e-5), for every objective that trains heads, with different seeds, subsets, knob
 values, patience and stops."""
 
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stratalign.core import losses as L
-from stratalign.core import scoring as E
+from stratalign.core import losses, scoring
 from stratalign.train import RunSpec, TrainConfig, train_heads, train_many
 from stratalign.train.validation import ValidationTargets, Validator, _first_hit_ranks
 
@@ -103,11 +102,11 @@ def test_stacked_losses_equal_run_by_run():
     zn, wn = torch.nn.functional.normalize(z, dim=-1), torch.nn.functional.normalize(w, dim=-1)
     lv = torch.tanh(torch.randn(3, 20, 8))
     pairs = [
-        (L.clip_loss(zn, wn, 0.1), [L.clip_loss(zn[s], wn[s], 0.1) for s in range(3)]),
-        (L.structure_regularizer(x, z, levels=2, weighting="inverse"),
-         [L.structure_regularizer(x[s], z[s], levels=2, weighting="inverse") for s in range(3)]),
-        (L.ib_deterministic(zn, wn), [L.ib_deterministic(zn[s], wn[s]) for s in range(3)]),
-        (L.vib_kl(z, lv, w, lv.flip(0), symmetric=True), [L.vib_kl(z[s], lv[s], w[s], lv.flip(0)[s], symmetric=True)
+        (losses.clip_loss(zn, wn, 0.1), [losses.clip_loss(zn[s], wn[s], 0.1) for s in range(3)]),
+        (losses.structure_regularizer(x, z, levels=2, weighting="inverse"),
+         [losses.structure_regularizer(x[s], z[s], levels=2, weighting="inverse") for s in range(3)]),
+        (losses.ib_deterministic(zn, wn), [losses.ib_deterministic(zn[s], wn[s]) for s in range(3)]),
+        (losses.vib_kl(z, lv, w, lv.flip(0), symmetric=True), [losses.vib_kl(z[s], lv[s], w[s], lv.flip(0)[s], symmetric=True)
                                                          for s in range(3)]),
     ]
     for stacked, single in pairs:
@@ -126,7 +125,7 @@ def test_batched_validation_ranks_equal_the_evaluation_ranks():
     zt /= np.linalg.norm(zt, axis=-1, keepdims=True)
     i2t, t2i = _first_hit_ranks(torch.from_numpy(zi), torch.from_numpy(zt), torch.from_numpy(owner), 10)
     for s in range(2):
-        a, b = E.retrieval_ranks(zi[s], zt[s], owner, 10, device="cpu")
+        a, b = scoring.retrieval_ranks(zi[s], zt[s], owner, 10, device="cpu")
         assert np.array_equal(i2t[s].numpy(), a) and np.array_equal(t2i[s].numpy(), b)
         assert 0 < (a < 10).sum() < len(a)  # not a trivial gallery
 
@@ -153,18 +152,17 @@ def test_score_many_equals_score_of_each_state():
 def test_a_regulariser_written_for_one_run_trains_batched(monkeypatch):
     """A new objective whose regulariser takes one run's 2-D batch (batched=False, the default) is called run by
     run inside the stack; each run still equals itself alone."""
-    from stratalign.core import objectives as O
-
+    from stratalign.core import objectives
     shapes = []
 
     def l2(batch, cfg):
         shapes.append(tuple(batch.image.z.shape))
         return (batch.image.z - batch.text.z).pow(2).sum(1).mean()
 
-    new = O.Objective("clip+l2", "CLIP + beta * squared distance", O.TRAINED_HEADS, O.Training.GRADIENT,
-                      O.Evaluation.RETRIEVAL, O.Selection.VALIDATION, regulariser=l2, weight_knob="beta",
+    new = objectives.Objective("clip+l2", "CLIP + beta * squared distance", objectives.TRAINED_HEADS, objectives.Training.GRADIENT,
+                      objectives.Evaluation.RETRIEVAL, objectives.Selection.VALIDATION, regulariser=l2, weight_knob="beta",
                       knobs=("beta",))
-    monkeypatch.setitem(O._BY_NAME, "clip+l2", new)
+    monkeypatch.setitem(objectives._BY_NAME, "clip+l2", new)
     xi, xt = _planted(seed=5)
     specs = _specs("clip+l2")[:3]
     batched = train_many(xi, xt, specs)

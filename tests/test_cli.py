@@ -35,7 +35,7 @@ def test_ingest_ls_verify_and_corruption(tmp_path: Path, coco_json: Path, image_
     from fake_encoders import load_tiny
 
     from stratalign.stages.extract import ExtractConfig, extract
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     extract(FeatureStore.open(str(store), "a"), "toy", ExtractConfig(encoders=("tiny-image",), shard_rows=8,
                                                                       progress=False), load=load_tiny)
@@ -97,7 +97,7 @@ def _extracted(store_with_dataset) -> tuple[Path, str]:
 
 
 def test_verify_ls_and_rm_handle_broken_entries(store_with_dataset) -> None:
-    from stratalign.store.features import EntrySpec
+    from stratalign.store.feature_store import EntrySpec
 
     store, ds = store_with_dataset
     folder, good = _extracted(store_with_dataset)
@@ -202,7 +202,7 @@ def test_aborted_rm_exits_nonzero_and_removes_nothing(store_with_dataset) -> Non
 
 def test_ctrl_c_exits_130_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     from stratalign.cli.main import main
-    from stratalign.stages import sources
+    from stratalign.stages.ingest import sources
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -254,7 +254,8 @@ def test_tables_fold_to_the_terminal_width() -> None:
 
 def test_cli_spells_out_library_constants() -> None:
     from stratalign.cli import common, extract_cmd
-    from stratalign.store import features, location
+    from stratalign.store import feature_store as features
+    from stratalign.store import location
 
     assert extract_cmd.DEFAULT_SHARD_ROWS == features.DEFAULT_SHARD_ROWS
     assert common.STORE_ENV == location.STORE_ENV

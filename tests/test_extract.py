@@ -20,7 +20,7 @@ from fake_encoders import TinyImageEncoder, TinyTextEncoder, load_tiny
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract, extract_encoder
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.media import load_image
 
 HERE = Path(__file__).parent
@@ -106,7 +106,7 @@ def _script(store: str, extra_env: dict) -> subprocess.Popen:
     code = (
         "import sys; sys.path.insert(0, %r)\n"
         "from fake_encoders import load_tiny\n"
-        "from stratalign.store.features import FeatureStore\n"
+        "from stratalign.store.feature_store import FeatureStore\n"
         "from stratalign.stages.extract import ExtractConfig, extract\n"
         "s = FeatureStore.open(%r, 'a')\n"
         "extract(s, 'toy', ExtractConfig(encoders=('tiny-image',), shard_rows=8, batch_size=3, progress=False,"

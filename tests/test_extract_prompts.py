@@ -13,9 +13,9 @@ from fake_encoders import TinyImageEncoder, TinyTextEncoder, load_tiny
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract, plan_encoder
+from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.prompts import class_prompts, prompt_features
-from stratalign.stages.sources import ingest_source
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 
 
 @pytest.fixture

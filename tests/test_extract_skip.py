@@ -104,8 +104,8 @@ def test_real_hf_folder_skips_then_reextracts_on_new_weights(tmp_path: Path, csv
     from test_encoders import save_tiny_bert
 
     import stratalign.encoders as encoders
-    from stratalign.stages.sources import ingest_source
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.ingest.sources import ingest_source
+    from stratalign.store.feature_store import FeatureStore
 
     store = FeatureStore.open(str(tmp_path / "store"), "a", create=True)
     ds = ingest_source("table", "lab", table=str(csv_table), image_col="image", caption_col="caption",

@@ -115,7 +115,7 @@ def test_the_wait_line_names_holders_or_says_nothing() -> None:
     (it printed 'held by other workers:' with nobody after the colon); a held one is named."""
     from types import SimpleNamespace
 
-    from stratalign.stages.extract_shards import ClaimWait
+    from stratalign.stages.extract.shards import ClaimWait
 
     said: list[str] = []
     claim = SimpleNamespace(describe=lambda: "shard 3 by host:42 until 12:00")

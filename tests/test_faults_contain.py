@@ -16,7 +16,7 @@ from fake_encoders import load_tiny
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
 
@@ -162,7 +162,7 @@ def test_a_table_naming_absolute_paths_reads_only_the_folders_it_named(tmp_path:
     import numpy as np
     from PIL import Image
 
-    from stratalign.stages.sources import ingest_source
+    from stratalign.stages.ingest.sources import ingest_source
 
     shots, secret_dir = tmp_path / "shots", tmp_path / "secret"
     shots.mkdir()

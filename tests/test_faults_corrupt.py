@@ -15,7 +15,7 @@ from conftest import caption_for, make_images
 from fake_encoders import load_tiny
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 
 SHARD_ROWS = 8
 
@@ -24,10 +24,10 @@ SHARD_ROWS = 8
 def pristine(tmp_path_factory) -> Path:
     """A store with dataset 'toy', both tiny encoders extracted, layers chosen, one short run, a prompt cache."""
     from stratalign.stages.extract import ExtractConfig, extract
+    from stratalign.stages.ingest.sources import ingest_source
     from stratalign.stages.layers import LayersConfig, run_layers
-    from stratalign.stages.run_config import RunConfig
-    from stratalign.stages.sources import ingest_source
-    from stratalign.stages.train import train_run
+    from stratalign.stages.runs.config import RunConfig
+    from stratalign.stages.runs.training import train_run
     from stratalign.store import prompt_cache
 
     base = tmp_path_factory.mktemp("corrupt")
@@ -168,7 +168,7 @@ def test_repair_reencodes_exactly_the_damaged_shards_byte_identical(store_copy: 
 
 
 def test_damaged_caches_are_recomputed_or_refused_in_one_line(store_copy: Path) -> None:
-    from stratalign.stages.run_config import RunConfig, resolve_run
+    from stratalign.stages.runs.config import RunConfig, resolve_run
     from stratalign.store import layer_results, prompt_cache
     from stratalign.store.runs import RunRegistry
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stratalign.errors import StratalignError
-from stratalign.stages.sources import ingest_source
+from stratalign.stages.ingest.sources import ingest_source
 from stratalign.store.verify import verify_store
 
 

@@ -36,8 +36,8 @@ def tree_hash(root: Path) -> str:
 def world(tmp_path_factory):
     """A store with dataset 'toy' (30 images, 60 captions) and both tiny encoders extracted, plus input files."""
     from stratalign.stages.extract import ExtractConfig, extract
-    from stratalign.stages.sources import ingest_source
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.ingest.sources import ingest_source
+    from stratalign.store.feature_store import FeatureStore
 
     base = tmp_path_factory.mktemp("inputs")
     make_images(base / "imgs", 30)

@@ -17,7 +17,7 @@ import pytest
 from fake_encoders import load_tiny
 
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.verify import verify_store
 
 HERE = Path(__file__).parent

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 
 GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
 HALF = {  # what a kill at each point of FeatureStore._create leaves

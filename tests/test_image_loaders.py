@@ -1,4 +1,4 @@
-"""Loader processes (stratalign.stages.image_loaders): same bytes as loader threads, late batches prepared
+"""Loader processes (stratalign.stages.extract.image_loaders): same bytes as loader threads, late batches prepared
 in-process, a clear choice of loader kind, nothing left behind in /dev/shm."""
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from fake_encoders import TINY_TRANSFORM, TinyImageEncoder, TinyTextEncoder
 
 from stratalign.encoders.base import ImageTransform
 from stratalign.errors import StratalignError
-from stratalign.stages import extract_loading as extract_mod
-from stratalign.stages import image_loaders
-from stratalign.stages.extract import ExtractConfig, choose_loaders, extract_encoder
-from stratalign.store.features import FeatureStore
+from stratalign.stages.extract import ExtractConfig, choose_loaders, extract_encoder, image_loaders
+from stratalign.stages.extract import reader as extract_mod
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.media import BadItem
 
 pytestmark = pytest.mark.skipif(not image_loaders.processes_supported(), reason="loader processes need Linux")

@@ -11,7 +11,7 @@ import pytest
 from conftest import caption_for, make_images
 
 from stratalign.errors import StratalignError
-from stratalign.stages.sources import ingest_source
+from stratalign.stages.ingest.sources import ingest_source
 from stratalign.store.datasets import SPLITS, split_of
 
 

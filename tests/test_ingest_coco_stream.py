@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from stratalign.errors import StratalignError
-from stratalign.stages.sources import ingest_source
+from stratalign.stages.ingest.sources import ingest_source
 from stratalign.store.datasets import _duplicate_ids, build_dataset
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import content_fingerprint, content_fingerprint_batches
 from stratalign.store.raw_records import CAPTION_COLUMNS, RecordColumns, Spill, SpilledFrame, image_columns
 

@@ -17,8 +17,8 @@ from fake_encoders import load_tiny
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.sources import ingest_source
-from stratalign.store.features import FeatureStore
+from stratalign.stages.ingest.sources import ingest_source
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.media import load_image
 
 

@@ -11,7 +11,7 @@ from fake_encoders import TinyTextEncoder
 
 from stratalign.store import graphs, layer_results
 from stratalign.store.datasets import RawCaption, RawImage, build_dataset
-from stratalign.store.features import EntrySpec, FeatureStore
+from stratalign.store.feature_store import EntrySpec, FeatureStore
 from stratalign.store.runs import run_id_of
 
 SPEC = EntrySpec(dataset="toy set/α", content_fingerprint="c" * 64, modality="image",

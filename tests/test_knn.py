@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stratalign.core import knn as K
+from stratalign.core import knn
 from stratalign.errors import StratalignError
 
 
@@ -39,42 +39,42 @@ def dense_knn(x: np.ndarray, k: int, normalize: bool = True) -> np.ndarray:
 def test_rice_rule(n: int, expected: int) -> None:
     if expected >= n:
         with pytest.raises(StratalignError, match="smaller than the number of rows"):
-            K.resolve_k("rice", n)
+            knn.resolve_k("rice", n)
     else:
-        assert K.resolve_k("rice", n) == expected
-        assert K.resolve_k("rice", n) == int(np.ceil(2 * round(n ** (1 / 3), 9)))
+        assert knn.resolve_k("rice", n) == expected
+        assert knn.resolve_k("rice", n) == int(np.ceil(2 * round(n ** (1 / 3), 9)))
 
 
 def test_other_rules() -> None:
-    assert K.resolve_k("sqrt", 5000) == 71
-    assert K.resolve_k("sqrt", 100) == 10
-    assert K.resolve_k("sqrt", 101) == 11
-    assert K.resolve_k("sturges", 5000) == 14
-    assert K.resolve_k("sturges", 8) == 4
-    assert K.resolve_k("sturges", 9) == 5
-    assert K.resolve_k(7, 100) == 7
-    assert K.resolve_k(np.int64(7), 100) == 7
-    assert K.resolve_k("12", 100) == 12
+    assert knn.resolve_k("sqrt", 5000) == 71
+    assert knn.resolve_k("sqrt", 100) == 10
+    assert knn.resolve_k("sqrt", 101) == 11
+    assert knn.resolve_k("sturges", 5000) == 14
+    assert knn.resolve_k("sturges", 8) == 4
+    assert knn.resolve_k("sturges", 9) == 5
+    assert knn.resolve_k(7, 100) == 7
+    assert knn.resolve_k(np.int64(7), 100) == 7
+    assert knn.resolve_k("12", 100) == 12
 
 
 @pytest.mark.parametrize("k,match", [(0, "at least 1"), (-3, "at least 1"), (10, "k=10"), (11, "k=11"),
                                      ("median", "'median'"), (2.5, "2.5"), (True, "True")])
 def test_bad_k(k: object, match: str) -> None:
     with pytest.raises(StratalignError, match=match):
-        K.resolve_k(k, 10)  # type: ignore[arg-type]
+        knn.resolve_k(k, 10)  # type: ignore[arg-type]
 
 
 def test_l2_normalize() -> None:
     x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-3, 0.0]])
-    np.testing.assert_allclose(K.l2_normalize(x), [[0.6, 0.8], [0, 0], [1, 0]])
-    assert K.l2_normalize(x.astype(np.float32)).dtype == np.float32
-    np.testing.assert_allclose(K.l2_normalize(torch.tensor(x)), K.l2_normalize(x))
+    np.testing.assert_allclose(knn.l2_normalize(x), [[0.6, 0.8], [0, 0], [1, 0]])
+    assert knn.l2_normalize(x.astype(np.float32)).dtype == np.float32
+    np.testing.assert_allclose(knn.l2_normalize(torch.tensor(x)), knn.l2_normalize(x))
 
 
 def test_matches_dense_random() -> None:
     x = np.random.default_rng(0).normal(size=(300, 16))
     for k in (1, 7, 40):
-        got = K.knn_indices(x, k)
+        got = knn.knn_indices(x, k)
         assert got.shape == (300, k) and got.dtype == np.int64
         np.testing.assert_array_equal(got, dense_knn(x, k))
         assert not (got == np.arange(300)[:, None]).any()
@@ -82,44 +82,44 @@ def test_matches_dense_random() -> None:
 
 def test_torch_and_float32_inputs() -> None:
     x = np.random.default_rng(1).normal(size=(80, 12)).astype(np.float32)
-    np.testing.assert_array_equal(K.knn_indices(torch.from_numpy(x), 5), K.knn_indices(x, 5))
-    np.testing.assert_array_equal(K.knn_indices(x, "rice"), dense_knn(x, K.resolve_k("rice", 80)))
+    np.testing.assert_array_equal(knn.knn_indices(torch.from_numpy(x), 5), knn.knn_indices(x, 5))
+    np.testing.assert_array_equal(knn.knn_indices(x, "rice"), dense_knn(x, knn.resolve_k("rice", 80)))
 
 
 @pytest.mark.parametrize("extra", [8, 1])  # 1 forces the full re-scoring of rows whose tie run is long
 def test_duplicates_ties_by_lower_index(monkeypatch: pytest.MonkeyPatch, extra: int) -> None:
-    monkeypatch.setattr(K, "_EXTRA_CPU", extra)
+    monkeypatch.setattr(knn, "_EXTRA_CPU", extra)
     rng = np.random.default_rng(2)
     base = rng.normal(size=(30, 8))
     x = np.repeat(base, 5, axis=0)[rng.permutation(150)] * rng.uniform(0.5, 2, size=(150, 1))  # scaled copies
     for k in (2, 3, 4, 5, 7, 12, 30):
-        got = K.knn_indices(x, k)
+        got = knn.knn_indices(x, k)
         np.testing.assert_array_equal(got, dense_knn(x, k), err_msg=f"k={k}")
     # each row's first 4 neighbours are exactly its 4 duplicates (legitimate neighbours), self excluded
-    got = K.knn_indices(x, 4)
+    got = knn.knn_indices(x, 4)
     same = np.all(np.isclose(unit32(x)[got], unit32(x)[:, None, :]), axis=-1)
     assert same.all()
 
 
 @pytest.mark.parametrize("extra", [8, 1])
 def test_massive_ties_and_zero_rows(monkeypatch: pytest.MonkeyPatch, extra: int) -> None:
-    monkeypatch.setattr(K, "_EXTRA_CPU", extra)
+    monkeypatch.setattr(knn, "_EXTRA_CPU", extra)
     rng = np.random.default_rng(3)
     x = np.eye(12)[rng.integers(0, 12, size=120)]  # scores are exactly 0 or 1: huge tie groups
     x[[5, 17, 60]] = 0.0  # zero rows: score 0 against everything
     for k in (1, 6, 15, 40, 119):
-        np.testing.assert_array_equal(K.knn_indices(x, k), dense_knn(x, k), err_msg=f"k={k}")
+        np.testing.assert_array_equal(knn.knn_indices(x, k), dense_knn(x, k), err_msg=f"k={k}")
 
 
 def test_unnormalized_inner_product() -> None:
     x = np.random.default_rng(4).normal(size=(100, 6)) * np.random.default_rng(5).uniform(0.1, 10, size=(100, 1))
-    np.testing.assert_array_equal(K.knn_indices(x, 6, normalize=False), dense_knn(x, 6, normalize=False))
-    assert not np.array_equal(K.knn_indices(x, 6, normalize=False), K.knn_indices(x, 6))
+    np.testing.assert_array_equal(knn.knn_indices(x, 6, normalize=False), dense_knn(x, 6, normalize=False))
+    assert not np.array_equal(knn.knn_indices(x, 6, normalize=False), knn.knn_indices(x, 6))
 
 
 def test_knn_search_scores() -> None:
     x = np.random.default_rng(6).normal(size=(50, 5))
-    sc, idx = K.knn_search(x, 4)
+    sc, idx = knn.knn_search(x, 4)
     a = unit32(x)
     np.testing.assert_allclose(sc, (a[:, None, :] * a[idx]).sum(-1), atol=1e-12)
     assert (np.diff(sc, axis=1) <= 0).all()
@@ -131,7 +131,7 @@ def test_search_matches_dense_with_ties() -> None:
     g[40:50] = g[10:20]  # duplicate gallery rows tie exactly
     q = np.concatenate([rng.normal(size=(25, 10)), g[[10, 15, 45]]])
     for k in (1, 5, 13, 60):
-        sc, idx = K.search(g, q, k)
+        sc, idx = knn.search(g, q, k)
         s = dense_scores(unit32(q), unit32(g))
         ref = dense_topk(s, k)
         np.testing.assert_array_equal(idx, ref, err_msg=f"k={k}")
@@ -144,25 +144,25 @@ def test_nan_rows_named() -> None:
     x[3, 1] = np.nan
     x[7, 0] = np.inf
     with pytest.raises(StratalignError, match=r"2 row\(s\): 3, 7"):
-        K.knn_indices(x, 3)
+        knn.knn_indices(x, 3)
     with pytest.raises(StratalignError, match="queries has NaN/inf"):
-        K.search(np.ones((5, 4)), x, 2)
+        knn.search(np.ones((5, 4)), x, 2)
 
 
 def test_bad_shapes() -> None:
     with pytest.raises(StratalignError, match="2-D"):
-        K.knn_indices(np.ones(10), 2)
+        knn.knn_indices(np.ones(10), 2)
     with pytest.raises(StratalignError, match="k=5 .* n=5"):
-        K.knn_indices(np.random.default_rng(0).normal(size=(5, 3)), 5)
+        knn.knn_indices(np.random.default_rng(0).normal(size=(5, 3)), 5)
     with pytest.raises(StratalignError, match="dims"):
-        K.search(np.ones((5, 4)), np.ones((2, 3)), 2)
+        knn.search(np.ones((5, 4)), np.ones((2, 3)), 2)
     with pytest.raises(StratalignError, match="1..5"):
-        K.search(np.ones((5, 4)), np.ones((2, 4)), 6)
+        knn.search(np.ones((5, 4)), np.ones((2, 4)), 6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_cuda_refused_without_gpu() -> None:
     with pytest.raises(StratalignError, match="device='cuda'"):
-        K.knn_indices(np.random.default_rng(0).normal(size=(10, 3)), 2, device="cuda")
+        knn.knn_indices(np.random.default_rng(0).normal(size=(10, 3)), 2, device="cuda")
     with pytest.raises(StratalignError, match="device must be"):
-        K.knn_indices(np.random.default_rng(0).normal(size=(10, 3)), 2, device="tpu")
+        knn.knn_indices(np.random.default_rng(0).normal(size=(10, 3)), 2, device="tpu")

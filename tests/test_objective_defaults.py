@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import stratalign.core.objectives as O
+from stratalign.core import objectives
 from stratalign.core.heads import VariationalHead
 from stratalign.train import TrainConfig, embed, train_heads
 from stratalign.train.config import ADDED_KNOBS, UNREAD_VALUES
@@ -61,19 +61,19 @@ def test_ib_default_beta_acts():
     short = dict(dim=32, batch_size=128, max_steps=60, eval_every=10, patience=1000, tau=0.05, lr=1e-2)
     runs = {name: train_heads(xi, xt, tr, va, TrainConfig(objective=obj, seed=0, **short, **extra)).model
             for name, obj, extra in (("clip", "clip", {}), ("ib", "clip+ib", {}), ("ib_old", "clip+ib", {"beta": 0.01}))}
-    assert TrainConfig(objective="clip+ib").beta == O.IB_BETA >= 0.1
+    assert TrainConfig(objective="clip+ib").beta == objectives.IB_BETA >= 0.1
     cos = {k: _mean_positive_cosine(m, xi[600:], xt[600:]) for k, m in runs.items()}
     assert cos["ib"] - cos["clip"] > 0.04, cos
     assert abs(cos["ib_old"] - cos["clip"]) < 0.01, cos
 
 
 def test_every_default_in_its_grid_and_grids_name_knobs():
-    for o in O.REGISTRY:
+    for o in objectives.REGISTRY:
         cfg = TrainConfig(objective=o.recorded_objective, head=o.own_head or "linear")
         for knob, values in o.grid:
             assert knob in o.knobs, (o.name, knob)
             assert len(values) >= 3 and getattr(cfg, knob) in values, (o.name, knob, getattr(cfg, knob))
-    grids = {o.name: dict(o.grid) for o in O.REGISTRY}
+    grids = {o.name: dict(o.grid) for o in objectives.REGISTRY}
     assert grids["clip+structure"]["lam"] == (1.0, 3.0, 10.0, 30.0)
     assert grids["clip+ib"]["beta"] == grids["clip+vib"]["beta"] == (0.3, 1.0, 3.0, 10.0)
     assert {"csa_k", "csa_ridge"} <= set(grids["csa"])
@@ -81,7 +81,7 @@ def test_every_default_in_its_grid_and_grids_name_knobs():
 
 def test_objective_defaults_and_records():
     csa = TrainConfig(head="csa")  # csa records objective 'clip' with the csa head
-    assert (csa.csa_similarity, csa.csa_k, csa.csa_ridge) == ("weighted", O.CSA_K, O.CSA_RIDGE)
+    assert (csa.csa_similarity, csa.csa_k, csa.csa_ridge) == ("weighted", objectives.CSA_K, objectives.CSA_RIDGE)
     baseline = TrainConfig(head="csa", csa_similarity="cosine")
     assert (baseline.csa_k, baseline.csa_ridge) == (0, 1e-3)  # STRUCTURE's CSA baseline
     assert TrainConfig(head="csa", csa_similarity="cosine", csa_k=32).csa_k == 32  # explicit wins
@@ -106,7 +106,7 @@ def test_default_csa_run_is_a_new_run(store_with_dataset):
     from fake_encoders import load_tiny
 
     from stratalign.stages.extract import ExtractConfig, extract
-    from stratalign.stages.run_config import RunConfig, resolve_run
+    from stratalign.stages.runs.config import RunConfig, resolve_run
 
     store, _ = store_with_dataset
     extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, progress=False),
@@ -116,5 +116,5 @@ def test_default_csa_run_is_a_new_run(store_with_dataset):
     published = resolve_run(store, RunConfig(**base))
     baseline = resolve_run(store, RunConfig(**base, options=(("csa_similarity", "cosine"),)))
     assert published.run_id != baseline.run_id
-    assert published.train["csa_similarity"] == "weighted" and published.train["csa_k"] == O.CSA_K
+    assert published.train["csa_similarity"] == "weighted" and published.train["csa_k"] == objectives.CSA_K
     assert "csa_similarity" not in baseline.train and baseline.train["csa_ridge"] == 1e-3

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fake_encoders import load_tiny
 
-import stratalign.core.objectives as O
+from stratalign.core import objectives as objectives_mod
 from stratalign.core.heads import HEAD_KINDS
 from stratalign.core.layer_rule import CHOOSE_KEYWORDS, LayerRule
 from stratalign.errors import StratalignError
@@ -23,8 +23,8 @@ def labelled_store(tmp_path_factory):
     from conftest import caption_for, make_images
 
     from stratalign.stages.extract import ExtractConfig, extract
-    from stratalign.stages.sources import ingest_source
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.ingest.sources import ingest_source
+    from stratalign.store.feature_store import FeatureStore
 
     root = tmp_path_factory.mktemp("objectives")
     make_images(root / "imgs", 40)
@@ -40,39 +40,39 @@ def labelled_store(tmp_path_factory):
 
 
 def _run(objective: str, head: str, **kw):
-    from stratalign.stages.train import RunConfig
+    from stratalign.stages.runs.training import RunConfig
 
     return RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", layers="last", objective=objective,
                      head=head, options=FAST, **kw)
 
 
 def test_lists_derive_from_the_registry() -> None:
-    assert O.OBJECTIVES == tuple(o.name for o in O.REGISTRY) and len(set(O.OBJECTIVES)) == len(O.REGISTRY)
-    assert set(O.HEADS) == set(HEAD_KINDS)  # every head the registry trains can be built, and vice versa
+    assert objectives_mod.OBJECTIVES == tuple(o.name for o in objectives_mod.REGISTRY) and len(set(objectives_mod.OBJECTIVES)) == len(objectives_mod.REGISTRY)
+    assert set(objectives_mod.HEADS) == set(HEAD_KINDS)  # every head the registry trains can be built, and vice versa
     config_fields = {f.name for f in fields(TrainConfig)}
-    for o in O.REGISTRY:
+    for o in objectives_mod.REGISTRY:
         assert set(o.knobs) <= config_fields, o.name
         assert o.weight_knob is None or o.weight_knob in config_fields, o.name
         assert (o.regulariser is None) == (o.weight_knob is None), o.name
-        assert o.recorded_objective in O.OBJECTIVES
-        assert (o.selection is O.Selection.CLOSED_FORM) == (o.training is O.Training.CLOSED_FORM), o.name
-    assert O.objectives_with(knn_graphs=True) == ("clip+structure-knn",)
-    assert O.objectives_with(own_head="csa") == ("csa",)
+        assert o.recorded_objective in objectives_mod.OBJECTIVES
+        assert (o.selection is objectives_mod.Selection.CLOSED_FORM) == (o.training is objectives_mod.Training.CLOSED_FORM), o.name
+    assert objectives_mod.objectives_with(knn_graphs=True) == ("clip+structure-knn",)
+    assert objectives_mod.objectives_with(own_head="csa") == ("csa",)
 
 
 def test_unknown_objective_is_one_error_listing_the_registry(labelled_store) -> None:
-    from stratalign.stages.train import resolve_run
+    from stratalign.stages.runs.training import resolve_run
 
     for make in (lambda: TrainConfig(objective="magic"), lambda: resolve_run(labelled_store, _run("magic", "linear"))):
         with pytest.raises(StratalignError) as err:
             make()
         msg = str(err.value)
         assert "\n" not in msg and "unknown objective 'magic'" in msg
-        assert all(name in msg for name in O.OBJECTIVES)
+        assert all(name in msg for name in objectives_mod.OBJECTIVES)
 
 
 def test_heads_must_suit_the_objective(labelled_store) -> None:
-    from stratalign.stages.train import resolve_run
+    from stratalign.stages.runs.training import resolve_run
 
     with pytest.raises(StratalignError, match="objective clip trains linear | mlp | residual heads, not 'csa'"):
         resolve_run(labelled_store, _run("clip", "csa"))
@@ -84,10 +84,10 @@ def test_heads_must_suit_the_objective(labelled_store) -> None:
         resolve_run(labelled_store, _run("clip", "big"))
 
 
-@pytest.mark.parametrize("entry", O.REGISTRY, ids=lambda o: o.name)
+@pytest.mark.parametrize("entry", objectives_mod.REGISTRY, ids=lambda o: o.name)
 def test_every_registered_objective_trains_resolves_and_evaluates(labelled_store, entry) -> None:
-    from stratalign.stages.evaluate import evaluate_saved_run
-    from stratalign.stages.train import resolve_run, train_run
+    from stratalign.stages.runs.evaluate import evaluate_saved_run
+    from stratalign.stages.runs.training import resolve_run, train_run
 
     head = entry.own_head or entry.heads[0]
     cfg = _run(entry.name, head)
@@ -95,7 +95,7 @@ def test_every_registered_objective_trains_resolves_and_evaluates(labelled_store
     assert resolved.objective == entry.name and resolved.train["objective"] == entry.recorded_objective
     res = train_run(labelled_store, cfg)
     assert res["run_id"] == resolved.run_id and not res["skipped"]
-    if entry.training is O.Training.CLOSED_FORM:
+    if entry.training is objectives_mod.Training.CLOSED_FORM:
         assert res["stopped_reason"] == "closed_form" and res["best_step"] == 2
     else:
         assert res["steps_taken"] == 5 and res["stopped_reason"] == "max_steps"
@@ -103,14 +103,14 @@ def test_every_registered_objective_trains_resolves_and_evaluates(labelled_store
     assert ("knn_graph_cached" in res) == entry.knn_graphs
     scored = {"retrieval": "i2t_R@1", "probe": "probe_acc"}[entry.evaluation.value]
     assert 0 <= res[scored] <= 100
-    assert ("zs_top1" in res) == (entry.evaluation is O.Evaluation.RETRIEVAL)
+    assert ("zs_top1" in res) == (entry.evaluation is objectives_mod.Evaluation.RETRIEVAL)
     again = evaluate_saved_run(labelled_store, res["run_id"])
     assert again[scored] == pytest.approx(res[scored], abs=1e-6)
 
 
 def test_a_new_registry_entry_is_all_it_takes(labelled_store, monkeypatch) -> None:
     """Register an objective the code has never seen: it trains, its regulariser runs, and it evaluates."""
-    from stratalign.stages.train import train_run
+    from stratalign.stages.runs.training import train_run
 
     calls = []
 
@@ -118,10 +118,10 @@ def test_a_new_registry_entry_is_all_it_takes(labelled_store, monkeypatch) -> No
         calls.append(cfg.beta)
         return (batch.image.z - batch.text.z).pow(2).sum(1).mean()
 
-    new = O.Objective("clip+l2", "CLIP + beta * squared distance", O.TRAINED_HEADS, O.Training.GRADIENT,
-                      O.Evaluation.RETRIEVAL, O.Selection.VALIDATION, regulariser=l2, weight_knob="beta",
+    new = objectives_mod.Objective("clip+l2", "CLIP + beta * squared distance", objectives_mod.TRAINED_HEADS, objectives_mod.Training.GRADIENT,
+                      objectives_mod.Evaluation.RETRIEVAL, objectives_mod.Selection.VALIDATION, regulariser=l2, weight_knob="beta",
                       knobs=("beta",))
-    monkeypatch.setitem(O._BY_NAME, "clip+l2", new)
+    monkeypatch.setitem(objectives_mod._BY_NAME, "clip+l2", new)
     res = train_run(labelled_store, _run("clip+l2", "linear"))
     assert res["run_id"].startswith("clip_l2-linear-") and calls == [0.01] * 5
     plain = train_run(labelled_store, _run("clip", "linear"))
@@ -129,7 +129,7 @@ def test_a_new_registry_entry_is_all_it_takes(labelled_store, monkeypatch) -> No
 
 
 def test_sweep_cells_follow_the_registry() -> None:
-    from stratalign.stages.sweep import SweepConfig
+    from stratalign.stages.runs.sweep import SweepConfig
 
     cfg = SweepConfig(base=_run("clip", "linear"), seeds=(0,), objectives=("clip", "csa"), layer_rules=("last",),
                       heads=("linear", "mlp", "csa"))

@@ -14,7 +14,7 @@ from fake_encoders import load_tiny
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.run_config import ResolvedRun, RunConfig, resolve_run
+from stratalign.stages.runs.config import ResolvedRun, RunConfig, resolve_run
 from stratalign.train import TrainConfig
 from stratalign.train.presets import PRESETS, SCHEDULE_FIELDS, apply_preset, choose_preset, describe
 

@@ -11,11 +11,11 @@ import pytest
 from fake_encoders import load_tiny
 
 from stratalign.core.scoring import recall_of
-from stratalign.stages import evaluate as ev
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.sources import ingest_source
-from stratalign.stages.train import RunConfig, train_run
-from stratalign.store.features import FeatureStore
+from stratalign.stages.ingest.sources import ingest_source
+from stratalign.stages.runs import evaluate as ev
+from stratalign.stages.runs.training import RunConfig, train_run
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import QUERIES_FILE, RunRegistry
 
 FAST = (("max_steps", 30), ("patience", 10), ("eval_every", 5), ("warmup_steps", 10), ("dim", 8))
@@ -78,7 +78,7 @@ def test_queries_recomputed_from_weights_match_the_run_metrics(store, monkeypatc
 
 
 def test_sweep_writes_paired_comparisons(store, tmp_path: Path) -> None:
-    from stratalign.stages.sweep import SweepConfig, run_sweep
+    from stratalign.stages.runs.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(base=RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", options=FAST),
                       seeds=(0, 1), objectives=("clip", "csa"), layer_rules=("last",))

@@ -13,7 +13,7 @@ from fake_encoders import load_odd, load_tiny
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, entry_specs, extract
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 
 ray = pytest.importorskip("ray")
 
@@ -36,7 +36,7 @@ def ray_session():
 
 @pytest.mark.slow
 def test_ray_equals_local(tmp_path: Path, store_with_dataset, ray_session, capsys) -> None:
-    from stratalign.stages.ray_engine import extract_ray
+    from stratalign.stages.extract.ray_engine import extract_ray
 
     store, ds = store_with_dataset
     cfg = ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, batch_size=3, progress=False)
@@ -60,7 +60,7 @@ def test_ray_equals_local(tmp_path: Path, store_with_dataset, ray_session, capsy
 
 @pytest.mark.slow
 def test_ray_failures_are_one_line_errors(store_with_dataset, ray_session) -> None:
-    from stratalign.stages.ray_engine import extract_ray
+    from stratalign.stages.extract.ray_engine import extract_ray
 
     store, _ = store_with_dataset
 
@@ -88,7 +88,7 @@ def test_worker_refuses_entries_other_than_the_drivers(store_with_dataset) -> No
     """Without Ray: the actor body checks its planned entries against the driver's before writing."""
     from fake_encoders import TinyImageEncoder
 
-    from stratalign.stages.ray_engine import ShardWorker
+    from stratalign.stages.extract.ray_engine import ShardWorker
 
     store, ds = store_with_dataset
     cfg = ExtractConfig(encoders=("tiny-image",), shard_rows=8, batch_size=3, progress=False)
@@ -110,7 +110,7 @@ def test_worker_refuses_entries_other_than_the_drivers(store_with_dataset) -> No
 
 
 def test_ray_error_lines() -> None:
-    from stratalign.stages.ray_engine import ray_error
+    from stratalign.stages.extract.ray_engine import ray_error
 
     class Wrapped(Exception):
         def __init__(self, cause: BaseException) -> None:

@@ -11,8 +11,8 @@ import pytest
 from fake_encoders import load_tiny
 
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.run_config import ResolvedRun
-from stratalign.stages.train import RunConfig, resolve_run, train_run
+from stratalign.stages.runs.config import ResolvedRun
+from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
 
 # validation="carve": these runs carved their validation pairs from the train split, as every run did before
 # the dataset's own val split became the default (a new default, so new ids; the old runs keep theirs)

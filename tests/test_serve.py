@@ -14,7 +14,7 @@ import pytest
 from test_aligned import _run, _store
 from test_encoders import save_tiny_bert, save_tiny_vit
 
-from stratalign.stages.aligned import AlignedModel
+from stratalign.use.model import AlignedModel
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed: pip install 'stratalign[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
@@ -23,7 +23,7 @@ K = 3
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from stratalign.cli.serve_app import create_app
+    from stratalign.use.serve_app import create_app
 
     root = tmp_path_factory.mktemp("serve")
     vit, bert = "hf:" + str(save_tiny_vit(root / "vit", "vit")), "hf:" + str(save_tiny_bert(root / "bert"))
@@ -52,7 +52,7 @@ def test_page_shows_each_runs_top_images_for_a_query(server) -> None:
     page = urllib.request.urlopen(f"{url}/?q={urllib.parse.quote(caption)}", timeout=60).read().decode()
     assert page.count('class="run"') == 2 and page.count('class="result"') == 2 * K
     for m in models:
-        from stratalign.stages.search import search
+        from stratalign.use.search import search
 
         top = search(store, m, "twemoji", [caption], K)[0]
         assert f'data-run="{m.run_id}"' in page

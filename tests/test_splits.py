@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 
 from stratalign.errors import StratalignError
-from stratalign.stages.emoji_groups import emoji_groups, gender_base, name_key, region_of
-from stratalign.stages.sources import ingest_source
-from stratalign.store.features import FeatureStore
+from stratalign.stages.ingest.emoji_groups import emoji_groups, gender_base, name_key, region_of
+from stratalign.stages.ingest.sources import ingest_source
+from stratalign.store.feature_store import FeatureStore
 
 
 def _cli(*args: str, store: Path) -> subprocess.CompletedProcess:

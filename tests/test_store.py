@@ -13,7 +13,7 @@ import zarr
 from conftest import break_entry
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import EntrySpec, FeatureStore
+from stratalign.store.feature_store import EntrySpec, FeatureStore
 from stratalign.store.location import Location, validate_key
 
 
@@ -187,7 +187,7 @@ def test_other_format_version_rejected(tmp_path: Path) -> None:
 
 
 def test_dataset_not_silently_overwritten(store_with_dataset, coco_json: Path, image_dir: Path) -> None:
-    from stratalign.stages.sources import ingest_source
+    from stratalign.stages.ingest.sources import ingest_source
 
     store, ds = store_with_dataset
     assert store.save_dataset(ds) is False  # identical: nothing to do
@@ -218,7 +218,7 @@ def test_entry_table(store_with_dataset) -> None:
 
 def test_fsspec_memory_url(coco_json: Path, image_dir: Path) -> None:
     """The store works through fsspec URLs as well as local paths (memory:// stands in for s3://)."""
-    from stratalign.stages.sources import ingest_source
+    from stratalign.stages.ingest.sources import ingest_source
 
     ds = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
     store = FeatureStore.open("memory://stratalign-test-store", "a", create=True)
@@ -325,7 +325,7 @@ def test_corrupt_store_metadata_is_a_one_line_error(store_with_dataset) -> None:
 def test_replace_crash_never_serves_new_tables_under_old_fingerprint(store_with_dataset, coco_json: Path,
                                                                      image_dir: Path, monkeypatch,
                                                                      failing: str) -> None:
-    from stratalign.stages.sources import ingest_source
+    from stratalign.stages.ingest.sources import ingest_source
 
     store, old = store_with_dataset
     new = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir), seed=5)

@@ -15,7 +15,7 @@ import pytest
 
 from stratalign.errors import StratalignError
 from stratalign.store import inventory
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_3d4de15" / "store"
 IMAGE_ENTRY = "toy--image--tiny-image--avg--a373f67358f9962b"

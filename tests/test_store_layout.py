@@ -11,7 +11,7 @@ import zarr
 
 from stratalign.errors import StratalignError
 from stratalign.store import shard_format
-from stratalign.store.features import LAYOUT_SHARDED, EntrySpec, FeatureStore
+from stratalign.store.feature_store import LAYOUT_SHARDED, EntrySpec, FeatureStore
 
 
 def _spec(ds, **kw) -> EntrySpec:
@@ -139,7 +139,7 @@ def test_a_complete_entry_of_the_other_layout_is_reused(store_with_dataset) -> N
 
 
 def test_a_sweep_gathers_each_entry_layer_rows_once(store_with_dataset, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stratalign.stages import run_data
+    from stratalign.stages.runs import data as run_data
 
     store, ds = store_with_dataset
     entry = store.create_entry(_spec(ds))

@@ -27,7 +27,7 @@ pytest.importorskip("flask", reason="moto's server needs flask: pip install -e '
 moto_server = pytest.importorskip("moto.server", reason="the S3 tests need the s3-test extra: pip install -e '.[s3-test]'")
 
 from stratalign.stages.extract import ExtractConfig, extract  # noqa: E402
-from stratalign.store.features import FeatureStore  # noqa: E402
+from stratalign.store.feature_store import FeatureStore  # noqa: E402
 from stratalign.store.location import Location  # noqa: E402
 from stratalign.store.verify import verify_store  # noqa: E402
 
@@ -81,7 +81,7 @@ def _writer(store_url: str, delay_s: float, shard_rows: int = 8, start: Path | N
     code = (
         "import json, os, sys, time; sys.path.insert(0, %r)\n"
         "from fake_encoders import load_tiny\n"
-        "from stratalign.store.features import FeatureStore\n"
+        "from stratalign.store.feature_store import FeatureStore\n"
         "from stratalign.stages.extract import ExtractConfig, extract\n"
         "s = FeatureStore.open(%r, 'a'); start = %r\n"
         "if start:\n"

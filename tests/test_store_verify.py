@@ -10,7 +10,7 @@ from conftest import break_entry
 from fake_encoders import load_tiny
 
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.store.features import EntrySpec, FeatureStore
+from stratalign.store.feature_store import EntrySpec, FeatureStore
 from stratalign.store.verify import Finding, verify_store
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stratalign.errors import StratalignError
-from stratalign.stages.sources import ingest_source
+from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.subsets import carve_validation, draw_subset, subset_from_ids
 
 

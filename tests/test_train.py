@@ -345,18 +345,18 @@ def _dense_rs_knn(x_all: torch.Tensor, z_all: torch.Tensor, bidx: list[int], gra
 @pytest.mark.parametrize("levels", [1, 2])
 def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
     """The first step's regulariser (initial heads, first batch) against METHOD 3.3 built densely."""
-    import stratalign.train.batched as T
+    from stratalign.train import heads_loop
 
     xi, xt = _random(n=60, d=8, seed=4)
     batches: list[torch.Tensor] = []
-    real_batches = T._batches
+    real_batches = heads_loop.epoch_batches
 
     def spy(n, batch, gen):
         out = real_batches(n, batch, gen)
         batches.extend(out)
         return out
 
-    monkeypatch.setattr(T, "_batches", spy)
+    monkeypatch.setattr(heads_loop, "epoch_batches", spy)
     cfg = TrainConfig(objective="clip+structure-knn", knn_k=4, dim=8, batch_size=16, max_steps=1, eval_every=1,
                       warmup_steps=0, tau=0.1, levels=levels, device="cpu")
     res = train_heads(xi, xt, np.arange(40), np.arange(40, 60), cfg)
@@ -381,18 +381,18 @@ def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
 
 
 def test_precomputed_graphs_are_used_and_checked(monkeypatch):
-    import stratalign.train.knn as T
+    from stratalign.train import frozen_graphs
 
     xi, xt = _random()
     cfg = TrainConfig(objective="clip+structure-knn", knn_k=5, warmup_steps=4, **{**SMALL, "max_steps": 8})
-    graphs = T.knn_graphs(xi, xt, np.arange(64), 5)
+    graphs = frozen_graphs.knn_graphs(xi, xt, np.arange(64), 5)
     assert graphs[0].shape == (64, 5) and np.array_equal(graphs[1], knn_graph(xt[:64], 5))
     built = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg)
 
     def boom(*a, **k):
         raise AssertionError("knn_graph must not run when graphs are given")
 
-    monkeypatch.setattr(T, "knn_graph", boom)
+    monkeypatch.setattr(frozen_graphs, "knn_graph", boom)
     given = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg, graphs=graphs)
     sa, sb = _state(built.model), _state(given.model)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -15,10 +15,10 @@ from PIL import Image
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
+from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.layers import LayersConfig, choose, compute_layer_matrices, record_choice, run_layers
-from stratalign.stages.sources import ingest_source
-from stratalign.stages.train import RunConfig, resolve_run, train_run
-from stratalign.store.features import FeatureStore
+from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
 LEVELS = ["dark", "dim", "mid", "bright", "white"]
@@ -98,7 +98,7 @@ def test_run_layers_is_the_whole_stage(stage_store, tmp_path: Path) -> None:
                                             ("clip+structure-knn", "mlp"), ("clip+ib", "linear"),
                                             ("clip+vib", "linear"), ("csa", "csa"), ("comm", "linear")])
 def test_every_objective_trains_evaluates_and_reloads(stage_store, objective: str, head: str) -> None:
-    from stratalign.stages.evaluate import evaluate_saved_run
+    from stratalign.stages.runs.evaluate import evaluate_saved_run
 
     res = train_run(stage_store, _cfg(objective=objective, head=head, n_pairs=50))
     assert not res["skipped"]
@@ -154,7 +154,7 @@ def test_bad_inputs(stage_store) -> None:
 
 
 def test_eval_on_dataset_of_other_encoders_refused(stage_store, tmp_path: Path) -> None:
-    from stratalign.stages.evaluate import evaluate_saved_run
+    from stratalign.stages.runs.evaluate import evaluate_saved_run
 
     table = _toy_table(tmp_path, n=40, name="other.csv")
     stage_store.save_dataset(ingest_source("table", "toy2", table=str(table), image_col="image",
@@ -180,19 +180,19 @@ def test_eval_on_dataset_of_other_encoders_refused(stage_store, tmp_path: Path) 
 
 
 def test_nan_features_stop_cleanly(stage_store) -> None:
-    import stratalign.train as T
+    import stratalign.train as train_pkg
 
     x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
     y = np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32)
     x[5, 2] = np.nan
     with pytest.raises(StratalignError, match="NaN"):
-        T.train_heads(x, y, np.arange(30), np.arange(30, 40), T.TrainConfig(max_steps=5, dim=8))
+        train_pkg.train_heads(x, y, np.arange(30), np.arange(30, 40), train_pkg.TrainConfig(max_steps=5, dim=8))
 
 
 def test_sweep_skips_finished_cells_and_writes_leaderboard(stage_store, tmp_path: Path) -> None:
     import polars as pl
 
-    from stratalign.stages.sweep import SweepConfig, run_sweep
+    from stratalign.stages.runs.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(base=_cfg(), n_pairs=(20, 40), seeds=(0, 1), objectives=("clip", "csa"), layer_rules=("last",))
     first = run_sweep(stage_store, cfg, str(tmp_path / "rep"), progress=False)
@@ -212,7 +212,7 @@ def test_sweep_skips_finished_cells_and_writes_leaderboard(stage_store, tmp_path
 
 
 def test_sweep_skip_leaves_out_a_rule_objective_pair() -> None:
-    from stratalign.stages.sweep import SweepConfig
+    from stratalign.stages.runs.sweep import SweepConfig
 
     cfg = SweepConfig(base=_cfg(), n_pairs=(20,), seeds=(0, 1), objectives=("clip", "clip+structure"),
                       layer_rules=("last", "auto"), skip=(("last", "clip+structure"),))
@@ -256,8 +256,8 @@ def test_set_seed_through_the_cli_is_one_line(stage_store) -> None:
 
 
 def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch) -> None:
-    from stratalign.store import graphs as G
-    from stratalign.train import knn as T
+    from stratalign.store import graphs
+    from stratalign.train import frozen_graphs
 
     registry = RunRegistry(stage_store)
     opts = FAST + (("knn_k", 4),)
@@ -270,21 +270,21 @@ def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch
     # the file holds the graphs of exactly this subset's training rows
     resolved = resolve_run(stage_store, cfg)
     subset = resolved.subset
-    key = G.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
+    key = graphs.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
                       resolved.text_layer, subset.image_rows, subset.caption_rows, 4)
     assert new == {f"{key}.safetensors"}
-    cached = G.load_graphs(stage_store, key, len(subset.image_rows))
+    cached = graphs.load_graphs(stage_store, key, len(subset.image_rows))
     v, t = stage_store.entry(resolved.vision_entry), stage_store.entry(resolved.text_entry)
     x_img = v.read_layer(resolved.vision_layer, subset.image_rows).astype(np.float32)
     x_txt = t.read_layer(resolved.text_layer, subset.caption_rows).astype(np.float32)
-    assert np.array_equal(cached[0], T.knn_graph(x_img, 4)) and np.array_equal(cached[1], T.knn_graph(x_txt, 4))
+    assert np.array_equal(cached[0], frozen_graphs.knn_graph(x_img, 4)) and np.array_equal(cached[1], frozen_graphs.knn_graph(x_txt, 4))
 
     _, w1, _ = registry.load(first["run_id"])
 
     def boom(*a, **k):
         raise AssertionError("the kNN graph was searched again instead of read from the store")
 
-    monkeypatch.setattr(T, "knn_graph", boom)
+    monkeypatch.setattr(frozen_graphs, "knn_graph", boom)
     again = train_run(stage_store, cfg, force=True)  # same run, graphs from the cache: identical results
     assert again["knn_graph_cached"] is True and again["run_id"] == first["run_id"]
     _, w2, _ = registry.load(first["run_id"])
@@ -296,9 +296,9 @@ def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch
                                             options=opts + (("lam", 5.0),)))
     assert other_lam["knn_graph_cached"] is True and other_lam["run_id"] != first["run_id"]
     assert set(stage_store.loc.listdir("graphs")) - before == new  # no second file for the same subset
-    assert G.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
+    assert graphs.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
                        resolved.text_layer, subset.image_rows, subset.caption_rows, 5) != key
-    assert G.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
+    assert graphs.graph_key(resolved.vision_entry, resolved.vision_layer, resolved.text_entry,
                        resolved.text_layer, subset.image_rows[::-1], subset.caption_rows[::-1], 4) != key
 
 
@@ -322,20 +322,20 @@ def test_non_finite_loss_is_reported_by_stage_and_cli(stage_store) -> None:
     assert "stopped_reason=non_finite" in out.stdout
     assert metrics["message"] in out.stdout  # the saved message line, verbatim
     assert "restored_before_warmup=True" in out.stdout
-    from stratalign.stages.evaluate import evaluate_saved_run
+    from stratalign.stages.runs.evaluate import evaluate_saved_run
 
     again = evaluate_saved_run(stage_store, rid)
     assert again["message"] == metrics["message"] and again["restored_before_warmup"] is True
 
 
 def test_alignment_mknn_is_mutual_knn_of_test_embeddings(stage_store) -> None:
-    import stratalign.train as T
+    import stratalign.train as train_pkg
     from stratalign.core.similarity import mutual_knn
-    from stratalign.stages.run_data import split_run_tensors
+    from stratalign.stages.runs.data import split_run_tensors
 
     res = train_run(stage_store, _cfg(objective="clip", n_pairs=40, seed=8))
     config, tensors, _ = RunRegistry(stage_store).load(res["run_id"])
-    model = T.model_from_tensors(config, split_run_tensors(tensors)[0])
+    model = train_pkg.model_from_tensors(config, split_run_tensors(tensors)[0])
     ds = stage_store.dataset("toy")
     img_rows, cap_rows = ds.pairs("test")
     first_caption: dict[int, int] = {}
@@ -344,30 +344,30 @@ def test_alignment_mknn_is_mutual_knn_of_test_embeddings(stage_store) -> None:
     gallery = sorted(first_caption)
     assert len(gallery) > 10
     v, t = stage_store.entry(config["vision_entry"]), stage_store.entry(config["text_entry"])
-    z_img = T.embed_features(model, v.read_layer(config["vision_layer"], np.array(gallery)).astype(np.float32),
+    z_img = train_pkg.embed_features(model, v.read_layer(config["vision_layer"], np.array(gallery)).astype(np.float32),
                              "image")
     captions = np.array([first_caption[i] for i in gallery])
-    z_txt = T.embed_features(model, t.read_layer(config["text_layer"], captions).astype(np.float32), "text")
+    z_txt = train_pkg.embed_features(model, t.read_layer(config["text_layer"], captions).astype(np.float32), "text")
     want = 100.0 * mutual_knn(z_img, z_txt, k="rice")
     assert res["alignment_mknn"] == pytest.approx(want, abs=1e-9)
     assert 0 < want < 100
 
 
 def test_corrupted_cached_graph_is_rebuilt_not_used(tmp_path) -> None:
-    from stratalign.store import graphs as G
-    from stratalign.store.features import FeatureStore
+    from stratalign.store import graphs
+    from stratalign.store.feature_store import FeatureStore
 
     store = FeatureStore.open(str(tmp_path / "s"), "a", create=True)
     rng = np.random.default_rng(0)
     pair = (rng.integers(0, 20, size=(20, 3)), rng.integers(0, 20, size=(20, 3)))
-    key = G.graph_key("v", 1, "t", 2, np.arange(20), np.arange(20), 3)
-    G.save_graphs(store, key, pair)
-    got = G.load_graphs(store, key, 20)
+    key = graphs.graph_key("v", 1, "t", 2, np.arange(20), np.arange(20), 3)
+    graphs.save_graphs(store, key, pair)
+    got = graphs.load_graphs(store, key, 20)
     assert got is not None and all(np.array_equal(a, b) for a, b in zip(got, pair))
     path = tmp_path / "s" / "graphs" / f"{key}.safetensors"
     blob = bytearray(path.read_bytes())
     blob[-8] ^= 0x01  # a neighbour index changes but stays a valid row: only the checksum can tell
     path.write_bytes(bytes(blob))
-    assert G.load_graphs(store, key, 20) is None
-    rebuilt, from_cache = G.cached_graphs(store, key, 20, lambda: pair)
-    assert from_cache is False and G.load_graphs(store, key, 20) is not None
+    assert graphs.load_graphs(store, key, 20) is None
+    rebuilt, from_cache = graphs.cached_graphs(store, key, 20, lambda: pair)
+    assert from_cache is False and graphs.load_graphs(store, key, 20) is not None

@@ -19,11 +19,11 @@ from PIL import Image
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.sources import ingest_source
-from stratalign.stages.sweep import SweepConfig, run_sweep
-from stratalign.stages.train import RunConfig, resolve_run, train_run
-from stratalign.stages.tune import grid_points, tune_run, validation_value
-from stratalign.store.features import FeatureStore
+from stratalign.stages.ingest.sources import ingest_source
+from stratalign.stages.runs.sweep import SweepConfig, run_sweep
+from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
+from stratalign.stages.runs.tune import grid_points, tune_run, validation_value
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
 LEVELS = ["dark", "dim", "mid", "bright", "white"]

@@ -20,8 +20,8 @@ def eval_cmd(
 
     On another dataset the result is written to runs/<id>/eval-<dataset>.json with that dataset's fingerprint
     (the path is printed); a stored result of another version of the dataset is recomputed, never shown."""
-    from stratalign.stages.evaluate import evaluate_saved_run
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.evaluate import evaluate_saved_run
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
     fs = FeatureStore.open(store_url(store), "a")

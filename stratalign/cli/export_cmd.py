@@ -19,9 +19,9 @@ def export_cmd(
     model.json holds the encoder specs and weights hashes, layers, pooling, preprocessing, zero-shot classes and
     templates, the run's config and metrics. Load it with `AlignedModel.load(DIR)` or `--model DIR`."""
     from stratalign.cli.common import store_url
-    from stratalign.stages.aligned_card import run_card
     from stratalign.store.exports import write_export
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
+    from stratalign.use.card import run_card
 
     card, heads = run_card(FeatureStore.open(store_url(store), "r"), run)
     path = write_export(out, card, heads)

@@ -8,7 +8,7 @@ import typer
 
 from stratalign.cli.common import StoreOption, console, print_table, store_url
 
-# = stratalign.store.features.DEFAULT_SHARD_ROWS, spelt out so that `--help` does not import the store (zarr);
+# = stratalign.store.feature_store.DEFAULT_SHARD_ROWS, spelt out so that `--help` does not import the store (zarr);
 # tests/test_cli.py checks that the two agree
 DEFAULT_SHARD_ROWS = 1024
 
@@ -38,7 +38,7 @@ def extract_cmd(
     import polars as pl
 
     from stratalign.stages.extract import ExtractConfig, extract
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     cfg = ExtractConfig(encoders=tuple(encoder), poolings=tuple(pooling), dtype=dtype, batch_size=batch_size,
                         shard_rows=shard_rows, device=device, skip_bad=skip_bad, loaders=loaders,

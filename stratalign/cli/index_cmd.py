@@ -20,7 +20,7 @@ def index_cmd(
 ) -> None:
     """Build (or find) the index that `stratalign search` uses; an existing one is reused."""
     from stratalign.cli.model_opts import open_model
-    from stratalign.stages.search import dataset_index
+    from stratalign.use.search import dataset_index
 
     m, fs = open_model(run, None, store, device, mode="a")
     idx = dataset_index(fs, m, dataset, "text" if captions else "image", split)

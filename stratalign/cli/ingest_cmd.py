@@ -27,9 +27,9 @@ ReplaceOption = typer.Option(False, "--replace", help="Replace a dataset of the 
 def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], skip_bad: bool, replace: bool,
             store: Optional[str], **args: Any) -> None:
     """Read and validate the source, save it (unless the identical dataset is there), print what happened."""
-    from stratalign.stages.sources import ingest_source
+    from stratalign.stages.ingest.sources import ingest_source
     from stratalign.store.datasets import no_train_fix
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     ds = ingest_source(source, name, seed=seed, skip_bad=skip_bad, limit=limit, **args)
     fs = FeatureStore.open(store_url(store), "a", create=True)

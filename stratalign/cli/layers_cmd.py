@@ -31,7 +31,7 @@ def layers_cmd(
 ) -> None:
     """Compare every vision layer with every text layer; save matrices + heatmap; record the layer choice."""
     from stratalign.stages.layers import LayersConfig, run_layers, top_pairs
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "a")
     cfg = LayersConfig(dataset=dataset, vision=vision, text=text, metrics=tuple(metric), k=_k(k), n=n, seed=seed,

@@ -17,14 +17,14 @@ def open_model(run: Optional[str], model: Optional[str], store: Optional[str], d
                mode: str = "r") -> tuple[Any, Any]:
     """(AlignedModel, FeatureStore or None) from --run (in the store) or --model (an exported folder)."""
     from stratalign.errors import StratalignError
-    from stratalign.stages.aligned import AlignedModel
+    from stratalign.use.model import AlignedModel
 
     if (run is None) == (model is None):
         raise StratalignError("give exactly one of --run R (a run in the store) or --model DIR (an exported model)")
     if model is not None:
         return AlignedModel.load(model, device=device), None
     from stratalign.cli.common import store_url
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store_url(store), mode)
     return AlignedModel.from_run(fs, run, device=device), fs

@@ -19,8 +19,8 @@ def runs_ls(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Table of finished runs: encoders, layers, objective, settings overridden, selection score, metrics, seconds."""
-    from stratalign.stages.run_listing import runs_table
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.listing import runs_table
+    from stratalign.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "r")
     table = runs_table(fs, dataset, objective)
@@ -34,8 +34,8 @@ def runs_ls(
 def runs_show(run: str = typer.Argument(..., help="A run id or a unique prefix of one."),
               store: Optional[str] = StoreOption) -> None:
     """One run's resolved config, metrics and files."""
-    from stratalign.stages.run_listing import show_run
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.listing import show_run
+    from stratalign.store.feature_store import FeatureStore
 
     shown = show_run(FeatureStore.open(store_url(store), "r"), run)
     console.print(f"run {shown['run']}", highlight=False)
@@ -50,8 +50,8 @@ def runs_rm(runs: list[str] = typer.Argument(..., help="Run ids (or unique prefi
             yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
             store: Optional[str] = StoreOption) -> None:
     """Remove runs (weights, metrics, eval files, per-query results)."""
-    from stratalign.stages.run_listing import remove_run
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.listing import remove_run
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
     fs = FeatureStore.open(store_url(store), "a")

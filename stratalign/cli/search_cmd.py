@@ -24,7 +24,7 @@ def search_cmd(
     from stratalign.cli.common import plain_columns
     from stratalign.cli.model_opts import open_model
     from stratalign.errors import StratalignError
-    from stratalign.stages.search import search
+    from stratalign.use.search import search
 
     if (query is None or not query.strip()) and image is None:
         raise StratalignError("empty query: give a text, or --image PATH")

@@ -23,13 +23,13 @@ def serve_cmd(
     """Start the search page (needs the `serve` extra: pip install 'stratalign[serve]')."""
     from stratalign.cli.common import store_url
     from stratalign.errors import StratalignError
-    from stratalign.stages.aligned import AlignedModel
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
+    from stratalign.use.model import AlignedModel
 
     try:
         import uvicorn
 
-        from stratalign.cli.serve_app import create_app
+        from stratalign.use.serve_app import create_app
     except ImportError:
         raise StratalignError("serve needs fastapi and uvicorn: pip install 'stratalign[serve]'") from None
     fs = FeatureStore.open(store_url(store), "a")

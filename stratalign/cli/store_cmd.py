@@ -25,7 +25,7 @@ def store_ls(
 ) -> None:
     """List datasets, feature entries and every other artifact (runs, evals, per-query results, layer results,
     choices, kNN graphs, prompt caches, extraction records) with sizes; orphans say what they lost."""
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.inventory import KINDS, inventory
 
     fs = FeatureStore.open(store_url(store), "r")
@@ -96,7 +96,7 @@ def finding_line(finding: Finding) -> str:
 def store_verify(store: Optional[str] = StoreOption) -> None:
     """Load every dataset and re-read every entry's chunks; report broken datasets or entries and corrupt or
     incomplete shards (non-zero exit if any)."""
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.verify import verify_store
 
     report = verify_store(FeatureStore.open(store_url(store), "r"))
@@ -120,7 +120,7 @@ def store_rm(
 ) -> None:
     """Remove feature entries, a dataset, runs, single artifacts, or all orphans (readable or broken)."""
     from stratalign.store import inventory
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
     fs = FeatureStore.open(store_url(store), "a")
@@ -165,7 +165,7 @@ def store_unlock(
 ) -> None:
     """Remove stale shard claims (unreadable, or of a process that is gone or stopped beating); --force: all."""
     from stratalign.store.claims import unlock_store
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "a")
     if force and not yes and not typer.confirm("remove every claim, live ones too (no extract may be running)?"):
@@ -184,7 +184,7 @@ def store_gc(
     """Remove what killed writers left: temp files of processes that are gone, and stale shard claims."""
     from stratalign.store.claims import unlock_store
     from stratalign.store.cleanup import collect
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
     temps = collect(fs.loc, dry_run=dry_run)
@@ -206,7 +206,7 @@ def store_repair(
 ) -> None:
     """Re-encode exactly the shards whose chunks or markers fail their checks (byte-identical to a clean run)."""
     from stratalign.stages.repair import repair_store
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
     for key in keys or []:
@@ -235,7 +235,7 @@ def store_migrate(
     value by value with the original's checksums, then swapped in atomically (local stores)."""
     from tqdm import tqdm
 
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.migrate import migrate_store
 
     fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")

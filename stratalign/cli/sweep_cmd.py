@@ -49,9 +49,9 @@ def sweep_cmd(
 ) -> None:
     """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
     from stratalign.report.report import KEY_METRICS, findings, results_table
-    from stratalign.stages.sweep import SweepConfig, run_sweep
-    from stratalign.stages.train import RunConfig
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.sweep import SweepConfig, run_sweep
+    from stratalign.stages.runs.training import RunConfig
+    from stratalign.store.feature_store import FeatureStore
 
     fs = FeatureStore.open(store_url(store), "a")
     overrides = trainer_overrides(set_)

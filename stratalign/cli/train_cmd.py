@@ -40,9 +40,9 @@ def train_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Train alignment heads on cached features, evaluate on the test split, save the run."""
-    from stratalign.stages.run_config import ResolvedRun
-    from stratalign.stages.train import RunConfig, resolve_run, train_run
-    from stratalign.store.features import FeatureStore
+    from stratalign.stages.runs.config import ResolvedRun
+    from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
+    from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
     fs = FeatureStore.open(store_url(store), "a")
@@ -53,7 +53,7 @@ def train_cmd(
     resolved = resolve_run(fs, cfg)  # a bad option is one error line before anything else is printed
     err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
     if tune:
-        from stratalign.stages.tune import tune_run
+        from stratalign.stages.runs.tune import tune_run
 
         tuned = tune_run(fs, cfg, force=force, progress=True)
         res = tuned.metrics

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from stratalign.core import losses as L
+from stratalign.core import losses
 from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE
 from stratalign.errors import StratalignError
 
@@ -100,8 +100,8 @@ def structure_options(cfg: Any) -> dict[str, Any]:
 def structure_term(batch: StepBatch, cfg: Any) -> torch.Tensor:
     """R_S over the batch (METHOD 3.2), averaged over both sides."""
     opts = structure_options(cfg)
-    return 0.5 * (L.structure_regularizer(batch.image.x, batch.image.z, **opts)
-                  + L.structure_regularizer(batch.text.x, batch.text.z, **opts))
+    return 0.5 * (losses.structure_regularizer(batch.image.x, batch.image.z, **opts)
+                  + losses.structure_regularizer(batch.text.x, batch.text.z, **opts))
 
 
 def _knn_side(side: Side, rows: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:
@@ -110,7 +110,7 @@ def _knn_side(side: Side, rows: torch.Tensor, opts: dict[str, Any]) -> torch.Ten
     nbr = side.knn.graph[rows]  # (b, k)
     mask = ~torch.isin(nbr, rows)  # neighbours already in the batch are in the support once
     if not bool(mask.any()):  # e.g. full-batch training: the support is the batch (3.3 == 3.2)
-        return L.structure_regularizer(side.x, side.z, **opts)
+        return losses.structure_regularizer(side.x, side.z, **opts)
     # the head runs once on each distinct neighbour outside the batch; the rest are masked, so their
     # table index (0) is never read
     picked = nbr[mask]
@@ -119,7 +119,7 @@ def _knn_side(side: Side, rows: torch.Tensor, opts: dict[str, Any]) -> torch.Ten
     index[mask] = torch.searchsorted(outside, picked)
     x_tab = side.knn.table[outside]
     z_tab = side.knn.head(x_tab).to(side.z.dtype)
-    return L.structure_regularizer_knn(side.x, side.z, x_tab, z_tab, mask, nbr_index=index, **opts)
+    return losses.structure_regularizer_knn(side.x, side.z, x_tab, z_tab, mask, nbr_index=index, **opts)
 
 
 def _structure_knn(batch: StepBatch, cfg: Any) -> torch.Tensor:
@@ -129,12 +129,12 @@ def _structure_knn(batch: StepBatch, cfg: Any) -> torch.Tensor:
 
 
 def _ib(batch: StepBatch, cfg: Any) -> torch.Tensor:
-    return L.ib_deterministic(batch.image.z, batch.text.z)
+    return losses.ib_deterministic(batch.image.z, batch.text.z)
 
 
 def _vib(batch: StepBatch, cfg: Any) -> torch.Tensor:
     i, t = batch.image, batch.text
-    return L.vib_kl(i.mu, i.logvar, t.mu, t.logvar, symmetric=cfg.vib_symmetric)
+    return losses.vib_kl(i.mu, i.logvar, t.mu, t.logvar, symmetric=cfg.vib_symmetric)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """What an encoder is, computed without loading it (no torch, no model): for a spec whose files are known, the
 sha256 of every file the encoder is built from, the stratalign code and the library versions.
 
-Extraction records this identity next to the complete entries it made (stages.extract_skip): when a later request
+Extraction records this identity next to the complete entries it made (stages.extract.skip): when a later request
 finds the very same identity, nothing that feeds the entry key (weights, config, tokenizer, preprocessing code)
 can have changed, so the entries are known complete without loading the model. The identity is deliberately
 broader than the entry key: any change of a weight or config file, of any stratalign source file or of a library

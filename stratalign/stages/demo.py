@@ -12,11 +12,11 @@ from typing import Any, Callable
 
 from stratalign.report.report import results_table, write_report
 from stratalign.stages.extract import ExtractConfig, extract
+from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.layers import LayersConfig, run_layers
-from stratalign.stages.sources import ingest_source
-from stratalign.stages.sweep import SweepConfig, run_sweep
-from stratalign.stages.train import RunConfig
-from stratalign.store.features import FeatureStore
+from stratalign.stages.runs.sweep import SweepConfig, run_sweep
+from stratalign.stages.runs.training import RunConfig
+from stratalign.store.feature_store import FeatureStore
 from stratalign.train.presets import choose_preset, describe
 
 

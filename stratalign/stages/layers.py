@@ -14,7 +14,7 @@ from stratalign.core.layer_rule import CHOOSE_KEYWORDS, LayerRule
 from stratalign.errors import StratalignError, require_int
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store import layer_results
-from stratalign.store.features import FeatureEntry, FeatureStore
+from stratalign.store.feature_store import FeatureEntry, FeatureStore
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,7 @@ def _entries(store: FeatureStore, cfg: LayersConfig) -> tuple[FeatureEntry, Feat
 
 def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute: bool = False) -> dict[str, Any]:
     """The L_vision x L_text matrix of every metric asked (cached in the store by its settings)."""
-    from stratalign.core import similarity as M
-
+    from stratalign.core import similarity
     store.dataset(cfg.dataset).require_train_split("choose layers")  # before anything else is read
     v_entry, t_entry = _entries(store, cfg)
     img_rows, cap_rows, dropped = sample_train_pairs(store, cfg.dataset, cfg.n, cfg.seed, (v_entry, t_entry))
@@ -86,13 +85,13 @@ def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute:
     if cached is not None:
         return {**cached, "bad_pairs_dropped": dropped, "cached": True}
     n = len(img_rows)
-    k = M.resolve_k(cfg.k, n)
+    k = similarity.resolve_k(cfg.k, n)
     t0 = time.perf_counter()
     vision = [v_entry.read_layer(i, img_rows).astype(np.float32) for i in range(len(v_entry.spec.dims))]
     text = [t_entry.read_layer(i, cap_rows).astype(np.float32) for i in range(len(t_entry.spec.dims))]
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mats = M.layer_similarity(vision, text, metrics=cfg.metrics, k=k, clamp_outliers=cfg.clamp_outliers)
+    mats = similarity.layer_similarity(vision, text, metrics=cfg.metrics, k=k, clamp_outliers=cfg.clamp_outliers)
     result = {
         "key": key, "settings": settings, "n": n, "k": k, "bad_pairs_dropped": dropped,
         "vision_layers": list(v_entry.spec.layer_names), "text_layers": list(t_entry.spec.layer_names),

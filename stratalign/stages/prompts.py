@@ -15,7 +15,7 @@ import numpy as np
 from stratalign.errors import StratalignError
 from stratalign.store import prompt_cache
 from stratalign.store.datasets import PairDataset
-from stratalign.store.features import EntrySpec, FeatureEntry, FeatureStore
+from stratalign.store.feature_store import EntrySpec, FeatureEntry, FeatureStore
 from stratalign.store.keys import prompt_key
 
 
@@ -45,7 +45,7 @@ def spec_prompt_features(store: FeatureStore, spec: EntrySpec, prompts: list[str
     if load is None:
         from stratalign.encoders import load_encoder as load
     encoder = load(spec.encoder_spec, device)
-    import torch  # here, not at the top: stages.extract_skip reads class_prompts without loading torch
+    import torch  # here, not at the top: stages.extract.skip reads class_prompts without loading torch
 
     if encoder.metadata().get("weights_sha256") != spec.encoder.get("weights_sha256"):
         raise StratalignError(f"encoder {spec.encoder_spec} now has other weights than when its features "

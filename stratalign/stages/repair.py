@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.store.features import FeatureEntry, FeatureStore
+from stratalign.store.feature_store import FeatureEntry, FeatureStore
 
 
 @dataclass

@@ -17,7 +17,7 @@ from stratalign.errors import StratalignError, preview
 from stratalign.store.datasets import PairDataset
 
 if TYPE_CHECKING:
-    from stratalign.store.features import FeatureEntry
+    from stratalign.store.feature_store import FeatureEntry
 
 
 @dataclass(frozen=True)

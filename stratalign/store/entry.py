@@ -29,7 +29,7 @@ from stratalign.store.shard_format import ByteSource, ShardCorrupt, ShardGeometr
 from stratalign.version import __version__
 
 if TYPE_CHECKING:
-    from stratalign.store.features import FeatureStore
+    from stratalign.store.feature_store import FeatureStore
 
 DEFAULT_SHARD_ROWS = 1024
 # Entry layouts (the `format_version` an entry key hashes): 1 = one Zarr chunk per shard (a read of any row

@@ -3,7 +3,7 @@
     extract_records/<key>.json   {"request": ..., "identity": ..., "entries": [entry keys]}
 
 The key (store.keys.extract_record_key) hashes the request (dataset and its content fingerprint, encoder spec,
-poolings as asked, dtype, shard size). A record is a hint, never a source of truth: `stages.extract_skip` trusts
+poolings as asked, dtype, shard size). A record is a hint, never a source of truth: `stages.extract.skip` trusts
 it only while the encoder's identity (encoders.identity) is unchanged and every entry it names is complete, and
 otherwise loads the model as before. Removing a record (or the whole folder) only costs one model load.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.location import validate_key
 
 FOLDER = "extract_records"

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import graph_key
 from stratalign.store.location import validate_key
 

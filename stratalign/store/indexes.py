@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import index_key
 from stratalign.store.location import validate_key
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import prompt_key, slug
 
 KINDS = ("dataset", "entry", "run", "eval", "queries", "tuning", "layers", "heatmap", "choice", "graph", "prompts",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import choice_name
 from stratalign.store.keys import layer_result_key as result_key
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 from stratalign.errors import StratalignError
 from stratalign.store.entry import LAYOUT_CHUNK, LAYOUT_SHARDED, FeatureEntry, shard_sha
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 
 STAGING = "_migrate"
 VERIFIED = "verified"  # written in the staging folder once the copy equals the entry; the swap may then happen

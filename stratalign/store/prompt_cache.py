@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.location import validate_key
 
 FOLDER = "prompts"

@@ -27,7 +27,7 @@ from safetensors.torch import save as st_save
 
 from stratalign.errors import StratalignError
 from stratalign.store.cleanup import clean_folder
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import run_id_of, tuning_key
 from stratalign.store.location import validate_key
 

@@ -12,7 +12,7 @@ from typing import Literal
 from stratalign.errors import StratalignError
 from stratalign.store import graphs, layer_results, prompt_cache
 from stratalign.store.claims import store_claims
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.migrate import STAGING
 from stratalign.store.runs import RunRegistry
 

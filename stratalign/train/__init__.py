@@ -2,7 +2,6 @@
 (inference), weights formats (checkpoint) and kNN graphs (knn). Imports only stratalign.core (+ errors,
 device)."""
 
-from stratalign.train.batched import make_heads
 from stratalign.train.checkpoint import CONFIG_KEY, load_heads, model_from_tensors, model_tensors, save_heads
 from stratalign.train.config import TrainConfig, TrainResult
 from stratalign.train.fit import (
@@ -15,8 +14,9 @@ from stratalign.train.fit import (
     train_heads,
     train_many,
 )
+from stratalign.train.frozen_graphs import knn_graph, knn_graphs
+from stratalign.train.heads_loop import make_heads
 from stratalign.train.inference import embed, embed_features, fused_features
-from stratalign.train.knn import knn_graph, knn_graphs
 
 __all__ = [
     "CONFIG_KEY", "TrainConfig", "TrainResult", "embed", "embed_features", "fit_objective", "fit_run",

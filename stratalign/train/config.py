@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from stratalign.core import losses as L
+from stratalign.core import losses
 from stratalign.core.heads import CSA_SIMILARITIES
 from stratalign.core.objectives import HEADS, Selection, objective_named, settings_objective
 from stratalign.errors import StratalignError
@@ -108,12 +108,12 @@ class TrainConfig:
             raise StratalignError(f"TrainConfig.betas must be two numbers in [0, 1), not {self.betas!r}")
         if self.warmup_fraction is not None and not 0 <= self.warmup_fraction <= 1:
             raise StratalignError(f"TrainConfig.warmup_fraction must be in [0, 1], not {self.warmup_fraction}")
-        if self.weighting not in L.WEIGHTINGS:
-            raise StratalignError(f"TrainConfig.weighting must be one of {L.WEIGHTINGS}, not {self.weighting!r}")
-        if self.centering not in L.CENTERINGS:
-            raise StratalignError(f"TrainConfig.centering must be one of {L.CENTERINGS}, not {self.centering!r}")
-        if self.js not in L.JS_FORMS:
-            raise StratalignError(f"TrainConfig.js must be one of {L.JS_FORMS}, not {self.js!r}")
+        if self.weighting not in losses.WEIGHTINGS:
+            raise StratalignError(f"TrainConfig.weighting must be one of {losses.WEIGHTINGS}, not {self.weighting!r}")
+        if self.centering not in losses.CENTERINGS:
+            raise StratalignError(f"TrainConfig.centering must be one of {losses.CENTERINGS}, not {self.centering!r}")
+        if self.js not in losses.JS_FORMS:
+            raise StratalignError(f"TrainConfig.js must be one of {losses.JS_FORMS}, not {self.js!r}")
         if self.csa_similarity not in CSA_SIMILARITIES:
             raise StratalignError(f"TrainConfig.csa_similarity must be one of {CSA_SIMILARITIES}, not {self.csa_similarity!r}")
         check_select(self.select)

@@ -15,18 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from stratalign.core import losses as L
+from stratalign.core import losses
 from stratalign.core.comm import CommModel, comm_step_loss
 from stratalign.core.heads import CSA, fit_csa
 from stratalign.core.objectives import Objective, Side, StepBatch, Training, objective_named, objectives_with, structure_term
 from stratalign.device import resolve_device
 from stratalign.errors import StratalignError
-from stratalign.train.batched import GroupProgress, HeadsJob, train_heads_many
 from stratalign.train.config import TrainConfig, TrainResult, json_curve_row
 from stratalign.train.data import check_inputs, to_device
+from stratalign.train.frozen_graphs import training_graphs
+from stratalign.train.fusion_loop import run_fixed_steps, run_loop
+from stratalign.train.heads_loop import GroupProgress, HeadsJob, train_heads_many
 from stratalign.train.inference import embed
-from stratalign.train.knn import training_graphs
-from stratalign.train.loop import Progress, SelectionRule, autocast, run_fixed_steps, run_loop
+from stratalign.train.rules import Progress, SelectionRule, autocast
 from stratalign.train.validation import SELECT_METRICS, ValidationTargets, Validator
 
 COMM_SELECTION = SelectionRule("comm_loss", "comm_loss", False)  # a fused model is selected on its own loss
@@ -68,7 +69,7 @@ class RunSpec:
 
 def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
                on_step: GroupProgress | None = None) -> list[TrainResult]:
-    """Train many runs of aligned heads on paired rows x_img[i] <-> x_txt[i] in batched groups (train.batched):
+    """Train many runs of aligned heads on paired rows x_img[i] <-> x_txt[i] in batched groups (train.heads_loop):
     the rows they use go to the device once, runs that can share a step train in one loop. Every spec is checked
     before anything trains. The results in spec order; each equals the run trained alone (`train_heads`)."""
     if not specs:
@@ -171,7 +172,7 @@ def refine_csa(model: CSA, x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfi
         a, t = xi[bidx], xt[bidx]
         zi, zt = model.image(a), model.text(t)
         reg = structure_term(StepBatch(bidx, Side(a, zi), Side(t, zt)), cfg)
-        return L.clip_loss(zi, zt, cfg.tau) + cfg.lam * reg
+        return losses.clip_loss(zi, zt, cfg.tau) + cfg.lam * reg
 
     groups = [list(model.image.parameters()), list(model.text.parameters())]
     run_fixed_steps(model, groups, len(xi), cfg, dev, steps, cfg.csa_refine_lr, batch_loss)

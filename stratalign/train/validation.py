@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stratalign.core import losses as L
+from stratalign.core import losses as losses_mod
 from stratalign.errors import StratalignError
 
 # selection metric -> (the curve's key, True when higher is better)
@@ -125,7 +125,7 @@ class Validator:
         for a, t in zip(zi, zt):
             if a.shape[1] < 2:
                 continue
-            total += L.clip_loss(a, t, self.tau).double().cpu() * a.shape[1]
+            total += losses_mod.clip_loss(a, t, self.tau).double().cpu() * a.shape[1]
             count += a.shape[1]
         return total / count
 

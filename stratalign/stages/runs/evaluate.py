@@ -18,16 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from stratalign.core import scoring as E
+from stratalign.core import scoring as scoring_mod
 from stratalign.core.objectives import Evaluation, objective_named
 from stratalign.core.stats import majority_rate
 from stratalign.errors import StratalignError
 from stratalign.stages.prompts import class_prompts, prompt_features
-from stratalign.stages.run_config import ResolvedRun
-from stratalign.stages.run_data import split_run_tensors, train_features_of
+from stratalign.stages.runs.config import ResolvedRun
+from stratalign.stages.runs.data import split_run_tensors, train_features_of
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store.datasets import PairDataset
-from stratalign.store.features import FeatureEntry, FeatureStore
+from stratalign.store.feature_store import FeatureEntry, FeatureStore
 from stratalign.store.runs import EVAL_FINGERPRINT, RunRegistry
 from stratalign.train import embed_features, fused_features, model_from_tensors
 
@@ -121,8 +121,8 @@ def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures 
     out: dict[str, Any] = {}
     z_img = embed_features(model, data.x_img, "image")
     z_txt = embed_features(model, data.x_txt, "text")
-    hits = E.retrieval_hits(z_img, z_txt, data.txt_to_img)
-    out.update(E.recall_of(hits))
+    hits = scoring_mod.retrieval_hits(z_img, z_txt, data.txt_to_img)
+    out.update(scoring_mod.recall_of(hits))
     ds = data.dataset
     if ds.class_names and all(x is not None for x in data.labels):
         classes, templates, prompts = class_prompts(ds)
@@ -130,17 +130,17 @@ def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures 
         z_p = embed_features(model, p.astype(np.float32), "text").reshape(len(classes), len(templates), -1)
         class_of = {c: i for i, c in enumerate(classes)}
         y = np.array([class_of[x] for x in data.labels])
-        class_emb = E.class_embeddings(z_p)
-        zs = E.zero_shot_classify(z_img, class_emb, y)
+        class_emb = scoring_mod.class_embeddings(z_p)
+        zs = scoring_mod.zero_shot_classify(z_img, class_emb, y)
         out.update({f"zs_{k}": v for k, v in zs.items()})
-        rank = E.zero_shot_ranks(z_img, class_emb, y)
+        rank = scoring_mod.zero_shot_ranks(z_img, class_emb, y)
         hits["zs_top1"] = rank < 1
         if len(classes) >= 5:
             hits["zs_top5"] = rank < 5
         hits["zs_true"] = y.astype(np.int64)
     if len(data.x_img) > 10:  # one caption per image: repeated image rows would be each other's neighbours
         first_caption = np.unique(data.txt_to_img, return_index=True)[1]
-        out["alignment_mknn"] = 100.0 * E.alignment_score(z_img, z_txt[first_caption], k="rice")
+        out["alignment_mknn"] = 100.0 * scoring_mod.alignment_score(z_img, z_txt[first_caption], k="rice")
     return Scored(out, hits)
 
 
@@ -165,7 +165,7 @@ def _score_probe(model: Any, data: _TestData, train_features: TrainFeatures | No
     out: dict[str, Any] = {}
     baselines = {}
     for name, (a, b) in probes.items():
-        res = E.linear_probe(a, tr_y, b, te_y)
+        res = scoring_mod.linear_probe(a, tr_y, b, te_y)
         if name == "fused":
             out.update({f"probe_{k}": v for k, v in res.items()})
         else:

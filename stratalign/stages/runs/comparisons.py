@@ -7,15 +7,15 @@ import polars as pl
 
 from stratalign.core.stats import DEFAULT_RESAMPLES
 from stratalign.report.compare import paired_comparisons
-from stratalign.stages.evaluate import run_queries
-from stratalign.store.features import FeatureStore
+from stratalign.stages.runs.evaluate import run_queries
+from stratalign.store.feature_store import FeatureStore
 
 
 def compare_runs(store: FeatureStore, runs: pl.DataFrame, *, baseline: str = "clip", baseline_rule: str = "last",
                  resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> tuple[pl.DataFrame, float | None]:
     """(paired comparisons of the runs against `baseline` and `baseline_rule`, the majority-class rate in %
     of their test split or None without labels). `runs` needs the columns run, objective, head, layer_rule,
-    n_pairs, seed (stages.sweep.run_table)."""
+    n_pairs, seed (stages.runs.sweep.run_table)."""
     queries, majority = {}, None
     for rid in runs["run"].to_list():
         got = run_queries(store, rid)

@@ -17,9 +17,9 @@ from typing import Any
 
 from stratalign.core.objectives import Objective, objective_named
 from stratalign.errors import StratalignError
-from stratalign.stages.run_config import RunConfig, resolve_run
-from stratalign.stages.train import train_runs
-from stratalign.store.features import FeatureStore
+from stratalign.stages.runs.config import RunConfig, resolve_run
+from stratalign.stages.runs.training import train_runs
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.train.validation import SELECT_METRICS, check_select
 

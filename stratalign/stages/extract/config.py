@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import DEFAULT_SHARD_ROWS, ENTRY_FORMATS, LAYOUT_SHARDED
+from stratalign.store.feature_store import DEFAULT_SHARD_ROWS, ENTRY_FORMATS, LAYOUT_SHARDED
 
 LOADER_KINDS = ("auto", "processes", "threads")
 ENGINES = ("local", "ray")

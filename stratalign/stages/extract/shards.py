@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from stratalign.errors import StratalignError, preview
-from stratalign.stages.extract_config import ExtractConfig
-from stratalign.stages.extract_loading import BatchPreparer, batches
+from stratalign.stages.extract.config import ExtractConfig
+from stratalign.stages.extract.reader import BatchPreparer, batches
 from stratalign.store.claims import Claim, Heartbeat
 from stratalign.store.datasets import PairDataset
-from stratalign.store.features import FeatureEntry
+from stratalign.store.feature_store import FeatureEntry
 
 
 class ShardEncoder:

@@ -27,19 +27,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from stratalign.core import losses as L
+from stratalign.core import losses as losses_mod
 from stratalign.core.heads import AlignedHeads, VariationalHead, build_head
 from stratalign.core.objectives import CLOSED_FORM_HEADS, KnnSupport, Objective, Side, StepBatch, objective_named
 from stratalign.errors import StratalignError
 from stratalign.train.config import TrainConfig, TrainResult
-from stratalign.train.loop import (
+from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
     Progress,
     SelectionRule,
-    _batches,
-    _cosine,
     autocast,
+    cosine_factor,
+    epoch_batches,
     history_rows,
     restore_chosen,
     validation_history,
@@ -104,7 +104,7 @@ class _Run:
         self.seconds = 0.0
 
     def lam_of(self, step: int) -> float:
-        return L.lambda_at(step, self.cfg.lam, self.warmup) if self.obj.warmup else 0.0
+        return losses_mod.lambda_at(step, self.cfg.lam, self.warmup) if self.obj.warmup else 0.0
 
     def weight(self, step: int) -> float:
         return float(self.obj.weight(self.cfg, self.lam_of(step))) if self.obj.regulariser else 0.0
@@ -112,7 +112,7 @@ class _Run:
     def next_batch(self) -> torch.Tensor:
         """The next batch of training positions (a new seeded epoch when the last one is used up)."""
         if not self.epoch:
-            self.epoch = list(reversed(_batches(len(self.job.train_idx), self.cfg.batch_size, self.perm)))
+            self.epoch = list(reversed(epoch_batches(len(self.job.train_idx), self.cfg.batch_size, self.perm)))
         return self.epoch.pop()
 
     def due(self, step: int) -> bool:
@@ -258,7 +258,7 @@ class GroupLoop:
         weights = torch.tensor([r.weight(step) for r in self.active], device=self.dev)
         with autocast(self.dev, self.cfg.amp):
             image, text = self._sides(pos)
-            clip = L.clip_loss(image.z, text.z, self.cfg.tau)
+            clip = losses_mod.clip_loss(image.z, text.z, self.cfg.tau)
             reg = self._regularisers(batch_pos, image, text)
             loss = clip + weights * reg
         self.opt.zero_grad(set_to_none=True)
@@ -311,7 +311,7 @@ class GroupLoop:
             step += 1
             done_steps += len(self.active)
             for g in self.opt.param_groups:  # the cosine schedule (LambdaLR's arithmetic: base lr x factor)
-                g["lr"] = self.cfg.lr * _cosine(step, max_steps)
+                g["lr"] = self.cfg.lr * cosine_factor(step, max_steps)
             for s, r in enumerate(self.active):
                 r.pending.append((step, lr, lams[s], losses[s]))
             due = [s for s, r in enumerate(self.active) if r.due(step)]

@@ -1,6 +1,6 @@
 """The page of `stratalign serve`: a search box and the top images of one or more runs side by side.
 
-A Starlette/FastAPI app over `stages.search` (indexes built once at start-up and kept in the store); it only
+A Starlette/FastAPI app over `use.search` (indexes built once at start-up and kept in the store); it only
 formats results as HTML. Images are served from the dataset's own files by row (`/image/<row>`), read through
 store.media, so the page shows exactly the pixels the model embedded.
 """
@@ -45,8 +45,8 @@ def create_app(store: Any, models: Sequence[Any], dataset: str, k: int = 8, spli
     from fastapi.responses import HTMLResponse, Response
 
     from stratalign.errors import StratalignError
-    from stratalign.stages.search import dataset_index, search
     from stratalign.store.media import read_bytes
+    from stratalign.use.search import dataset_index, search
 
     ds = store.dataset(dataset)
     paths = ds.images["path"].to_list()

@@ -18,11 +18,11 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from stratalign.stages.extract_config import ExtractConfig, ExtractReport
-from stratalign.stages.extract_loading import Hunger, batches
-from stratalign.stages.extract_shards import ShardEncoder, claimed_shards, release_all
+from stratalign.stages.extract.config import ExtractConfig, ExtractReport
+from stratalign.stages.extract.reader import Hunger, batches
+from stratalign.stages.extract.shards import ShardEncoder, claimed_shards, release_all
 from stratalign.store.claims import Claim, Heartbeat
-from stratalign.store.features import FeatureEntry
+from stratalign.store.feature_store import FeatureEntry
 
 END = object()  # the producer's and the model thread's last item
 

@@ -2,7 +2,7 @@
 
 A cell's run id is the hash of its resolved config, so a cell already run is skipped. The leaderboard
 (Parquet + CSV) holds every metric as mean and std over seeds; comparisons.csv the paired differences
-against the baseline with their bootstrap intervals (stages.compare); plots show R@1 both ways and zero-shot
+against the baseline with their bootstrap intervals (stages.runs.comparisons); plots show R@1 both ways and zero-shot
 accuracy against n-pairs per objective.
 """
 
@@ -20,11 +20,11 @@ from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
-from stratalign.stages.compare import compare_runs
-from stratalign.stages.run_config import RunConfig, resolve_run
-from stratalign.stages.train import train_runs
-from stratalign.stages.tune import TunedRun, tune_runs
-from stratalign.store.features import FeatureStore
+from stratalign.stages.runs.comparisons import compare_runs
+from stratalign.stages.runs.config import RunConfig, resolve_run
+from stratalign.stages.runs.training import train_runs
+from stratalign.stages.runs.tune import TunedRun, tune_runs
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
 HEADLINE = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10", "zs_top1", "zs_top5",
@@ -45,7 +45,7 @@ class SweepConfig:
     skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
     skip_n: tuple[tuple[str, int | None], ...] = ()  # (objective, n_pairs) pairs left out (every layer rule)
     baseline: str = "clip"  # the objective every other one is compared with, cell by cell and seed by seed
-    tune: bool = False  # each cell: the best point of its objective's grid on validation (stages.tune)
+    tune: bool = False  # each cell: the best point of its objective's grid on validation (stages.runs.tune)
 
     def cells(self) -> list[RunConfig]:
         """Every cell of the grid, once; an objective with its own head (csa) gets it, others skip it."""

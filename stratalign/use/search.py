@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from stratalign.errors import StratalignError
-from stratalign.stages.aligned import AlignedModel
 from stratalign.store.datasets import SPLITS, PairDataset
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.indexes import index_key, load_index, save_index
+from stratalign.use.model import AlignedModel
 
 
 @dataclass(frozen=True)

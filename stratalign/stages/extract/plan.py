@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from stratalign.errors import StratalignError
-from stratalign.stages.extract_config import ExtractConfig
+from stratalign.stages.extract.config import ExtractConfig
 from stratalign.stages.prompts import cache_class_prompts
 from stratalign.store.datasets import PairDataset
-from stratalign.store.features import EntrySpec, FeatureEntry, FeatureStore
+from stratalign.store.feature_store import EntrySpec, FeatureEntry, FeatureStore
 
 
 def resolve_poolings(encoder: Any, requested: tuple[str, ...]) -> tuple[str, ...]:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from stratalign.stages.prompts import class_prompts, prompt_features
-from stratalign.stages.run_config import ResolvedRun
+from stratalign.stages.runs.config import ResolvedRun
 from stratalign.stages.subsets import PairRows
-from stratalign.store.features import FeatureEntry, FeatureStore
+from stratalign.store.feature_store import FeatureEntry, FeatureStore
 from stratalign.train.validation import ValidationTargets
 
 SUBSET_KEYS = ("subset_image_rows", "subset_caption_rows")

@@ -20,8 +20,10 @@ import torch
 
 from stratalign.device import cpu_threads, resolve_device, torch_threads
 from stratalign.errors import StratalignError
-from stratalign.stages.extract_config import ExtractConfig, ExtractReport
-from stratalign.stages.extract_loading import (
+from stratalign.stages.extract.config import ExtractConfig, ExtractReport
+from stratalign.stages.extract.pipeline import ShardPipeline
+from stratalign.stages.extract.plan import entry_specs, plan_encoder
+from stratalign.stages.extract.reader import (
     BatchPreparer,
     Hunger,
     batches,
@@ -29,11 +31,9 @@ from stratalign.stages.extract_loading import (
     make_loader,
     start_loader_processes,
 )
-from stratalign.stages.extract_pipeline import ShardPipeline
-from stratalign.stages.extract_plan import entry_specs, plan_encoder
-from stratalign.stages.extract_shards import ShardEncoder, pending_union
+from stratalign.stages.extract.shards import ShardEncoder, pending_union
 from stratalign.store.datasets import PairDataset
-from stratalign.store.features import EntrySpec, FeatureStore
+from stratalign.store.feature_store import EntrySpec, FeatureStore
 
 __all__ = ["extract_encoder", "extract_local", "extraction_threads"]
 

@@ -1,5 +1,5 @@
 """Readers of sources that arrive at scale: webdataset tar shards (as img2dataset writes them) and Hugging Face
-datasets (a `save_to_disk` folder, or Arrow / Parquet files), turned into raw records like stages.sources'.
+datasets (a `save_to_disk` folder, or Arrow / Parquet files), turned into raw records like stages.ingest.sources'.
 
 Both stream: a tar is read member by member, a table batch by batch, so memory holds the captions and names,
 never the images. Images inside a tar stay there: a record's path is fsspec's chained URL

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 
 from stratalign.errors import StratalignError, preview
-from stratalign.stages.extract_config import ExtractConfig
-from stratalign.stages.image_loaders import (
+from stratalign.stages.extract.config import ExtractConfig
+from stratalign.stages.extract.image_loaders import (
     ProcessImageLoader,
     image_rows_factory,
     loader_pool,

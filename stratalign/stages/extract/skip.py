@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from stratalign.stages.extract_config import ExtractConfig, ExtractReport
+from stratalign.stages.extract.config import ExtractConfig, ExtractReport
 from stratalign.stages.prompts import class_prompts
 from stratalign.store import extract_records, prompt_cache
 from stratalign.store.datasets import PairDataset
-from stratalign.store.features import FeatureStore
+from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import extract_record_key, prompt_key
 
 

@@ -1,14 +1,14 @@
 """Stage 1: run each frozen encoder once over a dataset and write every layer's pooled features.
 
 `extract` is the one entry point (engine=local|ray). A request whose entries are all complete is answered from
-its extraction record without loading the encoder or torch (stages.extract_skip); the others go to the engine:
-the local one (stages.extract_local: claims, loaders, the overlapped shard pipeline) or Ray (ray_engine), and
+its extraction record without loading the encoder or torch (stages.extract.skip); the others go to the engine:
+the local one (stages.extract.local: claims, loaders, the overlapped shard pipeline) or Ray (ray_engine), and
 their now complete entries are recorded for the next time.
 
-The parts: extract_config (config, report), extract_plan (per-encoder planning both engines share),
-extract_loading (rows -> batches, loaders), extract_shards (claims, the shard encoder and writer),
-extract_pipeline (the local engine's overlapped loop), extract_local (the local engine), ray_engine (Ray),
-extract_skip (the no-load answer). This module imports no torch; the engine's names it used to define are still
+The parts, in the order data flows: config (config, report), plan (per-encoder planning both engines share),
+reader (rows -> model-ready batches, loaders) with image_loaders (loader processes), shards (claims, the shard
+encoder and writer), pipeline (the local engine's overlapped loop), local (the local engine), ray_engine (Ray),
+skip (the no-load answer). This module imports no torch; the engine's names it used to define are still
 importable from here (loaded on first use).
 """
 
@@ -20,18 +20,18 @@ from typing import Any, Callable
 
 from stratalign.encoders.identity import encoder_identity
 from stratalign.errors import StratalignError
-from stratalign.stages.extract_config import ENGINES, ExtractConfig, ExtractReport
-from stratalign.stages.extract_skip import known_complete, remember
-from stratalign.store.features import FeatureStore
+from stratalign.stages.extract.config import ENGINES, ExtractConfig, ExtractReport
+from stratalign.stages.extract.skip import known_complete, remember
+from stratalign.store.feature_store import FeatureStore
 
 Identify = Callable[[str], "dict[str, Any] | None"]
 
 # names defined by the engine modules, importable from here as before (loaded on first use: they import torch)
 _LAZY = {
-    "extract_encoder": "extract_local", "extract_local": "extract_local", "extraction_threads": "extract_local",
-    "ShardEncoder": "extract_shards", "choose_loaders": "extract_loading",
-    "start_loader_processes": "extract_loading", "entry_specs": "extract_plan", "plan_encoder": "extract_plan",
-    "plan_entries": "extract_plan", "resolve_poolings": "extract_plan",
+    "extract_encoder": "local", "extract_local": "local", "extraction_threads": "local",
+    "ShardEncoder": "shards", "choose_loaders": "reader",
+    "start_loader_processes": "reader", "entry_specs": "plan", "plan_encoder": "plan",
+    "plan_entries": "plan", "resolve_poolings": "plan",
 }
 
 __all__ = ["ExtractConfig", "ExtractReport", "extract", *_LAZY]
@@ -39,7 +39,7 @@ __all__ = ["ExtractConfig", "ExtractReport", "extract", *_LAZY]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f"stratalign.stages.{_LAZY[name]}"), name)
+        return getattr(importlib.import_module(f"stratalign.stages.extract.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -59,12 +59,12 @@ def extract(store: FeatureStore, dataset: str, cfg: ExtractConfig, load: Callabl
     if identify is None:
         identify = encoder_identity if load is None else (lambda spec: None)
     ds = store.dataset(dataset)
-    identities = {spec: identify(spec) for spec in cfg.encoders}  # before any load: see stages.extract_skip
+    identities = {spec: identify(spec) for spec in cfg.encoders}  # before any load: see stages.extract.skip
     done = {spec: known_complete(store, ds, spec, cfg, identities[spec]) for spec in cfg.encoders}
     todo = tuple(spec for spec in cfg.encoders if done[spec] is None)
     made: dict[str, ExtractReport] = {}
     if todo:
-        from stratalign.stages.extract_loading import check_image_paths
+        from stratalign.stages.extract.reader import check_image_paths
 
         check_image_paths(ds)  # a table pointing outside its image roots fails before any model loads
         reports = _run_engine(store, dataset, replace(cfg, encoders=todo), load, engine, ray_address)
@@ -77,9 +77,9 @@ def extract(store: FeatureStore, dataset: str, cfg: ExtractConfig, load: Callabl
 def _run_engine(store: FeatureStore, dataset: str, cfg: ExtractConfig, load: Callable[[str, str], Any] | None,
                 engine: str, ray_address: str | None) -> list[ExtractReport]:
     if engine == "ray":
-        from stratalign.stages.ray_engine import extract_ray
+        from stratalign.stages.extract.ray_engine import extract_ray
 
         return extract_ray(store, dataset, cfg, address=ray_address, load=load)
-    from stratalign.stages.extract_local import extract_local
+    from stratalign.stages.extract.local import extract_local
 
     return extract_local(store, dataset, cfg, load)
