@@ -1,5 +1,5 @@
 """Tiny deterministic encoders that follow the Encoder interface, for testing the store and extraction
-mechanics without any model weights. Real encoders are tested in test_encoders.py."""
+mechanics without any model weights. Real encoders are tested in tests/encoders/test_base_encoders.py."""
 
 from __future__ import annotations
 

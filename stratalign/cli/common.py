@@ -25,7 +25,7 @@ console = _console()
 err_console = _console(stderr=True)
 
 # = stratalign.store.location.STORE_ENV, spelt out so that `--help` does not import the store (fsspec);
-# tests/test_cli.py checks that the two agree
+# tests/cli/test_main.py checks that the two agree
 STORE_ENV = "STRATALIGN_STORE"
 
 StoreOption = typer.Option(

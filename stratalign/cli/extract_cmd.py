@@ -9,7 +9,7 @@ import typer
 from stratalign.cli.common import StoreOption, console, print_table, store_url
 
 # = stratalign.store.feature_store.DEFAULT_SHARD_ROWS, spelt out so that `--help` does not import the store (zarr);
-# tests/test_cli.py checks that the two agree
+# tests/cli/test_main.py checks that the two agree
 DEFAULT_SHARD_ROWS = 1024
 
 

@@ -42,12 +42,12 @@ def check_n_pairs(value: Union[str, list[str], None]) -> Union[str, list[str], N
 
 
 # = stratalign.train.presets.PRESET_NAMES, spelt out so that `--help` does not import the trainer (torch);
-# tests/test_cli.py checks that the two agree
+# tests/cli/test_main.py checks that the two agree
 PRESET_HELP = ("Trainer schedule: auto (cpu without CUDA, gpu with it), cpu (batch 256, 600 steps), gpu, "
                "paper (METHOD's published schedule: batch 4096, 3000 steps). --set overrides any one setting.")
 
 
-# = stratalign.train.validation.SELECT_METRICS (spelt out for a light --help; tests/test_cli.py checks they agree)
+# = stratalign.train.validation.SELECT_METRICS (spelt out for a light --help; tests/cli/test_main.py checks they agree)
 SELECT_CHOICES = ("rsum", "zeroshot", "clip_loss")
 SELECT_HELP = ("Validation metric that picks the restored checkpoint (METHOD 3.6): rsum (R@1+R@5+R@10 both ways, "
                "default), zeroshot (top-1; needs labels) or clip_loss. CoMM and CSA have their own rule.")

@@ -10,7 +10,7 @@ Layers are the model's `hidden_states`: index 0 is the embedding output (for CLI
 first block, i.e. after `pre_layrnorm`), index i the output of block i. In HF ViT, DINOv2 and CLIP the
 final LayerNorm (`layernorm` / `post_layernorm`) is applied after the encoder to `last_hidden_state` /
 the pooled output only, so every hidden state, the last included, is taken before it (checked in
-tests/test_encoders.py: hidden_states[-1] != last_hidden_state == layernorm(hidden_states[-1])).
+tests/encoders/test_base_encoders.py: hidden_states[-1] != last_hidden_state == layernorm(hidden_states[-1])).
 
 A one-row probe forward at load time fixes the layer count and dims and tells the token layout:
 - ViT: prefix tokens = tokens - patches (class token, plus DINOv2 register tokens or the DeiT distillation

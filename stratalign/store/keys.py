@@ -3,7 +3,7 @@
 A key is the sha256 of the JSON of everything that determines the artifact, so a changed input makes a new
 key and never a stale hit. The recipes grew apart over time (separators, sorted keys, truncation); each is
 frozen as it is (v1), since changing a single byte would orphan every artifact of every existing store, and
-each key function below names its recipe through `content_hash`'s parameters. tests/test_keys.py pins them.
+each key function below names its recipe through `content_hash`'s parameters. tests/store/test_keys.py pins them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Search a dataset in a run's space: a FAISS index of its images (or captions), kept in the store and reused.
 
 The vectors of a dataset the run's encoders were extracted on come from the cached features (store -> heads:
-equal to `AlignedModel.encode_image` of the files within float16 rounding, tests/test_aligned.py); a dataset
+equal to `AlignedModel.encode_image` of the files within float16 rounding, tests/use/test_model.py); a dataset
 without those features is encoded through the model. The index is exact (inner product over unit vectors), so
 text -> image search over the test split ranks the gallery exactly as the run's t2i retrieval metric does.
 """

@@ -1,4 +1,4 @@
-"""Leaderboard aggregation over seeds (the verdicts are tested in test_stats.py)."""
+"""Leaderboard aggregation over seeds (the verdicts are tested in tests/core/test_stats.py)."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def test_unknown_engine_is_one_line(labelled_store) -> None:
 def test_ray_engine_caches_the_same_prompts(labelled_store, tmp_path: Path, monkeypatch) -> None:
     """Through the one entry point: the Ray driver starts (and stops) its own local Ray instance."""
     pytest.importorskip("ray")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     store, ds = labelled_store
     extract(store, "lab", _cfg(encoders=("tiny-text",)), load=load_tiny, engine="ray")
     ref = FeatureStore.open(str(tmp_path / "ref"), "a", create=True)

@@ -1,6 +1,6 @@
 """Extraction mechanics: values, idempotence, resume after kill -9, concurrent writers, bad input.
 
-Uses tiny deterministic encoders (tests/fake_encoders.py); real encoders are checked in test_encoders.py
+Uses tiny deterministic encoders (tests/fake_encoders.py); real encoders are checked in tests/encoders/test_base_encoders.py
 and in the slow end-to-end test.
 """
 
@@ -23,7 +23,7 @@ from stratalign.stages.extract import ExtractConfig, extract, extract_encoder
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.media import load_image
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[2]
 
 
 def _cfg(**kw) -> ExtractConfig:

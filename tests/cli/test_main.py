@@ -31,7 +31,7 @@ def test_ingest_ls_verify_and_corruption(tmp_path: Path, coco_json: Path, image_
     ok = run("ingest", "coco", "--captions", str(coco_json), "--images", str(image_dir), "--name", "toy", store=store)
     assert ok.returncode == 0, ok.stderr
     assert "images=30" in ok.stdout
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fake_encoders import load_tiny
 
     from stratalign.stages.extract import ExtractConfig, extract
@@ -159,7 +159,7 @@ def test_commands_never_create_a_store(tmp_path: Path, args) -> None:
     assert not store.exists()
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "stratalign"
 HEAVY = ("torch", "zarr", "polars", "faiss")
 

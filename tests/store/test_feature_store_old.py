@@ -10,7 +10,6 @@ numbers are compared to within 1e-6 (test metrics, which rank embeddings, must s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -21,18 +20,8 @@ import numpy as np
 import pytest
 import zarr
 from fake_encoders import load_tiny
+from old_store import API, ENTRY_KEYS, FIXTURE, GEN, GRAPH_FILE, LAYER_KEY, RUN_IDS, _tree
 
-FIXTURE = Path(__file__).parent / "fixtures" / "store_3d4de15"
-ENTRY_KEYS = {
-    "toy--image--tiny-image--avg--a373f67358f9962b",
-    "toy--text--tiny-text--mean--2e3ccb25096e2e6f",
-    "toy-resplit--image--tiny-image--avg--0f501b17967e1ca7",
-    "toy-resplit--text--tiny-text--mean--e1ab24ac1f1df56d",
-}
-LAYER_KEY = "toy--tiny-image--tiny-text--c9ff66777565"
-RUN_IDS = ["clip-linear-n12-s0-c2322d26d74d", "clip_structure-linear-n12-s0-5a3151fa3dcf",
-           "clip_structure_knn-linear-n12-s1-9515c6ad9da0", "csa-csa-n12-s0-c493673e6699"]
-GRAPH_FILE = "store/graphs/17e2fc4592f1dcc3ccdaadf3fd1fe05385512255ea44ed4a2c0b4cb7d141a106.safetensors"
 PROMPT_FILE = "store/prompts/065c3a65d2c95313312f96af.safetensors"
 # Files that differ between two runs of the OLD code on the same inputs, and how they are compared instead.
 # JSON files whose content carries the time, host or process of the writer: compared as JSON without these fields.
@@ -62,21 +51,6 @@ def _old_curve(metrics: dict) -> dict:
         out["message"] = re.sub(r" by validation clip_loss [^ ]+", "", out["message"]).replace(
             "no validation clip_loss improvement", "no validation improvement")
     return out
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_old_store", FIXTURE.parent / "make_old_store.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GEN = _generator()
-API = GEN.api()
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _safetensors_parts(data: bytes) -> tuple[dict, bytes]:
@@ -133,7 +107,7 @@ def old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def test_current_code_is_under_test() -> None:
     """The entry points come from this checkout (an editable install of another one could shadow them)."""
-    root = Path(__file__).resolve().parents[1] / "stratalign"
+    root = Path(__file__).resolve().parents[2] / "stratalign"
     for fn in (API.extract, API.compute_layer_matrices, API.train_run, API.evaluate_saved_run, API.FeatureStore.open):
         assert Path(fn.__code__.co_filename).resolve().is_relative_to(root), fn
 

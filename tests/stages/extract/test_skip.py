@@ -101,7 +101,7 @@ def test_custom_loader_without_identity_always_loads(store_with_dataset, tmp_pat
 def test_real_hf_folder_skips_then_reextracts_on_new_weights(tmp_path: Path, csv_table: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """hf:<folder> through the real loader: its files are the identity; zero-shot prompts must be cached too."""
-    from test_encoders import save_tiny_bert
+    from tiny_models import save_tiny_bert
 
     import stratalign.encoders as encoders
     from stratalign.stages.ingest.sources import ingest_source

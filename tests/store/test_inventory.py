@@ -17,7 +17,7 @@ from stratalign.errors import StratalignError
 from stratalign.store import inventory
 from stratalign.store.feature_store import FeatureStore
 
-FIXTURE = Path(__file__).parent / "fixtures" / "store_3d4de15" / "store"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "store_3d4de15" / "store"
 IMAGE_ENTRY = "toy--image--tiny-image--avg--a373f67358f9962b"
 RUNS = ["clip-linear-n12-s0-c2322d26d74d", "clip_structure-linear-n12-s0-5a3151fa3dcf",
         "clip_structure_knn-linear-n12-s1-9515c6ad9da0", "csa-csa-n12-s0-c493673e6699"]

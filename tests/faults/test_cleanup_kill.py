@@ -1,7 +1,7 @@
 """kill -9 at random points of extract, ingest and train, then a rerun (issue 19): the rerun finishes the work,
 the store verifies, and the result is byte-identical to an uninterrupted run; three concurrent extract processes
 encode every shard exactly once. Long: marked slow (the CI suite has one kill -9 and two writers in
-test_extract.py, and SIGINT/SIGTERM in test_faults_signals.py)."""
+tests/stages/extract/test_local.py, and SIGINT/SIGTERM in tests/faults/test_pipeline_signals.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.verify import verify_store
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

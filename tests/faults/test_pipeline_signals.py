@@ -17,7 +17,7 @@ from fake_encoders import load_tiny
 from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.store.feature_store import FeatureStore
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:

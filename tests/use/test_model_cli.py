@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from test_aligned import _run, _store
-from test_encoders import save_tiny_bert, save_tiny_vit
+from aligned_runs import _run, _store
+from tiny_models import save_tiny_bert, save_tiny_vit
 
 from stratalign.use.model import AlignedModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -11,29 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_encoders import save_tiny_bert, save_tiny_vit
+from aligned_runs import _run, _store
+from tiny_models import save_tiny_bert, save_tiny_vit
 
 from stratalign.errors import StratalignError
-from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.ingest.sources import ingest_source
-from stratalign.stages.runs.training import RunConfig, train_run
 from stratalign.store.feature_store import FeatureStore
 from stratalign.use.model import AlignedModel
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = (("max_steps", 30), ("patience", 10), ("eval_every", 5), ("warmup_steps", 5), ("dim", 16),
-        ("comm_dim", 32), ("comm_heads", 2), ("comm_out", 16))
+ROOT = Path(__file__).resolve().parents[2]
 # (objective, head): every head kind a run can have
 KINDS = [("clip", "linear"), ("clip", "mlp"), ("clip", "residual"), ("clip+vib", "linear"), ("csa", "csa"),
          ("comm", "linear")]
 TOL = 3e-3  # |cached - fresh| on unit embeddings: a feature differing by one float16 step (2^-11 relative)
-
-
-def _store(root: Path, encoders: tuple[str, str], limit: int) -> FeatureStore:
-    store = FeatureStore.open(str(root / "store"), "a", create=True)
-    store.save_dataset(ingest_source("twemoji", limit=limit))
-    extract(store, "twemoji", ExtractConfig(encoders=encoders, shard_rows=64, progress=False))
-    return store
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +31,6 @@ def hf_store(tmp_path_factory):
     vit = save_tiny_vit(root / "vit", "vit")
     bert = save_tiny_bert(root / "bert")
     return _store(root, ("hf:" + str(vit), "hf:" + str(bert)), 200), "hf:" + str(vit), "hf:" + str(bert)
-
-
-def _run(store: FeatureStore, vision: str, text: str, objective: str, head: str, layers: str) -> str:
-    options = FAST + ((("csa_ridge", 0.1),) if objective == "csa" else ())
-    cfg = RunConfig(dataset="twemoji", vision=vision, text=text, layers=layers, objective=objective, head=head,
-                    options=options if objective != "csa" else (("dim", 8), ("csa_ridge", 0.1)))
-    return train_run(store, cfg)["run_id"]
 
 
 def _cached(store: FeatureStore, model: AlignedModel, modality: str, rows: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from stratalign.store.feature_store import FeatureStore  # noqa: E402
 from stratalign.store.location import Location  # noqa: E402
 from stratalign.store.verify import verify_store  # noqa: E402
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]
 BUCKET = "stratalign-test"
 SHARDS = 4  # 30 images in shards of 8 rows
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import caption_for, make_images
 from fake_encoders import load_odd, load_tiny
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]
 
 
 def tree_hash(root: Path) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_encoders import load_tiny
-from test_old_store import API, ENTRY_KEYS, FIXTURE, GEN, LAYER_KEY, RUN_IDS, _tree
+from old_store import API, ENTRY_KEYS, FIXTURE, GEN, LAYER_KEY, RUN_IDS, _tree
 from typer.testing import CliRunner
 
 from stratalign.cli.main import app

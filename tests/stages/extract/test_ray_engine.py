@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 def ray_session():
     """One local Ray instance (2 CPUs) for the module; workers import tests/fake_encoders.py."""
     old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), old or ""])
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), old or ""])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray

@@ -11,8 +11,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from test_aligned import _run, _store
-from test_encoders import save_tiny_bert, save_tiny_vit
+from aligned_runs import _run, _store
+from tiny_models import save_tiny_bert, save_tiny_vit
 
 from stratalign.use.model import AlignedModel
 

@@ -1,5 +1,5 @@
 """`verify_store` as a library function: typed findings for broken datasets, broken entries, corrupt chunks and
-incomplete shards, and a problem count (the CLI prints them; see test_cli.py)."""
+incomplete shards, and a problem count (the CLI prints them; see tests/cli/test_main.py)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_encoders import TEXTS, images, save_tiny_bert, save_tiny_vit
+from tiny_models import TEXTS, images, save_tiny_bert, save_tiny_vit
 
 from stratalign.encoders import load_encoder
 from stratalign.errors import StratalignError
