@@ -199,6 +199,12 @@ class Objective:
         """The regulariser's weight at a step: the warmed-up lambda, else the weight knob's value."""
         return lam_now if self.warmup else getattr(cfg, self.weight_knob or "")
 
+    def samples_embeddings(self, cfg: Any) -> bool:
+        """Whether a run of this objective trains variational heads (mu, logvar) on sampled embeddings: a
+        variational objective with its weight at 0 has no bottleneck to sample for, so it trains plain heads on
+        plain embeddings - CLIP exactly (METHOD 3.6, the zero-weight invariant)."""
+        return self.variational and bool(getattr(cfg, self.weight_knob or "", 1.0))
+
     def check_head(self, head: str) -> None:
         """Refuse a head kind this objective does not train, naming the ones it does."""
         check_head_kind(head)

@@ -25,7 +25,12 @@ UNREAD_VALUES: dict[str, Any] = {"beta": 0.01, "vib_scale": 1.0, "csa_ridge": 1e
 # stay valid) and read back as these values when a record lacks them (an older run means what it meant).
 # `select`: runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss.
 ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False,
-                               "select": "clip_loss"}
+                               "select": "clip_loss", "stop_step": None}
+# The candidate checkpoints (METHOD 3.6). "all": every evaluation step, for every objective (since 2026-12-06).
+# "after_warmup": the rule of older runs, no candidate before the warm-up ends (and an extra evaluation at its end).
+# Only runs with a warm-up differ between the two, so only they record it; a record without it is an older run.
+CANDIDATES = ("all", "after_warmup")
+LEGACY_CANDIDATES = "after_warmup"
 
 
 @dataclass
@@ -41,6 +46,9 @@ class TrainConfig:
     select: the validation metric that picks the restored checkpoint (METHOD 3.6): rsum (the default of the
     objectives selected on retrieval) | zeroshot | clip_loss; CoMM selects on its own loss, CSA has nothing to
     select (both record clip_loss, the value every older run meant).
+    candidates: which evaluation steps may be restored: "all" (every objective alike) or "after_warmup" (the
+    rule older runs were trained under; see CANDIDATES). stop_step: train to this step of the max_steps schedule
+    and restore it (the step one choice per cell took for all its seeds; None: the run's own best step).
     """
 
     objective: str = "clip"
@@ -79,6 +87,8 @@ class TrainConfig:
     csa_refine_steps: int = 0
     csa_refine_lr: float = 1e-4
     select: str | None = None
+    candidates: str = "all"
+    stop_step: int | None = None
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -125,10 +135,16 @@ class TrainConfig:
             raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise StratalignError(f"TrainConfig.device must be auto, cpu or cuda[:n], not {self.device!r}")
-        if objective_named(self.objective).warmup and self.resolved_warmup() > self.max_steps:
+        if self.candidates not in CANDIDATES:
+            raise StratalignError(f"TrainConfig.candidates must be one of {CANDIDATES}, not {self.candidates!r}")
+        if self.stop_step is not None and (not isinstance(self.stop_step, int) or isinstance(self.stop_step, bool)
+                                           or not 0 <= self.stop_step <= self.max_steps):
+            raise StratalignError(f"TrainConfig.stop_step must be an integer in [0, max_steps={self.max_steps}], "
+                                  f"not {self.stop_step!r}")
+        if self.resolved_warmup() > self.max_steps:
             raise StratalignError(
-                f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: no checkpoint "
-                "after the warm-up could be chosen; lower warmup_steps or use warmup_fraction")
+                f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: the regulariser would "
+                "never reach its full weight; lower warmup_steps or use warmup_fraction")
 
     def _resolve_objective_defaults(self) -> None:
         """Fill the knobs left None: the objective's default, else the value older runs recorded."""
@@ -145,7 +161,14 @@ class TrainConfig:
         for name, legacy in ADDED_KNOBS.items():
             if out[name] == legacy and type(out[name]) is type(legacy):
                 del out[name]
+        # older records mean the older rule by its absence; without a warm-up both rules are the same rule
+        if self.resolved_warmup() == 0 or self.candidates == LEGACY_CANDIDATES:
+            del out["candidates"]
         return out
+
+    def selection_floor(self) -> int:
+        """The first step that may be restored: 0 (every run alike), or the warm-up's end under the older rule."""
+        return self.resolved_warmup() if self.candidates == LEGACY_CANDIDATES else 0
 
     def resolved_warmup(self) -> int:
         """Warm-up length in optimiser steps (0 for objectives without a lambda warm-up)."""
@@ -162,7 +185,7 @@ class TrainConfig:
         bad = sorted(set(d) - known)
         if bad:
             raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
-        return cls(**{**ADDED_KNOBS, **d})
+        return cls(**{**ADDED_KNOBS, "candidates": LEGACY_CANDIDATES, **d})
 
 
 @dataclass
@@ -193,6 +216,7 @@ class TrainResult:
     selection_metric: str = "clip_loss"
     best_value: float = float("nan")  # of the selection metric at best_step
     val_curve: list[dict[str, float]] = field(default_factory=list)
+    first_candidate: int | None = None  # the first step that could be restored (None: warmup_steps, the old rule)
 
     @property
     def restored_step(self) -> int:
@@ -201,7 +225,7 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         """JSON-able facts for metrics.json (validation curve and selection, not the per-step history)."""
         selection = {"metric": self.selection_metric, "step": self.best_step, "value": json_float(self.best_value),
-                     "first_candidate": self.warmup_steps, "restored_before_warmup": self.restored_before_warmup,
+                     "first_candidate": self.warmup_steps if self.first_candidate is None else self.first_candidate, "restored_before_warmup": self.restored_before_warmup,
                      "lambda": self.lambda_at_best}
         curve = [json_curve_row(row) for row in self.val_curve]
         return {"selection": selection, "best_step": self.best_step, "lambda_at_best": self.lambda_at_best,

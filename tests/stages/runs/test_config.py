@@ -21,10 +21,12 @@ CASES = {
     # csa_similarity at their legacy values are not recorded)
     "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1, validation="carve",
                      options=(("csa_similarity", "cosine"),)),
-    # select="clip_loss": the checkpoint rule of every run before validation rsum became the default
+    # select="clip_loss": the checkpoint rule of every run before validation rsum became the default;
+    # candidates="after_warmup": no candidate before the warm-up ended, the rule before 2026-12-06
     "structure_pair": dict(layers="1,0", objective="clip+structure", head="mlp", n_pairs=None, seed=0,
                            options=(("max_steps", 7), ("warmup_steps", 3), ("lam", 5.0),
-                                    ("head_options", {"hidden": 8})), validation="carve", select="clip_loss"),
+                                    ("head_options", {"hidden": 8}), ("candidates", "after_warmup")),
+                           validation="carve", select="clip_loss"),
 }
 # (run id, sha256 of config.json) from 6907e8d; "_bad": one train image unreadable (bad_pairs_dropped > 0)
 PINNED = {
@@ -68,6 +70,18 @@ def test_run_ids_and_config_bytes_unchanged(store_with_dataset) -> None:
     extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, progress=False),
             load=load_tiny)  # the default layout 2 finds the layout-1 entries complete: same entries, same ids
     _check(store, "")
+
+
+def test_the_candidate_rule_of_a_warmup_run_is_part_of_its_id(store_with_dataset) -> None:
+    """The same request under today's rule (every evaluation step a candidate) is another run: its old id still
+    names the weights of the older rule, so it cannot be reused for the new one."""
+    store, _ = store_with_dataset
+    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, progress=False,
+                                        entry_format=1), load=load_tiny)
+    case = CASES["structure_pair"]
+    today = dict(case, options=tuple(o for o in case["options"] if o[0] != "candidates"))
+    run = resolve_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", **today))
+    assert run.run_id != PINNED["structure_pair"][0] and run.config_dict()["train"]["candidates"] == "all"
 
 
 def test_run_ids_with_dropped_pairs_unchanged(store_with_dataset) -> None:
