@@ -68,11 +68,16 @@ def train_cmd(
 
 
 def _print_tuning(tuned) -> None:
-    """The grid's validation values, the chosen point marked."""
+    """The grid's validation values (best step of each point), the chosen point marked, edges said."""
     if not tuned.tuning:
         return
-    metric = tuned.tuning["metric"]
-    for point in tuned.tuning["grid"]:
-        mark = "*" if point["run_id"] == tuned.run_id else " "
-        knobs = ", ".join(f"{k}={v}" for k, v in point["knobs"].items())
-        console.print(f"{mark} {knobs:<24} val {metric} {point['value']:.4g}  {point['run_id']}", highlight=False)
+    record = tuned.tuning
+    metric = record["metric"]
+    for point in record["grid"]:
+        mark = "*" if point["knobs"] == record["chosen"] else " "
+        knobs = ", ".join(f"{k}={v}" for k, v in point["knobs"].items()) or "(no knobs)"
+        at = f" at step {point['best_step']}" if point.get("best_step") is not None else ""
+        console.print(f"{mark} {knobs:<24} val {metric} {point['value']:.4g}{at}  {point['run_id']}", highlight=False)
+    if record.get("on_edge"):
+        console.print(f"  the choice sits on the edge of the grid of {', '.join(record['on_edge'])} (extended as far "
+                      "as its bound): a wider grid might choose otherwise", highlight=False)

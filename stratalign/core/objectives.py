@@ -227,6 +227,11 @@ STRUCTURE_GRID = (("lam", (1.0, 3.0, 10.0, 30.0)),)
 BETA_GRID = (("beta", (0.3, 1.0, 3.0, 10.0)),)
 CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
 
+# METHOD 3.7: a choice on the edge of a knob's grid extends the grid one step past it: (factor, lowest, highest).
+# x3 for a weight, as the grids are spaced; CSA's k doubles (it is capped by the pairs and dims anyway).
+EDGE_RULES: dict[str, tuple[float, float, float]] = {"lam": (3.0, 0.01, 3000.0), "beta": (3.0, 0.003, 300.0),
+                                                      "csa_ridge": (3.0, 0.001, 100.0), "csa_k": (2, 4, 1024)}
+
 REGISTRY: tuple[Objective, ...] = (
     Objective("clip", "symmetric InfoNCE (METHOD 3.1)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
               Selection.VALIDATION),

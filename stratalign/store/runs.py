@@ -163,7 +163,7 @@ class RunRegistry:
         """Keep the grid a run was chosen from beside it (idempotent: the same grid writes the same file)."""
         self.store.require_writable()
         validate_key(run_id, "run id")
-        key = tuning_key([p["run_id"] for p in record["grid"]])
+        key = tuning_key([rid for p in record["grid"] for rid in p.get("run_ids", [p["run_id"]])])
         self.loc.write_json(record, "runs", run_id, f"tuning-{key}.json")
         return self.loc.path("runs", run_id, f"tuning-{key}.json")
 

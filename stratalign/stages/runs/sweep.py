@@ -1,9 +1,11 @@
-"""Sweeps over n-pairs x seeds x objectives x layer rule x heads, each cell a run in the store.
+"""Sweeps over n-pairs x seeds x objectives x layer rule x heads.
 
-A cell's run id is the hash of its resolved config, so a cell already run is skipped. The leaderboard
-(Parquet + CSV) holds every metric as mean and std over seeds; comparisons.csv the paired differences
-against the baseline with their bootstrap intervals (stages.runs.comparisons); plots show R@1 both ways and zero-shot
-accuracy against n-pairs per objective.
+A cell (objective, layer rule, head, n-pairs) is chosen once for all its seeds (stages.runs.cells: the stopping
+step, and with `tune` the objective's knobs, from validation averaged over the seeds), the same way for every
+objective, so the cells compare under one rule. Runs are content-addressed, so a run already in the store is
+skipped. The leaderboard (Parquet + CSV) holds every metric as mean and std over seeds; comparisons.csv the paired
+differences against the baseline with their two-level intervals (stages.runs.comparisons); plots show R@k and
+zero-shot accuracy against n-pairs per method.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
+from stratalign.stages.runs.cells import CellChoice, choose_cells
 from stratalign.stages.runs.comparisons import compare_runs
-from stratalign.stages.runs.config import RunConfig, resolve_run
-from stratalign.stages.runs.training import train_runs
-from stratalign.stages.runs.tune import TunedRun, tune_runs
+from stratalign.stages.runs.config import RunConfig
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
@@ -45,7 +46,7 @@ class SweepConfig:
     skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
     skip_n: tuple[tuple[str, int | None], ...] = ()  # (objective, n_pairs) pairs left out (every layer rule)
     baseline: str = "clip"  # the objective every other one is compared with, cell by cell and seed by seed
-    tune: bool = False  # each cell: the best point of its objective's grid on validation (stages.runs.tune)
+    tune: bool = False  # each cell also chooses its objective's knobs from their grid (stages.runs.cells)
 
     def cells(self) -> list[RunConfig]:
         """Every cell of the grid, once; an objective with its own head (csa) gets it, others skip it."""
@@ -80,7 +81,8 @@ class SweepResult:
     leaderboard: pl.DataFrame
     files: dict[str, str] = field(default_factory=dict)
     comparisons: pl.DataFrame = field(default_factory=pl.DataFrame)  # paired differences (report.compare)
-    tuning: pl.DataFrame = field(default_factory=pl.DataFrame)  # every grid point's validation value (tuned sweeps)
+    tuning: pl.DataFrame = field(default_factory=pl.DataFrame)  # every cell's points: mean validation value, chosen
+    choices: list[CellChoice] = field(default_factory=list)  # the cells' choices with their validation evidence
     val_curves: pl.DataFrame = field(default_factory=pl.DataFrame)  # every run's validation curve, one row a step
 
 
@@ -95,17 +97,18 @@ def curve_table(registry: RunRegistry, runs: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
-def tuning_table(tunings: list[tuple[RunConfig, TunedRun]]) -> pl.DataFrame:
-    """One row per grid point tried: the cell, the knob values, the run, its validation value, whether chosen."""
+def tuning_table(choices: list[CellChoice]) -> pl.DataFrame:
+    """One row per grid point of every cell: the cell, the knob values, the mean validation value over the cell's
+    seeds at the point's best step, that step, whether the cell chose it, and whether the choice sat on an edge."""
     rows = []
-    for cell, tuned in tunings:
-        if not tuned.tuning:
-            continue
-        for point in tuned.tuning["grid"]:
-            rows.append({"objective": cell.objective, "layer_rule": cell.layers, "n_pairs": cell.n_pairs,
-                         "seed": cell.seed, "knobs": ", ".join(f"{k}={v}" for k, v in point["knobs"].items()),
-                         "metric": f"val_{tuned.tuning['metric']}", "value": point["value"], "run": point["run_id"],
-                         "chosen": point["run_id"] == tuned.run_id})
+    for c in choices:
+        for point in c.points:
+            rows.append({"objective": c.cell.objective, "layer_rule": c.cell.layers, "head": c.cell.head,
+                         "n_pairs": c.cell.n_pairs, "seeds": len(c.seeds),
+                         "knobs": ", ".join(f"{k}={v}" for k, v in point.knobs.items()),
+                         "metric": f"val_{c.metric}", "value": point.best_value, "step": point.best_step,
+                         "chosen": point.knobs == c.knobs, "on_edge": ", ".join(c.on_edge),
+                         "runs": " ".join(point.runs)})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
@@ -136,30 +139,17 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     cells = cfg.cells()
     if not cells:
         raise StratalignError("the sweep has no cells: give at least one objective, head, n-pairs and seed")
-    early: dict[RunConfig, Any] = {}
-    for cell in cells:  # one cell of each objective x layer rule x head resolved first: a bad setting fails now
-        kind = (cell.objective, cell.layers, cell.head)
-        if kind not in {(c.objective, c.layers, c.head) for c in early}:
-            early[cell] = resolve_run(store, cell)
-    run_ids, trained, skipped = [], 0, 0
-    tunings: list[tuple[RunConfig, TunedRun]] = []
-    if cfg.tune:  # every grid point of every cell trains in one batched call
-        for cell, tuned in zip(cells, tune_runs(store, cells, progress=progress)):
-            tunings.append((cell, tuned))
-            run_ids.append(tuned.run_id)
-            trained, skipped = trained + tuned.trained, skipped + tuned.tried - tuned.trained
-            if on_cell:
-                on_cell(cell, tuned.run_id, tuned.trained == 0)
-    else:
-        resolved = [early.get(cell) or resolve_run(store, cell) for cell in cells]
-        for cell, res in zip(cells, train_runs(store, cells, resolved=resolved, progress=progress)):
-            run_ids.append(res["run_id"])
-            trained, skipped = trained + (not res["skipped"]), skipped + bool(res["skipped"])
-            if on_cell:
-                on_cell(cell, res["run_id"], bool(res["skipped"]))
-    runs = run_table(registry, run_ids, {t.run_id: t.chosen_label() for _, t in tunings} if cfg.tune else None)
+    choices, run_ids = choose_cells(store, cells, tune=cfg.tune, progress=progress)
+    trained = sum(c.trained for c in choices)
+    skipped = sum(c.tried for c in choices) - trained
+    labels = {rid: c.label() for c in choices for rid in c.final}
+    if on_cell:
+        done = {rid: c.trained == 0 for c in choices for rid in c.final}
+        for cell, rid in zip(cells, run_ids):
+            on_cell(cell, rid, done[rid])
+    runs = run_table(registry, run_ids, labels)
     metrics = [m for m in HEADLINE if m in runs.columns and runs[m].null_count() < runs.height]
-    board = aggregate(runs.drop("run", "vision_layer", "text_layer", *(["tuned"] if cfg.tune else [])),
+    board = aggregate(runs.drop("run", "vision_layer", "text_layer", "tuned"),
                       by=CELL_COLUMNS, metrics=metrics)
     layers = runs.group_by("layer_rule").agg(pl.col("vision_layer").first(), pl.col("text_layer").first())
     board = board.join(layers, on="layer_rule", how="left")
@@ -167,7 +157,7 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     if majority is not None:
         board = board.with_columns(pl.lit(majority).alias("zs_majority"))
     result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons,
-                         tuning=tuning_table(tunings), val_curves=curve_table(registry, runs))
+                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs), choices=choices)
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
     return result
