@@ -225,7 +225,8 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         """JSON-able facts for metrics.json (validation curve and selection, not the per-step history)."""
         selection = {"metric": self.selection_metric, "step": self.best_step, "value": json_float(self.best_value),
-                     "first_candidate": self.warmup_steps if self.first_candidate is None else self.first_candidate, "restored_before_warmup": self.restored_before_warmup,
+                     "first_candidate": self.warmup_steps if self.first_candidate is None else self.first_candidate,
+                     "restored_before_warmup": self.restored_before_warmup,
                      "lambda": self.lambda_at_best}
         curve = [json_curve_row(row) for row in self.val_curve]
         return {"selection": selection, "best_step": self.best_step, "lambda_at_best": self.lambda_at_best,

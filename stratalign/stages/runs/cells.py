@@ -200,7 +200,7 @@ def _extensions(cell: _Cell) -> list[dict[str, Any]]:
     chosen = cell.points[_best(cell)]
     out = []
     for knob, _ in cell.objective.grid:
-        if knob in cell.fixed or knob not in EDGE_RULES:
+        if knob in cell.fixed or knob not in EDGE_RULES or knob not in chosen:  # not tuned: nothing to extend
             continue
         tried = sorted({p[knob] for p in cell.points})
         value, (factor, low, high) = chosen[knob], EDGE_RULES[knob]

@@ -22,6 +22,7 @@ from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
+from stratalign.report.naming import method_label
 from stratalign.stages.runs.cells import CellChoice, choose_cells
 from stratalign.stages.runs.comparisons import compare_runs
 from stratalign.stages.runs.config import RunConfig
@@ -83,6 +84,8 @@ class SweepResult:
     comparisons: pl.DataFrame = field(default_factory=pl.DataFrame)  # paired differences (report.compare)
     tuning: pl.DataFrame = field(default_factory=pl.DataFrame)  # every cell's points: mean validation value, chosen
     choices: list[CellChoice] = field(default_factory=list)  # the cells' choices with their validation evidence
+    intervals: pl.DataFrame = field(default_factory=pl.DataFrame)  # each cell's mean test metric, two-level interval
+    majority: float | None = None  # the majority-class rate of the test split, in %
     val_curves: pl.DataFrame = field(default_factory=pl.DataFrame)  # every run's validation curve, one row a step
 
 
@@ -93,7 +96,7 @@ def curve_table(registry: RunRegistry, runs: pl.DataFrame) -> pl.DataFrame:
     for r in runs.select("run", "objective", "layer_rule", "n_pairs", "seed").to_dicts():
         for point in registry.metrics(r["run"]).get("val_curve") or []:
             if isinstance(point, dict):
-                rows.append({**r, "method": f"{r['objective']} / {r['layer_rule']}", **point})
+                rows.append({**r, "method": method_label(r["objective"], r["layer_rule"]), **point})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
@@ -153,19 +156,22 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
                       by=CELL_COLUMNS, metrics=metrics)
     layers = runs.group_by("layer_rule").agg(pl.col("vision_layer").first(), pl.col("text_layer").first())
     board = board.join(layers, on="layer_rule", how="left")
-    comparisons, majority = compare_runs(store, runs, baseline=cfg.baseline)
+    comparisons, intervals, majority = compare_runs(store, runs, baseline=cfg.baseline)
     if majority is not None:
         board = board.with_columns(pl.lit(majority).alias("zs_majority"))
     result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons,
-                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs), choices=choices)
+                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs), choices=choices,
+                         intervals=intervals, majority=majority)
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
     return result
 
 
-def write_leaderboard(result: SweepResult, out_dir: str) -> dict[str, str]:
-    """leaderboard.parquet/.csv, runs.csv and the two plots."""
-    from stratalign.report.plots import curves
+def write_leaderboard(result: SweepResult, out_dir: str, *, title: str = "stratalign sweep",
+                      extra: list[str] | None = None, layer_info: dict[str, Any] | None = None) -> dict[str, str]:
+    """leaderboard.parquet/.csv, runs.csv, comparisons.csv, intervals.csv, tuning.csv, the plots and report.md (the
+    same report `demo` writes: report.report.write_report)."""
+    from stratalign.report.report import write_report
 
     os.makedirs(out_dir, exist_ok=True)
     files = {
@@ -177,27 +183,62 @@ def write_leaderboard(result: SweepResult, out_dir: str) -> dict[str, str]:
     if result.tuning.height:
         files["tuning_csv"] = os.path.join(out_dir, "tuning.csv")
         result.tuning.write_csv(files["tuning_csv"])
+    if result.intervals.height:
+        files["intervals_csv"] = os.path.join(out_dir, "intervals.csv")
+        result.intervals.write_csv(files["intervals_csv"])
     result.leaderboard.write_parquet(files["leaderboard_parquet"])
     result.leaderboard.write_csv(files["leaderboard_csv"])
     result.runs.write_csv(files["runs_csv"])
     result.comparisons.write_csv(files["comparisons_csv"])
-    runs = result.runs.with_columns(
-        pl.concat_str([pl.col("objective"), pl.lit(" / "), pl.col("layer_rule")]).alias("method"))
     t0 = time.perf_counter()
-    recall_png = os.path.join(out_dir, "recall_vs_pairs.png")
-    curves(runs, recall_png, x="n_pairs", y=["i2t_R@1", "t2i_R@1"], hue="method",
-           title="Retrieval R@1 (test split) vs training pairs")
-    files["recall_png"] = recall_png
-    if "zs_top1" in runs.columns and runs["zs_top1"].null_count() < runs.height:
-        zs_png = os.path.join(out_dir, "zeroshot_vs_pairs.png")
-        curves(runs, zs_png, x="n_pairs", y=["zs_top1"], hue="method",
-               title="Zero-shot top-1 accuracy vs training pairs")
-        files["zeroshot_png"] = zs_png
+    files.update(_interval_plots(result, out_dir))
     curves_png = _validation_curves(result.val_curves, out_dir)
     if curves_png:
         files["val_curves_png"] = curves_png
     files["plot_seconds"] = f"{time.perf_counter() - t0:.2f}"
+    files["report_md"] = write_report(out_dir, title=title, board=result.leaderboard, layer_info=layer_info,
+                                      files=files, extra=extra, comparisons=result.comparisons, tuning=result.tuning,
+                                      intervals=result.intervals)
     return files
+
+
+def _interval_plots(result: SweepResult, out_dir: str) -> dict[str, str]:
+    """Retrieval and zero-shot against the subset size (each cell's mean with its two-level interval, chance and
+    the majority class marked), and each method's paired difference against the baseline on the last layers."""
+    from stratalign.report.plots import intervals_vs_pairs
+
+    files: dict[str, str] = {}
+    if result.intervals.height:
+        rows = [{**r, "method": method_label(r["objective"], r["layer_rule"]), "value": r["mean"]}
+                for r in result.intervals.iter_rows(named=True)]
+        gallery = _queries(result.comparisons, "i2t_R@1")
+        chance = {f"{d}_R@{k}": [(100.0 * k / gallery, "chance")] for d in ("i2t", "t2i") for k in (1, 5, 10)} \
+            if gallery else {}
+        recall = [m for m in ("i2t_R@1", "t2i_R@1", "i2t_R@10", "t2i_R@10") if any(r["metric"] == m for r in rows)]
+        if recall:
+            files["recall_png"] = intervals_vs_pairs(rows, os.path.join(out_dir, "recall_vs_pairs.png"), recall,
+                                                     hlines=chance, title="Retrieval on the test split (mean over "
+                                                     "seeds, 95 % two-level interval)")
+        if any(r["metric"] == "zs_top1" for r in rows):
+            lines = [(result.majority, "majority class")] if result.majority is not None else []
+            files["zeroshot_png"] = intervals_vs_pairs(rows, os.path.join(out_dir, "zeroshot_vs_pairs.png"),
+                                                       ["zs_top1"], hlines={"zs_top1": lines},
+                                                       title="Zero-shot top-1 (test split)")
+    vs = result.comparisons.filter(pl.col("comparison") == "vs_last") if result.comparisons.height else None
+    if vs is not None and vs.height:
+        rows = [{**r, "value": r["diff"]} for r in vs.iter_rows(named=True)]
+        metrics = [m for m in ("i2t_R@1", "t2i_R@1", "zs_top1") if any(r["metric"] == m for r in rows)]
+        base = vs["baseline"][0]
+        files["differences_png"] = intervals_vs_pairs(
+            rows, os.path.join(out_dir, "differences_vs_last.png"), metrics, zero_line=True,
+            ylabel="difference (points of %)", title=f"Paired difference against {base} on the last layers (95 % "
+            "two-level interval)")
+    return files
+
+
+def _queries(comparisons: pl.DataFrame, metric: str) -> int | None:
+    rows = comparisons.filter(pl.col("metric") == metric) if comparisons.height else comparisons
+    return int(rows["queries"][0]) if rows.height else None
 
 
 def _validation_curves(table: pl.DataFrame, out_dir: str) -> str | None:
@@ -207,8 +248,10 @@ def _validation_curves(table: pl.DataFrame, out_dir: str) -> str | None:
 
     if not table.height or "rsum" not in table.columns:
         return None
-    top = table.filter(pl.col("n_pairs") == table["n_pairs"].max())
+    top = (table.filter(pl.col("n_pairs").is_null()) if table["n_pairs"].null_count()
+           else table.filter(pl.col("n_pairs") == table["n_pairs"].max()))
     ys = ["rsum"] + (["zs_top1"] if "zs_top1" in top.columns and top["zs_top1"].null_count() < top.height else [])
     path = os.path.join(out_dir, "validation_curves.png")
+    label = "all" if top["n_pairs"][0] is None else int(top["n_pairs"][0])
     return curves(top, path, x="step", y=ys, hue="method", logx=False, xlabel="optimiser step",
-                  title=f"Validation along training ({int(top['n_pairs'][0])} pairs; mean ± std over seeds)")
+                  title=f"Validation along training ({label} pairs; mean ± sd over seeds)")

@@ -216,7 +216,7 @@ def test_verify_reads_tuning_records(store) -> None:
     """verify counts the tuning grids kept beside a run and reports a damaged one with the fix."""
     from stratalign.store.verify import verify_runs
 
-    tuned = tune_run(store, _cfg(objective="clip+ib", n_pairs=40, seed=4))
+    tuned = tune_run(store, _cfg(objective="clip+ib", n_pairs=40, seed=6))
     finding = next(f for f in verify_runs(store) if f.target == tuned.run_id)
     assert finding.status == "ok" and "1 tuning grid" in finding.message
     name = next(n for n in store.loc.listdir("runs", tuned.run_id) if n.startswith("tuning-"))
