@@ -25,6 +25,7 @@ from stratalign.errors import StratalignError
 from stratalign.stages.prompts import class_prompts, prompt_features
 from stratalign.stages.runs.config import ResolvedRun
 from stratalign.stages.runs.data import split_run_tensors, train_features_of
+from stratalign.stages.runs.overlap import Overlap, Trained
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store.datasets import PairDataset
 from stratalign.store.feature_store import FeatureEntry, FeatureStore
@@ -59,10 +60,10 @@ def _eval_entries(store: FeatureStore, run: ResolvedRun, dataset: str) -> tuple[
     return out[0], out[1]
 
 
-def test_split(store: FeatureStore, dataset: str, entries: tuple[FeatureEntry, FeatureEntry] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(gallery image rows, caption rows, caption -> gallery index, pairs dropped) of the test split, without
-    the pairs that have a bad (--skip-bad placeholder) row in the (vision, text) `entries`."""
+def test_pairs(store: FeatureStore, dataset: str, entries: tuple[FeatureEntry, FeatureEntry] | None = None
+               ) -> tuple[PairRows, int]:
+    """(pairs, pairs dropped) of the test split, without the pairs that have a bad (--skip-bad placeholder) row
+    in the (vision, text) `entries`."""
     ds = store.dataset(dataset)
     pairs, dropped = PairRows(*ds.pairs("test")), 0
     if entries is not None:
@@ -70,6 +71,14 @@ def test_split(store: FeatureStore, dataset: str, entries: tuple[FeatureEntry, F
     if len(pairs) == 0:
         why = f" ({dropped} test pairs have an unreadable image or caption)" if dropped else ""
         raise StratalignError(f"dataset {dataset!r} has no test split to evaluate on{why}")
+    return pairs, dropped
+
+
+def test_split(store: FeatureStore, dataset: str, entries: tuple[FeatureEntry, FeatureEntry] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(gallery image rows, caption rows, caption -> gallery index, pairs dropped) of the test split
+    (`test_pairs`)."""
+    pairs, dropped = test_pairs(store, dataset, entries)
     gallery, txt_to_img = np.unique(pairs.image_rows, return_inverse=True)
     return gallery, pairs.caption_rows, txt_to_img, dropped
 
@@ -88,13 +97,18 @@ class _TestData:
 
 
 def score_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: str | None = None,
-                train_features: TrainFeatures | None = None) -> Scored:
+                train_features: TrainFeatures | None = None, *, keep: np.ndarray | None = None) -> Scored:
     """All metrics of one model on a dataset's test split, scored the way the run's objective is evaluated,
-    with the per-query results (and the dataset rows of the queries) where the scoring has them."""
+    with the per-query results (and the dataset rows of the queries) where the scoring has them. `keep`: a mask
+    over the test pairs (`test_pairs`) that scores only those (the pairs a run never trained on)."""
     dataset = dataset or run.dataset
     v, t = _eval_entries(store, run, dataset)
     vl, tl = run.vision_layer, run.text_layer
-    gallery, cap_rows, txt_to_img, dropped = test_split(store, dataset, (v, t))
+    pairs, dropped = test_pairs(store, dataset, (v, t))
+    if keep is not None:
+        pairs = PairRows(pairs.image_rows[keep], pairs.caption_rows[keep])
+    gallery, txt_to_img = np.unique(pairs.image_rows, return_inverse=True)
+    cap_rows = pairs.caption_rows
     ds = store.dataset(dataset)
     x_img = v.read_layer(vl, gallery).astype(np.float32)
     x_txt = t.read_layer(tl, cap_rows).astype(np.float32)
@@ -178,14 +192,27 @@ _SCORERS = {Evaluation.RETRIEVAL: _score_retrieval, Evaluation.PROBE: _score_pro
 
 
 def _rescore(store: FeatureStore, run_id: str, dataset: str | None) -> tuple[ResolvedRun, dict[str, Any], Scored]:
-    """(the run, its training metrics, its evaluation on `dataset`), the heads reloaded from safetensors."""
+    """(the run, its training metrics, its evaluation on `dataset`), the heads reloaded from safetensors. On
+    another dataset the metrics also hold the test split's `overlap` with the run's training pairs and, where
+    there is one, the metrics on the pairs it never trained on (`unseen`)."""
     config, tensors, metrics = RunRegistry(store).load(run_id)
     run = ResolvedRun.from_config(config)
     weights, subset = split_run_tensors(tensors)
     model = model_from_tensors(config, weights)
     needs_train = objective_named(run.objective).evaluation.needs_train_features
     train_features = train_features_of(store, run, subset) if needs_train else None
-    return run, metrics, score_model(store, run, model, dataset, train_features=train_features)
+    scored = score_model(store, run, model, dataset, train_features=train_features)
+    if dataset is None or dataset == run.dataset:
+        return run, metrics, scored
+    pairs, _ = test_pairs(store, dataset, _eval_entries(store, run, dataset))
+    overlap = Overlap.measure(store.dataset(dataset), pairs, Trained.of(store.dataset(run.dataset), subset))
+    extra: dict[str, Any] = {"overlap": overlap.summary(pairs)}
+    if not overlap.unseen.all():
+        extra["unseen"] = None
+        if overlap.unseen.any():
+            unseen = score_model(store, run, model, dataset, train_features=train_features, keep=overlap.unseen)
+            extra["unseen"] = {k: v for k, v in unseen.metrics.items() if k != "eval_dataset"}
+    return run, metrics, Scored({**scored.metrics, **extra}, scored.queries)
 
 
 def _queries_meta(run: ResolvedRun, scored: Scored, fingerprint: str) -> dict[str, str]:
@@ -200,7 +227,9 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
 
     The result names the dataset version it ran on (`eval_dataset_fingerprint`). On another dataset it is
     written to runs/<id>/eval-<dataset>.json (path in `eval_file`; `previous_eval` says whether the result it
-    replaced was of the current dataset version or a stale one). On the run's own dataset the per-query
+    replaced was of the current dataset version or a stale one), with the test split's `overlap` with the
+    run's training pairs and the metrics on the pairs it never trained on (`unseen`: None when every pair
+    overlaps; absent when none does). On the run's own dataset the per-query
     results are kept (queries.safetensors) and `dataset_changed` flags a dataset replaced since training."""
     registry = RunRegistry(store)
     run, metrics, scored = _rescore(store, run_id, dataset)
