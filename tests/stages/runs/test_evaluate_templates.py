@@ -7,7 +7,6 @@ templates give other prompt features)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
