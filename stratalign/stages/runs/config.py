@@ -73,10 +73,21 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RunInputs:
+    """What a resolved run reads, held so that no later step looks it up again: its dataset (tables loaded)
+    and its (vision, text) feature entries."""
+
+    dataset: PairDataset
+    vision: FeatureEntry
+    text: FeatureEntry
+
+
+@dataclass(frozen=True)
 class ResolvedRun:
     """A run with every choice pinned. The fields up to `bad_pairs_dropped` are its identity (hashed into
-    `run_id`, written to config.json); `subset` and `val` are the training and validation pairs, carried
-    along but not part of the id (None for a run read back from its config.json). `preset` is the schedule
+    `run_id`, written to config.json); `subset` and `val` are the training and validation pairs and `inputs`
+    its dataset and entries, carried along to every later step but not part of the id (None for a run read
+    back from its config.json: `inputs_of` finds them). `preset` is the schedule
     preset the settings came from: written to config.json when there was one, but not hashed (the id depends on
     the settings in `train`, not on how they were asked for)."""
 
@@ -107,6 +118,7 @@ class ResolvedRun:
     preset: str | None = None
     subset: PairRows | None = field(default=None, compare=False, repr=False)
     val: PairRows | None = field(default=None, compare=False, repr=False)
+    inputs: RunInputs | None = field(default=None, compare=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
         """What the run id hashes (bad_pairs_dropped only when non-zero and validation only when it is the val
@@ -135,7 +147,7 @@ class ResolvedRun:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ResolvedRun:
         """The run described by a saved config.json (without its pairs)."""
-        optional = ("subset", "val", "bad_pairs_dropped", "validation", "preset")
+        optional = ("subset", "val", "inputs", "bad_pairs_dropped", "validation", "preset")
         names = [f.name for f in fields(cls) if f.name not in optional]
         missing = [n for n in names if n not in config]
         if missing:
@@ -144,7 +156,15 @@ class ResolvedRun:
                    validation=str(config.get("validation", CARVED)), preset=config.get("preset"))
 
 
-_NOT_IDENTITY = ("run_id", "preset", "subset", "val")
+_NOT_IDENTITY = ("run_id", "preset", "subset", "val", "inputs")
+
+
+def inputs_of(store: FeatureStore, run: ResolvedRun) -> RunInputs:
+    """The dataset and entries a run reads: the ones it carries, or (a run read back from config.json) the ones
+    its config names, from the store (which holds a dataset it has loaded once)."""
+    if run.inputs is not None:
+        return run.inputs
+    return RunInputs(store.dataset(run.dataset), store.entry(run.vision_entry), store.entry(run.text_entry))
 
 
 def run_entries(store: FeatureStore, cfg: RunConfig, dataset: str | None = None) -> tuple[FeatureEntry, FeatureEntry]:
@@ -270,7 +290,8 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
         head=cfg.head, objective=cfg.objective, seed=cfg.seed,
         n_pairs=cfg.n_pairs if cfg.n_pairs is not None else len(subset), n_train=len(subset), n_val=len(val),
         val_fraction=cfg.val_fraction, ids_sha=ids_sha, ids_kind=cfg.ids_kind, train=_train_settings(cfg, preset),
-        bad_pairs_dropped=pool_dropped + val_dropped, validation=source, preset=preset, subset=subset, val=val)
+        bad_pairs_dropped=pool_dropped + val_dropped, validation=source, preset=preset, subset=subset, val=val,
+        inputs=RunInputs(ds, v, t))
     return replace(run, run_id=run_id_of(run.identity()))
 
 

@@ -23,7 +23,7 @@ from stratalign.core.objectives import Evaluation, objective_named
 from stratalign.core.stats import majority_rate
 from stratalign.errors import StratalignError
 from stratalign.stages.prompts import class_prompts, prompt_features
-from stratalign.stages.runs.config import ResolvedRun
+from stratalign.stages.runs.config import ResolvedRun, RunInputs, inputs_of
 from stratalign.stages.runs.data import split_run_tensors, train_features_of
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store.datasets import PairDataset
@@ -44,10 +44,8 @@ class Scored:
 
 
 def _eval_entries(store: FeatureStore, run: ResolvedRun, dataset: str) -> tuple[FeatureEntry, FeatureEntry]:
-    """The eval dataset's entries of the run's encoders; refuse features from other encoders or weights."""
+    """Another dataset's entries of the run's encoders; refuse features from other encoders or weights."""
     train_v, train_t = store.entry(run.vision_entry), store.entry(run.text_entry)
-    if dataset == run.dataset:
-        return train_v, train_t
     out = []
     for tr in (train_v, train_t):
         same = [e for e in store.complete_entries(dataset, tr.spec.encoder_spec, tr.spec.pooling, tr.spec.modality)
@@ -59,11 +57,13 @@ def _eval_entries(store: FeatureStore, run: ResolvedRun, dataset: str) -> tuple[
     return out[0], out[1]
 
 
-def test_split(store: FeatureStore, dataset: str, entries: tuple[FeatureEntry, FeatureEntry] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(gallery image rows, caption rows, caption -> gallery index, pairs dropped) of the test split, without
-    the pairs that have a bad (--skip-bad placeholder) row in the (vision, text) `entries`."""
-    ds = store.dataset(dataset)
+def test_split(store: FeatureStore, dataset: str | PairDataset,
+               entries: tuple[FeatureEntry, FeatureEntry] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(gallery image rows, caption rows, caption -> gallery index, pairs dropped) of the test split of a dataset
+    (named, or loaded already), without the pairs that have a bad (--skip-bad placeholder) row in the (vision,
+    text) `entries`."""
+    ds = dataset if isinstance(dataset, PairDataset) else store.dataset(dataset)
+    dataset = ds.name
     pairs, dropped = PairRows(*ds.pairs("test")), 0
     if entries is not None:
         pairs, dropped = drop_bad_pairs(pairs, *entries)
@@ -88,14 +88,19 @@ class _TestData:
 
 
 def score_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: str | None = None,
-                train_features: TrainFeatures | None = None) -> Scored:
+                train_features: TrainFeatures | None = None, inputs: RunInputs | None = None) -> Scored:
     """All metrics of one model on a dataset's test split, scored the way the run's objective is evaluated,
-    with the per-query results (and the dataset rows of the queries) where the scoring has them."""
+    with the per-query results (and the dataset rows of the queries) where the scoring has them. On the run's
+    own dataset it scores from the run's inputs (`inputs`, or the ones the run carries): nothing is looked up."""
     dataset = dataset or run.dataset
-    v, t = _eval_entries(store, run, dataset)
+    if dataset == run.dataset:
+        inputs = inputs or inputs_of(store, run)
+        ds, v, t = inputs.dataset, inputs.vision, inputs.text
+    else:
+        v, t = _eval_entries(store, run, dataset)
+        ds = store.dataset(dataset)
     vl, tl = run.vision_layer, run.text_layer
-    gallery, cap_rows, txt_to_img, dropped = test_split(store, dataset, (v, t))
-    ds = store.dataset(dataset)
+    gallery, cap_rows, txt_to_img, dropped = test_split(store, ds, (v, t))
     x_img = v.read_layer(vl, gallery).astype(np.float32)
     x_txt = t.read_layer(tl, cap_rows).astype(np.float32)
     labels_all = ds.images["label"].to_numpy()
@@ -184,7 +189,9 @@ def _rescore(store: FeatureStore, run_id: str, dataset: str | None) -> tuple[Res
     weights, subset = split_run_tensors(tensors)
     model = model_from_tensors(config, weights)
     needs_train = objective_named(run.objective).evaluation.needs_train_features
-    train_features = train_features_of(store, run, subset) if needs_train else None
+    train_features = None
+    if needs_train:
+        train_features = train_features_of(inputs_of(store, run), run.vision_layer, run.text_layer, subset)
     return run, metrics, score_model(store, run, model, dataset, train_features=train_features)
 
 
@@ -205,7 +212,7 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
     registry = RunRegistry(store)
     run, metrics, scored = _rescore(store, run_id, dataset)
     target = dataset or run.dataset
-    fingerprint = store.dataset(target).fingerprint
+    fingerprint = store.dataset(target).fingerprint  # the version scored (the store holds it: no second decode)
     res = {**scored.metrics, EVAL_FINGERPRINT: fingerprint}
     if target != run.dataset:
         if store.mode == "a":
@@ -238,7 +245,7 @@ def run_queries(store: FeatureStore, run_id: str) -> tuple[Queries, dict[str, st
     config = registry.config(run_id)
     if stored is not None and stored[1].get("dataset_fingerprint") == config.get("dataset_fingerprint"):
         return stored
-    if store.dataset(config["dataset"]).fingerprint != config.get("dataset_fingerprint"):
+    if store.dataset_meta(config["dataset"]).get("fingerprint") != config.get("dataset_fingerprint"):
         return None
     run, _, scored = _rescore(store, run_id, None)
     if not scored.queries:

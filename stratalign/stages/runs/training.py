@@ -16,7 +16,7 @@ import numpy as np
 
 from stratalign.core.objectives import Training, objective_named
 from stratalign.errors import StratalignError
-from stratalign.stages.runs.config import RUN_FLAGS, ResolvedRun, RunConfig, resolve_run, run_entries
+from stratalign.stages.runs.config import RUN_FLAGS, ResolvedRun, RunConfig, RunInputs, inputs_of, resolve_run
 from stratalign.stages.runs.data import gather, subset_tensors, validation_targets
 from stratalign.stages.runs.evaluate import save_run_queries, score_model
 from stratalign.stages.subsets import PairRows
@@ -65,6 +65,7 @@ class _Prepared:
     n_train: int
     targets: ValidationTargets
     train_cfg: TrainConfig
+    inputs: RunInputs  # its dataset and entries, as resolution found them
 
     @property
     def features_key(self) -> tuple:
@@ -112,11 +113,11 @@ def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
                               "needs")
     pairs = PairRows(np.concatenate([subset.image_rows, val.image_rows]),
                      np.concatenate([subset.caption_rows, val.caption_rows]))
+    inputs = inputs_of(store, run)
     key = (cfg.dataset, run.text_entry, run.text_layer, val.image_rows.tobytes(), val.caption_rows.tobytes())
     if key not in targets:
-        _, t = run_entries(store, cfg)
-        targets[key] = validation_targets(store, cfg.dataset, val, t, run.text_layer)
-    return _Prepared(cfg, run, pairs, len(subset), targets[key], run.train_config())
+        targets[key] = validation_targets(inputs.dataset, val, inputs.text, run.text_layer)
+    return _Prepared(cfg, run, pairs, len(subset), targets[key], run.train_config(), inputs)
 
 
 def _train_prepared(store: FeatureStore, registry: RunRegistry, prepared: list[_Prepared],
@@ -145,7 +146,7 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
                  bar: Any) -> None:
     """The runs of one feature-layer pair: one table of their pairs' features, aligned heads batched."""
     first = group[0]
-    v, t = store.entry(first.run.vision_entry), store.entry(first.run.text_entry)
+    v, t = first.inputs.vision, first.inputs.text
     both = np.stack([np.concatenate([p.pairs.image_rows for p in group]),
                      np.concatenate([p.pairs.caption_rows for p in group])], 1)
     union, where = np.unique(both, axis=0, return_inverse=True)
@@ -154,7 +155,7 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
     x_txt = gather(t, first.run.text_layer, union[:, 1])
     starts = np.cumsum([0] + [len(p.pairs) for p in group])
     positions = [where[a:b] for a, b in zip(starts[:-1], starts[1:])]
-    labels = store.dataset(first.cfg.dataset).images["label"].to_numpy()
+    labels = first.inputs.dataset.images["label"].to_numpy()
     heads, others = [], []
     for p, pos in zip(group, positions):
         (heads if objective_named(p.run.objective).training is Training.GRADIENT else others).append((p, pos))
@@ -214,7 +215,7 @@ def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, 
     train_features = None  # only an objective scored by a probe reads them (a copy of the training rows)
     if objective_named(p.run.objective).evaluation.needs_train_features:
         train_features = (x_train_img(), x_train_txt(), all_labels[subset.image_rows])
-    scored = score_model(store, p.run, model, p.cfg.dataset, train_features=train_features)
+    scored = score_model(store, p.run, model, train_features=train_features, inputs=p.inputs)
     metrics.update(scored.metrics)
     registry.save(rid, p.run.config_dict(), {**model_tensors(model), **subset_tensors(subset)}, metrics)
     save_run_queries(store, p.run, scored)  # after the done mark: a run without them recomputes them when compared
