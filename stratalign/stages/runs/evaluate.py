@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 
 from stratalign.core import scoring as scoring_mod
+from stratalign.core.metric_registry import space_scores
 from stratalign.core.objectives import Evaluation, objective_named
 from stratalign.core.stats import majority_rate
 from stratalign.errors import StratalignError
 from stratalign.stages.prompts import class_prompts, prompt_features
 from stratalign.stages.runs.config import ResolvedRun, RunInputs, inputs_of
 from stratalign.stages.runs.data import split_run_tensors, train_features_of
+from stratalign.stages.runs.results import EvalResult
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store.datasets import PairDataset
 from stratalign.store.feature_store import FeatureEntry, FeatureStore
@@ -143,9 +145,11 @@ def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures 
         if len(classes) >= 5:
             hits["zs_top5"] = rank < 5
         hits["zs_true"] = y.astype(np.int64)
-    if len(data.x_img) > 10:  # one caption per image: repeated image rows would be each other's neighbours
-        first_caption = np.unique(data.txt_to_img, return_index=True)[1]
-        out["alignment_mknn"] = 100.0 * scoring_mod.alignment_score(z_img, z_txt[first_caption], k="rice")
+    space = scoring_mod.Space(z_img, z_txt, data.txt_to_img)
+    for m in space_scores():  # the registry's metrics of the learned space (core.metric_registry)
+        value = getattr(scoring_mod, m.space_score)(space)
+        if value is not None:
+            out[m.name] = value
     return Scored(out, hits)
 
 
@@ -202,7 +206,7 @@ def _queries_meta(run: ResolvedRun, scored: Scored, fingerprint: str) -> dict[st
     return meta
 
 
-def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = None) -> dict[str, Any]:
+def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = None) -> EvalResult:
     """Reload a run's heads and evaluate them on its dataset or another one's test split.
 
     The result names the dataset version it ran on (`eval_dataset_fingerprint`). On another dataset it is
@@ -227,7 +231,7 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
         elif scored.queries and store.mode == "a":
             registry.save_queries(run_id, scored.queries, _queries_meta(run, scored, fingerprint))
     kept = ("best_step", "lambda_at_best", "stopped_reason", "message", "restored_before_warmup")
-    return {**{k: metrics.get(k) for k in kept if k in metrics}, **res}
+    return EvalResult(run_id, target, fingerprint, {**{k: metrics.get(k) for k in kept if k in metrics}, **res})
 
 
 def save_run_queries(store: FeatureStore, run: ResolvedRun, scored: Scored) -> None:

@@ -19,6 +19,7 @@ from stratalign.errors import StratalignError
 from stratalign.stages.runs.config import RUN_FLAGS, ResolvedRun, RunConfig, RunInputs, inputs_of, resolve_run
 from stratalign.stages.runs.data import gather, subset_tensors, validation_targets
 from stratalign.stages.runs.evaluate import save_run_queries, score_model
+from stratalign.stages.runs.results import RunResult
 from stratalign.stages.subsets import PairRows
 from stratalign.store import graphs as graphs_mod
 from stratalign.store.feature_store import FeatureStore
@@ -52,7 +53,8 @@ def step_progress(progress: Progress | bool, run_id: str, metric: str) -> Iterat
         bar.close()
 
 
-__all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "knn_graphs_cached", "resolve_run", "train_run", "train_runs"]
+__all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "RunResult", "knn_graphs_cached", "resolve_run", "train_run",
+           "train_runs"]
 
 
 @dataclass
@@ -74,8 +76,9 @@ class _Prepared:
 
 
 def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | None = None,
-              force: bool = False, progress: Progress | bool = False) -> dict[str, Any]:
-    """Train (unless the identical run is done), evaluate on the test split, save; returns the metrics.
+              force: bool = False, progress: Progress | bool = False) -> RunResult:
+    """Train (unless the identical run is done), evaluate on the test split, save; returns the run's result (its
+    id, whether it was skipped, its metrics; it reads as the dict of them).
 
     progress: True shows a step bar (steps, the validation selection metric, ETA) on stderr; a callable is
     called as progress(step, max_steps, validation value) at every evaluation step instead."""
@@ -84,9 +87,9 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | No
 
 
 def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[ResolvedRun] | None = None,
-               force: bool = False, progress: Progress | bool = False) -> list[dict[str, Any]]:
-    """Train every run not yet done (one training for a run asked for twice), evaluate and save each; the
-    metrics in `cfgs` order. Runs of aligned heads that read the same feature layers train together in batched
+               force: bool = False, progress: Progress | bool = False) -> list[RunResult]:
+    """Train every run not yet done (one training for a run asked for twice), evaluate and save each; their
+    results in `cfgs` order. Runs of aligned heads that read the same feature layers train together in batched
     groups (train.train_many: the numbers each would get alone); CoMM and CSA runs are fitted one by one.
 
     progress: True shows a bar (one run: its steps and validation metric; many: steps of all runs, runs done,
@@ -100,7 +103,7 @@ def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[Res
     targets: dict[tuple, ValidationTargets] = {}
     prepared = [_prepare(store, cfg, run, targets) for cfg, run in todo.values()]
     _train_prepared(store, registry, prepared, progress)
-    return [{"run_id": run.run_id, "skipped": run.run_id not in todo, **registry.metrics(run.run_id)} for run in runs]
+    return [RunResult(run.run_id, run.run_id not in todo, registry.metrics(run.run_id)) for run in runs]
 
 
 def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,

@@ -5,47 +5,20 @@ features/ 20 times). The store's reads are counted where they happen (store.loca
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
-from fake_encoders import load_tiny
-from PIL import Image
+from toy_store import FAST, toy_store
 
-from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.runs.config import RunConfig
 from stratalign.stages.runs.evaluate import evaluate_saved_run
 from stratalign.stages.runs.sweep import SweepConfig, run_sweep
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.location import Location
 
-FAST = (("max_steps", 20), ("patience", 10), ("eval_every", 5), ("warmup_steps", 5), ("dim", 8))
-
-
-def _table(folder: Path, n: int = 60) -> Path:
-    """n labelled images (5 brightness classes) with a caption each, as a CSV table."""
-    rng = np.random.default_rng(0)
-    (folder / "img").mkdir(parents=True, exist_ok=True)
-    lines = ["image,caption,label"]
-    for i in range(n):
-        level = i % 5
-        arr = np.clip(40 + 45 * level + rng.normal(0, 12, size=(12, 12, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(folder / "img" / f"{i}.png")
-        lines.append(f"img/{i}.png,a square of level {level} number {i},c{level}")
-    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
-    return folder / "pairs.csv"
-
 
 @pytest.fixture(scope="module")
 def store_url(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("reads")
-    store = FeatureStore.open(str(root / "store"), "a", create=True)
-    store.save_dataset(ingest_source("table", "toy", table=str(_table(root)), image_col="image",
-                                     caption_col="caption", label_col="label"))
-    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
-            load=load_tiny)
-    return store.url
+    return toy_store(tmp_path_factory.mktemp("reads")).url
 
 
 class Reads:
