@@ -72,17 +72,18 @@ __all__ = [
     "FeatureStore", "FeatureEntry", "PairDataset", "RunRegistry", "verify_store", "load_encoder",
     "known_encoders", "OBJECTIVES", "HEADS", "TrainConfig", "ingest_source", "ExtractConfig", "extract",
     "LayersConfig", "run_layers", "RunConfig", "ResolvedRun", "resolve_run", "train_run", "train_runs", "tune_run",
-    "tune_runs", "evaluate_saved_run", "RunResult", "EvalResult", "METRICS", "SweepConfig", "run_sweep", "DemoConfig", "run_demo", "AlignedModel",
+    "tune_runs", "evaluate_saved_run", "RunResult", "EvalResult", "METRICS", "SweepConfig", "run_sweep", "DemoConfig",
+    "run_demo", "AlignedModel",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
+    from stratalign.core.metric_registry import METRICS
     from stratalign.core.objectives import HEADS, OBJECTIVES
     from stratalign.encoders import known_encoders, load_encoder
     from stratalign.stages.demo import DemoConfig, run_demo
     from stratalign.stages.extract import ExtractConfig, extract
     from stratalign.stages.ingest.sources import ingest_source
     from stratalign.stages.layers import LayersConfig, run_layers
-    from stratalign.core.metric_registry import METRICS
     from stratalign.stages.runs.evaluate import evaluate_saved_run
     from stratalign.stages.runs.results import EvalResult, RunResult
     from stratalign.stages.runs.sweep import SweepConfig, run_sweep

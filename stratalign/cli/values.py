@@ -67,10 +67,3 @@ def check_preset(value: str) -> str:
     from stratalign.train.presets import check_preset_name
 
     return check_preset_name(value)
-
-
-def preset_line(preset: str, overrides: tuple) -> str:
-    """'preset cpu (no CUDA): batch 256, 600 steps, ...': the schedule in force, printed at the start of a run."""
-    from stratalign.train.presets import choose_preset, describe
-
-    return describe(choose_preset(preset, dict(overrides)), overrides)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import Selection, objective_named
@@ -30,7 +30,7 @@ from stratalign.store.feature_store import FeatureEntry, FeatureStore
 from stratalign.store.layer_results import load_choice
 from stratalign.store.runs import run_id_of
 from stratalign.train import TrainConfig
-from stratalign.train.presets import apply_preset, check_preset_name, choose_preset
+from stratalign.train.presets import AUTO, apply_preset, check_preset_name, choose_preset, describe
 from stratalign.train.validation import check_select
 
 # TrainConfig fields that RunConfig sets itself: a --set of one of them names the flag to use instead
@@ -56,9 +56,10 @@ class RunConfig:
     vision_pooling: str | None = None
     text_pooling: str | None = None
     options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # TrainConfig overrides (win over preset)
-    # trainer schedule (train.presets): cpu | gpu | paper | auto (cpu or gpu by the machine: the CLI's default).
-    # None: TrainConfig's own defaults (METHOD's, = paper), machine-independent, as before presets existed.
-    preset: str | None = None
+    # trainer schedule (train.presets): auto (cpu or gpu by the machine; the default here as in the CLI, so Python
+    # and the CLI train the same run for the same request) | cpu | gpu | paper. None: TrainConfig's own defaults
+    # (METHOD's published schedule, = paper) recorded without a preset, as every run before presets existed.
+    preset: str | None = AUTO
     # the validation metric that picks the checkpoint (rsum | zeroshot | clip_loss) of the objectives that select
     # on validation (CoMM and CSA do not: left alone there, so one sweep can name it for every cell); None: the
     # objective's default (rsum). A --set select=... wins.
@@ -247,6 +248,25 @@ def read_ids_file(path: str) -> list[str]:
 def run_preset(cfg: RunConfig) -> str | None:
     """The name of the preset in force (auto resolved on this machine), or None without one."""
     return None if cfg.preset is None else choose_preset(cfg.preset, dict(cfg.options)).name
+
+
+def preset_notes(cfgs: Sequence[RunConfig]) -> list[str]:
+    """One line per trainer schedule in force among the runs, what `train_runs` prints before training (from
+    Python as from the CLI): 'preset cpu (no CUDA): batch 256, 600 steps, warm-up 100, patience 40, eval every 10'
+    with the --set options every one of them sets; for preset None, TrainConfig's own schedule."""
+    groups: dict[str | None, list[RunConfig]] = {}
+    for cfg in cfgs:
+        groups.setdefault(cfg.preset, []).append(cfg)
+    lines = []
+    for name, group in groups.items():
+        common = tuple((k, v) for k, v in group[0].options
+                       if all(k in dict(c.options) and dict(c.options)[k] == v for c in group[1:]))
+        if name is None:  # TrainConfig's defaults are the paper preset's schedule
+            lines.append("no preset (preset=None): TrainConfig's own schedule, METHOD's published one: "
+                         + describe(choose_preset("paper"), common).split(": ", 1)[1])
+        else:
+            lines.append(describe(choose_preset(name, dict(common)), common))
+    return lines
 
 
 def _train_settings(cfg: RunConfig, preset: str | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ How a model is trained and scored comes from its objective's registry entry (cor
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,15 @@ import numpy as np
 
 from stratalign.core.objectives import Training, objective_named
 from stratalign.errors import StratalignError
-from stratalign.stages.runs.config import RUN_FLAGS, ResolvedRun, RunConfig, RunInputs, inputs_of, resolve_run
+from stratalign.stages.runs.config import (
+    RUN_FLAGS,
+    ResolvedRun,
+    RunConfig,
+    RunInputs,
+    inputs_of,
+    preset_notes,
+    resolve_run,
+)
 from stratalign.stages.runs.data import gather, subset_tensors, validation_targets
 from stratalign.stages.runs.evaluate import save_run_queries, score_model
 from stratalign.stages.runs.results import RunResult
@@ -96,6 +105,8 @@ def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[Res
     ETA); a callable gets (step, max_steps, value) of a single run's evaluations."""
     registry = RunRegistry(store)
     runs = resolved or [resolve_run(store, c) for c in cfgs]  # a bad setting fails here, before any training
+    for line in preset_notes(cfgs):  # the schedule in force, said from Python as from the CLI
+        print(line, file=sys.stderr, flush=True)
     todo: dict[str, tuple[RunConfig, ResolvedRun]] = {}
     for cfg, run in zip(cfgs, runs):
         if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
