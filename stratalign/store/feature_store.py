@@ -336,21 +336,15 @@ class FeatureStore:
         fingerprint read from dataset.json; the entries from the listing this object holds, listed again when it
         holds none that is complete)."""
         content = self.dataset_meta(dataset).get("content_fingerprint")
-
-        def found(fresh: bool) -> tuple[list[FeatureEntry], list[FeatureEntry]]:
-            matches = [
-                e for e in self.entries(fresh=fresh)
-                if e.spec.dataset == dataset and e.spec.encoder_spec == encoder
-                and (pooling is None or e.spec.pooling == pooling)
-                and (modality is None or e.spec.modality == modality)
-                and e.spec.content_fingerprint == content
-            ]
-            return matches, [e for e in matches if e.is_complete()]
-
-        held = self._listing is not None
-        matches, complete = found(False)
-        if not complete and held:  # entries written by another process since this object listed features/
-            matches, complete = found(True)
+        for fresh in (False, True)[:1 + (self._listing is not None)]:  # held: listed again if it has none complete
+            matches = [e for e in self.entries(fresh=fresh)
+                       if e.spec.dataset == dataset and e.spec.encoder_spec == encoder
+                       and (pooling is None or e.spec.pooling == pooling)
+                       and (modality is None or e.spec.modality == modality)
+                       and e.spec.content_fingerprint == content]
+            complete = [e for e in matches if e.is_complete()]
+            if complete:
+                break
         hint = f"stratalign extract --dataset {dataset} --encoder {encoder}"
         if not matches:
             raise StratalignError(f"no features of {encoder} for dataset {dataset!r}"
