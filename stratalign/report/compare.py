@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from stratalign.core.metric_registry import VERDICT, query_units, shown_in
 from stratalign.core.stats import DEFAULT_RESAMPLES, paired_bootstrap
 
-KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")
-QUERY_UNIT = {"i2t": "images", "t2i": "captions", "zs": "images"}
+KEY_METRICS = shown_in(VERDICT)  # core.metric_registry
+QUERY_UNIT = query_units()
 Queries = Mapping[str, Mapping[str, np.ndarray]]  # run id -> per-query arrays
 
 
@@ -57,7 +58,7 @@ def _compare(kind: str, vary: str, baseline: str, match: Sequence[str], runs: pl
                                    resamples=resamples, seed=seed)
             out.append({"comparison": kind, "method": value, "baseline": baseline, "head": head,
                         **dict(zip(match, cell)), vary: value, "metric": metric, "seeds": res.seeds, "queries": res.queries,
-                        "query_unit": QUERY_UNIT.get(metric.split("_")[0], "queries"), "diff": res.diff,
+                        "query_unit": QUERY_UNIT.get(metric, "queries"), "diff": res.diff,
                         "low": res.low, "high": res.high, "verdict": res.verdict})
     return out
 

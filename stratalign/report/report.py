@@ -12,11 +12,11 @@ from typing import Any
 
 import polars as pl
 
+from stratalign.core.metric_registry import TABLE, VERDICT, shown_in
 from stratalign.core.stats import HELPS, HURTS, NO_CLEAR
 
-KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")
-# probe_acc: CoMM's linear probe on its fused features, beside the same probe on the frozen features (concatenated)
-TABLE_METRICS = (*KEY_METRICS, "zs_balanced_acc", "probe_acc", "probe_concat_acc")
+KEY_METRICS = shown_in(VERDICT)  # the registry's metrics (core.metric_registry) of the findings and of the table
+TABLE_METRICS = shown_in(TABLE)  # (probe_acc: CoMM's probe on its fused features, beside one on the frozen ones)
 MIN_SEEDS = 5  # METHOD.md section 4: at least 5 seeds where a report draws conclusions
 
 
