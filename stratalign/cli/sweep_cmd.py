@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, err_console, print_table, store_url
+from stratalign.cli.common import StoreOption, console, print_table, store_url
 from stratalign.cli.values import (
     PRESET_HELP,
     SELECT_HELP,
@@ -15,7 +15,6 @@ from stratalign.cli.values import (
     check_preset,
     check_select,
     n_pairs,
-    preset_line,
     trainer_overrides,
 )
 from stratalign.errors import StratalignError
@@ -62,7 +61,6 @@ def sweep_cmd(
                       baseline=baseline, tune=tune)
     if not cfg.cells():
         raise StratalignError("the sweep has no cells: give at least one objective, head, n-pairs and seed")
-    err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
     res = run_sweep(fs, cfg, out)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already in the store")
     print_table(results_table(res.leaderboard, res.intervals),

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, err_console, print_metrics, store_url
+from stratalign.cli.common import StoreOption, console, print_metrics, store_url
 from stratalign.cli.values import (
     PRESET_HELP,
     SELECT_HELP,
@@ -15,7 +15,6 @@ from stratalign.cli.values import (
     check_preset,
     check_select,
     n_pairs,
-    preset_line,
     trainer_overrides,
 )
 
@@ -51,7 +50,6 @@ def train_cmd(
                     n_pairs=n_pairs(n_pairs_), seed=seed, ids_file=ids, ids_kind=ids_kind,
                     options=overrides, preset=preset, select=select)
     resolved = resolve_run(fs, cfg)  # a bad option is one error line before anything else is printed
-    err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
     if tune:
         from stratalign.stages.runs.tune import tune_run
 

@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import typer
 
+from stratalign.core.metric_registry import select_metrics
 from stratalign.errors import StratalignError
 
 
@@ -47,8 +48,7 @@ PRESET_HELP = ("Trainer schedule: auto (cpu without CUDA, gpu with it), cpu (bat
                "paper (METHOD's published schedule: batch 4096, 3000 steps). --set overrides any one setting.")
 
 
-# = stratalign.train.validation.SELECT_METRICS (spelt out for a light --help; tests/cli/test_main.py checks they agree)
-SELECT_CHOICES = ("rsum", "zeroshot", "clip_loss")
+SELECT_CHOICES = tuple(select_metrics())  # core.metric_registry (pure data: a light --help)
 SELECT_HELP = ("Validation metric that picks the restored checkpoint (METHOD 3.6): rsum (R@1+R@5+R@10 both ways, "
                "default), zeroshot (top-1; needs labels) or clip_loss. CoMM and CSA have their own rule.")
 TUNE_HELP = ("Choose the objective's knobs on validation (METHOD 3.7): one run per value of its grid (lambda, beta, "
@@ -67,10 +67,3 @@ def check_preset(value: str) -> str:
     from stratalign.train.presets import check_preset_name
 
     return check_preset_name(value)
-
-
-def preset_line(preset: str, overrides: tuple) -> str:
-    """'preset cpu (no CUDA): batch 256, 600 steps, ...': the schedule in force, printed at the start of a run."""
-    from stratalign.train.presets import choose_preset, describe
-
-    return describe(choose_preset(preset, dict(overrides)), overrides)

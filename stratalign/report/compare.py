@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from stratalign.core.metric_registry import VERDICT, query_units, shown_in
 from stratalign.core.stats import DEFAULT_RESAMPLES, two_level_bootstrap
 
-KEY_METRICS = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10", "zs_top1")
-QUERY_UNIT = {"i2t": "images", "t2i": "captions", "zs": "images"}
+KEY_METRICS = shown_in(VERDICT)  # core.metric_registry
+QUERY_UNIT = query_units()
 Queries = Mapping[str, Mapping[str, np.ndarray]]  # run id -> per-query arrays
 SCHEMA = {"comparison": pl.String, "method": pl.String, "baseline": pl.String, "head": pl.String,
           "layer_rule": pl.String, "objective": pl.String, "baseline_rule": pl.String, "n_pairs": pl.Int64,
@@ -86,7 +87,7 @@ def _compare(kind: str, rows: list[dict[str, Any]], queries: Queries, baseline: 
             out.append({"comparison": kind, "method": label, "baseline": base_label, "head": head,
                         "layer_rule": rule, "objective": objective, "baseline_rule": base_rule, "n_pairs": n,
                         "metric": metric, "seeds": res.seeds, "queries": res.queries,
-                        "query_unit": QUERY_UNIT.get(metric.split("_")[0], "queries"), "diff": res.diff,
+                        "query_unit": QUERY_UNIT.get(metric, "queries"), "diff": res.diff,
                         "low": res.low, "high": res.high, "half_width": res.half_width, "verdict": res.verdict})
     return out
 

@@ -12,15 +12,13 @@ from typing import Any
 
 import polars as pl
 
+from stratalign.core.metric_registry import TABLE, REGISTRY, shown_in
 from stratalign.core.stats import HELPS, HURTS, NO_CLEAR, queries_to_resolve
 from stratalign.report.naming import method_label, n_name, rule_name
 
-KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")
-TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "zs_top1", "zs_balanced_acc",
-                 "probe_acc", "probe_concat_acc")
-NAMES = {"i2t_R@1": "i2t R@1", "t2i_R@1": "t2i R@1", "i2t_R@5": "i2t R@5", "t2i_R@5": "t2i R@5",
-         "i2t_R@10": "i2t R@10", "t2i_R@10": "t2i R@10", "zs_top1": "zero-shot top-1", "zs_balanced_acc":
-         "zero-shot balanced acc.", "probe_acc": "probe acc.", "probe_concat_acc": "probe on frozen features"}
+KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")  # the headline: what the bottom line and the findings speak of
+TABLE_METRICS = shown_in(TABLE)  # core.metric_registry
+NAMES = {m.name: m.display for m in REGISTRY}
 MIN_SEEDS = 5  # docs/method.md: at least 5 seeds where a report draws conclusions
 
 

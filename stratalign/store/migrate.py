@@ -170,4 +170,5 @@ def migrate_store(store: FeatureStore, keys: tuple[str, ...] = (), *, dry_run: b
             out.append(Migration(key, "skipped", str(exc)))
     if not dry_run and os.path.isdir(store.loc.path(STAGING)) and not os.listdir(store.loc.path(STAGING)):
         os.rmdir(store.loc.path(STAGING))
+    store.forget_held()  # entries were swapped in under their keys: the held listing names the old ones
     return recovered, out

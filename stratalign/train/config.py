@@ -5,7 +5,7 @@ Objective and head names are checked against the objective registry (stratalign.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from torch import nn
@@ -16,16 +16,27 @@ from stratalign.core.objectives import HEADS, Selection, objective_named, settin
 from stratalign.errors import StratalignError
 from stratalign.train.validation import check_select
 
-# Knobs whose default is the objective's (core.objectives: Objective.defaults). Left None, they resolve to the
-# objective's default, or, for an objective without one, to the value every older run recorded: so runs of
-# the objectives that do not read a knob keep their settings, and their run ids, byte for byte.
-UNREAD_VALUES: dict[str, Any] = {"beta": 0.01, "vib_scale": 1.0, "csa_ridge": 1e-3, "csa_k": 0,
-                                 "csa_similarity": "cosine", "comm_final_norm": False, "select": "clip_loss"}
-# Knobs added after runs were recorded: left out of the recorded settings at these values (older run ids
-# stay valid) and read back as these values when a record lacks them (an older run means what it meant).
-# `select`: runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss.
-ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False,
-                               "select": "clip_loss", "stop_step": None}
+# The fields of the first recorded settings (every run id before the first knob was added hashes exactly these).
+# Frozen history, never edited: a field added since must say, where it is declared, what its absence meant
+# (`knob(..., absent=...)`), or importing this module fails; so a new knob cannot silently change old run ids.
+FIRST_RECORDED = frozenset((
+    "objective", "head", "head_options", "dim", "lr", "betas", "weight_decay", "batch_size", "max_steps", "patience",
+    "eval_every", "tau", "lam", "warmup_steps", "warmup_fraction", "levels", "weighting", "centering", "js", "knn_k",
+    "beta", "vib_scale", "vib_symmetric", "comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise",
+    "csa_ridge", "csa_refine_steps", "csa_refine_lr", "seed", "device", "amp"))
+
+
+def knob(default: Any = None, *, unread: Any = MISSING, absent: Any = MISSING) -> Any:
+    """A TrainConfig field declaring what keeps run ids stable for it.
+
+    unread: the knob's default is its objective's (core.objectives: Objective.defaults); left None it resolves
+    to that, or, for an objective without one, to `unread`, the value every older run recorded (so runs of the
+    objectives that do not read it keep their settings, and their ids, byte for byte).
+    absent: the knob was added after runs were recorded; it is left out of the recorded settings while it holds
+    this value (older run ids stay valid) and a record that lacks it reads as this value (an older run means what
+    it meant)."""
+    meta = {k: v for k, v in (("unread", unread), ("absent", absent)) if v is not MISSING}
+    return field(default=default, metadata=meta)
 # The candidate checkpoints (METHOD 3.6). "all": every evaluation step, for every objective (since 2026-12-06).
 # "after_warmup": the rule of older runs, no candidate before the warm-up ends (and an extra evaluation at its end).
 # Only runs with a warm-up differ between the two, so only they record it; a record without it is an older run.
@@ -41,7 +52,9 @@ class TrainConfig:
     applies to the structure objectives (the lambda of 3.2 step 5). `patience` and `eval_every` are
     in optimiser steps; patience only counts from the first candidate checkpoint.
     The knobs that default to None (beta, vib_scale, csa_*, comm_final_norm) take the objective's default
-    when the config is made (see UNREAD_VALUES); `to_dict` / `from_dict` are the recorded form.
+    when the config is made (see `knob`); `to_dict` / `from_dict` are the recorded form (run ids hash it): a
+    knob added after runs were recorded is left out at the value its absence means, and numbers are canonical
+    (an integer given for a float field is recorded as that float).
     csa_k: canonical directions kept (0: every one, capped by dim); csa_similarity: weighted | cosine.
     select: the validation metric that picks the restored checkpoint (METHOD 3.6): rsum (the default of the
     objectives selected on retrieval) | zeroshot | clip_loss; CoMM selects on its own loss, CSA has nothing to
@@ -71,8 +84,8 @@ class TrainConfig:
     centering: str = "mean"
     js: str = "reference"
     knn_k: int = 10
-    beta: float | None = None
-    vib_scale: float | None = None
+    beta: float | None = knob(unread=0.01)
+    vib_scale: float | None = knob(unread=1.0)
     vib_symmetric: bool = False
     comm_dim: int = 512
     comm_out: int = 256
@@ -80,15 +93,16 @@ class TrainConfig:
     comm_tau: float = 0.1
     aug_drop: float = 0.1
     aug_noise: float = 0.1
-    comm_final_norm: bool | None = None
-    csa_ridge: float | None = None
-    csa_k: int | None = None
-    csa_similarity: str | None = None
+    comm_final_norm: bool | None = knob(unread=False, absent=False)
+    csa_ridge: float | None = knob(unread=1e-3)
+    csa_k: int | None = knob(unread=0, absent=0)
+    csa_similarity: str | None = knob(unread="cosine", absent="cosine")
     csa_refine_steps: int = 0
     csa_refine_lr: float = 1e-4
-    select: str | None = None
-    candidates: str = "all"
-    stop_step: int | None = None
+    # runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss
+    select: str | None = knob(unread="clip_loss", absent="clip_loss")
+    candidates: str = knob("all", absent=LEGACY_CANDIDATES)
+    stop_step: int | None = knob(None, absent=None)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -100,6 +114,10 @@ class TrainConfig:
         if self.head not in HEADS:
             raise StratalignError(f"unknown head {self.head!r}; known: {', '.join(HEADS)}")
         self._resolve_objective_defaults()
+        for name in FLOAT_FIELDS:  # canonical: lam=30 and lam=30.0 are one setting, recorded (and hashed) as 30.0
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, name, float(v))
         for name in ("dim", "batch_size", "max_steps", "patience", "eval_every", "levels"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -161,9 +179,8 @@ class TrainConfig:
         for name, legacy in ADDED_KNOBS.items():
             if out[name] == legacy and type(out[name]) is type(legacy):
                 del out[name]
-        # older records mean the older rule by its absence; without a warm-up both rules are the same rule
-        if self.resolved_warmup() == 0 or self.candidates == LEGACY_CANDIDATES:
-            del out["candidates"]
+        if self.resolved_warmup() == 0:  # without a warm-up both candidate rules are one rule: nothing to record
+            out.pop("candidates", None)
         return out
 
     def selection_floor(self) -> int:
@@ -185,7 +202,31 @@ class TrainConfig:
         bad = sorted(set(d) - known)
         if bad:
             raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
-        return cls(**{**ADDED_KNOBS, "candidates": LEGACY_CANDIDATES, **d})
+        return cls(**{**ADDED_KNOBS, **d})
+
+
+def _declared(key: str) -> dict[str, Any]:
+    return {f.name: f.metadata[key] for f in fields(TrainConfig) if key in f.metadata}
+
+
+# knob -> the value an objective without a default of its own gives it (declared with `knob(unread=...)`)
+UNREAD_VALUES: dict[str, Any] = _declared("unread")
+# knob added after runs were recorded -> the value its absence means (declared with `knob(absent=...)`)
+ADDED_KNOBS: dict[str, Any] = _declared("absent")
+# number fields: an integer given for one is recorded as the float it stands for
+FLOAT_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.type in ("float", "float | None"))
+
+
+def check_recorded_fields(cls: type = TrainConfig) -> None:
+    """Every field of the settings class is one of the first recorded settings or declares what its absence
+    meant (checked when this module is imported: a knob added without it fails at once, not in old run ids)."""
+    undeclared = [f.name for f in fields(cls) if f.name not in FIRST_RECORDED and "absent" not in f.metadata]
+    if undeclared:
+        raise TypeError(f"{cls.__name__} fields {undeclared} were added after runs were recorded: declare the value "
+                        "their absence meant with knob(..., absent=...), or every older run id changes")
+
+
+check_recorded_fields()
 
 
 @dataclass

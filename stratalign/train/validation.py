@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from stratalign.core import losses as losses_mod
+from stratalign.core.metric_registry import select_metrics
 from stratalign.errors import StratalignError
 
-# selection metric -> (the curve's key, True when higher is better)
-SELECT_METRICS: dict[str, tuple[str, bool]] = {"rsum": ("rsum", True), "zeroshot": ("zs_top1", True),
-                                               "clip_loss": ("clip_loss", False)}
+# selection metric -> (the curve's key, True when higher is better): the registry's (core.metric_registry)
+SELECT_METRICS: dict[str, tuple[str, bool]] = select_metrics()
 RECALL_KS = (1, 5, 10)
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from stratalign.errors import StratalignError
-from stratalign.store.feature_store import FeatureEntry, FeatureStore
+from stratalign.store.feature_store import MODALITIES, FeatureEntry, FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.version import __version__
 
-MODALITIES = ("image", "text")
+__all__ = ["MODALITIES", "check_card", "run_card", "tower_card"]
 
 
 def tower_card(entry: FeatureEntry, layer: int) -> dict[str, Any]:

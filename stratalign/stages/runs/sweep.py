@@ -19,6 +19,7 @@ from typing import Any, Callable
 import polars as pl
 
 from stratalign.core.layer_rule import LayerRule
+from stratalign.core.metric_registry import SWEEP, shown_in
 from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
@@ -29,9 +30,7 @@ from stratalign.stages.runs.config import RunConfig
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
-HEADLINE = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10", "zs_top1", "zs_top5",
-            "zs_balanced_acc", "alignment_mknn", "probe_acc", "probe_concat_acc", "best_step", "lambda_at_best",
-            "train_seconds")
+HEADLINE = shown_in(SWEEP)  # the registry's metrics of a sweep's runs table (core.metric_registry)
 
 
 @dataclass(frozen=True)

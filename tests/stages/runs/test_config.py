@@ -47,14 +47,15 @@ def _config_bytes(run: ResolvedRun) -> bytes:
 
 def _check(store, suffix: str) -> None:
     for name, kw in CASES.items():
-        run = resolve_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", **kw))
+        run = resolve_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", preset=None, **kw))
         rid, sha = PINNED[name + suffix]
         assert run.run_id == rid, name
         assert hashlib.sha256(_config_bytes(run)).hexdigest() == sha, name
         assert ("bad_pairs_dropped" in run.config_dict()) == bool(suffix)
         again = ResolvedRun.from_config(json.loads(_config_bytes(run)))
         assert again == run and again.config_dict() == run.config_dict() and again.subset is None
-    res = train_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", **CASES["csa_last"]))
+    res = train_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", preset=None,
+                                     **CASES["csa_last"]))
     written = store.loc.read_bytes("runs", res["run_id"], "config.json")
     assert hashlib.sha256(written).hexdigest() == PINNED["csa_last" + suffix][1]
 
