@@ -1,4 +1,4 @@
-"""Heads that map one frozen encoder layer to the shared space (METHOD.md section 3).
+"""Heads that map one frozen encoder layer to the shared space (docs/method.md § 3).
 
 Every head returns L2-normalised rows. A head carries `config` (a JSON-able dict) so that
 `build_head(**config)` rebuilds it before its tensors are loaded; nothing is ever pickled.
@@ -19,7 +19,7 @@ from torch import nn
 from stratalign.errors import StratalignError
 
 HEAD_KINDS = ("linear", "mlp", "residual", "csa")
-VIB_SCALE = 0.05  # s in z = mu + s * sigma * eps (METHOD 3.4)
+VIB_SCALE = 0.05  # s in z = mu + s * sigma * eps (docs/method.md § 3.4)
 
 
 def _check_dims(**dims: int) -> None:
@@ -133,7 +133,7 @@ class VariationalHead(nn.Module):
     def sample(mu: torch.Tensor, logvar: torch.Tensor, scale: float = VIB_SCALE,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """z = normalise(mu + scale * sigma * eps), eps ~ N(0, I); scale 0.05 by default, as the VIB
-        authors' code hard-codes it (METHOD 3.4)."""
+        authors' code hard-codes it (docs/method.md § 3.4)."""
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return F.normalize(mu + scale * torch.exp(0.5 * logvar) * eps, dim=-1)
 

@@ -30,7 +30,7 @@ class Metric:
     unit: "%" (scores in percent), "steps", "s", "" (a plain number). higher_is_better: the direction (None: a
     fact about training, not a score). split: test | validation | training. shown: the PLACES it appears in.
     query_unit: what one per-query result is (images | captions) where comparisons bootstrap over queries.
-    select: its `--select` name where it can pick the restored checkpoint (METHOD 3.6); validation_key: its key
+    select: its `--select` name where it can pick the restored checkpoint (docs/method.md § 3.8); validation_key: its key
     in a run's validation curve when that differs from `name`.
     space_score: the name of a function of core.scoring that computes it from a test split's learned space
     (`scoring.Space`), called by the retrieval scorer (stages.runs.evaluate) for every metric that names one."""

@@ -1,4 +1,4 @@
-"""Evaluation metrics of a learned space (METHOD.md section 4): retrieval, zero-shot, linear probe, alignment.
+"""Evaluation metrics of a learned space (docs/method.md § 4): retrieval, zero-shot, linear probe, alignment.
 
 All take numpy arrays or torch tensors and return plain floats in percent (alignment_score: a fraction),
 so results can go straight into JSON and tables.

@@ -1,4 +1,4 @@
-"""Representational similarity of paired rows (METHOD.md section 2) and the layer x layer matrix.
+"""Representational similarity of paired rows (docs/method.md § 2) and the layer x layer matrix.
 
 Every metric takes two raw (n x d) arrays whose row i describes the same pair, L2-normalises the rows
 (optionally after clamping outliers) and returns a float. `layer_similarity` builds the whole
@@ -23,7 +23,7 @@ __all__ = ["METRICS", "KNN_METRICS", "choose_layers", "cka", "cknna", "cycle_knn
 
 KNN_METRICS = frozenset({"mutual_knn", "cknna", "cycle_knn"})
 UNBIASED_METRICS = frozenset({"unbiased_cka", "cknna"})
-CKA_EPS = 1e-6  # METHOD.md: cka = HSIC(K,L) / (sqrt(HSIC(K,K) HSIC(L,L)) + 1e-6)
+CKA_EPS = 1e-6  # docs/method.md: cka = HSIC(K,L) / (sqrt(HSIC(K,K) HSIC(L,L)) + 1e-6)
 CLAMP_QUANTILE = 0.95
 
 

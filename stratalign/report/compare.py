@@ -50,8 +50,8 @@ def _pairs(rows: list[dict[str, Any]], kind: str, baseline: str, baseline_rule: 
     """{(method label, objective, layer rule, head, n_pairs, baseline label, baseline rule): [(run, baseline run)]}."""
     out: dict[tuple, list[tuple[str, str]]] = {}
     for r in rows:
-        if kind == "objective":
-            if r["objective"] == baseline:
+        if kind == "objective":  # on the baseline's own layer rule this is the vs_last comparison: not twice
+            if r["objective"] == baseline or r["layer_rule"] == baseline_rule:
                 continue
             base_obj, base_rule, label = baseline, r["layer_rule"], r["objective"]
         elif kind == "vs_last":

@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from stratalign.core.metric_registry import TABLE, REGISTRY, shown_in
+from stratalign.core.metric_registry import REGISTRY, TABLE, shown_in
 from stratalign.core.stats import HELPS, HURTS, NO_CLEAR, queries_to_resolve
 from stratalign.report.naming import method_label, n_name, rule_name
 

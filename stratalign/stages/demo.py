@@ -34,7 +34,7 @@ class DemoConfig:
     # alone would double the demo; README gives its numbers from `stratalign sweep --objective comm` on the same store
     objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa")
     n_pairs: tuple[int | None, ...] = (200, 500, None)
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # METHOD 4: at least 5 seeds where a report draws conclusions
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # docs/method.md § 4: at least 5 seeds where a report draws conclusions
     layer_rules: tuple[str, ...] = ("last", "auto")
     # last vs chosen layers is compared on CLIP; the other objectives run on the chosen layers only (the budget:
     # tuned grids x 5 seeds x 3 subset sizes within 10 minutes on 2 cores)
@@ -50,7 +50,7 @@ class DemoConfig:
     # a run where a full schedule would restore the same step. `train_options` are --set overrides on top.
     preset: str = "cpu"
     train_options: tuple[tuple[str, object], ...] = ()
-    # knobs chosen on validation per cell and seed (METHOD 3.7: lambda, beta, CSA k x ridge from each objective's
+    # knobs chosen on validation per cell and seed (docs/method.md § 3.9: lambda, beta, CSA k x ridge from each objective's
     # grid); False trains the registry's defaults
     tune: bool = True
     batch_size: int = 32

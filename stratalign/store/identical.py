@@ -1,4 +1,4 @@
-"""Byte-identical images of one dataset kept in one split (METHOD.md section 4, "Overlap").
+"""Byte-identical images of one dataset kept in one split (docs/method.md § 4, "Overlap").
 
 Two image files with the same content hash are the same image under two names: if one lands in train and the
 other in test, the test split scores an image the heads trained on. At ingest such images are joined into one

@@ -6,7 +6,7 @@
     runs/<run id>/eval-<dataset>.json  evaluation on another dataset (records that dataset's fingerprint)
     runs/<run id>/queries.safetensors  per-query results on its own test split (hits per image / caption),
                                        for paired comparisons; recomputable from the weights
-    runs/<run id>/tuning-<key>.json    a grid this run was chosen from on validation (METHOD 3.7): every point's
+    runs/<run id>/tuning-<key>.json    a grid this run was chosen from on validation (docs/method.md § 3.9): every point's
                                        run id and validation value; key = hash of the points' run ids
 
 A run id is a hash of its config, so re-running an identical cell finds it done and skips it.

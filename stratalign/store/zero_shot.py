@@ -1,4 +1,4 @@
-"""A dataset's zero-shot prompts: its templates and class names, set at ingest (METHOD.md section 4, "Templates").
+"""A dataset's zero-shot prompts: its templates and class names, set at ingest (docs/method.md § 4, "Templates").
 
 A template holds one `{}` where the class name goes ("a photo of a {}."); a prompt per class and template goes
 through the text encoder and head, and the templates of a class are averaged. Class names default to the labels;

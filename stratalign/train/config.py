@@ -37,7 +37,7 @@ def knob(default: Any = None, *, unread: Any = MISSING, absent: Any = MISSING) -
     it meant)."""
     meta = {k: v for k, v in (("unread", unread), ("absent", absent)) if v is not MISSING}
     return field(default=default, metadata=meta)
-# The candidate checkpoints (METHOD 3.6). "all": every evaluation step, for every objective (since 2026-12-06).
+# The candidate checkpoints (docs/method.md § 3.8). "all": every evaluation step, for every objective (since 2026-12-06).
 # "after_warmup": the rule of older runs, no candidate before the warm-up ends (and an extra evaluation at its end).
 # Only runs with a warm-up differ between the two, so only they record it; a record without it is an older run.
 CANDIDATES = ("all", "after_warmup")
@@ -56,7 +56,7 @@ class TrainConfig:
     knob added after runs were recorded is left out at the value its absence means, and numbers are canonical
     (an integer given for a float field is recorded as that float).
     csa_k: canonical directions kept (0: every one, capped by dim); csa_similarity: weighted | cosine.
-    select: the validation metric that picks the restored checkpoint (METHOD 3.6): rsum (the default of the
+    select: the validation metric that picks the restored checkpoint (docs/method.md § 3.8): rsum (the default of the
     objectives selected on retrieval) | zeroshot | clip_loss; CoMM selects on its own loss, CSA has nothing to
     select (both record clip_loss, the value every older run meant).
     candidates: which evaluation steps may be restored: "all" (every objective alike) or "after_warmup" (the
@@ -155,6 +155,8 @@ class TrainConfig:
             raise StratalignError(f"TrainConfig.device must be auto, cpu or cuda[:n], not {self.device!r}")
         if self.candidates not in CANDIDATES:
             raise StratalignError(f"TrainConfig.candidates must be one of {CANDIDATES}, not {self.candidates!r}")
+        if self.resolved_warmup() == 0:
+            self.candidates = "all"  # without a warm-up the two rules are one rule (and nothing is recorded)
         if self.stop_step is not None and (not isinstance(self.stop_step, int) or isinstance(self.stop_step, bool)
                                            or not 0 <= self.stop_step <= self.max_steps):
             raise StratalignError(f"TrainConfig.stop_step must be an integer in [0, max_steps={self.max_steps}], "

@@ -102,7 +102,7 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
 def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                 cfg: TrainConfig, *, graphs: Graphs | None = None, targets: ValidationTargets | None = None,
                 progress: Progress | None = None) -> TrainResult:
-    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6): the one-run case
+    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (docs/method.md § 3.1-3.4, 3.6): the one-run case
     of `train_many`; a CoMM objective goes to `train_comm`.
 
     graphs: for objectives with kNN graphs, the (image, text) graphs from `knn_graphs` for this train_idx
@@ -118,7 +118,7 @@ def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val
 
 def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                cfg: TrainConfig, *, progress: Progress | None = None) -> TrainResult:
-    """Train the CoMM fusion model (METHOD 3.5) with the same loop; early stopping monitors the
+    """Train the CoMM fusion model (docs/method.md § 3.5) with the same loop; early stopping monitors the
     validation CoMM loss (views drawn from a fixed seed, so the yardstick does not move)."""
     tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
     dev = resolve_device(cfg.device)

@@ -1,4 +1,4 @@
-"""The loop of one fusion model (METHOD.md section 3.6): CoMM's fusion module (`run_loop`) and CSA's optional R_S
+"""The loop of one fusion model (docs/method.md § 3.8): CoMM's fusion module (`run_loop`) and CSA's optional R_S
 refinement (`run_fixed_steps`). Aligned heads train in train.heads_loop; both loops follow train.rules.
 """
 

@@ -1,4 +1,4 @@
-"""Many runs of aligned heads trained together: one loop, stacked heads, batched matmuls (METHOD.md 3.6).
+"""Many runs of aligned heads trained together: one loop, stacked heads, batched matmuls (docs/method.md § 3.8).
 
 `train_heads_many` takes jobs over one pair of feature tables and splits them into groups of runs that agree on
 what one shared step needs (`group_key`: head kind and dims, lr, betas, weight decay, max_steps, eval_every,
@@ -228,7 +228,7 @@ class GroupLoop:
         group is ordered that way: `train_heads_many`), on slices of the stacks; zeros for runs without one.
         Slices (not an index) keep every run's gradient bit for bit what it is alone. A run whose weight is 0 at
         this step (lambda = 0, or the warm-up's first step) gets no regulariser at all, not 0 x its value: its
-        step is then CLIP's step bit for bit (METHOD 3.6, the zero-weight invariant; a regulariser's zero gradient
+        step is then CLIP's step bit for bit (docs/method.md § 3.8, the zero-weight invariant; a regulariser's zero gradient
         still changes how autograd lays out the embedding's gradient, which moved weights by ~1e-8)."""
         parts: list[torch.Tensor] = []
         keys = [r.loss_key if w != 0.0 else "" for r, w in zip(self.active, weights)]

@@ -1,4 +1,4 @@
-"""The rules of the optimisation loop (METHOD.md section 3.6), shared by the loop of aligned heads
+"""The rules of the optimisation loop (docs/method.md § 3.8), shared by the loop of aligned heads
 (train.heads_loop) and the loop of one fusion model (train.fusion_loop: CoMM, CSA's refinement): batches, the
 cosine schedule, autocast, checkpoint selection and its restore, the history rows.
 
@@ -70,7 +70,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class CheckpointSelector:
-    """Checkpoint selection (METHOD 3.6): the best validation value among the candidate steps.
+    """Checkpoint selection (docs/method.md § 3.8): the best validation value among the candidate steps.
 
     The candidates are every evaluation step, the same for every objective of a comparison: a warm-up shapes the
     weight lambda_t, it never restricts where a run may stop. `floor` > 0 reproduces the rule of runs recorded

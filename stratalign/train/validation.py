@@ -1,4 +1,4 @@
-"""The validation yardsticks of model selection (METHOD.md 3.6): retrieval rsum, zero-shot top-1, CLIP loss.
+"""The validation yardsticks of model selection (docs/method.md § 3.8): retrieval rsum, zero-shot top-1, CLIP loss.
 
 At every evaluation step the trainer scores the heads on the whole validation split: `rsum` (R@1 + R@5 + R@10,
 image->text and text->image, over the gallery of unique validation images and all their captions), zero-shot

@@ -2,7 +2,7 @@
 
 A card names, per modality, the encoder (spec and the metadata its features were extracted with: weights
 sha256, preprocessing), the chosen layer, the pooling and the dtype the features were stored in; the zero-shot
-classes and templates of the run's dataset (as its evaluation uses them, METHOD section 4); and the run's
+classes and templates of the run's dataset (as its evaluation uses them, docs/method.md § 4); and the run's
 config and metrics. `stratalign export` writes it as model.json beside the heads (store.exports).
 """
 

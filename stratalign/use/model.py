@@ -8,7 +8,7 @@
 
 Each encoder runs only up to the run's chosen layer (`Encoder.forward_layer`: the later blocks never run where
 the encoder can stop early, see `truncates`; otherwise the full forward pass), pools as extraction does
-(METHOD section 1), and the pooled features pass through the dtype they were stored in at training (float16
+(docs/method.md § 1), and the pooled features pass through the dtype they were stored in at training (float16
 by default) before the head: the head sees exactly what the cached-feature path gives it, so embedding a
 dataset's own rows equals store features -> head up to the encoder's own numerics. On CUDA the encoders run
 under autocast (bfloat16 where supported) as extraction does; on the CPU in float32.

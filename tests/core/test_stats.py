@@ -101,15 +101,16 @@ def test_comparisons_pair_runs_by_cell_and_seed() -> None:
     table = paired_comparisons(runs, queries)
     obj = table.filter(pl.col("comparison") == "objective")
     assert set(obj["method"]) == {"clip+structure"} and set(obj["baseline"]) == {"clip"}
+    # on the last layers the same-layer comparison is the vs_last one (not listed twice)
     i2t = obj.filter(pl.col("metric") == "i2t_R@1")
-    assert i2t.height == 2 and set(i2t["verdict"]) == {HELPS} and set(i2t["seeds"]) == {3}
-    assert i2t["diff"].to_list() == pytest.approx([100 * 40 / 300] * 2)
+    assert i2t.height == 1 and set(i2t["verdict"]) == {HELPS} and set(i2t["seeds"]) == {3}
+    assert i2t["diff"].to_list() == pytest.approx([100 * 40 / 300])
     assert set(obj.filter(pl.col("metric") == "t2i_R@1")["verdict"]) == {NO_CLEAR}  # identical hits
-    assert obj.filter(pl.col("metric") == "t2i_R@1")["query_unit"].to_list() == ["captions"] * 2
+    assert obj.filter(pl.col("metric") == "t2i_R@1")["query_unit"].to_list() == ["captions"]
     layers = table.filter(pl.col("comparison") == "layers")
     assert set(layers["method"]) == {"auto"} and set(layers["objective"]) == {"clip", "clip+structure"}
     text = " ".join(findings(table, "i2t_R@1"))
-    assert "**clip+structure** vs clip on the same layers, i2t R@1: helps in 2 cells, hurts in 0, no clear " \
+    assert "**clip+structure** vs clip on the same layers, image→text R@1: helps in 1 cells, hurts in 0, no clear " \
            "difference in 0" in text
     vs_last = table.filter((pl.col("comparison") == "vs_last") & (pl.col("metric") == "i2t_R@1"))
     assert set(vs_last["method"]) == {"clip / auto", "clip+structure / auto", "clip+structure / last"}
@@ -135,7 +136,7 @@ def test_one_seed_shows_no_spread(tmp_path) -> None:
     assert not any("±" in line for line in text.splitlines() if line.startswith("|"))
     assert "at least 5 seeds" in text and "## Bottom line" in text
     three = aggregate(_runs_and_queries((0, 1, 2))[0].drop("run"))
-    assert all("±" in v for v in results_table(three)["i2t R@1"].to_list())
+    assert all("±" in v for v in results_table(three)["image→text R@1"].to_list())
 
 
 def test_two_level_bootstrap_matches_a_direct_two_level_loop() -> None:

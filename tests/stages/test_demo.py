@@ -58,6 +58,6 @@ def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
     assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None))
     assert DemoConfig.sized(200).n_pairs == (25, None)
     assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
-    assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # METHOD 4 and 3.7
+    assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # docs/method.md § 4 and 3.7
     assert "comm" not in DemoConfig().objectives  # 97 s a run on 2 cores: measured by a sweep, in the README
     assert DemoConfig.sized() == DemoConfig()

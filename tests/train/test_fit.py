@@ -1,4 +1,4 @@
-"""Trainer: determinism, the early-stopping rules of METHOD 3.6, NaN handling, storage, learning."""
+"""Trainer: determinism, the early-stopping rules of docs/method.md § 3.8, NaN handling, storage, learning."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_same_call_twice_is_bit_identical():
 
 
 def test_every_evaluation_step_is_a_candidate_warmup_or_not():
-    """METHOD 3.6 (2026-12-06): one candidate set for every run. Random pairs overfit at once, so the validation
+    """docs/method.md § 3.8 (2026-12-06): one candidate set for every run. Random pairs overfit at once, so the validation
     CLIP loss is lowest inside the warm-up; the structure run restores that step as plain CLIP does."""
     xi, xt = _random()
     cfg = TrainConfig(objective="clip+structure", warmup_steps=20, select="clip_loss", **SMALL)
@@ -242,7 +242,7 @@ def test_knn_objective_with_k0_trains_like_batch_structure():
 
 
 def test_defaults_equal_method_md():
-    """METHOD.md 3.1-3.6 defaults, field by field."""
+    """docs/method.md § 3.1-3.8 defaults, field by field."""
     import inspect
 
     cfg = TrainConfig()
@@ -337,7 +337,7 @@ def test_gradient_clip_is_per_head(monkeypatch):
 
 def _dense_rs_knn(x_all: torch.Tensor, z_all: torch.Tensor, bidx: list[int], graph: np.ndarray, tau: float,
                   levels: int) -> float:
-    """METHOD 3.3 written out: P over the extended support (batch U N(i), each row once), float64."""
+    """docs/method.md § 3.3 written out: P over the extended support (batch U N(i), each row once), float64."""
     x_all, z_all = x_all.double(), z_all.double()
     support = sorted(set(bidx) | {int(j) for i in bidx for j in graph[i]})
     col = {j: c for c, j in enumerate(support)}
@@ -369,7 +369,7 @@ def _dense_rs_knn(x_all: torch.Tensor, z_all: torch.Tensor, bidx: list[int], gra
 
 @pytest.mark.parametrize("levels", [1, 2])
 def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
-    """The first step's regulariser (initial heads, first batch) against METHOD 3.3 built densely."""
+    """The first step's regulariser (initial heads, first batch) against docs/method.md § 3.3 built densely."""
     from stratalign.train import heads_loop
 
     xi, xt = _random(n=60, d=8, seed=4)
@@ -430,7 +430,7 @@ def test_precomputed_graphs_are_used_and_checked(monkeypatch):
 
 
 def _curve_rule(res, key, higher, first_candidate):
-    """The checkpoint METHOD 3.6 restores, computed from the recorded curve: the best value of the selection
+    """The checkpoint docs/method.md § 3.8 restores, computed from the recorded curve: the best value of the selection
     metric among the evaluated steps >= the first candidate, the earliest on ties."""
     rows = [r for r in res.val_curve if r["step"] >= first_candidate and math.isfinite(r[key])]
     best = max(r[key] for r in rows) if higher else min(r[key] for r in rows)
@@ -492,7 +492,7 @@ def test_selection_metric_choices_pick_different_rules():
 
 def test_rsum_gallery_dedups_images_of_several_captions():
     """Validation pairs sharing an image id form one gallery image: i2t counts an image once, with any of its
-    captions a hit (METHOD 4), so the rsum differs from the one that treats every pair as its own image."""
+    captions a hit (docs/method.md § 4), so the rsum differs from the one that treats every pair as its own image."""
     from stratalign.train.validation import ValidationTargets, Validator
 
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""The zero-weight invariant (METHOD 3.6): every regularised objective with its weight at 0 trains exactly as the
+"""The zero-weight invariant (docs/method.md § 3.8): every regularised objective with its weight at 0 trains exactly as the
 CLIP baseline - the same steps evaluated, the same restored step, the same weights and validation numbers.
 
 A rule that touches one objective and not its baseline (a selection window, a stopping rule, an extra

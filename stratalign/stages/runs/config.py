@@ -58,7 +58,7 @@ class RunConfig:
     options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # TrainConfig overrides (win over preset)
     # trainer schedule (train.presets): auto (cpu or gpu by the machine; the default here as in the CLI, so Python
     # and the CLI train the same run for the same request) | cpu | gpu | paper. None: TrainConfig's own defaults
-    # (METHOD's published schedule, = paper) recorded without a preset, as every run before presets existed.
+    # (docs/method.md published schedule, = paper) recorded without a preset, as every run before presets existed.
     preset: str | None = AUTO
     # the validation metric that picks the checkpoint (rsum | zeroshot | clip_loss) of the objectives that select
     # on validation (CoMM and CSA do not: left alone there, so one sweep can name it for every cell); None: the
@@ -262,7 +262,7 @@ def preset_notes(cfgs: Sequence[RunConfig]) -> list[str]:
         common = tuple((k, v) for k, v in group[0].options
                        if all(k in dict(c.options) and dict(c.options)[k] == v for c in group[1:]))
         if name is None:  # TrainConfig's defaults are the paper preset's schedule
-            lines.append("no preset (preset=None): TrainConfig's own schedule, METHOD's published one: "
+            lines.append("no preset (preset=None): TrainConfig's own schedule, docs/method.md published one: "
                          + describe(choose_preset("paper"), common).split(": ", 1)[1])
         else:
             lines.append(describe(choose_preset(name, dict(common)), common))

@@ -69,7 +69,7 @@ def train_features_of(inputs: RunInputs, vision_layer: int, text_layer: int,
 
 def validation_targets(ds: PairDataset, val: PairRows, text_entry: FeatureEntry, text_layer: int) -> ValidationTargets:
     """The validation pairs' image rows (one gallery image each), and for a labelled dataset their class
-    indices and the class prompts' features at the text layer (zero-shot on validation, METHOD 3.6)."""
+    indices and the class prompts' features at the text layer (zero-shot on validation, docs/method.md § 3.8)."""
     labels = ds.images["label"].to_list() if "label" in ds.images.columns else []
     val_labels = [labels[i] for i in val.image_rows] if labels else []
     if not ds.class_names or not val_labels or any(x is None for x in val_labels):

@@ -1,4 +1,4 @@
-"""Evaluation of a trained model on a dataset's test split (METHOD.md section 4), from cached features.
+"""Evaluation of a trained model on a dataset's test split (docs/method.md § 4), from cached features.
 
 Retrieval over the gallery of unique test images and all their captions, zero-shot classification with
 the dataset's class names and templates through the chosen text layer and head, and the mutual-kNN

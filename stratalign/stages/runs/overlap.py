@@ -1,4 +1,4 @@
-"""What an evaluation on another dataset shares with the run's training data (METHOD.md section 4, "Overlap").
+"""What an evaluation on another dataset shares with the run's training data (docs/method.md § 4, "Overlap").
 
 A dataset made from the same sources as the run's (another cut of one photo collection, a copy with other
 captions) may hold, in its test split, images the run trained on (same content hash) or captions it trained on

@@ -242,7 +242,7 @@ def _queries(comparisons: pl.DataFrame, metric: str) -> int | None:
 
 def _validation_curves(table: pl.DataFrame, out_dir: str) -> str | None:
     """Validation rsum and zero-shot along training per objective / layers (mean +- std over seeds) at the
-    largest training set: the retrieval / zero-shot trade-off one stopping point would hide (METHOD 3.6)."""
+    largest training set: the retrieval / zero-shot trade-off one stopping point would hide (docs/method.md § 3.8)."""
     from stratalign.report.plots import curves
 
     if not table.height or "rsum" not in table.columns:

@@ -95,7 +95,7 @@ def test_run_ids_with_dropped_pairs_unchanged(store_with_dataset) -> None:
 
 
 def test_own_val_split_is_the_default_and_changes_the_id(store_with_dataset) -> None:
-    """The toy dataset has a val split: by default a run validates on it (METHOD.md 3.6), and says so."""
+    """The toy dataset has a val split: by default a run validates on it (docs/method.md § 3.8), and says so."""
     store, ds = store_with_dataset
     extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, progress=False),
             load=load_tiny)

@@ -56,14 +56,16 @@ def test_a_sweep_decodes_each_table_once_and_lists_features_once(store_url: str,
     reads = Reads(monkeypatch)
     store = FeatureStore.open(store_url, "a")
     result = run_sweep(store, _sweep(2), progress=False)
-    assert result.trained == 8 and result.runs.height == 8
+    # 8 runs of 4 cells, each a selection run and a final run stopped at its cell's chosen step
+    assert result.trained == 16 and result.runs.height == 8
     assert set(reads.tables.values()) == {1}, reads.tables  # images.parquet and captions.parquet, once each
     assert reads.listings <= 1
     again = FeatureStore.open(store_url, "a")  # every cell done: skipped, still read once
     reads.tables.clear()
     reads.listings = 0
     done = run_sweep(again, _sweep(3), progress=False)  # 4 cells more than before
-    assert done.skipped == 8 and done.trained == 4
+    # a third seed: the selection runs of seeds 0-1 are reused (the finals may stop elsewhere: the mean moved)
+    assert done.skipped >= 8 and done.trained + done.skipped == 24
     assert max(reads.tables.values()) <= 1 and reads.listings <= 1
 
 

@@ -1,4 +1,4 @@
-"""Model selection and tuning through the store (METHOD 3.6-3.7): every run records how its checkpoint was chosen
+"""Model selection and tuning through the store (docs/method.md § 3.8-3.9): every run records how its checkpoint was chosen
 and its validation curve; `tune_run` picks a grid point by validation only and keeps the grid with the run.
 
 The store holds a small labelled table encoded by the tiny deterministic encoders of fake_encoders.py.
@@ -149,7 +149,7 @@ def test_one_choice_per_cell_applies_to_every_seed(store) -> None:
 
 
 def test_a_choice_on_the_grid_edge_extends_the_grid() -> None:
-    """METHOD 3.7: the best value on the grid's top edge adds the next point up (x3 for a weight), until the choice
+    """docs/method.md § 3.9: the best value on the grid's top edge adds the next point up (x3 for a weight), until the choice
     is inside or a bound is hit; each extension is recorded."""
     from stratalign.stages.runs.cells import PointResult, _Cell, _extensions
 
@@ -236,3 +236,26 @@ def test_sweep_skip_n_leaves_out_one_objective_at_one_size() -> None:
     cells = {(c.layers, c.objective, c.n_pairs) for c in cfg.cells()}
     assert ("last", "comm", 20) not in cells and ("auto", "comm", 20) not in cells
     assert {("last", "comm", None), ("auto", "comm", None), ("last", "clip", 20)} <= cells and len(cells) == 6
+
+
+def test_zero_weight_cells_choose_and_score_exactly_as_clip(store) -> None:
+    """docs/method.md § 3.8 at the level users see: a regularised objective at weight 0 goes through the same cell
+    choice as CLIP and ends with the same stopping step and the same test numbers, seed by seed."""
+    from stratalign.core.objectives import REGISTRY, Training
+    from stratalign.stages.runs.cells import choose_cells
+
+    regularised = [o for o in REGISTRY if o.training is Training.GRADIENT and o.regulariser is not None]
+    cfgs = [_cfg(n_pairs=40, seed=s) for s in (7, 8)]
+    for o in regularised:
+        cfgs += [_cfg(objective=o.name, n_pairs=40, seed=s, options=FAST + ((o.weight_knob, 0.0), ("knn_k", 4)))
+                 for s in (7, 8)]
+    choices, finals = choose_cells(store, cfgs, tune=False)
+    registry = RunRegistry(store)
+    clip = choices[0]
+    assert clip.cell.objective == "clip" and len(choices) == 1 + len(regularised)
+    for choice in choices[1:]:
+        assert choice.step == clip.step and choice.value == clip.value, choice.cell.objective
+        for rid, base in zip(choice.final, clip.final):
+            got, want = registry.metrics(rid), registry.metrics(base)
+            for key in ("i2t_R@1", "t2i_R@1", "i2t_R@10", "zs_top1", "best_step"):
+                assert got[key] == want[key], (choice.cell.objective, key)
