@@ -206,6 +206,10 @@ def test_sweep_skips_finished_cells_and_writes_leaderboard(stage_store, tmp_path
     seeds = first.runs.filter((pl.col("objective") == "clip") & (pl.col("n_pairs") == 40))["i2t_R@1"]
     assert row["i2t_R@1_mean"] == pytest.approx(seeds.mean()) and row["i2t_R@1_std"] == pytest.approx(seeds.std())
     assert (tmp_path / "rep" / "recall_vs_pairs.png").stat().st_size > 5000
+    # a sweep on the user's own table writes the same report as the demo, opening with its bottom line
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert report.index("## Bottom line") < report.index("## Results") and "csa / last" in report
+    assert "against clip / last" in report and "[" in report.split("## Bottom line")[1].split("##")[0]
     bigger = SweepConfig(base=_cfg(), n_pairs=(20, 40, 60), seeds=(0, 1), objectives=("clip", "csa"),
                          layer_rules=("last",))
     grown = run_sweep(stage_store, bigger, None, progress=False)
