@@ -12,7 +12,7 @@ from torch import nn
 
 from stratalign.core import losses
 from stratalign.core.heads import CSA_SIMILARITIES
-from stratalign.core.objectives import HEADS, Selection, objective_named, settings_objective
+from stratalign.core.objectives import HEADS, Selection, Training, objective_named, settings_objective
 from stratalign.errors import StratalignError
 from stratalign.train.validation import check_select
 
@@ -20,12 +20,14 @@ from stratalign.train.validation import check_select
 # objective's default, or, for an objective without one, to the value every older run recorded: so runs of
 # the objectives that do not read a knob keep their settings, and their run ids, byte for byte.
 UNREAD_VALUES: dict[str, Any] = {"beta": 0.01, "vib_scale": 1.0, "csa_ridge": 1e-3, "csa_k": 0,
-                                 "csa_similarity": "cosine", "comm_final_norm": False, "select": "clip_loss"}
+                                 "csa_similarity": "cosine", "comm_final_norm": False, "select": "clip_loss",
+                                 "asif_k": 0, "asif_power": 0.0, "mixup_alpha": 0.0}
 # Knobs added after runs were recorded: left out of the recorded settings at these values (older run ids
 # stay valid) and read back as these values when a record lacks them (an older run means what it meant).
 # `select`: runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss.
+# asif_k / asif_power / mixup_alpha (2026-12-06): 0 = not used (mixup off), the meaning of every older run.
 ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False,
-                               "select": "clip_loss"}
+                               "select": "clip_loss", "asif_k": 0, "asif_power": 0.0, "mixup_alpha": 0.0}
 
 
 @dataclass
@@ -41,6 +43,8 @@ class TrainConfig:
     select: the validation metric that picks the restored checkpoint (METHOD 3.6): rsum (the default of the
     objectives selected on retrieval) | zeroshot | clip_loss; CoMM selects on its own loss, CSA has nothing to
     select (both record clip_loss, the value every older run meant).
+    asif_k, asif_power: ASIF's top-k and power (METHOD 3.9). mixup_alpha: FuseMix latent mixup on the batches of
+    any aligned-heads objective (0: off; clip+fusemix defaults to 1).
     """
 
     objective: str = "clip"
@@ -79,6 +83,9 @@ class TrainConfig:
     csa_refine_steps: int = 0
     csa_refine_lr: float = 1e-4
     select: str | None = None
+    asif_k: int | None = None
+    asif_power: float | None = None
+    mixup_alpha: float | None = None
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -94,14 +101,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise StratalignError(f"TrainConfig.{name} must be a positive integer, not {v!r}")
-        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k"):
+        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k", "asif_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise StratalignError(f"TrainConfig.{name} must be an integer >= 0, not {v!r}")
         for name in ("lr", "tau", "comm_tau"):
             if not getattr(self, name) > 0:
                 raise StratalignError(f"TrainConfig.{name} must be > 0, not {getattr(self, name)!r}")
-        for name in ("lam", "beta", "weight_decay", "csa_ridge", "vib_scale"):
+        for name in ("lam", "beta", "weight_decay", "csa_ridge", "vib_scale", "asif_power", "mixup_alpha"):
             if not getattr(self, name) >= 0:
                 raise StratalignError(f"TrainConfig.{name} must be >= 0, not {getattr(self, name)!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -121,6 +128,7 @@ class TrainConfig:
         if self.select != UNREAD_VALUES["select"] and settings.selection is not Selection.VALIDATION:
             raise StratalignError(f"objective {settings.name} does not select on a validation metric (CoMM: its own "
                                   f"loss, CSA: nothing to select); drop select={self.select}")
+        self._check_baselines(settings)
         if not isinstance(self.comm_final_norm, bool):
             raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -129,6 +137,17 @@ class TrainConfig:
             raise StratalignError(
                 f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: no checkpoint "
                 "after the warm-up could be chosen; lower warmup_steps or use warmup_fraction")
+
+    def _check_baselines(self, settings: Any) -> None:
+        """ASIF needs k >= 1 and p > 0; mixup needs a gradient loop over batch rows (not CoMM, a closed form, or
+        the kNN form of R_S, whose neighbour graphs index the unmixed rows)."""
+        self.mixup_alpha = float(self.mixup_alpha)  # type: ignore[arg-type]
+        self.asif_power = float(self.asif_power)  # type: ignore[arg-type]
+        if settings.name == "asif" and not (self.asif_k >= 1 and self.asif_power > 0):
+            raise StratalignError(f"asif needs asif_k >= 1 and asif_power > 0, not {self.asif_k} and {self.asif_power}")
+        if self.mixup_alpha > 0 and (settings.training is not Training.GRADIENT or settings.knn_graphs):
+            raise StratalignError(f"mixup_alpha (FuseMix) mixes the batches of aligned heads; objective {settings.name} "
+                                  "has none to mix: drop mixup_alpha")
 
     def _resolve_objective_defaults(self) -> None:
         """Fill the knobs left None: the objective's default, else the value older runs recorded."""
