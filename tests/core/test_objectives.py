@@ -135,6 +135,10 @@ def test_sweep_cells_follow_the_registry() -> None:
     cfg = SweepConfig(base=_run("clip", "linear"), seeds=(0,), objectives=("clip", "csa"), layer_rules=("last",),
                       heads=("linear", "mlp", "csa"))
     assert sorted((c.objective, c.head) for c in cfg.cells()) == [("clip", "linear"), ("clip", "mlp"), ("csa", "csa")]
+    baselines = SweepConfig(base=_run("clip", "linear"), seeds=(0,), layer_rules=("last",), heads=("linear",),
+                            objectives=("asif", "procrustes", "clip+fusemix"))
+    assert sorted((c.objective, c.head) for c in baselines.cells()) == [
+        ("asif", "asif"), ("clip+fusemix", "linear"), ("procrustes", "procrustes")]
     with pytest.raises(StratalignError, match="unknown head 'big'"):
         SweepConfig(base=_run("clip", "linear"), heads=("big",)).cells()
     with pytest.raises(StratalignError, match="--layers must be auto, last or V,T, not 'best'"):
