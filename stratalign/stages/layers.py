@@ -40,6 +40,8 @@ class LayersConfig:
         require_int(self.n, "--n (train pairs compared)", 1)
         require_int(self.seed, "--seed")
         require_int(self.permutations, "--permutations", 0)
+        if self.permutations == 1:
+            raise StratalignError("--permutations must be 0 (raw scores only) or at least 2 (a null needs a spread)")
         if isinstance(self.k, int):
             require_int(self.k, "--k", 1)
 

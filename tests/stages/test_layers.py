@@ -11,6 +11,7 @@ import pytest
 from fake_encoders import load_tiny
 
 from stratalign.core import calibration
+from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.stages.layers import LayersConfig, compute_layer_matrices, run_layers
 from stratalign.store import layer_results
@@ -60,6 +61,9 @@ def test_the_stage_calibrates_in_the_result_file_without_changing_its_key(store)
 def test_no_calibration_when_asked_none(store) -> None:
     done = run_layers(store, _cfg(permutations=0), "best", "mutual_knn")
     assert "calibration" not in done.result and "calibrated_score" not in done.choice
+    for bad, why in ((1, "at least 2"), (-3, "--permutations")):
+        with pytest.raises(StratalignError, match=why):
+            _cfg(permutations=bad)
 
 
 def test_the_null_equals_the_module_on_the_same_rows(store) -> None:
