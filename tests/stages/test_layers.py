@@ -58,6 +58,12 @@ def test_the_stage_calibrates_in_the_result_file_without_changing_its_key(store)
     assert other.result["key"] == res["key"]
 
 
+def test_the_choice_uses_the_first_metric_asked_when_the_result_is_read_back(store) -> None:
+    first = run_layers(store, _cfg(permutations=10), "best")
+    again = run_layers(store, _cfg(permutations=10), "best")  # saved with its matrices in sorted order: cka first
+    assert again.result["cached"] and first.choice["metric"] == again.choice["metric"] == "mutual_knn"
+
+
 def test_no_calibration_when_asked_none(store) -> None:
     done = run_layers(store, _cfg(permutations=0), "best", "mutual_knn")
     assert "calibration" not in done.result and "calibrated_score" not in done.choice
