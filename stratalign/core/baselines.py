@@ -11,7 +11,11 @@ reports as every objective. Nothing here is trained by gradient: the parameters 
   its cosines to the anchor images, a caption to the anchor captions; each vector keeps its top k entries (k
   default 800, or the number of anchors if fewer), negative cosines set to 0, raised to the power p (default 8),
   normalised. Image and caption vectors share one space (anchor i on both sides), where they are compared.
-  The embedding is as wide as there are anchors.
+  The embedding is as wide as there are anchors. Option `center`: the cosines are taken after subtracting the
+  anchors' mean from the unit rows (anisotropic features, such as a ViT's CLS token, have high cosines to every
+  anchor, which flattens the relative vectors): measured on the demo's Twemoji pairs (DINOv2-S layer 11 x
+  MiniLM layer 6, 1,328 anchors, k = 800, p = 8, test split), R@1 i2t / t2i 1.1 / 12.4 without, 17.6 / 19.3
+  with (the trained CLIP heads of the same sweep: 12.4 / 11.5). The `asif` objective centres by default.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from stratalign.errors import StratalignError
 
 ASIF_K = 800  # METHOD 3.9
 ASIF_POWER = 8.0
+# ASIF's default: cosines around the anchors' mean. METHOD 3.9 says plain cosines (center=False keeps that form);
+# on the demo's pairs plain cosines of DINOv2-S CLS rows gave i2t R@1 1.1 (see the module docstring)
+ASIF_CENTER = True
 _ASIF_CHUNK = 1 << 24  # rows x anchors per block of cosines
 
 
@@ -102,18 +109,24 @@ def fit_procrustes(x_img: Any, x_txt: Any, dim: int = 512) -> tuple[ProcrustesPr
 class ASIFSide(nn.Module):
     """One side of ASIF: the relative representation of x over this side's anchors (see the module docstring)."""
 
-    def __init__(self, d_in: int, d_out: int = 512, topk: int = ASIF_K, power: float = ASIF_POWER) -> None:
+    def __init__(self, d_in: int, d_out: int = 512, topk: int = ASIF_K, power: float = ASIF_POWER,
+                 center: bool = False) -> None:
         super().__init__()
         _positive(d_in=d_in, d_out=d_out, topk=topk)
         if not float(power) > 0:
             raise StratalignError(f"ASIF power must be > 0, not {power!r}")
-        self.anchors = _frozen(d_out, d_in)  # unit rows, one per training pair
+        self.anchors = _frozen(d_out, d_in)  # unit rows, one per training pair (centred rows with `center`)
         self.topk, self.power = int(min(topk, d_out)), float(power)
         self.config = {"kind": "asif", "d_in": int(d_in), "d_out": int(d_out), "topk": int(topk),
                        "power": float(power)}
+        if center:  # the uncentred config (and tensors) stay as they were
+            self.mean = _frozen(d_in)  # the anchors' mean unit row
+            self.config["center"] = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(x, dim=-1)
+        if "center" in self.config:
+            x = F.normalize(x - self.mean.to(x.dtype), dim=-1)
         rows = max(1, _ASIF_CHUNK // self.anchors.shape[0])
         return torch.cat([self._relative(x[s:s + rows]) for s in range(0, len(x), rows)]) if len(x) else \
             x.new_zeros(0, self.anchors.shape[0])
@@ -125,15 +138,20 @@ class ASIFSide(nn.Module):
         return F.normalize(kept, dim=-1)
 
 
-def fit_asif(x_img: Any, x_txt: Any, topk: int = ASIF_K, power: float = ASIF_POWER) -> tuple[ASIFSide, ASIFSide]:
+def fit_asif(x_img: Any, x_txt: Any, topk: int = ASIF_K, power: float = ASIF_POWER,
+             center: bool = False) -> tuple[ASIFSide, ASIFSide]:
     """The (image, text) sides of ASIF with the training pairs as anchors (nothing is fitted: the anchors are
-    the pairs' unit rows)."""
+    the pairs' unit rows; with `center`, their mean subtracted and renormalised)."""
     a, b = _pairs(x_img, x_txt, "asif", 1)
     sides = []
     for x in (a, b):
-        side = ASIFSide(x.shape[1], len(x), topk, power)
+        side = ASIFSide(x.shape[1], len(x), topk, power, center)
+        unit = _unit(x)
         with torch.no_grad():
-            side.anchors.copy_(torch.from_numpy(_unit(x)))
+            if center:
+                side.mean.copy_(torch.from_numpy(unit.mean(0)))
+                unit = _unit(unit - unit.mean(0))
+            side.anchors.copy_(torch.from_numpy(unit))
         sides.append(side)
     return sides[0], sides[1]
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from stratalign.core import losses
-from stratalign.core.baselines import ASIF_K, ASIF_POWER, fit_asif, fit_procrustes
+from stratalign.core.baselines import ASIF_CENTER, ASIF_K, ASIF_POWER, fit_asif, fit_procrustes
 from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE, AlignedHeads
 from stratalign.core.mixup import FUSEMIX_ALPHA
 from stratalign.errors import StratalignError
@@ -147,7 +147,7 @@ def _procrustes(x_img: np.ndarray, x_txt: np.ndarray, cfg: Any) -> AlignedHeads:
 
 
 def _asif(x_img: np.ndarray, x_txt: np.ndarray, cfg: Any) -> AlignedHeads:
-    return AlignedHeads(*fit_asif(x_img, x_txt, topk=cfg.asif_k, power=cfg.asif_power))
+    return AlignedHeads(*fit_asif(x_img, x_txt, topk=cfg.asif_k, power=cfg.asif_power, center=cfg.asif_center))
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ VIB_BETA = 3.0
 STRUCTURE_GRID = (("lam", (1.0, 3.0, 10.0, 30.0)),)
 BETA_GRID = (("beta", (0.3, 1.0, 3.0, 10.0)),)
 CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
-ASIF_GRID = (("asif_power", (2.0, 4.0, 8.0, 16.0)),)
+ASIF_GRID = (("asif_power", (4.0, 8.0, 16.0)),)
 
 REGISTRY: tuple[Objective, ...] = (
     Objective("clip", "symmetric InfoNCE (METHOD 3.1)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
@@ -274,7 +274,8 @@ REGISTRY: tuple[Objective, ...] = (
               ("procrustes",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM, fit=_procrustes),
     Objective("asif", "training-free ASIF: cosines to the training pairs as anchors, top-k, power p, normalised "
               "(METHOD 3.9)", ("asif",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM,
-              knobs=("asif_k", "asif_power"), defaults=(("asif_k", ASIF_K), ("asif_power", ASIF_POWER)),
+              knobs=("asif_k", "asif_power", "asif_center"),
+              defaults=(("asif_k", ASIF_K), ("asif_power", ASIF_POWER), ("asif_center", ASIF_CENTER)),
               grid=ASIF_GRID, fit=_asif),
 )
 

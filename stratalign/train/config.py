@@ -21,13 +21,16 @@ from stratalign.train.validation import check_select
 # the objectives that do not read a knob keep their settings, and their run ids, byte for byte.
 UNREAD_VALUES: dict[str, Any] = {"beta": 0.01, "vib_scale": 1.0, "csa_ridge": 1e-3, "csa_k": 0,
                                  "csa_similarity": "cosine", "comm_final_norm": False, "select": "clip_loss",
-                                 "asif_k": 0, "asif_power": 0.0, "mixup_alpha": 0.0}
+                                 "asif_k": 0, "asif_power": 0.0, "asif_center": False,
+                                 "mixup_alpha": 0.0}
 # Knobs added after runs were recorded: left out of the recorded settings at these values (older run ids
 # stay valid) and read back as these values when a record lacks them (an older run means what it meant).
 # `select`: runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss.
-# asif_k / asif_power / mixup_alpha (2026-12-06): 0 = not used (mixup off), the meaning of every older run.
+# asif_k / asif_power / asif_center / mixup_alpha (2026-12-06): 0 / False = not used (mixup off), the meaning of
+# every older run.
 ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False,
-                               "select": "clip_loss", "asif_k": 0, "asif_power": 0.0, "mixup_alpha": 0.0}
+                               "select": "clip_loss", "asif_k": 0, "asif_power": 0.0, "asif_center": False,
+                               "mixup_alpha": 0.0}
 
 
 @dataclass
@@ -43,8 +46,8 @@ class TrainConfig:
     select: the validation metric that picks the restored checkpoint (METHOD 3.6): rsum (the default of the
     objectives selected on retrieval) | zeroshot | clip_loss; CoMM selects on its own loss, CSA has nothing to
     select (both record clip_loss, the value every older run meant).
-    asif_k, asif_power: ASIF's top-k and power (METHOD 3.9). mixup_alpha: FuseMix latent mixup on the batches of
-    any aligned-heads objective (0: off; clip+fusemix defaults to 1).
+    asif_k, asif_power, asif_center: ASIF's top-k, power, and cosines after centring (METHOD 3.9).
+    mixup_alpha: FuseMix latent mixup on the batches of any aligned-heads objective (0: off; clip+fusemix: 1).
     """
 
     objective: str = "clip"
@@ -85,6 +88,7 @@ class TrainConfig:
     select: str | None = None
     asif_k: int | None = None
     asif_power: float | None = None
+    asif_center: bool | None = None
     mixup_alpha: float | None = None
     seed: int = 0
     device: str = "auto"
@@ -143,6 +147,8 @@ class TrainConfig:
         the kNN form of R_S, whose neighbour graphs index the unmixed rows)."""
         self.mixup_alpha = float(self.mixup_alpha)  # type: ignore[arg-type]
         self.asif_power = float(self.asif_power)  # type: ignore[arg-type]
+        if not isinstance(self.asif_center, bool):
+            raise StratalignError(f"TrainConfig.asif_center must be true or false, not {self.asif_center!r}")
         if settings.name == "asif" and not (self.asif_k >= 1 and self.asif_power > 0):
             raise StratalignError(f"asif needs asif_k >= 1 and asif_power > 0, not {self.asif_k} and {self.asif_power}")
         if self.mixup_alpha > 0 and (settings.training is not Training.GRADIENT or settings.knn_graphs):

@@ -95,8 +95,22 @@ def test_asif_keeps_top_k_positive_powers_unit_rows() -> None:
         ASIFSide(4, 5, 2, 0.0)
 
 
-@pytest.mark.parametrize("fit", [lambda a, b: fit_procrustes(a, b), lambda a, b: fit_asif(a, b, topk=7)],
-                         ids=["procrustes", "asif"])
+def test_asif_centring_takes_cosines_around_the_anchors_mean() -> None:
+    """Anisotropic rows (a large shared offset: every cosine near 1) flatten plain ASIF; centred ASIF sees the
+    structure under the offset."""
+    img, txt = _latent_pairs(700, seed=5)
+    img = img + 8.0  # one direction dominates every image row
+    qi, qt = torch.from_numpy(img[600:]).float(), torch.from_numpy(txt[600:]).float()
+    plain = fit_asif(img[:600], txt[:600])  # every anchor kept (k = 800 > 600)
+    centred = fit_asif(img[:600], txt[:600], center=True)
+    assert centred[0].config["center"] is True and "center" not in plain[0].config
+    unit = img[:600] / np.linalg.norm(img[:600], axis=1, keepdims=True)
+    np.testing.assert_allclose(centred[0].mean.numpy(), unit.mean(0), rtol=1e-5)
+    assert _r_at_10(centred[0](qi), centred[1](qt)) > 90 and _r_at_10(plain[0](qi), plain[1](qt)) < 30  # chance: 10
+
+
+@pytest.mark.parametrize("fit", [lambda a, b: fit_procrustes(a, b), lambda a, b: fit_asif(a, b, topk=7),
+                                 lambda a, b: fit_asif(a, b, center=True)], ids=["procrustes", "asif", "asif-centred"])
 def test_rebuilt_from_config_and_tensors(fit) -> None:
     img, txt = _latent_pairs(80, seed=4)
     model = AlignedHeads(*fit(img, txt))
