@@ -24,8 +24,9 @@ def train_cmd(
     vision: str = typer.Option(..., help="Vision encoder spec."),
     text: str = typer.Option(..., help="Text encoder spec."),
     layers: str = typer.Option("auto", help="auto (recorded by `layers --choose`), last, or V,T."),
-    head: str = typer.Option("linear", help="linear | mlp | residual | csa."),
-    objective: str = typer.Option("clip", help="clip | clip+structure | clip+structure-knn | clip+ib | clip+vib | comm | csa."),
+    head: str = typer.Option("linear", help="linear | mlp | residual | csa | procrustes | asif."),
+    objective: str = typer.Option("clip", help="clip | clip+structure | clip+structure-knn | clip+ib | clip+vib | "
+                                               "clip+fusemix | comm | csa | procrustes | asif."),
     n_pairs_: Optional[str] = typer.Option(None, "--n-pairs", callback=check_n_pairs,
                                            help="Training pairs drawn from the train split (default all)."),
     seed: int = typer.Option(0, help="Seed of the subset, the validation carve-out and the initialisation."),

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from stratalign.core import losses
-from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE
+from stratalign.core.baselines import ASIF_CENTER, ASIF_K, ASIF_POWER, fit_asif, fit_procrustes
+from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE, AlignedHeads
+from stratalign.core.mixup import FUSEMIX_ALPHA
 from stratalign.errors import StratalignError
 
 
@@ -28,7 +31,7 @@ class Training(Enum):
 
     GRADIENT = "gradient"  # aligned heads, the shared optimisation loop (docs/method.md § 3.8)
     COMM = "comm"  # the CoMM fusion model in the same loop (docs/method.md § 3.5)
-    CLOSED_FORM = "closed_form"  # CSA: canonical correlation, then an optional R_S refinement
+    CLOSED_FORM = "closed_form"  # CSA (canonical correlation, then an optional R_S refinement), Procrustes, ASIF
 
 
 class Evaluation(Enum):
@@ -87,6 +90,8 @@ class StepBatch:
 
 
 Regulariser = Callable[[StepBatch, Any], torch.Tensor]
+# a closed-form fit: (training image rows, training text rows, TrainConfig) -> the model
+ClosedForm = Callable[[np.ndarray, np.ndarray, Any], AlignedHeads]
 
 STRUCTURE_KNOBS = ("lam", "warmup_steps", "warmup_fraction", "levels", "weighting", "centering", "js")
 
@@ -137,6 +142,14 @@ def _vib(batch: StepBatch, cfg: Any) -> torch.Tensor:
     return losses.vib_kl(i.mu, i.logvar, t.mu, t.logvar, symmetric=cfg.vib_symmetric)
 
 
+def _procrustes(x_img: np.ndarray, x_txt: np.ndarray, cfg: Any) -> AlignedHeads:
+    return AlignedHeads(*fit_procrustes(x_img, x_txt, dim=cfg.dim))
+
+
+def _asif(x_img: np.ndarray, x_txt: np.ndarray, cfg: Any) -> AlignedHeads:
+    return AlignedHeads(*fit_asif(x_img, x_txt, topk=cfg.asif_k, power=cfg.asif_power, center=cfg.asif_center))
+
+
 @dataclass(frozen=True)
 class Objective:
     """One training objective.
@@ -154,6 +167,8 @@ class Objective:
     grid: (knob, values) the docs/method.md § 3.9 tuning tries, as data (the default among them).
     batched: the regulariser is vectorised over the runs of a batched group (else the trainer calls it run by run on
     one run's 2-D batch, so a new objective's regulariser written for one run needs nothing more).
+    fit: a closed-form objective's fit on the training pairs (None for csa, whose fit and refinement the trainer
+    does as it always has).
     """
 
     name: str
@@ -173,6 +188,7 @@ class Objective:
     variants: tuple[tuple[tuple[str, Any], tuple[tuple[str, Any], ...]], ...] = ()
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     batched: bool = False  # the regulariser takes the stacked batches of many runs ((S, b, d) sides), returns (S,)
+    fit: ClosedForm | None = None
 
     def knob_defaults(self, given: dict[str, Any]) -> dict[str, Any]:
         """This objective's knob defaults, given the knobs set explicitly (those win): the defaults, then
@@ -226,6 +242,7 @@ VIB_BETA = 3.0
 STRUCTURE_GRID = (("lam", (1.0, 3.0, 10.0, 30.0)),)
 BETA_GRID = (("beta", (0.3, 1.0, 3.0, 10.0)),)
 CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
+ASIF_GRID = (("asif_power", (4.0, 8.0, 16.0)),)
 
 # docs/method.md § 3.9: a choice on the edge of a knob's grid extends the grid one step past it: (factor, lowest, highest).
 # x3 for a weight, as the grids are spaced; CSA's k doubles (it is capped by the pairs and dims anyway).
@@ -261,6 +278,16 @@ REGISTRY: tuple[Objective, ...] = (
               defaults=(("csa_similarity", "weighted"), ("csa_k", CSA_K), ("csa_ridge", CSA_RIDGE)),
               variants=((("csa_similarity", "cosine"), (("csa_k", 0), ("csa_ridge", 1e-3))),),
               grid=CSA_GRID),
+    Objective("clip+fusemix", "CLIP on latent-mixup pairs: one m ~ Beta(alpha, alpha) and one permutation shared "
+              "by both modalities (FuseMix, METHOD 3.9)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
+              Selection.VALIDATION, knobs=("mixup_alpha",), defaults=(("mixup_alpha", FUSEMIX_ALPHA),)),
+    Objective("procrustes", "closed form: PCA of each side to the smaller width, orthogonal Procrustes (METHOD 3.9)",
+              ("procrustes",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM, fit=_procrustes),
+    Objective("asif", "training-free ASIF: cosines to the training pairs as anchors, top-k, power p, normalised "
+              "(METHOD 3.9)", ("asif",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM,
+              knobs=("asif_k", "asif_power", "asif_center"),
+              defaults=(("asif_k", ASIF_K), ("asif_power", ASIF_POWER), ("asif_center", ASIF_CENTER)),
+              grid=ASIF_GRID, fit=_asif),
 )
 
 OBJECTIVES: tuple[str, ...] = tuple(o.name for o in REGISTRY)

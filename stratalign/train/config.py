@@ -12,7 +12,7 @@ from torch import nn
 
 from stratalign.core import losses
 from stratalign.core.heads import CSA_SIMILARITIES
-from stratalign.core.objectives import HEADS, Selection, objective_named, settings_objective
+from stratalign.core.objectives import HEADS, Selection, Training, objective_named, settings_objective
 from stratalign.errors import StratalignError
 from stratalign.train.validation import check_select
 
@@ -62,6 +62,8 @@ class TrainConfig:
     candidates: which evaluation steps may be restored: "all" (every objective alike) or "after_warmup" (the
     rule older runs were trained under; see CANDIDATES). stop_step: train to this step of the max_steps schedule
     and restore it (the step one choice per cell took for all its seeds; None: the run's own best step).
+    asif_k, asif_power, asif_center: ASIF's top-k, power, and cosines after centring (docs/method.md § 3.10).
+    mixup_alpha: FuseMix latent mixup on the batches of any aligned-heads objective (0: off; clip+fusemix: 1).
     """
 
     objective: str = "clip"
@@ -103,6 +105,11 @@ class TrainConfig:
     select: str | None = knob(unread="clip_loss", absent="clip_loss")
     candidates: str = knob("all", absent=LEGACY_CANDIDATES)
     stop_step: int | None = knob(None, absent=None)
+    # 2026-12-06: 0 / False = not used (mixup off), the meaning of every older run
+    asif_k: int | None = knob(unread=0, absent=0)
+    asif_power: float | None = knob(unread=0.0, absent=0.0)
+    asif_center: bool | None = knob(unread=False, absent=False)
+    mixup_alpha: float | None = knob(unread=0.0, absent=0.0)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -122,14 +129,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise StratalignError(f"TrainConfig.{name} must be a positive integer, not {v!r}")
-        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k"):
+        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k", "asif_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise StratalignError(f"TrainConfig.{name} must be an integer >= 0, not {v!r}")
         for name in ("lr", "tau", "comm_tau"):
             if not getattr(self, name) > 0:
                 raise StratalignError(f"TrainConfig.{name} must be > 0, not {getattr(self, name)!r}")
-        for name in ("lam", "beta", "weight_decay", "csa_ridge", "vib_scale"):
+        for name in ("lam", "beta", "weight_decay", "csa_ridge", "vib_scale", "asif_power", "mixup_alpha"):
             if not getattr(self, name) >= 0:
                 raise StratalignError(f"TrainConfig.{name} must be >= 0, not {getattr(self, name)!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -149,6 +156,7 @@ class TrainConfig:
         if self.select != UNREAD_VALUES["select"] and settings.selection is not Selection.VALIDATION:
             raise StratalignError(f"objective {settings.name} does not select on a validation metric (CoMM: its own "
                                   f"loss, CSA: nothing to select); drop select={self.select}")
+        self._check_baselines(settings)
         if not isinstance(self.comm_final_norm, bool):
             raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -165,6 +173,19 @@ class TrainConfig:
             raise StratalignError(
                 f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: the regulariser would "
                 "never reach its full weight; lower warmup_steps or use warmup_fraction")
+
+    def _check_baselines(self, settings: Any) -> None:
+        """ASIF needs k >= 1 and p > 0; mixup needs a gradient loop over batch rows (not CoMM, a closed form, or
+        the kNN form of R_S, whose neighbour graphs index the unmixed rows)."""
+        self.mixup_alpha = float(self.mixup_alpha)  # type: ignore[arg-type]
+        self.asif_power = float(self.asif_power)  # type: ignore[arg-type]
+        if not isinstance(self.asif_center, bool):
+            raise StratalignError(f"TrainConfig.asif_center must be true or false, not {self.asif_center!r}")
+        if settings.name == "asif" and not (self.asif_k >= 1 and self.asif_power > 0):
+            raise StratalignError(f"asif needs asif_k >= 1 and asif_power > 0, not {self.asif_k} and {self.asif_power}")
+        if self.mixup_alpha > 0 and (settings.training is not Training.GRADIENT or settings.knn_graphs):
+            raise StratalignError(f"mixup_alpha (FuseMix) mixes the batches of aligned heads; objective {settings.name} "
+                                  "has none to mix: drop mixup_alpha")
 
     def _resolve_objective_defaults(self) -> None:
         """Fill the knobs left None: the objective's default, else the value older runs recorded."""

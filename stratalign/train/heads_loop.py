@@ -29,6 +29,7 @@ import torch
 
 from stratalign.core import losses as losses_mod
 from stratalign.core.heads import AlignedHeads, VariationalHead, build_head
+from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import CLOSED_FORM_HEADS, KnnSupport, Objective, Side, StepBatch, objective_named
 from stratalign.errors import StratalignError
 from stratalign.train.config import TrainConfig, TrainResult
@@ -98,6 +99,7 @@ class _Run:
         self.warmup = job.cfg.resolved_warmup()
         self.train_pos = torch.from_numpy(job.train_idx).to(dev)
         self.perm = torch.Generator().manual_seed(job.cfg.seed)
+        self.mixup = LatentMixup(job.cfg.mixup_alpha, job.cfg.seed) if job.cfg.mixup_alpha else None  # FuseMix
         self.epoch: list[torch.Tensor] = []
         self.floor = job.cfg.selection_floor()  # 0: every evaluation step is a candidate, as for every run
         self.sel = CheckpointSelector(self.floor, job.cfg.patience, job.selection, job.cfg.stop_step)
@@ -210,8 +212,9 @@ class GroupLoop:
     # ---------------------------------------------------------------- one step
 
     def _sides(self, pos: torch.Tensor) -> tuple[Side, Side]:
-        """Both sides of the stacked batch (S, b): inputs, embeddings (VIB: sampled, with mu and logvar)."""
-        a, t = self.xi[pos], self.xt[pos]
+        """Both sides of the stacked batch (S, b): inputs (mixed for runs with FuseMix mixup), embeddings (VIB:
+        sampled, with mu and logvar)."""
+        a, t = mix_runs(self.xi[pos], self.xt[pos], [r.mixup for r in self.active])
         gens = [r.rng for r in self.active]
         oi, ot = self.image.forward(a, gens), self.text.forward(t, gens)
         if not self.variational:
