@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aligned_runs import _run, _store
+from serve_client import serve_in_thread
 from tiny_models import save_tiny_bert, save_tiny_vit
 
 from stratalign.use.model import AlignedModel
@@ -26,20 +24,6 @@ from stratalign.use.model import AlignedModel
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed: pip install 'stratalign[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 K = 3
-
-
-def serve_in_thread(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", srv, thread
 
 
 @pytest.fixture(scope="module")
