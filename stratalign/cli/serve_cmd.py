@@ -20,7 +20,7 @@ def serve_cmd(
     split: Optional[str] = typer.Option(None, "--split", help="Search one split only (train | val | test)."),
     k: int = typer.Option(8, "-k", help="Results per run on the page (1..100)."),
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port", help="TCP port (1..65535)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (1..65535; 0: any free port, printed)."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a missing index at start-up (--no-build: "
                                "refuse to start without the indexes `stratalign index` made)."),
     device: str = DeviceOption,
@@ -30,8 +30,8 @@ def serve_cmd(
     from stratalign.errors import StratalignError
 
     start = time.perf_counter()
-    if not 1 <= port <= 65535:
-        raise StratalignError(f"--port must be between 1 and 65535, got {port}")
+    if not 0 <= port <= 65535:
+        raise StratalignError(f"--port must be between 1 and 65535 (0: any free port), got {port}")
     if not 1 <= k <= 100:
         raise StratalignError(f"-k must be between 1 and 100, got {k}")
     sock = _bind(host, port)
@@ -50,6 +50,7 @@ def serve_cmd(
     models = [AlignedModel.from_run(fs, r, device=device) for r in run]
     service = Service(fs, models, dataset, split, build=build)
     app = create_app(service, k)
+    port = sock.getsockname()[1]
     console.print(f"serving {dataset} with {', '.join(service.runs)} on http://{host}:{port}/ (API: /docs; ready "
                   f"in {time.perf_counter() - start:.1f} s)", highlight=False)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
