@@ -26,7 +26,7 @@ from stratalign.use.cached import CachedFeatures, cached_entry
 from stratalign.use.model import AlignedModel
 
 EXACT_MAX = 200_000  # up to this many vectors an exact (flat) index; above, IVF (benchmarks/serve_load.py)
-NPROBE = 64          # IVF lists visited per query: recall@10 >= 0.95 on the 1M clustered benchmark gallery
+NPROBE = 32          # IVF lists visited per query (of sqrt(n)): recall@10 on the 1M benchmark gallery in the README
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def dataset_vectors(store: FeatureStore, model: AlignedModel, ds: PairDataset, m
 
 def build_index(z: np.ndarray, exact_max: int = EXACT_MAX, nprobe: int = NPROBE) -> tuple[Any, str]:
     """(FAISS index of unit rows, its kind): exact inner product up to `exact_max` rows; above, an inverted
-    file (IVF, 4 sqrt(n) lists trained on a sample) searched with `nprobe` lists."""
+    file (IVF, sqrt(n) lists trained by k-means on a sample of 40 per list) searched with `nprobe` lists."""
     import faiss
 
     z = np.ascontiguousarray(z, dtype=np.float32)
@@ -122,7 +122,7 @@ def build_index(z: np.ndarray, exact_max: int = EXACT_MAX, nprobe: int = NPROBE)
         index = faiss.IndexFlatIP(d)
         index.add(z)
         return index, "flat"
-    nlist = int(4 * math.sqrt(n))
+    nlist = int(round(math.sqrt(n)))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     sample = np.random.default_rng(0).choice(n, size=min(n, 40 * nlist), replace=False)
     index.train(z[np.sort(sample)])
