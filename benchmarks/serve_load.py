@@ -156,7 +156,7 @@ def synthetic(n: int, d: int, n_queries: int, seed: int = 0) -> dict:
     out = {"n": n, "d": d, "queries": n_queries, "exact_max": EXACT_MAX, "index": kind, "build_s": round(build_s, 1),
            "exact_ms_per_query": round(1000 * exact_s / n_queries, 2), "by_nprobe": {}}
     ivf = faiss.extract_index_ivf(index)
-    for nprobe in (8, 16, 32, 64):
+    for nprobe in (16, 32, 64, 128, 256):
         ivf.nprobe = nprobe
         t = time.perf_counter()
         _, got = index.search(q, 10)

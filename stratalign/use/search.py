@@ -26,7 +26,7 @@ from stratalign.use.cached import CachedFeatures, cached_entry
 from stratalign.use.model import AlignedModel
 
 EXACT_MAX = 200_000  # up to this many vectors an exact (flat) index; above, IVF (benchmarks/serve_load.py)
-NPROBE = 32          # IVF lists visited per query (of sqrt(n)): recall@10 on the 1M benchmark gallery in the README
+PROBE_FRACTION = 4   # IVF visits 1/4 of its sqrt(n) lists: recall@10 0.97 on the 1M benchmark gallery (README)
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,10 @@ def dataset_vectors(store: FeatureStore, model: AlignedModel, ds: PairDataset, m
     return model.encode_text(ds.captions["text"].to_numpy()[rows].tolist()), "encoded captions"
 
 
-def build_index(z: np.ndarray, exact_max: int = EXACT_MAX, nprobe: int = NPROBE) -> tuple[Any, str]:
+def build_index(z: np.ndarray, exact_max: int = EXACT_MAX, nprobe: int | None = None) -> tuple[Any, str]:
     """(FAISS index of unit rows, its kind): exact inner product up to `exact_max` rows; above, an inverted
-    file (IVF, sqrt(n) lists trained by k-means on a sample of 40 per list) searched with `nprobe` lists."""
+    file (IVF, sqrt(n) lists trained by k-means on a sample of 40 per list) searched with `nprobe` lists
+    (default: a quarter of them)."""
     import faiss
 
     z = np.ascontiguousarray(z, dtype=np.float32)
@@ -127,8 +128,8 @@ def build_index(z: np.ndarray, exact_max: int = EXACT_MAX, nprobe: int = NPROBE)
     sample = np.random.default_rng(0).choice(n, size=min(n, 40 * nlist), replace=False)
     index.train(z[np.sort(sample)])
     index.add(z)
-    index.nprobe = nprobe
-    return index, f"ivf{nlist},nprobe{nprobe}"
+    index.nprobe = nprobe or max(1, nlist // PROBE_FRACTION)
+    return index, f"ivf{nlist},nprobe{index.nprobe}"
 
 
 def dataset_index(store: FeatureStore, model: AlignedModel, dataset: str, modality: str = "image",
@@ -158,7 +159,7 @@ def dataset_index(store: FeatureStore, model: AlignedModel, dataset: str, modali
         meta = {"run_id": model.run_id, "dataset": dataset, "dataset_fingerprint": ds.fingerprint,
                 "modality": modality, "split": split, "rows": rows.tolist(), "source": source, "metric": "inner product"}
         if kind != "flat":
-            meta.update(index_type=kind, nprobe=NPROBE)
+            meta.update(index_type=kind, nprobe=int(faiss.extract_index_ivf(index).nprobe))
         save_index(store, key, faiss.serialize_index(index).tobytes(), meta)
     return DatasetIndex(index, rows, modality, split, key, False, source)
 
