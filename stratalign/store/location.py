@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, Callable
 import fsspec
 
 from stratalign.errors import StratalignError
+from stratalign.store.containment import escape
 
 DEFAULT_STORE = "./stratalign-store"
 STORE_ENV = "STRATALIGN_STORE"
@@ -67,8 +68,8 @@ class Location:
             return self.root
         target = "/".join([self.root.rstrip("/"), *parts])
         if self.is_local:
-            real, root = os.path.realpath(target), self._real_root
-            if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            real = escape(target, self.root, real_root=self._real_root)
+            if real is not None:
                 raise StratalignError(f"{target} leads outside the store {self.root} (a symlink to {real}); "
                                       "refusing to follow it: replace the link by the folder itself")
         return target

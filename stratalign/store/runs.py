@@ -194,8 +194,11 @@ class RunRegistry:
         hits = [i for i in ids if i.startswith(run)]
         if len(hits) == 1:
             return hits[0]
-        raise StratalignError(f"run {run!r} is {'ambiguous' if hits else 'unknown'} in {self.store.url}"
-                              f"{': ' + ', '.join(hits[:5]) if hits else ''}")
+        if hits:
+            more = f" and {len(hits) - 10} more" if len(hits) > 10 else ""
+            raise StratalignError(f"run {run!r} is ambiguous in {self.store.url}: {len(hits)} runs start with it "
+                                  f"({', '.join(sorted(hits)[:10])}{more}); give more of the id")
+        raise StratalignError(f"run {run!r} is unknown in {self.store.url}; see `stratalign runs ls`")
 
     def table(self) -> pl.DataFrame:
         """One row per finished run, flattening config and headline metrics (for `runs ls` and sweeps)."""
