@@ -96,3 +96,6 @@ def break_entry(folder: Path, how: str) -> None:
         meta_file.write_text(json.dumps(meta))
     elif how == "corrupt-json":
         meta_file.write_text('{"zarr_format": 3, "attri')
+
+
+from corrupt_store import pristine, store_copy  # noqa: E402,F401 (the fault suite's damaged store and its copies)
