@@ -181,9 +181,19 @@ def verify_migrations(store: FeatureStore) -> list[Finding]:
                     "`stratalign store migrate` to finish or undo it") for key in store.loc.listdirs(STAGING)]
 
 
+REPAIR_STAGING = "_repair"  # stages.repair's temporary place (a killed repair leaves it; the entry is untouched)
+
+
+def verify_repairs(store: FeatureStore) -> list[Finding]:
+    """What a killed `store repair` left in _repair/ (its entry may still be damaged: the next repair finishes it)."""
+    return [Finding("entry", "broken", key, f"an interrupted `store repair` left {REPAIR_STAGING}/{key}: run "
+                    "`stratalign store repair` again") for key in store.loc.listdirs(REPAIR_STAGING)]
+
+
 def verify_store(store: FeatureStore) -> VerifyReport:
     """Every dataset, entry and run per-query file of the store, checked, and its claims listed (see the module
     docstring)."""
     return VerifyReport(url=store.url, findings=tuple(
-        verify_datasets(store) + verify_entries(store) + verify_migrations(store) + verify_runs(store)
+        verify_datasets(store) + verify_entries(store) + verify_migrations(store) + verify_repairs(store)
+        + verify_runs(store)
         + verify_files(store) + verify_claims(store)))

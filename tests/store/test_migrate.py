@@ -5,7 +5,6 @@ re-extracted, recomputed or retrained), and a migration cut off before or during
 from __future__ import annotations
 
 import json
-
 import os
 import shutil
 from pathlib import Path
