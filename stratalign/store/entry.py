@@ -360,8 +360,11 @@ class FeatureEntry(ShardedReads):
             for layer in range(len(self.spec.dims)):
                 try:
                     block = self._shard_block(layer, s)
+                except StratalignError as exc:  # a one-line error naming the file and the fix: whole
+                    report["corrupt"].append((s, layer, str(exc)))
+                    continue
                 except Exception as exc:  # checksum mismatch, undecodable or missing metadata
-                    report["corrupt"].append((s, layer, f"{type(exc).__name__}: {str(exc)[:80]}"))
+                    report["corrupt"].append((s, layer, f"{type(exc).__name__}: {str(exc)[:200]}"))
                     continue
                 if shard_sha(block) != markers[s]["sha256"][layer]:
                     report["corrupt"].append((s, layer, "sha256 mismatch"))

@@ -38,6 +38,18 @@ def _first_chunk(entry: Path) -> Path:
     return sorted(p for p in (entry / "layer_001").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
 
 
+def _garbage_record(root: Path) -> None:
+    (root / "extract_records").mkdir(exist_ok=True)
+    (root / "extract_records" / "0123456789abcdef01234567.json").write_text('{"garbage": 1}')
+
+
+def _link_out(folder: Path) -> None:
+    """Move a folder out of the store and leave a symlink to it in its place."""
+    outside = folder.parents[2] / f"outside-{folder.name}"
+    shutil.move(folder, outside)
+    folder.symlink_to(outside, target_is_directory=True)
+
+
 def _flip(path: Path) -> None:
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
@@ -78,6 +90,16 @@ DAMAGE = {
     "dataset-table-deleted": (lambda r: (r / "datasets" / "toy" / "images.parquet").unlink(), "--replace", None),
     "dataset-json-garbage": (lambda r: (r / "datasets" / "toy" / "dataset.json").write_text("{"), "dataset.json",
                              None),
+    "layer-shape-edited": (lambda r: _edit_json(_image_entry(r) / "layer_002" / "zarr.json", lambda d: d.update(
+        shape=[31, 8])), "zarr.json does not describe layer 2", None),
+    "dataset-folder-deleted": (lambda r: shutil.rmtree(r / "datasets" / "toy"), "datasets/toy is gone", None),
+    "layer-choice-layer-99": (lambda r: _edit_json(_one(r, "choices/*.json"), lambda d: d.update(vision_layer=99)),
+                              "names layers 99", None),
+    "extract-record-garbage": (lambda r: _garbage_record(r), "extract_records/", None),
+    "shard-zero-bytes": (lambda r: (_image_entry(r) / "layer_001" / "c" / "3" / "0").write_bytes(b""), "corrupt", [3]),
+    "entry-folder-symlink": (lambda r: _link_out(_image_entry(r)), "is a symlink", None),
+    "run-folder-symlink": (lambda r: _link_out(_run(r)), "is a symlink", None),
+    "dataset-folder-symlink": (lambda r: _link_out(r / "datasets" / "toy"), "is a symlink", None),
     "features-group-garbage": (lambda r: (r / "features" / "zarr.json").write_text("{"), "features", None),
 }
 
@@ -128,6 +150,40 @@ def test_repair_reencodes_exactly_the_damaged_shards_byte_identical(store_copy: 
         assert got.read_layer(i).tobytes() == ref.read_layer(i).tobytes()
     assert sorted(p.name for p in (store_copy / "features" / key / "_shards").iterdir()) == [
         f"{s}.json" for s in range(4)]
+
+
+def test_a_zero_byte_shard_is_named_by_the_read(store_copy: Path) -> None:
+    """Was: "OSError: Invalid argument" (a read at a negative offset), naming no file."""
+    DAMAGE["shard-zero-bytes"][0](store_copy)
+    entry = FeatureStore.open(str(store_copy), "r").entry(_image_entry(store_copy).name)
+    with pytest.raises(StratalignError, match=r"layer_001/c/3/0 holds 0 bytes, less than its index"):
+        entry.read_layer(1, [25])
+
+
+def test_linked_folders_are_listed_and_removed_as_links(store_copy: Path, monkeypatch, capsys) -> None:
+    """Was: skipped silently by ls / verify / repair / rm --orphans, and `runs rm` said "no run"."""
+    from stratalign.cli.main import main
+
+    def cli(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["stratalign", *args, "--store", str(store_copy)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        out, err = capsys.readouterr()
+        return int(exit_.value.code or 0), out + err
+
+    entry, run = _image_entry(store_copy), _run(store_copy)
+    _link_out(entry)
+    _link_out(run)
+    code, out = cli("store", "ls")
+    assert code == 0 and "is a symlink (to" in out and f"a symlink to {store_copy.parent / ('outside-' + run.name)}" in out
+    code, out = cli("store", "repair")
+    assert code == 2 and "cannot repair" in out and "symlink" in out, out
+    code, out = cli("runs", "rm", run.name, "--yes")
+    assert code == 0 and not run.is_symlink() and (store_copy.parent / f"outside-{run.name}" / "config.json").exists()
+    code, out = cli("store", "rm", "--orphans", "--yes")
+    assert code == 0 and not entry.is_symlink(), out
+    assert (store_copy.parent / f"outside-{entry.name}" / "zarr.json").exists()  # the link went, never its target
 
 
 def test_damaged_caches_are_recomputed_or_refused_in_one_line(store_copy: Path) -> None:
