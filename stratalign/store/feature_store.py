@@ -264,6 +264,8 @@ class FeatureStore:
         if twin is not None:
             return twin
         key = spec.key
+        for sub in ("_shards", "_claims", *(f"layer_{i:03d}" for i in range(len(spec.dims)))):
+            self.loc.refuse_links("features", key, sub)  # zarr would write through a link: refused before any work
         for parts in (("features",), ("features", key), *(("features", key, f"layer_{i:03d}") for i in
                                                            range(len(spec.dims)))):
             if self.loc.exists(*parts, "zarr.json"):  # a corrupt metadata file is named, not a JSONDecodeError

@@ -84,6 +84,8 @@ def dataset_index(store: FeatureStore, model: AlignedModel, dataset: str, modali
         data, meta = found
         return DatasetIndex(faiss.deserialize_index(np.array(data)), np.asarray(meta["rows"], np.int64), modality,
                             split, key, True, str(meta.get("source")))
+    if store.mode == "a":  # a write through a link: refused before the vectors are computed
+        store.loc.refuse_links("indexes", key)
     rows = _rows(ds, modality, split)
     z, source = dataset_vectors(store, model, ds, modality, rows)
     index = faiss.IndexFlatIP(z.shape[1])

@@ -196,3 +196,46 @@ def test_a_repair_stopped_at_every_write_then_rerun_finishes(tmp_path: Path, pri
         trials, n = trials + 1, n + 1
     print(f"\nfault table: repair stopped at each of {trials} writes ({kind}), then rerun: 0 failures")
     assert trials >= 10
+
+
+@pytest.mark.slow
+def test_kill9_of_repair_then_rerun_never_says_done_while_verify_fails(pristine: Path, tmp_path: Path) -> None:
+    """A real `store repair` process killed with -9 at random times, then run again: the rerun exits 0 exactly when
+    `store verify` does, and always ends with a whole store."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import time
+
+    here = Path(__file__).resolve().parents[1]
+
+    def cli(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(here / "fault_cli.py"), *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(here.parent), "TINY_DELAY_S": "0.3"})
+
+    rng = random.Random(290)
+    trials, killed, failures = 0, 0, []
+    for trial in range(8):
+        root = tmp_path / f"t{trial}"
+        shutil.copytree(pristine, root, symlinks=True)
+        entry = _image_entry(root)
+        for s in (0, 2, 3):
+            (entry / "_shards" / f"{s}.json").unlink()  # three shards to re-encode: ~4 s of repair
+        proc = cli("store", "repair", "--store", str(root))
+        try:
+            proc.wait(timeout=rng.uniform(2.0, 7.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed += 1
+        trials += 1
+        again = cli("store", "repair", "--store", str(root))
+        code = again.wait(timeout=120)
+        ok = verify_store(FeatureStore.open(str(root), "r")).ok
+        if (code == 0) != ok or not ok:
+            failures.append(f"trial {trial}: rerun exit {code}, verify ok {ok}: {again.stderr.read()[-300:]!r}")
+        time.sleep(0)
+    print(f"\nfault table: kill -9 of repair: {trials} trials ({killed} killed mid-repair), {len(failures)} failures")
+    assert not failures, failures
