@@ -15,12 +15,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 if __name__ == "__main__":
+    from stratalign.cli import signals
+
+    signals.install_early()  # first, as the console script does: a signal from here on ends it in one line
+
+    marks = os.environ.get("FAULT_MARKS")
+    if marks:
+        with open(marks, "a") as f:
+            f.write("started\n")
     import fake_encoders
 
     import stratalign.encoders as encoders
     from stratalign.stages import extract as extract_stage
 
-    marks = os.environ.get("FAULT_MARKS")
     if marks:
         from stratalign.stages.extract import image_loaders, reader
 

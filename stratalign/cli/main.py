@@ -6,7 +6,6 @@ Every command module imports only typer, rich and the light parts of stratalign 
 
 from __future__ import annotations
 
-import signal
 import sys
 from types import ModuleType
 
@@ -74,14 +73,7 @@ app.add_typer(runs_app, name="runs")
 INTERRUPTED = signals.INTERRUPTED
 TERMINATED = signals.TERMINATED
 _received = signals.received  # the signals that interrupted the command, if any
-
-
-def interrupted_line() -> str:
-    """What an interrupted command says: what is kept and how to resume."""
-    what = "terminated" if _received and _received[-1] == signal.SIGTERM else "interrupted"
-    verb = " ".join(a for a in sys.argv[1:3] if not a.startswith("-"))
-    resume = f"; rerun the same `stratalign {verb}` command to resume" if verb else ""
-    return f"{what}: finished work (written shards, saved runs, ingested datasets) is kept in the store{resume}"
+interrupted_line = signals.interrupted_line
 
 
 def _interrupted() -> None:

@@ -24,7 +24,17 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 received: list[int] = []  # the signals that interrupted the command, in order
 _state = {"exiting": False, "said": False}
-_line: list[Callable[[], str]] = []  # what the process says when a signal ends it (set by `install`)
+
+
+def interrupted_line() -> str:
+    """What an interrupted command says: what is kept and how to resume."""
+    what = "terminated" if received and received[-1] == signal.SIGTERM else "interrupted"
+    verb = " ".join(a for a in sys.argv[1:3] if not a.startswith("-"))
+    resume = f"; rerun the same `stratalign {verb}` command to resume" if verb else ""
+    return f"{what}: finished work (written shards, saved runs, ingested datasets) is kept in the store{resume}"
+
+
+_line: list[Callable[[], str]] = [interrupted_line]  # what the process says when a signal ends it
 
 
 def code() -> int:
@@ -68,7 +78,21 @@ def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     return quiet
 
 
-def install(line: Callable[[], str]) -> dict[int, Any]:
+def _on_early_signal(signum: int, frame: Any) -> None:
+    received.append(signum)
+    hard_exit()
+
+
+def install_early() -> None:
+    """While the CLI is still importing its modules (seconds on a loaded machine: torch), a signal ends the process
+    at once with the line: nothing has started that needs unwinding, and a KeyboardInterrupt in the middle of an
+    import would print a traceback. Installed when `stratalign.cli` is first imported (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _on_early_signal)
+
+
+def install(line: Callable[[], str] = interrupted_line) -> dict[int, Any]:
     """Handle SIGINT and SIGTERM as the module docstring says; returns the handlers they replace."""
     received.clear()
     _state.update(exiting=False, said=False)

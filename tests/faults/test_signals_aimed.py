@@ -76,8 +76,10 @@ def trial(base: Path, pristine: Path, root: Path, command: str, moment: str, sig
             if not _wait_mark(proc, marks, "exiting"):
                 return f"never reached its exit (exit {proc.poll()})"
             time.sleep(rng.uniform(0, 0.5))
-        else:
-            time.sleep(rng.uniform(2.0, 4.0))
+        else:  # mid-work: any moment from the CLI's first line of Python on (its imports take seconds here)
+            if not _wait_mark(proc, marks, "started"):
+                return f"never started (exit {proc.poll()})"
+            time.sleep(rng.uniform(0.0, 4.0))
         if proc.poll() is not None:
             return "skip"  # finished before the signal: not a trial
         os.killpg(proc.pid, sig)  # as a terminal sends it: the whole job, loaders included
@@ -138,5 +140,7 @@ def test_aimed_signals_never_hang_nor_print_a_traceback(base: Path, pristine: Pa
     print(f"\nfault table: aimed signals: {trials} trials, {len(kinds)} kinds (command@moment/signal), "
           f"{len(failures)} failures")
     print(json.dumps({k: results[k, "trials"] for k in sorted(kinds)}))
+    for line in failures:
+        print("failure:", line)
     assert not failures, failures
     assert trials >= 50
