@@ -38,6 +38,10 @@ def _first_chunk(entry: Path) -> Path:
     return sorted(p for p in (entry / "layer_001").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
 def _garbage_record(root: Path) -> None:
     (root / "extract_records").mkdir(exist_ok=True)
     (root / "extract_records" / "0123456789abcdef01234567.json").write_text('{"garbage": 1}')
@@ -100,6 +104,15 @@ DAMAGE = {
     "entry-folder-symlink": (lambda r: _link_out(_image_entry(r)), "is a symlink", None),
     "run-folder-symlink": (lambda r: _link_out(_run(r)), "is a symlink", None),
     "dataset-folder-symlink": (lambda r: _link_out(r / "datasets" / "toy"), "is a symlink", None),
+    "shard-truncated": (lambda r: _truncate(_image_entry(r) / "layer_001" / "c" / "2" / "0"), "corrupt", [2]),
+    "shard-from-another-layer": (lambda r: shutil.copyfile(_image_entry(r) / "layer_000" / "c" / "1" / "0",
+                                                           _image_entry(r) / "layer_001" / "c" / "1" / "0"), "corrupt", [1]),
+    "marker-rows-edited": (lambda r: _edit_json(_image_entry(r) / "_shards" / "3.json", lambda m: m.update(rows=[0, 8])),
+                           "marker", [3]),
+    "marker-crc-garbage": (lambda r: _edit_json(_image_entry(r) / "_shards" / "1.json",
+                                                lambda m: m.update(chunk_crc32c=["x", "y", "z"])), "marker", [1]),
+    "layer-dtype-edited": (lambda r: _edit_json(_image_entry(r) / "layer_001" / "zarr.json",
+                                                lambda d: d.update(data_type="float32")), "dtype", None),
     "features-group-garbage": (lambda r: (r / "features" / "zarr.json").write_text("{"), "features", None),
 }
 
