@@ -6,7 +6,9 @@ propagate, a join on loader processes that never ends, interpreter shutdown wait
 writes the one line and ends the process `GRACE_S` later. A second signal, or a signal once the command has
 finished and the process is exiting, ends it at once the same way. The exit code is 130 for SIGINT, 143 for
 SIGTERM (what shells report). KeyboardInterrupts that Python could only print as "Exception ignored" are
-silenced (the one line says it all).
+silenced (the one line says it all). Before `main()` runs, while the console script still imports the CLI (seconds
+on a loaded machine), `install_early` makes a signal end the process at once with the line. Only the Python
+interpreter's own start-up, before the first line of stratalign runs, is left to Python's defaults.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ def _on_signal(signum: int, frame: Any) -> None:
     received.append(signum)
     if len(received) > 1 or _state["exiting"]:
         hard_exit()
-    threading.Thread(target=_watchdog, name="stratalign-signal-watchdog", daemon=True).start()
+    try:
+        threading.Thread(target=_watchdog, name="stratalign-signal-watchdog", daemon=True).start()
+    except RuntimeError:  # no new thread at the interpreter's shutdown: nothing left to unwind
+        hard_exit()
     raise KeyboardInterrupt
 
 
