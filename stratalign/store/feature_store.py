@@ -213,8 +213,11 @@ class FeatureStore:
         return self.loc.exists("features", key, "zarr.json")
 
     def entry_folder(self, key: str) -> str:
-        """The key, validated, of an existing entry folder (readable or not); a one-line error otherwise."""
+        """The key, validated, of an existing entry folder (readable or not, or a symlink in its place); a one-line
+        error otherwise."""
         validate_key(key, "entry key")
+        if self.loc.link_target("features", key) is not None:
+            return key
         if not self.loc.isdir("features", key):
             raise StratalignError(f"no feature entry {key!r} in {self.url}")
         return key
@@ -222,6 +225,10 @@ class FeatureStore:
     def entry(self, key: str) -> FeatureEntry:
         """The readable entry in features/<key>; a one-line error says why it is not one."""
         self.entry_folder(key)
+        linked = self.loc.link_target("features", key)
+        if linked is not None:
+            raise StratalignError(f"features/{key} in {self.url} is a symlink (to {linked}): a store keeps no links; "
+                                  f"replace it by the folder itself, or remove the link with `stratalign store rm {key}`")
         if not self.loc.exists("features", key, "zarr.json"):
             raise StratalignError(f"features/{key} in {self.url} has no zarr.json (entry metadata missing)")
         node = self.loc.read_json("features", key, "zarr.json")
@@ -245,10 +252,11 @@ class FeatureStore:
         return FeatureEntry(self, spec, group, key)
 
     def scan_entries(self) -> list[tuple[str, FeatureEntry | None, str | None]]:
-        """(key, entry, None) for each readable entry folder, (key, None, why) for each broken one: features/ listed
-        afresh (what verify, repair and `store ls` read), and held as this object's listing."""
+        """(key, entry, None) for each readable entry folder, (key, None, why) for each broken one and each symlink
+        in features/ (reported, never followed nor skipped): features/ listed afresh (what verify, repair and
+        `store ls` read), and held as this object's listing."""
         out: list[tuple[str, FeatureEntry | None, str | None]] = []
-        for key in self.entry_folders():
+        for key in sorted(self.entry_folders() + self.loc.linked("features")):
             try:
                 out.append((key, self.entry(key), None))
             except StratalignError as exc:
@@ -290,6 +298,8 @@ class FeatureStore:
         if twin is not None:
             return twin
         key = spec.key
+        for sub in ("_shards", "_claims", *(f"layer_{i:03d}" for i in range(len(spec.dims)))):
+            self.loc.refuse_links("features", key, sub)  # zarr would write through a link: refused before any work
         for parts in (("features",), ("features", key), *(("features", key, f"layer_{i:03d}") for i in
                                                            range(len(spec.dims)))):
             if self.loc.exists(*parts, "zarr.json"):  # a corrupt metadata file is named, not a JSONDecodeError
@@ -372,13 +382,17 @@ class FeatureStore:
         self.require_writable()
         self.entry_folder(key)
         self._listing = None
+        if self.loc.link_target("features", key) is not None:
+            self.loc.unlink("features", key)  # the link, never what it points to
+            return
         self.loc.remove("features", key, recursive=True)
 
     def entry_table(self) -> pl.DataFrame:
         """One row per entry folder, broken ones included: what `stratalign store ls` shows."""
         rows = []
         for key, e, why in self.scan_entries():
-            row: dict[str, Any] = {"key": key, "bytes": self.loc.size("features", key)}
+            linked = self.loc.link_target("features", key) is not None
+            row: dict[str, Any] = {"key": key, "bytes": 0 if linked else self.loc.size("features", key)}
             if e is not None:
                 try:
                     row["shards"] = f"{len(e.done_shards())}/{e.spec.n_shards}"

@@ -49,7 +49,13 @@ class RunRegistry:
         self.loc = store.loc
 
     def ids(self) -> list[str]:
-        return self.loc.listdir("runs")
+        """Every run folder's id (a symlink in runs/ is not a run: `linked` lists those)."""
+        linked = set(self.linked())
+        return [n for n in self.loc.listdir("runs") if n not in linked]
+
+    def linked(self) -> list[str]:
+        """Names in runs/ that are symlinks (reported by `store verify` and `store ls`, removed by `runs rm`)."""
+        return self.loc.linked("runs")
 
     def is_done(self, run_id: str) -> bool:
         validate_key(run_id, "run id")
@@ -187,8 +193,8 @@ class RunRegistry:
         self.loc.write_json(metrics, "runs", run_id, "metrics.json")
 
     def resolve(self, run: str) -> str:
-        """A full run id or a unique prefix of one."""
-        ids = self.ids()
+        """A full run id or a unique prefix of one (a symlink's name too, so that `runs rm` can remove it)."""
+        ids = self.ids() + self.linked()
         if run in ids:
             return run
         hits = [i for i in ids if i.startswith(run)]

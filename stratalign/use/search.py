@@ -148,6 +148,8 @@ def dataset_index(store: FeatureStore, model: AlignedModel, dataset: str, modali
             faiss.extract_index_ivf(index).nprobe = int(meta["nprobe"])
         return DatasetIndex(index, np.asarray(meta["rows"], np.int64), modality, split, key, True,
                             str(meta.get("source")))
+    if store.mode == "a":  # a write through a link: refused before the vectors are computed
+        store.loc.refuse_links("indexes", key)
     if not build:
         raise StratalignError(f"no {modality} index of run {model.run_id} on dataset {dataset!r}"
                               f"{f' split {split}' if split else ''} in {store.url}; build it with `stratalign index "

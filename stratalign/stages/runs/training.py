@@ -111,6 +111,8 @@ def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[Res
     for cfg, run in zip(cfgs, runs):
         if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
             todo[run.run_id] = (cfg, run)
+    for parts in [("graphs",), *(("runs", rid) for rid in todo)]:  # a write through a link: refused before training
+        store.loc.refuse_links(*parts)
     targets: dict[tuple, ValidationTargets] = {}
     prepared = [_prepare(store, cfg, run, targets) for cfg, run in todo.values()]
     _train_prepared(store, registry, prepared, progress)
