@@ -8,11 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import nn
 
 from stratalign.core import losses
 from stratalign.core.heads import CSA_SIMILARITIES
 from stratalign.core.objectives import HEADS, Selection, objective_named, settings_objective
+from stratalign.device import PRECISIONS, resolve_precision
 from stratalign.errors import StratalignError
 from stratalign.train.validation import check_select
 
@@ -24,8 +26,9 @@ UNREAD_VALUES: dict[str, Any] = {"beta": 0.01, "vib_scale": 1.0, "csa_ridge": 1e
 # Knobs added after runs were recorded: left out of the recorded settings at these values (older run ids
 # stay valid) and read back as these values when a record lacks them (an older run means what it meant).
 # `select`: runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss.
+# `precision` (2026-12-06): every older run trained its heads in float32 on the CPU.
 ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False,
-                               "select": "clip_loss"}
+                               "select": "clip_loss", "precision": "fp32"}
 
 
 @dataclass
@@ -41,6 +44,10 @@ class TrainConfig:
     select: the validation metric that picks the restored checkpoint (METHOD 3.6): rsum (the default of the
     objectives selected on retrieval) | zeroshot | clip_loss; CoMM selects on its own loss, CSA has nothing to
     select (both record clip_loss, the value every older run meant).
+    precision: fp32 | bf16 | auto (METHOD 3.6): bf16 runs the heads' matmuls under bf16 autocast (losses stay
+    float32); auto is resolved when the config is made (bf16 where the device has it), so the recorded value, and
+    the run id, say what ran. Part of the run id only when not fp32. `amp` is the older CUDA-only switch: on a
+    GPU, amp=True autocasts in bf16 whatever `precision` says.
     """
 
     objective: str = "clip"
@@ -82,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -125,6 +133,10 @@ class TrainConfig:
             raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise StratalignError(f"TrainConfig.device must be auto, cpu or cuda[:n], not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise StratalignError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.precision == "auto":
+            self.precision = resolve_precision("auto", _device_of(self.device))
         if objective_named(self.objective).warmup and self.resolved_warmup() > self.max_steps:
             raise StratalignError(
                 f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: no checkpoint "
@@ -147,6 +159,14 @@ class TrainConfig:
                 del out[name]
         return out
 
+    def autocast_bf16(self, dev: torch.device) -> bool:
+        """Whether the heads' matmuls run under bf16 autocast on `dev`: precision bf16 (checked against the
+        hardware: a one-line error where it lacks bf16), or the older amp switch on CUDA."""
+        if self.precision == "bf16":
+            resolve_precision("bf16", dev)
+            return True
+        return bool(self.amp and dev.type == "cuda")
+
     def resolved_warmup(self) -> int:
         """Warm-up length in optimiser steps (0 for objectives without a lambda warm-up)."""
         if not objective_named(self.objective).warmup:
@@ -163,6 +183,13 @@ class TrainConfig:
         if bad:
             raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
         return cls(**{**ADDED_KNOBS, **d})
+
+
+def _device_of(device: str) -> torch.device:
+    """The device a config's `device` names (auto: CUDA when present), without touching the allocator."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device.split(":")[0])
 
 
 @dataclass

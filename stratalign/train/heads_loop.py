@@ -49,7 +49,7 @@ from stratalign.train.validation import ValidationTargets, Validator
 
 # TrainConfig fields one step of a group shares; every other field may differ from run to run
 SHARED_FIELDS = ("head", "head_options", "dim", "lr", "betas", "weight_decay", "max_steps", "eval_every", "tau",
-                 "device", "amp")
+                 "device", "amp", "precision")
 # group progress: (steps done over all runs, steps planned over all runs, runs finished, runs in all)
 GroupProgress = Callable[[int, int, int, int], None]
 
@@ -170,6 +170,7 @@ class GroupLoop:
         self.image = StackedSide([m.image for m in models])
         self.text = StackedSide([m.text for m in models])
         self.variational = self.image.variational
+        self.bf16 = self.cfg.autocast_bf16(dev)
         self.opt = self._optimiser()
         self.validators: dict[tuple, Validator] = {}
         self.t0 = time.perf_counter()
@@ -256,7 +257,7 @@ class GroupLoop:
         batch_pos = torch.stack([r.next_batch().to(self.dev) for r in self.active])  # (S, b) training positions
         pos = torch.stack([r.train_pos[p] for r, p in zip(self.active, batch_pos)])  # (S, b) table rows
         weights = torch.tensor([r.weight(step) for r in self.active], device=self.dev)
-        with autocast(self.dev, self.cfg.amp):
+        with autocast(self.dev, self.bf16):
             image, text = self._sides(pos)
             clip = losses_mod.clip_loss(image.z, text.z, self.cfg.tau)
             reg = self._regularisers(batch_pos, image, text)
@@ -291,7 +292,7 @@ class GroupLoop:
 
             def embed(modality: str, x: torch.Tensor, runs: list[int] = members) -> torch.Tensor:
                 stack = self.image if modality == "image" else self.text
-                with autocast(self.dev, self.cfg.amp):
+                with autocast(self.dev, self.bf16):
                     return stack.embed(x.unsqueeze(0).expand(len(runs), -1, -1), runs)
 
             for s, scores in zip(members, validator.score_many(embed)):

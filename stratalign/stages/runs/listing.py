@@ -14,7 +14,7 @@ from stratalign.store import inventory
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
-COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "overrides",
+COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "precision", "overrides",
            "selection", "best_step", "i2t_R@1", "t2i_R@1", "zs_top1", "seconds")
 
 
@@ -57,6 +57,7 @@ def runs_table(store: FeatureStore, dataset: str | None = None, objective: str |
             "run": rid, "dataset": cfg.get("dataset"), "vision": cfg.get("vision"), "text": cfg.get("text"),
             "layers": f"{cfg.get('vision_layer')},{cfg.get('text_layer')}", "objective": cfg.get("objective"),
             "head": cfg.get("head"), "n_pairs": cfg.get("n_pairs"), "seed": cfg.get("seed"),
+            "precision": (cfg.get("train") or {}).get("precision", "fp32"),  # older runs: fp32 (METHOD 3.6)
             "overrides": " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(over.items())),
             "selection": _selection(met), "best_step": met.get("best_step"),
             **{k: met.get(k) for k in ("i2t_R@1", "t2i_R@1", "zs_top1")}, "seconds": met.get("train_seconds"),
