@@ -13,8 +13,9 @@ S = 1 case of this very code (`train.fit.train_heads`). Each run keeps what make
 - its own gradient-norm clip (1.0 per head over that run's slice of the stacked parameters);
 - its own selector, history and stop: a run whose patience runs out (or whose loss turns non-finite) keeps its
   chosen checkpoint and leaves the stack (its slices of the weights and of the AdamW state are dropped).
-AdamW is elementwise, so one optimiser over the stacked tensors is S separate ones (one lr schedule); the loss
-is the sum of the runs' losses, whose gradient with respect to a run's slice is that run's own. Validation
+AdamW is elementwise, so one optimiser over the runs' tensors is S separate ones (one lr schedule; train.optim: torch's
+fused kernel, every run's clip in three calls); the loss is the sum of the runs' losses, whose gradient with respect
+to a run's slice is that run's own. Validation
 scores every run due at a step in one pass (`Validator.score_many`).
 """
 
@@ -44,6 +45,7 @@ from stratalign.train.rules import (
     restore_chosen,
     validation_history,
 )
+from stratalign.train.optim import RunsAdamW, clip_per_run
 from stratalign.train.stacked import StackedSide
 from stratalign.train.validation import ValidationTargets, Validator
 
@@ -180,9 +182,9 @@ class GroupLoop:
     def _params(self) -> list[torch.Tensor]:
         return [p for s in range(len(self.active)) for p in self.image.params(s) + self.text.params(s)]
 
-    def _optimiser(self) -> torch.optim.Optimizer:
+    def _optimiser(self) -> RunsAdamW:
         c = self.cfg
-        return torch.optim.AdamW(self._params(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        return RunsAdamW(self._params(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
 
     def _state(self, s: int) -> Callable[[], dict[str, torch.Tensor]]:
         def state() -> dict[str, torch.Tensor]:
@@ -194,14 +196,10 @@ class GroupLoop:
     def _compact(self) -> None:
         """Drop stopped runs from the stack and from the optimiser (the others keep their tensors and state)."""
         keep = [i for i, r in enumerate(self.active) if r.stop is None]
-        gone = [p for i, r in enumerate(self.active) if r.stop is not None
-                for p in self.image.params(i) + self.text.params(i)]
         self.image.keep(keep)
         self.text.keep(keep)
         self.active = [self.active[i] for i in keep]
-        for p in gone:
-            self.opt.state.pop(p, None)
-        self.opt.param_groups[0]["params"] = self._params()
+        self.opt.keep(self._params())
 
     # ---------------------------------------------------------------- one step
 
@@ -262,11 +260,10 @@ class GroupLoop:
             clip = losses_mod.clip_loss(image.z, text.z, self.cfg.tau)
             reg = self._regularisers(batch_pos, image, text)
             loss = clip + weights * reg
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.sum().backward()
-        for s in range(len(self.active)):  # each run's own clip per head, on its own tensors (as alone)
-            torch.nn.utils.clip_grad_norm_(self.image.params(s), 1.0)
-            torch.nn.utils.clip_grad_norm_(self.text.params(s), 1.0)
+        # each run's own clip per head, on its own tensors (as alone)
+        clip_per_run([side.params(s) for s in range(len(self.active)) for side in (self.image, self.text)], 1.0)
         self.opt.step()
         return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float()
 
@@ -306,13 +303,12 @@ class GroupLoop:
             self.evaluate(0, list(range(len(self.active))))
         step, done_steps = 0, 0
         while self.active and step < max_steps:
-            lr = self.opt.param_groups[0]["lr"]
+            lr = self.opt.lr
             lams = [r.lam_of(step) for r in self.active]
             losses = self.step(step)
             step += 1
             done_steps += len(self.active)
-            for g in self.opt.param_groups:  # the cosine schedule (LambdaLR's arithmetic: base lr x factor)
-                g["lr"] = self.cfg.lr * cosine_factor(step, max_steps)
+            self.opt.lr = self.cfg.lr * cosine_factor(step, max_steps)  # cosine schedule (LambdaLR's arithmetic)
             for s, r in enumerate(self.active):
                 r.pending.append((step, lr, lams[s], losses[s]))
             due = [s for s, r in enumerate(self.active) if r.due(step)]

@@ -11,6 +11,7 @@ import torch
 import stratalign.core.losses as losses_mod
 from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.errors import StratalignError
+from stratalign.train.optim import RunsAdamW
 from stratalign.train import (
     TrainConfig,
     embed,
@@ -283,13 +284,14 @@ def test_gradient_clip_is_per_head(monkeypatch):
     monkeypatch.setattr(losses_mod, "clip_loss", lopsided)
     seen: list[torch.Tensor] = []  # the run's gradients: image head's parameters, then the text head's
 
-    class Recording(torch.optim.AdamW):
-        def step(self, closure=None):
-            if not seen:
-                seen.extend(p.grad.detach().clone() for g in self.param_groups for p in g["params"])
-            return super().step(closure)
+    real_step = RunsAdamW.step
 
-    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    def recording(self):  # the gradients the optimiser steps with: after the clip
+        if not seen:
+            seen.extend(p.grad.detach().clone() for p in self.params)
+        return real_step(self)
+
+    monkeypatch.setattr(RunsAdamW, "step", recording)
     xi, xt = _random(n=48, d=12)
     cfg = TrainConfig(objective="clip", dim=8, batch_size=64, max_steps=1, eval_every=1, device="cpu")
     train_heads(xi, xt, np.arange(32), np.arange(32, 48), cfg)  # one full-batch step
