@@ -166,7 +166,8 @@ def precision_child(encoder_spec: str, n: int, batch_size: int, threads: int, re
 
 def precision_axis(args: argparse.Namespace) -> None:
     """The precision table: rows/s in fp32 and bf16 and the bf16 features' fidelity per encoder."""
-    header = f"{'encoder':<20}{'N':>6}{'fp32 rows/s':>13}{'bf16 rows/s':>13}{'speed-up':>10}{'min cos':>10}{'max|diff|/scale':>17}"
+    header = (f"{'encoder':<20}{'N':>6}{'fp32 rows/s':>13}{'bf16 rows/s':>13}{'speed-up':>10}{'min cos':>10}"
+              f"{'max|diff|/scale':>17}")
     print(header)
     print("-" * len(header))
     for enc in args.encoders:

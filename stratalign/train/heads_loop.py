@@ -33,6 +33,7 @@ from stratalign.core.heads import AlignedHeads, VariationalHead, build_head
 from stratalign.core.objectives import CLOSED_FORM_HEADS, KnnSupport, Objective, Side, StepBatch, objective_named
 from stratalign.errors import StratalignError
 from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.train.optim import RunsAdamW, clip_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
@@ -45,7 +46,6 @@ from stratalign.train.rules import (
     restore_chosen,
     validation_history,
 )
-from stratalign.train.optim import RunsAdamW, clip_per_run
 from stratalign.train.stacked import StackedSide
 from stratalign.train.validation import ValidationTargets, Validator
 

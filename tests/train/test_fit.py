@@ -11,7 +11,6 @@ import torch
 import stratalign.core.losses as losses_mod
 from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.errors import StratalignError
-from stratalign.train.optim import RunsAdamW
 from stratalign.train import (
     TrainConfig,
     embed,
@@ -24,6 +23,7 @@ from stratalign.train import (
     save_heads,
     train_heads,
 )
+from stratalign.train.optim import RunsAdamW
 
 
 def _random(n=96, d=16, seed=0):
