@@ -20,6 +20,13 @@ costs ~30x less than an image, so at 128 a ~1 s run would measure fixed costs on
     python benchmarks/extract.py                      # all three encoders, 3 rounds
     python benchmarks/extract.py --encoders minilm-l6 efficientnet-lite0 --repeats 9
     python benchmarks/extract.py --n 256 1024 --encoders dinov2-s --repeats 1
+
+The precision axis (`--precision-axis`, issue 30): per encoder, one process preprocesses N items once, then runs
+extraction's forward (`forward_pooled`, as stages/extract/shards.py calls it) in fp32 and under bf16 autocast,
+alternating round by round; it prints rows/s of each, their ratio, and per layer the fidelity of the bf16 pooled
+features against fp32: mean row cosine (its worst layer) and max |diff| / scale (scale: the layer's max |fp32|).
+
+    python benchmarks/extract.py --precision-axis --encoders dinov2-s efficientnet-lite0 --n 64 --repeats 3
 """
 
 from __future__ import annotations
@@ -115,6 +122,70 @@ def child(mode: str, encoder_spec: str, n: int, batch_size: int, threads: int, s
     return {"bare": bare, "extract": ext, "rows": rows, "loaders": kind, "stolen": stolen}
 
 
+def precision_child(encoder_spec: str, n: int, batch_size: int, threads: int, repeats: int) -> dict:
+    """fp32 against bf16 autocast of extraction's forward on the same preprocessed batches (see the docstring)."""
+    import numpy as np
+    import torch
+
+    from stratalign.encoders import load_encoder
+    from stratalign.stages.ingest.sources import ingest_source
+    from stratalign.store.media import load_image
+
+    torch.set_num_threads(threads)
+    ds = ingest_source("twemoji", "bench", limit=n)
+    enc = load_encoder(encoder_spec, "cpu")
+    image = enc.modality == "image"
+    items = [load_image(p) for p in ds.images["path"].to_list()] if image else ds.captions["text"].to_list()
+    batches = [enc.preprocess(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    pooling = enc.default_pooling
+
+    def forward(bf16: bool) -> tuple[float, list[np.ndarray]]:
+        parts = []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            t0 = time.perf_counter()
+            for b in batches:
+                parts.append([t.float().numpy() for t in enc.forward_pooled(b, [pooling])[pooling]])
+            seconds = time.perf_counter() - t0
+        return seconds, [np.concatenate(layer) for layer in zip(*parts)]
+
+    forward(False), forward(True)  # warm-up
+    secs: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    layers = {}
+    for r in range(repeats):
+        for name in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
+            seconds, layers[name] = forward(name == "bf16")
+            secs[name].append(seconds)
+    cos, rel = [], []
+    for a, b in zip(layers["fp32"], layers["bf16"]):
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        cos.append(float(((a64 * b64).sum(1) / np.maximum(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1),
+                                                          1e-30)).mean()))
+        rel.append(float(np.abs(a64 - b64).max() / max(np.abs(a64).max(), 1e-30)))
+    return {"rows": len(items), "fp32": secs["fp32"], "bf16": secs["bf16"], "cos": cos, "rel": rel}
+
+
+def precision_axis(args: argparse.Namespace) -> None:
+    """The precision table: rows/s in fp32 and bf16 and the bf16 features' fidelity per encoder."""
+    header = (f"{'encoder':<20}{'N':>6}{'fp32 rows/s':>13}{'bf16 rows/s':>13}{'speed-up':>10}{'min cos':>10}"
+              f"{'max|diff|/scale':>17}")
+    print(header)
+    print("-" * len(header))
+    for enc in args.encoders:
+        out = subprocess.run([sys.executable, __file__, "--child", "precision", "--encoders", enc, "--n", str(args.n[0]),
+                              "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+                              "--repeats", str(args.repeats)], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if out.returncode != 0:
+            print(f"{enc:<20} failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            continue
+        t = json.loads(out.stdout.strip().splitlines()[-1])
+        f32, b16 = t["rows"] / statistics.median(t["fp32"]), t["rows"] / statistics.median(t["bf16"])
+        print(f"{enc:<20}{t['rows']:>6}{f32:>13.1f}{b16:>13.1f}{b16 / f32:>9.2f}x{min(t['cos']):>10.5f}"
+              f"{max(t['rel']):>16.2%}", flush=True)
+        print("  per layer cos: " + " ".join(f"{c:.5f}" for c in t["cos"]))
+        print("  per layer max|diff|/scale: " + " ".join(f"{r:.2%}" for r in t["rel"]), flush=True)
+
+
 def run_child(mode: str, encoder: str, n: int, args: argparse.Namespace) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--encoders", encoder, "--n", str(n),
                           "--batch-size", str(args.batch_size), "--threads", str(args.threads),
@@ -137,8 +208,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (bare, extract) in the time child")
     ap.add_argument("--loaders", default="auto", choices=["auto", "processes", "threads"],
                     help="extraction's loaders (auto: processes for the image encoders)")
-    ap.add_argument("--child", choices=["time", "memory"])
+    ap.add_argument("--child", choices=["time", "memory", "precision"])
+    ap.add_argument("--precision-axis", action="store_true", help="fp32 against bf16 forwards instead (see above)")
     args = ap.parse_args()
+    if args.child == "precision":
+        print(json.dumps(precision_child(args.encoders[0], args.n[0], args.batch_size, args.threads,
+                                         max(1, args.repeats))))
+        return
+    if args.precision_axis:
+        precision_axis(args)
+        return
     if args.child:
         print(json.dumps(child(args.child, args.encoders[0], args.n[0], args.batch_size, args.threads,
                                args.shard_rows, max(1, args.repeats), args.loaders)))

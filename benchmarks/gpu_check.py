@@ -87,7 +87,8 @@ def pooled_features(model: torch.nn.Module, pixels: torch.Tensor, device: str, b
     enc = HFEncoder("gpu-check-vit", copy.deepcopy(model), "image", image_transform=ImageTransform(size, size),
                     weights_sha="random", preprocessing={}, device=dev)
     entry = SimpleNamespace(spec=SimpleNamespace(pooling=pooling))  # ShardEncoder reads only the pooling
-    worker = ShardEncoder(enc, None, [entry], SimpleNamespace(), dev, prepare=lambda rows: None)
+    precision = "fp32" if dev.type == "cpu" else "bf16"  # the reference in fp32, the device under bf16 autocast
+    worker = ShardEncoder(enc, None, [entry], SimpleNamespace(precision=precision), dev, prepare=lambda rows: None)
     chunks = [pixels[s:s + batch] for s in range(0, len(pixels), batch)]
     host = [{"pixel_values": c.pin_memory() if dev.type == "cuda" else c} for c in chunks]
     worker.forward(host[0])  # warm-up: kernels, autotuning, allocator

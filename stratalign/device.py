@@ -1,4 +1,4 @@
-"""Device choice and CPU thread budget shared by extraction and training."""
+"""Device choice, compute precision and CPU thread budget shared by extraction and training."""
 
 from __future__ import annotations
 
@@ -33,6 +33,34 @@ def _resolve(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise StratalignError(f"unknown device {device!r}: use auto, cpu or cuda[:n]") from None
+
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def bf16_supported(dev: torch.device) -> bool:
+    """Whether bf16 autocast runs at speed here: a CUDA GPU with bf16, or a CPU with avx512_bf16 or AMX tiles
+    (elsewhere CPU autocast emulates bf16, slower than float32)."""
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(c()) for c in checks if callable(c))
+
+
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """fp32 | bf16 for a device: `auto` picks bf16 where the hardware has it, else fp32; bf16 where the hardware
+    lacks it is a one-line error."""
+    if precision not in PRECISIONS:
+        raise StratalignError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if bf16_supported(dev) else "fp32"
+    if precision == "bf16" and not bf16_supported(dev):
+        raise StratalignError(f"precision bf16 needs a CUDA GPU with bf16 or a CPU with avx512_bf16 or AMX; this {dev.type} "
+                              "has none: use --precision fp32 (or auto)")
+    return precision
 
 
 def _cgroup_cpu_limit() -> float | None:

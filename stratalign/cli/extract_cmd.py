@@ -32,6 +32,9 @@ def extract_cmd(
     entry_format: int = typer.Option(2, help="Layout of new entries: 2 (sharded, reads cost what they return) or 1 "
                                      "(one chunk per shard, as stores before layout 2); a complete entry in either "
                                      "layout is reused."),
+    precision: str = typer.Option("fp32", help="Forward precision: fp32 (default), bf16 (autocast; needs a CUDA GPU "
+                                  "or a CPU with avx512_bf16/AMX) or auto (bf16 where the device has it). Part of "
+                                  "the entry's key when not fp32."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run each encoder once over a dataset; write every layer's pooled features to the store."""
@@ -43,7 +46,8 @@ def extract_cmd(
     cfg = ExtractConfig(encoders=tuple(encoder), poolings=tuple(pooling), dtype=dtype, batch_size=batch_size,
                         shard_rows=shard_rows, device=device, skip_bad=skip_bad, loaders=loaders,
                         loader_workers=loader_workers,
-                        torch_threads=torch_threads, claim_wait_s=wait, entry_format=entry_format)
+                        torch_threads=torch_threads, claim_wait_s=wait, entry_format=entry_format,
+                        precision=precision)
     fs = FeatureStore.open(store_url(store), "a")
     reports = extract(fs, dataset, cfg, engine=engine, ray_address=ray_address)
     rows = [{"encoder": r.encoder, "shards encoded": r.shards_encoded, "of": r.shards_total,

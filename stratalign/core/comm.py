@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stratalign.core.losses import float32
 from stratalign.errors import StratalignError
 
 MASKS = ("image", "text", "both")
@@ -86,9 +87,10 @@ def augment_features(x: torch.Tensor, std: torch.Tensor, drop: float = 0.1, nois
     return x * keep + noise * std * eps
 
 
+@float32
 def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
     """NT-Xent (SimCLR / CoMM): 2N anchors; a_i's positive is b_i, its negatives the other 2N-2 rows
-    of both views; inputs are normalised here."""
+    of both views; inputs are normalised here. float32 under any autocast (METHOD 3.6)."""
     if a.shape != b.shape or a.ndim != 2:
         raise StratalignError(f"nt_xent: views must share one 2-D shape, got {tuple(a.shape)}, {tuple(b.shape)}")
     a = F.normalize(a.float(), dim=-1)

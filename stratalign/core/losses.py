@@ -1,8 +1,10 @@
 """Objectives of docs/method.md § 3: CLIP loss, STRUCTURE regulariser (batch and kNN-graph forms),
 information-bottleneck terms and the lambda warm-up. Pure functions over tensors.
 
-Regularisers are computed in float32 even under autocast: softmaxes at tau = 0.05 and matrix powers
-are not safe in bf16.
+Every loss and regulariser here is computed in float32 under any autocast, on every device (METHOD 3.6):
+softmaxes at tau = 0.05, logs and matrix powers are not safe in bf16, and `.float()` alone does not do it
+(autocast casts a matmul's float32 inputs back to bf16). `float32` switches autocast off for the call and casts
+the inputs up; the heads' matmuls before it may still run in bf16.
 
 Batched runs: `clip_loss`, `structure_regularizer`, `ib_deterministic` and `vib_kl` also take (S, b, d) tensors,
 the stacked batches of S independent runs, and return the S losses; slice s equals the 2-D call on slice s.
@@ -10,15 +12,35 @@ the stacked batches of S independent runs, and return the S losses; slice s equa
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import torch
 import torch.nn.functional as F
 
 from stratalign.errors import StratalignError
 
+_F = TypeVar("_F", bound=Callable[..., torch.Tensor])
+
 EPS_LOG = 1e-12
 WEIGHTINGS = ("none", "inverse")
 CENTERINGS = ("mean", "none")
 JS_FORMS = ("reference", "textbook")
+
+
+def float32(fn: _F) -> _F:
+    """Run a loss with autocast off on the device of its first tensor argument (its own `.float()` casts then
+    hold): the loss is float32 whatever autocast surrounds the call."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        device = first.device.type if first is not None else "cpu"
+        if not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -28,6 +50,7 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
                               f"got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+@float32
 def clip_loss(z_img: torch.Tensor, z_txt: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
     """L_clip = 1/2 [CE(S, diag) + CE(S^T, diag)], S = Z_I Z_T^T / tau (inputs already normalised)."""
     _check_pair(z_img, z_txt, "clip_loss")
@@ -107,6 +130,7 @@ def _batch_levels(xc: torch.Tensor, zc: torch.Tensor, tau: float, levels: int, j
     return out
 
 
+@float32
 def structure_regularizer(x: torch.Tensor, z: torch.Tensor, tau: float = 0.05, levels: int = 1,
                           weighting: str = "none", centering: str = "mean",
                           js: str = "reference") -> torch.Tensor:
@@ -122,6 +146,7 @@ def structure_regularizer(x: torch.Tensor, z: torch.Tensor, tau: float = 0.05, l
     return _combine(_batch_levels(xc, zc, tau, levels, js), weighting)
 
 
+@float32
 def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Tensor, z_nbr: torch.Tensor,
                               nbr_mask: torch.Tensor | None = None, tau: float = 0.05, levels: int = 1,
                               weighting: str = "none", centering: str = "mean",
@@ -175,12 +200,14 @@ def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Ten
     return _combine(_batch_levels(xc, zc, tau, levels, js, first=first), weighting)
 
 
+@float32
 def ib_deterministic(z_img: torch.Tensor, z_txt: torch.Tensor) -> torch.Tensor:
     """R_IB = 1 - mean_i cos(z_I,i, z_T,i) (docs/method.md § 3.4, deterministic form)."""
     _check_pair(z_img, z_txt, "ib_deterministic")
     return 1.0 - F.cosine_similarity(z_img.float(), z_txt.float(), dim=-1).mean(-1)
 
 
+@float32
 def vib_kl(mu_i: torch.Tensor, logvar_i: torch.Tensor, mu_t: torch.Tensor, logvar_t: torch.Tensor,
            symmetric: bool = False) -> torch.Tensor:
     """KL(N(mu_I, s_I^2) || N(mu_T, s_T^2)) summed over dims, averaged over the batch; symmetric=True

@@ -24,6 +24,7 @@ ENTRY_FORMATS = (LAYOUT_CHUNK, LAYOUT_SHARDED)
 DEFAULT_CHUNK_ROWS = 4  # rows per inner chunk of layout 2: 8 KB at 1024-d float16
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 MODALITIES = ("image", "text")
+ENTRY_PRECISIONS = ("fp32", "bf16")
 
 
 def shard_sha(block: np.ndarray) -> str:
@@ -50,6 +51,8 @@ class EntrySpec:
     # the layout the key was derived under when it is not this one: an entry migrated from layout 1 keeps its key
     # (store.migrate), so the runs, layer results and graphs that name it still find it
     key_layout: int | None = None
+    # the encoder's forward precision (docs/method.md § 1): fp32 | bf16; part of the key only when not fp32 (older keys stay)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.format_version not in ENTRY_FORMATS:
@@ -66,6 +69,8 @@ class EntrySpec:
             raise StratalignError(f"unknown modality {self.modality!r}; use one of {MODALITIES}")
         if self.dtype not in ("float16", "float32"):
             raise StratalignError(f"unsupported feature dtype {self.dtype!r}: use float16 or float32")
+        if self.precision not in ENTRY_PRECISIONS:
+            raise StratalignError(f"unknown forward precision {self.precision!r}: use one of {ENTRY_PRECISIONS}")
         if len(self.layer_names) != len(self.dims) or not self.dims:
             raise StratalignError("an entry needs one dim per layer name and at least one layer")
         if self.rows < 1 or self.shard_rows < 1:
@@ -81,8 +86,11 @@ class EntrySpec:
 
     def identity(self) -> dict[str, Any]:
         """What the key hashes: the exact dataset name too (the key's readable slug is lossy). Layout 1's is
-        exactly what it always was (its keys are pinned); layout 2 adds its inner chunk rows."""
+        exactly what it always was (its keys are pinned); layout 2 adds its inner chunk rows; a forward in another
+        precision than fp32 adds it (other content, docs/method.md § 1)."""
         extra = {"chunk_rows": self.chunk_rows} if self.format_version != LAYOUT_CHUNK else {}
+        if self.precision != "fp32":
+            extra["precision"] = self.precision
         return {
             **extra,
             "format_version": self.format_version,
@@ -115,7 +123,8 @@ class EntrySpec:
                    layer_names=tuple(meta["layer_names"]), dims=tuple(meta["dims"]), rows=int(meta["rows"]),
                    dtype=meta["dtype"], shard_rows=int(meta["shard_rows"]),
                    format_version=int(meta.get("format_version", LAYOUT_CHUNK)), chunk_rows=int(meta.get("chunk_rows", 0)),
-                   key_layout=None if meta.get("key_layout") is None else int(meta["key_layout"]))
+                   key_layout=None if meta.get("key_layout") is None else int(meta["key_layout"]),
+                   precision=str(meta.get("precision", "fp32")))
 
     def twins(self) -> list["EntrySpec"]:
         """The same content in the other layouts, newest first (an extraction reuses a complete one)."""

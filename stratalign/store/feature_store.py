@@ -361,7 +361,8 @@ class FeatureStore:
                                   f"{f' with pooling {pooling}' if pooling else ''}; run: {hint}")
         if not complete:
             raise StratalignError(f"features of {encoder} for {dataset!r} are incomplete; finish them with: {hint}")
-        complete.sort(key=lambda e: -e.spec.format_version)  # the newest layout first (stable: key order otherwise)
+        # fp32 forwards before other precisions, then the newest layout first (stable: key order otherwise)
+        complete.sort(key=lambda e: (e.spec.precision != "fp32", -e.spec.format_version))
         if pooling is None:  # prefer the encoder's default pooling
             default = [e for e in complete if e.spec.pooling == e.spec.encoder.get("default_pooling")]
             complete = default + [e for e in complete if e not in default]
@@ -402,11 +403,11 @@ class FeatureStore:
                     "dataset": e.spec.dataset, "modality": e.spec.modality,
                     "encoder": e.spec.encoder_spec, "pooling": e.spec.pooling, "layers": len(e.spec.dims),
                     "dim": "/".join(str(d) for d in sorted(set(e.spec.dims))), "rows": e.spec.rows,
-                    "dtype": e.spec.dtype,
+                    "dtype": e.spec.dtype, "precision": e.spec.precision,
                 })
             row["status"] = "ok" if why is None else f"broken: {why}"
             rows.append(row)
         schema = {"key": pl.String, "dataset": pl.String, "modality": pl.String, "encoder": pl.String,
                   "pooling": pl.String, "layers": pl.Int64, "dim": pl.String, "rows": pl.Int64,
-                  "dtype": pl.String, "shards": pl.String, "bytes": pl.Int64, "status": pl.String}
+                  "dtype": pl.String, "precision": pl.String, "shards": pl.String, "bytes": pl.Int64, "status": pl.String}
         return pl.DataFrame(rows, schema=schema)

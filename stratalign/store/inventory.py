@@ -86,7 +86,8 @@ def _datasets_and_entries(store: FeatureStore) -> tuple[list[Artifact], dict[str
             elif fingerprints[ds] != entry.spec.content_fingerprint:
                 orphan = f"dataset {ds} was replaced (other content)"
             spec = entry.spec
-            detail = f"{spec.encoder_spec} {spec.pooling}, {spec.rows} rows, layout {spec.format_version}"
+            detail = (f"{spec.encoder_spec} {spec.pooling}, {spec.rows} rows, layout {spec.format_version}, "
+                      f"{spec.precision} forward")
             live[key] = entry
         else:
             detail = f"broken: {why}"

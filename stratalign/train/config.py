@@ -8,11 +8,13 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import nn
 
 from stratalign.core import losses
 from stratalign.core.heads import CSA_SIMILARITIES
 from stratalign.core.objectives import HEADS, Selection, Training, objective_named, settings_objective
+from stratalign.device import PRECISIONS, resolve_precision
 from stratalign.errors import StratalignError
 from stratalign.train.validation import check_select
 
@@ -64,6 +66,10 @@ class TrainConfig:
     and restore it (the step one choice per cell took for all its seeds; None: the run's own best step).
     asif_k, asif_power, asif_center: ASIF's top-k, power, and cosines after centring (docs/method.md § 3.10).
     mixup_alpha: FuseMix latent mixup on the batches of any aligned-heads objective (0: off; clip+fusemix: 1).
+    precision: fp32 | bf16 | auto (docs/method.md § 3.7): bf16 runs the heads' matmuls under bf16 autocast (losses stay
+    float32); auto is resolved when the config is made (bf16 where the device has it), so the recorded value, and
+    the run id, say what ran. Part of the run id only when not fp32. `amp` is the older CUDA-only switch: on a
+    GPU, amp=True autocasts in bf16 whatever `precision` says.
     """
 
     objective: str = "clip"
@@ -113,6 +119,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    precision: str = knob("fp32", absent="fp32")  # every older run trained its heads in float32
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -169,6 +176,10 @@ class TrainConfig:
                                            or not 0 <= self.stop_step <= self.max_steps):
             raise StratalignError(f"TrainConfig.stop_step must be an integer in [0, max_steps={self.max_steps}], "
                                   f"not {self.stop_step!r}")
+        if self.precision not in PRECISIONS:
+            raise StratalignError(f"TrainConfig.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.precision == "auto":
+            self.precision = resolve_precision("auto", _device_of(self.device))
         if self.resolved_warmup() > self.max_steps:
             raise StratalignError(
                 f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: the regulariser would "
@@ -210,6 +221,14 @@ class TrainConfig:
         """The first step that may be restored: 0 (every run alike), or the warm-up's end under the older rule."""
         return self.resolved_warmup() if self.candidates == LEGACY_CANDIDATES else 0
 
+    def autocast_bf16(self, dev: torch.device) -> bool:
+        """Whether the heads' matmuls run under bf16 autocast on `dev`: precision bf16 (checked against the
+        hardware: a one-line error where it lacks bf16), or the older amp switch on CUDA."""
+        if self.precision == "bf16":
+            resolve_precision("bf16", dev)
+            return True
+        return bool(self.amp and dev.type == "cuda")
+
     def resolved_warmup(self) -> int:
         """Warm-up length in optimiser steps (0 for objectives without a lambda warm-up)."""
         if not objective_named(self.objective).warmup:
@@ -250,6 +269,13 @@ def check_recorded_fields(cls: type = TrainConfig) -> None:
 
 
 check_recorded_fields()
+
+
+def _device_of(device: str) -> torch.device:
+    """The device a config's `device` names (auto: CUDA when present), without touching the allocator."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device.split(":")[0])
 
 
 @dataclass

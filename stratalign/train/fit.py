@@ -87,6 +87,8 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
     if len(devs) > 1:
         raise StratalignError(f"train_many: the runs ask for different devices {sorted(devs)}; train them apart")
     dev = resolve_device(specs[0].cfg.device)
+    for spec in specs:  # precision bf16 where the hardware lacks it: refused before anything trains
+        spec.cfg.autocast_bf16(dev)
     used = np.unique(np.concatenate([np.concatenate([tr, va]) for _, _, tr, va, _, _ in checked]))
     xi, xt = to_device(x_img, used, dev, "x_img"), to_device(x_txt, used, dev, "x_txt")
     jobs = []
@@ -132,10 +134,11 @@ def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_
         model = CommModel(xi.shape[1], xt.shape[1], dim=cfg.comm_dim, heads=cfg.comm_heads,
                           out_dim=cfg.comm_out, final_norm=cfg.comm_final_norm).to(dev)
         zero = torch.zeros((), device=dev)
+        bf16 = cfg.autocast_bf16(dev)
         aug = {"tau": cfg.comm_tau, "drop": cfg.aug_drop, "noise": cfg.aug_noise}
 
         def step_loss(bidx: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            with autocast(dev, cfg.amp):
+            with autocast(dev, bf16):
                 loss = comm_step_loss(model, xi[bidx], xt[bidx], std_i, std_t, **aug)
             return loss, loss, zero
 
@@ -148,7 +151,7 @@ def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_
             for s in range(0, len(vi), b):
                 if len(vi[s:s + b]) < 2:
                     continue
-                with autocast(dev, cfg.amp):
+                with autocast(dev, bf16):
                     v = comm_step_loss(model, vi[s:s + b], vt[s:s + b], std_i, std_t, generator=g, **aug)
                 total += float(v) * len(vi[s:s + b])
                 count += len(vi[s:s + b])

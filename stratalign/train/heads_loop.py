@@ -13,8 +13,9 @@ S = 1 case of this very code (`train.fit.train_heads`). Each run keeps what make
 - its own gradient-norm clip (1.0 per head over that run's slice of the stacked parameters);
 - its own selector, history and stop: a run whose patience runs out (or whose loss turns non-finite) keeps its
   chosen checkpoint and leaves the stack (its slices of the weights and of the AdamW state are dropped).
-AdamW is elementwise, so one optimiser over the stacked tensors is S separate ones (one lr schedule); the loss
-is the sum of the runs' losses, whose gradient with respect to a run's slice is that run's own. Validation
+AdamW is elementwise, so one optimiser over the runs' tensors is S separate ones (one lr schedule; train.optim: torch's
+fused kernel, every run's clip in three calls); the loss is the sum of the runs' losses, whose gradient with respect
+to a run's slice is that run's own. Validation
 scores every run due at a step in one pass (`Validator.score_many`).
 """
 
@@ -33,6 +34,7 @@ from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import CLOSED_FORM_HEADS, KnnSupport, Objective, Side, StepBatch, objective_named
 from stratalign.errors import StratalignError
 from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.train.optim import RunsAdamW, clip_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
@@ -52,7 +54,7 @@ from stratalign.train.validation import ValidationTargets, Validator
 
 # TrainConfig fields one step of a group shares; every other field may differ from run to run
 SHARED_FIELDS = ("head", "head_options", "dim", "lr", "betas", "weight_decay", "max_steps", "eval_every", "tau",
-                 "device", "amp")
+                 "device", "amp", "precision")
 # group progress: (steps done over all runs, steps planned over all runs, runs finished, runs in all)
 GroupProgress = Callable[[int, int, int, int], None]
 
@@ -177,6 +179,7 @@ class GroupLoop:
         self.image = StackedSide([m.image for m in models])
         self.text = StackedSide([m.text for m in models])
         self.variational = self.image.variational
+        self.bf16 = self.cfg.autocast_bf16(dev)
         self.opt = self._optimiser()
         self.validators: dict[tuple, Validator] = {}
         self.t0 = time.perf_counter()
@@ -186,9 +189,9 @@ class GroupLoop:
     def _params(self) -> list[torch.Tensor]:
         return [p for s in range(len(self.active)) for p in self.image.params(s) + self.text.params(s)]
 
-    def _optimiser(self) -> torch.optim.Optimizer:
+    def _optimiser(self) -> RunsAdamW:
         c = self.cfg
-        return torch.optim.AdamW(self._params(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        return RunsAdamW(self._params(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
 
     def _state(self, s: int) -> Callable[[], dict[str, torch.Tensor]]:
         def state() -> dict[str, torch.Tensor]:
@@ -200,14 +203,10 @@ class GroupLoop:
     def _compact(self) -> None:
         """Drop stopped runs from the stack and from the optimiser (the others keep their tensors and state)."""
         keep = [i for i, r in enumerate(self.active) if r.stop is None]
-        gone = [p for i, r in enumerate(self.active) if r.stop is not None
-                for p in self.image.params(i) + self.text.params(i)]
         self.image.keep(keep)
         self.text.keep(keep)
         self.active = [self.active[i] for i in keep]
-        for p in gone:
-            self.opt.state.pop(p, None)
-        self.opt.param_groups[0]["params"] = self._params()
+        self.opt.keep(self._params())
 
     # ---------------------------------------------------------------- one step
 
@@ -269,16 +268,15 @@ class GroupLoop:
         pos = torch.stack([r.train_pos[p] for r, p in zip(self.active, batch_pos)])  # (S, b) table rows
         step_weights = [r.weight(step) for r in self.active]
         weights = torch.tensor(step_weights, device=self.dev)
-        with autocast(self.dev, self.cfg.amp):
+        with autocast(self.dev, self.bf16):
             image, text = self._sides(pos)
             clip = losses_mod.clip_loss(image.z, text.z, self.cfg.tau)
             reg = self._regularisers(batch_pos, image, text, step_weights)
             loss = clip + weights * reg
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.sum().backward()
-        for s in range(len(self.active)):  # each run's own clip per head, on its own tensors (as alone)
-            torch.nn.utils.clip_grad_norm_(self.image.params(s), 1.0)
-            torch.nn.utils.clip_grad_norm_(self.text.params(s), 1.0)
+        # each run's own clip per head, on its own tensors (as alone)
+        clip_per_run([side.params(s) for s in range(len(self.active)) for side in (self.image, self.text)], 1.0)
         self.opt.step()
         return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float()
 
@@ -304,7 +302,7 @@ class GroupLoop:
 
             def embed(modality: str, x: torch.Tensor, runs: list[int] = members) -> torch.Tensor:
                 stack = self.image if modality == "image" else self.text
-                with autocast(self.dev, self.cfg.amp):
+                with autocast(self.dev, self.bf16):
                     return stack.embed(x.unsqueeze(0).expand(len(runs), -1, -1), runs)
 
             for s, scores in zip(members, validator.score_many(embed)):
@@ -318,13 +316,12 @@ class GroupLoop:
             self.evaluate(0, list(range(len(self.active))))
         step, done_steps = 0, 0
         while self.active and step < max_steps:
-            lr = self.opt.param_groups[0]["lr"]
+            lr = self.opt.lr
             lams = [r.lam_of(step) for r in self.active]
             losses = self.step(step)
             step += 1
             done_steps += len(self.active)
-            for g in self.opt.param_groups:  # the cosine schedule (LambdaLR's arithmetic: base lr x factor)
-                g["lr"] = self.cfg.lr * cosine_factor(step, max_steps)
+            self.opt.lr = self.cfg.lr * cosine_factor(step, max_steps)  # cosine schedule (LambdaLR's arithmetic)
             for s, r in enumerate(self.active):
                 r.pending.append((step, lr, lams[s], losses[s]))
             due = [s for s, r in enumerate(self.active) if r.due(step)]

@@ -60,9 +60,9 @@ def epoch_batches(n: int, batch: int, gen: torch.Generator) -> list[torch.Tensor
 
 
 def autocast(dev: torch.device, enabled: bool):
-    """bfloat16 autocast on CUDA when enabled; a no-op context on the CPU."""
-    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
-                          enabled=bool(enabled and dev.type == "cuda"))
+    """bfloat16 autocast on the device when enabled (TrainConfig.autocast_bf16 decides); the losses inside stay
+    float32 (core.losses.float32)."""
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bool(enabled))
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -47,7 +47,11 @@ def _features_mlp(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tens
 
 def _features_residual(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens) -> torch.Tensor:
     branch = _linear(p, "up", _dropout(F.gelu(_linear(p, "down", x)), float(cfg["dropout"]), gens))
-    return _linear(p, "proj", x) + p["gate"].view(-1, 1, 1) * branch
+    # the gate broadcast over the width first: its gradient is then a sum over rows, then one over the width, in the
+    # same order for any number of runs (a (S,)-shaped sum over rows x width is split across threads when S = 1 and
+    # not when S > 1: a run alone and in a stack differed by ~1e-5 in the gate's gradient)
+    gate = p["gate"].view(-1, 1, 1).expand(-1, 1, branch.shape[-1])
+    return _linear(p, "proj", x) + gate * branch
 
 
 _FEATURES = {"linear": _features_linear, "mlp": _features_mlp, "residual": _features_residual}

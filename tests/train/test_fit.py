@@ -23,6 +23,7 @@ from stratalign.train import (
     save_heads,
     train_heads,
 )
+from stratalign.train.optim import RunsAdamW
 
 
 def _random(n=96, d=16, seed=0):
@@ -308,13 +309,14 @@ def test_gradient_clip_is_per_head(monkeypatch):
     monkeypatch.setattr(losses_mod, "clip_loss", lopsided)
     seen: list[torch.Tensor] = []  # the run's gradients: image head's parameters, then the text head's
 
-    class Recording(torch.optim.AdamW):
-        def step(self, closure=None):
-            if not seen:
-                seen.extend(p.grad.detach().clone() for g in self.param_groups for p in g["params"])
-            return super().step(closure)
+    real_step = RunsAdamW.step
 
-    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    def recording(self):  # the gradients the optimiser steps with: after the clip
+        if not seen:
+            seen.extend(p.grad.detach().clone() for p in self.params)
+        return real_step(self)
+
+    monkeypatch.setattr(RunsAdamW, "step", recording)
     xi, xt = _random(n=48, d=12)
     cfg = TrainConfig(objective="clip", dim=8, batch_size=64, max_steps=1, eval_every=1, device="cpu")
     train_heads(xi, xt, np.arange(32), np.arange(32, 48), cfg)  # one full-batch step

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from stratalign.device import PRECISIONS, resolve_precision
 from stratalign.errors import StratalignError
 from stratalign.store.feature_store import DEFAULT_SHARD_ROWS, ENTRY_FORMATS, LAYOUT_SHARDED
 
@@ -30,6 +33,9 @@ class ExtractConfig:
     torch_threads: int = 0  # torch intra-op threads; 0: on CPU every CPU available to the process
     claim_wait_s: float | None = None  # give up after this long without progress on shards others hold (None: wait)
     entry_format: int = LAYOUT_SHARDED  # layout of NEW entries (store.entry); a complete entry in another is reused
+    # the encoder's forward: fp32 | bf16 (autocast) | auto (bf16 where the device has it); resolved when the config is
+    # made, so entries record what ran (part of their key when not fp32: METHOD 1)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.loaders not in LOADER_KINDS:
@@ -49,12 +55,23 @@ class ExtractConfig:
                 raise StratalignError(f"{name} must be a number of seconds >= 0, got {value!r}")
         if not self.encoders:
             raise StratalignError("name at least one encoder (--encoder)")
+        if self.precision not in PRECISIONS:
+            raise StratalignError(f"unknown precision {self.precision!r}: use {', '.join(PRECISIONS)} (--precision)")
+        if self.precision != "fp32":  # auto -> fp32 | bf16; bf16 without the hardware: one line
+            object.__setattr__(self, "precision", resolve_precision(self.precision, _device_of(self.device)))
 
     @property
     def slots(self) -> int:
         """Batch slots of loader processes: the loaders' window, the hand-over queue, one batch waiting to be
         queued and one in the model."""
         return max(1, self.prefetch_batches) + 3
+
+
+def _device_of(device: str) -> torch.device:
+    """The device `device` names (auto: CUDA when present), without loading anything."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device.split(":")[0])
 
 
 @dataclass

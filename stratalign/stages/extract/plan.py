@@ -33,7 +33,7 @@ def entry_specs(ds: PairDataset, encoder: Any, cfg: ExtractConfig) -> list[Entry
     return [EntrySpec(dataset=ds.name, content_fingerprint=ds.content_fingerprint, modality=encoder.modality,
                       encoder=meta, pooling=pooling, layer_names=tuple(encoder.layer_names),
                       dims=tuple(encoder.dims), rows=rows, dtype=cfg.dtype, shard_rows=cfg.shard_rows,
-                      format_version=cfg.entry_format)
+                      format_version=cfg.entry_format, precision=cfg.precision)
             for pooling in resolve_poolings(encoder, cfg.poolings)]
 
 

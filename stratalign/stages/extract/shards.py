@@ -36,17 +36,15 @@ class ShardEncoder:
         self.device = device
         self.prepare = prepare or BatchPreparer(encoder, ds, cfg.skip_bad, device)
         self.poolings = [e.spec.pooling for e in entries]
+        self.bf16 = getattr(cfg, "precision", "fp32") == "bf16"  # resolved against the device by ExtractConfig
         self.forward_s = 0.0
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, list[np.ndarray]]:
         """One forward pass; only the pooled float32 vectors leave the device."""
         t0 = time.perf_counter()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
-                pooled = self.encoder.forward_pooled(batch, self.poolings)
-        else:
+        # precision bf16: the forward under bf16 autocast (pooling itself is float32: core.pooling); fp32: none
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             pooled = self.encoder.forward_pooled(batch, self.poolings)
         # np.array(copy=True): a pooled vector may be a view into a whole hidden state (cls = h[:, 0]);
         # holding the view until the shard is written would keep every layer's full activations alive.

@@ -16,8 +16,8 @@ from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
 LISTED = shown_in(RUNS)  # the registry's metrics of `runs ls` (core.metric_registry)
-COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "overrides",
-           "selection", "best_step", *LISTED, "seconds")
+COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "precision",
+           "overrides", "selection", "best_step", *LISTED, "seconds")
 
 
 def train_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +59,7 @@ def runs_table(store: FeatureStore, dataset: str | None = None, objective: str |
             "run": rid, "dataset": cfg.get("dataset"), "vision": cfg.get("vision"), "text": cfg.get("text"),
             "layers": f"{cfg.get('vision_layer')},{cfg.get('text_layer')}", "objective": cfg.get("objective"),
             "head": cfg.get("head"), "n_pairs": cfg.get("n_pairs"), "seed": cfg.get("seed"),
+            "precision": (cfg.get("train") or {}).get("precision", "fp32"),  # older runs: fp32 (METHOD 3.6)
             "overrides": " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(over.items())),
             "selection": _selection(met), "best_step": met.get("best_step"),
             **{k: met.get(k) for k in LISTED}, "seconds": met.get("train_seconds"),

@@ -1,0 +1,135 @@
+"""The trainer's step against its floor (issue 30): ms per run-step of a stack of S runs (train.heads_loop.GroupLoop,
+clip+structure, two linear heads 384-d -> 512-d, batch 256 of 1,000 pairs) in fp32 and bf16, against the dense
+products that step cannot avoid, timed alone in fp32 and in bf16 (CPU or CUDA autocast), at S = 1, 8, 32.
+
+The floor of one run-step: per side, the head's forward (b x 384 @ 384 x 512) and its weight gradient; the CLIP
+similarities (b x 512 @ 512 x b) and their two gradients; R_S's frozen Gram (b x 384 @ 384 x b) per side and the
+output Gram with its two gradients per side; each as one batched product over the S runs. Variants alternate in
+one process (the machine may be shared); medians of --repeats rounds. bf16 rows need bf16 hardware (device.py).
+The last line is the bf16 trainer step over the bf16 floor at S = 8.
+
+Run: python benchmarks/step_floor.py [--sizes 1,8,32] [--steps 6] [--repeats 3] [--device cpu] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from stratalign.device import bf16_supported, resolve_device
+from stratalign.train import TrainConfig
+from stratalign.train.heads_loop import GroupLoop, HeadsJob, _init
+from stratalign.train.rules import SelectionRule, autocast
+from stratalign.train.validation import ValidationTargets
+
+D_IN, D_OUT, N, B = 384, 512, 1000, 256
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def trainer(S: int, precision: str, dev: torch.device, xi: torch.Tensor, xt: torch.Tensor):
+    """A GroupLoop of S clip+structure runs; returns a function running k steps and giving ms per run-step."""
+    jobs = [HeadsJob(TrainConfig(objective="clip+structure", dim=D_OUT, batch_size=B, max_steps=10_000, seed=s,
+                                 warmup_steps=100, device=dev.type, precision=precision),
+                     np.arange(N), np.arange(10), ValidationTargets.pairs_only(10), SelectionRule("rsum", "rsum", True))
+            for s in range(S)]
+    built = [_init(j, D_IN, D_IN, dev) for j in jobs]
+    loop = GroupLoop(xi, xt, jobs, [m for m, _ in built], [g for _, g in built], dev)
+    count = [0]
+
+    def run(k: int) -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            loop.step(count[0] + 200)  # past the warm-up: lambda at full strength
+            count[0] += 1
+        _sync(dev)
+        return 1000 * (time.perf_counter() - t0) / (k * S)
+
+    return run
+
+
+def floor(S: int, bf16: bool, dev: torch.device):
+    """The dense products of S run-steps as batched matmuls; returns a function giving ms per run-step."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(S, B, D_IN, device=dev, generator=g)
+    w = torch.randn(S, D_IN, D_OUT, device=dev, generator=g)
+    z = torch.randn(S, B, D_OUT, device=dev, generator=g)
+    a = torch.randn(S, B, B, device=dev, generator=g)
+
+    def once() -> None:
+        for _side in range(2):
+            torch.bmm(x, w)  # head forward
+            torch.bmm(x.mT, z)  # its weight gradient
+            torch.bmm(x, x.mT)  # R_S frozen Gram
+            torch.bmm(z, z.mT)  # R_S output Gram
+            torch.bmm(a, z)  # its two gradients
+            torch.bmm(a.mT, z)
+        torch.bmm(z, z.mT)  # CLIP similarities
+        torch.bmm(a, z)  # and their two gradients
+        torch.bmm(a.mT, z)
+
+    def run(k: int) -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        with autocast(dev, bf16):
+            for _ in range(k):
+                once()
+        _sync(dev)
+        return 1000 * (time.perf_counter() - t0) / (k * S)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,8,32")
+    ap.add_argument("--steps", type=int, default=6, help="steps per timing (after one warm-up round)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+    has_bf16 = bf16_supported(dev)
+    rng = np.random.default_rng(0)
+    xi = torch.from_numpy(rng.standard_normal((N, D_IN), dtype=np.float32)).to(dev)
+    xt = torch.from_numpy(rng.standard_normal((N, D_IN), dtype=np.float32)).to(dev)
+    print(f"device {dev}, torch threads {torch.get_num_threads()}, bf16 hardware: {has_bf16}", flush=True)
+    ratio_s8 = None
+    for S in [int(s) for s in args.sizes.split(",")]:
+        variants = {"step fp32": trainer(S, "fp32", dev, xi, xt), "floor fp32": floor(S, False, dev)}
+        if has_bf16:
+            variants.update({"step bf16": trainer(S, "bf16", dev, xi, xt), "floor bf16": floor(S, True, dev)})
+        for run in variants.values():
+            run(1)  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(args.repeats):  # alternate the variants round by round
+            for name, run in variants.items():
+                times[name].append(run(args.steps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        line = ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+        print(f"S = {S}: ms per run-step: {line}; step fp32 / floor fp32 {med['step fp32'] / med['floor fp32']:.2f}x",
+              end="", flush=True)
+        if has_bf16:
+            print(f", step bf16 / floor bf16 {med['step bf16'] / med['floor bf16']:.2f}x, "
+                  f"floor fp32 / floor bf16 {med['floor fp32'] / med['floor bf16']:.2f}x", end="")
+            if S == 8:
+                ratio_s8 = med["step bf16"] / med["floor bf16"]
+        print(flush=True)
+    if ratio_s8 is not None:
+        print(f"step / bf16 floor: {ratio_s8:.2f}x")
+    else:
+        print("step / bf16 floor: n/a (no S = 8 or no bf16 hardware)")
+
+
+if __name__ == "__main__":
+    main()
