@@ -21,6 +21,7 @@ import polars as pl
 
 from stratalign.core.metric_registry import VERDICT, query_units, shown_in
 from stratalign.core.stats import DEFAULT_RESAMPLES, two_level_bootstrap
+from stratalign.report.naming import method_label
 
 KEY_METRICS = shown_in(VERDICT)  # core.metric_registry
 QUERY_UNIT = query_units()
@@ -57,7 +58,7 @@ def _pairs(rows: list[dict[str, Any]], kind: str, baseline: str, baseline_rule: 
         elif kind == "vs_last":
             if r["objective"] == baseline and r["layer_rule"] == baseline_rule:
                 continue
-            base_obj, base_rule, label = baseline, baseline_rule, f"{r['objective']} / {r['layer_rule']}"
+            base_obj, base_rule, label = baseline, baseline_rule, method_label(r["objective"], r["layer_rule"])
         else:  # layers
             if r["layer_rule"] == baseline_rule:
                 continue

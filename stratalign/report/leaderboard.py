@@ -23,4 +23,4 @@ def aggregate(runs: pl.DataFrame, by: Sequence[str] = CELL_COLUMNS,
     aggs = [pl.len().alias("seeds")]
     for m in metrics:
         aggs += [pl.col(m).mean().alias(f"{m}_mean"), pl.col(m).std(ddof=1).alias(f"{m}_std")]
-    return runs.group_by(list(by), maintain_order=True).agg(aggs).sort(list(by))
+    return runs.group_by(list(by), maintain_order=True).agg(aggs).sort(list(by), nulls_last=True)

@@ -119,7 +119,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              f"linear heads, seeds {list(cfg.seeds)}. The split keeps the variants of one emoji (genders, family "
              f"members, mirrored, flag aliases) together: {_split_words(ds)}. Training pairs come from the train "
              f"split, checkpoints are chosen on the dataset's own val split, numbers are on the test split. "
-             f"n_pairs=None means all train pairs. "
+             f"n=all means all train pairs. "
              "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)
              + " (everything else as docs/method.md: tau 0.05, AdamW lr 1e-3). One choice per cell, the same rule "
              "for every objective: the stopping step"

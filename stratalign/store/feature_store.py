@@ -389,25 +389,7 @@ class FeatureStore:
         self.loc.remove("features", key, recursive=True)
 
     def entry_table(self) -> pl.DataFrame:
-        """One row per entry folder, broken ones included: what `stratalign store ls` shows."""
-        rows = []
-        for key, e, why in self.scan_entries():
-            linked = self.loc.link_target("features", key) is not None
-            row: dict[str, Any] = {"key": key, "bytes": 0 if linked else self.loc.size("features", key)}
-            if e is not None:
-                try:
-                    row["shards"] = f"{len(e.done_shards())}/{e.spec.n_shards}"
-                except StratalignError as exc:  # e.g. a corrupt shard marker
-                    why = str(exc)
-                row.update({
-                    "dataset": e.spec.dataset, "modality": e.spec.modality,
-                    "encoder": e.spec.encoder_spec, "pooling": e.spec.pooling, "layers": len(e.spec.dims),
-                    "dim": "/".join(str(d) for d in sorted(set(e.spec.dims))), "rows": e.spec.rows,
-                    "dtype": e.spec.dtype, "precision": e.spec.precision,
-                })
-            row["status"] = "ok" if why is None else f"broken: {why}"
-            rows.append(row)
-        schema = {"key": pl.String, "dataset": pl.String, "modality": pl.String, "encoder": pl.String,
-                  "pooling": pl.String, "layers": pl.Int64, "dim": pl.String, "rows": pl.Int64,
-                  "dtype": pl.String, "precision": pl.String, "shards": pl.String, "bytes": pl.Int64, "status": pl.String}
-        return pl.DataFrame(rows, schema=schema)
+        """One row per entry folder, broken ones included: what `stratalign store ls` shows (store.inventory)."""
+        from stratalign.store.inventory import entry_table
+
+        return entry_table(self)

@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
+
 from stratalign.errors import StratalignError
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import prompt_key, slug
@@ -215,3 +217,28 @@ def remove(store: FeatureStore, artifact: Artifact) -> None:
         store.remove_entry(artifact.name)
     else:
         store.loc.remove(*artifact.parts, recursive=artifact.folder)
+
+
+def entry_table(store: FeatureStore) -> pl.DataFrame:
+    """One row per entry folder, broken ones included: what `stratalign store ls` shows."""
+    rows = []
+    for key, e, why in store.scan_entries():
+        linked = store.loc.link_target("features", key) is not None
+        row: dict[str, Any] = {"key": key, "bytes": 0 if linked else store.loc.size("features", key)}
+        if e is not None:
+            try:
+                row["shards"] = f"{len(e.done_shards())}/{e.spec.n_shards}"
+            except StratalignError as exc:  # e.g. a corrupt shard marker
+                why = str(exc)
+            row.update({
+                "dataset": e.spec.dataset, "modality": e.spec.modality,
+                "encoder": e.spec.encoder_spec, "pooling": e.spec.pooling, "layers": len(e.spec.dims),
+                "dim": "/".join(str(d) for d in sorted(set(e.spec.dims))), "rows": e.spec.rows,
+                "dtype": e.spec.dtype, "precision": e.spec.precision,
+            })
+        row["status"] = "ok" if why is None else f"broken: {why}"
+        rows.append(row)
+    schema = {"key": pl.String, "dataset": pl.String, "modality": pl.String, "encoder": pl.String,
+              "pooling": pl.String, "layers": pl.Int64, "dim": pl.String, "rows": pl.Int64,
+              "dtype": pl.String, "precision": pl.String, "shards": pl.String, "bytes": pl.Int64, "status": pl.String}
+    return pl.DataFrame(rows, schema=schema)

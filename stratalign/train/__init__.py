@@ -15,7 +15,7 @@ from stratalign.train.fit import (
     train_many,
 )
 from stratalign.train.frozen_graphs import knn_graph, knn_graphs
-from stratalign.train.heads_loop import make_heads
+from stratalign.train.heads_init import make_heads
 from stratalign.train.inference import embed, embed_features, fused_features
 
 __all__ = [

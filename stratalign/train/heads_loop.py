@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from stratalign.core import losses as losses_mod
-from stratalign.core.heads import AlignedHeads, VariationalHead, build_head
+from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.core.mixup import LatentMixup, mix_runs
-from stratalign.core.objectives import CLOSED_FORM_HEADS, KnnSupport, Objective, Side, StepBatch, objective_named
-from stratalign.errors import StratalignError
+from stratalign.core.objectives import KnnSupport, Objective, Side, StepBatch, objective_named
 from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.train.heads_init import init_run_heads
 from stratalign.train.optim import RunsAdamW, clip_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
@@ -49,7 +49,7 @@ from stratalign.train.rules import (
     stop_reason,
     validation_history,
 )
-from stratalign.train.stacked import StackedSide
+from stratalign.train.stacked import StackedSide, canonical_grad, slice_side
 from stratalign.train.validation import ValidationTargets, Validator
 
 # TrainConfig fields one step of a group shares; every other field may differ from run to run
@@ -217,7 +217,7 @@ class GroupLoop:
         gens = [r.rng for r in self.active]
         oi, ot = self.image.forward(a, gens), self.text.forward(t, gens)
         if not self.variational:
-            return Side(a, _canonical_grad(oi)), Side(t, _canonical_grad(ot))
+            return Side(a, canonical_grad(oi)), Side(t, canonical_grad(ot))
         (mu_i, lv_i), (mu_t, lv_t) = oi, ot
         zi = torch.stack([VariationalHead.sample(mu_i[s].float(), lv_i[s].float(), r.cfg.vib_scale, r.rng)
                           for s, r in enumerate(self.active)])
@@ -243,7 +243,7 @@ class GroupLoop:
             if not keys[s]:
                 parts.append(torch.zeros(e - s, device=self.dev))
             elif first.obj.batched:
-                batch = StepBatch(rows[s:e], _slice(image, s, e), _slice(text, s, e))
+                batch = StepBatch(rows[s:e], slice_side(image, s, e), slice_side(text, s, e))
                 parts.append(first.obj.regulariser(batch, first.cfg).float())
             else:  # run by run (the kNN form: each run's head over its own neighbour table)
                 for k in range(s, e):
@@ -357,46 +357,6 @@ class GroupLoop:
             self._compact()
 
 
-def _canonical_grad(z: torch.Tensor) -> torch.Tensor:
-    """z, whose gradient reaches the heads in one memory layout whatever produced it. The CLIP loss alone hands
-    back a gradient laid out by its matmul's backward; with a regulariser the gradient is a sum, laid out afresh;
-    the heads' backward matmuls round differently on the two layouts (~1e-8), which made a run differ with and
-    without a regulariser of weight 0 and between stacks. A contiguous copy makes the layout one."""
-    if z.requires_grad:
-        z.register_hook(lambda g: g.contiguous())
-    return z
-
-
-def _slice(side: Side, a: int, b: int) -> Side:
-    """Runs a..b-1 of a stacked side (views)."""
-    return Side(side.x[a:b], side.z[a:b], None if side.mu is None else side.mu[a:b],
-                None if side.logvar is None else side.logvar[a:b])
-
-
-def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
-    """Fresh image and text heads for a config (variational when the run samples embeddings: VIB with beta > 0)."""
-    if cfg.head in CLOSED_FORM_HEADS:
-        raise StratalignError(f"the {cfg.head} head is fitted in closed form: use train_csa / fit_csa")
-    opts = dict(cfg.head_options)
-    if objective_named(cfg.objective).samples_embeddings(cfg):
-        opts["variational"] = True
-    return AlignedHeads(build_head(cfg.head, d_img, cfg.dim, **opts), build_head(cfg.head, d_txt, cfg.dim, **opts))
-
-
-def _init(job: HeadsJob, d_img: int, d_txt: int, dev: torch.device) -> tuple[AlignedHeads, torch.Generator]:
-    """The run's heads initialised under its seed (as alone), and its generator for dropout and VIB noise."""
-    devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(job.cfg.seed)
-        model = make_heads(job.cfg, d_img, d_txt).to(dev)
-        if dev.type == "cuda":
-            rng = torch.Generator(device=dev).manual_seed(job.cfg.seed)
-        else:
-            rng = torch.Generator()
-            rng.set_state(torch.get_rng_state())
-    return model, rng
-
-
 def train_heads_many(xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], dev: torch.device, *,
                      on_step: GroupProgress | None = None, max_group: int = 64) -> list[TrainResult]:
     """Train every job on the device tables xi / xt (rows = pairs), grouped as `group_key` says, at most
@@ -419,7 +379,7 @@ def train_heads_many(xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], d
                     len(jobs))
 
     for k, members in enumerate(chunks):
-        built = [_init(jobs[i], dims[0], dims[1], dev) for i in members]
+        built = [init_run_heads(jobs[i].cfg, dims[0], dims[1], dev) for i in members]
         loop = GroupLoop(xi, xt, [jobs[i] for i in members], [m for m, _ in built], [g for _, g in built], dev,
                          on_step=lambda d, p, f, r, k=k: tick(d, p, f, r, k))
         for i, res in zip(members, loop.run()):

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stratalign.core.objectives import Side
+
 Gens = Sequence[torch.Generator] | None
 
 
@@ -114,3 +116,19 @@ class StackedSide:
     def keep(self, runs: Sequence[int]) -> None:
         """Keep only the runs `runs` (stopped runs leave the stack)."""
         self.leaves = [self.leaves[s] for s in runs]
+
+
+def canonical_grad(z: torch.Tensor) -> torch.Tensor:
+    """z, whose gradient reaches the heads in one memory layout whatever produced it. The CLIP loss alone hands
+    back a gradient laid out by its matmul's backward; with a regulariser the gradient is a sum, laid out afresh;
+    the heads' backward matmuls round differently on the two layouts (~1e-8), which made a run differ with and
+    without a regulariser of weight 0 and between stacks. A contiguous copy makes the layout one."""
+    if z.requires_grad:
+        z.register_hook(lambda g: g.contiguous())
+    return z
+
+
+def slice_side(side: Side, a: int, b: int) -> Side:
+    """Runs a..b-1 of a stacked side (views)."""
+    return Side(side.x[a:b], side.z[a:b], None if side.mu is None else side.mu[a:b],
+                None if side.logvar is None else side.logvar[a:b])

@@ -51,7 +51,8 @@ def test_a_run_alone_equals_itself_in_stacks_of_3_and_4(head: str) -> None:
 
 def _steps(head: str, seeds: list[int], target: int, steps: int = 4) -> list[dict[str, bytes]]:
     """The target run's gradients and weights after each of `steps` optimiser steps of a GroupLoop over `seeds`."""
-    from stratalign.train.heads_loop import GroupLoop, HeadsJob, _init
+    from stratalign.train.heads_init import init_run_heads as _init
+    from stratalign.train.heads_loop import GroupLoop, HeadsJob
     from stratalign.train.rules import SelectionRule
     from stratalign.train.validation import ValidationTargets
 
@@ -59,7 +60,7 @@ def _steps(head: str, seeds: list[int], target: int, steps: int = 4) -> list[dic
     dev = torch.device("cpu")
     jobs = [HeadsJob(_spec("clip+structure", head, s).cfg, np.arange(300), np.arange(360, 420),
                      ValidationTargets.pairs_only(60), SelectionRule("rsum", "rsum", True)) for s in seeds]
-    built = [_init(j, 48, 40, dev) for j in jobs]
+    built = [_init(j.cfg, 48, 40, dev) for j in jobs]
     loop = GroupLoop(xi, xt, jobs, [m for m, _ in built], [g for _, g in built], dev)
     slot = seeds.index(target)
     out = []

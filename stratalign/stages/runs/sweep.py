@@ -114,14 +114,17 @@ def tuning_table(choices: list[CellChoice]) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
-def run_table(registry: RunRegistry, run_ids: list[str], tuned: dict[str, str] | None = None) -> pl.DataFrame:
+def run_table(registry: RunRegistry, run_ids: list[str], tuned: dict[str, str] | None = None,
+              requested: dict[str, int | None] | None = None) -> pl.DataFrame:
     """One row per run: the cell description, seed, the knob values tuning chose (`tuned`, when tuned) and
     headline metrics."""
     rows = []
     for rid in run_ids:
         cfg, met = registry.config(rid), registry.metrics(rid)
         row: dict[str, Any] = {"run": rid, "objective": cfg["objective"], "head": cfg["head"],
-                               "layer_rule": cfg["layer_rule"], "n_pairs": cfg["n_pairs"], "seed": cfg["seed"],
+                               "layer_rule": cfg["layer_rule"], "seed": cfg["seed"],
+                               # the size asked for: None ("all") for every training pair, as the cell names it
+                               "n_pairs": (requested or {}).get(rid, cfg["n_pairs"]),
                                "vision_layer": cfg["vision_layer"], "text_layer": cfg["text_layer"]}
         if tuned is not None:
             row["tuned"] = tuned.get(rid, "")
@@ -149,7 +152,7 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
         done = {rid: c.trained == 0 for c in choices for rid in c.final}
         for cell, rid in zip(cells, run_ids):
             on_cell(cell, rid, done[rid])
-    runs = run_table(registry, run_ids, labels)
+    runs = run_table(registry, run_ids, labels, {rid: cell.n_pairs for cell, rid in zip(cells, run_ids)})
     metrics = [m for m in HEADLINE if m in runs.columns and runs[m].null_count() < runs.height]
     board = aggregate(runs.drop("run", "vision_layer", "text_layer", "tuned"),
                       by=CELL_COLUMNS, metrics=metrics)
