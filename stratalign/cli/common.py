@@ -29,7 +29,7 @@ err_console = _console(stderr=True)
 STORE_ENV = "STRATALIGN_STORE"
 
 StoreOption = typer.Option(
-    None, "--store", envvar=STORE_ENV, help="Store URL or path (default ./stratalign-store; env STRATALIGN_STORE)."
+    None, "--store", envvar=STORE_ENV, metavar="URL", help="Store URL or path (default ./stratalign-store; env STRATALIGN_STORE)."
 )
 
 

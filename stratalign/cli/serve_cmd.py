@@ -15,8 +15,8 @@ def serve_cmd(
     dataset: str = typer.Option(..., "--dataset", help="Dataset whose images are searched."),
     split: Optional[str] = typer.Option(None, "--split", help="Search one split only (train | val | test)."),
     k: int = typer.Option(8, "-k", help="Results per run."),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     device: str = DeviceOption,
     store: Optional[str] = StoreOption,
 ) -> None:

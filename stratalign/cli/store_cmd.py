@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -233,16 +233,18 @@ def store_migrate(
     """Rewrite layout-1 entries as layout 2 (a read of r rows then costs O(r) bytes, not whole shards) under the
     SAME keys, so runs, layer results and graphs still find them: each entry's copy is built beside it, compared
     value by value with the original's checksums, then swapped in atomically (local stores)."""
-    from tqdm import tqdm
-
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.migrate import migrate_store
 
     fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
-    bars: dict[str, tqdm] = {}
+    from stratalign.progress import progress_bar
+
+    bars: dict[str, Any] = {}
 
     def progress(key: str, done: int, total: int) -> None:
-        bar = bars.setdefault(key, tqdm(total=total, unit="shard", desc=key[:40], disable=None, leave=False))
+        if key not in bars:
+            bars[key] = progress_bar(total=total, unit="shard", desc=key[:40], disable=None, leave=False)
+        bar = bars[key]
         bar.update(done - bar.n)
         if done == total:
             bar.close()

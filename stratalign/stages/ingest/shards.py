@@ -21,6 +21,7 @@ import fsspec
 import polars as pl
 
 from stratalign.errors import StratalignError
+from stratalign.progress import progress_bar
 from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -70,11 +71,9 @@ def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress:
     """webdataset tar shards: per key an image (`.jpg`, `.png`, `.webp`, ...) and its caption (`.txt`, or the
     `caption` field of `.json`). Keys without an image or a caption are left out; an image id is the key. The
     captions are spilled to a temporary folder as they come (bounded memory: see store.raw_records)."""
-    from tqdm import tqdm
-
     urls = expand_shards(shards)
     images, captions = image_columns(), caption_columns(Spill())
-    for url in tqdm(urls, desc="webdataset shards", unit="shard", disable=None if progress else True):
+    for url in progress_bar(urls, desc="webdataset shards", unit="shard", disable=None if progress else True):
         shard_name = posixpath.basename(url.rstrip("/"))
         found: dict[str, dict[str, str]] = {}
         for key, ext, name, tar, member in _tar_members(url):
@@ -174,13 +173,11 @@ def read_hf(path: str, image_col: str = "image", text_col: str = "text", image_d
     names (validation -> val). Embedded image bytes are written once into `image_dir` (default:
     `<path>-images`), as the store keeps images by path. The captions are spilled to a temporary folder as they
     come (bounded memory: see store.raw_records)."""
-    from tqdm import tqdm
-
     out_dir = Path(image_dir or f"{str(path).rstrip('/')}-images")
     images, captions = image_columns(), caption_columns(Spill())
     for split, files in _hf_tables(path):
         for file in files:
-            for batch in tqdm(_batches(file), desc=f"{Path(file).name}", unit="batch",
+            for batch in progress_bar(_batches(file), desc=f"{Path(file).name}", unit="batch",
                               disable=None if progress else True):
                 cols = batch.schema.names
                 for col, flag in ((image_col, "--image-col"), (text_col, "--text-col")):

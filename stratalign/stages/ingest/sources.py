@@ -12,6 +12,7 @@ import fsspec
 import polars as pl
 
 from stratalign.errors import StratalignError, preview, require_int
+from stratalign.progress import progress_bar
 from stratalign.stages.ingest.shards import read_hf, read_webdataset
 from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
 from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
@@ -70,13 +71,11 @@ def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[p
             for i, r in enumerate(data[key]):
                 add(key, i, r)
         return found["images"].frame(), found["annotations"].frame()
-    from tqdm import tqdm
-
     try:
         fs, path = fsspec.core.url_to_fs(captions_json)
         size = fs.size(path)
         # on a terminal only (disable=None): piped output and logs keep one line per outcome
-        with tqdm(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=None if progress else True) \
+        with progress_bar(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=None if progress else True) \
                 as bar:
             for n, key in enumerate(found):  # one streaming pass per array
                 with fs.open(path, "rb") as f:

@@ -16,6 +16,7 @@ import numpy as np
 
 from stratalign.core.objectives import Training, objective_named
 from stratalign.errors import StratalignError
+from stratalign.progress import progress_bar
 from stratalign.stages.runs.config import RUN_FLAGS, ResolvedRun, RunConfig, resolve_run, run_entries
 from stratalign.stages.runs.data import gather, subset_tensors, validation_targets
 from stratalign.stages.runs.evaluate import save_run_queries, score_model
@@ -37,9 +38,7 @@ def step_progress(progress: Progress | bool, run_id: str, metric: str) -> Iterat
     if callable(progress):
         yield progress
         return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None, desc=f"train {run_id}", unit="step", dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=None, desc=f"train {run_id}", unit="step", dynamic_ncols=True, leave=False)
 
     def tick(step: int, total: int, value: float) -> None:
         bar.total = total
@@ -136,9 +135,7 @@ def _train_prepared(store: FeatureStore, registry: RunRegistry, prepared: list[_
 
 
 def _group_bar(n_runs: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=None, desc=f"train {n_runs} runs", unit="step", dynamic_ncols=True)
+    return progress_bar(total=None, desc=f"train {n_runs} runs", unit="step", dynamic_ncols=True)
 
 
 def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepared], progress: Progress | bool | None,
