@@ -25,7 +25,8 @@ def train_cmd(
     vision: str = typer.Option(..., help="Vision encoder spec."),
     text: str = typer.Option(..., help="Text encoder spec."),
     layers: str = typer.Option("auto", help="auto (recorded by `layers --choose`), last, or V,T."),
-    head: str = typer.Option("linear", help="linear | mlp | residual | csa."),
+    head: Optional[str] = typer.Option(None, help="linear | mlp | residual | csa (default: the objective's own head, "
+                                                  "as `sweep` picks it: csa for csa, else linear)."),
     objective: str = typer.Option("clip", help="clip | clip+structure | clip+structure-knn | clip+ib | clip+vib | comm | csa."),
     n_pairs_: Optional[str] = typer.Option(None, "--n-pairs", callback=check_n_pairs,
                                            help="Training pairs drawn from the train split (default all)."),
@@ -45,6 +46,9 @@ def train_cmd(
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
+    from stratalign.core.objectives import objective_named
+
+    head = head or objective_named(objective).own_head or "linear"
     fs = FeatureStore.open(store_url(store), "a")
     overrides = trainer_overrides(set_)
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
