@@ -68,7 +68,15 @@ def train_cmd(
         verb = "already in the store" if res.get("skipped") else f"trained in {res.get('train_seconds', 0):.2f}s"
     console.print(f"run {res['run_id']} ({verb})")
     console.print(ResolvedRun.from_config(RunRegistry(fs).config(res["run_id"])).validation_note())
+    console.print(test_note(fs, dataset), highlight=False)
     print_metrics(res)
+
+
+def test_note(fs, dataset: str) -> str:
+    """Which pairs the printed metrics come from: the test split and its size."""
+    ds = fs.dataset(dataset)
+    return (f"test metrics: the dataset's test split ({len(ds.image_rows('test'))} images, "
+            f"{len(ds.pairs('test')[1])} captions)")
 
 
 def _print_tuning(tuned) -> None:

@@ -1,4 +1,5 @@
-"""`stratalign train`: the head an objective needs is picked as `sweep` picks it."""
+"""`stratalign train`: the head an objective needs is picked as `sweep` picks it; the test metrics name the test split
+and its size."""
 
 from __future__ import annotations
 
@@ -21,3 +22,9 @@ def test_csa_trains_with_its_own_head_without_being_told(store_with_dataset) -> 
     assert out.returncode == 0, out.stderr
     [rid] = RunRegistry(store).ids()
     assert RunRegistry(store).config(rid)["head"] == "csa" and f"run {rid}" in out.stdout
+    ds = store.dataset("toy")
+    lines = out.stdout.splitlines()
+    note = next(i for i, line in enumerate(lines) if line.startswith("test metrics:"))
+    assert lines[note] == (f"test metrics: the dataset's test split ({len(ds.image_rows('test'))} images, "
+                           f"{len(ds.pairs('test')[1])} captions)")
+    assert lines[note - 1].startswith("validation:") and "R@1=" in lines[note + 1]  # the metrics follow it
