@@ -308,6 +308,8 @@ class FeatureStore:
             and e.spec.content_fingerprint == ds_meta["content_fingerprint"]
         ]
         hint = f"stratalign extract --dataset {dataset} --encoder {encoder}"
+        if not matches and modality is not None:
+            _refuse_other_modality(self, dataset, encoder, modality, ds_meta["content_fingerprint"])
         if not matches:
             raise StratalignError(f"no features of {encoder} for dataset {dataset!r}"
                                   f"{f' with pooling {pooling}' if pooling else ''}; run: {hint}")
@@ -358,3 +360,19 @@ class FeatureStore:
                   "pooling": pl.String, "layers": pl.Int64, "dim": pl.String, "rows": pl.Int64,
                   "dtype": pl.String, "shards": pl.String, "bytes": pl.Int64, "status": pl.String}
         return pl.DataFrame(rows, schema=schema)
+
+
+_FLAG = {"image": "--vision", "text": "--text"}
+
+
+def _refuse_other_modality(store: FeatureStore, dataset: str, encoder: str, modality: str, fingerprint: str) -> None:
+    """An encoder asked for as one modality whose features are of the other (--vision and --text swapped): say
+    so and name the flag it belongs to, rather than advise extracting what is already extracted."""
+    other = {e.spec.modality for e in store.entries() if e.spec.dataset == dataset and e.spec.encoder_spec == encoder
+             and e.spec.content_fingerprint == fingerprint} - {modality}
+    if other:
+        kind = sorted(other)[0]
+        raise StratalignError(f"{encoder} is a {kind} encoder (its {kind} features of {dataset!r} are in the store), "
+                              f"not a{'n' if modality == 'image' else ''} {modality} one: give it as "
+                              f"{_FLAG.get(kind, kind)} {encoder}, and a{'n' if modality == 'image' else ''} "
+                              f"{modality} encoder as {_FLAG.get(modality, modality)}")
