@@ -231,13 +231,32 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     return images, captions, {"kind": "twemoji", "groups": "emoji variants"}
 
 
+def _spread(labels: list[Any], limit: int) -> list[int]:
+    """Indices of `limit` items taken in turn from each label (labels in order of first appearance, items in
+    source order within a label), returned in source order: every class is in a small sample."""
+    by_label: dict[Any, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    queues, picked = [iter(v) for v in by_label.values()], []
+    while len(picked) < min(limit, len(labels)):
+        for q in queues:
+            nxt = next(q, None)
+            if nxt is not None and len(picked) < limit:
+                picked.append(nxt)
+    return sorted(picked)
+
+
 def _first_images(images: list[RawImage] | pl.DataFrame, captions: list[RawCaption] | pl.DataFrame | SpilledFrame,
-                  limit: int) -> tuple[Any, Any]:
-    """The first `limit` images and their captions (records as lists or as raw_records frames)."""
+                  limit: int, spread: bool = False) -> tuple[Any, Any]:
+    """The first `limit` images (or, `spread`, `limit` images taken in turn from each label) and their captions
+    (records as lists or as raw_records frames)."""
     if isinstance(images, pl.DataFrame):  # captions: a frame or a SpilledFrame
-        images = images.head(limit)
+        if spread and "label" in images.columns:
+            images = images[_spread(images["label"].to_list(), limit)]
+        else:
+            images = images.head(limit)
         return images, captions.filter(pl.col("image_id").is_in(images["image_id"].implode()))
-    images = images[:limit]
+    images = [images[i] for i in _spread([im.label for im in images], limit)] if spread else images[:limit]
     keep = {im.image_id for im in images}
     return images, [c for c in captions if c.image_id in keep]
 
@@ -247,8 +266,10 @@ SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "t
 
 
 def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad: bool = False,
-                  limit: int | None = None, **args: Any) -> PairDataset:
-    """Read a source and validate it into a PairDataset (not yet saved: see FeatureStore.save_dataset)."""
+                  limit: int | None = None, spread: bool = False, **args: Any) -> PairDataset:
+    """Read a source and validate it into a PairDataset (not yet saved: see FeatureStore.save_dataset).
+    `limit` keeps the first N images, or with `spread` N images taken in turn from each label (a small sample
+    that still holds every class)."""
     if kind not in SOURCES:
         raise StratalignError(f"unknown dataset source {kind!r}; known: {', '.join(SOURCES)}")
     if limit is not None:
@@ -258,8 +279,10 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
     require_int(seed, "--seed")
     images, captions, source = SOURCES[kind](**args)
     if limit is not None:
-        images, captions = _first_images(images, captions, limit)
+        images, captions = _first_images(images, captions, limit, spread)
         source["limit"] = limit
+        if spread:
+            source["sample"] = "spread over labels"
     templates = TWEMOJI_TEMPLATES if kind == "twemoji" else None
     default_name = "twemoji" if kind == "twemoji" else kind
     return build_dataset(default_name if name is None else name, images, captions, source=source, seed=seed,
