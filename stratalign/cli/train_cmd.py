@@ -41,12 +41,11 @@ def train_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Train alignment heads on cached features, evaluate on the test split, save the run."""
+    from stratalign.core.objectives import objective_named
     from stratalign.stages.runs.config import ResolvedRun
     from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
-
-    from stratalign.core.objectives import objective_named
 
     head = head or objective_named(objective).own_head or "linear"
     fs = FeatureStore.open(store_url(store), "a")
