@@ -24,6 +24,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from stratalign.errors import StratalignError, preview
 from stratalign.store import claims as claims_mod
+from stratalign.store.codecs import check_codecs
 from stratalign.store.keys import entry_key
 from stratalign.store.shard_format import ByteSource, ShardCorrupt, ShardGeometry, encode_shard, open_below, read_rows
 from stratalign.version import __version__
@@ -181,6 +182,11 @@ class FeatureEntry:
         if layer in self._arrays:
             return self._arrays[layer]
         name = f"layer_{layer:03d}"
+        try:  # the codecs it names, checked before zarr builds anything from them
+            check_codecs(self.store.loc.read_bytes(*self.folder, name, "zarr.json"), f"layer {layer} of entry "
+                         f"{self.key}", f"remove the entry (stratalign store rm {self.key}) and extract it again")
+        except FileNotFoundError:
+            pass  # the missing layer is named below
         try:
             self._arrays[layer] = self.group[name]
             return self._arrays[layer]
