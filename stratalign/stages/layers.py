@@ -180,6 +180,7 @@ def run_layers(store: FeatureStore, cfg: LayersConfig, rule: str = "best", by: s
     """The layers stage: compute (or read back) the matrices, choose the layer pair by `rule` on metric `by`,
     write the heatmap (also to `heatmap_copy`), and record the choice for `train --layers auto`."""
     parsed = LayerRule.parse(rule, CHOOSE_KEYWORDS, "--choose", indices=True)  # bad text: before any work
+    store.require_writable("run_layers (matrices, heatmap, layer choice)")  # before any work, not after it
     if parsed.is_pair:
         v_entry, t_entry = _entries(store, cfg)
         check_pair(parsed.index_pair(), len(v_entry.spec.dims), len(t_entry.spec.dims), rule)

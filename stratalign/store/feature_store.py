@@ -142,10 +142,12 @@ class FeatureStore:
         root.require_group("features")
         return cls(loc, root, "a")
 
-    def require_writable(self) -> None:
-        """Raise a one-line error unless the store is open for writing (mode 'a')."""
+    def require_writable(self, doing: str = "") -> None:
+        """Raise a one-line error unless the store is open for writing (mode 'a'): what would write (`doing`,
+        checked by a stage before it computes anything) and the fix."""
         if self.mode != "a":
-            raise StratalignError(f"store {self.url} is open read-only")
+            raise StratalignError(f"store {self.url} is open read-only" + (f" and {doing} writes to it" if doing else "")
+                                  + f": open it for writing, stratalign.open_store({self.url!r}, 'a')")
 
     # ----- datasets (see store.dataset_tables)
     def datasets(self) -> list[str]:

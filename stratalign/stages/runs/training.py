@@ -95,6 +95,8 @@ def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[Res
     for cfg, run in zip(cfgs, runs):
         if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
             todo[run.run_id] = (cfg, run)
+    if todo:  # before gathering anything: the runs are saved at the end
+        store.require_writable(f"training {len(todo)} run(s)")
     targets: dict[tuple, ValidationTargets] = {}
     prepared = [_prepare(store, cfg, run, targets) for cfg, run in todo.values()]
     _train_prepared(store, registry, prepared, progress)
