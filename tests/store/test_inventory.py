@@ -143,3 +143,17 @@ def test_store_verify_prints_problems_and_one_summary(store_dir: Path, cli) -> N
     lines = bad.stdout.splitlines()
     assert bad.returncode == 2 and len(lines) == 2 and lines[0].startswith(f"broken run {RUNS[2]}")
     assert lines[1].endswith(": 1 broken") and "1 problem(s)" in bad.stderr
+
+
+def test_runs_ls_fits_a_terminal_without_breaking_ids(store_dir: Path) -> None:
+    import os
+    import re
+    import subprocess
+
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "100", "NO_COLOR": "1"}
+    out = subprocess.run([sys.executable, "-m", "stratalign.cli.main", "runs", "ls", "--store", str(store_dir)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert all(r in text for r in RUNS)  # each id on one line
