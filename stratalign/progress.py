@@ -15,8 +15,9 @@ from typing import Any
 
 from tqdm.std import tqdm as std_tqdm
 
-# a stage without a known total prints a line at most this often (seconds) besides its closing line
-UNKNOWN_TOTAL_EVERY_S = 60.0
+# a stage prints a line after this many seconds without one (a stage without a known total: only then), so a log
+# shows a long stage is alive (its postfix says what it does) at one line a minute at most
+QUIET_EVERY_S = 60.0
 # no line for a step of 10 % sooner than this after the previous line (a fast stage: only its closing line)
 MIN_GAP_S = 2.0
 
@@ -30,7 +31,8 @@ def _is_terminal(stream: Any) -> bool:
 
 class LogBar(std_tqdm):
     """A tqdm that writes whole lines (no carriage returns, no cursor moves): one per 10 % of the total reached,
-    at least MIN_GAP_S apart, one every UNKNOWN_TOTAL_EVERY_S when the total is unknown, and one at close.
+    at least MIN_GAP_S apart, one after QUIET_EVERY_S without a line (updates keep coming, no 10 % step), and
+    one at close.
     The rate is the stage's average so far (n / elapsed), so the ETA does not swing with the last few updates."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -71,12 +73,13 @@ class LogBar(std_tqdm):
         now = time.monotonic()
         if now - self._last_line_t < MIN_GAP_S:
             return False
+        quiet = now - self._last_line_t >= QUIET_EVERY_S  # a line now and then, so that a log never looks hung
         if self.total:
             tenth = int(10 * self.n / self.total)
-            if tenth <= self._printed_tenth or tenth >= 10:  # 100 % is the closing line's
+            if (tenth <= self._printed_tenth or tenth >= 10) and not quiet:  # 100 % is the closing line's
                 return False
-            self._printed_tenth = tenth
-        elif now - self._last_line_t < UNKNOWN_TOTAL_EVERY_S:
+            self._printed_tenth = max(self._printed_tenth, min(tenth, 9))
+        elif not quiet:
             return False
         self._last_line_t = now
         return True

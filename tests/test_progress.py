@@ -58,9 +58,10 @@ def test_eta_comes_from_the_average_rate() -> None:
     assert "10% 10/100 row" in line and "ETA 01:30" in line and "1.00 row/s" not in line
 
 
-def test_unknown_total_prints_at_most_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("total", [None, 10**6])
+def test_a_quiet_stage_prints_at_most_once_a_minute(monkeypatch: pytest.MonkeyPatch, total) -> None:
     out = io.StringIO()
-    bar = LogBar(total=None, file=out, desc="train", unit="step", mininterval=0)
+    bar = LogBar(total=total, file=out, desc="train", unit="step", mininterval=0)
     for _ in range(2000):
         bar.update(1)
     assert out.getvalue() == ""  # well under a minute
@@ -69,5 +70,6 @@ def test_unknown_total_prints_at_most_once_a_minute(monkeypatch: pytest.MonkeyPa
     bar.update(1)
     bar.close()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("train: 2,001 step") and lines[1].startswith("train: done 2,001 step")
+    assert len(lines) == 2 and lines[0].startswith("train: " + ("2,001 step" if total is None else "0% 2,001/1,000,000"))
+    assert lines[1].startswith("train: done 2,001")
 
