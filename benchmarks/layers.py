@@ -1,8 +1,11 @@
 """Time the L x L layer-similarity matrix: layer_similarity (one kNN search per layer) against the
 straightforward per-pair loop (both kNN lists recomputed for every layer pair), and check they agree.
+With --permutations K (> 0): also the permutation null of mutual_knn (core.calibration: K permutations of the
+text rows, reusing the kNN graphs), timed against the raw matrix's computation in the same run, alternated
+--repeats times.
 
     python benchmarks/layers.py [--n 5000] [--layers 13] [--dim 384] [--metrics mutual_knn cka] [--sample 0]
-                                [--threads 0]
+                                [--threads 0] [--permutations 0] [--repeats 3]
 
 --sample P times only P random pairs of the per-pair loop and extrapolates to all L x L pairs (marked `~`).
 --threads T caps BLAS and FAISS threads (0 = library defaults); on a shared machine 1 gives steadier timings.
@@ -15,6 +18,7 @@ import time
 
 import numpy as np
 
+from stratalign.core import calibration
 from stratalign.core import similarity as similarity_mod
 
 
@@ -45,6 +49,8 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=0, help="time this many random pairs of the per-pair loop (0 = all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="cap BLAS/FAISS threads (0 = defaults)")
+    ap.add_argument("--permutations", type=int, default=0, help="time the permutation null of K permutations")
+    ap.add_argument("--repeats", type=int, default=3, help="alternations of raw / null timings")
     args = ap.parse_args()
     if args.threads > 0:
         import faiss
@@ -59,6 +65,9 @@ def main() -> None:
     print(f"n={args.n} layers={args.layers}x{args.layers} dim={args.dim} k={kk} metrics={','.join(args.metrics)} "
           f"threads={args.threads or 'default'}")
     similarity_mod.mutual_knn(vis[0][:200], txt[0][:200], 5)  # warm FAISS / BLAS up outside the timings
+    if args.permutations > 0:
+        time_null(vis, txt, k, args.permutations, args.repeats, args.seed)
+        return
 
     pairs = [(v, t) for v in range(len(vis)) for t in range(len(txt))]
     if 0 < args.sample < n_pairs:
@@ -89,6 +98,32 @@ def main() -> None:
     for name, sec, speed, note in rows:
         print(f"{name:<{width}}  {sec:>9}  {speed:>8}  {note}")
     print(f"(pairs checked against the per-pair loop: {len(pairs)} of {n_pairs})")
+
+
+def time_null(vis: list[np.ndarray], txt: list[np.ndarray], k: int | str, perms: int, repeats: int,
+              seed: int) -> None:
+    """The raw mutual_knn matrix (L_v + L_t kNN searches, L_v x L_t overlaps) against its null (K x L_v x L_t
+    overlaps on the same graphs), alternated; the ratio of medians."""
+    raw_s, null_s = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mats, graphs = similarity_mod.layer_similarity_and_graphs(vis, txt, ("mutual_knn",), k=k)
+        raw_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        order = calibration.permutations(len(vis[0]), perms, seed)
+        null = calibration.overlap_null(*graphs, order)["mutual_knn"]
+        summary = calibration.summarise(mats["mutual_knn"], null)
+        null_s.append(time.perf_counter() - t0)
+    raw, cal = float(np.median(raw_s)), float(np.median(null_s))
+    pairs = len(vis) * len(txt)
+    print(f"raw mutual_knn matrix ({len(vis) + len(txt)} kNN searches, {pairs} overlaps): {raw:.3f} s "
+          f"(runs {', '.join(f'{x:.3f}' for x in raw_s)})")
+    print(f"permutation null, K={perms} ({perms * pairs} overlaps, no search): {cal:.3f} s "
+          f"(runs {', '.join(f'{x:.3f}' for x in null_s)}); {cal / raw:.1f}x the raw matrix, "
+          f"{cal / perms / raw:.3f}x per permutation")
+    best = similarity_mod.choose_layers(mats["mutual_knn"], "best")
+    print(f"best pair {best}: raw {mats['mutual_knn'][best]:.4f}, calibrated {summary['calibrated'][best[0]][best[1]]:.4f}, "
+          f"family-wise p {summary['family_p'][best[0]][best[1]]:.4f}")
 
 
 if __name__ == "__main__":

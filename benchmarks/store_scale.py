@@ -18,6 +18,9 @@ own read seconds, peak RSS (VmHWM). `--only reads|stages` runs one half (with `-
 The page cache is warm (each child reads its method's files once before timing): this measures decoding and
 checking, not the disk; on object stores layout 1's whole-layer download is the larger cost. The peak RSS of
 the row reads is taken before the whole-layer reads (memmap's counts the mapped file pages it touched).
+Layout 2's reads check each chunk against the crc32c its shard's marker names (issue 29: a shard file copied over
+another is refused); `layout2-unverified` is the read without that check (the reads before it), and the two are
+run in alternation `--rounds` times for the ratio verified / unverified (goal <= 1.5x at 5,000 rows).
 
     python benchmarks/store_scale.py --rows 200000          # what fits a small machine in a few minutes
     python benchmarks/store_scale.py                        # COCO scale: ~14 GB of files under --dir
@@ -26,6 +29,7 @@ the row reads is taken before the whole-layer reads (memmap's counts the mapped 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -47,6 +51,10 @@ from store_scale_stages import (
     stage_child,
     stage_table,
 )
+
+# layout 2 read as before issue 29: each chunk checked against its own crc32c only, not against the crc32c its shard's
+# marker names (`read_layer(verify=False)`); "layout2" is the verified read every stage does
+UNVERIFIED = "layout2-unverified"
 
 
 def _read_bytes() -> int:
@@ -106,9 +114,9 @@ def child(args: argparse.Namespace) -> dict:
         if args.method == "memmap":
             maps = [np.load(root / f"{modality}_{i}.npy", mmap_mode="r") for i in range(args.layers)]
             return lambda layer, rows: np.array(maps[layer] if rows is None else maps[layer][rows])
-        entry = store.entry(_spec(rows_total, args.layers, args.dim, args.shard_rows, modality, int(args.method[-1]),
-                                  content).key)
-        return entry.read_layer
+        layout = 2 if args.method == UNVERIFIED else int(args.method[-1])
+        entry = store.entry(_spec(rows_total, args.layers, args.dim, args.shard_rows, modality, layout, content).key)
+        return functools.partial(entry.read_layer, verify=args.method != UNVERIFIED)
 
     n_img = max(1, args.rows // 5)
     text, image = reader("text", args.rows), reader("image", n_img)
@@ -154,7 +162,7 @@ def _warm(root: Path, store, args: argparse.Namespace) -> None:
     if args.method == "memmap":
         files = sorted(root.glob("*.npy"))
     else:
-        layout = int(args.method[-1])
+        layout = 2 if args.method == UNVERIFIED else int(args.method[-1])
         content = store.dataset(DATASET).content_fingerprint
         keys = [_spec(n, args.layers, args.dim, args.shard_rows, m, layout, content).key
                 for m, n in (("text", args.rows), ("image", n_images(args.rows)))]
@@ -184,6 +192,7 @@ def main() -> None:
                    help="n of the `layers` stage runs on layout 2 (n = 5,000 also on layout 1)")
     p.add_argument("--train-pairs", type=int, default=None, help="the train run's --n-pairs (default: every train pair)")
     p.add_argument("--only", choices=("all", "reads", "stages"), default="all")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of the verified and unverified layout-2 reads")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default="memmap", help=argparse.SUPPRESS)
     p.add_argument("--layout", type=int, default=2, help=argparse.SUPPRESS)
@@ -201,7 +210,8 @@ def main() -> None:
         print(f"built {root} in {time.perf_counter() - t0:.0f} s: {json.dumps(built)}", file=sys.stderr)
     try:
         if args.only in ("all", "reads"):
-            results = {method: _run_child(args, root, method) for method in ("memmap", "layout1", "layout2")}
+            results = {method: _run_child(args, root, method) for method in ("memmap", "layout1")}
+            results.update(_alternated(args, root, ("layout2", UNVERIFIED)))
             _table(args, results, built)
         if args.only in ("all", "stages"):
             runs = [("layers", 2, n) for n in args.stage_n] + [("layers", 1, 5000), ("train", 2, 0), ("train", 1, 0)]
@@ -209,6 +219,23 @@ def main() -> None:
     finally:
         if not args.keep and args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _alternated(args: argparse.Namespace, root: Path, methods: tuple[str, ...]) -> dict:
+    """Methods whose ratio is a goal, run in alternation `--rounds` times (each in a child of its own); per method,
+    the median over rounds of each timing (and of its bytes)."""
+    rounds: dict[str, list[dict]] = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for m in methods:
+            rounds[m].append(_run_child(args, root, m))
+    out = {}
+    for m, runs in rounds.items():
+        first = runs[0]
+        out[m] = {**first, "reads": {r: {k: statistics.median(run["reads"][r][k] for run in runs) for k in ("s", "bytes")}
+                                     for r in first["reads"]},
+                  "layers": {n: statistics.median(run["layers"][n] for run in runs) for n in first["layers"]},
+                  "rounds": [run["reads"] for run in runs]}
+    return out
 
 
 def _run_child(args: argparse.Namespace, root: Path, method: str, **extra: int) -> dict:
@@ -235,6 +262,14 @@ def _table(args: argparse.Namespace, res: dict, built: dict | None) -> None:
         m, a, b = (res[k]["reads"][r] for k in ("memmap", "layout1", "layout2"))
         print(f"| {r} | {m['s']:.4f} | {a['s']:.3f} | {b['s']:.4f} | {a['s'] / b['s']:.1f}x | {b['s'] / m['s']:.1f}x | "
               f"{_fmt_bytes(m['bytes'])} | {_fmt_bytes(a['bytes'])} | {_fmt_bytes(b['bytes'])} |")
+    print("\n| rows read | layout 2 unverified s (before issue 29) | layout 2 verified s | verified / unverified | "
+          "per round (unverified, verified) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in res["layout2"]["reads"]:
+        v, u = res["layout2"]["reads"][r], res[UNVERIFIED]["reads"][r]
+        rounds = zip(res[UNVERIFIED]["rounds"], res["layout2"]["rounds"])
+        pairs = ", ".join(f"({a[r]['s']:.4f}, {b[r]['s']:.4f})" for a, b in rounds)
+        print(f"| {r} | {u['s']:.4f} | {v['s']:.4f} | {v['s'] / u['s']:.2f}x | {pairs} |")
     print("\n| `layers` read (all layers, both entries) | memmap s | layout 1 s | layout 2 s |")
     print("| --- | --- | --- | --- |")
     for n in res["memmap"]["layers"]:

@@ -176,7 +176,7 @@ def scaling(sizes: list[int], steps: int) -> None:
 
 
 def _step_matmuls(s: int, b: int = 256, d_in: int = 384, d_out: int = 512) -> tuple[list, float]:
-    """The dense products of one clip+structure step of S linear-head runs (METHOD 3.1-3.2, L = 1), batched over the
+    """The dense products of one clip+structure step of S linear-head runs (docs/method.md § 3.1-3.2, L = 1), batched over the
     runs as a stacked trainer would at best: heads forward and weight gradients (2 modalities), CLIP logits and
     their two gradients, R_S's frozen-side and head-side similarities and the head side's gradient; (the
     closures, GFLOP of one run's step)."""

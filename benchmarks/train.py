@@ -1,6 +1,6 @@
 """Trainer throughput: stratalign's index-permutation trainer vs a plain DataLoader(TensorDataset) loop.
 
-Both train two linear heads (384-d -> 512-d) with the same loss (clip, and clip+structure of METHOD 3.2),
+Both train two linear heads (384-d -> 512-d) with the same loss (clip, and clip+structure of docs/method.md § 3.2),
 AdamW, cosine schedule, per-head grad clip 1.0, batch 4096, for the same number of optimiser steps; the
 best of --repeats interleaved runs is reported (the machine may be shared). Then the stratalign trainer
 alone at n = 1k, 10k, 100k for a fixed number of steps: the cost of a step does not grow with n (batches

@@ -57,6 +57,9 @@ _EXPORTS = {
     "tune_run": "stratalign.stages.runs.tune",
     "tune_runs": "stratalign.stages.runs.tune",
     "evaluate_saved_run": "stratalign.stages.runs.evaluate",
+    "RunResult": "stratalign.stages.runs.results",
+    "EvalResult": "stratalign.stages.runs.results",
+    "METRICS": "stratalign.core.metric_registry",
     "SweepConfig": "stratalign.stages.runs.sweep",
     "run_sweep": "stratalign.stages.runs.sweep",
     "DemoConfig": "stratalign.stages.demo",
@@ -69,10 +72,12 @@ __all__ = [
     "FeatureStore", "FeatureEntry", "PairDataset", "RunRegistry", "verify_store", "load_encoder",
     "known_encoders", "OBJECTIVES", "HEADS", "TrainConfig", "ingest_source", "ExtractConfig", "extract",
     "LayersConfig", "run_layers", "RunConfig", "ResolvedRun", "resolve_run", "train_run", "train_runs", "tune_run",
-    "tune_runs", "evaluate_saved_run", "SweepConfig", "run_sweep", "DemoConfig", "run_demo", "AlignedModel",
+    "tune_runs", "evaluate_saved_run", "RunResult", "EvalResult", "METRICS", "SweepConfig", "run_sweep", "DemoConfig",
+    "run_demo", "AlignedModel",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
+    from stratalign.core.metric_registry import METRICS
     from stratalign.core.objectives import HEADS, OBJECTIVES
     from stratalign.encoders import known_encoders, load_encoder
     from stratalign.stages.demo import DemoConfig, run_demo
@@ -80,6 +85,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from stratalign.stages.ingest.sources import ingest_source
     from stratalign.stages.layers import LayersConfig, run_layers
     from stratalign.stages.runs.evaluate import evaluate_saved_run
+    from stratalign.stages.runs.results import EvalResult, RunResult
     from stratalign.stages.runs.sweep import SweepConfig, run_sweep
     from stratalign.stages.runs.training import ResolvedRun, RunConfig, resolve_run, train_run, train_runs
     from stratalign.stages.runs.tune import tune_run, tune_runs

@@ -49,6 +49,19 @@ def caption_for(i: int, j: int = 0) -> str:
     return f"a {WORDS[i % len(WORDS)]} and a {WORDS[(i * 7 + j) % len(WORDS)]} number {i}"
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """The CLI's main() keeps its SIGINT/SIGTERM handlers for the process's shutdown (stratalign.cli.signals): put
+    pytest's back after a test that ran it in-process."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in before.items():
+        if signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
+
+
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     make_images(tmp_path / "imgs", 30)
@@ -109,3 +122,6 @@ def break_entry(folder: Path, how: str) -> None:
         meta_file.write_text(json.dumps(meta))
     elif how == "corrupt-json":
         meta_file.write_text('{"zarr_format": 3, "attri')
+
+
+from corrupt_store import pristine, store_copy  # noqa: E402,F401 (the fault suite's damaged store and its copies)

@@ -71,9 +71,10 @@ def print_table(frame: pl.DataFrame, title: str | None = None, no_wrap: Sequence
 
 def print_metrics(res: dict) -> None:
     """A run's headline metrics, then how the checkpoint was chosen (the trainer's message, warm-up warnings)."""
-    keys = [k for k in ("best_step", "lambda_at_best", "stopped_reason", "i2t_R@1", "i2t_R@5", "i2t_R@10",
-                        "t2i_R@1", "t2i_R@5", "t2i_R@10", "zs_top1", "zs_top5", "zs_balanced_acc", "alignment_mknn",
-                        "probe_acc", "probe_f1_macro") if k in res]
+    from stratalign.core.metric_registry import RUN, TRAINING, metric, shown_in
+
+    shown = shown_in(RUN)  # the registry's metrics of one run's line: how training ended first, then the scores
+    keys = [k for k in sorted(shown, key=lambda k: metric(k).split != TRAINING) if k in res]
     console.print("  " + "  ".join(f"{k}={res[k]:.2f}" if isinstance(res[k], float) else f"{k}={res[k]}" for k in keys))
     if res.get("message"):
         console.print(f"  {res['message']}", highlight=False, markup=False, soft_wrap=True)

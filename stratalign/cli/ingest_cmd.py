@@ -23,16 +23,21 @@ SeedOption = typer.Option(0, help="Seed of the train/val/test split when the sou
 LimitOption = typer.Option(None, help="Keep only the first N images (quick looks).")
 SkipBadOption = typer.Option(False, "--skip-bad", help="Ingest the rest and record what was skipped.")
 ReplaceOption = typer.Option(False, "--replace", help="Replace a dataset of the same name.")
+TemplateOption = typer.Option(None, "--template", help="A zero-shot template with one '{}' for the class name "
+                              "(repeat for several; default 'a photo of a {}.', twemoji 'an emoji of {}.').")
+TemplatesFileOption = typer.Option(None, help="A file of zero-shot templates: one per line, or JSON (a list, or "
+                                   "{\"templates\": [...], \"class_names\": {label: name}}).")
 
 
 def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], skip_bad: bool, replace: bool,
-            store: Optional[str], **args: Any) -> None:
+            store: Optional[str], templates: Optional[list[str]], templates_file: Optional[str], **args: Any) -> None:
     """Read and validate the source, save it (unless the identical dataset is there), print what happened."""
     from stratalign.stages.ingest.sources import ingest_source
     from stratalign.store.datasets import no_train_fix
     from stratalign.store.feature_store import FeatureStore
 
-    ds = ingest_source(source, name, seed=seed, skip_bad=skip_bad, limit=limit, **args)
+    ds = ingest_source(source, name, seed=seed, skip_bad=skip_bad, limit=limit, templates=templates or None,
+                       templates_file=templates_file, **args)
     fs = FeatureStore.open(store_url(store), "a", create=True)
     written = fs.save_dataset(ds, replace=replace)
     for reason, what in ((ds.meta.get("source") or {}).get("left_out") or {}).items():
@@ -42,6 +47,20 @@ def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], s
         console.print(f"[yellow]skipped[/yellow] {item['kind']} {item['id']}: {item['reason']}")
     summary = ", ".join(f"{k}={v}" for k, v in ds.summary().items())
     console.print(f"{'ingested' if written else 'already ingested (identical)'}: {summary}")
+    if ds.class_names:
+        console.print(f"zero-shot prompts: {len(ds.class_names)} classes x {len(ds.templates)} template(s) "
+                      f"({'; '.join(ds.templates[:3])}{' ...' if len(ds.templates) > 3 else ''})", highlight=False)
+    elif templates or templates_file:
+        console.print(f"note: dataset {ds.name!r} has no labels, so its templates are kept but unused "
+                      "(zero-shot classification needs a label column)")
+    identical = ds.meta.get("identical_images")
+    if identical:
+        console.print(f"grouped {identical['images']} byte-identical images ({identical['sets']} sets of one "
+                      "content hash): each set is kept in one split")
+        if identical["across_given_splits"]:
+            console.print(f"[yellow]warning[/yellow]: the source's split puts {identical['across_given_splits']} "
+                          "of these sets in several splits (kept as given): an evaluation there scores images "
+                          "the heads trained on; fix the split column, or ingest without it to draw one")
     counts = ds.split_counts()
     if not counts.get("train"):
         console.print(f"[yellow]warning[/yellow]: dataset {ds.name!r} has no train split; "
@@ -60,12 +79,15 @@ def ingest_coco(
     limit: Optional[int] = LimitOption,
     skip_bad: bool = SkipBadOption,
     replace: bool = ReplaceOption,
+    template: Optional[list[str]] = TemplateOption,
+    templates_file: Optional[str] = TemplatesFileOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """COCO captions: a captions_*.json file and its image folder."""
     if not captions or not images:
         raise StratalignError("coco needs --captions captions_*.json and --images FOLDER")
-    _ingest("coco", name, seed, limit, skip_bad, replace, store, captions_json=captions, image_dir=images, progress=True)
+    _ingest("coco", name, seed, limit, skip_bad, replace, store, template, templates_file, captions_json=captions,
+            image_dir=images, progress=True)
 
 
 @ingest_app.command("karpathy")
@@ -77,12 +99,15 @@ def ingest_karpathy(
     limit: Optional[int] = LimitOption,
     skip_bad: bool = SkipBadOption,
     replace: bool = ReplaceOption,
+    template: Optional[list[str]] = TemplateOption,
+    templates_file: Optional[str] = TemplatesFileOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """A Karpathy split file (COCO, Flickr30k) and its image folder; the split file's train/val/test is kept."""
     if not split_file or not images:
         raise StratalignError("karpathy needs --split-file dataset_*.json and --images FOLDER")
-    _ingest("karpathy", name, seed, limit, skip_bad, replace, store, split_json=split_file, image_dir=images)
+    _ingest("karpathy", name, seed, limit, skip_bad, replace, store, template, templates_file, split_json=split_file,
+            image_dir=images)
 
 
 @ingest_app.command("table")
@@ -102,13 +127,15 @@ def ingest_table(
     limit: Optional[int] = LimitOption,
     skip_bad: bool = SkipBadOption,
     replace: bool = ReplaceOption,
+    template: Optional[list[str]] = TemplateOption,
+    templates_file: Optional[str] = TemplatesFileOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """A table with one row per (image path, caption); rows sharing an image are grouped."""
     if not table:
         raise StratalignError("table needs --table FILE (.csv/.tsv/.parquet/.jsonl)")
-    _ingest("table", name, seed, limit, skip_bad, replace, store, table=table, image_col=image_col,
-            caption_col=caption_col, label_col=label_col, id_col=id_col, split_col=split_col,
+    _ingest("table", name, seed, limit, skip_bad, replace, store, template, templates_file, table=table,
+            image_col=image_col, caption_col=caption_col, label_col=label_col, id_col=id_col, split_col=split_col,
             group_col=group_col, image_root=images)
 
 
@@ -119,10 +146,12 @@ def ingest_twemoji(
     limit: Optional[int] = LimitOption,
     skip_bad: bool = SkipBadOption,
     replace: bool = ReplaceOption,
+    template: Optional[list[str]] = TemplateOption,
+    templates_file: Optional[str] = TemplatesFileOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """The embedded Twemoji set (caption = Unicode name, label = category); needs the 'embedded' extra."""
-    _ingest("twemoji", name, seed, limit, skip_bad, replace, store)
+    _ingest("twemoji", name, seed, limit, skip_bad, replace, store, template, templates_file)
 
 
 @ingest_app.command("webdataset")
@@ -136,11 +165,13 @@ def ingest_webdataset(
     limit: Optional[int] = LimitOption,
     skip_bad: bool = SkipBadOption,
     replace: bool = ReplaceOption,
+    template: Optional[list[str]] = TemplateOption,
+    templates_file: Optional[str] = TemplatesFileOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """webdataset tar shards as img2dataset writes them: <key>.jpg/.png + <key>.txt (+ <key>.json)."""
-    _ingest("webdataset", name, seed, limit, skip_bad, replace, store, shards=list(shards), caption_ext=caption_ext,
-            progress=True)
+    _ingest("webdataset", name, seed, limit, skip_bad, replace, store, template, templates_file, shards=list(shards),
+            caption_ext=caption_ext, progress=True)
 
 
 @ingest_app.command("hf")
@@ -156,8 +187,10 @@ def ingest_hf(
     limit: Optional[int] = LimitOption,
     skip_bad: bool = SkipBadOption,
     replace: bool = ReplaceOption,
+    template: Optional[list[str]] = TemplateOption,
+    templates_file: Optional[str] = TemplatesFileOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """A local Hugging Face dataset with an image and a text column; its split names are kept."""
-    _ingest("hf", name, seed, limit, skip_bad, replace, store, path=path, image_col=image_col, text_col=text_col,
-            image_dir=image_dir, progress=True)
+    _ingest("hf", name, seed, limit, skip_bad, replace, store, template, templates_file, path=path,
+            image_col=image_col, text_col=text_col, image_dir=image_dir, progress=True)

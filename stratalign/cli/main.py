@@ -6,13 +6,13 @@ Every command module imports only typer, rich and the light parts of stratalign 
 
 from __future__ import annotations
 
-import signal
 import sys
 from types import ModuleType
 
 import typer
 from typer.core import TyperGroup
 
+from stratalign.cli import signals
 from stratalign.cli.classify_cmd import classify_cmd
 from stratalign.cli.common import console, err_console
 from stratalign.cli.conventions import click_command
@@ -87,28 +87,15 @@ app.command("serve")(serve_cmd)
 app.add_typer(store_app, name="store")
 app.add_typer(runs_app, name="runs")
 
-INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
-TERMINATED = 143  # 128 + SIGTERM
-_received: list[int] = []  # the signal that interrupted the command, if any
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM unwinds the command like Ctrl-C (finally blocks release claims, temp files go), then exits 143."""
-    _received.append(signum)
-    raise KeyboardInterrupt
-
-
-def interrupted_line() -> str:
-    """What an interrupted command says: what is kept and how to resume."""
-    what = "terminated" if _received and _received[-1] == signal.SIGTERM else "interrupted"
-    verb = " ".join(a for a in sys.argv[1:3] if not a.startswith("-"))
-    resume = f"; rerun the same `stratalign {verb}` command to resume" if verb else ""
-    return f"{what}: finished work (written shards, saved runs, ingested datasets) is kept in the store{resume}"
+INTERRUPTED = signals.INTERRUPTED
+TERMINATED = signals.TERMINATED
+_received = signals.received  # the signals that interrupted the command, if any
+interrupted_line = signals.interrupted_line
 
 
 def _interrupted() -> None:
-    code = TERMINATED if _received and _received[-1] == signal.SIGTERM else INTERRUPTED
-    _fail(interrupted_line(), code)
+    signals.said()
+    _fail(interrupted_line(), signals.code())
 
 
 def click_exceptions() -> ModuleType:
@@ -124,12 +111,14 @@ def _fail(line: str, code: int) -> None:
 
 
 def main() -> None:
-    """Entry point: run the app with SIGTERM handled like Ctrl-C (exit 143, see `run`)."""
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    """Entry point: run the app with SIGINT and SIGTERM ending it in one line (exit 130 / 143) whatever it is doing,
+    also while it starts or exits (see cli.signals). The handlers stay: a signal during the interpreter's
+    shutdown ends it the same way (tests that call main() in-process restore theirs, tests/conftest.py)."""
+    signals.install(interrupted_line)
     try:
         run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signals.exiting()
 
 
 def run() -> None:

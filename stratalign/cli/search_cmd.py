@@ -15,23 +15,36 @@ def search_cmd(
     run: str = typer.Option(..., "--run", help="Run id (or a unique prefix)."),
     dataset: str = typer.Option(..., "--dataset", help="Dataset to search (its index is built once and kept)."),
     image: Optional[str] = typer.Option(None, "--image", help="Search the captions with this image instead."),
-    k: int = typer.Option(10, "-k", help="How many results."),
+    k: int = typer.Option(10, "-k", help="How many results (1..1000)."),
     split: Optional[str] = typer.Option(None, "--split", help="Search one split only (train | val | test)."),
     device: str = DeviceOption,
     store: Optional[str] = StoreOption,
 ) -> None:
-    """Print the top-k results: rank, score, image id, path and caption."""
+    """Print the top-k results: rank, score, image id, path and caption. A query the store already holds (a caption
+    of the dataset, a file with the bytes of one of its images) is read from its cached features: no encoder loads."""
     from stratalign.cli.common import plain_columns
     from stratalign.cli.model_opts import open_model
     from stratalign.errors import StratalignError
+    from stratalign.use.cached import CachedFeatures
     from stratalign.use.search import search
 
     if (query is None or not query.strip()) and image is None:
         raise StratalignError("empty query: give a text, or --image PATH")
     if query is not None and image is not None:
         raise StratalignError("give a text query or --image, not both")
+    if not 1 <= k <= 1000:
+        raise StratalignError(f"-k must be between 1 and 1000, got {k}")
     m, fs = open_model(run, None, store, device, mode="a")
     by = "image" if image is not None else "text"
-    hits = search(fs, m, dataset, [image if image is not None else query], k, by=by, split=split)[0]
-    rows = [[str(i + 1), f"{h.score:.4f}", h.image_id, h.path, h.caption] for i, h in enumerate(hits)]
+    hits = search(fs, m, dataset, [image if image is not None else query], k, by=by, split=split,
+                  cached=CachedFeatures(fs, m, dataset))[0]
+    media = None
+    rows = []
+    for i, h in enumerate(hits):
+        if h.path is None:  # the row's path is outside the dataset's image roots: say which, as extract does
+            from stratalign.store.containment import DatasetMedia
+
+            media = media or DatasetMedia.of(fs.dataset(dataset))
+            media.path(h.image_row)
+        rows.append([str(i + 1), f"{h.score:.4f}", h.image_id, h.path, h.caption])
     console.out(plain_columns(["rank", "score", "image", "path", "caption"], rows), highlight=False)

@@ -268,11 +268,18 @@ def store_repair(
         console.print(f"{verb} {escape(key)} shards {shards}", soft_wrap=True, highlight=False)
     for key, why in report.unreadable.items():
         console.print(f"[red]cannot repair[/red] {escape(key)}: {escape(why)}", soft_wrap=True)
+    for key, layers in report.metadata.items():
+        console.print(f"rewrote the zarr.json of {escape(key)} layers {layers}", soft_wrap=True, highlight=False)
     total = sum(len(s) for s in report.repaired.values())
     console.print(f"{total} shard(s) in {len(report.repaired)} entr(y/ies) {verb}")
     if report.unreadable:
         raise StratalignError(f"{len(report.unreadable)} entr(y/ies) cannot be repaired (see above): remove them "
                               "with `stratalign store rm KEY` and extract again")
+    for line in report.left:
+        console.print(f"[red]still wrong[/red] {escape(line)}", soft_wrap=True)
+    if report.left:  # repair exits 0 only when `store verify` would
+        raise StratalignError(f"{len(report.left)} problem(s) left after the repair (see above; `stratalign store "
+                              "verify` lists them): repair re-encodes feature shards only")
 
 
 @store_app.command("migrate")

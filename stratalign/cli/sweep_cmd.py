@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, err_console, print_table, store_url
+from stratalign.cli.common import StoreOption, console, print_table, store_url
 from stratalign.cli.values import (
     PRESET_HELP,
     SELECT_HELP,
@@ -15,7 +15,6 @@ from stratalign.cli.values import (
     check_preset,
     check_select,
     n_pairs,
-    preset_line,
     trainer_overrides,
 )
 from stratalign.errors import StratalignError
@@ -48,7 +47,7 @@ def sweep_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
-    from stratalign.report.report import KEY_METRICS, findings, results_table
+    from stratalign.report.report import bottom_line, results_table
     from stratalign.stages.runs.sweep import SweepConfig, run_sweep
     from stratalign.stages.runs.training import RunConfig
     from stratalign.store.feature_store import FeatureStore
@@ -62,17 +61,11 @@ def sweep_cmd(
                       baseline=baseline, tune=tune)
     if not cfg.cells():
         raise StratalignError("the sweep has no cells: give at least one objective, head, n-pairs and seed")
-    err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
     res = run_sweep(fs, cfg, out)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already in the store")
-    one_seed = len(seed) == 1
-    print_table(results_table(res.leaderboard),
-                title="leaderboard (test split, one seed: no spread)" if one_seed else
-                "leaderboard (test split, mean ± sample std over seeds)")
-    for kind in ("objective", "layers"):
-        for line in (x for m in KEY_METRICS for x in findings(res.comparisons, m, kind)):
-            console.print(line.replace("**", ""), soft_wrap=True)
-    if res.comparisons.height:
-        console.print("verdicts: paired 95 % bootstrap intervals over test queries pooled over seeds "
-                      "(comparisons.csv); 'helps'/'hurts' only where the interval excludes 0")
-    console.print("files: " + ", ".join(v for k, v in res.files.items() if k != "plot_seconds"))
+    print_table(results_table(res.leaderboard, res.intervals),
+                title="leaderboard (test split, mean over seeds [95 % two-level interval])")
+    for line in bottom_line(res.comparisons, res.leaderboard, baseline=baseline):
+        console.print(line.replace("**", ""), soft_wrap=True, highlight=False)
+    console.print("report: " + res.files.get("report_md", "") + "; files: "
+                  + ", ".join(v for k, v in res.files.items() if k not in ("plot_seconds", "report_md")))

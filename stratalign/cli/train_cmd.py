@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, err_console, print_metrics, store_url
+from stratalign.cli.common import StoreOption, console, print_metrics, store_url
 from stratalign.cli.values import (
     PRESET_HELP,
     SELECT_HELP,
@@ -15,7 +15,6 @@ from stratalign.cli.values import (
     check_preset,
     check_select,
     n_pairs,
-    preset_line,
     trainer_overrides,
 )
 
@@ -25,9 +24,10 @@ def train_cmd(
     vision: str = typer.Option(..., help="Vision encoder spec."),
     text: str = typer.Option(..., help="Text encoder spec."),
     layers: str = typer.Option("auto", help="auto (recorded by `layers --choose`), last, or V,T."),
-    head: Optional[str] = typer.Option(None, help="linear | mlp | residual | csa (default: the objective's own head, "
-                                                  "as `sweep` picks it: csa for csa, else linear)."),
-    objective: str = typer.Option("clip", help="clip | clip+structure | clip+structure-knn | clip+ib | clip+vib | comm | csa."),
+    head: Optional[str] = typer.Option(None, help="linear | mlp | residual | csa | procrustes | asif (default: the "
+                                                  "objective's own head, as `sweep` picks it; else linear)."),
+    objective: str = typer.Option("clip", help="clip | clip+structure | clip+structure-knn | clip+ib | clip+vib | "
+                                               "clip+fusemix | comm | csa | procrustes | asif."),
     n_pairs_: Optional[str] = typer.Option(None, "--n-pairs", callback=check_n_pairs,
                                            help="Training pairs drawn from the train split (default all)."),
     seed: int = typer.Option(0, help="Seed of the subset, the validation carve-out and the initialisation."),
@@ -54,7 +54,6 @@ def train_cmd(
                     n_pairs=n_pairs(n_pairs_), seed=seed, ids_file=ids, ids_kind=ids_kind,
                     options=overrides, preset=preset, select=select)
     resolved = resolve_run(fs, cfg)  # a bad option is one error line before anything else is printed
-    err_console.print(preset_line(preset, overrides), highlight=False, markup=False, soft_wrap=True)  # stdout: results
     if tune:
         from stratalign.stages.runs.tune import tune_run
 
@@ -79,11 +78,16 @@ def test_note(fs, dataset: str) -> str:
 
 
 def _print_tuning(tuned) -> None:
-    """The grid's validation values, the chosen point marked."""
+    """The grid's validation values (best step of each point), the chosen point marked, edges said."""
     if not tuned.tuning:
         return
-    metric = tuned.tuning["metric"]
-    for point in tuned.tuning["grid"]:
-        mark = "*" if point["run_id"] == tuned.run_id else " "
-        knobs = ", ".join(f"{k}={v}" for k, v in point["knobs"].items())
-        console.print(f"{mark} {knobs:<24} val {metric} {point['value']:.4g}  {point['run_id']}", highlight=False)
+    record = tuned.tuning
+    metric = record["metric"]
+    for point in record["grid"]:
+        mark = "*" if point["knobs"] == record["chosen"] else " "
+        knobs = ", ".join(f"{k}={v}" for k, v in point["knobs"].items()) or "(no knobs)"
+        at = f" at step {point['best_step']}" if point.get("best_step") is not None else ""
+        console.print(f"{mark} {knobs:<24} val {metric} {point['value']:.4g}{at}  {point['run_id']}", highlight=False)
+    if record.get("on_edge"):
+        console.print(f"  the choice sits on the edge of the grid of {', '.join(record['on_edge'])} (extended as far "
+                      "as its bound): a wider grid might choose otherwise", highlight=False)

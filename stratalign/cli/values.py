@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import typer
 
+from stratalign.core.metric_registry import select_metrics
 from stratalign.errors import StratalignError
 
 
@@ -44,14 +45,13 @@ def check_n_pairs(value: Union[str, list[str], None]) -> Union[str, list[str], N
 # = stratalign.train.presets.PRESET_NAMES, spelt out so that `--help` does not import the trainer (torch);
 # tests/cli/test_main.py checks that the two agree
 PRESET_HELP = ("Trainer schedule: auto (cpu without CUDA, gpu with it), cpu (batch 256, 600 steps), gpu, "
-               "paper (METHOD's published schedule: batch 4096, 3000 steps). --set overrides any one setting.")
+               "paper (docs/method.md published schedule: batch 4096, 3000 steps). --set overrides any one setting.")
 
 
-# = stratalign.train.validation.SELECT_METRICS (spelt out for a light --help; tests/cli/test_main.py checks they agree)
-SELECT_CHOICES = ("rsum", "zeroshot", "clip_loss")
-SELECT_HELP = ("Validation metric that picks the restored checkpoint (METHOD 3.6): rsum (R@1+R@5+R@10 both ways, "
+SELECT_CHOICES = tuple(select_metrics())  # core.metric_registry (pure data: a light --help)
+SELECT_HELP = ("Validation metric that picks the restored checkpoint (docs/method.md § 3.8): rsum (R@1+R@5+R@10 both ways, "
                "default), zeroshot (top-1; needs labels) or clip_loss. CoMM and CSA have their own rule.")
-TUNE_HELP = ("Choose the objective's knobs on validation (METHOD 3.7): one run per value of its grid (lambda, beta, "
+TUNE_HELP = ("Choose the objective's knobs on validation (docs/method.md § 3.9): one run per value of its grid (lambda, beta, "
              "CSA k x ridge), the best by the --select metric; the grid's validation scores are kept with the run.")
 
 
@@ -67,10 +67,3 @@ def check_preset(value: str) -> str:
     from stratalign.train.presets import check_preset_name
 
     return check_preset_name(value)
-
-
-def preset_line(preset: str, overrides: tuple) -> str:
-    """'preset cpu (no CUDA): batch 256, 600 steps, ...': the schedule in force, printed at the start of a run."""
-    from stratalign.train.presets import choose_preset, describe
-
-    return describe(choose_preset(preset, dict(overrides)), overrides)

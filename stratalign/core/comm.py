@@ -1,4 +1,4 @@
-"""CoMM on cached features (METHOD.md section 3.5).
+"""CoMM on cached features (docs/method.md § 3.5).
 
 A fusion module reads one token per modality (a Linear from each cached pooled layer to d), prepends
 a learned CLS token, runs one pre-LayerNorm transformer block (8 heads), applies a final LayerNorm (as the

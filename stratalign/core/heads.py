@@ -1,4 +1,4 @@
-"""Heads that map one frozen encoder layer to the shared space (METHOD.md section 3).
+"""Heads that map one frozen encoder layer to the shared space (docs/method.md § 3).
 
 Every head returns L2-normalised rows. A head carries `config` (a JSON-able dict) so that
 `build_head(**config)` rebuilds it before its tensors are loaded; nothing is ever pickled.
@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stratalign.core.baselines import BASELINE_HEADS
 from stratalign.errors import StratalignError
 
-HEAD_KINDS = ("linear", "mlp", "residual", "csa")
-VIB_SCALE = 0.05  # s in z = mu + s * sigma * eps (METHOD 3.4)
+HEAD_KINDS = ("linear", "mlp", "residual", "csa", *BASELINE_HEADS)
+VIB_SCALE = 0.05  # s in z = mu + s * sigma * eps (docs/method.md § 3.4)
 
 
 def _check_dims(**dims: int) -> None:
@@ -133,7 +134,7 @@ class VariationalHead(nn.Module):
     def sample(mu: torch.Tensor, logvar: torch.Tensor, scale: float = VIB_SCALE,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """z = normalise(mu + scale * sigma * eps), eps ~ N(0, I); scale 0.05 by default, as the VIB
-        authors' code hard-codes it (METHOD 3.4)."""
+        authors' code hard-codes it (docs/method.md § 3.4)."""
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return F.normalize(mu + scale * torch.exp(0.5 * logvar) * eps, dim=-1)
 
@@ -198,19 +199,20 @@ class CSAProjection(_Head):
         return torch.cat([a, *slots], dim=-1)
 
 
-_BUILDERS = {"linear": LinearHead, "mlp": MLPHead, "residual": ResidualLowRankHead, "csa": CSAProjection}
+_BUILDERS = {"linear": LinearHead, "mlp": MLPHead, "residual": ResidualLowRankHead, "csa": CSAProjection,
+             **BASELINE_HEADS}
 
 
 def build_head(kind: str, d_in: int, d_out: int = 512, **options: Any) -> nn.Module:
     """A fresh head from its JSON config: kind in linear | mlp | residual | csa, plus options
-    (mlp: hidden, layers, dropout; residual: rank, dropout, gate_init; csa: similarity, side; any but csa:
-    variational=True)."""
+    (mlp: hidden, layers, dropout; residual: rank, dropout, gate_init; csa: similarity, side; asif: topk, power;
+    linear, mlp, residual: variational=True)."""
     if kind not in _BUILDERS:
         raise StratalignError(f"unknown head kind {kind!r}; known: {', '.join(HEAD_KINDS)}")
     options = dict(options)
     variational = bool(options.pop("variational", False))
-    if variational and kind == "csa":
-        raise StratalignError("the csa head has no variational variant")
+    if variational and (kind == "csa" or kind in BASELINE_HEADS):
+        raise StratalignError(f"the {kind} head has no variational variant")
     try:
         base = _BUILDERS[kind](d_in, 2 * d_out if variational else d_out, **options)
     except TypeError as exc:

@@ -1,4 +1,4 @@
-"""Exact, deterministic k-nearest-neighbour search by inner product (METHOD.md section 2).
+"""Exact, deterministic k-nearest-neighbour search by inner product (docs/method.md § 2).
 
 Rows are L2-normalised in float64 and searched as float32. FAISS finds candidates; scores it cannot order
 reliably (gaps within its rounding bound, exact ties such as duplicate rows) are re-scored exactly

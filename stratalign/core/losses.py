@@ -1,4 +1,4 @@
-"""Objectives of METHOD.md section 3: CLIP loss, STRUCTURE regulariser (batch and kNN-graph forms),
+"""Objectives of docs/method.md § 3: CLIP loss, STRUCTURE regulariser (batch and kNN-graph forms),
 information-bottleneck terms and the lambda warm-up. Pure functions over tensors.
 
 Regularisers are computed in float32 even under autocast: softmaxes at tau = 0.05 and matrix powers
@@ -110,7 +110,7 @@ def _batch_levels(xc: torch.Tensor, zc: torch.Tensor, tau: float, levels: int, j
 def structure_regularizer(x: torch.Tensor, z: torch.Tensor, tau: float = 0.05, levels: int = 1,
                           weighting: str = "none", centering: str = "mean",
                           js: str = "reference") -> torch.Tensor:
-    """R_S of one modality, batch form (METHOD 3.2): X frozen head inputs, Z head outputs of a batch.
+    """R_S of one modality, batch form (docs/method.md § 3.2): X frozen head inputs, Z head outputs of a batch.
 
     P = row-softmax(X~ X~^T / tau) with the diagonal kept; D_l compares the l-th powers;
     js="reference" is the authors' 1/2[KL(M||P_Z)+KL(M||P_X)], js="textbook" 1/2[KL(P_X||M)+KL(P_Z||M)].
@@ -126,7 +126,7 @@ def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Ten
                               nbr_mask: torch.Tensor | None = None, tau: float = 0.05, levels: int = 1,
                               weighting: str = "none", centering: str = "mean",
                               js: str = "reference", nbr_index: torch.Tensor | None = None) -> torch.Tensor:
-    """R_S over a kNN graph (METHOD 3.3).
+    """R_S over a kNN graph (docs/method.md § 3.3).
 
     x, z: (b, d) batch inputs / outputs; x_nbr, z_nbr: (b, k, d) the frozen inputs of each anchor's k
     neighbours in the whole training subset and the head's outputs on them; nbr_mask: (b, k) bool,
@@ -176,7 +176,7 @@ def structure_regularizer_knn(x: torch.Tensor, z: torch.Tensor, x_nbr: torch.Ten
 
 
 def ib_deterministic(z_img: torch.Tensor, z_txt: torch.Tensor) -> torch.Tensor:
-    """R_IB = 1 - mean_i cos(z_I,i, z_T,i) (METHOD 3.4, deterministic form)."""
+    """R_IB = 1 - mean_i cos(z_I,i, z_T,i) (docs/method.md § 3.4, deterministic form)."""
     _check_pair(z_img, z_txt, "ib_deterministic")
     return 1.0 - F.cosine_similarity(z_img.float(), z_txt.float(), dim=-1).mean(-1)
 
@@ -184,7 +184,7 @@ def ib_deterministic(z_img: torch.Tensor, z_txt: torch.Tensor) -> torch.Tensor:
 def vib_kl(mu_i: torch.Tensor, logvar_i: torch.Tensor, mu_t: torch.Tensor, logvar_t: torch.Tensor,
            symmetric: bool = False) -> torch.Tensor:
     """KL(N(mu_I, s_I^2) || N(mu_T, s_T^2)) summed over dims, averaged over the batch; symmetric=True
-    averages both directions (METHOD 3.4, variational form)."""
+    averages both directions (docs/method.md § 3.4, variational form)."""
     shapes = {tuple(t.shape) for t in (mu_i, logvar_i, mu_t, logvar_t)}
     if len(shapes) != 1 or mu_i.ndim not in (2, 3):
         raise StratalignError(f"vib_kl: mu and logvar of both heads must share one 2-D shape (or one (runs, rows, "

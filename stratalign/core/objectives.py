@@ -1,4 +1,4 @@
-"""The objective registry: one declaration per training objective (METHOD.md sections 3.1-3.5).
+"""The objective registry: one declaration per training objective (docs/method.md §§ 3.1-3.5).
 
 Each `Objective` says what it adds to the CLIP loss (its regulariser and weight), which TrainConfig knobs
 it reads, which heads it trains, whether its lambda warms up, how it is trained (gradient loop, CoMM loop
@@ -16,23 +16,26 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from stratalign.core import losses
-from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE
+from stratalign.core.baselines import ASIF_CENTER, ASIF_K, ASIF_POWER, fit_asif, fit_procrustes
+from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE, AlignedHeads
+from stratalign.core.mixup import FUSEMIX_ALPHA
 from stratalign.errors import StratalignError
 
 
 class Training(Enum):
     """How a model is fitted."""
 
-    GRADIENT = "gradient"  # aligned heads, the shared optimisation loop (METHOD 3.6)
-    COMM = "comm"  # the CoMM fusion model in the same loop (METHOD 3.5)
-    CLOSED_FORM = "closed_form"  # CSA: canonical correlation, then an optional R_S refinement
+    GRADIENT = "gradient"  # aligned heads, the shared optimisation loop (docs/method.md § 3.8)
+    COMM = "comm"  # the CoMM fusion model in the same loop (docs/method.md § 3.5)
+    CLOSED_FORM = "closed_form"  # CSA (canonical correlation, then an optional R_S refinement), Procrustes, ASIF
 
 
 class Evaluation(Enum):
-    """How a trained model is scored on the test split (METHOD 4)."""
+    """How a trained model is scored on the test split (docs/method.md § 4)."""
 
     RETRIEVAL = "retrieval"  # retrieval R@k, zero-shot classification, mutual-kNN alignment
     PROBE = "probe"  # linear probe on labels of the fused output (needs the training features)
@@ -47,18 +50,18 @@ class Selection(Enum):
     """What picks the restored checkpoint."""
 
     VALIDATION = "validation"  # the best validation value of the run's `select` metric (rsum by default;
-    # METHOD 3.6), among the checkpoints after the warm-up, if any
+    # docs/method.md § 3.8), among the checkpoints after the warm-up, if any
     VAL_COMM = "val_comm"  # lowest validation CoMM loss (a fused model has no retrieval space to rank)
     CLOSED_FORM = "closed_form"  # nothing to select: the fit is the model
 
 
-# METHOD 3.6: objectives selected on validation pick their checkpoint by retrieval rsum unless told otherwise
+# docs/method.md § 3.8: objectives selected on validation pick their checkpoint by retrieval rsum unless told otherwise
 SELECT_DEFAULT = "rsum"
 
 
 @dataclass(frozen=True)
 class KnnSupport:
-    """What the kNN form of R_S (METHOD 3.3) needs beyond the batch: the head, every training input and
+    """What the kNN form of R_S (docs/method.md § 3.3) needs beyond the batch: the head, every training input and
     the (n, k) neighbour graph over them, indexed by the batch's training rows."""
 
     head: Callable[[torch.Tensor], torch.Tensor]
@@ -87,25 +90,27 @@ class StepBatch:
 
 
 Regulariser = Callable[[StepBatch, Any], torch.Tensor]
+# a closed-form fit: (training image rows, training text rows, TrainConfig) -> the model
+ClosedForm = Callable[[np.ndarray, np.ndarray, Any], AlignedHeads]
 
 STRUCTURE_KNOBS = ("lam", "warmup_steps", "warmup_fraction", "levels", "weighting", "centering", "js")
 
 
 def structure_options(cfg: Any) -> dict[str, Any]:
-    """The R_S settings of a training config (METHOD 3.2)."""
+    """The R_S settings of a training config (docs/method.md § 3.2)."""
     return {"tau": cfg.tau, "levels": cfg.levels, "weighting": cfg.weighting, "centering": cfg.centering,
             "js": cfg.js}
 
 
 def structure_term(batch: StepBatch, cfg: Any) -> torch.Tensor:
-    """R_S over the batch (METHOD 3.2), averaged over both sides."""
+    """R_S over the batch (docs/method.md § 3.2), averaged over both sides."""
     opts = structure_options(cfg)
     return 0.5 * (losses.structure_regularizer(batch.image.x, batch.image.z, **opts)
                   + losses.structure_regularizer(batch.text.x, batch.text.z, **opts))
 
 
 def _knn_side(side: Side, rows: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:
-    """R_S of one side over the batch plus each row's frozen-space neighbours (METHOD 3.3)."""
+    """R_S of one side over the batch plus each row's frozen-space neighbours (docs/method.md § 3.3)."""
     assert side.knn is not None
     nbr = side.knn.graph[rows]  # (b, k)
     mask = ~torch.isin(nbr, rows)  # neighbours already in the batch are in the support once
@@ -137,12 +142,20 @@ def _vib(batch: StepBatch, cfg: Any) -> torch.Tensor:
     return losses.vib_kl(i.mu, i.logvar, t.mu, t.logvar, symmetric=cfg.vib_symmetric)
 
 
+def _procrustes(x_img: np.ndarray, x_txt: np.ndarray, cfg: Any) -> AlignedHeads:
+    return AlignedHeads(*fit_procrustes(x_img, x_txt, dim=cfg.dim))
+
+
+def _asif(x_img: np.ndarray, x_txt: np.ndarray, cfg: Any) -> AlignedHeads:
+    return AlignedHeads(*fit_asif(x_img, x_txt, topk=cfg.asif_k, power=cfg.asif_power, center=cfg.asif_center))
+
+
 @dataclass(frozen=True)
 class Objective:
     """One training objective.
 
     regulariser: added to the CLIP loss as `weight * reg` (None: plain CLIP; for csa, the loss of the
-    optional refinement); weight_knob names the TrainConfig field holding the weight, ramped by METHOD 3.2's
+    optional refinement); weight_knob names the TrainConfig field holding the weight, ramped by docs/method.md § 3.2's
     warm-up when `warmup` is set.
     knobs: the objective-specific TrainConfig fields it reads. heads: the head kinds it trains (the
     first when it brings its own). variational: heads output (mu, logvar) and embeddings are sampled.
@@ -151,9 +164,11 @@ class Objective:
     defaults: (knob, value) defaults of this objective for the TrainConfig knobs that default to None
     (train.config.UNREAD_VALUES); variants: ((knob, value), defaults) pairs that override them when a
     knob takes that value (e.g. csa_similarity=cosine brings STRUCTURE's CSA baseline settings).
-    grid: (knob, values) the METHOD 3.7 tuning tries, as data (the default among them).
+    grid: (knob, values) the docs/method.md § 3.9 tuning tries, as data (the default among them).
     batched: the regulariser is vectorised over the runs of a batched group (else the trainer calls it run by run on
     one run's 2-D batch, so a new objective's regulariser written for one run needs nothing more).
+    fit: a closed-form objective's fit on the training pairs (None for csa, whose fit and refinement the trainer
+    does as it always has).
     """
 
     name: str
@@ -173,6 +188,7 @@ class Objective:
     variants: tuple[tuple[tuple[str, Any], tuple[tuple[str, Any], ...]], ...] = ()
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     batched: bool = False  # the regulariser takes the stacked batches of many runs ((S, b, d) sides), returns (S,)
+    fit: ClosedForm | None = None
 
     def knob_defaults(self, given: dict[str, Any]) -> dict[str, Any]:
         """This objective's knob defaults, given the knobs set explicitly (those win): the defaults, then
@@ -199,6 +215,12 @@ class Objective:
         """The regulariser's weight at a step: the warmed-up lambda, else the weight knob's value."""
         return lam_now if self.warmup else getattr(cfg, self.weight_knob or "")
 
+    def samples_embeddings(self, cfg: Any) -> bool:
+        """Whether a run of this objective trains variational heads (mu, logvar) on sampled embeddings: a
+        variational objective with its weight at 0 has no bottleneck to sample for, so it trains plain heads on
+        plain embeddings - CLIP exactly (docs/method.md § 3.8, the zero-weight invariant)."""
+        return self.variational and bool(getattr(cfg, self.weight_knob or "", 1.0))
+
     def check_head(self, head: str) -> None:
         """Refuse a head kind this objective does not train, naming the ones it does."""
         check_head_kind(head)
@@ -211,7 +233,7 @@ class Objective:
 TRAINED_HEADS = ("linear", "mlp", "residual")
 # Defaults and grids chosen on the Twemoji pairs (DINOv2-S layer 11 x MiniLM layer 6, all 1,219 training pairs,
 # seeds 0-2, the demo's CPU trainer settings), by the mean rsum on each run's carved validation pairs, the
-# selection metric of METHOD 3.6. IB: beta 0.01 and 0.1 change nothing measurable (mean positive cosine 0.22),
+# selection metric of docs/method.md § 3.8. IB: beta 0.01 and 0.1 change nothing measurable (mean positive cosine 0.22),
 # beta 3 had the best validation rsum (277 vs CLIP's 265) and moves the positive cosine to 0.66. VIB (s = 0.05):
 # validation rsum rises with beta (271, 280, 286 at 0.1, 1, 3). The best value sits at the grids' upper edge,
 # so the beta grid reaches 10.
@@ -220,29 +242,35 @@ VIB_BETA = 3.0
 STRUCTURE_GRID = (("lam", (1.0, 3.0, 10.0, 30.0)),)
 BETA_GRID = (("beta", (0.3, 1.0, 3.0, 10.0)),)
 CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
+ASIF_GRID = (("asif_power", (4.0, 8.0, 16.0)),)
+
+# docs/method.md § 3.9: a choice on the edge of a knob's grid extends the grid one step past it: (factor, lowest, highest).
+# x3 for a weight, as the grids are spaced; CSA's k doubles (it is capped by the pairs and dims anyway).
+EDGE_RULES: dict[str, tuple[float, float, float]] = {"lam": (3.0, 0.01, 3000.0), "beta": (3.0, 0.003, 300.0),
+                                                      "csa_ridge": (3.0, 0.001, 100.0), "csa_k": (2, 4, 1024)}
 
 REGISTRY: tuple[Objective, ...] = (
-    Objective("clip", "symmetric InfoNCE (METHOD 3.1)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
+    Objective("clip", "symmetric InfoNCE (docs/method.md § 3.1)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
               Selection.VALIDATION),
-    Objective("clip+structure", "CLIP + lambda * R_S over the batch (METHOD 3.2)", TRAINED_HEADS,
+    Objective("clip+structure", "CLIP + lambda * R_S over the batch (docs/method.md § 3.2)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=structure_term,
               weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True, grid=STRUCTURE_GRID, batched=True),
-    Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (METHOD 3.3)", TRAINED_HEADS,
+    Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (docs/method.md § 3.3)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_structure_knn,
               weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True,
               grid=STRUCTURE_GRID),
-    Objective("clip+ib", "CLIP + beta * deterministic IB term (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
+    Objective("clip+ib", "CLIP + beta * deterministic IB term (docs/method.md § 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_ib, weight_knob="beta", knobs=("beta",),
               defaults=(("beta", IB_BETA),), grid=BETA_GRID, batched=True),
-    Objective("clip+vib", "CLIP on sampled embeddings + beta * KL (METHOD 3.4)", TRAINED_HEADS, Training.GRADIENT,
+    Objective("clip+vib", "CLIP on sampled embeddings + beta * KL (docs/method.md § 3.4)", TRAINED_HEADS, Training.GRADIENT,
               Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_vib, weight_knob="beta",
               knobs=("beta", "vib_scale", "vib_symmetric"), variational=True,
               defaults=(("beta", VIB_BETA), ("vib_scale", VIB_SCALE)), grid=BETA_GRID, batched=True),
-    Objective("comm", "CoMM fusion model (METHOD 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,
+    Objective("comm", "CoMM fusion model (docs/method.md § 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,
               Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise",
                                          "comm_final_norm"), defaults=(("comm_final_norm", True),)),
     Objective("csa", "closed-form CSA: top-k canonical directions, correlation-weighted similarity, optional "
-              "R_S refinement (METHOD 3)", ("csa",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM,
+              "R_S refinement (docs/method.md § 3)", ("csa",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM,
               regulariser=structure_term, weight_knob="lam",
               knobs=("csa_similarity", "csa_k", "csa_ridge", "csa_refine_steps", "csa_refine_lr", "lam", "levels",
                      "weighting", "centering", "js"),
@@ -250,6 +278,16 @@ REGISTRY: tuple[Objective, ...] = (
               defaults=(("csa_similarity", "weighted"), ("csa_k", CSA_K), ("csa_ridge", CSA_RIDGE)),
               variants=((("csa_similarity", "cosine"), (("csa_k", 0), ("csa_ridge", 1e-3))),),
               grid=CSA_GRID),
+    Objective("clip+fusemix", "CLIP on latent-mixup pairs: one m ~ Beta(alpha, alpha) and one permutation shared "
+              "by both modalities (FuseMix, METHOD 3.9)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
+              Selection.VALIDATION, knobs=("mixup_alpha",), defaults=(("mixup_alpha", FUSEMIX_ALPHA),)),
+    Objective("procrustes", "closed form: PCA of each side to the smaller width, orthogonal Procrustes (METHOD 3.9)",
+              ("procrustes",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM, fit=_procrustes),
+    Objective("asif", "training-free ASIF: cosines to the training pairs as anchors, top-k, power p, normalised "
+              "(METHOD 3.9)", ("asif",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM,
+              knobs=("asif_k", "asif_power", "asif_center"),
+              defaults=(("asif_k", ASIF_K), ("asif_power", ASIF_POWER), ("asif_center", ASIF_CENTER)),
+              grid=ASIF_GRID, fit=_asif),
 )
 
 OBJECTIVES: tuple[str, ...] = tuple(o.name for o in REGISTRY)

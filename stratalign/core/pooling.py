@@ -1,4 +1,4 @@
-"""Pooling of hidden states into one vector per row (METHOD section 1).
+"""Pooling of hidden states into one vector per row (docs/method.md § 1).
 
 | kind | `cls` | `mean` | other |
 | --- | --- | --- | --- |

@@ -1,4 +1,4 @@
-"""Evaluation metrics of a learned space (METHOD.md section 4): retrieval, zero-shot, linear probe, alignment.
+"""Evaluation metrics of a learned space (docs/method.md § 4): retrieval, zero-shot, linear probe, alignment.
 
 All take numpy arrays or torch tensors and return plain floats in percent (alignment_score: a fraction),
 so results can go straight into JSON and tables.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -169,3 +170,22 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, seed: int
 def alignment_score(z_img: Any, z_txt: Any, k: int | str = "rice", *, device: str = "auto") -> float:
     """mutual_knn between paired rows of the learned image and text spaces (a fraction in [0, 1])."""
     return mutual_knn(z_img, z_txt, k, device=device)
+
+
+@dataclass(frozen=True)
+class Space:
+    """A test split in a learned space, what a registry metric with a `space_score` is computed from
+    (core.metric_registry): gallery image embeddings, caption embeddings, each caption's gallery index."""
+
+    z_img: np.ndarray
+    z_txt: np.ndarray
+    txt_to_img: np.ndarray
+
+
+def alignment_of_space(space: Space) -> float | None:
+    """`alignment_mknn`: mutual-kNN alignment (in %) of each gallery image with its first caption; None on a
+    gallery of 10 images or fewer (too few neighbours to mean anything)."""
+    if len(space.z_img) <= 10:
+        return None
+    first_caption = np.unique(space.txt_to_img, return_index=True)[1]  # one caption per image: repeated image
+    return 100.0 * alignment_score(space.z_img, space.z_txt[first_caption], k="rice")  # rows would be neighbours

@@ -1,4 +1,4 @@
-"""Representational similarity of paired rows (METHOD.md section 2) and the layer x layer matrix.
+"""Representational similarity of paired rows (docs/method.md § 2) and the layer x layer matrix.
 
 Every metric takes two raw (n x d) arrays whose row i describes the same pair, L2-normalises the rows
 (optionally after clamping outliers) and returns a float. `layer_similarity` builds the whole
@@ -19,11 +19,11 @@ from stratalign.core.knn import _rowdot, as_matrix, knn_indices, l2_normalize, r
 from stratalign.errors import StratalignError, preview
 
 __all__ = ["METRICS", "KNN_METRICS", "choose_layers", "cka", "cknna", "cycle_knn", "layer_similarity",
-           "mutual_knn", "prepare", "resolve_k", "unbiased_cka"]
+           "layer_similarity_and_graphs", "mutual_knn", "prepare", "resolve_k", "unbiased_cka"]
 
 KNN_METRICS = frozenset({"mutual_knn", "cknna", "cycle_knn"})
 UNBIASED_METRICS = frozenset({"unbiased_cka", "cknna"})
-CKA_EPS = 1e-6  # METHOD.md: cka = HSIC(K,L) / (sqrt(HSIC(K,K) HSIC(L,L)) + 1e-6)
+CKA_EPS = 1e-6  # docs/method.md: cka = HSIC(K,L) / (sqrt(HSIC(K,K) HSIC(L,L)) + 1e-6)
 CLAMP_QUANTILE = 0.95
 
 
@@ -310,6 +310,16 @@ def layer_similarity(vision_layers: Sequence[Any], text_layers: Sequence[Any],
 
     One kNN search per layer (L_v + L_t in all) and per-layer statistics; the L_v x L_t pair step reuses
     them (bitset lookups for kNN metrics, one cross-covariance per pair for CKA)."""
+    return layer_similarity_and_graphs(vision_layers, text_layers, metrics, k, clamp_outliers=clamp_outliers,
+                                       device=device)[0]
+
+
+def layer_similarity_and_graphs(vision_layers: Sequence[Any], text_layers: Sequence[Any],
+                                metrics: Sequence[str] = ("mutual_knn",), k: int | str = "rice", *,
+                                clamp_outliers: bool = False, device: str = "auto",
+                                ) -> tuple[dict[str, np.ndarray], tuple[list[np.ndarray], list[np.ndarray]] | None]:
+    """`layer_similarity`, and the (vision, text) per-layer (n, k) neighbour lists it searched (None when no kNN
+    metric was asked): what the permutation null (`core.calibration`) reuses instead of searching again."""
     metrics = _check_metrics(metrics)
     if len(vision_layers) == 0 or len(text_layers) == 0:
         raise StratalignError(f"need at least one layer per modality, got {len(vision_layers)} vision "
@@ -330,7 +340,9 @@ def layer_similarity(vision_layers: Sequence[Any], text_layers: Sequence[Any],
             for m, value in _pair_values(metrics, a, b, kk, device).items():
                 out[m][v, t] = value
         a.drop_bits(kk)  # one bitset alive at a time: n^2/8 bytes
-    return out
+    if not KNN_METRICS.intersection(metrics):
+        return out, None
+    return out, ([a.nbrs(kk, device) for a in vis], [b.nbrs(kk, device) for b in txt])
 
 
 def choose_layers(matrix: Any, rule: str = "best") -> tuple[int, int]:

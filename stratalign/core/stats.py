@@ -1,14 +1,16 @@
-"""Paired comparisons of two methods on the same evaluation queries (METHOD.md section 4, "Comparisons").
+"""Paired comparisons of two methods on the same evaluation queries (docs/method.md, "Comparisons").
 
-"A helps over B" is a paired statement: the same seeds, subsets and splits, the difference per seed, and a
-95 % percentile interval from a bootstrap over evaluation queries (images for i2t and zero-shot, captions for
-t2i) pooled over seeds. One resample of the queries is applied to both methods and to every seed (that is
-what makes it paired), the per-seed differences of the means are averaged over seeds, and the interval is
-read off the resampled averages. Pure numpy: per-query hits in, numbers out.
+"A helps over B" is a paired statement: the same seeds, subsets and splits, the difference per seed, averaged
+over seeds. Its 95 % interval comes from a two-level bootstrap (`two_level_bootstrap`, what every verdict and
+error bar uses): resample the training seeds with replacement, then the evaluation queries (images for i2t and
+zero-shot, captions for t2i) - one query resample shared by both methods and all drawn seeds, which is what makes
+it paired - and take the mean over the drawn seeds of the per-seed difference. An interval over the queries alone
+(`paired_bootstrap`) treats the seeds as fixed and is too narrow when seeds disagree. Pure numpy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +38,11 @@ class PairedDifference:
     @property
     def verdict(self) -> str:
         return verdict(self.low, self.high)
+
+    @property
+    def half_width(self) -> float:
+        """Half the interval's width: differences much smaller than this cannot be resolved here."""
+        return (self.high - self.low) / 2.0
 
 
 def verdict(low: float, high: float) -> str:
@@ -87,6 +94,50 @@ def paired_bootstrap(method: Sequence[np.ndarray], baseline: Sequence[np.ndarray
     low, high = np.percentile(boot, [tail, 100.0 - tail])
     return PairedDifference(diff=float(scale * d.mean()), low=float(scale * low), high=float(scale * high),
                             seeds=a.shape[0], queries=n, resamples=resamples, level=level)
+
+
+def two_level_bootstrap(method: Sequence[np.ndarray], baseline: Sequence[np.ndarray] | None = None, *,
+                        resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95,
+                        scale: float = 100.0) -> PairedDifference:
+    """Two-level paired bootstrap of mean over seeds of (mean(method) - mean(baseline)) per seed.
+
+    method[s], baseline[s]: seed s's per-query results on the same queries in the same order (baseline None: zeros,
+    giving the interval of the method's own mean). Each resample draws the seeds with replacement, then the queries
+    with replacement (one draw shared by every drawn seed and both methods), from one Generator seeded with `seed`.
+    With one seed it is the bootstrap over queries."""
+    a = _matrix(method, "method")
+    b = np.zeros_like(a) if baseline is None else _matrix(baseline, "baseline")
+    if a.shape != b.shape:
+        raise StratalignError(f"paired comparison needs the same seeds and queries: {a.shape} vs {b.shape}")
+    if resamples < 1000:
+        raise StratalignError(f"a bootstrap interval needs at least 1000 resamples, got {resamples}")
+    if not 0 < level < 1:
+        raise StratalignError(f"confidence level must be in (0, 1), got {level}")
+    d = a - b  # (seeds, queries)
+    n_seeds, n = d.shape
+    rng = np.random.default_rng(seed)
+    boot = np.empty(resamples)
+    for start in range(0, resamples, _CHUNK):
+        stop = min(start + _CHUNK, resamples)
+        r = stop - start
+        drawn = rng.integers(0, n_seeds, size=(r, n_seeds))
+        counts = np.zeros((r, n_seeds))
+        np.add.at(counts, (np.arange(r)[:, None], drawn), 1.0)
+        per_query = counts @ d / n_seeds  # (r, queries): the mean over the drawn seeds, query by query
+        idx = rng.integers(0, n, size=(r, n))
+        boot[start:stop] = np.take_along_axis(per_query, idx, axis=1).mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(boot, [tail, 100.0 - tail])
+    return PairedDifference(diff=float(scale * d.mean()), low=float(scale * low), high=float(scale * high),
+                            seeds=n_seeds, queries=n, resamples=resamples, level=level)
+
+
+def queries_to_resolve(queries: int, half_width: float, difference: float) -> int | None:
+    """Roughly how many evaluation queries an interval of `half_width` on `queries` queries would need to resolve
+    `difference` (the query part of the width shrinks as 1/sqrt(queries); seed variance does not): None for 0."""
+    if difference == 0 or not math.isfinite(half_width):
+        return None
+    return int(math.ceil(queries * (half_width / abs(difference)) ** 2))
 
 
 def majority_rate(labels: np.ndarray) -> float:

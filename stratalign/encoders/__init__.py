@@ -1,4 +1,4 @@
-"""Frozen encoders that pool every layer of one forward pass (METHOD sections 0 and 1).
+"""Frozen encoders that pool every layer of one forward pass (docs/method.md §§ 0 and 1).
 
     load_encoder(spec, device="cpu") -> Encoder
     known_encoders() -> list[EncoderInfo]

@@ -21,29 +21,21 @@ A one-row probe forward at load time fixes the layer count and dims and tells th
 - CNN backbones (hidden states are feature maps): `avg` global average pooling.
 
 `weights_sha256` (part of the entry key) hashes the weight files from_pretrained read (the folder's or
-the HF cache snapshot's safetensors / bin, shards included), else the loaded model's state_dict.
+the HF cache snapshot's safetensors / bin, shards included: encoders.hf_weights), else the loaded model's
+state_dict.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import threading
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from stratalign.core.pooling import pool_layers
-from stratalign.encoders.base import (
-    Encoder,
-    LayerReached,
-    state_dict_sha256,
-    to_device,
-    weight_files_in,
-    weights_sha256,
-)
+from stratalign.encoders.base import Encoder, LayerReached, state_dict_sha256, to_device, weights_sha256
+from stratalign.encoders.hf_weights import resolve_weight_files as _resolve_weight_files
 from stratalign.errors import StratalignError
 
 TOWERS = ("image", "text")
@@ -85,49 +77,6 @@ def _config_modality(cfg: Any) -> str:
     if hasattr(cfg, "num_channels") or hasattr(cfg, "image_size"):
         return "image"
     raise StratalignError(f"cannot tell whether model type {mt!r} is a vision or a text model")
-
-
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                   "pytorch_model.bin.index.json")  # the order from_pretrained prefers them in
-
-
-def _resolve_weight_files(ident: str, revision: str | None = None,
-                          cache_dir: str | os.PathLike | None = None) -> tuple[list[Path], Path | None]:
-    """The weight files from_pretrained loads for `ident` (a local folder, or a hub id already in the
-    local HF cache): the first of HF_WEIGHT_FILES present, an index expanded to its shards. For a folder
-    holding none of those, its weight files of any format. ([], None) when nothing can be found."""
-    local = os.path.isdir(ident)
-
-    def locate(name: str) -> Path | None:
-        if local:
-            path = Path(ident) / name
-            return path if path.is_file() else None
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(ident, name, cache_dir=cache_dir, revision=revision)
-        except Exception:  # noqa: BLE001 - not a valid repo id, no cache: nothing found
-            return None
-        return Path(hit) if isinstance(hit, str) and os.path.isfile(hit) else None
-
-    for name in HF_WEIGHT_FILES:
-        found = locate(name)
-        if found is None:
-            continue
-        if not name.endswith(".index.json"):
-            return [found], found.parent
-        try:
-            shard_names = sorted(set(json.loads(found.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError):
-            continue
-        shards = [locate(n) for n in shard_names]
-        if shard_names and all(shards):
-            return [p for p in shards if p is not None], found.parent
-    if local:
-        files = weight_files_in(ident)
-        if files:
-            return files, Path(ident)
-    return [], None
 
 
 def weights_hash(ident: str, model: torch.nn.Module, revision: str | None = None) -> str:

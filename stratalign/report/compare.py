@@ -1,12 +1,14 @@
-"""Paired comparisons of sweep cells against a named baseline, from the runs' per-query results.
+"""Paired comparisons of sweep cells against named baselines, from the runs' per-query results.
 
-Two kinds of comparison, both paired run by run (same n_pairs, same seed, same test queries):
-- objectives: each objective against `baseline` (default CLIP) with the same layer rule, head, n_pairs and
-  seed (an objective with its own head, e.g. CSA, is compared with the baseline's linear head);
-- layer rules: each rule against `baseline_rule` (default the last layers) with the same objective, head,
-  n_pairs and seed.
-The interval and verdict come from core.stats.paired_bootstrap (METHOD.md section 4); nothing else decides
-"helps" or "hurts".
+A method is (objective, layer rule, head). Three kinds of comparison, each paired run by run (same n_pairs,
+same seed, same test queries):
+- objective: each objective against `baseline` (default CLIP) on the same layer rule (an objective with its own
+  head, e.g. CSA, is compared with the baseline's linear head);
+- vs_last: each method against the baseline on `baseline_rule` (default the last layers): what a user gains over
+  the plain recipe, layer choice and objective together;
+- layers: each layer rule against `baseline_rule` with the same objective.
+Intervals and verdicts come from core.stats.two_level_bootstrap (seeds, then queries); nothing else decides
+"helps" or "hurts". `cell_intervals` gives the same two-level interval of each cell's own mean, for plots.
 """
 
 from __future__ import annotations
@@ -17,26 +19,20 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from stratalign.core.stats import DEFAULT_RESAMPLES, paired_bootstrap
+from stratalign.core.metric_registry import VERDICT, query_units, shown_in
+from stratalign.core.stats import DEFAULT_RESAMPLES, two_level_bootstrap
 
-KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")
-QUERY_UNIT = {"i2t": "images", "t2i": "captions", "zs": "images"}
+KEY_METRICS = shown_in(VERDICT)  # core.metric_registry
+QUERY_UNIT = query_units()
 Queries = Mapping[str, Mapping[str, np.ndarray]]  # run id -> per-query arrays
+SCHEMA = {"comparison": pl.String, "method": pl.String, "baseline": pl.String, "head": pl.String,
+          "layer_rule": pl.String, "objective": pl.String, "baseline_rule": pl.String, "n_pairs": pl.Int64,
+          "metric": pl.String, "seeds": pl.Int64, "queries": pl.Int64, "query_unit": pl.String, "diff": pl.Float64,
+          "low": pl.Float64, "high": pl.Float64, "half_width": pl.Float64, "verdict": pl.String}
 
 
-def _pairs(runs: pl.DataFrame, vary: str, baseline: str, match: Sequence[str]) -> dict[tuple, list[tuple[str, str]]]:
-    """{(vary value, *cell of the method): [(method run, baseline run) per shared seed]}."""
-    rows = list(runs.iter_rows(named=True))
-    base = {tuple(r[c] for c in (*match, "seed", "head")): r["run"] for r in rows if r[vary] == baseline}
-    out: dict[tuple, list[tuple[str, str]]] = {}
-    for r in rows:
-        if r[vary] == baseline:
-            continue
-        key = tuple(r[c] for c in (*match, "seed"))
-        partner = base.get((*key, r["head"])) or base.get((*key, "linear"))
-        if partner is not None:
-            out.setdefault((r[vary], r["head"], *(r[c] for c in match)), []).append((r["run"], partner))
-    return out
+def _rows(runs: pl.DataFrame) -> list[dict[str, Any]]:
+    return list(runs.iter_rows(named=True))
 
 
 def _same_queries(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], metric: str) -> bool:
@@ -44,39 +40,88 @@ def _same_queries(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], metr
     return metric in a and metric in b and np.array_equal(a[rows], b[rows])
 
 
-def _compare(kind: str, vary: str, baseline: str, match: Sequence[str], runs: pl.DataFrame, queries: Queries,
+def _baseline_runs(rows: list[dict[str, Any]], objective: str, rule: str) -> dict[tuple, str]:
+    """(n_pairs, seed, head) -> run of the baseline method."""
+    return {(r["n_pairs"], r["seed"], r["head"]): r["run"] for r in rows
+            if r["objective"] == objective and r["layer_rule"] == rule}
+
+
+def _pairs(rows: list[dict[str, Any]], kind: str, baseline: str, baseline_rule: str) -> dict[tuple, list]:
+    """{(method label, objective, layer rule, head, n_pairs, baseline label, baseline rule): [(run, baseline run)]}."""
+    out: dict[tuple, list[tuple[str, str]]] = {}
+    for r in rows:
+        if kind == "objective":  # on the baseline's own layer rule this is the vs_last comparison: not twice
+            if r["objective"] == baseline or r["layer_rule"] == baseline_rule:
+                continue
+            base_obj, base_rule, label = baseline, r["layer_rule"], r["objective"]
+        elif kind == "vs_last":
+            if r["objective"] == baseline and r["layer_rule"] == baseline_rule:
+                continue
+            base_obj, base_rule, label = baseline, baseline_rule, f"{r['objective']} / {r['layer_rule']}"
+        else:  # layers
+            if r["layer_rule"] == baseline_rule:
+                continue
+            base_obj, base_rule, label = r["objective"], baseline_rule, r["layer_rule"]
+        base = _baseline_runs(rows, base_obj, base_rule)
+        key = (r["n_pairs"], r["seed"])
+        partner = base.get((*key, r["head"])) or base.get((*key, "linear"))
+        if partner is not None:
+            cell = (label, r["objective"], r["layer_rule"], r["head"], r["n_pairs"],
+                    base_obj if kind != "layers" else base_rule, base_rule)
+            out.setdefault(cell, []).append((r["run"], partner))
+    return out
+
+
+def _compare(kind: str, rows: list[dict[str, Any]], queries: Queries, baseline: str, baseline_rule: str,
              metrics: Sequence[str], resamples: int, seed: int) -> list[dict[str, Any]]:
     out = []
-    for (value, head, *cell), pairs in _pairs(runs, vary, baseline, match).items():
+    for (label, objective, rule, head, n, base_label, base_rule), pairs in _pairs(rows, kind, baseline,
+                                                                                    baseline_rule).items():
         pairs = [(m, b) for m, b in pairs if m in queries and b in queries]
         for metric in metrics:
             usable = [(m, b) for m, b in pairs if _same_queries(queries[m], queries[b], metric)]
             if not usable:
                 continue
-            res = paired_bootstrap([queries[m][metric] for m, _ in usable], [queries[b][metric] for _, b in usable],
-                                   resamples=resamples, seed=seed)
-            out.append({"comparison": kind, "method": value, "baseline": baseline, "head": head,
-                        **dict(zip(match, cell)), vary: value, "metric": metric, "seeds": res.seeds, "queries": res.queries,
-                        "query_unit": QUERY_UNIT.get(metric.split("_")[0], "queries"), "diff": res.diff,
-                        "low": res.low, "high": res.high, "verdict": res.verdict})
+            res = two_level_bootstrap([queries[m][metric] for m, _ in usable], [queries[b][metric] for _, b in usable],
+                                      resamples=resamples, seed=seed)
+            out.append({"comparison": kind, "method": label, "baseline": base_label, "head": head,
+                        "layer_rule": rule, "objective": objective, "baseline_rule": base_rule, "n_pairs": n,
+                        "metric": metric, "seeds": res.seeds, "queries": res.queries,
+                        "query_unit": QUERY_UNIT.get(metric, "queries"), "diff": res.diff,
+                        "low": res.low, "high": res.high, "half_width": res.half_width, "verdict": res.verdict})
     return out
 
 
 def paired_comparisons(runs: pl.DataFrame, queries: Queries, *, baseline: str = "clip", baseline_rule: str = "last",
                        metrics: Sequence[str] = KEY_METRICS, resamples: int = DEFAULT_RESAMPLES,
                        seed: int = 0) -> pl.DataFrame:
-    """One row per (comparison, method, cell, metric): mean paired difference over seeds (points of %),
-    its 95 % bootstrap interval over evaluation queries and the verdict. `runs` needs the columns run,
-    objective, head, layer_rule, n_pairs, seed; `queries` maps a run id to its per-query arrays (runs
-    without them are left out)."""
-    rows = _compare("objective", "objective", baseline, ("layer_rule", "n_pairs"), runs, queries, metrics,
-                    resamples, seed)
-    rows += _compare("layers", "layer_rule", baseline_rule, ("objective", "n_pairs"), runs, queries, metrics,
-                     resamples, seed)
-    schema = {"comparison": pl.String, "method": pl.String, "baseline": pl.String, "head": pl.String,
-              "layer_rule": pl.String, "objective": pl.String, "n_pairs": pl.Int64, "metric": pl.String,
-              "seeds": pl.Int64, "queries": pl.Int64, "query_unit": pl.String, "diff": pl.Float64,
-              "low": pl.Float64, "high": pl.Float64, "verdict": pl.String}
-    if not rows:
-        return pl.DataFrame(schema=schema)
-    return pl.DataFrame(rows, schema=schema, infer_schema_length=None)
+    """One row per (comparison, method, cell, metric): the mean paired difference over seeds (points of %), its 95 %
+    two-level bootstrap interval and half-width, and the verdict. `runs` needs the columns run, objective, head,
+    layer_rule, n_pairs, seed; `queries` maps a run id to its per-query arrays (runs without them are left out)."""
+    rows = _rows(runs)
+    table = []
+    for kind in ("objective", "vs_last", "layers"):
+        table += _compare(kind, rows, queries, baseline, baseline_rule, metrics, resamples, seed)
+    if not table:
+        return pl.DataFrame(schema=SCHEMA)
+    return pl.DataFrame(table, schema=SCHEMA, infer_schema_length=None)
+
+
+def cell_intervals(runs: pl.DataFrame, queries: Queries, *, metrics: Sequence[str] = KEY_METRICS,
+                   resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> pl.DataFrame:
+    """One row per (cell, metric): the mean over seeds of the test metric (in %) and its two-level 95 % interval,
+    the same intervals the comparisons use (plots draw these as error bars)."""
+    out = []
+    cells: dict[tuple, list[str]] = {}
+    for r in _rows(runs):
+        if r["run"] in queries:
+            cells.setdefault((r["objective"], r["layer_rule"], r["head"], r["n_pairs"]), []).append(r["run"])
+    for (objective, rule, head, n), run_ids in cells.items():
+        for metric in metrics:
+            hits = [queries[rid][metric] for rid in run_ids if metric in queries[rid]]
+            if len(hits) != len(run_ids) or len({len(h) for h in hits}) != 1:
+                continue
+            res = two_level_bootstrap(hits, resamples=resamples, seed=seed)
+            out.append({"objective": objective, "layer_rule": rule, "head": head, "n_pairs": n, "metric": metric,
+                        "mean": res.diff, "low": res.low, "high": res.high, "seeds": res.seeds})
+    return pl.DataFrame(out, infer_schema_length=None)

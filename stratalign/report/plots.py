@@ -19,6 +19,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import NullFormatter
 
 from stratalign.errors import StratalignError, preview
+from stratalign.report.naming import n_name
 
 
 def _save(fig: Figure, path: str, dpi: int) -> str:
@@ -177,6 +178,68 @@ def curves(data: Any, path: str, x: str, y: str | Sequence[str], hue: str | None
         handles, labels = axes[0].get_legend_handles_labels()
         if handles:
             axes[-1].legend(handles, labels, title=hue, fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+# one colour per method across every report (a method keeps its colour whatever else is in the sweep)
+METHOD_COLORS = {"clip / last": "#7f7f7f", "clip / chosen": "#1f77b4", "clip+structure / chosen": "#d62728",
+                 "clip+structure-knn / chosen": "#ff7f0e", "clip+ib / chosen": "#2ca02c", "clip+vib / chosen": "#bcbd22",
+                 "csa / chosen": "#9467bd", "comm / chosen": "#8c564b", "clip+structure / last": "#e377c2",
+                 "clip+ib / last": "#98df8a", "csa / last": "#c5b0d5"}
+_SPARE = ("#17becf", "#aec7e8", "#ffbb78", "#ff9896", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+
+
+def method_color(label: str) -> str:
+    """The fixed colour of a method label ('objective / layers'); unknown labels get a stable spare colour."""
+    if label in METHOD_COLORS:
+        return METHOD_COLORS[label]
+    return _SPARE[sum(label.encode()) % len(_SPARE)]
+
+
+def _n_order(values: Iterable[Any]) -> list[Any]:
+    return sorted(set(values), key=lambda n: (n is None, n if n is not None else 0))
+
+
+def intervals_vs_pairs(rows: Sequence[Mapping[str, Any]], path: str, metrics: Sequence[str], *, title: str = "",
+                       hlines: Mapping[str, Sequence[tuple[float, str]]] | None = None, zero_line: bool = False,
+                       ylabel: str = "% (test split)", dpi: int = 130) -> str:
+    """One panel per metric: each method's value against the subset size (categorical: 200, 500, ..., all) with its
+    95 % interval as the error bar. rows: {method, n_pairs, metric, value, low, high}. hlines: per metric, reference
+    lines (value, label), e.g. chance and the majority class; zero_line for differences."""
+    rows = [r for r in rows if r["metric"] in metrics]
+    if not rows:
+        raise StratalignError("intervals_vs_pairs() got no rows to plot")
+    order = _n_order(r["n_pairs"] for r in rows)
+    pos = {n: i for i, n in enumerate(order)}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig = Figure(figsize=(4.6 * len(metrics), 3.9))
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        for k, method in enumerate(methods):
+            pts = sorted((pos[r["n_pairs"]], r["value"], r["low"], r["high"]) for r in rows
+                         if r["method"] == method and r["metric"] == metric)
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts]) + (k - (len(methods) - 1) / 2) * 0.08
+            y = np.array([p[1] for p in pts])
+            err = np.array([[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
+            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1.4, label=method, color=method_color(method))
+        for value, label in (hlines or {}).get(metric, ()):
+            ax.axhline(value, color="black", lw=0.8, ls=":")
+            ax.text(len(order) - 0.6, value, f" {label}", fontsize=7, va="bottom", ha="right")
+        if zero_line:
+            ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(order)), labels=[n_name(n) for n in order])
+        ax.set_xlim(-0.5, len(order) - 0.5)
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlabel("training pairs")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if i == len(metrics) - 1:
+            ax.legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -1,8 +1,8 @@
-"""The sweep report: a markdown summary with the table, the layer heatmap and the curves.
+"""The sweep report (report.md): a bottom line, the table, the cells' choices, the verdicts and the plots.
 
-Wording is generated from the numbers: "helps" / "hurts" only where the paired 95 % bootstrap interval of the
-difference against the baseline excludes 0 (report.compare, core.stats), "no clear difference" otherwise.
-With one seed the table shows no ± (there is no spread), and says so.
+Every sentence is generated from the numbers: "helps" / "hurts" only where the two-level 95 % interval of the
+paired difference (report.compare, core.stats.two_level_bootstrap) excludes 0, "no clear difference" otherwise,
+always with the interval and the baseline named. `sweep` and `demo` write it with the same function.
 """
 
 from __future__ import annotations
@@ -12,40 +12,56 @@ from typing import Any
 
 import polars as pl
 
-from stratalign.core.stats import HELPS, HURTS, NO_CLEAR
+from stratalign.core.metric_registry import REGISTRY, TABLE, shown_in
+from stratalign.core.stats import HELPS, HURTS, NO_CLEAR, queries_to_resolve
+from stratalign.report.naming import method_label, n_name, rule_name
 
-KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")
-# probe_acc: CoMM's linear probe on its fused features, beside the same probe on the frozen features (concatenated)
-TABLE_METRICS = (*KEY_METRICS, "zs_balanced_acc", "probe_acc", "probe_concat_acc")
-MIN_SEEDS = 5  # METHOD.md section 4: at least 5 seeds where a report draws conclusions
-
-
-def _fmt(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")  # the headline: what the bottom line and the findings speak of
+TABLE_METRICS = shown_in(TABLE)  # core.metric_registry
+NAMES = {m.name: m.display for m in REGISTRY}
+MIN_SEEDS = 5  # docs/method.md: at least 5 seeds where a report draws conclusions
 
 
-def results_table(board: pl.DataFrame, metrics: tuple[str, ...] = TABLE_METRICS) -> pl.DataFrame:
-    """Compact table: one row per cell, `mean ± std` strings for the key metrics (`mean` alone for one seed),
-    the majority-class rate of the test split beside the zero-shot accuracies."""
-    cols = [c for c in ("layer_rule", "objective", "head", "n_pairs", "seeds") if c in board.columns]
+def _iv(r: dict[str, Any]) -> str:
+    return f"{r['diff']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]"
+
+
+def _largest_n(values: list[Any]) -> Any:
+    return None if None in values else max(values)
+
+
+def results_table(board: pl.DataFrame, intervals: pl.DataFrame | None = None,
+                  metrics: tuple[str, ...] = TABLE_METRICS) -> pl.DataFrame:
+    """One row per cell: the mean over seeds with its two-level 95 % interval where the per-query results exist
+    (`intervals`), else mean ± sample std (mean alone for one seed); the majority-class rate beside zero-shot."""
+    iv = {}
+    if intervals is not None and intervals.height:
+        for r in intervals.iter_rows(named=True):
+            iv[(r["objective"], r["layer_rule"], r["head"], r["n_pairs"], r["metric"])] = r
     rows = []
     for r in board.iter_rows(named=True):
-        row = {c: r[c] for c in cols}
+        row = {"method": method_label(r["objective"], r["layer_rule"]), "head": r["head"], "n": n_name(r["n_pairs"]),
+               "seeds": r.get("seeds")}
         for m in metrics:
-            if f"{m}_mean" in r:
-                row[m] = _fmt(r[f"{m}_mean"], r.get(f"{m}_std"))
+            if f"{m}_mean" not in r or r[f"{m}_mean"] is None:
+                continue
+            got = iv.get((r["objective"], r["layer_rule"], r["head"], r["n_pairs"], m))
+            if got is not None:
+                row[NAMES.get(m, m)] = f"{got['mean']:.1f} [{got['low']:.1f}, {got['high']:.1f}]"
+            elif r.get(f"{m}_std") is not None:
+                row[NAMES.get(m, m)] = f"{r[f'{m}_mean']:.1f} ± {r[f'{m}_std']:.1f}"
+            else:
+                row[NAMES.get(m, m)] = f"{r[f'{m}_mean']:.1f}"
         if r.get("zs_majority") is not None:
-            row["zs majority class"] = f"{r['zs_majority']:.1f}"
-        if "lambda_at_best_mean" in r and r["lambda_at_best_mean"] is not None:
-            row["restored step / λ"] = f"{r.get('best_step_mean', 0):.0f} / {r['lambda_at_best_mean']:.2f}"
+            row["majority class"] = f"{r['zs_majority']:.1f}"
+        if r.get("best_step_mean") is not None:
+            row["stop step"] = f"{r['best_step_mean']:.0f}"
         rows.append(row)
     return pl.DataFrame(rows)
 
 
 def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") -> list[str]:
-    """Plain sentences, one per method: the verdict of each cell from its paired interval, and the counts."""
+    """Plain sentences, one per method: each cell's paired difference with its interval and verdict, and counts."""
     if comparisons.height == 0:
         return []
     rows = comparisons.filter((pl.col("comparison") == kind) & (pl.col("metric") == metric))
@@ -53,61 +69,122 @@ def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") ->
     for method in rows["method"].unique(maintain_order=True).to_list():
         cells, counts = [], {HELPS: 0, HURTS: 0, NO_CLEAR: 0}
         for r in rows.filter(pl.col("method") == method).iter_rows(named=True):
-            where = (f"{r['layer_rule']} layers" if kind == "objective" else r["objective"]) + f", n={r['n_pairs']}"
-            cells.append(f"{where}: {r['diff']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}] {r['verdict']}")
+            where = (f"{rule_name(r['layer_rule'])} layers, " if kind == "objective" else
+                     "" if kind == "vs_last" else f"{r['objective']}, ") + f"n={n_name(r['n_pairs'])}"
+            cells.append(f"{where}: {_iv(r)} {r['verdict']}")
             counts[r["verdict"]] += 1
         r0 = rows.filter(pl.col("method") == method).row(0, named=True)
-        what = f"**{method}** vs {r0['baseline']}" if kind == "objective" else f"**{method} layers** vs {r0['baseline']}"
-        lines.append(f"{what} on {metric}: helps in {counts[HELPS]} cells, hurts in {counts[HURTS]}, no clear "
-                     f"difference in {counts[NO_CLEAR]}. Cells: {'; '.join(cells)}.")
+        what = {"objective": f"**{method}** vs {r0['baseline']} on the same layers",
+                "vs_last": f"**{method}** vs {r0['baseline']} on the {rule_name(r0['baseline_rule'])} layers",
+                "layers": f"**{rule_name(method)} layers** vs the {rule_name(r0['baseline'])} layers"}[kind]
+        lines.append(f"{what}, {NAMES.get(metric, metric)}: helps in {counts[HELPS]} cells, hurts in {counts[HURTS]}, "
+                     f"no clear difference in {counts[NO_CLEAR]}. Cells: {'; '.join(cells)}.")
     return lines
 
 
-def _comparison_intro(comparisons: pl.DataFrame, seeds: int) -> list[str]:
-    r = comparisons.row(0, named=True)
-    text = (f"Paired differences (points of %) against the baseline run with the same layer rule, head, n_pairs "
-            f"and seed, averaged over seeds, with a 95 % percentile interval from a bootstrap over the test "
-            f"queries ({r['queries']} {r['query_unit']} for {r['metric']}; images for i2t and zero-shot, captions "
-            f"for t2i), one resample shared by both runs of a pair and all seeds. "
-            f"\"helps\" / \"hurts\" only where the interval excludes 0, otherwise \"no clear difference\".")
-    if seeds < MIN_SEEDS:
-        text += (f" With {seeds} seed{'s' if seeds != 1 else ''} the intervals cover the test queries, not the "
-                 f"training randomness: METHOD.md asks for at least {MIN_SEEDS} seeds before drawing conclusions.")
-    return [text, ""]
+def resolution_lines(comparisons: pl.DataFrame) -> list[str]:
+    """Per metric: the smallest difference the test split and seeds can resolve (the median half-width of the
+    intervals of the comparisons against the baseline), and what the test split holds."""
+    if comparisons.height == 0:
+        return []
+    out = []
+    for metric in KEY_METRICS:
+        rows = comparisons.filter(pl.col("metric") == metric)
+        if rows.height:
+            hw = float(rows["half_width"].median())
+            r0 = rows.row(0, named=True)
+            out.append(f"{NAMES[metric]}: differences smaller than about ±{hw:.1f} points cannot be told from 0 with "
+                       f"{r0['queries']} test {r0['query_unit']} and {int(rows['seeds'].min())} seeds.")
+    return out
 
 
-def _spread_note(board: pl.DataFrame) -> str:
-    seeds = board["seeds"].to_list() if "seeds" in board.columns else []
-    if seeds and max(seeds) == 1:
-        return "One seed per cell: no ± is shown (a spread over seeds needs at least two)."
-    if seeds and min(seeds) == 1:
-        return "Cells with one seed show no ± (a spread over seeds needs at least two)."
-    return "± is the sample standard deviation over seeds."
+def bottom_line(comparisons: pl.DataFrame, board: pl.DataFrame, baseline: str = "clip",
+                baseline_rule: str = "last") -> list[str]:
+    """Three to five sentences: which layers, which objective, how much against the baseline on the last layers
+    (with intervals), or that the test split cannot tell them apart and how many test queries would."""
+    if comparisons.height == 0 or board.height == 0:
+        return ["No comparison could be made: the sweep needs the baseline "
+                f"({method_label(baseline, baseline_rule)}) and at least one other method on the same seeds."]
+    n_top = _largest_n(comparisons["n_pairs"].to_list())
+    at = comparisons.filter(pl.col("n_pairs").eq_missing(n_top))
+    base = method_label(baseline, baseline_rule)
+    lines = []
+    layers = at.filter((pl.col("comparison") == "layers") & (pl.col("objective") == baseline))
+    if layers.height:
+        parts = [f"{NAMES[m]} {_iv(r)}" for m in KEY_METRICS for r in layers.filter(pl.col("metric") == m).iter_rows(
+            named=True)]
+        verdicts = set(layers.filter(pl.col("metric").is_in(KEY_METRICS))["verdict"])
+        word = _overall(verdicts)
+        lines.append(f"Layers: for {baseline} with n={n_name(n_top)} pairs, the chosen layers against the last layers "
+                     f"{word} ({'; '.join(parts)} points).")
+    vs = at.filter((pl.col("comparison") == "vs_last") & pl.col("metric").is_in(KEY_METRICS))
+    if vs.height:
+        score = vs.group_by("method").agg(pl.col("diff").mean()).sort("diff", descending=True)
+        best = score["method"][0]
+        rows = vs.filter(pl.col("method") == best)
+        parts = [f"{NAMES[r['metric']]} {_iv(r)} ({r['verdict']})" for r in rows.iter_rows(named=True)]
+        lines.append(f"Objective: with n={n_name(n_top)} pairs the best method on average is **{best}**; against "
+                     f"{base}: {'; '.join(parts)}.")
+        objective, rule = best.split(" / ") if " / " in best else (best, "")
+        same = at.filter((pl.col("comparison") == "objective") & (pl.col("objective") == objective)
+                         & (pl.col("layer_rule").map_elements(rule_name, return_dtype=pl.String) == rule)
+                         & pl.col("metric").is_in(KEY_METRICS))
+        if same.height:
+            parts = [f"{NAMES[r['metric']]} {_iv(r)}" for r in same.iter_rows(named=True)]
+            lines.append(f"Against {baseline} on the same layers it {_overall(set(same['verdict']))} "
+                         f"({'; '.join(parts)}): what the objective adds beyond the layer choice.")
+        if set(rows["verdict"]) == {NO_CLEAR}:
+            hw = float(rows["half_width"].median())
+            d = float(rows["diff"].abs().max())
+            need = queries_to_resolve(int(rows["queries"][0]), hw, d)
+            lines.append(f"The test split ({int(rows['queries'][0])} {rows['query_unit'][0]}) cannot tell {best} from "
+                         f"{base}: the intervals are about ±{hw:.1f} points wide"
+                         + (f", and a difference of {d:.1f} points would need roughly {need:,} test queries (seed "
+                            "variance aside)." if need else "."))
+    allv = comparisons.filter((pl.col("comparison") == "vs_last") & pl.col("metric").is_in(KEY_METRICS))
+    if allv.height:
+        c = {v: int((allv["verdict"] == v).sum()) for v in (HELPS, HURTS, NO_CLEAR)}
+        lines.append(f"Over every subset size, {c[HELPS] + c[HURTS]} of {allv.height} comparisons against {base} are "
+                     f"clear ({c[HELPS]} helps, {c[HURTS]} hurts); the rest show no clear difference.")
+    return lines[:5]
 
 
-def tuning_lines(tuning: pl.DataFrame) -> list[str]:
-    """One line per tuned objective and cell: which grid values validation chose, over how many seeds."""
+def _overall(verdicts: set[str]) -> str:
+    if verdicts == {NO_CLEAR}:
+        return "shows no clear difference"
+    if HELPS in verdicts and HURTS in verdicts:
+        return "helps on some metrics and hurts on others"
+    return ("helps" if HELPS in verdicts else "hurts") + (" on some metrics" if NO_CLEAR in verdicts else "")
+
+
+def choice_lines(tuning: pl.DataFrame | None) -> list[str]:
+    """One line per cell: the knobs and the stopping step chosen on validation averaged over its seeds."""
     if tuning is None or tuning.height == 0:
         return []
-    chosen = tuning.filter(pl.col("chosen"))
     lines = []
-    for (obj, rule, n), rows in chosen.group_by(["objective", "layer_rule", "n_pairs"], maintain_order=True):
-        counts = rows.group_by("knobs", maintain_order=True).len().sort("len", descending=True)
-        picks = ", ".join(f"{r['knobs']} ({r['len']} seed{'s' if r['len'] != 1 else ''})" for r in counts.to_dicts())
-        grid = tuning.filter((pl.col("objective") == obj) & (pl.col("layer_rule") == rule)
-                             & pl.col("n_pairs").eq_missing(n) & (pl.col("seed") == rows["seed"][0]))
-        lines.append(f"{obj}, {rule} layers, n={n if n is not None else 'all'}: chose {picks} "
-                     f"from {grid.height} grid points by {rows['metric'][0]}")
+    for r in tuning.filter(pl.col("chosen")).iter_rows(named=True):
+        n_points = tuning.filter((pl.col("objective") == r["objective"]) & (pl.col("layer_rule") == r["layer_rule"])
+                                 & pl.col("n_pairs").eq_missing(r["n_pairs"]) & (pl.col("head") == r["head"])).height
+        knobs = f"{r['knobs']}, " if r["knobs"] else ""
+        step = f"step {r['step']}" if r["step"] is not None else "closed form"
+        edge = f" (on the edge of the {r['on_edge']} grid)" if r.get("on_edge") else ""
+        lines.append(f"{method_label(r['objective'], r['layer_rule'])}, n={n_name(r['n_pairs'])}: {knobs}{step}, "
+                     f"{r['metric']} {r['value']:.1f} (mean of {r['seeds']} seeds) among {n_points} point(s){edge}")
     return lines
 
 
 def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: dict[str, Any] | None,
-                 files: dict[str, str], extra: list[str] | None = None,
-                 comparisons: pl.DataFrame | None = None, tuning: pl.DataFrame | None = None) -> str:
+                 files: dict[str, str], extra: list[str] | None = None, comparisons: pl.DataFrame | None = None,
+                 tuning: pl.DataFrame | None = None, intervals: pl.DataFrame | None = None) -> str:
     """Write report.md into out_dir (PNG links are relative) and return its path."""
     os.makedirs(out_dir, exist_ok=True)
-    table = results_table(board)
-    md = [f"# {title}", ""]
+    comparisons = comparisons if comparisons is not None else pl.DataFrame()
+    md = [f"# {title}", "", "## Bottom line", ""]
+    md += [" ".join(bottom_line(comparisons, board)), ""]
+    seeds = int(board["seeds"].min()) if "seeds" in board.columns and board.height else 0
+    if 0 < seeds < MIN_SEEDS:
+        md += [f"With {seeds} seed{'s' if seeds != 1 else ''} per cell the seed part of each interval rests on few "
+               f"draws: at least {MIN_SEEDS} seeds are needed before drawing conclusions.", ""]
     if extra:
         md += extra + [""]
     if layer_info:
@@ -118,31 +195,30 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
                f"score {layer_info['score']:.3f}; last-layer pair: {layer_info['last_score']:.3f}.", ""]
         if layer_info.get("heatmap"):
             md += [f"![layer similarity]({os.path.basename(layer_info['heatmap'])})", ""]
-    md += ["## Results (test split, mean over seeds)", "",
-           "R@1 in %, zero-shot top-1 and balanced accuracy in %, beside the majority-class rate of the test split "
-           "(the accuracy of always guessing the most frequent class). " + _spread_note(board) +
-           " `restored step / λ`: the restored checkpoint and the STRUCTURE weight in force there (mean over seeds)."
-           " CoMM is a fusion model with no retrieval space: `probe_acc` is a linear probe on the labels from its fused"
-           " features, `probe_concat_acc` the same probe on the frozen features concatenated (test captions).",
-           "", _markdown_table(table), ""]
-    if comparisons is not None and comparisons.height:
-        seeds = int(comparisons["seeds"].min())
-        lines = [line for kind in ("objective", "layers") for m in KEY_METRICS for line in findings(comparisons, m, kind)]
-        md += ["## What the numbers say", ""] + _comparison_intro(comparisons, seeds)
-        md += [f"- {line}" for line in lines] + [""]
-    tuned = tuning_lines(tuning) if tuning is not None else []
-    if tuned:
-        md += ["## Knobs chosen on validation", "",
-               "Each tuned cell trained one run per value of its objective's grid and kept the one with the best "
-               "validation value (the test split never took part); every point's value is in tuning.csv.", ""]
-        md += [f"- {line}" for line in tuned] + [""]
-    if "val_curves_png" in files:
-        md += ["## Along training", "",
-               "Validation rsum and zero-shot top-1 at every evaluation step (the run's checkpoint is the best "
-               "validation value of its selection metric after any warm-up): where retrieval still rises while "
-               "zero-shot falls, one stopping point trades one for the other.", "",
-               f"![validation curves]({os.path.basename(files['val_curves_png'])})", ""]
-    for key, caption in (("recall_png", "R@1 vs training pairs"), ("zeroshot_png", "Zero-shot accuracy vs pairs")):
+    md += ["## Results (test split)", "",
+           "Mean over seeds in %, with its 95 % two-level bootstrap interval (seeds, then test queries) in brackets "
+           "(mean ± sample std where per-query results are missing). `majority class`: the accuracy of always "
+           "guessing the test split's most frequent class, beside zero-shot. `stop step`: the step chosen for the "
+           "cell on validation. CoMM has no retrieval space: `probe acc.` is a linear probe on its fused features, "
+           "beside the same probe on the frozen features.", "", _markdown_table(results_table(board, intervals)), ""]
+    if comparisons.height:
+        md += ["## What the numbers say", "",
+               "Paired differences in points of %, mean over seeds of (method - baseline) on the same seeds, subsets "
+               "and test queries, with a 95 % two-level bootstrap interval (seeds resampled, then queries: one query "
+               "resample shared by both runs and every seed). \"helps\" / \"hurts\" only where the interval excludes "
+               "0, otherwise \"no clear difference\".", ""]
+        for kind in ("vs_last", "objective", "layers"):
+            md += [f"- {line}" for m in KEY_METRICS for line in findings(comparisons, m, kind)]
+        md += ["", "Smallest resolvable difference:", ""] + [f"- {x}" for x in resolution_lines(comparisons)] + [""]
+    choices = choice_lines(tuning)
+    if choices:
+        md += ["## Chosen on validation, one choice per cell", "",
+               "Each cell's stopping step (and, tuned, its knobs) maximises the validation metric averaged over the "
+               "cell's seeds and applies to every seed; the test split took no part. Every point is in tuning.csv.",
+               ""] + [f"- {line}" for line in choices] + [""]
+    for key, caption in (("differences_png", "Difference against the baseline on the last layers"),
+                         ("recall_png", "Retrieval vs training pairs"), ("zeroshot_png", "Zero-shot vs training pairs"),
+                         ("val_curves_png", "Validation along training")):
         if key in files:
             md += [f"![{caption}]({os.path.basename(files[key])})", ""]
     md += ["Files: " + ", ".join(os.path.basename(v) for k, v in files.items() if k.endswith(("csv", "parquet")))]

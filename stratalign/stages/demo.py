@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from stratalign.report.report import results_table, write_report
+from stratalign.report.report import results_table
 from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.layers import LayersConfig, run_layers
-from stratalign.stages.runs.sweep import SweepConfig, run_sweep
+from stratalign.stages.runs.sweep import SweepConfig, run_sweep, write_leaderboard
 from stratalign.stages.runs.training import RunConfig
 from stratalign.store.feature_store import FeatureStore
 from stratalign.train.presets import choose_preset, describe
@@ -34,7 +34,7 @@ class DemoConfig:
     # alone would double the demo; README gives its numbers from `stratalign sweep --objective comm` on the same store
     objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa")
     n_pairs: tuple[int | None, ...] = (200, 500, None)
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # METHOD 4: at least 5 seeds where a report draws conclusions
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # docs/method.md § 4: at least 5 seeds where a report draws conclusions
     layer_rules: tuple[str, ...] = ("last", "auto")
     # last vs chosen layers is compared on CLIP; the other objectives run on the chosen layers only (the budget:
     # tuned grids x 5 seeds x 3 subset sizes within 10 minutes on 2 cores)
@@ -50,7 +50,7 @@ class DemoConfig:
     # a run where a full schedule would restore the same step. `train_options` are --set overrides on top.
     preset: str = "cpu"
     train_options: tuple[tuple[str, object], ...] = ()
-    # knobs chosen on validation per cell and seed (METHOD 3.7: lambda, beta, CSA k x ridge from each objective's
+    # knobs chosen on validation per cell and seed (docs/method.md § 3.9: lambda, beta, CSA k x ridge from each objective's
     # grid); False trains the registry's defaults
     tune: bool = True
     batch_size: int = 32
@@ -127,7 +127,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
                             n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
                             layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, skip_n=cfg.skip_n,
                             tune=cfg.tune)
-    sweep = run_sweep(store, sweep_cfg, out_dir, progress=cfg.progress)
+    sweep = run_sweep(store, sweep_cfg, None, progress=cfg.progress)
     log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
     timings["sweep"] = time.perf_counter() - t0
 
@@ -138,10 +138,11 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              f"split, checkpoints are chosen on the dataset's own val split, numbers are on the test split. "
              f"n_pairs=None means all train pairs. "
              "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)
-             + " (everything else as METHOD.md: tau 0.05, AdamW lr 1e-3; the checkpoint of the best validation rsum, "
-             "none before a warm-up ends; CoMM on its validation loss)."
-             + (" Knobs (STRUCTURE lambda, IB beta, CSA k and ridge) chosen per cell and seed on validation from "
-                "each objective's grid." if cfg.tune else "")
+             + " (everything else as docs/method.md: tau 0.05, AdamW lr 1e-3). One choice per cell, the same rule "
+             "for every objective: the stopping step"
+             + (" and the knobs (STRUCTURE lambda, IB beta, CSA k and ridge, from each objective's grid, extended past "
+                "an edge)" if cfg.tune else "")
+             + " maximise validation rsum averaged over the cell's seeds, and every seed stops there."
              + "".join(f" Left out of the grid: {obj} on the {rule} layers." for rule, obj in cfg.skip)
              + "".join(f" Left out of the grid: {obj} with n={n}." for obj, n in cfg.skip_n),
              *(f"Layers of the other vision encoder, `{info['vision']}` x `{cfg.text}` (not used by the sweep): "
@@ -149,9 +150,9 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
                f"{info['last_score']:.3f} for the last layers; heatmap `{os.path.basename(info['heatmap'])}`."
                for info in layer_infos[1:]),
              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
-    report = write_report(out_dir, title="stratalign demo: how much paired data, which layers, which objective?",
-                          board=sweep.leaderboard, layer_info=layer_infos[0], files=sweep.files, extra=intro,
-                          comparisons=sweep.comparisons, tuning=sweep.tuning)
+    sweep.files = write_leaderboard(sweep, out_dir, extra=intro, layer_info=layer_infos[0],
+                                    title="stratalign demo: how much paired data, which layers, which objective?")
     return {"timings": timings, "layers": layer_infos, "leaderboard": sweep.leaderboard,
-            "table": results_table(sweep.leaderboard), "report": report, "files": sweep.files,
+            "table": results_table(sweep.leaderboard, sweep.intervals), "report": sweep.files["report_md"],
+            "files": sweep.files,
             "trained": sweep.trained, "skipped": sweep.skipped}

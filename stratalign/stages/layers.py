@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from stratalign.core import calibration
 from stratalign.core.layer_rule import CHOOSE_KEYWORDS, LayerRule
 from stratalign.errors import StratalignError, require_int
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
@@ -31,10 +32,16 @@ class LayersConfig:
     vision_pooling: str | None = None
     text_pooling: str | None = None
     clamp_outliers: bool = False
+    # K of the permutation null (METHOD 2, calibration; drawn with `seed`); 0: no calibration. Not part of the
+    # result's key: the null is kept in the result file beside the raw matrices it calibrates.
+    permutations: int = calibration.PERMUTATIONS
 
     def __post_init__(self) -> None:
         require_int(self.n, "--n (train pairs compared)", 1)
         require_int(self.seed, "--seed")
+        require_int(self.permutations, "--permutations", 0)
+        if self.permutations == 1:
+            raise StratalignError("--permutations must be 0 (raw scores only) or at least 2 (a null needs a spread)")
         if isinstance(self.k, int):
             require_int(self.k, "--k", 1)
 
@@ -70,19 +77,35 @@ def _entries(store: FeatureStore, cfg: LayersConfig) -> tuple[FeatureEntry, Feat
     return v, t
 
 
-def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute: bool = False) -> dict[str, Any]:
-    """The L_vision x L_text matrix of every metric asked (cached in the store by its settings)."""
+def _calibrated_metrics(cfg: LayersConfig) -> list[str]:
+    """The asked metrics that get a permutation null (none when permutations = 0)."""
+    return [m for m in cfg.metrics if m in calibration.CALIBRATED_METRICS] if cfg.permutations else []
+
+
+def _has_calibration(result: dict[str, Any], cfg: LayersConfig) -> bool:
+    cal = result.get("calibration") or {}
+    return (cal.get("permutations") == cfg.permutations and cal.get("seed") == cfg.seed
+            and set(_calibrated_metrics(cfg)) <= set(cal.get("metrics") or {}))
+
+
+def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute: bool = False,
+                           calibrate: bool = False) -> dict[str, Any]:
+    """The L_vision x L_text matrix of every metric asked (cached in the store by its settings); with `calibrate`,
+    also the permutation null of the kNN metrics (`core.calibration`, reusing the kNN graphs), kept in the same
+    result file under "calibration" (the key does not change: a result saved without it gains it)."""
     from stratalign.core import similarity
     store.dataset(cfg.dataset).require_train_split("choose layers")  # before anything else is read
     v_entry, t_entry = _entries(store, cfg)
     img_rows, cap_rows, dropped = sample_train_pairs(store, cfg.dataset, cfg.n, cfg.seed, (v_entry, t_entry))
     settings = {**asdict(cfg), "metrics": sorted(cfg.metrics), "vision_entry": v_entry.key,
                 "text_entry": t_entry.key, "dataset_fingerprint": store.dataset(cfg.dataset).fingerprint}
+    del settings["permutations"]  # the null's K is recorded in the calibration, not in the key
     if dropped:  # only then: results saved before bad rows were dropped stay valid where there are none
         settings["bad_pairs_dropped"] = dropped
     key = layer_results.result_key(settings)
     cached = None if recompute else layer_results.load_result(store, key)
-    if cached is not None:
+    wanted = _calibrated_metrics(cfg) if calibrate else []
+    if cached is not None and (not wanted or _has_calibration(cached, cfg)):
         return {**cached, "bad_pairs_dropped": dropped, "cached": True}
     n = len(img_rows)
     k = similarity.resolve_k(cfg.k, n)
@@ -91,13 +114,22 @@ def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute:
     text = [t_entry.read_layer(i, cap_rows).astype(np.float32) for i in range(len(t_entry.spec.dims))]
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mats = similarity.layer_similarity(vision, text, metrics=cfg.metrics, k=k, clamp_outliers=cfg.clamp_outliers)
-    result = {
+    mats, graphs = similarity.layer_similarity_and_graphs(vision, text, metrics=cfg.metrics, k=k,
+                                                         clamp_outliers=cfg.clamp_outliers)
+    compute_s = time.perf_counter() - t0
+    result = cached or {
         "key": key, "settings": settings, "n": n, "k": k, "bad_pairs_dropped": dropped,
         "vision_layers": list(v_entry.spec.layer_names), "text_layers": list(t_entry.spec.layer_names),
         "matrices": {m: np.asarray(x).tolist() for m, x in mats.items()},
-        "seconds": {"read": round(read_s, 3), "compute": round(time.perf_counter() - t0, 3)},
+        "seconds": {"read": round(read_s, 3), "compute": round(compute_s, 3)},
     }
+    if wanted and graphs is not None:
+        t0 = time.perf_counter()
+        null = calibration.overlap_null(*graphs, calibration.permutations(n, cfg.permutations, cfg.seed), wanted)
+        result = {**result, "calibration": {
+            "permutations": cfg.permutations, "seed": cfg.seed, "seconds": round(time.perf_counter() - t0, 3),
+            "raw_seconds": round(compute_s, 3),
+            "metrics": {m: calibration.summarise(mats[m], null[m]) for m in wanted}}}
     if store.mode == "a":
         layer_results.save_result(store, key, result)
     return {**result, "cached": False}
@@ -117,9 +149,18 @@ def choose(result: dict[str, Any], rule: str, metric: str | None = None) -> dict
         v, t = nv - 1, nt - 1
     else:
         v, t = check_pair(parsed.index_pair(), nv, nt, rule)
-    return {"rule": rule, "metric": metric, "vision_layer": v, "text_layer": t, "score": float(mat[v, t]),
-            "vision_name": result["vision_layers"][v], "text_name": result["text_layers"][t],
-            "last_score": float(mat[-1, -1]), "result_key": result["key"]}
+    out = {"rule": rule, "metric": metric, "vision_layer": v, "text_layer": t, "score": float(mat[v, t]),
+           "vision_name": result["vision_layers"][v], "text_name": result["text_layers"][t],
+           "last_score": float(mat[-1, -1]), "result_key": result["key"]}
+    cal = calibration_of(result, metric)
+    if cal is not None:  # calibrated score, p-values, and whether it beats the last pair beyond the null's spread
+        out.update(calibration.pair_verdict(cal, v, t), permutations=result["calibration"]["permutations"])
+    return out
+
+
+def calibration_of(result: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """The permutation-null summary of one metric of a layer result (None when it was not calibrated)."""
+    return ((result.get("calibration") or {}).get("metrics") or {}).get(metric)
 
 
 def check_pair(pair: tuple[int, int], nv: int, nt: int, rule: str) -> tuple[int, int]:
@@ -141,14 +182,17 @@ def write_heatmap(store: FeatureStore, result: dict[str, Any], choice: dict[str,
     """Heatmap PNG of the choice's metric, chosen and last pairs marked, saved in the store (and copy_to)."""
     from stratalign.report.plots import layer_heatmap
 
-    mat = np.asarray(result["matrices"][choice["metric"]])
+    cal = calibration_of(result, choice["metric"])
+    mat = np.asarray(result["matrices"][choice["metric"]] if cal is None else cal["calibrated"])
+    label = choice["metric"] if cal is None else f"{choice['metric']} - null mean (calibrated)"
+    null = "" if cal is None else f", null of {result['calibration']['permutations']} permutations"
     with tempfile.TemporaryDirectory() as tmp:
         png = os.path.join(tmp, "heatmap.png")
         layer_heatmap(mat, png, vision_names=result["vision_layers"], text_names=result["text_layers"],
-                      title=f"{choice['metric']}: {result['settings']['vision']} x {result['settings']['text']} "
-                            f"(n={result['n']}, k={result['k']})",
+                      title=f"{label}: {result['settings']['vision']} x {result['settings']['text']} "
+                            f"(n={result['n']}, k={result['k']}{null})",
                       chosen=(choice["vision_layer"], choice["text_layer"]), last=(mat.shape[0] - 1, mat.shape[1] - 1),
-                      metric=choice["metric"])
+                      metric=label)
         with open(png, "rb") as f:
             data = f.read()
     if store.mode == "a":
@@ -177,15 +221,17 @@ class LayersOutcome:
 
 def run_layers(store: FeatureStore, cfg: LayersConfig, rule: str = "best", by: str | None = None,
                heatmap_copy: str | None = None, *, recompute: bool = False) -> LayersOutcome:
-    """The layers stage: compute (or read back) the matrices, choose the layer pair by `rule` on metric `by`,
-    write the heatmap (also to `heatmap_copy`), and record the choice for `train --layers auto`."""
+    """The layers stage: compute (or read back) the matrices and their permutation null, choose the layer pair by
+    `rule` on metric `by` (raw argmax, as published; the choice carries its calibrated score and p-values), write
+    the heatmap of calibrated scores (also to `heatmap_copy`), and record the choice for `train --layers auto`."""
     parsed = LayerRule.parse(rule, CHOOSE_KEYWORDS, "--choose", indices=True)  # bad text: before any work
     store.require_writable("run_layers (matrices, heatmap, layer choice)")  # before any work, not after it
     if parsed.is_pair:
         v_entry, t_entry = _entries(store, cfg)
         check_pair(parsed.index_pair(), len(v_entry.spec.dims), len(t_entry.spec.dims), rule)
-    result = compute_layer_matrices(store, cfg, recompute=recompute)
-    choice = choose(result, rule, by)
+    result = compute_layer_matrices(store, cfg, recompute=recompute, calibrate=True)
+    # by default the first metric asked (a saved result lists its matrices in another order)
+    choice = choose(result, rule, by or cfg.metrics[0])
     png = write_heatmap(store, result, choice, copy_to=heatmap_copy)
     record_choice(store, cfg, choice)
     return LayersOutcome(result=result, choice=choice, png=png)

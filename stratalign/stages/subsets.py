@@ -1,6 +1,6 @@
 """Training subsets: row selections over cached features, drawn from the TRAIN split only.
 
-Validation pairs (checkpoint selection) are the dataset's own val split when it has one (METHOD.md 3.6);
+Validation pairs (checkpoint selection) are the dataset's own val split when it has one (docs/method.md § 3.8);
 only a dataset without one gets them carved out of the train split, by image (an image's captions all land
 on one side) or by group where the dataset names groups. The training subset is drawn from the train pool
 with a seed. The evaluation split is never touched here.

@@ -22,7 +22,8 @@ artifact by name or key. Layout under the store root:
     runs/<run id>/config.json          a trained run's resolved config
     runs/<run id>/weights.safetensors  its head weights (never pickle)
     runs/<run id>/metrics.json         training summary + evaluation; written last: marks the run done
-    runs/<run id>/eval-<dataset>.json  its evaluation on another dataset, with that dataset's fingerprint
+    runs/<run id>/eval-<dataset>.json  its evaluation on another dataset, with that dataset's fingerprint, the
+                                       overlap with its training pairs and the metrics on the unseen pairs
     runs/<run id>/queries.safetensors  per-query hits on its own test split (paired comparisons); recomputable
     runs/<run id>/tuning-<key>.json    a validation grid this run was chosen from (tune): points, run ids, values
     layers/<key>.json, <key>.png       layer-similarity results and their heatmaps

@@ -102,8 +102,9 @@ def _loads(loc: Location, name: str) -> bool:
     return True
 
 
-def load(loc: Location, name: str) -> PairDataset:
-    """Load a dataset; a missing dataset.json, unreadable tables or a size mismatch are one-line errors."""
+def read_meta(loc: Location, name: str) -> dict:
+    """A dataset's dataset.json (its fingerprints, sizes, classes, templates) without decoding its tables; a
+    missing or malformed one is a one-line error."""
     validate_key(name, "dataset name")
     if not loc.exists(FOLDER, name, META):
         if loc.isdir(FOLDER, name):
@@ -119,6 +120,14 @@ def load(loc: Location, name: str) -> PairDataset:
     meta = loc.read_json(FOLDER, name, META)
     if not isinstance(meta, dict):
         raise StratalignError(f"dataset {name!r}: {loc.path(FOLDER, name, META)} is not an object")
+    return meta
+
+
+def load(loc: Location, name: str, meta: dict | None = None) -> PairDataset:
+    """Load a dataset (`meta`: its dataset.json when the caller has just read it); a missing dataset.json,
+    unreadable tables or a size mismatch are one-line errors."""
+    if meta is None:
+        meta = read_meta(loc, name)
     try:
         images = pl.read_parquet(io.BytesIO(loc.read_bytes(FOLDER, name, "images.parquet")))
         captions = pl.read_parquet(io.BytesIO(loc.read_bytes(FOLDER, name, "captions.parquet")))

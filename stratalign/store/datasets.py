@@ -9,7 +9,8 @@ Images may name a group (the variants of one emoji, the photos of one patient): 
 group in one split (the split is drawn per group from the seed), and a given split that puts one group in
 two splits is refused. Groups are kept in the images table's `group` column (only when there are any, so
 datasets without groups keep their bytes); regrouping changes the split, hence `fingerprint`, never
-`content_fingerprint` (no re-extraction).
+`content_fingerprint` (no re-extraction). Byte-identical images (one content hash) join one group
+(store.identical), and meta["identical_images"] says how many there were.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import fsspec
 import numpy as np
@@ -28,8 +29,10 @@ from PIL import Image
 
 from stratalign.errors import StratalignError, preview
 from stratalign.progress import progress_bar
+from stratalign.store.identical import join_identical
 from stratalign.store.keys import content_fingerprint_batches, dataset_fingerprint
 from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
+from stratalign.store.zero_shot import check_class_names, check_templates
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
@@ -149,6 +152,8 @@ class PairDataset:
             "splits": dict(zip(counts["split"].to_list(), counts["len"].to_list())),
             "classes": len(self.class_names),
             **({"groups": int(self.images["group"].n_unique())} if "group" in self.images.columns else {}),
+            **({"identical_images": self.meta["identical_images"]["images"]}
+               if self.meta.get("identical_images") else {}),
             "skipped": len(self.meta.get("skipped", [])),
             "fingerprint": self.fingerprint[:16],
         }
@@ -272,26 +277,27 @@ def _check_group_splits(name: str, images: pl.DataFrame) -> None:
 
 
 def _tables(good: pl.DataFrame, captions: pl.LazyFrame, seed: int, fractions: tuple[float, float, float],
-            spill: Spill | None) -> tuple[pl.DataFrame, pl.DataFrame | Path]:
-    """The images table and the captions table (captions point at their image's row): in memory, or written to a
-    Parquet file in `spill` (streamed: never held). A drawn split is drawn per group (an image without a group is
-    its own group), and the `group` column is there only when groups are. Frames in memory are rechunked: the
-    Parquet bytes follow the frame's chunks."""
-    split = [s or split_of(i if g is None else f"group:{g}", seed, fractions)
-             for i, s, g in zip(good["image_id"].to_list(), good["split"].to_list(), good["group"].to_list())]
+            spill: Spill | None) -> tuple[pl.DataFrame, pl.DataFrame | Path, dict[str, int]]:
+    """The images table, the captions table (captions point at their image's row): in memory, or written to a
+    Parquet file in `spill` (streamed: never held), and the report of byte-identical images (store.identical).
+    A drawn split is drawn per group (an image without a group is its own group; byte-identical images join one
+    group), and the `group` column is there only when groups are. Frames in memory are rechunked: the Parquet bytes
+    follow the frame's chunks."""
+    joined = join_identical(good)
+    split = [s or split_of(k, seed, fractions) for s, k in zip(joined.splits, joined.split_keys)]
     columns = [pl.col("image_id"), pl.col("path"), pl.col("relpath"), pl.col("sha"),
                pl.Series("split", split, dtype=pl.String), pl.col("label")]
-    if good["group"].is_not_null().any():
-        columns.append(pl.coalesce("group", "image_id").alias("group"))
+    if any(g is not None for g in joined.groups):
+        columns.append(pl.coalesce(pl.Series("group", joined.groups, dtype=pl.String), "image_id").alias("group"))
     images_df = good.select(columns).rechunk()
     rows = images_df.lazy().select("image_id", image_row=pl.int_range(pl.len(), dtype=pl.Int64))
     table = (captions.join(rows, on="image_id", how="left", maintain_order="left")  # (a join holds less than
              .select("caption_id", "image_id", "image_row", "text"))                  # replace_strict: 30 vs 60 MB)
     if spill is None:
-        return images_df, table.collect().rechunk()
+        return images_df, table.collect().rechunk(), joined.report
     path = spill.new_file("captions")
     table.sink_parquet(path)
-    return images_df, path
+    return images_df, path, joined.report
 
 
 def _as_frames(images: list[RawImage] | pl.DataFrame, captions: list[RawCaption] | pl.DataFrame | SpilledFrame
@@ -320,7 +326,9 @@ def build_dataset(
     seed: int = 0,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     skip_bad: bool = False,
-    templates: tuple[str, ...] | None = None,
+    templates: Sequence[str] | None = None,
+    default_templates: Sequence[str] = DEFAULT_TEMPLATES,
+    class_names: Mapping[str, str] | None = None,
     workers: int = 8,
     progress: bool = False,
 ) -> PairDataset:
@@ -333,10 +341,19 @@ def build_dataset(
 
     Captions given as a SpilledFrame (a large source's, from store.raw_records) are validated in streaming
     passes and the captions table is written beside them: memory then follows the images, not the captions.
+
+    Zero-shot prompts (store.zero_shot): `templates` (default: the source's `default_templates`) and
+    `class_names`, a label -> name mapping that renames labels. Templates other than the default ones are part of
+    the fingerprint (a dataset with other prompts is another version; datasets ingested without templates keep
+    their fingerprint).
     """
+    own = check_templates(templates, "templates") if templates is not None else None
     images, captions, spill = _as_frames(images, captions)
     if images.height == 0:
         raise StratalignError(f"dataset {name!r} has no images")
+    if class_names:
+        class_names = check_class_names(class_names, images["label"].to_list())
+        images = images.with_columns(pl.col("label").replace(class_names))
     reject = _Rejects(name, skip_bad)
     _check_group_splits(name, images)
     images = _valid_images(images, reject)
@@ -350,7 +367,7 @@ def build_dataset(
         captions = captions.filter(pl.col("image_id").is_in(good["image_id"].implode()))
     if good.height == 0:
         raise StratalignError(f"dataset {name!r} has no usable image-caption pairs left")
-    images_df, captions_table = _tables(good, captions, seed, fractions, spill)
+    images_df, captions_table, identical = _tables(good, captions, seed, fractions, spill)
     del good, captions, images, with_captions  # one copy of the tables is held from here on (or none, spilled)
     if isinstance(captions_table, pl.DataFrame):
         ds = PairDataset(name, images_df, captions_table)
@@ -367,9 +384,14 @@ def build_dataset(
         "seed": seed,
         "fractions": list(fractions),
         "content_fingerprint": content_fp,
-        "fingerprint": dataset_fingerprint(content_fp, images_df["split"].to_list(), images_df["label"].to_list()),
+        "fingerprint": dataset_fingerprint(content_fp, images_df["split"].to_list(), images_df["label"].to_list(),
+                                           None if own in (None, tuple(default_templates)) else list(own)),
         "classes": sorted(set(labels)),
-        "templates": list(templates or DEFAULT_TEMPLATES),
+        "templates": list(own or default_templates),
         "skipped": reject.skipped,
     }
+    if class_names:  # only then, as for identical_images below
+        ds.meta["class_names"] = dict(class_names)
+    if identical:  # only then: datasets without byte-identical images keep their dataset.json bytes
+        ds.meta["identical_images"] = identical
     return ds

@@ -1,21 +1,17 @@
 """A feature entry: one (dataset content, encoder, pooling, dtype) group of per-layer arrays in the store.
 
-`EntrySpec` is everything that determines an entry's bytes (its hash is the entry key, see store.keys);
-`FeatureEntry` writes and reads the entry in whole shards, each with a completion marker written last,
-and holds the claims through which several workers share it (see store.claims).
+`EntrySpec` (store.entry_spec, re-exported here) is everything that determines an entry's bytes (its hash is the
+entry key, see store.keys); `FeatureEntry` writes and reads the entry in whole shards, each with a completion
+marker written last (store.shard_markers: what a marker holds and how a read checks a shard against it), and
+holds the claims through which several workers share it (see store.claims).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import functools
-import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import zarr
@@ -24,121 +20,27 @@ from zarr.core.sync import sync as zarr_sync
 
 from stratalign.errors import StratalignError, preview
 from stratalign.store import claims as claims_mod
+from stratalign.store import shard_markers
 from stratalign.store.codecs import check_codecs
-from stratalign.store.keys import entry_key
-from stratalign.store.shard_format import ByteSource, ShardCorrupt, ShardGeometry, encode_shard, open_below, read_rows
-from stratalign.version import __version__
+from stratalign.store.entry_reads import ShardedReads
+from stratalign.store.entry_spec import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_SHARD_ROWS,
+    ENTRY_FORMATS,
+    FLOAT16_MAX,
+    LAYOUT_CHUNK,
+    LAYOUT_SHARDED,
+    MODALITIES,
+    EntrySpec,
+    shard_sha,
+)
+from stratalign.store.shard_format import ByteSource, ShardGeometry, encode_shard, read_rows
 
 if TYPE_CHECKING:
     from stratalign.store.feature_store import FeatureStore
 
-DEFAULT_SHARD_ROWS = 1024
-# Entry layouts (the `format_version` an entry key hashes): 1 = one Zarr chunk per shard (a read of any row
-# decodes and checks whole shards); 2 = one Zarr shard per extraction shard, cut into inner chunks of
-# `chunk_rows` rows with a crc32c each (store.shard_format: a read of r rows touches O(r) bytes).
-LAYOUT_CHUNK = 1
-LAYOUT_SHARDED = 2
-ENTRY_FORMATS = (LAYOUT_CHUNK, LAYOUT_SHARDED)
-DEFAULT_CHUNK_ROWS = 4  # rows per inner chunk of layout 2: 8 KB at 1024-d float16
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-MODALITIES = ("image", "text")
-
-
-def shard_sha(block: np.ndarray) -> str:
-    """sha256 of a shard block's bytes as stored (little-endian, C order)."""
-    return hashlib.sha256(np.ascontiguousarray(block.astype(block.dtype.newbyteorder("<"))).tobytes()).hexdigest()
-
-
-@dataclass(frozen=True)
-class EntrySpec:
-    """Everything that determines an entry's bytes; its hash is the entry key."""
-
-    dataset: str
-    content_fingerprint: str
-    modality: str
-    encoder: dict[str, Any]  # JSON metadata from the encoder: spec, weights_sha256, preprocessing, ...
-    pooling: str
-    layer_names: tuple[str, ...]
-    dims: tuple[int, ...]
-    rows: int
-    dtype: str = "float16"
-    shard_rows: int = DEFAULT_SHARD_ROWS
-    format_version: int = LAYOUT_CHUNK  # the entry layout; new extractions ask for LAYOUT_SHARDED
-    chunk_rows: int = 0  # layout 2's inner chunk rows (0: gcd(shard_rows, DEFAULT_CHUNK_ROWS)); unused by layout 1
-    # the layout the key was derived under when it is not this one: an entry migrated from layout 1 keeps its key
-    # (store.migrate), so the runs, layer results and graphs that name it still find it
-    key_layout: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.format_version not in ENTRY_FORMATS:
-            raise StratalignError(f"unknown entry format {self.format_version!r}: use one of {ENTRY_FORMATS}")
-        if self.key_layout is not None and not (self.key_layout in ENTRY_FORMATS and self.key_layout < self.format_version):
-            raise StratalignError(f"key layout {self.key_layout!r} must be an older layout than {self.format_version}")
-        if self.format_version == LAYOUT_CHUNK:
-            object.__setattr__(self, "chunk_rows", 0)
-        elif self.chunk_rows == 0:
-            object.__setattr__(self, "chunk_rows", math.gcd(self.shard_rows, DEFAULT_CHUNK_ROWS))
-        if self.chunk_rows < 0 or (self.chunk_rows and self.shard_rows % self.chunk_rows):
-            raise StratalignError(f"chunk rows {self.chunk_rows} must divide the shard rows {self.shard_rows}")
-        if self.modality not in MODALITIES:
-            raise StratalignError(f"unknown modality {self.modality!r}; use one of {MODALITIES}")
-        if self.dtype not in ("float16", "float32"):
-            raise StratalignError(f"unsupported feature dtype {self.dtype!r}: use float16 or float32")
-        if len(self.layer_names) != len(self.dims) or not self.dims:
-            raise StratalignError("an entry needs one dim per layer name and at least one layer")
-        if self.rows < 1 or self.shard_rows < 1:
-            raise StratalignError(f"bad entry size: rows={self.rows}, shard_rows={self.shard_rows}")
-
-    @property
-    def encoder_spec(self) -> str:
-        return str(self.encoder["spec"])
-
-    @property
-    def n_shards(self) -> int:
-        return -(-self.rows // self.shard_rows)
-
-    def identity(self) -> dict[str, Any]:
-        """What the key hashes: the exact dataset name too (the key's readable slug is lossy). Layout 1's is
-        exactly what it always was (its keys are pinned); layout 2 adds its inner chunk rows."""
-        extra = {"chunk_rows": self.chunk_rows} if self.format_version != LAYOUT_CHUNK else {}
-        return {
-            **extra,
-            "format_version": self.format_version,
-            "dataset": self.dataset,
-            "content_fingerprint": self.content_fingerprint,
-            "modality": self.modality,
-            "encoder": self.encoder,
-            "pooling": self.pooling,
-            "layer_names": list(self.layer_names),
-            "dims": list(self.dims),
-            "rows": self.rows,
-            "dtype": self.dtype,
-            "shard_rows": self.shard_rows,
-        }
-
-    @property
-    def key(self) -> str:
-        if self.key_layout is not None:  # a migrated entry: the key of the layout it was written in
-            return replace(self, format_version=self.key_layout, chunk_rows=0, key_layout=None).key
-        return entry_key(self.identity())
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.identity(), "dataset": self.dataset, "key": self.key, "stratalign_version": __version__,
-                **({"key_layout": self.key_layout} if self.key_layout is not None else {})}
-
-    @classmethod
-    def from_json(cls, meta: dict[str, Any]) -> "EntrySpec":
-        return cls(dataset=meta["dataset"], content_fingerprint=meta["content_fingerprint"],
-                   modality=meta["modality"], encoder=meta["encoder"], pooling=meta["pooling"],
-                   layer_names=tuple(meta["layer_names"]), dims=tuple(meta["dims"]), rows=int(meta["rows"]),
-                   dtype=meta["dtype"], shard_rows=int(meta["shard_rows"]),
-                   format_version=int(meta.get("format_version", LAYOUT_CHUNK)), chunk_rows=int(meta.get("chunk_rows", 0)),
-                   key_layout=None if meta.get("key_layout") is None else int(meta["key_layout"]))
-
-    def twins(self) -> list["EntrySpec"]:
-        """The same content in the other layouts, newest first (an extraction reuses a complete one)."""
-        return [replace(self, format_version=f, chunk_rows=0, key_layout=None) for f in sorted(ENTRY_FORMATS, reverse=True)
-                if f != self.format_version]
+__all__ = ["DEFAULT_CHUNK_ROWS", "DEFAULT_SHARD_ROWS", "ENTRY_FORMATS", "FLOAT16_MAX", "LAYOUT_CHUNK", "LAYOUT_SHARDED",
+           "MODALITIES", "EntrySpec", "FeatureEntry", "shard_sha"]
 
 
 async def _write_chunks(arrays: list[Any], rows: slice, blocks: list[np.ndarray]) -> None:
@@ -154,7 +56,7 @@ async def _write_shard_files(arrays: list[Any], shard: int, payloads: list[bytes
                            for a, p in zip(arrays, payloads)))
 
 
-class FeatureEntry:
+class FeatureEntry(ShardedReads):
     """One entry: per-layer arrays written in whole shards, each shard with a completion marker."""
 
     def __init__(self, store: "FeatureStore", spec: EntrySpec, group: zarr.Group, key: str | None = None) -> None:
@@ -165,6 +67,8 @@ class FeatureEntry:
         self._markers: dict[int, dict] | None = None
         self._arrays: dict[int, zarr.Array] = {}  # opened once: each open reads and parses zarr.json
         self._sources: dict[int, tuple[ByteSource, ShardGeometry]] = {}  # layout 2 readers, one per layer
+        self._crc_tables: dict[int, np.ndarray] = {}  # layout 2: the crc32c the markers name per inner chunk, per layer
+        self._sha_checked: dict[int, set[int]] = {}  # shards whose whole block matched its marker's sha256, per layer
         self._seen_complete = False  # every marker was found once: a complete entry stays complete (reads skip the
         # listing of its markers, ~600 files at COCO scale); forget_shards (repair) clears it
 
@@ -188,8 +92,14 @@ class FeatureEntry:
         except FileNotFoundError:
             pass  # the missing layer is named below
         try:
-            self._arrays[layer] = self.group[name]
-            return self._arrays[layer]
+            arr = self.group[name]
+            why = self.layer_problem(layer, arr)
+            if why is not None:
+                path = self.store.loc.path(*self.folder, name, "zarr.json")
+                raise StratalignError(f"{path} does not describe layer {layer} of entry {self.key} ({why}); rewrite "
+                                      "it with `stratalign store repair`")
+            self._arrays[layer] = arr
+            return arr
         except json.JSONDecodeError as exc:
             path = self.store.loc.path(*self.folder, name, "zarr.json")
             raise StratalignError(f"corrupt JSON file {path}: {exc}") from None
@@ -197,6 +107,22 @@ class FeatureEntry:
             path = self.store.loc.path(*self.folder, name)
             raise StratalignError(f"layer {layer} of entry {self.key} is missing ({path}); re-encode it with "
                                   "`stratalign store repair`") from None
+
+    def layer_problem(self, layer: int, arr: Any) -> str | None:
+        """Why a layer's zarr.json does not describe what the entry's spec says (None when it does): its shape,
+        dtype, shard rows, and layout 2's inner chunk rows (an edited shape would otherwise pass every read)."""
+        spec, dim = self.spec, self.spec.dims[layer]
+        if not isinstance(arr, zarr.Array):
+            return "not an array"
+        sharded = spec.format_version == LAYOUT_SHARDED
+        want = {"shape": (spec.rows, dim), "dtype": spec.dtype, "shard": (spec.shard_rows, dim),
+                "chunk": (spec.chunk_rows, dim) if sharded else (spec.shard_rows, dim)}
+        got = {"shape": tuple(arr.shape), "dtype": str(arr.dtype),
+               "shard": tuple(arr.shards or arr.chunks) if sharded else tuple(arr.chunks), "chunk": tuple(arr.chunks)}
+        for what in want:
+            if got[what] != want[what]:
+                return f"{what} {got[what]}, expected {want[what]}"
+        return None
 
     def open_arrays(self) -> list[zarr.Array]:
         """Every layer's array, opened once (the writer thread does it before the first shard is ready)."""
@@ -236,6 +162,8 @@ class FeatureEntry:
                     f"{f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}; re-encode those shards with "
                     "`stratalign store repair`")
             self._markers = found
+            self._crc_tables.clear()
+            self._sha_checked.clear()
         return self._markers
 
     def read_markers(self) -> tuple[dict[int, dict], dict[int, str]]:
@@ -259,22 +187,8 @@ class FeatureEntry:
         return found, damaged
 
     def marker_problem(self, shard: int, marker: Any) -> str | None:
-        """Why a shard marker is not whole (None when it is): a sha256 per layer, its rows, bad rows inside it."""
-        if shard >= self.spec.n_shards:
-            return None  # beyond the entry: ignored, as before
-        if not isinstance(marker, dict):
-            return "not an object"
-        sha = marker.get("sha256")
-        if not isinstance(sha, list) or len(sha) != len(self.spec.dims) or not all(isinstance(h, str) for h in sha):
-            return f"no sha256 for each of its {len(self.spec.dims)} layers"
-        start, stop = self.shard_rows_range(shard)
-        if "rows" in marker and list(marker["rows"]) != [start, stop]:
-            return f"rows {marker['rows']} are not {[start, stop]}"
-        bad = marker.get("bad_rows") or []
-        if not isinstance(bad, list) or any(isinstance(r, bool) or not isinstance(r, int) or not start <= r < stop
-                                            for r in bad):
-            return f"bad_rows outside the shard's rows {start}..{stop - 1}"
-        return None
+        """Why a shard marker is not whole (None when it is): see store.shard_markers."""
+        return shard_markers.marker_problem(self.spec, shard, marker)
 
     def bad_rows(self) -> np.ndarray:
         """Sorted rows that `extract --skip-bad` encoded as blank placeholders (union over the shard markers)."""
@@ -379,48 +293,28 @@ class FeatureEntry:
                     )
             blocks.append(block.astype(spec.dtype))
         arrays = [a.async_array for a in self.open_arrays()]
+        marker: dict[str, Any] = {"shard": shard, "rows": [start, stop], "sha256": [shard_sha(b) for b in blocks],
+                                  "written_at": time.time()}
         if spec.format_version == LAYOUT_SHARDED:
-            zarr_sync(_write_shard_files(arrays, shard, [encode_shard(b, spec.shard_rows, spec.chunk_rows) for b in blocks]))
+            payloads = [encode_shard(b, spec.shard_rows, spec.chunk_rows) for b in blocks]
+            zarr_sync(_write_shard_files(arrays, shard, payloads))
+            itemsize = np.dtype(spec.dtype).itemsize
+            marker[shard_markers.CHUNK_CRCS] = [shard_markers.chunk_crcs(p, stop - start, spec.chunk_rows,
+                                                                         spec.chunk_rows * dim * itemsize + 4)
+                                                for p, dim in zip(payloads, spec.dims)]
         else:
             zarr_sync(_write_chunks(arrays, slice(start, stop), blocks))
-        marker = {"shard": shard, "rows": [start, stop], "sha256": [shard_sha(b) for b in blocks],
-                  "written_at": time.time(), **(info or {})}
+        marker.update(info or {})
         self.store.loc.write_json(marker, *self.folder, "_shards", f"{shard}.json")
         if self._markers is not None:
             self._markers[shard] = marker
 
     # ----- reading
-    def _source(self, layer: int) -> tuple[ByteSource, ShardGeometry]:
-        """Layout 2: the byte source of a layer's shard files and its geometry (opened once per entry)."""
-        if layer not in self._sources:
-            arr, loc = self.layer_array(layer), self.store.loc
-            name = f"layer_{layer:03d}"
-            opener = None
-            if loc.is_local:  # the layer folder checked once; each shard file opened without following links
-                folder = loc.path(*self.folder, name)
-                opener = functools.partial(_open_shard, folder, arr.metadata.encode_chunk_key, loc.root)
-            src = ByteSource(loc.fs, loc.is_local,
-                             lambda s: loc.path(*self.folder, name, arr.metadata.encode_chunk_key((s, 0))), opener)
-            geo = ShardGeometry(self.spec.rows, self.spec.dims[layer], self.spec.dtype, self.spec.shard_rows,
-                                self.spec.chunk_rows)
-            self._sources[layer] = (src, geo)
-        return self._sources[layer]
-
-    def _read_sharded(self, idx: int, rows: np.ndarray | None) -> np.ndarray:
-        """Layout 2: only the inner chunks holding `rows` (all when None), each checked against its crc32c."""
-        src, geo = self._source(idx)
-        try:
-            return read_rows(src, geo, rows, f"{self.key} layer {idx}")
-        except ShardCorrupt as exc:
-            raise StratalignError(f"corrupt chunk in {exc}: run `stratalign store verify`") from None
-        except FileNotFoundError as exc:
-            raise StratalignError(f"a shard file of {self.key} layer {idx} is missing ({exc.filename}): "
-                                  "run `stratalign store verify`") from None
-
     def read_layer(self, layer: int | str, rows: np.ndarray | None = None, *, verify: bool = True) -> np.ndarray:
         """One layer's features (all rows, or the given rows in their order). Layout 2 reads only the inner
         chunks holding the rows, each checked against its crc32c; layout 1 reads and decodes the whole layer and
-        checks it against the shard markers' sha256 (unless `verify` is False)."""
+        checks it against the shard markers' sha256. Either way a read returns rows only from the shard file its
+        marker names (`verify` False skips that, leaving the per-chunk crc32c: benchmarks compare the two)."""
         idx = self.resolve_layer(layer)
         pending = [] if self._seen_complete else self.pending_shards()
         if pending:
@@ -434,7 +328,7 @@ class FeatureEntry:
             if rows.size and (rows.min() < 0 or rows.max() >= self.spec.rows):
                 raise StratalignError(f"row index out of range for {self.key} ({self.spec.rows} rows)")
         if self.spec.format_version == LAYOUT_SHARDED:
-            return self._read_sharded(idx, rows)
+            return self._read_sharded(idx, rows, verify)
         try:
             data = self.layer_array(idx)[...]
         except ValueError as exc:  # zarr's checksum mismatch
@@ -472,22 +366,12 @@ class FeatureEntry:
             for layer in range(len(self.spec.dims)):
                 try:
                     block = self._shard_block(layer, s)
+                except StratalignError as exc:  # a one-line error naming the file and the fix: whole
+                    report["corrupt"].append((s, layer, str(exc)))
+                    continue
                 except Exception as exc:  # checksum mismatch, undecodable or missing metadata
-                    report["corrupt"].append((s, layer, f"{type(exc).__name__}: {str(exc)[:80]}"))
+                    report["corrupt"].append((s, layer, f"{type(exc).__name__}: {str(exc)[:200]}"))
                     continue
                 if shard_sha(block) != markers[s]["sha256"][layer]:
                     report["corrupt"].append((s, layer, "sha256 mismatch"))
         return report
-
-
-def _open_shard(folder: str, chunk_key: Callable[[tuple[int, int]], str], root: str, shard: int) -> int:
-    """A descriptor of a layout-2 shard file below its (checked) layer folder; a symlink on the way is refused in
-    one line, as Location.path refuses it."""
-    rel = chunk_key((shard, 0))
-    try:
-        return open_below(folder, rel)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise StratalignError(f"{folder}/{rel} is a symlink: refusing to follow it out of the store {root}; "
-                                  "replace the link by the file itself") from None
-        raise

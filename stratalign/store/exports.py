@@ -4,6 +4,7 @@
                                  chosen layers, pooling, feature dtype, zero-shot classes and templates, the run's
                                  config and metrics, and the sha256 of heads.safetensors
     <folder>/heads.safetensors   the run's head weights, byte for byte the run's weights file (model config inside)
+    <folder>/README.md           the model card for people (use.card.model_card_markdown); not read back
 
 JSON and safetensors only: nothing is ever unpickled. Reading checks the heads file against the card's hash.
 """
@@ -21,14 +22,18 @@ from stratalign.store.location import Location
 EXPORT_FORMAT = "stratalign-aligned-model/1"
 CARD_FILE = "model.json"
 HEADS_FILE = "heads.safetensors"
+README_FILE = "README.md"
 
 
-def write_export(folder: str | Path, card: dict[str, Any], heads: bytes) -> Path:
-    """Write heads (safetensors bytes) then the card (with the heads' sha256 and the format): the card last,
-    so a half-written export is refused by `read_export`."""
+def write_export(folder: str | Path, card: dict[str, Any], heads: bytes, readme: str | None = None) -> Path:
+    """Write heads (safetensors bytes) and the README model card, then the card (with the heads' sha256 and the
+    format): the card last, so a half-written export is refused by `read_export`. Every file goes through the
+    store's containment rule (store.location: no symlink in the folder is written through)."""
     loc = Location.from_url(str(folder))
     card = {**card, "format": EXPORT_FORMAT, "heads_sha256": hashlib.sha256(heads).hexdigest()}
     loc.write_bytes(heads, HEADS_FILE)
+    if readme is not None:
+        loc.write_bytes(readme.encode(), README_FILE)
     loc.write_bytes(json.dumps(card, indent=1, sort_keys=True).encode(), CARD_FILE)
     return Path(loc.path())
 

@@ -80,12 +80,24 @@ def _half_created(loc: Location) -> bool:
 
 class FeatureStore:
     """A stratalign store. Open an existing one with `FeatureStore.open(url, mode="r"|"a")`; create one with
-    `FeatureStore.open(url, mode="a", create=True)` (what `ingest` and `demo` do)."""
+    `FeatureStore.open(url, mode="a", create=True)` (what `ingest` and `demo` do).
+
+    A store object holds what it has read, so a command resolving many runs reads each thing once: a loaded
+    dataset (kept while its dataset.json names the same fingerprint) and the listing of features/ (dropped by
+    this object's own writes; a lookup that finds nothing in it lists features/ again, so entries another
+    process wrote since are found). `forget_held()` drops both."""
 
     def __init__(self, loc: Location, root: zarr.Group, mode: str) -> None:
         self.loc = loc
         self.root = root
         self.mode = mode
+        self._datasets: dict[str, PairDataset] = {}  # name -> its loaded tables, while its fingerprint holds
+        self._listing: list[tuple[str, FeatureEntry | None, str | None]] | None = None  # features/, as last scanned
+
+    def forget_held(self) -> None:
+        """Drop the datasets and the features/ listing this object holds (after another writer changed them)."""
+        self._datasets.clear()
+        self._listing = None
 
     @property
     def url(self) -> str:
@@ -165,15 +177,32 @@ class FeatureStore:
     def save_dataset(self, ds: PairDataset, *, replace: bool = False) -> bool:
         """Store a dataset's tables; True if written, False if the identical dataset was already there."""
         self.require_writable()
+        self._datasets.pop(ds.name, None)
         return dataset_tables.save(self.loc, ds, replace=replace)
 
+    def dataset_meta(self, name: str) -> dict[str, Any]:
+        """A dataset's dataset.json (fingerprints, sizes, classes, templates), read without decoding its tables."""
+        return dataset_tables.read_meta(self.loc, name)
+
     def dataset(self, name: str) -> PairDataset:
-        """Load a dataset; a missing dataset.json, unreadable tables or a size mismatch are one-line errors."""
-        return dataset_tables.load(self.loc, name)
+        """Load a dataset; a missing dataset.json, unreadable tables or a size mismatch are one-line errors.
+
+        Its tables are decoded once per store object and dataset version: dataset.json is read on every call, and
+        the dataset loaded before is handed out again while it names the same fingerprint (callers share it: they
+        read it, never change it)."""
+        meta = dataset_tables.read_meta(self.loc, name)
+        held = self._datasets.get(name)
+        if held is not None and meta.get("fingerprint") is not None and held.meta.get("fingerprint") == meta[
+                "fingerprint"]:
+            return held
+        ds = dataset_tables.load(self.loc, name, meta)
+        self._datasets[name] = ds
+        return ds
 
     def remove_dataset(self, name: str) -> None:
         """Remove a dataset folder (loadable or not): dataset.json first, so a crash leaves it unloadable."""
         self.require_writable()
+        self._datasets.pop(name, None)
         dataset_tables.remove(self.loc, name)
 
     # ----- feature entries
@@ -186,8 +215,11 @@ class FeatureStore:
         return self.loc.exists("features", key, "zarr.json")
 
     def entry_folder(self, key: str) -> str:
-        """The key, validated, of an existing entry folder (readable or not); a one-line error otherwise."""
+        """The key, validated, of an existing entry folder (readable or not, or a symlink in its place); a one-line
+        error otherwise."""
         validate_key(key, "entry key")
+        if self.loc.link_target("features", key) is not None:
+            return key
         if not self.loc.isdir("features", key):
             raise StratalignError(f"no feature entry {key!r} in {self.url}")
         return key
@@ -195,6 +227,10 @@ class FeatureStore:
     def entry(self, key: str) -> FeatureEntry:
         """The readable entry in features/<key>; a one-line error says why it is not one."""
         self.entry_folder(key)
+        linked = self.loc.link_target("features", key)
+        if linked is not None:
+            raise StratalignError(f"features/{key} in {self.url} is a symlink (to {linked}): a store keeps no links; "
+                                  f"replace it by the folder itself, or remove the link with `stratalign store rm {key}`")
         if not self.loc.exists("features", key, "zarr.json"):
             raise StratalignError(f"features/{key} in {self.url} has no zarr.json (entry metadata missing)")
         node = self.loc.read_json("features", key, "zarr.json")
@@ -218,18 +254,23 @@ class FeatureStore:
         return FeatureEntry(self, spec, group, key)
 
     def scan_entries(self) -> list[tuple[str, FeatureEntry | None, str | None]]:
-        """(key, entry, None) for each readable entry folder, (key, None, why) for each broken one."""
+        """(key, entry, None) for each readable entry folder, (key, None, why) for each broken one and each symlink
+        in features/ (reported, never followed nor skipped): features/ listed afresh (what verify, repair and
+        `store ls` read), and held as this object's listing."""
         out: list[tuple[str, FeatureEntry | None, str | None]] = []
-        for key in self.entry_folders():
+        for key in sorted(self.entry_folders() + self.loc.linked("features")):
             try:
                 out.append((key, self.entry(key), None))
             except StratalignError as exc:
                 out.append((key, None, str(exc)))
+        self._listing = out
         return out
 
-    def entries(self) -> Iterator[FeatureEntry]:
-        """The readable entries (broken ones are listed by `scan_entries` and `store verify`)."""
-        for _, entry, _ in self.scan_entries():
+    def entries(self, *, fresh: bool = False) -> Iterator[FeatureEntry]:
+        """The readable entries (broken ones are listed by `scan_entries` and `store verify`), from the listing this
+        object holds (features/ is scanned on first use, after this object's writes, or when `fresh`)."""
+        listing = self._listing if self._listing is not None and not fresh else self.scan_entries()
+        for _, entry, _ in listing:
             if entry is not None:
                 yield entry
 
@@ -254,10 +295,13 @@ class FeatureStore:
         Creating 17 arrays through zarr took ~0.1 s (its async round trips per array), the first batch's
         whole forward pass for a small model; the copies take a few ms."""
         self.require_writable()
+        self._listing = None
         twin = self.reusable_twin(spec)
         if twin is not None:
             return twin
         key = spec.key
+        for sub in ("_shards", "_claims", *(f"layer_{i:03d}" for i in range(len(spec.dims)))):
+            self.loc.refuse_links("features", key, sub)  # zarr would write through a link: refused before any work
         for parts in (("features",), ("features", key), *(("features", key, f"layer_{i:03d}") for i in
                                                            range(len(spec.dims)))):
             if self.loc.exists(*parts, "zarr.json"):  # a corrupt metadata file is named, not a JSONDecodeError
@@ -300,22 +344,25 @@ class FeatureStore:
 
     def complete_entries(self, dataset: str, encoder: str, pooling: str | None = None,
                          modality: str | None = None) -> list[FeatureEntry]:
-        """Every complete entry of (dataset, encoder spec[, pooling]) matching the dataset's current content."""
-        ds_meta = self.dataset(dataset).meta
-        matches = [
-            e for e in self.entries()
-            if e.spec.dataset == dataset and e.spec.encoder_spec == encoder
-            and (pooling is None or e.spec.pooling == pooling)
-            and (modality is None or e.spec.modality == modality)
-            and e.spec.content_fingerprint == ds_meta["content_fingerprint"]
-        ]
+        """Every complete entry of (dataset, encoder spec[, pooling]) matching the dataset's current content (its
+        fingerprint read from dataset.json; the entries from the listing this object holds, listed again when it
+        holds none that is complete)."""
+        content = self.dataset_meta(dataset).get("content_fingerprint")
+        for fresh in (False, True)[:1 + (self._listing is not None)]:  # held: listed again if it has none complete
+            matches = [e for e in self.entries(fresh=fresh)
+                       if e.spec.dataset == dataset and e.spec.encoder_spec == encoder
+                       and (pooling is None or e.spec.pooling == pooling)
+                       and (modality is None or e.spec.modality == modality)
+                       and e.spec.content_fingerprint == content]
+            complete = [e for e in matches if e.is_complete()]
+            if complete:
+                break
         hint = f"stratalign extract --dataset {dataset} --encoder {encoder}"
         if not matches and modality is not None:
-            _refuse_other_modality(self, dataset, encoder, modality, ds_meta["content_fingerprint"])
+            _refuse_other_modality(self, dataset, encoder, modality, content)
         if not matches:
             raise StratalignError(f"no features of {encoder} for dataset {dataset!r}"
                                   f"{f' with pooling {pooling}' if pooling else ''}; run: {hint}")
-        complete = [e for e in matches if e.is_complete()]
         if not complete:
             raise StratalignError(f"features of {encoder} for {dataset!r} are incomplete; finish them with: {hint}")
         complete.sort(key=lambda e: -e.spec.format_version)  # the newest layout first (stable: key order otherwise)
@@ -338,13 +385,18 @@ class FeatureStore:
         """Remove an entry folder, readable or not (the key is validated: no path escapes)."""
         self.require_writable()
         self.entry_folder(key)
+        self._listing = None
+        if self.loc.link_target("features", key) is not None:
+            self.loc.unlink("features", key)  # the link, never what it points to
+            return
         self.loc.remove("features", key, recursive=True)
 
     def entry_table(self) -> pl.DataFrame:
         """One row per entry folder, broken ones included: what `stratalign store ls` shows."""
         rows = []
         for key, e, why in self.scan_entries():
-            row: dict[str, Any] = {"key": key, "bytes": self.loc.size("features", key)}
+            linked = self.loc.link_target("features", key) is not None
+            row: dict[str, Any] = {"key": key, "bytes": 0 if linked else self.loc.size("features", key)}
             if e is not None:
                 try:
                     row["shards"] = f"{len(e.done_shards())}/{e.spec.n_shards}"

@@ -1,4 +1,4 @@
-"""Cached kNN graphs of clip+structure-knn (METHOD 3.3: built once per subset), kept in the store.
+"""Cached kNN graphs of clip+structure-knn (docs/method.md § 3.3: built once per subset), kept in the store.
 
     graphs/<key>.safetensors   int64 "image" and "text" (n_train, k) graphs over the subset's training rows
 

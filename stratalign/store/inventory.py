@@ -70,7 +70,7 @@ def _safetensors_meta(store: FeatureStore, *parts: str) -> dict[str, str]:
 
 
 def _datasets_and_entries(store: FeatureStore) -> tuple[list[Artifact], dict[str, Any]]:
-    out, live = [], {}
+    out, live = _linked(store, "datasets", "dataset"), {}
     fingerprints = {}
     for name in store.dataset_folders():
         meta = _json(store, "datasets", name, "dataset.json")
@@ -90,12 +90,29 @@ def _datasets_and_entries(store: FeatureStore) -> tuple[list[Artifact], dict[str
             live[key] = entry
         else:
             detail = f"broken: {why}"
+        linked = store.loc.link_target("features", key)
+        if linked is not None:
+            out.append(Artifact("entry", key, ("features", key), 0, f"a symlink to {linked}", _link(linked), True))
+            continue
         out.append(Artifact("entry", key, ("features", key), store.loc.size("features", key), detail, orphan, True))
     return out, live
 
 
-def _runs(store: FeatureStore, entries: set[str], datasets: set[str]) -> list[Artifact]:
+def _link(target: str) -> str:
+    return f"a symlink to {target} (a store keeps no links: `store rm` removes the link, never its target)"
+
+
+def _linked(store: FeatureStore, folder: str, kind: str) -> list[Artifact]:
+    """Symlinks in place of dataset or run folders: reported as orphans (what they point to is not the store's)."""
     out = []
+    for name in store.loc.linked(folder):
+        target = store.loc.link_target(folder, name) or "?"
+        out.append(Artifact(kind, name, (folder, name), 0, f"a symlink to {target}", _link(target), True))
+    return out
+
+
+def _runs(store: FeatureStore, entries: set[str], datasets: set[str]) -> list[Artifact]:
+    out = _linked(store, "runs", "run")
     for rid in store.loc.listdirs("runs"):
         files = _files(store, "runs", rid)
         cfg = _json(store, "runs", rid, "config.json")
@@ -187,9 +204,11 @@ def find(store: FeatureStore, kind: str, name: str) -> Artifact:
 
 
 def remove(store: FeatureStore, artifact: Artifact) -> None:
-    """Remove one artifact (a folder with everything in it, or one file)."""
+    """Remove one artifact (a folder with everything in it, or one file; a symlink itself, never its target)."""
     store.require_writable()
-    if artifact.kind == "dataset":
+    if store.loc.link_target(*artifact.parts) is not None:
+        store.loc.unlink(*artifact.parts)
+    elif artifact.kind == "dataset":
         store.remove_dataset(artifact.name)
     elif artifact.kind == "entry":
         store.remove_entry(artifact.name)

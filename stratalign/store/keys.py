@@ -78,10 +78,15 @@ def _hash_json_array(h: Any, batches: Iterable[Sequence[tuple]]) -> None:
     h.update(b"]")
 
 
-def dataset_fingerprint(content: str, splits: list[str], labels: list[str | None]) -> str:
-    """A dataset version: its content fingerprint plus the split and label of each image. Frozen v1 recipe:
-    compact, sorted, full length."""
-    return content_hash({"content": content, "split": splits, "label": labels})
+def dataset_fingerprint(content: str, splits: list[str], labels: list[str | None],
+                        templates: list[str] | None = None) -> str:
+    """A dataset version: its content fingerprint plus the split and label of each image, and its zero-shot
+    templates when they are not its source's default ones (None: the recipe, hence the fingerprint, of every
+    dataset ingested before templates could be set). Frozen v1 recipe: compact, sorted, full length."""
+    parts: dict[str, Any] = {"content": content, "split": splits, "label": labels}
+    if templates is not None:
+        parts["templates"] = list(templates)
+    return content_hash(parts)
 
 
 def run_id_of(config: dict[str, Any]) -> str:

@@ -1,6 +1,8 @@
 """Layer-similarity results and layer choices, kept in the store beside the features.
 
-    layers/<key>.json      matrices of one (dataset, vision entry, text entry, n, seed, k) with their settings
+    layers/<key>.json      matrices of one (dataset, vision entry, text entry, n, seed, k) with their settings, and
+                           (under "calibration", when `layers` computed it) their permutation null: K and its seed,
+                           per metric the null mean and sd, calibrated scores, p-values and family-wise p-values
     layers/<key>.png       the heatmap
     choices/<dataset>--<vision>--<text>.json   the (vision layer, text layer) that `train --layers auto` uses
 """

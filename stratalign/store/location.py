@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, Callable
 import fsspec
 
 from stratalign.errors import StratalignError
+from stratalign.store.containment import escape
 
 DEFAULT_STORE = "./stratalign-store"
 STORE_ENV = "STRATALIGN_STORE"
@@ -67,8 +68,8 @@ class Location:
             return self.root
         target = "/".join([self.root.rstrip("/"), *parts])
         if self.is_local:
-            real, root = os.path.realpath(target), self._real_root
-            if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            real = escape(target, self.root, real_root=self._real_root)
+            if real is not None:
                 raise StratalignError(f"{target} leads outside the store {self.root} (a symlink to {real}); "
                                       "refusing to follow it: replace the link by the folder itself")
         return target
@@ -147,6 +148,42 @@ class Location:
             return []
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(base, detail=True)
                       if e.get("type") == "directory")
+
+    def link_target(self, *parts: str) -> str | None:
+        """Where the symlink at this path points (None when it is not one, or the store is not on a local disk).
+        A store keeps no links: `store verify` and `store ls` report them, writes refuse them (`refuse_links`)."""
+        if not self.is_local or not parts:
+            return None
+        target = "/".join([self.root.rstrip("/"), *parts])
+        return os.readlink(target) if os.path.islink(target) else None
+
+    def linked(self, *parts: str) -> list[str]:
+        """Names of the children of a folder that are symlinks (local stores; `listdirs` leaves them out)."""
+        if not self.is_local:
+            return []
+        folder = "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            return []
+        return sorted(e.name for e in os.scandir(folder) if e.is_symlink())
+
+    def unlink(self, *parts: str) -> None:
+        """Remove the symlink at this path itself, never what it points to (local stores)."""
+        os.unlink("/".join([self.root.rstrip("/"), *parts]))
+
+    def refuse_links(self, *parts: str) -> None:
+        """A one-line error when any existing folder or file on the way from the root (which may itself be a link)
+        to root/parts is a symlink: what a command calls before its work, so that it never does it all and then
+        refuses to write it."""
+        if not self.is_local:
+            return
+        here = self.root.rstrip("/") or "/"
+        steps = ["/".join([here, *parts[:i + 1]]) for i in range(len(parts))]
+        for path in steps:
+            if os.path.islink(path):
+                raise StratalignError(f"{path} is a symlink (to {os.readlink(path)}): refusing to write through it; "
+                                      "replace the link by the folder itself, or remove it")
+            if not os.path.exists(path):
+                return
 
     def isdir(self, *parts: str) -> bool:
         return bool(self.fs.isdir(self.path(*parts)))

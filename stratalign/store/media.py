@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import posixpath
 
 import fsspec
 from PIL import Image
 
 from stratalign.errors import StratalignError
+from stratalign.store.containment import outside_roots  # noqa: F401  (its old home)
 
 
 class BadItem(StratalignError):
@@ -66,29 +65,3 @@ def load_image_or_blank(path: str, expected_sha: str | None, *, row: int, image_
         if not skip_bad:
             raise
         return Image.new("RGB", (32, 32), (255, 255, 255)), True
-
-
-def outside_roots(path: str, relpath: str, roots: list[str]) -> bool:
-    """Is an image path of a dataset table outside the dataset's declared image roots? A path must be one of
-    the roots joined with its relative path, and that relative path must stay inside (no '..', not absolute),
-    unless the table named the file by its absolute path or URL (relpath == path) in a folder the roots declare
-    ('abs:<folder>', recorded at ingest) or the roots allow any ('*': tables ingested before folders were
-    recorded). A tar member (tar://<member>::<shard>) must be of a declared shard ('tar:<shard>')."""
-    if path.startswith("tar://"):  # a member of a tar shard: tar://<member>::<shard>
-        member, sep, shard = path.removeprefix("tar://").partition("::")
-        return not (sep and f"tar:{shard}" in roots and ".." not in member.split("/"))
-    if "://" in relpath or relpath.startswith("/"):
-        if path != relpath or ".." in relpath.replace("\\", "/").split("/"):
-            return True
-        folder = posixpath.dirname(relpath)
-        return not ("*" in roots or f"abs:{folder}" in roots)
-    parts = relpath.replace("\\", "/").split("/")
-    if ".." in parts:
-        return True
-    for root in roots:
-        if root == "*":
-            continue
-        joined = f"{root.rstrip('/')}/{relpath}" if "://" in root else os.path.join(root, relpath)
-        if path == joined or os.path.normpath(path) == os.path.normpath(joined):
-            return False
-    return True

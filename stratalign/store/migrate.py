@@ -7,7 +7,8 @@ of its own), shard by shard from the old one, each old shard checked against its
 is then read back and every shard of every layer compared (sha256 of the values) with the marker of the old
 one; only then are the two folders swapped in one atomic rename (Linux renameat2 RENAME_EXCHANGE; elsewhere
 two renames, which the next `store migrate` completes or undoes), and the old copy, now in `_migrate/`,
-removed. The original shard markers are kept verbatim (their checksums are of the values, not the layout).
+removed. The original shard markers are kept verbatim (their checksums are of the values, not the layout), with the
+crc32c of the new shard files' inner chunks added (what a layout-2 read checks, store.shard_markers).
 Local stores only: object stores have no rename (copy the store locally, migrate, sync it back).
 """
 
@@ -24,6 +25,7 @@ from typing import Callable
 from stratalign.errors import StratalignError
 from stratalign.store.entry import LAYOUT_CHUNK, LAYOUT_SHARDED, FeatureEntry, shard_sha
 from stratalign.store.feature_store import FeatureStore
+from stratalign.store.shard_markers import CHUNK_CRCS
 
 STAGING = "_migrate"
 VERIFIED = "verified"  # written in the staging folder once the copy equals the entry; the swap may then happen
@@ -100,8 +102,7 @@ def _copy(entry: FeatureEntry, staging: str, progress: Callable[[int, int], None
         if bad:
             raise StratalignError(f"shard {s} of {entry.key} layers {bad} do not match their checksums: not migrated "
                                   "(run `stratalign store repair` first)")
-        copy.write_shard(s, blocks)
-        target.loc.write_json(markers[s], "features", entry.key, "_shards", f"{s}.json")
+        copy.write_shard(s, blocks, markers[s])  # the marker verbatim, plus the chunk crc32c of the new files
         if progress:
             progress(s + 1, spec.n_shards)
     return copy
@@ -111,7 +112,8 @@ def _check_copy(entry: FeatureEntry, staging: str) -> None:
     """Read the copy back from disk: every shard of every layer must hash to the original marker's sha256."""
     copy = FeatureStore.open(staging, "r").entry(entry.key)
     markers = entry.markers()
-    if copy.markers(refresh=True) != markers:
+    copied = {s: {k: v for k, v in m.items() if k != CHUNK_CRCS} for s, m in copy.markers(refresh=True).items()}
+    if copied != markers:
         raise StratalignError(f"the layout-2 copy of {entry.key} has other shard markers: not migrated")
     for s in range(entry.spec.n_shards):
         for layer in range(len(entry.spec.dims)):
@@ -170,4 +172,5 @@ def migrate_store(store: FeatureStore, keys: tuple[str, ...] = (), *, dry_run: b
             out.append(Migration(key, "skipped", str(exc)))
     if not dry_run and os.path.isdir(store.loc.path(STAGING)) and not os.listdir(store.loc.path(STAGING)):
         os.rmdir(store.loc.path(STAGING))
+    store.forget_held()  # entries were swapped in under their keys: the held listing names the old ones
     return recovered, out

@@ -6,7 +6,7 @@
     runs/<run id>/eval-<dataset>.json  evaluation on another dataset (records that dataset's fingerprint)
     runs/<run id>/queries.safetensors  per-query results on its own test split (hits per image / caption),
                                        for paired comparisons; recomputable from the weights
-    runs/<run id>/tuning-<key>.json    a grid this run was chosen from on validation (METHOD 3.7): every point's
+    runs/<run id>/tuning-<key>.json    a grid this run was chosen from on validation (docs/method.md § 3.9): every point's
                                        run id and validation value; key = hash of the points' run ids
 
 A run id is a hash of its config, so re-running an identical cell finds it done and skips it.
@@ -49,7 +49,13 @@ class RunRegistry:
         self.loc = store.loc
 
     def ids(self) -> list[str]:
-        return self.loc.listdir("runs")
+        """Every run folder's id (a symlink in runs/ is not a run: `linked` lists those)."""
+        linked = set(self.linked())
+        return [n for n in self.loc.listdir("runs") if n not in linked]
+
+    def linked(self) -> list[str]:
+        """Names in runs/ that are symlinks (reported by `store verify` and `store ls`, removed by `runs rm`)."""
+        return self.loc.linked("runs")
 
     def is_done(self, run_id: str) -> bool:
         validate_key(run_id, "run id")
@@ -163,7 +169,7 @@ class RunRegistry:
         """Keep the grid a run was chosen from beside it (idempotent: the same grid writes the same file)."""
         self.store.require_writable()
         validate_key(run_id, "run id")
-        key = tuning_key([p["run_id"] for p in record["grid"]])
+        key = tuning_key([rid for p in record["grid"] for rid in p.get("run_ids", [p["run_id"]])])
         self.loc.write_json(record, "runs", run_id, f"tuning-{key}.json")
         return self.loc.path("runs", run_id, f"tuning-{key}.json")
 
@@ -187,15 +193,18 @@ class RunRegistry:
         self.loc.write_json(metrics, "runs", run_id, "metrics.json")
 
     def resolve(self, run: str) -> str:
-        """A full run id or a unique prefix of one."""
-        ids = self.ids()
+        """A full run id or a unique prefix of one (a symlink's name too, so that `runs rm` can remove it)."""
+        ids = self.ids() + self.linked()
         if run in ids:
             return run
         hits = [i for i in ids if i.startswith(run)]
         if len(hits) == 1:
             return hits[0]
-        raise StratalignError(f"run {run!r} is {'ambiguous' if hits else 'unknown'} in {self.store.url}"
-                              f"{': ' + ', '.join(hits[:5]) if hits else ''}")
+        if hits:
+            more = f" and {len(hits) - 10} more" if len(hits) > 10 else ""
+            raise StratalignError(f"run {run!r} is ambiguous in {self.store.url}: {len(hits)} runs start with it "
+                                  f"({', '.join(sorted(hits)[:10])}{more}); give more of the id")
+        raise StratalignError(f"run {run!r} is unknown in {self.store.url}; see `stratalign runs ls`")
 
     def table(self) -> pl.DataFrame:
         """One row per finished run, flattening config and headline metrics (for `runs ls` and sweeps)."""

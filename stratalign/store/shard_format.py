@@ -142,7 +142,12 @@ class ByteSource:
                 out[:] = np.frombuffer(blob, dtype=np.uint8)
             return
         for s, a, out in zip(shards, starts, outs):
-            got = os.preadv(self._fd(s), [out], a)
+            try:
+                got = os.preadv(self._fd(s), [out], a)
+            except OSError as exc:
+                if exc.filename is None:
+                    raise OSError(exc.errno, exc.strerror, self.path(s)) from None
+                raise
             if got != out.size:
                 raise ShardCorrupt(f"short read of {got} bytes from {self.path(s)}, expected {out.size}")
 
@@ -164,16 +169,23 @@ def _indexes(src: ByteSource, geo: ShardGeometry, shards: list[int], where: str)
     """The (len(shards), chunks_per_shard, 2) offsets and sizes of the shards' inner chunks, crc32c-checked."""
     n_idx = index_nbytes(geo.chunks_per_shard)
     raw = np.empty((len(shards), n_idx), dtype=np.uint8)
-    src.read_into(shards, [size - n_idx for size in src.sizes(shards)], list(raw))
+    sizes = src.sizes(shards)
+    for s, size in zip(shards, sizes):
+        if size < n_idx:  # a truncated or zero-byte file: named (pread at a negative offset said "Invalid argument")
+            raise ShardCorrupt(f"{where} shard {s}: {src.path(s)} holds {size} bytes, less than its index")
+    src.read_into(shards, [size - n_idx for size in sizes], list(raw))
     ok = _crc_ok(raw)
     if not ok.all():
         raise ShardCorrupt(f"{where} shard {shards[int(np.argmin(ok))]}: shard index fails its crc32c")
     return raw[:, :-4].view("<u8").reshape(len(shards), geo.chunks_per_shard, 2)
 
 
-def read_rows(src: ByteSource, geo: ShardGeometry, rows: np.ndarray | None, where: str) -> np.ndarray:
+def read_rows(src: ByteSource, geo: ShardGeometry, rows: np.ndarray | None, where: str,
+              expect: np.ndarray | None = None) -> np.ndarray:
     """Rows (any order, repeats allowed; None: all) of one layer, reading only the index and the inner chunks
-    that hold them, every chunk read checked against its crc32c. Raises ShardCorrupt on damage."""
+    that hold them, every chunk read checked against its crc32c and, with `expect` ((shards, chunks per shard)
+    crc32c as uint64, values above 2**32-1 unknown), that crc32c against the one expected at its place: the chunk
+    is the one named there, not a whole chunk from another shard file. Raises ShardCorrupt on damage."""
     uniq, inverse = (np.arange(geo.rows), None) if rows is None else np.unique(rows, return_inverse=True)
     if uniq.size == 0:
         return np.empty((0, geo.dim), dtype=geo.dtype)
@@ -201,6 +213,14 @@ def read_rows(src: ByteSource, geo: ShardGeometry, rows: np.ndarray | None, wher
         c = int(chunk_ids[np.argmin(ok)])
         raise ShardCorrupt(f"{where} shard {c // geo.chunks_per_shard}: inner chunk {c % geo.chunks_per_shard} "
                            "fails its crc32c")
+    if expect is not None:
+        want = expect[shard_of, chunk_ids % geo.chunks_per_shard]
+        stored = np.ascontiguousarray(chunks[:, -4:]).view("<u4").ravel()
+        wrong = (want <= 0xFFFFFFFF) & (want != stored)
+        if wrong.any():
+            c = int(chunk_ids[np.argmax(wrong)])
+            raise ShardCorrupt(f"{where} shard {c // geo.chunks_per_shard}: inner chunk {c % geo.chunks_per_shard} is "
+                               "not the one its shard marker names (a shard file copied or moved from elsewhere?)")
     values = chunks[:, :-4].view(np.dtype(geo.dtype).newbyteorder("<")).reshape(len(chunk_ids), geo.chunk_rows, geo.dim)
     if rows is None:  # one copy, into an array padded to whole chunks
         out = np.empty((len(chunk_ids) * geo.chunk_rows, geo.dim), dtype=geo.dtype)

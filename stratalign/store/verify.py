@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stratalign.errors import StratalignError
-from stratalign.store import graphs, layer_results, prompt_cache
+from stratalign.store import extract_records, graphs, layer_results, prompt_cache
 from stratalign.store.claims import store_claims
 from stratalign.store.feature_store import FeatureStore
+from stratalign.store.keys import choice_name
 from stratalign.store.migrate import STAGING
 from stratalign.store.runs import RunRegistry
 
@@ -62,9 +63,15 @@ class VerifyReport:
         return self.problems == 0
 
 
+def _link_line(store: FeatureStore, folder: str, name: str, fix: str) -> str:
+    return (f"{folder}/{name} is a symlink (to {store.loc.link_target(folder, name)}): a store keeps no links; replace "
+            f"it by the folder itself, or remove the link with {fix}")
+
+
 def verify_datasets(store: FeatureStore) -> list[Finding]:
-    """Load every dataset folder (tables, sizes, metadata): one finding each."""
-    out = []
+    """Load every dataset folder (tables, sizes, metadata): one finding each; a symlink in datasets/ is broken."""
+    out = [Finding("dataset", "broken", name, _link_line(store, "datasets", name, "`stratalign store rm --orphans`"))
+           for name in store.loc.linked("datasets")]
     for name in store.dataset_folders():
         try:
             ds = store.dataset(name)
@@ -106,9 +113,33 @@ def verify_entries(store: FeatureStore) -> list[Finding]:
     return out
 
 
+def verify_references(store: FeatureStore) -> list[Finding]:
+    """Datasets that entries or finished runs were made from but whose folder is gone (train and eval need them)."""
+    present = set(store.dataset_folders())
+    users: dict[str, list[str]] = {}
+    for _, entry, _ in store.scan_entries():
+        if entry is not None and entry.spec.dataset not in present:
+            users.setdefault(entry.spec.dataset, []).append(f"entry {entry.key}")
+    registry = RunRegistry(store)
+    for rid in registry.ids():
+        try:
+            config = store.loc.read_json("runs", rid, "config.json") if registry.is_done(rid) else None
+        except StratalignError:
+            continue  # verify_runs names it
+        if isinstance(config, dict) and isinstance(config.get("dataset"), str) and config["dataset"] not in present:
+            users.setdefault(config["dataset"], []).append(f"run {rid}")
+    return [Finding("dataset", "broken", name, f"missing: its folder datasets/{name} is gone but {len(named)} "
+                    f"artifact(s) were made from it ({', '.join(named[:3])}{' ...' if len(named) > 3 else ''}); ingest "
+                    f"it again under the name {name}, or remove them with `stratalign store rm --orphans`")
+            for name, named in sorted(users.items())]
+
+
 def verify_runs(store: FeatureStore) -> list[Finding]:
-    """Read back every finished run: config, weights, metrics, evaluations on other datasets, per-query results."""
-    registry, out = RunRegistry(store), []
+    """Read back every finished run: config, weights, metrics, evaluations on other datasets, per-query results;
+    a symlink in runs/ is broken."""
+    registry = RunRegistry(store)
+    out = [Finding("run", "broken", rid, _link_line(store, "runs", rid, f"`stratalign runs rm {rid}`"))
+           for rid in registry.linked()]
     for rid in registry.ids():
         if not registry.is_done(rid):
             continue  # an unfinished run (no metrics.json) is trained again by the next `train`
@@ -147,6 +178,10 @@ def _check_file(store: FeatureStore, folder: str, name: str) -> str | None:
             why = layer_results.choice_problem(loc.read_json(folder, name))
             if why:
                 return f"{why}: record it again with `stratalign layers ... --choose best`"
+        elif folder == extract_records.FOLDER:
+            why = _check_record(loc.read_json(folder, name))
+            if why:
+                return f"{why}: delete it (the next extract loads the model once and writes it again)"
     except ValueError as exc:
         return f"{exc}: delete it, it is computed again when needed"
     except StratalignError as exc:
@@ -154,16 +189,54 @@ def _check_file(store: FeatureStore, folder: str, name: str) -> str | None:
     return None
 
 
-CACHE_FILES = {"prompts": ".safetensors", "graphs": ".safetensors", "layers": ".json", "choices": ".json"}
+CACHE_FILES = {"prompts": ".safetensors", "graphs": ".safetensors", "layers": ".json", "choices": ".json",
+               extract_records.FOLDER: ".json"}
+
+
+def _layer_counts(store: FeatureStore) -> dict[str, tuple[int, int]]:
+    """choices file name -> the most layers of the image and text entries of its (dataset, vision, text)."""
+    image: dict[tuple[str, str], int] = {}
+    text: dict[tuple[str, str], int] = {}
+    for entry in store.entries():
+        side = image if entry.spec.modality == "image" else text
+        where = (entry.spec.dataset, entry.spec.encoder_spec)
+        side[where] = max(side.get(where, 0), len(entry.spec.dims))
+    return {choice_name(ds, v, t): (nv, nt) for (ds, v), nv in image.items() for (dt, t), nt in text.items() if dt == ds}
+
+
+def _check_choice_range(name: str, choice: object, counts: dict[str, tuple[int, int]]) -> str | None:
+    """Why a whole choice names layers its entries do not have (None when they have them, or there are none)."""
+    if name not in counts or not isinstance(choice, dict):
+        return None
+    nv, nt = counts[name]
+    v, t = choice.get("vision_layer"), choice.get("text_layer")
+    if isinstance(v, int) and isinstance(t, int) and (v >= nv or t >= nt):
+        return (f"names layers {v},{t} but the entries have {nv} and {nt}: record it again with `stratalign layers ... "
+                "--choose best`")
+    return None
+
+
+def _check_record(record: object) -> str | None:
+    """Why an extraction record is unusable (None when whole): what stages.extract.skip reads of it."""
+    if not isinstance(record, dict) or not isinstance(record.get("request"), dict) or "identity" not in record:
+        return "not an extraction record (request, identity, entries)"
+    entries = record.get("entries")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
+        return "its entries are not a list of entry keys"
+    return None
 
 
 def verify_files(store: FeatureStore) -> list[Finding]:
-    """Every prompt cache, kNN graph, layer result and layer choice file: a finding for each damaged one."""
+    """Every prompt cache, kNN graph, layer result, layer choice and extraction record file: a finding for each
+    damaged one (a choice naming layers its entries lack included)."""
     out = []
+    counts = _layer_counts(store)
     for folder, suffix in CACHE_FILES.items():
         for name in store.loc.listdir(folder):
             if name.endswith(suffix) and ".tmp-" not in name:
                 why = _check_file(store, folder, name)
+                if why is None and folder == "choices":
+                    why = _check_choice_range(name, store.loc.read_json(folder, name), counts)
                 if why is not None:
                     out.append(Finding("file", "broken", f"{folder}/{name}", why))
     return out
@@ -181,9 +254,18 @@ def verify_migrations(store: FeatureStore) -> list[Finding]:
                     "`stratalign store migrate` to finish or undo it") for key in store.loc.listdirs(STAGING)]
 
 
+REPAIR_STAGING = "_repair"  # stages.repair's temporary place (a killed repair leaves it; the entry is untouched)
+
+
+def verify_repairs(store: FeatureStore) -> list[Finding]:
+    """What a killed `store repair` left in _repair/ (its entry may still be damaged: the next repair finishes it)."""
+    return [Finding("entry", "broken", key, f"an interrupted `store repair` left {REPAIR_STAGING}/{key}: run "
+                    "`stratalign store repair` again") for key in store.loc.listdirs(REPAIR_STAGING)]
+
+
 def verify_store(store: FeatureStore) -> VerifyReport:
     """Every dataset, entry and run per-query file of the store, checked, and its claims listed (see the module
     docstring)."""
     return VerifyReport(url=store.url, findings=tuple(
-        verify_datasets(store) + verify_entries(store) + verify_migrations(store) + verify_runs(store)
-        + verify_files(store) + verify_claims(store)))
+        verify_datasets(store) + verify_references(store) + verify_entries(store) + verify_migrations(store)
+        + verify_repairs(store) + verify_runs(store) + verify_files(store) + verify_claims(store)))

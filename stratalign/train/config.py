@@ -5,27 +5,43 @@ Objective and head names are checked against the objective registry (stratalign.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from torch import nn
 
 from stratalign.core import losses
 from stratalign.core.heads import CSA_SIMILARITIES
-from stratalign.core.objectives import HEADS, Selection, objective_named, settings_objective
+from stratalign.core.objectives import HEADS, Selection, Training, objective_named, settings_objective
 from stratalign.errors import StratalignError
 from stratalign.train.validation import check_select
 
-# Knobs whose default is the objective's (core.objectives: Objective.defaults). Left None, they resolve to the
-# objective's default, or, for an objective without one, to the value every older run recorded: so runs of
-# the objectives that do not read a knob keep their settings, and their run ids, byte for byte.
-UNREAD_VALUES: dict[str, Any] = {"beta": 0.01, "vib_scale": 1.0, "csa_ridge": 1e-3, "csa_k": 0,
-                                 "csa_similarity": "cosine", "comm_final_norm": False, "select": "clip_loss"}
-# Knobs added after runs were recorded: left out of the recorded settings at these values (older run ids
-# stay valid) and read back as these values when a record lacks them (an older run means what it meant).
-# `select`: runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss.
-ADDED_KNOBS: dict[str, Any] = {"csa_k": 0, "csa_similarity": "cosine", "comm_final_norm": False,
-                               "select": "clip_loss"}
+# The fields of the first recorded settings (every run id before the first knob was added hashes exactly these).
+# Frozen history, never edited: a field added since must say, where it is declared, what its absence meant
+# (`knob(..., absent=...)`), or importing this module fails; so a new knob cannot silently change old run ids.
+FIRST_RECORDED = frozenset((
+    "objective", "head", "head_options", "dim", "lr", "betas", "weight_decay", "batch_size", "max_steps", "patience",
+    "eval_every", "tau", "lam", "warmup_steps", "warmup_fraction", "levels", "weighting", "centering", "js", "knn_k",
+    "beta", "vib_scale", "vib_symmetric", "comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise",
+    "csa_ridge", "csa_refine_steps", "csa_refine_lr", "seed", "device", "amp"))
+
+
+def knob(default: Any = None, *, unread: Any = MISSING, absent: Any = MISSING) -> Any:
+    """A TrainConfig field declaring what keeps run ids stable for it.
+
+    unread: the knob's default is its objective's (core.objectives: Objective.defaults); left None it resolves
+    to that, or, for an objective without one, to `unread`, the value every older run recorded (so runs of the
+    objectives that do not read it keep their settings, and their ids, byte for byte).
+    absent: the knob was added after runs were recorded; it is left out of the recorded settings while it holds
+    this value (older run ids stay valid) and a record that lacks it reads as this value (an older run means what
+    it meant)."""
+    meta = {k: v for k, v in (("unread", unread), ("absent", absent)) if v is not MISSING}
+    return field(default=default, metadata=meta)
+# The candidate checkpoints (docs/method.md § 3.8). "all": every evaluation step, for every objective (since 2026-12-06).
+# "after_warmup": the rule of older runs, no candidate before the warm-up ends (and an extra evaluation at its end).
+# Only runs with a warm-up differ between the two, so only they record it; a record without it is an older run.
+CANDIDATES = ("all", "after_warmup")
+LEGACY_CANDIDATES = "after_warmup"
 
 
 @dataclass
@@ -36,11 +52,18 @@ class TrainConfig:
     applies to the structure objectives (the lambda of 3.2 step 5). `patience` and `eval_every` are
     in optimiser steps; patience only counts from the first candidate checkpoint.
     The knobs that default to None (beta, vib_scale, csa_*, comm_final_norm) take the objective's default
-    when the config is made (see UNREAD_VALUES); `to_dict` / `from_dict` are the recorded form.
+    when the config is made (see `knob`); `to_dict` / `from_dict` are the recorded form (run ids hash it): a
+    knob added after runs were recorded is left out at the value its absence means, and numbers are canonical
+    (an integer given for a float field is recorded as that float).
     csa_k: canonical directions kept (0: every one, capped by dim); csa_similarity: weighted | cosine.
-    select: the validation metric that picks the restored checkpoint (METHOD 3.6): rsum (the default of the
+    select: the validation metric that picks the restored checkpoint (docs/method.md § 3.8): rsum (the default of the
     objectives selected on retrieval) | zeroshot | clip_loss; CoMM selects on its own loss, CSA has nothing to
     select (both record clip_loss, the value every older run meant).
+    candidates: which evaluation steps may be restored: "all" (every objective alike) or "after_warmup" (the
+    rule older runs were trained under; see CANDIDATES). stop_step: train to this step of the max_steps schedule
+    and restore it (the step one choice per cell took for all its seeds; None: the run's own best step).
+    asif_k, asif_power, asif_center: ASIF's top-k, power, and cosines after centring (docs/method.md § 3.10).
+    mixup_alpha: FuseMix latent mixup on the batches of any aligned-heads objective (0: off; clip+fusemix: 1).
     """
 
     objective: str = "clip"
@@ -63,8 +86,8 @@ class TrainConfig:
     centering: str = "mean"
     js: str = "reference"
     knn_k: int = 10
-    beta: float | None = None
-    vib_scale: float | None = None
+    beta: float | None = knob(unread=0.01)
+    vib_scale: float | None = knob(unread=1.0)
     vib_symmetric: bool = False
     comm_dim: int = 512
     comm_out: int = 256
@@ -72,13 +95,21 @@ class TrainConfig:
     comm_tau: float = 0.1
     aug_drop: float = 0.1
     aug_noise: float = 0.1
-    comm_final_norm: bool | None = None
-    csa_ridge: float | None = None
-    csa_k: int | None = None
-    csa_similarity: str | None = None
+    comm_final_norm: bool | None = knob(unread=False, absent=False)
+    csa_ridge: float | None = knob(unread=1e-3)
+    csa_k: int | None = knob(unread=0, absent=0)
+    csa_similarity: str | None = knob(unread="cosine", absent="cosine")
     csa_refine_steps: int = 0
     csa_refine_lr: float = 1e-4
-    select: str | None = None
+    # runs recorded before 2026-11-25 chose their checkpoint by the validation CLIP loss
+    select: str | None = knob(unread="clip_loss", absent="clip_loss")
+    candidates: str = knob("all", absent=LEGACY_CANDIDATES)
+    stop_step: int | None = knob(None, absent=None)
+    # 2026-12-06: 0 / False = not used (mixup off), the meaning of every older run
+    asif_k: int | None = knob(unread=0, absent=0)
+    asif_power: float | None = knob(unread=0.0, absent=0.0)
+    asif_center: bool | None = knob(unread=False, absent=False)
+    mixup_alpha: float | None = knob(unread=0.0, absent=0.0)
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -90,18 +121,22 @@ class TrainConfig:
         if self.head not in HEADS:
             raise StratalignError(f"unknown head {self.head!r}; known: {', '.join(HEADS)}")
         self._resolve_objective_defaults()
+        for name in FLOAT_FIELDS:  # canonical: lam=30 and lam=30.0 are one setting, recorded (and hashed) as 30.0
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, name, float(v))
         for name in ("dim", "batch_size", "max_steps", "patience", "eval_every", "levels"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise StratalignError(f"TrainConfig.{name} must be a positive integer, not {v!r}")
-        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k"):
+        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k", "asif_k"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise StratalignError(f"TrainConfig.{name} must be an integer >= 0, not {v!r}")
         for name in ("lr", "tau", "comm_tau"):
             if not getattr(self, name) > 0:
                 raise StratalignError(f"TrainConfig.{name} must be > 0, not {getattr(self, name)!r}")
-        for name in ("lam", "beta", "weight_decay", "csa_ridge", "vib_scale"):
+        for name in ("lam", "beta", "weight_decay", "csa_ridge", "vib_scale", "asif_power", "mixup_alpha"):
             if not getattr(self, name) >= 0:
                 raise StratalignError(f"TrainConfig.{name} must be >= 0, not {getattr(self, name)!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -121,14 +156,36 @@ class TrainConfig:
         if self.select != UNREAD_VALUES["select"] and settings.selection is not Selection.VALIDATION:
             raise StratalignError(f"objective {settings.name} does not select on a validation metric (CoMM: its own "
                                   f"loss, CSA: nothing to select); drop select={self.select}")
+        self._check_baselines(settings)
         if not isinstance(self.comm_final_norm, bool):
             raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise StratalignError(f"TrainConfig.device must be auto, cpu or cuda[:n], not {self.device!r}")
-        if objective_named(self.objective).warmup and self.resolved_warmup() > self.max_steps:
+        if self.candidates not in CANDIDATES:
+            raise StratalignError(f"TrainConfig.candidates must be one of {CANDIDATES}, not {self.candidates!r}")
+        if self.resolved_warmup() == 0:
+            self.candidates = "all"  # without a warm-up the two rules are one rule (and nothing is recorded)
+        if self.stop_step is not None and (not isinstance(self.stop_step, int) or isinstance(self.stop_step, bool)
+                                           or not 0 <= self.stop_step <= self.max_steps):
+            raise StratalignError(f"TrainConfig.stop_step must be an integer in [0, max_steps={self.max_steps}], "
+                                  f"not {self.stop_step!r}")
+        if self.resolved_warmup() > self.max_steps:
             raise StratalignError(
-                f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: no checkpoint "
-                "after the warm-up could be chosen; lower warmup_steps or use warmup_fraction")
+                f"warm-up of {self.resolved_warmup()} steps exceeds max_steps={self.max_steps}: the regulariser would "
+                "never reach its full weight; lower warmup_steps or use warmup_fraction")
+
+    def _check_baselines(self, settings: Any) -> None:
+        """ASIF needs k >= 1 and p > 0; mixup needs a gradient loop over batch rows (not CoMM, a closed form, or
+        the kNN form of R_S, whose neighbour graphs index the unmixed rows)."""
+        self.mixup_alpha = float(self.mixup_alpha)  # type: ignore[arg-type]
+        self.asif_power = float(self.asif_power)  # type: ignore[arg-type]
+        if not isinstance(self.asif_center, bool):
+            raise StratalignError(f"TrainConfig.asif_center must be true or false, not {self.asif_center!r}")
+        if settings.name == "asif" and not (self.asif_k >= 1 and self.asif_power > 0):
+            raise StratalignError(f"asif needs asif_k >= 1 and asif_power > 0, not {self.asif_k} and {self.asif_power}")
+        if self.mixup_alpha > 0 and (settings.training is not Training.GRADIENT or settings.knn_graphs):
+            raise StratalignError(f"mixup_alpha (FuseMix) mixes the batches of aligned heads; objective {settings.name} "
+                                  "has none to mix: drop mixup_alpha")
 
     def _resolve_objective_defaults(self) -> None:
         """Fill the knobs left None: the objective's default, else the value older runs recorded."""
@@ -145,7 +202,13 @@ class TrainConfig:
         for name, legacy in ADDED_KNOBS.items():
             if out[name] == legacy and type(out[name]) is type(legacy):
                 del out[name]
+        if self.resolved_warmup() == 0:  # without a warm-up both candidate rules are one rule: nothing to record
+            out.pop("candidates", None)
         return out
+
+    def selection_floor(self) -> int:
+        """The first step that may be restored: 0 (every run alike), or the warm-up's end under the older rule."""
+        return self.resolved_warmup() if self.candidates == LEGACY_CANDIDATES else 0
 
     def resolved_warmup(self) -> int:
         """Warm-up length in optimiser steps (0 for objectives without a lambda warm-up)."""
@@ -163,6 +226,30 @@ class TrainConfig:
         if bad:
             raise StratalignError(f"unknown training option(s) {bad}; known: {sorted(known)}")
         return cls(**{**ADDED_KNOBS, **d})
+
+
+def _declared(key: str) -> dict[str, Any]:
+    return {f.name: f.metadata[key] for f in fields(TrainConfig) if key in f.metadata}
+
+
+# knob -> the value an objective without a default of its own gives it (declared with `knob(unread=...)`)
+UNREAD_VALUES: dict[str, Any] = _declared("unread")
+# knob added after runs were recorded -> the value its absence means (declared with `knob(absent=...)`)
+ADDED_KNOBS: dict[str, Any] = _declared("absent")
+# number fields: an integer given for one is recorded as the float it stands for
+FLOAT_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.type in ("float", "float | None"))
+
+
+def check_recorded_fields(cls: type = TrainConfig) -> None:
+    """Every field of the settings class is one of the first recorded settings or declares what its absence
+    meant (checked when this module is imported: a knob added without it fails at once, not in old run ids)."""
+    undeclared = [f.name for f in fields(cls) if f.name not in FIRST_RECORDED and "absent" not in f.metadata]
+    if undeclared:
+        raise TypeError(f"{cls.__name__} fields {undeclared} were added after runs were recorded: declare the value "
+                        "their absence meant with knob(..., absent=...), or every older run id changes")
+
+
+check_recorded_fields()
 
 
 @dataclass
@@ -193,6 +280,7 @@ class TrainResult:
     selection_metric: str = "clip_loss"
     best_value: float = float("nan")  # of the selection metric at best_step
     val_curve: list[dict[str, float]] = field(default_factory=list)
+    first_candidate: int | None = None  # the first step that could be restored (None: warmup_steps, the old rule)
 
     @property
     def restored_step(self) -> int:
@@ -201,7 +289,8 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         """JSON-able facts for metrics.json (validation curve and selection, not the per-step history)."""
         selection = {"metric": self.selection_metric, "step": self.best_step, "value": json_float(self.best_value),
-                     "first_candidate": self.warmup_steps, "restored_before_warmup": self.restored_before_warmup,
+                     "first_candidate": self.warmup_steps if self.first_candidate is None else self.first_candidate,
+                     "restored_before_warmup": self.restored_before_warmup,
                      "lambda": self.lambda_at_best}
         curve = [json_curve_row(row) for row in self.val_curve]
         return {"selection": selection, "best_step": self.best_step, "lambda_at_best": self.lambda_at_best,

@@ -1,4 +1,5 @@
-"""Fitting models on paired features: aligned heads and CoMM through the shared loop, CSA in closed form.
+"""Fitting models on paired features: aligned heads and CoMM through the shared loop, CSA, Procrustes and ASIF in
+closed form.
 
 Each objective's loss comes from its registry entry (stratalign.core.objectives): the trainer embeds the
 batch, takes the CLIP loss and adds the entry's regulariser with its weight. Every result records the
@@ -102,7 +103,7 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
 def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                 cfg: TrainConfig, *, graphs: Graphs | None = None, targets: ValidationTargets | None = None,
                 progress: Progress | None = None) -> TrainResult:
-    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (METHOD 3.1-3.4, 3.6): the one-run case
+    """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (docs/method.md § 3.1-3.4, 3.6): the one-run case
     of `train_many`; a CoMM objective goes to `train_comm`.
 
     graphs: for objectives with kNN graphs, the (image, text) graphs from `knn_graphs` for this train_idx
@@ -118,7 +119,7 @@ def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val
 
 def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                cfg: TrainConfig, *, progress: Progress | None = None) -> TrainResult:
-    """Train the CoMM fusion model (METHOD 3.5) with the same loop; early stopping monitors the
+    """Train the CoMM fusion model (docs/method.md § 3.5) with the same loop; early stopping monitors the
     validation CoMM loss (views drawn from a fixed seed, so the yardstick does not move)."""
     tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
     dev = resolve_device(cfg.device)
@@ -193,14 +194,15 @@ def train_csa(x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfig) -> tuple[C
 
 
 def closed_form_validation(model: nn.Module, x_img: np.ndarray, x_txt: np.ndarray, val_idx: np.ndarray,
-                           cfg: TrainConfig, targets: ValidationTargets | None) -> dict[str, Any]:
+                           cfg: TrainConfig, targets: ValidationTargets | None, *,
+                           step: int | None = None) -> dict[str, Any]:
     """`selection` and a one-row `val_curve` for a fit with nothing to select: the validation yardsticks of
-    the fitted model (what `tune` compares grid values by)."""
+    the fitted model (what `tune` compares grid values by); step: the fit's steps (CSA's refinement steps)."""
     vi = torch.from_numpy(np.ascontiguousarray(x_img[val_idx], dtype=np.float32))
     vt = torch.from_numpy(np.ascontiguousarray(x_txt[val_idx], dtype=np.float32))
     targets = targets if targets is not None else ValidationTargets.pairs_only(len(val_idx))
     scores = Validator(vi, vt, targets, cfg.tau, cfg.batch_size).score(lambda m, x: embed(model, x, m))
-    step = cfg.csa_refine_steps
+    step = cfg.csa_refine_steps if step is None else step
     lam = cfg.lam if step else 0.0
     row = {"step": step, **scores, "lambda": lam}
     return {"selection": {"metric": "closed_form", "step": step, "value": None, "first_candidate": step,
@@ -223,6 +225,18 @@ def _fit_closed_form(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray
     return model, {**summary, **closed_form_validation(model, x_img, x_txt, val_idx, cfg, targets)}
 
 
+def _fit_baseline(objective: Objective, x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray,
+                  val_idx: np.ndarray, cfg: TrainConfig, targets: ValidationTargets | None) -> tuple[nn.Module, dict[str, Any]]:
+    """A closed-form baseline (its registry entry's `fit`: Procrustes, ASIF) on the training pairs, with the
+    validation yardsticks of the fit."""
+    assert objective.fit is not None
+    t0 = time.perf_counter()
+    model = objective.fit(x_img[train_idx], x_txt[train_idx], cfg)
+    summary = {"best_step": 0, "lambda_at_best": 0.0, "stopped_reason": "closed_form",
+               "train_seconds_fit": round(time.perf_counter() - t0, 3)}
+    return model, {**summary, **closed_form_validation(model, x_img, x_txt, val_idx, cfg, targets, step=0)}
+
+
 _FITTERS = {Training.GRADIENT: fit_run, Training.COMM: fit_run, Training.CLOSED_FORM: _fit_closed_form}
 
 
@@ -231,5 +245,7 @@ def fit_objective(objective: Objective, x_img: np.ndarray, x_txt: np.ndarray, tr
                   targets: ValidationTargets | None = None,
                   progress: Progress | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Fit one run's model the way its objective is trained: (model, summary)."""
+    if objective.fit is not None:
+        return _fit_baseline(objective, x_img, x_txt, train_idx, val_idx, cfg, targets)
     return _FITTERS[objective.training](x_img, x_txt, train_idx, val_idx, cfg, graphs=graphs, targets=targets,
                                         progress=progress)

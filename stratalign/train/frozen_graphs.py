@@ -1,4 +1,4 @@
-"""Frozen-space kNN graphs of the training rows for the kNN form of R_S (METHOD.md section 3.3)."""
+"""Frozen-space kNN graphs of the training rows for the kNN form of R_S (docs/method.md § 3.3)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def knn_graph(x: torch.Tensor | np.ndarray, k: int) -> np.ndarray:
 
 
 def knn_graphs(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The frozen-space kNN graphs of METHOD 3.3 over the training rows (positions within train_idx),
+    """The frozen-space kNN graphs of docs/method.md § 3.3 over the training rows (positions within train_idx),
     exactly as `train_heads` would build them; compute once per subset and pass as `graphs=`."""
     rows = np.asarray(train_idx, dtype=np.int64)
     return (knn_graph(np.ascontiguousarray(x_img[rows], dtype=np.float32), k),

@@ -1,4 +1,4 @@
-"""The loop of one fusion model (METHOD.md section 3.6): CoMM's fusion module (`run_loop`) and CSA's optional R_S
+"""The loop of one fusion model (docs/method.md § 3.8): CoMM's fusion module (`run_loop`) and CSA's optional R_S
 refinement (`run_fixed_steps`). Aligned heads train in train.heads_loop; both loops follow train.rules.
 """
 
@@ -21,9 +21,11 @@ from stratalign.train.rules import (
     StepLoss,
     cosine_factor,
     epoch_batches,
+    evaluation_due,
     history_rows,
     restore_chosen,
     snapshot,
+    stop_reason,
     validation_history,
 )
 
@@ -41,7 +43,7 @@ class FusionLoop:
         self.opt = torch.optim.AdamW(all_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: cosine_factor(t, cfg.max_steps))
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.sel = CheckpointSelector(warmup, cfg.patience, selection)
+        self.sel = CheckpointSelector(warmup, cfg.patience, selection, cfg.stop_step)
         self.history: list[dict[str, Any]] = [{"step": 0}]
         self.curve: list[dict[str, float]] = []  # one row per evaluation step
         self.pending: list[Pending] = []
@@ -94,7 +96,7 @@ class FusionLoop:
         if not math.isfinite(v):
             return step, "non_finite", f"non-finite validation {self.selection.metric} at step {step}"
         if self.sel.should_stop(step):
-            return step, "early_stopping", f"no validation {self.selection.metric} improvement for {self.cfg.patience} steps"
+            return stop_reason(self.cfg, step, self.selection)
         return None
 
     def optimise(self) -> tuple[int, str, str]:
@@ -104,7 +106,7 @@ class FusionLoop:
         while True:
             for bidx in epoch_batches(self.n_train, cfg.batch_size, self.gen):
                 step = self.update(bidx.to(self.dev), step)
-                if step % cfg.eval_every == 0 or step == cfg.max_steps or step == self.warmup:
+                if evaluation_due(step, cfg, self.warmup):
                     stop = self.checkpoint(step)
                     if stop is not None:
                         return stop

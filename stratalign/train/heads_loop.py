@@ -1,4 +1,4 @@
-"""Many runs of aligned heads trained together: one loop, stacked heads, batched matmuls (METHOD.md 3.6).
+"""Many runs of aligned heads trained together: one loop, stacked heads, batched matmuls (docs/method.md § 3.8).
 
 `train_heads_many` takes jobs over one pair of feature tables and splits them into groups of runs that agree on
 what one shared step needs (`group_key`: head kind and dims, lr, betas, weight decay, max_steps, eval_every,
@@ -29,6 +29,7 @@ import torch
 
 from stratalign.core import losses as losses_mod
 from stratalign.core.heads import AlignedHeads, VariationalHead, build_head
+from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import CLOSED_FORM_HEADS, KnnSupport, Objective, Side, StepBatch, objective_named
 from stratalign.errors import StratalignError
 from stratalign.train.config import TrainConfig, TrainResult
@@ -40,8 +41,10 @@ from stratalign.train.rules import (
     autocast,
     cosine_factor,
     epoch_batches,
+    evaluation_due,
     history_rows,
     restore_chosen,
+    stop_reason,
     validation_history,
 )
 from stratalign.train.stacked import StackedSide
@@ -74,7 +77,8 @@ def group_key(job: HeadsJob, dims: tuple[int, int]) -> tuple:
     shared = tuple((k, repr(getattr(cfg, k))) for k in SHARED_FIELDS)
     # runs without a regulariser stack apart: beside regularised runs their gradients moved by ~1e-8 (measured,
     # cause not found), which a validation near-tie can turn into another restored step
-    return shared, min(cfg.batch_size, len(job.train_idx)), dims, obj.variational, obj.regulariser is None
+    return (shared, min(cfg.batch_size, len(job.train_idx)), dims, obj.samples_embeddings(cfg),
+            obj.regulariser is None)
 
 
 def _loss_key(cfg: TrainConfig, obj: Objective) -> str:
@@ -95,8 +99,10 @@ class _Run:
         self.warmup = job.cfg.resolved_warmup()
         self.train_pos = torch.from_numpy(job.train_idx).to(dev)
         self.perm = torch.Generator().manual_seed(job.cfg.seed)
+        self.mixup = LatentMixup(job.cfg.mixup_alpha, job.cfg.seed) if job.cfg.mixup_alpha else None  # FuseMix
         self.epoch: list[torch.Tensor] = []
-        self.sel = CheckpointSelector(self.warmup, job.cfg.patience, job.selection)
+        self.floor = job.cfg.selection_floor()  # 0: every evaluation step is a candidate, as for every run
+        self.sel = CheckpointSelector(self.floor, job.cfg.patience, job.selection, job.cfg.stop_step)
         self.history: list[dict[str, Any]] = [{"step": 0}]
         self.curve: list[dict[str, float]] = []
         self.pending: list[Pending] = []  # steps since the last evaluation, losses still on the device
@@ -116,7 +122,7 @@ class _Run:
         return self.epoch.pop()
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps or step == self.warmup
+        return evaluation_due(step, self.cfg, self.floor)
 
     def record(self, values: np.ndarray) -> int | None:
         """The pending steps into the history (`values`: their losses on the host); the first non-finite step."""
@@ -140,7 +146,7 @@ class _Run:
         if not np.isfinite(v):
             self.stop = (step, "non_finite", f"non-finite validation {rule.metric} at step {step}")
         elif self.sel.should_stop(step):
-            self.stop = (step, "early_stopping", f"no validation {rule.metric} improvement for {self.cfg.patience} steps")
+            self.stop = stop_reason(self.cfg, step, rule)
         elif step >= self.cfg.max_steps:
             self.stop = (step, "max_steps", f"reached max_steps={self.cfg.max_steps}")
 
@@ -153,6 +159,7 @@ class _Run:
         row = self.history[best_step]
         return TrainResult(model=self.model, config=self.cfg, best_step=best_step, lambda_at_best=lam_best,
                            best_val_clip=float(row.get("val_clip", best_val)), warmup_steps=self.warmup,
+                           first_candidate=self.floor,
                            steps_taken=step, stopped_reason=reason, message=message, restored_before_warmup=before,
                            history=self.history, seconds=self.seconds, device=str(dev),
                            selection_metric=self.job.selection.metric, best_value=best_val, val_curve=self.curve)
@@ -205,12 +212,13 @@ class GroupLoop:
     # ---------------------------------------------------------------- one step
 
     def _sides(self, pos: torch.Tensor) -> tuple[Side, Side]:
-        """Both sides of the stacked batch (S, b): inputs, embeddings (VIB: sampled, with mu and logvar)."""
-        a, t = self.xi[pos], self.xt[pos]
+        """Both sides of the stacked batch (S, b): inputs (mixed for runs with FuseMix mixup), embeddings (VIB:
+        sampled, with mu and logvar)."""
+        a, t = mix_runs(self.xi[pos], self.xt[pos], [r.mixup for r in self.active])
         gens = [r.rng for r in self.active]
         oi, ot = self.image.forward(a, gens), self.text.forward(t, gens)
         if not self.variational:
-            return Side(a, oi), Side(t, ot)
+            return Side(a, _canonical_grad(oi)), Side(t, _canonical_grad(ot))
         (mu_i, lv_i), (mu_t, lv_t) = oi, ot
         zi = torch.stack([VariationalHead.sample(mu_i[s].float(), lv_i[s].float(), r.cfg.vib_scale, r.rng)
                           for s, r in enumerate(self.active)])
@@ -218,18 +226,22 @@ class GroupLoop:
                           for s, r in enumerate(self.active)])
         return Side(a, zi, mu_i, lv_i), Side(t, zt, mu_t, lv_t)
 
-    def _regularisers(self, rows: torch.Tensor, image: Side, text: Side) -> torch.Tensor:
+    def _regularisers(self, rows: torch.Tensor, image: Side, text: Side, weights: list[float]) -> torch.Tensor:
         """(S,) regulariser values: one call per run of consecutive runs with one objective and settings (the
         group is ordered that way: `train_heads_many`), on slices of the stacks; zeros for runs without one.
-        Slices (not an index) keep every run's gradient bit for bit what it is alone."""
+        Slices (not an index) keep every run's gradient bit for bit what it is alone. A run whose weight is 0 at
+        this step (lambda = 0, or the warm-up's first step) gets no regulariser at all, not 0 x its value: its
+        step is then CLIP's step bit for bit (docs/method.md § 3.8, the zero-weight invariant; a regulariser's zero gradient
+        still changes how autograd lays out the embedding's gradient, which moved weights by ~1e-8)."""
         parts: list[torch.Tensor] = []
+        keys = [r.loss_key if w != 0.0 else "" for r, w in zip(self.active, weights)]
         s, n = 0, len(self.active)
         while s < n:
             first = self.active[s]
             e = s + 1
-            while e < n and self.active[e].loss_key == first.loss_key:
+            while e < n and keys[e] == keys[s]:
                 e += 1
-            if first.obj.regulariser is None:
+            if not keys[s]:
                 parts.append(torch.zeros(e - s, device=self.dev))
             elif first.obj.batched:
                 batch = StepBatch(rows[s:e], _slice(image, s, e), _slice(text, s, e))
@@ -255,11 +267,12 @@ class GroupLoop:
         """One optimiser step of every active run; (S, 3) [loss, clip, reg] per run, left on the device."""
         batch_pos = torch.stack([r.next_batch().to(self.dev) for r in self.active])  # (S, b) training positions
         pos = torch.stack([r.train_pos[p] for r, p in zip(self.active, batch_pos)])  # (S, b) table rows
-        weights = torch.tensor([r.weight(step) for r in self.active], device=self.dev)
+        step_weights = [r.weight(step) for r in self.active]
+        weights = torch.tensor(step_weights, device=self.dev)
         with autocast(self.dev, self.cfg.amp):
             image, text = self._sides(pos)
             clip = losses_mod.clip_loss(image.z, text.z, self.cfg.tau)
-            reg = self._regularisers(batch_pos, image, text)
+            reg = self._regularisers(batch_pos, image, text, step_weights)
             loss = clip + weights * reg
         self.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
@@ -347,6 +360,16 @@ class GroupLoop:
             self._compact()
 
 
+def _canonical_grad(z: torch.Tensor) -> torch.Tensor:
+    """z, whose gradient reaches the heads in one memory layout whatever produced it. The CLIP loss alone hands
+    back a gradient laid out by its matmul's backward; with a regulariser the gradient is a sum, laid out afresh;
+    the heads' backward matmuls round differently on the two layouts (~1e-8), which made a run differ with and
+    without a regulariser of weight 0 and between stacks. A contiguous copy makes the layout one."""
+    if z.requires_grad:
+        z.register_hook(lambda g: g.contiguous())
+    return z
+
+
 def _slice(side: Side, a: int, b: int) -> Side:
     """Runs a..b-1 of a stacked side (views)."""
     return Side(side.x[a:b], side.z[a:b], None if side.mu is None else side.mu[a:b],
@@ -354,11 +377,11 @@ def _slice(side: Side, a: int, b: int) -> Side:
 
 
 def make_heads(cfg: TrainConfig, d_img: int, d_txt: int) -> AlignedHeads:
-    """Fresh image and text heads for a config (variational when the objective samples embeddings)."""
+    """Fresh image and text heads for a config (variational when the run samples embeddings: VIB with beta > 0)."""
     if cfg.head in CLOSED_FORM_HEADS:
         raise StratalignError(f"the {cfg.head} head is fitted in closed form: use train_csa / fit_csa")
     opts = dict(cfg.head_options)
-    if objective_named(cfg.objective).variational:
+    if objective_named(cfg.objective).samples_embeddings(cfg):
         opts["variational"] = True
     return AlignedHeads(build_head(cfg.head, d_img, cfg.dim, **opts), build_head(cfg.head, d_txt, cfg.dim, **opts))
 

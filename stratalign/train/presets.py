@@ -1,4 +1,4 @@
-"""Trainer schedules sized to the device (METHOD.md 3.6): the named presets `cpu`, `gpu`, `paper` and `auto`.
+"""Trainer schedules sized to the device (docs/method.md § 3.8): the named presets `cpu`, `gpu`, `paper` and `auto`.
 
 A preset fills the schedule fields of a `TrainConfig` (batch size, steps, warm-up, patience, evaluation
 interval); a `--set` override of a field wins over the preset, and a field neither names keeps TrainConfig's
@@ -48,7 +48,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("gpu", batch_size=4096, max_steps=3000, warmup_steps=1000, patience=300, eval_every=10,
            note="sized for a CUDA GPU (today the published schedule)"),
     Preset("paper", batch_size=4096, max_steps=3000, warmup_steps=1000, patience=300, eval_every=10,
-           note="METHOD.md's published defaults (= TrainConfig's own defaults)"),
+           note="docs/method.md published defaults (= TrainConfig's own defaults)"),
 )}
 PRESET_NAMES = (AUTO, *PRESETS)
 

@@ -1,4 +1,4 @@
-"""The rules of the optimisation loop (METHOD.md section 3.6), shared by the loop of aligned heads
+"""The rules of the optimisation loop (docs/method.md § 3.8), shared by the loop of aligned heads
 (train.heads_loop) and the loop of one fusion model (train.fusion_loop: CoMM, CSA's refinement): batches, the
 cosine schedule, autocast, checkpoint selection and its restore, the history rows.
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from stratalign.errors import StratalignError
+from stratalign.train.config import TrainConfig
 
 # step_loss(batch rows, step) -> (loss, clip, reg); score() -> {yardstick: value}; lam_of(step) -> lambda in force
 StepLoss = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -69,16 +70,26 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class CheckpointSelector:
-    """Checkpoint selection: the best validation value among candidates (step >= warmup); before the
-    warm-up ends, the best value is only a fallback (used when no candidate was ever finite)."""
+    """Checkpoint selection (docs/method.md § 3.8): the best validation value among the candidate steps.
 
-    def __init__(self, warmup: int, patience: int, selection: SelectionRule) -> None:
-        self.warmup, self.patience, self.selection = warmup, patience, selection
+    The candidates are every evaluation step, the same for every objective of a comparison: a warm-up shapes the
+    weight lambda_t, it never restricts where a run may stop. `floor` > 0 reproduces the rule of runs recorded
+    before 2026-12-06 (no candidate before the warm-up ends; the best earlier value only a fallback when no
+    candidate was ever finite): their run ids promise that rule. `stop_step` fixes the restored step instead
+    (the step one choice per cell took from validation averaged over the cell's seeds)."""
+
+    def __init__(self, floor: int, patience: int, selection: SelectionRule, stop_step: int | None = None) -> None:
+        self.warmup, self.patience, self.selection, self.stop_step = floor, patience, selection, stop_step
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.fallback: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
     def offer(self, step: int, val: float, state: Callable[[], dict[str, torch.Tensor]]) -> None:
-        """Keep (a copy of the weights from `state()`) when `val` is the best so far."""
+        """Keep (a copy of the weights from `state()`) when `val` is the best so far (with a fixed stop step:
+        when `step` is that step, whatever its value)."""
+        if self.stop_step is not None:
+            if step == self.stop_step:
+                self.best = (val, step, state())
+            return
         if not math.isfinite(val):
             return
         better = self.selection.better
@@ -89,6 +100,8 @@ class CheckpointSelector:
             self.fallback = (val, step, state())
 
     def should_stop(self, step: int) -> bool:
+        if self.stop_step is not None:
+            return step >= self.stop_step
         return self.best is not None and step - self.best[1] >= self.patience
 
     def chosen(self) -> tuple[float, int, dict[str, torch.Tensor], bool]:
@@ -99,6 +112,20 @@ class CheckpointSelector:
             raise StratalignError(f"the validation {self.selection.metric} was never finite, not even for the initial "
                                   "heads: check the feature scale (inputs this large overflow float32)")
         return (*self.fallback, True)
+
+
+def stop_reason(cfg: TrainConfig, step: int, selection: SelectionRule) -> tuple[int, str, str]:
+    """(step, reason, message) of a run that stops before max_steps: at its fixed stop step, or by patience."""
+    if cfg.stop_step is not None:
+        return step, "fixed_step", f"reached stop_step={cfg.stop_step}"
+    return step, "early_stopping", f"no validation {selection.metric} improvement for {cfg.patience} steps"
+
+
+def evaluation_due(step: int, cfg: TrainConfig, floor: int) -> bool:
+    """Whether `step` is an evaluation step: multiples of eval_every, the last step, the fixed stop step; and for
+    a run recorded under the old rule (`floor` > 0), the end of its warm-up."""
+    return (step % cfg.eval_every == 0 or step == cfg.max_steps or step == cfg.stop_step
+            or (floor > 0 and step == floor))
 
 
 # a step waiting for its losses to leave the device: (step, lr, lambda, [loss, clip, reg] on the device)
@@ -131,6 +158,8 @@ def restore_chosen(sel: CheckpointSelector, model: nn.Module, lam_of: Callable[[
     if before:
         message += (f"; no checkpoint after the {sel.warmup}-step warm-up was usable, so the restored one is "
                     "from inside the warm-up (the regulariser was not at full strength)")
+    if sel.stop_step is not None:
+        message += f"; stopped at step {sel.stop_step}, the step chosen for the cell on validation"
     lam_best = float(lam_of(best_step - 1)) if best_step > 0 else 0.0
     message += f"; restored step {best_step} by validation {sel.selection.metric} {best_val:.4g} (lambda {lam_best:g})"
     return best_val, best_step, lam_best, before, message

@@ -1,4 +1,4 @@
-"""The validation yardsticks of model selection (METHOD.md 3.6): retrieval rsum, zero-shot top-1, CLIP loss.
+"""The validation yardsticks of model selection (docs/method.md § 3.8): retrieval rsum, zero-shot top-1, CLIP loss.
 
 At every evaluation step the trainer scores the heads on the whole validation split: `rsum` (R@1 + R@5 + R@10,
 image->text and text->image, over the gallery of unique validation images and all their captions), zero-shot
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from stratalign.core import losses as losses_mod
+from stratalign.core.metric_registry import select_metrics
 from stratalign.errors import StratalignError
 
-# selection metric -> (the curve's key, True when higher is better)
-SELECT_METRICS: dict[str, tuple[str, bool]] = {"rsum": ("rsum", True), "zeroshot": ("zs_top1", True),
-                                               "clip_loss": ("clip_loss", False)}
+# selection metric -> (the curve's key, True when higher is better): the registry's (core.metric_registry)
+SELECT_METRICS: dict[str, tuple[str, bool]] = select_metrics()
 RECALL_KS = (1, 5, 10)
 
 

@@ -1,14 +1,17 @@
 """AlignedModel: a trained run as a model to use: embed new images and texts, classify, compare.
 
-    model = AlignedModel.from_run(store, "clip-linear-n1219-s0-5ac1")   # or AlignedModel.load("exported/")
+    model = AlignedModel.from_run(store, "clip-linear-n1219-s0-5ac1")   # or .from_pretrained("exported/")
     z = model.encode_image(["heart.png"])                                # (n, d) float32, unit rows
-    t = model.encode_text(["a red heart"])
+    t = model.encode_text(["a red heart"], return_tensors="pt")         # a torch tensor
+    z = model.encode_image(model.preprocess([pil_image]))               # open_clip style: batch, then encode
     model.similarity(["heart.png"], ["a red heart", "a cat"])           # cosine, (images, texts)
-    model.classify(["heart.png"], ["heart", "cat"])                      # labels + scores
+    model.classify(["heart.png"], ["heart", "cat"]).top(2)             # [(class, probability, cosine), ...]
+
+Classification probabilities are softmax(cosine / tau) at the run's training temperature (`temperature`).
 
 Each encoder runs only up to the run's chosen layer (`Encoder.forward_layer`: the later blocks never run where
 the encoder can stop early, see `truncates`; otherwise the full forward pass), pools as extraction does
-(METHOD section 1), and the pooled features pass through the dtype they were stored in at training (float16
+(docs/method.md § 1), and the pooled features pass through the dtype they were stored in at training (float16
 by default) before the head: the head sees exactly what the cached-feature path gives it, so embedding a
 dataset's own rows equals store features -> head up to the encoder's own numerics. On CUDA the encoders run
 under autocast (bfloat16 where supported) as extraction does; on the CPU in float32.
@@ -42,10 +45,12 @@ from stratalign.store import exports
 from stratalign.store.feature_store import FeatureStore
 from stratalign.train import model_from_tensors
 from stratalign.train.inference import head_embedding
-from stratalign.use.card import MODALITIES, check_card, run_card
+from stratalign.use.card import MODALITIES, check_card, model_card_markdown, run_card
+from stratalign.use.inputs import images_of, texts_of
 
 IMAGE_BATCH = 32
 TEXT_BATCH = 256
+DEFAULT_TAU = 0.05  # TrainConfig.tau's default, for a card that records none
 
 
 @dataclass(frozen=True)
@@ -70,12 +75,23 @@ class Tower:
 
 @dataclass(frozen=True)
 class Classification:
-    """Zero-shot labels of images: `labels[i]` = `classes[indices[i]]`; `scores` (images, classes) cosines."""
+    """Zero-shot labels of images: `labels[i]` = `classes[indices[i]]`; `scores` (images, classes) cosines;
+    `probs` their softmax at the run's training temperature (rows sum to 1)."""
 
     classes: list[str]
     labels: list[str]
     indices: np.ndarray
     scores: np.ndarray
+    probs: np.ndarray
+    temperature: float
+
+    def top(self, k: int = 5) -> list[list[tuple[str, float, float]]]:
+        """Per image, the k most likely (class, probability, cosine), most likely first."""
+        if k < 1:
+            raise StratalignError(f"top-k needs k >= 1, got {k}")
+        order = np.argsort(-self.probs, axis=1, kind="stable")[:, :k]
+        return [[(self.classes[j], float(self.probs[i, j]), float(self.scores[i, j])) for j in row]
+                for i, row in enumerate(order)]
 
 
 class AlignedModel:
@@ -114,10 +130,26 @@ class AlignedModel:
         card, heads = exports.read_export(folder)
         return cls(card, heads, device=device, load=load)
 
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, *, device: str = "auto",
+                        load: Callable[[str, str], Any] | None = None) -> "AlignedModel":
+        """The Hugging Face spelling of `load`: an exported folder (model.json + heads.safetensors + README.md)."""
+        return cls.load(folder, device=device, load=load)
+
     def export(self, folder: str | Path) -> Path:
-        """Write model.json + heads.safetensors to `folder` (see store.exports)."""
-        return exports.write_export(folder, {k: v for k, v in self.card.items() if k not in ("format", "heads_sha256")},
-                                    self.heads_bytes)
+        """Write model.json + heads.safetensors + README.md (the model card, use.card.model_card_markdown) to
+        `folder` (see store.exports)."""
+        card = {k: v for k, v in self.card.items() if k not in ("format", "heads_sha256")}
+        return exports.write_export(folder, card, self.heads_bytes, readme=model_card_markdown(card))
+
+    save_pretrained = export
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature of the run's contrastive training (TrainConfig.tau): classification
+        probabilities are softmax(cosine / temperature), as the training loss scores pairs."""
+        tau = ((self.card.get("run_config") or {}).get("train") or {}).get("tau")
+        return float(tau) if isinstance(tau, (int, float)) and tau > 0 else DEFAULT_TAU
 
     @property
     def is_fusion(self) -> bool:
@@ -152,16 +184,32 @@ class AlignedModel:
             self._encoders[modality] = enc
         return self._encoders[modality]
 
-    def features(self, items: Sequence[Any], modality: str, batch_size: int | None = None) -> np.ndarray:
-        """The chosen layer's pooled features of raw items (images or texts), float32 after a round trip
-        through the stored feature dtype: the head's input, as the cached path reads it from the store."""
+    def preprocess(self, images: Sequence[Any] | Any) -> dict[str, torch.Tensor]:
+        """The image encoder's model-ready batch of images (paths, PIL images or arrays), as open_clip's
+        `preprocess` gives: pass it (or its `pixel_values` tensor) to `encode_image`."""
+        return self.encoder("image").preprocess(images_of(images))
+
+    def tokenizer(self, texts: Sequence[str] | str) -> dict[str, torch.Tensor]:
+        """The text encoder's tokenized batch of texts: pass it to `encode_text`."""
+        return self.encoder("text").preprocess(texts_of(texts))
+
+    def features(self, items: Any, modality: str, batch_size: int | None = None) -> np.ndarray:
+        """The chosen layer's pooled features of raw items (images or texts), of a batch from `preprocess` /
+        `tokenizer` (a dict of tensors), or of an image tensor (n, 3, h, w) of the encoder's own transform;
+        float32 after a round trip through the stored feature dtype: the head's input, as the cached path
+        reads it from the store."""
         tower = self.towers[modality]
         enc = self.encoder(modality)
-        items = _images(items) if modality == "image" else _texts(items)
-        size = batch_size or (IMAGE_BATCH if modality == "image" else TEXT_BATCH)
+        if isinstance(items, torch.Tensor) and modality == "image" and items.ndim == 4:
+            items = {"pixel_values": items}
+        if isinstance(items, dict):
+            batches = [{k: v.to(enc.device) if isinstance(v, torch.Tensor) else v for k, v in items.items()}]
+        else:
+            items = images_of(items) if modality == "image" else texts_of(items)
+            size = batch_size or (IMAGE_BATCH if modality == "image" else TEXT_BATCH)
+            batches = (enc.preprocess(items[s:s + size]) for s in range(0, len(items), size))
         out = []
-        for s in range(0, len(items), size):
-            batch = enc.preprocess(items[s:s + size])
+        for batch in batches:
             with self._lock, torch.inference_mode(), _autocast(self.device):
                 out.append(enc.forward_layer(batch, tower.layer, tower.pooling).float().cpu().numpy())
         x = np.concatenate(out)
@@ -184,13 +232,14 @@ class AlignedModel:
             z = head_embedding(self.model.head(modality), t)
         return z.float().cpu().numpy()
 
-    def encode_image(self, images: Sequence[Any] | Any, batch_size: int | None = None) -> np.ndarray:
-        """(n, d) float32 unit rows of images: file paths, PIL images or (h, w[, c]) arrays."""
-        return self.encode_features(self.features(images, "image", batch_size), "image")
+    def encode_image(self, images: Any, batch_size: int | None = None, *, return_tensors: str = "np") -> Any:
+        """(n, d) float32 unit rows of images: file paths, PIL images, (h, w[, c]) arrays, a `preprocess` batch
+        or its (n, 3, h, w) pixel tensor; numpy, or a torch tensor with return_tensors="pt"."""
+        return _out(self.encode_features(self.features(images, "image", batch_size), "image"), return_tensors)
 
-    def encode_text(self, texts: Sequence[str] | str, batch_size: int | None = None) -> np.ndarray:
-        """(n, d) float32 unit rows of texts."""
-        return self.encode_features(self.features(texts, "text", batch_size), "text")
+    def encode_text(self, texts: Any, batch_size: int | None = None, *, return_tensors: str = "np") -> Any:
+        """(n, d) float32 unit rows of texts (or of a `tokenizer` batch); numpy, or torch with "pt"."""
+        return _out(self.encode_features(self.features(texts, "text", batch_size), "text"), return_tensors)
 
     @torch.no_grad()
     def encode_pairs(self, images: Sequence[Any], texts: Sequence[str]) -> np.ndarray:
@@ -244,14 +293,27 @@ class AlignedModel:
                  templates: Sequence[str] | None = None) -> Classification:
         """Zero-shot labels of images among class names (default: the run's dataset's classes and templates)."""
         classes, emb = self.class_embeddings(class_names, templates)
-        return classify_embeddings(self.encode_image(images), classes, emb)
+        return classify_embeddings(self.encode_image(images), classes, emb, self.temperature)
 
 
-def classify_embeddings(z_img: np.ndarray, classes: list[str], class_emb: np.ndarray) -> Classification:
-    """Argmax cosine over classes (ties: the lower class index, as core.scoring ranks them)."""
+def classify_embeddings(z_img: np.ndarray, classes: list[str], class_emb: np.ndarray,
+                        temperature: float = DEFAULT_TAU) -> Classification:
+    """Argmax cosine over classes (ties: the lower class index, as core.scoring ranks them), with the
+    probabilities softmax(cosine / temperature)."""
     scores = z_img @ class_emb.T
     idx = np.argmax(scores, axis=1)
-    return Classification(classes, [classes[i] for i in idx], idx, scores)
+    logits = scores.astype(np.float64) / temperature
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return Classification(classes, [classes[i] for i in idx], idx, scores, probs.astype(np.float32), temperature)
+
+
+def _out(z: np.ndarray, return_tensors: str) -> Any:
+    if return_tensors == "np":
+        return z
+    if return_tensors == "pt":
+        return torch.from_numpy(z)
+    raise StratalignError(f"return_tensors must be 'np' (numpy) or 'pt' (torch), not {return_tensors!r}")
 
 
 def _autocast(device: torch.device) -> Any:
@@ -259,50 +321,3 @@ def _autocast(device: torch.device) -> Any:
     if device.type != "cuda":
         return torch.autocast("cpu", enabled=False)
     return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-
-
-def _texts(texts: Sequence[str] | str) -> list[str]:
-    items = [texts] if isinstance(texts, str) else list(texts)
-    if not items:
-        raise StratalignError("no texts to encode")
-    for i, t in enumerate(items):
-        if not isinstance(t, str) or not t.strip():
-            raise StratalignError(f"text {i} is {'empty' if isinstance(t, str) else type(t).__name__}: give non-empty strings")
-    return items
-
-
-def _images(images: Sequence[Any] | Any) -> list[Any]:
-    """PIL RGB images from paths, PIL images or arrays (transparent pixels on white, as extraction reads them)."""
-    from PIL import Image
-
-    items = [images] if isinstance(images, (str, Path, Image.Image, np.ndarray)) and not (
-        isinstance(images, np.ndarray) and images.ndim == 4) else list(images)
-    if not items:
-        raise StratalignError("no images to encode")
-    return [_image(x, i) for i, x in enumerate(items)]
-
-
-def _image(x: Any, i: int) -> Any:
-    from PIL import Image
-
-    from stratalign.store.media import load_image
-
-    if isinstance(x, (str, Path)):
-        return load_image(str(x), row=i, image_id=str(i))
-    if isinstance(x, np.ndarray):
-        arr = x
-        if arr.dtype != np.uint8:
-            if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0 or arr.min() < 0 or arr.max() > 1:
-                raise StratalignError(f"image {i}: an array must be uint8 or float in [0, 1], got {arr.dtype}")
-            arr = np.round(arr * 255).astype(np.uint8)
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
-            raise StratalignError(f"image {i}: an array must be (h, w), (h, w, 3) or (h, w, 4), got {arr.shape}")
-        x = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
-    if not isinstance(x, Image.Image):
-        raise StratalignError(f"image {i} is a {type(x).__name__}: give a path, a PIL image or an array")
-    if x.mode in ("P", "LA", "RGBA", "PA"):  # transparent pixels on white, as store.media.load_image reads files
-        rgba = x.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    return x.convert("RGB")

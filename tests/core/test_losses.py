@@ -1,4 +1,4 @@
-"""Each loss of METHOD.md section 3 against a direct, loop-based implementation of its formula."""
+"""Each loss of docs/method.md § 3 against a direct, loop-based implementation of its formula."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Objectives as published, with defaults that act: VIB's noise scale, IB's beta, CSA's knobs and the records
-that keep older run ids valid (METHOD.md 3, 3.4, 3.7)."""
+that keep older run ids valid (docs/method.md § 3, 3.4, 3.7)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_vib_scale_default_is_005_and_used(monkeypatch):
 def test_ib_default_beta_acts():
     """On a noisy planted problem (held-out positive cosine ~0.4 under CLIP), the default beta of clip+ib
     raises the mean positive cosine by more than 0.04 while the old default, 0.01, moves it by less than 0.01:
-    the term acts where CLIP leaves the cosines free (METHOD 3.4)."""
+    the term acts where CLIP leaves the cosines free (docs/method.md § 3.4)."""
     xi, xt = _planted(noise=2.0)
     tr, va = np.arange(500), np.arange(500, 600)
     short = dict(dim=32, batch_size=128, max_steps=60, eval_every=10, patience=1000, tau=0.05, lr=1e-2)
@@ -86,7 +86,7 @@ def test_objective_defaults_and_records():
     assert (baseline.csa_k, baseline.csa_ridge) == (0, 1e-3)  # STRUCTURE's CSA baseline
     assert TrainConfig(head="csa", csa_similarity="cosine", csa_k=32).csa_k == 32  # explicit wins
     clip = TrainConfig()
-    # clip selects its checkpoint by validation rsum (METHOD 3.6) and records it; every other knob clip does not
+    # clip selects its checkpoint by validation rsum (docs/method.md § 3.8) and records it; every other knob clip does not
     # read holds what every older run recorded, and is left out of its record
     assert clip.select == "rsum" and clip.to_dict()["select"] == "rsum"
     assert {k: getattr(clip, k) for k in UNREAD_VALUES if k != "select"} == {

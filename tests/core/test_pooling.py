@@ -1,4 +1,4 @@
-"""Pooling functions against values computed by hand (METHOD section 1)."""
+"""Pooling functions against values computed by hand (docs/method.md § 1)."""
 
 from __future__ import annotations
 

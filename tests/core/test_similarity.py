@@ -1,4 +1,4 @@
-"""Layer-similarity metrics against direct dense implementations of METHOD.md section 2."""
+"""Layer-similarity metrics against direct dense implementations of docs/method.md § 2."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from stratalign.core import similarity as similarity_mod
 from stratalign.errors import StratalignError
 
 # ---------------------------------------------------------------------------------------------------------
-# Dense references: the formulas of METHOD.md written out with n x n matrices.
+# Dense references: the formulas of docs/method.md written out with n x n matrices.
 
 
 def unit(x: np.ndarray) -> np.ndarray:

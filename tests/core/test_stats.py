@@ -101,15 +101,20 @@ def test_comparisons_pair_runs_by_cell_and_seed() -> None:
     table = paired_comparisons(runs, queries)
     obj = table.filter(pl.col("comparison") == "objective")
     assert set(obj["method"]) == {"clip+structure"} and set(obj["baseline"]) == {"clip"}
+    # on the last layers the same-layer comparison is the vs_last one (not listed twice)
     i2t = obj.filter(pl.col("metric") == "i2t_R@1")
-    assert i2t.height == 2 and set(i2t["verdict"]) == {HELPS} and set(i2t["seeds"]) == {3}
-    assert i2t["diff"].to_list() == pytest.approx([100 * 40 / 300] * 2)
+    assert i2t.height == 1 and set(i2t["verdict"]) == {HELPS} and set(i2t["seeds"]) == {3}
+    assert i2t["diff"].to_list() == pytest.approx([100 * 40 / 300])
     assert set(obj.filter(pl.col("metric") == "t2i_R@1")["verdict"]) == {NO_CLEAR}  # identical hits
-    assert obj.filter(pl.col("metric") == "t2i_R@1")["query_unit"].to_list() == ["captions"] * 2
+    assert obj.filter(pl.col("metric") == "t2i_R@1")["query_unit"].to_list() == ["captions"]
     layers = table.filter(pl.col("comparison") == "layers")
     assert set(layers["method"]) == {"auto"} and set(layers["objective"]) == {"clip", "clip+structure"}
     text = " ".join(findings(table, "i2t_R@1"))
-    assert "**clip+structure** vs clip on i2t_R@1: helps in 2 cells, hurts in 0, no clear difference in 0" in text
+    assert "**clip+structure** vs clip on the same layers, image→text R@1: helps in 1 cells, hurts in 0, no clear " \
+           "difference in 0" in text
+    vs_last = table.filter((pl.col("comparison") == "vs_last") & (pl.col("metric") == "i2t_R@1"))
+    assert set(vs_last["method"]) == {"clip / auto", "clip+structure / auto", "clip+structure / last"}
+    assert set(vs_last["baseline"]) == {"clip"} and set(vs_last["baseline_rule"]) == {"last"}
 
 
 def test_comparisons_need_the_same_queries() -> None:
@@ -129,7 +134,52 @@ def test_one_seed_shows_no_spread(tmp_path) -> None:
                         comparisons=paired_comparisons(runs, queries))
     text = open(path).read()
     assert not any("±" in line for line in text.splitlines() if line.startswith("|"))
-    assert "One seed per cell: no ± is shown" in text
-    assert "at least 5 seeds" in text
+    assert "at least 5 seeds" in text and "## Bottom line" in text
     three = aggregate(_runs_and_queries((0, 1, 2))[0].drop("run"))
-    assert all("±" in v for v in results_table(three)["i2t_R@1"].to_list())
+    assert all("±" in v for v in results_table(three)["image→text R@1"].to_list())
+
+
+def test_two_level_bootstrap_matches_a_direct_two_level_loop() -> None:
+    """Seeds drawn with replacement, then one query draw shared by every drawn seed: the same numbers as a plain
+    loop over resamples that does exactly that (the same Generator draws, in the same order)."""
+    from stratalign.core.stats import _CHUNK, two_level_bootstrap
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2, size=(4, 30)).astype(float)
+    b = rng.integers(0, 2, size=(4, 30)).astype(float)
+    got = two_level_bootstrap(list(a), list(b), resamples=1000, seed=7)
+    g = np.random.default_rng(7)
+    boot = []
+    for start in range(0, 1000, _CHUNK):
+        r = min(_CHUNK, 1000 - start)
+        seeds = g.integers(0, 4, size=(r, 4))
+        queries = g.integers(0, 30, size=(r, 30))
+        boot += [float((a - b)[s][:, q].mean()) for s, q in zip(seeds, queries)]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    assert got.diff == pytest.approx(100 * (a - b).mean()) and got.seeds == 4 and got.queries == 30
+    assert got.low == pytest.approx(100 * low) and got.high == pytest.approx(100 * high)
+
+
+def test_seed_variance_widens_the_interval() -> None:
+    """Seeds that disagree (one helps a lot, one hurts) give a wide two-level interval where the query-only
+    bootstrap, which treats the seeds as fixed, gives a narrow one that excludes 0."""
+    from stratalign.core.stats import paired_bootstrap, two_level_bootstrap
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, size=(4, 400)).astype(float)
+    method = base.copy()
+    for s, shift in enumerate((0.3, 0.25, -0.05, 0.3)):  # per-seed effects: +30, +25, -5, +30 points
+        flip = rng.random(400) < abs(shift)
+        method[s][flip] = 1.0 if shift > 0 else 0.0
+    narrow = paired_bootstrap(list(method), list(base), resamples=2000)
+    wide = two_level_bootstrap(list(method), list(base), resamples=2000)
+    assert wide.half_width > 1.5 * narrow.half_width and narrow.verdict == "helps"
+    one = two_level_bootstrap([method[0]], [base[0]], resamples=2000)
+    alone = paired_bootstrap([method[0]], [base[0]], resamples=2000)
+    assert one.half_width == pytest.approx(alone.half_width, rel=0.15)  # one seed: the query bootstrap
+
+
+def test_queries_to_resolve() -> None:
+    from stratalign.core.stats import queries_to_resolve
+
+    assert queries_to_resolve(363, 4.0, 2.0) == 363 * 4 and queries_to_resolve(100, 1.0, 0.0) is None

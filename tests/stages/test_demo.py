@@ -24,7 +24,10 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     # every objective on the chosen layers (comm added here: the default leaves it out for time), CLIP on the last
     # layers too (cfg.skip + comm), x n-pairs x seed
     assert DemoConfig().skip == (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"))
-    assert first["trained"] == (len(OBJECTIVES) + 1) * 2 * 2 and first["skipped"] == 0
+    # every cell x seed: a selection run, then a final run stopped at the cell's chosen step (csa: closed form, its
+    # selection run is final)
+    cells = (len(OBJECTIVES) + 1) * 2
+    assert first["trained"] == cells * 2 + (cells - 2) * 2 and first["skipped"] == 0
     board = first["leaderboard"]
     assert set(board["objective"]) == set(OBJECTIVES) and set(board["layer_rule"]) == {"last", "auto"}
     last = board.filter(pl.col("layer_rule") == "last")
@@ -37,9 +40,10 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     report = Path(first["report"]).read_text()
     chosen = first["layers"][0]
     assert f"vision layer {chosen['vision_layer']}" in report and "What the numbers say" in report
+    assert report.index("## Bottom line") < report.index("## Results") and "Smallest resolvable difference" in report
     assert "`efficientnet-lite0` x `minilm-l6`" in report and "comm on the last layers" in report
     for name in ("leaderboard.csv", "leaderboard.parquet", "recall_vs_pairs.png", "zeroshot_vs_pairs.png",
-                 "validation_curves.png",
+                 "validation_curves.png", "differences_vs_last.png", "intervals.csv", "tuning.csv",
                  "layers-dinov2-s.png"):
         assert (out / name).stat().st_size > 0, name
     assert pl.read_csv(out / "leaderboard.csv").height == board.height
@@ -54,7 +58,7 @@ def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
     assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None))
     assert DemoConfig.sized(200).n_pairs == (25, None)
     assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
-    assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # METHOD 4 and 3.7
+    assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # docs/method.md § 4 and 3.7
     assert "comm" not in DemoConfig().objectives  # 97 s a run on 2 cores: measured by a sweep, in the README
     assert DemoConfig.sized() == DemoConfig()
 

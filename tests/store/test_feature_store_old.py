@@ -33,6 +33,9 @@ VOLATILE = {
 # Added since 3d4de15: an evaluation on another dataset names the dataset version it ran on, and a run keeps its
 # per-query results (for paired comparisons) beside its metrics.
 ADDED_EVAL_FIELD = "eval_dataset_fingerprint"
+# Since 2026-12-06 it also measures the test split's overlap with the run's training pairs and scores the pairs
+# the run never trained on (toy-resplit is toy split again: its test split holds images toy's runs trained on).
+ADDED_EVAL_OVERLAP = ("overlap", "unseen")
 ADDED_RUN_FILE = "queries.safetensors"
 # Since 2026-11-25 a run's metrics name how its checkpoint was chosen (`selection`) and its validation curve holds
 # every yardstick per evaluation step ({"step", "clip_loss", "rsum", ...} where 3d4de15 wrote [step, val CLIP loss]).
@@ -207,6 +210,7 @@ def test_saved_cross_dataset_eval_reproduced(old) -> None:
     again = API.evaluate_saved_run(store, RUN_IDS[0], "toy-resplit")
     after = json.loads(path.read_bytes())
     assert after.pop(ADDED_EVAL_FIELD) == store.dataset("toy-resplit").fingerprint
+    assert after.pop("overlap")["images_trained_on"] > 0 and after.pop("unseen")["eval_images"] > 0
     assert after == before
     assert {k: again[k] for k in before} == before
     assert again["previous_eval"] == "stale" and again["eval_file"].endswith("eval-toy-resplit.json")
@@ -232,8 +236,9 @@ def test_rebuilt_by_current_code_is_the_same_store(tmp_path: Path) -> None:
             compared_as_safetensors.append(rel)
         elif rel.split("/")[-1].startswith("eval-"):
             new, was = json.loads(data), json.loads(old_files[rel])
-            assert ADDED_EVAL_FIELD in new and ADDED_EVAL_FIELD not in was, rel
-            assert {k: v for k, v in new.items() if k != ADDED_EVAL_FIELD} == was, rel
+            added = (ADDED_EVAL_FIELD, *ADDED_EVAL_OVERLAP)
+            assert all(k in new and k not in was for k in added), rel
+            assert {k: v for k, v in new.items() if k not in added} == was, rel
         elif rel.endswith("/metrics.json"):
             new, was = json.loads(data), json.loads(old_files[rel])
             assert new[ADDED_METRICS_FIELD]["metric"] in ("clip_loss", "closed_form"), rel

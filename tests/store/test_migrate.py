@@ -4,6 +4,7 @@ re-extracted, recomputed or retrained), and a migration cut off before or during
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -52,7 +53,11 @@ def test_migrate_keeps_keys_values_markers_runs(old: Path) -> None:
             assert got.dtype == want.dtype and np.array_equal(got, want)
             rows = np.array([3, 0, 5])
             assert np.array_equal(entry.read_layer(layer, rows), want[rows])
-    assert _markers(old) == markers  # verbatim
+    # verbatim, plus the crc32c of each new inner chunk (what a layout-2 read checks a shard file against)
+    after = {k: json.loads(v) for k, v in _markers(old).items()}
+    assert {k: {f: x for f, x in m.items() if f != "chunk_crc32c"} for k, m in after.items()} == {
+        k: json.loads(v) for k, v in markers.items()}
+    assert all(len(m["chunk_crc32c"]) == len(m["sha256"]) for m in after.values())
     report = verify_store(store)
     assert report.ok and sum(f.kind == "entry" and f.status == "ok" for f in report.findings) == 4
     before = _tree(old)

@@ -1,4 +1,4 @@
-"""Trainer: determinism, the early-stopping rules of METHOD 3.6, NaN handling, storage, learning."""
+"""Trainer: determinism, the early-stopping rules of docs/method.md § 3.8, NaN handling, storage, learning."""
 
 from __future__ import annotations
 
@@ -59,27 +59,51 @@ def test_same_call_twice_is_bit_identical():
     assert not torch.equal(_state(c.model)["image.net.0.weight"], sa["image.net.0.weight"])
 
 
-def test_checkpoints_before_warmup_are_not_candidates():
-    """Random pairs overfit at once, so the val CLIP loss is lowest inside the warm-up; the structure run
-    must still restore a step at or after the warm-up, with full lambda recorded."""
+def test_every_evaluation_step_is_a_candidate_warmup_or_not():
+    """docs/method.md § 3.8 (2026-12-06): one candidate set for every run. Random pairs overfit at once, so the validation
+    CLIP loss is lowest inside the warm-up; the structure run restores that step as plain CLIP does."""
     xi, xt = _random()
     cfg = TrainConfig(objective="clip+structure", warmup_steps=20, select="clip_loss", **SMALL)
     res = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg)
     vals = {h["step"]: h["val_clip"] for h in res.history if "val_clip" in h}
-    assert 20 in vals, "the warm-up end must be evaluated"
-    assert min(vals, key=vals.get) < 20  # the overall minimum sits inside the warm-up ...
-    assert res.best_step >= 20  # ... but is not a candidate
-    assert res.best_step == min((s for s in vals if s >= 20), key=lambda s: vals[s])
-    # the lambda of the update that produced the restored step (full strength from step warm-up + 1)
+    assert sorted(vals) == list(range(0, 41, 5)), "the evaluation steps are those of every run (no extra one)"
+    assert min(vals, key=vals.get) < 20 and res.best_step == min(vals, key=vals.get)
     assert res.lambda_at_best == res.history[res.best_step]["lambda"] == losses_mod.lambda_at(res.best_step - 1, 10.0, 20)
-    assert res.lambda_at_best > 0 and not res.restored_before_warmup
-    assert res.best_val_clip == vals[res.best_step]
-    summary = res.summary()
-    assert summary["best_step"] == res.best_step and summary["lambda_at_best"] == res.lambda_at_best
-    # the same data with plain clip (no warm-up) keeps the early minimum
+    assert res.best_val_clip == vals[res.best_step] and not res.restored_before_warmup
+    assert res.summary()["selection"]["first_candidate"] == 0
     plain = train_heads(xi, xt, np.arange(64), np.arange(64, 96),
                         TrainConfig(objective="clip", select="clip_loss", **SMALL))
-    assert plain.best_step < 20 and plain.lambda_at_best == 0.0
+    assert sorted(h["step"] for h in plain.history if "val_clip" in h) == sorted(vals)
+
+
+def test_runs_recorded_under_the_older_rule_keep_it():
+    """A record without `candidates` is a run of the older rule (no candidate before the warm-up ends, an extra
+    evaluation at its end): read back, it trains exactly as it did, so its run id still means its weights."""
+    xi, xt = _random()
+    new = TrainConfig(objective="clip+structure", warmup_steps=20, select="clip_loss", **SMALL)
+    assert new.to_dict()["candidates"] == "all"
+    old = TrainConfig.from_dict({k: v for k, v in new.to_dict().items() if k != "candidates"})
+    assert old.candidates == "after_warmup" and old.selection_floor() == 20
+    res = train_heads(xi, xt, np.arange(64), np.arange(64, 96), old)
+    vals = {h["step"]: h["val_clip"] for h in res.history if "val_clip" in h}
+    assert 20 in vals and min(vals, key=vals.get) < 20
+    assert res.best_step == min((s for s in vals if s >= 20), key=lambda s: vals[s])
+    assert res.summary()["selection"]["first_candidate"] == 20
+    # without a warm-up the two rules are one: nothing is recorded, older ids stay
+    assert "candidates" not in TrainConfig(objective="clip", **SMALL).to_dict()
+
+
+def test_a_fixed_stop_step_restores_that_step():
+    xi, xt = _random()
+    cfg = TrainConfig(objective="clip+structure", warmup_steps=20, stop_step=15, **SMALL)
+    res = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg)
+    free = train_heads(xi, xt, np.arange(64), np.arange(64, 96), TrainConfig(**{**cfg.__dict__, "stop_step": None}))
+    assert res.best_step == 15 and res.steps_taken == 15 and res.stopped_reason == "fixed_step"
+    # the same trajectory as the free run up to that step (the schedule is max_steps', not stop_step's)
+    free_losses = {h["step"]: h.get("loss") for h in free.history}
+    assert all(h.get("loss") == free_losses[h["step"]] for h in res.history)
+    with pytest.raises(StratalignError, match="stop_step"):
+        TrainConfig(stop_step=SMALL["max_steps"] + 1, **SMALL)
 
 
 def test_warmup_fraction_and_patience():
@@ -87,10 +111,11 @@ def test_warmup_fraction_and_patience():
     cfg = TrainConfig(objective="clip+structure", warmup_fraction=0.25, **{**SMALL, "patience": 10})
     assert cfg.resolved_warmup() == 10
     res = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg)
-    assert res.warmup_steps == 10 and res.best_step >= 10
+    assert res.warmup_steps == 10
     assert res.stopped_reason == "early_stopping" and res.steps_taken == res.best_step + 10
     # the lambda recorded per step is the warm-up ramp by optimiser steps
-    lam = {h["step"]: h["lambda"] for h in res.history if "lambda" in h}
+    full = train_heads(xi, xt, np.arange(64), np.arange(64, 96), cfg.__class__(**{**cfg.__dict__, "patience": 100}))
+    lam = {h["step"]: h["lambda"] for h in full.history if "lambda" in h}
     assert lam[1] == 0.0 and lam[6] == pytest.approx(5.0) and lam[11] == 10.0
 
 
@@ -217,7 +242,7 @@ def test_knn_objective_with_k0_trains_like_batch_structure():
 
 
 def test_defaults_equal_method_md():
-    """METHOD.md 3.1-3.6 defaults, field by field."""
+    """docs/method.md § 3.1-3.8 defaults, field by field."""
     import inspect
 
     cfg = TrainConfig()
@@ -242,7 +267,7 @@ def test_lambda_at_best_is_the_lambda_of_the_update_that_produced_it(monkeypatch
     _nan_from_step(monkeypatch, 8)
     cfg = TrainConfig(objective="clip+structure", warmup_steps=20, **SMALL)
     res = train_heads(xi, xt, np.arange(150), np.arange(150, 200), cfg)
-    assert res.stopped_reason == "non_finite" and res.restored_before_warmup
+    assert res.stopped_reason == "non_finite" and not res.restored_before_warmup  # every step is a candidate
     assert res.best_step == 5, res.history  # planted pairs: step 5 beats the initial heads
     assert res.history[5]["lambda"] == 2.0 == res.lambda_at_best
     assert res.message.startswith("non-finite training loss at step 8")
@@ -254,7 +279,7 @@ def test_lambda_at_best_zero_when_initial_heads_restored():
     res = train_heads(xi, xt, np.arange(64), np.arange(64, 96),
                       TrainConfig(objective="clip+structure", warmup_steps=20, **{**SMALL, "lr": 1e30}))
     assert res.stopped_reason == "non_finite" and res.best_step == 0 and res.lambda_at_best == 0.0
-    assert res.restored_before_warmup and res.message.endswith("(lambda 0)") and "restored step 0 " in res.message
+    assert not res.restored_before_warmup and res.message.endswith("(lambda 0)") and "restored step 0 " in res.message
 
 
 def test_cosine_schedule_in_history():
@@ -312,7 +337,7 @@ def test_gradient_clip_is_per_head(monkeypatch):
 
 def _dense_rs_knn(x_all: torch.Tensor, z_all: torch.Tensor, bidx: list[int], graph: np.ndarray, tau: float,
                   levels: int) -> float:
-    """METHOD 3.3 written out: P over the extended support (batch U N(i), each row once), float64."""
+    """docs/method.md § 3.3 written out: P over the extended support (batch U N(i), each row once), float64."""
     x_all, z_all = x_all.double(), z_all.double()
     support = sorted(set(bidx) | {int(j) for i in bidx for j in graph[i]})
     col = {j: c for c, j in enumerate(support)}
@@ -344,7 +369,7 @@ def _dense_rs_knn(x_all: torch.Tensor, z_all: torch.Tensor, bidx: list[int], gra
 
 @pytest.mark.parametrize("levels", [1, 2])
 def test_knn_trainer_term_equals_dense_method_3_3(monkeypatch, levels):
-    """The first step's regulariser (initial heads, first batch) against METHOD 3.3 built densely."""
+    """The first step's regulariser (initial heads, first batch) against docs/method.md § 3.3 built densely."""
     from stratalign.train import heads_loop
 
     xi, xt = _random(n=60, d=8, seed=4)
@@ -405,7 +430,7 @@ def test_precomputed_graphs_are_used_and_checked(monkeypatch):
 
 
 def _curve_rule(res, key, higher, first_candidate):
-    """The checkpoint METHOD 3.6 restores, computed from the recorded curve: the best value of the selection
+    """The checkpoint docs/method.md § 3.8 restores, computed from the recorded curve: the best value of the selection
     metric among the evaluated steps >= the first candidate, the earliest on ties."""
     rows = [r for r in res.val_curve if r["step"] >= first_candidate and math.isfinite(r[key])]
     best = max(r[key] for r in rows) if higher else min(r[key] for r in rows)
@@ -467,7 +492,7 @@ def test_selection_metric_choices_pick_different_rules():
 
 def test_rsum_gallery_dedups_images_of_several_captions():
     """Validation pairs sharing an image id form one gallery image: i2t counts an image once, with any of its
-    captions a hit (METHOD 4), so the rsum differs from the one that treats every pair as its own image."""
+    captions a hit (docs/method.md § 4), so the rsum differs from the one that treats every pair as its own image."""
     from stratalign.train.validation import ValidationTargets, Validator
 
     rng = np.random.default_rng(0)

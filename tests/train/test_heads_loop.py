@@ -62,6 +62,7 @@ def _same(alone, batched):
     ("clip+ib", "linear", None),
     ("clip+vib", "linear", None),
     ("clip+structure-knn", "linear", None),
+    ("clip+fusemix", "linear", None),
 ])
 def test_batched_runs_equal_runs_alone(objective, head, options):
     xi, xt = _planted()
@@ -82,6 +83,20 @@ def test_objectives_mix_in_one_group_and_order_is_kept():
     for spec, got in zip(specs, batched):
         assert got.config is spec.cfg
         _same(train_heads(xi, xt, spec.train_idx, spec.val_idx, spec.cfg), got)
+
+
+def test_fusemix_beside_other_runs():
+    """FuseMix mixes only its own runs' batches: a clip run in its group trains bit for bit as alone, the mixup
+    run is not plain clip, and mixup on a regularised objective is one knob (mixup_alpha)."""
+    xi, xt = _planted(seed=3)
+    clip, mixed = _specs("clip")[0], _specs("clip+fusemix")[0]
+    structure_mixed = _specs("clip+structure", mixup_alpha=0.4)[1]
+    assert mixed.cfg.mixup_alpha == 1.0 and _specs("clip")[0].cfg.mixup_alpha == 0.0
+    batched = train_many(xi, xt, [clip, mixed, structure_mixed])
+    _same(train_heads(xi, xt, clip.train_idx, clip.val_idx, clip.cfg), batched[0])
+    _same(train_heads(xi, xt, mixed.train_idx, mixed.val_idx, mixed.cfg), batched[1])
+    assert batched[1].history[1]["clip"] != batched[0].history[1]["clip"]  # same seed and rows: the mixup differs
+    assert "mixup_alpha" not in clip.cfg.to_dict() and mixed.cfg.to_dict()["mixup_alpha"] == 1.0
 
 
 def test_a_run_that_blows_up_stops_alone():

@@ -1,4 +1,4 @@
-"""Trainer presets (METHOD 3.6): auto -> cpu | gpu by the machine, --set wins over the preset, and the run id
+"""Trainer presets (docs/method.md § 3.8): auto -> cpu | gpu by the machine, --set wins over the preset, and the run id
 hashes the resolved settings only (never the preset's name or the machine, unless auto was asked for)."""
 
 from __future__ import annotations

@@ -152,3 +152,95 @@ def test_weights_mismatch_is_refused_with_one_line(hf_store, tmp_path: Path) -> 
         AlignedModel.load(out)
     with pytest.raises(StratalignError, match="not an exported model"):
         AlignedModel.load(tmp_path / "nothing")
+
+
+def test_tensors_in_and_out_preprocess_and_tokenizer(hf_store) -> None:
+    """open_clip / Hugging Face conventions: a `preprocess` batch (or its pixel tensor) and a `tokenizer` batch
+    embed as the raw items do; return_tensors="pt" gives torch tensors of the same numbers."""
+    import torch
+
+    store, vit, bert = hf_store
+    model = AlignedModel.from_run(store, _run(store, vit, bert, "clip", "linear", "last"), device="cpu")
+    paths = store.dataset("twemoji").images["path"].to_list()[:3]
+    texts = ["a red heart", "a grinning face"]
+    z = model.encode_image(paths)
+    batch = model.preprocess(paths)
+    np.testing.assert_array_equal(model.encode_image(batch), z)
+    np.testing.assert_array_equal(model.encode_image(batch["pixel_values"]), z)
+    zt = model.encode_text(model.tokenizer(texts), return_tensors="pt")
+    assert isinstance(zt, torch.Tensor) and zt.dtype == torch.float32
+    np.testing.assert_array_equal(zt.numpy(), model.encode_text(texts))
+    with pytest.raises(StratalignError, match="return_tensors"):
+        model.encode_text(texts, return_tensors="tf")
+
+
+def test_classify_top_k_probabilities_are_softmax_at_the_training_temperature(hf_store) -> None:
+    store, vit, bert = hf_store
+    model = AlignedModel.from_run(store, _run(store, vit, bert, "clip", "linear", "last"), device="cpu")
+    assert model.temperature == model.card["run_config"]["train"]["tau"] == 0.05
+    paths = store.dataset("twemoji").images["path"].to_list()[:4]
+    res = model.classify(paths, ["cat", "dog", "red heart", "face"])
+    logits = res.scores / 0.05
+    expect = np.exp(logits - logits.max(1, keepdims=True))
+    expect /= expect.sum(1, keepdims=True)
+    np.testing.assert_allclose(res.probs, expect, rtol=1e-5)
+    top = res.top(2)
+    assert [t[0][0] for t in top] == res.labels and all(t[0][1] >= t[1][1] for t in top)
+    assert top[0][0][2] == pytest.approx(float(res.scores[0].max()))
+
+
+def test_export_carries_a_model_card_and_from_pretrained_is_bit_identical_in_a_new_process(hf_store, tmp_path) -> None:
+    store, vit, bert = hf_store
+    run_id = _run(store, vit, bert, "clip", "mlp", "1,2")
+    model = AlignedModel.from_run(store, run_id, device="cpu")
+    out = model.export(tmp_path / "exported")
+    readme = (out / "README.md").read_text()
+    cfg = model.card["run_config"]
+    for needle in (run_id, vit, bert, "| image |", "| 1 (", "| 2 (", cfg["dataset_fingerprint"],
+                   f"pairs: {cfg['n_pairs']} ({cfg['n_train']} trained on", "objective `clip`", "- tau: `0.05`",
+                   "95% interval (Wilson)", "| t2i_R@1 |", "## Intended use and limits"):
+        assert needle in readme, needle
+    assert model.export(tmp_path / "again") and (tmp_path / "again" / "README.md").read_text() == readme
+    paths = store.dataset("twemoji").images["path"].to_list()[:3]
+    code = ("import json, sys, numpy as np\nfrom stratalign.use.model import AlignedModel\n"
+            "m = AlignedModel.from_pretrained(sys.argv[1], device='cpu')\n"
+            "np.save(sys.argv[2], np.concatenate([m.encode_image(json.loads(sys.argv[3])), m.encode_text(['a cat'])]))\n")
+    res = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "z.npy"), json.dumps(paths)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "z.npy"),
+                                  np.concatenate([model.encode_image(paths), model.encode_text(["a cat"])]))
+
+
+def test_an_ambiguous_run_prefix_lists_its_candidates(hf_store) -> None:
+    store, vit, bert = hf_store
+    a = _run(store, vit, bert, "clip", "linear", "last")
+    b = _run(store, vit, bert, "clip", "linear", "1,1")
+    common = a[:len(next(p for p in (a[:i] for i in range(len(a), 0, -1)) if b.startswith(p)))]
+    with pytest.raises(StratalignError, match="is ambiguous") as err:
+        AlignedModel.from_run(store, common)
+    assert a in str(err.value) and b in str(err.value) and "give more of the id" in str(err.value)
+
+
+def test_search_reads_queries_the_store_holds_without_an_encoder(hf_store) -> None:
+    """A caption of the dataset (and a file with one of its images' bytes) is answered from the store's cached
+    features, with the hits of the encoder path; no encoder is loaded."""
+    from stratalign.use.cached import CachedFeatures
+    from stratalign.use.search import search
+
+    store, vit, bert = hf_store
+    run_id = _run(store, vit, bert, "clip", "linear", "last")
+    ds = store.dataset("twemoji")
+    caption, path = ds.captions["text"][4], ds.images["path"][4]
+
+    def no_encoder(*_a):
+        raise AssertionError("an encoder was loaded")
+
+    fast = AlignedModel.from_run(store, run_id, device="cpu", load=no_encoder)
+    cached = CachedFeatures(store, fast, "twemoji")
+    by_text = search(store, fast, "twemoji", [caption], 5, cached=cached)[0]
+    by_image = search(store, fast, "twemoji", [path], 5, by="image", cached=cached)[0]
+    assert cached.hits == 2 and not fast._encoders
+    slow = AlignedModel.from_run(store, run_id, device="cpu")
+    assert [h.row for h in by_text] == [h.row for h in search(store, slow, "twemoji", [caption], 5)[0]]
+    assert [h.row for h in by_image] == [h.row for h in search(store, slow, "twemoji", [path], 5, by="image")[0]]

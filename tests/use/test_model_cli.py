@@ -80,3 +80,48 @@ def test_bad_input_is_one_line_and_nonzero(model_store, tmp_path: Path) -> None:
         assert res.returncode != 0 and msg in res.stderr, (args, res.stderr)
         errors = [line for line in res.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and msg in errors[0], res.stderr
+
+
+def test_embed_folders_globs_and_list_files_to_npy_and_parquet(model_store, tmp_path: Path) -> None:
+    store, run_id, _ = model_store
+    paths = store.dataset("twemoji").images["path"].to_list()[:6]
+    folder = tmp_path / "shots"
+    (folder / "sub").mkdir(parents=True)
+    copies = [folder / "a.png", folder / "sub" / "b.png"]
+    for src, dst in zip(paths[:2], copies):
+        dst.write_bytes(Path(src).read_bytes())
+    (folder / "notes.md").write_text("not an image")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two files\n{paths[2]}\n{paths[3]}\n")
+    (tmp_path / "texts.txt").write_text("a red heart\n\na grinning face\n")
+    res = cli("embed", "--run", run_id, "--images", str(folder), "--images", str(Path(paths[4]).parent / "1f60*.png"),
+              "--images", str(listing), "--text-file", str(tmp_path / "texts.txt"), "--out", str(tmp_path / "out"),
+              "--store", store.url, "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    meta = pl.read_parquet(tmp_path / "out" / "metadata" / "img_metadata_0.parquet")
+    z = np.load(tmp_path / "out" / "img_emb" / "img_emb_0.npy")
+    items = meta["image_path"].to_list()
+    assert items[:2] == [str(copies[0]), str(copies[1])] and items[-2:] == paths[2:4] and len(z) == len(items)
+    in_dataset = set(store.dataset("twemoji").images["path"].to_list()) | {str(c) for c in copies}
+    # a file with the bytes of a dataset image is read from the cached features, any other one encoded
+    assert meta["from_store"].to_list() == [i in in_dataset for i in items] and 0 < sum(meta["from_store"]) < len(items)
+    model = AlignedModel.from_run(store, run_id, device="cpu")
+    np.testing.assert_allclose(z, model.encode_image(items), atol=3e-3)
+    zt = np.load(tmp_path / "out" / "text_emb" / "text_emb_0.npy")
+    assert pl.read_parquet(tmp_path / "out" / "metadata" / "text_metadata_0.parquet")["caption"].to_list() == [
+        "a red heart", "a grinning face"]
+    np.testing.assert_array_equal(zt, model.encode_text(["a red heart", "a grinning face"]))
+
+
+def test_classify_prints_top_k_with_probabilities(model_store) -> None:
+    store, run_id, _ = model_store
+    path = store.dataset("twemoji").images["path"][0]
+    res = cli("classify", path, "--run", run_id, "--classes", "cat,dog,face", "-k", "3", "--store", store.url,
+              "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].split() == ["image", "rank", "class", "probability", "score"] and len(lines) == 4
+    probs = [float(line.split()[3]) for line in lines[1:]]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 2e-3
+    top = AlignedModel.from_run(store, run_id, device="cpu").classify([path], ["cat", "dog", "face"]).top(3)[0]
+    assert [line.split()[2] for line in lines[1:]] == [c for c, _, _ in top]

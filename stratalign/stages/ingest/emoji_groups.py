@@ -1,4 +1,4 @@
-"""Which Twemoji images are variants of one emoji, so the split keeps them together (METHOD.md section 4).
+"""Which Twemoji images are variants of one emoji, so the split keeps them together (docs/method.md § 4).
 
 Measured on the 1,895 Twemoji images (DINOv2-S, last layer): variants of one emoji are near-identical
 pictures (cosine >= 0.99, most of the 'family: ...' images are the very same drawing), so a split by image

@@ -6,7 +6,7 @@ import hashlib
 import json
 import posixpath
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import fsspec
 import polars as pl
@@ -14,8 +14,10 @@ import polars as pl
 from stratalign.errors import StratalignError, preview, require_int
 from stratalign.progress import progress_bar
 from stratalign.stages.ingest.shards import read_hf, read_webdataset
-from stratalign.store.datasets import PairDataset, RawCaption, RawImage, build_dataset
+from stratalign.stages.ingest.templates import zero_shot_args
+from stratalign.store.datasets import DEFAULT_TEMPLATES, PairDataset, RawCaption, RawImage, build_dataset
 from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
+from stratalign.store.zero_shot import check_templates
 
 TWEMOJI_TEMPLATES = ("an emoji of {}.",)
 
@@ -266,10 +268,22 @@ SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "t
 
 
 def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad: bool = False,
-                  limit: int | None = None, spread: bool = False, **args: Any) -> PairDataset:
+                  limit: int | None = None, templates: Sequence[str] | None = None,
+                  templates_file: str | None = None, class_names: Mapping[str, str] | None = None,
+                  spread: bool = False, **args: Any) -> PairDataset:
     """Read a source and validate it into a PairDataset (not yet saved: see FeatureStore.save_dataset).
     `limit` keeps the first N images, or with `spread` N images taken in turn from each label (a small sample
-    that still holds every class)."""
+    that still holds every class).
+
+    Zero-shot prompts: `templates` (or a `templates_file`, stages.ingest.templates, which may also name classes)
+    replace the source's default ("an emoji of {}." for twemoji, else "a photo of a {}."); `class_names` maps
+    labels to the names the prompts use."""
+    templates, file_names = zero_shot_args(templates, templates_file)
+    if templates is not None:  # checked before a long read of the source
+        check_templates(templates, f"--templates-file {templates_file}" if templates_file else "--template")
+    if class_names and file_names:
+        raise StratalignError(f"class names given both in --templates-file {templates_file} and as class_names: "
+                              "give them in one place")
     if kind not in SOURCES:
         raise StratalignError(f"unknown dataset source {kind!r}; known: {', '.join(SOURCES)}")
     if limit is not None:
@@ -283,7 +297,8 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
         source["limit"] = limit
         if spread:
             source["sample"] = "spread over labels"
-    templates = TWEMOJI_TEMPLATES if kind == "twemoji" else None
+    default_templates = TWEMOJI_TEMPLATES if kind == "twemoji" else DEFAULT_TEMPLATES
     default_name = "twemoji" if kind == "twemoji" else kind
     return build_dataset(default_name if name is None else name, images, captions, source=source, seed=seed,
-                         skip_bad=skip_bad, templates=templates, progress=bool(args.get("progress", False)))
+                         skip_bad=skip_bad, templates=templates, default_templates=default_templates,
+                         class_names=class_names or file_names, progress=bool(args.get("progress", False)))

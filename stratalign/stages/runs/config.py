@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import Selection, objective_named
@@ -30,7 +30,7 @@ from stratalign.store.feature_store import FeatureEntry, FeatureStore
 from stratalign.store.layer_results import load_choice
 from stratalign.store.runs import run_id_of
 from stratalign.train import TrainConfig
-from stratalign.train.presets import apply_preset, check_preset_name, choose_preset
+from stratalign.train.presets import AUTO, apply_preset, check_preset_name, choose_preset, describe
 from stratalign.train.validation import check_select
 
 # TrainConfig fields that RunConfig sets itself: a --set of one of them names the flag to use instead
@@ -56,9 +56,10 @@ class RunConfig:
     vision_pooling: str | None = None
     text_pooling: str | None = None
     options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # TrainConfig overrides (win over preset)
-    # trainer schedule (train.presets): cpu | gpu | paper | auto (cpu or gpu by the machine: the CLI's default).
-    # None: TrainConfig's own defaults (METHOD's, = paper), machine-independent, as before presets existed.
-    preset: str | None = None
+    # trainer schedule (train.presets): auto (cpu or gpu by the machine; the default here as in the CLI, so Python
+    # and the CLI train the same run for the same request) | cpu | gpu | paper. None: TrainConfig's own defaults
+    # (docs/method.md published schedule, = paper) recorded without a preset, as every run before presets existed.
+    preset: str | None = AUTO
     # the validation metric that picks the checkpoint (rsum | zeroshot | clip_loss) of the objectives that select
     # on validation (CoMM and CSA do not: left alone there, so one sweep can name it for every cell); None: the
     # objective's default (rsum). A --set select=... wins.
@@ -73,10 +74,21 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RunInputs:
+    """What a resolved run reads, held so that no later step looks it up again: its dataset (tables loaded)
+    and its (vision, text) feature entries."""
+
+    dataset: PairDataset
+    vision: FeatureEntry
+    text: FeatureEntry
+
+
+@dataclass(frozen=True)
 class ResolvedRun:
     """A run with every choice pinned. The fields up to `bad_pairs_dropped` are its identity (hashed into
-    `run_id`, written to config.json); `subset` and `val` are the training and validation pairs, carried
-    along but not part of the id (None for a run read back from its config.json). `preset` is the schedule
+    `run_id`, written to config.json); `subset` and `val` are the training and validation pairs and `inputs`
+    its dataset and entries, carried along to every later step but not part of the id (None for a run read
+    back from its config.json: `inputs_of` finds them). `preset` is the schedule
     preset the settings came from: written to config.json when there was one, but not hashed (the id depends on
     the settings in `train`, not on how they were asked for)."""
 
@@ -107,6 +119,7 @@ class ResolvedRun:
     preset: str | None = None
     subset: PairRows | None = field(default=None, compare=False, repr=False)
     val: PairRows | None = field(default=None, compare=False, repr=False)
+    inputs: RunInputs | None = field(default=None, compare=False, repr=False)
 
     def identity(self) -> dict[str, Any]:
         """What the run id hashes (bad_pairs_dropped only when non-zero and validation only when it is the val
@@ -135,7 +148,7 @@ class ResolvedRun:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ResolvedRun:
         """The run described by a saved config.json (without its pairs)."""
-        optional = ("subset", "val", "bad_pairs_dropped", "validation", "preset")
+        optional = ("subset", "val", "inputs", "bad_pairs_dropped", "validation", "preset")
         names = [f.name for f in fields(cls) if f.name not in optional]
         missing = [n for n in names if n not in config]
         if missing:
@@ -144,7 +157,15 @@ class ResolvedRun:
                    validation=str(config.get("validation", CARVED)), preset=config.get("preset"))
 
 
-_NOT_IDENTITY = ("run_id", "preset", "subset", "val")
+_NOT_IDENTITY = ("run_id", "preset", "subset", "val", "inputs")
+
+
+def inputs_of(store: FeatureStore, run: ResolvedRun) -> RunInputs:
+    """The dataset and entries a run reads: the ones it carries, or (a run read back from config.json) the ones
+    its config names, from the store (which holds a dataset it has loaded once)."""
+    if run.inputs is not None:
+        return run.inputs
+    return RunInputs(store.dataset(run.dataset), store.entry(run.vision_entry), store.entry(run.text_entry))
 
 
 def run_entries(store: FeatureStore, cfg: RunConfig, dataset: str | None = None) -> tuple[FeatureEntry, FeatureEntry]:
@@ -229,6 +250,25 @@ def run_preset(cfg: RunConfig) -> str | None:
     return None if cfg.preset is None else choose_preset(cfg.preset, dict(cfg.options)).name
 
 
+def preset_notes(cfgs: Sequence[RunConfig]) -> list[str]:
+    """One line per trainer schedule in force among the runs, what `train_runs` prints before training (from
+    Python as from the CLI): 'preset cpu (no CUDA): batch 256, 600 steps, warm-up 100, patience 40, eval every 10'
+    with the --set options every one of them sets; for preset None, TrainConfig's own schedule."""
+    groups: dict[str | None, list[RunConfig]] = {}
+    for cfg in cfgs:
+        groups.setdefault(cfg.preset, []).append(cfg)
+    lines = []
+    for name, group in groups.items():
+        common = tuple((k, v) for k, v in group[0].options
+                       if all(k in dict(c.options) and dict(c.options)[k] == v for c in group[1:]))
+        if name is None:  # TrainConfig's defaults are the paper preset's schedule
+            lines.append("no preset (preset=None): TrainConfig's own schedule, docs/method.md published one: "
+                         + describe(choose_preset("paper"), common).split(": ", 1)[1])
+        else:
+            lines.append(describe(choose_preset(name, dict(common)), common))
+    return lines
+
+
 def _train_settings(cfg: RunConfig, preset: str | None) -> dict[str, Any]:
     """The run's TrainConfig as JSON (the objective as its registry entry records it): TrainConfig's defaults,
     under the preset's schedule, under the --set overrides."""
@@ -270,7 +310,8 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
         head=cfg.head, objective=cfg.objective, seed=cfg.seed,
         n_pairs=cfg.n_pairs if cfg.n_pairs is not None else len(subset), n_train=len(subset), n_val=len(val),
         val_fraction=cfg.val_fraction, ids_sha=ids_sha, ids_kind=cfg.ids_kind, train=_train_settings(cfg, preset),
-        bad_pairs_dropped=pool_dropped + val_dropped, validation=source, preset=preset, subset=subset, val=val)
+        bad_pairs_dropped=pool_dropped + val_dropped, validation=source, preset=preset, subset=subset, val=val,
+        inputs=RunInputs(ds, v, t))
     return replace(run, run_id=run_id_of(run.identity()))
 
 

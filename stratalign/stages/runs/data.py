@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from stratalign.stages.prompts import class_prompts, prompt_features
-from stratalign.stages.runs.config import ResolvedRun
+from stratalign.stages.runs.config import RunInputs
 from stratalign.stages.subsets import PairRows
-from stratalign.store.feature_store import FeatureEntry, FeatureStore
+from stratalign.store.datasets import PairDataset
+from stratalign.store.feature_store import FeatureEntry
 from stratalign.train.validation import ValidationTargets
 
 SUBSET_KEYS = ("subset_image_rows", "subset_caption_rows")
@@ -58,18 +59,17 @@ def split_run_tensors(tensors: dict[str, Any]) -> tuple[dict[str, Any], PairRows
     return model, PairRows(tensors[SUBSET_KEYS[0]].numpy(), tensors[SUBSET_KEYS[1]].numpy())
 
 
-def train_features_of(store: FeatureStore, run: ResolvedRun, subset: PairRows) -> tuple[np.ndarray, ...]:
-    """(image features, text features, labels) of a run's training pairs."""
-    v, t = store.entry(run.vision_entry), store.entry(run.text_entry)
-    labels = store.dataset(run.dataset).images["label"].to_numpy()[subset.image_rows]
-    return gather(v, run.vision_layer, subset.image_rows), gather(t, run.text_layer, subset.caption_rows), labels
+def train_features_of(inputs: RunInputs, vision_layer: int, text_layer: int,
+                      subset: PairRows) -> tuple[np.ndarray, ...]:
+    """(image features, text features, labels) of a run's training pairs, read from its entries."""
+    labels = inputs.dataset.images["label"].to_numpy()[subset.image_rows]
+    return (gather(inputs.vision, vision_layer, subset.image_rows), gather(inputs.text, text_layer, subset.caption_rows),
+            labels)
 
 
-def validation_targets(store: FeatureStore, dataset: str, val: PairRows, text_entry: FeatureEntry,
-                       text_layer: int) -> ValidationTargets:
+def validation_targets(ds: PairDataset, val: PairRows, text_entry: FeatureEntry, text_layer: int) -> ValidationTargets:
     """The validation pairs' image rows (one gallery image each), and for a labelled dataset their class
-    indices and the class prompts' features at the text layer (zero-shot on validation, METHOD 3.6)."""
-    ds = store.dataset(dataset)
+    indices and the class prompts' features at the text layer (zero-shot on validation, docs/method.md § 3.8)."""
     labels = ds.images["label"].to_list() if "label" in ds.images.columns else []
     val_labels = [labels[i] for i in val.image_rows] if labels else []
     if not ds.class_names or not val_labels or any(x is None for x in val_labels):

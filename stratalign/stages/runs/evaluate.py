@@ -1,4 +1,4 @@
-"""Evaluation of a trained model on a dataset's test split (METHOD.md section 4), from cached features.
+"""Evaluation of a trained model on a dataset's test split (docs/method.md § 4), from cached features.
 
 Retrieval over the gallery of unique test images and all their captions, zero-shot classification with
 the dataset's class names and templates through the chosen text layer and head, and the mutual-kNN
@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 
 from stratalign.core import scoring as scoring_mod
+from stratalign.core.metric_registry import space_scores
 from stratalign.core.objectives import Evaluation, objective_named
 from stratalign.core.stats import majority_rate
 from stratalign.errors import StratalignError
 from stratalign.stages.prompts import class_prompts, prompt_features
-from stratalign.stages.runs.config import ResolvedRun
+from stratalign.stages.runs.config import ResolvedRun, RunInputs, inputs_of
 from stratalign.stages.runs.data import split_run_tensors, train_features_of
+from stratalign.stages.runs.overlap import Overlap, Trained
+from stratalign.stages.runs.results import EvalResult
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store.datasets import PairDataset
 from stratalign.store.feature_store import FeatureEntry, FeatureStore
@@ -44,10 +47,8 @@ class Scored:
 
 
 def _eval_entries(store: FeatureStore, run: ResolvedRun, dataset: str) -> tuple[FeatureEntry, FeatureEntry]:
-    """The eval dataset's entries of the run's encoders; refuse features from other encoders or weights."""
+    """Another dataset's entries of the run's encoders; refuse features from other encoders or weights."""
     train_v, train_t = store.entry(run.vision_entry), store.entry(run.text_entry)
-    if dataset == run.dataset:
-        return train_v, train_t
     out = []
     for tr in (train_v, train_t):
         same = [e for e in store.complete_entries(dataset, tr.spec.encoder_spec, tr.spec.pooling, tr.spec.modality)
@@ -59,17 +60,26 @@ def _eval_entries(store: FeatureStore, run: ResolvedRun, dataset: str) -> tuple[
     return out[0], out[1]
 
 
-def test_split(store: FeatureStore, dataset: str, entries: tuple[FeatureEntry, FeatureEntry] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(gallery image rows, caption rows, caption -> gallery index, pairs dropped) of the test split, without
-    the pairs that have a bad (--skip-bad placeholder) row in the (vision, text) `entries`."""
-    ds = store.dataset(dataset)
+def test_pairs(store: FeatureStore, dataset: str | PairDataset,
+               entries: tuple[FeatureEntry, FeatureEntry] | None = None) -> tuple[PairRows, int]:
+    """(pairs, pairs dropped) of the test split of a dataset (named, or loaded already), without the pairs that
+    have a bad (--skip-bad placeholder) row in the (vision, text) `entries`."""
+    ds = dataset if isinstance(dataset, PairDataset) else store.dataset(dataset)
+    dataset = ds.name
     pairs, dropped = PairRows(*ds.pairs("test")), 0
     if entries is not None:
         pairs, dropped = drop_bad_pairs(pairs, *entries)
     if len(pairs) == 0:
         why = f" ({dropped} test pairs have an unreadable image or caption)" if dropped else ""
         raise StratalignError(f"dataset {dataset!r} has no test split to evaluate on{why}")
+    return pairs, dropped
+
+
+def test_split(store: FeatureStore, dataset: str | PairDataset,
+               entries: tuple[FeatureEntry, FeatureEntry] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(gallery image rows, caption rows, caption -> gallery index, pairs dropped) of the test split
+    (`test_pairs`)."""
+    pairs, dropped = test_pairs(store, dataset, entries)
     gallery, txt_to_img = np.unique(pairs.image_rows, return_inverse=True)
     return gallery, pairs.caption_rows, txt_to_img, dropped
 
@@ -88,14 +98,25 @@ class _TestData:
 
 
 def score_model(store: FeatureStore, run: ResolvedRun, model: Any, dataset: str | None = None,
-                train_features: TrainFeatures | None = None) -> Scored:
+                train_features: TrainFeatures | None = None, inputs: RunInputs | None = None, *,
+                keep: np.ndarray | None = None) -> Scored:
     """All metrics of one model on a dataset's test split, scored the way the run's objective is evaluated,
-    with the per-query results (and the dataset rows of the queries) where the scoring has them."""
+    with the per-query results (and the dataset rows of the queries) where the scoring has them. On the run's
+    own dataset it scores from the run's inputs (`inputs`, or the ones the run carries): nothing is looked up.
+    `keep`: a mask over the test pairs (`test_pairs`) that scores only those (the pairs a run never trained on)."""
     dataset = dataset or run.dataset
-    v, t = _eval_entries(store, run, dataset)
+    if dataset == run.dataset:
+        inputs = inputs or inputs_of(store, run)
+        ds, v, t = inputs.dataset, inputs.vision, inputs.text
+    else:
+        v, t = _eval_entries(store, run, dataset)
+        ds = store.dataset(dataset)
     vl, tl = run.vision_layer, run.text_layer
-    gallery, cap_rows, txt_to_img, dropped = test_split(store, dataset, (v, t))
-    ds = store.dataset(dataset)
+    pairs, dropped = test_pairs(store, ds, (v, t))
+    if keep is not None:
+        pairs = PairRows(pairs.image_rows[keep], pairs.caption_rows[keep])
+    gallery, txt_to_img = np.unique(pairs.image_rows, return_inverse=True)
+    cap_rows = pairs.caption_rows
     x_img = v.read_layer(vl, gallery).astype(np.float32)
     x_txt = t.read_layer(tl, cap_rows).astype(np.float32)
     labels_all = ds.images["label"].to_numpy()
@@ -138,9 +159,11 @@ def _score_retrieval(model: Any, data: _TestData, train_features: TrainFeatures 
         if len(classes) >= 5:
             hits["zs_top5"] = rank < 5
         hits["zs_true"] = y.astype(np.int64)
-    if len(data.x_img) > 10:  # one caption per image: repeated image rows would be each other's neighbours
-        first_caption = np.unique(data.txt_to_img, return_index=True)[1]
-        out["alignment_mknn"] = 100.0 * scoring_mod.alignment_score(z_img, z_txt[first_caption], k="rice")
+    space = scoring_mod.Space(z_img, z_txt, data.txt_to_img)
+    for m in space_scores():  # the registry's metrics of the learned space (core.metric_registry)
+        value = getattr(scoring_mod, m.space_score)(space)
+        if value is not None:
+            out[m.name] = value
     return Scored(out, hits)
 
 
@@ -178,14 +201,30 @@ _SCORERS = {Evaluation.RETRIEVAL: _score_retrieval, Evaluation.PROBE: _score_pro
 
 
 def _rescore(store: FeatureStore, run_id: str, dataset: str | None) -> tuple[ResolvedRun, dict[str, Any], Scored]:
-    """(the run, its training metrics, its evaluation on `dataset`), the heads reloaded from safetensors."""
+    """(the run, its training metrics, its evaluation on `dataset`), the heads reloaded from safetensors. On
+    another dataset the metrics also hold the test split's `overlap` with the run's training pairs and, where
+    there is one, the metrics on the pairs it never trained on (`unseen`)."""
     config, tensors, metrics = RunRegistry(store).load(run_id)
     run = ResolvedRun.from_config(config)
     weights, subset = split_run_tensors(tensors)
     model = model_from_tensors(config, weights)
     needs_train = objective_named(run.objective).evaluation.needs_train_features
-    train_features = train_features_of(store, run, subset) if needs_train else None
-    return run, metrics, score_model(store, run, model, dataset, train_features=train_features)
+    train_features = None
+    if needs_train:
+        train_features = train_features_of(inputs_of(store, run), run.vision_layer, run.text_layer, subset)
+    scored = score_model(store, run, model, dataset, train_features=train_features)
+    if dataset is None or dataset == run.dataset:
+        return run, metrics, scored
+    other = store.dataset(dataset)
+    pairs, _ = test_pairs(store, other, _eval_entries(store, run, dataset))
+    overlap = Overlap.measure(other, pairs, Trained.of(store.dataset(run.dataset), subset))
+    extra: dict[str, Any] = {"overlap": overlap.summary(pairs)}
+    if not overlap.unseen.all():
+        extra["unseen"] = None
+        if overlap.unseen.any():
+            unseen = score_model(store, run, model, dataset, train_features=train_features, keep=overlap.unseen)
+            extra["unseen"] = {k: v for k, v in unseen.metrics.items() if k != "eval_dataset"}
+    return run, metrics, Scored({**scored.metrics, **extra}, scored.queries)
 
 
 def _queries_meta(run: ResolvedRun, scored: Scored, fingerprint: str) -> dict[str, str]:
@@ -195,17 +234,19 @@ def _queries_meta(run: ResolvedRun, scored: Scored, fingerprint: str) -> dict[st
     return meta
 
 
-def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = None) -> dict[str, Any]:
+def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = None) -> EvalResult:
     """Reload a run's heads and evaluate them on its dataset or another one's test split.
 
     The result names the dataset version it ran on (`eval_dataset_fingerprint`). On another dataset it is
     written to runs/<id>/eval-<dataset>.json (path in `eval_file`; `previous_eval` says whether the result it
-    replaced was of the current dataset version or a stale one). On the run's own dataset the per-query
+    replaced was of the current dataset version or a stale one), with the test split's `overlap` with the
+    run's training pairs and the metrics on the pairs it never trained on (`unseen`: None when every pair
+    overlaps; absent when none does). On the run's own dataset the per-query
     results are kept (queries.safetensors) and `dataset_changed` flags a dataset replaced since training."""
     registry = RunRegistry(store)
     run, metrics, scored = _rescore(store, run_id, dataset)
     target = dataset or run.dataset
-    fingerprint = store.dataset(target).fingerprint
+    fingerprint = store.dataset(target).fingerprint  # the version scored (the store holds it: no second decode)
     res = {**scored.metrics, EVAL_FINGERPRINT: fingerprint}
     if target != run.dataset:
         if store.mode == "a":
@@ -220,7 +261,7 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
         elif scored.queries and store.mode == "a":
             registry.save_queries(run_id, scored.queries, _queries_meta(run, scored, fingerprint))
     kept = ("best_step", "lambda_at_best", "stopped_reason", "message", "restored_before_warmup")
-    return {**{k: metrics.get(k) for k in kept if k in metrics}, **res}
+    return EvalResult(run_id, target, fingerprint, {**{k: metrics.get(k) for k in kept if k in metrics}, **res})
 
 
 def save_run_queries(store: FeatureStore, run: ResolvedRun, scored: Scored) -> None:
@@ -238,7 +279,7 @@ def run_queries(store: FeatureStore, run_id: str) -> tuple[Queries, dict[str, st
     config = registry.config(run_id)
     if stored is not None and stored[1].get("dataset_fingerprint") == config.get("dataset_fingerprint"):
         return stored
-    if store.dataset(config["dataset"]).fingerprint != config.get("dataset_fingerprint"):
+    if store.dataset_meta(config["dataset"]).get("fingerprint") != config.get("dataset_fingerprint"):
         return None
     run, _, scored = _rescore(store, run_id, None)
     if not scored.queries:

@@ -9,13 +9,15 @@ from typing import Any
 
 import polars as pl
 
+from stratalign.core.metric_registry import RUNS, shown_in
 from stratalign.errors import StratalignError
 from stratalign.store import inventory
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
+LISTED = shown_in(RUNS)  # the registry's metrics of `runs ls` (core.metric_registry)
 COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "overrides",
-           "selection", "best_step", "i2t_R@1", "t2i_R@1", "zs_top1", "seconds")
+           "selection", "best_step", *LISTED, "seconds")
 
 
 def train_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def runs_table(store: FeatureStore, dataset: str | None = None, objective: str |
             "head": cfg.get("head"), "n_pairs": cfg.get("n_pairs"), "seed": cfg.get("seed"),
             "overrides": " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(over.items())),
             "selection": _selection(met), "best_step": met.get("best_step"),
-            **{k: met.get(k) for k in ("i2t_R@1", "t2i_R@1", "zs_top1")}, "seconds": met.get("train_seconds"),
+            **{k: met.get(k) for k in LISTED}, "seconds": met.get("train_seconds"),
         })
     if not rows:
         return pl.DataFrame()

@@ -1,9 +1,11 @@
-"""Sweeps over n-pairs x seeds x objectives x layer rule x heads, each cell a run in the store.
+"""Sweeps over n-pairs x seeds x objectives x layer rule x heads.
 
-A cell's run id is the hash of its resolved config, so a cell already run is skipped. The leaderboard
-(Parquet + CSV) holds every metric as mean and std over seeds; comparisons.csv the paired differences
-against the baseline with their bootstrap intervals (stages.runs.comparisons); plots show R@1 both ways and zero-shot
-accuracy against n-pairs per objective.
+A cell (objective, layer rule, head, n-pairs) is chosen once for all its seeds (stages.runs.cells: the stopping
+step, and with `tune` the objective's knobs, from validation averaged over the seeds), the same way for every
+objective, so the cells compare under one rule. Runs are content-addressed, so a run already in the store is
+skipped. The leaderboard (Parquet + CSV) holds every metric as mean and std over seeds; comparisons.csv the paired
+differences against the baseline with their two-level intervals (stages.runs.comparisons); plots show R@k and
+zero-shot accuracy against n-pairs per method.
 """
 
 from __future__ import annotations
@@ -17,19 +19,18 @@ from typing import Any, Callable
 import polars as pl
 
 from stratalign.core.layer_rule import LayerRule
+from stratalign.core.metric_registry import SWEEP, shown_in
 from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
+from stratalign.report.naming import method_label
+from stratalign.stages.runs.cells import CellChoice, choose_cells
 from stratalign.stages.runs.comparisons import compare_runs
-from stratalign.stages.runs.config import RunConfig, resolve_run
-from stratalign.stages.runs.training import train_runs
-from stratalign.stages.runs.tune import TunedRun, tune_runs
+from stratalign.stages.runs.config import RunConfig
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
-HEADLINE = ("i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", "i2t_R@10", "t2i_R@10", "zs_top1", "zs_top5",
-            "zs_balanced_acc", "alignment_mknn", "probe_acc", "probe_concat_acc", "best_step", "lambda_at_best",
-            "train_seconds")
+HEADLINE = shown_in(SWEEP)  # the registry's metrics of a sweep's runs table (core.metric_registry)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class SweepConfig:
     skip: tuple[tuple[str, str], ...] = ()  # (layer rule, objective) pairs left out of the grid
     skip_n: tuple[tuple[str, int | None], ...] = ()  # (objective, n_pairs) pairs left out (every layer rule)
     baseline: str = "clip"  # the objective every other one is compared with, cell by cell and seed by seed
-    tune: bool = False  # each cell: the best point of its objective's grid on validation (stages.runs.tune)
+    tune: bool = False  # each cell also chooses its objective's knobs from their grid (stages.runs.cells)
 
     def cells(self) -> list[RunConfig]:
         """Every cell of the grid, once; an objective with its own head (csa) gets it, others skip it."""
@@ -80,7 +81,10 @@ class SweepResult:
     leaderboard: pl.DataFrame
     files: dict[str, str] = field(default_factory=dict)
     comparisons: pl.DataFrame = field(default_factory=pl.DataFrame)  # paired differences (report.compare)
-    tuning: pl.DataFrame = field(default_factory=pl.DataFrame)  # every grid point's validation value (tuned sweeps)
+    tuning: pl.DataFrame = field(default_factory=pl.DataFrame)  # every cell's points: mean validation value, chosen
+    choices: list[CellChoice] = field(default_factory=list)  # the cells' choices with their validation evidence
+    intervals: pl.DataFrame = field(default_factory=pl.DataFrame)  # each cell's mean test metric, two-level interval
+    majority: float | None = None  # the majority-class rate of the test split, in %
     val_curves: pl.DataFrame = field(default_factory=pl.DataFrame)  # every run's validation curve, one row a step
 
 
@@ -91,21 +95,22 @@ def curve_table(registry: RunRegistry, runs: pl.DataFrame) -> pl.DataFrame:
     for r in runs.select("run", "objective", "layer_rule", "n_pairs", "seed").to_dicts():
         for point in registry.metrics(r["run"]).get("val_curve") or []:
             if isinstance(point, dict):
-                rows.append({**r, "method": f"{r['objective']} / {r['layer_rule']}", **point})
+                rows.append({**r, "method": method_label(r["objective"], r["layer_rule"]), **point})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
-def tuning_table(tunings: list[tuple[RunConfig, TunedRun]]) -> pl.DataFrame:
-    """One row per grid point tried: the cell, the knob values, the run, its validation value, whether chosen."""
+def tuning_table(choices: list[CellChoice]) -> pl.DataFrame:
+    """One row per grid point of every cell: the cell, the knob values, the mean validation value over the cell's
+    seeds at the point's best step, that step, whether the cell chose it, and whether the choice sat on an edge."""
     rows = []
-    for cell, tuned in tunings:
-        if not tuned.tuning:
-            continue
-        for point in tuned.tuning["grid"]:
-            rows.append({"objective": cell.objective, "layer_rule": cell.layers, "n_pairs": cell.n_pairs,
-                         "seed": cell.seed, "knobs": ", ".join(f"{k}={v}" for k, v in point["knobs"].items()),
-                         "metric": f"val_{tuned.tuning['metric']}", "value": point["value"], "run": point["run_id"],
-                         "chosen": point["run_id"] == tuned.run_id})
+    for c in choices:
+        for point in c.points:
+            rows.append({"objective": c.cell.objective, "layer_rule": c.cell.layers, "head": c.cell.head,
+                         "n_pairs": c.cell.n_pairs, "seeds": len(c.seeds),
+                         "knobs": ", ".join(f"{k}={v}" for k, v in point.knobs.items()),
+                         "metric": f"val_{c.metric}", "value": point.best_value, "step": point.best_step,
+                         "chosen": point.knobs == c.knobs, "on_edge": ", ".join(c.on_edge),
+                         "runs": " ".join(point.runs)})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
@@ -136,46 +141,36 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     cells = cfg.cells()
     if not cells:
         raise StratalignError("the sweep has no cells: give at least one objective, head, n-pairs and seed")
-    early: dict[RunConfig, Any] = {}
-    for cell in cells:  # one cell of each objective x layer rule x head resolved first: a bad setting fails now
-        kind = (cell.objective, cell.layers, cell.head)
-        if kind not in {(c.objective, c.layers, c.head) for c in early}:
-            early[cell] = resolve_run(store, cell)
-    run_ids, trained, skipped = [], 0, 0
-    tunings: list[tuple[RunConfig, TunedRun]] = []
-    if cfg.tune:  # every grid point of every cell trains in one batched call
-        for cell, tuned in zip(cells, tune_runs(store, cells, progress=progress)):
-            tunings.append((cell, tuned))
-            run_ids.append(tuned.run_id)
-            trained, skipped = trained + tuned.trained, skipped + tuned.tried - tuned.trained
-            if on_cell:
-                on_cell(cell, tuned.run_id, tuned.trained == 0)
-    else:
-        resolved = [early.get(cell) or resolve_run(store, cell) for cell in cells]
-        for cell, res in zip(cells, train_runs(store, cells, resolved=resolved, progress=progress)):
-            run_ids.append(res["run_id"])
-            trained, skipped = trained + (not res["skipped"]), skipped + bool(res["skipped"])
-            if on_cell:
-                on_cell(cell, res["run_id"], bool(res["skipped"]))
-    runs = run_table(registry, run_ids, {t.run_id: t.chosen_label() for _, t in tunings} if cfg.tune else None)
+    choices, run_ids = choose_cells(store, cells, tune=cfg.tune, progress=progress)
+    trained = sum(c.trained for c in choices)
+    skipped = sum(c.tried for c in choices) - trained
+    labels = {rid: c.label() for c in choices for rid in c.final}
+    if on_cell:
+        done = {rid: c.trained == 0 for c in choices for rid in c.final}
+        for cell, rid in zip(cells, run_ids):
+            on_cell(cell, rid, done[rid])
+    runs = run_table(registry, run_ids, labels)
     metrics = [m for m in HEADLINE if m in runs.columns and runs[m].null_count() < runs.height]
-    board = aggregate(runs.drop("run", "vision_layer", "text_layer", *(["tuned"] if cfg.tune else [])),
+    board = aggregate(runs.drop("run", "vision_layer", "text_layer", "tuned"),
                       by=CELL_COLUMNS, metrics=metrics)
     layers = runs.group_by("layer_rule").agg(pl.col("vision_layer").first(), pl.col("text_layer").first())
     board = board.join(layers, on="layer_rule", how="left")
-    comparisons, majority = compare_runs(store, runs, baseline=cfg.baseline)
+    comparisons, intervals, majority = compare_runs(store, runs, baseline=cfg.baseline)
     if majority is not None:
         board = board.with_columns(pl.lit(majority).alias("zs_majority"))
     result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons,
-                         tuning=tuning_table(tunings), val_curves=curve_table(registry, runs))
+                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs), choices=choices,
+                         intervals=intervals, majority=majority)
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
     return result
 
 
-def write_leaderboard(result: SweepResult, out_dir: str) -> dict[str, str]:
-    """leaderboard.parquet/.csv, runs.csv and the two plots."""
-    from stratalign.report.plots import curves
+def write_leaderboard(result: SweepResult, out_dir: str, *, title: str = "stratalign sweep",
+                      extra: list[str] | None = None, layer_info: dict[str, Any] | None = None) -> dict[str, str]:
+    """leaderboard.parquet/.csv, runs.csv, comparisons.csv, intervals.csv, tuning.csv, the plots and report.md (the
+    same report `demo` writes: report.report.write_report)."""
+    from stratalign.report.report import write_report
 
     os.makedirs(out_dir, exist_ok=True)
     files = {
@@ -187,38 +182,75 @@ def write_leaderboard(result: SweepResult, out_dir: str) -> dict[str, str]:
     if result.tuning.height:
         files["tuning_csv"] = os.path.join(out_dir, "tuning.csv")
         result.tuning.write_csv(files["tuning_csv"])
+    if result.intervals.height:
+        files["intervals_csv"] = os.path.join(out_dir, "intervals.csv")
+        result.intervals.write_csv(files["intervals_csv"])
     result.leaderboard.write_parquet(files["leaderboard_parquet"])
     result.leaderboard.write_csv(files["leaderboard_csv"])
     result.runs.write_csv(files["runs_csv"])
     result.comparisons.write_csv(files["comparisons_csv"])
-    runs = result.runs.with_columns(
-        pl.concat_str([pl.col("objective"), pl.lit(" / "), pl.col("layer_rule")]).alias("method"))
     t0 = time.perf_counter()
-    recall_png = os.path.join(out_dir, "recall_vs_pairs.png")
-    curves(runs, recall_png, x="n_pairs", y=["i2t_R@1", "t2i_R@1"], hue="method",
-           title="Retrieval R@1 (test split) vs training pairs")
-    files["recall_png"] = recall_png
-    if "zs_top1" in runs.columns and runs["zs_top1"].null_count() < runs.height:
-        zs_png = os.path.join(out_dir, "zeroshot_vs_pairs.png")
-        curves(runs, zs_png, x="n_pairs", y=["zs_top1"], hue="method",
-               title="Zero-shot top-1 accuracy vs training pairs")
-        files["zeroshot_png"] = zs_png
+    files.update(_interval_plots(result, out_dir))
     curves_png = _validation_curves(result.val_curves, out_dir)
     if curves_png:
         files["val_curves_png"] = curves_png
     files["plot_seconds"] = f"{time.perf_counter() - t0:.2f}"
+    files["report_md"] = write_report(out_dir, title=title, board=result.leaderboard, layer_info=layer_info,
+                                      files=files, extra=extra, comparisons=result.comparisons, tuning=result.tuning,
+                                      intervals=result.intervals)
     return files
+
+
+def _interval_plots(result: SweepResult, out_dir: str) -> dict[str, str]:
+    """Retrieval and zero-shot against the subset size (each cell's mean with its two-level interval, chance and
+    the majority class marked), and each method's paired difference against the baseline on the last layers."""
+    from stratalign.report.plots import intervals_vs_pairs
+
+    files: dict[str, str] = {}
+    if result.intervals.height:
+        rows = [{**r, "method": method_label(r["objective"], r["layer_rule"]), "value": r["mean"]}
+                for r in result.intervals.iter_rows(named=True)]
+        gallery = _queries(result.comparisons, "i2t_R@1")
+        chance = {f"{d}_R@{k}": [(100.0 * k / gallery, "chance")] for d in ("i2t", "t2i") for k in (1, 5, 10)} \
+            if gallery else {}
+        recall = [m for m in ("i2t_R@1", "t2i_R@1", "i2t_R@10", "t2i_R@10") if any(r["metric"] == m for r in rows)]
+        if recall:
+            files["recall_png"] = intervals_vs_pairs(rows, os.path.join(out_dir, "recall_vs_pairs.png"), recall,
+                                                     hlines=chance, title="Retrieval on the test split (mean over "
+                                                     "seeds, 95 % two-level interval)")
+        if any(r["metric"] == "zs_top1" for r in rows):
+            lines = [(result.majority, "majority class")] if result.majority is not None else []
+            files["zeroshot_png"] = intervals_vs_pairs(rows, os.path.join(out_dir, "zeroshot_vs_pairs.png"),
+                                                       ["zs_top1"], hlines={"zs_top1": lines},
+                                                       title="Zero-shot top-1 (test split)")
+    vs = result.comparisons.filter(pl.col("comparison") == "vs_last") if result.comparisons.height else None
+    if vs is not None and vs.height:
+        rows = [{**r, "value": r["diff"]} for r in vs.iter_rows(named=True)]
+        metrics = [m for m in ("i2t_R@1", "t2i_R@1", "zs_top1") if any(r["metric"] == m for r in rows)]
+        base = vs["baseline"][0]
+        files["differences_png"] = intervals_vs_pairs(
+            rows, os.path.join(out_dir, "differences_vs_last.png"), metrics, zero_line=True,
+            ylabel="difference (points of %)", title=f"Paired difference against {base} on the last layers (95 % "
+            "two-level interval)")
+    return files
+
+
+def _queries(comparisons: pl.DataFrame, metric: str) -> int | None:
+    rows = comparisons.filter(pl.col("metric") == metric) if comparisons.height else comparisons
+    return int(rows["queries"][0]) if rows.height else None
 
 
 def _validation_curves(table: pl.DataFrame, out_dir: str) -> str | None:
     """Validation rsum and zero-shot along training per objective / layers (mean +- std over seeds) at the
-    largest training set: the retrieval / zero-shot trade-off one stopping point would hide (METHOD 3.6)."""
+    largest training set: the retrieval / zero-shot trade-off one stopping point would hide (docs/method.md § 3.8)."""
     from stratalign.report.plots import curves
 
     if not table.height or "rsum" not in table.columns:
         return None
-    top = table.filter(pl.col("n_pairs") == table["n_pairs"].max())
+    top = (table.filter(pl.col("n_pairs").is_null()) if table["n_pairs"].null_count()
+           else table.filter(pl.col("n_pairs") == table["n_pairs"].max()))
     ys = ["rsum"] + (["zs_top1"] if "zs_top1" in top.columns and top["zs_top1"].null_count() < top.height else [])
     path = os.path.join(out_dir, "validation_curves.png")
+    label = "all" if top["n_pairs"][0] is None else int(top["n_pairs"][0])
     return curves(top, path, x="step", y=ys, hue="method", logx=False, xlabel="optimiser step",
-                  title=f"Validation along training ({int(top['n_pairs'][0])} pairs; mean ± std over seeds)")
+                  title=f"Validation along training ({label} pairs; mean ± sd over seeds)")

@@ -7,6 +7,7 @@ How a model is trained and scored comes from its objective's registry entry (cor
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,9 +18,18 @@ import numpy as np
 from stratalign.core.objectives import Training, objective_named
 from stratalign.errors import StratalignError
 from stratalign.progress import progress_bar
-from stratalign.stages.runs.config import RUN_FLAGS, ResolvedRun, RunConfig, resolve_run, run_entries
+from stratalign.stages.runs.config import (
+    RUN_FLAGS,
+    ResolvedRun,
+    RunConfig,
+    RunInputs,
+    inputs_of,
+    preset_notes,
+    resolve_run,
+)
 from stratalign.stages.runs.data import gather, subset_tensors, validation_targets
 from stratalign.stages.runs.evaluate import save_run_queries, score_model
+from stratalign.stages.runs.results import RunResult
 from stratalign.stages.subsets import PairRows
 from stratalign.store import graphs as graphs_mod
 from stratalign.store.feature_store import FeatureStore
@@ -51,7 +61,8 @@ def step_progress(progress: Progress | bool, run_id: str, metric: str) -> Iterat
         bar.close()
 
 
-__all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "knn_graphs_cached", "resolve_run", "train_run", "train_runs"]
+__all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "RunResult", "knn_graphs_cached", "resolve_run", "train_run",
+           "train_runs"]
 
 
 @dataclass
@@ -64,6 +75,7 @@ class _Prepared:
     n_train: int
     targets: ValidationTargets
     train_cfg: TrainConfig
+    inputs: RunInputs  # its dataset and entries, as resolution found them
 
     @property
     def features_key(self) -> tuple:
@@ -72,8 +84,9 @@ class _Prepared:
 
 
 def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | None = None,
-              force: bool = False, progress: Progress | bool = False) -> dict[str, Any]:
-    """Train (unless the identical run is done), evaluate on the test split, save; returns the metrics.
+              force: bool = False, progress: Progress | bool = False) -> RunResult:
+    """Train (unless the identical run is done), evaluate on the test split, save; returns the run's result (its
+    id, whether it was skipped, its metrics; it reads as the dict of them).
 
     progress: True shows a step bar (steps, the validation selection metric, ETA) on stderr; a callable is
     called as progress(step, max_steps, validation value) at every evaluation step instead."""
@@ -82,25 +95,29 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | No
 
 
 def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[ResolvedRun] | None = None,
-               force: bool = False, progress: Progress | bool = False) -> list[dict[str, Any]]:
-    """Train every run not yet done (one training for a run asked for twice), evaluate and save each; the
-    metrics in `cfgs` order. Runs of aligned heads that read the same feature layers train together in batched
+               force: bool = False, progress: Progress | bool = False) -> list[RunResult]:
+    """Train every run not yet done (one training for a run asked for twice), evaluate and save each; their
+    results in `cfgs` order. Runs of aligned heads that read the same feature layers train together in batched
     groups (train.train_many: the numbers each would get alone); CoMM and CSA runs are fitted one by one.
 
     progress: True shows a bar (one run: its steps and validation metric; many: steps of all runs, runs done,
     ETA); a callable gets (step, max_steps, value) of a single run's evaluations."""
     registry = RunRegistry(store)
     runs = resolved or [resolve_run(store, c) for c in cfgs]  # a bad setting fails here, before any training
+    for line in preset_notes(cfgs):  # the schedule in force, said from Python as from the CLI
+        print(line, file=sys.stderr, flush=True)
     todo: dict[str, tuple[RunConfig, ResolvedRun]] = {}
     for cfg, run in zip(cfgs, runs):
         if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
             todo[run.run_id] = (cfg, run)
     if todo:  # before gathering anything: the runs are saved at the end
         store.require_writable(f"training {len(todo)} run(s)")
+    for parts in [("graphs",), *(("runs", rid) for rid in todo)]:  # a write through a link: refused before training
+        store.loc.refuse_links(*parts)
     targets: dict[tuple, ValidationTargets] = {}
     prepared = [_prepare(store, cfg, run, targets) for cfg, run in todo.values()]
     _train_prepared(store, registry, prepared, progress)
-    return [{"run_id": run.run_id, "skipped": run.run_id not in todo, **registry.metrics(run.run_id)} for run in runs]
+    return [RunResult(run.run_id, run.run_id not in todo, registry.metrics(run.run_id)) for run in runs]
 
 
 def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
@@ -113,11 +130,11 @@ def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
                               "needs")
     pairs = PairRows(np.concatenate([subset.image_rows, val.image_rows]),
                      np.concatenate([subset.caption_rows, val.caption_rows]))
+    inputs = inputs_of(store, run)
     key = (cfg.dataset, run.text_entry, run.text_layer, val.image_rows.tobytes(), val.caption_rows.tobytes())
     if key not in targets:
-        _, t = run_entries(store, cfg)
-        targets[key] = validation_targets(store, cfg.dataset, val, t, run.text_layer)
-    return _Prepared(cfg, run, pairs, len(subset), targets[key], run.train_config())
+        targets[key] = validation_targets(inputs.dataset, val, inputs.text, run.text_layer)
+    return _Prepared(cfg, run, pairs, len(subset), targets[key], run.train_config(), inputs)
 
 
 def _train_prepared(store: FeatureStore, registry: RunRegistry, prepared: list[_Prepared],
@@ -144,7 +161,7 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
                  bar: Any) -> None:
     """The runs of one feature-layer pair: one table of their pairs' features, aligned heads batched."""
     first = group[0]
-    v, t = store.entry(first.run.vision_entry), store.entry(first.run.text_entry)
+    v, t = first.inputs.vision, first.inputs.text
     both = np.stack([np.concatenate([p.pairs.image_rows for p in group]),
                      np.concatenate([p.pairs.caption_rows for p in group])], 1)
     union, where = np.unique(both, axis=0, return_inverse=True)
@@ -153,7 +170,7 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
     x_txt = gather(t, first.run.text_layer, union[:, 1])
     starts = np.cumsum([0] + [len(p.pairs) for p in group])
     positions = [where[a:b] for a, b in zip(starts[:-1], starts[1:])]
-    labels = store.dataset(first.cfg.dataset).images["label"].to_numpy()
+    labels = first.inputs.dataset.images["label"].to_numpy()
     heads, others = [], []
     for p, pos in zip(group, positions):
         (heads if objective_named(p.run.objective).training is Training.GRADIENT else others).append((p, pos))
@@ -213,7 +230,7 @@ def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, 
     train_features = None  # only an objective scored by a probe reads them (a copy of the training rows)
     if objective_named(p.run.objective).evaluation.needs_train_features:
         train_features = (x_train_img(), x_train_txt(), all_labels[subset.image_rows])
-    scored = score_model(store, p.run, model, p.cfg.dataset, train_features=train_features)
+    scored = score_model(store, p.run, model, train_features=train_features, inputs=p.inputs)
     metrics.update(scored.metrics)
     registry.save(rid, p.run.config_dict(), {**model_tensors(model), **subset_tensors(subset)}, metrics)
     save_run_queries(store, p.run, scored)  # after the done mark: a run without them recomputes them when compared

@@ -78,13 +78,16 @@ def test_queries_recomputed_from_weights_match_the_run_metrics(store, monkeypatc
 
 
 def test_sweep_writes_paired_comparisons(store, tmp_path: Path) -> None:
+    from stratalign.report.compare import KEY_METRICS
     from stratalign.stages.runs.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(base=RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", options=FAST),
                       seeds=(0, 1), objectives=("clip", "csa"), layer_rules=("last",))
     res = run_sweep(store, cfg, str(tmp_path), progress=False)
     table = pl.read_csv(tmp_path / "comparisons.csv")
-    assert table.height == 3 and set(table["method"]) == {"csa"} and set(table["baseline"]) == {"clip"}
+    # csa / last against clip / last, on every verdict metric (the same-layers comparison is this one here)
+    assert set(table["comparison"]) == {"vs_last"} and table.height == len(KEY_METRICS)
+    assert set(table["method"]) == {"csa / last"} and set(table["baseline"]) == {"clip"}
     assert set(table["seeds"]) == {2} and (table["low"] <= table["diff"]).all() and (table["diff"] <= table["high"]).all()
     i2t = table.filter(pl.col("metric") == "i2t_R@1").row(0, named=True)
     board = res.runs.group_by("objective").agg(pl.col("i2t_R@1").mean())

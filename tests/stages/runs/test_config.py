@@ -21,10 +21,12 @@ CASES = {
     # csa_similarity at their legacy values are not recorded)
     "csa_last": dict(layers="last", objective="csa", head="csa", n_pairs=20, seed=1, validation="carve",
                      options=(("csa_similarity", "cosine"),)),
-    # select="clip_loss": the checkpoint rule of every run before validation rsum became the default
+    # select="clip_loss": the checkpoint rule of every run before validation rsum became the default;
+    # candidates="after_warmup": no candidate before the warm-up ended, the rule before 2026-12-06
     "structure_pair": dict(layers="1,0", objective="clip+structure", head="mlp", n_pairs=None, seed=0,
                            options=(("max_steps", 7), ("warmup_steps", 3), ("lam", 5.0),
-                                    ("head_options", {"hidden": 8})), validation="carve", select="clip_loss"),
+                                    ("head_options", {"hidden": 8}), ("candidates", "after_warmup")),
+                           validation="carve", select="clip_loss"),
 }
 # (run id, sha256 of config.json) from 6907e8d; "_bad": one train image unreadable (bad_pairs_dropped > 0)
 PINNED = {
@@ -45,14 +47,15 @@ def _config_bytes(run: ResolvedRun) -> bytes:
 
 def _check(store, suffix: str) -> None:
     for name, kw in CASES.items():
-        run = resolve_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", **kw))
+        run = resolve_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", preset=None, **kw))
         rid, sha = PINNED[name + suffix]
         assert run.run_id == rid, name
         assert hashlib.sha256(_config_bytes(run)).hexdigest() == sha, name
         assert ("bad_pairs_dropped" in run.config_dict()) == bool(suffix)
         again = ResolvedRun.from_config(json.loads(_config_bytes(run)))
         assert again == run and again.config_dict() == run.config_dict() and again.subset is None
-    res = train_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", **CASES["csa_last"]))
+    res = train_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", preset=None,
+                                     **CASES["csa_last"]))
     written = store.loc.read_bytes("runs", res["run_id"], "config.json")
     assert hashlib.sha256(written).hexdigest() == PINNED["csa_last" + suffix][1]
 
@@ -70,6 +73,18 @@ def test_run_ids_and_config_bytes_unchanged(store_with_dataset) -> None:
     _check(store, "")
 
 
+def test_the_candidate_rule_of_a_warmup_run_is_part_of_its_id(store_with_dataset) -> None:
+    """The same request under today's rule (every evaluation step a candidate) is another run: its old id still
+    names the weights of the older rule, so it cannot be reused for the new one."""
+    store, _ = store_with_dataset
+    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, progress=False,
+                                        entry_format=1), load=load_tiny)
+    case = CASES["structure_pair"]
+    today = dict(case, options=tuple(o for o in case["options"] if o[0] != "candidates"))
+    run = resolve_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", **today))
+    assert run.run_id != PINNED["structure_pair"][0] and run.config_dict()["train"]["candidates"] == "all"
+
+
 def test_run_ids_with_dropped_pairs_unchanged(store_with_dataset) -> None:
     store, ds = store_with_dataset
     split = ds.images["split"].to_list()
@@ -80,7 +95,7 @@ def test_run_ids_with_dropped_pairs_unchanged(store_with_dataset) -> None:
 
 
 def test_own_val_split_is_the_default_and_changes_the_id(store_with_dataset) -> None:
-    """The toy dataset has a val split: by default a run validates on it (METHOD.md 3.6), and says so."""
+    """The toy dataset has a val split: by default a run validates on it (docs/method.md § 3.8), and says so."""
     store, ds = store_with_dataset
     extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=8, progress=False),
             load=load_tiny)

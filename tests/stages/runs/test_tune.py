@@ -1,4 +1,4 @@
-"""Model selection and tuning through the store (METHOD 3.6-3.7): every run records how its checkpoint was chosen
+"""Model selection and tuning through the store (docs/method.md § 3.8-3.9): every run records how its checkpoint was chosen
 and its validation curve; `tune_run` picks a grid point by validation only and keeps the grid with the run.
 
 The store holds a small labelled table encoded by the tiny deterministic encoders of fake_encoders.py.
@@ -17,12 +17,13 @@ import pytest
 from fake_encoders import load_tiny
 from PIL import Image
 
+from stratalign.core.objectives import objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.runs.sweep import SweepConfig, run_sweep
 from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
-from stratalign.stages.runs.tune import grid_points, tune_run, validation_value
+from stratalign.stages.runs.tune import grid_points, tune_run, tune_runs
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
@@ -96,34 +97,70 @@ def test_select_zeroshot_and_clip_loss_choose_by_their_metric(store) -> None:
 
 
 def test_tune_picks_the_best_validation_point_and_keeps_the_grid(store) -> None:
+    """One seed: each point's value is the best of its run's validation curve; the best point and its step are
+    chosen; the final run trains with that knob and stops at that step; the grid (extended past an edge the
+    choice sat on) is kept with it."""
     cfg = _cfg(objective="clip+structure", n_pairs=40, seed=1)
     tuned = tune_run(store, cfg)
     registry = RunRegistry(store)
     grid = tuned.tuning["grid"]
-    assert [p["knobs"] for p in grid] == grid_points(__import__("stratalign.core.objectives", fromlist=["x"])
-                                                      .objective_named("clip+structure"), {})
-    assert [p["knobs"]["lam"] for p in grid] == [1.0, 3.0, 10.0, 30.0] and tuned.trained == 4
-    # each point's value is its run's validation rsum at its restored checkpoint, read back from the store
-    values = [validation_value(registry.metrics(p["run_id"]), "rsum") for p in grid]
-    assert [p["value"] for p in grid] == values
-    best = grid[int(np.argmax(values))]  # argmax: the earliest grid point on a tie, as tune_run
-    assert tuned.run_id == best["run_id"] and tuned.tuning["chosen"] == best["knobs"]
-    assert registry.config(tuned.run_id)["train"]["lam"] == best["knobs"]["lam"]
+    assert [p["knobs"] for p in grid[:4]] == grid_points(objective_named("clip+structure"), {})
+    extended = [p["knobs"]["lam"] for p in grid[4:]]
+    assert all(v not in (1.0, 3.0, 10.0, 30.0) for v in extended)  # only points past an edge were added
+    for p in grid:
+        curve = registry.metrics(p["run_id"])["val_curve"]
+        assert p["value"] == max(row["rsum"] for row in curve)
+        assert p["best_step"] == next(r["step"] for r in curve if r["rsum"] == p["value"])
+    best = grid[int(np.argmax([p["value"] for p in grid]))]  # argmax: the earliest grid point on a tie
+    assert tuned.tuning["chosen"] == best["knobs"] and tuned.tuning["step"] == best["best_step"]
+    final = registry.config(tuned.run_id)["train"]
+    assert final["lam"] == best["knobs"]["lam"] and final["stop_step"] == best["best_step"]
+    assert tuned.metrics["best_step"] == best["best_step"] and tuned.run_id not in [p["run_id"] for p in grid]
+    # the final run is its selection run stopped at the chosen step: the same validation numbers there
+    sel = next(r for r in registry.metrics(best["run_id"])["val_curve"] if r["step"] == best["best_step"])
+    fin = next(r for r in tuned.metrics["val_curve"] if r["step"] == best["best_step"])
+    assert fin == sel
     assert registry.tunings(tuned.run_id) == [tuned.tuning]
-    again = tune_run(store, cfg)  # every point in the store: nothing trained, the same choice
+    again = tune_run(store, cfg)  # every run in the store: nothing trained, the same choice
     assert again.trained == 0 and again.run_id == tuned.run_id
     # a knob given with --set is not tuned
     fixed = tune_run(store, replace(cfg, options=FAST + (("lam", 3.0),)))
-    assert [p["knobs"] for p in fixed.tuning["grid"]] == [{"lam": 3.0}] and fixed.trained == 0
+    assert [p["knobs"] for p in fixed.tuning["grid"]] == [{"lam": 3.0}]
 
 
-def test_tune_csa_grid_on_validation_and_untuned_objective(store) -> None:
-    tuned = tune_run(store, _cfg(objective="csa", head="csa", n_pairs=40, options=FAST + (("dim", 8),)))
-    grid = tuned.tuning["grid"]
-    assert len(grid) == 16 and {tuple(p["knobs"]) for p in grid} == {("csa_k", "csa_ridge")}
-    assert tuned.tuning["chosen"] == max(grid, key=lambda p: p["value"])["knobs"]
-    plain = tune_run(store, _cfg(objective="clip", n_pairs=40))
-    assert plain.tuning is None and plain.tried == 1
+def test_one_choice_per_cell_applies_to_every_seed(store) -> None:
+    """Two seeds form one cell: the step (and knob) maximise the validation curve averaged over both seeds, and
+    both final runs stop there."""
+    cfgs = [_cfg(objective="clip+ib", n_pairs=40, seed=s) for s in (4, 5)]
+    tuned = tune_runs(store, cfgs)
+    registry = RunRegistry(store)
+    assert tuned[0].tuning == tuned[1].tuning and tuned[0].run_id != tuned[1].run_id
+    record = tuned[0].tuning
+    for p in record["grid"]:
+        curves = [{r["step"]: r["rsum"] for r in registry.metrics(rid)["val_curve"]} for rid in p["run_ids"]]
+        steps = sorted(set(curves[0]) & set(curves[1]))
+        mean = [(curves[0][s] + curves[1][s]) / 2 for s in steps]
+        assert p["curve"] == [[s, m] for s, m in zip(steps, mean)] and p["value"] == max(mean)
+    best = max(record["grid"], key=lambda p: p["value"])
+    assert record["chosen"] == best["knobs"] and record["step"] == best["best_step"]
+    for t in tuned:
+        assert registry.config(t.run_id)["train"]["stop_step"] == record["step"]
+        assert t.metrics["best_step"] == record["step"]
+
+
+def test_a_choice_on_the_grid_edge_extends_the_grid() -> None:
+    """docs/method.md § 3.9: the best value on the grid's top edge adds the next point up (x3 for a weight), until the choice
+    is inside or a bound is hit; each extension is recorded."""
+    from stratalign.stages.runs.cells import PointResult, _Cell, _extensions
+
+    obj = objective_named("clip+structure")
+    cell = _Cell(_cfg(objective="clip+structure"), [0], obj, "rsum", FAST, {}, grid_points(obj, {}))
+    for i, p in enumerate(cell.points):
+        cell.results[i] = PointResult(p, (f"r{i}",), (10,), (float(i),), ((float(i),),), 10, float(i))
+    assert _extensions(cell) == [{"lam": 90.0}] and cell.extended == {"lam": [90.0]}
+    cell.points.append({"lam": 90.0})
+    cell.results[4] = PointResult({"lam": 90.0}, ("r4",), (10,), (2.0,), ((2.0,),), 10, 2.0)  # worse: inside now
+    assert _extensions(cell) == []
 
 
 def test_tuned_sweep_writes_the_grid_and_validation_curves(store, tmp_path: Path) -> None:
@@ -131,9 +168,10 @@ def test_tuned_sweep_writes_the_grid_and_validation_curves(store, tmp_path: Path
                       layer_rules=("last",), tune=True)
     res = run_sweep(store, cfg, str(tmp_path / "out"), progress=False)
     tuning = pl.read_csv(tmp_path / "out" / "tuning.csv")
-    assert tuning.height == 2 * 4 and tuning["chosen"].sum() == 2  # clip has no grid: nothing to tune
-    chosen = set(tuning.filter(pl.col("chosen"))["run"].to_list())
-    assert chosen <= set(res.run_ids) and set(res.runs["tuned"].to_list()) >= {""}
+    # one row per cell and point: clip's one point, clip+ib's grid (and any extension); one chosen per cell
+    assert tuning.filter(pl.col("objective") == "clip").height == 1 and tuning["chosen"].sum() == 2
+    assert tuning.filter(pl.col("objective") == "clip+ib").height >= 4 and set(tuning["seeds"]) == {2}
+    assert len(res.run_ids) == 4 and all("step" in label for label in res.runs["tuned"].to_list())
     assert (tmp_path / "out" / "validation_curves.png").stat().st_size > 0
     assert set(res.val_curves["method"]) == {"clip / last", "clip+ib / last"}
 
@@ -149,7 +187,8 @@ def test_cli_select_and_tune(store) -> None:
     assert bad.returncode == 2 and "expected one of rsum, zeroshot, clip_loss" in bad.stderr
     out = cli(*base, "--objective", "clip+ib", "--tune", "--seed", "2")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("val rsum") == 4 and "chosen on validation: beta=" in out.stdout
+    assert out.stdout.count("val rsum") >= 4 and "chosen on validation: beta=" in out.stdout
+    assert out.stdout.count("* beta=") == 1 and ", step " in out.stdout
 
 
 def test_cli_select_choices_are_the_trainer_metrics() -> None:
@@ -177,7 +216,7 @@ def test_verify_reads_tuning_records(store) -> None:
     """verify counts the tuning grids kept beside a run and reports a damaged one with the fix."""
     from stratalign.store.verify import verify_runs
 
-    tuned = tune_run(store, _cfg(objective="clip+ib", n_pairs=40, seed=4))
+    tuned = tune_run(store, _cfg(objective="clip+ib", n_pairs=40, seed=6))
     finding = next(f for f in verify_runs(store) if f.target == tuned.run_id)
     assert finding.status == "ok" and "1 tuning grid" in finding.message
     name = next(n for n in store.loc.listdir("runs", tuned.run_id) if n.startswith("tuning-"))
@@ -197,3 +236,26 @@ def test_sweep_skip_n_leaves_out_one_objective_at_one_size() -> None:
     cells = {(c.layers, c.objective, c.n_pairs) for c in cfg.cells()}
     assert ("last", "comm", 20) not in cells and ("auto", "comm", 20) not in cells
     assert {("last", "comm", None), ("auto", "comm", None), ("last", "clip", 20)} <= cells and len(cells) == 6
+
+
+def test_zero_weight_cells_choose_and_score_exactly_as_clip(store) -> None:
+    """docs/method.md § 3.8 at the level users see: a regularised objective at weight 0 goes through the same cell
+    choice as CLIP and ends with the same stopping step and the same test numbers, seed by seed."""
+    from stratalign.core.objectives import REGISTRY, Training
+    from stratalign.stages.runs.cells import choose_cells
+
+    regularised = [o for o in REGISTRY if o.training is Training.GRADIENT and o.regulariser is not None]
+    cfgs = [_cfg(n_pairs=40, seed=s) for s in (7, 8)]
+    for o in regularised:
+        cfgs += [_cfg(objective=o.name, n_pairs=40, seed=s, options=FAST + ((o.weight_knob, 0.0), ("knn_k", 4)))
+                 for s in (7, 8)]
+    choices, finals = choose_cells(store, cfgs, tune=False)
+    registry = RunRegistry(store)
+    clip = choices[0]
+    assert clip.cell.objective == "clip" and len(choices) == 1 + len(regularised)
+    for choice in choices[1:]:
+        assert choice.step == clip.step and choice.value == clip.value, choice.cell.objective
+        for rid, base in zip(choice.final, clip.final):
+            got, want = registry.metrics(rid), registry.metrics(base)
+            for key in ("i2t_R@1", "t2i_R@1", "i2t_R@10", "zs_top1", "best_step"):
+                assert got[key] == want[key], (choice.cell.objective, key)

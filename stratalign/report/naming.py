@@ -1,0 +1,28 @@
+"""How reports name things, in one place: layer rules ("chosen", "last", "layers 9,4"), subset sizes (a number or
+"all") and methods ("objective / layers"). Tables, sentences and plot legends all use these names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CHOSEN = "chosen"  # the layer pair picked by `stratalign layers` (rule auto / best)
+
+
+def rule_name(rule: Any) -> str:
+    """'chosen' for the recorded layer choice (auto, best), 'last', or 'layers V,T' for an explicit pair."""
+    rule = str(rule)
+    if rule in ("auto", "best", CHOSEN):
+        return CHOSEN
+    if rule == "last":
+        return "last"
+    return rule if rule.startswith("layers ") else f"layers {rule}"
+
+
+def n_name(n: Any) -> str:
+    """A subset size: the number of pairs, or 'all' for every training pair."""
+    return "all" if n is None else f"{int(n)}"
+
+
+def method_label(objective: str, rule: Any) -> str:
+    """'objective / layers', e.g. 'clip+structure / chosen'."""
+    return f"{objective} / {rule_name(rule)}"

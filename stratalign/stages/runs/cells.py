@@ -1,0 +1,294 @@
+"""One choice per cell (docs/method.md, "Model selection"): the stopping step and the knobs of a cell - one
+objective on one layer pair and one subset size, over its seeds - are chosen from validation averaged over the
+cell's seeds, and that one choice applies to every seed.
+
+Two passes, every run an ordinary content-addressed run (reused when the store has it):
+1. selection: every seed of every grid point trains with the usual schedule and records its validation curve.
+   Per point the curves are averaged over seeds at the steps every seed evaluated; the point and step with the
+   best mean are the cell's choice (ties: the earlier grid point, then the earlier step). A choice on the edge of
+   a knob's grid extends that knob one step past the edge (core.objectives.EDGE_RULES: x3 for a weight) and
+   chooses again, until the choice is inside the grid or a bound is hit; the record says which knobs stayed on
+   an edge.
+2. final: each seed trains again with the chosen knobs and stops at the chosen step (`stop_step`: the same
+   trajectory as its selection run up to there). These are the cell's runs, the ones reports compare. A
+   closed-form fit (CSA) has no step: the chosen point's selection runs are final.
+Every objective of a comparison goes through these same passes with the same rule, so nothing here can favour
+one objective over its baseline. No test number is read.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from stratalign.core.objectives import EDGE_RULES, Objective, Selection, objective_named
+from stratalign.errors import StratalignError
+from stratalign.stages.runs.config import RunConfig, resolve_run
+from stratalign.stages.runs.training import train_runs
+from stratalign.store.feature_store import FeatureStore
+from stratalign.store.runs import RunRegistry
+from stratalign.train.validation import SELECT_METRICS, check_select
+
+DEFAULT_METRIC = "rsum"
+MAX_EXTENSIONS = 3  # steps past a grid's edge, per knob and direction
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """One grid point of a cell: its knobs, its selection runs (one per seed) and their mean validation curve."""
+
+    knobs: dict[str, Any]
+    runs: tuple[str, ...]
+    steps: tuple[int, ...]
+    mean: tuple[float, ...]
+    per_seed: tuple[tuple[float, ...], ...]  # the value of each seed at each of `steps`
+    best_step: int | None  # None for a closed-form fit
+    best_value: float
+
+
+@dataclass(frozen=True)
+class CellChoice:
+    """A cell's choice and its evidence; `final` holds the cell's runs, one per seed (in `seeds` order)."""
+
+    cell: RunConfig
+    seeds: tuple[int, ...]
+    metric: str
+    key: str
+    higher_is_better: bool
+    knobs: dict[str, Any]
+    step: int | None
+    value: float
+    points: tuple[PointResult, ...]
+    on_edge: tuple[str, ...]
+    final: tuple[str, ...]
+    trained: int = 0
+    tried: int = 0
+    extended: dict[str, list[Any]] = field(default_factory=dict)
+
+    def label(self) -> str:
+        """e.g. 'lam=30, step 80' (the knobs chosen and the step)."""
+        parts = [f"{k}={_fmt(v)}" for k, v in self.knobs.items()]
+        if self.step is not None:
+            parts.append(f"step {self.step}")
+        return ", ".join(parts)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able record kept beside each final run (store.runs.save_tuning)."""
+        return {"rule": "one choice per cell: validation averaged over the cell's seeds", "metric": self.metric,
+                "key": self.key, "split": "validation", "seeds": list(self.seeds), "chosen": self.knobs,
+                "step": self.step, "value": self.value, "on_edge": list(self.on_edge),
+                "extended": {k: list(v) for k, v in self.extended.items()}, "final_runs": list(self.final),
+                "grid": [{"knobs": p.knobs, "run_ids": list(p.runs), "run_id": p.runs[0], "best_step": p.best_step,
+                          "value": p.best_value, "curve": [[s, m] for s, m in zip(p.steps, p.mean)]}
+                         for p in self.points]}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+@dataclass
+class _Cell:
+    """A cell being chosen: its seed-free config, seeds, objective, metric and the points tried so far."""
+
+    cfg: RunConfig
+    seeds: list[int]
+    objective: Objective
+    metric: str
+    base_options: tuple[tuple[str, Any], ...]
+    fixed: dict[str, Any]
+    points: list[dict[str, Any]]
+    results: dict[int, PointResult] = field(default_factory=dict)  # point index -> result
+    extensions: dict[tuple[str, int], int] = field(default_factory=dict)  # (knob, direction) -> steps taken
+    extended: dict[str, list[Any]] = field(default_factory=dict)
+    trained: int = 0  # runs this call trained (the others were in the store)
+
+    def run_config(self, point: dict[str, Any], seed: int, stop_step: int | None = None) -> RunConfig:
+        options = self.base_options + tuple(point.items())
+        if stop_step is not None:
+            options += (("stop_step", stop_step),)
+        return replace(self.cfg, seed=seed, options=options)
+
+    @property
+    def curve_key(self) -> tuple[str, bool]:
+        if self.objective.selection is Selection.VAL_COMM:
+            return "comm_loss", False
+        return SELECT_METRICS[self.metric]
+
+
+def _cell_metric(cfg: RunConfig, metric: str | None) -> str:
+    chosen = metric or cfg.select or dict(cfg.options).get("select") or DEFAULT_METRIC
+    return check_select(chosen)
+
+
+def _cells(cfgs: Sequence[RunConfig], tune: bool, metric: str | None) -> tuple[list[_Cell], list[tuple[int, int]]]:
+    """The cells of `cfgs` (one per config that differs only in its seed) and, per config, (cell, seed index)."""
+    cells: list[_Cell] = []
+    index: dict[str, int] = {}
+    where = []
+    for cfg in cfgs:
+        objective = objective_named(cfg.objective)
+        grid = dict(objective.grid) if tune else {}
+        fixed = {k: v for k, v in cfg.options if k in grid}
+        base = tuple((k, v) for k, v in cfg.options if k not in grid and k != "stop_step")
+        key = repr(replace(cfg, seed=0, options=base))
+        if key not in index:
+            points = grid_points(objective, fixed) if grid else [{}]
+            index[key] = len(cells)
+            cells.append(_Cell(replace(cfg, seed=0, options=base), [], objective, _cell_metric(cfg, metric), base,
+                               fixed, points))
+        cell = cells[index[key]]
+        if cfg.seed not in cell.seeds:
+            cell.seeds.append(cfg.seed)
+        where.append((index[key], cell.seeds.index(cfg.seed)))
+    return cells, where
+
+
+def grid_points(objective: Objective, fixed: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the objective's grid values, in grid order; a knob in `fixed` keeps its value."""
+    names = [k for k, _ in objective.grid]
+    values = [(fixed[k],) if k in fixed else tuple(v) for k, v in objective.grid]
+    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def _point_result(cell: _Cell, point: dict[str, Any], metrics: list[dict[str, Any]]) -> PointResult:
+    """The mean validation curve over the cell's seeds, at the steps every seed evaluated, and its best step."""
+    key, higher = cell.curve_key
+    closed = cell.objective.selection is Selection.CLOSED_FORM
+    curves = []
+    for met in metrics:
+        rows = [r for r in met.get("val_curve") or [] if isinstance(r, dict) and r.get(key) is not None]
+        if not rows:
+            raise StratalignError(f"run {met.get('run_id')} has no validation {key} (a dataset without labels has no "
+                                  "zero-shot; a run trained before 2026-11-25 has no curve): choose on rsum or "
+                                  "clip_loss, or train it again with --force")
+        curves.append({int(r["step"]): float(r[key]) for r in rows})
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    if closed:
+        steps = steps[-1:]
+    table = np.array([[c[s] for s in steps] for c in curves])
+    mean = table.mean(axis=0)
+    finite = np.where(np.isfinite(mean))[0]
+    if not len(finite):
+        raise StratalignError(f"every validation {key} of {cell.cfg.objective} is non-finite: nothing to choose from")
+    best = finite[np.argmax(mean[finite])] if higher else finite[np.argmin(mean[finite])]  # first on a tie
+    return PointResult(point, tuple(m["run_id"] for m in metrics), tuple(steps), tuple(float(v) for v in mean),
+                       tuple(tuple(float(v) for v in row) for row in table.T), None if closed else steps[best],
+                       float(mean[best]))
+
+
+def _best(cell: _Cell) -> int:
+    """Index of the best point so far (the earlier point on a tie)."""
+    _, higher = cell.curve_key
+    order = sorted(cell.results)
+    best = order[0]
+    for i in order[1:]:
+        a, b = cell.results[i].best_value, cell.results[best].best_value
+        if (a > b) if higher else (a < b):
+            best = i
+    return best
+
+
+def _extensions(cell: _Cell) -> list[dict[str, Any]]:
+    """New points one step past each grid edge that the current choice sits on (EDGE_RULES), if any."""
+    if not cell.objective.grid:
+        return []
+    chosen = cell.points[_best(cell)]
+    out = []
+    for knob, _ in cell.objective.grid:
+        if knob in cell.fixed or knob not in EDGE_RULES or knob not in chosen:  # not tuned: nothing to extend
+            continue
+        tried = sorted({p[knob] for p in cell.points})
+        value, (factor, low, high) = chosen[knob], EDGE_RULES[knob]
+        for direction, edge in ((1, tried[-1]), (-1, tried[0])):
+            if value != edge or cell.extensions.get((knob, direction), 0) >= MAX_EXTENSIONS:
+                continue
+            new = value * factor if direction > 0 else value / factor
+            new = type(value)(round(new)) if isinstance(value, int) else float(f"{new:.6g}")
+            if not low <= new <= high or new in tried:
+                continue
+            cell.extensions[(knob, direction)] = cell.extensions.get((knob, direction), 0) + 1
+            cell.extended.setdefault(knob, []).append(new)
+            out.append({**chosen, knob: new})
+    return out
+
+
+def _on_edge(cell: _Cell, chosen: dict[str, Any]) -> tuple[str, ...]:
+    edges = []
+    for knob, _ in cell.objective.grid:
+        if knob in cell.fixed or knob not in chosen:
+            continue
+        tried = sorted({p[knob] for p in cell.points})
+        if len(tried) > 1 and chosen[knob] in (tried[0], tried[-1]):
+            edges.append(knob)
+    return tuple(edges)
+
+
+def choose_cells(store: FeatureStore, cfgs: Sequence[RunConfig], *, tune: bool = True, metric: str | None = None,
+                 force: bool = False, progress: bool = False) -> tuple[list[CellChoice], list[str]]:
+    """Choose every cell of `cfgs` (configs that differ only in their seed form one cell) and train its final runs.
+
+    tune: choose the knobs of each objective's grid too (else each cell is its one point and only the step is
+    chosen). metric: the validation metric (default: the cells' --select, else rsum; CoMM chooses on its own loss).
+    Returns the cells' choices and, per config of `cfgs`, the run id of its final run."""
+    cells, where = _cells(cfgs, tune, metric)
+    for cell in cells:  # every setting of every point resolved first: a bad one fails before any training
+        for point in cell.points:
+            resolve_run(store, cell.run_config(point, cell.seeds[0]))
+    pending = [(c, i) for c in cells for i in range(len(c.points))]
+    while pending:
+        configs = [cell.run_config(cell.points[i], s) for cell, i in pending for s in cell.seeds]
+        results = iter(train_runs(store, configs, force=force, progress=progress))
+        for cell, i in pending:
+            got = [next(results) for _ in cell.seeds]
+            cell.trained += sum(not r.get("skipped") for r in got)
+            cell.results[i] = _point_result(cell, cell.points[i], got)
+        pending = []
+        for cell in cells:
+            for point in _extensions(cell):
+                cell.points.append(point)
+                pending.append((cell, len(cell.points) - 1))
+    finals = _final_runs(store, cells, force, progress)
+    registry = RunRegistry(store)
+    choices = []
+    for cell, (final, done) in zip(cells, finals):
+        best = cell.results[_best(cell)]
+        key, higher = cell.curve_key
+        choice = CellChoice(cell.cfg, tuple(cell.seeds), "comm_loss" if key == "comm_loss" else cell.metric, key,
+                            higher, best.knobs, best.best_step, best.best_value,
+                            tuple(cell.results[i] for i in sorted(cell.results)), _on_edge(cell, best.knobs),
+                            tuple(final), trained=cell.trained + done,
+                            tried=len(cell.points) * len(cell.seeds) + (len(final) if best.best_step is not None else 0),
+                            extended=dict(cell.extended))
+        for rid in final:
+            registry.save_tuning(rid, choice.record())
+        choices.append(choice)
+    return choices, [choices[c].final[s] for c, s in where]
+
+
+def _final_runs(store: FeatureStore, cells: list[_Cell], force: bool,
+                progress: bool) -> list[tuple[list[str], int]]:
+    """Per cell, (its final run ids in seed order, how many runs trained): every seed with the chosen knobs, stopped
+    at the chosen step; a closed-form cell's chosen selection runs as they are."""
+    out: list[tuple[list[str], int] | None] = []
+    configs: list[RunConfig] = []
+    for cell in cells:
+        best = cell.results[_best(cell)]
+        if best.best_step is None:
+            out.append((list(best.runs), 0))
+            continue
+        out.append(None)
+        configs += [cell.run_config(best.knobs, s, best.best_step) for s in cell.seeds]
+    results = iter(train_runs(store, configs, force=force, progress=progress)) if configs else iter(())
+    filled = []
+    for cell, got in zip(cells, out):
+        if got is not None:
+            filled.append(got)
+            continue
+        runs = [next(results) for _ in cell.seeds]
+        filled.append(([r["run_id"] for r in runs], sum(not r.get("skipped") for r in runs)))
+    return filled
