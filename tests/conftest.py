@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import stratalign` does, before numpy/torch load OpenMP
 
@@ -27,6 +29,17 @@ def make_images(folder: Path, n: int, seed: int = 0, size: int = 16) -> list[Pat
         Image.fromarray(arr).save(p)
         paths.append(p)
     return paths
+
+
+REQUIRE_EXTRAS = "STRATALIGN_REQUIRE_EXTRAS"  # set by .ci/run in the extras environment
+
+
+def need(module: str) -> Any:
+    """Import an optional package for a test: a skip where it is not installed, but a failure where
+    $STRATALIGN_REQUIRE_EXTRAS is set (the extras CI environment, where every extras test must run)."""
+    if os.environ.get(REQUIRE_EXTRAS):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 
 WORDS = ["red", "blue", "cat", "dog", "tree", "car", "sun", "moon", "fish", "bird", "house", "road"]

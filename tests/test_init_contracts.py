@@ -32,7 +32,7 @@ def test_contracts_are_declared() -> None:
     layers = next(c for c in config["contracts"] if c["id"] == "layers")
     assert layers["exhaustive"] is True
     assert layers["layers"][:3] == ["cli", "use", "stages"]  # the product's use path sits between the CLI and the stages
-    assert layers["layers"][-1] == "errors | version | moved"
+    assert layers["layers"][-1] == "errors | version | moved | progress"
     acyclic = next(c for c in config["contracts"] if c["id"] == "stages-acyclic")
     assert {"stratalign.stages", "stratalign.stages.runs", "stratalign.stages.extract", "stratalign.use"} <= set(
         acyclic["ancestors"])

@@ -29,7 +29,7 @@ err_console = _console(stderr=True)
 STORE_ENV = "STRATALIGN_STORE"
 
 StoreOption = typer.Option(
-    None, "--store", envvar=STORE_ENV, help="Store URL or path (default ./stratalign-store; env STRATALIGN_STORE)."
+    None, "--store", envvar=STORE_ENV, metavar="URL", help="Store URL or path (default ./stratalign-store; env STRATALIGN_STORE)."
 )
 
 
@@ -52,9 +52,9 @@ def plain_columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def print_table(frame: pl.DataFrame, title: str | None = None) -> None:
-    """Print a polars frame (floats to 2 decimals): on a terminal a rich table folded to fit its width,
-    otherwise the title line and plain aligned columns."""
+def print_table(frame: pl.DataFrame, title: str | None = None, no_wrap: Sequence[str] = ()) -> None:
+    """Print a polars frame (floats to 2 decimals): on a terminal a rich table folded to fit its width (the
+    `no_wrap` columns, e.g. ids, kept whole), otherwise the title line and plain aligned columns."""
     rows = [[_cell(v) for v in row] for row in frame.iter_rows()]
     if not console.is_terminal:
         console.out((f"{title}\n" if title else "") + plain_columns(frame.columns, rows), highlight=False)
@@ -63,7 +63,7 @@ def print_table(frame: pl.DataFrame, title: str | None = None) -> None:
 
     table = Table(title=title, show_lines=False)
     for col in frame.columns:
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col in no_wrap)
     for row in rows:
         table.add_row(*row)
     console.print(table)

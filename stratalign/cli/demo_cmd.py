@@ -11,7 +11,7 @@ from stratalign.cli.common import StoreOption, console, print_table, store_url
 
 def demo_cmd(
     out: str = typer.Option("stratalign-report", help="Report folder (report.md, PNGs, leaderboard)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N emoji (a quick look)."),
+    limit: Optional[int] = typer.Option(None, help="Only N emoji, taken in turn from each category (a quick look)."),
     seeds: int = typer.Option(5, help="Seeds per cell (docs/method.md: at least 5 where a report draws conclusions)."),
     store: Optional[str] = StoreOption,
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from stratalign.cli.common import StoreOption, console, store_url
 from stratalign.errors import StratalignError
@@ -39,6 +40,9 @@ def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], s
                        templates_file=templates_file, **args)
     fs = FeatureStore.open(store_url(store), "a", create=True)
     written = fs.save_dataset(ds, replace=replace)
+    for reason, what in ((ds.meta.get("source") or {}).get("left_out") or {}).items():
+        console.print(f"[yellow]left out[/yellow] {what['count']} tar member(s): {escape(reason)} "
+                      f"(e.g. {escape(', '.join(what['examples']))})", soft_wrap=True)
     for item in ds.meta.get("skipped", [])[:10]:
         console.print(f"[yellow]skipped[/yellow] {item['kind']} {item['id']}: {item['reason']}")
     summary = ", ".join(f"{k}={v}" for k, v in ds.summary().items())

@@ -14,7 +14,8 @@ from typer.core import TyperGroup
 
 from stratalign.cli import signals
 from stratalign.cli.classify_cmd import classify_cmd
-from stratalign.cli.common import err_console
+from stratalign.cli.common import console, err_console
+from stratalign.cli.conventions import click_command
 from stratalign.cli.demo_cmd import demo_cmd
 from stratalign.cli.embed_cmd import embed_cmd
 from stratalign.cli.encoders_cmd import encoders_cmd
@@ -53,6 +54,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from stratalign.version import __version__
+
+        console.print(f"stratalign {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Align frozen unimodal encoders with lightweight heads on cached every-layer features."""
+
+
 app.add_typer(ingest_app, name="ingest")
 app.command("extract")(extract_cmd)
 app.command("encoders")(encoders_cmd)
@@ -109,7 +126,7 @@ def run() -> None:
     is click's usage line and one error line, exit 2; Ctrl-C is one line, exit 130; never a traceback for these."""
     _received.clear()
     try:
-        code = app(standalone_mode=False)  # returns the code of a typer.Exit, and 130 for Ctrl-C, instead of exiting
+        code = click_command(app)(standalone_mode=False)  # a typer.Exit's code, and 130 for Ctrl-C, instead of exiting
     except StratalignError as exc:
         _fail(f"[red]error:[/red] {exc}", exc.exit_code)
     except OSError as exc:  # full disk, permission denied, unreachable store: one line, never a traceback

@@ -19,7 +19,7 @@ def serve_cmd(
     dataset: str = typer.Option(..., "--dataset", help="Dataset whose images are searched."),
     split: Optional[str] = typer.Option(None, "--split", help="Search one split only (train | val | test)."),
     k: int = typer.Option(8, "-k", help="Results per run on the page (1..100)."),
-    host: str = typer.Option("127.0.0.1", "--host"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port (1..65535; 0: any free port, printed)."),
     build: bool = typer.Option(True, "--build/--no-build", help="Build a missing index at start-up (--no-build: "
                                "refuse to start without the indexes `stratalign index` made)."),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import json
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -19,22 +20,28 @@ store_app = typer.Typer(help="Inspect, verify and clean the feature store.", no_
 
 @store_app.command("ls")
 def store_ls(
-    kind: Optional[str] = typer.Option(None, help="Only artifacts of this kind (run, eval, queries, tuning, layers, heatmap, "
-                                       "choice, graph, prompts, extract_record)."),
+    kind: Optional[str] = typer.Option(None, help="List every artifact of this kind (run, eval, queries, tuning, layers, "
+                                       "heatmap, choice, graph, prompts, extract_record)."),
+    as_json: bool = typer.Option(False, "--json", help="Everything (datasets, entries, artifacts, claims) as JSON."),
     store: Optional[str] = StoreOption,
 ) -> None:
-    """List datasets, feature entries and every other artifact (runs, evals, per-query results, layer results,
-    choices, kNN graphs, prompt caches, extraction records) with sizes; orphans say what they lost."""
+    """Datasets, feature entries, a count and size of every other kind of artifact, the orphans (what they lost) and
+    the shard claims; --kind lists one kind's artifacts, --json gives everything to programs."""
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.inventory import KINDS, inventory
 
     fs = FeatureStore.open(store_url(store), "r")
     if kind is not None and kind not in KINDS:
         raise StratalignError(f"unknown artifact kind {kind!r}; kinds: {', '.join(KINDS)}")
+    found = [a for a in inventory(fs) if (a.kind == kind if kind else a.kind not in ("dataset", "entry"))]
+    if as_json:
+        console.out(json.dumps(_listing(fs, found, kind), indent=1, default=str), highlight=False)
+        return
     if kind is None:
         for name in fs.dataset_folders():
             try:
-                console.print("dataset " + ", ".join(f"{k}={v}" for k, v in fs.dataset(name).summary().items()))
+                console.print("dataset " + ", ".join(f"{k}={v}" for k, v in fs.dataset(name).summary().items()),
+                              highlight=False, soft_wrap=True)
             except StratalignError as exc:
                 console.print(f"dataset {name}: [red]broken[/red] ({escape(str(exc))})", soft_wrap=True)
         table = fs.entry_table()
@@ -42,21 +49,44 @@ def store_ls(
             console.print(f"no feature entries in {fs.url}")
         else:
             print_table(table, title=f"feature entries in {fs.url}")
-    import polars as pl
+    listed = found if kind else [a for a in found if a.orphan]  # the orphans are what a person acts on
+    if listed:
+        import polars as pl
 
-    found = [a for a in inventory(fs) if (a.kind == kind if kind else a.kind not in ("dataset", "entry"))]
-    if found:
-        print_table(pl.DataFrame({"kind": [a.kind for a in found], "name": [a.name for a in found],
-                                  "bytes": [a.bytes for a in found], "what": [a.detail for a in found],
-                                  "status": [f"orphan: {a.orphan}" if a.orphan else "ok" for a in found]}),
-                    title=f"artifacts in {fs.url}")
+        print_table(pl.DataFrame({"kind": [a.kind for a in listed], "name": [a.name for a in listed],
+                                  "bytes": [a.bytes for a in listed], "what": [a.detail for a in listed],
+                                  "status": [f"orphan: {a.orphan}" if a.orphan else "ok" for a in listed]}),
+                    title=f"{kind or 'orphan'} artifacts in {fs.url}")
     totals: dict[str, list[int]] = {}
     for a in found:
         totals.setdefault(a.kind, []).append(a.bytes)
     console.print(", ".join(f"{len(v)} {k} ({sum(v):,} bytes)" for k, v in totals.items()) or "no other artifacts",
                   highlight=False)
     if kind is None:
+        if found:
+            console.print("(`stratalign store ls --kind KIND` lists one kind; `runs ls` the runs)", highlight=False)
         print_claims(fs.loc)
+
+
+def _listing(fs: Any, found: list, kind: Optional[str]) -> dict[str, Any]:
+    """`store ls --json`: the same facts as the table, whole."""
+    from stratalign.store.claims import store_claims
+
+    out: dict[str, Any] = {"store": fs.url}
+    if kind is None:
+        datasets = []
+        for name in fs.dataset_folders():
+            try:
+                datasets.append(fs.dataset(name).summary())
+            except StratalignError as exc:
+                datasets.append({"name": name, "broken": str(exc)})
+        out["datasets"] = datasets
+        out["entries"] = fs.entry_table().to_dicts()
+        out["claims"] = [{"entry": key, "shard": state.shard, "state": state.describe()}
+                         for key, state in store_claims(fs.loc)]
+    out["artifacts"] = [{"kind": a.kind, "name": a.name, "bytes": a.bytes, "what": a.detail, "orphan": a.orphan}
+                        for a in found]
+    return out
 
 
 def print_claims(loc: Location) -> None:
@@ -93,18 +123,39 @@ def finding_line(finding: Finding) -> str:
 
 
 @store_app.command("verify")
-def store_verify(store: Optional[str] = StoreOption) -> None:
-    """Load every dataset and re-read every entry's chunks; report broken datasets or entries and corrupt or
-    incomplete shards (non-zero exit if any)."""
+def store_verify(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print every dataset, entry and run that is ok."),
+    store: Optional[str] = StoreOption,
+) -> None:
+    """Load every dataset and re-read every entry's chunks; print what is broken, corrupt or incomplete and one
+    summary line (non-zero exit if anything is)."""
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.verify import verify_store
 
     report = verify_store(FeatureStore.open(store_url(store), "r"))
     for finding in report.findings:
-        console.print(finding_line(finding), soft_wrap=True)
+        if verbose or finding.status != "ok":
+            console.print(finding_line(finding), soft_wrap=True)
+    console.print(verify_summary(report), highlight=False, soft_wrap=True)
     if report.problems:
         raise StratalignError(f"store {report.url} has {report.problems} problem(s) (broken datasets or entries, "
                               "corrupt or incomplete shards); see above")
+
+
+def verify_summary(report: Any) -> str:
+    """'verified 2 datasets, 6 feature entries, 40 runs in URL: all ok' (or the problems by status)."""
+    counted = {kind: len({f.target for f in report.findings if f.kind == kind}) for kind in ("dataset", "entry", "run")}
+    what = f"{counted['dataset']} dataset(s), {counted['entry']} feature entr{'y' if counted['entry'] == 1 else 'ies'}, " \
+           f"{counted['run']} run(s) in {report.url}"
+    bad: dict[str, int] = {}
+    for f in report.findings:
+        if f.problems:
+            bad[f.status] = bad.get(f.status, 0) + f.problems
+    stale = sum(1 for f in report.findings if f.status == "stale")
+    tail = f"; {stale} stale claim(s)" if stale else ""
+    if not bad:
+        return f"verified {what}: all ok{tail}"
+    return f"verified {what}: " + ", ".join(f"{n} {status}" for status, n in bad.items()) + tail
 
 
 @store_app.command("rm")
@@ -240,16 +291,18 @@ def store_migrate(
     """Rewrite layout-1 entries as layout 2 (a read of r rows then costs O(r) bytes, not whole shards) under the
     SAME keys, so runs, layer results and graphs still find them: each entry's copy is built beside it, compared
     value by value with the original's checksums, then swapped in atomically (local stores)."""
-    from tqdm import tqdm
-
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.migrate import migrate_store
 
     fs = FeatureStore.open(store_url(store), "r" if dry_run else "a")
-    bars: dict[str, tqdm] = {}
+    from stratalign.progress import progress_bar
+
+    bars: dict[str, Any] = {}
 
     def progress(key: str, done: int, total: int) -> None:
-        bar = bars.setdefault(key, tqdm(total=total, unit="shard", desc=key[:40], disable=None, leave=False))
+        if key not in bars:
+            bars[key] = progress_bar(total=total, unit="shard", desc=key[:40], disable=None, leave=False)
+        bar = bars[key]
         bar.update(done - bar.n)
         if done == total:
             bar.close()

@@ -29,8 +29,8 @@ def _rule_objective(value: str) -> tuple[str, str]:
 
 def sweep_cmd(
     dataset: str = typer.Option(..., help="Dataset with extracted features."),
-    vision: str = typer.Option(...),
-    text: str = typer.Option(...),
+    vision: str = typer.Option(..., help="Vision encoder spec (extracted on the dataset)."),
+    text: str = typer.Option(..., help="Text encoder spec (extracted on the dataset)."),
     n_pairs_: list[str] = typer.Option(["all"], "--n-pairs", callback=check_n_pairs,
                                        help="Repeat: subset sizes ('all' = whole train pool)."),
     seed: list[int] = typer.Option([0, 1, 2], "--seed", help="Repeat: seeds."),

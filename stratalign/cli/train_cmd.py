@@ -24,7 +24,8 @@ def train_cmd(
     vision: str = typer.Option(..., help="Vision encoder spec."),
     text: str = typer.Option(..., help="Text encoder spec."),
     layers: str = typer.Option("auto", help="auto (recorded by `layers --choose`), last, or V,T."),
-    head: str = typer.Option("linear", help="linear | mlp | residual | csa | procrustes | asif."),
+    head: Optional[str] = typer.Option(None, help="linear | mlp | residual | csa | procrustes | asif (default: the "
+                                                  "objective's own head, as `sweep` picks it; else linear)."),
     objective: str = typer.Option("clip", help="clip | clip+structure | clip+structure-knn | clip+ib | clip+vib | "
                                                "clip+fusemix | comm | csa | procrustes | asif."),
     n_pairs_: Optional[str] = typer.Option(None, "--n-pairs", callback=check_n_pairs,
@@ -40,11 +41,13 @@ def train_cmd(
     store: Optional[str] = StoreOption,
 ) -> None:
     """Train alignment heads on cached features, evaluate on the test split, save the run."""
+    from stratalign.core.objectives import objective_named
     from stratalign.stages.runs.config import ResolvedRun
     from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
+    head = head or objective_named(objective).own_head or "linear"
     fs = FeatureStore.open(store_url(store), "a")
     overrides = trainer_overrides(set_)
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
@@ -63,7 +66,15 @@ def train_cmd(
         verb = "already in the store" if res.get("skipped") else f"trained in {res.get('train_seconds', 0):.2f}s"
     console.print(f"run {res['run_id']} ({verb})")
     console.print(ResolvedRun.from_config(RunRegistry(fs).config(res["run_id"])).validation_note())
+    console.print(test_note(fs, dataset), highlight=False)
     print_metrics(res)
+
+
+def test_note(fs, dataset: str) -> str:
+    """Which pairs the printed metrics come from: the test split and its size."""
+    ds = fs.dataset(dataset)
+    return (f"test metrics: the dataset's test split ({len(ds.image_rows('test'))} images, "
+            f"{len(ds.pairs('test')[1])} captions)")
 
 
 def _print_tuning(tuned) -> None:

@@ -285,7 +285,11 @@ def _processor_description(processor: Any) -> dict[str, Any]:
 
 def _weights(from_pretrained: Any, ident: str) -> Any:
     """A model's weights through `from_pretrained`; weights that will not load as plain tensors (a pickled
-    checkpoint with code in it, a damaged file) are one line naming the folder, never a traceback."""
+    checkpoint with code in it, a damaged file) are one line naming the folder, never a traceback. transformers'
+    "Loading weights" bar is off meanwhile (it filled every log of embed, search, serve), then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was_on, _ = hf_logging.is_progress_bar_enabled(), hf_logging.disable_progress_bar()
     try:
         return from_pretrained(ident)
     except StratalignError:
@@ -294,6 +298,9 @@ def _weights(from_pretrained: Any, ident: str) -> Any:
         first = str(e).splitlines()[0] if str(e) else ""
         raise StratalignError(f"cannot load the weights of {ident!r} ({type(e).__name__}: {first[:160]}); only "
                               "safetensors or weights-only checkpoints load: convert or replace the model files") from None
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_hf(spec: str, device: str = "cpu", *, canonical: str | None = None, max_length: int | None = None,

@@ -21,7 +21,8 @@ built without weights, with open_clip's own state-dict fixups; a pretrained tag 
 with every torch.load forced to weights_only=True. `weights_sha256` is the file's sha256, or for a tag
 (or random init) the sha256 of the loaded state_dict.
 
-Not tested in CI: PyPI torchvision (needed by open_clip) does not install beside torch 2.13.
+Tested in CI's extras environment (torch 2.14.1 + torchvision; tests/encoders/test_open_clip.py): PyPI torchvision
+does not work beside the default environment's torch 2.13.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Layers come from forward hooks during one `forward_features` pass:
 Preprocessing follows timm's resolved data config: resize the shorter side to input_size / crop_pct,
 centre crop, the model's mean/std (timm's own transforms need torchvision, hence a PIL version here).
 
-Not tested in CI: PyPI torchvision (imported by timm) does not install beside torch 2.13.
+Tested in CI's extras environment (torch 2.14.1 + torchvision; tests/encoders/test_timm_encoder.py): PyPI
+torchvision does not work beside the default environment's torch 2.13.
 """
 
 from __future__ import annotations

@@ -225,6 +225,7 @@ def run_layers(store: FeatureStore, cfg: LayersConfig, rule: str = "best", by: s
     `rule` on metric `by` (raw argmax, as published; the choice carries its calibrated score and p-values), write
     the heatmap of calibrated scores (also to `heatmap_copy`), and record the choice for `train --layers auto`."""
     parsed = LayerRule.parse(rule, CHOOSE_KEYWORDS, "--choose", indices=True)  # bad text: before any work
+    store.require_writable("run_layers (matrices, heatmap, layer choice)")  # before any work, not after it
     if parsed.is_pair:
         v_entry, t_entry = _entries(store, cfg)
         check_pair(parsed.index_pair(), len(v_entry.spec.dims), len(t_entry.spec.dims), rule)

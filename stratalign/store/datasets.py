@@ -28,6 +28,7 @@ import polars as pl
 from PIL import Image
 
 from stratalign.errors import StratalignError, preview
+from stratalign.progress import progress_bar
 from stratalign.store.identical import join_identical
 from stratalign.store.keys import content_fingerprint_batches, dataset_fingerprint
 from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
@@ -249,11 +250,9 @@ def _duplicate_ids(frame: pl.LazyFrame, column: str) -> list[str]:
 
 def _readable_images(images: pl.DataFrame, reject: _Rejects, workers: int, progress: bool) -> pl.DataFrame:
     """The images whose file reads and decodes, with their content hash (`sha`); a bar on a terminal."""
-    from tqdm import tqdm
-
     paths, checks = images["path"].to_list(), []
     with ThreadPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=len(paths), unit="image", desc="checking images", disable=None if progress else True) as bar:
+            progress_bar(total=len(paths), unit="image", desc="checking images", disable=None if progress else True) as bar:
         for i in range(0, len(paths), CHECK_BATCH):  # pool.map submits all at once: a future per image
             checks += pool.map(_check_image, paths[i:i + CHECK_BATCH])
             bar.update(len(checks) - bar.n)

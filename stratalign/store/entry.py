@@ -21,6 +21,7 @@ from zarr.core.sync import sync as zarr_sync
 from stratalign.errors import StratalignError, preview
 from stratalign.store import claims as claims_mod
 from stratalign.store import shard_markers
+from stratalign.store.codecs import check_codecs
 from stratalign.store.entry_reads import ShardedReads
 from stratalign.store.entry_spec import (
     DEFAULT_CHUNK_ROWS,
@@ -85,6 +86,11 @@ class FeatureEntry(ShardedReads):
         if layer in self._arrays:
             return self._arrays[layer]
         name = f"layer_{layer:03d}"
+        try:  # the codecs it names, checked before zarr builds anything from them
+            check_codecs(self.store.loc.read_bytes(*self.folder, name, "zarr.json"), f"layer {layer} of entry "
+                         f"{self.key}", f"remove the entry (stratalign store rm {self.key}) and extract it again")
+        except FileNotFoundError:
+            pass  # the missing layer is named below
         try:
             arr = self.group[name]
             why = self.layer_problem(layer, arr)

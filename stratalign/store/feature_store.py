@@ -33,6 +33,7 @@ from stratalign.store.entry import (
 )
 from stratalign.store.keys import FORMAT_VERSION
 from stratalign.store.location import Location, default_store_url, validate_key
+from stratalign.store.modality_check import refuse_other_modality
 from stratalign.store.shard_format import sharding_codec
 from stratalign.version import __version__
 
@@ -154,10 +155,12 @@ class FeatureStore:
         root.require_group("features")
         return cls(loc, root, "a")
 
-    def require_writable(self) -> None:
-        """Raise a one-line error unless the store is open for writing (mode 'a')."""
+    def require_writable(self, doing: str = "") -> None:
+        """Raise a one-line error unless the store is open for writing (mode 'a'): what would write (`doing`,
+        checked by a stage before it computes anything) and the fix."""
         if self.mode != "a":
-            raise StratalignError(f"store {self.url} is open read-only")
+            raise StratalignError(f"store {self.url} is open read-only" + (f" and {doing} writes to it" if doing else "")
+                                  + f": open it for writing, stratalign.open_store({self.url!r}, 'a')")
 
     # ----- datasets (see store.dataset_tables)
     def datasets(self) -> list[str]:
@@ -356,6 +359,8 @@ class FeatureStore:
             if complete:
                 break
         hint = f"stratalign extract --dataset {dataset} --encoder {encoder}"
+        if not matches and modality is not None:
+            refuse_other_modality(self, dataset, encoder, modality, content)
         if not matches:
             raise StratalignError(f"no features of {encoder} for dataset {dataset!r}"
                                   f"{f' with pooling {pooling}' if pooling else ''}; run: {hint}")
@@ -393,3 +398,4 @@ class FeatureStore:
         from stratalign.store.inventory import entry_table
 
         return entry_table(self)
+

@@ -107,7 +107,7 @@ def test_verify_ls_and_rm_handle_broken_entries(store_with_dataset) -> None:
                          encoder={"spec": "enc"}, pooling=how, layer_names=("a",), dims=(4,), rows=30, shard_rows=8)
         broken[how] = store.create_entry(spec).key
         break_entry(folder / "features" / broken[how], how)
-    bad = run("store", "verify", store=folder)
+    bad = run("store", "verify", "--verbose", store=folder)
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert f"ok {good}" in bad.stdout and "3 problem(s)" in bad.stderr
     for how, why in (("no-metadata", "has no zarr.json"), ("other-version", "format version 99"),

@@ -9,6 +9,8 @@ import torch
 from stratalign.core import knn
 from stratalign.errors import StratalignError
 
+pytestmark = pytest.mark.faiss  # also run on faiss-gpu-cu12's module in the extras environment (.ci/run)
+
 
 def unit32(x: np.ndarray) -> np.ndarray:
     """Unit rows rounded to float32 (what the search sees), back in float64."""
@@ -166,3 +168,20 @@ def test_cuda_refused_without_gpu() -> None:
         knn.knn_indices(np.random.default_rng(0).normal(size=(10, 3)), 2, device="cuda")
     with pytest.raises(StratalignError, match="device must be"):
         knn.knn_indices(np.random.default_rng(0).normal(size=(10, 3)), 2, device="tpu")
+
+
+@pytest.mark.extras
+def test_the_extras_environment_runs_these_on_faiss_gpu() -> None:
+    """There, `faiss` is faiss-gpu-cu12's module (faiss-cpu uninstalled: both provide it); on a machine without
+    a GPU its CPU indexes serve every test above and device='cuda' is refused."""
+    from importlib import metadata
+    from pathlib import Path
+
+    import faiss
+
+    assert hasattr(faiss, "StandardGpuResources")  # the GPU build
+    assert faiss.get_num_gpus() > 0 or not torch.cuda.is_available()
+    owned = {Path(str(f)).parts[0] for f in metadata.files("faiss-gpu-cu12") or ()}
+    assert Path(faiss.__file__).parent.name in owned
+    with pytest.raises(metadata.PackageNotFoundError):
+        metadata.version("faiss-cpu")

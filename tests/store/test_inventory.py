@@ -98,12 +98,62 @@ def test_runs_ls_show_rm(store_dir: Path, cli) -> None:
     assert RUNS[1] in listed.stdout and RUNS[0] not in listed.stdout and "tiny-image" in listed.stdout
     assert "max_steps=12" in listed.stdout  # an override of the trainer's default, as the fixture's runs set it
     assert "no runs" in cli("runs", "ls", "--dataset", "other", store=store_dir).stdout
-    shown = cli("runs", "show", RUNS[0][:14], store=store_dir)
+    shown = cli("runs", "show", RUNS[0][:14], "--json", store=store_dir)
     assert shown.returncode == 0, shown.stderr
-    body = shown.stdout.split("\n", 1)[1]
-    doc = json.loads(body[: body.rindex("}") + 1])
+    doc = json.loads(shown.stdout)  # nothing but the document: for programs
     assert doc["config"]["run_id"] == RUNS[0] and doc["metrics"]["run_id"] == RUNS[0]
-    assert doc["overrides"]["max_steps"] == 12 and "weights.safetensors" in shown.stdout
+    assert doc["overrides"]["max_steps"] == 12 and doc["files"]["weights.safetensors"] > 0
     assert cli("runs", "rm", RUNS[0], "-y", store=store_dir).returncode == 0
     assert not (store_dir / "runs" / RUNS[0]).exists()
     assert "unknown" in cli("runs", "show", RUNS[0], store=store_dir).stderr
+
+
+def test_runs_show_and_ls_are_short_for_a_person(store_dir: Path, cli) -> None:
+    shown = cli("runs", "show", RUNS[0][:14], store=store_dir).stdout.splitlines()
+    assert shown[0] == f"run {RUNS[0]}" and len(shown) <= 10 and not any("{" in line for line in shown)
+    assert any(line.split()[0] == "test" and "i2t_R@1 50.00" in line for line in shown[1:])
+    assert any(line.split()[0] == "files" and "weights.safetensors (" in line for line in shown[1:])
+    listed = cli("runs", "ls", store=store_dir).stdout.splitlines()
+    assert listed[0].endswith("(dataset toy, vision tiny-image, text tiny-text)")  # shared by every run: said once
+    assert listed[1].split()[:3] == ["run", "layers", "objective"] and len(listed) == 2 + len(RUNS)
+    wide = cli("runs", "ls", "--wide", store=store_dir).stdout.splitlines()
+    assert {"vision", "text", "best_step", "seconds"} <= set(wide[1].split())
+
+
+def test_store_ls_is_short_and_json_is_whole(store_dir: Path, cli) -> None:
+    listed = cli("store", "ls", store=store_dir)
+    assert listed.returncode == 0 and "4 run (" in listed.stdout
+    assert not any(r in listed.stdout for r in RUNS)  # no row per artifact unless one is an orphan or asked for
+    assert all(r in cli("store", "ls", "--kind", "run", store=store_dir).stdout for r in RUNS)
+    doc = json.loads(cli("store", "ls", "--json", store=store_dir).stdout)
+    assert [d["name"] for d in doc["datasets"]] == ["toy", "toy-resplit"] and len(doc["entries"]) == 4
+    assert Counter(a["kind"] for a in doc["artifacts"]) == {"run": 4, "eval": 1, "layers": 1, "choice": 1, "graph": 1,
+                                                           "prompts": 1}
+    assert doc["claims"] == []
+
+
+def test_store_verify_prints_problems_and_one_summary(store_dir: Path, cli) -> None:
+    ok = cli("store", "verify", store=store_dir)
+    assert ok.returncode == 0 and ok.stdout.splitlines() == [
+        f"verified 2 dataset(s), 4 feature entries, 4 run(s) in {store_dir}: all ok"]
+    verbose = cli("store", "verify", "--verbose", store=store_dir).stdout.splitlines()
+    assert len(verbose) > 10 and any(line.startswith(f"ok {IMAGE_ENTRY}") for line in verbose)
+    (store_dir / "runs" / RUNS[2] / "metrics.json").write_text("{")
+    bad = cli("store", "verify", store=store_dir)
+    lines = bad.stdout.splitlines()
+    assert bad.returncode == 2 and len(lines) == 2 and lines[0].startswith(f"broken run {RUNS[2]}")
+    assert lines[1].endswith(": 1 broken") and "1 problem(s)" in bad.stderr
+
+
+def test_runs_ls_fits_a_terminal_without_breaking_ids(store_dir: Path) -> None:
+    import os
+    import re
+    import subprocess
+
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "100", "NO_COLOR": "1"}
+    out = subprocess.run([sys.executable, "-m", "stratalign.cli.main", "runs", "ls", "--store", str(store_dir)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert all(r in text for r in RUNS)  # each id on one line

@@ -16,8 +16,8 @@ from collections import deque
 from typing import Any, Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from stratalign.progress import progress_bar
 from stratalign.stages.extract.config import ExtractConfig, ExtractReport
 from stratalign.stages.extract.reader import Hunger, batches
 from stratalign.stages.extract.shards import ShardEncoder, claimed_shards, release_all
@@ -49,7 +49,7 @@ class ShardPipeline:
 
     def run(self, pending: list[int], t0: float) -> ExtractReport:
         """Encode every shard this worker can claim; the report gets its counts and timings."""
-        bar = tqdm(total=sum(self.shard_rows(s) for s in pending), unit="row",
+        bar = progress_bar(total=sum(self.shard_rows(s) for s in pending), unit="row",
                    desc=f"extract {self.worker.encoder.spec}", disable=not self.cfg.progress,
                    dynamic_ncols=True, smoothing=0.1)
         producer = threading.Thread(target=self.produce, name="stratalign-loader", daemon=True)

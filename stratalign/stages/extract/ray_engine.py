@@ -20,10 +20,10 @@ import time
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from stratalign.device import cpu_threads, resolve_device
 from stratalign.errors import StratalignError, preview
+from stratalign.progress import progress_bar
 from stratalign.stages.extract.config import ExtractConfig, ExtractReport
 from stratalign.stages.extract.plan import entry_specs, plan_encoder
 from stratalign.stages.extract.shards import ClaimWait, ShardEncoder, claim_all, pending_union, release_all, say_stderr
@@ -235,7 +235,7 @@ def _run_shards(handles: list[Any], entries: list[FeatureEntry], pending: list[i
     spec = report.encoder
     pool = ActorPool(handles)
     rows = sum(len(range(*entries[0].shard_rows_range(s))) for s in pending)
-    bar = tqdm(total=rows, unit="row", desc=f"extract {spec} (ray x{len(handles)})", disable=not cfg.progress,
+    bar = progress_bar(total=rows, unit="row", desc=f"extract {spec} (ray x{len(handles)})", disable=not cfg.progress,
                dynamic_ncols=True, smoothing=0.1)
     idle = 0
     waiting = ClaimWait(cfg.poll_s, cfg.claim_wait_s, say_stderr)

@@ -21,6 +21,7 @@ import fsspec
 import polars as pl
 
 from stratalign.errors import StratalignError
+from stratalign.progress import progress_bar
 from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -47,15 +48,26 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return out
 
 
-def _tar_members(url: str) -> Iterator[tuple[str, str, str, tarfile.TarFile, tarfile.TarInfo]]:
-    """(key, extension, member name, tar, member) of each file of one shard, streamed in tar order."""
+def _tar_members(url: str, left_out: dict[str, list[str]]) -> Iterator[tuple[str, str, str, tarfile.TarFile,
+                                                                           tarfile.TarInfo]]:
+    """(key, extension, member name, tar, member) of each file of one shard, streamed in tar order. Members that
+    cannot be a pair's file go to `left_out` under their reason: links and other non-files, paths that climb out
+    of the shard (`..`, absolute), files with no `<key>.<ext>` name."""
     try:
         with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
+                if member.isdir():
+                    continue
                 if not member.isfile():
+                    left_out.setdefault("link or other non-file member", []).append(member.name)
+                    continue
+                parts = member.name.split("/")
+                if member.name.startswith("/") or ".." in parts:
+                    left_out.setdefault("path outside the shard ('..' or absolute)", []).append(member.name)
                     continue
                 folder, base = posixpath.split(member.name)
                 if "." not in base or base.startswith("."):
+                    left_out.setdefault("no <key>.<ext> name", []).append(member.name)
                     continue
                 stem, ext = base.split(".", 1)
                 yield posixpath.join(folder, stem), ext.lower(), member.name, tar, member
@@ -68,16 +80,16 @@ def _tar_members(url: str) -> Iterator[tuple[str, str, str, tarfile.TarFile, tar
 def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress: bool = False,
                     **kw: Any) -> tuple[pl.DataFrame, SpilledFrame, dict]:
     """webdataset tar shards: per key an image (`.jpg`, `.png`, `.webp`, ...) and its caption (`.txt`, or the
-    `caption` field of `.json`). Keys without an image or a caption are left out; an image id is the key. The
+    `caption` field of `.json`). Keys without an image or a caption, links and paths outside the shard are left out
+    and counted by reason (source["left_out"]); an image id is the key. The
     captions are spilled to a temporary folder as they come (bounded memory: see store.raw_records)."""
-    from tqdm import tqdm
-
     urls = expand_shards(shards)
     images, captions = image_columns(), caption_columns(Spill())
-    for url in tqdm(urls, desc="webdataset shards", unit="shard", disable=None if progress else True):
+    left_out: dict[str, list[str]] = {}
+    for url in progress_bar(urls, desc="webdataset shards", unit="shard", disable=None if progress else True):
         shard_name = posixpath.basename(url.rstrip("/"))
         found: dict[str, dict[str, str]] = {}
-        for key, ext, name, tar, member in _tar_members(url):
+        for key, ext, name, tar, member in _tar_members(url, left_out):
             item = found.setdefault(key, {})
             if ext in IMAGE_EXTS and "image" not in item:
                 item["image"] = name
@@ -90,9 +102,17 @@ def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress:
             if "image" in item and "text" in item:
                 images.append(key, f"tar://{item['image']}::{url}", f"{shard_name}/{item['image']}")
                 captions.append(key, key, item["text"])
+            elif "image" in item:
+                left_out.setdefault(f"image without a caption (.{caption_ext} or .json)", []).append(item["image"])
+            elif "text" in item:
+                left_out.setdefault("caption without an image", []).append(key)
     if not len(images):
-        raise StratalignError(f"no (image, caption) pairs in the webdataset shards {urls[:3]}")
-    return images.frame(), captions.frame(), {"kind": "webdataset", "shards": urls, "caption_ext": caption_ext}
+        raise StratalignError(f"no (image, caption) pairs in the webdataset shards {urls[:3]}"
+                              + "".join(f"; {len(v)} {k}" for k, v in left_out.items()))
+    source = {"kind": "webdataset", "shards": urls, "caption_ext": caption_ext}
+    if left_out:  # what `ingest webdataset` says it did not take, with examples
+        source["left_out"] = {k: {"count": len(v), "examples": v[:3]} for k, v in left_out.items()}
+    return images.frame(), captions.frame(), source
 
 
 def _json_caption(raw: str) -> str | None:
@@ -174,13 +194,11 @@ def read_hf(path: str, image_col: str = "image", text_col: str = "text", image_d
     names (validation -> val). Embedded image bytes are written once into `image_dir` (default:
     `<path>-images`), as the store keeps images by path. The captions are spilled to a temporary folder as they
     come (bounded memory: see store.raw_records)."""
-    from tqdm import tqdm
-
     out_dir = Path(image_dir or f"{str(path).rstrip('/')}-images")
     images, captions = image_columns(), caption_columns(Spill())
     for split, files in _hf_tables(path):
         for file in files:
-            for batch in tqdm(_batches(file), desc=f"{Path(file).name}", unit="batch",
+            for batch in progress_bar(_batches(file), desc=f"{Path(file).name}", unit="batch",
                               disable=None if progress else True):
                 cols = batch.schema.names
                 for col, flag in ((image_col, "--image-col"), (text_col, "--text-col")):

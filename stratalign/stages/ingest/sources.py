@@ -12,6 +12,7 @@ import fsspec
 import polars as pl
 
 from stratalign.errors import StratalignError, preview, require_int
+from stratalign.progress import progress_bar
 from stratalign.stages.ingest.shards import read_hf, read_webdataset
 from stratalign.stages.ingest.templates import zero_shot_args
 from stratalign.store.datasets import DEFAULT_TEMPLATES, PairDataset, RawCaption, RawImage, build_dataset
@@ -72,13 +73,11 @@ def _coco_records(captions_json: str, image_dir: str, progress: bool) -> tuple[p
             for i, r in enumerate(data[key]):
                 add(key, i, r)
         return found["images"].frame(), found["annotations"].frame()
-    from tqdm import tqdm
-
     try:
         fs, path = fsspec.core.url_to_fs(captions_json)
         size = fs.size(path)
         # on a terminal only (disable=None): piped output and logs keep one line per outcome
-        with tqdm(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=None if progress else True) \
+        with progress_bar(total=2 * size, unit="B", unit_scale=True, desc="COCO JSON", disable=None if progress else True) \
                 as bar:
             for n, key in enumerate(found):  # one streaming pass per array
                 with fs.open(path, "rb") as f:
@@ -234,13 +233,32 @@ def read_twemoji(**kw: Any) -> tuple[list[RawImage], list[RawCaption], dict]:
     return images, captions, {"kind": "twemoji", "groups": "emoji variants"}
 
 
+def _spread(labels: list[Any], limit: int) -> list[int]:
+    """Indices of `limit` items taken in turn from each label (labels in order of first appearance, items in
+    source order within a label), returned in source order: every class is in a small sample."""
+    by_label: dict[Any, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    queues, picked = [iter(v) for v in by_label.values()], []
+    while len(picked) < min(limit, len(labels)):
+        for q in queues:
+            nxt = next(q, None)
+            if nxt is not None and len(picked) < limit:
+                picked.append(nxt)
+    return sorted(picked)
+
+
 def _first_images(images: list[RawImage] | pl.DataFrame, captions: list[RawCaption] | pl.DataFrame | SpilledFrame,
-                  limit: int) -> tuple[Any, Any]:
-    """The first `limit` images and their captions (records as lists or as raw_records frames)."""
+                  limit: int, spread: bool = False) -> tuple[Any, Any]:
+    """The first `limit` images (or, `spread`, `limit` images taken in turn from each label) and their captions
+    (records as lists or as raw_records frames)."""
     if isinstance(images, pl.DataFrame):  # captions: a frame or a SpilledFrame
-        images = images.head(limit)
+        if spread and "label" in images.columns:
+            images = images[_spread(images["label"].to_list(), limit)]
+        else:
+            images = images.head(limit)
         return images, captions.filter(pl.col("image_id").is_in(images["image_id"].implode()))
-    images = images[:limit]
+    images = [images[i] for i in _spread([im.label for im in images], limit)] if spread else images[:limit]
     keep = {im.image_id for im in images}
     return images, [c for c in captions if c.image_id in keep]
 
@@ -252,8 +270,10 @@ SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "t
 def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad: bool = False,
                   limit: int | None = None, templates: Sequence[str] | None = None,
                   templates_file: str | None = None, class_names: Mapping[str, str] | None = None,
-                  **args: Any) -> PairDataset:
+                  spread: bool = False, **args: Any) -> PairDataset:
     """Read a source and validate it into a PairDataset (not yet saved: see FeatureStore.save_dataset).
+    `limit` keeps the first N images, or with `spread` N images taken in turn from each label (a small sample
+    that still holds every class).
 
     Zero-shot prompts: `templates` (or a `templates_file`, stages.ingest.templates, which may also name classes)
     replace the source's default ("an emoji of {}." for twemoji, else "a photo of a {}."); `class_names` maps
@@ -273,8 +293,10 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
     require_int(seed, "--seed")
     images, captions, source = SOURCES[kind](**args)
     if limit is not None:
-        images, captions = _first_images(images, captions, limit)
+        images, captions = _first_images(images, captions, limit, spread)
         source["limit"] = limit
+        if spread:
+            source["sample"] = "spread over labels"
     default_templates = TWEMOJI_TEMPLATES if kind == "twemoji" else DEFAULT_TEMPLATES
     default_name = "twemoji" if kind == "twemoji" else kind
     return build_dataset(default_name if name is None else name, images, captions, source=source, seed=seed,

@@ -21,13 +21,18 @@ COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n
 
 
 def train_overrides(config: dict[str, Any]) -> dict[str, Any]:
-    """The run's training settings that differ from TrainConfig's defaults for its objective, head and seed
-    (a preset's schedule shows here too); {} when the defaults cannot be rebuilt."""
+    """The run's training settings that differ from what its preset gives (TrainConfig's defaults under the
+    preset's schedule; the defaults alone for a run without a preset) for its objective, head and seed: the
+    --set values, not the preset's own schedule repeated on every run; {} when the defaults cannot be rebuilt."""
     from stratalign.train.config import TrainConfig
+    from stratalign.train.presets import PRESETS
 
     train = config.get("train") or {}
+    preset = PRESETS.get(str(config.get("preset")))
+    schedule = preset.settings() if preset is not None else {}
     try:
-        defaults = TrainConfig(objective=train["objective"], head=train["head"], seed=train["seed"]).to_dict()
+        defaults = TrainConfig(objective=train["objective"], head=train["head"], seed=train["seed"],
+                               **schedule).to_dict()
     except (KeyError, TypeError, StratalignError):
         return {}
     return {k: v for k, v in train.items() if k in defaults and json.dumps(defaults[k]) != json.dumps(v)}
@@ -77,6 +82,32 @@ def show_run(store: FeatureStore, run: str) -> dict[str, Any]:
     return {"run": rid, "config": reg.config(rid), "metrics": reg.metrics(rid) if reg.is_done(rid) else None,
             "overrides": train_overrides(reg.config(rid)),
             "files": [(n, store.loc.size("runs", rid, n)) for n in store.loc.listdir("runs", rid)]}
+
+
+def show_lines(shown: dict[str, Any]) -> list[str]:
+    """`runs show` for a person: a few lines (what it trained on, the checkpoint, test metrics, files)."""
+    cfg, met = shown["config"], shown["metrics"]
+    lines = [f"run {shown['run']}",
+             f"  {'data':<11}{cfg.get('dataset')}: {cfg.get('n_pairs') or 'all'} training pairs, seed {cfg.get('seed')}",
+             f"  {'encoders':<11}{cfg.get('vision')} layer {cfg.get('vision_layer')}, {cfg.get('text')} layer "
+             f"{cfg.get('text_layer')}",
+             f"  {'training':<11}{cfg.get('objective')}, {cfg.get('head')} head"
+             + ("; " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(shown["overrides"].items()))
+                if shown["overrides"] else "")]
+    if met is None:
+        lines.append("  not finished (no metrics.json)")
+    else:
+        lines.append(f"  {'checkpoint':<11}step {met.get('best_step')} by {_selection(met) or '?'}"
+                     + (f", stopped: {met['stopped_reason']}" if met.get("stopped_reason") else "")
+                     + (f", {met['train_seconds']:.1f} s" if isinstance(met.get("train_seconds"), (int, float)) else ""))
+        test = [f"{k} {met[k]:.2f}" for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
+                                                "zs_top1", "probe_acc", "alignment_mknn")
+                if isinstance(met.get(k), (int, float))]
+        if test:
+            lines.append(f"  {'test':<11}" + ", ".join(test))
+    lines.append(f"  {'files':<11}" + ", ".join(f"{name} ({size:,} bytes)" for name, size in shown["files"]))
+    lines.append("  (`stratalign runs show --json` prints the whole config and metrics)")
+    return lines
 
 
 def remove_run(store: FeatureStore, run: str) -> str:

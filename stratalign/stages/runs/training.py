@@ -17,6 +17,7 @@ import numpy as np
 
 from stratalign.core.objectives import Training, objective_named
 from stratalign.errors import StratalignError
+from stratalign.progress import progress_bar
 from stratalign.stages.runs.config import (
     RUN_FLAGS,
     ResolvedRun,
@@ -47,9 +48,7 @@ def step_progress(progress: Progress | bool, run_id: str, metric: str) -> Iterat
     if callable(progress):
         yield progress
         return
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None, desc=f"train {run_id}", unit="step", dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=None, desc=f"train {run_id}", unit="step", dynamic_ncols=True, leave=False)
 
     def tick(step: int, total: int, value: float) -> None:
         bar.total = total
@@ -111,6 +110,8 @@ def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[Res
     for cfg, run in zip(cfgs, runs):
         if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
             todo[run.run_id] = (cfg, run)
+    if todo:  # before gathering anything: the runs are saved at the end
+        store.require_writable(f"training {len(todo)} run(s)")
     for parts in [("graphs",), *(("runs", rid) for rid in todo)]:  # a write through a link: refused before training
         store.loc.refuse_links(*parts)
     targets: dict[tuple, ValidationTargets] = {}
@@ -153,9 +154,7 @@ def _train_prepared(store: FeatureStore, registry: RunRegistry, prepared: list[_
 
 
 def _group_bar(n_runs: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=None, desc=f"train {n_runs} runs", unit="step", dynamic_ncols=True)
+    return progress_bar(total=None, desc=f"train {n_runs} runs", unit="step", dynamic_ncols=True)
 
 
 def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepared], progress: Progress | bool | None,

