@@ -1,6 +1,4 @@
-"""The feature store: a Zarr v3 hierarchy that caches every layer's pooled features for a whole team
-(the layout is in the docstring of the `stratalign.store` package).
-
+"""The feature store: a Zarr v3 hierarchy caching every layer's pooled features for a team (layout: store/__init__).
 `FeatureStore` opens or creates a store and finds, creates and lists its entries; one entry's arrays,
 markers and claims are `FeatureEntry`'s (store.entry), a dataset's tables are store.dataset_tables'.
 `EntrySpec`, `FeatureEntry`, `shard_sha` and the constants are re-exported here, their historical home.
