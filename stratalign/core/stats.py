@@ -65,6 +65,16 @@ def _matrix(hits: Sequence[np.ndarray], name: str) -> np.ndarray:
     return np.stack(rows)
 
 
+def _check(a: np.ndarray, b: np.ndarray, resamples: int, level: float) -> None:
+    """One-line refusals of a comparison that cannot be paired or bootstrapped."""
+    if a.shape != b.shape:
+        raise StratalignError(f"paired comparison needs the same seeds and queries: {a.shape} vs {b.shape}")
+    if resamples < 1000:
+        raise StratalignError(f"a bootstrap interval needs at least 1000 resamples, got {resamples}")
+    if not 0 < level < 1:
+        raise StratalignError(f"confidence level must be in (0, 1), got {level}")
+
+
 def paired_bootstrap(method: Sequence[np.ndarray], baseline: Sequence[np.ndarray], *,
                      resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95,
                      scale: float = 100.0) -> PairedDifference:
@@ -75,12 +85,7 @@ def paired_bootstrap(method: Sequence[np.ndarray], baseline: Sequence[np.ndarray
     `integers(0, n, n)` draw per resample, in order) and applies it to both methods and every seed.
     """
     a, b = _matrix(method, "method"), _matrix(baseline, "baseline")
-    if a.shape != b.shape:
-        raise StratalignError(f"paired comparison needs the same seeds and queries: {a.shape} vs {b.shape}")
-    if resamples < 1000:
-        raise StratalignError(f"a bootstrap interval needs at least 1000 resamples, got {resamples}")
-    if not 0 < level < 1:
-        raise StratalignError(f"confidence level must be in (0, 1), got {level}")
+    _check(a, b, resamples, level)
     # the mean over seeds of per-seed mean differences = the mean over resampled queries of d
     d = (a - b).mean(axis=0)
     n = len(d)
@@ -107,12 +112,7 @@ def two_level_bootstrap(method: Sequence[np.ndarray], baseline: Sequence[np.ndar
     With one seed it is the bootstrap over queries."""
     a = _matrix(method, "method")
     b = np.zeros_like(a) if baseline is None else _matrix(baseline, "baseline")
-    if a.shape != b.shape:
-        raise StratalignError(f"paired comparison needs the same seeds and queries: {a.shape} vs {b.shape}")
-    if resamples < 1000:
-        raise StratalignError(f"a bootstrap interval needs at least 1000 resamples, got {resamples}")
-    if not 0 < level < 1:
-        raise StratalignError(f"confidence level must be in (0, 1), got {level}")
+    _check(a, b, resamples, level)
     d = a - b  # (seeds, queries)
     n_seeds, n = d.shape
     rng = np.random.default_rng(seed)
