@@ -113,7 +113,7 @@ def test_comparisons_pair_runs_by_cell_and_seed() -> None:
     assert "**clip+structure** vs clip on the same layers, image→text R@1: helps in 1 cells, hurts in 0, no clear " \
            "difference in 0" in text
     vs_last = table.filter((pl.col("comparison") == "vs_last") & (pl.col("metric") == "i2t_R@1"))
-    assert set(vs_last["method"]) == {"clip / auto", "clip+structure / auto", "clip+structure / last"}
+    assert set(vs_last["method"]) == {"clip / chosen", "clip+structure / chosen", "clip+structure / last"}
     assert set(vs_last["baseline"]) == {"clip"} and set(vs_last["baseline_rule"]) == {"last"}
 
 
