@@ -125,10 +125,9 @@ def bottom_line(comparisons: pl.DataFrame, board: pl.DataFrame, baseline: str = 
         parts = [f"{NAMES[r['metric']]} {_iv(r)} ({r['verdict']})" for r in rows.iter_rows(named=True)]
         lines.append(f"Objective: with n={n_name(n_top)} pairs the best method on average is **{best}**; against "
                      f"{base}: {'; '.join(parts)}.")
-        objective, rule = best.split(" / ") if " / " in best else (best, "")
+        objective, rule = rows["objective"][0], rows["layer_rule"][0]  # the method the label names
         same = at.filter((pl.col("comparison") == "objective") & (pl.col("objective") == objective)
-                         & (pl.col("layer_rule").map_elements(rule_name, return_dtype=pl.String) == rule)
-                         & pl.col("metric").is_in(KEY_METRICS))
+                         & (pl.col("layer_rule") == rule) & pl.col("metric").is_in(KEY_METRICS))
         if same.height:
             parts = [f"{NAMES[r['metric']]} {_iv(r)}" for r in same.iter_rows(named=True)]
             lines.append(f"Against {baseline} on the same layers it {_overall(set(same['verdict']))} "

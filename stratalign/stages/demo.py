@@ -50,8 +50,9 @@ class DemoConfig:
     # a run where a full schedule would restore the same step. `train_options` are --set overrides on top.
     preset: str = "cpu"
     train_options: tuple[tuple[str, object], ...] = ()
-    # knobs chosen on validation per cell and seed (docs/method.md § 3.9: lambda, beta, CSA k x ridge from each objective's
-    # grid); False trains the registry's defaults
+    # knobs chosen on validation, one choice per cell for all its seeds (docs/method.md § 3.9: lambda, beta, CSA k x
+    # ridge from each objective's grid, extended past an edge); False trains the registry's defaults (the stopping
+    # step is chosen per cell either way)
     tune: bool = True
     batch_size: int = 32
     progress: bool = True

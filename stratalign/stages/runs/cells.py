@@ -27,7 +27,7 @@ import numpy as np
 
 from stratalign.core.objectives import EDGE_RULES, Objective, Selection, objective_named
 from stratalign.errors import StratalignError
-from stratalign.stages.runs.config import RunConfig, resolve_run
+from stratalign.stages.runs.config import RunConfig
 from stratalign.stages.runs.training import train_runs
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
@@ -45,7 +45,6 @@ class PointResult:
     runs: tuple[str, ...]
     steps: tuple[int, ...]
     mean: tuple[float, ...]
-    per_seed: tuple[tuple[float, ...], ...]  # the value of each seed at each of `steps`
     best_step: int | None  # None for a closed-form fit
     best_value: float
 
@@ -58,7 +57,6 @@ class CellChoice:
     seeds: tuple[int, ...]
     metric: str
     key: str
-    higher_is_better: bool
     knobs: dict[str, Any]
     step: int | None
     value: float
@@ -71,10 +69,7 @@ class CellChoice:
 
     def label(self) -> str:
         """e.g. 'lam=30, step 80' (the knobs chosen and the step)."""
-        parts = [f"{k}={_fmt(v)}" for k, v in self.knobs.items()]
-        if self.step is not None:
-            parts.append(f"step {self.step}")
-        return ", ".join(parts)
+        return choice_label(self.knobs, self.step)
 
     def record(self) -> dict[str, Any]:
         """JSON-able record kept beside each final run (store.runs.save_tuning)."""
@@ -87,8 +82,10 @@ class CellChoice:
                          for p in self.points]}
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+def choice_label(knobs: dict[str, Any], step: int | None) -> str:
+    """How a cell's choice reads: 'lam=30, step 80' (a closed-form fit has no step)."""
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items()]
+    return ", ".join(parts + ([f"step {step}"] if step is not None else []))
 
 
 @dataclass
@@ -177,8 +174,7 @@ def _point_result(cell: _Cell, point: dict[str, Any], metrics: list[dict[str, An
         raise StratalignError(f"every validation {key} of {cell.cfg.objective} is non-finite: nothing to choose from")
     best = finite[np.argmax(mean[finite])] if higher else finite[np.argmin(mean[finite])]  # first on a tie
     return PointResult(point, tuple(m["run_id"] for m in metrics), tuple(steps), tuple(float(v) for v in mean),
-                       tuple(tuple(float(v) for v in row) for row in table.T), None if closed else steps[best],
-                       float(mean[best]))
+                       None if closed else steps[best], float(mean[best]))
 
 
 def _best(cell: _Cell) -> int:
@@ -236,9 +232,6 @@ def choose_cells(store: FeatureStore, cfgs: Sequence[RunConfig], *, tune: bool =
     chosen). metric: the validation metric (default: the cells' --select, else rsum; CoMM chooses on its own loss).
     Returns the cells' choices and, per config of `cfgs`, the run id of its final run."""
     cells, where = _cells(cfgs, tune, metric)
-    for cell in cells:  # every setting of every point resolved first: a bad one fails before any training
-        for point in cell.points:
-            resolve_run(store, cell.run_config(point, cell.seeds[0]))
     pending = [(c, i) for c in cells for i in range(len(c.points))]
     while pending:
         configs = [cell.run_config(cell.points[i], s) for cell, i in pending for s in cell.seeds]
@@ -257,9 +250,9 @@ def choose_cells(store: FeatureStore, cfgs: Sequence[RunConfig], *, tune: bool =
     choices = []
     for cell, (final, done) in zip(cells, finals):
         best = cell.results[_best(cell)]
-        key, higher = cell.curve_key
+        key, _ = cell.curve_key
         choice = CellChoice(cell.cfg, tuple(cell.seeds), "comm_loss" if key == "comm_loss" else cell.metric, key,
-                            higher, best.knobs, best.best_step, best.best_value,
+                            best.knobs, best.best_step, best.best_value,
                             tuple(cell.results[i] for i in sorted(cell.results)), _on_edge(cell, best.knobs),
                             tuple(final), trained=cell.trained + done,
                             tried=len(cell.points) * len(cell.seeds) + (len(final) if best.best_step is not None else 0),

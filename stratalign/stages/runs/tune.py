@@ -11,16 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stratalign.errors import StratalignError
-from stratalign.stages.runs.cells import CellChoice, choose_cells, grid_points
-
-__all__ = ["TunedRun", "grid_points", "tune_run", "tune_runs", "validation_value"]
+from stratalign.stages.runs.cells import CellChoice, choice_label, choose_cells, grid_points
 from stratalign.stages.runs.config import RunConfig
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
-from stratalign.train.validation import SELECT_METRICS
 
-DEFAULT_TUNE_METRIC = "rsum"
+__all__ = ["TunedRun", "grid_points", "tune_run", "tune_runs"]
 
 
 @dataclass(frozen=True)
@@ -40,27 +36,7 @@ class TunedRun:
         """e.g. 'lam=3, step 80' (empty without a choice)."""
         if not self.tuning:
             return ""
-        parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.tuning["chosen"].items()]
-        if self.tuning.get("step") is not None:
-            parts.append(f"step {self.tuning['step']}")
-        return ", ".join(parts)
-
-
-def validation_value(metrics: dict[str, Any], metric: str) -> float:
-    """A run's validation value of `metric` (rsum | zeroshot | clip_loss): at its selected checkpoint for a
-    trained run, its one validation row for a closed-form fit."""
-    key = SELECT_METRICS[metric][0]
-    curve = metrics.get("val_curve") or []
-    if not curve or not isinstance(curve[0], dict):
-        raise StratalignError(f"run {metrics.get('run_id')} has no validation curve (trained before 2026-11-25): "
-                              "train it again with --force to tune on it")
-    step = (metrics.get("selection") or {}).get("step", curve[-1]["step"])
-    row = next((r for r in curve if r["step"] == step), curve[-1])
-    value = row.get(key)
-    if value is None:
-        raise StratalignError(f"run {metrics.get('run_id')} has no validation {metric} (a dataset without labels "
-                              "has no zero-shot): tune on rsum or clip_loss")
-    return float(value)
+        return choice_label(self.tuning["chosen"], self.tuning.get("step"))
 
 
 def tune_run(store: FeatureStore, cfg: RunConfig, *, metric: str | None = None, force: bool = False,

@@ -156,10 +156,10 @@ def test_a_choice_on_the_grid_edge_extends_the_grid() -> None:
     obj = objective_named("clip+structure")
     cell = _Cell(_cfg(objective="clip+structure"), [0], obj, "rsum", FAST, {}, grid_points(obj, {}))
     for i, p in enumerate(cell.points):
-        cell.results[i] = PointResult(p, (f"r{i}",), (10,), (float(i),), ((float(i),),), 10, float(i))
+        cell.results[i] = PointResult(p, (f"r{i}",), (10,), (float(i),), 10, float(i))
     assert _extensions(cell) == [{"lam": 90.0}] and cell.extended == {"lam": [90.0]}
     cell.points.append({"lam": 90.0})
-    cell.results[4] = PointResult({"lam": 90.0}, ("r4",), (10,), (2.0,), ((2.0,),), 10, 2.0)  # worse: inside now
+    cell.results[4] = PointResult({"lam": 90.0}, ("r4",), (10,), (2.0,), 10, 2.0)  # worse: inside now
     assert _extensions(cell) == []
 
 
