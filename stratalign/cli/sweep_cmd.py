@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, print_table, store_url
+from stratalign.cli.common import FeaturePrecisionOption, StoreOption, console, print_table, store_url
 from stratalign.cli.values import (
     PRESET_HELP,
     SELECT_HELP,
@@ -44,6 +44,7 @@ def sweep_cmd(
     tune: bool = typer.Option(False, "--tune", help=TUNE_HELP),
     baseline: str = typer.Option("clip", help="Objective every other one is compared with (paired, per cell and seed)."),
     out: str = typer.Option("stratalign-report", help="Folder for leaderboard.parquet/.csv and the plots."),
+    feature_precision: Optional[str] = FeaturePrecisionOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
@@ -54,7 +55,8 @@ def sweep_cmd(
 
     fs = FeatureStore.open(store_url(store), "a")
     overrides = trainer_overrides(set_)
-    base = RunConfig(dataset=dataset, vision=vision, text=text, options=overrides, preset=preset, select=select)
+    base = RunConfig(dataset=dataset, vision=vision, text=text, options=overrides, preset=preset, select=select,
+                     feature_precision=feature_precision)
     cfg = SweepConfig(base=base,
                       n_pairs=tuple(n_pairs(v) for v in n_pairs_), seeds=tuple(seed), objectives=tuple(objective),
                       layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip),

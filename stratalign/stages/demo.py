@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from stratalign.device import resolve_device, resolve_precision
 from stratalign.report.report import results_table
 from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.stages.ingest.sources import ingest_source
@@ -56,14 +57,22 @@ class DemoConfig:
     tune: bool = True
     batch_size: int = 32
     progress: bool = True
+    # fp32 | bf16 | auto (docs/method.md § 1): the encoders' forward and the heads' matmuls in this precision (auto:
+    # bf16 where the CPU or GPU has it); layers and runs read the features of this precision, so fp32 and bf16
+    # demos in one store stay apart (other entry keys, other run ids)
+    precision: str = "fp32"
 
     @classmethod
-    def sized(cls, limit: int | None = None, seeds: int = 5) -> DemoConfig:
+    def sized(cls, limit: int | None = None, seeds: int = 5, precision: str = "fp32") -> DemoConfig:
         """The grid for the first `limit` emoji and seeds 0..seeds-1: under 300 emoji the subset sizes shrink
         to limit // 8 (at least 10) and all: the default sizes (200, 500) do not fit a small train split."""
         if limit is not None and limit < 300:
-            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(max(10, limit // 8), None))
-        return cls(limit=limit, seeds=tuple(range(seeds)))
+            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(max(10, limit // 8), None), precision=precision)
+        return cls(limit=limit, seeds=tuple(range(seeds)), precision=precision)
+
+    def resolved_precision(self) -> str:
+        """fp32 or bf16 on this machine's device (auto resolved; bf16 without the hardware: one line)."""
+        return resolve_precision(self.precision, resolve_device("auto"))
 
 
 def one_class_warnings(ds: Any) -> list[str]:
@@ -89,6 +98,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     """Run every stage; returns the timings, the layer choice, the leaderboard and the report path."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    precision = cfg.resolved_precision()  # before anything is written
     store = FeatureStore.open(store_url, "a", create=True)
     # a limited demo takes its emoji in turn from each category (the first N are all one category: a 100 %
     # zero-shot score that means nothing); a new name, as the first-N datasets of older versions keep theirs
@@ -105,7 +115,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     t0 = time.perf_counter()
     encoders = (cfg.vision, *cfg.extra_encoders, cfg.text)
     reports = extract(store, name, ExtractConfig(encoders=encoders, batch_size=cfg.batch_size,
-                                                        progress=cfg.progress))
+                                                 progress=cfg.progress, precision=precision))
     for r in reports:
         log(f"[2/4] extract {r.encoder}: {r.shards_encoded}/{r.shards_total} shards encoded, "
             f"{r.rows_per_s:.0f} rows/s, {r.wall_s:.1f}s")
@@ -114,7 +124,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     t0 = time.perf_counter()
     layer_infos = []
     for vision in (cfg.vision, *cfg.extra_encoders):
-        lcfg = LayersConfig(dataset=name, vision=vision, text=cfg.text, metrics=("mutual_knn", "cka"))
+        lcfg = LayersConfig(dataset=name, vision=vision, text=cfg.text, metrics=("mutual_knn", "cka"),
+                            feature_precision=precision)
         done = run_layers(store, lcfg, "best", "mutual_knn", heatmap_copy=os.path.join(out_dir, f"layers-{vision}.png"))
         result, choice, png = done.result, done.choice, done.png
         layer_infos.append({**choice, "n": result["n"], "k": result["k"], "heatmap": png, "vision": vision})
@@ -123,7 +134,9 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     timings["layers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    base = RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=cfg.train_options, preset=cfg.preset)
+    options = cfg.train_options + ((("precision", precision),) if precision != "fp32" else ())
+    base = RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=options, preset=cfg.preset,
+                     feature_precision=precision)
     sweep_cfg = SweepConfig(base=base,
                             n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
                             layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, skip_n=cfg.skip_n,
@@ -137,7 +150,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              f"linear heads, seeds {list(cfg.seeds)}. The split keeps the variants of one emoji (genders, family "
              f"members, mirrored, flag aliases) together: {_split_words(ds)}. Training pairs come from the train "
              f"split, checkpoints are chosen on the dataset's own val split, numbers are on the test split. "
-             f"n=all means all train pairs. "
+             f"n=all means all train pairs. Precision {precision}: the encoders' forwards and the heads' matmuls "
+             "(losses in float32, docs/method.md § 1 and § 3.7). "
              "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)
              + " (everything else as docs/method.md: tau 0.05, AdamW lr 1e-3). One choice per cell, the same rule "
              "for every objective: the stopping step"

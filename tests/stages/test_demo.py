@@ -73,3 +73,19 @@ def test_a_one_class_split_is_warned_about() -> None:
     warned = one_class_warnings(ingest_source("twemoji", "tw", limit=120))  # the first 120: one category
     assert len(warned) == 3 and warned[2].startswith("warning: the test split of tw holds one class (Smileys")
     assert one_class_warnings(ingest_source("twemoji", "tw", limit=120, spread=True)) == []
+
+
+def test_precision_resolves_per_machine_and_bf16_without_hardware_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    from stratalign import device as device_mod
+    from stratalign.errors import StratalignError
+
+    assert DemoConfig.sized(48, 2, "bf16").precision == "bf16" and DemoConfig().precision == "fp32"
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda dev: True)
+    assert DemoConfig(precision="auto").resolved_precision() == "bf16"
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda dev: False)
+    assert DemoConfig(precision="auto").resolved_precision() == "fp32"
+    with pytest.raises(StratalignError, match="precision bf16 needs"):
+        run_demo(str(tmp_path / "store"), str(tmp_path / "out"), DemoConfig(precision="bf16"), log=lambda _: None)
+    assert not (tmp_path / "store").exists()  # refused before the store was created

@@ -55,6 +55,9 @@ class RunConfig:
     ids_kind: str = "caption"
     vision_pooling: str | None = None
     text_pooling: str | None = None
+    # the features' forward precision (fp32 | bf16: `extract --precision`); None: fp32 features first. The entry
+    # key, and so the run id, differs per precision.
+    feature_precision: str | None = None
     options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # TrainConfig overrides (win over preset)
     # trainer schedule (train.presets): auto (cpu or gpu by the machine; the default here as in the CLI, so Python
     # and the CLI train the same run for the same request) | cpu | gpu | paper. None: TrainConfig's own defaults
@@ -171,8 +174,8 @@ def inputs_of(store: FeatureStore, run: ResolvedRun) -> RunInputs:
 def run_entries(store: FeatureStore, cfg: RunConfig, dataset: str | None = None) -> tuple[FeatureEntry, FeatureEntry]:
     """The (vision, text) feature entries a run config names."""
     ds = dataset or cfg.dataset
-    v = store.find_entry(ds, cfg.vision, cfg.vision_pooling, modality="image")
-    t = store.find_entry(ds, cfg.text, cfg.text_pooling, modality="text")
+    v = store.find_entry(ds, cfg.vision, cfg.vision_pooling, modality="image", precision=cfg.feature_precision)
+    t = store.find_entry(ds, cfg.text, cfg.text_pooling, modality="text", precision=cfg.feature_precision)
     return v, t
 
 
