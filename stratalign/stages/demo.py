@@ -93,6 +93,23 @@ def _split_words(ds: Any) -> str:
     return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("train", "val", "test")) + " images"
 
 
+def dataset_name(cfg: DemoConfig) -> str:
+    """The demo dataset's name in the store: a limited demo takes its emoji in turn from each category (the first N
+    are all one category: a 100 % zero-shot score that means nothing), under a new name, as the first-N datasets of
+    older versions keep theirs."""
+    return cfg.dataset if cfg.limit is None else f"{cfg.dataset}-mixed{cfg.limit}"
+
+
+def demo_sweep(cfg: DemoConfig) -> SweepConfig:
+    """The demo's grid as a sweep (features and heads in the demo's precision)."""
+    precision = cfg.resolved_precision()
+    options = cfg.train_options + ((("precision", precision),) if precision != "fp32" else ())
+    base = RunConfig(dataset=dataset_name(cfg), vision=cfg.vision, text=cfg.text, options=options, preset=cfg.preset,
+                     feature_precision=precision)
+    return SweepConfig(base=base, n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
+                       layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, skip_n=cfg.skip_n, tune=cfg.tune)
+
+
 def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage; returns the timings, the layer choice, the leaderboard and the report path."""
@@ -100,9 +117,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     t0 = time.perf_counter()
     precision = cfg.resolved_precision()  # before anything is written
     store = FeatureStore.open(store_url, "a", create=True)
-    # a limited demo takes its emoji in turn from each category (the first N are all one category: a 100 %
-    # zero-shot score that means nothing); a new name, as the first-N datasets of older versions keep theirs
-    name = cfg.dataset if cfg.limit is None else f"{cfg.dataset}-mixed{cfg.limit}"
+    name = dataset_name(cfg)
     ds = ingest_source("twemoji", name, limit=cfg.limit, spread=True)
     resplit = name in store.datasets() and store.dataset(name).content_fingerprint == ds.content_fingerprint
     written = store.save_dataset(ds, replace=resplit)  # same images and captions: a new split, features kept
@@ -134,14 +149,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     timings["layers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    options = cfg.train_options + ((("precision", precision),) if precision != "fp32" else ())
-    base = RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=options, preset=cfg.preset,
-                     feature_precision=precision)
-    sweep_cfg = SweepConfig(base=base,
-                            n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
-                            layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, skip_n=cfg.skip_n,
-                            tune=cfg.tune)
-    sweep = run_sweep(store, sweep_cfg, None, progress=cfg.progress)
+    sweep = run_sweep(store, demo_sweep(cfg), None, progress=cfg.progress)
     log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
     timings["sweep"] = time.perf_counter() - t0
 
