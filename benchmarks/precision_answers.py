@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--csv", default=None, help="also write the per-cell differences here")
     args = ap.parse_args()
-    store = FeatureStore.open(args.store, "r")
+    store = FeatureStore.open(args.store, "a")  # read back; a cell's choice record is re-saved
     grids = {}
     for precision in ("fp32", "bf16"):
         cfg = DemoConfig.sized(args.limit, args.seeds, precision)
