@@ -51,7 +51,7 @@ def train_cmd(
     from stratalign.core.objectives import objective_named
     from stratalign.stages.runs.config import ResolvedRun
     from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
-    from stratalign.stages.subsets import KFOLD, validation_source
+    from stratalign.stages.subsets import KFOLD, cell_validation, validation_source
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
@@ -61,7 +61,11 @@ def train_cmd(
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
                     n_pairs=n_pairs(n_pairs_), seed=seed, ids_file=ids, ids_kind=ids_kind,
                     options=overrides, preset=preset, select=select, validation=validation, folds=folds)
-    kfold = validation_source(fs.dataset(dataset), validation) == KFOLD
+    # one run picks its own checkpoint on the val split (or carved pairs); --tune chooses as a cell does, and a cell
+    # of a dataset with no or a tiny val split, or --validation kfold, chooses over folds then refits
+    source = (cell_validation if tune else validation_source)(fs.dataset(dataset), validation)
+    kfold = source == KFOLD
+    cfg = replace(cfg, validation="kfold") if kfold else cfg
     # a bad option is one error line before anything else is printed (k-fold: fold 0 stands for the cell's runs)
     resolved = resolve_run(fs, replace(cfg, fold=0) if kfold else cfg)
     if kfold and not tune:  # the step is chosen over the folds, then the refit trains on every pair

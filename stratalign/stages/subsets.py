@@ -47,24 +47,35 @@ VALIDATION_CHOICES = ("auto", "split", "carve", "kfold")
 # where a run's validation pairs came from: the val split, carved from the train split, a held-out fold of k-fold
 # cross-validation, or none (REFIT: the run trains on every pair, to the step chosen over the folds)
 SPLIT, CARVED, KFOLD, REFIT = "split", "carved", "kfold", "refit"
-# auto takes the dataset's val split when it holds at least this many pairs, else k-fold (docs/method.md § 3.8): a
-# smaller split's rsum moves by more between seeds than the knobs move its mean
+# a cell's auto (the cells of train/tune/sweep/demo, which choose over several runs) takes the dataset's val split
+# when it holds at least this many pairs, else k-fold (docs/method.md § 3.8): on a smaller split a seed moves the
+# validation rsum by more than the knobs move its mean
 MIN_VAL_PAIRS = 100
 
 
 def validation_source(ds: PairDataset, choice: str = "auto") -> str:
-    """SPLIT (the dataset's own val split), CARVED (from the train split) or KFOLD (k-fold over the training pairs)
-    for a run's `validation` choice: auto = the val split when it has at least MIN_VAL_PAIRS pairs, k-fold
-    otherwise (no val split, or a very small one)."""
+    """SPLIT (the dataset's own val split), CARVED (from the train split) or KFOLD (a fold of k-fold over the
+    training pairs) for one run's `validation` choice. A lone run's auto is the val split when the dataset has one,
+    carved otherwise (it picks its own checkpoint: nothing to average over folds); `cell_validation` is the auto of
+    a cell."""
     if choice not in VALIDATION_CHOICES:
         raise StratalignError(f"validation must be one of {', '.join(VALIDATION_CHOICES)}, not {choice!r}")
-    n_val = len(ds.pairs("val")[0])
-    if choice == "split" and not n_val:
+    has_val = len(ds.pairs("val")[0]) > 0
+    if choice == "split" and not has_val:
         raise StratalignError(f"dataset {ds.name!r} has no val split: use validation 'kfold' (or 'auto', or "
                               "'carve' to carve validation pairs from the train split)")
     if choice == "auto":
-        return SPLIT if n_val >= MIN_VAL_PAIRS else KFOLD
+        return SPLIT if has_val else CARVED
     return {"split": SPLIT, "carve": CARVED, "kfold": KFOLD}[choice]
+
+
+def cell_validation(ds: PairDataset, choice: str = "auto") -> str:
+    """The validation of a cell (one choice over its seeds, stages.runs.cells): auto = the dataset's val split when
+    it has at least MIN_VAL_PAIRS pairs, k-fold otherwise (no val split, or a very small one); any other choice as
+    `validation_source` reads it."""
+    if choice == "auto":
+        return SPLIT if len(ds.pairs("val")[0]) >= MIN_VAL_PAIRS else KFOLD
+    return validation_source(ds, choice)
 
 
 def validation_pairs(ds: PairDataset, source: str, val_fraction: float, seed: int) -> tuple[PairRows, PairRows]:

@@ -11,7 +11,7 @@ import pytest
 from stratalign.errors import StratalignError
 from stratalign.stages.folds import fold_of_pairs, fold_split
 from stratalign.stages.ingest.sources import ingest_source
-from stratalign.stages.subsets import MIN_VAL_PAIRS, PairRows, validation_source
+from stratalign.stages.subsets import MIN_VAL_PAIRS, PairRows, cell_validation, validation_source
 from stratalign.store.datasets import PairDataset
 
 
@@ -70,15 +70,17 @@ def test_more_folds_than_images_is_one_line(karpathy_ds) -> None:
 def test_auto_picks_kfold_without_a_val_split_or_with_a_tiny_one(karpathy_ds) -> None:
     no_val = karpathy_ds.images.with_columns(pl.col("split").replace("val", "train"))
     table = PairDataset("t", no_val, karpathy_ds.captions, karpathy_ds.meta)
-    assert len(table.pairs("val")[0]) == 0 and validation_source(table, "auto") == "kfold"
+    assert len(table.pairs("val")[0]) == 0 and cell_validation(table, "auto") == "kfold"
+    assert validation_source(table, "auto") == "carved"  # a lone run picks its own checkpoint: carved pairs
     with pytest.raises(StratalignError, match="has no val split: use validation 'kfold'"):
         validation_source(table, "split")
-    assert 0 < len(karpathy_ds.pairs("val")[0]) < MIN_VAL_PAIRS and validation_source(karpathy_ds, "auto") == "kfold"
-    assert validation_source(karpathy_ds, "split") == "split" and validation_source(table, "carve") == "carved"
+    assert 0 < len(karpathy_ds.pairs("val")[0]) < MIN_VAL_PAIRS and cell_validation(karpathy_ds, "auto") == "kfold"
+    assert cell_validation(karpathy_ds, "split") == "split" and cell_validation(table, "carve") == "carved"
+    assert cell_validation(karpathy_ds, "kfold") == validation_source(karpathy_ds, "kfold") == "kfold"
     big_val = karpathy_ds.images.with_columns(pl.Series("split", ["val"] * 10 + ["train"] * 20))
     captions = pl.concat([karpathy_ds.captions.with_columns(pl.lit(f"{r}-").add(pl.col("caption_id"))
                                                             .alias("caption_id")) for r in range(4)])
     ds = PairDataset("big", big_val, captions, karpathy_ds.meta)  # 10 val images x 12 captions = 120 pairs
-    assert len(ds.pairs("val")[0]) >= MIN_VAL_PAIRS and validation_source(ds, "auto") == "split"
+    assert len(ds.pairs("val")[0]) >= MIN_VAL_PAIRS and cell_validation(ds, "auto") == "split"
     with pytest.raises(StratalignError, match="validation must be one of auto, split, carve, kfold"):
         validation_source(ds, "folds")

@@ -32,7 +32,7 @@ import numpy as np
 from stratalign.core.objectives import EDGE_RULES, Objective, Selection, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.runs.config import RunConfig
-from stratalign.stages.subsets import KFOLD, validation_source
+from stratalign.stages.subsets import KFOLD, cell_validation
 from stratalign.stages.runs.training import train_runs
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
@@ -170,9 +170,12 @@ def _cells(store: FeatureStore, cfgs: Sequence[RunConfig], tune: bool,
         if key not in index:
             points = grid_points(objective, fixed) if grid else [{}]
             index[key] = len(cells)
-            kfold = validation_source(store.dataset(cfg.dataset), cfg.validation) == KFOLD
-            cells.append(_Cell(replace(cfg, seed=0, options=base, fold=None), [], objective, _cell_metric(cfg, metric),
-                               base, fixed, points, tuple(range(cfg.folds)) if kfold else (None,)))
+            source = cell_validation(store.dataset(cfg.dataset), cfg.validation)
+            kfold = source == KFOLD  # its runs name their validation (a lone run's auto never means k-fold)
+            cell_cfg = replace(cfg, seed=0, options=base, fold=None,
+                               validation="kfold" if kfold else cfg.validation)
+            cells.append(_Cell(cell_cfg, [], objective, _cell_metric(cfg, metric), base, fixed, points,
+                               tuple(range(cfg.folds)) if kfold else (None,)))
         cell = cells[index[key]]
         if cfg.seed not in cell.seeds:
             cell.seeds.append(cfg.seed)
