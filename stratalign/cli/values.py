@@ -62,9 +62,10 @@ def check_select(value: Optional[str]) -> Optional[str]:
     return value
 
 
-VALIDATION_HELP = ("Validation pairs (docs/method.md § 3.8): auto (the dataset's val split when it has at least 100 "
-                   "pairs, else kfold), split, carve (--val-fraction of the train split's images) or kfold (k-fold "
-                   "cross-validation over the training pairs, then a refit on all of them).")
+VALIDATION_HELP = ("Validation pairs (docs/method.md § 3.8): auto (a cell: the dataset's val split when it has at "
+                   "least 100 pairs, else kfold; a lone run without --tune: the val split, else carve), split, carve "
+                   "(10 % of the train split's images) or kfold (k-fold cross-validation over the training pairs, "
+                   "then a refit on all of them).")
 FOLDS_HELP = "k of --validation kfold (folds by image, or by group where the dataset names groups)."
 
 

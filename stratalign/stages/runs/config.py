@@ -53,7 +53,8 @@ class RunConfig:
     n_pairs: int | None = None
     seed: int = 0
     val_fraction: float = 0.1  # of the train split, when validation pairs are carved from it
-    # auto (the dataset's val split if it has >= subsets.MIN_VAL_PAIRS pairs, else kfold) | split | carve | kfold
+    # auto | split | carve | kfold. A lone run's auto: the dataset's val split if it has one, else carved; a cell's
+    # auto (stages.runs.cells): the val split if it has >= subsets.MIN_VAL_PAIRS pairs, else kfold
     validation: str = "auto"
     folds: int = DEFAULT_FOLDS  # k of k-fold cross-validation (validation kfold)
     # k-fold: the fold held out as validation (a selection run); None: the refit on every training pair, which
