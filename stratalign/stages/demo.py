@@ -56,6 +56,9 @@ class DemoConfig:
     tune: bool = True
     batch_size: int = 32
     progress: bool = True
+    # the cells' validation (docs/method.md § 3.8): auto takes the set's val split (204 pairs in full), and k-fold for
+    # a --limit slice whose val split holds under 100 pairs (five selection runs a seed, then a refit)
+    validation: str = "auto"
 
     @classmethod
     def sized(cls, limit: int | None = None, seeds: int = 5) -> DemoConfig:
@@ -123,7 +126,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     timings["layers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    base = RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=cfg.train_options, preset=cfg.preset)
+    base = RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=cfg.train_options, preset=cfg.preset,
+                     validation=cfg.validation)
     sweep_cfg = SweepConfig(base=base,
                             n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
                             layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, skip_n=cfg.skip_n,
