@@ -123,3 +123,22 @@ def test_cli_train_and_sweep_take_validation_kfold_and_folds(store, chosen, tmp_
     assert "0 run(s) trained, 3 already in the store" in out.output  # the train call's runs, reused
     bad = CliRunner().invoke(app, ["train", *common, "--validation", "kfold", "--folds", "1"])
     assert bad.exit_code == 2 and "at least 2 folds" in bad.output
+
+
+def test_a_kfold_sweep_plots_the_fold_runs_mean_curve_for_a_refit(store, chosen) -> None:
+    """The sweep's validation curves of a refit are its seed's fold runs' mean (its own curve is measured on pairs it
+    trained on); the cell's runs are the ones chosen above, reused."""
+    from stratalign.stages.runs.sweep import SweepConfig, run_sweep
+
+    choice, finals = chosen
+    res = run_sweep(store, SweepConfig(base=_cfg(), seeds=(0, 1), objectives=("clip",), layer_rules=("last",)),
+                    progress=False)
+    assert res.trained == 0 and res.run_ids == list(finals)
+    registry = RunRegistry(store)
+    for j, final in enumerate(finals):
+        folds = choice.points[0].runs[j * FOLDS:(j + 1) * FOLDS]
+        curves = [{r["step"]: r["rsum"] for r in registry.metrics(rid)["val_curve"]} for rid in folds]
+        rows = res.val_curves.filter(res.val_curves["run"] == final)
+        assert rows.height and rows["step"].to_list() == sorted(set.intersection(*(set(c) for c in curves)))
+        for step, rsum in zip(rows["step"], rows["rsum"]):
+            assert rsum == pytest.approx(np.mean([c[step] for c in curves]))
