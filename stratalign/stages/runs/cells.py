@@ -32,8 +32,8 @@ import numpy as np
 from stratalign.core.objectives import EDGE_RULES, Objective, Selection, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.runs.config import RunConfig
-from stratalign.stages.subsets import KFOLD, cell_validation
 from stratalign.stages.runs.training import train_runs
+from stratalign.stages.subsets import KFOLD, cell_validation
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.train.validation import SELECT_METRICS, check_select

@@ -126,15 +126,17 @@ def held_out_runs(choices: list[CellChoice]) -> dict[str, list[str]]:
 
 
 def tuning_table(choices: list[CellChoice]) -> pl.DataFrame:
-    """One row per grid point of every cell: the cell, the knob values, the mean validation value over the cell's
-    seeds at the point's best step, that step, whether the cell chose it, and whether the choice sat on an edge."""
+    """One row per grid point of every cell: the cell, the knob values, k of its k-fold validation (0: none), the
+    mean validation value over the cell's seeds (and folds) at the point's best step, that step, whether the cell
+    chose it, and whether the choice sat on an edge."""
     rows = []
     for c in choices:
         for point in c.points:
             rows.append({"objective": c.cell.objective, "layer_rule": c.cell.layers, "head": c.cell.head,
                          "n_pairs": c.cell.n_pairs, "seeds": len(c.seeds),
                          "knobs": ", ".join(f"{k}={v}" for k, v in point.knobs.items()),
-                         "metric": f"val_{c.metric}", "value": point.best_value, "step": point.best_step,
+                         "folds": c.folds, "metric": f"val_{c.metric}", "value": point.best_value,
+                         "step": point.best_step,
                          "chosen": point.knobs == c.knobs, "on_edge": ", ".join(c.on_edge),
                          "runs": " ".join(point.runs)})
     return pl.DataFrame(rows, infer_schema_length=None)
@@ -188,8 +190,8 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     if majority is not None:
         board = board.with_columns(pl.lit(majority).alias("zs_majority"))
     result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons,
-                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs, held_out_runs(choices)), choices=choices,
-                         intervals=intervals, majority=majority)
+                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs, held_out_runs(choices)),
+                         choices=choices, intervals=intervals, majority=majority)
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
     return result

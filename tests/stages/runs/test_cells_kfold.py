@@ -121,6 +121,7 @@ def test_cli_train_and_sweep_take_validation_kfold_and_folds(store, chosen, tmp_
                                    "--validation", "kfold", "--folds", "2", "--out", str(tmp_path / "rep")])
     assert out.exit_code == 0, out.output
     assert "0 run(s) trained, 3 already in the store" in out.output  # the train call's runs, reused
+    assert "(mean of 1 seeds x 2 folds, then a refit on all pairs)" in (tmp_path / "rep" / "report.md").read_text()
     bad = CliRunner().invoke(app, ["train", *common, "--validation", "kfold", "--folds", "1"])
     assert bad.exit_code == 2 and "at least 2 folds" in bad.output
 
@@ -133,7 +134,7 @@ def test_a_kfold_sweep_plots_the_fold_runs_mean_curve_for_a_refit(store, chosen)
     choice, finals = chosen
     res = run_sweep(store, SweepConfig(base=_cfg(), seeds=(0, 1), objectives=("clip",), layer_rules=("last",)),
                     progress=False)
-    assert res.trained == 0 and res.run_ids == list(finals)
+    assert res.trained == 0 and res.run_ids == list(finals) and res.tuning["folds"].to_list() == [FOLDS]
     registry = RunRegistry(store)
     for j, final in enumerate(finals):
         folds = choice.points[0].runs[j * FOLDS:(j + 1) * FOLDS]
