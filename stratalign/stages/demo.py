@@ -17,6 +17,7 @@ from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.layers import LayersConfig, run_layers
 from stratalign.stages.runs.sweep import SweepConfig, run_sweep, write_leaderboard
 from stratalign.stages.runs.training import RunConfig
+from stratalign.stages.subsets import KFOLD, cell_validation
 from stratalign.store.feature_store import FeatureStore
 from stratalign.train.presets import choose_preset, describe
 
@@ -61,13 +62,18 @@ class DemoConfig:
     # bf16 where the CPU or GPU has it); layers and runs read the features of this precision, so fp32 and bf16
     # demos in one store stay apart (other entry keys, other run ids)
     precision: str = "fp32"
+    # the cells' validation (docs/method.md § 3.8): auto takes the set's val split (204 pairs in full), k-fold for a
+    # val split under 100 pairs (five selection runs a seed, then a refit); `sized` keeps a --limit slice on its
+    # small val split, a quick look at 1/6 of k-fold's runs
+    validation: str = "auto"
 
     @classmethod
     def sized(cls, limit: int | None = None, seeds: int = 5, precision: str = "fp32") -> DemoConfig:
         """The grid for the first `limit` emoji and seeds 0..seeds-1: under 300 emoji the subset sizes shrink
         to limit // 8 (at least 10) and all: the default sizes (200, 500) do not fit a small train split."""
         if limit is not None and limit < 300:
-            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(max(10, limit // 8), None), precision=precision)
+            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(max(10, limit // 8), None), precision=precision,
+                       validation="split")
         return cls(limit=limit, seeds=tuple(range(seeds)), precision=precision)
 
     def resolved_precision(self) -> str:
@@ -88,6 +94,13 @@ def one_class_warnings(ds: Any) -> list[str]:
     return out
 
 
+def _validation_words(ds: Any, choice: str) -> str:
+    if cell_validation(ds, choice) == KFOLD:
+        return ("checkpoints and knobs are chosen by k-fold cross-validation over the train pairs, then every seed is "
+                "refitted on all of them")
+    return f"checkpoints are chosen on the dataset's own val split ({len(ds.pairs('val')[0])} pairs)"
+
+
 def _split_words(ds: Any) -> str:
     counts = ds.split_counts()
     return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("train", "val", "test")) + " images"
@@ -105,7 +118,7 @@ def demo_sweep(cfg: DemoConfig) -> SweepConfig:
     precision = cfg.resolved_precision()
     options = cfg.train_options + ((("precision", precision),) if precision != "fp32" else ())
     base = RunConfig(dataset=dataset_name(cfg), vision=cfg.vision, text=cfg.text, options=options, preset=cfg.preset,
-                     feature_precision=precision)
+                     feature_precision=precision, validation=cfg.validation)
     return SweepConfig(base=base, n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
                        layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, skip_n=cfg.skip_n, tune=cfg.tune)
 
@@ -157,7 +170,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              f"label = one of {len(ds.class_names)} categories), vision `{cfg.vision}`, text `{cfg.text}`, "
              f"linear heads, seeds {list(cfg.seeds)}. The split keeps the variants of one emoji (genders, family "
              f"members, mirrored, flag aliases) together: {_split_words(ds)}. Training pairs come from the train "
-             f"split, checkpoints are chosen on the dataset's own val split, numbers are on the test split. "
+             f"split, {_validation_words(ds, cfg.validation)}, numbers are on the test split. "
              f"n=all means all train pairs. Precision {precision}: the encoders' forwards and the heads' matmuls "
              "(losses in float32, docs/method.md § 1 and § 3.7). "
              "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)

@@ -12,8 +12,10 @@ OBJECTIVES = ("clip", "clip+structure", "clip+ib", "comm", "csa")
 
 
 def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: Path) -> None:
-    # tune=False: one run per cell here (tuning is tested in tests/stages/runs/test_tune.py)
+    # tune=False: one run per cell here (tuning is tested in tests/stages/runs/test_tune.py); the slice's val split
+    # (its few pairs would make every cell a k-fold one: tests/stages/runs/test_cells_kfold.py)
     cfg = DemoConfig(limit=48, seeds=(0, 1), n_pairs=(12, None), objectives=OBJECTIVES, progress=False, tune=False,
+                     validation="split",
                      skip=DemoConfig().skip + (("last", "comm"),),
                      train_options=(("batch_size", 16), ("max_steps", 30), ("warmup_steps", 10),
                                     ("patience", 10), ("eval_every", 5)))
@@ -55,7 +57,7 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
 
 
 def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
-    assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None))
+    assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None), validation="split")
     assert DemoConfig.sized(200).n_pairs == (25, None)
     assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
     assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # docs/method.md § 4 and 3.7
