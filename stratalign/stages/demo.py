@@ -32,13 +32,16 @@ class DemoConfig:
     # 2026-11-25, 3 seeds); `stratalign sweep --objective clip+structure-knn` runs it
     # comm is left out too: its fusion transformer ran 97 s a run on 2 cores (a linear-head run: ~1.5 s), so 5 seeds
     # alone would double the demo; README gives its numbers from `stratalign sweep --objective comm` on the same store
-    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa")
+    # asif, procrustes, clip+fusemix: the baselines users compare against (docs/method.md § 3.9), chosen and reported
+    # like every objective (report.bakeoff: bakeoff.md)
+    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa", "asif", "procrustes", "clip+fusemix")
     n_pairs: tuple[int | None, ...] = (200, 500, None)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # docs/method.md § 4: at least 5 seeds where a report draws conclusions
     layer_rules: tuple[str, ...] = ("last", "auto")
     # last vs chosen layers is compared on CLIP; the other objectives run on the chosen layers only (the budget:
     # tuned grids x 5 seeds x 3 subset sizes within 10 minutes on 2 cores)
-    skip: tuple[tuple[str, str], ...] = (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"))
+    skip: tuple[tuple[str, str], ...] = (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"),
+                                         ("last", "asif"), ("last", "procrustes"), ("last", "clip+fusemix"))
     # (objective, n_pairs) cells left out; with comm added to `objectives`, (("comm", 200), ("comm", 500)) keeps it to
     # all pairs
     skip_n: tuple[tuple[str, int | None], ...] = ()
@@ -141,8 +144,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)
              + " (everything else as docs/method.md: tau 0.05, AdamW lr 1e-3). One choice per cell, the same rule "
              "for every objective: the stopping step"
-             + (" and the knobs (STRUCTURE lambda, IB beta, CSA k and ridge, from each objective's grid, extended past "
-                "an edge)" if cfg.tune else "")
+             + (" and the knobs (STRUCTURE lambda, IB beta, CSA k and ridge, ASIF power, FuseMix alpha, from each "
+                "objective's grid, extended past an edge)" if cfg.tune else "")
              + " maximise validation rsum averaged over the cell's seeds, and every seed stops there."
              + "".join(f" Left out of the grid: {obj} on the {rule} layers." for rule, obj in cfg.skip)
              + "".join(f" Left out of the grid: {obj} with n={n}." for obj, n in cfg.skip_n),
