@@ -8,7 +8,8 @@ import polars as pl
 
 from stratalign.stages.demo import DemoConfig, run_demo
 
-OBJECTIVES = ("clip", "clip+structure", "clip+ib", "comm", "csa")
+OBJECTIVES = DemoConfig().objectives + ("comm",)  # the baselines (asif, procrustes, clip+fusemix) among them
+CLOSED_FORM = ("csa", "asif", "procrustes")  # no stopping step: the selection runs are final
 
 
 def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: Path) -> None:
@@ -23,11 +24,11 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
 
     # every objective on the chosen layers (comm added here: the default leaves it out for time), CLIP on the last
     # layers too (cfg.skip + comm), x n-pairs x seed
-    assert DemoConfig().skip == (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"))
-    # every cell x seed: a selection run, then a final run stopped at the cell's chosen step (csa: closed form, its
-    # selection run is final)
+    assert DemoConfig().skip == tuple(("last", o) for o in DemoConfig().objectives if o != "clip")
+    # every cell x seed: a selection run, then a final run stopped at the cell's chosen step (csa, asif, procrustes:
+    # closed form, the selection run is final)
     cells = (len(OBJECTIVES) + 1) * 2
-    assert first["trained"] == cells * 2 + (cells - 2) * 2 and first["skipped"] == 0
+    assert first["trained"] == cells * 2 + (cells - 2 * len(CLOSED_FORM)) * 2 and first["skipped"] == 0
     board = first["leaderboard"]
     assert set(board["objective"]) == set(OBJECTIVES) and set(board["layer_rule"]) == {"last", "auto"}
     last = board.filter(pl.col("layer_rule") == "last")
@@ -47,6 +48,14 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
                  "layers-dinov2-s.png"):
         assert (out / name).stat().st_size > 0, name
     assert pl.read_csv(out / "leaderboard.csv").height == board.height
+    # the baselines in the bottom line and on the bake-off page, each cell against CLIP on the same layers
+    bottom = report.split("## Bottom line")[1].split("\n## ")[0]
+    bakeoff = (out / "bakeoff.md").read_text()
+    for obj in ("asif", "procrustes", "clip+fusemix"):
+        assert f"{obj} / chosen" in bottom
+        line = next(x for x in bakeoff.splitlines() if x.startswith(f"| {obj} / chosen |"))
+        assert line.count("Δ") == 2  # n=12 and n=all
+    assert "[bakeoff.md](bakeoff.md)" in report
     assert any(line.startswith("[4/4] sweep") for line in lines)
 
     second = run_demo(store, str(out), cfg, log=lambda _: None)
