@@ -13,11 +13,17 @@ def demo_cmd(
     out: str = typer.Option("stratalign-report", help="Report folder (report.md, PNGs, leaderboard)."),
     limit: Optional[int] = typer.Option(None, help="Only N emoji, taken in turn from each category (a quick look)."),
     seeds: int = typer.Option(5, help="Seeds per cell (docs/method.md: at least 5 where a report draws conclusions)."),
+    layer_check: int = typer.Option(0, help="Also train CLIP (seed 0, all pairs) on N candidate layer pairs spread "
+                                            "over the calibrated ranking and report the rank correlation of their "
+                                            "scores with validation rsum; 0: no check."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """The main job on the embedded default: Twemoji, 3 packaged encoders, layer choice, sweep, report."""
+    from dataclasses import replace
+
     from stratalign.stages.demo import DemoConfig, run_demo
 
-    res = run_demo(store_url(store), out, DemoConfig.sized(limit, seeds), log=console.print)
+    cfg = replace(DemoConfig.sized(limit, seeds), layer_check=layer_check)
+    res = run_demo(store_url(store), out, cfg, log=console.print)
     print_table(res["table"], title="demo results (test split, mean ± std over seeds)")
     console.print(f"report: {res['report']}")

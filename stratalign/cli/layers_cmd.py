@@ -29,6 +29,10 @@ def layers_cmd(
                                                "(the text rows shuffled, seeded by --seed); 0: raw scores only."),
     heatmap: Optional[str] = typer.Option(None, help="Also copy the heatmap PNG here."),
     recompute: bool = typer.Option(False, help="Ignore a saved result with the same settings."),
+    check: int = typer.Option(0, help="Also train CLIP on this many candidate pairs spread over the calibrated "
+                                      "ranking (and the last pair) and print the rank correlation of their scores "
+                                      "with the validation rsum; 0: no check."),
+    check_seeds: int = typer.Option(1, help="Seeds per candidate of --check (0..N-1)."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Compare every vision layer with every text layer; save matrices + heatmap; record the layer choice."""
@@ -56,6 +60,14 @@ def layers_cmd(
     if "calibrated_score" in choice:
         _print_calibration(result, choice)
     console.print(f"heatmap: {done.png}")
+    if check:
+        from stratalign.stages.layer_check import check_candidates
+        from stratalign.stages.runs.config import RunConfig
+
+        found = check_candidates(fs, result, RunConfig(dataset=dataset, vision=vision, text=text),
+                                 metric=choice["metric"], count=check, seeds=tuple(range(check_seeds)))
+        for line in found.lines():
+            console.print(escape(line))
 
 
 def _print_calibration(result: dict, choice: dict) -> None:

@@ -57,6 +57,10 @@ class DemoConfig:
     # ridge from each objective's grid, extended past an edge); False trains the registry's defaults (the stopping
     # step is chosen per cell either way)
     tune: bool = True
+    # the layer check (stages.layer_check): CLIP on this many candidate pairs spread over the calibrated ranking (and
+    # the last pair), seed 0, all pairs; the rank correlation of their scores with validation rsum goes in the
+    # report. 0: no check
+    layer_check: int = 0
     batch_size: int = 32
     progress: bool = True
 
@@ -115,12 +119,13 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     timings["extract"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    layer_infos = []
+    layer_infos, results = [], []
     for vision in (cfg.vision, *cfg.extra_encoders):
         lcfg = LayersConfig(dataset=name, vision=vision, text=cfg.text, metrics=("mutual_knn", "cka"))
         done = run_layers(store, lcfg, "best", "mutual_knn", heatmap_copy=os.path.join(out_dir, f"layers-{vision}.png"))
         result, choice, png = done.result, done.choice, done.png
         layer_infos.append({**choice, "n": result["n"], "k": result["k"], "heatmap": png, "vision": vision})
+        results.append(result)
         log(f"[3/4] layers {vision} x {cfg.text}: best ({choice['vision_layer']},{choice['text_layer']}) "
             f"mutual_knn={choice['score']:.3f} vs last {choice['last_score']:.3f}")
     timings["layers"] = time.perf_counter() - t0
@@ -134,6 +139,15 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     sweep = run_sweep(store, sweep_cfg, None, progress=cfg.progress)
     log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
     timings["sweep"] = time.perf_counter() - t0
+    check_lines = []
+    if cfg.layer_check:
+        t0 = time.perf_counter()
+        from stratalign.stages.layer_check import check_candidates
+
+        check_lines = check_candidates(store, results[0], base, count=cfg.layer_check,
+                                       seeds=cfg.seeds[:1]).lines()
+        log(check_lines[0])
+        timings["layer check"] = time.perf_counter() - t0
 
     intro = [f"Embedded demo: {ds.images.height} Twemoji image-caption pairs (caption = Unicode name, "
              f"label = one of {len(ds.class_names)} categories), vision `{cfg.vision}`, text `{cfg.text}`, "
@@ -153,6 +167,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
                f"best ({info['vision_layer']},{info['text_layer']}) mutual_knn {info['score']:.3f} against "
                f"{info['last_score']:.3f} for the last layers; heatmap `{os.path.basename(info['heatmap'])}`."
                for info in layer_infos[1:]),
+             *check_lines[:1], *(f"- {line}" for line in check_lines[1:]),
              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
     sweep.files = write_leaderboard(sweep, out_dir, extra=intro, layer_info=layer_infos[0],
                                     title="stratalign demo: how much paired data, which layers, which objective?")

@@ -15,7 +15,7 @@ CLOSED_FORM = ("csa", "asif", "procrustes")  # no stopping step: the selection r
 def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: Path) -> None:
     # tune=False: one run per cell here (tuning is tested in tests/stages/runs/test_tune.py)
     cfg = DemoConfig(limit=48, seeds=(0, 1), n_pairs=(12, None), objectives=OBJECTIVES, progress=False, tune=False,
-                     skip=DemoConfig().skip + (("last", "comm"),),
+                     skip=DemoConfig().skip + (("last", "comm"),), layer_check=3,
                      train_options=(("batch_size", 16), ("max_steps", 30), ("warmup_steps", 10),
                                     ("patience", 10), ("eval_every", 5)))
     out, store = tmp_path / "report", str(tmp_path / "store")
@@ -56,6 +56,9 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
         line = next(x for x in bakeoff.splitlines() if x.startswith(f"| {obj} / chosen |"))
         assert line.count("Δ") == 2  # n=12 and n=all
     assert "[bakeoff.md](bakeoff.md)" in report
+    # the layer check: candidate pairs' scores against their validation rsum (stages.layer_check)
+    assert "Layer ranking against training: over" in report and "- pair (" in report
+    assert "layer check" in first["timings"]
     assert any(line.startswith("[4/4] sweep") for line in lines)
 
     second = run_demo(store, str(out), cfg, log=lambda _: None)
