@@ -6,7 +6,7 @@ the Spearman rank correlation, over the candidates, between the pair's similarit
 the permutation null's mean, docs/method.md § 2; and raw) and the runs' validation rsum at their restored step
 (the selection value; the test split takes no part). A correlation near 1 says the ranking orders pairs the way
 training does; near 0, that the choice by similarity is no better than any pair. With 5 candidates a rank
-correlation has a coarse null (p = 0.017 at best, two-sided, for rho = 1), so the page states rho with its p-value
+correlation has a coarse null (exact permutation p = 2/120 = 0.017 at best, two-sided, for rho = +-1), so the page states rho with its p-value
 and the table of candidates rather than a verdict.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from stratalign.core.stats import spearman
 from stratalign.errors import StratalignError
 from stratalign.stages.layers import calibration_of
 from stratalign.stages.runs.config import RunConfig
@@ -74,8 +75,6 @@ def check_candidates(store: FeatureStore, result: dict[str, Any], base: RunConfi
                      progress: bool = False) -> CandidateCheck:
     """Train a CLIP run per candidate pair and seed (`base` gives the dataset, encoders and trainer settings) and
     correlate the layer scores of `result` (a `layers` result) with the validation rsum."""
-    from scipy.stats import spearmanr
-
     if metric not in result["matrices"]:
         raise StratalignError(f"metric {metric!r} was not computed; computed: {list(result['matrices'])}")
     pairs = candidate_pairs(result, metric, count)
@@ -93,8 +92,8 @@ def check_candidates(store: FeatureStore, result: dict[str, Any], base: RunConfi
                      "calibrated": None if cal is None else float(np.asarray(cal["calibrated"])[v, t]),
                      "val_rsum": float(np.mean(values)), "runs": ids})
     val = [r["val_rsum"] for r in rows]
-    rho_raw, p_raw = spearmanr([r["raw"] for r in rows], val)
-    rho_cal, p_cal = spearmanr([r["calibrated"] for r in rows], val) if cal is not None else (None, None)
+    rho_raw, p_raw = spearman([r["raw"] for r in rows], val)
+    rho_cal, p_cal = spearman([r["calibrated"] for r in rows], val) if cal is not None else (None, None)
     return CandidateCheck(metric, tuple(seeds), tuple(rows), None if rho_cal is None else float(rho_cal),
                           None if p_cal is None else float(p_cal), float(rho_raw), float(p_raw))
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from fake_encoders import load_tiny
 from PIL import Image
-from scipy.stats import spearmanr
 
+from stratalign.core.stats import spearman
 from stratalign.errors import StratalignError
 from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.stages.ingest.sources import ingest_source
@@ -71,8 +71,8 @@ def test_check_trains_each_candidate_and_correlates_scores_with_validation_rsum(
         raw = np.asarray(result["matrices"]["mutual_knn"])[row["vision_layer"], row["text_layer"]]
         assert row["raw"] == pytest.approx(raw)
     val = [r["val_rsum"] for r in check.rows]
-    assert check.rho_calibrated == pytest.approx(spearmanr([r["calibrated"] for r in check.rows], val)[0])
-    assert check.rho_raw == pytest.approx(spearmanr([r["raw"] for r in check.rows], val)[0])
+    assert check.rho_calibrated == pytest.approx(spearman([r["calibrated"] for r in check.rows], val)[0])
+    assert check.rho_raw == pytest.approx(spearman([r["raw"] for r in check.rows], val)[0])
     lines = check.lines()
     assert "Spearman rho" in lines[0] and len(lines) == 1 + len(check.rows)
     again = check_candidates(fs, result, base, count=4, seeds=(0, 1))  # the runs are reused from the store
