@@ -33,6 +33,8 @@ def layers_cmd(
                                       "ranking (and the last pair) and print the rank correlation of their scores "
                                       "with the validation rsum; 0: no check."),
     check_seeds: int = typer.Option(1, help="Seeds per candidate of --check (0..N-1)."),
+    check_span: Optional[int] = typer.Option(None, help="Spread the --check candidates over the top N ranks only "
+                                                        "(default: every pair)."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Compare every vision layer with every text layer; save matrices + heatmap; record the layer choice."""
@@ -65,7 +67,8 @@ def layers_cmd(
         from stratalign.stages.runs.config import RunConfig
 
         found = check_candidates(fs, result, RunConfig(dataset=dataset, vision=vision, text=text),
-                                 metric=choice["metric"], count=check, seeds=tuple(range(check_seeds)))
+                                 metric=choice["metric"], count=check, seeds=tuple(range(check_seeds)),
+                                 span=check_span)
         for line in found.lines():
             console.print(escape(line))
 

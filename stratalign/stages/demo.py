@@ -63,6 +63,7 @@ class DemoConfig:
     # the last pair), seed 0, all pairs; the rank correlation of their scores with validation rsum goes in the
     # report. 0: no check
     layer_check: int = 0
+    layer_check_span: int | None = None  # spread the candidates over the top N ranks only (None: every pair)
     batch_size: int = 32
     progress: bool = True
 
@@ -147,7 +148,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
         from stratalign.stages.layer_check import check_candidates
 
         check_lines = check_candidates(store, results[0], base, count=cfg.layer_check,
-                                       seeds=cfg.seeds[:1]).lines()
+                                       seeds=cfg.seeds[:1], span=cfg.layer_check_span).lines()
         log(check_lines[0])
         timings["layer check"] = time.perf_counter() - t0
 

@@ -5,9 +5,11 @@ always among them), each get a short CLIP run (linear heads, every training pair
 the Spearman rank correlation, over the candidates, between the pair's similarity score (calibrated: raw minus
 the permutation null's mean, docs/method.md § 2; and raw) and the runs' validation rsum at their restored step
 (the selection value; the test split takes no part). A correlation near 1 says the ranking orders pairs the way
-training does; near 0, that the choice by similarity is no better than any pair. With 5 candidates a rank
-correlation has a coarse null (exact permutation p = 2/120 = 0.017 at best, two-sided, for rho = +-1), so the page states rho with its p-value
-and the table of candidates rather than a verdict.
+training does; near 0, that the choice by similarity is no better than any pair. Spread over every pair, the
+candidates include near-useless layers (an embedding layer) that alone make rho high; `span` spreads them over the
+top ranks only, which asks whether the ranking orders the contenders. With 5 candidates a rank correlation has a
+coarse null (exact permutation p = 2/120 = 0.017 at best, two-sided, for rho = +-1), so the check states rho with
+its p-value and the table of candidates rather than a verdict.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class CandidateCheck:
 
     metric: str
     seeds: tuple[int, ...]
+    span: int  # the candidates were spread over the top `span` ranks of the pairs
     rows: tuple[dict[str, Any], ...]
     rho_calibrated: float | None
     p_calibrated: float | None
@@ -45,7 +48,8 @@ class CandidateCheck:
         """What the check found, in two sentences and one line per candidate."""
         cal = "" if self.rho_calibrated is None else (
             f"calibrated {self.metric}: Spearman rho {self.rho_calibrated:+.2f} (p = {self.p_calibrated:.3f}); ")
-        out = [f"Layer ranking against training: over {len(self.rows)} candidate pairs spread over the ranking, each "
+        out = [f"Layer ranking against training: over {len(self.rows)} candidate pairs spread over the top "
+               f"{self.span} of the ranking (and the last pair), each "
                f"trained with CLIP (seeds {list(self.seeds)}, all training pairs), the rank correlation of the "
                f"similarity score with the validation rsum is {cal}raw {self.metric}: rho {self.rho_raw:+.2f} "
                f"(p = {self.p_raw:.3f})."]
@@ -56,28 +60,32 @@ class CandidateCheck:
         return out
 
 
-def candidate_pairs(result: dict[str, Any], metric: str, count: int = CANDIDATES) -> list[tuple[int, int]]:
+def candidate_pairs(result: dict[str, Any], metric: str, count: int = CANDIDATES,
+                    span: int | None = None) -> list[tuple[int, int]]:
     """`count` pairs at evenly spaced ranks of the calibrated scores (raw where there is no calibration), best
-    first, and the last-layer pair if it is not among them."""
+    first, among the top `span` ranks (None: every pair: a spread that includes near-useless layers, which then
+    drive the correlation; a span of the top pairs asks whether the ranking orders the contenders), and the
+    last-layer pair if it is not among them."""
     if count < 2:
         raise StratalignError(f"the layer check needs at least 2 candidate pairs, not {count}")
     cal = calibration_of(result, metric)
     mat = np.asarray(result["matrices"][metric] if cal is None else cal["calibrated"], dtype=np.float64)
     order = np.argsort(-mat, axis=None, kind="stable")
-    ranks = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int))
+    top = len(order) if span is None else max(2, min(int(span), len(order)))
+    ranks = np.unique(np.linspace(0, top - 1, min(count, top)).round().astype(int))
     pairs = [(int(order[i] // mat.shape[1]), int(order[i] % mat.shape[1])) for i in ranks]
     last = (mat.shape[0] - 1, mat.shape[1] - 1)
     return pairs if last in pairs else pairs + [last]
 
 
 def check_candidates(store: FeatureStore, result: dict[str, Any], base: RunConfig, *, metric: str = "mutual_knn",
-                     count: int = CANDIDATES, seeds: tuple[int, ...] = (0,),
+                     count: int = CANDIDATES, seeds: tuple[int, ...] = (0,), span: int | None = None,
                      progress: bool = False) -> CandidateCheck:
     """Train a CLIP run per candidate pair and seed (`base` gives the dataset, encoders and trainer settings) and
     correlate the layer scores of `result` (a `layers` result) with the validation rsum."""
     if metric not in result["matrices"]:
         raise StratalignError(f"metric {metric!r} was not computed; computed: {list(result['matrices'])}")
-    pairs = candidate_pairs(result, metric, count)
+    pairs = candidate_pairs(result, metric, count, span)
     configs = [replace(base, layers=f"{v},{t}", objective="clip", head="linear", n_pairs=None, seed=s)
                for v, t in pairs for s in seeds]
     done = train_runs(store, configs, progress=progress)
@@ -94,7 +102,9 @@ def check_candidates(store: FeatureStore, result: dict[str, Any], base: RunConfi
     val = [r["val_rsum"] for r in rows]
     rho_raw, p_raw = spearman([r["raw"] for r in rows], val)
     rho_cal, p_cal = spearman([r["calibrated"] for r in rows], val) if cal is not None else (None, None)
-    return CandidateCheck(metric, tuple(seeds), tuple(rows), None if rho_cal is None else float(rho_cal),
+    ranked = raw.size
+    return CandidateCheck(metric, tuple(seeds), ranked if span is None else min(max(2, int(span)), ranked), tuple(rows),
+                          None if rho_cal is None else float(rho_cal),
                           None if p_cal is None else float(p_cal), float(rho_raw), float(p_raw))
 
 

@@ -52,6 +52,8 @@ def test_candidates_spread_over_the_calibrated_ranking_with_the_last_pair(layere
     assert pairs[:3] == [order[0], order[2], order[5]]  # ranks 0, 2.5 (rounded to even), 5 of the 6 pairs
     assert pairs[0] == order[0] and (cal.shape[0] - 1, cal.shape[1] - 1) in pairs
     assert len(candidate_pairs(result, "mutual_knn", 100)) == cal.size  # never more than there are pairs
+    top = candidate_pairs(result, "mutual_knn", 2, span=3)  # spread over the top 3 ranks only
+    assert top[:2] == [order[0], order[2]]
     with pytest.raises(StratalignError, match="at least 2"):
         candidate_pairs(result, "mutual_knn", 1)
 
