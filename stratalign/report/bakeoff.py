@@ -95,8 +95,8 @@ def bakeoff_table(long: pl.DataFrame, metric: str, costs: dict[tuple, tuple[floa
                     text += f"; Δ {r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]"
             line[f"n={n_name(n)}"] = text
         run_s, cell_s = (costs or {}).get((objective, rule, head), (None, None))
-        line["s / run"] = "" if run_s is None else f"{run_s:.2f}"
-        line["s / cell"] = "" if cell_s is None else f"{cell_s:.1f}"
+        line["s / run"] = "" if run_s is None else f"{run_s:.3g}"
+        line["s / cell"] = "" if cell_s is None else f"{cell_s:.3g}"
         out.append(line)
     return pl.DataFrame(out)
 

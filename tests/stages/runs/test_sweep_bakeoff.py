@@ -82,14 +82,15 @@ def test_bakeoff_page_has_every_method_by_n_with_intervals_against_clip_and_cost
     assert set(long["metric"]) >= {"i2t_R@1", "t2i_R@1", "zs_top1", "i2t_R@10"}
     # costs: every method's final runs and each cell's whole choice (grid points x seeds, then the final runs)
     costs = res.costs
-    assert costs.height == 2 * (len(OBJECTIVES) + 1) and (costs["run_seconds"] > 0).all()
+    assert costs.height == 2 * (len(OBJECTIVES) + 1) and (costs["run_seconds"] >= 0).all()
     asif = costs.filter(pl.col("objective") == "asif")
     assert (asif["runs"] >= 3 * 2).all()  # the power grid x 2 seeds (closed form: the chosen point's runs are final)
     fusemix = costs.filter(pl.col("objective") == "clip+fusemix")
     assert (fusemix["runs"] >= 3 * 2 + 2).all()  # the alpha grid x 2 seeds, then 2 final runs
     assert (costs["cell_seconds"] >= costs["run_seconds"]).all()
-    for r in rows[1:]:
-        assert float(r.rstrip(" |").split(" | ")[-2]) > 0
+    for r in rows[1:]:  # a closed-form fit of 20-65 toy pairs may take under a millisecond (recorded as 0.0)
+        seconds = float(r.rstrip(" |").split(" | ")[-2])
+        assert seconds > 0 if r.startswith(("| clip", "| clip+fusemix")) else seconds >= 0
 
 
 def test_baselines_go_through_the_cell_choice_and_the_bottom_line(swept) -> None:
