@@ -10,6 +10,7 @@ it paired - and take the mean over the drawn seeds of the per-seed difference. A
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -183,8 +184,6 @@ def spearman(x: Sequence[float], y: Sequence[float], *, resamples: int = 20000, 
                               f"and {len(ry)}")
     rho = _pearson(rx, ry)
     if len(rx) <= 8:
-        import itertools
-
         null = np.array([_pearson(rx, ry[list(p)]) for p in itertools.permutations(range(len(ry)))])
     else:
         rng = np.random.default_rng(seed)
