@@ -6,7 +6,6 @@ The store holds a small labelled table encoded by the tiny deterministic encoder
 
 from __future__ import annotations
 
-
 import numpy as np
 import polars as pl
 import pytest
