@@ -16,11 +16,17 @@ def demo_cmd(
     precision: str = typer.Option("fp32", help="fp32 (default), bf16 or auto: the encoders' forward and the heads' "
                                   "matmuls (bf16 needs a CPU with avx512_bf16/AMX or a CUDA GPU; auto: bf16 where "
                                   "there is one)."),
+    layer_check: int = typer.Option(0, help="Also train CLIP (seed 0, all pairs) on N candidate layer pairs spread "
+                                            "over the calibrated ranking and report the rank correlation of their "
+                                            "scores with validation rsum; 0: no check."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """The main job on the embedded default: Twemoji, 3 packaged encoders, layer choice, sweep, report."""
+    from dataclasses import replace
+
     from stratalign.stages.demo import DemoConfig, run_demo
 
-    res = run_demo(store_url(store), out, DemoConfig.sized(limit, seeds, precision), log=console.print)
+    cfg = replace(DemoConfig.sized(limit, seeds, precision), layer_check=layer_check)
+    res = run_demo(store_url(store), out, cfg, log=console.print)
     print_table(res["table"], title="demo results (test split, mean ± std over seeds)")
     console.print(f"report: {res['report']}")

@@ -30,6 +30,12 @@ def layers_cmd(
     heatmap: Optional[str] = typer.Option(None, help="Also copy the heatmap PNG here."),
     recompute: bool = typer.Option(False, help="Ignore a saved result with the same settings."),
     feature_precision: Optional[str] = FeaturePrecisionOption,
+    check: int = typer.Option(0, help="Also train CLIP on this many candidate pairs spread over the calibrated "
+                                      "ranking (and the last pair) and print the rank correlation of their scores "
+                                      "with the validation rsum; 0: no check."),
+    check_seeds: int = typer.Option(1, help="Seeds per candidate of --check (0..N-1)."),
+    check_span: Optional[int] = typer.Option(None, help="Spread the --check candidates over the top N ranks only "
+                                                        "(default: every pair)."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Compare every vision layer with every text layer; save matrices + heatmap; record the layer choice."""
@@ -57,6 +63,15 @@ def layers_cmd(
     if "calibrated_score" in choice:
         _print_calibration(result, choice)
     console.print(f"heatmap: {done.png}")
+    if check:
+        from stratalign.stages.layer_check import check_candidates
+        from stratalign.stages.runs.config import RunConfig
+
+        found = check_candidates(fs, result, RunConfig(dataset=dataset, vision=vision, text=text),
+                                 metric=choice["metric"], count=check, seeds=tuple(range(check_seeds)),
+                                 span=check_span)
+        for line in found.lines():
+            console.print(escape(line))
 
 
 def _print_calibration(result: dict, choice: dict) -> None:

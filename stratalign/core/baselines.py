@@ -80,10 +80,13 @@ class ProcrustesProjection(nn.Module):
 
 
 def _pca(x: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, top-d principal directions as columns) of the rows of x."""
+    """(mean, top-d principal directions as columns) of the rows of x, from the eigenvectors of the (width x width)
+    scatter matrix: the SVD of the centred rows gives the same directions (up to sign, which the Procrustes map
+    absorbs) and took 2-9 s for 1,328 x 384 on the 2-core machine under load (multi-threaded OpenBLAS), eigh 0.05-0.9 s."""
     mean = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    return mean, vt[:d].T
+    c = x - mean
+    _, vecs = np.linalg.eigh(c.T @ c)
+    return mean, np.ascontiguousarray(vecs[:, ::-1][:, :d])
 
 
 def fit_procrustes(x_img: Any, x_txt: Any, dim: int = 512) -> tuple[ProcrustesProjection, ProcrustesProjection]:

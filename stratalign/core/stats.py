@@ -10,6 +10,7 @@ it paired - and take the mean over the drawn seeds of the per-seed difference. A
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,3 +156,37 @@ def seed_spread(values: Sequence[float]) -> tuple[float, float | None]:
     if arr.size == 0:
         raise StratalignError("no values to summarise")
     return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else None)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        tied = x == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(x: Sequence[float], y: Sequence[float], *, resamples: int = 20000, seed: int = 0) -> tuple[float, float]:
+    """(rho, two-sided p) of the Spearman rank correlation: the Pearson correlation of the ranks (ties: mean rank);
+    p from every permutation of y's ranks up to 8 values (exact), else from `resamples` seeded permutations."""
+    rx, ry = _ranks(np.asarray(x, dtype=np.float64)), _ranks(np.asarray(y, dtype=np.float64))
+    if len(rx) != len(ry) or len(rx) < 3:
+        raise StratalignError(f"a rank correlation needs two paired sequences of at least 3 values, got {len(rx)} "
+                              f"and {len(ry)}")
+    rho = _pearson(rx, ry)
+    if len(rx) <= 8:
+        null = np.array([_pearson(rx, ry[list(p)]) for p in itertools.permutations(range(len(ry)))])
+    else:
+        rng = np.random.default_rng(seed)
+        null = np.array([_pearson(rx, rng.permutation(ry)) for _ in range(resamples)])
+    p = float(np.mean(np.abs(null) >= abs(rho) - 1e-12)) if rho == rho else float("nan")
+    return rho, p

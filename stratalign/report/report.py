@@ -14,6 +14,7 @@ import polars as pl
 
 from stratalign.core.metric_registry import REGISTRY, TABLE, shown_in
 from stratalign.core.stats import HELPS, HURTS, NO_CLEAR, queries_to_resolve
+from stratalign.report.bakeoff import BASELINES
 from stratalign.report.naming import method_label, n_name, rule_name
 
 KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")  # the headline: what the bottom line and the findings speak of
@@ -101,7 +102,8 @@ def resolution_lines(comparisons: pl.DataFrame) -> list[str]:
 def bottom_line(comparisons: pl.DataFrame, board: pl.DataFrame, baseline: str = "clip",
                 baseline_rule: str = "last") -> list[str]:
     """Three to five sentences: which layers, which objective, how much against the baseline on the last layers
-    (with intervals), or that the test split cannot tell them apart and how many test queries would."""
+    (with intervals), or that the test split cannot tell them apart and how many test queries would; then one on
+    the baselines (ASIF, Procrustes, FuseMix) where the sweep holds them."""
     if comparisons.height == 0 or board.height == 0:
         return ["No comparison could be made: the sweep needs the baseline "
                 f"({method_label(baseline, baseline_rule)}) and at least one other method on the same seeds."]
@@ -145,7 +147,25 @@ def bottom_line(comparisons: pl.DataFrame, board: pl.DataFrame, baseline: str = 
         c = {v: int((allv["verdict"] == v).sum()) for v in (HELPS, HURTS, NO_CLEAR)}
         lines.append(f"Over every subset size, {c[HELPS] + c[HURTS]} of {allv.height} comparisons against {base} are "
                      f"clear ({c[HELPS]} helps, {c[HURTS]} hurts); the rest show no clear difference.")
-    return lines[:5]
+    return lines[:5] + baseline_lines(at, baseline, baseline_rule, n_top)
+
+
+def baseline_lines(at: pl.DataFrame, baseline: str, baseline_rule: str, n: Any) -> list[str]:
+    """One sentence on the baselines users compare against (report.bakeoff.BASELINES: ASIF, Procrustes, FuseMix),
+    each against `baseline` on the same layers at subset size n, with intervals and verdicts."""
+    same = at.filter(pl.col("objective").is_in(BASELINES) & pl.col("metric").is_in(KEY_METRICS)
+                     & ((pl.col("comparison") == "objective")
+                        | ((pl.col("comparison") == "vs_last") & (pl.col("layer_rule") == baseline_rule))))
+    parts = []
+    for method in same["method"].unique(maintain_order=True).to_list():
+        rows = same.filter(pl.col("method") == method)
+        label = method_label(rows["objective"][0], rows["layer_rule"][0])
+        parts.append(f"{label} {_overall(set(rows['verdict']))} ("
+                     + "; ".join(f"{NAMES[r['metric']]} {_iv(r)}" for r in rows.iter_rows(named=True)) + ")")
+    if not parts:
+        return []
+    return [f"Baselines against {baseline} on the same layers with n={n_name(n)} pairs: {', '.join(parts)}; every "
+            "method x n with its cost is in bakeoff.md."]
 
 
 def _overall(verdicts: set[str]) -> str:
@@ -201,7 +221,7 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
            "(mean ± sample std where per-query results are missing). `majority class`: the accuracy of always "
            "guessing the test split's most frequent class, beside zero-shot. `stop step`: the step chosen for the "
            "cell on validation. CoMM has no retrieval space: `probe acc.` is a linear probe on its fused features, "
-           "beside the same probe on the frozen features.", "", _markdown_table(results_table(board, intervals)), ""]
+           "beside the same probe on the frozen features.", "", markdown_table(results_table(board, intervals)), ""]
     if comparisons.height:
         md += ["## What the numbers say", "",
                "Paired differences in points of %, mean over seeds of (method - baseline) on the same seeds, subsets "
@@ -211,6 +231,10 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
         for kind in ("vs_last", "objective", "layers"):
             md += [f"- {line}" for m in KEY_METRICS for line in findings(comparisons, m, kind)]
         md += ["", "Smallest resolvable difference:", ""] + [f"- {x}" for x in resolution_lines(comparisons)] + [""]
+    if "bakeoff_md" in files:
+        md += ["## Bake-off", "", "Every method x every subset size against CLIP on the same layers, with the seconds a "
+               f"run and a cell's choice cost on this machine: [{os.path.basename(files['bakeoff_md'])}]"
+               f"({os.path.basename(files['bakeoff_md'])}).", ""]
     choices = choice_lines(tuning)
     if choices:
         md += ["## Chosen on validation, one choice per cell", "",
@@ -229,7 +253,7 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
     return path
 
 
-def _markdown_table(frame: pl.DataFrame) -> str:
+def markdown_table(frame: pl.DataFrame) -> str:
     if frame.height == 0:
         return "(no runs)"
     head = "| " + " | ".join(frame.columns) + " |"

@@ -34,16 +34,21 @@ class DemoConfig:
     # 2026-11-25, 3 seeds); `stratalign sweep --objective clip+structure-knn` runs it
     # comm is left out too: its fusion transformer ran 97 s a run on 2 cores (a linear-head run: ~1.5 s), so 5 seeds
     # alone would double the demo; README gives its numbers from `stratalign sweep --objective comm` on the same store
-    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa")
+    # asif, procrustes, clip+fusemix: the baselines users compare against (docs/method.md § 3.9), chosen and reported
+    # like every objective (report.bakeoff: bakeoff.md)
+    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa", "asif", "procrustes", "clip+fusemix")
     n_pairs: tuple[int | None, ...] = (200, 500, None)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # docs/method.md § 4: at least 5 seeds where a report draws conclusions
     layer_rules: tuple[str, ...] = ("last", "auto")
     # last vs chosen layers is compared on CLIP; the other objectives run on the chosen layers only (the budget:
     # tuned grids x 5 seeds x 3 subset sizes within 10 minutes on 2 cores)
-    skip: tuple[tuple[str, str], ...] = (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"))
+    skip: tuple[tuple[str, str], ...] = (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"),
+                                         ("last", "asif"), ("last", "procrustes"), ("last", "clip+fusemix"))
     # (objective, n_pairs) cells left out; with comm added to `objectives`, (("comm", 200), ("comm", 500)) keeps it to
     # all pairs
-    skip_n: tuple[tuple[str, int | None], ...] = ()
+    # FuseMix only with all pairs: its alpha grid (extended past an edge) trains ~25 runs a cell, ~1.5x a CLIP run
+    # each (its mixing is drawn run by run); at 200 and 500 pairs too it would add ~2 min on 2 cores
+    skip_n: tuple[tuple[str, int | None], ...] = (("clip+fusemix", 200), ("clip+fusemix", 500))
     limit: int | None = None  # only N emoji, taken in turn from each category (a quick look, tests)
     # trainer schedule: the `cpu` preset (train.presets: batch 256, 600 steps, warm-up 100, patience 40, eval
     # every 10) on every machine, so that the demo's runs are the same everywhere. Checkpoints are chosen by
@@ -56,6 +61,11 @@ class DemoConfig:
     # ridge from each objective's grid, extended past an edge); False trains the registry's defaults (the stopping
     # step is chosen per cell either way)
     tune: bool = True
+    # the layer check (stages.layer_check): CLIP on this many candidate pairs spread over the calibrated ranking (and
+    # the last pair), seed 0, all pairs; the rank correlation of their scores with validation rsum goes in the
+    # report. 0: no check
+    layer_check: int = 0
+    layer_check_span: int | None = None  # spread the candidates over the top N ranks only (None: every pair)
     batch_size: int = 32
     progress: bool = True
     # fp32 | bf16 | auto (docs/method.md § 1): the encoders' forward and the heads' matmuls in this precision (auto:
@@ -150,13 +160,14 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     timings["extract"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    layer_infos = []
+    layer_infos, results = [], []
     for vision in (cfg.vision, *cfg.extra_encoders):
         lcfg = LayersConfig(dataset=name, vision=vision, text=cfg.text, metrics=("mutual_knn", "cka"),
                             feature_precision=precision)
         done = run_layers(store, lcfg, "best", "mutual_knn", heatmap_copy=os.path.join(out_dir, f"layers-{vision}.png"))
         result, choice, png = done.result, done.choice, done.png
         layer_infos.append({**choice, "n": result["n"], "k": result["k"], "heatmap": png, "vision": vision})
+        results.append(result)
         log(f"[3/4] layers {vision} x {cfg.text}: best ({choice['vision_layer']},{choice['text_layer']}) "
             f"mutual_knn={choice['score']:.3f} vs last {choice['last_score']:.3f}")
     timings["layers"] = time.perf_counter() - t0
@@ -165,6 +176,15 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     sweep = run_sweep(store, demo_sweep(cfg), None, progress=cfg.progress)
     log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
     timings["sweep"] = time.perf_counter() - t0
+    check_lines = []
+    if cfg.layer_check:
+        t0 = time.perf_counter()
+        from stratalign.stages.layer_check import check_candidates
+
+        check_lines = check_candidates(store, results[0], base, count=cfg.layer_check,
+                                       seeds=cfg.seeds[:1], span=cfg.layer_check_span).lines()
+        log(check_lines[0])
+        timings["layer check"] = time.perf_counter() - t0
 
     intro = [f"Embedded demo: {ds.images.height} Twemoji image-caption pairs (caption = Unicode name, "
              f"label = one of {len(ds.class_names)} categories), vision `{cfg.vision}`, text `{cfg.text}`, "
@@ -176,15 +196,17 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)
              + " (everything else as docs/method.md: tau 0.05, AdamW lr 1e-3). One choice per cell, the same rule "
              "for every objective: the stopping step"
-             + (" and the knobs (STRUCTURE lambda, IB beta, CSA k and ridge, from each objective's grid, extended past "
-                "an edge)" if cfg.tune else "")
+             + (" and the knobs (STRUCTURE lambda, IB beta, CSA k and ridge, ASIF power, FuseMix alpha, from each "
+                "objective's grid, extended past an edge)" if cfg.tune else "")
              + " maximise validation rsum averaged over the cell's seeds, and every seed stops there."
-             + "".join(f" Left out of the grid: {obj} on the {rule} layers." for rule, obj in cfg.skip)
-             + "".join(f" Left out of the grid: {obj} with n={n}." for obj, n in cfg.skip_n),
+             + "".join(f" Left out of the grid: {', '.join(o for r, o in cfg.skip if r == rule)} on the {rule} layers."
+                       for rule in dict.fromkeys(r for r, _ in cfg.skip))
+             + "".join(f" Left out of the grid: {obj} with n={n}." for obj, n in cfg.skip_n if n in cfg.n_pairs),
              *(f"Layers of the other vision encoder, `{info['vision']}` x `{cfg.text}` (not used by the sweep): "
                f"best ({info['vision_layer']},{info['text_layer']}) mutual_knn {info['score']:.3f} against "
                f"{info['last_score']:.3f} for the last layers; heatmap `{os.path.basename(info['heatmap'])}`."
                for info in layer_infos[1:]),
+             *check_lines[:1], *(f"- {line}" for line in check_lines[1:]),
              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
     sweep.files = write_leaderboard(sweep, out_dir, extra=intro, layer_info=layer_infos[0],
                                     title="stratalign demo: how much paired data, which layers, which objective?")

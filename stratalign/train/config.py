@@ -307,6 +307,7 @@ class TrainResult:
     best_value: float = float("nan")  # of the selection metric at best_step
     val_curve: list[dict[str, float]] = field(default_factory=list)
     first_candidate: int | None = None  # the first step that could be restored (None: warmup_steps, the old rule)
+    share_seconds: float | None = None  # a stacked run's share of the stack's wall time (None: trained alone)
 
     @property
     def restored_step(self) -> int:
@@ -323,7 +324,8 @@ class TrainResult:
                 "best_val_clip": self.best_val_clip, "warmup_steps": self.warmup_steps,
                 "steps_taken": self.steps_taken, "stopped_reason": self.stopped_reason,
                 "message": self.message, "restored_before_warmup": self.restored_before_warmup,
-                "train_device": self.device, "val_curve": curve}
+                "train_device": self.device, "val_curve": curve,
+                **({} if self.share_seconds is None else {"train_share_seconds": round(self.share_seconds, 3)})}
 
 
 def json_curve_row(row: dict[str, float]) -> dict[str, float | int | None]:

@@ -109,7 +109,7 @@ class _Run:
         self.curve: list[dict[str, float]] = []
         self.pending: list[Pending] = []  # steps since the last evaluation, losses still on the device
         self.stop: tuple[int, str, str] | None = None
-        self.seconds = 0.0
+        self.seconds, self.share = 0.0, 0.0  # the stack's wall time until it stopped; its share of that time
 
     def lam_of(self, step: int) -> float:
         return losses_mod.lambda_at(step, self.cfg.lam, self.warmup) if self.obj.warmup else 0.0
@@ -163,7 +163,7 @@ class _Run:
                            best_val_clip=float(row.get("val_clip", best_val)), warmup_steps=self.warmup,
                            first_candidate=self.floor,
                            steps_taken=step, stopped_reason=reason, message=message, restored_before_warmup=before,
-                           history=self.history, seconds=self.seconds, device=str(dev),
+                           history=self.history, seconds=self.seconds, share_seconds=self.share, device=str(dev),
                            selection_metric=self.job.selection.metric, best_value=best_val, val_curve=self.curve)
 
 
@@ -312,10 +312,12 @@ class GroupLoop:
 
     def run(self) -> list[TrainResult]:
         max_steps, total_runs = self.cfg.max_steps, len(self.runs)
+        tick, stepped = time.perf_counter(), list(self.active)
         with torch.no_grad():
             self.evaluate(0, list(range(len(self.active))))
         step, done_steps = 0, 0
         while self.active and step < max_steps:
+            tick, stepped = self._share(stepped, tick), list(self.active)
             lr = self.opt.lr
             lams = [r.lam_of(step) for r in self.active]
             losses = self.step(step)
@@ -330,7 +332,16 @@ class GroupLoop:
             if self.on_step is not None:
                 planned = done_steps + len(self.active) * (max_steps - step)
                 self.on_step(done_steps, planned, sum(r.stop is not None for r in self.runs), total_runs)
+        self._share(stepped, tick)
         return [r.finish(self.dev, total_runs) for r in self.runs]
+
+    @staticmethod
+    def _share(runs: list[_Run], since: float) -> float:
+        """Divide the time since `since` among the runs that step moved (the bake-off's cost of a run)."""
+        now = time.perf_counter()
+        for r in runs:
+            r.share += (now - since) / len(runs)
+        return now
 
     def _checkpoint(self, step: int, due: list[int]) -> None:
         """Move the due runs' step losses into their histories (off the device in one transfer), evaluate them,

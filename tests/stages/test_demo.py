@@ -8,7 +8,8 @@ import polars as pl
 
 from stratalign.stages.demo import DemoConfig, run_demo
 
-OBJECTIVES = ("clip", "clip+structure", "clip+ib", "comm", "csa")
+OBJECTIVES = DemoConfig().objectives + ("comm",)  # the baselines (asif, procrustes, clip+fusemix) among them
+CLOSED_FORM = ("csa", "asif", "procrustes")  # no stopping step: the selection runs are final
 
 
 def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: Path) -> None:
@@ -16,7 +17,7 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     # (its few pairs would make every cell a k-fold one: tests/stages/runs/test_cells_kfold.py)
     cfg = DemoConfig(limit=48, seeds=(0, 1), n_pairs=(12, None), objectives=OBJECTIVES, progress=False, tune=False,
                      validation="split",
-                     skip=DemoConfig().skip + (("last", "comm"),),
+                     skip=DemoConfig().skip + (("last", "comm"),), layer_check=3,
                      train_options=(("batch_size", 16), ("max_steps", 30), ("warmup_steps", 10),
                                     ("patience", 10), ("eval_every", 5)))
     out, store = tmp_path / "report", str(tmp_path / "store")
@@ -25,11 +26,11 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
 
     # every objective on the chosen layers (comm added here: the default leaves it out for time), CLIP on the last
     # layers too (cfg.skip + comm), x n-pairs x seed
-    assert DemoConfig().skip == (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"))
-    # every cell x seed: a selection run, then a final run stopped at the cell's chosen step (csa: closed form, its
-    # selection run is final)
+    assert DemoConfig().skip == tuple(("last", o) for o in DemoConfig().objectives if o != "clip")
+    # every cell x seed: a selection run, then a final run stopped at the cell's chosen step (csa, asif, procrustes:
+    # closed form, the selection run is final)
     cells = (len(OBJECTIVES) + 1) * 2
-    assert first["trained"] == cells * 2 + (cells - 2) * 2 and first["skipped"] == 0
+    assert first["trained"] == cells * 2 + (cells - 2 * len(CLOSED_FORM)) * 2 and first["skipped"] == 0
     board = first["leaderboard"]
     assert set(board["objective"]) == set(OBJECTIVES) and set(board["layer_rule"]) == {"last", "auto"}
     last = board.filter(pl.col("layer_rule") == "last")
@@ -49,6 +50,17 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
                  "layers-dinov2-s.png"):
         assert (out / name).stat().st_size > 0, name
     assert pl.read_csv(out / "leaderboard.csv").height == board.height
+    # the baselines in the bottom line and on the bake-off page, each cell against CLIP on the same layers
+    bottom = report.split("## Bottom line")[1].split("\n## ")[0]
+    bakeoff = (out / "bakeoff.md").read_text()
+    for obj in ("asif", "procrustes", "clip+fusemix"):
+        assert f"{obj} / chosen" in bottom
+        line = next(x for x in bakeoff.splitlines() if x.startswith(f"| {obj} / chosen |"))
+        assert line.count("Δ") == 2  # n=12 and n=all
+    assert "[bakeoff.md](bakeoff.md)" in report
+    # the layer check: candidate pairs' scores against their validation rsum (stages.layer_check)
+    assert "Layer ranking against training: over" in report and "- pair (" in report
+    assert "layer check" in first["timings"]
     assert any(line.startswith("[4/4] sweep") for line in lines)
 
     second = run_demo(store, str(out), cfg, log=lambda _: None)

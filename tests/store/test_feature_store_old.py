@@ -40,11 +40,14 @@ ADDED_RUN_FILE = "queries.safetensors"
 # Since 2026-11-25 a run's metrics name how its checkpoint was chosen (`selection`) and its validation curve holds
 # every yardstick per evaluation step ({"step", "clip_loss", "rsum", ...} where 3d4de15 wrote [step, val CLIP loss]).
 ADDED_METRICS_FIELD = "selection"
+# Since 2026-12-06 a run trained in a stack also records its share of the stack's wall time (a timing, for the
+# bake-off's cost per run).
+ADDED_TIMING_FIELD = "train_share_seconds"
 
 
 def _old_curve(metrics: dict) -> dict:
     """metrics.json with its validation curve in 3d4de15's form and without the fields added since."""
-    out = {k: v for k, v in metrics.items() if k != ADDED_METRICS_FIELD}
+    out = {k: v for k, v in metrics.items() if k not in (ADDED_METRICS_FIELD, ADDED_TIMING_FIELD)}
     if out.get("stopped_reason") == "closed_form":  # a closed-form fit records its validation scores since
         del out["val_curve"]
     if out.get("val_curve") and isinstance(out["val_curve"][0], dict):

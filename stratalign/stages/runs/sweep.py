@@ -87,6 +87,7 @@ class SweepResult:
     intervals: pl.DataFrame = field(default_factory=pl.DataFrame)  # each cell's mean test metric, two-level interval
     majority: float | None = None  # the majority-class rate of the test split, in %
     val_curves: pl.DataFrame = field(default_factory=pl.DataFrame)  # every run's validation curve, one row a step
+    costs: pl.DataFrame = field(default_factory=pl.DataFrame)  # seconds per cell: a final run, the whole choice
 
 
 def curve_table(registry: RunRegistry, runs: pl.DataFrame, held_out: dict[str, list[str]] | None = None) -> pl.DataFrame:
@@ -123,6 +124,28 @@ def held_out_runs(choices: list[CellChoice]) -> dict[str, list[str]]:
         for j, rid in enumerate(c.final):  # selection runs are seed-major: a seed's k fold runs in a row
             out[rid] = list(point.runs[j * c.folds:(j + 1) * c.folds])
     return out
+
+
+def run_seconds(metrics: dict[str, Any]) -> float | None:
+    """What a run cost on the machine that trained it: its share of its stack's wall time when it was trained in a
+    stack (train_share_seconds), else its own training or fit time."""
+    v = metrics.get("train_share_seconds", metrics.get("train_seconds"))
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def cost_table(registry: RunRegistry, choices: list[CellChoice]) -> pl.DataFrame:
+    """One row per cell: the mean seconds of its final runs, and the seconds of every run its choice trained (each
+    grid point x seed, then the final runs) - the bake-off's cost per method (report.bakeoff)."""
+    rows = []
+    for c in choices:
+        every = list(dict.fromkeys([rid for p in c.points for rid in p.runs] + list(c.final)))
+        seconds = {rid: run_seconds(registry.metrics(rid)) for rid in every}
+        final = [seconds[rid] for rid in c.final if seconds[rid] is not None]
+        rows.append({"objective": c.cell.objective, "layer_rule": c.cell.layers, "head": c.cell.head,
+                     "n_pairs": c.cell.n_pairs, "runs": len(every),
+                     "run_seconds": sum(final) / len(final) if final else None,
+                     "cell_seconds": sum(v for v in seconds.values() if v is not None)})
+    return pl.DataFrame(rows, infer_schema_length=None)
 
 
 def tuning_table(choices: list[CellChoice]) -> pl.DataFrame:
@@ -191,7 +214,7 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
         board = board.with_columns(pl.lit(majority).alias("zs_majority"))
     result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons,
                          tuning=tuning_table(choices), val_curves=curve_table(registry, runs, held_out_runs(choices)),
-                         choices=choices, intervals=intervals, majority=majority)
+                         choices=choices, intervals=intervals, majority=majority, costs=cost_table(registry, choices))
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
     return result
@@ -199,8 +222,9 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
 
 def write_leaderboard(result: SweepResult, out_dir: str, *, title: str = "stratalign sweep",
                       extra: list[str] | None = None, layer_info: dict[str, Any] | None = None) -> dict[str, str]:
-    """leaderboard.parquet/.csv, runs.csv, comparisons.csv, intervals.csv, tuning.csv, the plots and report.md (the
-    same report `demo` writes: report.report.write_report)."""
+    """leaderboard.parquet/.csv, runs.csv, comparisons.csv, intervals.csv, tuning.csv, costs.csv, the plots, the
+    bake-off page (report.bakeoff) and report.md (the same report `demo` writes: report.report.write_report)."""
+    from stratalign.report.bakeoff import write_bakeoff
     from stratalign.report.report import write_report
 
     os.makedirs(out_dir, exist_ok=True)
@@ -226,6 +250,10 @@ def write_leaderboard(result: SweepResult, out_dir: str, *, title: str = "strata
     if curves_png:
         files["val_curves_png"] = curves_png
     files["plot_seconds"] = f"{time.perf_counter() - t0:.2f}"
+    files.update(write_bakeoff(out_dir, result.intervals, result.comparisons, result.costs, title=f"{title}: bake-off"))
+    if result.costs.height:
+        files["costs_csv"] = os.path.join(out_dir, "costs.csv")
+        result.costs.write_csv(files["costs_csv"])
     files["report_md"] = write_report(out_dir, title=title, board=result.leaderboard, layer_info=layer_info,
                                       files=files, extra=extra, comparisons=result.comparisons, tuning=result.tuning,
                                       intervals=result.intervals)

@@ -296,7 +296,7 @@ def test_knn_graphs_built_once_per_subset_and_read_back(stage_store, monkeypatch
     _, w2, _ = registry.load(first["run_id"])
     assert set(w1) == set(w2) and all(np.array_equal(w1[k].numpy(), w2[k].numpy()) for k in w1)
     for key_, value in first.items():
-        if key_ not in ("train_seconds", "train_loop_seconds", "knn_graph_cached", "skipped"):
+        if key_ not in ("train_seconds", "train_loop_seconds", "train_share_seconds", "knn_graph_cached", "skipped"):
             assert again[key_] == value, key_
     other_lam = train_run(stage_store, _cfg(objective="clip+structure-knn", n_pairs=45, seed=2,
                                             options=opts + (("lam", 5.0),)))
