@@ -221,14 +221,14 @@ def _valid_images(images: pl.DataFrame, reject: _Rejects) -> pl.DataFrame:
     return images.filter(~pl.col("image_id").is_in(bad_split))
 
 
-def _valid_captions(captions: pl.LazyFrame, images: pl.DataFrame, reject: _Rejects) -> pl.LazyFrame:
-    """Drop captions of unknown images and empty ones; duplicate caption ids are an error. Streaming passes over
-    `captions`: what is held is the bad records and, for a moment, 16 bytes a caption for the duplicate check."""
+def _valid_captions(captions: pl.LazyFrame, images: pl.DataFrame, reject: _Rejects, empty_ok: bool) -> pl.LazyFrame:
+    """Drop captions of unknown images and empty ones (with `empty_ok` no caption, else bad); duplicate caption ids are
+    an error. Streaming passes: what is held is the bad records and, for a moment, 16 bytes a caption (duplicates)."""
     known = pl.col("image_id").is_in(images["image_id"].implode())
     bad = (captions.filter(~known | (pl.col("text") == ""))  # text is normalised
            .select("caption_id", unknown=~known).collect(engine="streaming"))
     reject("caption", bad.filter(pl.col("unknown"))["caption_id"].to_list(), "an unknown image id")
-    reject("caption", bad.filter(~pl.col("unknown"))["caption_id"].to_list(), "empty text")
+    reject("caption", [] if empty_ok else bad.filter(~pl.col("unknown"))["caption_id"].to_list(), "empty text")
     valid = captions.filter(known & (pl.col("text") != ""))
     dup_c = _duplicate_ids(valid, "caption_id")
     if dup_c:
@@ -331,13 +331,16 @@ def build_dataset(
     class_names: Mapping[str, str] | None = None,
     workers: int = 8,
     progress: bool = False,
+    keep_unpaired: bool = False,
 ) -> PairDataset:
     """Validate raw records (lists of RawImage / RawCaption, or the frames of store.raw_records) into a PairDataset.
 
     Bad records (duplicate image ids, captions of unknown images, empty captions, missing or corrupt
     image files, images left without captions) raise one StratalignError naming the first few and the
     count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason. `progress`: a bar
-    over the image checks (every image file is read, decoded and hashed) on a terminal.
+    over the image checks (every image file is read, decoded and hashed) on a terminal. `keep_unpaired`: images
+    without a caption (empty captions name none) are rows for R_S alone (docs/method.md § 3.11): kept in a split and
+    extracted like every row, never in a pair; meta["unpaired"] counts them.
 
     Captions given as a SpilledFrame (a large source's, from store.raw_records) are validated in streaming
     passes and the captions table is written beside them: memory then follows the images, not the captions.
@@ -357,12 +360,12 @@ def build_dataset(
     reject = _Rejects(name, skip_bad)
     _check_group_splits(name, images)
     images = _valid_images(images, reject)
-    captions = _valid_captions(captions, images, reject)
+    captions = _valid_captions(captions, images, reject, keep_unpaired)
     good = _readable_images(images, reject, workers, progress)
     with_captions = captions.select("image_id").unique().collect(engine="streaming")["image_id"]
     captioned = pl.col("image_id").is_in(with_captions.implode())
-    reject("image", good.filter(~captioned)["image_id"].to_list(), "no caption")
-    good = good.filter(captioned)
+    reject("image", [] if keep_unpaired else good.filter(~captioned)["image_id"].to_list(), "no caption")
+    unpaired, good = (good.filter(~captioned).height, good) if keep_unpaired else (0, good.filter(captioned))
     if good.height < images.height:  # captions of unreadable images go too
         captions = captions.filter(pl.col("image_id").is_in(good["image_id"].implode()))
     if good.height == 0:
@@ -379,9 +382,7 @@ def build_dataset(
         (b.rows() for b in ds.caption_batches(["caption_id", "image_id", "text"])),
     )
     ds.meta = {
-        "name": name,
-        "source": source,
-        "seed": seed,
+        "name": name, "source": source, "seed": seed,
         "fractions": list(fractions),
         "content_fingerprint": content_fp,
         "fingerprint": dataset_fingerprint(content_fp, images_df["split"].to_list(), images_df["label"].to_list(),
@@ -394,4 +395,5 @@ def build_dataset(
         ds.meta["class_names"] = dict(class_names)
     if identical:  # only then: datasets without byte-identical images keep their dataset.json bytes
         ds.meta["identical_images"] = identical
+    ds.meta.update({"unpaired": {"images": unpaired}} if unpaired else {})  # likewise
     return ds

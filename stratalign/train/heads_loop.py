@@ -50,7 +50,7 @@ from stratalign.train.rules import (
     validation_history,
 )
 from stratalign.train.stacked import StackedSide, canonical_grad, slice_side
-from stratalign.train.unpaired import UnpairedDraws, UnpairedTables, extend_sides
+from stratalign.train.unpaired import UnpairedDraws, UnpairedTables, extend_sides, unpaired_counts
 from stratalign.train.validation import ValidationTargets, Validator
 
 # TrainConfig fields one step of a group shares; every other field may differ from run to run
@@ -82,7 +82,7 @@ def group_key(job: HeadsJob, dims: tuple[int, int]) -> tuple:
     # runs without a regulariser stack apart: beside regularised runs their gradients moved by ~1e-8 (measured,
     # cause not found), which a validation near-tie can turn into another restored step
     return (shared, min(cfg.batch_size, len(job.train_idx)), dims, obj.samples_embeddings(cfg),
-            obj.regulariser is None, cfg.unpaired)
+            obj.regulariser is None, unpaired_counts(cfg.unpaired, job.unpaired))
 
 
 def _loss_key(cfg: TrainConfig, obj: Objective) -> str:
@@ -177,7 +177,7 @@ class GroupLoop:
                  rngs: list[torch.Generator], dev: torch.device, on_step: GroupProgress | None = None,
                  unpaired: UnpairedTables | None = None) -> None:
         self.xi, self.xt, self.dev, self.on_step = xi, xt, dev, on_step
-        self.unpaired = unpaired if jobs[0].cfg.unpaired else None  # a group shares its unpaired count (group_key)
+        self.unpaired = unpaired if any(unpaired_counts(jobs[0].cfg.unpaired, jobs[0].unpaired)) else None  # group_key
         self.cfg = jobs[0].cfg
         self.runs = [_Run(j, m, g, dev) for j, m, g in zip(jobs, models, rngs)]
         self.active = list(self.runs)  # stack order

@@ -40,13 +40,13 @@ class UnpairedDraws:
 
     def __init__(self, image_pos: torch.Tensor, text_pos: torch.Tensor, rows: int, seed: int) -> None:
         self.pools = (image_pos, text_pos)
-        self.rows = rows
+        self.rows = unpaired_counts(rows, self.pools)
         self.gens = [torch.Generator().manual_seed(seed + off) for off in SEED_OFFSET]
         self.left: list[list[torch.Tensor]] = [[], []]  # what is left of each pool's current epoch
         self.dropout = torch.Generator().manual_seed(seed + DROPOUT_OFFSET)  # the unpaired rows' dropout masks
 
     def _take(self, m: int) -> torch.Tensor:
-        pool, out, need = self.pools[m], [], self.rows
+        pool, out, need = self.pools[m], [], self.rows[m]
         while need:
             if not self.left[m]:
                 self.left[m] = [pool[torch.randperm(len(pool), generator=self.gens[m]).to(pool.device)]]
@@ -55,11 +55,16 @@ class UnpairedDraws:
             if len(head) > need:
                 self.left[m].append(head[need:])
             need -= len(out[-1])
-        return torch.cat(out)
+        return torch.cat(out) if out else pool[:0]
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image positions, caption positions) of this step's unpaired rows, u each."""
+        """(image positions, caption positions) of this step's unpaired rows, u each (none of an empty pool's)."""
         return self._take(0), self._take(1)
+
+
+def unpaired_counts(rows: int, pools: tuple[Any, Any] | None) -> tuple[int, int]:
+    """(image rows, caption rows) a step adds: `rows` of each modality whose pool is not empty."""
+    return (0, 0) if pools is None or not rows else (rows if len(pools[0]) else 0, rows if len(pools[1]) else 0)
 
 
 def extend_sides(image: Side, text: Side, stacks: tuple[StackedSide, StackedSide], tables: UnpairedTables,
@@ -71,6 +76,9 @@ def extend_sides(image: Side, text: Side, stacks: tuple[StackedSide, StackedSide
     gens = [d.dropout for d in draws]
     out = []
     for m, (side, stack, table) in enumerate(zip((image, text), stacks, (tables.image, tables.text))):
+        if not draws[0].rows[m]:  # no unpaired rows of this modality (the group's runs agree: group_key)
+            out.append(side)
+            continue
         x = torch.stack([table[p[m]] for p in picks]).to(side.x.dtype)
         z = stack.forward(x, gens)
         out.append(Side(torch.cat([side.x, x], 1), torch.cat([side.z, z.to(side.z.dtype)], 1)))
@@ -79,17 +87,17 @@ def extend_sides(image: Side, text: Side, stacks: tuple[StackedSide, StackedSide
 
 def check_unpaired(rows: int, pools: tuple[np.ndarray, np.ndarray] | None,
                    tables: tuple[np.ndarray, np.ndarray] | None) -> None:
-    """A run that asks for unpaired rows names a non-empty pool of each modality within the tables (one line)."""
+    """A run that asks for unpaired rows names pools within the tables, at least one of them not empty (one line)."""
     if not rows:
         return
     if pools is None or tables is None:
         raise StratalignError(f"unpaired={rows}: the run names no unpaired rows (give train_many `unpaired` tables "
                               "and the run's rows of them)")
+    if not any(len(p) for p in pools):
+        raise StratalignError(f"unpaired={rows}: the run has no unpaired image or caption rows to draw from")
     for name, pool, table in zip(("image", "caption"), pools, tables):
         pool = np.asarray(pool)
-        if len(pool) == 0:
-            raise StratalignError(f"unpaired={rows}: the run has no unpaired {name} rows to draw from")
-        if pool.min() < 0 or pool.max() >= len(table):
+        if len(pool) and (pool.min() < 0 or pool.max() >= len(table)):
             raise StratalignError(f"unpaired {name} rows out of range: the table holds {len(table)} rows")
 
 

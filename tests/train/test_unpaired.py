@@ -98,11 +98,13 @@ def _rs_by_hand(x: np.ndarray, z: np.ndarray, tau: float) -> float:
     return 0.5 * (kl(m, pz) + kl(m, px))
 
 
-def test_structure_with_unpaired_rows_equals_the_formula_by_hand() -> None:
+@pytest.mark.parametrize("captions", [4, 0])
+def test_structure_with_unpaired_rows_equals_the_formula_by_hand(captions: int) -> None:
     """One full batch of 6 pairs plus a pool of 4 rows per modality drawn whole (u = 4): R_S of each modality is the
-    formula on the 10 rows (a row order does not change it), the step's reg their mean."""
+    formula on the 10 rows (a row order does not change it), the step's reg their mean. Without unpaired captions
+    (an image-only pool) the text side's R_S reads the 6 pairs alone."""
     xi, xt, ui, ut = _data(n=9, d=5, extra=4)
-    ut = ut[:4]
+    ut = ut[:captions]
     tr, va = np.arange(6), np.arange(6, 9)
     cfg = TrainConfig(objective="clip+structure+unpaired", lam=2.0, unpaired=4,
                       **dict(SCHEDULE, max_steps=1, eval_every=1, warmup_steps=0))
@@ -136,6 +138,6 @@ def test_unpaired_knob_checks_and_recorded_form() -> None:
     with pytest.raises(StratalignError, match="names no unpaired rows"):
         train_heads(xi, xt, np.arange(80), np.arange(80, 100), TrainConfig(objective="clip+structure+unpaired",
                                                                            **SCHEDULE))
-    with pytest.raises(StratalignError, match="no unpaired caption rows"):
+    with pytest.raises(StratalignError, match="no unpaired image or caption rows"):
         train_heads(xi, xt, np.arange(80), np.arange(80, 100), TrainConfig(objective="clip+structure+unpaired",
-                                                                           **SCHEDULE), unpaired=(ui, ut[:0]))
+                                                                           **SCHEDULE), unpaired=(ui[:0], ut[:0]))
