@@ -5,7 +5,7 @@ unpaired tables). At every step it draws u rows of each pool, from seeded epochs
 modality, so the images and the captions are drawn apart: no pairing reaches R_S through them). The heads embed the
 batch's b paired rows as a run without unpaired rows does (the CLIP loss is taken on them alone), then the u unpaired
 rows in a forward of their own; R_S of each modality reads the b + u rows of that modality. A pool smaller than u
-gives its rows over and over, each epoch a new order.
+gives all its rows (u = the pool's size; an empty pool none: R_S of that modality reads the pairs alone).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class UnpairedDraws:
 
 
 def unpaired_counts(rows: int, pools: tuple[Any, Any] | None) -> tuple[int, int]:
-    """(image rows, caption rows) a step adds: `rows` of each modality whose pool is not empty."""
-    return (0, 0) if pools is None or not rows else (rows if len(pools[0]) else 0, rows if len(pools[1]) else 0)
+    """(image rows, caption rows) a step adds: `rows` of each modality, or its whole pool when that is smaller."""
+    return (0, 0) if pools is None or not rows else (min(rows, len(pools[0])), min(rows, len(pools[1])))
 
 
 def extend_sides(image: Side, text: Side, stacks: tuple[StackedSide, StackedSide], tables: UnpairedTables,
