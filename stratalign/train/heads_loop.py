@@ -104,7 +104,7 @@ class _Run:
         self.train_pos = torch.from_numpy(job.train_idx).to(dev)
         self.perm = torch.Generator().manual_seed(job.cfg.seed)
         self.mixup = LatentMixup(job.cfg.mixup_alpha, job.cfg.seed) if job.cfg.mixup_alpha else None  # FuseMix
-        self.unpaired = UnpairedDraws(*job.unpaired, job.cfg.unpaired, job.cfg.seed) if job.unpaired else None
+        self.unpaired = UnpairedDraws(*job.unpaired, job.cfg.unpaired, job.cfg.seed, dev) if job.unpaired else None
         self.epoch: list[torch.Tensor] = []
         self.floor = job.cfg.selection_floor()  # 0: every evaluation step is a candidate, as for every run
         self.sel = CheckpointSelector(self.floor, job.cfg.patience, job.selection, job.cfg.stop_step)

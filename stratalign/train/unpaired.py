@@ -38,12 +38,14 @@ class UnpairedTables:
 class UnpairedDraws:
     """One run's draws: u rows of each modality's pool per step (positions into the group's UnpairedTables)."""
 
-    def __init__(self, image_pos: torch.Tensor, text_pos: torch.Tensor, rows: int, seed: int) -> None:
+    def __init__(self, image_pos: torch.Tensor, text_pos: torch.Tensor, rows: int, seed: int,
+                 dev: torch.device | None = None) -> None:
         self.pools = (image_pos, text_pos)
         self.rows = unpaired_counts(rows, self.pools)
         self.gens = [torch.Generator().manual_seed(seed + off) for off in SEED_OFFSET]
         self.left: list[list[torch.Tensor]] = [[], []]  # what is left of each pool's current epoch
-        self.dropout = torch.Generator().manual_seed(seed + DROPOUT_OFFSET)  # the unpaired rows' dropout masks
+        dev = image_pos.device if dev is None else dev  # the unpaired rows' dropout masks, drawn where they live
+        self.dropout = torch.Generator(device=dev).manual_seed(seed + DROPOUT_OFFSET)
 
     def _take(self, m: int) -> torch.Tensor:
         pool, out, need = self.pools[m], [], self.rows[m]
