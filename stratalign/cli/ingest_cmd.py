@@ -23,8 +23,9 @@ SeedOption = typer.Option(0, help="Seed of the train/val/test split when the sou
 LimitOption = typer.Option(None, help="Keep only the first N images (quick looks).")
 SkipBadOption = typer.Option(False, "--skip-bad", help="Ingest the rest and record what was skipped.")
 ReplaceOption = typer.Option(False, "--replace", help="Replace a dataset of the same name.")
-KeepUnpairedOption = typer.Option(False, "--keep-unpaired", help="Keep images without a caption as unpaired rows "
-                                  "(R_S of clip+structure+unpaired reads them; never a pair) instead of skipping them.")
+KeepUnpairedOption = typer.Option(False, "--keep-unpaired", help="Keep images without a caption and captions "
+                                  "without an image as unpaired rows (R_S of clip+structure+unpaired reads them; never "
+                                  "a pair) instead of refusing or skipping them.")
 TemplateOption = typer.Option(None, "--template", help="A zero-shot template with one '{}' for the class name "
                               "(repeat for several; default 'a photo of a {}.', twemoji 'an emoji of {}.').")
 TemplatesFileOption = typer.Option(None, help="A file of zero-shot templates: one per line, or JSON (a list, or "
@@ -50,7 +51,8 @@ def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], s
     summary = ", ".join(f"{k}={v}" for k, v in ds.summary().items())
     console.print(f"{'ingested' if written else 'already ingested (identical)'}: {summary}")
     if ds.meta.get("unpaired"):
-        console.print(f"kept {ds.meta['unpaired']['images']} image(s) without a caption as unpaired rows (R_S only: "
+        console.print(f"kept {ds.meta['unpaired']['images']} image(s) without a caption and "
+                      f"{ds.meta['unpaired']['captions']} caption(s) without an image as unpaired rows (R_S only: "
                       "objective clip+structure+unpaired)")
     if ds.class_names:
         console.print(f"zero-shot prompts: {len(ds.class_names)} classes x {len(ds.templates)} template(s) "

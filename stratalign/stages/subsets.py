@@ -101,8 +101,12 @@ def draw_subset(pool: PairRows, n_pairs: int | None, seed: int) -> PairRows:
 def dataset_unpaired(ds: PairDataset, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(image rows without a caption, caption rows without an image) of a split: rows a dataset keeps for R_S alone
     (docs/method.md § 3.11), never part of a pair."""
-    images = np.setdiff1d(ds.image_rows(split), ds.captions["image_row"].to_numpy())
-    return images.astype(np.int64), np.zeros(0, dtype=np.int64)
+    caps = ds.captions
+    images = np.setdiff1d(ds.image_rows(split), caps["image_row"].drop_nulls().to_numpy())
+    if "split" not in caps.columns:  # only a dataset with captions without an image has the column
+        return images.astype(np.int64), np.zeros(0, dtype=np.int64)
+    free = (caps["image_row"].is_null() & (caps["split"] == split)).fill_null(False).to_numpy()
+    return images.astype(np.int64), np.flatnonzero(free).astype(np.int64)
 
 
 def unpaired_rows(ds: PairDataset, pool: PairRows, subset: PairRows, source: str,

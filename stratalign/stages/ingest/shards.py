@@ -83,7 +83,8 @@ def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress:
     `caption` field of `.json`). Keys without an image or a caption, links and paths outside the shard are left out
     and counted by reason (source["left_out"]); an image id is the key. The
     captions are spilled to a temporary folder as they come (bounded memory: see store.raw_records). keep_unpaired:
-    an image without a caption is taken as an unpaired image (docs/method.md § 3.11), not left out."""
+    an image without a caption, or a caption without an image, is taken unpaired (docs/method.md § 3.11), not left
+    out."""
     urls = expand_shards(shards)
     images, captions = image_columns(), caption_columns(Spill())
     left_out: dict[str, list[str]] = {}
@@ -106,6 +107,8 @@ def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress:
                     captions.append(key, key, item["text"])
             elif "image" in item:
                 left_out.setdefault(f"image without a caption (.{caption_ext} or .json)", []).append(item["image"])
+            elif "text" in item and keep_unpaired:  # a caption without an image (docs/method.md § 3.11)
+                captions.append(key, None, item["text"])
             elif "text" in item:
                 left_out.setdefault("caption without an image", []).append(key)
     if not len(images):

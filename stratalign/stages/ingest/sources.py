@@ -138,12 +138,14 @@ def read_table(
     id_col: str | None = None,
     split_col: str | None = None,
     group_col: str | None = None,
+    keep_unpaired: bool = False,
     **kw: Any,
 ) -> tuple[list[RawImage], list[RawCaption], dict]:
     """A CSV, Parquet or JSONL table with one row per (image, caption); rows sharing an image are grouped.
 
     group_col names a group per image (e.g. one patient, the variants of one item): a drawn split keeps each
-    group in one split, and a split column that tears a group apart is refused."""
+    group in one split, and a split column that tears a group apart is refused. keep_unpaired: a row with a caption
+    and no image path is a caption without an image (docs/method.md § 3.11), not an error."""
     suffix = table.lower().rsplit(".", 1)[-1]
     readers = {"csv": pl.read_csv, "tsv": lambda p: pl.read_csv(p, separator="\t"), "parquet": pl.read_parquet,
                "jsonl": pl.read_ndjson, "ndjson": pl.read_ndjson}
@@ -167,6 +169,9 @@ def read_table(
     clashes: dict[str, set[str]] = {}
     for i, row in enumerate(df.iter_rows(named=True)):
         rel = row[image_col]
+        if (rel is None or str(rel).strip() == "") and keep_unpaired and row[caption_col] not in (None, ""):
+            captions.append(RawCaption(f"{i}", None, str(row[caption_col])))
+            continue
         if rel is None or str(rel).strip() == "":
             raise StratalignError(f"table {table} row {i}: empty image path in column {image_col!r}")
         rel = str(rel)
@@ -279,8 +284,9 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
     replace the source's default ("an emoji of {}." for twemoji, else "a photo of a {}."); `class_names` maps
     labels to the names the prompts use.
 
-    keep_unpaired: images without a caption (a table's empty caption cell, a webdataset key with no caption) are kept
-    as unpaired rows for R_S (docs/method.md § 3.11) instead of being bad records or left out."""
+    keep_unpaired: images without a caption and captions without an image (a table's empty caption or image cell, a
+    webdataset key with one of the two) are kept as unpaired rows for R_S (docs/method.md § 3.11) instead of being bad
+    records or left out."""
     templates, file_names = zero_shot_args(templates, templates_file)
     if templates is not None:  # checked before a long read of the source
         check_templates(templates, f"--templates-file {templates_file}" if templates_file else "--template")

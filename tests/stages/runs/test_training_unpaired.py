@@ -1,5 +1,5 @@
-"""Unpaired rows from ingest to report (docs/method.md § 3.11): a table with empty caption cells keeps those images
-(in a split, extracted, never in a pair); a run of clip+structure+unpaired draws them (or, with unpaired_from=pool,
+"""Unpaired rows from ingest to report (docs/method.md § 3.11): a table with empty caption cells keeps those images,
+and rows with an empty image cell their captions (in a split, extracted, never in a pair); a run of clip+structure+unpaired draws them (or, with unpaired_from=pool,
 the train pool's rows outside its subset, taken apart) into R_S; a sweep compares the cell with the paired-only one.
 
 The store holds a small labelled table encoded by the tiny deterministic encoders of fake_encoders.py.
@@ -27,6 +27,7 @@ from stratalign.store.runs import RunRegistry
 LEVELS = ["dark", "dim", "mid", "bright", "white"]
 FAST = (("max_steps", 30), ("patience", 30), ("eval_every", 5), ("warmup_steps", 10), ("dim", 16))
 CAPTIONLESS = set(range(0, 120, 6))  # every 6th image has an empty caption cell
+IMAGELESS = 15  # rows with a caption and an empty image cell
 
 
 def _table(root: Path) -> Path:
@@ -38,6 +39,7 @@ def _table(root: Path) -> Path:
         px = np.clip(rng.normal(40 + 50 * level, 12, (12, 12, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(px).save(root / "img" / f"{i}.png")
         lines.append(f"img/{i}.png,{'' if i in CAPTIONLESS else f'a {LEVELS[level]} square number {i}'},{LEVELS[level]}")
+    lines += [f",a {LEVELS[i % 5]} square with no picture {i},{LEVELS[i % 5]}" for i in range(IMAGELESS)]
     (root / "pairs.csv").write_text("\n".join(lines) + "\n")
     return root / "pairs.csv"
 
@@ -58,21 +60,28 @@ def _cfg(**kw) -> RunConfig:
     return RunConfig(**{**dict(dataset="toy", vision="tiny-image", text="tiny-text", layers="last", options=FAST), **kw})
 
 
-def test_ingest_keeps_captionless_images_as_unpaired_rows(tmp_path: Path, store: FeatureStore) -> None:
+def test_ingest_keeps_captionless_images_and_imageless_captions_as_unpaired_rows(tmp_path: Path,
+                                                                                 store: FeatureStore) -> None:
     ds = store.dataset("toy")
-    assert ds.images.height == 120 and ds.n_captions == 100 and ds.meta["unpaired"] == {"images": 20}
+    assert ds.images.height == 120 and ds.n_captions == 100 + IMAGELESS
+    assert ds.meta["unpaired"] == {"images": 20, "captions": IMAGELESS}
     assert ds.meta["source"]["keep_unpaired"] is True and not ds.meta["skipped"]
     paired = set(ds.pairs()[0].tolist())
     ids = ds.images["image_id"].to_list()
     unpaired = {int(ids[r].split("/")[1].split(".")[0]) for r in range(120) if r not in paired}
     assert unpaired == CAPTIONLESS  # never in a pair, every one in a split
+    assert len(ds.pairs()[1]) == 100 and ds.captions["image_row"].null_count() == IMAGELESS
     train_images, train_captions = dataset_unpaired(ds, "train")
-    assert len(train_images) and not len(train_captions)
+    assert len(train_images) and len(train_captions)
     assert set(ds.images["split"].to_numpy()[train_images]) == {"train"}
-    entry = store.find_entry("toy", "tiny-image", None, modality="image")
-    assert entry.spec.rows == 120  # extracted like every row
-    # without the flag the same table is refused, as before (empty captions are bad records)
-    with pytest.raises(StratalignError, match="empty text"):
+    assert set(ds.captions["split"].to_numpy()[train_captions]) == {"train"}
+    assert ds.captions["image_row"].gather(train_captions).null_count() == len(train_captions)
+    splits = {s: len(dataset_unpaired(ds, s)[1]) for s in ("train", "val", "test")}
+    assert sum(splits.values()) == IMAGELESS  # each caption without an image in one split, drawn from its id
+    assert store.find_entry("toy", "tiny-image", None, modality="image").spec.rows == 120  # extracted like every row
+    assert store.find_entry("toy", "tiny-text", None, modality="text").spec.rows == 100 + IMAGELESS
+    # without the flag the same table is refused, as before (an empty image path or caption is a bad record)
+    with pytest.raises(StratalignError, match="empty image path"):
         ingest_source("table", "toy2", table=str(_table(tmp_path)), image_col="image", caption_col="caption")
 
 
@@ -81,7 +90,7 @@ def test_run_draws_dataset_or_pool_rows_never_validation_or_the_subset(store: Fe
     opts = FAST + (("unpaired", 8),)
     run = resolve_run(store, _cfg(objective="clip+structure+unpaired", n_pairs=30, options=opts))
     images, captions = run_unpaired(run, run.inputs, "dataset")
-    assert set(images.tolist()) == set(dataset_unpaired(ds, "train")[0].tolist()) and len(captions) == 0
+    assert (images.tolist(), captions.tolist()) == tuple(r.tolist() for r in dataset_unpaired(ds, "train"))
     pool = resolve_run(store, _cfg(objective="clip+structure+unpaired", n_pairs=30,
                                    options=opts + (("unpaired_from", "pool"),)))
     images, captions = run_unpaired(pool, pool.inputs, "pool")
