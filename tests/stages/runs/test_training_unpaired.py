@@ -1,6 +1,7 @@
 """Unpaired rows from ingest to report (docs/method.md § 3.11): a table with empty caption cells keeps those images,
-and rows with an empty image cell their captions (in a split, extracted, never in a pair); a run of clip+structure+unpaired draws them (or, with unpaired_from=pool,
-the train pool's rows outside its subset, taken apart) into R_S; a sweep compares the cell with the paired-only one.
+and rows with an empty image cell their captions (in a split, extracted, never in a pair); a run of
+clip+structure+unpaired draws them (or, with unpaired_from=pool, the train pool's rows outside its subset, taken
+apart) into R_S; a sweep compares the cell with the paired-only one.
 
 The store holds a small labelled table encoded by the tiny deterministic encoders of fake_encoders.py.
 """
