@@ -23,6 +23,9 @@ SeedOption = typer.Option(0, help="Seed of the train/val/test split when the sou
 LimitOption = typer.Option(None, help="Keep only the first N images (quick looks).")
 SkipBadOption = typer.Option(False, "--skip-bad", help="Ingest the rest and record what was skipped.")
 ReplaceOption = typer.Option(False, "--replace", help="Replace a dataset of the same name.")
+KeepUnpairedOption = typer.Option(False, "--keep-unpaired", help="Keep images without a caption and captions "
+                                  "without an image as unpaired rows (R_S of clip+structure+unpaired reads them; never "
+                                  "a pair) instead of refusing or skipping them.")
 TemplateOption = typer.Option(None, "--template", help="A zero-shot template with one '{}' for the class name "
                               "(repeat for several; default 'a photo of a {}.', twemoji 'an emoji of {}.').")
 TemplatesFileOption = typer.Option(None, help="A file of zero-shot templates: one per line, or JSON (a list, or "
@@ -47,6 +50,10 @@ def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], s
         console.print(f"[yellow]skipped[/yellow] {item['kind']} {item['id']}: {item['reason']}")
     summary = ", ".join(f"{k}={v}" for k, v in ds.summary().items())
     console.print(f"{'ingested' if written else 'already ingested (identical)'}: {summary}")
+    if ds.meta.get("unpaired"):
+        console.print(f"kept {ds.meta['unpaired']['images']} image(s) without a caption and "
+                      f"{ds.meta['unpaired']['captions']} caption(s) without an image as unpaired rows (R_S only: "
+                      "objective clip+structure+unpaired)")
     if ds.class_names:
         console.print(f"zero-shot prompts: {len(ds.class_names)} classes x {len(ds.templates)} template(s) "
                       f"({'; '.join(ds.templates[:3])}{' ...' if len(ds.templates) > 3 else ''})", highlight=False)
@@ -123,6 +130,7 @@ def ingest_table(
                                             "70/10/20 split is drawn by --seed."),
     group_col: Optional[str] = typer.Option(None, help="Optional group column: images of one group (one patient, "
                                             "the variants of one item) always land in one split."),
+    keep_unpaired: bool = KeepUnpairedOption,
     name: Optional[str] = NameOption,
     seed: int = SeedOption,
     limit: Optional[int] = LimitOption,
@@ -137,7 +145,7 @@ def ingest_table(
         raise StratalignError("table needs --table FILE (.csv/.tsv/.parquet/.jsonl)")
     _ingest("table", name, seed, limit, skip_bad, replace, store, template, templates_file, table=table,
             image_col=image_col, caption_col=caption_col, label_col=label_col, id_col=id_col, split_col=split_col,
-            group_col=group_col, image_root=images)
+            group_col=group_col, image_root=images, keep_unpaired=keep_unpaired)
 
 
 @ingest_app.command("twemoji")
@@ -161,6 +169,7 @@ def ingest_webdataset(
                                        "(shards-{00000..00099}.tar) or a glob."),
     caption_ext: str = typer.Option("txt", help="Extension of the caption member (`.json`'s caption field "
                                     "is used when it is absent)."),
+    keep_unpaired: bool = KeepUnpairedOption,
     name: Optional[str] = NameOption,
     seed: int = SeedOption,
     limit: Optional[int] = LimitOption,
@@ -172,7 +181,7 @@ def ingest_webdataset(
 ) -> None:
     """webdataset tar shards as img2dataset writes them: <key>.jpg/.png + <key>.txt (+ <key>.json)."""
     _ingest("webdataset", name, seed, limit, skip_bad, replace, store, template, templates_file, shards=list(shards),
-            caption_ext=caption_ext, progress=True)
+            caption_ext=caption_ext, progress=True, keep_unpaired=keep_unpaired)
 
 
 @ingest_app.command("hf")

@@ -169,6 +169,8 @@ class Objective:
     one run's 2-D batch, so a new objective's regulariser written for one run needs nothing more).
     fit: a closed-form objective's fit on the training pairs (None for csa, whose fit and refinement the trainer
     does as it always has).
+    control: an objective the reports also compare this one with, cell by cell (clip+structure+unpaired against
+    clip+structure: the same cell without the unpaired rows).
     """
 
     name: str
@@ -189,6 +191,7 @@ class Objective:
     grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     batched: bool = False  # the regulariser takes the stacked batches of many runs ((S, b, d) sides), returns (S,)
     fit: ClosedForm | None = None
+    control: str | None = None  # the objective it is also compared with: the same cell without what it adds
 
     def knob_defaults(self, given: dict[str, Any]) -> dict[str, Any]:
         """This objective's knob defaults, given the knobs set explicitly (those win): the defaults, then
@@ -246,6 +249,8 @@ CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
 # pairs, 5 seeds, 2026-12-06), so the grid starts at 2 (the published 8 stays in it)
 ASIF_GRID = (("asif_power", (2.0, 4.0, 8.0)),)
 FUSEMIX_GRID = (("mixup_alpha", (0.3, 1.0, 3.0)),)  # FuseMix's published alpha 1 in the middle
+# docs/method.md § 3.11: unpaired rows of each modality added to an R_S batch (the CPU preset's paired batch)
+UNPAIRED_ROWS = 256
 
 # docs/method.md § 3.9: a choice on the edge of a knob's grid extends the grid one step past it: (factor, lowest, highest).
 # x3 for a weight, as the grids are spaced; CSA's k doubles (it is capped by the pairs and dims anyway).
@@ -261,6 +266,11 @@ REGISTRY: tuple[Objective, ...] = (
     Objective("clip+structure", "CLIP + lambda * R_S over the batch (docs/method.md § 3.2)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=structure_term,
               weight_knob="lam", knobs=STRUCTURE_KNOBS, warmup=True, grid=STRUCTURE_GRID, batched=True),
+    Objective("clip+structure+unpaired", "CLIP on the pairs + lambda * R_S over batches that add unpaired rows of "
+              "each modality (docs/method.md § 3.11)", TRAINED_HEADS, Training.GRADIENT, Evaluation.RETRIEVAL,
+              Selection.VALIDATION, regulariser=structure_term, weight_knob="lam",
+              knobs=STRUCTURE_KNOBS + ("unpaired", "unpaired_from"), warmup=True,
+              defaults=(("unpaired", UNPAIRED_ROWS),), grid=STRUCTURE_GRID, batched=True, control="clip+structure"),
     Objective("clip+structure-knn", "CLIP + lambda * R_S over kNN-extended supports (docs/method.md § 3.3)", TRAINED_HEADS,
               Training.GRADIENT, Evaluation.RETRIEVAL, Selection.VALIDATION, regulariser=_structure_knn,
               weight_knob="lam", knobs=STRUCTURE_KNOBS + ("knn_k",), warmup=True, knn_graphs=True,

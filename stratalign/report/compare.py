@@ -6,7 +6,9 @@ same seed, same test queries):
   head, e.g. CSA, is compared with the baseline's linear head);
 - vs_last: each method against the baseline on `baseline_rule` (default the last layers): what a user gains over
   the plain recipe, layer choice and objective together;
-- layers: each layer rule against `baseline_rule` with the same objective.
+- layers: each layer rule against `baseline_rule` with the same objective;
+- control: an objective against its registry `control` on the same layer rule (clip+structure+unpaired against
+  clip+structure: the same cell with and without its unpaired rows, docs/method.md § 3.11).
 Intervals and verdicts come from core.stats.two_level_bootstrap (seeds, then queries); nothing else decides
 "helps" or "hurts". `cell_intervals` gives the same two-level interval of each cell's own mean, for plots.
 """
@@ -20,11 +22,13 @@ import numpy as np
 import polars as pl
 
 from stratalign.core.metric_registry import VERDICT, query_units, shown_in
+from stratalign.core.objectives import REGISTRY
 from stratalign.core.stats import DEFAULT_RESAMPLES, two_level_bootstrap
 from stratalign.report.naming import method_label
 
 KEY_METRICS = shown_in(VERDICT)  # core.metric_registry
 QUERY_UNIT = query_units()
+CONTROLS = {o.name: o.control for o in REGISTRY if o.control}  # objective -> the objective it is also compared with
 Queries = Mapping[str, Mapping[str, np.ndarray]]  # run id -> per-query arrays
 SCHEMA = {"comparison": pl.String, "method": pl.String, "baseline": pl.String, "head": pl.String,
           "layer_rule": pl.String, "objective": pl.String, "baseline_rule": pl.String, "n_pairs": pl.Int64,
@@ -59,6 +63,10 @@ def _pairs(rows: list[dict[str, Any]], kind: str, baseline: str, baseline_rule: 
             if r["objective"] == baseline and r["layer_rule"] == baseline_rule:
                 continue
             base_obj, base_rule, label = baseline, baseline_rule, method_label(r["objective"], r["layer_rule"])
+        elif kind == "control":
+            if r["objective"] not in CONTROLS:
+                continue
+            base_obj, base_rule, label = CONTROLS[r["objective"]], r["layer_rule"], r["objective"]
         else:  # layers
             if r["layer_rule"] == baseline_rule:
                 continue
@@ -101,7 +109,7 @@ def paired_comparisons(runs: pl.DataFrame, queries: Queries, *, baseline: str = 
     layer_rule, n_pairs, seed; `queries` maps a run id to its per-query arrays (runs without them are left out)."""
     rows = _rows(runs)
     table = []
-    for kind in ("objective", "vs_last", "layers"):
+    for kind in ("objective", "vs_last", "layers", "control"):
         table += _compare(kind, rows, queries, baseline, baseline_rule, metrics, resamples, seed)
     if not table:
         return pl.DataFrame(schema=SCHEMA)

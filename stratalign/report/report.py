@@ -70,14 +70,15 @@ def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") ->
     for method in rows["method"].unique(maintain_order=True).to_list():
         cells, counts = [], {HELPS: 0, HURTS: 0, NO_CLEAR: 0}
         for r in rows.filter(pl.col("method") == method).iter_rows(named=True):
-            where = (f"{rule_name(r['layer_rule'])} layers, " if kind == "objective" else
+            where = (f"{rule_name(r['layer_rule'])} layers, " if kind in ("objective", "control") else
                      "" if kind == "vs_last" else f"{r['objective']}, ") + f"n={n_name(r['n_pairs'])}"
             cells.append(f"{where}: {_iv(r)} {r['verdict']}")
             counts[r["verdict"]] += 1
         r0 = rows.filter(pl.col("method") == method).row(0, named=True)
         what = {"objective": f"**{method}** vs {r0['baseline']} on the same layers",
                 "vs_last": f"**{method}** vs {r0['baseline']} on the {rule_name(r0['baseline_rule'])} layers",
-                "layers": f"**{rule_name(method)} layers** vs the {rule_name(r0['baseline'])} layers"}[kind]
+                "layers": f"**{rule_name(method)} layers** vs the {rule_name(r0['baseline'])} layers",
+                "control": f"**{method}** vs {r0['baseline']}, the same cell without what it adds"}[kind]
         lines.append(f"{what}, {NAMES.get(metric, metric)}: helps in {counts[HELPS]} cells, hurts in {counts[HURTS]}, "
                      f"no clear difference in {counts[NO_CLEAR]}. Cells: {'; '.join(cells)}.")
     return lines
@@ -228,7 +229,7 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
                "and test queries, with a 95 % two-level bootstrap interval (seeds resampled, then queries: one query "
                "resample shared by both runs and every seed). \"helps\" / \"hurts\" only where the interval excludes "
                "0, otherwise \"no clear difference\".", ""]
-        for kind in ("vs_last", "objective", "layers"):
+        for kind in ("vs_last", "objective", "layers", "control"):
             md += [f"- {line}" for m in KEY_METRICS for line in findings(comparisons, m, kind)]
         md += ["", "Smallest resolvable difference:", ""] + [f"- {x}" for x in resolution_lines(comparisons)] + [""]
     if "bakeoff_md" in files:

@@ -173,7 +173,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     timings["layers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sweep = run_sweep(store, demo_sweep(cfg), None, progress=cfg.progress)
+    sweep_cfg = demo_sweep(cfg)
+    sweep = run_sweep(store, sweep_cfg, None, progress=cfg.progress)
     log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
     timings["sweep"] = time.perf_counter() - t0
     check_lines = []
@@ -181,7 +182,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
         t0 = time.perf_counter()
         from stratalign.stages.layer_check import check_candidates
 
-        check_lines = check_candidates(store, results[0], base, count=cfg.layer_check,
+        check_lines = check_candidates(store, results[0], sweep_cfg.base, count=cfg.layer_check,
                                        seeds=cfg.seeds[:1], span=cfg.layer_check_span).lines()
         log(check_lines[0])
         timings["layer check"] = time.perf_counter() - t0

@@ -122,6 +122,38 @@ def draw_subset(pool: PairRows, n_pairs: int | None, seed: int) -> PairRows:
     return PairRows(pool.image_rows[pick], pool.caption_rows[pick])
 
 
+def dataset_unpaired(ds: PairDataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image rows without a caption, caption rows without an image) of a split: rows a dataset keeps for R_S alone
+    (docs/method.md § 3.11), never part of a pair."""
+    caps = ds.captions
+    images = np.setdiff1d(ds.image_rows(split), caps["image_row"].drop_nulls().to_numpy())
+    if "split" not in caps.columns:  # only a dataset with captions without an image has the column
+        return images.astype(np.int64), np.zeros(0, dtype=np.int64)
+    free = (caps["image_row"].is_null() & (caps["split"] == split)).fill_null(False).to_numpy()
+    return images.astype(np.int64), np.flatnonzero(free).astype(np.int64)
+
+
+def unpaired_rows(ds: PairDataset, pool: PairRows, subset: PairRows, source: str,
+                  image_entry: "FeatureEntry", text_entry: "FeatureEntry") -> tuple[np.ndarray, np.ndarray]:
+    """(image rows, caption rows) a run may add to its R_S batches (docs/method.md § 3.11), sorted: the train split's
+    images without captions and captions without images (source "dataset"), and with source "pool" also the train
+    pool's images and captions that the subset does not use, taken apart (what a dataset with only the subset's
+    pairs and the rest unpaired would hold). Validation and test rows never; placeholder rows of --skip-bad neither.
+    One modality may have none (R_S of that modality then reads the pairs alone); both none is an error."""
+    images, captions = dataset_unpaired(ds, "train")
+    if source == "pool":
+        images = np.union1d(images, np.setdiff1d(pool.image_rows, subset.image_rows))
+        captions = np.union1d(captions, np.setdiff1d(pool.caption_rows, subset.caption_rows))
+    images = np.setdiff1d(images, image_entry.bad_rows()).astype(np.int64)
+    captions = np.setdiff1d(captions, text_entry.bad_rows()).astype(np.int64)
+    if len(images) == 0 and len(captions) == 0:
+        fix = ("ingest it with its unpaired rows (--keep-unpaired), or use unpaired_from=pool, or" if source == "dataset"
+               else "draw fewer pairs (--n-pairs), or")
+        raise StratalignError(f"dataset {ds.name!r} has no unpaired train images or captions for unpaired_from={source}: "
+                              f"{fix} set unpaired=0")
+    return images, captions
+
+
 def subset_from_ids(ds: PairDataset, pool: PairRows, ids: list[str], kind: str = "caption") -> PairRows:
     """The pool pairs whose caption id (kind="caption") or image id (kind="image") is listed.
 

@@ -16,21 +16,19 @@ datasets without groups keep their bytes); regrouping changes the split, hence `
 from __future__ import annotations
 
 import hashlib
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import fsspec
 import numpy as np
 import polars as pl
-from PIL import Image
 
 from stratalign.errors import StratalignError, preview
 from stratalign.progress import progress_bar
 from stratalign.store.identical import join_identical
 from stratalign.store.keys import content_fingerprint_batches, dataset_fingerprint
+from stratalign.store.media import check_image
 from stratalign.store.raw_records import Spill, SpilledFrame, caption_columns, image_columns
 from stratalign.store.zero_shot import check_class_names, check_templates
 
@@ -53,7 +51,7 @@ class RawImage:
 @dataclass
 class RawCaption:
     caption_id: str
-    image_id: str
+    image_id: str | None  # None: a caption without an image (kept with keep_unpaired)
     text: str
 
 
@@ -136,8 +134,10 @@ class PairDataset:
 
     def pairs(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(image_row, caption_row) of every pair, optionally of one split: one pair per caption."""
-        img_rows = self.captions["image_row"].to_numpy().astype(np.int64)
-        cap_rows = np.arange(self.captions.height, dtype=np.int64)
+        rows = self.captions["image_row"]
+        img_rows, cap_rows = rows.fill_null(-1).to_numpy().astype(np.int64), np.arange(rows.len(), dtype=np.int64)
+        if rows.null_count():  # a caption without an image is in no pair (docs/method.md § 3.11)
+            img_rows, cap_rows = img_rows[img_rows >= 0], cap_rows[img_rows >= 0]
         if split is not None:
             keep = self.images["split"].to_numpy()[img_rows] == split
             img_rows, cap_rows = img_rows[keep], cap_rows[keep]
@@ -157,25 +157,6 @@ class PairDataset:
             "skipped": len(self.meta.get("skipped", [])),
             "fingerprint": self.fingerprint[:16],
         }
-
-
-def _check_image(path: str) -> tuple[str | None, str | None]:
-    """(content hash, None) for a readable image, (None, reason) otherwise."""
-    try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None, "missing file"
-    except (OSError, ValueError) as exc:
-        return None, f"unreadable ({type(exc).__name__})"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-        with Image.open(io.BytesIO(data)) as im:  # verify() leaves the image unusable; decode for real
-            im.load()
-    except Exception as exc:  # PIL raises many types for corrupt data
-        return None, f"corrupt image ({type(exc).__name__}: {str(exc)[:60]})"
-    return hashlib.blake2b(data, digest_size=16).hexdigest(), None
 
 
 def no_train_fix(name: str) -> str:
@@ -221,14 +202,15 @@ def _valid_images(images: pl.DataFrame, reject: _Rejects) -> pl.DataFrame:
     return images.filter(~pl.col("image_id").is_in(bad_split))
 
 
-def _valid_captions(captions: pl.LazyFrame, images: pl.DataFrame, reject: _Rejects) -> pl.LazyFrame:
-    """Drop captions of unknown images and empty ones; duplicate caption ids are an error. Streaming passes over
-    `captions`: what is held is the bad records and, for a moment, 16 bytes a caption for the duplicate check."""
-    known = pl.col("image_id").is_in(images["image_id"].implode())
+def _valid_captions(captions: pl.LazyFrame, images: pl.DataFrame, reject: _Rejects, empty_ok: bool) -> pl.LazyFrame:
+    """Drop captions of unknown images and empty ones (with `empty_ok` no caption, else bad); duplicate caption ids are
+    an error. Streaming passes: what is held is the bad records and, for a moment, 16 bytes a caption (duplicates)."""
+    free = pl.col("image_id").is_null() if empty_ok else pl.lit(False)  # a caption without an image (§ 3.11)
+    known = pl.col("image_id").is_in(images["image_id"].implode()) | free
     bad = (captions.filter(~known | (pl.col("text") == ""))  # text is normalised
            .select("caption_id", unknown=~known).collect(engine="streaming"))
     reject("caption", bad.filter(pl.col("unknown"))["caption_id"].to_list(), "an unknown image id")
-    reject("caption", bad.filter(~pl.col("unknown"))["caption_id"].to_list(), "empty text")
+    reject("caption", [] if empty_ok else bad.filter(~pl.col("unknown"))["caption_id"].to_list(), "empty text")
     valid = captions.filter(known & (pl.col("text") != ""))
     dup_c = _duplicate_ids(valid, "caption_id")
     if dup_c:
@@ -254,7 +236,7 @@ def _readable_images(images: pl.DataFrame, reject: _Rejects, workers: int, progr
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             progress_bar(total=len(paths), unit="image", desc="checking images", disable=None if progress else True) as bar:
         for i in range(0, len(paths), CHECK_BATCH):  # pool.map submits all at once: a future per image
-            checks += pool.map(_check_image, paths[i:i + CHECK_BATCH])
+            checks += pool.map(check_image, paths[i:i + CHECK_BATCH])
             bar.update(len(checks) - bar.n)
     by_reason: dict[str, list[str]] = {}
     for iid, path, (_, reason) in zip(images["image_id"].to_list(), paths, checks):
@@ -277,12 +259,13 @@ def _check_group_splits(name: str, images: pl.DataFrame) -> None:
 
 
 def _tables(good: pl.DataFrame, captions: pl.LazyFrame, seed: int, fractions: tuple[float, float, float],
-            spill: Spill | None) -> tuple[pl.DataFrame, pl.DataFrame | Path, dict[str, int]]:
+            spill: Spill | None, free: int = 0) -> tuple[pl.DataFrame, pl.DataFrame | Path, dict[str, int]]:
     """The images table, the captions table (captions point at their image's row): in memory, or written to a
     Parquet file in `spill` (streamed: never held), and the report of byte-identical images (store.identical).
     A drawn split is drawn per group (an image without a group is its own group; byte-identical images join one
     group), and the `group` column is there only when groups are. Frames in memory are rechunked: the Parquet bytes
-    follow the frame's chunks."""
+    follow the frame's chunks. With `free` captions without an image, the captions table has a `split` column: theirs,
+    drawn from their id as an image's is (null for the others: their image's split is theirs)."""
     joined = join_identical(good)
     split = [s or split_of(k, seed, fractions) for s, k in zip(joined.splits, joined.split_keys)]
     columns = [pl.col("image_id"), pl.col("path"), pl.col("relpath"), pl.col("sha"),
@@ -293,6 +276,9 @@ def _tables(good: pl.DataFrame, captions: pl.LazyFrame, seed: int, fractions: tu
     rows = images_df.lazy().select("image_id", image_row=pl.int_range(pl.len(), dtype=pl.Int64))
     table = (captions.join(rows, on="image_id", how="left", maintain_order="left")  # (a join holds less than
              .select("caption_id", "image_id", "image_row", "text"))                  # replace_strict: 30 vs 60 MB)
+    if free:
+        table = table.with_columns(split=pl.when(pl.col("image_row").is_null()).then(pl.col("caption_id").map_elements(
+            lambda c: split_of(c, seed, fractions), return_dtype=pl.String)))
     if spill is None:
         return images_df, table.collect().rechunk(), joined.report
     path = spill.new_file("captions")
@@ -331,13 +317,16 @@ def build_dataset(
     class_names: Mapping[str, str] | None = None,
     workers: int = 8,
     progress: bool = False,
+    keep_unpaired: bool = False,
 ) -> PairDataset:
     """Validate raw records (lists of RawImage / RawCaption, or the frames of store.raw_records) into a PairDataset.
 
     Bad records (duplicate image ids, captions of unknown images, empty captions, missing or corrupt
     image files, images left without captions) raise one StratalignError naming the first few and the
     count, or, with skip_bad, are dropped and recorded in meta["skipped"] with the reason. `progress`: a bar
-    over the image checks (every image file is read, decoded and hashed) on a terminal.
+    over the image checks (every image file is read, decoded and hashed) on a terminal. `keep_unpaired`: images
+    without a caption (empty captions name none) and captions without an image (image_id None) are rows for R_S alone
+    (docs/method.md § 3.11): kept in a split and extracted like every row, never in a pair; meta["unpaired"] counts.
 
     Captions given as a SpilledFrame (a large source's, from store.raw_records) are validated in streaming
     passes and the captions table is written beside them: memory then follows the images, not the captions.
@@ -357,17 +346,18 @@ def build_dataset(
     reject = _Rejects(name, skip_bad)
     _check_group_splits(name, images)
     images = _valid_images(images, reject)
-    captions = _valid_captions(captions, images, reject)
+    captions = _valid_captions(captions, images, reject, keep_unpaired)
     good = _readable_images(images, reject, workers, progress)
     with_captions = captions.select("image_id").unique().collect(engine="streaming")["image_id"]
     captioned = pl.col("image_id").is_in(with_captions.implode())
-    reject("image", good.filter(~captioned)["image_id"].to_list(), "no caption")
-    good = good.filter(captioned)
+    reject("image", [] if keep_unpaired else good.filter(~captioned)["image_id"].to_list(), "no caption")
+    unpaired, good = (good.filter(~captioned).height, good) if keep_unpaired else (0, good.filter(captioned))
     if good.height < images.height:  # captions of unreadable images go too
-        captions = captions.filter(pl.col("image_id").is_in(good["image_id"].implode()))
+        captions = captions.filter(pl.col("image_id").is_in(good["image_id"].implode()) | pl.col("image_id").is_null())
+    free = captions.filter(pl.col("image_id").is_null()).select(pl.len()).collect().item() if keep_unpaired else 0
     if good.height == 0:
         raise StratalignError(f"dataset {name!r} has no usable image-caption pairs left")
-    images_df, captions_table, identical = _tables(good, captions, seed, fractions, spill)
+    images_df, captions_table, identical = _tables(good, captions, seed, fractions, spill, free)
     del good, captions, images, with_captions  # one copy of the tables is held from here on (or none, spilled)
     if isinstance(captions_table, pl.DataFrame):
         ds = PairDataset(name, images_df, captions_table)
@@ -379,12 +369,12 @@ def build_dataset(
         (b.rows() for b in ds.caption_batches(["caption_id", "image_id", "text"])),
     )
     ds.meta = {
-        "name": name,
-        "source": source,
-        "seed": seed,
+        "name": name, "source": source, "seed": seed,
         "fractions": list(fractions),
         "content_fingerprint": content_fp,
-        "fingerprint": dataset_fingerprint(content_fp, images_df["split"].to_list(), images_df["label"].to_list(),
+        "fingerprint": dataset_fingerprint(content_fp, images_df["split"].to_list() + [  # + free captions' splits
+            x for b in (ds.caption_batches(["split"]) if free else []) for x in b["split"].drop_nulls()],
+                                           images_df["label"].to_list(),
                                            None if own in (None, tuple(default_templates)) else list(own)),
         "classes": sorted(set(labels)),
         "templates": list(own or default_templates),
@@ -394,4 +384,5 @@ def build_dataset(
         ds.meta["class_names"] = dict(class_names)
     if identical:  # only then: datasets without byte-identical images keep their dataset.json bytes
         ds.meta["identical_images"] = identical
+    ds.meta.update({"unpaired": {"images": unpaired, "captions": free}} if unpaired or free else {})  # likewise
     return ds

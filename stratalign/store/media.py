@@ -65,3 +65,22 @@ def load_image_or_blank(path: str, expected_sha: str | None, *, row: int, image_
         if not skip_bad:
             raise
         return Image.new("RGB", (32, 32), (255, 255, 255)), True
+
+
+def check_image(path: str) -> tuple[str | None, str | None]:
+    """(content hash, None) for a readable image file, (None, reason) otherwise: what ingest checks of each image."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, "missing file"
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable ({type(exc).__name__})"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:  # verify() leaves the image unusable; decode for real
+            im.load()
+    except Exception as exc:  # PIL raises many types for corrupt data
+        return None, f"corrupt image ({type(exc).__name__}: {str(exc)[:60]})"
+    return hashlib.blake2b(data, digest_size=16).hexdigest(), None

@@ -13,7 +13,7 @@ from torch import nn
 
 from stratalign.core import losses
 from stratalign.core.heads import CSA_SIMILARITIES
-from stratalign.core.objectives import HEADS, Selection, Training, objective_named, settings_objective
+from stratalign.core.objectives import HEADS, OBJECTIVES, Selection, Training, objective_named, settings_objective
 from stratalign.device import PRECISIONS, resolve_precision
 from stratalign.errors import StratalignError
 from stratalign.train.validation import check_select
@@ -43,6 +43,7 @@ def knob(default: Any = None, *, unread: Any = MISSING, absent: Any = MISSING) -
 # "after_warmup": the rule of older runs, no candidate before the warm-up ends (and an extra evaluation at its end).
 # Only runs with a warm-up differ between the two, so only they record it; a record without it is an older run.
 CANDIDATES = ("all", "after_warmup")
+UNPAIRED_SOURCES = ("dataset", "pool")  # where a run's unpaired rows come from (docs/method.md § 3.11)
 LEGACY_CANDIDATES = "after_warmup"
 
 
@@ -66,6 +67,11 @@ class TrainConfig:
     and restore it (the step one choice per cell took for all its seeds; None: the run's own best step).
     asif_k, asif_power, asif_center: ASIF's top-k, power, and cosines after centring (docs/method.md § 3.10).
     mixup_alpha: FuseMix latent mixup on the batches of any aligned-heads objective (0: off; clip+fusemix: 1).
+    unpaired: unpaired rows of each modality added to each R_S batch (docs/method.md § 3.11; 0: none;
+    clip+structure+unpaired: 256); unpaired_from: where they come from, `dataset` (its train split's images
+    without captions and captions without images) or `pool` (those, plus the train pool's pairs outside the
+    subset taken apart: the measurement of § 3.11). Read by the stage that gathers a run's rows; with 0 unpaired
+    rows the source means nothing and is recorded as `dataset`.
     precision: fp32 | bf16 | auto (docs/method.md § 3.7): bf16 runs the heads' matmuls under bf16 autocast (losses stay
     float32); auto is resolved when the config is made (bf16 where the device has it), so the recorded value, and
     the run id, say what ran. Part of the run id only when not fp32. `amp` is the older CUDA-only switch: on a
@@ -116,6 +122,9 @@ class TrainConfig:
     asif_power: float | None = knob(unread=0.0, absent=0.0)
     asif_center: bool | None = knob(unread=False, absent=False)
     mixup_alpha: float | None = knob(unread=0.0, absent=0.0)
+    # 2026-12-06: 0 unpaired rows, and no source for them, is what every older run meant
+    unpaired: int | None = knob(unread=0, absent=0)
+    unpaired_from: str | None = knob(unread="dataset", absent="dataset")
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -136,7 +145,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise StratalignError(f"TrainConfig.{name} must be a positive integer, not {v!r}")
-        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k", "asif_k"):
+        for name in ("warmup_steps", "knn_k", "csa_refine_steps", "csa_k", "asif_k", "unpaired"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise StratalignError(f"TrainConfig.{name} must be an integer >= 0, not {v!r}")
@@ -164,6 +173,7 @@ class TrainConfig:
             raise StratalignError(f"objective {settings.name} does not select on a validation metric (CoMM: its own "
                                   f"loss, CSA: nothing to select); drop select={self.select}")
         self._check_baselines(settings)
+        self._check_unpaired(settings)
         if not isinstance(self.comm_final_norm, bool):
             raise StratalignError(f"TrainConfig.comm_final_norm must be true or false, not {self.comm_final_norm!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -197,6 +207,19 @@ class TrainConfig:
         if self.mixup_alpha > 0 and (settings.training is not Training.GRADIENT or settings.knn_graphs):
             raise StratalignError(f"mixup_alpha (FuseMix) mixes the batches of aligned heads; objective {settings.name} "
                                   "has none to mix: drop mixup_alpha")
+
+    def _check_unpaired(self, settings: Any) -> None:
+        """Unpaired rows feed R_S only (docs/method.md § 3.11): an objective must read the knob; without unpaired
+        rows their source is recorded as the default (one setting, one run id)."""
+        if self.unpaired_from not in UNPAIRED_SOURCES:
+            raise StratalignError(f"TrainConfig.unpaired_from must be one of {UNPAIRED_SOURCES}, not "
+                                  f"{self.unpaired_from!r}")
+        if self.unpaired and "unpaired" not in settings.knobs:
+            users = [o for o in OBJECTIVES if "unpaired" in objective_named(o).knobs]
+            raise StratalignError(f"unpaired={self.unpaired}: objective {settings.name} has no regulariser for unpaired "
+                                  f"rows; use {' / '.join(users)}, or drop unpaired")
+        if not self.unpaired:
+            self.unpaired_from = UNREAD_VALUES["unpaired_from"]
 
     def _resolve_objective_defaults(self) -> None:
         """Fill the knobs left None: the objective's default, else the value older runs recorded."""

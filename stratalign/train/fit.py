@@ -29,6 +29,7 @@ from stratalign.train.fusion_loop import run_fixed_steps, run_loop
 from stratalign.train.heads_loop import GroupProgress, HeadsJob, train_heads_many
 from stratalign.train.inference import embed
 from stratalign.train.rules import Progress, SelectionRule, autocast
+from stratalign.train.unpaired import check_unpaired, unpaired_tables
 from stratalign.train.validation import SELECT_METRICS, ValidationTargets, Validator
 
 COMM_SELECTION = SelectionRule("comm_loss", "comm_loss", False)  # a fused model is selected on its own loss
@@ -66,13 +67,17 @@ class RunSpec:
     graphs: Graphs | None = None
     targets: ValidationTargets | None = None
     progress: Progress | None = None
+    unpaired: tuple[np.ndarray, np.ndarray] | None = None  # its unpaired rows of train_many's `unpaired` arrays
 
 
 def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
-               on_step: GroupProgress | None = None) -> list[TrainResult]:
+               on_step: GroupProgress | None = None,
+               unpaired: tuple[np.ndarray, np.ndarray] | None = None) -> list[TrainResult]:
     """Train many runs of aligned heads on paired rows x_img[i] <-> x_txt[i] in batched groups (train.heads_loop):
     the rows they use go to the device once, runs that can share a step train in one loop. Every spec is checked
-    before anything trains. The results in spec order; each equals the run trained alone (`train_heads`)."""
+    before anything trains. The results in spec order; each equals the run trained alone (`train_heads`).
+    unpaired: (image features, caption features) without partners; a run with cfg.unpaired > 0 names its rows of
+    each in `spec.unpaired` and adds cfg.unpaired of them to every R_S batch (docs/method.md § 3.11)."""
     if not specs:
         return []
     checked = []
@@ -81,6 +86,7 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
         if obj.training is not Training.GRADIENT:
             raise StratalignError(f"objective {obj.name} is not trained as aligned heads: use fit_objective")
         tr, va = check_inputs(x_img, x_txt, spec.train_idx, spec.val_idx, fixed_stop=spec.cfg.stop_step is not None)
+        check_unpaired(spec.cfg.unpaired, spec.unpaired, unpaired)
         targets = spec.targets if spec.targets is not None else ValidationTargets.pairs_only(len(va))
         checked.append((spec, obj, tr, va, targets, selection_of(spec.cfg, targets)))
     devs = {str(resolve_device(s.cfg.device)) for s in specs}
@@ -91,6 +97,7 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
         spec.cfg.autocast_bf16(dev)
     used = np.unique(np.concatenate([np.concatenate([tr, va]) for _, _, tr, va, _, _ in checked]))
     xi, xt = to_device(x_img, used, dev, "x_img"), to_device(x_txt, used, dev, "x_txt")
+    tables = unpaired_tables(unpaired, specs, dev)
     jobs = []
     for spec, obj, tr, va, targets, selection in checked:
         tr_pos, va_pos = np.searchsorted(used, tr), np.searchsorted(used, va)
@@ -98,13 +105,15 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
         if obj.knn_graphs:
             rows = torch.from_numpy(tr_pos).to(dev)
             graphs = training_graphs(spec.graphs, xi[rows], xt[rows], spec.cfg.knn_k, dev)
-        jobs.append(HeadsJob(spec.cfg, tr_pos, va_pos, targets, selection, graphs, spec.progress))
-    return train_heads_many(xi, xt, jobs, dev, on_step=on_step)
+        pools = None if not spec.cfg.unpaired or spec.unpaired is None else \
+            tuple(torch.from_numpy(np.asarray(p, dtype=np.int64)).to(dev) for p in spec.unpaired)
+        jobs.append(HeadsJob(spec.cfg, tr_pos, va_pos, targets, selection, graphs, spec.progress, pools))
+    return train_heads_many(xi, xt, jobs, dev, on_step=on_step, unpaired=tables)
 
 
 def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                 cfg: TrainConfig, *, graphs: Graphs | None = None, targets: ValidationTargets | None = None,
-                progress: Progress | None = None) -> TrainResult:
+                progress: Progress | None = None, unpaired: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
     """Train image and text heads on paired rows x_img[i] <-> x_txt[i] (docs/method.md § 3.1-3.4, 3.6): the one-run case
     of `train_many`; a CoMM objective goes to `train_comm`.
 
@@ -112,11 +121,15 @@ def train_heads(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val
     and cfg.knn_k (e.g. read from a cache); built here when None.
     targets: the validation pairs' images (for the rsum gallery), labels and class prompts (for zero-shot);
     None: each validation pair is its own image and there is no zero-shot yardstick.
-    progress: called at every evaluation step with (step, max_steps, selection value)."""
+    progress: called at every evaluation step with (step, max_steps, selection value).
+    unpaired: (image features, caption features) without partners, every row a candidate for the R_S batches of a
+    run with cfg.unpaired > 0 (docs/method.md § 3.11)."""
     obj = _check_objective(cfg, graphs)
     if obj.training is Training.COMM:
         return train_comm(x_img, x_txt, train_idx, val_idx, cfg, progress=progress)
-    return train_many(x_img, x_txt, [RunSpec(cfg, train_idx, val_idx, graphs, targets, progress)])[0]
+    pools = None if unpaired is None else (np.arange(len(unpaired[0])), np.arange(len(unpaired[1])))
+    return train_many(x_img, x_txt, [RunSpec(cfg, train_idx, val_idx, graphs, targets, progress, pools)],
+                      unpaired=unpaired)[0]
 
 
 def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,

@@ -50,6 +50,7 @@ from stratalign.train.rules import (
     validation_history,
 )
 from stratalign.train.stacked import StackedSide, canonical_grad, slice_side
+from stratalign.train.unpaired import UnpairedDraws, UnpairedTables, extend_sides, unpaired_counts
 from stratalign.train.validation import ValidationTargets, Validator
 
 # TrainConfig fields one step of a group shares; every other field may differ from run to run
@@ -70,6 +71,7 @@ class HeadsJob:
     selection: SelectionRule
     graphs: tuple[torch.Tensor, torch.Tensor] | None = None  # kNN graphs over the training rows (device)
     progress: Progress | None = None
+    unpaired: tuple[torch.Tensor, torch.Tensor] | None = None  # its unpaired pools: positions in UnpairedTables
 
 
 def group_key(job: HeadsJob, dims: tuple[int, int]) -> tuple:
@@ -80,7 +82,7 @@ def group_key(job: HeadsJob, dims: tuple[int, int]) -> tuple:
     # runs without a regulariser stack apart: beside regularised runs their gradients moved by ~1e-8 (measured,
     # cause not found), which a validation near-tie can turn into another restored step
     return (shared, min(cfg.batch_size, len(job.train_idx)), dims, obj.samples_embeddings(cfg),
-            obj.regulariser is None)
+            obj.regulariser is None, unpaired_counts(cfg.unpaired, job.unpaired))
 
 
 def _loss_key(cfg: TrainConfig, obj: Objective) -> str:
@@ -102,6 +104,7 @@ class _Run:
         self.train_pos = torch.from_numpy(job.train_idx).to(dev)
         self.perm = torch.Generator().manual_seed(job.cfg.seed)
         self.mixup = LatentMixup(job.cfg.mixup_alpha, job.cfg.seed) if job.cfg.mixup_alpha else None  # FuseMix
+        self.unpaired = UnpairedDraws(*job.unpaired, job.cfg.unpaired, job.cfg.seed, dev) if job.unpaired else None
         self.epoch: list[torch.Tensor] = []
         self.floor = job.cfg.selection_floor()  # 0: every evaluation step is a candidate, as for every run
         self.sel = CheckpointSelector(self.floor, job.cfg.patience, job.selection, job.cfg.stop_step)
@@ -171,8 +174,10 @@ class GroupLoop:
     """The optimisation loop of one group of runs over shared feature tables."""
 
     def __init__(self, xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], models: list[AlignedHeads],
-                 rngs: list[torch.Generator], dev: torch.device, on_step: GroupProgress | None = None) -> None:
+                 rngs: list[torch.Generator], dev: torch.device, on_step: GroupProgress | None = None,
+                 unpaired: UnpairedTables | None = None) -> None:
         self.xi, self.xt, self.dev, self.on_step = xi, xt, dev, on_step
+        self.unpaired = unpaired if any(unpaired_counts(jobs[0].cfg.unpaired, jobs[0].unpaired)) else None  # group_key
         self.cfg = jobs[0].cfg
         self.runs = [_Run(j, m, g, dev) for j, m, g in zip(jobs, models, rngs)]
         self.active = list(self.runs)  # stack order
@@ -271,6 +276,9 @@ class GroupLoop:
         with autocast(self.dev, self.bf16):
             image, text = self._sides(pos)
             clip = losses_mod.clip_loss(image.z, text.z, self.cfg.tau)
+            if self.unpaired is not None and any(step_weights):  # § 3.11: unpaired rows after the pairs, R_S only
+                image, text = extend_sides(image, text, (self.image, self.text), self.unpaired,
+                                           [r.unpaired for r in self.active])
             reg = self._regularisers(batch_pos, image, text, step_weights)
             loss = clip + weights * reg
         self.opt.zero_grad()
@@ -369,7 +377,8 @@ class GroupLoop:
 
 
 def train_heads_many(xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], dev: torch.device, *,
-                     on_step: GroupProgress | None = None, max_group: int = 64) -> list[TrainResult]:
+                     on_step: GroupProgress | None = None, max_group: int = 64,
+                     unpaired: UnpairedTables | None = None) -> list[TrainResult]:
     """Train every job on the device tables xi / xt (rows = pairs), grouped as `group_key` says, at most
     `max_group` runs a group; the results in job order. on_step(steps done, steps planned, runs finished, runs)
     is called after every step with the totals over all groups."""
@@ -392,7 +401,7 @@ def train_heads_many(xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], d
     for k, members in enumerate(chunks):
         built = [init_run_heads(jobs[i].cfg, dims[0], dims[1], dev) for i in members]
         loop = GroupLoop(xi, xt, [jobs[i] for i in members], [m for m, _ in built], [g for _, g in built], dev,
-                         on_step=lambda d, p, f, r, k=k: tick(d, p, f, r, k))
+                         on_step=lambda d, p, f, r, k=k: tick(d, p, f, r, k), unpaired=unpaired)
         for i, res in zip(members, loop.run()):
             results[i] = res
             done_before += res.steps_taken

@@ -29,6 +29,14 @@ def _planted(n: int = 160, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, to
     return xi, xt
 
 
+def _unpaired(objective: str) -> dict:
+    """Rows without partners for an objective that adds them to R_S (docs/method.md § 3.11), else nothing."""
+    if objective != "clip+structure+unpaired":
+        return {}
+    g = torch.Generator().manual_seed(5)
+    return {"unpaired": (torch.randn(50, 12, generator=g).numpy(), torch.randn(40, 12, generator=g).numpy())}
+
+
 def _same(a, b) -> None:
     assert a.best_step == b.best_step
     assert [r["step"] for r in a.val_curve] == [r["step"] for r in b.val_curve]
@@ -51,10 +59,11 @@ def test_weight_zero_trains_exactly_as_clip(objective: str) -> None:
     tr, va = np.arange(120), np.arange(120, 160)
     clip = train_heads(xi, xt, tr, va, TrainConfig(objective="clip", **SCHEDULE))
     zero = train_heads(xi, xt, tr, va, TrainConfig(objective=objective, **{obj.weight_knob: 0.0}, knn_k=4,
-                                                   **SCHEDULE))
+                                                   **SCHEDULE), **_unpaired(objective))
     _same(zero, clip)
     # and the invariant is not vacuous: a non-zero weight moves the run
-    some = train_heads(xi, xt, tr, va, TrainConfig(objective=objective, **{obj.weight_knob: 3.0}, knn_k=4, **SCHEDULE))
+    some = train_heads(xi, xt, tr, va, TrainConfig(objective=objective, **{obj.weight_knob: 3.0}, knn_k=4, **SCHEDULE),
+                       **_unpaired(objective))
     assert not torch.equal(some.model.state_dict()["image.net.weight"] if "image.net.weight" in
                            some.model.state_dict() else next(iter(some.model.state_dict().values())),
                            clip.model.state_dict()["image.net.weight"] if "image.net.weight" in
@@ -67,6 +76,8 @@ def test_weight_zero_equals_clip_when_both_train_in_one_batched_group() -> None:
     tr, va = np.arange(120), np.arange(120, 160)
     cfgs = [TrainConfig(objective="clip", **SCHEDULE)] + [
         TrainConfig(objective=o.name, **{o.weight_knob: 0.0}, knn_k=4, **SCHEDULE) for o in REGULARISED]
-    results = train_many(xi.numpy(), xt.numpy(), [RunSpec(c, tr, va) for c in cfgs])
+    tables = _unpaired("clip+structure+unpaired")["unpaired"]
+    pools = (np.arange(50), np.arange(40))
+    results = train_many(xi.numpy(), xt.numpy(), [RunSpec(c, tr, va, unpaired=pools) for c in cfgs], unpaired=tables)
     for res in results[1:]:
         _same(res, results[0])

@@ -78,11 +78,13 @@ def _tar_members(url: str, left_out: dict[str, list[str]]) -> Iterator[tuple[str
 
 
 def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress: bool = False,
-                    **kw: Any) -> tuple[pl.DataFrame, SpilledFrame, dict]:
+                    keep_unpaired: bool = False, **kw: Any) -> tuple[pl.DataFrame, SpilledFrame, dict]:
     """webdataset tar shards: per key an image (`.jpg`, `.png`, `.webp`, ...) and its caption (`.txt`, or the
     `caption` field of `.json`). Keys without an image or a caption, links and paths outside the shard are left out
     and counted by reason (source["left_out"]); an image id is the key. The
-    captions are spilled to a temporary folder as they come (bounded memory: see store.raw_records)."""
+    captions are spilled to a temporary folder as they come (bounded memory: see store.raw_records). keep_unpaired:
+    an image without a caption, or a caption without an image, is taken unpaired (docs/method.md § 3.11), not left
+    out."""
     urls = expand_shards(shards)
     images, captions = image_columns(), caption_columns(Spill())
     left_out: dict[str, list[str]] = {}
@@ -99,11 +101,14 @@ def read_webdataset(shards: str | list[str], caption_ext: str = "txt", progress:
                 if text is not None:
                     item["text"] = text
         for key, item in found.items():
-            if "image" in item and "text" in item:
+            if "image" in item and ("text" in item or keep_unpaired):
                 images.append(key, f"tar://{item['image']}::{url}", f"{shard_name}/{item['image']}")
-                captions.append(key, key, item["text"])
+                if "text" in item:
+                    captions.append(key, key, item["text"])
             elif "image" in item:
                 left_out.setdefault(f"image without a caption (.{caption_ext} or .json)", []).append(item["image"])
+            elif "text" in item and keep_unpaired:  # a caption without an image (docs/method.md § 3.11)
+                captions.append(key, None, item["text"])
             elif "text" in item:
                 left_out.setdefault("caption without an image", []).append(key)
     if not len(images):

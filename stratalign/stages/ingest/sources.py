@@ -138,12 +138,14 @@ def read_table(
     id_col: str | None = None,
     split_col: str | None = None,
     group_col: str | None = None,
+    keep_unpaired: bool = False,
     **kw: Any,
 ) -> tuple[list[RawImage], list[RawCaption], dict]:
     """A CSV, Parquet or JSONL table with one row per (image, caption); rows sharing an image are grouped.
 
     group_col names a group per image (e.g. one patient, the variants of one item): a drawn split keeps each
-    group in one split, and a split column that tears a group apart is refused."""
+    group in one split, and a split column that tears a group apart is refused. keep_unpaired: a row with a caption
+    and no image path is a caption without an image (docs/method.md § 3.11), not an error."""
     suffix = table.lower().rsplit(".", 1)[-1]
     readers = {"csv": pl.read_csv, "tsv": lambda p: pl.read_csv(p, separator="\t"), "parquet": pl.read_parquet,
                "jsonl": pl.read_ndjson, "ndjson": pl.read_ndjson}
@@ -167,6 +169,9 @@ def read_table(
     clashes: dict[str, set[str]] = {}
     for i, row in enumerate(df.iter_rows(named=True)):
         rel = row[image_col]
+        if (rel is None or str(rel).strip() == "") and keep_unpaired and row[caption_col] not in (None, ""):
+            captions.append(RawCaption(f"{i}", None, str(row[caption_col])))
+            continue
         if rel is None or str(rel).strip() == "":
             raise StratalignError(f"table {table} row {i}: empty image path in column {image_col!r}")
         rel = str(rel)
@@ -270,14 +275,18 @@ SOURCES = {"coco": read_coco, "karpathy": read_karpathy, "table": read_table, "t
 def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad: bool = False,
                   limit: int | None = None, templates: Sequence[str] | None = None,
                   templates_file: str | None = None, class_names: Mapping[str, str] | None = None,
-                  spread: bool = False, **args: Any) -> PairDataset:
+                  spread: bool = False, keep_unpaired: bool = False, **args: Any) -> PairDataset:
     """Read a source and validate it into a PairDataset (not yet saved: see FeatureStore.save_dataset).
     `limit` keeps the first N images, or with `spread` N images taken in turn from each label (a small sample
     that still holds every class).
 
     Zero-shot prompts: `templates` (or a `templates_file`, stages.ingest.templates, which may also name classes)
     replace the source's default ("an emoji of {}." for twemoji, else "a photo of a {}."); `class_names` maps
-    labels to the names the prompts use."""
+    labels to the names the prompts use.
+
+    keep_unpaired: images without a caption and captions without an image (a table's empty caption or image cell, a
+    webdataset key with one of the two) are kept as unpaired rows for R_S (docs/method.md § 3.11) instead of being bad
+    records or left out."""
     templates, file_names = zero_shot_args(templates, templates_file)
     if templates is not None:  # checked before a long read of the source
         check_templates(templates, f"--templates-file {templates_file}" if templates_file else "--template")
@@ -291,14 +300,17 @@ def ingest_source(kind: str, name: str | None = None, *, seed: int = 0, skip_bad
     if name is not None and not name.strip():
         raise StratalignError("--name is empty: name the dataset (letters, digits, '.', '_', '+', '=', '-')")
     require_int(seed, "--seed")
-    images, captions, source = SOURCES[kind](**args)
+    images, captions, source = SOURCES[kind](**args, **({"keep_unpaired": True} if keep_unpaired else {}))
     if limit is not None:
         images, captions = _first_images(images, captions, limit, spread)
         source["limit"] = limit
         if spread:
             source["sample"] = "spread over labels"
+    if keep_unpaired:  # only then: sources recorded before keep their bytes
+        source["keep_unpaired"] = True
     default_templates = TWEMOJI_TEMPLATES if kind == "twemoji" else DEFAULT_TEMPLATES
     default_name = "twemoji" if kind == "twemoji" else kind
     return build_dataset(default_name if name is None else name, images, captions, source=source, seed=seed,
                          skip_bad=skip_bad, templates=templates, default_templates=default_templates,
-                         class_names=class_names or file_names, progress=bool(args.get("progress", False)))
+                         class_names=class_names or file_names, progress=bool(args.get("progress", False)),
+                         keep_unpaired=keep_unpaired)

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from stratalign.stages.prompts import class_prompts, prompt_features
-from stratalign.stages.runs.config import RunInputs
-from stratalign.stages.subsets import PairRows
+from stratalign.stages.runs.config import ResolvedRun, RunInputs
+from stratalign.stages.subsets import PairRows, drop_bad_pairs, unpaired_rows, validation_pairs
 from stratalign.store.datasets import PairDataset
 from stratalign.store.feature_store import FeatureEntry
 from stratalign.train.validation import ValidationTargets
@@ -79,3 +79,26 @@ def validation_targets(ds: PairDataset, val: PairRows, text_entry: FeatureEntry,
     class_of = {c: i for i, c in enumerate(classes)}
     return ValidationTargets(val.image_rows.copy(), np.array([class_of[x] for x in val_labels], dtype=np.int64),
                              feats.reshape(len(classes), len(templates), -1))
+
+
+def run_unpaired(run: ResolvedRun, inputs: RunInputs, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (image rows, caption rows) a run adds to its R_S batches (docs/method.md § 3.11), from its train pool."""
+    assert run.subset is not None
+    pool, _ = validation_pairs(inputs.dataset, run.validation, run.val_fraction, run.seed)
+    pool, _ = drop_bad_pairs(pool, inputs.vision, inputs.text)
+    return unpaired_rows(inputs.dataset, pool, run.subset, source, inputs.vision, inputs.text)
+
+
+def unpaired_features(prepared: list[Any], vision_layer: int, text_layer: int
+                      ) -> tuple[tuple[np.ndarray, np.ndarray] | None, list[tuple[np.ndarray, np.ndarray] | None]]:
+    """((image features, caption features) of the unpaired rows the runs name, read once; each run's positions in
+    them, None for a run without unpaired rows). `prepared` items carry .unpaired (store rows) and .inputs."""
+    named = [p for p in prepared if p.unpaired is not None]
+    if not named:
+        return None, [None] * len(prepared)
+    rows = [np.unique(np.concatenate([p.unpaired[m] for p in named])) for m in (0, 1)]
+    first = named[0].inputs
+    tables = (gather(first.vision, vision_layer, rows[0]), gather(first.text, text_layer, rows[1]))
+    pools = [None if p.unpaired is None else (np.searchsorted(rows[0], p.unpaired[0]),
+                                              np.searchsorted(rows[1], p.unpaired[1])) for p in prepared]
+    return tables, pools

@@ -27,7 +27,7 @@ from stratalign.stages.runs.config import (
     preset_notes,
     resolve_run,
 )
-from stratalign.stages.runs.data import gather, subset_tensors, validation_targets
+from stratalign.stages.runs.data import gather, run_unpaired, subset_tensors, unpaired_features, validation_targets
 from stratalign.stages.runs.evaluate import save_run_queries, score_model
 from stratalign.stages.runs.results import RunResult
 from stratalign.stages.subsets import PairRows
@@ -76,6 +76,7 @@ class _Prepared:
     targets: ValidationTargets
     train_cfg: TrainConfig
     inputs: RunInputs  # its dataset and entries, as resolution found them
+    unpaired: tuple[np.ndarray, np.ndarray] | None = None  # (image rows, caption rows) for its R_S batches (§ 3.11)
 
     @property
     def features_key(self) -> tuple:
@@ -134,7 +135,9 @@ def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
     key = (cfg.dataset, run.text_entry, run.text_layer, val.image_rows.tobytes(), val.caption_rows.tobytes())
     if key not in targets:
         targets[key] = validation_targets(inputs.dataset, val, inputs.text, run.text_layer)
-    return _Prepared(cfg, run, pairs, len(subset), targets[key], run.train_config(), inputs)
+    train_cfg = run.train_config()
+    return _Prepared(cfg, run, pairs, len(subset), targets[key], train_cfg, inputs,
+                     run_unpaired(run, inputs, train_cfg.unpaired_from) if train_cfg.unpaired else None)
 
 
 def _train_prepared(store: FeatureStore, registry: RunRegistry, prepared: list[_Prepared],
@@ -174,18 +177,21 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
     heads, others = [], []
     for p, pos in zip(group, positions):
         (heads if objective_named(p.run.objective).training is Training.GRADIENT else others).append((p, pos))
+    tables, pools = unpaired_features([p for p, _ in heads], first.run.vision_layer, first.run.text_layer)
     specs, extras = [], []
-    for p, pos in heads:
+    for (p, pos), pool in zip(heads, pools):
         tr, va = pos[:p.n_train], pos[p.n_train:]
         graphs, extra = None, {}
         if objective_named(p.run.objective).knn_graphs:  # built once per subset, cached in the store
             graphs, hit = knn_graphs_cached(store, p.run, p.pairs.image_rows[:p.n_train],
                                             p.pairs.caption_rows[:p.n_train], x_img[tr], x_txt[tr], p.train_cfg.knn_k)
             extra = {"knn_graph_cached": hit}
-        specs.append(RunSpec(p.train_cfg, tr, va, graphs, p.targets))
+        if pool is not None:
+            extra = {"unpaired_rows": {"images": len(pool[0]), "captions": len(pool[1])}}
+        specs.append(RunSpec(p.train_cfg, tr, va, graphs, p.targets, unpaired=pool))
         extras.append(extra)
     if specs:
-        results = _fit_heads(x_img, x_txt, specs, heads[0][0], progress, bar)
+        results = _fit_heads(x_img, x_txt, specs, heads[0][0], progress, bar, tables)
         for (p, pos), res, extra in zip(heads, results, extras):
             summary = {**res.summary(), "train_loop_seconds": round(res.seconds, 3), **extra}
             rows = pos[:p.n_train]
@@ -204,12 +210,13 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
 
 
 def _fit_heads(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], first: _Prepared,
-               progress: Progress | bool | None, bar: Any) -> list[TrainResult]:
+               progress: Progress | bool | None, bar: Any,
+               unpaired: tuple[np.ndarray, np.ndarray] | None = None) -> list[TrainResult]:
     """train_many with the progress asked for: a single run's step bar, or the group bar's steps and runs."""
     if bar is None:
         with step_progress(progress or False, first.run.run_id, first.train_cfg.select) as tick:
             specs[0].progress = tick
-            return train_many(x_img, x_txt, specs)
+            return train_many(x_img, x_txt, specs, unpaired=unpaired)
     base = bar.n
 
     def on_step(done: int, planned: int, finished: int, runs: int) -> None:
@@ -217,7 +224,7 @@ def _fit_heads(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], first
         bar.update(base + done - bar.n)
         bar.set_postfix_str(f"runs done {finished}/{runs}", refresh=False)
 
-    return train_many(x_img, x_txt, specs, on_step=on_step)
+    return train_many(x_img, x_txt, specs, on_step=on_step, unpaired=unpaired)
 
 
 def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, summary: dict[str, Any],

@@ -175,3 +175,36 @@ def test_webdataset_counts_every_member_it_leaves_out(tmp_path: Path) -> None:
     lines = [line for line in out.stdout.splitlines() if line.startswith("left out")]
     assert len(lines) == 5 and "left out 2 tar member(s): path outside the shard ('..' or absolute) (e.g. " \
         "../escape.png, ../escape.txt)" in lines
+
+
+def test_webdataset_keeps_captionless_images_as_unpaired_rows(tmp_path: Path) -> None:
+    """--keep-unpaired: a key with an image and no caption is an unpaired image (docs/method.md § 3.11), not left out:
+    in the images table with a split, extracted, in no pair; without the flag it is left out, as before."""
+    _write_shards(tmp_path / "wds")
+    shards = str(tmp_path / "wds" / "shard-*.tar")
+    plain = ingest_source("webdataset", "wds", shards=shards)
+    ds = ingest_source("webdataset", "wds", shards=shards, keep_unpaired=True)
+    assert plain.images.height == 10 and ds.images.height == 12 and ds.n_captions == 10
+    assert ds.meta["unpaired"] == {"images": 2, "captions": 0} and "left_out" not in ds.meta["source"]
+    assert ds.fingerprint != plain.fingerprint
+    rows = [ds.images["image_id"].to_list().index(k) for k in ("000000002", "000000008")]
+    assert not set(rows) & set(ds.pairs()[0].tolist()) and all(ds.images["split"][r] in ("train", "val", "test")
+                                                               for r in rows)
+    store = FeatureStore.open(str(tmp_path / "store"), "a", create=True)
+    out = subprocess.run([sys.executable, "-m", "stratalign.cli.main", "ingest", "webdataset", shards, "--name", "w",
+                          "--keep-unpaired", "--store", str(tmp_path / "store")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "kept 2 image(s) without a caption and 0 caption(s) without an image as unpaired rows" in out.stdout
+    extract(store, "w", ExtractConfig(encoders=("tiny-image",), shard_rows=8, progress=False), load=load_tiny)
+    assert store.find_entry("w", "tiny-image").read_layer(0).shape[0] == 12
+    # a key with a caption and no image: a caption without an image, in a split of its own, in no pair
+    shard = tmp_path / "one.tar"
+    png = make_images(tmp_path / "one", 1)
+    with tarfile.open(shard, "w") as tar:
+        _add(tar, "000.png", png[0].read_bytes())
+        _add(tar, "000.txt", b"a kept pair")
+        _add(tar, "001.txt", b"a caption alone")
+    one = ingest_source("webdataset", "one", shards=str(shard), keep_unpaired=True)
+    assert one.n_captions == 2 and one.meta["unpaired"] == {"images": 0, "captions": 1}
+    assert one.pairs()[1].tolist() == [0] and one.captions["split"][1] in ("train", "val", "test")

@@ -249,7 +249,8 @@ def test_zero_weight_cells_choose_and_score_exactly_as_clip(store) -> None:
     regularised = [o for o in REGISTRY if o.training is Training.GRADIENT and o.regulariser is not None]
     cfgs = [_cfg(n_pairs=40, seed=s) for s in (7, 8)]
     for o in regularised:
-        cfgs += [_cfg(objective=o.name, n_pairs=40, seed=s, options=FAST + ((o.weight_knob, 0.0), ("knn_k", 4)))
+        cfgs += [_cfg(objective=o.name, n_pairs=40, seed=s, options=FAST + ((o.weight_knob, 0.0), ("knn_k", 4),
+                                                                            ("unpaired_from", "pool")))
                  for s in (7, 8)]
     choices, finals = choose_cells(store, cfgs, tune=False)
     registry = RunRegistry(store)
