@@ -12,9 +12,10 @@ from stratalign.cli.common import StoreOption, console, print_table, store_url
 runs_app = typer.Typer(help="Trained runs in the store.", no_args_is_help=True)
 
 
-# `runs ls` without --wide: the columns that tell runs apart and how they did
-NARROW = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "overrides", "selection",
-          "i2t_R@1", "t2i_R@1", "zs_top1")
+# `runs ls` without --wide: the columns that tell runs apart and how they did. The head, subset size and seed are
+# not repeated beside the id, which spells them (<objective>-<head>-[<layers>-]n<pairs>-s<seed>-<hash>, both id forms)
+NARROW = ("run", "dataset", "vision", "text", "layers", "objective", "overrides", "selection", "i2t_R@1", "t2i_R@1",
+          "zs_top1")
 
 
 @runs_app.command("ls")

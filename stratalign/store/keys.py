@@ -89,12 +89,34 @@ def dataset_fingerprint(content: str, splits: list[str], labels: list[str | None
     return content_hash(parts)
 
 
-def run_id_of(config: dict[str, Any]) -> str:
-    """A readable, content-addressed run id: <objective>-<head>-n<pairs>-s<seed>-<hash>. Frozen v1 recipe:
-    compact, sorted, 12 hex characters."""
+RUN_ID_FORMS = (1, 2)  # the readable forms of a run id (the hash is the same in both)
+
+
+def run_id_of(config: dict[str, Any], form: int = 1) -> str:
+    """A readable, content-addressed run id. The hash is the frozen v1 recipe (compact, sorted, 12 hex characters)
+    in every form; only the readable part before it differs:
+      form 1  <objective>-<head>-n<pairs>-s<seed>-<hash>          every run id before 2026-12-06
+      form 2  <objective>-<head>-<layers>-n<pairs>-s<seed>-<hash>  <layers> = `run_layers_name` (chosen, last, v9t4)
+    so that one cell's chosen-layer and last-layer runs differ in the part a user reads and types as a prefix.
+    Which form a run gets is decided where runs are resolved (stages.runs.config.resolve_run)."""
+    if form not in RUN_ID_FORMS:
+        raise ValueError(f"run id form {form!r}: known forms are {RUN_ID_FORMS}")
     h = content_hash(config, length=12)
     obj = re.sub(r"[^a-z0-9]+", "_", str(config.get("objective", "run")).lower())
-    return f"{obj}-{config.get('head', 'head')}-n{config.get('n_pairs', 'all')}-s{config.get('seed', 0)}-{h}"
+    layers = f"-{run_layers_name(config)}" if form == 2 else ""
+    return f"{obj}-{config.get('head', 'head')}{layers}-n{config.get('n_pairs', 'all')}-s{config.get('seed', 0)}-{h}"
+
+
+def run_layers_name(config: dict[str, Any]) -> str:
+    """The layer rule as a run id (form 2) names it, in the words of the reports (report.naming.rule_name):
+    'chosen' for the pair recorded by `stratalign layers` (rule auto), 'last', or 'v<V>t<T>' for an explicit pair
+    (its resolved vision and text layer indices, e.g. v9t4: the rule as written may be long layer names)."""
+    rule = str(config.get("layer_rule", ""))
+    if rule in ("auto", "best", "chosen"):
+        return "chosen"
+    if rule == "last":
+        return "last"
+    return f"v{int(config['vision_layer'])}t{int(config['text_layer'])}"
 
 
 def tuning_key(run_ids: Sequence[str]) -> str:

@@ -9,7 +9,8 @@
     runs/<run id>/tuning-<key>.json    a grid this run was chosen from on validation (docs/method.md § 3.9): every point's
                                        run id and validation value; key = hash of the points' run ids
 
-A run id is a hash of its config, so re-running an identical cell finds it done and skips it.
+A run id is a hash of its config behind a readable part (store.keys.run_id_of: form 2 names the layer rule, form 1
+was every id before it), so re-running an identical cell finds it done and skips it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class RunRegistry:
     def linked(self) -> list[str]:
         """Names in runs/ that are symlinks (reported by `store verify` and `store ls`, removed by `runs rm`)."""
         return self.loc.linked("runs")
+
+    def holds(self, run_id: str) -> bool:
+        """Whether a run folder of this id has its config.json (written first: a run begun, finished or not)."""
+        validate_key(run_id, "run id")
+        return self.loc.exists("runs", run_id, "config.json")
 
     def is_done(self, run_id: str) -> bool:
         validate_key(run_id, "run id")

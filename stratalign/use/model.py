@@ -1,6 +1,6 @@
 """AlignedModel: a trained run as a model to use: embed new images and texts, classify, compare.
 
-    model = AlignedModel.from_run(store, "clip-linear-n1219-s0-5ac1")   # or .from_pretrained("exported/")
+    model = AlignedModel.from_run(store, "clip-linear-chosen-n1219-s0-5ac1")   # or .from_pretrained("exported/")
     z = model.encode_image(["heart.png"])                                # (n, d) float32, unit rows
     t = model.encode_text(["a red heart"], return_tensors="pt")         # a torch tensor
     z = model.encode_image(model.preprocess([pil_image]))               # open_clip style: batch, then encode

@@ -31,7 +31,7 @@ from stratalign.stages.subsets import (
 from stratalign.store.datasets import PairDataset
 from stratalign.store.feature_store import FeatureEntry, FeatureStore
 from stratalign.store.layer_results import load_choice
-from stratalign.store.runs import run_id_of
+from stratalign.store.runs import RunRegistry, run_id_of
 from stratalign.train import TrainConfig
 from stratalign.train.presets import AUTO, apply_preset, check_preset_name, choose_preset, describe
 from stratalign.train.validation import check_select
@@ -346,7 +346,22 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
         ids_kind=cfg.ids_kind, train=train, bad_pairs_dropped=pool_dropped + val_dropped, validation=source,
         folds=cfg.folds if source in (KFOLD, REFIT) else 0, fold=cfg.fold if source == KFOLD else None,
         preset=preset, subset=subset, val=val, inputs=RunInputs(ds, v, t))
-    return replace(run, run_id=run_id_of(run.identity()))
+    return replace(run, run_id=_run_id(store, run.identity(), preset))
+
+
+def _run_id(store: FeatureStore, identity: dict[str, Any], preset: str | None) -> str:
+    """The run's id (store.keys.run_id_of; the hash is the same in both forms). A run the store already holds keeps
+    the id it was recorded under: a form-1 id written before form 2 existed stays valid and a sweep run again finds
+    the run done instead of training it twice. A new run gets form 2, which names the layer rule (chosen, last,
+    v9t4), unless it has no preset: a run requested as every run before presets existed (Python's preset=None;
+    the CLI always names one) is named as those runs were, form 1, so that the same request gives the same id in
+    every store (tests/store/test_feature_store_old.py rebuilds the 3d4de15 store and finds its very ids)."""
+    registry = RunRegistry(store)
+    forms = [run_id_of(identity, form) for form in (1, 2)]
+    recorded = [rid for rid in forms if registry.holds(rid)]
+    if recorded:
+        return recorded[0]
+    return forms[0] if preset is None else forms[1]
 
 
 def _kfold_pairs(ds: PairDataset, cfg: RunConfig, pairs: PairRows,
