@@ -22,7 +22,8 @@ import torch
 
 from stratalign.device import bf16_supported, resolve_device
 from stratalign.train import TrainConfig
-from stratalign.train.heads_loop import GroupLoop, HeadsJob, _init
+from stratalign.train.heads_init import init_run_heads
+from stratalign.train.heads_loop import GroupLoop, HeadsJob
 from stratalign.train.rules import SelectionRule, autocast
 from stratalign.train.validation import ValidationTargets
 
@@ -40,7 +41,7 @@ def trainer(S: int, precision: str, dev: torch.device, xi: torch.Tensor, xt: tor
                                  warmup_steps=100, device=dev.type, precision=precision),
                      np.arange(N), np.arange(10), ValidationTargets.pairs_only(10), SelectionRule("rsum", "rsum", True))
             for s in range(S)]
-    built = [_init(j, D_IN, D_IN, dev) for j in jobs]
+    built = [init_run_heads(j.cfg, D_IN, D_IN, dev) for j in jobs]
     loop = GroupLoop(xi, xt, jobs, [m for m, _ in built], [g for _, g in built], dev)
     count = [0]
 

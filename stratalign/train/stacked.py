@@ -130,5 +130,12 @@ def canonical_grad(z: torch.Tensor) -> torch.Tensor:
 
 def slice_side(side: Side, a: int, b: int) -> Side:
     """Runs a..b-1 of a stacked side (views)."""
+    whole = side.frozen
+
+    def frozen(tau: float, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
+        assert whole is not None
+        p_x, log_px = whole(tau, centering)
+        return p_x[a:b], log_px[a:b]
+
     return Side(side.x[a:b], side.z[a:b], None if side.mu is None else side.mu[a:b],
-                None if side.logvar is None else side.logvar[a:b])
+                None if side.logvar is None else side.logvar[a:b], frozen=None if whole is None else frozen)
