@@ -36,7 +36,7 @@ from stratalign.core.objectives import KnnSupport, Objective, Side, StepBatch, o
 from stratalign.train.config import TrainConfig, TrainResult
 from stratalign.train.frozen_side import FrozenSides
 from stratalign.train.heads_init import init_run_heads
-from stratalign.train.optim import RunsAdamW, clip_per_run
+from stratalign.train.optim import RunsAdamW, clip_grads_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
@@ -190,12 +190,10 @@ class GroupLoop:
 
     # ---------------------------------------------------------------- the stack
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for s in range(len(self.active)) for p in self.image.params(s) + self.text.params(s)]
-
     def _optimiser(self) -> RunsAdamW:
         c = self.cfg
-        return RunsAdamW(self._params(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        return RunsAdamW(self.image.tensors() + self.text.tensors(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
+                         stacked=True)
 
     def _state(self, s: int) -> Callable[[], dict[str, torch.Tensor]]:
         def state() -> dict[str, torch.Tensor]:
@@ -210,7 +208,7 @@ class GroupLoop:
         self.image.keep(keep)
         self.text.keep(keep)
         self.active = [self.active[i] for i in keep]
-        self.opt.keep(self._params())
+        self.opt.keep(self.image.tensors() + self.text.tensors(), keep)
 
     # ---------------------------------------------------------------- one step
 
@@ -281,7 +279,7 @@ class GroupLoop:
         self.opt.zero_grad()
         loss.sum().backward()
         # each run's own clip per head, on its own tensors (as alone)
-        clip_per_run([side.params(s) for s in range(len(self.active)) for side in (self.image, self.text)], 1.0)
+        clip_grads_per_run([side.grads(s) for s in range(len(self.active)) for side in (self.image, self.text)], 1.0)
         self.opt.step()
         return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float()
 
