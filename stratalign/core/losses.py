@@ -70,13 +70,19 @@ def clip_loss(z_img: torch.Tensor, z_txt: torch.Tensor, tau: float = 0.05) -> to
 
 
 
+def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * (a @ b) for (S, n, k) @ (S, k, m), the scaling done inside the product (no pass of its own)."""
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    return torch.baddbmm(out, a, b, beta=0.0, alpha=alpha)
+
+
 class _ClipStacked(torch.autograd.Function):
     """`clip_loss` of a stack of runs with its backward written out: the two cross-entropies from two logsumexps, and
     the logits' gradient (softmax over rows + softmax over columns - 2 I) / 2b in one matrix (no transposed copies)."""
 
     @staticmethod
     def forward(ctx, z_img: torch.Tensor, z_txt: torch.Tensor, tau: float) -> torch.Tensor:  # type: ignore[override]
-        s = torch.bmm(z_img, z_txt.mT).div_(tau)
+        s = _scaled_bmm(z_img, z_txt.mT, 1.0 / tau)
         lse_rows, lse_cols = torch.logsumexp(s, -1), torch.logsumexp(s, -2)
         diag = s.diagonal(dim1=-2, dim2=-1)
         ctx.save_for_backward(z_img, z_txt, s, lse_rows, lse_cols)
@@ -88,8 +94,8 @@ class _ClipStacked(torch.autograd.Function):
         z_img, z_txt, s, lse_rows, lse_cols = ctx.saved_tensors
         g = torch.exp(s - lse_rows.unsqueeze(-1)).add_(torch.exp(s - lse_cols.unsqueeze(-2)))
         g.diagonal(dim1=-2, dim2=-1).sub_(2.0)
-        g.mul_((0.5 / (s.shape[-1] * ctx.tau)) * grad.view(-1, 1, 1))
-        return torch.bmm(g, z_txt), torch.bmm(g.mT, z_img), None
+        g.mul_((0.5 / s.shape[-1]) * grad.view(-1, 1, 1))
+        return _scaled_bmm(g, z_txt, 1.0 / ctx.tau), _scaled_bmm(g.mT, z_img, 1.0 / ctx.tau), None
 
 
 @float32
@@ -282,7 +288,7 @@ class _StructureGiven(torch.autograd.Function):
         n = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min_(1e-12)
         u = z / n
         c = u - u.mean(-2, keepdim=True) if centre else u
-        p_z = torch.softmax(torch.bmm(c / tau, c.mT), dim=-1)
+        p_z = torch.softmax(_scaled_bmm(c, c.mT, 1.0 / tau), dim=-1)
         log_pz = torch.log(p_z + EPS_LOG)
         m = torch.lerp(p_x, p_z, 0.5)
         m_e = m + EPS_LOG
@@ -306,7 +312,7 @@ class _StructureGiven(torch.autograd.Function):
         # softmax backward, the mean over rows and the halving, then the logits' gradient made symmetric
         g = g.sub_(torch.linalg.vecdot(g, p_z).unsqueeze(-1)).mul_(p_z)
         g = g.mul_((0.5 / p_z.shape[-1]) * grad.view(-1, 1, 1))
-        gc = torch.bmm(g + g.mT, c).div_(ctx.tau)
+        gc = _scaled_bmm(g + g.mT, c, 1.0 / ctx.tau)
         gu = gc - gc.mean(-2, keepdim=True) if ctx.centre else gc
         gz = (gu - u * torch.linalg.vecdot(u, gu).unsqueeze(-1)).div_(n)
         return gz, None, None, None, None, None
