@@ -23,6 +23,7 @@ one by one; larger S extrapolated from S = 8's per-run time), seconds and runs/s
     python benchmarks/sweep.py --scaling 1,8,32,128 --no-grid       # part 2
     python benchmarks/sweep.py --store stratalign-store --seeds 2 --busy 1   # beside one busy process
     python benchmarks/sweep.py --no-grid --floor 1,8,32             # part 3
+    python benchmarks/sweep.py --store small --dataset twemoji-mixed300 --n-pairs 100,all --seeds 2   # demo --limit 300
 
 Part 3 (`--floor`): why batching cannot go far on a CPU. The trainer's seconds per run-step (S clip+structure runs
 of 1,000 synthetic 384-d pairs, batch 256, batched) against the bare dense products of one step (heads, their
@@ -52,19 +53,21 @@ def _copy_without_runs(src: str, dst: str) -> None:
     shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if d == src and n in ("runs", "indexes")])
 
 
-def _cells(store_url: str, seeds: int, precision: str = "fp32") -> list:
+def _cells(store_url: str, seeds: int, precision: str = "fp32", dataset: str = "", n_pairs: str = "") -> list:
     from stratalign.stages.demo import DemoConfig
     from stratalign.stages.runs.config import RunConfig
     from stratalign.stages.runs.sweep import SweepConfig
     from stratalign.store.feature_store import FeatureStore
 
     demo = DemoConfig()
+    dataset = dataset or demo.dataset
+    sizes = tuple(None if n == "all" else int(n) for n in n_pairs.split(",")) if n_pairs else demo.n_pairs
     store = FeatureStore.open(store_url, "r")
-    if demo.dataset not in store.datasets():
-        sys.exit(f"{store_url} has no {demo.dataset!r} dataset: run `stratalign demo` first and pass its store")
+    if dataset not in store.datasets():
+        sys.exit(f"{store_url} has no {dataset!r} dataset: run `stratalign demo` first and pass its store")
     options = tuple(demo.train_options) + ((("precision", precision),) if precision != "fp32" else ())
-    base = RunConfig(dataset=demo.dataset, vision=demo.vision, text=demo.text, options=options, preset=demo.preset)
-    sweep = SweepConfig(base=base, n_pairs=demo.n_pairs, seeds=tuple(range(seeds)), objectives=demo.objectives,
+    base = RunConfig(dataset=dataset, vision=demo.vision, text=demo.text, options=options, preset=demo.preset)
+    sweep = SweepConfig(base=base, n_pairs=sizes, seeds=tuple(range(seeds)), objectives=demo.objectives,
                         layer_rules=demo.layer_rules, heads=("linear",), skip=demo.skip, skip_n=demo.skip_n, tune=True)
     return sweep.cells()
 
@@ -120,14 +123,15 @@ def _mean_metrics(store: str) -> str:
     return ", ".join(f"{k} {np.mean([r[k] for r in rows if isinstance(r.get(k), float)]):.2f}" for k in keys)
 
 
-def grid(store: str, seeds: int, alone: bool, profile: bool, workdir: str, precision: str = "fp32") -> float | None:
+def grid(store: str, seeds: int, alone: bool, profile: bool, workdir: str, precision: str = "fp32", dataset: str = "",
+         n_pairs: str = "") -> float | None:
     from stratalign.device import resolve_device, resolve_precision
     from stratalign.stages.runs.tune import tune_run, tune_runs
     from stratalign.store.feature_store import FeatureStore
     from stratalign.train import fit
 
     precision = resolve_precision(precision, resolve_device("auto"))
-    cells = _cells(store, seeds)
+    cells = _cells(store, seeds, "fp32", dataset, n_pairs)
     copies = {}
     for mode in ("alone", "batched") if alone else ("batched",):
         copies[mode] = os.path.join(workdir, mode)
@@ -145,7 +149,7 @@ def grid(store: str, seeds: int, alone: bool, profile: bool, workdir: str, preci
             fit.train_heads_many = real
         results["alone"] = (secs, sum(t.tried for t in tuned), prof)
     fs = FeatureStore.open(copies["batched"], "a")
-    batched_cells = _cells(store, seeds, precision)
+    batched_cells = _cells(store, seeds, precision, dataset, n_pairs)
     secs, prof, tuned = _timed(lambda: tune_runs(fs, batched_cells, progress=True), profile)
     results["batched"] = (secs, sum(t.tried for t in tuned), prof)
     print("\n| mode | runs | seconds | runs/s |\n| --- | --- | --- | --- |")
@@ -271,6 +275,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="parts 2 and 3: steps per run")
     ap.add_argument("--floor", default="", help="part 3: comma-separated S, e.g. 1,8,32: the trainer against the "
                     "bare dense products of its steps (the most any batching could gain)")
+    ap.add_argument("--dataset", default="", help="part 1: the dataset (default: the demo's; `demo --limit N` names "
+                    "its own)")
+    ap.add_argument("--n-pairs", default="", help="part 1: the grid's training-set sizes, e.g. 100,all (default: the "
+                    "demo's 200,500,all)")
     ap.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"),
                     help="part 1: the batched sweep's precision (the one-by-one baseline is fp32)")
     ap.add_argument("--keep", default="", help="keep the two store copies in this folder")
@@ -296,7 +304,8 @@ def _parts(args: argparse.Namespace) -> float | None:
     if not args.no_grid:
         workdir = args.keep or tempfile.mkdtemp(prefix="sweep-bench-")
         try:
-            ratio = grid(args.store, args.seeds, not args.no_alone, args.profile, workdir, args.precision)
+            ratio = grid(args.store, args.seeds, not args.no_alone, args.profile, workdir, args.precision, args.dataset,
+                         args.n_pairs)
         finally:
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
