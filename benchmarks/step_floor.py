@@ -5,10 +5,14 @@ products that step cannot avoid, timed alone in fp32 and in bf16 (CPU or CUDA au
 The floor of one run-step: per side, the head's forward (b x 384 @ 384 x 512) and its weight gradient; the CLIP
 similarities (b x 512 @ 512 x b) and their two gradients; R_S's frozen Gram (b x 384 @ 384 x b) per side and the
 output Gram with its two gradients per side; each as one batched product over the S runs. Variants alternate in
-one process (the machine may be shared); medians of --repeats rounds. bf16 rows need bf16 hardware (device.py).
-The last line is the bf16 trainer step over the bf16 floor at S = 8.
+one process (the machine may be shared); medians of --repeats rounds (`--stat min`: the fastest round, steadier
+where other processes share the cores). bf16 rows need bf16 hardware (device.py). The bf16 step is the lean step
+(train.heads_loop: hand-written CLIP / R_S backwards, R_S's frozen side from a Gram matrix; the losses in float32,
+which the all-bf16 floor does not ask of its products). The last line is the bf16 trainer step over the bf16 floor
+at S = 8.
 
-Run: python benchmarks/step_floor.py [--sizes 1,8,32] [--steps 6] [--repeats 3] [--device cpu] [--threads N]
+Run: python benchmarks/step_floor.py [--sizes 1,8,32] [--steps 6] [--repeats 3] [--stat median|min] [--device cpu]
+     [--threads N]
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 
 from stratalign.device import bf16_supported, resolve_device
 from stratalign.train import TrainConfig
-from stratalign.train.heads_loop import GroupLoop, HeadsJob, _init
+from stratalign.train.heads_init import init_run_heads
+from stratalign.train.heads_loop import GroupLoop, HeadsJob
 from stratalign.train.rules import SelectionRule, autocast
 from stratalign.train.validation import ValidationTargets
 
@@ -40,7 +45,7 @@ def trainer(S: int, precision: str, dev: torch.device, xi: torch.Tensor, xt: tor
                                  warmup_steps=100, device=dev.type, precision=precision),
                      np.arange(N), np.arange(10), ValidationTargets.pairs_only(10), SelectionRule("rsum", "rsum", True))
             for s in range(S)]
-    built = [_init(j, D_IN, D_IN, dev) for j in jobs]
+    built = [init_run_heads(j.cfg, D_IN, D_IN, dev) for j in jobs]
     loop = GroupLoop(xi, xt, jobs, [m for m, _ in built], [g for _, g in built], dev)
     count = [0]
 
@@ -93,6 +98,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,8,32")
     ap.add_argument("--steps", type=int, default=6, help="steps per timing (after one warm-up round)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stat", choices=("median", "min"), default="median", help="of the rounds' times")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
@@ -103,7 +109,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     xi = torch.from_numpy(rng.standard_normal((N, D_IN), dtype=np.float32)).to(dev)
     xt = torch.from_numpy(rng.standard_normal((N, D_IN), dtype=np.float32)).to(dev)
-    print(f"device {dev}, torch threads {torch.get_num_threads()}, bf16 hardware: {has_bf16}", flush=True)
+    print(f"device {dev}, torch threads {torch.get_num_threads()}, bf16 hardware: {has_bf16}, {args.stat} of "
+          f"{args.repeats} rounds", flush=True)
     ratio_s8 = None
     for S in [int(s) for s in args.sizes.split(",")]:
         variants = {"step fp32": trainer(S, "fp32", dev, xi, xt), "floor fp32": floor(S, False, dev)}
@@ -115,7 +122,8 @@ def main() -> None:
         for _ in range(args.repeats):  # alternate the variants round by round
             for name, run in variants.items():
                 times[name].append(run(args.steps))
-        med = {k: statistics.median(v) for k, v in times.items()}
+        pick = statistics.median if args.stat == "median" else min
+        med = {k: pick(v) for k, v in times.items()}
         line = ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
         print(f"S = {S}: ms per run-step: {line}; step fp32 / floor fp32 {med['step fp32'] / med['floor fp32']:.2f}x",
               end="", flush=True)

@@ -5,10 +5,12 @@ Part 1, the demo's grid (stages.demo.DemoConfig: clip / clip+structure / clip+ib
 clip on the last layers, n in {200, 500, all}, 5 seeds, every knob tuned on validation: 390 runs) on a store
 that holds the demo's features and layer choices (what `stratalign demo` leaves in stratalign-store/). Two
 copies of that store without its runs; in each, in the same process, the grid is trained
-  one by one: every cell's grid points with `tune_run`, one `train_run` each (the S = 1 case), and
-  batched:    every cell with one `tune_runs` call (all grid points of all cells through `train_runs`).
-Then every run of one copy is checked against the other: the same run ids, weights within 1e-5, the same
-restored steps, test metrics within 1e-3 (percent). `--seeds 25` is the 5x larger grid (1,950 runs).
+  one by one: every cell with `tune_run`, every run trained alone (groups of one run: the S = 1 case), in fp32, and
+  batched:    every cell with one `tune_runs` call (all grid points of all cells through `train_runs`), in
+              `--precision` (default auto: bf16 where the hardware has it, the lean step of issue 30).
+With one precision, every run of one copy is checked against the other: the same run ids, weights within 1e-5,
+the same restored steps, test metrics within 1e-3 (percent); across precisions (other run ids) the mean test
+metrics of both are printed. `--seeds 25` is the 5x larger grid (1,950 runs).
 Printed: runs, seconds and runs/s of both, where the seconds went (cProfile of both, the top entries), and
 the ratio as the last line (`speedup: X.XXx`).
 
@@ -21,6 +23,7 @@ one by one; larger S extrapolated from S = 8's per-run time), seconds and runs/s
     python benchmarks/sweep.py --scaling 1,8,32,128 --no-grid       # part 2
     python benchmarks/sweep.py --store stratalign-store --seeds 2 --busy 1   # beside one busy process
     python benchmarks/sweep.py --no-grid --floor 1,8,32             # part 3
+    python benchmarks/sweep.py --store small --dataset twemoji-mixed300 --n-pairs 100,all --seeds 2   # demo --limit 300
 
 Part 3 (`--floor`): why batching cannot go far on a CPU. The trainer's seconds per run-step (S clip+structure runs
 of 1,000 synthetic 384-d pairs, batch 256, batched) against the bare dense products of one step (heads, their
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import os
 import pstats
@@ -49,19 +53,21 @@ def _copy_without_runs(src: str, dst: str) -> None:
     shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if d == src and n in ("runs", "indexes")])
 
 
-def _cells(store_url: str, seeds: int) -> list:
+def _cells(store_url: str, seeds: int, precision: str = "fp32", dataset: str = "", n_pairs: str = "") -> list:
     from stratalign.stages.demo import DemoConfig
     from stratalign.stages.runs.config import RunConfig
     from stratalign.stages.runs.sweep import SweepConfig
     from stratalign.store.feature_store import FeatureStore
 
     demo = DemoConfig()
+    dataset = dataset or demo.dataset
+    sizes = tuple(None if n == "all" else int(n) for n in n_pairs.split(",")) if n_pairs else demo.n_pairs
     store = FeatureStore.open(store_url, "r")
-    if demo.dataset not in store.datasets():
-        sys.exit(f"{store_url} has no {demo.dataset!r} dataset: run `stratalign demo` first and pass its store")
-    base = RunConfig(dataset=demo.dataset, vision=demo.vision, text=demo.text, options=demo.train_options,
-                     preset=demo.preset)
-    sweep = SweepConfig(base=base, n_pairs=demo.n_pairs, seeds=tuple(range(seeds)), objectives=demo.objectives,
+    if dataset not in store.datasets():
+        sys.exit(f"{store_url} has no {dataset!r} dataset: run `stratalign demo` first and pass its store")
+    options = tuple(demo.train_options) + ((("precision", precision),) if precision != "fp32" else ())
+    base = RunConfig(dataset=dataset, vision=demo.vision, text=demo.text, options=options, preset=demo.preset)
+    sweep = SweepConfig(base=base, n_pairs=sizes, seeds=tuple(range(seeds)), objectives=demo.objectives,
                         layer_rules=demo.layer_rules, heads=("linear",), skip=demo.skip, skip_n=demo.skip_n, tune=True)
     return sweep.cells()
 
@@ -107,23 +113,44 @@ def _compare(store_a: str, store_b: str) -> tuple[int, float, float]:
     return len(ids_a), w_diff, m_diff
 
 
-def grid(store: str, seeds: int, alone: bool, profile: bool, workdir: str) -> float | None:
+def _mean_metrics(store: str) -> str:
+    from stratalign.store.feature_store import FeatureStore
+    from stratalign.store.runs import RunRegistry
+
+    reg = RunRegistry(FeatureStore.open(store, "r"))
+    rows = [reg.metrics(rid) for rid in reg.ids()]
+    keys = ("i2t_R@1", "t2i_R@1", "zs_top1")
+    return ", ".join(f"{k} {np.mean([r[k] for r in rows if isinstance(r.get(k), float)]):.2f}" for k in keys)
+
+
+def grid(store: str, seeds: int, alone: bool, profile: bool, workdir: str, precision: str = "fp32", dataset: str = "",
+         n_pairs: str = "") -> float | None:
+    from stratalign.device import resolve_device, resolve_precision
     from stratalign.stages.runs.tune import tune_run, tune_runs
     from stratalign.store.feature_store import FeatureStore
+    from stratalign.train import fit
 
-    cells = _cells(store, seeds)
+    precision = resolve_precision(precision, resolve_device("auto"))
+    cells = _cells(store, seeds, "fp32", dataset, n_pairs)
     copies = {}
     for mode in ("alone", "batched") if alone else ("batched",):
         copies[mode] = os.path.join(workdir, mode)
         _copy_without_runs(store, copies[mode])
-    print(f"demo grid, seeds 0-{seeds - 1}: {len(cells)} tuned cells", flush=True)
+    print(f"demo grid, seeds 0-{seeds - 1}: {len(cells)} tuned cells; one by one in fp32, batched in {precision}",
+          flush=True)
     results = {}
     if alone:
         fs = FeatureStore.open(copies["alone"], "a")
-        secs, prof, tuned = _timed(lambda: [tune_run(fs, c) for c in cells], profile)
+        real = fit.train_heads_many
+        fit.train_heads_many = functools.partial(real, max_group=1)  # every run alone: groups of one
+        try:
+            secs, prof, tuned = _timed(lambda: [tune_run(fs, c) for c in cells], profile)
+        finally:
+            fit.train_heads_many = real
         results["alone"] = (secs, sum(t.tried for t in tuned), prof)
     fs = FeatureStore.open(copies["batched"], "a")
-    secs, prof, tuned = _timed(lambda: tune_runs(fs, cells, progress=True), profile)
+    batched_cells = _cells(store, seeds, precision, dataset, n_pairs)
+    secs, prof, tuned = _timed(lambda: tune_runs(fs, batched_cells, progress=True), profile)
     results["batched"] = (secs, sum(t.tried for t in tuned), prof)
     print("\n| mode | runs | seconds | runs/s |\n| --- | --- | --- | --- |")
     for mode, (secs, runs, _) in results.items():
@@ -133,6 +160,10 @@ def grid(store: str, seeds: int, alone: bool, profile: bool, workdir: str) -> fl
             print(f"\nwhere the seconds went, {mode} (cumulative s):\n{text}")
     if not alone:
         return None
+    if precision != "fp32":
+        print(f"\nmean test metrics: one by one (fp32) {_mean_metrics(copies['alone'])}; batched ({precision}) "
+              f"{_mean_metrics(copies['batched'])} (paired differences: issue 30 Deliver 7)")
+        return results["alone"][0] / results["batched"][0]
     n, w, m = _compare(copies["alone"], copies["batched"])
     print(f"\nsame numbers: {n} runs, max |weight diff| {w:.2e}, max |test metric diff| {m:.2e} (percent points)")
     if w > 1e-5 or m > 1e-3:
@@ -244,6 +275,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="parts 2 and 3: steps per run")
     ap.add_argument("--floor", default="", help="part 3: comma-separated S, e.g. 1,8,32: the trainer against the "
                     "bare dense products of its steps (the most any batching could gain)")
+    ap.add_argument("--dataset", default="", help="part 1: the dataset (default: the demo's; `demo --limit N` names "
+                    "its own)")
+    ap.add_argument("--n-pairs", default="", help="part 1: the grid's training-set sizes, e.g. 100,all (default: the "
+                    "demo's 200,500,all)")
+    ap.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"),
+                    help="part 1: the batched sweep's precision (the one-by-one baseline is fp32)")
     ap.add_argument("--keep", default="", help="keep the two store copies in this folder")
     ap.add_argument("--busy", type=int, default=0,
                     help="processes spinning on a core while both modes run (a shared machine, reproducibly)")
@@ -267,7 +304,8 @@ def _parts(args: argparse.Namespace) -> float | None:
     if not args.no_grid:
         workdir = args.keep or tempfile.mkdtemp(prefix="sweep-bench-")
         try:
-            ratio = grid(args.store, args.seeds, not args.no_alone, args.profile, workdir)
+            ratio = grid(args.store, args.seeds, not args.no_alone, args.profile, workdir, args.precision, args.dataset,
+                         args.n_pairs)
         finally:
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -71,13 +71,16 @@ class KnnSupport:
 
 @dataclass(frozen=True)
 class Side:
-    """One modality of a training batch: inputs x, embeddings z (sampled for VIB, with mu and logvar)."""
+    """One modality of a training batch: inputs x, embeddings z (sampled for VIB, with mu and logvar). `frozen`:
+    (tau, centering) -> R_S's frozen-side affinities P_X, log(P_X + 1e-12) of the stacked batches, where the trainer
+    has them cheaper than from x (the lean step of bf16 runs: train.frozen_side)."""
 
     x: torch.Tensor
     z: torch.Tensor
     mu: torch.Tensor | None = None
     logvar: torch.Tensor | None = None
     knn: KnnSupport | None = None
+    frozen: Callable[[float, str], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,19 @@ def structure_options(cfg: Any) -> dict[str, Any]:
             "js": cfg.js}
 
 
+def _structure_side(side: Side, opts: dict[str, Any]) -> torch.Tensor:
+    """R_S of one side over the batch: from the given frozen affinities at level 1 when the trainer has them."""
+    if side.frozen is not None and opts["levels"] == 1 and side.z.ndim == 3:
+        p_x, log_px = side.frozen(opts["tau"], opts["centering"])
+        return losses.structure_regularizer_given(p_x, log_px, side.z, tau=opts["tau"], centering=opts["centering"],
+                                                  js=opts["js"])
+    return losses.structure_regularizer(side.x, side.z, **opts)
+
+
 def structure_term(batch: StepBatch, cfg: Any) -> torch.Tensor:
     """R_S over the batch (docs/method.md § 3.2), averaged over both sides."""
     opts = structure_options(cfg)
-    return 0.5 * (losses.structure_regularizer(batch.image.x, batch.image.z, **opts)
-                  + losses.structure_regularizer(batch.text.x, batch.text.z, **opts))
+    return 0.5 * (_structure_side(batch.image, opts) + _structure_side(batch.text, opts))
 
 
 def _knn_side(side: Side, rows: torch.Tensor, opts: dict[str, Any]) -> torch.Tensor:

@@ -15,8 +15,9 @@ S = 1 case of this very code (`train.fit.train_heads`). Each run keeps what make
   chosen checkpoint and leaves the stack (its slices of the weights and of the AdamW state are dropped).
 AdamW is elementwise, so one optimiser over the runs' tensors is S separate ones (one lr schedule; train.optim: torch's
 fused kernel, every run's clip in three calls); the loss is the sum of the runs' losses, whose gradient with respect
-to a run's slice is that run's own. Validation
-scores every run due at a step in one pass (`Validator.score_many`).
+to a run's slice is that run's own. Validation scores every run due at a step in one pass (`Validator.score_many`).
+bf16 runs take the lean step: CLIP and R_S with hand-written backwards, R_S's frozen side from a Gram matrix
+(core.losses.clip_loss_stacked, structure_regularizer_given; train.frozen_side), equal up to float rounding.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import KnnSupport, Objective, Side, StepBatch, objective_named
 from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.train.frozen_side import FrozenSides
 from stratalign.train.heads_init import init_run_heads
-from stratalign.train.optim import RunsAdamW, clip_per_run
+from stratalign.train.optim import RunsAdamW, clip_grads_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
@@ -185,18 +187,18 @@ class GroupLoop:
         self.text = StackedSide([m.text for m in models])
         self.variational = self.image.variational
         self.bf16 = self.cfg.autocast_bf16(dev)
+        self.lean = self.bf16 and not any(r.mixup for r in self.runs)  # the lean step (module docstring)
+        self.frozen = FrozenSides(xi, xt, [r.train_pos for r in self.runs]) if self.lean else None
         self.opt = self._optimiser()
         self.validators: dict[tuple, Validator] = {}
         self.t0 = time.perf_counter()
 
     # ---------------------------------------------------------------- the stack
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for s in range(len(self.active)) for p in self.image.params(s) + self.text.params(s)]
-
     def _optimiser(self) -> RunsAdamW:
         c = self.cfg
-        return RunsAdamW(self._params(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        return RunsAdamW(self.image.tensors() + self.text.tensors(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay,
+                         stacked=True)
 
     def _state(self, s: int) -> Callable[[], dict[str, torch.Tensor]]:
         def state() -> dict[str, torch.Tensor]:
@@ -211,7 +213,7 @@ class GroupLoop:
         self.image.keep(keep)
         self.text.keep(keep)
         self.active = [self.active[i] for i in keep]
-        self.opt.keep(self._params())
+        self.opt.keep(self.image.tensors() + self.text.tensors(), keep)
 
     # ---------------------------------------------------------------- one step
 
@@ -222,7 +224,8 @@ class GroupLoop:
         gens = [r.rng for r in self.active]
         oi, ot = self.image.forward(a, gens), self.text.forward(t, gens)
         if not self.variational:
-            return Side(a, canonical_grad(oi)), Side(t, canonical_grad(ot))
+            fi, ft = self.frozen.sides(pos) if self.frozen is not None else (None, None)
+            return Side(a, canonical_grad(oi), frozen=fi), Side(t, canonical_grad(ot), frozen=ft)
         (mu_i, lv_i), (mu_t, lv_t) = oi, ot
         zi = torch.stack([VariationalHead.sample(mu_i[s].float(), lv_i[s].float(), r.cfg.vib_scale, r.rng)
                           for s, r in enumerate(self.active)])
@@ -275,7 +278,7 @@ class GroupLoop:
         weights = torch.tensor(step_weights, device=self.dev)
         with autocast(self.dev, self.bf16):
             image, text = self._sides(pos)
-            clip = losses_mod.clip_loss(image.z, text.z, self.cfg.tau)
+            clip = (losses_mod.clip_loss_stacked if self.lean else losses_mod.clip_loss)(image.z, text.z, self.cfg.tau)
             if self.unpaired is not None and any(step_weights):  # § 3.11: unpaired rows after the pairs, R_S only
                 image, text = extend_sides(image, text, (self.image, self.text), self.unpaired,
                                            [r.unpaired for r in self.active])
@@ -284,7 +287,7 @@ class GroupLoop:
         self.opt.zero_grad()
         loss.sum().backward()
         # each run's own clip per head, on its own tensors (as alone)
-        clip_per_run([side.params(s) for s in range(len(self.active)) for side in (self.image, self.text)], 1.0)
+        clip_grads_per_run([side.grads(s) for s in range(len(self.active)) for side in (self.image, self.text)], 1.0)
         self.opt.step()
         return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float()
 

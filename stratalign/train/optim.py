@@ -6,7 +6,8 @@ every run's tensors at once.
   rule), instead of 2 x S calls of clip_grad_norm_. Every tensor's norm is taken on that tensor alone, so a run's
   clip is the same whatever runs stack beside it.
 - `RunsAdamW`: AdamW through torch's fused kernel (`torch._fused_adamw_`: one call over every tensor, on the CPU
-  and CUDA) on the runs' own tensors; elementwise, so a stack of S runs is S separate optimisers. It calls the
+  and CUDA) on the runs' stacked tensors; elementwise, so a stack of S runs is S separate optimisers (one step
+  count per tensor: the runs of a stack start together). It calls the
   kernel directly: torch.optim.Optimizer's constructor imports torch._dynamo (~4 s), which a run that does not
   compile does not need.
 """
@@ -22,10 +23,15 @@ ClipGroups = Sequence[Sequence[torch.Tensor]]
 
 def clip_per_run(groups: ClipGroups, max_norm: float = 1.0) -> None:
     """Scale each group's gradients (in place) so that the group's total L2 norm is at most max_norm."""
-    grads = [p.grad for g in groups for p in g if p.grad is not None]
+    clip_grads_per_run([[p.grad for p in g if p.grad is not None] for g in groups], max_norm)
+
+
+def clip_grads_per_run(groups: ClipGroups, max_norm: float = 1.0) -> None:
+    """`clip_per_run` of the gradients themselves (e.g. each run's slices of stacked gradients)."""
+    grads = [t for g in groups for t in g]
     if not grads:
         return
-    sizes = [sum(p.grad is not None for p in g) for g in groups]
+    sizes = [len(g) for g in groups]
     norms = torch._foreach_norm(grads, 2.0)
     factors: list[torch.Tensor] = []
     start = 0
@@ -42,14 +48,25 @@ class RunsAdamW:
     follows the tensors when runs leave the stack (`keep`)."""
 
     def __init__(self, params: Sequence[torch.Tensor], lr: float, betas: tuple[float, float], weight_decay: float,
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, stacked: bool = False) -> None:
         self.lr, self.betas, self.weight_decay, self.eps = float(lr), tuple(betas), float(weight_decay), float(eps)
+        self.stacked = stacked  # dim 0 of every tensor indexes runs
         self.params: list[torch.Tensor] = []
         self.state: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.keep(params)
 
-    def keep(self, params: Sequence[torch.Tensor]) -> None:
-        """Step these tensors from now on: their state is kept (new ones start fresh), the others' is dropped."""
+    def keep(self, params: Sequence[torch.Tensor], rows: Sequence[int] | None = None) -> None:
+        """Step these tensors from now on: their state is kept (new ones start fresh), the others' is dropped. With
+        `rows`: `params` replace the current tensors one for one, holding their rows `rows` (the runs a stack keeps),
+        and the state's rows follow."""
+        if rows is not None:
+            old = [self.state[p] for p in self.params]
+            self.params = list(params)
+            self.state = {}
+            for p, (avg, sq, steps) in zip(self.params, old):
+                index = torch.tensor(list(rows), dtype=torch.long, device=avg.device)
+                self.state[p] = (avg.index_select(0, index), sq.index_select(0, index), steps)
+            return
         self.params = list(params)
         self.state = {p: self.state.get(p) or (torch.zeros_like(p), torch.zeros_like(p),
                                                 torch.zeros((), dtype=torch.float32, device=p.device))
@@ -65,8 +82,19 @@ class RunsAdamW:
         live = [p for p in self.params if p.grad is not None]
         if not live:
             return
-        avg, sq, steps = ([self.state[p][i] for p in live] for i in range(3))
-        torch._foreach_add_(steps, 1)
-        torch._fused_adamw_(live, [p.grad for p in live], avg, sq, [], steps, lr=self.lr, beta1=self.betas[0],
+        torch._foreach_add_([self.state[p][2] for p in live], 1)
+        params, grads, avg, sq, steps = [], [], [], [], []
+        for p in live:
+            a, q, k = self.state[p]
+            # the kernel takes whole vectors, then a scalar tail that may round otherwise: a run whose slice is not
+            # a whole number of vectors (a residual head's gate) steps on its own slice, as it does alone
+            pieces = range(len(p)) if self.stacked and p[0].numel() % 64 else [None]
+            for s in pieces:
+                params.append(p if s is None else p[s])
+                grads.append(p.grad if s is None else p.grad[s])
+                avg.append(a if s is None else a[s])
+                sq.append(q if s is None else q[s])
+                steps.append(k)
+        torch._fused_adamw_(params, grads, avg, sq, [], steps, lr=self.lr, beta1=self.betas[0],
                             beta2=self.betas[1], weight_decay=self.weight_decay, eps=self.eps, amsgrad=False,
                             maximize=False, grad_scale=None, found_inf=None)

@@ -1,8 +1,7 @@
 """The heads of S runs as stacked tensors: one batched matmul per layer instead of S small ones.
 
-Each run keeps its own parameter tensors; for a step they are stacked per name (`linear.weight`, `net.3.bias`,
-`gate`, ...) into one (S, *shape) tensor, run s's head being slice s. The forward of a slice computes what the
-run's own `nn.Module` does
+The runs' parameters are kept stacked per name (`linear.weight`, `net.3.bias`, `gate`, ...) in one (S, *shape)
+tensor, run s's head being slice s. The forward of a slice computes what the run's own `nn.Module` does
 (`baddbmm(bias, x, W^T)` for each Linear, GELU and the L2 normalisation row-wise), and dropout draws each run's
 mask from that run's own generator, so a run consumes the same random stream in a stack as alone. The head kinds
 are those of stratalign.core.heads (linear, mlp, residual; the variational wrapper of each).
@@ -60,10 +59,10 @@ _FEATURES = {"linear": _features_linear, "mlp": _features_mlp, "residual": _feat
 
 
 class StackedSide:
-    """One modality's heads of S runs (same kind and config). Each run keeps its own leaf tensors (`leaves[s]`:
-    state-dict name -> tensor), so its optimiser and gradient clip see exactly the tensors a run alone has;
-    `stacked()` stacks them into (S, *shape) tensors for one batched forward (the stack's backward hands each
-    leaf its own gradient)."""
+    """One modality's heads of S runs (same kind and config), kept stacked: one (S, *shape) leaf tensor per parameter
+    (`weights`, under state-dict names), run s's head being slice s. The batched forward uses the leaves as they are
+    (nothing is stacked per step); a run's gradient, gradient clip and AdamW state are its slices (AdamW is
+    elementwise, the clip takes each slice's norm alone), so a run steps as it does alone."""
 
     def __init__(self, heads: Sequence[nn.Module]) -> None:
         cfg = dict(heads[0].config)
@@ -71,14 +70,16 @@ class StackedSide:
         self.d_out = int(cfg["d_out"])
         self.cfg = cfg
         self.prefix = "base." if self.variational else ""
-        self.names = [n for n, _ in heads[0].named_parameters()]
-        self.leaves = [{n: p.detach().clone().requires_grad_() for n, p in h.named_parameters()} for h in heads]
+        per_run = [dict(h.named_parameters()) for h in heads]
+        self.weights = {n: torch.stack([p[n].detach() for p in per_run]).requires_grad_() for n in per_run[0]}
 
     def stacked(self, runs: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """The (S, *shape) stack of every parameter (of the runs `runs`, in that order, when given)."""
-        leaves = self.leaves if runs is None else [self.leaves[s] for s in runs]
         k = len(self.prefix)
-        return {n[k:]: torch.stack([leaf[n] for leaf in leaves]) for n in self.names}
+        if runs is None:
+            return {n[k:]: w for n, w in self.weights.items()}
+        index = torch.tensor(list(runs), dtype=torch.long, device=next(iter(self.weights.values())).device)
+        return {n[k:]: w.index_select(0, index) for n, w in self.weights.items()}
 
     def raw(self, x: torch.Tensor, gens: Gens, runs: Sequence[int] | None = None) -> torch.Tensor:
         """The heads' raw outputs (before normalisation) for x (S, b, d_in); `runs` picks some of the runs."""
@@ -105,17 +106,22 @@ class StackedSide:
 
         return head
 
-    def params(self, s: int) -> list[torch.Tensor]:
-        """Run s's leaf tensors (what its optimiser steps and its gradient clip covers)."""
-        return list(self.leaves[s].values())
+    def tensors(self) -> list[torch.Tensor]:
+        """The stacked leaves (what the optimiser steps)."""
+        return list(self.weights.values())
+
+    def grads(self, s: int) -> list[torch.Tensor]:
+        """Run s's slices of the gradients (views: what its gradient clip scales)."""
+        return [w.grad[s] for w in self.weights.values() if w.grad is not None]
 
     def state(self, s: int) -> dict[str, torch.Tensor]:
         """Run s's head weights under their state-dict names (a detached copy)."""
-        return {n: t.detach().clone() for n, t in self.leaves[s].items()}
+        return {n: w[s].detach().clone() for n, w in self.weights.items()}
 
     def keep(self, runs: Sequence[int]) -> None:
-        """Keep only the runs `runs` (stopped runs leave the stack)."""
-        self.leaves = [self.leaves[s] for s in runs]
+        """Keep only the runs `runs` (stopped runs leave the stack): new leaves of their slices."""
+        index = torch.tensor(list(runs), dtype=torch.long, device=next(iter(self.weights.values())).device)
+        self.weights = {n: w.detach().index_select(0, index).requires_grad_() for n, w in self.weights.items()}
 
 
 def canonical_grad(z: torch.Tensor) -> torch.Tensor:
@@ -130,5 +136,12 @@ def canonical_grad(z: torch.Tensor) -> torch.Tensor:
 
 def slice_side(side: Side, a: int, b: int) -> Side:
     """Runs a..b-1 of a stacked side (views)."""
+    whole = side.frozen
+
+    def frozen(tau: float, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
+        assert whole is not None
+        p_x, log_px = whole(tau, centering)
+        return p_x[a:b], log_px[a:b]
+
     return Side(side.x[a:b], side.z[a:b], None if side.mu is None else side.mu[a:b],
-                None if side.logvar is None else side.logvar[a:b])
+                None if side.logvar is None else side.logvar[a:b], frozen=None if whole is None else frozen)

@@ -22,6 +22,12 @@ def _inputs(device: str, b: int = 24, d_in: int = 20, d: int = 12):
     return x, zi, zt
 
 
+def _frozen_logits(x: torch.Tensor) -> torch.Tensor:
+    """The frozen side's logits as the trainer makes them: in float32 (train.frozen_side turns autocast off)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return x @ x.mT
+
+
 def _cases(x: torch.Tensor, zi: torch.Tensor, zt: torch.Tensor):
     nbr_x, nbr_z = x[:6] * 1.5, zi[:6]
     index = torch.arange(x.shape[0] * 2, device=x.device).view(-1, 2) % 6
@@ -37,6 +43,10 @@ def _cases(x: torch.Tensor, zi: torch.Tensor, zt: torch.Tensor):
         "ib": lambda: losses.ib_deterministic(zi, zt),
         "vib": lambda: losses.vib_kl(zi, zt, zt, zi),
         "nt_xent": lambda: nt_xent(zi, zt, 0.1),
+        "clip_lean": lambda: losses.clip_loss_stacked(zi.view(2, -1, zi.shape[-1]), zt.view(2, -1, zt.shape[-1]), 0.05),
+        "structure_given": lambda: losses.structure_regularizer_given(
+            *losses.frozen_affinity(_frozen_logits(x.view(2, -1, x.shape[-1]))),
+            zi.view(2, -1, zi.shape[-1]), tau=0.05),
     }
 
 

@@ -66,9 +66,9 @@ def _steps(head: str, seeds: list[int], target: int, steps: int = 4) -> list[dic
     out = []
     for k in range(steps):
         loop.step(k)
-        leaves = {**{f"image.{n}": t for n, t in loop.image.leaves[slot].items()},
-                  **{f"text.{n}": t for n, t in loop.text.leaves[slot].items()}}
-        out.append({n: t.grad.numpy().tobytes() + t.detach().numpy().tobytes() for n, t in leaves.items()})
+        stacks = {**{f"image.{n}": t for n, t in loop.image.weights.items()},
+                  **{f"text.{n}": t for n, t in loop.text.weights.items()}}
+        out.append({n: t.grad[slot].numpy().tobytes() + t.detach()[slot].numpy().tobytes() for n, t in stacks.items()})
     return out
 
 

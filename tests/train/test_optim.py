@@ -66,3 +66,31 @@ def test_training_does_not_import_dynamo() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_stacked_runs_step_as_their_own_tensors_and_keep_their_rows() -> None:
+    """Stacked tensors (dim 0 = runs): every run's slice steps bit for bit as that run's own tensor, and `keep(rows)`
+    carries the kept runs' state. (A residual gate's one-element slices stepped in the kernel's vector part moved by
+    1.5e-8: tests/train/test_heads_loop.py::test_batched_runs_equal_runs_alone caught it; they step alone now.)"""
+    g = torch.Generator().manual_seed(3)
+    stacked = [torch.randn(20, 8, 8, generator=g).requires_grad_(), torch.randn(20, generator=g).requires_grad_()]  # 20 gates: 16 in the vector part
+    alone = [[t.detach()[s].clone().requires_grad_() for t in stacked] for s in range(20)]
+    opt = RunsAdamW(stacked, lr=1e-2, betas=(0.9, 0.95), weight_decay=1e-4, stacked=True)
+    opts = [RunsAdamW(a, lr=1e-2, betas=(0.9, 0.95), weight_decay=1e-4) for a in alone]
+    for step in range(8):
+        for t in stacked:
+            t.grad = torch.randn(t.shape, generator=g)
+        for s, a in enumerate(alone):
+            for t, u in zip(stacked, a):
+                u.grad = t.grad[s].clone()
+        opt.step()
+        for o in opts:
+            o.step()
+        if step == 1:
+            rows = [3, 7, 19]
+            kept = [t.detach()[rows].clone().requires_grad_() for t in stacked]
+            opt.keep(kept, rows)
+            stacked, alone, opts = kept, [alone[s] for s in rows], [opts[s] for s in rows]
+    for s, a in enumerate(alone):
+        for t, u in zip(stacked, a):
+            assert torch.equal(t.detach()[s], u.detach())

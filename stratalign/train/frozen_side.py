@@ -1,0 +1,88 @@
+"""R_S's frozen side for a stack of runs, in the lean step of bf16 runs (issue 30): the frozen inputs never change,
+so their affinities come from one Gram matrix of the normalised training rows (per modality and group), indexed by
+each batch's rows, and are computed once per distinct batch (runs of one seed and training subset, e.g. the grid
+points of a tuned cell, draw the same batches).
+
+X~ X~^T over a batch, X~ the rows normalised and then centred on the batch mean, is G[B, B] - r 1^T - 1 r^T + mean(r),
+r the row means of G[B, B]: one rank-2 update of the gathered block. fp32 runs keep computing it from the batch
+(their numbers stay what they were); this equals it up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from stratalign.core.losses import frozen_affinity
+
+# a Gram matrix over more training rows than this is not kept: the affinities are then computed from each batch
+GRAM_ROWS = 4096
+# (tau, centering) -> P_X and log(P_X + 1e-12) of a stack's batches, (S, b, b) each
+FrozenSide = Callable[[float, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+class FrozenGram:
+    """The Gram matrix of one modality's normalised training rows (the union over a group's runs)."""
+
+    def __init__(self, table: torch.Tensor, rows: torch.Tensor) -> None:
+        self.table = table
+        rows = torch.unique(rows)
+        self.gram: torch.Tensor | None = None
+        if len(rows) <= GRAM_ROWS:
+            with torch.autocast(device_type=table.device.type, enabled=False):
+                xh = F.normalize(table[rows].float(), dim=-1)
+                self.gram = xh @ xh.T
+            self.lookup = torch.full((len(table),), -1, dtype=torch.long, device=table.device)
+            self.lookup[rows] = torch.arange(len(rows), device=table.device)
+
+    def logits(self, pos: torch.Tensor, tau: float, centering: str) -> torch.Tensor:
+        """X~ X~^T / tau of the batches `pos` (S, b) of table rows, in float32."""
+        with torch.autocast(device_type=self.table.device.type, enabled=False):
+            if self.gram is None:
+                xh = F.normalize(self.table[pos].float(), dim=-1)
+                xc = xh - xh.mean(-2, keepdim=True) if centering == "mean" else xh
+                return torch.bmm(xc / tau, xc.mT)
+            g = self.lookup[pos]
+            block = torch.stack([self.gram.index_select(0, gs).index_select(1, gs) for gs in g])  # fastest gather
+            if centering != "mean":
+                return block.div_(tau)
+            r = block.mean(-1)
+            a = 0.5 * r.mean(-1, keepdim=True) - r  # x~_i . x~_j = G_ij + a_i + a_j
+            ones = torch.ones_like(a)
+            return torch.baddbmm(block, torch.stack([a, ones], -1), torch.stack([ones, a], -2), beta=1 / tau,
+                                 alpha=1 / tau)
+
+
+def frozen_side(gram: FrozenGram, pos: torch.Tensor) -> FrozenSide:
+    """The affinities of the stack's batches `pos` (S, b), computed on first use for each (tau, centering), once per
+    distinct batch."""
+    distinct, inverse = torch.unique(pos, dim=0, return_inverse=True)
+    cache: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def affinities(tau: float, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if (tau, centering) not in cache:
+            p_x, log_px = frozen_affinity(gram.logits(distinct, tau, centering))
+            if len(distinct) < len(pos):
+                p_x, log_px = p_x[inverse], log_px[inverse]
+            cache[(tau, centering)] = (p_x, log_px)
+        return cache[(tau, centering)]
+
+    return affinities
+
+
+class FrozenSides:
+    """Both modalities' Gram matrices over a group's training rows (built on first use) and the frozen sides of its
+    stacked batches."""
+
+    def __init__(self, xi: torch.Tensor, xt: torch.Tensor, rows: Sequence[torch.Tensor]) -> None:
+        self.tables, self.rows = (xi, xt), rows
+        self.grams: tuple[FrozenGram, FrozenGram] | None = None
+
+    def sides(self, pos: torch.Tensor) -> tuple[FrozenSide, FrozenSide]:
+        """The image and text frozen sides of the batches `pos` (S, b) of table rows."""
+        if self.grams is None:
+            rows = torch.cat(list(self.rows))
+            self.grams = (FrozenGram(self.tables[0], rows), FrozenGram(self.tables[1], rows))
+        return frozen_side(self.grams[0], pos), frozen_side(self.grams[1], pos)
