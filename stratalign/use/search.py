@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -23,7 +23,9 @@ from stratalign.store.datasets import SPLITS, PairDataset
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.indexes import index_key, load_index, save_index
 from stratalign.use.cached import CachedFeatures, cached_entry
-from stratalign.use.model import AlignedModel
+
+if TYPE_CHECKING:  # an AlignedModel, or a use.fast.QueryModel (no torch)
+    from stratalign.use.model import AlignedModel
 
 EXACT_MAX = 200_000  # up to this many vectors an exact (flat) index; above, IVF (benchmarks/serve_load.py)
 PROBE_FRACTION = 4   # IVF visits 1/4 of its sqrt(n) lists: recall@10 0.97 on the 1M benchmark gallery (README)
