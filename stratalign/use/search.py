@@ -71,8 +71,9 @@ class Gallery:
             self.first.setdefault(int(r), t)
         self.media = DatasetMedia.of(ds)
 
-    def hits(self, idx: DatasetIndex, scores: np.ndarray, pos: np.ndarray) -> list[list[Hit]]:
-        """FAISS results as Hits (an image hit shows its first caption; a caption hit its image)."""
+    def hits(self, idx: DatasetIndex, scores: np.ndarray, pos: np.ndarray, *, paths: bool = True) -> list[list[Hit]]:
+        """FAISS results as Hits (an image hit shows its first caption; a caption hit its image); paths=False leaves
+        `path` None without checking it (the API links images by row, and `/image/<row>` checks the path then)."""
         out = []
         for srow, prow in zip(scores, pos):
             hits = []
@@ -82,10 +83,12 @@ class Gallery:
                 row = int(idx.rows[p])
                 img = row if idx.modality == "image" else int(self.cap_image[row])
                 caption = self.first.get(img, "") if idx.modality == "image" else self.texts[row]
-                try:
-                    path: str | None = self.media.path(img)
-                except OutsideRoots:
-                    path = None
+                path: str | None = None
+                if paths:
+                    try:
+                        path = self.media.path(img)
+                    except OutsideRoots:
+                        pass
                 hits.append(Hit(row, float(s), self.ids[img], path, caption, img))
             out.append(hits)
         return out

@@ -13,16 +13,21 @@ reason (the API answers it as 4xx JSON).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from stratalign.errors import StratalignError
 from stratalign.store.feature_store import FeatureStore
 from stratalign.use.batcher import Batcher
+from stratalign.use.fast import QueryModel
 from stratalign.use.inputs import image_from_bytes
 from stratalign.use.model import AlignedModel, classify_embeddings
 from stratalign.use.search import DatasetIndex, Gallery, Hit, dataset_index
+
+# onnxruntime threads per text batch: 1 measured best on 2 busy cores (benchmarks/serve_load.py --threads): the
+# HTTP threads need the other core, and a 2-thread batch was slower under contention
+QUERY_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -45,15 +50,22 @@ class Refused(StratalignError):
 
 
 class RunView:
-    """One run's warm parts: model, image index, class embeddings, and the batchers of its queries."""
+    """One run's warm parts: model, image index, class embeddings, and the batchers of its queries. Texts are
+    encoded by `query`: on the CPU the run's ONNX text tower and head (use.fast: kept in the store, exported at the
+    first start), else the torch model."""
 
-    def __init__(self, model: AlignedModel, index: DatasetIndex, limits: Limits) -> None:
+    def __init__(self, model: AlignedModel, index: DatasetIndex, limits: Limits, store: FeatureStore | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.model, self.index, self.limits = model, index, limits
         self.classes: list[str] = []
         self.class_emb: np.ndarray | None = None
         if not model.is_fusion and (model.card.get("zero_shot") or {}).get("classes"):
             self.classes, self.class_emb = model.class_embeddings()
-        self.text_search = Batcher(lambda qs: self._search(model.encode_text(qs)), name=f"text:{model.run_id}")
+        self.query: AlignedModel | QueryModel = model
+        if store is not None and model.device.type == "cpu":
+            self.query = QueryModel(model.card, model.heads_bytes, store, lambda: model, threads=QUERY_THREADS,
+                                    progress=progress)
+        self.text_search = Batcher(lambda qs: self._search(self.query.encode_text(qs)), name=f"text:{model.run_id}")
         self.image_search = Batcher(lambda ims: self._search(model.encode_image(ims)), name=f"image:{model.run_id}")
         self.image_embed = Batcher(lambda ims: list(model.encode_image(ims)), name=f"embed:{model.run_id}")
 
@@ -66,7 +78,7 @@ class RunView:
         """Load both encoders and run each once (allocations, lazy kernels) before the first request."""
         from PIL import Image
 
-        self.model.encode_text(["warm up"])
+        self.query.encode_text(["warm up"])
         self.model.encode_image([Image.new("RGB", (32, 32), (255, 255, 255))])
 
     def info(self) -> dict[str, Any]:
@@ -82,7 +94,8 @@ class Service:
     """Runs x one dataset, loaded once (see the module docstring)."""
 
     def __init__(self, store: FeatureStore, models: Sequence[AlignedModel], dataset: str, split: str | None = None,
-                 *, limits: Limits = Limits(), build: bool = True, warm: bool = True) -> None:
+                 *, limits: Limits = Limits(), build: bool = True, warm: bool = True,
+                 progress: Callable[[str], None] | None = None) -> None:
         if not models:
             raise StratalignError("serve needs at least one run")
         self.store, self.dataset, self.split, self.limits = store, dataset, split, limits
@@ -91,7 +104,8 @@ class Service:
         for m in models:
             if m.run_id in self.runs:
                 raise StratalignError(f"run {m.run_id} is given twice")
-            self.runs[m.run_id] = RunView(m, dataset_index(store, m, dataset, "image", split, build=build), limits)
+            self.runs[m.run_id] = RunView(m, dataset_index(store, m, dataset, "image", split, build=build), limits,
+                                          store, progress)
         if warm:
             for view in self.runs.values():
                 view.warm()
@@ -134,7 +148,7 @@ class Service:
     # --- requests ------------------------------------------------------------------------------------------
     def _results(self, view: RunView, found: tuple[np.ndarray, np.ndarray], k: int) -> dict[str, Any]:
         scores, pos = found
-        hits: list[Hit] = self.gallery.hits(view.index, scores[None, :k], pos[None, :k])[0]
+        hits: list[Hit] = self.gallery.hits(view.index, scores[None, :k], pos[None, :k], paths=False)[0]
         return {"run_id": view.model.run_id, "objective": view.model.card.get("objective"),
                 "hits": [{"rank": i + 1, "row": h.image_row, "image_id": h.image_id, "score": h.score,
                           "caption": h.caption, "image_url": f"/image/{h.image_row}"} for i, h in enumerate(hits)]}
@@ -185,7 +199,7 @@ class Service:
         for t in texts:
             self.check_query(t)
         view = self.views([run] if run else None)[0]
-        z = view.model.encode_text(list(texts))
+        z = view.query.encode_text(list(texts))
         return {"run_id": view.model.run_id, "dim": int(z.shape[1]), "embeddings": z.tolist()}
 
     def image_path(self, row: int) -> str:
