@@ -12,6 +12,7 @@ reason (the API answers it as 4xx JSON).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -25,9 +26,10 @@ from stratalign.use.inputs import image_from_bytes
 from stratalign.use.model import AlignedModel, classify_embeddings
 from stratalign.use.search import DatasetIndex, Gallery, Hit, dataset_index
 
-# onnxruntime threads per text batch: 1 measured best on 2 busy cores (benchmarks/serve_load.py --threads): the
-# HTTP threads need the other core, and a 2-thread batch was slower under contention
+# text batches: QUERY_WORKERS batches encoded at once, each on QUERY_THREADS onnxruntime threads (measured on 2
+# cores with benchmarks/serve_load.py)
 QUERY_THREADS = 1
+QUERY_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class RunView:
         if store is not None and model.device.type == "cpu":
             self.query = QueryModel(model.card, model.heads_bytes, store, lambda: model, threads=QUERY_THREADS,
                                     progress=progress)
-        self.text_search = Batcher(lambda qs: self._search(self.query.encode_text(qs)), name=f"text:{model.run_id}")
+        self.text_search = Batcher(lambda qs: self._search(self.query.encode_text(qs)), name=f"text:{model.run_id}",
+                                   workers=QUERY_WORKERS if isinstance(self.query, QueryModel) else 1)
         self.image_search = Batcher(lambda ims: self._search(model.encode_image(ims)), name=f"image:{model.run_id}")
         self.image_embed = Batcher(lambda ims: list(model.encode_image(ims)), name=f"embed:{model.run_id}")
 
@@ -87,7 +90,10 @@ class RunView:
                    if isinstance(v, (int, float)) and ("@" in k or k.startswith("zs_"))}
         return {"run_id": m.run_id, "objective": m.card.get("objective"), "head": m.card.get("head"),
                 "dim": m.dim, "temperature": m.temperature, "classes": len(self.classes), "metrics": metrics,
-                "index_source": self.index.source, "gallery": int(len(self.index.rows))}
+                "index_source": self.index.source, "gallery": int(len(self.index.rows)),
+                "text_query_path": "onnx" if isinstance(self.query, QueryModel) and "text" in self.query._sessions
+                and self.query._sessions["text"] is not None else "torch",
+                "text_batches": self.text_search.batches, "text_queries": int(sum(self.text_search.sizes))}
 
 
 class Service:
@@ -158,7 +164,16 @@ class Service:
         self.check_query(q)
         self.check_k(k)
         views = self.views(runs)
-        return {"query": q, "k": k, "results": [self._results(v, v.text_search(q), k) for v in views]}
+        found = [v.text_search.submit(q) for v in views]  # every run's batcher at once
+        return {"query": q, "k": k, "results": [self._results(v, f.result(60), k) for v, f in zip(views, found)]}
+
+    async def search_text_async(self, q: str, k: int = 8, runs: Sequence[str] | None = None) -> dict[str, Any]:
+        """`search_text` for an event loop: the query waits for its batches without holding a thread."""
+        self.check_query(q)
+        self.check_k(k)
+        views = self.views(runs)
+        found = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(v.text_search.submit(q)) for v in views)), 60)
+        return {"query": q, "k": k, "results": [self._results(v, f, k) for v, f in zip(views, found)]}
 
     def search_image(self, data: bytes, k: int = 8, runs: Sequence[str] | None = None) -> dict[str, Any]:
         """Top-k images of the gallery for an uploaded image, per run."""

@@ -182,6 +182,8 @@ def test_text_queries_run_the_onnx_graphs_and_report_server_timing(server) -> No
         view = service.runs[m.run_id]
         assert isinstance(view.query, QueryModel) and "text" in view.query._sessions
         assert m.encoder("text").forward_calls == calls
+    status, info = get(f"{url}/api/info")
+    assert status == 200 and all(r["text_query_path"] == "onnx" and r["text_batches"] >= 1 for r in info["runs"])
 
 
 def test_browser_types_a_query_and_sees_images(server) -> None:
