@@ -26,10 +26,11 @@ from stratalign.use.inputs import image_from_bytes
 from stratalign.use.model import AlignedModel, classify_embeddings
 from stratalign.use.search import DatasetIndex, Gallery, Hit, dataset_index
 
-# text batches: QUERY_WORKERS batches encoded at once, each on QUERY_THREADS onnxruntime threads (measured on 2
-# cores with benchmarks/serve_load.py)
+# text batches: QUERY_WORKERS batches encoded at once, each on QUERY_THREADS onnxruntime threads. Measured on the
+# busy 2-core machine (benchmarks/serve_load.py --variants 1x1 1x2 2x1, alternated): 2 threads per batch doubled
+# the CPU per request (spinning threads) and p95; a second worker gave no lower p95 in 3 of 4 runs
 QUERY_THREADS = 1
-QUERY_WORKERS = 2
+QUERY_WORKERS = 1
 
 
 @dataclass(frozen=True)
