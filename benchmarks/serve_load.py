@@ -165,7 +165,8 @@ def serve_load(store: str, run: str, queries: list[str], n: int, conc: int, work
         proc.wait(timeout=30)
     ms = np.array(got["latency_s"]) * 1000
     server_ms = np.array(got["server_ms"])
-    return {"variant": variant or "default", "requests": n, "concurrency": conc, "server_cpus": server_cpus or "any", "client_cpus": client_cpus or "any",
+    return {"variant": variant or "default", "requests": n, "concurrency": conc, "server_cpus": server_cpus or "any",
+            "client_cpus": client_cpus or "any",
             "errors": len(got["errors"]), "first_errors": got["errors"][:3],
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
             "max_ms": round(float(ms.max()), 1), "throughput_rps": round(n / got["wall_s"], 1),

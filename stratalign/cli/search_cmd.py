@@ -7,7 +7,6 @@ from typing import Optional
 import typer
 
 from stratalign.cli.common import StoreOption, console
-from stratalign.cli.model_opts import DeviceOption
 
 
 def search_cmd(
@@ -17,7 +16,8 @@ def search_cmd(
     image: Optional[str] = typer.Option(None, "--image", help="Search the captions with this image instead."),
     k: int = typer.Option(10, "-k", help="How many results (1..1000)."),
     split: Optional[str] = typer.Option(None, "--split", help="Search one split only (train | val | test)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu: ONNX on the CPU (see below); cuda[:i]: the torch model on a GPU."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu: the ONNX graphs on the CPU (see below); "
+                               "cuda[:i]: the torch model on a GPU."),
     store: Optional[str] = StoreOption,
 ) -> None:
     """Print the top-k results: rank, score, image id, path and caption. A query the store already holds (a caption

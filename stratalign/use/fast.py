@@ -26,8 +26,8 @@ from stratalign.errors import StratalignError
 from stratalign.store import onnx_cache
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import onnx_key
-from stratalign.use.card import MODALITIES, Tower, check_card, run_card
 from stratalign.use import onnx_export
+from stratalign.use.card import MODALITIES, Tower, check_card, run_card
 from stratalign.use.onnx_export import ENCODING_FIELDS, EXPORTER, NotExportable
 
 TEXT_BATCH = 256
