@@ -89,6 +89,10 @@ class QueryModel:
             return self._fallback
 
     # --- sessions ---------------------------------------------------------------------------------------------
+    def runs_onnx(self, part: str) -> bool:
+        """Whether "text" (the text tower) or "head:<modality>" has answered through its ONNX graph so far."""
+        return self._sessions.get(part) is not None
+
     def _session(self, part: str) -> Any:
         """The onnxruntime session of "text" (the cut text tower) or "head:<modality>", read from the store or
         exported into it the first time; NotExportable when there is none."""

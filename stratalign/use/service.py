@@ -92,8 +92,8 @@ class RunView:
         return {"run_id": m.run_id, "objective": m.card.get("objective"), "head": m.card.get("head"),
                 "dim": m.dim, "temperature": m.temperature, "classes": len(self.classes), "metrics": metrics,
                 "index_source": self.index.source, "gallery": int(len(self.index.rows)),
-                "text_query_path": "onnx" if isinstance(self.query, QueryModel) and "text" in self.query._sessions
-                and self.query._sessions["text"] is not None else "torch",
+                "text_query_path": "onnx" if isinstance(self.query, QueryModel) and self.query.runs_onnx("text")
+                else "torch",
                 "text_batches": self.text_search.batches, "text_queries": int(sum(self.text_search.sizes))}
 
 

@@ -180,7 +180,7 @@ def test_text_queries_run_the_onnx_graphs_and_report_server_timing(server) -> No
     assert timing.startswith("search;dur=") and float(timing.split("=")[1]) > 0
     for m, calls in zip(models, before):
         view = service.runs[m.run_id]
-        assert isinstance(view.query, QueryModel) and "text" in view.query._sessions
+        assert isinstance(view.query, QueryModel) and view.query.runs_onnx("text") and view.query.runs_onnx("head:text")
         assert m.encoder("text").forward_calls == calls
     status, info = get(f"{url}/api/info")
     assert status == 200 and all(r["text_query_path"] == "onnx" and r["text_batches"] >= 1 for r in info["runs"])
