@@ -118,13 +118,19 @@ def _pinned(cpus: str | None) -> list[str]:
 
 
 def serve_load(store: str, run: str, queries: list[str], n: int, conc: int, work: Path,
-               server_cpus: str | None = None, client_cpus: str | None = None, variant: str | None = None) -> dict:
+               server_cpus: str | None = None, client_cpus: str | None = None, variant: str | None = None,
+               baseline: Path | None = None) -> dict:
     """Start `stratalign serve`, time its first answer, then the burst from benchmarks/load_client.py (its own
     process); latency as the client sees it and as the server reports it (Server-Timing), CPU of both. A variant
     "TxW" serves with T onnxruntime threads per batch and W batch workers (use.service.QUERY_THREADS / _WORKERS);
-    "no-encoder" answers every text with one fixed vector: what HTTP, the batcher, FAISS and the answer cost alone."""
-    setting = ""
-    if variant == "no-encoder":  # the serving stack alone: every text gets one fixed unit vector, no tower runs
+    "no-encoder" answers every text with one fixed vector: what HTTP, the batcher, FAISS and the answer cost alone;
+    "before" serves with the code of --baseline-src."""
+    setting, src = "", ROOT
+    if variant == "before":
+        if baseline is None:
+            raise SystemExit("variant before needs --baseline-src")
+        src = baseline
+    elif variant == "no-encoder":  # the serving stack alone: every text gets one fixed unit vector, no tower runs
         setting = ("import numpy as np, stratalign.use.fast as f; f.QueryModel.encode_text = lambda self, t, "
                    "batch_size=None: np.repeat(self.encode_features(np.ones((1, self.towers['text'].dim), "
                    "np.float32), 'text'), len(t), axis=0); ")
@@ -134,8 +140,8 @@ def serve_load(store: str, run: str, queries: list[str], n: int, conc: int, work
     launcher = f"{setting}import sys; from stratalign.cli.main import main; sys.argv[0] = 'stratalign'; main()"
     start = time.perf_counter()
     proc = subprocess.Popen([*_pinned(server_cpus), sys.executable, "-c", launcher, "serve", "--run", run,
-                             "--dataset", "twemoji", "--port", "0", "--store", store, "--device", "cpu"], cwd=ROOT,
-                            env=_env(ROOT, work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--dataset", "twemoji", "--port", "0", "--store", store, "--device", "cpu"], cwd=src,
+                            env=_env(src, work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
@@ -170,15 +176,20 @@ def serve_load(store: str, run: str, queries: list[str], n: int, conc: int, work
             "errors": len(got["errors"]), "first_errors": got["errors"][:3],
             "p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
             "max_ms": round(float(ms.max()), 1), "throughput_rps": round(n / got["wall_s"], 1),
-            "server_timing_p50_ms": round(float(np.nanpercentile(server_ms, 50)), 1),
-            "server_timing_p95_ms": round(float(np.nanpercentile(server_ms, 95)), 1),
+            "server_timing_p50_ms": _percentile(server_ms, 50), "server_timing_p95_ms": _percentile(server_ms, 95),
             "server_cpu_ms_per_request": round(1000 * server_cpu / n, 2),
             "client_cpu_ms_per_request": round(1000 * got["client_cpu_s"] / n, 2),
             "client_cpu_share": round(got["client_cpu_s"] / (got["client_cpu_s"] + server_cpu), 3),
-            "text_query_path": info["text_query_path"], "text_batches": info["text_batches"],
-            "mean_text_batch": round(info["text_queries"] / max(1, min(info["text_batches"], 1000)), 1),
+            "text_query_path": info.get("text_query_path"), "text_batches": info.get("text_batches"),
+            "mean_text_batch": round(info.get("text_queries", 0) / max(1, min(info.get("text_batches", 0), 1000)), 1),
             "load_before": load_before, "load_after": load_after,
             "start_to_first_answer_s": round(first, 2), "ready_line": line.strip()}
+
+
+def _percentile(x: np.ndarray, q: float) -> float | None:
+    """A percentile of the values present (None when the server sent no Server-Timing: the code before it)."""
+    x = x[np.isfinite(x)]
+    return round(float(np.percentile(x, q)), 1) if len(x) else None
 
 
 def query_threads(store: str, run: str, queries: list[str], reps: int = 20) -> dict:
@@ -246,7 +257,7 @@ def main() -> None:
     ap.add_argument("--server-cpus", help="taskset CPU list for the server (default: any)")
     ap.add_argument("--client-cpus", help="taskset CPU list for the load generator (default: any)")
     ap.add_argument("--variants", nargs="+", help="serve variants TxW (T onnxruntime threads, W batch workers) and "
-                    "no-encoder (the serving stack alone)")
+                    "no-encoder (the serving stack alone), before (the server of --baseline-src)")
     ap.add_argument("--serve-reps", type=int, default=1)
     ap.add_argument("--only", choices=("setup", "serve", "threads", "cli", "synthetic"), action="append")
     args = ap.parse_args()
@@ -266,7 +277,7 @@ def main() -> None:
             for _ in range(args.serve_reps):
                 for variant in args.variants or [None]:  # alternated, so a busy moment hits each
                     results["serve"].append(serve_load(store, run, queries, args.requests, args.concurrency, args.work,
-                                                       args.server_cpus, args.client_cpus, variant))
+                                                       args.server_cpus, args.client_cpus, variant, args.baseline_src))
                     print(json.dumps(results["serve"][-1]), flush=True)
         if "threads" in only:
             results["query_threads"] = query_threads(store, run, queries)
