@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console
+from stratalign.cli.common import StoreOption, console, err_console
 from stratalign.cli.model_opts import DeviceOption
 
 
@@ -48,7 +48,8 @@ def serve_cmd(
 
     fs = FeatureStore.open(store_url(store), "a" if build else "r")
     models = [AlignedModel.from_run(fs, r, device=device) for r in run]
-    service = Service(fs, models, dataset, split, build=build)
+    service = Service(fs, models, dataset, split, build=build,
+                      progress=lambda line: err_console.print(line, highlight=False))
     app = create_app(service, k)
     port = sock.getsockname()[1]
     console.print(f"serving {dataset} with {', '.join(service.runs)} on http://{host}:{port}/ (API: /docs; ready "

@@ -30,6 +30,9 @@ artifact by name or key. Layout under the store root:
     choices/<dataset>--<v>--<t>.json   the recorded layer choice for `train --layers auto`
     graphs/<key>.safetensors           cached kNN graphs of clip+structure-knn subsets
     indexes/<key>/index.faiss, .json   FAISS search index of a dataset in a run's space (store.indexes); reusable
+    onnx/<key>/model.onnx, onnx.json   an ONNX graph of a run's query part (a text tower cut at its layer, + its
+                                       tokenizer.json; a head), with the sha256 of its files (store.onnx_cache);
+                                       recomputable: `search` and `serve` export it again when absent or damaged
     _migrate/<key>/                    transient: `store migrate` builds an entry's layout-2 copy here, then swaps it in
 
 Modules: location (where a store lives, safe keys), keys (every content address), features (FeatureStore),
@@ -38,7 +41,7 @@ fingerprints), raw_records (a source's records as columnar batches), dataset_tab
 (images), prompt_cache, extract_records, runs (RunRegistry), layer_results, graphs, cleanup (temp files of dead
 writers), verify (what `stratalign store verify` checks: datasets, entries and their keys, shard markers, claims,
 runs, prompt caches, layer results and choices, graphs), shard_format (layout 2's shard files), inventory (every
-artifact with its size and orphan status: `store ls | rm`), indexes (search indexes), exports (an exported model
+artifact with its size and orphan status: `store ls | rm`), indexes (search indexes), onnx_cache (query graphs), exports (an exported model
 folder, outside the store), migrate (layout-1 entries rewritten as layout 2 under their keys: `store migrate`).
 
 A local store never follows a symlink out of its root (Location.path refuses it in one line), so a crafted

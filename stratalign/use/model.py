@@ -45,32 +45,12 @@ from stratalign.store import exports
 from stratalign.store.feature_store import FeatureStore
 from stratalign.train import model_from_tensors
 from stratalign.train.inference import head_embedding
-from stratalign.use.card import MODALITIES, check_card, model_card_markdown, run_card
+from stratalign.use.card import MODALITIES, Tower, check_card, model_card_markdown, run_card
 from stratalign.use.inputs import images_of, texts_of
 
 IMAGE_BATCH = 32
 TEXT_BATCH = 256
 DEFAULT_TAU = 0.05  # TrainConfig.tau's default, for a card that records none
-
-
-@dataclass(frozen=True)
-class Tower:
-    """How one modality is embedded: encoder spec and extraction metadata, layer, pooling, feature dtype."""
-
-    modality: str
-    encoder: str
-    metadata: dict[str, Any]
-    layer: int
-    layer_name: str
-    pooling: str
-    dim: int
-    feature_dtype: str
-
-    @classmethod
-    def from_card(cls, card: dict[str, Any], modality: str) -> "Tower":
-        t = card["towers"][modality]
-        return cls(modality, str(t["encoder"]), dict(t["encoder_metadata"]), int(t["layer"]),
-                   str(t.get("layer_name", t["layer"])), str(t["pooling"]), int(t["dim"]), str(t["feature_dtype"]))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -23,7 +23,9 @@ from stratalign.store.datasets import SPLITS, PairDataset
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.indexes import index_key, load_index, save_index
 from stratalign.use.cached import CachedFeatures, cached_entry
-from stratalign.use.model import AlignedModel
+
+if TYPE_CHECKING:  # an AlignedModel, or a use.fast.QueryModel (no torch)
+    from stratalign.use.model import AlignedModel
 
 EXACT_MAX = 200_000  # up to this many vectors an exact (flat) index; above, IVF (benchmarks/serve_load.py)
 PROBE_FRACTION = 4   # IVF visits 1/4 of its sqrt(n) lists: recall@10 0.97 on the 1M benchmark gallery (README)
@@ -69,8 +71,9 @@ class Gallery:
             self.first.setdefault(int(r), t)
         self.media = DatasetMedia.of(ds)
 
-    def hits(self, idx: DatasetIndex, scores: np.ndarray, pos: np.ndarray) -> list[list[Hit]]:
-        """FAISS results as Hits (an image hit shows its first caption; a caption hit its image)."""
+    def hits(self, idx: DatasetIndex, scores: np.ndarray, pos: np.ndarray, *, paths: bool = True) -> list[list[Hit]]:
+        """FAISS results as Hits (an image hit shows its first caption; a caption hit its image); paths=False leaves
+        `path` None without checking it (the API links images by row, and `/image/<row>` checks the path then)."""
         out = []
         for srow, prow in zip(scores, pos):
             hits = []
@@ -80,10 +83,12 @@ class Gallery:
                 row = int(idx.rows[p])
                 img = row if idx.modality == "image" else int(self.cap_image[row])
                 caption = self.first.get(img, "") if idx.modality == "image" else self.texts[row]
-                try:
-                    path: str | None = self.media.path(img)
-                except OutsideRoots:
-                    path = None
+                path: str | None = None
+                if paths:
+                    try:
+                        path = self.media.path(img)
+                    except OutsideRoots:
+                        pass
                 hits.append(Hit(row, float(s), self.ids[img], path, caption, img))
             out.append(hits)
         return out

@@ -12,17 +12,25 @@ reason (the API answers it as 4xx JSON).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from stratalign.errors import StratalignError
 from stratalign.store.feature_store import FeatureStore
 from stratalign.use.batcher import Batcher
+from stratalign.use.fast import QueryModel
 from stratalign.use.inputs import image_from_bytes
 from stratalign.use.model import AlignedModel, classify_embeddings
 from stratalign.use.search import DatasetIndex, Gallery, Hit, dataset_index
+
+# text batches: QUERY_WORKERS batches encoded at once, each on QUERY_THREADS onnxruntime threads. Measured on the
+# busy 2-core machine (benchmarks/serve_load.py --variants 1x1 1x2 2x1, alternated): 2 threads per batch doubled
+# the CPU per request (spinning threads) and p95; a second worker gave no lower p95 in 3 of 4 runs
+QUERY_THREADS = 1
+QUERY_WORKERS = 1
 
 
 @dataclass(frozen=True)
@@ -45,15 +53,23 @@ class Refused(StratalignError):
 
 
 class RunView:
-    """One run's warm parts: model, image index, class embeddings, and the batchers of its queries."""
+    """One run's warm parts: model, image index, class embeddings, and the batchers of its queries. Texts are
+    encoded by `query`: on the CPU the run's ONNX text tower and head (use.fast: kept in the store, exported at the
+    first start), else the torch model."""
 
-    def __init__(self, model: AlignedModel, index: DatasetIndex, limits: Limits) -> None:
+    def __init__(self, model: AlignedModel, index: DatasetIndex, limits: Limits, store: FeatureStore | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.model, self.index, self.limits = model, index, limits
         self.classes: list[str] = []
         self.class_emb: np.ndarray | None = None
         if not model.is_fusion and (model.card.get("zero_shot") or {}).get("classes"):
             self.classes, self.class_emb = model.class_embeddings()
-        self.text_search = Batcher(lambda qs: self._search(model.encode_text(qs)), name=f"text:{model.run_id}")
+        self.query: AlignedModel | QueryModel = model
+        if store is not None and model.device.type == "cpu":
+            self.query = QueryModel(model.card, model.heads_bytes, store, lambda: model, threads=QUERY_THREADS,
+                                    progress=progress)
+        self.text_search = Batcher(lambda qs: self._search(self.query.encode_text(qs)), name=f"text:{model.run_id}",
+                                   workers=QUERY_WORKERS if isinstance(self.query, QueryModel) else 1)
         self.image_search = Batcher(lambda ims: self._search(model.encode_image(ims)), name=f"image:{model.run_id}")
         self.image_embed = Batcher(lambda ims: list(model.encode_image(ims)), name=f"embed:{model.run_id}")
 
@@ -66,7 +82,7 @@ class RunView:
         """Load both encoders and run each once (allocations, lazy kernels) before the first request."""
         from PIL import Image
 
-        self.model.encode_text(["warm up"])
+        self.query.encode_text(["warm up"])
         self.model.encode_image([Image.new("RGB", (32, 32), (255, 255, 255))])
 
     def info(self) -> dict[str, Any]:
@@ -75,14 +91,18 @@ class RunView:
                    if isinstance(v, (int, float)) and ("@" in k or k.startswith("zs_"))}
         return {"run_id": m.run_id, "objective": m.card.get("objective"), "head": m.card.get("head"),
                 "dim": m.dim, "temperature": m.temperature, "classes": len(self.classes), "metrics": metrics,
-                "index_source": self.index.source, "gallery": int(len(self.index.rows))}
+                "index_source": self.index.source, "gallery": int(len(self.index.rows)),
+                "text_query_path": "onnx" if isinstance(self.query, QueryModel) and self.query.runs_onnx("text")
+                else "torch",
+                "text_batches": self.text_search.batches, "text_queries": int(sum(self.text_search.sizes))}
 
 
 class Service:
     """Runs x one dataset, loaded once (see the module docstring)."""
 
     def __init__(self, store: FeatureStore, models: Sequence[AlignedModel], dataset: str, split: str | None = None,
-                 *, limits: Limits = Limits(), build: bool = True, warm: bool = True) -> None:
+                 *, limits: Limits = Limits(), build: bool = True, warm: bool = True,
+                 progress: Callable[[str], None] | None = None) -> None:
         if not models:
             raise StratalignError("serve needs at least one run")
         self.store, self.dataset, self.split, self.limits = store, dataset, split, limits
@@ -91,7 +111,8 @@ class Service:
         for m in models:
             if m.run_id in self.runs:
                 raise StratalignError(f"run {m.run_id} is given twice")
-            self.runs[m.run_id] = RunView(m, dataset_index(store, m, dataset, "image", split, build=build), limits)
+            self.runs[m.run_id] = RunView(m, dataset_index(store, m, dataset, "image", split, build=build), limits,
+                                          store, progress)
         if warm:
             for view in self.runs.values():
                 view.warm()
@@ -134,7 +155,7 @@ class Service:
     # --- requests ------------------------------------------------------------------------------------------
     def _results(self, view: RunView, found: tuple[np.ndarray, np.ndarray], k: int) -> dict[str, Any]:
         scores, pos = found
-        hits: list[Hit] = self.gallery.hits(view.index, scores[None, :k], pos[None, :k])[0]
+        hits: list[Hit] = self.gallery.hits(view.index, scores[None, :k], pos[None, :k], paths=False)[0]
         return {"run_id": view.model.run_id, "objective": view.model.card.get("objective"),
                 "hits": [{"rank": i + 1, "row": h.image_row, "image_id": h.image_id, "score": h.score,
                           "caption": h.caption, "image_url": f"/image/{h.image_row}"} for i, h in enumerate(hits)]}
@@ -144,7 +165,16 @@ class Service:
         self.check_query(q)
         self.check_k(k)
         views = self.views(runs)
-        return {"query": q, "k": k, "results": [self._results(v, v.text_search(q), k) for v in views]}
+        found = [v.text_search.submit(q) for v in views]  # every run's batcher at once
+        return {"query": q, "k": k, "results": [self._results(v, f.result(60), k) for v, f in zip(views, found)]}
+
+    async def search_text_async(self, q: str, k: int = 8, runs: Sequence[str] | None = None) -> dict[str, Any]:
+        """`search_text` for an event loop: the query waits for its batches without holding a thread."""
+        self.check_query(q)
+        self.check_k(k)
+        views = self.views(runs)
+        found = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(v.text_search.submit(q)) for v in views)), 60)
+        return {"query": q, "k": k, "results": [self._results(v, f, k) for v, f in zip(views, found)]}
 
     def search_image(self, data: bytes, k: int = 8, runs: Sequence[str] | None = None) -> dict[str, Any]:
         """Top-k images of the gallery for an uploaded image, per run."""
@@ -185,7 +215,7 @@ class Service:
         for t in texts:
             self.check_query(t)
         view = self.views([run] if run else None)[0]
-        z = view.model.encode_text(list(texts))
+        z = view.query.encode_text(list(texts))
         return {"run_id": view.model.run_id, "dim": int(z.shape[1]), "embeddings": z.tolist()}
 
     def image_path(self, row: int) -> str:

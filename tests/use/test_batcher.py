@@ -38,3 +38,27 @@ def test_an_error_reaches_every_caller_of_its_batch_and_the_worker_goes_on() -> 
     with pytest.raises(ZeroDivisionError):
         b(0)
     assert b(4) == 0.25 and b.batches == 2
+
+
+def test_two_workers_encode_two_batches_at_once() -> None:
+    """workers=2: while one batch runs, the next one starts on the other worker (no waiting for the first)."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+    both = threading.Barrier(2, timeout=5)
+
+    def fn(items):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        both.wait()  # only returns once two batches run at the same time
+        with lock:
+            running[0] -= 1
+        return [i + 1 for i in items]
+
+    b = Batcher(fn, workers=2)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(b, 1)
+        time.sleep(0.2)
+        second = pool.submit(b, 2)
+        assert first.result(10) == 2 and second.result(10) == 3
+    assert most[0] == 2 and b.batches == 2 and list(b.sizes) == [1, 1]

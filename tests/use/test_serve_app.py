@@ -166,6 +166,26 @@ def test_the_service_is_warm_and_batches_concurrent_queries(server, monkeypatch)
                                    [h["score"] for r in b["results"] for h in r["hits"]], atol=1e-5)
 
 
+def test_text_queries_run_the_onnx_graphs_and_report_server_timing(server) -> None:
+    """On the CPU a served text query runs the run's ONNX text tower and head (use.fast), not the torch encoder; each
+    search answer says how long the service took (Server-Timing)."""
+    from stratalign.use.fast import QueryModel
+
+    url, _, models, service = server
+    before = [m.encoder("text").forward_calls for m in models]
+    with urllib.request.urlopen(f"{url}/api/search?{urllib.parse.urlencode({'q': 'a blue table', 'k': 2})}",
+                                timeout=60) as res:
+        timing = res.headers["Server-Timing"]
+        assert res.status == 200 and len(json.loads(res.read())["results"]) == 2
+    assert timing.startswith("search;dur=") and float(timing.split("=")[1]) > 0
+    for m, calls in zip(models, before):
+        view = service.runs[m.run_id]
+        assert isinstance(view.query, QueryModel) and view.query.runs_onnx("text") and view.query.runs_onnx("head:text")
+        assert m.encoder("text").forward_calls == calls
+    status, info = get(f"{url}/api/info")
+    assert status == 200 and all(r["text_query_path"] == "onnx" and r["text_batches"] >= 1 for r in info["runs"])
+
+
 def test_browser_types_a_query_and_sees_images(server) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (extra: browser)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
