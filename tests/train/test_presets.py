@@ -77,12 +77,16 @@ def _run(store, preset=None, options=()) -> ResolvedRun:
 def test_run_id_is_the_resolved_settings_not_the_preset(tiny_store) -> None:
     by_preset = _run(tiny_store, "cpu", [("lam", 5.0)])
     spelt_out = _run(tiny_store, None, [*CPU, ("lam", 5.0)])
-    assert by_preset.train == spelt_out.train and by_preset.run_id == spelt_out.run_id
+    # one content address; the readable part differs (a preset=None request is named as runs before presets were,
+    # without the layer rule: stages.runs.config._run_id), and a store holding either form answers both
+    assert by_preset.train == spelt_out.train
+    assert by_preset.run_id.rsplit("-", 1)[1] == spelt_out.run_id.rsplit("-", 1)[1]
     assert by_preset.config_dict()["preset"] == "cpu" and "preset" not in spelt_out.config_dict()
     assert {k: by_preset.train[k] for k in SCHEDULE_FIELDS} == dict(CPU) and by_preset.train["lam"] == 5.0
     assert ResolvedRun.from_config(by_preset.config_dict()) == by_preset  # the preset survives config.json
     paper, none = _run(tiny_store, "paper"), _run(tiny_store)
-    assert paper.run_id == none.run_id != _run(tiny_store, "cpu").run_id
+    content = lambda run: run.run_id.rsplit("-", 1)[1]  # noqa: E731 - the content address (see above)
+    assert content(paper) == content(none) != content(_run(tiny_store, "cpu"))
 
 
 def test_set_wins_over_the_preset(tiny_store) -> None:
