@@ -26,7 +26,8 @@ from stratalign.train.config import TrainConfig, TrainResult, json_curve_row
 from stratalign.train.data import check_inputs, to_device
 from stratalign.train.frozen_graphs import training_graphs
 from stratalign.train.fusion_loop import run_fixed_steps, run_loop
-from stratalign.train.heads_loop import GroupProgress, HeadsJob, train_heads_many
+from stratalign.train.heads_groups import GroupProgress, HeadsJob
+from stratalign.train.heads_loop import train_heads_many
 from stratalign.train.inference import embed
 from stratalign.train.rules import Progress, SelectionRule, autocast
 from stratalign.train.unpaired import check_unpaired, unpaired_tables

@@ -23,7 +23,6 @@ bf16 runs take the lean step: CLIP and R_S with hand-written backwards, R_S's fr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -32,16 +31,15 @@ import torch
 from stratalign.core import losses as losses_mod
 from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.core.mixup import LatentMixup, mix_runs
-from stratalign.core.objectives import KnnSupport, Objective, Side, StepBatch, objective_named
-from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.core.objectives import KnnSupport, Side, StepBatch, objective_named
+from stratalign.train.config import TrainResult
 from stratalign.train.frozen_side import FrozenSides
+from stratalign.train.heads_groups import GroupProgress, HeadsJob, loss_key, group_key
 from stratalign.train.heads_init import init_run_heads
 from stratalign.train.optim import RunsAdamW, clip_grads_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
-    Progress,
-    SelectionRule,
     autocast,
     cosine_factor,
     epoch_batches,
@@ -53,46 +51,7 @@ from stratalign.train.rules import (
 )
 from stratalign.train.stacked import StackedSide, canonical_grad, slice_side
 from stratalign.train.unpaired import UnpairedDraws, UnpairedTables, extend_sides, unpaired_counts
-from stratalign.train.validation import ValidationTargets, Validator
-
-# TrainConfig fields one step of a group shares; every other field may differ from run to run
-SHARED_FIELDS = ("head", "head_options", "dim", "lr", "betas", "weight_decay", "max_steps", "eval_every", "tau",
-                 "device", "amp", "precision")
-# group progress: (steps done over all runs, steps planned over all runs, runs finished, runs in all)
-GroupProgress = Callable[[int, int, int, int], None]
-
-
-@dataclass
-class HeadsJob:
-    """One run for `train_heads_many`: its config, its rows of the shared tables, what validation needs."""
-
-    cfg: TrainConfig
-    train_idx: np.ndarray
-    val_idx: np.ndarray
-    targets: ValidationTargets
-    selection: SelectionRule
-    graphs: tuple[torch.Tensor, torch.Tensor] | None = None  # kNN graphs over the training rows (device)
-    progress: Progress | None = None
-    unpaired: tuple[torch.Tensor, torch.Tensor] | None = None  # its unpaired pools: positions in UnpairedTables
-
-
-def group_key(job: HeadsJob, dims: tuple[int, int]) -> tuple:
-    """What runs must share to train in one group (see the module docstring)."""
-    cfg = job.cfg
-    obj = objective_named(cfg.objective)
-    shared = tuple((k, repr(getattr(cfg, k))) for k in SHARED_FIELDS)
-    # runs without a regulariser stack apart: beside regularised runs their gradients moved by ~1e-8 (measured,
-    # cause not found), which a validation near-tie can turn into another restored step
-    return (shared, min(cfg.batch_size, len(job.train_idx)), dims, obj.samples_embeddings(cfg),
-            obj.regulariser is None, unpaired_counts(cfg.unpaired, job.unpaired))
-
-
-def _loss_key(cfg: TrainConfig, obj: Objective) -> str:
-    """Runs whose objective and regulariser settings agree compute their regulariser in one call (weights may
-    differ); '' for objectives without one."""
-    if obj.regulariser is None:
-        return ""
-    return repr((obj.name, tuple((k, repr(getattr(cfg, k))) for k in obj.knobs if k != obj.weight_knob)))
+from stratalign.train.validation import Validator
 
 
 class _Run:
@@ -101,7 +60,7 @@ class _Run:
     def __init__(self, job: HeadsJob, model: AlignedHeads, rng: torch.Generator, dev: torch.device) -> None:
         self.job, self.cfg, self.model, self.rng = job, job.cfg, model, rng
         self.obj = objective_named(job.cfg.objective)
-        self.loss_key = _loss_key(job.cfg, self.obj)
+        self.loss_key = loss_key(job.cfg, self.obj)
         self.warmup = job.cfg.resolved_warmup()
         self.train_pos = torch.from_numpy(job.train_idx).to(dev)
         self.perm = torch.Generator().manual_seed(job.cfg.seed)
@@ -390,7 +349,7 @@ def train_heads_many(xi: torch.Tensor, xt: torch.Tensor, jobs: list[HeadsJob], d
     for i, job in enumerate(jobs):
         groups.setdefault(group_key(job, dims), []).append(i)
     for members in groups.values():  # runs of one regulariser next to each other (see GroupLoop._regularisers)
-        members.sort(key=lambda i: _loss_key(jobs[i].cfg, objective_named(jobs[i].cfg.objective)))
+        members.sort(key=lambda i: loss_key(jobs[i].cfg, objective_named(jobs[i].cfg.objective)))
     chunks = [m[a:a + max_group] for m in groups.values() for a in range(0, len(m), max_group)]
     results: list[TrainResult | None] = [None] * len(jobs)
     planned = [len(c) * jobs[c[0]].cfg.max_steps for c in chunks]
