@@ -42,7 +42,8 @@ fingerprints), raw_records (a source's records as columnar batches), dataset_tab
 writers), verify (what `stratalign store verify` checks: datasets, entries and their keys, shard markers, claims,
 runs, prompt caches, layer results and choices, graphs), shard_format (layout 2's shard files), inventory (every
 artifact with its size and orphan status: `store ls | rm`), indexes (search indexes), onnx_cache (query graphs),
-exports (an exported model folder, outside the store), migrate (layout-1 entries rewritten as layout 2 under their keys: `store migrate`).
+exports (an exported model folder, outside the store), migrate (layout-1 entries rewritten as layout 2 under their
+keys: `store migrate`).
 
 A local store never follows a symlink out of its root (Location.path refuses it in one line), so a crafted
 store cannot make a command read, write or delete elsewhere.
