@@ -34,7 +34,7 @@ from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import KnnSupport, Side, StepBatch, objective_named
 from stratalign.train.config import TrainResult
 from stratalign.train.frozen_side import FrozenSides
-from stratalign.train.heads_groups import GroupProgress, HeadsJob, loss_key, group_key
+from stratalign.train.heads_groups import GroupProgress, HeadsJob, group_key, loss_key
 from stratalign.train.heads_init import init_run_heads
 from stratalign.train.optim import RunsAdamW, clip_grads_per_run
 from stratalign.train.rules import (
