@@ -243,6 +243,11 @@ STRUCTURE_GRID = (("lam", (1.0, 3.0, 10.0, 30.0)),)
 BETA_GRID = (("beta", (0.3, 1.0, 3.0, 10.0)),)
 CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
 ASIF_GRID = (("asif_power", (4.0, 8.0, 16.0)),)
+# CoMM's fusion width d (docs/method.md § 3.5; the method leaves it free). 128 since 2026-12-06 (benchmarks/comm.py):
+# the block computes ~37 d^2 multiply-adds a view-row, so d = 512 made a CoMM step ~40x a linear-head step and a
+# CoMM run ~60x a linear run on 2 CPU cores; d = 128 is 14x cheaper and probed as well on the Twemoji pairs.
+# Runs recorded before it read d = 512 (train.config: knob unread=512).
+COMM_DIM = 128
 
 # docs/method.md § 3.9: a choice on the edge of a knob's grid extends the grid one step past it: (factor, lowest, highest).
 # x3 for a weight, as the grids are spaced; CSA's k doubles (it is capped by the pairs and dims anyway).
@@ -268,7 +273,8 @@ REGISTRY: tuple[Objective, ...] = (
               defaults=(("beta", VIB_BETA), ("vib_scale", VIB_SCALE)), grid=BETA_GRID, batched=True),
     Objective("comm", "CoMM fusion model (docs/method.md § 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,
               Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise",
-                                         "comm_final_norm"), defaults=(("comm_final_norm", True),)),
+                                         "comm_final_norm"),
+              defaults=(("comm_final_norm", True), ("comm_dim", COMM_DIM))),
     Objective("csa", "closed-form CSA: top-k canonical directions, correlation-weighted similarity, optional "
               "R_S refinement (docs/method.md § 3)", ("csa",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM,
               regulariser=structure_term, weight_knob="lam",

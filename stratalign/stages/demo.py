@@ -10,6 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import polars as pl
+
+from stratalign.report.naming import n_name, rule_name
 from stratalign.report.report import results_table
 from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.stages.ingest.sources import ingest_source
@@ -30,18 +33,18 @@ class DemoConfig:
     extra_encoders: tuple[str, ...] = ("efficientnet-lite0",)
     # clip+structure-knn is left out: it costs twice the batch form and gave the batch form's differences (demo of
     # 2026-11-25, 3 seeds); `stratalign sweep --objective clip+structure-knn` runs it
-    # comm is left out too: its fusion transformer ran 97 s a run on 2 cores (a linear-head run: ~1.5 s), so 5 seeds
-    # alone would double the demo; README gives its numbers from `stratalign sweep --objective comm` on the same store
-    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa")
+    # comm (CoMM, a fusion model scored by a linear probe) runs on the chosen layers with all pairs: since 2026-12-06
+    # a CoMM run costs a few linear-head runs (batched views, d = 128: benchmarks/comm.py), where it cost ~60
+    objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa", "comm")
     n_pairs: tuple[int | None, ...] = (200, 500, None)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # docs/method.md § 4: at least 5 seeds where a report draws conclusions
     layer_rules: tuple[str, ...] = ("last", "auto")
     # last vs chosen layers is compared on CLIP; the other objectives run on the chosen layers only (the budget:
     # tuned grids x 5 seeds x 3 subset sizes within 10 minutes on 2 cores)
-    skip: tuple[tuple[str, str], ...] = (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"))
-    # (objective, n_pairs) cells left out; with comm added to `objectives`, (("comm", 200), ("comm", 500)) keeps it to
-    # all pairs
-    skip_n: tuple[tuple[str, int | None], ...] = ()
+    skip: tuple[tuple[str, str], ...] = (("last", "clip+structure"), ("last", "clip+ib"), ("last", "csa"),
+                                         ("last", "comm"))
+    # (objective, n_pairs) cells left out: CoMM's probe is read against the frozen-feature probe with all pairs
+    skip_n: tuple[tuple[str, int | None], ...] = (("comm", 200), ("comm", 500))
     limit: int | None = None  # only N emoji, taken in turn from each category (a quick look, tests)
     # trainer schedule: the `cpu` preset (train.presets: batch 256, 600 steps, warm-up 100, patience 40, eval
     # every 10) on every machine, so that the demo's runs are the same everywhere. Checkpoints are chosen by
@@ -62,7 +65,8 @@ class DemoConfig:
         """The grid for the first `limit` emoji and seeds 0..seeds-1: under 300 emoji the subset sizes shrink
         to limit // 8 (at least 10) and all: the default sizes (200, 500) do not fit a small train split."""
         if limit is not None and limit < 300:
-            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(max(10, limit // 8), None))
+            small = max(10, limit // 8)
+            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(small, None), skip_n=(("comm", small),))
         return cls(limit=limit, seeds=tuple(range(seeds)))
 
 
@@ -82,6 +86,24 @@ def one_class_warnings(ds: Any) -> list[str]:
 def _split_words(ds: Any) -> str:
     counts = ds.split_counts()
     return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("train", "val", "test")) + " images"
+
+
+def comm_probe_line(runs: pl.DataFrame) -> str | None:
+    """CoMM's linear probe on its fused features against the same probe on the frozen features concatenated, per
+    cell with all pairs, paired by seed (None without CoMM runs)."""
+    if runs.height == 0 or "probe_acc" not in runs.columns:
+        return None
+    rows = runs.filter((pl.col("objective") == "comm") & pl.col("probe_acc").is_not_null()
+                       & pl.col("probe_concat_acc").is_not_null()).sort("seed")
+    lines = []
+    for (rule, n), cell in rows.group_by(["layer_rule", "n_pairs"], maintain_order=True):
+        fused, frozen = cell["probe_acc"].to_numpy(), cell["probe_concat_acc"].to_numpy()
+        spread = f" ± {fused.std(ddof=1):.1f}" if len(fused) > 1 else ""
+        lines.append(f"CoMM ({rule_name(rule)} layers, n={n_name(n)}, {len(fused)} seeds): a linear probe on the labels "
+                     f"from its fused features scores {fused.mean():.1f}{spread} % on the test split, against "
+                     f"{frozen.mean():.1f} % for the same probe on the frozen features concatenated; above it in "
+                     f"{int((fused > frozen).sum())} of {len(fused)} seeds (range {fused.min():.1f}-{fused.max():.1f}).")
+    return " ".join(lines) or None
 
 
 def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
@@ -132,6 +154,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
     timings["sweep"] = time.perf_counter() - t0
 
+    comm = comm_probe_line(sweep.runs)
     intro = [f"Embedded demo: {ds.images.height} Twemoji image-caption pairs (caption = Unicode name, "
              f"label = one of {len(ds.class_names)} categories), vision `{cfg.vision}`, text `{cfg.text}`, "
              f"linear heads, seeds {list(cfg.seeds)}. The split keeps the variants of one emoji (genders, family "
@@ -150,6 +173,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
                f"best ({info['vision_layer']},{info['text_layer']}) mutual_knn {info['score']:.3f} against "
                f"{info['last_score']:.3f} for the last layers; heatmap `{os.path.basename(info['heatmap'])}`."
                for info in layer_infos[1:]),
+             *([comm] if comm else []),
              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
     sweep.files = write_leaderboard(sweep, out_dir, extra=intro, layer_info=layer_infos[0],
                                     title="stratalign demo: how much paired data, which layers, which objective?")
