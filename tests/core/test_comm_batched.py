@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-
 from comm_reference import fuse_per_mask, step_loss_per_view
+
 from stratalign.core.comm import MASKS, CommModel, comm_step_loss
 
 
