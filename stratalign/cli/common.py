@@ -28,6 +28,9 @@ err_console = _console(stderr=True)
 # tests/cli/test_main.py checks that the two agree
 STORE_ENV = "STRATALIGN_STORE"
 
+FeaturePrecisionOption = typer.Option(
+    None, "--feature-precision", metavar="fp32|bf16",
+    help="Read the features of this forward precision (`extract --precision`); default: fp32 ones first.")
 StoreOption = typer.Option(
     None, "--store", envvar=STORE_ENV, metavar="URL", help="Store URL or path (default ./stratalign-store; env STRATALIGN_STORE)."
 )

@@ -66,8 +66,9 @@ def _ingest(source: str, name: Optional[str], seed: int, limit: Optional[int], s
         console.print(f"[yellow]warning[/yellow]: dataset {ds.name!r} has no train split; "
                       f"`layers` and `train` will refuse it: {no_train_fix(ds.name)}")
     elif not counts.get("val"):
-        console.print(f"note: dataset {ds.name!r} has no val split; runs will carve their validation pairs "
-                      "from the train split (10 % of its images by default)")
+        console.print(f"note: dataset {ds.name!r} has no val split; sweeps and `train --tune` will choose each "
+                      "cell's step and knobs by k-fold cross-validation over its training pairs (5 folds), and a "
+                      "lone run carves 10 % of the train split's images (--validation picks)")
 
 
 @ingest_app.command("coco")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from stratalign.cli.common import StoreOption, console, store_url
+from stratalign.cli.common import FeaturePrecisionOption, StoreOption, console, store_url
 
 
 def _k(value: str) -> int | str:
@@ -29,6 +29,7 @@ def layers_cmd(
                                                "(the text rows shuffled, seeded by --seed); 0: raw scores only."),
     heatmap: Optional[str] = typer.Option(None, help="Also copy the heatmap PNG here."),
     recompute: bool = typer.Option(False, help="Ignore a saved result with the same settings."),
+    feature_precision: Optional[str] = FeaturePrecisionOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """Compare every vision layer with every text layer; save matrices + heatmap; record the layer choice."""
@@ -37,7 +38,7 @@ def layers_cmd(
 
     fs = FeatureStore.open(store_url(store), "a")
     cfg = LayersConfig(dataset=dataset, vision=vision, text=text, metrics=tuple(metric), k=_k(k), n=n, seed=seed,
-                       clamp_outliers=clamp_outliers, permutations=permutations)
+                       clamp_outliers=clamp_outliers, permutations=permutations, feature_precision=feature_precision)
     done = run_layers(fs, cfg, choose_rule, by, heatmap_copy=heatmap, recompute=recompute)
     result, choice = done.result, done.choice
     how = "read saved result" if result["cached"] else f"computed in {result['seconds']['compute']:.2f}s"

@@ -6,14 +6,18 @@ from typing import Optional
 
 import typer
 
-from stratalign.cli.common import StoreOption, console, print_table, store_url
+from stratalign.cli.common import FeaturePrecisionOption, StoreOption, console, print_table, store_url
 from stratalign.cli.values import (
+    FOLDS_HELP,
     PRESET_HELP,
     SELECT_HELP,
     TUNE_HELP,
+    VALIDATION_HELP,
+    check_folds,
     check_n_pairs,
     check_preset,
     check_select,
+    check_validation,
     n_pairs,
     trainer_overrides,
 )
@@ -42,8 +46,11 @@ def sweep_cmd(
     set_: list[str] = typer.Option([], "--set", help="Trainer override key=value for every cell."),
     select: Optional[str] = typer.Option(None, callback=check_select, help=SELECT_HELP),
     tune: bool = typer.Option(False, "--tune", help=TUNE_HELP),
+    validation: str = typer.Option("auto", callback=check_validation, help=VALIDATION_HELP),
+    folds: int = typer.Option(5, callback=check_folds, help=FOLDS_HELP),
     baseline: str = typer.Option("clip", help="Objective every other one is compared with (paired, per cell and seed)."),
     out: str = typer.Option("stratalign-report", help="Folder for leaderboard.parquet/.csv and the plots."),
+    feature_precision: Optional[str] = FeaturePrecisionOption,
     store: Optional[str] = StoreOption,
 ) -> None:
     """Run every cell of the grid not yet in the store; write the leaderboard and plots."""
@@ -54,7 +61,8 @@ def sweep_cmd(
 
     fs = FeatureStore.open(store_url(store), "a")
     overrides = trainer_overrides(set_)
-    base = RunConfig(dataset=dataset, vision=vision, text=text, options=overrides, preset=preset, select=select)
+    base = RunConfig(dataset=dataset, vision=vision, text=text, options=overrides, preset=preset, select=select,
+                     validation=validation, folds=folds, feature_precision=feature_precision)
     cfg = SweepConfig(base=base,
                       n_pairs=tuple(n_pairs(v) for v in n_pairs_), seeds=tuple(seed), objectives=tuple(objective),
                       layer_rules=tuple(layers), heads=tuple(head), skip=tuple(_rule_objective(v) for v in skip),

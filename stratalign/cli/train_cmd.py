@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import typer
 
 from stratalign.cli.common import StoreOption, console, print_metrics, store_url
 from stratalign.cli.values import (
+    FOLDS_HELP,
     PRESET_HELP,
     SELECT_HELP,
     TUNE_HELP,
+    VALIDATION_HELP,
+    check_folds,
     check_n_pairs,
     check_preset,
     check_select,
+    check_validation,
     n_pairs,
     trainer_overrides,
 )
@@ -30,13 +35,15 @@ def train_cmd(
                                                "clip+fusemix | comm | csa | procrustes | asif."),
     n_pairs_: Optional[str] = typer.Option(None, "--n-pairs", callback=check_n_pairs,
                                            help="Training pairs drawn from the train split (default all)."),
-    seed: int = typer.Option(0, help="Seed of the subset, the validation carve-out and the initialisation."),
+    seed: int = typer.Option(0, help="Seed of the subset, the validation carve-out or folds and the initialisation."),
     ids: Optional[str] = typer.Option(None, help="File of caption ids (one per line) to train on instead."),
     ids_kind: str = typer.Option("caption", help="What --ids lists: caption or image ids."),
     preset: str = typer.Option("auto", callback=check_preset, help=PRESET_HELP),
     set_: list[str] = typer.Option([], "--set", help="Trainer override key=value (e.g. max_steps=500, lam=5)."),
     select: Optional[str] = typer.Option(None, callback=check_select, help=SELECT_HELP),
     tune: bool = typer.Option(False, "--tune", help=TUNE_HELP),
+    validation: str = typer.Option("auto", callback=check_validation, help=VALIDATION_HELP),
+    folds: int = typer.Option(5, callback=check_folds, help=FOLDS_HELP),
     force: bool = typer.Option(False, help="Train again even if the identical run is in the store."),
     store: Optional[str] = StoreOption,
 ) -> None:
@@ -44,6 +51,7 @@ def train_cmd(
     from stratalign.core.objectives import objective_named
     from stratalign.stages.runs.config import ResolvedRun
     from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
+    from stratalign.stages.subsets import KFOLD, cell_validation, validation_source
     from stratalign.store.feature_store import FeatureStore
     from stratalign.store.runs import RunRegistry
 
@@ -52,9 +60,24 @@ def train_cmd(
     overrides = trainer_overrides(set_)
     cfg = RunConfig(dataset=dataset, vision=vision, text=text, layers=layers, head=head, objective=objective,
                     n_pairs=n_pairs(n_pairs_), seed=seed, ids_file=ids, ids_kind=ids_kind,
-                    options=overrides, preset=preset, select=select)
-    resolved = resolve_run(fs, cfg)  # a bad option is one error line before anything else is printed
-    if tune:
+                    options=overrides, preset=preset, select=select, validation=validation, folds=folds)
+    # one run picks its own checkpoint on the val split (or carved pairs); --tune chooses as a cell does, and a cell
+    # of a dataset with no or a tiny val split, or --validation kfold, chooses over folds then refits
+    source = (cell_validation if tune else validation_source)(fs.dataset(dataset), validation)
+    kfold = source == KFOLD
+    cfg = replace(cfg, validation="kfold") if kfold else cfg
+    # a bad option is one error line before anything else is printed (k-fold: fold 0 stands for the cell's runs)
+    resolved = resolve_run(fs, replace(cfg, fold=0) if kfold else cfg)
+    if kfold and not tune:  # the step is chosen over the folds, then the refit trains on every pair
+        from stratalign.stages.runs.cells import choose_cells
+        from stratalign.stages.runs.tune import tuned_run
+
+        tuned = tuned_run(fs, choose_cells(fs, [cfg], tune=False, force=force, progress=True)[0][0])
+        res = tuned.metrics
+        _print_tuning(tuned)
+        verb = (f"chosen over {folds} folds: {tuned.chosen_label()}; refit on every training pair" if tuned.tuning
+                else f"refit on every training pair after {folds} folds")
+    elif tune:
         from stratalign.stages.runs.tune import tune_run
 
         tuned = tune_run(fs, cfg, force=force, progress=True)

@@ -62,6 +62,29 @@ def check_select(value: Optional[str]) -> Optional[str]:
     return value
 
 
+VALIDATION_HELP = ("Validation pairs (docs/method.md § 3.8): auto (a cell: the dataset's val split when it has at "
+                   "least 100 pairs, else kfold; a lone run without --tune: the val split, else carve), split, carve "
+                   "(10 % of the train split's images) or kfold (k-fold cross-validation over the training pairs, "
+                   "then a refit on all of them).")
+FOLDS_HELP = "k of --validation kfold (folds by image, or by group where the dataset names groups)."
+
+
+def check_validation(value: str) -> str:
+    """Option callback: an unknown --validation is a usage error (exit 2) before anything runs."""
+    from stratalign.stages.subsets import VALIDATION_CHOICES
+
+    if value not in VALIDATION_CHOICES:
+        raise typer.BadParameter(f"expected one of {', '.join(VALIDATION_CHOICES)}, not {value!r}")
+    return value
+
+
+def check_folds(value: int) -> int:
+    """Option callback: --folds below 2 is a usage error (exit 2)."""
+    if value < 2:
+        raise typer.BadParameter(f"k-fold needs at least 2 folds, not {value}")
+    return value
+
+
 def check_preset(value: str) -> str:
     """Option callback: an unknown --preset is one error line (exit 2) before anything runs."""
     from stratalign.train.presets import check_preset_name

@@ -126,3 +126,32 @@ def cell_intervals(runs: pl.DataFrame, queries: Queries, *, metrics: Sequence[st
             out.append({"objective": objective, "layer_rule": rule, "head": head, "n_pairs": n, "metric": metric,
                         "mean": res.diff, "low": res.low, "high": res.high, "seeds": res.seeds})
     return pl.DataFrame(out, infer_schema_length=None)
+
+
+CELL = ("objective", "layer_rule", "head", "n_pairs")
+
+
+def grid_differences(grid_b: pl.DataFrame, grid_a: pl.DataFrame, queries: Queries, *,
+                     metrics: Sequence[str] = KEY_METRICS, resamples: int = DEFAULT_RESAMPLES,
+                     seed: int = 0) -> pl.DataFrame:
+    """The same grid run two ways (B against A: another precision, machine or library version): one row per
+    (cell, metric) with B - A's mean over seeds, its two-level 95 % interval and verdict, paired run by run on
+    (cell, seed). Both tables need the columns run, objective, layer_rule, head, n_pairs, seed; runs without a
+    partner or per-query arrays are left out."""
+    a_runs = {tuple(r[c] for c in (*CELL, "seed")): r["run"] for r in _rows(grid_a)}
+    cells: dict[tuple, list[tuple[str, str]]] = {}
+    for r in _rows(grid_b):
+        partner = a_runs.get(tuple(r[c] for c in (*CELL, "seed")))
+        if partner is not None and r["run"] in queries and partner in queries:
+            cells.setdefault(tuple(r[c] for c in CELL), []).append((r["run"], partner))
+    out = []
+    for cell, pairs in cells.items():
+        for metric in metrics:
+            usable = [(b, a) for b, a in pairs if _same_queries(queries[b], queries[a], metric)]
+            if not usable:
+                continue
+            res = two_level_bootstrap([queries[b][metric] for b, _ in usable], [queries[a][metric] for _, a in usable],
+                                      resamples=resamples, seed=seed)
+            out.append({**dict(zip(CELL, cell)), "metric": metric, "seeds": res.seeds, "diff": res.diff,
+                        "low": res.low, "high": res.high, "verdict": res.verdict})
+    return pl.DataFrame(out, infer_schema_length=None)

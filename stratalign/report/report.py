@@ -167,8 +167,10 @@ def choice_lines(tuning: pl.DataFrame | None) -> list[str]:
         knobs = f"{r['knobs']}, " if r["knobs"] else ""
         step = f"step {r['step']}" if r["step"] is not None else "closed form"
         edge = f" (on the edge of the {r['on_edge']} grid)" if r.get("on_edge") else ""
+        over = f"{r['seeds']} seeds x {r['folds']} folds, then a refit on all pairs" if r.get("folds") else \
+            f"{r['seeds']} seeds"
         lines.append(f"{method_label(r['objective'], r['layer_rule'])}, n={n_name(r['n_pairs'])}: {knobs}{step}, "
-                     f"{r['metric']} {r['value']:.1f} (mean of {r['seeds']} seeds) among {n_points} point(s){edge}")
+                     f"{r['metric']} {r['value']:.1f} (mean of {over}) among {n_points} point(s){edge}")
     return lines
 
 

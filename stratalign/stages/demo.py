@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import polars as pl
 
+from stratalign.device import resolve_device, resolve_precision
 from stratalign.report.naming import n_name, rule_name
 from stratalign.report.report import results_table
 from stratalign.stages.extract import ExtractConfig, extract
@@ -19,6 +20,7 @@ from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.layers import LayersConfig, run_layers
 from stratalign.stages.runs.sweep import SweepConfig, run_sweep, write_leaderboard
 from stratalign.stages.runs.training import RunConfig
+from stratalign.stages.subsets import KFOLD, cell_validation
 from stratalign.store.feature_store import FeatureStore
 from stratalign.train.presets import choose_preset, describe
 
@@ -59,15 +61,28 @@ class DemoConfig:
     tune: bool = True
     batch_size: int = 32
     progress: bool = True
+    # fp32 | bf16 | auto (docs/method.md § 1): the encoders' forward and the heads' matmuls in this precision (auto:
+    # bf16 where the CPU or GPU has it); layers and runs read the features of this precision, so fp32 and bf16
+    # demos in one store stay apart (other entry keys, other run ids)
+    precision: str = "fp32"
+    # the cells' validation (docs/method.md § 3.8): auto takes the set's val split (204 pairs in full), k-fold for a
+    # val split under 100 pairs (five selection runs a seed, then a refit); `sized` keeps a --limit slice on its
+    # small val split, a quick look at 1/6 of k-fold's runs
+    validation: str = "auto"
 
     @classmethod
-    def sized(cls, limit: int | None = None, seeds: int = 5) -> DemoConfig:
+    def sized(cls, limit: int | None = None, seeds: int = 5, precision: str = "fp32") -> DemoConfig:
         """The grid for the first `limit` emoji and seeds 0..seeds-1: under 300 emoji the subset sizes shrink
         to limit // 8 (at least 10) and all: the default sizes (200, 500) do not fit a small train split."""
         if limit is not None and limit < 300:
             small = max(10, limit // 8)
-            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(small, None), skip_n=(("comm", small),))
-        return cls(limit=limit, seeds=tuple(range(seeds)))
+            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(small, None), skip_n=(("comm", small),),
+                       precision=precision, validation="split")
+        return cls(limit=limit, seeds=tuple(range(seeds)), precision=precision)
+
+    def resolved_precision(self) -> str:
+        """fp32 or bf16 on this machine's device (auto resolved; bf16 without the hardware: one line)."""
+        return resolve_precision(self.precision, resolve_device("auto"))
 
 
 def one_class_warnings(ds: Any) -> list[str]:
@@ -81,6 +96,13 @@ def one_class_warnings(ds: Any) -> list[str]:
             out.append(f"warning: the {split} split of {ds.name} holds one class ({labels[0]}): its zero-shot accuracy "
                        "means nothing; use a larger --limit")
     return out
+
+
+def _validation_words(ds: Any, choice: str) -> str:
+    if cell_validation(ds, choice) == KFOLD:
+        return ("checkpoints and knobs are chosen by k-fold cross-validation over the train pairs, then every seed is "
+                "refitted on all of them")
+    return f"checkpoints are chosen on the dataset's own val split ({len(ds.pairs('val')[0])} pairs)"
 
 
 def _split_words(ds: Any) -> str:
@@ -106,15 +128,31 @@ def comm_probe_line(runs: pl.DataFrame) -> str | None:
     return " ".join(lines) or None
 
 
+def dataset_name(cfg: DemoConfig) -> str:
+    """The demo dataset's name in the store: a limited demo takes its emoji in turn from each category (the first N
+    are all one category: a 100 % zero-shot score that means nothing), under a new name, as the first-N datasets of
+    older versions keep theirs."""
+    return cfg.dataset if cfg.limit is None else f"{cfg.dataset}-mixed{cfg.limit}"
+
+
+def demo_sweep(cfg: DemoConfig) -> SweepConfig:
+    """The demo's grid as a sweep (features and heads in the demo's precision)."""
+    precision = cfg.resolved_precision()
+    options = cfg.train_options + ((("precision", precision),) if precision != "fp32" else ())
+    base = RunConfig(dataset=dataset_name(cfg), vision=cfg.vision, text=cfg.text, options=options, preset=cfg.preset,
+                     feature_precision=precision, validation=cfg.validation)
+    return SweepConfig(base=base, n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
+                       layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, skip_n=cfg.skip_n, tune=cfg.tune)
+
+
 def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage; returns the timings, the layer choice, the leaderboard and the report path."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    precision = cfg.resolved_precision()  # before anything is written
     store = FeatureStore.open(store_url, "a", create=True)
-    # a limited demo takes its emoji in turn from each category (the first N are all one category: a 100 %
-    # zero-shot score that means nothing); a new name, as the first-N datasets of older versions keep theirs
-    name = cfg.dataset if cfg.limit is None else f"{cfg.dataset}-mixed{cfg.limit}"
+    name = dataset_name(cfg)
     ds = ingest_source("twemoji", name, limit=cfg.limit, spread=True)
     resplit = name in store.datasets() and store.dataset(name).content_fingerprint == ds.content_fingerprint
     written = store.save_dataset(ds, replace=resplit)  # same images and captions: a new split, features kept
@@ -127,7 +165,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     t0 = time.perf_counter()
     encoders = (cfg.vision, *cfg.extra_encoders, cfg.text)
     reports = extract(store, name, ExtractConfig(encoders=encoders, batch_size=cfg.batch_size,
-                                                        progress=cfg.progress))
+                                                 progress=cfg.progress, precision=precision))
     for r in reports:
         log(f"[2/4] extract {r.encoder}: {r.shards_encoded}/{r.shards_total} shards encoded, "
             f"{r.rows_per_s:.0f} rows/s, {r.wall_s:.1f}s")
@@ -136,7 +174,8 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     t0 = time.perf_counter()
     layer_infos = []
     for vision in (cfg.vision, *cfg.extra_encoders):
-        lcfg = LayersConfig(dataset=name, vision=vision, text=cfg.text, metrics=("mutual_knn", "cka"))
+        lcfg = LayersConfig(dataset=name, vision=vision, text=cfg.text, metrics=("mutual_knn", "cka"),
+                            feature_precision=precision)
         done = run_layers(store, lcfg, "best", "mutual_knn", heatmap_copy=os.path.join(out_dir, f"layers-{vision}.png"))
         result, choice, png = done.result, done.choice, done.png
         layer_infos.append({**choice, "n": result["n"], "k": result["k"], "heatmap": png, "vision": vision})
@@ -145,12 +184,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
     timings["layers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    base = RunConfig(dataset=name, vision=cfg.vision, text=cfg.text, options=cfg.train_options, preset=cfg.preset)
-    sweep_cfg = SweepConfig(base=base,
-                            n_pairs=cfg.n_pairs, seeds=cfg.seeds, objectives=cfg.objectives,
-                            layer_rules=cfg.layer_rules, heads=("linear",), skip=cfg.skip, skip_n=cfg.skip_n,
-                            tune=cfg.tune)
-    sweep = run_sweep(store, sweep_cfg, None, progress=cfg.progress)
+    sweep = run_sweep(store, demo_sweep(cfg), None, progress=cfg.progress)
     log(f"[4/4] sweep: {sweep.trained} runs trained, {sweep.skipped} already in the store")
     timings["sweep"] = time.perf_counter() - t0
 
@@ -159,8 +193,9 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
              f"label = one of {len(ds.class_names)} categories), vision `{cfg.vision}`, text `{cfg.text}`, "
              f"linear heads, seeds {list(cfg.seeds)}. The split keeps the variants of one emoji (genders, family "
              f"members, mirrored, flag aliases) together: {_split_words(ds)}. Training pairs come from the train "
-             f"split, checkpoints are chosen on the dataset's own val split, numbers are on the test split. "
-             f"n=all means all train pairs. "
+             f"split, {_validation_words(ds, cfg.validation)}, numbers are on the test split. "
+             f"n=all means all train pairs. Precision {precision}: the encoders' forwards and the heads' matmuls "
+             "(losses in float32, docs/method.md § 1 and § 3.7). "
              "Trainer settings: " + describe(choose_preset(cfg.preset, dict(cfg.train_options)), cfg.train_options)
              + " (everything else as docs/method.md: tau 0.05, AdamW lr 1e-3). One choice per cell, the same rule "
              "for every objective: the stopping step"

@@ -32,6 +32,7 @@ class LayersConfig:
     vision_pooling: str | None = None
     text_pooling: str | None = None
     clamp_outliers: bool = False
+    feature_precision: str | None = None  # the features' forward precision (fp32 | bf16); None: fp32 first
     # K of the permutation null (METHOD 2, calibration; drawn with `seed`); 0: no calibration. Not part of the
     # result's key: the null is kept in the result file beside the raw matrices it calibrates.
     permutations: int = calibration.PERMUTATIONS
@@ -69,8 +70,8 @@ def sample_train_pairs(store: FeatureStore, dataset: str, n: int, seed: int,
 
 
 def _entries(store: FeatureStore, cfg: LayersConfig) -> tuple[FeatureEntry, FeatureEntry]:
-    v = store.find_entry(cfg.dataset, cfg.vision, cfg.vision_pooling)
-    t = store.find_entry(cfg.dataset, cfg.text, cfg.text_pooling)
+    v = store.find_entry(cfg.dataset, cfg.vision, cfg.vision_pooling, precision=cfg.feature_precision)
+    t = store.find_entry(cfg.dataset, cfg.text, cfg.text_pooling, precision=cfg.feature_precision)
     if v.spec.modality != "image" or t.spec.modality != "text":
         raise StratalignError(f"--vision must name an image encoder and --text a text encoder "
                               f"(got {v.spec.modality} and {t.spec.modality})")
@@ -100,6 +101,7 @@ def compute_layer_matrices(store: FeatureStore, cfg: LayersConfig, *, recompute:
     settings = {**asdict(cfg), "metrics": sorted(cfg.metrics), "vision_entry": v_entry.key,
                 "text_entry": t_entry.key, "dataset_fingerprint": store.dataset(cfg.dataset).fingerprint}
     del settings["permutations"]  # the null's K is recorded in the calibration, not in the key
+    del settings["feature_precision"]  # which entries were read: their keys are in the key already
     if dropped:  # only then: results saved before bad rows were dropped stay valid where there are none
         settings["bad_pairs_dropped"] = dropped
     key = layer_results.result_key(settings)

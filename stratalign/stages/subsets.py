@@ -1,9 +1,10 @@
 """Training subsets: row selections over cached features, drawn from the TRAIN split only.
 
-Validation pairs (checkpoint selection) are the dataset's own val split when it has one (docs/method.md § 3.8);
-only a dataset without one gets them carved out of the train split, by image (an image's captions all land
-on one side) or by group where the dataset names groups. The training subset is drawn from the train pool
-with a seed. The evaluation split is never touched here.
+Validation pairs (checkpoint selection) are the dataset's own val split when it has at least MIN_VAL_PAIRS pairs
+(docs/method.md § 3.8); otherwise k-fold cross-validation over the training pairs (stages.folds), or on request
+pairs carved out of the train split, by image (an image's captions all land on one side) or by group where the
+dataset names groups. The training subset is drawn from the train pool with a seed. The evaluation split is
+never touched here.
 """
 
 from __future__ import annotations
@@ -42,25 +43,48 @@ def drop_bad_pairs(pairs: PairRows, image_entry: "FeatureEntry", text_entry: "Fe
     return PairRows(pairs.image_rows[~bad], pairs.caption_rows[~bad]), int(bad.sum())
 
 
-VALIDATION_CHOICES = ("auto", "split", "carve")
-SPLIT, CARVED = "split", "carved"  # where a run's validation pairs came from
+VALIDATION_CHOICES = ("auto", "split", "carve", "kfold")
+# where a run's validation pairs came from: the val split, carved from the train split, a held-out fold of k-fold
+# cross-validation, or none (REFIT: the run trains on every pair, to the step chosen over the folds)
+SPLIT, CARVED, KFOLD, REFIT = "split", "carved", "kfold", "refit"
+# a cell's auto (the cells of train/tune/sweep/demo, which choose over several runs) takes the dataset's val split
+# when it holds at least this many pairs, else k-fold (docs/method.md § 3.8): on a smaller split a seed moves the
+# validation rsum by more than the knobs move its mean
+MIN_VAL_PAIRS = 100
 
 
 def validation_source(ds: PairDataset, choice: str = "auto") -> str:
-    """SPLIT (the dataset's own val split) or CARVED (from the train split) for a run's `validation` choice:
-    auto = the val split when the dataset has one, carved otherwise."""
+    """SPLIT (the dataset's own val split), CARVED (from the train split) or KFOLD (a fold of k-fold over the
+    training pairs) for one run's `validation` choice. A lone run's auto is the val split when the dataset has one,
+    carved otherwise (it picks its own checkpoint: nothing to average over folds); `cell_validation` is the auto of
+    a cell."""
     if choice not in VALIDATION_CHOICES:
-        raise StratalignError(f"validation must be one of {VALIDATION_CHOICES}, not {choice!r}")
+        raise StratalignError(f"validation must be one of {', '.join(VALIDATION_CHOICES)}, not {choice!r}")
     has_val = len(ds.pairs("val")[0]) > 0
     if choice == "split" and not has_val:
-        raise StratalignError(f"dataset {ds.name!r} has no val split: use validation 'carve' (or 'auto') to carve "
-                              "validation pairs from the train split")
-    return SPLIT if choice == "split" or (choice == "auto" and has_val) else CARVED
+        raise StratalignError(f"dataset {ds.name!r} has no val split: use validation 'kfold' (or 'auto', or "
+                              "'carve' to carve validation pairs from the train split)")
+    if choice == "auto":
+        return SPLIT if has_val else CARVED
+    return {"split": SPLIT, "carve": CARVED, "kfold": KFOLD}[choice]
+
+
+def cell_validation(ds: PairDataset, choice: str = "auto") -> str:
+    """The validation of a cell (one choice over its seeds, stages.runs.cells): auto = the dataset's val split when
+    it has at least MIN_VAL_PAIRS pairs, k-fold otherwise (no val split, or a very small one); any other choice as
+    `validation_source` reads it."""
+    if choice == "auto":
+        return SPLIT if len(ds.pairs("val")[0]) >= MIN_VAL_PAIRS else KFOLD
+    return validation_source(ds, choice)
 
 
 def validation_pairs(ds: PairDataset, source: str, val_fraction: float, seed: int) -> tuple[PairRows, PairRows]:
-    """(train pool, validation) pairs: the train and val splits (SPLIT), or carve_validation (CARVED)."""
+    """(train pool, validation) pairs: the train and val splits (SPLIT), carve_validation (CARVED), or the whole
+    train split and no validation pairs (KFOLD: the folds are cut from the run's training pairs, stages.folds)."""
     ds.require_train_split("train a run")
+    if source == KFOLD:
+        empty = np.zeros(0, dtype=np.int64)
+        return PairRows(*ds.pairs("train")), PairRows(empty, empty)
     if source == SPLIT:
         return PairRows(*ds.pairs("train")), PairRows(*ds.pairs("val"))
     return carve_validation(ds, val_fraction, seed)

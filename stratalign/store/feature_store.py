@@ -35,8 +35,8 @@ from stratalign.store.modality_check import refuse_other_modality
 from stratalign.store.shard_format import sharding_codec
 from stratalign.version import __version__
 
-__all__ = ["DEFAULT_SHARD_ROWS", "ENTRY_FORMATS", "FLOAT16_MAX", "FORMAT_VERSION", "LAYOUT_SHARDED", "MODALITIES",
-           "STORE_TAG", "EntrySpec", "FeatureEntry", "FeatureStore", "shard_sha"]
+__all__ = ["DEFAULT_SHARD_ROWS", "ENTRY_FORMATS", "FLOAT16_MAX", "FORMAT_VERSION", "LAYOUT_SHARDED", "MODALITIES", "STORE_TAG",
+           "EntrySpec", "FeatureEntry", "FeatureStore", "shard_sha"]
 
 STORE_TAG = "stratalign-store"
 
@@ -342,26 +342,27 @@ class FeatureStore:
         return entry
 
     def complete_entries(self, dataset: str, encoder: str, pooling: str | None = None,
-                         modality: str | None = None) -> list[FeatureEntry]:
-        """Every complete entry of (dataset, encoder spec[, pooling]) matching the dataset's current content (its
-        fingerprint read from dataset.json; the entries from the listing this object holds, listed again when it
-        holds none that is complete)."""
+                         modality: str | None = None, precision: str | None = None) -> list[FeatureEntry]:
+        """Every complete entry of (dataset, encoder spec[, pooling][, forward precision]) of the dataset's content
+        (dataset.json's fingerprint), from the listing held (listed again when none is complete); fp32 first."""
         content = self.dataset_meta(dataset).get("content_fingerprint")
         for fresh in (False, True)[:1 + (self._listing is not None)]:  # held: listed again if it has none complete
             matches = [e for e in self.entries(fresh=fresh)
                        if e.spec.dataset == dataset and e.spec.encoder_spec == encoder
                        and (pooling is None or e.spec.pooling == pooling)
                        and (modality is None or e.spec.modality == modality)
+                       and (precision is None or e.spec.precision == precision)
                        and e.spec.content_fingerprint == content]
             complete = [e for e in matches if e.is_complete()]
             if complete:
                 break
-        hint = f"stratalign extract --dataset {dataset} --encoder {encoder}"
+        flag = "" if precision in (None, "fp32") else f" --precision {precision}"
+        hint = f"stratalign extract --dataset {dataset} --encoder {encoder}{flag}"
         if not matches and modality is not None:
             refuse_other_modality(self, dataset, encoder, modality, content)
         if not matches:
-            raise StratalignError(f"no features of {encoder} for dataset {dataset!r}"
-                                  f"{f' with pooling {pooling}' if pooling else ''}; run: {hint}")
+            how = (f" with pooling {pooling}" if pooling else "") + (f" from a {precision} forward" if precision else "")
+            raise StratalignError(f"no features of {encoder} for dataset {dataset!r}{how}; run: {hint}")
         if not complete:
             raise StratalignError(f"features of {encoder} for {dataset!r} are incomplete; finish them with: {hint}")
         # fp32 forwards before other precisions, then the newest layout first (stable: key order otherwise)
@@ -372,9 +373,9 @@ class FeatureStore:
         return complete
 
     def find_entry(self, dataset: str, encoder: str, pooling: str | None = None,
-                   modality: str | None = None) -> FeatureEntry:
-        """The complete entry of (dataset, encoder spec[, pooling]) matching the dataset's current content."""
-        return self.complete_entries(dataset, encoder, pooling, modality)[0]
+                   modality: str | None = None, precision: str | None = None) -> FeatureEntry:
+        """The complete entry of (dataset, encoder spec[, pooling][, precision]) matching the dataset's content."""
+        return self.complete_entries(dataset, encoder, pooling, modality, precision)[0]
 
     def features(self, dataset: str, encoder: str, layer: int | str, pooling: str | None = None,
                  rows: np.ndarray | None = None) -> np.ndarray:

@@ -134,13 +134,16 @@ def graph_key(vision_entry: str, vision_layer: int, text_entry: str, text_layer:
 
 
 def extract_record_key(dataset: str, content_fingerprint: str, encoder: str, poolings: Sequence[str], dtype: str,
-                       shard_rows: int) -> str:
+                       shard_rows: int, precision: str = "fp32") -> str:
     """Extraction record (store.extract_records) of one extraction request: <dataset>--<encoder>--<hash>. v1
     recipe: compact, sorted, 16 hex characters of everything the request names (the encoder by its spec string,
-    the poolings as requested: empty for the encoder's default) and the store format."""
-    h = content_hash({"dataset": dataset, "content_fingerprint": content_fingerprint, "encoder": encoder,
-                      "poolings": list(poolings), "dtype": dtype, "shard_rows": int(shard_rows),
-                      "format_version": FORMAT_VERSION}, length=16)
+    the poolings as requested: empty for the encoder's default, the forward precision when not fp32, so fp32
+    records keep their keys) and the store format."""
+    request = {"dataset": dataset, "content_fingerprint": content_fingerprint, "encoder": encoder,
+               "poolings": list(poolings), "dtype": dtype, "shard_rows": int(shard_rows), "format_version": FORMAT_VERSION}
+    if precision != "fp32":
+        request["precision"] = precision
+    h = content_hash(request, length=16)
     return f"{slug(dataset, 50)}--{slug(encoder, 50)}--{h}"
 
 

@@ -23,8 +23,10 @@ def _index(a: Any, name: str, n: int) -> np.ndarray:
 
 
 def check_inputs(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray,
-                 val_idx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(train rows, validation rows) as int64 after checking shapes, dtypes, ranges and overlap."""
+                 val_idx: np.ndarray | None, *, fixed_stop: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train rows, validation rows) as int64 after checking shapes, dtypes, ranges and overlap. fixed_stop: the run
+    stops at a given step (`stop_step`), so its validation rows choose nothing and may be rows it trains on (the
+    k-fold refit monitors some of its own pairs, docs/method.md § 3.8)."""
     for name, x in (("x_img", x_img), ("x_txt", x_txt)):
         if not hasattr(x, "ndim") or x.ndim != 2:
             raise StratalignError(f"{name} must be a 2-D array (pairs x features), got {getattr(x, 'shape', x)!r}")
@@ -42,7 +44,7 @@ def check_inputs(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray,
     if len(va) < 2:
         raise StratalignError(f"val_idx needs at least 2 pairs for early stopping, got {len(va)}")
     both = np.intersect1d(tr, va)
-    if both.size:
+    if both.size and not fixed_stop:
         raise StratalignError(f"train_idx and val_idx overlap in {both.size} rows, e.g. {both[:5].tolist()}")
     return tr, va
 

@@ -80,7 +80,7 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
         obj = _check_objective(spec.cfg, spec.graphs)
         if obj.training is not Training.GRADIENT:
             raise StratalignError(f"objective {obj.name} is not trained as aligned heads: use fit_objective")
-        tr, va = check_inputs(x_img, x_txt, spec.train_idx, spec.val_idx)
+        tr, va = check_inputs(x_img, x_txt, spec.train_idx, spec.val_idx, fixed_stop=spec.cfg.stop_step is not None)
         targets = spec.targets if spec.targets is not None else ValidationTargets.pairs_only(len(va))
         checked.append((spec, obj, tr, va, targets, selection_of(spec.cfg, targets)))
     devs = {str(resolve_device(s.cfg.device)) for s in specs}
@@ -123,7 +123,7 @@ def train_comm(x_img: np.ndarray, x_txt: np.ndarray, train_idx: np.ndarray, val_
                cfg: TrainConfig, *, progress: Progress | None = None) -> TrainResult:
     """Train the CoMM fusion model (docs/method.md § 3.5) with the same loop; early stopping monitors the
     validation CoMM loss (views drawn from a fixed seed, so the yardstick does not move)."""
-    tr, va = check_inputs(x_img, x_txt, train_idx, val_idx)
+    tr, va = check_inputs(x_img, x_txt, train_idx, val_idx, fixed_stop=cfg.stop_step is not None)
     dev = resolve_device(cfg.device)
     xi, xt = to_device(x_img, tr, dev, "x_img"), to_device(x_txt, tr, dev, "x_txt")
     vi, vt = to_device(x_img, va, dev, "x_img"), to_device(x_txt, va, dev, "x_txt")

@@ -12,9 +12,10 @@ OBJECTIVES = ("clip", "clip+structure", "clip+ib", "comm", "csa")
 
 
 def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: Path) -> None:
-    # tune=False: one run per cell here (tuning is tested in tests/stages/runs/test_tune.py)
+    # tune=False: one run per cell here (tuning is tested in tests/stages/runs/test_tune.py); the slice's val split
+    # (its few pairs would make every cell a k-fold one: tests/stages/runs/test_cells_kfold.py)
     cfg = DemoConfig(limit=48, seeds=(0, 1), n_pairs=(12, None), objectives=OBJECTIVES, progress=False, tune=False,
-                     skip_n=(),
+                     validation="split", skip_n=(),
                      train_options=(("batch_size", 16), ("max_steps", 30), ("warmup_steps", 10),
                                     ("patience", 10), ("eval_every", 5)))
     out, store = tmp_path / "report", str(tmp_path / "store")
@@ -58,7 +59,8 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
 
 
 def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
-    assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None), skip_n=(("comm", 10),))
+    assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None), validation="split",
+                                                 skip_n=(("comm", 10),))
     assert DemoConfig.sized(200).n_pairs == (25, None)
     assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
     assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # docs/method.md § 4 and 3.7
@@ -92,3 +94,19 @@ def test_comm_probe_line_pairs_the_fused_probe_with_the_frozen_probe_by_seed() -
         "on the test split, against 85.0 % for the same probe on the frozen features concatenated; above it in 1 of 3 "
         "seeds (range 80.0-88.0).")
     assert comm_probe_line(runs.filter(pl.col("objective") == "clip")) is None
+
+
+def test_precision_resolves_per_machine_and_bf16_without_hardware_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    from stratalign import device as device_mod
+    from stratalign.errors import StratalignError
+
+    assert DemoConfig.sized(48, 2, "bf16").precision == "bf16" and DemoConfig().precision == "fp32"
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda dev: True)
+    assert DemoConfig(precision="auto").resolved_precision() == "bf16"
+    monkeypatch.setattr(device_mod, "bf16_supported", lambda dev: False)
+    assert DemoConfig(precision="auto").resolved_precision() == "fp32"
+    with pytest.raises(StratalignError, match="precision bf16 needs"):
+        run_demo(str(tmp_path / "store"), str(tmp_path / "out"), DemoConfig(precision="bf16"), log=lambda _: None)
+    assert not (tmp_path / "store").exists()  # refused before the store was created

@@ -138,11 +138,13 @@ def test_dataset_without_val_split_carves_and_says_so(tmp_path: Path, grouped_ta
                                                         for i, line in enumerate(text[1:])]) + "\n")
     out = _cli("ingest", "table", "--table", str(table), "--split-col", "split", "--name", "noval",
                store=tmp_path / "store")
-    assert out.returncode == 0 and "has no val split; runs will carve" in out.stdout
-    from stratalign.stages.subsets import CARVED, SPLIT, validation_pairs, validation_source
+    said = " ".join(out.stdout.split())
+    assert out.returncode == 0 and "has no val split; sweeps and `train --tune` will choose each cell's" in said
+    assert "k-fold cross-validation" in said and "a lone run carves 10 %" in said
+    from stratalign.stages.subsets import CARVED, KFOLD, SPLIT, cell_validation, validation_pairs, validation_source
 
     ds = FeatureStore.open(str(tmp_path / "store"), "r").dataset("noval")
-    assert validation_source(ds) == CARVED
+    assert validation_source(ds) == CARVED and cell_validation(ds) == KFOLD
     with pytest.raises(StratalignError, match="has no val split"):
         validation_source(ds, "split")
     pool, val = validation_pairs(ds, CARVED, 0.2, seed=0)

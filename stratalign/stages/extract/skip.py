@@ -23,7 +23,8 @@ from stratalign.store.keys import extract_record_key, prompt_key
 
 
 def record_key(ds: PairDataset, spec: str, cfg: ExtractConfig) -> str:
-    return extract_record_key(ds.name, ds.content_fingerprint, spec, cfg.poolings, cfg.dtype, cfg.shard_rows)
+    return extract_record_key(ds.name, ds.content_fingerprint, spec, cfg.poolings, cfg.dtype, cfg.shard_rows,
+                              cfg.precision)
 
 
 def known_complete(store: FeatureStore, ds: PairDataset, spec: str, cfg: ExtractConfig,
@@ -67,7 +68,7 @@ def remember(store: FeatureStore, ds: PairDataset, spec: str, cfg: ExtractConfig
     if not all(store.entry_exists(k) and store.entry(k).is_complete() for k in report.entries):
         return False
     request = {"dataset": ds.name, "content_fingerprint": ds.content_fingerprint, "encoder": spec,
-               "poolings": list(cfg.poolings), "dtype": cfg.dtype, "shard_rows": cfg.shard_rows}
+               "poolings": list(cfg.poolings), "dtype": cfg.dtype, "shard_rows": cfg.shard_rows, "precision": cfg.precision}
     extract_records.save(store, record_key(ds, spec, cfg),
                          {"request": request, "identity": identity, "entries": list(report.entries)})
     return True

@@ -12,6 +12,10 @@ Two passes, every run an ordinary content-addressed run (reused when the store h
 2. final: each seed trains again with the chosen knobs and stops at the chosen step (`stop_step`: the same
    trajectory as its selection run up to there). These are the cell's runs, the ones reports compare. A
    closed-form fit (CSA) has no step: the chosen point's selection runs are final.
+With k-fold validation (a dataset with no or a very small val split) a point's selection runs are one per seed
+and fold (each fold held out, the others trained on), their curves are averaged over seeds and folds alike, and
+the final runs are refits: every training pair of the seed, the chosen knobs, stopped at the chosen step (a
+closed-form fit is fitted again on every pair).
 Every objective of a comparison goes through these same passes with the same rule, so nothing here can favour
 one objective over its baseline. No test number is read.
 """
@@ -29,6 +33,7 @@ from stratalign.core.objectives import EDGE_RULES, Objective, Selection, objecti
 from stratalign.errors import StratalignError
 from stratalign.stages.runs.config import RunConfig
 from stratalign.stages.runs.training import train_runs
+from stratalign.stages.subsets import KFOLD, cell_validation
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.train.validation import SELECT_METRICS, check_select
@@ -39,7 +44,8 @@ MAX_EXTENSIONS = 3  # steps past a grid's edge, per knob and direction
 
 @dataclass(frozen=True)
 class PointResult:
-    """One grid point of a cell: its knobs, its selection runs (one per seed) and their mean validation curve."""
+    """One grid point of a cell: its knobs, its selection runs (one per seed, or per seed and fold, seed-major)
+    and their mean validation curve; `curves` holds each run's values at `steps`, `folds` each run's fold."""
 
     knobs: dict[str, Any]
     runs: tuple[str, ...]
@@ -47,6 +53,18 @@ class PointResult:
     mean: tuple[float, ...]
     best_step: int | None  # None for a closed-form fit
     best_value: float
+    curves: tuple[tuple[float, ...], ...] = ()
+    folds: tuple[int | None, ...] = ()
+
+    def per_fold(self) -> list[dict[str, Any]]:
+        """Per fold (k-fold cells): its runs and its curve averaged over the seeds (the evidence `mean` averages)."""
+        out = []
+        for f in sorted({f for f in self.folds if f is not None}):
+            idx = [i for i, g in enumerate(self.folds) if g == f]
+            curve = np.mean([self.curves[i] for i in idx], axis=0)
+            out.append({"fold": f, "run_ids": [self.runs[i] for i in idx],
+                        "curve": [[s, float(m)] for s, m in zip(self.steps, curve)]})
+        return out
 
 
 @dataclass(frozen=True)
@@ -66,6 +84,7 @@ class CellChoice:
     trained: int = 0
     tried: int = 0
     extended: dict[str, list[Any]] = field(default_factory=dict)
+    folds: int = 0  # k of k-fold validation (0: the val split or carved pairs)
 
     def label(self) -> str:
         """e.g. 'lam=30, step 80' (the knobs chosen and the step)."""
@@ -73,12 +92,15 @@ class CellChoice:
 
     def record(self) -> dict[str, Any]:
         """JSON-able record kept beside each final run (store.runs.save_tuning)."""
-        return {"rule": "one choice per cell: validation averaged over the cell's seeds", "metric": self.metric,
-                "key": self.key, "split": "validation", "seeds": list(self.seeds), "chosen": self.knobs,
+        kfold = {"validation": "kfold", "folds": self.folds, "final": "refit on every training pair"} if self.folds else {}
+        rule = "seeds and folds" if self.folds else "seeds"
+        return {"rule": f"one choice per cell: validation averaged over the cell's {rule}", "metric": self.metric,
+                "key": self.key, "split": "validation", **kfold, "seeds": list(self.seeds), "chosen": self.knobs,
                 "step": self.step, "value": self.value, "on_edge": list(self.on_edge),
                 "extended": {k: list(v) for k, v in self.extended.items()}, "final_runs": list(self.final),
                 "grid": [{"knobs": p.knobs, "run_ids": list(p.runs), "run_id": p.runs[0], "best_step": p.best_step,
-                          "value": p.best_value, "curve": [[s, m] for s, m in zip(p.steps, p.mean)]}
+                          "value": p.best_value, "curve": [[s, m] for s, m in zip(p.steps, p.mean)],
+                          **({"per_fold": p.per_fold()} if self.folds else {})}
                          for p in self.points]}
 
 
@@ -99,16 +121,26 @@ class _Cell:
     base_options: tuple[tuple[str, Any], ...]
     fixed: dict[str, Any]
     points: list[dict[str, Any]]
+    folds: tuple[int | None, ...] = (None,)  # the selection runs of a seed: one per fold (k-fold), else one
     results: dict[int, PointResult] = field(default_factory=dict)  # point index -> result
     extensions: dict[tuple[str, int], int] = field(default_factory=dict)  # (knob, direction) -> steps taken
     extended: dict[str, list[Any]] = field(default_factory=dict)
     trained: int = 0  # runs this call trained (the others were in the store)
 
-    def run_config(self, point: dict[str, Any], seed: int, stop_step: int | None = None) -> RunConfig:
+    def run_config(self, point: dict[str, Any], seed: int, stop_step: int | None = None,
+                   fold: int | None = None) -> RunConfig:
         options = self.base_options + tuple(point.items())
         if stop_step is not None:
             options += (("stop_step", stop_step),)
-        return replace(self.cfg, seed=seed, options=options)
+        return replace(self.cfg, seed=seed, options=options, fold=fold)
+
+    def selection_configs(self, i: int) -> list[RunConfig]:
+        """Point i's selection runs: per seed, one per fold (k-fold) or one."""
+        return [self.run_config(self.points[i], s, fold=f) for s in self.seeds for f in self.folds]
+
+    @property
+    def kfold(self) -> bool:
+        return self.folds != (None,)
 
     @property
     def curve_key(self) -> tuple[str, bool]:
@@ -122,8 +154,10 @@ def _cell_metric(cfg: RunConfig, metric: str | None) -> str:
     return check_select(chosen)
 
 
-def _cells(cfgs: Sequence[RunConfig], tune: bool, metric: str | None) -> tuple[list[_Cell], list[tuple[int, int]]]:
-    """The cells of `cfgs` (one per config that differs only in its seed) and, per config, (cell, seed index)."""
+def _cells(store: FeatureStore, cfgs: Sequence[RunConfig], tune: bool,
+           metric: str | None) -> tuple[list[_Cell], list[tuple[int, int]]]:
+    """The cells of `cfgs` (one per config that differs only in its seed; a config's fold is left out, as the
+    cell's folds are all trained) and, per config, (cell, seed index)."""
     cells: list[_Cell] = []
     index: dict[str, int] = {}
     where = []
@@ -132,12 +166,16 @@ def _cells(cfgs: Sequence[RunConfig], tune: bool, metric: str | None) -> tuple[l
         grid = dict(objective.grid) if tune else {}
         fixed = {k: v for k, v in cfg.options if k in grid}
         base = tuple((k, v) for k, v in cfg.options if k not in grid and k != "stop_step")
-        key = repr(replace(cfg, seed=0, options=base))
+        key = repr(replace(cfg, seed=0, options=base, fold=None))
         if key not in index:
             points = grid_points(objective, fixed) if grid else [{}]
             index[key] = len(cells)
-            cells.append(_Cell(replace(cfg, seed=0, options=base), [], objective, _cell_metric(cfg, metric), base,
-                               fixed, points))
+            source = cell_validation(store.dataset(cfg.dataset), cfg.validation)
+            kfold = source == KFOLD  # its runs name their validation (a lone run's auto never means k-fold)
+            cell_cfg = replace(cfg, seed=0, options=base, fold=None,
+                               validation="kfold" if kfold else cfg.validation)
+            cells.append(_Cell(cell_cfg, [], objective, _cell_metric(cfg, metric), base, fixed, points,
+                               tuple(range(cfg.folds)) if kfold else (None,)))
         cell = cells[index[key]]
         if cfg.seed not in cell.seeds:
             cell.seeds.append(cfg.seed)
@@ -153,7 +191,8 @@ def grid_points(objective: Objective, fixed: dict[str, Any]) -> list[dict[str, A
 
 
 def _point_result(cell: _Cell, point: dict[str, Any], metrics: list[dict[str, Any]]) -> PointResult:
-    """The mean validation curve over the cell's seeds, at the steps every seed evaluated, and its best step."""
+    """The mean validation curve over the cell's seeds (and folds), at the steps every run evaluated, and its best
+    step."""
     key, higher = cell.curve_key
     closed = cell.objective.selection is Selection.CLOSED_FORM
     curves = []
@@ -174,7 +213,8 @@ def _point_result(cell: _Cell, point: dict[str, Any], metrics: list[dict[str, An
         raise StratalignError(f"every validation {key} of {cell.cfg.objective} is non-finite: nothing to choose from")
     best = finite[np.argmax(mean[finite])] if higher else finite[np.argmin(mean[finite])]  # first on a tie
     return PointResult(point, tuple(m["run_id"] for m in metrics), tuple(steps), tuple(float(v) for v in mean),
-                       None if closed else steps[best], float(mean[best]))
+                       None if closed else steps[best], float(mean[best]),
+                       tuple(tuple(float(v) for v in row) for row in table), cell.folds * len(cell.seeds))
 
 
 def _best(cell: _Cell) -> int:
@@ -231,13 +271,13 @@ def choose_cells(store: FeatureStore, cfgs: Sequence[RunConfig], *, tune: bool =
     tune: choose the knobs of each objective's grid too (else each cell is its one point and only the step is
     chosen). metric: the validation metric (default: the cells' --select, else rsum; CoMM chooses on its own loss).
     Returns the cells' choices and, per config of `cfgs`, the run id of its final run."""
-    cells, where = _cells(cfgs, tune, metric)
+    cells, where = _cells(store, cfgs, tune, metric)
     pending = [(c, i) for c in cells for i in range(len(c.points))]
     while pending:
-        configs = [cell.run_config(cell.points[i], s) for cell, i in pending for s in cell.seeds]
+        configs = [cfg for cell, i in pending for cfg in cell.selection_configs(i)]
         results = iter(train_runs(store, configs, force=force, progress=progress))
         for cell, i in pending:
-            got = [next(results) for _ in cell.seeds]
+            got = [next(results) for _ in range(len(cell.seeds) * len(cell.folds))]
             cell.trained += sum(not r.get("skipped") for r in got)
             cell.results[i] = _point_result(cell, cell.points[i], got)
         pending = []
@@ -255,8 +295,9 @@ def choose_cells(store: FeatureStore, cfgs: Sequence[RunConfig], *, tune: bool =
                             best.knobs, best.best_step, best.best_value,
                             tuple(cell.results[i] for i in sorted(cell.results)), _on_edge(cell, best.knobs),
                             tuple(final), trained=cell.trained + done,
-                            tried=len(cell.points) * len(cell.seeds) + (len(final) if best.best_step is not None else 0),
-                            extended=dict(cell.extended))
+                            tried=len(cell.points) * len(cell.seeds) * len(cell.folds)
+                            + (len(final) if best.best_step is not None or cell.kfold else 0),
+                            extended=dict(cell.extended), folds=len(cell.folds) if cell.kfold else 0)
         for rid in final:
             registry.save_tuning(rid, choice.record())
         choices.append(choice)
@@ -266,12 +307,13 @@ def choose_cells(store: FeatureStore, cfgs: Sequence[RunConfig], *, tune: bool =
 def _final_runs(store: FeatureStore, cells: list[_Cell], force: bool,
                 progress: bool) -> list[tuple[list[str], int]]:
     """Per cell, (its final run ids in seed order, how many runs trained): every seed with the chosen knobs, stopped
-    at the chosen step; a closed-form cell's chosen selection runs as they are."""
+    at the chosen step (k-fold: the refit on every training pair); a closed-form cell's chosen selection runs as they
+    are (k-fold: fitted again on every training pair)."""
     out: list[tuple[list[str], int] | None] = []
     configs: list[RunConfig] = []
     for cell in cells:
         best = cell.results[_best(cell)]
-        if best.best_step is None:
+        if best.best_step is None and not cell.kfold:
             out.append((list(best.runs), 0))
             continue
         out.append(None)

@@ -16,8 +16,11 @@ from typing import Any, Sequence
 from stratalign.core.layer_rule import LayerRule
 from stratalign.core.objectives import Selection, objective_named
 from stratalign.errors import StratalignError, require_int
+from stratalign.stages.folds import DEFAULT_FOLDS, check_folds, fold_split
 from stratalign.stages.subsets import (
     CARVED,
+    KFOLD,
+    REFIT,
     PairRows,
     draw_subset,
     drop_bad_pairs,
@@ -50,11 +53,20 @@ class RunConfig:
     n_pairs: int | None = None
     seed: int = 0
     val_fraction: float = 0.1  # of the train split, when validation pairs are carved from it
-    validation: str = "auto"  # auto (the dataset's val split if it has one, else carved) | split | carve
+    # auto | split | carve | kfold. A lone run's auto: the dataset's val split if it has one, else carved; a cell's
+    # auto (stages.runs.cells): the val split if it has >= subsets.MIN_VAL_PAIRS pairs, else kfold
+    validation: str = "auto"
+    folds: int = DEFAULT_FOLDS  # k of k-fold cross-validation (validation kfold)
+    # k-fold: the fold held out as validation (a selection run); None: the refit on every training pair, which
+    # trains to a given stop_step (stages.runs.cells chooses it over the folds)
+    fold: int | None = None
     ids_file: str | None = None
     ids_kind: str = "caption"
     vision_pooling: str | None = None
     text_pooling: str | None = None
+    # the features' forward precision (fp32 | bf16: `extract --precision`); None: fp32 features first. The entry
+    # key, and so the run id, differs per precision.
+    feature_precision: str | None = None
     options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)  # TrainConfig overrides (win over preset)
     # trainer schedule (train.presets): auto (cpu or gpu by the machine; the default here as in the CLI, so Python
     # and the CLI train the same run for the same request) | cpu | gpu | paper. None: TrainConfig's own defaults
@@ -71,6 +83,7 @@ class RunConfig:
             require_int(self.n_pairs, "--n-pairs", 1)
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
             raise StratalignError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction!r}")
+        check_folds(self.folds, self.fold)
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,9 @@ class ResolvedRun:
     ids_kind: str
     train: dict[str, Any]  # TrainConfig as JSON (tuples as lists)
     bad_pairs_dropped: int = 0  # train/val pairs with a --skip-bad placeholder row; in the id only when > 0
-    validation: str = CARVED  # "split" (the dataset's val split) or "carved"; in the id only when "split"
+    validation: str = CARVED  # split | carved | kfold | refit (subsets); in the id unless "carved"
+    folds: int = 0  # k of a k-fold run (kfold, refit); in the id only then
+    fold: int | None = None  # the held-out fold of a kfold run; in the id only then
     run_id: str = ""
     preset: str | None = None
     subset: PairRows | None = field(default=None, compare=False, repr=False)
@@ -129,10 +144,21 @@ class ResolvedRun:
             del out["bad_pairs_dropped"]
         if self.validation == CARVED:
             del out["validation"]
+        if self.validation not in (KFOLD, REFIT):
+            del out["folds"]
+        if self.validation != KFOLD:
+            del out["fold"]
         return out
 
     def validation_note(self) -> str:
         """Where the validation pairs came from, in words (what a run prints)."""
+        if self.validation == KFOLD:
+            return (f"validation: fold {self.fold} of {self.folds} of the training pairs ({self.n_val} pairs held "
+                    f"out; k-fold cross-validation, the dataset has no or a very small val split)")
+        if self.validation == REFIT:
+            return (f"validation: none held out; the refit on all {self.n_train} training pairs, stopped at the step "
+                    f"chosen over {self.folds} folds (its curve is measured on {self.n_val} of its own training "
+                    "pairs: a monitor, not a choice)")
         if self.validation == CARVED:
             return (f"validation: {self.n_val} pairs carved from the train split ({self.val_fraction:.0%} of its "
                     "images; the dataset has no val split, or carving was asked for)")
@@ -148,13 +174,14 @@ class ResolvedRun:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ResolvedRun:
         """The run described by a saved config.json (without its pairs)."""
-        optional = ("subset", "val", "inputs", "bad_pairs_dropped", "validation", "preset")
+        optional = ("subset", "val", "inputs", "bad_pairs_dropped", "validation", "folds", "fold", "preset")
         names = [f.name for f in fields(cls) if f.name not in optional]
         missing = [n for n in names if n not in config]
         if missing:
             raise StratalignError(f"run config {config.get('run_id', '?')} lacks {missing}: not a stratalign run")
         return cls(**{n: config[n] for n in names}, bad_pairs_dropped=int(config.get("bad_pairs_dropped", 0)),
-                   validation=str(config.get("validation", CARVED)), preset=config.get("preset"))
+                   validation=str(config.get("validation", CARVED)), folds=int(config.get("folds", 0)),
+                   fold=config.get("fold"), preset=config.get("preset"))
 
 
 _NOT_IDENTITY = ("run_id", "preset", "subset", "val", "inputs")
@@ -171,8 +198,8 @@ def inputs_of(store: FeatureStore, run: ResolvedRun) -> RunInputs:
 def run_entries(store: FeatureStore, cfg: RunConfig, dataset: str | None = None) -> tuple[FeatureEntry, FeatureEntry]:
     """The (vision, text) feature entries a run config names."""
     ds = dataset or cfg.dataset
-    v = store.find_entry(ds, cfg.vision, cfg.vision_pooling, modality="image")
-    t = store.find_entry(ds, cfg.text, cfg.text_pooling, modality="text")
+    v = store.find_entry(ds, cfg.vision, cfg.vision_pooling, modality="image", precision=cfg.feature_precision)
+    t = store.find_entry(ds, cfg.text, cfg.text_pooling, modality="text", precision=cfg.feature_precision)
     return v, t
 
 
@@ -294,6 +321,9 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
     v, t = run_entries(store, cfg)
     vl, tl, rule = _layer_pair(store, cfg, v, t)
     source = validation_source(ds, cfg.validation)
+    if cfg.fold is not None and source != KFOLD:
+        raise StratalignError(f"fold={cfg.fold} names a fold of k-fold cross-validation, and this run validates on "
+                              f"{source} pairs: give validation='kfold', or no fold")
     pool, val = validation_pairs(ds, source, cfg.val_fraction, cfg.seed)
     (pool, pool_dropped), (val, val_dropped) = drop_bad_pairs(pool, v, t), drop_bad_pairs(val, v, t)
     if cfg.ids_file:
@@ -303,16 +333,38 @@ def resolve_run(store: FeatureStore, cfg: RunConfig) -> ResolvedRun:
     else:
         subset = draw_subset(pool, cfg.n_pairs, cfg.seed)
         ids_sha = None
+    n_pairs = cfg.n_pairs if cfg.n_pairs is not None else len(subset)
+    train = _train_settings(cfg, preset)
+    if source == KFOLD:
+        source, subset, val = _kfold_pairs(ds, cfg, subset, train)
     run = ResolvedRun(
         dataset=cfg.dataset, dataset_fingerprint=ds.fingerprint, vision=cfg.vision, text=cfg.text,
         vision_entry=v.key, text_entry=t.key, vision_layer=vl, text_layer=tl, layer_rule=rule,
         vision_layer_name=v.spec.layer_names[vl], text_layer_name=t.spec.layer_names[tl],
         head=cfg.head, objective=cfg.objective, seed=cfg.seed,
-        n_pairs=cfg.n_pairs if cfg.n_pairs is not None else len(subset), n_train=len(subset), n_val=len(val),
-        val_fraction=cfg.val_fraction, ids_sha=ids_sha, ids_kind=cfg.ids_kind, train=_train_settings(cfg, preset),
-        bad_pairs_dropped=pool_dropped + val_dropped, validation=source, preset=preset, subset=subset, val=val,
-        inputs=RunInputs(ds, v, t))
+        n_pairs=n_pairs, n_train=len(subset), n_val=len(val), val_fraction=cfg.val_fraction, ids_sha=ids_sha,
+        ids_kind=cfg.ids_kind, train=train, bad_pairs_dropped=pool_dropped + val_dropped, validation=source,
+        folds=cfg.folds if source in (KFOLD, REFIT) else 0, fold=cfg.fold if source == KFOLD else None,
+        preset=preset, subset=subset, val=val, inputs=RunInputs(ds, v, t))
     return replace(run, run_id=run_id_of(run.identity()))
+
+
+def _kfold_pairs(ds: PairDataset, cfg: RunConfig, pairs: PairRows,
+                 train: dict[str, Any]) -> tuple[str, PairRows, PairRows]:
+    """(source, training pairs, validation pairs) of a k-fold run over its drawn training pairs `pairs`: fold f
+    held out (KFOLD), or the refit (REFIT: every pair trains; fold 0's pairs, which it trains on too, are its
+    curve's monitor). A refit of an objective that picks a step needs that step (`stop_step`) chosen over the
+    folds first: on its own it would pick its checkpoint on pairs it trained on."""
+    if cfg.fold is not None:
+        return KFOLD, *fold_split(ds, pairs, cfg.folds, cfg.fold, cfg.seed)
+    if train.get("stop_step") is None and objective_named(cfg.objective).selection is not Selection.CLOSED_FORM:
+        raise StratalignError(
+            f"validation kfold without a fold is the refit on every training pair, and it needs the step chosen "
+            f"over the {cfg.folds} folds: train it with stages.runs.cells.choose_cells or tune_run (`stratalign "
+            "train` and `sweep` do), or give fold=, or validation='carve' (dataset "
+            f"{ds.name!r} has {len(ds.pairs('val')[0])} val pairs)")
+    _, monitor = fold_split(ds, pairs, cfg.folds, 0, cfg.seed)
+    return REFIT, pairs, monitor
 
 
 def _jsonable(obj: Any) -> Any:

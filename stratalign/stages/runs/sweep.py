@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import numpy as np
 import polars as pl
 
 from stratalign.core.layer_rule import LayerRule
@@ -88,27 +89,54 @@ class SweepResult:
     val_curves: pl.DataFrame = field(default_factory=pl.DataFrame)  # every run's validation curve, one row a step
 
 
-def curve_table(registry: RunRegistry, runs: pl.DataFrame) -> pl.DataFrame:
+def curve_table(registry: RunRegistry, runs: pl.DataFrame, held_out: dict[str, list[str]] | None = None) -> pl.DataFrame:
     """The validation curves of the runs (rsum, zero-shot top-1, CLIP loss, lambda per evaluation step), one
-    row per (run, step) with the cell columns; runs recorded before curves held every yardstick are left out."""
+    row per (run, step) with the cell columns; runs recorded before curves held every yardstick are left out.
+    held_out: a k-fold refit's fold runs (its own curve is measured on pairs it trained on): its rows are their
+    mean at the steps all of them evaluated."""
     rows = []
     for r in runs.select("run", "objective", "layer_rule", "n_pairs", "seed").to_dicts():
-        for point in registry.metrics(r["run"]).get("val_curve") or []:
-            if isinstance(point, dict):
-                rows.append({**r, "method": method_label(r["objective"], r["layer_rule"]), **point})
+        for point in _curve(registry, (held_out or {}).get(r["run"]) or [r["run"]]):
+            rows.append({**r, "method": method_label(r["objective"], r["layer_rule"]), **point})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
+def _curve(registry: RunRegistry, run_ids: list[str]) -> list[dict[str, Any]]:
+    """The validation curve of one run, or the mean curve of several at the steps every one evaluated."""
+    curves = [{p["step"]: p for p in registry.metrics(rid).get("val_curve") or [] if isinstance(p, dict)}
+              for rid in run_ids]
+    if len(curves) == 1:
+        return list(curves[0].values())
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    keys = [k for k in curves[0][steps[0]] if k != "step"] if steps else []
+    return [{"step": s, **{k: float(np.mean([c[s][k] for c in curves])) for k in keys
+                           if all(isinstance(c[s].get(k), (int, float)) for c in curves)}} for s in steps]
+
+
+def held_out_runs(choices: list[CellChoice]) -> dict[str, list[str]]:
+    """Per k-fold refit (a final run of a k-fold cell), its seed's fold runs at the chosen point."""
+    out = {}
+    for c in choices:
+        if not c.folds:
+            continue
+        point = next(p for p in c.points if p.knobs == c.knobs)
+        for j, rid in enumerate(c.final):  # selection runs are seed-major: a seed's k fold runs in a row
+            out[rid] = list(point.runs[j * c.folds:(j + 1) * c.folds])
+    return out
+
+
 def tuning_table(choices: list[CellChoice]) -> pl.DataFrame:
-    """One row per grid point of every cell: the cell, the knob values, the mean validation value over the cell's
-    seeds at the point's best step, that step, whether the cell chose it, and whether the choice sat on an edge."""
+    """One row per grid point of every cell: the cell, the knob values, k of its k-fold validation (0: none), the
+    mean validation value over the cell's seeds (and folds) at the point's best step, that step, whether the cell
+    chose it, and whether the choice sat on an edge."""
     rows = []
     for c in choices:
         for point in c.points:
             rows.append({"objective": c.cell.objective, "layer_rule": c.cell.layers, "head": c.cell.head,
                          "n_pairs": c.cell.n_pairs, "seeds": len(c.seeds),
                          "knobs": ", ".join(f"{k}={v}" for k, v in point.knobs.items()),
-                         "metric": f"val_{c.metric}", "value": point.best_value, "step": point.best_step,
+                         "folds": c.folds, "metric": f"val_{c.metric}", "value": point.best_value,
+                         "step": point.best_step,
                          "chosen": point.knobs == c.knobs, "on_edge": ", ".join(c.on_edge),
                          "runs": " ".join(point.runs)})
     return pl.DataFrame(rows, infer_schema_length=None)
@@ -162,8 +190,8 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     if majority is not None:
         board = board.with_columns(pl.lit(majority).alias("zs_majority"))
     result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons,
-                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs), choices=choices,
-                         intervals=intervals, majority=majority)
+                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs, held_out_runs(choices)),
+                         choices=choices, intervals=intervals, majority=majority)
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
     return result

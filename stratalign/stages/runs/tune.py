@@ -16,7 +16,7 @@ from stratalign.stages.runs.config import RunConfig
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
-__all__ = ["TunedRun", "grid_points", "tune_run", "tune_runs"]
+__all__ = ["TunedRun", "grid_points", "tune_run", "tune_runs", "tuned_run"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,11 @@ def tune_runs(store: FeatureStore, cfgs: list[RunConfig], *, metric: str | None 
     by_run = {rid: c for c in choices for rid in c.final}
     registry = RunRegistry(store)
     return [_tuned(registry, by_run[rid], rid) for rid in finals]
+
+
+def tuned_run(store: FeatureStore, choice: CellChoice) -> TunedRun:
+    """The TunedRun of a one-seed cell's choice (its final run)."""
+    return _tuned(RunRegistry(store), choice, choice.final[0])
 
 
 def _tuned(registry: RunRegistry, choice: CellChoice, run_id: str) -> TunedRun:

@@ -48,3 +48,14 @@ def test_bf16_extraction_is_its_own_entry(store_with_dataset) -> None:
         assert not np.array_equal(a, b)  # the forward really ran in bf16
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         assert cos.min() > 0.99
+    # a caller naming the precision gets that forward's entry (a bf16 demo in a store holding fp32 features)
+    assert store.find_entry("toy", "tiny-image", precision="bf16").key == bf16.key
+    assert store.find_entry("toy", "tiny-image", precision="fp32").key == fp32.key
+
+
+def test_asking_for_a_precision_the_store_lacks_names_the_extraction(store_with_dataset) -> None:
+    store, _ = store_with_dataset
+    extract(store, "toy", _cfg(), load=load_tiny)
+    assert store.find_entry("toy", "tiny-image", precision="fp32").spec.precision == "fp32"
+    with pytest.raises(StratalignError, match=r"from a bf16 forward; run: stratalign extract .* --precision bf16$"):
+        store.find_entry("toy", "tiny-image", precision="bf16")

@@ -141,3 +141,19 @@ def test_identity_of_named_and_unknown_specs() -> None:
     assert encoder_identity("efficientnet-lite0") == ident  # deterministic
     assert encoder_identity("open_clip:ViT-B-32") is None and encoder_identity("timm:resnet18") is None
     assert encoder_identity("hf:some-org/some-model") is None  # a hub id while online: only a load can tell
+
+
+@pytest.mark.skipif(not __import__("stratalign.device", fromlist=["x"]).bf16_supported(torch.device("cpu")),
+                    reason="this CPU has no avx512_bf16 / AMX")
+def test_a_bf16_request_after_an_fp32_one_encodes_its_own_entry(store_with_dataset, tmp_path: Path) -> None:
+    # the fp32 record must not answer a bf16 request (it did: `demo --precision bf16` reused the fp32 features)
+    store, _ = store_with_dataset
+    _weights(tmp_path / "w.npy", 0)
+    load = FileWeightsLoader(tmp_path / "w.npy")
+    fp32 = extract(store, "toy", _cfg(), load=load, identify=load.identify)
+    bf16_cfg = ExtractConfig(encoders=("tiny-image",), shard_rows=8, progress=False, precision="bf16", device="cpu")
+    bf16 = extract(store, "toy", bf16_cfg, load=load, identify=load.identify)
+    assert load.loads == 2 and bf16[0].shards_encoded == bf16[0].shards_total > 0
+    assert bf16[0].entries != fp32[0].entries and store.entry(bf16[0].entries[0]).spec.precision == "bf16"
+    again = extract(store, "toy", bf16_cfg, load=load, identify=load.identify)
+    assert load.loads == 2 and again[0].entries == bf16[0].entries  # its own record now answers it

@@ -53,7 +53,8 @@ def stage_store(tmp_path_factory):
 
 
 def _cfg(**kw) -> RunConfig:
-    base = dict(dataset="toy", vision="tiny-image", text="tiny-text", layers="last", options=FAST)
+    # the val split (a lone run's auto): the toy's small one would make a sweep's cells k-fold ones (test_cells_kfold)
+    base = dict(dataset="toy", vision="tiny-image", text="tiny-text", layers="last", options=FAST, validation="split")
     base.update(kw)
     return RunConfig(**base)
 

@@ -1,0 +1,72 @@
+"""Does bf16 change the demo's answers? (issue 30, Deliver 7)
+
+Reads a store where the demo ran twice, `stratalign demo` and `stratalign demo --precision bf16` (bf16 features
+from a bf16 forward, heads trained under bf16 autocast; other entry keys and run ids, so both live in one store).
+Every run is read back, none is trained (a run the store lacks is an error: run both demos first). Printed:
+1. per cell (objective x layers x n) and metric, bf16 - fp32 paired run by run on the seed, with the two-level
+   95 % interval (report.compare.grid_differences), and how many intervals hold 0;
+2. the demo's verdicts (each method against CLIP, same layers and last layers, every metric) under both
+   precisions side by side, and how many agree.
+Last line: `intervals holding 0: K/N; verdicts agreeing: V/M`.
+
+    python benchmarks/precision_answers.py --store stratalign-store [--limit N --seeds K] [--csv out.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import polars as pl
+
+from stratalign.report.compare import grid_differences
+from stratalign.stages.demo import DemoConfig, demo_sweep
+from stratalign.stages.runs.evaluate import run_queries
+from stratalign.stages.runs.sweep import run_sweep
+from stratalign.store.feature_store import FeatureStore
+
+VERDICT_KEY = ("comparison", "method", "baseline", "n_pairs", "metric")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default="stratalign-store")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--csv", default=None, help="also write the per-cell differences here")
+    args = ap.parse_args()
+    store = FeatureStore.open(args.store, "a")  # read back; a cell's choice record is re-saved
+    grids = {}
+    for precision in ("fp32", "bf16"):
+        cfg = DemoConfig.sized(args.limit, args.seeds, precision)
+        res = run_sweep(store, demo_sweep(cfg), None, progress=False)
+        if res.trained:
+            raise SystemExit(f"the store lacks {res.trained} run(s) of the {precision} demo: run "
+                             f"`stratalign demo --precision {precision}` on it first")
+        grids[precision] = res
+    queries = {}
+    for res in grids.values():
+        for rid in res.runs["run"].to_list():
+            got = run_queries(store, rid)
+            if got is not None:
+                queries[rid] = got[0]
+    diffs = grid_differences(grids["bf16"].runs, grids["fp32"].runs, queries)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=160, float_precision=2):
+        print("bf16 - fp32, paired by cell and seed (points of %, two-level 95 % interval):")
+        print(diffs.with_columns(pl.col("n_pairs").fill_null(-1)).sort("objective", "layer_rule", "n_pairs", "metric"))
+        verdicts = (grids["fp32"].comparisons.select(*VERDICT_KEY, pl.col("verdict").alias("fp32"),
+                                                     pl.col("diff").alias("fp32_diff"))
+                    .join(grids["bf16"].comparisons.select(*VERDICT_KEY, pl.col("verdict").alias("bf16"),
+                                                           pl.col("diff").alias("bf16_diff")),
+                          on=list(VERDICT_KEY), how="inner", nulls_equal=True))
+        changed = verdicts.filter(pl.col("fp32") != pl.col("bf16"))
+        print("verdicts that differ between the precisions:")
+        print(changed if changed.height else "(none)")
+    if args.csv:
+        diffs.write_csv(args.csv)
+    holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
+    print(f"intervals holding 0: {holding}/{diffs.height}; verdicts agreeing: "
+          f"{verdicts.height - changed.height}/{verdicts.height}")
+
+
+if __name__ == "__main__":
+    main()
