@@ -165,7 +165,9 @@ def comm_loss(z1: dict[str, torch.Tensor], z2: dict[str, torch.Tensor], tau: flo
         missing = [m for m in MASKS if m not in d]
         if missing:
             raise StratalignError(f"comm_loss: {name} lacks masks {missing}")
-    parts = [0.5 * (nt_xent(z1[m], z2["both"], tau) + nt_xent(z2[m], z1["both"], tau)) for m in MASKS]
+    # m = both: NCE(Z'', Z') is NCE(Z', Z'') with the anchors in another order (the same 2N terms), so it is computed once
+    parts = [nt_xent(z1[m], z2["both"], tau) if m == "both"
+             else 0.5 * (nt_xent(z1[m], z2["both"], tau) + nt_xent(z2[m], z1["both"], tau)) for m in MASKS]
     return torch.stack(parts).mean()
 
 
