@@ -244,8 +244,9 @@ BETA_GRID = (("beta", (0.3, 1.0, 3.0, 10.0)),)
 CSA_GRID = (("csa_k", (32, 64, 128, 256)), ("csa_ridge", (0.1, 0.3, 1.0, 3.0)))
 ASIF_GRID = (("asif_power", (4.0, 8.0, 16.0)),)
 # CoMM's fusion width d (docs/method.md § 3.5; the method leaves it free). 128 since 2026-12-06 (benchmarks/comm.py):
-# the block computes ~37 d^2 multiply-adds a view-row, so d = 512 made a CoMM step ~40x a linear-head step and a
-# CoMM run ~60x a linear run on 2 CPU cores; d = 128 is 14x cheaper and probed as well on the Twemoji pairs.
+# the block computes ~37 d^2 multiply-adds a view-row, so d = 512 made a CoMM step ~100x a linear-head step on 2 CPU
+# cores (d = 128: ~13x). Its probe on the Twemoji pairs (chosen layers, all pairs, seed 0): 79.1 % at d = 128 against
+# 80.7-85.4 % at d = 512 (5 seeds), frozen concat 87.0 %: a cost choice, `--set comm_dim=512` for the older width.
 # Runs recorded before it read d = 512 (train.config: knob unread=512).
 COMM_DIM = 128
 
