@@ -36,7 +36,8 @@ class DemoConfig:
     # clip+structure-knn is left out: it costs twice the batch form and gave the batch form's differences (demo of
     # 2026-11-25, 3 seeds); `stratalign sweep --objective clip+structure-knn` runs it
     # comm (CoMM, a fusion model scored by a linear probe) runs on the chosen layers with all pairs: since 2026-12-06
-    # a CoMM run costs a few linear-head runs (batched views, d = 128: benchmarks/comm.py), where it cost ~60
+    # (batched views, d = 128: benchmarks/comm.py) its 10 runs (5 seeds, selection + final) added ~180 s to a
+    # `demo --limit 200` sweep of 345 runs that took 747 s (~8x a linear-head run, on a loaded 2-core machine)
     objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa", "comm")
     n_pairs: tuple[int | None, ...] = (200, 500, None)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # docs/method.md § 4: at least 5 seeds where a report draws conclusions

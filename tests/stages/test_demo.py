@@ -64,7 +64,7 @@ def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
     assert DemoConfig.sized(200).n_pairs == (25, None)
     assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
     assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # docs/method.md § 4 and 3.7
-    # CoMM with all pairs only, on the chosen layers (benchmarks/comm.py: a CoMM run costs a few linear runs)
+    # CoMM with all pairs only, on the chosen layers
     assert "comm" in DemoConfig().objectives and ("last", "comm") in DemoConfig().skip
     assert DemoConfig().skip_n == (("comm", 200), ("comm", 500))
     assert DemoConfig.sized(48, 2).skip_n == (("comm", 10),)
