@@ -9,6 +9,11 @@
    as configured), CLIP with linear heads against CoMM on the same pairs, layers, preset and precision; seconds
    a run, steps taken, and the last line `comm run / linear run: X.XXx`.
 
+Caveat (2026-12-06): part 1's trainer rows swing 3-10x between runs on this machine even at low load (a fresh
+process pays ~2 s a step for its first CoMM steps at d = 512: kernel and allocator warm-up, and alternating widths
+seems to pay it again); a bare step in a warm process (fwd+bwd, no optimiser) measured d = 512 per view 674 ms,
+batched 236 ms; d = 256 batched 89 ms; CLIP's trainer 10 ms a step (2 threads, load 2-3). Trust part 2's whole runs.
+
 Run: python benchmarks/comm.py [--steps 40] [--repeats 3] [--precision fp32] [--comm-dims 512,128]
      [--store DIR --dataset twemoji --vision dinov2-s --text minilm-l6 --layers last --run-repeats 2]
 """
@@ -16,7 +21,6 @@ Run: python benchmarks/comm.py [--steps 40] [--repeats 3] [--precision fp32] [--
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,12 +78,13 @@ def step_variants(steps: int, precision: str, dims: list[int]) -> dict[str, call
 
 
 def alternate(variants: dict[str, callable], repeats: int) -> dict[str, float]:
-    """Median seconds of each variant over `repeats` rounds, the variants alternating in each round."""
+    """Least seconds of each variant over `repeats` rounds, the variants alternating in each round (the least: on a
+    shared 2-core machine a round can stall for seconds, which is the machine's load, not the variant's cost)."""
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
             times[name].append(fn())
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def whole_runs(args: argparse.Namespace) -> None:
