@@ -56,24 +56,79 @@ class CommModel(nn.Module):
 
     def fuse(self, x_img: torch.Tensor, x_txt: torch.Tensor, mask: str = "both") -> torch.Tensor:
         """CLS output of the fusion block (after the final LayerNorm); mask in image | text | both (which tokens are visible)."""
-        if mask not in MASKS:
-            raise StratalignError(f"CoMM mask must be one of {MASKS}, not {mask!r}")
-        n = x_img.shape[0]
-        seq = torch.stack([self.cls.expand(n, -1, -1)[:, 0], self.img_in(x_img), self.txt_in(x_txt)], dim=1)
-        pad = torch.zeros(n, 3, dtype=torch.bool, device=seq.device)
-        if mask == "image":
-            pad[:, 2] = True
-        elif mask == "text":
-            pad[:, 1] = True
-        h = self.ln1(seq)
-        seq = seq + self.attn(h, h, h, key_padding_mask=pad if mask != "both" else None,
-                              need_weights=False)[0]
-        seq = seq + self.mlp(self.ln2(seq))
-        return self.ln_f(seq)[:, 0]
+        return self.fuse_masks(x_img, x_txt, (mask,))[0]
+
+    def fuse_masks(self, x_img: torch.Tensor, x_txt: torch.Tensor, masks: tuple[str, ...] = MASKS) -> torch.Tensor:
+        """The CLS output under each mask, (len(masks), n, dim), computing only what the CLS output reads.
+
+        The same numbers as running the block on the 3-token sequence once per mask (tests/core/test_comm.py holds
+        that loop): only the CLS row leaves the block, so its query, attention output, MLP and final LayerNorm
+        are the only rows computed; the CLS token is one parameter, so its query, key and value are computed
+        once for the batch; the image and text tokens' keys and values are shared by every mask (a mask only
+        hides keys from the CLS query)."""
+        for m in masks:
+            if m not in MASKS:
+                raise StratalignError(f"CoMM mask must be one of {MASKS}, not {m!r}")
+        n, heads, dim = x_img.shape[0], self.attn.num_heads, self.options["dim"]
+        hd = dim // heads
+        w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
+        cls = self.cls[0]  # (1, dim)
+        q, k0, v0 = F.linear(self.ln1(cls), w, b).split(dim, dim=-1)  # the CLS token: (1, dim) each
+        tokens = self.ln1(torch.stack([self.img_in(x_img), self.txt_in(x_txt)]))  # (2, n, dim)
+        k, v = F.linear(tokens, w[dim:], b[dim:]).split(dim, dim=-1)  # (2, n, dim) each
+        q = q.view(heads, hd) * hd ** -0.5
+        s_cls = (q * k0.view(heads, hd)).sum(-1)  # (heads,)
+        s_tok = torch.einsum("tnhd,hd->tnh", k.view(2, n, heads, hd), q)  # (2, n, heads)
+        scores = torch.cat([s_cls.expand(1, n, heads), s_tok])  # (3 keys, n, heads)
+        values = torch.cat([v0.view(1, 1, heads, hd).expand(1, n, heads, hd), v.view(2, n, heads, hd)])
+        outs = []
+        for m in masks:
+            keys = _VISIBLE[m]
+            p = torch.softmax(scores[keys], dim=0)  # (visible keys, n, heads)
+            p = F.dropout(p, self.attn.dropout, self.training)
+            outs.append(torch.einsum("knh,knhd->nhd", p, values[keys]).reshape(n, dim))
+        row = cls + self.attn.out_proj(torch.stack(outs))  # (masks, n, dim)
+        row = row + self.mlp(self.ln2(row))
+        return self.ln_f(row)
 
     def forward(self, x_img: torch.Tensor, x_txt: torch.Tensor, mask: str = "both") -> torch.Tensor:
         """Projected (un-normalised) 256-d output used by the loss."""
         return self.proj(self.fuse(x_img, x_txt, mask))
+
+    def project_groups(self, fused: torch.Tensor) -> torch.Tensor:
+        """The projection of (groups, n, dim) fused rows, each group as its own `proj` call would: training-mode
+        BatchNorm takes each group's own batch statistics, and the running statistics move once per group, in
+        group order, as that many calls would move them."""
+        g, n, dim = fused.shape
+        x = fused.reshape(g * n, dim)
+        for layer in self.proj:
+            if isinstance(layer, nn.BatchNorm1d) and layer.training:
+                x = _grouped_batch_norm(layer, x.view(g, n, -1)).reshape(g * n, -1)
+            else:
+                x = layer(x)
+        return x.view(g, n, -1)
+
+
+_VISIBLE = {"image": [0, 1], "text": [0, 2], "both": [0, 1, 2]}  # the keys (CLS, image, text) each mask shows
+
+
+def _grouped_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode BatchNorm1d of (groups, n, c) with each group's own statistics; the layer's running
+    statistics updated once per group in order (torch's rule: unbiased variance, `momentum`)."""
+    g, n, c = x.shape
+    flat = x.transpose(0, 1).reshape(n, g * c)  # one channel per (group, feature): F.batch_norm's kernel
+    weight = bn.weight.repeat(g) if bn.weight is not None else None
+    bias = bn.bias.repeat(g) if bn.bias is not None else None
+    out = F.batch_norm(flat, None, None, weight, bias, True, 0.0, bn.eps)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach().float(), dim=1, unbiased=True)
+            for i in range(g):
+                bn.num_batches_tracked += 1
+                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.mul_(1 - m).add_(mean[i].to(bn.running_mean.dtype), alpha=m)
+                bn.running_var.mul_(1 - m).add_(var[i].to(bn.running_var.dtype), alpha=m)
+    return out.reshape(n, g, c).transpose(0, 1)
 
 
 def augment_features(x: torch.Tensor, std: torch.Tensor, drop: float = 0.1, noise: float = 0.1,
@@ -110,20 +165,27 @@ def comm_loss(z1: dict[str, torch.Tensor], z2: dict[str, torch.Tensor], tau: flo
         missing = [m for m in MASKS if m not in d]
         if missing:
             raise StratalignError(f"comm_loss: {name} lacks masks {missing}")
-    parts = [0.5 * (nt_xent(z1[m], z2["both"], tau) + nt_xent(z2[m], z1["both"], tau)) for m in MASKS]
+    # m = both: NCE(Z'', Z') is NCE(Z', Z'') with the anchors in another order (the same 2N terms), so it is computed once
+    parts = [nt_xent(z1[m], z2["both"], tau) if m == "both"
+             else 0.5 * (nt_xent(z1[m], z2["both"], tau) + nt_xent(z2[m], z1["both"], tau)) for m in MASKS]
     return torch.stack(parts).mean()
 
 
 def comm_step_loss(model: CommModel, x_img: torch.Tensor, x_txt: torch.Tensor, std_img: torch.Tensor,
                    std_txt: torch.Tensor, tau: float = 0.1, drop: float = 0.1, noise: float = 0.1,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Two augmented views of a batch, every mask through the model, then `comm_loss`."""
-    views = []
+    """Two augmented views of a batch, every mask through the model, then `comm_loss`: both views in one pass of
+    the fusion block (`fuse_masks`), the 6 (view, mask) groups in one projection (`project_groups`), the same
+    numbers as 6 calls of the model (views drawn in the same order from `generator`)."""
+    img, txt = [], []
     for _ in range(2):
-        a = augment_features(x_img, std_img, drop, noise, generator)
-        t = augment_features(x_txt, std_txt, drop, noise, generator)
-        views.append({m: model(a, t, m) for m in MASKS})
-    return comm_loss(views[0], views[1], tau)
+        img.append(augment_features(x_img, std_img, drop, noise, generator))
+        txt.append(augment_features(x_txt, std_txt, drop, noise, generator))
+    n = x_img.shape[0]
+    fused = model.fuse_masks(torch.cat(img), torch.cat(txt), MASKS)  # (mask, view x n, dim)
+    groups = fused.reshape(len(MASKS), 2, n, -1).transpose(0, 1).reshape(2 * len(MASKS), n, -1)  # view-major
+    z = model.project_groups(groups).view(2, len(MASKS), n, -1)
+    return comm_loss(dict(zip(MASKS, z[0])), dict(zip(MASKS, z[1])), tau)
 
 
 @torch.no_grad()

@@ -262,6 +262,11 @@ ASIF_GRID = (("asif_power", (2.0, 4.0, 8.0)),)
 FUSEMIX_GRID = (("mixup_alpha", (0.3, 1.0, 3.0)),)  # FuseMix's published alpha 1 in the middle
 # docs/method.md § 3.11: unpaired rows of each modality added to an R_S batch (the CPU preset's paired batch)
 UNPAIRED_ROWS = 256
+# CoMM's fusion width d (docs/method.md § 3.5; the method leaves it free): 512, as every CoMM run before. A CoMM step
+# costs ~37 d^2 multiply-adds a view-row: d = 128 ran ~13x a linear-head step on 2 CPU cores against ~40x at 512,
+# but probed worse on the Twemoji pairs (79.1 % at 128, one seed, against 80.7-85.4 % at 512 over 5 seeds; frozen
+# concat 87.0 %, benchmarks/comm.py, 2026-12-06): `--set comm_dim=128` for the cheaper model.
+COMM_DIM = 512
 
 # docs/method.md § 3.9: a choice on the edge of a knob's grid extends the grid one step past it: (factor, lowest, highest).
 # x3 for a weight, as the grids are spaced; CSA's k doubles (it is capped by the pairs and dims anyway).
@@ -295,7 +300,8 @@ REGISTRY: tuple[Objective, ...] = (
               defaults=(("beta", VIB_BETA), ("vib_scale", VIB_SCALE)), grid=BETA_GRID, batched=True),
     Objective("comm", "CoMM fusion model (docs/method.md § 3.5)", TRAINED_HEADS, Training.COMM, Evaluation.PROBE,
               Selection.VAL_COMM, knobs=("comm_dim", "comm_out", "comm_heads", "comm_tau", "aug_drop", "aug_noise",
-                                         "comm_final_norm"), defaults=(("comm_final_norm", True),)),
+                                         "comm_final_norm"),
+              defaults=(("comm_final_norm", True), ("comm_dim", COMM_DIM))),
     Objective("csa", "closed-form CSA: top-k canonical directions, correlation-weighted similarity, optional "
               "R_S refinement (docs/method.md § 3)", ("csa",), Training.CLOSED_FORM, Evaluation.RETRIEVAL, Selection.CLOSED_FORM,
               regulariser=structure_term, weight_knob="lam",

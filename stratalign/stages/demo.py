@@ -10,7 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import polars as pl
+
 from stratalign.device import resolve_device, resolve_precision
+from stratalign.report.naming import n_name, rule_name
 from stratalign.report.report import results_table
 from stratalign.stages.extract import ExtractConfig, extract
 from stratalign.stages.ingest.sources import ingest_source
@@ -32,8 +35,9 @@ class DemoConfig:
     extra_encoders: tuple[str, ...] = ("efficientnet-lite0",)
     # clip+structure-knn is left out: it costs twice the batch form and gave the batch form's differences (demo of
     # 2026-11-25, 3 seeds); `stratalign sweep --objective clip+structure-knn` runs it
-    # comm is left out too: its fusion transformer ran 97 s a run on 2 cores (a linear-head run: ~1.5 s), so 5 seeds
-    # alone would double the demo; README gives its numbers from `stratalign sweep --objective comm` on the same store
+    # comm is left out too: with batched views a run still costs ~8-11x a linear-head run on 2 cores (benchmarks/
+    # comm.py, 2026-12-06), 2-6 minutes past the budget; `stratalign sweep --objective comm` on the demo's store runs
+    # it, and the report then reads its probe against the frozen-feature probe (comm_probe_line)
     # asif, procrustes, clip+fusemix: the baselines users compare against (docs/method.md § 3.9), chosen and reported
     # like every objective (report.bakeoff: bakeoff.md)
     objectives: tuple[str, ...] = ("clip", "clip+structure", "clip+ib", "csa", "asif", "procrustes", "clip+fusemix")
@@ -82,8 +86,9 @@ class DemoConfig:
         """The grid for the first `limit` emoji and seeds 0..seeds-1: under 300 emoji the subset sizes shrink
         to limit // 8 (at least 10) and all: the default sizes (200, 500) do not fit a small train split."""
         if limit is not None and limit < 300:
-            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(max(10, limit // 8), None), precision=precision,
-                       validation="split")
+            small = max(10, limit // 8)
+            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(small, None), skip_n=(("comm", small),),
+                       precision=precision, validation="split")
         return cls(limit=limit, seeds=tuple(range(seeds)), precision=precision)
 
     def resolved_precision(self) -> str:
@@ -114,6 +119,24 @@ def _validation_words(ds: Any, choice: str) -> str:
 def _split_words(ds: Any) -> str:
     counts = ds.split_counts()
     return ", ".join(f"{counts.get(s, 0)} {s}" for s in ("train", "val", "test")) + " images"
+
+
+def comm_probe_line(runs: pl.DataFrame) -> str | None:
+    """CoMM's linear probe on its fused features against the same probe on the frozen features concatenated, per
+    cell with all pairs, paired by seed (None without CoMM runs)."""
+    if runs.height == 0 or "probe_acc" not in runs.columns:
+        return None
+    rows = runs.filter((pl.col("objective") == "comm") & pl.col("probe_acc").is_not_null()
+                       & pl.col("probe_concat_acc").is_not_null()).sort("seed")
+    lines = []
+    for (rule, n), cell in rows.group_by(["layer_rule", "n_pairs"], maintain_order=True):
+        fused, frozen = cell["probe_acc"].to_numpy(), cell["probe_concat_acc"].to_numpy()
+        spread = f" ± {fused.std(ddof=1):.1f}" if len(fused) > 1 else ""
+        lines.append(f"CoMM ({rule_name(rule)} layers, n={n_name(n)}, {len(fused)} seeds): a linear probe on the labels "
+                     f"from its fused features scores {fused.mean():.1f}{spread} % on the test split, against "
+                     f"{frozen.mean():.1f} % for the same probe on the frozen features concatenated; above it in "
+                     f"{int((fused > frozen).sum())} of {len(fused)} seeds (range {fused.min():.1f}-{fused.max():.1f}).")
+    return " ".join(lines) or None
 
 
 def dataset_name(cfg: DemoConfig) -> str:
@@ -187,6 +210,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
         log(check_lines[0])
         timings["layer check"] = time.perf_counter() - t0
 
+    comm = comm_probe_line(sweep.runs)
     intro = [f"Embedded demo: {ds.images.height} Twemoji image-caption pairs (caption = Unicode name, "
              f"label = one of {len(ds.class_names)} categories), vision `{cfg.vision}`, text `{cfg.text}`, "
              f"linear heads, seeds {list(cfg.seeds)}. The split keeps the variants of one emoji (genders, family "
@@ -208,6 +232,7 @@ def run_demo(store_url: str, out_dir: str, cfg: DemoConfig = DemoConfig(),
                f"{info['last_score']:.3f} for the last layers; heatmap `{os.path.basename(info['heatmap'])}`."
                for info in layer_infos[1:]),
              *check_lines[:1], *(f"- {line}" for line in check_lines[1:]),
+             *([comm] if comm else []),
              "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())]
     sweep.files = write_leaderboard(sweep, out_dir, extra=intro, layer_info=layer_infos[0],
                                     title="stratalign demo: how much paired data, which layers, which objective?")

@@ -54,7 +54,7 @@ class TrainConfig:
     warm-up: `warmup_fraction` (of max_steps), when set, wins over `warmup_steps`. The warm-up only
     applies to the structure objectives (the lambda of 3.2 step 5). `patience` and `eval_every` are
     in optimiser steps; patience only counts from the first candidate checkpoint.
-    The knobs that default to None (beta, vib_scale, csa_*, comm_final_norm) take the objective's default
+    The knobs that default to None (beta, vib_scale, csa_*, comm_dim, comm_final_norm) take the objective's default
     when the config is made (see `knob`); `to_dict` / `from_dict` are the recorded form (run ids hash it): a
     knob added after runs were recorded is left out at the value its absence means, and numbers are canonical
     (an integer given for a float field is recorded as that float).
@@ -101,7 +101,8 @@ class TrainConfig:
     beta: float | None = knob(unread=0.01)
     vib_scale: float | None = knob(unread=1.0)
     vib_symmetric: bool = False
-    comm_dim: int = 512
+    # CoMM's fusion width: the objective's default (core.objectives.COMM_DIM); 512, every older run's, for the others
+    comm_dim: int | None = knob(unread=512)
     comm_out: int = 256
     comm_heads: int = 8
     comm_tau: float = 0.1

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from stratalign.train.config import TrainConfig, TrainResult
+from stratalign.train.optim import RunsAdamW, clip_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
@@ -39,9 +40,10 @@ class FusionLoop:
         self.model, self.groups, self.n_train, self.cfg, self.dev = model, params_groups, n_train, cfg, dev
         self.warmup, self.step_loss, self.score, self.lam_of = warmup, step_loss, score, lam_of
         self.selection, self.progress = selection, progress
-        all_params = [p for g in params_groups for p in g]
-        self.opt = torch.optim.AdamW(all_params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: cosine_factor(t, cfg.max_steps))
+        # the aligned heads' step (train.optim): fused AdamW, one clip per group, no torch.optim (and so no
+        # torch._dynamo import); the learning rate of step t is lr x cosine_factor(t)
+        self.opt = RunsAdamW([p for g in params_groups for p in g], lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.sel = CheckpointSelector(warmup, cfg.patience, selection, cfg.stop_step)
         self.history: list[dict[str, Any]] = [{"step": 0}]
@@ -71,16 +73,14 @@ class FusionLoop:
 
     def update(self, bidx: torch.Tensor, step: int) -> int:
         """One optimiser step on a batch; returns the new step count."""
-        lr = self.opt.param_groups[0]["lr"]
+        lr = self.opt.lr = self.cfg.lr * cosine_factor(step, self.cfg.max_steps)
         lam = self.lam_of(step)
         self.model.train()
         loss, clip, reg = self.step_loss(bidx, step)
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.backward()
-        for group in self.groups:
-            torch.nn.utils.clip_grad_norm_(group, 1.0)
+        clip_per_run(self.groups, 1.0)
         self.opt.step()
-        self.sched.step()
         step += 1
         self.pending.append((step, lr, lam, torch.stack([loss.detach().float(), clip.detach().float(),
                                                          reg.detach().float()])))
@@ -140,20 +140,18 @@ def run_loop(model: nn.Module, params_groups: list[list[nn.Parameter]], n_train:
 def run_fixed_steps(model: nn.Module, params_groups: list[list[nn.Parameter]], n_train: int, cfg: TrainConfig,
                     dev: torch.device, steps: int, lr: float,
                     batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """`steps` AdamW updates (cfg.betas, no weight decay, no schedule, no early stopping) over seeded
-    epochs of batches, gradient-norm clip 1.0 per group; leaves the model in eval mode."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=0.0)
+    """`steps` AdamW updates (cfg.betas, no weight decay, no schedule, no early stopping; train.optim's fused step)
+    over seeded epochs of batches, gradient-norm clip 1.0 per group; leaves the model in eval mode."""
+    opt = RunsAdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=cfg.betas, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     done = 0
     while done < steps:
         for bidx in epoch_batches(n_train, cfg.batch_size, gen):
             loss = batch_loss(bidx.to(dev))
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
-            for group in params_groups:
-                torch.nn.utils.clip_grad_norm_(group, 1.0)
+            clip_per_run(params_groups, 1.0)
             opt.step()
             done += 1
             if done >= steps:

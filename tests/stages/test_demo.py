@@ -16,7 +16,7 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     # tune=False: one run per cell here (tuning is tested in tests/stages/runs/test_tune.py); the slice's val split
     # (its few pairs would make every cell a k-fold one: tests/stages/runs/test_cells_kfold.py)
     cfg = DemoConfig(limit=48, seeds=(0, 1), n_pairs=(12, None), objectives=OBJECTIVES, progress=False, tune=False,
-                     validation="split",
+                     validation="split", skip_n=(),
                      skip=DemoConfig().skip + (("last", "comm"),), layer_check=3,
                      train_options=(("batch_size", 16), ("max_steps", 30), ("warmup_steps", 10),
                                     ("patience", 10), ("eval_every", 5)))
@@ -62,6 +62,9 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     assert "Layer ranking against training: over" in report and "- pair (" in report
     assert "layer check" in first["timings"]
     assert any(line.startswith("[4/4] sweep") for line in lines)
+    # CoMM's probe on its fused features against the same probe on the frozen features, in the report's words
+    for n in ("12", "all"):
+        assert f"CoMM (chosen layers, n={n}, 2 seeds): a linear probe on the labels from its fused features" in report
 
     second = run_demo(store, str(out), cfg, log=lambda _: None)
     assert second["trained"] == 0 and second["skipped"] == first["trained"]
@@ -69,11 +72,15 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
 
 
 def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
-    assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None), validation="split")
+    assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None), validation="split",
+                                                 skip_n=(("comm", 10),))
     assert DemoConfig.sized(200).n_pairs == (25, None)
     assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
     assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # docs/method.md § 4 and 3.7
-    assert "comm" not in DemoConfig().objectives  # 97 s a run on 2 cores: measured by a sweep, in the README
+    # CoMM with all pairs only, on the chosen layers
+    assert "comm" in DemoConfig().objectives and ("last", "comm") in DemoConfig().skip
+    assert DemoConfig().skip_n == (("comm", 200), ("comm", 500))
+    assert DemoConfig.sized(48, 2).skip_n == (("comm", 10),)
     assert DemoConfig.sized() == DemoConfig()
 
 
@@ -87,6 +94,19 @@ def test_a_one_class_split_is_warned_about() -> None:
     warned = one_class_warnings(ingest_source("twemoji", "tw", limit=120))  # the first 120: one category
     assert len(warned) == 3 and warned[2].startswith("warning: the test split of tw holds one class (Smileys")
     assert one_class_warnings(ingest_source("twemoji", "tw", limit=120, spread=True)) == []
+
+
+def test_comm_probe_line_pairs_the_fused_probe_with_the_frozen_probe_by_seed() -> None:
+    from stratalign.stages.demo import comm_probe_line
+
+    runs = pl.DataFrame({"objective": ["comm", "comm", "comm", "clip"], "layer_rule": ["auto"] * 4,
+                         "n_pairs": [None] * 4, "seed": [2, 0, 1, 0], "probe_acc": [80.0, 84.0, 88.0, None],
+                         "probe_concat_acc": [85.0, 85.0, 85.0, None]})
+    assert comm_probe_line(runs) == (
+        "CoMM (chosen layers, n=all, 3 seeds): a linear probe on the labels from its fused features scores 84.0 ± 4.0 % "
+        "on the test split, against 85.0 % for the same probe on the frozen features concatenated; above it in 1 of 3 "
+        "seeds (range 80.0-88.0).")
+    assert comm_probe_line(runs.filter(pl.col("objective") == "clip")) is None
 
 
 def test_precision_resolves_per_machine_and_bf16_without_hardware_writes_nothing(tmp_path: Path, monkeypatch) -> None:

@@ -13,6 +13,8 @@ An evaluation result names the dataset version (fingerprint) it ran on.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,22 +181,34 @@ def _score_probe(model: Any, data: _TestData, train_features: TrainFeatures | No
     if len(set(tr_y)) < 2:  # e.g. a small subset of one class: no probe to fit, and a sweep goes on
         return Scored({"probe_skipped": f"the {len(tr_y)} training pairs hold one class ({tr_y[0]}): no linear "
                                         "probe can be fitted"}, {})
-    probes = {
-        "fused": (fused_features(model, tr_img, tr_txt), fused_features(model, te_img, te_txt)),
-        "image": (tr_img, te_img),
-        "text": (tr_txt, te_txt),
-        "concat": (np.concatenate([tr_img, tr_txt], 1), np.concatenate([te_img, te_txt], 1)),
-    }
-    out: dict[str, Any] = {}
-    baselines = {}
-    for name, (a, b) in probes.items():
-        res = scoring_mod.linear_probe(a, tr_y, b, te_y)
-        if name == "fused":
-            out.update({f"probe_{k}": v for k, v in res.items()})
-        else:
-            baselines[name] = {k: round(v, 2) for k, v in res.items()}
-    out["probe_baselines"] = baselines
+    fused = scoring_mod.linear_probe(fused_features(model, tr_img, tr_txt), tr_y, fused_features(model, te_img, te_txt),
+                                     te_y)
+    out: dict[str, Any] = {f"probe_{k}": v for k, v in fused.items()}
+    out["probe_baselines"] = frozen_probes(tr_img, tr_txt, tr_y, te_img, te_txt, te_y)
     return Scored(out, {})
+
+
+_FROZEN_PROBES: OrderedDict[str, dict[str, dict[str, float]]] = OrderedDict()  # digest of the inputs -> scores
+
+
+def frozen_probes(tr_img: np.ndarray, tr_txt: np.ndarray, tr_y: np.ndarray, te_img: np.ndarray, te_txt: np.ndarray,
+                  te_y: np.ndarray) -> dict[str, dict[str, float]]:
+    """The probes on each frozen layer and on their concatenation: the same for every run that reads the same
+    rows (the seeds of a cell with all pairs), so fitted once per process for those inputs (a small LRU)."""
+    h = hashlib.sha256()
+    for a in (tr_img, tr_txt, te_img, te_txt):
+        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    for y in (tr_y, te_y):
+        h.update(repr(np.asarray(y).tolist()).encode())
+    key = h.hexdigest()
+    if key not in _FROZEN_PROBES:
+        probes = {"image": (tr_img, te_img), "text": (tr_txt, te_txt),
+                  "concat": (np.concatenate([tr_img, tr_txt], 1), np.concatenate([te_img, te_txt], 1))}
+        _FROZEN_PROBES[key] = {name: {k: round(v, 2) for k, v in scoring_mod.linear_probe(a, tr_y, b, te_y).items()}
+                               for name, (a, b) in probes.items()}
+        while len(_FROZEN_PROBES) > 8:
+            _FROZEN_PROBES.popitem(last=False)
+    return {name: dict(v) for name, v in _FROZEN_PROBES[key].items()}
 
 
 _SCORERS = {Evaluation.RETRIEVAL: _score_retrieval, Evaluation.PROBE: _score_probe}
