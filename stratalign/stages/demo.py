@@ -87,7 +87,7 @@ class DemoConfig:
         to limit // 8 (at least 10) and all: the default sizes (200, 500) do not fit a small train split."""
         if limit is not None and limit < 300:
             small = max(10, limit // 8)
-            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(small, None), skip_n=(("comm", small),),
+            return cls(limit=limit, seeds=tuple(range(seeds)), n_pairs=(small, None), skip_n=(("clip+fusemix", small),),
                        precision=precision, validation="split")
         return cls(limit=limit, seeds=tuple(range(seeds)), precision=precision)
 

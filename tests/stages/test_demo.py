@@ -73,14 +73,14 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
 
 def test_sized_config_shrinks_the_subsets_of_a_small_slice() -> None:
     assert DemoConfig.sized(48, 2) == DemoConfig(limit=48, seeds=(0, 1), n_pairs=(10, None), validation="split",
-                                                 skip_n=(("comm", 10),))
+                                                 skip_n=(("clip+fusemix", 10),))
     assert DemoConfig.sized(200).n_pairs == (25, None)
     assert DemoConfig.sized(300, 1) == DemoConfig(limit=300, seeds=(0,))
     assert DemoConfig().seeds == (0, 1, 2, 3, 4) and DemoConfig().tune  # docs/method.md § 4 and 3.7
-    # CoMM with all pairs only, on the chosen layers
-    assert "comm" in DemoConfig().objectives and ("last", "comm") in DemoConfig().skip
-    assert DemoConfig().skip_n == (("comm", 200), ("comm", 500))
-    assert DemoConfig.sized(48, 2).skip_n == (("comm", 10),)
+    # FuseMix with all pairs only, on the chosen layers; CoMM out of the default grid (its cost: benchmarks/comm.py)
+    assert "clip+fusemix" in DemoConfig().objectives and ("last", "clip+fusemix") in DemoConfig().skip
+    assert DemoConfig().skip_n == (("clip+fusemix", 200), ("clip+fusemix", 500)) and "comm" not in DemoConfig().objectives
+    assert DemoConfig.sized(48, 2).skip_n == (("clip+fusemix", 10),)
     assert DemoConfig.sized() == DemoConfig()
 
 
