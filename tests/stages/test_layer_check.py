@@ -5,40 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fake_encoders import load_tiny
-from PIL import Image
+from levels_store import FAST, levels_store
 
 from stratalign.core.stats import spearman
 from stratalign.errors import StratalignError
-from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.layer_check import candidate_pairs, check_candidates
 from stratalign.stages.layers import LayersConfig, run_layers
 from stratalign.stages.runs.config import RunConfig
-from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
-
-LEVELS = ["dark", "dim", "mid", "bright", "white"]
-FAST = (("max_steps", 30), ("patience", 30), ("eval_every", 5), ("warmup_steps", 10), ("dim", 16))
 
 
 @pytest.fixture(scope="module")
 def layered(tmp_path_factory) -> tuple:
     root = tmp_path_factory.mktemp("layer_check")
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir()
-    lines = ["image,caption,label"]
-    for i in range(90):
-        level = i % len(LEVELS)
-        px = np.clip(rng.normal(40 + 50 * level, 12, (12, 12, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(px).save(root / "img" / f"{i}.png")
-        lines.append(f"img/{i}.png,a {LEVELS[level]} square number {i},{LEVELS[level]}")
-    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
-    fs = FeatureStore.open(str(root / "store"), "a", create=True)
-    fs.save_dataset(ingest_source("table", "toy", table=str(root / "pairs.csv"), image_col="image",
-                                  caption_col="caption", label_col="label"))
-    extract(fs, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
-            load=load_tiny)
+    fs = levels_store(root)
     cfg = LayersConfig(dataset="toy", vision="tiny-image", text="tiny-text", metrics=("mutual_knn",), k=5,
                        permutations=20)
     return fs, run_layers(fs, cfg, "best", "mutual_knn").result

@@ -14,40 +14,21 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from fake_encoders import load_tiny
-from PIL import Image
+from levels_store import FAST, levels_store
 
 from stratalign.core.objectives import objective_named
 from stratalign.errors import StratalignError
-from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.ingest.sources import ingest_source
 from stratalign.stages.runs.sweep import SweepConfig, run_sweep
 from stratalign.stages.runs.training import RunConfig, resolve_run, train_run
 from stratalign.stages.runs.tune import grid_points, tune_run, tune_runs
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 
-LEVELS = ["dark", "dim", "mid", "bright", "white"]
-FAST = (("max_steps", 30), ("patience", 30), ("eval_every", 5), ("warmup_steps", 10), ("dim", 16))
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> FeatureStore:
     root = tmp_path_factory.mktemp("tune")
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir()
-    lines = ["image,caption,label"]
-    for i in range(90):
-        level = i % len(LEVELS)
-        px = np.clip(rng.normal(40 + 50 * level, 12, (12, 12, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(px).save(root / "img" / f"{i}.png")
-        lines.append(f"img/{i}.png,a {LEVELS[level]} square number {i},{LEVELS[level]}")
-    (root / "pairs.csv").write_text("\n".join(lines) + "\n")
-    fs = FeatureStore.open(str(root / "store"), "a", create=True)
-    fs.save_dataset(ingest_source("table", "toy", table=str(root / "pairs.csv"), image_col="image",
-                                  caption_col="caption", label_col="label"))
-    extract(fs, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
-            load=load_tiny)
+    fs = levels_store(root)
     return fs
 
 
