@@ -23,7 +23,7 @@ import polars as pl
 
 from stratalign.core.metric_registry import VERDICT, query_units, shown_in
 from stratalign.core.objectives import REGISTRY
-from stratalign.core.stats import DEFAULT_RESAMPLES, two_level_bootstrap
+from stratalign.core.stats import DEFAULT_RESAMPLES, PairedDifference, two_level_bootstrap
 from stratalign.report.naming import method_label
 
 KEY_METRICS = shown_in(VERDICT)  # core.metric_registry
@@ -81,6 +81,17 @@ def _pairs(rows: list[dict[str, Any]], kind: str, baseline: str, baseline_rule: 
     return out
 
 
+def _paired(pairs: list[tuple[str, str]], queries: Queries, metric: str, resamples: int,
+            seed: int) -> PairedDifference | None:
+    """The two-level difference (first - second run of each pair) on `metric` over the pairs scored on the same
+    queries; None when no pair is."""
+    usable = [(m, b) for m, b in pairs if _same_queries(queries[m], queries[b], metric)]
+    if not usable:
+        return None
+    return two_level_bootstrap([queries[m][metric] for m, _ in usable], [queries[b][metric] for _, b in usable],
+                               resamples=resamples, seed=seed)
+
+
 def _compare(kind: str, rows: list[dict[str, Any]], queries: Queries, baseline: str, baseline_rule: str,
              metrics: Sequence[str], resamples: int, seed: int) -> list[dict[str, Any]]:
     out = []
@@ -88,11 +99,9 @@ def _compare(kind: str, rows: list[dict[str, Any]], queries: Queries, baseline: 
                                                                                     baseline_rule).items():
         pairs = [(m, b) for m, b in pairs if m in queries and b in queries]
         for metric in metrics:
-            usable = [(m, b) for m, b in pairs if _same_queries(queries[m], queries[b], metric)]
-            if not usable:
+            res = _paired(pairs, queries, metric, resamples, seed)
+            if res is None:
                 continue
-            res = two_level_bootstrap([queries[m][metric] for m, _ in usable], [queries[b][metric] for _, b in usable],
-                                      resamples=resamples, seed=seed)
             out.append({"comparison": kind, "method": label, "baseline": base_label, "head": head,
                         "layer_rule": rule, "objective": objective, "baseline_rule": base_rule, "n_pairs": n,
                         "metric": metric, "seeds": res.seeds, "queries": res.queries,
@@ -155,11 +164,9 @@ def grid_differences(grid_b: pl.DataFrame, grid_a: pl.DataFrame, queries: Querie
     out = []
     for cell, pairs in cells.items():
         for metric in metrics:
-            usable = [(b, a) for b, a in pairs if _same_queries(queries[b], queries[a], metric)]
-            if not usable:
+            res = _paired(pairs, queries, metric, resamples, seed)
+            if res is None:
                 continue
-            res = two_level_bootstrap([queries[b][metric] for b, _ in usable], [queries[a][metric] for _, a in usable],
-                                      resamples=resamples, seed=seed)
             out.append({**dict(zip(CELL, cell)), "metric": metric, "seeds": res.seeds, "diff": res.diff,
                         "low": res.low, "high": res.high, "verdict": res.verdict})
     return pl.DataFrame(out, infer_schema_length=None)
