@@ -112,7 +112,11 @@ class QueryModel:
         if self.threads:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
-        session = ort.InferenceSession(files["model.onnx"], opts, providers=["CPUExecutionProvider"])
+        try:  # loaded from bytes: onnxruntime refuses external data (a crafted graph cannot name files elsewhere)
+            session = ort.InferenceSession(files["model.onnx"], opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeError kinds
+            raise StratalignError(f"the store's ONNX graph onnx/{key} does not load ({str(err).splitlines()[0][:200]}): "
+                                  "remove that folder and search again (it is exported anew)") from None
         with self._lock:
             if part == "text":
                 from tokenizers import Tokenizer

@@ -128,3 +128,29 @@ def test_a_later_cli_search_imports_no_torch_and_prints_what_the_first_printed(r
     for later in outs[1:]:
         assert "exporting" not in later.stderr and "LOADED False False" in later.stderr, later.stderr
     assert outs[1].stdout == outs[0].stdout
+
+
+def test_a_crafted_graph_naming_a_file_elsewhere_is_one_line(runs) -> None:
+    """A shared store's graph with an initializer stored as external data at /etc/hostname (its sha256 recorded, so
+    it reads as intact): onnxruntime refuses the path and the search stops with one line naming the folder."""
+    from onnx import TensorProto, helper
+
+    from stratalign.errors import StratalignError
+
+    store, ids = runs
+    fresh = _store_copy(store, ids["last"])
+    model = QueryModel.from_run(fresh, ids["last"])
+    key = head_key(model.heads, "text")
+    weight = TensorProto(name="w", data_type=TensorProto.UINT8, dims=[4], data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "/etc/hostname"), ("length", "4")):
+        weight.external_data.add(key=k, value=v)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "crafted", [],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [4])], initializer=[weight])
+    crafted = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx_cache.save(fresh, key, {"model.onnx": crafted.SerializeToString()}, {"kind": "head", "checked": {}})
+    caption = fresh.dataset("twemoji").captions["text"][3]
+    from stratalign.use.cached import CachedFeatures
+
+    with pytest.raises(StratalignError, match=rf"onnx/{key} does not load .*remove that folder") as err:
+        search(fresh, model, "twemoji", [caption], 5, cached=CachedFeatures(fresh, model, "twemoji"))
+    assert "\n" not in str(err.value)
