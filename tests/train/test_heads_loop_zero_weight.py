@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stratalign.core.objectives import REGISTRY, Training
+from stratalign.device import bf16_supported
 from stratalign.train import TrainConfig, train_heads, train_many
 from stratalign.train.fit import RunSpec
 
@@ -52,17 +53,23 @@ def test_every_regularised_gradient_objective_is_covered() -> None:
     assert {"clip+structure", "clip+structure-knn", "clip+ib", "clip+vib"} <= names
 
 
+BF16 = pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no avx512_bf16 / AMX")
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=BF16)])
 @pytest.mark.parametrize("objective", [o.name for o in REGULARISED])
-def test_weight_zero_trains_exactly_as_clip(objective: str) -> None:
+def test_weight_zero_trains_exactly_as_clip(objective: str, precision: str) -> None:
+    # bf16: the lean step (train.heads_loop) must keep the invariant too, CLIP and the regularised run alike
     obj = next(o for o in REGULARISED if o.name == objective)
     xi, xt = _planted()
     tr, va = np.arange(120), np.arange(120, 160)
-    clip = train_heads(xi, xt, tr, va, TrainConfig(objective="clip", **SCHEDULE))
+    schedule = {**SCHEDULE, "precision": precision}
+    clip = train_heads(xi, xt, tr, va, TrainConfig(objective="clip", **schedule))
     zero = train_heads(xi, xt, tr, va, TrainConfig(objective=objective, **{obj.weight_knob: 0.0}, knn_k=4,
-                                                   **SCHEDULE), **_unpaired(objective))
+                                                   **schedule), **_unpaired(objective))
     _same(zero, clip)
     # and the invariant is not vacuous: a non-zero weight moves the run
-    some = train_heads(xi, xt, tr, va, TrainConfig(objective=objective, **{obj.weight_knob: 3.0}, knn_k=4, **SCHEDULE),
+    some = train_heads(xi, xt, tr, va, TrainConfig(objective=objective, **{obj.weight_knob: 3.0}, knn_k=4, **schedule),
                        **_unpaired(objective))
     assert not torch.equal(some.model.state_dict()["image.net.weight"] if "image.net.weight" in
                            some.model.state_dict() else next(iter(some.model.state_dict().values())),
