@@ -49,6 +49,26 @@ def caption_for(i: int, j: int = 0) -> str:
     return f"a {WORDS[i % len(WORDS)]} and a {WORDS[(i * 7 + j) % len(WORDS)]} number {i}"
 
 
+def coco_toy_store(base: Path, shard_rows: int) -> Any:
+    """A store under `base` holding dataset 'toy' (30 images in base/imgs, 60 captions from base/coco.json) with
+    both tiny encoders extracted in shards of `shard_rows`: what the fault suites damage or feed bad input."""
+    from fake_encoders import load_tiny
+
+    from stratalign.stages.extract import ExtractConfig, extract
+    from stratalign.stages.ingest.sources import ingest_source
+    from stratalign.store.feature_store import FeatureStore
+
+    make_images(base / "imgs", 30)
+    images = [{"id": i, "file_name": f"img{i:03d}.png"} for i in range(30)]
+    anns = [{"id": 100 + 2 * i + j, "image_id": i, "caption": caption_for(i, j)} for i in range(30) for j in range(2)]
+    (base / "coco.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    store = FeatureStore.open(str(base / "store"), "a", create=True)
+    store.save_dataset(ingest_source("coco", "toy", captions_json=str(base / "coco.json"), image_dir=str(base / "imgs")))
+    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=shard_rows, batch_size=8,
+                                        progress=False), load=load_tiny)
+    return store
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers():
     """The CLI's main() keeps its SIGINT/SIGTERM handlers for the process's shutdown (stratalign.cli.signals): put

@@ -3,15 +3,12 @@ of 8 rows, layers chosen, one short run, a prompt cache (built once per module);
 
 from __future__ import annotations
 
-import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_encoders import load_tiny
-
-from stratalign.store.feature_store import FeatureStore
 
 SHARD_ROWS = 8
 
@@ -19,24 +16,15 @@ SHARD_ROWS = 8
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """A store with dataset 'toy', both tiny encoders extracted, layers chosen, one short run, a prompt cache."""
-    from conftest import caption_for, make_images
+    from conftest import coco_toy_store
 
-    from stratalign.stages.extract import ExtractConfig, extract
-    from stratalign.stages.ingest.sources import ingest_source
     from stratalign.stages.layers import LayersConfig, run_layers
     from stratalign.stages.runs.config import RunConfig
     from stratalign.stages.runs.training import train_run
     from stratalign.store import prompt_cache
 
     base = tmp_path_factory.mktemp("corrupt")
-    make_images(base / "imgs", 30)
-    images = [{"id": i, "file_name": f"img{i:03d}.png"} for i in range(30)]
-    anns = [{"id": 100 + 2 * i + j, "image_id": i, "caption": caption_for(i, j)} for i in range(30) for j in range(2)]
-    (base / "coco.json").write_text(json.dumps({"images": images, "annotations": anns}))
-    store = FeatureStore.open(str(base / "store"), "a", create=True)
-    store.save_dataset(ingest_source("coco", "toy", captions_json=str(base / "coco.json"), image_dir=str(base / "imgs")))
-    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=SHARD_ROWS, batch_size=8,
-                                        progress=False), load=load_tiny)
+    store = coco_toy_store(base, SHARD_ROWS)
     run_layers(store, LayersConfig(dataset="toy", vision="tiny-image", text="tiny-text", n=20))
     train_run(store, RunConfig(dataset="toy", vision="tiny-image", text="tiny-text", layers="auto",
                                objective="clip+structure-knn",
@@ -51,3 +39,15 @@ def pristine(tmp_path_factory) -> Path:
 def store_copy(pristine: Path, tmp_path: Path) -> Path:
     shutil.copytree(pristine, tmp_path / "store", symlinks=True)
     return tmp_path / "store"
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `stratalign ARGS` run in-process (the fault tests' view of the CLI)."""
+    from stratalign.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["stratalign", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    return int(exit_.value.code or 0), out, err

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import caption_for, make_images
-from fake_encoders import load_odd, load_tiny
+from conftest import caption_for, coco_toy_store
+from fake_encoders import load_odd
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -35,19 +35,8 @@ def tree_hash(root: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A store with dataset 'toy' (30 images, 60 captions) and both tiny encoders extracted, plus input files."""
-    from stratalign.stages.extract import ExtractConfig, extract
-    from stratalign.stages.ingest.sources import ingest_source
-    from stratalign.store.feature_store import FeatureStore
-
     base = tmp_path_factory.mktemp("inputs")
-    make_images(base / "imgs", 30)
-    images = [{"id": i, "file_name": f"img{i:03d}.png"} for i in range(30)]
-    anns = [{"id": 100 + 2 * i + j, "image_id": i, "caption": caption_for(i, j)} for i in range(30) for j in range(2)]
-    (base / "coco.json").write_text(json.dumps({"images": images, "annotations": anns}))
-    store = FeatureStore.open(str(base / "store"), "a", create=True)
-    store.save_dataset(ingest_source("coco", "toy", captions_json=str(base / "coco.json"), image_dir=str(base / "imgs")))
-    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=16, batch_size=8,
-                                        progress=False), load=load_tiny)
+    coco_toy_store(base, 16)
     (base / "binary.ids").write_bytes(bytes(range(256)) * 4)
     karpathy = {"images": [{"filename": "img000.png", "imgid": 0, "split": "train", "sentences": "not a list"}]}
     (base / "karpathy.json").write_text(json.dumps(karpathy))

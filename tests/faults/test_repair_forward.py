@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from corrupt_store import run_cli
 from fake_encoders import load_tiny
 
 from stratalign.errors import StratalignError
@@ -41,14 +42,8 @@ def _files(folder: Path) -> dict[str, object]:
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from stratalign.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["stratalign", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    out, err = capsys.readouterr()
-    return int(exit_.value.code or 0), out + err
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    return code, out + err
 
 
 def _edit_json(path: Path, change) -> None:

@@ -5,11 +5,11 @@ refuse in one line instead of answering from the wrong rows; `store verify` name
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from corrupt_store import run_cli
 
 from stratalign.errors import StratalignError
 from stratalign.store.feature_store import FeatureStore
@@ -25,14 +25,8 @@ def _swap(root: Path, layer: int = 1, src: int = 1, dst: int = 2) -> None:
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from stratalign.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["stratalign", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    out, err = capsys.readouterr()
-    return int(exit_.value.code or 0), err
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    return code, err
 
 
 def test_a_swapped_shard_is_refused_by_reads_of_any_row_of_it(store_copy: Path) -> None:
