@@ -24,6 +24,7 @@ import polars as pl
 from stratalign.core.metric_registry import VERDICT, query_units, shown_in
 from stratalign.core.objectives import REGISTRY
 from stratalign.core.stats import DEFAULT_RESAMPLES, PairedDifference, two_level_bootstrap
+from stratalign.report.leaderboard import CELL_COLUMNS
 from stratalign.report.naming import method_label
 
 KEY_METRICS = shown_in(VERDICT)  # core.metric_registry
@@ -145,9 +146,6 @@ def cell_intervals(runs: pl.DataFrame, queries: Queries, *, metrics: Sequence[st
     return pl.DataFrame(out, infer_schema_length=None)
 
 
-CELL = ("objective", "layer_rule", "head", "n_pairs")
-
-
 def grid_differences(grid_b: pl.DataFrame, grid_a: pl.DataFrame, queries: Queries, *,
                      metrics: Sequence[str] = KEY_METRICS, resamples: int = DEFAULT_RESAMPLES,
                      seed: int = 0) -> pl.DataFrame:
@@ -155,18 +153,18 @@ def grid_differences(grid_b: pl.DataFrame, grid_a: pl.DataFrame, queries: Querie
     (cell, metric) with B - A's mean over seeds, its two-level 95 % interval and verdict, paired run by run on
     (cell, seed). Both tables need the columns run, objective, layer_rule, head, n_pairs, seed; runs without a
     partner or per-query arrays are left out."""
-    a_runs = {tuple(r[c] for c in (*CELL, "seed")): r["run"] for r in _rows(grid_a)}
+    a_runs = {tuple(r[c] for c in (*CELL_COLUMNS, "seed")): r["run"] for r in _rows(grid_a)}
     cells: dict[tuple, list[tuple[str, str]]] = {}
     for r in _rows(grid_b):
-        partner = a_runs.get(tuple(r[c] for c in (*CELL, "seed")))
+        partner = a_runs.get(tuple(r[c] for c in (*CELL_COLUMNS, "seed")))
         if partner is not None and r["run"] in queries and partner in queries:
-            cells.setdefault(tuple(r[c] for c in CELL), []).append((r["run"], partner))
+            cells.setdefault(tuple(r[c] for c in CELL_COLUMNS), []).append((r["run"], partner))
     out = []
     for cell, pairs in cells.items():
         for metric in metrics:
             res = _paired(pairs, queries, metric, resamples, seed)
             if res is None:
                 continue
-            out.append({**dict(zip(CELL, cell)), "metric": metric, "seeds": res.seeds, "diff": res.diff,
+            out.append({**dict(zip(CELL_COLUMNS, cell)), "metric": metric, "seeds": res.seeds, "diff": res.diff,
                         "low": res.low, "high": res.high, "verdict": res.verdict})
     return pl.DataFrame(out, infer_schema_length=None)
