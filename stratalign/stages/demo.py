@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import polars as pl
 
+from stratalign.core.stats import two_level_bootstrap
 from stratalign.device import resolve_device, resolve_precision
 from stratalign.report.naming import n_name, rule_name
 from stratalign.report.report import results_table
@@ -137,10 +138,14 @@ def comm_probe_line(runs: pl.DataFrame) -> str | None:
     for (rule, n), cell in rows.group_by(["layer_rule", "n_pairs"], maintain_order=True):
         fused, frozen = cell["probe_acc"].to_numpy(), cell["probe_concat_acc"].to_numpy()
         spread = f" ± {fused.std(ddof=1):.1f}" if len(fused) > 1 else ""
+        # paired by seed, the seeds resampled (each seed's probe scores one value: one "query" a seed)
+        diff = two_level_bootstrap([[v] for v in fused], [[v] for v in frozen], scale=1.0)
         lines.append(f"CoMM ({rule_name(rule)} layers, n={n_name(n)}, {len(fused)} seeds): a linear probe on the labels "
                      f"from its fused features scores {fused.mean():.1f}{spread} % on the test split, against "
-                     f"{frozen.mean():.1f} % for the same probe on the frozen features concatenated; above it in "
-                     f"{int((fused > frozen).sum())} of {len(fused)} seeds (range {fused.min():.1f}-{fused.max():.1f}).")
+                     f"{frozen.mean():.1f} % for the same probe on the frozen features concatenated: paired by seed "
+                     f"{diff.diff:+.1f} [{diff.low:+.1f}, {diff.high:+.1f}] points, {diff.verdict} (95 % bootstrap "
+                     f"over seeds); above it in {int((fused > frozen).sum())} of {len(fused)} seeds (range "
+                     f"{fused.min():.1f}-{fused.max():.1f}).")
     return " ".join(lines) or None
 
 

@@ -65,6 +65,7 @@ def test_demo_runs_every_stage_writes_the_report_and_reuses_the_store(tmp_path: 
     # CoMM's probe on its fused features against the same probe on the frozen features, in the report's words
     for n in ("12", "all"):
         assert f"CoMM (chosen layers, n={n}, 2 seeds): a linear probe on the labels from its fused features" in report
+    assert report.count("paired by seed") == 2  # CoMM against the frozen probe: a paired interval, not two means
 
     second = run_demo(store, str(out), cfg, log=lambda _: None)
     assert second["trained"] == 0 and second["skipped"] == first["trained"]
@@ -108,8 +109,9 @@ def test_comm_probe_line_pairs_the_fused_probe_with_the_frozen_probe_by_seed() -
                          "probe_concat_acc": [85.0, 85.0, 85.0, None]})
     assert comm_probe_line(runs) == (
         "CoMM (chosen layers, n=all, 3 seeds): a linear probe on the labels from its fused features scores 84.0 ± 4.0 % "
-        "on the test split, against 85.0 % for the same probe on the frozen features concatenated; above it in 1 of 3 "
-        "seeds (range 80.0-88.0).")
+        "on the test split, against 85.0 % for the same probe on the frozen features concatenated: paired by seed -1.0 "
+        "[-5.0, +3.0] points, no clear difference (95 % bootstrap over seeds); above it in 1 of 3 seeds (range "
+        "80.0-88.0).")
     assert comm_probe_line(runs.filter(pl.col("objective") == "clip")) is None
 
 
