@@ -15,6 +15,7 @@ from stratalign.core.layer_rule import CHOOSE_KEYWORDS, LayerRule
 from stratalign.errors import StratalignError, require_int
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store import layer_results
+from stratalign.store.entry_spec import check_feature_precision
 from stratalign.store.feature_store import FeatureEntry, FeatureStore
 
 
@@ -41,6 +42,7 @@ class LayersConfig:
         require_int(self.n, "--n (train pairs compared)", 1)
         require_int(self.seed, "--seed")
         require_int(self.permutations, "--permutations", 0)
+        check_feature_precision(self.feature_precision)
         if self.permutations == 1:
             raise StratalignError("--permutations must be 0 (raw scores only) or at least 2 (a null needs a spread)")
         if isinstance(self.k, int):

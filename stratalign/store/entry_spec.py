@@ -27,6 +27,13 @@ MODALITIES = ("image", "text")
 ENTRY_PRECISIONS = ("fp32", "bf16")
 
 
+def check_feature_precision(precision: str | None) -> None:
+    """A features' precision a reader names (None: fp32 first) is one of ENTRY_PRECISIONS; a one-line error else."""
+    if precision is not None and precision not in ENTRY_PRECISIONS:
+        raise StratalignError(f"unknown feature precision {precision!r}: use {' or '.join(ENTRY_PRECISIONS)} "
+                              "(--feature-precision)")
+
+
 def shard_sha(block: np.ndarray) -> str:
     """sha256 of a shard block's bytes as stored (little-endian, C order)."""
     return hashlib.sha256(np.ascontiguousarray(block.astype(block.dtype.newbyteorder("<"))).tobytes()).hexdigest()

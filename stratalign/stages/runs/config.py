@@ -29,6 +29,7 @@ from stratalign.stages.subsets import (
     validation_source,
 )
 from stratalign.store.datasets import PairDataset
+from stratalign.store.entry_spec import check_feature_precision
 from stratalign.store.feature_store import FeatureEntry, FeatureStore
 from stratalign.store.layer_results import load_choice
 from stratalign.store.runs import RunRegistry, run_id_of
@@ -84,6 +85,7 @@ class RunConfig:
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
             raise StratalignError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction!r}")
         check_folds(self.folds, self.fold)
+        check_feature_precision(self.feature_precision)
 
 
 @dataclass(frozen=True)
