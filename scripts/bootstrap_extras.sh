@@ -8,10 +8,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 V=.venv-extras
-PIP="$V/bin/python -m pip install -q --no-compile"
+# --no-cache-dir: pip's wheel cache would keep a second copy of the ~3 GB of CUDA wheels
+PIP="$V/bin/python -m pip install -q --no-cache-dir --no-compile"
+# The disk check comes first: a full disk half-way through the 5.6 GB install fails with a pip traceback
+# ("No space left on device") and leaves a broken environment. Exit 3 names the need; .ci/run reads it.
+NEED_GIB=${STRATALIGN_EXTRAS_NEED_GIB:-9}
+if [ ! -x "$V/bin/python" ] || ! "$V/bin/python" -c "import torchvision" 2>/dev/null; then
+  free_gib=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
+  if [ "$free_gib" -lt "$NEED_GIB" ]; then
+    echo "bootstrap_extras: ${free_gib} GiB free on $(df -P . | awk 'NR==2 {print $6}'), the extras environment needs ${NEED_GIB} GiB: free disk space (or set STRATALIGN_EXTRAS_NEED_GIB) and run it again" >&2
+    exit 3
+  fi
+fi
 if [ ! -x "$V/bin/python" ]; then
   "$PY" -m venv "$V"
-  "$V/bin/python" -m pip install -q --upgrade pip
+  "$V/bin/python" -m pip install -q --no-cache-dir --upgrade pip
 fi
 if ! "$V/bin/python" -c "import torchvision" 2>/dev/null; then
   $PIP "torch==2.14.1" "torchvision==0.29.1"
