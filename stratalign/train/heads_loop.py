@@ -181,10 +181,13 @@ class GroupLoop:
         sampled, with mu and logvar)."""
         a, t = mix_runs(self.xi[pos], self.xt[pos], [r.mixup for r in self.active])
         gens = [r.rng for r in self.active]
+        if self.frozen is not None and not self.variational:  # the lean step: float32 unit rows from bf16 products
+            fi, ft = self.frozen.sides(pos)
+            return (Side(a, self.image.forward_lean(a, gens), frozen=fi),
+                    Side(t, self.text.forward_lean(t, gens), frozen=ft))
         oi, ot = self.image.forward(a, gens), self.text.forward(t, gens)
         if not self.variational:
-            fi, ft = self.frozen.sides(pos) if self.frozen is not None else (None, None)
-            return Side(a, canonical_grad(oi), frozen=fi), Side(t, canonical_grad(ot), frozen=ft)
+            return Side(a, canonical_grad(oi)), Side(t, canonical_grad(ot))
         (mu_i, lv_i), (mu_t, lv_t) = oi, ot
         zi = torch.stack([VariationalHead.sample(mu_i[s].float(), lv_i[s].float(), r.cfg.vib_scale, r.rng)
                           for s, r in enumerate(self.active)])

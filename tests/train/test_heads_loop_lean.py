@@ -45,7 +45,25 @@ def test_lean_step_equals_the_plain_step_up_to_rounding(seeds: tuple[int, int]) 
     for step in range(4):
         got, want = lean.step(step), plain.step(step)  # (S, 3): loss, clip, reg of each run
         assert bool((want[:, 2] > 0).all()) or step == 0
-        torch.testing.assert_close(got, want, rtol=2e-3 if step else 1e-5, atol=1e-6)
+        # bf16 rounding from the first step: the lean step normalises the heads' rows in float32, the plain one in bf16
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-6)
+    lr = lean.cfg.lr
     for side in ("image", "text"):
         for name, w in getattr(lean, side).weights.items():
-            torch.testing.assert_close(w.detach(), getattr(plain, side).weights[name].detach(), rtol=0, atol=1e-3)
+            # AdamW moves a weight by about lr a step whatever its gradient's size: a component near 0 whose rounding
+            # differs moves by up to 2 lr, the others stay together
+            off = (w.detach() - getattr(plain, side).weights[name].detach()).abs()
+            assert float(off.max()) <= 4 * 2 * lr and float((off > lr).float().mean()) <= 0.01
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no bf16")
+def test_lean_gradients_are_nearer_fp32_than_the_plain_steps() -> None:
+    """The lean step normalises the rows and sums the bias's gradient in float32: its gradients are nearer those of
+    the fp32 step than the plain bf16 step's are."""
+    def grads(loop: GroupLoop) -> list[torch.Tensor]:
+        loop.step(5)
+        return [w.grad.clone() for side in ("image", "text") for w in getattr(loop, side).weights.values()]
+
+    ref, lean, plain = grads(_loop("fp32", False)), grads(_loop("bf16", True)), grads(_loop("bf16", False))
+    for r, a, b in zip(ref, lean, plain):
+        assert float((a - r).norm()) < float((b - r).norm()) < 0.05 * float(r.norm())
