@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from stratalign.core.losses import frozen_affinity
+from stratalign.core.losses_lean import frozen_affinity
 
 # a Gram matrix over more training rows than this is not kept: the affinities are then computed from each batch
 GRAM_ROWS = 4096

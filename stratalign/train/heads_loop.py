@@ -17,7 +17,7 @@ AdamW is elementwise, so one optimiser over the runs' tensors is S separate ones
 fused kernel, every run's clip in three calls); the loss is the sum of the runs' losses, whose gradient with respect
 to a run's slice is that run's own. Validation scores every run due at a step in one pass (`Validator.score_many`).
 bf16 runs take the lean step: CLIP and R_S with hand-written backwards, R_S's frozen side from a Gram matrix
-(core.losses.clip_loss_stacked, structure_regularizer_given; train.frozen_side), equal up to float rounding.
+(core.losses_lean; train.frozen_side; train.stacked's lean forward), equal up to float rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from stratalign.core import losses as losses_mod
+from stratalign.core.losses_lean import clip_loss_stacked
 from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import KnnSupport, Side, StepBatch, objective_named
@@ -183,8 +184,8 @@ class GroupLoop:
         gens = [r.rng for r in self.active]
         if self.frozen is not None and not self.variational:  # the lean step: float32 unit rows from bf16 products
             fi, ft = self.frozen.sides(pos)
-            return (Side(a, self.image.forward_lean(a, gens), frozen=fi),
-                    Side(t, self.text.forward_lean(t, gens), frozen=ft))
+            return (Side(a, self.image.forward_lean(a, gens), frozen=fi, unit=True),
+                    Side(t, self.text.forward_lean(t, gens), frozen=ft, unit=True))
         oi, ot = self.image.forward(a, gens), self.text.forward(t, gens)
         if not self.variational:
             return Side(a, canonical_grad(oi)), Side(t, canonical_grad(ot))
@@ -240,7 +241,7 @@ class GroupLoop:
         weights = torch.tensor(step_weights, device=self.dev)
         with autocast(self.dev, self.bf16):
             image, text = self._sides(pos)
-            clip = (losses_mod.clip_loss_stacked if self.lean else losses_mod.clip_loss)(image.z, text.z, self.cfg.tau)
+            clip = (clip_loss_stacked if self.lean else losses_mod.clip_loss)(image.z, text.z, self.cfg.tau)
             if self.unpaired is not None and any(step_weights):  # § 3.11: unpaired rows after the pairs, R_S only
                 image, text = extend_sides(image, text, (self.image, self.text), self.unpaired,
                                            [r.unpaired for r in self.active])

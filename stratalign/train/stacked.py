@@ -201,5 +201,8 @@ def slice_side(side: Side, a: int, b: int) -> Side:
         p_x, log_px = whole(tau, centering)
         return p_x[a:b], log_px[a:b]
 
+    if a == 0 and b == len(side.z):  # the whole stack: no slice (its backward would write zeros and copy)
+        return side
     return Side(side.x[a:b], side.z[a:b], None if side.mu is None else side.mu[a:b],
-                None if side.logvar is None else side.logvar[a:b], frozen=None if whole is None else frozen)
+                None if side.logvar is None else side.logvar[a:b], frozen=None if whole is None else frozen,
+                unit=side.unit)

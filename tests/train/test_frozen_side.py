@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stratalign.core import losses
+from stratalign.core import losses_lean
 from stratalign.train import frozen_side
 from stratalign.train.frozen_side import FrozenGram, FrozenSides
 
@@ -40,7 +40,7 @@ def test_a_shared_batch_is_computed_once(monkeypatch) -> None:
     a, b = torch.randperm(40, generator=g)[:8], torch.randperm(40, generator=g)[:8]
     pos = torch.stack([a, b, a, a])
     seen: list[int] = []
-    real = losses.frozen_affinity
+    real = losses_lean.frozen_affinity
     monkeypatch.setattr(frozen_side, "frozen_affinity", lambda logits: seen.append(len(logits)) or real(logits))
     image, _ = sides.sides(pos)
     p_x, log_px = image(0.05, "mean")
