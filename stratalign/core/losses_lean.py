@@ -41,7 +41,8 @@ class _ClipStacked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_img: torch.Tensor, z_txt: torch.Tensor, tau: float) -> torch.Tensor:  # type: ignore[override]
         s = _scaled_bmm(z_img, z_txt.mT, 1.0 / tau)
-        lo, hi = torch.aminmax(s.flatten(1), dim=-1)
+        flat = s.flatten(1)
+        lo, hi = flat.amin(-1), flat.amax(-1)  # (torch.aminmax is 40x slower on a CPU)
         ctx.tau, ctx.lse = tau, float((hi - lo).max()) > _EXP_SPREAD
         if ctx.lse:  # tau too small for one shift per run: the two logsumexps
             rows, cols = torch.logsumexp(s, -1), torch.logsumexp(s, -2)

@@ -19,6 +19,8 @@ from stratalign.core.losses_lean import frozen_affinity
 
 # a Gram matrix over more training rows than this is not kept: the affinities are then computed from each batch
 GRAM_ROWS = 4096
+# elements of the Gram matrix's rows gathered at once (1 MB of float32: a few runs' rows, held in the caches)
+GATHER_ROWS = 1 << 18
 # (tau, centering) -> P_X and log(P_X + 1e-12) of a stack's batches, (S, b, b) each
 FrozenSide = Callable[[float, str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,8 +46,7 @@ class FrozenGram:
                 xh = F.normalize(self.table[pos].float(), dim=-1)
                 xc = xh - xh.mean(-2, keepdim=True) if centering == "mean" else xh
                 return torch.bmm(xc / tau, xc.mT)
-            g = self.lookup[pos]
-            block = torch.stack([self.gram.index_select(0, gs).index_select(1, gs) for gs in g])  # fastest gather
+            block = _blocks(self.gram, self.lookup[pos])
             if centering != "mean":
                 return block.div_(tau)
             r = block.mean(-1)
@@ -53,6 +54,19 @@ class FrozenGram:
             ones = torch.ones_like(a)
             return torch.baddbmm(block, torch.stack([a, ones], -1), torch.stack([ones, a], -2), beta=1 / tau,
                                  alpha=1 / tau)
+
+
+def _blocks(gram: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """gram[g_s][:, g_s] for each row g_s of g (S, b): the rows of a few runs at a time, then their columns (on a CPU
+    faster than two index_selects a run; at most GATHER_ROWS elements of the Gram matrix's rows held at once)."""
+    S, b = g.shape
+    step = max(1, GATHER_ROWS // (b * gram.shape[1]))
+    out = torch.empty(S, b, b, dtype=gram.dtype, device=gram.device)
+    for start in range(0, S, step):
+        c = g[start:start + step]
+        rows = gram.index_select(0, c.flatten()).view(len(c), b, -1)
+        torch.gather(rows, 2, c.unsqueeze(1).expand(-1, b, -1), out=out[start:start + step])
+    return out
 
 
 def frozen_side(gram: FrozenGram, pos: torch.Tensor) -> FrozenSide:

@@ -69,7 +69,7 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         z, n = ctx.saved_tensors
-        dot = torch.linalg.vecdot(z, g).unsqueeze(-1)
+        dot = (z * g).sum(-1, keepdim=True)  # (linalg.vecdot takes twice as long on a CPU)
         return torch.addcmul(g, z, dot, value=-1.0).div_(n).to(ctx.dtype)
 
 
