@@ -37,7 +37,7 @@ from stratalign.train.config import TrainResult
 from stratalign.train.frozen_side import FrozenSides
 from stratalign.train.heads_groups import GroupProgress, HeadsJob, group_key, loss_key
 from stratalign.train.heads_init import init_run_heads
-from stratalign.train.optim import RunsAdamW, clip_grads_per_run
+from stratalign.train.optim import RunsAdamW, clip_grads_per_run, clip_stacked_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
@@ -250,7 +250,12 @@ class GroupLoop:
         self.opt.zero_grad()
         loss.sum().backward()
         # each run's own clip per head, on its own tensors (as alone)
-        clip_grads_per_run([side.grads(s) for s in range(len(self.active)) for side in (self.image, self.text)], 1.0)
+        if self.lean:
+            clip_stacked_per_run([[w.grad for w in side.tensors() if w.grad is not None]
+                                  for side in (self.image, self.text)], 1.0)
+        else:
+            clip_grads_per_run([side.grads(s) for s in range(len(self.active)) for side in (self.image, self.text)],
+                               1.0)
         self.opt.step()
         return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float()
 

@@ -16,14 +16,15 @@ from stratalign.train.rules import SelectionRule
 from stratalign.train.validation import ValidationTargets
 
 
-def _loop(precision: str, lean: bool, lams: tuple[float, ...] = (10.0, 3.0), seeds: tuple[int, ...] = (0, 1)) -> GroupLoop:
+def _loop(precision: str, lean: bool, lams: tuple[float, ...] = (10.0, 3.0), seeds: tuple[int, ...] = (0, 1),
+          head: str = "linear") -> GroupLoop:
     rng = np.random.default_rng(0)
     s = rng.standard_normal((200, 6))
     xi = torch.from_numpy((s @ rng.standard_normal((6, 32)) + 0.5 * rng.standard_normal((200, 32))).astype(np.float32))
     xt = torch.from_numpy((s @ rng.standard_normal((6, 24)) + 0.5 * rng.standard_normal((200, 24))).astype(np.float32))
     dev = torch.device("cpu")
     jobs = [HeadsJob(TrainConfig(objective="clip+structure", dim=16, batch_size=64, max_steps=50, warmup_steps=1,
-                                 lam=lam, seed=seed, device="cpu", precision=precision),
+                                 lam=lam, seed=seed, device="cpu", precision=precision, head=head),
                      np.arange(150), np.arange(150, 200), ValidationTargets.pairs_only(50),
                      SelectionRule("rsum", "rsum", True)) for lam, seed in zip(lams, seeds)]
     built = [init_run_heads(j.cfg, 32, 24, dev) for j in jobs]
@@ -39,14 +40,15 @@ def test_fp32_runs_take_the_plain_step() -> None:
 
 
 @pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no bf16")
-@pytest.mark.parametrize("seeds", [(0, 1), (3, 3)])
-def test_lean_step_equals_the_plain_step_up_to_rounding(seeds: tuple[int, int]) -> None:
-    lean, plain = _loop("bf16", True, seeds=seeds), _loop("bf16", False, seeds=seeds)
+@pytest.mark.parametrize("seeds, head", [((0, 1), "linear"), ((3, 3), "linear"), ((0, 1), "mlp"), ((0, 1), "residual")])
+def test_lean_step_equals_the_plain_step_up_to_rounding(seeds: tuple[int, int], head: str) -> None:
+    lean, plain = _loop("bf16", True, seeds=seeds, head=head), _loop("bf16", False, seeds=seeds, head=head)
     for step in range(4):
         got, want = lean.step(step), plain.step(step)  # (S, 3): loss, clip, reg of each run
         assert bool((want[:, 2] > 0).all()) or step == 0
         # bf16 rounding from the first step: the lean step normalises the heads' rows in float32, the plain one in bf16
-        torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-6)
+        # (an mlp's bf16 hidden layer puts either ~5e-3 from the fp32 step)
+        torch.testing.assert_close(got, want, rtol=1e-2 if head == "mlp" else 2e-3, atol=1e-6)
     lr = lean.cfg.lr
     for side in ("image", "text"):
         for name, w in getattr(lean, side).weights.items():
