@@ -19,8 +19,8 @@ from stratalign.core.losses_lean import frozen_affinity
 
 # a Gram matrix over more training rows than this is not kept: the affinities are then computed from each batch
 GRAM_ROWS = 4096
-# elements of the Gram matrix's rows gathered at once (1 MB of float32: a few runs' rows, held in the caches)
-GATHER_ROWS = 1 << 18
+# elements of the Gram matrix's rows gathered at once (16 MB of float32)
+GATHER_ROWS = 1 << 22
 # (tau, centering) -> P_X and log(P_X + 1e-12) of a stack's batches, (S, b, b) each
 FrozenSide = Callable[[float, str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -32,12 +32,31 @@ class FrozenGram:
         self.table = table
         rows = torch.unique(rows)
         self.gram: torch.Tensor | None = None
+        self.rows_buffer = torch.empty(0)  # the gathered rows of the Gram matrix, kept from step to step
         if len(rows) <= GRAM_ROWS:
             with torch.autocast(device_type=table.device.type, enabled=False):
                 xh = F.normalize(table[rows].float(), dim=-1)
                 self.gram = xh @ xh.T
             self.lookup = torch.full((len(table),), -1, dtype=torch.long, device=table.device)
             self.lookup[rows] = torch.arange(len(rows), device=table.device)
+
+    def _blocks(self, g: torch.Tensor) -> torch.Tensor:
+        """gram[g_s][:, g_s] for each row g_s of g (S, b): the rows of up to GATHER_ROWS elements' runs at once, then
+        their columns (two calls where indexing run by run takes two a run), the rows into a buffer kept from step to
+        step (fresh memory costs a CPU more than the copy)."""
+        assert self.gram is not None
+        S, b = g.shape
+        n = self.gram.shape[1]
+        step = max(1, min(S, GATHER_ROWS // (b * n)))
+        if self.rows_buffer.numel() != step * b * n:
+            self.rows_buffer = torch.empty(step * b, n, dtype=self.gram.dtype, device=self.gram.device)
+        out = torch.empty(S, b, b, dtype=self.gram.dtype, device=self.gram.device)
+        for start in range(0, S, step):
+            c = g[start:start + step]
+            rows = self.rows_buffer[:c.numel()]
+            torch.index_select(self.gram, 0, c.flatten(), out=rows)
+            torch.gather(rows.view(len(c), b, n), 2, c.unsqueeze(1).expand(-1, b, -1), out=out[start:start + step])
+        return out
 
     def logits(self, pos: torch.Tensor, tau: float, centering: str) -> torch.Tensor:
         """X~ X~^T / tau of the batches `pos` (S, b) of table rows, in float32."""
@@ -46,7 +65,7 @@ class FrozenGram:
                 xh = F.normalize(self.table[pos].float(), dim=-1)
                 xc = xh - xh.mean(-2, keepdim=True) if centering == "mean" else xh
                 return torch.bmm(xc / tau, xc.mT)
-            block = _blocks(self.gram, self.lookup[pos])
+            block = self._blocks(self.lookup[pos])
             if centering != "mean":
                 return block.div_(tau)
             r = block.mean(-1)
@@ -54,19 +73,6 @@ class FrozenGram:
             ones = torch.ones_like(a)
             return torch.baddbmm(block, torch.stack([a, ones], -1), torch.stack([ones, a], -2), beta=1 / tau,
                                  alpha=1 / tau)
-
-
-def _blocks(gram: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """gram[g_s][:, g_s] for each row g_s of g (S, b): the rows of a few runs at a time, then their columns (on a CPU
-    faster than two index_selects a run; at most GATHER_ROWS elements of the Gram matrix's rows held at once)."""
-    S, b = g.shape
-    step = max(1, GATHER_ROWS // (b * gram.shape[1]))
-    out = torch.empty(S, b, b, dtype=gram.dtype, device=gram.device)
-    for start in range(0, S, step):
-        c = g[start:start + step]
-        rows = gram.index_select(0, c.flatten()).view(len(c), b, -1)
-        torch.gather(rows, 2, c.unsqueeze(1).expand(-1, b, -1), out=out[start:start + step])
-    return out
 
 
 def frozen_side(gram: FrozenGram, pos: torch.Tensor) -> FrozenSide:
