@@ -75,10 +75,11 @@ class FrozenGram:
                                  alpha=1 / tau)
 
 
-def frozen_side(gram: FrozenGram, pos: torch.Tensor) -> FrozenSide:
+def frozen_side(gram: FrozenGram, pos: torch.Tensor,
+                unique: tuple[torch.Tensor, torch.Tensor] | None = None) -> FrozenSide:
     """The affinities of the stack's batches `pos` (S, b), computed on first use for each (tau, centering), once per
-    distinct batch."""
-    distinct, inverse = torch.unique(pos, dim=0, return_inverse=True)
+    distinct batch (`unique`: torch.unique(pos, dim=0, return_inverse=True) when the caller has it)."""
+    distinct, inverse = torch.unique(pos, dim=0, return_inverse=True) if unique is None else unique
     cache: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def affinities(tau: float, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,4 +106,5 @@ class FrozenSides:
         if self.grams is None:
             rows = torch.cat(list(self.rows))
             self.grams = (FrozenGram(self.tables[0], rows), FrozenGram(self.tables[1], rows))
-        return frozen_side(self.grams[0], pos), frozen_side(self.grams[1], pos)
+        unique = torch.unique(pos, dim=0, return_inverse=True)  # (distinct batches, each run's), for both sides
+        return frozen_side(self.grams[0], pos, unique), frozen_side(self.grams[1], pos, unique)
