@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from stratalign.core import losses
-from stratalign.core.losses_lean import structure_regularizer_given
 from stratalign.core.baselines import ASIF_CENTER, ASIF_K, ASIF_POWER, fit_asif, fit_procrustes
 from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE, AlignedHeads
+from stratalign.core.losses_lean import structure_regularizer_given
 from stratalign.core.mixup import FUSEMIX_ALPHA
 from stratalign.errors import StratalignError
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from stratalign.core import losses as losses_mod
-from stratalign.core.losses_lean import clip_loss_stacked
 from stratalign.core.heads import AlignedHeads, VariationalHead
+from stratalign.core.losses_lean import clip_loss_stacked
 from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import KnnSupport, Side, StepBatch, objective_named
 from stratalign.train.config import TrainResult

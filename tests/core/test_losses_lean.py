@@ -37,8 +37,9 @@ def _softmax_log(xc: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tens
 def test_structure_given_gradient_passes_gradcheck(centering: str, js: str, unit: bool) -> None:
     x, z, _ = _stack(torch.float64)
     p_x, log_px = _frozen(x, 0.3, centering)
-    fn = lambda zz: losses_lean._StructureGiven.apply(zz, p_x, log_px, 0.3, centering == "mean", js == "reference",
-                                                      unit)
+    def fn(zz: torch.Tensor) -> torch.Tensor:
+        return losses_lean._StructureGiven.apply(zz, p_x, log_px, 0.3, centering == "mean", js == "reference", unit)
+
     assert torch.autograd.gradcheck(fn, (z,))
 
 
