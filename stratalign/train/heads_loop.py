@@ -16,8 +16,9 @@ S = 1 case of this very code (`train.fit.train_heads`). Each run keeps what make
 AdamW is elementwise, so one optimiser over the runs' tensors is S separate ones (one lr schedule; train.optim: torch's
 fused kernel, every run's clip in three calls); the loss is the sum of the runs' losses, whose gradient with respect
 to a run's slice is that run's own. Validation scores every run due at a step in one pass (`Validator.score_many`).
-bf16 runs take the lean step: CLIP and R_S with hand-written backwards, R_S's frozen side from a Gram matrix
-(core.losses_lean; train.frozen_side; train.stacked's lean forward), equal up to float rounding.
+bf16 runs take the lean step, equal up to float rounding: the heads' bf16 products with each weight in its own layout
+and the rows normalised in float32 (train.stacked), CLIP and R_S with hand-written backwards (core.losses_lean), R_S's
+frozen side from a Gram matrix (train.frozen_side), each run's clip on the stacked gradients (train.optim).
 """
 
 from __future__ import annotations
