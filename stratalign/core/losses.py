@@ -8,6 +8,7 @@ the inputs up; the heads' matmuls before it may still run in bf16.
 
 Batched runs: `clip_loss`, `structure_regularizer`, `ib_deterministic` and `vib_kl` also take (S, b, d) tensors,
 the stacked batches of S independent runs, and return the S losses; slice s equals the 2-D call on slice s.
+The lean step's forms with hand-written backwards are in core.losses_lean.
 """
 
 from __future__ import annotations
@@ -69,44 +70,6 @@ def clip_loss(z_img: torch.Tensor, z_txt: torch.Tensor, tau: float = 0.05) -> to
     return 0.5 * (rows + cols)
 
 
-
-def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * (a @ b) for (S, n, k) @ (S, k, m), the scaling done inside the product (no pass of its own)."""
-    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
-    return torch.baddbmm(out, a, b, beta=0.0, alpha=alpha)
-
-
-class _ClipStacked(torch.autograd.Function):
-    """`clip_loss` of a stack of runs with its backward written out: the two cross-entropies from two logsumexps, and
-    the logits' gradient (softmax over rows + softmax over columns - 2 I) / 2b in one matrix (no transposed copies)."""
-
-    @staticmethod
-    def forward(ctx, z_img: torch.Tensor, z_txt: torch.Tensor, tau: float) -> torch.Tensor:  # type: ignore[override]
-        s = _scaled_bmm(z_img, z_txt.mT, 1.0 / tau)
-        lse_rows, lse_cols = torch.logsumexp(s, -1), torch.logsumexp(s, -2)
-        diag = s.diagonal(dim1=-2, dim2=-1)
-        ctx.save_for_backward(z_img, z_txt, s, lse_rows, lse_cols)
-        ctx.tau = tau
-        return 0.5 * ((lse_rows - diag).mean(-1) + (lse_cols - diag).mean(-1))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        z_img, z_txt, s, lse_rows, lse_cols = ctx.saved_tensors
-        g = torch.exp(s - lse_rows.unsqueeze(-1)).add_(torch.exp(s - lse_cols.unsqueeze(-2)))
-        g.diagonal(dim1=-2, dim2=-1).sub_(2.0)
-        g.mul_((0.5 / s.shape[-1]) * grad.view(-1, 1, 1))
-        return _scaled_bmm(g, z_txt, 1.0 / ctx.tau), _scaled_bmm(g.mT, z_img, 1.0 / ctx.tau), None
-
-
-@float32
-def clip_loss_stacked(z_img: torch.Tensor, z_txt: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
-    """`clip_loss` of S runs' stacked embeddings (S, b, d), in float32 with a hand-written backward (the lean step of
-    bf16 runs); equal to it up to float rounding."""
-    _check_pair(z_img, z_txt, "clip_loss_stacked")
-    if z_img.ndim != 3 or z_img.shape[-1] != z_txt.shape[-1] or tau <= 0:
-        raise StratalignError(f"clip_loss_stacked: need two (S, b, d) stacks of one width and tau > 0, got "
-                              f"{tuple(z_img.shape)}, {tuple(z_txt.shape)}, tau {tau}")
-    return _ClipStacked.apply(z_img.float(), z_txt.float(), float(tau))
 
 def _check_options(levels: int, weighting: str, centering: str, js: str, tau: float) -> None:
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
@@ -274,66 +237,3 @@ def lambda_at(step: int, lam: float = 10.0, warmup_steps: int = 1000) -> float:
     if warmup_steps <= 0:
         return float(lam)
     return float(lam) * min(1.0, step / warmup_steps)
-
-
-class _StructureGiven(torch.autograd.Function):
-    """R_S at level 1 of a stack of runs (S, b, d) against given frozen-side affinities, with its backward written
-    out: one product forward, one backward (the logits' gradient symmetrised first), and a handful of elementwise
-    passes over the b x b matrices where autograd takes some thirty. Equal to `structure_regularizer` at levels=1
-    up to float rounding (tests/core/test_losses_given.py)."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, p_x: torch.Tensor, log_px: torch.Tensor, tau: float, centre: bool,  # type: ignore[override]
-                reference: bool) -> torch.Tensor:
-        n = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min_(1e-12)
-        u = z / n
-        c = u - u.mean(-2, keepdim=True) if centre else u
-        p_z = torch.softmax(_scaled_bmm(c, c.mT, 1.0 / tau), dim=-1)
-        log_pz = torch.log(p_z + EPS_LOG)
-        m = torch.lerp(p_x, p_z, 0.5)
-        m_e = m + EPS_LOG
-        log_m = torch.log(m_e)
-        dot = torch.linalg.vecdot
-        if reference:  # 1/2 sum_j M (2 log M - log P_Z - log P_X)
-            rows = 2.0 * dot(m, log_m) - dot(m, log_pz) - dot(m, log_px)
-        else:  # 1/2 [KL(P_X || M) + KL(P_Z || M)]
-            rows = dot(p_x, log_px) - dot(p_x, log_m) + dot(p_z, log_pz) - dot(p_z, log_m)
-        ctx.save_for_backward(u, n, c, p_z, log_pz, m, m_e, log_m, log_px)
-        ctx.tau, ctx.centre, ctx.reference = tau, centre, reference
-        return 0.5 * rows.mean(-1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        u, n, c, p_z, log_pz, m, m_e, log_m, log_px = ctx.saved_tensors
-        if ctx.reference:  # d/dP_Z of the row sum, halved: log M - (log P_Z + log P_X) / 2 + M / (M + e) - M / (P_Z + e)
-            g = (log_pz + log_px).mul_(-0.5).add_(log_m).add_(m / m_e).sub_(m / (p_z + EPS_LOG))
-        else:  # log P_Z - log M + P_Z / (P_Z + e) - M / (M + e)
-            g = (log_pz - log_m).add_(p_z / (p_z + EPS_LOG)).sub_(m / m_e)
-        # softmax backward, the mean over rows and the halving, then the logits' gradient made symmetric
-        g = g.sub_(torch.linalg.vecdot(g, p_z).unsqueeze(-1)).mul_(p_z)
-        g = g.mul_((0.5 / p_z.shape[-1]) * grad.view(-1, 1, 1))
-        gc = _scaled_bmm(g + g.mT, c, 1.0 / ctx.tau)
-        gu = gc - gc.mean(-2, keepdim=True) if ctx.centre else gc
-        gz = (gu - u * torch.linalg.vecdot(u, gu).unsqueeze(-1)).div_(n)
-        return gz, None, None, None, None, None
-
-
-def frozen_affinity(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen side's row-softmax P_X and log(P_X + 1e-12) from its logits X~ X~^T / tau (what
-    `structure_regularizer_given` takes)."""
-    p_x = torch.softmax(logits.float(), dim=-1)
-    return p_x, torch.log(p_x + EPS_LOG)
-
-
-@float32
-def structure_regularizer_given(p_x: torch.Tensor, log_px: torch.Tensor, z: torch.Tensor, tau: float = 0.05,
-                                centering: str = "mean", js: str = "reference") -> torch.Tensor:
-    """R_S at level 1 of S runs' stacked outputs z (S, b, d) against the frozen side's affinities P_X and
-    log(P_X + 1e-12) (S, b, b) given (`frozen_affinity`: the trainer takes them from one Gram matrix of the training
-    rows, once per distinct batch). `structure_regularizer(x, z)` at levels=1 up to float rounding, in float32."""
-    _check_options(1, "none", centering, js, tau)
-    if z.ndim != 3 or p_x.shape != (*z.shape[:2], z.shape[1]) or log_px.shape != p_x.shape:
-        raise StratalignError(f"structure_regularizer_given: need z (S, b, d) and affinities (S, b, b), got "
-                              f"{tuple(z.shape)} and {tuple(p_x.shape)}")
-    return _StructureGiven.apply(z.float(), p_x.float(), log_px.float(), float(tau), centering == "mean",
-                                 js == "reference")

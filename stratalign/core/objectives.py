@@ -22,6 +22,7 @@ import torch
 from stratalign.core import losses
 from stratalign.core.baselines import ASIF_CENTER, ASIF_K, ASIF_POWER, fit_asif, fit_procrustes
 from stratalign.core.heads import CSA_K, CSA_RIDGE, VIB_SCALE, AlignedHeads
+from stratalign.core.losses_lean import structure_regularizer_given
 from stratalign.core.mixup import FUSEMIX_ALPHA
 from stratalign.errors import StratalignError
 
@@ -73,7 +74,8 @@ class KnnSupport:
 class Side:
     """One modality of a training batch: inputs x, embeddings z (sampled for VIB, with mu and logvar). `frozen`:
     (tau, centering) -> R_S's frozen-side affinities P_X, log(P_X + 1e-12) of the stacked batches, where the trainer
-    has them cheaper than from x (the lean step of bf16 runs: train.frozen_side)."""
+    has them cheaper than from x (the lean step of bf16 runs: train.frozen_side). `unit`: z's rows have norm 1 in
+    float32 already (the lean step's heads), R_S does not normalise them again."""
 
     x: torch.Tensor
     z: torch.Tensor
@@ -81,6 +83,7 @@ class Side:
     logvar: torch.Tensor | None = None
     knn: KnnSupport | None = None
     frozen: Callable[[float, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+    unit: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,8 @@ def _structure_side(side: Side, opts: dict[str, Any]) -> torch.Tensor:
     """R_S of one side over the batch: from the given frozen affinities at level 1 when the trainer has them."""
     if side.frozen is not None and opts["levels"] == 1 and side.z.ndim == 3:
         p_x, log_px = side.frozen(opts["tau"], opts["centering"])
-        return losses.structure_regularizer_given(p_x, log_px, side.z, tau=opts["tau"], centering=opts["centering"],
-                                                  js=opts["js"])
+        return structure_regularizer_given(p_x, log_px, side.z, tau=opts["tau"], centering=opts["centering"],
+                                           js=opts["js"], unit=side.unit)
     return losses.structure_regularizer(side.x, side.z, **opts)
 
 

@@ -15,10 +15,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from stratalign.core.losses import frozen_affinity
+from stratalign.core.losses_lean import frozen_affinity
 
 # a Gram matrix over more training rows than this is not kept: the affinities are then computed from each batch
 GRAM_ROWS = 4096
+# elements of the Gram matrix's rows gathered at once (16 MB of float32)
+GATHER_ROWS = 1 << 22
 # (tau, centering) -> P_X and log(P_X + 1e-12) of a stack's batches, (S, b, b) each
 FrozenSide = Callable[[float, str], tuple[torch.Tensor, torch.Tensor]]
 
@@ -30,12 +32,31 @@ class FrozenGram:
         self.table = table
         rows = torch.unique(rows)
         self.gram: torch.Tensor | None = None
+        self.rows_buffer = torch.empty(0)  # the gathered rows of the Gram matrix, kept from step to step
         if len(rows) <= GRAM_ROWS:
             with torch.autocast(device_type=table.device.type, enabled=False):
                 xh = F.normalize(table[rows].float(), dim=-1)
                 self.gram = xh @ xh.T
             self.lookup = torch.full((len(table),), -1, dtype=torch.long, device=table.device)
             self.lookup[rows] = torch.arange(len(rows), device=table.device)
+
+    def _blocks(self, g: torch.Tensor) -> torch.Tensor:
+        """gram[g_s][:, g_s] for each row g_s of g (S, b): the rows of up to GATHER_ROWS elements' runs at once, into a
+        buffer kept from step to step (fresh memory costs a CPU more than the copy), then each run's columns."""
+        assert self.gram is not None
+        S, b = g.shape
+        n = self.gram.shape[1]
+        step = max(1, min(S, GATHER_ROWS // (b * n)))
+        if self.rows_buffer.numel() != step * b * n:
+            self.rows_buffer = torch.empty(step * b, n, dtype=self.gram.dtype, device=self.gram.device)
+        out = torch.empty(S, b, b, dtype=self.gram.dtype, device=self.gram.device)
+        for start in range(0, S, step):
+            c = g[start:start + step]
+            rows = self.rows_buffer[:c.numel()]
+            torch.index_select(self.gram, 0, c.flatten(), out=rows)
+            for k, gs in enumerate(c):  # (torch.gather of the columns is 4x slower)
+                torch.index_select(rows[k * b:(k + 1) * b], 1, gs, out=out[start + k])
+        return out
 
     def logits(self, pos: torch.Tensor, tau: float, centering: str) -> torch.Tensor:
         """X~ X~^T / tau of the batches `pos` (S, b) of table rows, in float32."""
@@ -44,8 +65,7 @@ class FrozenGram:
                 xh = F.normalize(self.table[pos].float(), dim=-1)
                 xc = xh - xh.mean(-2, keepdim=True) if centering == "mean" else xh
                 return torch.bmm(xc / tau, xc.mT)
-            g = self.lookup[pos]
-            block = torch.stack([self.gram.index_select(0, gs).index_select(1, gs) for gs in g])  # fastest gather
+            block = self._blocks(self.lookup[pos])
             if centering != "mean":
                 return block.div_(tau)
             r = block.mean(-1)
@@ -55,10 +75,11 @@ class FrozenGram:
                                  alpha=1 / tau)
 
 
-def frozen_side(gram: FrozenGram, pos: torch.Tensor) -> FrozenSide:
+def frozen_side(gram: FrozenGram, pos: torch.Tensor,
+                unique: tuple[torch.Tensor, torch.Tensor] | None = None) -> FrozenSide:
     """The affinities of the stack's batches `pos` (S, b), computed on first use for each (tau, centering), once per
-    distinct batch."""
-    distinct, inverse = torch.unique(pos, dim=0, return_inverse=True)
+    distinct batch (`unique`: torch.unique(pos, dim=0, return_inverse=True) when the caller has it)."""
+    distinct, inverse = torch.unique(pos, dim=0, return_inverse=True) if unique is None else unique
     cache: dict[tuple[float, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def affinities(tau: float, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,4 +106,5 @@ class FrozenSides:
         if self.grams is None:
             rows = torch.cat(list(self.rows))
             self.grams = (FrozenGram(self.tables[0], rows), FrozenGram(self.tables[1], rows))
-        return frozen_side(self.grams[0], pos), frozen_side(self.grams[1], pos)
+        unique = torch.unique(pos, dim=0, return_inverse=True)  # (distinct batches, each run's), for both sides
+        return frozen_side(self.grams[0], pos, unique), frozen_side(self.grams[1], pos, unique)

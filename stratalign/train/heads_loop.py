@@ -16,8 +16,9 @@ S = 1 case of this very code (`train.fit.train_heads`). Each run keeps what make
 AdamW is elementwise, so one optimiser over the runs' tensors is S separate ones (one lr schedule; train.optim: torch's
 fused kernel, every run's clip in three calls); the loss is the sum of the runs' losses, whose gradient with respect
 to a run's slice is that run's own. Validation scores every run due at a step in one pass (`Validator.score_many`).
-bf16 runs take the lean step: CLIP and R_S with hand-written backwards, R_S's frozen side from a Gram matrix
-(core.losses.clip_loss_stacked, structure_regularizer_given; train.frozen_side), equal up to float rounding.
+bf16 runs take the lean step, equal up to float rounding: the heads' bf16 products with each weight in its own layout
+and the rows normalised in float32 (train.stacked), CLIP and R_S with hand-written backwards (core.losses_lean), R_S's
+frozen side from a Gram matrix (train.frozen_side), each run's clip on the stacked gradients (train.optim).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import torch
 
 from stratalign.core import losses as losses_mod
 from stratalign.core.heads import AlignedHeads, VariationalHead
+from stratalign.core.losses_lean import clip_loss_stacked
 from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import KnnSupport, Side, StepBatch, objective_named
 from stratalign.train.config import TrainResult
 from stratalign.train.frozen_side import FrozenSides
 from stratalign.train.heads_groups import GroupProgress, HeadsJob, group_key, loss_key
 from stratalign.train.heads_init import init_run_heads
-from stratalign.train.optim import RunsAdamW, clip_grads_per_run
+from stratalign.train.optim import RunsAdamW, clip_grads_per_run, clip_stacked_per_run
 from stratalign.train.rules import (
     CheckpointSelector,
     Pending,
@@ -181,10 +183,13 @@ class GroupLoop:
         sampled, with mu and logvar)."""
         a, t = mix_runs(self.xi[pos], self.xt[pos], [r.mixup for r in self.active])
         gens = [r.rng for r in self.active]
+        if self.frozen is not None and not self.variational:  # the lean step: float32 unit rows from bf16 products
+            fi, ft = self.frozen.sides(pos)
+            return (Side(a, self.image.forward_lean(a, gens), frozen=fi, unit=True),
+                    Side(t, self.text.forward_lean(t, gens), frozen=ft, unit=True))
         oi, ot = self.image.forward(a, gens), self.text.forward(t, gens)
         if not self.variational:
-            fi, ft = self.frozen.sides(pos) if self.frozen is not None else (None, None)
-            return Side(a, canonical_grad(oi), frozen=fi), Side(t, canonical_grad(ot), frozen=ft)
+            return Side(a, canonical_grad(oi)), Side(t, canonical_grad(ot))
         (mu_i, lv_i), (mu_t, lv_t) = oi, ot
         zi = torch.stack([VariationalHead.sample(mu_i[s].float(), lv_i[s].float(), r.cfg.vib_scale, r.rng)
                           for s, r in enumerate(self.active)])
@@ -237,7 +242,7 @@ class GroupLoop:
         weights = torch.tensor(step_weights, device=self.dev)
         with autocast(self.dev, self.bf16):
             image, text = self._sides(pos)
-            clip = (losses_mod.clip_loss_stacked if self.lean else losses_mod.clip_loss)(image.z, text.z, self.cfg.tau)
+            clip = (clip_loss_stacked if self.lean else losses_mod.clip_loss)(image.z, text.z, self.cfg.tau)
             if self.unpaired is not None and any(step_weights):  # § 3.11: unpaired rows after the pairs, R_S only
                 image, text = extend_sides(image, text, (self.image, self.text), self.unpaired,
                                            [r.unpaired for r in self.active])
@@ -246,7 +251,12 @@ class GroupLoop:
         self.opt.zero_grad()
         loss.sum().backward()
         # each run's own clip per head, on its own tensors (as alone)
-        clip_grads_per_run([side.grads(s) for s in range(len(self.active)) for side in (self.image, self.text)], 1.0)
+        if self.lean:
+            clip_stacked_per_run([[w.grad for w in side.tensors() if w.grad is not None]
+                                  for side in (self.image, self.text)], 1.0)
+        else:
+            clip_grads_per_run([side.grads(s) for s in range(len(self.active)) for side in (self.image, self.text)],
+                               1.0)
         self.opt.step()
         return torch.stack([loss.detach(), clip.detach(), reg.detach()], 1).float()
 

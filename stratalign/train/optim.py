@@ -5,6 +5,7 @@ every run's tensors at once.
   norms, one `_foreach_mul_` by each group's factor min(1, max_norm / (norm + 1e-6)) (torch's clip_grad_norm_
   rule), instead of 2 x S calls of clip_grad_norm_. Every tensor's norm is taken on that tensor alone, so a run's
   clip is the same whatever runs stack beside it.
+- `clip_stacked_per_run`: the same clip on stacked gradients in two calls a tensor (the lean step of bf16 runs).
 - `RunsAdamW`: AdamW through torch's fused kernel (`torch._fused_adamw_`: one call over every tensor, on the CPU
   and CUDA) on the runs' stacked tensors; elementwise, so a stack of S runs is S separate optimisers (one step
   count per tensor: the runs of a stack start together). It calls the
@@ -41,6 +42,19 @@ def clip_grads_per_run(groups: ClipGroups, max_norm: float = 1.0) -> None:
             factors += [torch.clamp(max_norm / (total + 1e-6), max=1.0)] * n
         start += n
     torch._foreach_mul_(grads, factors)
+
+
+def clip_stacked_per_run(groups: ClipGroups, max_norm: float = 1.0) -> None:
+    """`clip_grads_per_run` of stacked gradients, dim 0 indexing runs: each group (one head's gradients) is clipped
+    run by run, each run's norm over its slices of the group's tensors, in two calls a tensor whatever the number of
+    runs (the lean step; the norms may round otherwise than `clip_grads_per_run`'s, which fp32 runs keep)."""
+    for grads in groups:
+        if not grads:
+            continue
+        sq = torch.stack([torch.linalg.vector_norm(g.reshape(len(g), -1), 2.0, dim=1) for g in grads]).square_().sum(0)
+        factor = torch.clamp(max_norm / (sq.sqrt_() + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(factor.view(-1, *([1] * (g.ndim - 1))))
 
 
 class RunsAdamW:

@@ -5,6 +5,11 @@ tensor, run s's head being slice s. The forward of a slice computes what the run
 (`baddbmm(bias, x, W^T)` for each Linear, GELU and the L2 normalisation row-wise), and dropout draws each run's
 mask from that run's own generator, so a run consumes the same random stream in a stack as alone. The head kinds
 are those of stratalign.core.heads (linear, mlp, residual; the variational wrapper of each).
+
+The lean step of bf16 runs (`StackedSide.forward_lean`) computes the same forward with its backwards written out:
+each Linear casts its weight to bf16 as it lies (no transposed copy) and takes its weight gradient as g^T x in the
+weight's own layout (autocast casts the transposed view and hands back a transposed gradient, whose copies cost
+more than the head's products on a CPU); the rows are L2-normalised in float32, where the losses take them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,49 @@ def _linear(p: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Ten
     return torch.baddbmm(p[f"{name}.bias"].unsqueeze(1), x, p[f"{name}.weight"].transpose(1, 2))
 
 
+class _Bf16Linear(torch.autograd.Function):
+    """x (S, b, d_in) bf16 through stacked float32 weights (S, d_out, d_in) and biases (S, d_out), the product in
+    bf16; the weight's gradient g^T x in bf16 (as autocast's), the bias's summed in float32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        w = weight.to(torch.bfloat16)
+        ctx.save_for_backward(x, w)
+        return torch.baddbmm(bias.to(torch.bfloat16).unsqueeze(1), x, w.mT)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        g = g.to(torch.bfloat16).contiguous()
+        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        return gx, torch.bmm(g.mT, x).float(), g.sum(1, dtype=torch.float32)
+
+
+def _linear_lean(p: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    """`_linear` of the lean step: x in bf16 (see the module docstring)."""
+    return _Bf16Linear.apply(x.to(torch.bfloat16), p[f"{name}.weight"], p[f"{name}.bias"])
+
+
+class _UnitRows(torch.autograd.Function):
+    """F.normalize(h.float(), dim=-1) with its backward in one projection, handed back in h's dtype (rows of norm
+    above 1e-12, as a head's outputs are)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        z = h.float()
+        n = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min_(1e-12)
+        z = z.div_(n) if z is not h else z / n
+        ctx.save_for_backward(z, n)
+        ctx.dtype = h.dtype
+        return z
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        z, n = ctx.saved_tensors
+        dot = (z * g).sum(-1, keepdim=True)  # (linalg.vecdot takes twice as long on a CPU)
+        return torch.addcmul(g, z, dot, value=-1.0).div_(n).to(ctx.dtype)
+
+
 def _dropout(x: torch.Tensor, rate: float, gens: Gens) -> torch.Tensor:
     """Dropout of each run's slice with its own generator (no-op when gens is None: evaluation)."""
     if gens is None or rate == 0.0:
@@ -35,24 +83,30 @@ def _dropout(x: torch.Tensor, rate: float, gens: Gens) -> torch.Tensor:
     return x * keep.div_(1.0 - rate)
 
 
-def _features_linear(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens) -> torch.Tensor:
-    return _linear(p, "linear", x)
+Linear = Callable[[dict[str, torch.Tensor], str, torch.Tensor], torch.Tensor]
 
 
-def _features_mlp(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens) -> torch.Tensor:
-    h = _linear(p, "net.0", x)
+def _features_linear(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens,
+                     linear: Linear = _linear) -> torch.Tensor:
+    return linear(p, "linear", x)
+
+
+def _features_mlp(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens,
+                  linear: Linear = _linear) -> torch.Tensor:
+    h = linear(p, "net.0", x)
     for i in range(1, int(cfg["layers"])):  # Sequential: Linear, then (GELU, Dropout, Linear) per extra layer
-        h = _linear(p, f"net.{3 * i}", _dropout(F.gelu(h), float(cfg["dropout"]), gens))
+        h = linear(p, f"net.{3 * i}", _dropout(F.gelu(h), float(cfg["dropout"]), gens))
     return h
 
 
-def _features_residual(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens) -> torch.Tensor:
-    branch = _linear(p, "up", _dropout(F.gelu(_linear(p, "down", x)), float(cfg["dropout"]), gens))
+def _features_residual(p: dict[str, torch.Tensor], cfg: dict[str, Any], x: torch.Tensor, gens: Gens,
+                       linear: Linear = _linear) -> torch.Tensor:
+    branch = linear(p, "up", _dropout(F.gelu(linear(p, "down", x)), float(cfg["dropout"]), gens))
     # the gate broadcast over the width first: its gradient is then a sum over rows, then one over the width, in the
     # same order for any number of runs (a (S,)-shaped sum over rows x width is split across threads when S = 1 and
     # not when S > 1: a run alone and in a stack differed by ~1e-5 in the gate's gradient)
     gate = p["gate"].view(-1, 1, 1).expand(-1, 1, branch.shape[-1])
-    return _linear(p, "proj", x) + gate * branch
+    return linear(p, "proj", x) + gate * branch
 
 
 _FEATURES = {"linear": _features_linear, "mlp": _features_mlp, "residual": _features_residual}
@@ -91,6 +145,10 @@ class StackedSide:
         if self.variational:
             return h[..., : self.d_out], torch.tanh(h[..., self.d_out:])
         return F.normalize(h, dim=-1)
+
+    def forward_lean(self, x: torch.Tensor, gens: Gens) -> torch.Tensor:
+        """`forward` of the lean step (module docstring; not for variational heads): float32 unit rows."""
+        return _UnitRows.apply(_FEATURES[self.cfg["kind"]](self.stacked(), self.cfg, x, gens, linear=_linear_lean))
 
     def embed(self, x: torch.Tensor, runs: Sequence[int] | None = None) -> torch.Tensor:
         """Evaluation embedding (no dropout): normalised output, or normalise(mu) for variational heads."""
@@ -143,5 +201,8 @@ def slice_side(side: Side, a: int, b: int) -> Side:
         p_x, log_px = whole(tau, centering)
         return p_x[a:b], log_px[a:b]
 
+    if a == 0 and b == len(side.z):  # the whole stack: no slice (its backward would write zeros and copy)
+        return side
     return Side(side.x[a:b], side.z[a:b], None if side.mu is None else side.mu[a:b],
-                None if side.logvar is None else side.logvar[a:b], frozen=None if whole is None else frozen)
+                None if side.logvar is None else side.logvar[a:b], frozen=None if whole is None else frozen,
+                unit=side.unit)

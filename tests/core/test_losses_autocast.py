@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stratalign.core import losses
+from stratalign.core import losses, losses_lean
 from stratalign.core.comm import nt_xent
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -43,9 +43,9 @@ def _cases(x: torch.Tensor, zi: torch.Tensor, zt: torch.Tensor):
         "ib": lambda: losses.ib_deterministic(zi, zt),
         "vib": lambda: losses.vib_kl(zi, zt, zt, zi),
         "nt_xent": lambda: nt_xent(zi, zt, 0.1),
-        "clip_lean": lambda: losses.clip_loss_stacked(zi.view(2, -1, zi.shape[-1]), zt.view(2, -1, zt.shape[-1]), 0.05),
-        "structure_given": lambda: losses.structure_regularizer_given(
-            *losses.frozen_affinity(_frozen_logits(x.view(2, -1, x.shape[-1]))),
+        "clip_lean": lambda: losses_lean.clip_loss_stacked(zi.view(2, -1, zi.shape[-1]), zt.view(2, -1, zt.shape[-1]), 0.05),
+        "structure_given": lambda: losses_lean.structure_regularizer_given(
+            *losses_lean.frozen_affinity(_frozen_logits(x.view(2, -1, x.shape[-1]))),
             zi.view(2, -1, zi.shape[-1]), tau=0.05),
     }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stratalign.core import losses
+from stratalign.core import losses_lean
 from stratalign.train import frozen_side
 from stratalign.train.frozen_side import FrozenGram, FrozenSides
 
@@ -20,9 +20,11 @@ def _direct(table: torch.Tensor, pos: torch.Tensor, tau: float, centering: str) 
 
 
 @pytest.mark.parametrize("centering", ["mean", "none"])
-@pytest.mark.parametrize("gram_rows", [4096, 0])
-def test_logits_from_the_gram_equal_the_batch_products(monkeypatch, centering: str, gram_rows: int) -> None:
+@pytest.mark.parametrize("gram_rows, gather_rows", [(4096, 1 << 24), (0, 1 << 24), (4096, 1)])
+def test_logits_from_the_gram_equal_the_batch_products(monkeypatch, centering: str, gram_rows: int,
+                                                       gather_rows: int) -> None:
     monkeypatch.setattr(frozen_side, "GRAM_ROWS", gram_rows)
+    monkeypatch.setattr(frozen_side, "GATHER_ROWS", gather_rows)  # 1: the blocks gathered a run at a time
     g = torch.Generator().manual_seed(0)
     table = torch.randn(90, 24, generator=g) * 3.0
     rows = torch.arange(10, 80)
@@ -40,7 +42,7 @@ def test_a_shared_batch_is_computed_once(monkeypatch) -> None:
     a, b = torch.randperm(40, generator=g)[:8], torch.randperm(40, generator=g)[:8]
     pos = torch.stack([a, b, a, a])
     seen: list[int] = []
-    real = losses.frozen_affinity
+    real = losses_lean.frozen_affinity
     monkeypatch.setattr(frozen_side, "frozen_affinity", lambda logits: seen.append(len(logits)) or real(logits))
     image, _ = sides.sides(pos)
     p_x, log_px = image(0.05, "mean")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from stratalign.train.optim import RunsAdamW, clip_per_run
+from stratalign.train.optim import RunsAdamW, clip_per_run, clip_stacked_per_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,6 +36,25 @@ def test_clip_per_run_equals_clip_grad_norm_per_group() -> None:
         for p, q in zip(g, r):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
     assert torch.equal(groups[1][0].grad, ref[1][0].grad)  # under the bound: untouched
+
+
+def test_stacked_clip_equals_clip_grad_norm_per_run() -> None:
+    """Three runs' stacked gradients (a weight, a bias, a gate): each run clipped by its own norm over its slices."""
+    g = torch.Generator().manual_seed(3)
+    scales = torch.tensor([10.0, 1e-3, 3.0])
+    stacked = [scales.view(-1, *[1] * len(shape)) * torch.randn(3, *shape, generator=g) for shape in ((16, 12), (16,), ())]
+    want = []
+    for s in range(3):
+        run = [t[s].clone().requires_grad_() for t in stacked]
+        for p, t in zip(run, stacked):
+            p.grad = t[s].clone()
+        torch.nn.utils.clip_grad_norm_(run, 1.0)
+        want.append([p.grad for p in run])
+    clip_stacked_per_run([stacked], 1.0)
+    for s in range(3):
+        for t, w in zip(stacked, want[s]):
+            torch.testing.assert_close(t[s], w, rtol=1e-6, atol=1e-9)
+    assert float(torch.linalg.vector_norm(torch.cat([t[0].flatten() for t in stacked]))) <= 1.0 + 1e-5
 
 
 def test_runs_adamw_follows_torch_adamw_and_keeps_state() -> None:
