@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+
 def supports(model: torch.nn.Module) -> bool:
     """Whether `model` is a Dinov2Model whose blocks this file computes exactly as transformers lays them out."""
     if type(model).__name__ != "Dinov2Model":
