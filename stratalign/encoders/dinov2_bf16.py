@@ -59,7 +59,8 @@ def bf16_autocast_on(device: torch.device) -> bool:
 def _onednn_linear() -> bool:
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
     except (AttributeError, RuntimeError):
         return False
 
