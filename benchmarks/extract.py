@@ -32,8 +32,8 @@ encoders/dinov2_bf16.py) is also timed as the plain model under autocast, in the
     python benchmarks/extract.py --precision-axis --encoders dinov2-s efficientnet-lite0 --n 64 --repeats 3
 
 Measured 2026-12-06 on the 2-core AMD EPYC (avx512_bf16) while other sessions loaded it (uptime 4-8), DINOv2-S at
-N = 128: bf16 / fp32 images/s 1.74x, 1.74x and 2.04x in three runs at 2 threads, batch 32 (rounds 1.55-2.25x; the
-plain model under autocast 1.19-1.66x in the same runs), 2.04x at batch 64, 2.05x on 1 thread (autocast 1.52x); every layer's
+N = 128: bf16 / fp32 images/s 1.50x, 1.74x, 1.74x and 2.04x in four runs at 2 threads, batch 32 (rounds 1.19-2.25x;
+the plain model under autocast 0.97-1.66x in the same runs), 2.04x at batch 64, 2.05x on 1 thread (autocast 1.52x); every layer's
 cosine to fp32 >= 0.99997 (max |diff| 0.93 % of the layer's scale), as under plain autocast.
 """
 
