@@ -20,6 +20,10 @@ A one-row probe forward at load time fixes the layer count and dims and tells th
   offer `eos` (last attended token) instead of `cls`, because their token 0 never sees the text.
 - CNN backbones (hidden states are feature maps): `avg` global average pooling.
 
+Under a CPU bf16 autocast (extraction's `--precision bf16`), a DINOv2 model runs its own bf16 path
+(encoders.dinov2_bf16: weights cast and packed once, fused q/k/v, float32 residual stream), not the
+transformers forward under autocast; the fp32 forward is the transformers model's, unchanged.
+
 `weights_sha256` (part of the entry key) hashes the weight files from_pretrained read (the folder's or
 the HF cache snapshot's safetensors / bin, shards included: encoders.hf_weights), else the loaded model's
 state_dict.
@@ -34,6 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from stratalign.core.pooling import pool_layers
+from stratalign.encoders import dinov2_bf16
 from stratalign.encoders.base import Encoder, LayerReached, state_dict_sha256, to_device, weights_sha256
 from stratalign.encoders.hf_weights import resolve_weight_files as _resolve_weight_files
 from stratalign.errors import StratalignError
@@ -117,6 +122,7 @@ class HFEncoder(Encoder):
         self._tok_lock = threading.Lock()
         accepted = set(inspect.signature(self.model.forward).parameters)
         self._text_keys = tuple(k for k in TEXT_ROLES if k in accepted)
+        self.bf16_path = dinov2_bf16.runner_for(self.model)  # None: bf16 is the model under autocast
         self.to(device)
         self._probe()
 
@@ -200,10 +206,16 @@ class HFEncoder(Encoder):
             return {"pixel_values": self.image_transform(images)}
         return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()}
 
+    def _own_bf16(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether this forward takes the model's own bf16 path (a CPU bf16 autocast is on, pixels only)."""
+        return self.bf16_path is not None and set(batch) == {"pixel_values"} and dinov2_bf16.bf16_autocast_on(self.device)
+
     def _hidden_states(self, batch: dict[str, torch.Tensor]) -> Sequence[torch.Tensor]:
         batch = to_device(batch, self.device)
         with torch.inference_mode():
             self.forward_calls += 1
+            if self._own_bf16(batch):
+                return self.bf16_path.hidden_states(batch["pixel_values"])
             out = self.model(**batch, output_hidden_states=True, return_dict=True)
         hs = out.get("hidden_states") if hasattr(out, "get") else getattr(out, "hidden_states", None)
         if not hs:
@@ -229,6 +241,11 @@ class HFEncoder(Encoder):
         pooling = self.check_layer(layer, pooling)
         if self.blocks is None:
             return super().forward_layer(batch, layer, pooling)
+        if self._own_bf16(batch):  # the same numbers as forward_pooled's bf16 path, blocks 1..layer only
+            with torch.inference_mode():
+                self.forward_calls += 1
+                hs = self.bf16_path.hidden_states(to_device(batch, self.device)["pixel_values"], n_blocks=layer)
+                return pool_layers(hs[layer:], [pooling], kind=self.kind, n_prefix=self.n_prefix)[pooling][0]
         seen: list[torch.Tensor] = []
 
         def before_first(module: Any, args: tuple, kwargs: dict) -> None:
