@@ -98,44 +98,37 @@ class CommModel(nn.Module):
     def project_groups(self, fused: torch.Tensor) -> torch.Tensor:
         """The projection of (groups, n, dim) fused rows, each group as its own `proj` call would: training-mode
         BatchNorm takes each group's own batch statistics, and the running statistics move once per group, in
-        group order, as that many calls would move them. The rows run in (n, groups) order, so that a BatchNorm
-        channel per (group, feature) is a view, not a copy (pass `fused` as a transposed view of an (n, groups,
-        dim) tensor and nothing is copied); the result is a (groups, n, out) view of an (n, groups, out) tensor."""
+        group order, as that many calls would move them."""
         g, n, dim = fused.shape
-        x = fused.transpose(0, 1).reshape(n * g, dim)
+        x = fused.reshape(g * n, dim)
         for layer in self.proj:
             if isinstance(layer, nn.BatchNorm1d) and layer.training:
-                x = _grouped_batch_norm(layer, x.view(n, g, -1)).reshape(n * g, -1)
+                x = _grouped_batch_norm(layer, x.view(g, n, -1)).reshape(g * n, -1)
             else:
                 x = layer(x)
-        return x.view(n, g, -1).transpose(0, 1)
+        return x.view(g, n, -1)
 
 
 _VISIBLE = {"image": [0, 1], "text": [0, 2], "both": [0, 1, 2]}  # the keys (CLS, image, text) each mask shows
 
 
 def _grouped_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """Training-mode BatchNorm1d of (n, groups, c) with each group's own statistics, in one F.batch_norm call (one
-    channel per (group, feature)); the layer's running statistics updated once per group in order (torch's rule:
-    unbiased variance, `momentum`) from the statistics that call computed (momentum 1 into zeroed buffers: the
-    batch's own mean and unbiased variance, nothing computed twice)."""
-    n, g, c = x.shape
-    flat = x.reshape(n, g * c)
+    """Training-mode BatchNorm1d of (groups, n, c) with each group's own statistics; the layer's running
+    statistics updated once per group in order (torch's rule: unbiased variance, `momentum`)."""
+    g, n, c = x.shape
+    flat = x.transpose(0, 1).reshape(n, g * c)  # one channel per (group, feature): F.batch_norm's kernel
     weight = bn.weight.repeat(g) if bn.weight is not None else None
     bias = bn.bias.repeat(g) if bn.bias is not None else None
-    track = bn.track_running_stats and bn.running_mean is not None
-    stats = ((torch.zeros(g * c, dtype=bn.running_mean.dtype, device=x.device),
-              torch.zeros(g * c, dtype=bn.running_var.dtype, device=x.device)) if track else (None, None))
-    out = F.batch_norm(flat, stats[0], stats[1], weight, bias, True, 1.0, bn.eps)
-    if track:
+    out = F.batch_norm(flat, None, None, weight, bias, True, 0.0, bn.eps)
+    if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
-            mean, var = stats[0].view(g, c), stats[1].view(g, c)
+            var, mean = torch.var_mean(x.detach().float(), dim=1, unbiased=True)
             for i in range(g):
                 bn.num_batches_tracked += 1
                 m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-                bn.running_mean.mul_(1 - m).add_(mean[i], alpha=m)
-                bn.running_var.mul_(1 - m).add_(var[i], alpha=m)
-    return out.view(n, g, c)
+                bn.running_mean.mul_(1 - m).add_(mean[i].to(bn.running_mean.dtype), alpha=m)
+                bn.running_var.mul_(1 - m).add_(var[i].to(bn.running_var.dtype), alpha=m)
+    return out.reshape(n, g, c).transpose(0, 1)
 
 
 def augment_features(x: torch.Tensor, std: torch.Tensor, drop: float = 0.1, noise: float = 0.1,
@@ -190,9 +183,8 @@ def comm_step_loss(model: CommModel, x_img: torch.Tensor, x_txt: torch.Tensor, s
         txt.append(augment_features(x_txt, std_txt, drop, noise, generator))
     n = x_img.shape[0]
     fused = model.fuse_masks(torch.cat(img), torch.cat(txt), MASKS)  # (mask, view x n, dim)
-    # the 6 groups view-major, laid out (n, groups, dim): project_groups then copies nothing
-    rows = fused.reshape(len(MASKS), 2, n, -1).permute(2, 1, 0, 3).reshape(n, 2 * len(MASKS), -1)
-    z = model.project_groups(rows.transpose(0, 1)).reshape(2, len(MASKS), n, -1)
+    groups = fused.reshape(len(MASKS), 2, n, -1).transpose(0, 1).reshape(2 * len(MASKS), n, -1)  # view-major
+    z = model.project_groups(groups).view(2, len(MASKS), n, -1)
     return comm_loss(dict(zip(MASKS, z[0])), dict(zip(MASKS, z[1])), tau)
 
 
