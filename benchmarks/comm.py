@@ -16,6 +16,9 @@ Caveat (2026-12-06): part 1's trainer rows swing 3-10x between runs on this mach
 process pays ~2 s a step for its first CoMM steps at d = 512: kernel and allocator warm-up, and alternating widths
 seems to pay it again); a bare step in a warm process (fwd+bwd, no optimiser) measured d = 512 per view 674 ms,
 batched 236 ms; d = 256 batched 89 ms; CLIP's trainer 10 ms a step (2 threads, load 2-3). Trust part 2's whole runs.
+Caveat 2 (2026-12-06, later): part 2's ratio is only meaningful at low load. The linear run is small kernels that a
+loaded machine slows far more than CoMM's large products: linear run 0.78 s at load 0.1-1.5 but 25-47 s at load
+6-7, which read 8-12x where the quiet machine reads 47x (fp32; CoMM 37 s). Report `uptime` with every ratio.
 
 Run: python benchmarks/comm.py [--steps 40] [--repeats 3] [--precision fp32] [--comm-dims 512,128]
      [--store DIR --dataset twemoji --vision dinov2-s --text minilm-l6 --layers last --run-repeats 2]
