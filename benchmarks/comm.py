@@ -8,11 +8,17 @@
 2. With --store: whole runs as a sweep trains them (stages.runs.train_run: train, evaluate, save; early stopping
    as configured), CLIP with linear heads against CoMM on the same pairs, layers, preset and precision; seconds
    a run, steps taken, and the last line `comm run / linear run: X.XXx`.
+3. Always: the FLOPs of one training step (torch.utils.flop_counter, forward + backward at batch 256, 384-d
+   features): a CLIP step of two linear heads (384 -> TrainConfig.dim) against a CoMM step at every --comm-dims;
+   with --store also per run (x the steps each took). What a whole-run ratio can reach at best.
 
 Caveat (2026-12-06): part 1's trainer rows swing 3-10x between runs on this machine even at low load (a fresh
 process pays ~2 s a step for its first CoMM steps at d = 512: kernel and allocator warm-up, and alternating widths
 seems to pay it again); a bare step in a warm process (fwd+bwd, no optimiser) measured d = 512 per view 674 ms,
 batched 236 ms; d = 256 batched 89 ms; CLIP's trainer 10 ms a step (2 threads, load 2-3). Trust part 2's whole runs.
+Caveat 2 (2026-12-06, later): part 2's ratio is only meaningful at low load. The linear run is small kernels that a
+loaded machine slows far more than CoMM's large products: linear run 0.78 s at load 0.1-1.5 but 25-47 s at load
+6-7, which read 8-12x where the quiet machine reads 47x (fp32; CoMM 37 s). Report `uptime` with every ratio.
 
 Run: python benchmarks/comm.py [--steps 40] [--repeats 3] [--precision fp32] [--comm-dims 512,128]
      [--store DIR --dataset twemoji --vision dinov2-s --text minilm-l6 --layers last --run-repeats 2]
@@ -119,8 +125,38 @@ def whole_runs(args: argparse.Namespace) -> None:
     for name, s in secs.items():
         print(f"run {name:>10}: {s:7.2f} s, {s / base:6.2f}x the linear run; (steps taken, restored step, probe %, "
               f"frozen probe %) a run: {steps[name]}")
+    flops = step_flops(args.comm_dims)
+    lin = flops["linear (clip)"] * steps["clip"][0][0]
+    for d in args.comm_dims:
+        run_gf = flops[f"comm d={d}"] * steps[f"comm d={d}"][0][0]
+        print(f"GFLOP a run comm d={d}: {run_gf:.0f} vs linear {lin:.0f} ({run_gf / lin:.0f}x; steps taken x a step)")
     for d in args.comm_dims:
         print(f"comm run / linear run: {secs[f'comm d={d}'] / base:.2f}x (comm_dim {d}, {args.precision})")
+
+
+def step_flops(dims: list[int]) -> dict[str, float]:
+    """GFLOP of one training step (forward + backward, batch 256, D-d features): CLIP on two linear heads of
+    TrainConfig.dim, and CoMM's step (comm_step_loss) at each width."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stratalign.core.comm import CommModel, comm_step_loss
+    from stratalign.core.losses import clip_loss
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, D), torch.randn(256, D)
+    out = {}
+    heads = torch.nn.Linear(D, TrainConfig().dim), torch.nn.Linear(D, TrainConfig().dim)
+    with FlopCounterMode(display=False) as fc:
+        clip_loss(heads[0](x), heads[1](y), 0.07).backward()
+    out["linear (clip)"] = fc.get_total_flops() / 1e9
+    for dim in dims:
+        model = CommModel(D, D, dim=dim)
+        with FlopCounterMode(display=False) as fc:
+            comm_step_loss(model, x, y, x.std(0, keepdim=True), y.std(0, keepdim=True)).backward()
+        out[f"comm d={dim}"] = fc.get_total_flops() / 1e9
+    for name, g in out.items():
+        print(f"GFLOP a step {name:>14}: {g:7.2f}  ({g / out['linear (clip)']:5.1f}x the linear step)")
+    return out
 
 
 def main() -> None:
@@ -153,6 +189,8 @@ def main() -> None:
             print(f"comm d={d}: batched / per view {secs[f'comm d={d} batched'] / secs[f'comm d={d} per view']:.2f}x")
     if args.store:
         whole_runs(args)
+    else:
+        step_flops(args.comm_dims)
 
 
 if __name__ == "__main__":
