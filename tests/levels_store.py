@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from fake_encoders import load_tiny
 from PIL import Image
+from toy_store import store_of_table
 
-from stratalign.stages.extract import ExtractConfig, extract
-from stratalign.stages.ingest.sources import ingest_source
 from stratalign.store.feature_store import FeatureStore
 
 LEVELS = ["dark", "dim", "mid", "bright", "white"]
@@ -29,9 +27,4 @@ def levels_store(root: Path, images: int = 90) -> FeatureStore:
         Image.fromarray(px).save(root / "img" / f"{i}.png")
         lines.append(f"img/{i}.png,a {LEVELS[level]} square number {i},{LEVELS[level]}")
     (root / "pairs.csv").write_text("\n".join(lines) + "\n")
-    fs = FeatureStore.open(str(root / "store"), "a", create=True)
-    fs.save_dataset(ingest_source("table", "toy", table=str(root / "pairs.csv"), image_col="image",
-                                  caption_col="caption", label_col="label"))
-    extract(fs, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
-            load=load_tiny)
-    return fs
+    return store_of_table(root, root / "pairs.csv")

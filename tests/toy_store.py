@@ -29,11 +29,17 @@ def toy_table(folder: Path, n: int = 60) -> Path:
     return folder / "pairs.csv"
 
 
-def toy_store(root: Path, n: int = 60) -> FeatureStore:
-    """A store at root/store with dataset 'toy' and the tiny-image / tiny-text features of it."""
+def store_of_table(root: Path, table: Path, shard_rows: int = 32) -> FeatureStore:
+    """A store at root/store holding `table` (columns image, caption, label) as dataset 'toy', with its tiny-image
+    and tiny-text features."""
     store = FeatureStore.open(str(root / "store"), "a", create=True)
-    store.save_dataset(ingest_source("table", "toy", table=str(toy_table(root, n)), image_col="image",
-                                     caption_col="caption", label_col="label"))
-    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=32, progress=False),
+    store.save_dataset(ingest_source("table", "toy", table=str(table), image_col="image", caption_col="caption",
+                                     label_col="label"))
+    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=shard_rows, progress=False),
             load=load_tiny)
     return store
+
+
+def toy_store(root: Path, n: int = 60) -> FeatureStore:
+    """A store at root/store with dataset 'toy' and the tiny-image / tiny-text features of it."""
+    return store_of_table(root, toy_table(root, n))

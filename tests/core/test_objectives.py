@@ -6,7 +6,6 @@ from dataclasses import fields, replace
 
 import numpy as np
 import pytest
-from fake_encoders import load_tiny
 
 from stratalign.core import objectives as objectives_mod
 from stratalign.core.heads import HEAD_KINDS
@@ -21,22 +20,14 @@ FAST = (("max_steps", 5), ("eval_every", 1), ("patience", 100), ("warmup_steps",
 @pytest.fixture(scope="module")
 def labelled_store(tmp_path_factory):
     from conftest import caption_for, make_images
-
-    from stratalign.stages.extract import ExtractConfig, extract
-    from stratalign.stages.ingest.sources import ingest_source
-    from stratalign.store.feature_store import FeatureStore
+    from toy_store import store_of_table
 
     root = tmp_path_factory.mktemp("objectives")
     make_images(root / "imgs", 40)
     lines = ["image,caption,label"] + [f"imgs/img{i:03d}.png,{caption_for(i)},{'even' if i % 2 == 0 else 'odd'}"
                                        for i in range(40)]
     (root / "pairs.csv").write_text("\n".join(lines) + "\n")
-    store = FeatureStore.open(str(root / "store"), "a", create=True)
-    store.save_dataset(ingest_source("table", "toy", table=str(root / "pairs.csv"), image_col="image",
-                                     caption_col="caption", label_col="label"))
-    extract(store, "toy", ExtractConfig(encoders=("tiny-image", "tiny-text"), shard_rows=16, progress=False),
-            load=load_tiny)
-    return store
+    return store_of_table(root, root / "pairs.csv", shard_rows=16)
 
 
 def _run(objective: str, head: str, **kw):
