@@ -70,7 +70,6 @@ def clip_loss(z_img: torch.Tensor, z_txt: torch.Tensor, tau: float = 0.05) -> to
     return 0.5 * (rows + cols)
 
 
-
 def _check_options(levels: int, weighting: str, centering: str, js: str, tau: float) -> None:
     if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
         raise StratalignError(f"structure levels must be an integer >= 1, not {levels!r}")

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from stratalign.core.losses import _normalise_centre
 from stratalign.core.losses_lean import frozen_affinity
 
 # a Gram matrix over more training rows than this is not kept: the affinities are then computed from each batch
@@ -61,9 +62,8 @@ class FrozenGram:
     def logits(self, pos: torch.Tensor, tau: float, centering: str) -> torch.Tensor:
         """X~ X~^T / tau of the batches `pos` (S, b) of table rows, in float32."""
         with torch.autocast(device_type=self.table.device.type, enabled=False):
-            if self.gram is None:
-                xh = F.normalize(self.table[pos].float(), dim=-1)
-                xc = xh - xh.mean(-2, keepdim=True) if centering == "mean" else xh
+            if self.gram is None:  # from the batch, as core.losses does
+                xc, _ = _normalise_centre(self.table[pos], centering)
                 return torch.bmm(xc / tau, xc.mT)
             block = self._blocks(self.lookup[pos])
             if centering != "mean":
