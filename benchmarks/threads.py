@@ -16,7 +16,7 @@ heads' steps; torch threads passive in every variant (as `import stratalign` set
 busy-wait (sched_yield loop) for 2^OPENBLAS_THREAD_TIMEOUT TSC cycles (default 2^28, ~0.1 s) after each call,
 read once when the library loads. Variants: OpenBLAS default | OPENBLAS_THREAD_TIMEOUT=4 (the minimum: sleep at
 once) | OPENBLAS_THREAD_TIMEOUT=20 (~0.4 ms) | OPENBLAS_NUM_THREADS=1 | threadpoolctl limiting BLAS to 1 thread
-around each fit only. Printed: the fit's and the 5 steps' min, median, p95 and max ms, and each median / the
+around each fit only. Printed: the fit's, the 5 steps' and their sum's min, median, p95 and max ms, and each median / the
 default's. (The stall is not the idle spin but the wait inside each of the fit's many small calls for a worker the
 loaded CPU has descheduled: a short timeout does not remove it, 1 thread does; `import stratalign` sets 1.)
 
@@ -161,14 +161,18 @@ def step_case(rounds: int, steps: int) -> None:
 
 
 def blas_case(rounds: int, fits: int) -> None:
-    times: dict[str, dict[str, list[float]]] = {k: {"fit": [], "5 steps": []} for k in BLAS_VARIANTS}
+    times: dict[str, dict[str, list[float]]] = {k: {"fit": [], "5 steps": [], "fit + next 5 steps": []}
+                                               for k in BLAS_VARIANTS}
     for _ in range(rounds):
         for name, (limit, env) in BLAS_VARIANTS.items():
-            for part, ts in run_blas_variant(limit, env, fits).items():
+            out = run_blas_variant(limit, env, fits)
+            for part, ts in out.items():
                 times[name][part] += ts
+            # a fit and the 5 steps after it (that a spinning worker slows): the trainer's alternation
+            times[name]["fit + next 5 steps"] += [f + s for f, s in zip(out["fit"][:-1], out["5 steps"][1:])]
     print(f"case blas ({rounds} rounds x {fits} fits, each after 5 steps; base: OpenBLAS default), "
           f"load average {os.getloadavg()[0]:.1f}")
-    for part in ("fit", "5 steps"):
+    for part in ("fit", "5 steps", "fit + next 5 steps"):
         base = float(np.median(times["OpenBLAS default"][part]))
         print(f"-- {part}")
         for name in BLAS_VARIANTS:
