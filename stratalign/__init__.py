@@ -25,6 +25,18 @@ from typing import TYPE_CHECKING, Any
 # and 4.4 ms with 2 threads that sleep when idle (2026-11-25). Set before torch loads its OpenMP runtime (no
 # effect when torch was imported first); a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numpy's (and scipy's) OpenBLAS runs its own pthreads, which OMP_WAIT_POLICY does not reach, and the closed-form
+# fits (CSA's covariances, eigh and SVD at 384 x 384; Procrustes's PCA and SVD) run on it. Each of a fit's many
+# small calls waits for every worker, so one worker the loaded CPU has descheduled stalls it: beside 2 busy processes on
+# the 2-core machine a fit_csa-sized workload took median 4.0 s, max 9.1 s with OpenBLAS's 2 threads and 0.31 s,
+# max 0.45 s with 1 (benchmarks/threads.py --case blas, 2026-12-06; OPENBLAS_THREAD_TIMEOUT=4, idle workers
+# sleeping at once, still 2.2 s, max 3.6 s). Its price on a quiet machine: that fit 103 ms instead of 80 (1.29x),
+# a fit and the 5 training steps after it 124 ms instead of 107 (1.15x); ~6 s over the demo's 255 CSA fits.
+# OpenBLAS reads this once, when numpy first loads it: no effect when numpy was imported before stratalign
+# (threadpoolctl.threadpool_limits(1, "blas") does it at run time). A thread count the user set for OpenBLAS
+# (OPENBLAS_NUM_THREADS, GOTO_NUM_THREADS, or OMP_NUM_THREADS, which it also reads) wins.
+if not any(os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")):
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 from stratalign.errors import StratalignError  # noqa: E402
 from stratalign.moved import install as _install_moved  # noqa: E402

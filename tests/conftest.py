@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import stratalign` does, before numpy/torch load OpenMP
+if not any(os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")):
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"  # as `import stratalign` does, before numpy loads OpenBLAS
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
