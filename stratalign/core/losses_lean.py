@@ -5,9 +5,11 @@ allocations, which on a CPU cost as much as the products:
 
 - CLIP: one exp of the logits (shifted by each run's largest), both cross-entropies from its row and column sums,
   the logits' gradient (row softmax + column softmax - 2 I) / 2b in two passes over that one matrix.
-- R_S: the batch mean taken out of the b x b Gram matrix (a rank-2 update) rather than out of the b x d rows, the
-  divergence and its gradient from a few in-place passes, the gradient's centring the same rank-2 update, and the
-  frozen side given (train.frozen_side takes it from one Gram matrix of the training rows).
+- R_S: the batch mean taken out of the b x b Gram matrix rather than out of the b x d rows ((X - mean)(X - mean)^T is
+  P (X X^T) P, P = I - 1 1^T / b, and a row softmax of P L P is one of P L: each column less its mean, one pass),
+  the divergence and its gradient from a few in-place passes, the gradient's centring P G + (P G)^T (G the softmax's
+  backward, of zero row sums) in the pass that scales it, and the frozen side given (train.frozen_side takes it from
+  one Gram matrix of the training rows).
 """
 
 from __future__ import annotations
@@ -25,14 +27,6 @@ def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha * (a @ b) for (S, n, k) @ (S, k, m), the scaling done inside the product (no pass of its own)."""
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
     return torch.baddbmm(out, a, b, beta=0.0, alpha=alpha)
-
-
-def _double_centre_(g: torch.Tensor) -> torch.Tensor:
-    """P g P in place, P = I - 1 1^T / b, for symmetric (S, b, b) g: g_ij - a_i - a_j with a = row means - mean / 2.
-    (X - mean)(X - mean)^T is P (X X^T) P, and the gradient of a function of it with respect to X is P (.) P X."""
-    r = g.mean(-1)
-    a = r - 0.5 * r.mean(-1, keepdim=True)
-    return g.sub_(a.unsqueeze(-1)).sub_(a.unsqueeze(-2))
 
 
 class _ClipStacked(torch.autograd.Function):
@@ -91,7 +85,9 @@ class _StructureGiven(torch.autograd.Function):
         n = None if unit else torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min_(1e-12)
         u = z if n is None else z / n
         logits = _scaled_bmm(u, u.mT, 1.0 / tau)
-        p_z = torch.softmax(_double_centre_(logits) if centre else logits, dim=-1)
+        if centre:  # softmax(P L P) = softmax(P L): P's right side only moves each row by a constant
+            logits.sub_(logits.mean(-1).unsqueeze(-2))  # L symmetric: column j's mean is row j's
+        p_z = torch.softmax(logits, dim=-1)
         del logits
         log_pz = p_z + EPS_LOG
         ratio = p_z / log_pz if reference else None  # P_Z / (P_Z + e)
@@ -116,10 +112,14 @@ class _StructureGiven(torch.autograd.Function):
         else:  # P_Z a + P_Z M / (M + e) - M P_Z / (P_Z + e), the last two as (P_Z - M) P_Z / (P_Z + e): both are near
             # P_Z where P_Z is near 1, and taken apart they would cost the softmax's backward its precision
             g = torch.sub(p_z, m).mul_(ratio).addcmul_(p_z, a)
-        g.addcmul_(p_z, g.sum(-1, keepdim=True), value=-1.0)  # the softmax's backward
-        g.mul_((0.5 / p_z.shape[-1]) * grad.view(-1, 1, 1))  # the mean over rows, the halving
-        g = g.add_(g.mT.contiguous())  # the logits' gradient, symmetric
-        gu = _scaled_bmm(_double_centre_(g) if ctx.centre else g, u, 1.0 / ctx.tau)
+        g.addcmul_(p_z, g.sum(-1, keepdim=True), value=-1.0)  # the softmax's backward: rows summing to 0
+        k = (0.5 / p_z.shape[-1]) * grad.view(-1, 1, 1)  # the mean over rows, the halving
+        if ctx.centre:  # P (G + G^T) P = P G + (P G)^T for G of zero row sums, P G = G less its column means
+            g = torch.addcmul(g.mean(-2, keepdim=True).mul_(-k), g, k)
+        else:
+            g.mul_(k)
+        g = torch.add(g, g.mT)  # the logits' gradient, symmetric (a strided read costs less than a transposed copy)
+        gu = _scaled_bmm(g, u, 1.0 / ctx.tau)
         if n is not None:  # the normalisation's backward
             gu = gu.addcmul_(u, (u * gu).sum(-1, keepdim=True), value=-1.0).div_(n)
         return gu, None, None, None, None, None, None
