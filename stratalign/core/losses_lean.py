@@ -89,15 +89,17 @@ class _StructureGiven(torch.autograd.Function):
             logits.sub_(logits.mean(-1).unsqueeze(-2))  # L symmetric: column j's mean is row j's
         p_z = torch.softmax(logits, dim=-1)
         del logits
-        log_pz = p_z + EPS_LOG
-        ratio = p_z / log_pz if reference else None  # P_Z / (P_Z + e)
-        log_pz.log_()
         m = torch.lerp(p_x, p_z, 0.5)
-        log_m = (m + EPS_LOG).log_()
-        if reference:  # 1/2 sum_j M (2 log M - log P_Z - log P_X) = sum_j M a, a = log M - (log P_Z + log P_X) / 2
-            a = log_m.sub_(log_pz, alpha=0.5).sub_(log_px, alpha=0.5)
+        if reference:  # 1/2 sum_j M (2 log M - log P_Z - log P_X) = sum_j M a, a = log M - (log P_Z + log P_X) / 2,
+            # log M - log P_Z / 2 as one log of (M + e) / sqrt(P_Z + e) (a log costs a CPU several passes; a sqrt one)
+            pz_e = p_z + EPS_LOG
+            ratio = p_z / pz_e  # P_Z / (P_Z + e)
+            a = (m + EPS_LOG).div_(pz_e.sqrt_()).log_().sub_(log_px, alpha=0.5)
+            del pz_e
             rows = 2.0 * (m * a).sum(-1)
         else:  # 1/2 [KL(P_X || M) + KL(P_Z || M)]; its gradient needs a = log P_Z - log M
+            log_pz = (p_z + EPS_LOG).log_()
+            log_m = (m + EPS_LOG).log_()
             rows = (p_x * log_px).sum(-1) + (p_z * log_pz).sum(-1) - 2.0 * (m * log_m).sum(-1)
             a, m, ratio = log_pz.sub_(log_m), None, None
         ctx.save_for_backward(u, n, p_z, a, m, ratio)
