@@ -80,7 +80,7 @@ class _StructureGiven(torch.autograd.Function):
     alone (the textbook form) and where it multiplies P_Z - M (the reference form)."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, p_x: torch.Tensor, log_px: torch.Tensor, tau: float, centre: bool,  # type: ignore[override]
+    def forward(ctx, z: torch.Tensor, p_x: torch.Tensor, px_e: torch.Tensor, tau: float, centre: bool,  # type: ignore[override]
                 reference: bool, unit: bool) -> torch.Tensor:
         n = None if unit else torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min_(1e-12)
         u = z if n is None else z / n
@@ -90,14 +90,15 @@ class _StructureGiven(torch.autograd.Function):
         p_z = torch.softmax(logits, dim=-1)
         del logits
         m = torch.lerp(p_x, p_z, 0.5)
-        if reference:  # 1/2 sum_j M (2 log M - log P_Z - log P_X) = sum_j M a, a = log M - (log P_Z + log P_X) / 2,
-            # log M - log P_Z / 2 as one log of (M + e) / sqrt(P_Z + e) (a log costs a CPU several passes; a sqrt one)
+        if reference:  # 1/2 sum_j M (2 log M - log P_Z - log P_X) = 1/2 sum_j M a, a = log (M + e)^2 / (P_Z + e)(P_X + e):
+            # one log of a ratio (a log costs a CPU ~10 passes of a product, and it is the more accurate form)
             pz_e = p_z + EPS_LOG
             ratio = p_z / pz_e  # P_Z / (P_Z + e)
-            a = (m + EPS_LOG).div_(pz_e.sqrt_()).log_().sub_(log_px, alpha=0.5)
+            a = (m + EPS_LOG).square_().div_(pz_e.mul_(px_e)).log_()
             del pz_e
-            rows = 2.0 * (m * a).sum(-1)
+            rows = (m * a).sum(-1)
         else:  # 1/2 [KL(P_X || M) + KL(P_Z || M)]; its gradient needs a = log P_Z - log M
+            log_px = torch.log(px_e)
             log_pz = (p_z + EPS_LOG).log_()
             log_m = (m + EPS_LOG).log_()
             rows = (p_x * log_px).sum(-1) + (p_z * log_pz).sum(-1) - 2.0 * (m * log_m).sum(-1)
@@ -111,9 +112,9 @@ class _StructureGiven(torch.autograd.Function):
         u, n, p_z, a, m, ratio = ctx.saved_tensors
         if m is None:  # P_Z (d rows / d P_Z): a
             g = p_z * a
-        else:  # P_Z a + P_Z M / (M + e) - M P_Z / (P_Z + e), the last two as (P_Z - M) P_Z / (P_Z + e): both are near
-            # P_Z where P_Z is near 1, and taken apart they would cost the softmax's backward its precision
-            g = torch.sub(p_z, m).mul_(ratio).addcmul_(p_z, a)
+        else:  # P_Z a / 2 + P_Z M / (M + e) - M P_Z / (P_Z + e), the last two as (P_Z - M) P_Z / (P_Z + e): both are
+            # near P_Z where P_Z is near 1, and taken apart they would cost the softmax's backward its precision
+            g = torch.sub(p_z, m).mul_(ratio).addcmul_(p_z, a, value=0.5)
         g.addcmul_(p_z, g.sum(-1, keepdim=True), value=-1.0)  # the softmax's backward: rows summing to 0
         k = (0.5 / p_z.shape[-1]) * grad.view(-1, 1, 1)  # the mean over rows, the halving
         if ctx.centre:  # P (G + G^T) P = P G + (P G)^T for G of zero row sums, P G = G less its column means
@@ -128,22 +129,22 @@ class _StructureGiven(torch.autograd.Function):
 
 
 def frozen_affinity(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen side's row-softmax P_X and log(P_X + 1e-12) from its logits X~ X~^T / tau (what
-    `structure_regularizer_given` takes)."""
+    """The frozen side's row-softmax P_X and P_X + 1e-12 from its logits X~ X~^T / tau (what
+    `structure_regularizer_given` takes: the reference JS form needs no log of P_X of its own)."""
     p_x = torch.softmax(logits.float(), dim=-1)
-    return p_x, (p_x + EPS_LOG).log_()
+    return p_x, p_x + EPS_LOG
 
 
 @float32
-def structure_regularizer_given(p_x: torch.Tensor, log_px: torch.Tensor, z: torch.Tensor, tau: float = 0.05,
+def structure_regularizer_given(p_x: torch.Tensor, px_e: torch.Tensor, z: torch.Tensor, tau: float = 0.05,
                                 centering: str = "mean", js: str = "reference", unit: bool = False) -> torch.Tensor:
     """R_S at level 1 of S runs' stacked outputs z (S, b, d) against the frozen side's affinities P_X and
-    log(P_X + 1e-12) (S, b, b) given (`frozen_affinity`: the trainer takes them from one Gram matrix of the training
+    P_X + 1e-12 (S, b, b) given (`frozen_affinity`: the trainer takes them from one Gram matrix of the training
     rows, once per distinct batch). `structure_regularizer(x, z)` at levels=1 up to float rounding, in float32.
     unit: z's rows are already of norm 1 in float32 (the lean step's heads: train.stacked), not normalised again."""
     _check_options(1, "none", centering, js, tau)
-    if z.ndim != 3 or p_x.shape != (*z.shape[:2], z.shape[1]) or log_px.shape != p_x.shape:
+    if z.ndim != 3 or p_x.shape != (*z.shape[:2], z.shape[1]) or px_e.shape != p_x.shape:
         raise StratalignError(f"structure_regularizer_given: need z (S, b, d) and affinities (S, b, b), got "
                               f"{tuple(z.shape)} and {tuple(p_x.shape)}")
-    return _StructureGiven.apply(z.float(), p_x.float(), log_px.float(), float(tau), centering == "mean",
+    return _StructureGiven.apply(z.float(), p_x.float(), px_e.float(), float(tau), centering == "mean",
                                  js == "reference", bool(unit and z.dtype == torch.float32))

@@ -22,7 +22,7 @@ from stratalign.core.losses_lean import frozen_affinity
 GRAM_ROWS = 4096
 # elements of the Gram matrix's rows gathered at once (16 MB of float32)
 GATHER_ROWS = 1 << 22
-# (tau, centering) -> P_X and log(P_X + 1e-12) of a stack's batches, (S, b, b) each
+# (tau, centering) -> P_X and P_X + 1e-12 of a stack's batches, (S, b, b) each
 FrozenSide = Callable[[float, str], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -84,10 +84,10 @@ def frozen_side(gram: FrozenGram, pos: torch.Tensor,
 
     def affinities(tau: float, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
         if (tau, centering) not in cache:
-            p_x, log_px = frozen_affinity(gram.logits(distinct, tau, centering))
+            p_x, px_e = frozen_affinity(gram.logits(distinct, tau, centering))
             if len(distinct) < len(pos):
-                p_x, log_px = p_x[inverse], log_px[inverse]
-            cache[(tau, centering)] = (p_x, log_px)
+                p_x, px_e = p_x[inverse], px_e[inverse]
+            cache[(tau, centering)] = (p_x, px_e)
         return cache[(tau, centering)]
 
     return affinities

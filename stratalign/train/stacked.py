@@ -198,8 +198,8 @@ def slice_side(side: Side, a: int, b: int) -> Side:
 
     def frozen(tau: float, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
         assert whole is not None
-        p_x, log_px = whole(tau, centering)
-        return p_x[a:b], log_px[a:b]
+        p_x, px_e = whole(tau, centering)
+        return p_x[a:b], px_e[a:b]
 
     if a == 0 and b == len(side.z):  # the whole stack: no slice (its backward would write zeros and copy)
         return side
