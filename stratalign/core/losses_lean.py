@@ -3,8 +3,9 @@ written out, in float32 under any autocast (METHOD 3.6). Equal to `losses.clip_l
 up to float rounding (tests/core/test_losses_lean.py); what they save is passes over the S x b x b matrices and
 allocations, which on a CPU cost as much as the products:
 
-- CLIP: one exp of the logits (shifted by each run's largest), both cross-entropies from its row and column sums,
-  the logits' gradient (row softmax + column softmax - 2 I) / 2b in two passes over that one matrix.
+- CLIP: one exp of the logits (shifted by each run's largest; an exp2 of the logits over ln 2, scaled so in the product),
+  both cross-entropies from its row and column sums, the logits' gradient (row softmax + column softmax - 2 I) / 2b in
+  two passes over that one matrix.
 - R_S: the batch mean taken out of the b x b Gram matrix rather than out of the b x d rows ((X - mean)(X - mean)^T is
   P (X X^T) P, P = I - 1 1^T / b, and a row softmax of P L P is one of P L: each column less its mean, one pass),
   the divergence and its gradient from a few in-place passes, the gradient's centring P G + (P G)^T (G the softmax's
@@ -14,6 +15,8 @@ allocations, which on a CPU cost as much as the products:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from stratalign.core.losses import EPS_LOG, _check_options, _check_pair, float32
@@ -21,6 +24,8 @@ from stratalign.errors import StratalignError
 
 # the largest spread of a run's logits whose exp (shifted by the largest) stays above float32's smallest normal
 _EXP_SPREAD = 80.0
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
 
 
 def _scaled_bmm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -34,17 +39,18 @@ class _ClipStacked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z_img: torch.Tensor, z_txt: torch.Tensor, tau: float) -> torch.Tensor:  # type: ignore[override]
-        s = _scaled_bmm(z_img, z_txt.mT, 1.0 / tau)
+        s = _scaled_bmm(z_img, z_txt.mT, _LOG2E / tau)  # the logits over ln 2: exp(x) as exp2 (3x faster on a CPU)
         flat = s.flatten(1)
         lo, hi = flat.amin(-1), flat.amax(-1)  # (torch.aminmax is 40x slower on a CPU)
-        ctx.tau, ctx.lse = tau, float((hi - lo).max()) > _EXP_SPREAD
+        ctx.tau, ctx.lse = tau, float((hi - lo).max()) * _LN2 > _EXP_SPREAD
         if ctx.lse:  # tau too small for one shift per run: the two logsumexps
+            s.mul_(_LN2)
             rows, cols = torch.logsumexp(s, -1), torch.logsumexp(s, -2)
             diag = s.diagonal(dim1=-2, dim2=-1)
             ctx.save_for_backward(z_img, z_txt, s, rows, cols)
             return 0.5 * ((rows - diag).mean(-1) + (cols - diag).mean(-1))
-        diag = s.diagonal(dim1=-2, dim2=-1) - hi.unsqueeze(-1)  # s_ii - shift
-        e = s.sub_(hi.view(-1, 1, 1)).exp_()
+        diag = (s.diagonal(dim1=-2, dim2=-1) - hi.unsqueeze(-1)).mul_(_LN2)  # s_ii - shift
+        e = s.sub_(hi.view(-1, 1, 1)).exp2_()
         rows, cols = e.sum(-1), e.sum(-2)  # the logsumexps are log(sum) + shift
         ctx.save_for_backward(z_img, z_txt, e, rows, cols)
         return 0.5 * ((rows.log() - diag).mean(-1) + (cols.log() - diag).mean(-1))
