@@ -23,6 +23,7 @@ import contextlib
 import statistics
 import time
 
+import stratalign  # noqa: F401  (first: its thread policy, OMP_WAIT_POLICY, holds only if set before torch loads)
 import numpy as np
 import torch
 
