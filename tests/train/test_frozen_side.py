@@ -20,11 +20,11 @@ def _direct(table: torch.Tensor, pos: torch.Tensor, tau: float, centering: str) 
 
 
 @pytest.mark.parametrize("centering", ["mean", "none"])
-@pytest.mark.parametrize("gram_rows, gather_rows", [(4096, 1 << 24), (0, 1 << 24), (4096, 1)])
+@pytest.mark.parametrize("gram_rows, gather", [(4096, 1 << 24), (0, 1 << 24), (4096, 1), (4096, 512)])
 def test_logits_from_the_gram_equal_the_batch_products(monkeypatch, centering: str, gram_rows: int,
-                                                       gather_rows: int) -> None:
+                                                       gather: int) -> None:
     monkeypatch.setattr(frozen_side, "GRAM_ROWS", gram_rows)
-    monkeypatch.setattr(frozen_side, "GATHER_ROWS", gather_rows)  # 1: the blocks gathered a run at a time
+    monkeypatch.setattr(frozen_side, "GATHER", gather)  # 1: the blocks gathered a run at a time; 512: 2 runs, then 1
     g = torch.Generator().manual_seed(0)
     table = torch.randn(90, 24, generator=g) * 3.0
     rows = torch.arange(10, 80)
