@@ -18,6 +18,10 @@ Run: python benchmarks/step_floor.py [--sizes 1,8,32] [--steps 6] [--repeats 3] 
 
 from __future__ import annotations
 
+# first: stratalign's thread policy (OMP_WAIT_POLICY) holds only if set before torch loads, as users get it
+import stratalign  # noqa: F401
+
+# isort: split
 import argparse
 import contextlib
 import statistics

@@ -73,7 +73,7 @@ class KnnSupport:
 @dataclass(frozen=True)
 class Side:
     """One modality of a training batch: inputs x, embeddings z (sampled for VIB, with mu and logvar). `frozen`:
-    (tau, centering) -> R_S's frozen-side affinities P_X, log(P_X + 1e-12) of the stacked batches, where the trainer
+    (tau, centering) -> R_S's frozen-side affinities P_X, P_X + 1e-12 of the stacked batches, where the trainer
     has them cheaper than from x (the lean step of bf16 runs: train.frozen_side). `unit`: z's rows have norm 1 in
     float32 already (the lean step's heads), R_S does not normalise them again."""
 
@@ -111,8 +111,8 @@ def structure_options(cfg: Any) -> dict[str, Any]:
 def _structure_side(side: Side, opts: dict[str, Any]) -> torch.Tensor:
     """R_S of one side over the batch: from the given frozen affinities at level 1 when the trainer has them."""
     if side.frozen is not None and opts["levels"] == 1 and side.z.ndim == 3:
-        p_x, log_px = side.frozen(opts["tau"], opts["centering"])
-        return structure_regularizer_given(p_x, log_px, side.z, tau=opts["tau"], centering=opts["centering"],
+        p_x, px_e = side.frozen(opts["tau"], opts["centering"])
+        return structure_regularizer_given(p_x, px_e, side.z, tau=opts["tau"], centering=opts["centering"],
                                            js=opts["js"], unit=side.unit)
     return losses.structure_regularizer(side.x, side.z, **opts)
 

@@ -70,7 +70,8 @@ class _UnitRows(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         z, n = ctx.saved_tensors
         dot = (z * g).sum(-1, keepdim=True)  # (linalg.vecdot takes twice as long on a CPU)
-        return torch.addcmul(g, z, dot, value=-1.0).div_(n).to(ctx.dtype)
+        out = torch.empty(g.shape, dtype=ctx.dtype, device=g.device)  # the division rounds once, into h's dtype
+        return torch.div(torch.addcmul(g, z, dot, value=-1.0), n, out=out)
 
 
 def _dropout(x: torch.Tensor, rate: float, gens: Gens) -> torch.Tensor:
@@ -198,8 +199,8 @@ def slice_side(side: Side, a: int, b: int) -> Side:
 
     def frozen(tau: float, centering: str) -> tuple[torch.Tensor, torch.Tensor]:
         assert whole is not None
-        p_x, log_px = whole(tau, centering)
-        return p_x[a:b], log_px[a:b]
+        p_x, px_e = whole(tau, centering)
+        return p_x[a:b], px_e[a:b]
 
     if a == 0 and b == len(side.z):  # the whole stack: no slice (its backward would write zeros and copy)
         return side
