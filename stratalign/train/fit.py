@@ -22,6 +22,7 @@ from stratalign.core.heads import CSA, fit_csa
 from stratalign.core.objectives import Objective, Side, StepBatch, Training, objective_named, objectives_with, structure_term
 from stratalign.device import resolve_device
 from stratalign.errors import StratalignError
+from stratalign.train.cohorts import Cohort
 from stratalign.train.config import TrainConfig, TrainResult, json_curve_row
 from stratalign.train.data import check_inputs, to_device
 from stratalign.train.frozen_graphs import training_graphs
@@ -69,6 +70,7 @@ class RunSpec:
     targets: ValidationTargets | None = None
     progress: Progress | None = None
     unpaired: tuple[np.ndarray, np.ndarray] | None = None  # its unpaired rows of train_many's `unpaired` arrays
+    cohort: Cohort | None = None  # the seeds of its grid point (train.cohorts): weights kept at the point's best step
 
 
 def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
@@ -108,7 +110,7 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
             graphs = training_graphs(spec.graphs, xi[rows], xt[rows], spec.cfg.knn_k, dev)
         pools = None if not spec.cfg.unpaired or spec.unpaired is None else \
             tuple(torch.from_numpy(np.asarray(p, dtype=np.int64)).to(dev) for p in spec.unpaired)
-        jobs.append(HeadsJob(spec.cfg, tr_pos, va_pos, targets, selection, graphs, spec.progress, pools))
+        jobs.append(HeadsJob(spec.cfg, tr_pos, va_pos, targets, selection, graphs, spec.progress, pools, spec.cohort))
     return train_heads_many(xi, xt, jobs, dev, on_step=on_step, unpaired=tables)
 
 
