@@ -208,6 +208,9 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
                   labels)
             if res.checkpoint is not None:
                 kept[p.run.run_id] = res
+    # runs on one subset with one ridge side by side: a CSA k grid then decomposes once (train.fit._CsaBases)
+    others.sort(key=lambda item: (item[0].run.objective, item[0].n_train, item[0].pairs.image_rows.tobytes(),
+                                  item[0].pairs.caption_rows.tobytes(), item[0].train_cfg.csa_ridge))
     for p, pos in others:
         tr, va = pos[:p.n_train], pos[p.n_train:]
         t0 = time.perf_counter()
