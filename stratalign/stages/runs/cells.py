@@ -8,7 +8,8 @@ Two passes, every run an ordinary content-addressed run (reused when the store h
    best mean are the cell's choice (ties: the earlier grid point, then the earlier step). A choice on the edge of
    a knob's grid extends that knob one step past the edge (core.objectives.EDGE_RULES: x3 for a weight) and
    chooses again, until the choice is inside the grid or a bound is hit; the record says which knobs stayed on
-   an edge.
+   an edge. Selection runs are not scored on the test split (it sees only the chosen models; a selection run
+   asked for later as a run of its own is scored then).
 2. final: each seed with the chosen knobs, stopped at the chosen step (`stop_step`: the same trajectory as its
    selection run up to there). Where all seeds of the chosen point trained in one stack, the loop kept their
    weights at the point's best step (train.cohorts) and those are saved as the final runs (`derived_from` says so);
@@ -34,6 +35,7 @@ import numpy as np
 from stratalign.core.objectives import EDGE_RULES, Objective, Selection, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.runs.config import RunConfig
+from stratalign.stages.runs.evaluate import score_saved_run
 from stratalign.stages.runs.results import RunResult
 from stratalign.stages.runs.training import save_derived_final, train_runs
 from stratalign.stages.subsets import KFOLD, cell_validation
@@ -289,7 +291,8 @@ def choose_cells(store: FeatureStore, cfgs: Sequence[RunConfig], *, tune: bool =
     while pending:
         configs = [cfg for cell, i in pending for cfg in cell.selection_configs(i)]
         cohorts = [cell.cohort(f"{cells.index(cell)}:{i}") for cell, i in pending for _ in cell.selection_configs(i)]
-        results = iter(train_runs(store, configs, force=force, progress=progress, cohorts=cohorts))
+        results = iter(train_runs(store, configs, force=force, progress=progress, cohorts=cohorts,
+                                  test=[False] * len(configs)))
         for cell, i in pending:
             got = [next(results) for _ in range(len(cell.seeds) * len(cell.folds))]
             cell.trained += sum(not r.get("skipped") for r in got)
@@ -327,13 +330,17 @@ def _final_runs(store: FeatureStore, cells: list[_Cell], force: bool,
     """Per cell, (its final run ids in seed order, how many runs trained): every seed with the chosen knobs, stopped
     at the chosen step (k-fold: the refit on every training pair); a closed-form cell's chosen selection runs as they
     are (k-fold: fitted again on every training pair)."""
+    registry = RunRegistry(store)
     out: list[tuple[list[str], int] | None] = []
     derived: list[list[RunResult | None]] = []
     configs: list[RunConfig] = []
     for cell in cells:
         i = _best(cell)
         best = cell.results[i]
-        if best.best_step is None and not cell.kfold:
+        if best.best_step is None and not cell.kfold:  # the chosen fits are the cell's runs: scored on test now
+            for rid in best.runs:
+                if registry.metrics(rid).get("test_scored") is False:
+                    score_saved_run(store, rid)
             out.append((list(best.runs), 0))
             derived.append([])
             continue

@@ -28,7 +28,7 @@ from stratalign.stages.runs.config import (
     resolve_run,
 )
 from stratalign.stages.runs.data import gather, run_unpaired, subset_tensors, unpaired_features, validation_targets
-from stratalign.stages.runs.evaluate import save_run_queries, score_model
+from stratalign.stages.runs.evaluate import save_run_queries, score_model, score_saved_run
 from stratalign.stages.runs.results import RunResult
 from stratalign.stages.subsets import PairRows
 from stratalign.store import graphs as graphs_mod
@@ -79,6 +79,7 @@ class _Prepared:
     inputs: RunInputs  # its dataset and entries, as resolution found them
     unpaired: tuple[np.ndarray, np.ndarray] | None = None  # (image rows, caption rows) for its R_S batches (§ 3.11)
     cohort: Cohort | None = None  # the seeds of its grid point (train.cohorts)
+    test: bool = True  # scored on the test split when saved (a selection run is not: docs/method.md § 3.9)
 
     @property
     def features_key(self) -> tuple:
@@ -99,7 +100,7 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | No
 
 def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[ResolvedRun] | None = None,
                force: bool = False, progress: Progress | bool = False,
-               cohorts: list[Cohort | None] | None = None) -> list[RunResult]:
+               cohorts: list[Cohort | None] | None = None, test: list[bool] | None = None) -> list[RunResult]:
     """Train every run not yet done (one training for a run asked for twice), evaluate and save each; their
     results in `cfgs` order. Runs of aligned heads that read the same feature layers train together in batched
     groups (train.train_many: the numbers each would get alone); CoMM and CSA runs are fitted one by one.
@@ -107,28 +108,38 @@ def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[Res
     progress: True shows a bar (one run: its steps and validation metric; many: steps of all runs, runs done,
     ETA); a callable gets (step, max_steps, value) of a single run's evaluations.
     cohorts: per config, the seeds of its grid point (train.cohorts): a run trained here whose whole cohort trained in
-    one stack holds, in `RunResult.trained`, its weights at the cohort's best step (`save_derived_final`)."""
+    one stack holds, in `RunResult.trained`, its weights at the cohort's best step (`save_derived_final`).
+    test: per config, whether it is scored on the test split (default: every run). A selection run is not (the test
+    split sees only the chosen models): its metrics say `test_scored: false`, and a later call that asks for its test
+    scores scores the saved weights then."""
     registry = RunRegistry(store)
     runs = resolved or [resolve_run(store, c) for c in cfgs]  # a bad setting fails here, before any training
     for line in preset_notes(cfgs):  # the schedule in force, said from Python as from the CLI
         print(line, file=sys.stderr, flush=True)
-    todo: dict[str, tuple[RunConfig, ResolvedRun, Cohort | None]] = {}
-    for cfg, run, cohort in zip(cfgs, runs, cohorts or [None] * len(cfgs)):
+    todo: dict[str, tuple[RunConfig, ResolvedRun, Cohort | None, bool]] = {}
+    unscored: list[str] = []
+    for cfg, run, cohort, scored in zip(cfgs, runs, cohorts or [None] * len(cfgs), test or [True] * len(cfgs)):
         if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
-            todo[run.run_id] = (cfg, run, cohort)
+            todo[run.run_id] = (cfg, run, cohort, scored)
+        elif run.run_id in todo:
+            todo[run.run_id] = (*todo[run.run_id][:3], todo[run.run_id][3] or scored)
+        elif scored and registry.metrics(run.run_id).get("test_scored") is False and run.run_id not in unscored:
+            unscored.append(run.run_id)
     if todo:  # before gathering anything: the runs are saved at the end
         store.require_writable(f"training {len(todo)} run(s)")
     for parts in [("graphs",), *(("runs", rid) for rid in todo)]:  # a write through a link: refused before training
         store.loc.refuse_links(*parts)
     targets: dict[tuple, ValidationTargets] = {}
-    prepared = [_prepare(store, cfg, run, targets, cohort) for cfg, run, cohort in todo.values()]
+    prepared = [_prepare(store, cfg, run, targets, cohort, scored) for cfg, run, cohort, scored in todo.values()]
     kept = _train_prepared(store, registry, prepared, progress)
+    for rid in unscored:  # saved as a selection run, asked for now as a chosen one
+        score_saved_run(store, rid)
     return [RunResult(run.run_id, run.run_id not in todo, registry.metrics(run.run_id), kept.get(run.run_id))
             for run in runs]
 
 
 def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
-             targets: dict[tuple, ValidationTargets], cohort: Cohort | None = None) -> _Prepared:
+             targets: dict[tuple, ValidationTargets], cohort: Cohort | None = None, test: bool = True) -> _Prepared:
     """The run's pairs and validation targets (one targets object for the runs that share them: they are scored
     on validation together)."""
     subset, val = run.subset, run.val
@@ -143,7 +154,7 @@ def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
         targets[key] = validation_targets(inputs.dataset, val, inputs.text, run.text_layer)
     train_cfg = run.train_config()
     return _Prepared(cfg, run, pairs, len(subset), targets[key], train_cfg, inputs,
-                     run_unpaired(run, inputs, train_cfg.unpaired_from) if train_cfg.unpaired else None, cohort)
+                     run_unpaired(run, inputs, train_cfg.unpaired_from) if train_cfg.unpaired else None, cohort, test)
 
 
 def _train_prepared(store: FeatureStore, registry: RunRegistry, prepared: list[_Prepared],
@@ -244,10 +255,15 @@ def _fit_heads(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], first
 def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, summary: dict[str, Any],
           seconds: float, x_train_img: Callable[[], np.ndarray], x_train_txt: Callable[[], np.ndarray],
           all_labels: np.ndarray) -> None:
-    """Score the fitted model on the test split and save the run (weights, training rows, metrics, queries)."""
+    """Score the fitted model on the test split (unless it is a selection run) and save the run (weights, training
+    rows, metrics, queries)."""
     rid = p.run.run_id
     subset = PairRows(p.pairs.image_rows[:p.n_train], p.pairs.caption_rows[:p.n_train])
     metrics = {"run_id": rid, "train_seconds": round(seconds, 3), **summary}
+    if not p.test:
+        metrics["test_scored"] = False
+        registry.save(rid, p.run.config_dict(), {**model_tensors(model), **subset_tensors(subset)}, metrics)
+        return
     train_features = None  # only an objective scored by a probe reads them (a copy of the training rows)
     if objective_named(p.run.objective).evaluation.needs_train_features:
         train_features = (x_train_img(), x_train_txt(), all_labels[subset.image_rows])
