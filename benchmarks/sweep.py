@@ -5,7 +5,8 @@ Part 1, the demo's grid (stages.demo.DemoConfig: clip / clip+structure / clip+ib
 clip on the last layers, n in {200, 500, all}, 5 seeds, every knob tuned on validation: 390 runs) on a store
 that holds the demo's features and layer choices (what `stratalign demo` leaves in stratalign-store/). Two
 copies of that store without its runs; in each, in the same process, the grid is trained
-  one by one: every cell with `tune_run`, every run trained alone (groups of one run: the S = 1 case), in fp32, and
+  one by one: every cell with `tune_run`, every run trained alone (groups of one run: the S = 1 case; no CSA
+              decomposition shared between the fits of a k grid), in fp32, and
   batched:    every cell with one `tune_runs` call (all grid points of all cells through `train_runs`), in
               `--precision` (default auto: bf16 where the hardware has it, the lean step of issue 30).
 With one precision, every run of one copy is checked against the other: the same run ids, weights within 1e-5,
@@ -141,12 +142,13 @@ def grid(store: str, seeds: int, alone: bool, profile: bool, workdir: str, preci
     results = {}
     if alone:
         fs = FeatureStore.open(copies["alone"], "a")
-        real = fit.train_heads_many
+        real, bases = fit.train_heads_many, fit._CSA_BASES
         fit.train_heads_many = functools.partial(real, max_group=1)  # every run alone: groups of one
+        fit._CSA_BASES = fit._CsaBases(size=0)  # and nothing shared between runs: each CSA fit decomposes alone
         try:
             secs, prof, tuned = _timed(lambda: [tune_run(fs, c) for c in cells], profile)
         finally:
-            fit.train_heads_many = real
+            fit.train_heads_many, fit._CSA_BASES = real, bases
         results["alone"] = (secs, sum(t.tried for t in tuned), prof)
     fs = FeatureStore.open(copies["batched"], "a")
     batched_cells = _cells(store, seeds, precision, dataset, n_pairs)

@@ -9,6 +9,7 @@ directions, pairs scored by the correlation-weighted similarity (or, as STRUCTUR
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -279,7 +280,7 @@ def _inv_sqrt(c: np.ndarray) -> np.ndarray:
     return (v / np.sqrt(w)) @ v.T
 
 
-def _check_csa_args(a: np.ndarray, b: np.ndarray, dim: int, ridge: float, k: int, similarity: str) -> None:
+def _check_csa_pairs(a: np.ndarray, b: np.ndarray, ridge: float) -> None:
     if a.ndim != 2 or b.ndim != 2 or len(a) != len(b):
         raise StratalignError(f"fit_csa needs paired 2-D arrays, got shapes {a.shape} and {b.shape}")
     if len(a) < 3:
@@ -288,6 +289,9 @@ def _check_csa_args(a: np.ndarray, b: np.ndarray, dim: int, ridge: float, k: int
         raise StratalignError("fit_csa: features contain NaN or inf")
     if not ridge >= 0:
         raise StratalignError(f"fit_csa ridge must be >= 0, not {ridge}")
+
+
+def _check_csa_choice(dim: int, k: int, similarity: str) -> None:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
         raise StratalignError(f"fit_csa k must be an integer >= 0 (0: every direction), not {k!r}")
     if similarity not in CSA_SIMILARITIES:
@@ -295,21 +299,29 @@ def _check_csa_args(a: np.ndarray, b: np.ndarray, dim: int, ridge: float, k: int
     _check_dims(dim=dim)
 
 
-def fit_csa(x_img: np.ndarray, x_txt: np.ndarray, dim: int = 512, ridge: float = CSA_RIDGE, *, k: int = CSA_K,
-            similarity: str = "weighted") -> CSA:
-    """CSA (Li et al., ICLR 2025): ridge-regularised CCA between the centred features of the two layers,
-    the top-k directions, pairs scored by `similarity` (see CSAProjection).
+@dataclass(frozen=True)
+class CSABasis:
+    """What a CSA fit computes from the pairs and the ridge alone (float64): the means, the whitening maps
+    C^-1/2 and the SVD U S V^T of the whitened cross-covariance. Every k and similarity is read off one basis, so
+    a grid of k values over one training set and ridge costs one decomposition (`fit_csa(basis=...)`)."""
 
-    C_xx + r I with r = ridge * mean variance (scale free), whitened cross-covariance
-    C_xx^-1/2 C_xy C_yy^-1/2 = U S V^T (S: the canonical correlations, descending), W_x = C_xx^-1/2 U_k,
-    W_y = C_yy^-1/2 V_k (float64). k = 0 keeps every direction; k is capped at min(dim, d_img, d_txt, n-1):
-    CCA has no more directions than that. STRUCTURE's own CSA baseline is k=0, ridge=1e-3, cosine.
-    """
+    mean_a: np.ndarray
+    mean_b: np.ndarray
+    inv_a: np.ndarray
+    inv_b: np.ndarray
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+    n: int
+    ridge: float
+
+
+def csa_basis(x_img: np.ndarray, x_txt: np.ndarray, ridge: float = CSA_RIDGE) -> CSABasis:
+    """The decomposition of `fit_csa` for paired rows x_img[i] <-> x_txt[i] (see there)."""
     a = np.asarray(x_img, dtype=np.float64)
     b = np.asarray(x_txt, dtype=np.float64)
-    _check_csa_args(a, b, dim, ridge, k, similarity)
+    _check_csa_pairs(a, b, ridge)
     n = len(a)
-    d = int(min(k or dim, dim, a.shape[1], b.shape[1], n - 1))
     ma, mb = a.mean(0), b.mean(0)
     ac, bc = a - ma, b - mb
     caa = ac.T @ ac / (n - 1)
@@ -319,12 +331,34 @@ def fit_csa(x_img: np.ndarray, x_txt: np.ndarray, dim: int = 512, ridge: float =
     cbb += (ridge * max(np.trace(cbb) / len(cbb), 1e-12)) * np.eye(len(cbb))
     ia, ib = _inv_sqrt(caa), _inv_sqrt(cbb)
     u, s, vt = np.linalg.svd(ia @ cab @ ib, full_matrices=False)
+    return CSABasis(ma, mb, ia, ib, u, s, vt, n, float(ridge))
+
+
+def fit_csa(x_img: np.ndarray | None, x_txt: np.ndarray | None, dim: int = 512, ridge: float = CSA_RIDGE, *,
+            k: int = CSA_K, similarity: str = "weighted", basis: CSABasis | None = None) -> CSA:
+    """CSA (Li et al., ICLR 2025): ridge-regularised CCA between the centred features of the two layers,
+    the top-k directions, pairs scored by `similarity` (see CSAProjection).
+
+    C_xx + r I with r = ridge * mean variance (scale free), whitened cross-covariance
+    C_xx^-1/2 C_xy C_yy^-1/2 = U S V^T (S: the canonical correlations, descending), W_x = C_xx^-1/2 U_k,
+    W_y = C_yy^-1/2 V_k (float64). k = 0 keeps every direction; k is capped at min(dim, d_img, d_txt, n-1):
+    CCA has no more directions than that. STRUCTURE's own CSA baseline is k=0, ridge=1e-3, cosine.
+    basis: `csa_basis(x_img, x_txt, ridge)` computed before (the same numbers; x_img / x_txt are then not read).
+    """
+    _check_csa_choice(dim, k, similarity)
+    if basis is None:
+        basis = csa_basis(x_img, x_txt, ridge)  # type: ignore[arg-type]
+    elif basis.ridge != float(ridge):
+        raise StratalignError(f"fit_csa: the basis was computed with ridge {basis.ridge}, not {ridge}")
+    da, db = len(basis.mean_a), len(basis.mean_b)
+    d = int(min(k or dim, dim, da, db, basis.n - 1))
     width = d + 2 if similarity == "weighted" else d
-    pi = CSAProjection(a.shape[1], width, similarity, "image")
-    pt = CSAProjection(b.shape[1], width, similarity, "text")
-    rho = torch.from_numpy(s[:d]).float()
+    pi = CSAProjection(da, width, similarity, "image")
+    pt = CSAProjection(db, width, similarity, "text")
+    rho = torch.from_numpy(basis.s[:d]).float()
     with torch.no_grad():
-        for proj, mean, w in ((pi, ma, ia @ u[:, :d]), (pt, mb, ib @ vt[:d].T)):
+        for proj, mean, w in ((pi, basis.mean_a, basis.inv_a @ basis.u[:, :d]),
+                              (pt, basis.mean_b, basis.inv_b @ basis.vt[:d].T)):
             proj.mean.copy_(torch.from_numpy(mean).float())
             proj.weight.copy_(torch.from_numpy(w).float())
             if similarity == "weighted":

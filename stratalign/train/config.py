@@ -6,7 +6,7 @@ Objective and head names are checked against the objective registry (stratalign.
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from stratalign.core.objectives import HEADS, OBJECTIVES, Selection, Training, o
 from stratalign.device import PRECISIONS, resolve_precision
 from stratalign.errors import StratalignError
 from stratalign.train.validation import check_select
+
+if TYPE_CHECKING:
+    from stratalign.train.cohorts import CohortCheckpoint
 
 # The fields of the first recorded settings (every run id before the first knob was added hashes exactly these).
 # Frozen history, never edited: a field added since must say, where it is declared, what its absence meant
@@ -332,6 +335,7 @@ class TrainResult:
     val_curve: list[dict[str, float]] = field(default_factory=list)
     first_candidate: int | None = None  # the first step that could be restored (None: warmup_steps, the old rule)
     share_seconds: float | None = None  # a stacked run's share of the stack's wall time (None: trained alone)
+    checkpoint: CohortCheckpoint | None = None  # its weights at its cohort's best step (train.cohorts), not saved
 
     @property
     def restored_step(self) -> int:

@@ -8,7 +8,9 @@ step it restored and the lambda in force there.
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +20,11 @@ from torch import nn
 
 from stratalign.core import losses
 from stratalign.core.comm import CommModel, comm_step_loss
-from stratalign.core.heads import CSA, fit_csa
+from stratalign.core.heads import CSA, CSABasis, csa_basis, fit_csa
 from stratalign.core.objectives import Objective, Side, StepBatch, Training, objective_named, objectives_with, structure_term
 from stratalign.device import resolve_device
 from stratalign.errors import StratalignError
+from stratalign.train.cohorts import Cohort
 from stratalign.train.config import TrainConfig, TrainResult, json_curve_row
 from stratalign.train.data import check_inputs, to_device
 from stratalign.train.frozen_graphs import training_graphs
@@ -69,6 +72,7 @@ class RunSpec:
     targets: ValidationTargets | None = None
     progress: Progress | None = None
     unpaired: tuple[np.ndarray, np.ndarray] | None = None  # its unpaired rows of train_many's `unpaired` arrays
+    cohort: Cohort | None = None  # the seeds of its grid point (train.cohorts): weights kept at the point's best step
 
 
 def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
@@ -108,7 +112,7 @@ def train_many(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], *,
             graphs = training_graphs(spec.graphs, xi[rows], xt[rows], spec.cfg.knn_k, dev)
         pools = None if not spec.cfg.unpaired or spec.unpaired is None else \
             tuple(torch.from_numpy(np.asarray(p, dtype=np.int64)).to(dev) for p in spec.unpaired)
-        jobs.append(HeadsJob(spec.cfg, tr_pos, va_pos, targets, selection, graphs, spec.progress, pools))
+        jobs.append(HeadsJob(spec.cfg, tr_pos, va_pos, targets, selection, graphs, spec.progress, pools, spec.cohort))
     return train_heads_many(xi, xt, jobs, dev, on_step=on_step, unpaired=tables)
 
 
@@ -197,11 +201,40 @@ def refine_csa(model: CSA, x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfi
     return model.cpu()
 
 
+class _CsaBases:
+    """The last few CSA decompositions (core.heads.csa_basis) by training pairs and ridge: the points of a k grid
+    over one subset share one decomposition (stages.runs.training fits such runs one after another). Keyed by a
+    digest of the pairs' bytes, so a basis is only ever read for the very rows it was computed from."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size, self.items = size, OrderedDict()  # type: ignore[var-annotated]
+
+    def get(self, x_img: np.ndarray, x_txt: np.ndarray, ridge: float) -> CSABasis:
+        key = (_digest(x_img), _digest(x_txt), float(ridge))
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        basis = self.items[key] = csa_basis(x_img, x_txt, ridge)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return basis
+
+
+def _digest(x: np.ndarray) -> tuple:
+    a = np.ascontiguousarray(x)
+    return a.shape, str(a.dtype), hashlib.blake2b(a.view(np.uint8).reshape(-1), digest_size=16).digest()
+
+
+_CSA_BASES = _CsaBases()
+
+
 def train_csa(x_img: np.ndarray, x_txt: np.ndarray, cfg: TrainConfig) -> tuple[CSA, dict[str, Any]]:
     """Closed-form CSA on the training pairs (dim = cfg.dim capped by the feature widths), then the
     optional R_S refinement. Returns (model, summary)."""
     t0 = time.perf_counter()
-    model = fit_csa(x_img, x_txt, dim=cfg.dim, ridge=cfg.csa_ridge, k=cfg.csa_k, similarity=cfg.csa_similarity)
+    basis = _CSA_BASES.get(x_img, x_txt, cfg.csa_ridge)
+    model = fit_csa(None, None, dim=cfg.dim, ridge=cfg.csa_ridge, k=cfg.csa_k, similarity=cfg.csa_similarity,
+                    basis=basis)
     model = refine_csa(model, x_img, x_txt, cfg)
     d = int(model.correlations.numel())  # canonical directions kept
     return model, {"best_step": cfg.csa_refine_steps, "lambda_at_best": cfg.lam if cfg.csa_refine_steps else 0.0,

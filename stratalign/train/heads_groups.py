@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from stratalign.core.objectives import Objective, objective_named
+from stratalign.train.cohorts import Cohort
 from stratalign.train.config import TrainConfig
 from stratalign.train.rules import Progress, SelectionRule
 from stratalign.train.unpaired import unpaired_counts
@@ -36,6 +37,7 @@ class HeadsJob:
     graphs: tuple[torch.Tensor, torch.Tensor] | None = None  # kNN graphs over the training rows (device)
     progress: Progress | None = None
     unpaired: tuple[torch.Tensor, torch.Tensor] | None = None  # its unpaired pools: positions in UnpairedTables
+    cohort: Cohort | None = None  # the seeds of its grid point: the loop keeps their weights at the point's best step
 
 
 def group_key(job: HeadsJob, dims: tuple[int, int]) -> tuple:

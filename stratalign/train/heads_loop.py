@@ -34,6 +34,7 @@ from stratalign.core.heads import AlignedHeads, VariationalHead
 from stratalign.core.losses_lean import clip_loss_stacked
 from stratalign.core.mixup import LatentMixup, mix_runs
 from stratalign.core.objectives import KnnSupport, Side, StepBatch, objective_named
+from stratalign.train.cohorts import CohortCheckpoint, CohortTracker
 from stratalign.train.config import TrainResult
 from stratalign.train.frozen_side import FrozenSides
 from stratalign.train.heads_groups import GroupProgress, HeadsJob, group_key, loss_key
@@ -76,6 +77,7 @@ class _Run:
         self.pending: list[Pending] = []  # steps since the last evaluation, losses still on the device
         self.stop: tuple[int, str, str] | None = None
         self.seconds, self.share = 0.0, 0.0  # the stack's wall time until it stopped; its share of that time
+        self.checkpoint: CohortCheckpoint | None = None  # its weights at its cohort's best step (train.cohorts)
 
     def lam_of(self, step: int) -> float:
         return losses_mod.lambda_at(step, self.cfg.lam, self.warmup) if self.obj.warmup else 0.0
@@ -130,7 +132,8 @@ class _Run:
                            first_candidate=self.floor,
                            steps_taken=step, stopped_reason=reason, message=message, restored_before_warmup=before,
                            history=self.history, seconds=self.seconds, share_seconds=self.share, device=str(dev),
-                           selection_metric=self.job.selection.metric, best_value=best_val, val_curve=self.curve)
+                           selection_metric=self.job.selection.metric, best_value=best_val, val_curve=self.curve,
+                           checkpoint=self.checkpoint)
 
 
 class GroupLoop:
@@ -152,6 +155,7 @@ class GroupLoop:
         self.frozen = FrozenSides(xi, xt, [r.train_pos for r in self.runs]) if self.lean else None
         self.opt = self._optimiser()
         self.validators: dict[tuple, Validator] = {}
+        self.cohorts = CohortTracker(self.runs)
         self.t0 = time.perf_counter()
 
     # ---------------------------------------------------------------- the stack
@@ -289,6 +293,7 @@ class GroupLoop:
 
             for s, scores in zip(members, validator.score_many(embed)):
                 self.active[s].evaluated(step, scores, self._state(s))
+        self.cohorts.offer(step, self.active, self._state)
 
     # ---------------------------------------------------------------- the loop
 

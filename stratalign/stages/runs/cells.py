@@ -8,9 +8,12 @@ Two passes, every run an ordinary content-addressed run (reused when the store h
    best mean are the cell's choice (ties: the earlier grid point, then the earlier step). A choice on the edge of
    a knob's grid extends that knob one step past the edge (core.objectives.EDGE_RULES: x3 for a weight) and
    chooses again, until the choice is inside the grid or a bound is hit; the record says which knobs stayed on
-   an edge.
-2. final: each seed trains again with the chosen knobs and stops at the chosen step (`stop_step`: the same
-   trajectory as its selection run up to there). These are the cell's runs, the ones reports compare. A
+   an edge. Selection runs are not scored on the test split (it sees only the chosen models; a selection run
+   asked for later as a run of its own is scored then).
+2. final: each seed with the chosen knobs, stopped at the chosen step (`stop_step`: the same trajectory as its
+   selection run up to there). Where all seeds of the chosen point trained in one stack, the loop kept their
+   weights at the point's best step (train.cohorts) and those are saved as the final runs (`derived_from` says so);
+   otherwise the final runs train again to that step. These are the cell's runs, the ones reports compare. A
    closed-form fit (CSA) has no step: the chosen point's selection runs are final.
 With k-fold validation (a dataset with no or a very small val split) a point's selection runs are one per seed
 and fold (each fold held out, the others trained on), their curves are averaged over seeds and folds alike, and
@@ -32,10 +35,13 @@ import numpy as np
 from stratalign.core.objectives import EDGE_RULES, Objective, Selection, objective_named
 from stratalign.errors import StratalignError
 from stratalign.stages.runs.config import RunConfig
-from stratalign.stages.runs.training import train_runs
+from stratalign.stages.runs.evaluate import score_saved_run
+from stratalign.stages.runs.results import RunResult
+from stratalign.stages.runs.training import save_derived_final, train_runs
 from stratalign.stages.subsets import KFOLD, cell_validation
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
+from stratalign.train.cohorts import Cohort
 from stratalign.train.validation import SELECT_METRICS, check_select
 
 DEFAULT_METRIC = "rsum"
@@ -126,6 +132,7 @@ class _Cell:
     extensions: dict[tuple[str, int], int] = field(default_factory=dict)  # (knob, direction) -> steps taken
     extended: dict[str, list[Any]] = field(default_factory=dict)
     trained: int = 0  # runs this call trained (the others were in the store)
+    kept: dict[int, list[RunResult]] = field(default_factory=dict)  # the best point's selection runs with weights kept
 
     def run_config(self, point: dict[str, Any], seed: int, stop_step: int | None = None,
                    fold: int | None = None) -> RunConfig:
@@ -137,6 +144,14 @@ class _Cell:
     def selection_configs(self, i: int) -> list[RunConfig]:
         """Point i's selection runs: per seed, one per fold (k-fold) or one."""
         return [self.run_config(self.points[i], s, fold=f) for s in self.seeds for f in self.folds]
+
+    def cohort(self, key: str) -> Cohort | None:
+        """The seeds of a point, whose weights the loop keeps at the point's best step (train.cohorts): a final run
+        is then its selection run stopped there. None for k-fold cells (their finals are refits on other pairs) and
+        closed-form fits (no step)."""
+        if self.kfold or self.objective.selection is not Selection.VALIDATION:
+            return None
+        return Cohort(key, len(self.seeds))
 
     @property
     def kfold(self) -> bool:
@@ -275,13 +290,19 @@ def choose_cells(store: FeatureStore, cfgs: Sequence[RunConfig], *, tune: bool =
     pending = [(c, i) for c in cells for i in range(len(c.points))]
     while pending:
         configs = [cfg for cell, i in pending for cfg in cell.selection_configs(i)]
-        results = iter(train_runs(store, configs, force=force, progress=progress))
+        cohorts = [cell.cohort(f"{cells.index(cell)}:{i}") for cell, i in pending for _ in cell.selection_configs(i)]
+        results = iter(train_runs(store, configs, force=force, progress=progress, cohorts=cohorts,
+                                  test=[False] * len(configs)))
         for cell, i in pending:
             got = [next(results) for _ in range(len(cell.seeds) * len(cell.folds))]
             cell.trained += sum(not r.get("skipped") for r in got)
             cell.results[i] = _point_result(cell, cell.points[i], got)
+            if all(r.trained is not None for r in got):
+                cell.kept[i] = got
         pending = []
         for cell in cells:
+            best = _best(cell)
+            cell.kept = {i: got for i, got in cell.kept.items() if i == best}  # only the chosen point's are needed
             for point in _extensions(cell):
                 cell.points.append(point)
                 pending.append((cell, len(cell.points) - 1))
@@ -309,21 +330,32 @@ def _final_runs(store: FeatureStore, cells: list[_Cell], force: bool,
     """Per cell, (its final run ids in seed order, how many runs trained): every seed with the chosen knobs, stopped
     at the chosen step (k-fold: the refit on every training pair); a closed-form cell's chosen selection runs as they
     are (k-fold: fitted again on every training pair)."""
+    registry = RunRegistry(store)
     out: list[tuple[list[str], int] | None] = []
+    derived: list[list[RunResult | None]] = []
     configs: list[RunConfig] = []
     for cell in cells:
-        best = cell.results[_best(cell)]
-        if best.best_step is None and not cell.kfold:
+        i = _best(cell)
+        best = cell.results[i]
+        if best.best_step is None and not cell.kfold:  # the chosen fits are the cell's runs: scored on test now
+            for rid in best.runs:
+                if registry.metrics(rid).get("test_scored") is False:
+                    score_saved_run(store, rid)
             out.append((list(best.runs), 0))
+            derived.append([])
             continue
         out.append(None)
-        configs += [cell.run_config(best.knobs, s, best.best_step) for s in cell.seeds]
+        finals = [cell.run_config(best.knobs, s, best.best_step) for s in cell.seeds]
+        kept = cell.kept.get(i) or [None] * len(finals)
+        done = [None if k is None else save_derived_final(store, cfg, k, force=force) for cfg, k in zip(finals, kept)]
+        derived.append(done)
+        configs += [cfg for cfg, d in zip(finals, done) if d is None]
     results = iter(train_runs(store, configs, force=force, progress=progress)) if configs else iter(())
     filled = []
-    for cell, got in zip(cells, out):
+    for got, done in zip(out, derived):
         if got is not None:
             filled.append(got)
             continue
-        runs = [next(results) for _ in cell.seeds]
+        runs = [d if d is not None else next(results) for d in done]
         filled.append(([r["run_id"] for r in runs], sum(not r.get("skipped") for r in runs)))
     return filled

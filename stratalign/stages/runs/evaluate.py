@@ -278,6 +278,15 @@ def evaluate_saved_run(store: FeatureStore, run_id: str, dataset: str | None = N
     return EvalResult(run_id, target, fingerprint, {**{k: metrics.get(k) for k in kept if k in metrics}, **res})
 
 
+def score_saved_run(store: FeatureStore, run_id: str) -> None:
+    """Score a run saved without its test scores (a selection run: stages.runs.cells) on its test split, and keep the
+    metrics and per-query results as training would have."""
+    run, _, scored = _rescore(store, run_id, None)
+    registry = RunRegistry(store)
+    registry.update_metrics(run_id, {**scored.metrics, "test_scored": True})
+    save_run_queries(store, run, scored)
+
+
 def save_run_queries(store: FeatureStore, run: ResolvedRun, scored: Scored) -> None:
     """Keep the per-query results of a run's evaluation on its own test split (train_run calls this)."""
     if scored.queries and store.mode == "a":

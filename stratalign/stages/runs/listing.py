@@ -105,6 +105,9 @@ def show_lines(shown: dict[str, Any]) -> list[str]:
                 if isinstance(met.get(k), (int, float))]
         if test:
             lines.append(f"  {'test':<11}" + ", ".join(test))
+        elif met.get("test_scored") is False:
+            lines.append(f"  {'test':<11}not scored: a selection run (the test split sees only the chosen models; "
+                         "`stratalign eval` scores it)")
     lines.append(f"  {'files':<11}" + ", ".join(f"{name} ({size:,} bytes)" for name, size in shown["files"]))
     lines.append("  (`stratalign runs show --json` prints the whole config and metrics)")
     return lines

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from stratalign.train.config import TrainResult
+
 
 class _AsMapping(Mapping[str, Any]):
     """The read-only mapping interface over `_view()` (keys, get, items, `in`, `**`, == a dict)."""
@@ -40,6 +42,8 @@ class RunResult(_AsMapping):
     run_id: str
     skipped: bool
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    # trained in this call with its cohort's weights kept (train.cohorts): what stages.runs.cells makes final runs of
+    trained: TrainResult | None = None
 
     def _view(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "skipped": self.skipped, **self.metrics}

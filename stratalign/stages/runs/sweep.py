@@ -141,10 +141,11 @@ def cost_table(registry: RunRegistry, choices: list[CellChoice]) -> pl.DataFrame
         every = list(dict.fromkeys([rid for p in c.points for rid in p.runs] + list(c.final)))
         seconds = {rid: run_seconds(registry.metrics(rid)) for rid in every}
         final = [seconds[rid] for rid in c.final if seconds[rid] is not None]
+        derived = {rid for rid in c.final if registry.metrics(rid).get("derived_from")}  # paid by a selection run
         rows.append({"objective": c.cell.objective, "layer_rule": c.cell.layers, "head": c.cell.head,
                      "n_pairs": c.cell.n_pairs, "runs": len(every),
                      "run_seconds": sum(final) / len(final) if final else None,
-                     "cell_seconds": sum(v for v in seconds.values() if v is not None)})
+                     "cell_seconds": sum(v for rid, v in seconds.items() if v is not None and rid not in derived)})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 

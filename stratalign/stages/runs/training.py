@@ -28,13 +28,14 @@ from stratalign.stages.runs.config import (
     resolve_run,
 )
 from stratalign.stages.runs.data import gather, run_unpaired, subset_tensors, unpaired_features, validation_targets
-from stratalign.stages.runs.evaluate import save_run_queries, score_model
+from stratalign.stages.runs.evaluate import save_run_queries, score_model, score_saved_run
 from stratalign.stages.runs.results import RunResult
 from stratalign.stages.subsets import PairRows
 from stratalign.store import graphs as graphs_mod
 from stratalign.store.feature_store import FeatureStore
 from stratalign.store.runs import RunRegistry
 from stratalign.train import RunSpec, TrainConfig, TrainResult, fit_objective, knn_graphs, model_tensors, train_many
+from stratalign.train.cohorts import Cohort, derived_result, same_run_but_stop
 from stratalign.train.rules import Progress
 from stratalign.train.validation import ValidationTargets
 
@@ -61,8 +62,8 @@ def step_progress(progress: Progress | bool, run_id: str, metric: str) -> Iterat
         bar.close()
 
 
-__all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "RunResult", "knn_graphs_cached", "resolve_run", "train_run",
-           "train_runs"]
+__all__ = ["RUN_FLAGS", "ResolvedRun", "RunConfig", "RunResult", "knn_graphs_cached", "resolve_run",
+           "save_derived_final", "train_run", "train_runs"]
 
 
 @dataclass
@@ -77,6 +78,8 @@ class _Prepared:
     train_cfg: TrainConfig
     inputs: RunInputs  # its dataset and entries, as resolution found them
     unpaired: tuple[np.ndarray, np.ndarray] | None = None  # (image rows, caption rows) for its R_S batches (§ 3.11)
+    cohort: Cohort | None = None  # the seeds of its grid point (train.cohorts)
+    test: bool = True  # scored on the test split when saved (a selection run is not: docs/method.md § 3.9)
 
     @property
     def features_key(self) -> tuple:
@@ -96,33 +99,47 @@ def train_run(store: FeatureStore, cfg: RunConfig, *, resolved: ResolvedRun | No
 
 
 def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[ResolvedRun] | None = None,
-               force: bool = False, progress: Progress | bool = False) -> list[RunResult]:
+               force: bool = False, progress: Progress | bool = False,
+               cohorts: list[Cohort | None] | None = None, test: list[bool] | None = None) -> list[RunResult]:
     """Train every run not yet done (one training for a run asked for twice), evaluate and save each; their
     results in `cfgs` order. Runs of aligned heads that read the same feature layers train together in batched
     groups (train.train_many: the numbers each would get alone); CoMM and CSA runs are fitted one by one.
 
     progress: True shows a bar (one run: its steps and validation metric; many: steps of all runs, runs done,
-    ETA); a callable gets (step, max_steps, value) of a single run's evaluations."""
+    ETA); a callable gets (step, max_steps, value) of a single run's evaluations.
+    cohorts: per config, the seeds of its grid point (train.cohorts): a run trained here whose whole cohort trained in
+    one stack holds, in `RunResult.trained`, its weights at the cohort's best step (`save_derived_final`).
+    test: per config, whether it is scored on the test split (default: every run). A selection run is not (the test
+    split sees only the chosen models): its metrics say `test_scored: false`, and a later call that asks for its test
+    scores scores the saved weights then."""
     registry = RunRegistry(store)
     runs = resolved or [resolve_run(store, c) for c in cfgs]  # a bad setting fails here, before any training
     for line in preset_notes(cfgs):  # the schedule in force, said from Python as from the CLI
         print(line, file=sys.stderr, flush=True)
-    todo: dict[str, tuple[RunConfig, ResolvedRun]] = {}
-    for cfg, run in zip(cfgs, runs):
+    todo: dict[str, tuple[RunConfig, ResolvedRun, Cohort | None, bool]] = {}
+    unscored: list[str] = []
+    for cfg, run, cohort, scored in zip(cfgs, runs, cohorts or [None] * len(cfgs), test or [True] * len(cfgs)):
         if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
-            todo[run.run_id] = (cfg, run)
+            todo[run.run_id] = (cfg, run, cohort, scored)
+        elif run.run_id in todo:
+            todo[run.run_id] = (*todo[run.run_id][:3], todo[run.run_id][3] or scored)
+        elif scored and registry.metrics(run.run_id).get("test_scored") is False and run.run_id not in unscored:
+            unscored.append(run.run_id)
     if todo:  # before gathering anything: the runs are saved at the end
         store.require_writable(f"training {len(todo)} run(s)")
     for parts in [("graphs",), *(("runs", rid) for rid in todo)]:  # a write through a link: refused before training
         store.loc.refuse_links(*parts)
     targets: dict[tuple, ValidationTargets] = {}
-    prepared = [_prepare(store, cfg, run, targets) for cfg, run in todo.values()]
-    _train_prepared(store, registry, prepared, progress)
-    return [RunResult(run.run_id, run.run_id not in todo, registry.metrics(run.run_id)) for run in runs]
+    prepared = [_prepare(store, cfg, run, targets, cohort, scored) for cfg, run, cohort, scored in todo.values()]
+    kept = _train_prepared(store, registry, prepared, progress)
+    for rid in unscored:  # saved as a selection run, asked for now as a chosen one
+        score_saved_run(store, rid)
+    return [RunResult(run.run_id, run.run_id not in todo, registry.metrics(run.run_id), kept.get(run.run_id))
+            for run in runs]
 
 
 def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
-             targets: dict[tuple, ValidationTargets]) -> _Prepared:
+             targets: dict[tuple, ValidationTargets], cohort: Cohort | None = None, test: bool = True) -> _Prepared:
     """The run's pairs and validation targets (one targets object for the runs that share them: they are scored
     on validation together)."""
     subset, val = run.subset, run.val
@@ -137,23 +154,26 @@ def _prepare(store: FeatureStore, cfg: RunConfig, run: ResolvedRun,
         targets[key] = validation_targets(inputs.dataset, val, inputs.text, run.text_layer)
     train_cfg = run.train_config()
     return _Prepared(cfg, run, pairs, len(subset), targets[key], train_cfg, inputs,
-                     run_unpaired(run, inputs, train_cfg.unpaired_from) if train_cfg.unpaired else None)
+                     run_unpaired(run, inputs, train_cfg.unpaired_from) if train_cfg.unpaired else None, cohort, test)
 
 
 def _train_prepared(store: FeatureStore, registry: RunRegistry, prepared: list[_Prepared],
-                    progress: Progress | bool) -> None:
-    """Fit every prepared run (batched where it can), then score and save each as it comes."""
+                    progress: Progress | bool) -> dict[str, TrainResult]:
+    """Fit every prepared run (batched where it can), then score and save each as it comes; the results of the runs
+    that hold their cohort's weights (train.cohorts), by run id."""
     single = len(prepared) == 1
     bar = None if single or not progress else _group_bar(len(prepared))
+    kept: dict[str, TrainResult] = {}
     try:
         by_features: dict[tuple, list[_Prepared]] = {}
         for p in prepared:
             by_features.setdefault(p.features_key, []).append(p)
         for group in by_features.values():
-            _train_group(store, registry, group, progress if single else None, bar)
+            _train_group(store, registry, group, progress if single else None, bar, kept)
     finally:
         if bar is not None:
             bar.close()
+    return kept
 
 
 def _group_bar(n_runs: int) -> Any:
@@ -161,7 +181,7 @@ def _group_bar(n_runs: int) -> Any:
 
 
 def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepared], progress: Progress | bool | None,
-                 bar: Any) -> None:
+                 bar: Any, kept: dict[str, TrainResult]) -> None:
     """The runs of one feature-layer pair: one table of their pairs' features, aligned heads batched."""
     first = group[0]
     v, t = first.inputs.vision, first.inputs.text
@@ -188,7 +208,7 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
             extra = {"knn_graph_cached": hit}
         if pool is not None:
             extra = {"unpaired_rows": {"images": len(pool[0]), "captions": len(pool[1])}}
-        specs.append(RunSpec(p.train_cfg, tr, va, graphs, p.targets, unpaired=pool))
+        specs.append(RunSpec(p.train_cfg, tr, va, graphs, p.targets, unpaired=pool, cohort=p.cohort))
         extras.append(extra)
     if specs:
         results = _fit_heads(x_img, x_txt, specs, heads[0][0], progress, bar, tables)
@@ -197,6 +217,11 @@ def _train_group(store: FeatureStore, registry: RunRegistry, group: list[_Prepar
             rows = pos[:p.n_train]
             _save(store, registry, p, res.model, summary, res.seconds, lambda r=rows: x_img[r], lambda r=rows: x_txt[r],
                   labels)
+            if res.checkpoint is not None:
+                kept[p.run.run_id] = res
+    # runs on one subset with one ridge side by side: a CSA k grid then decomposes once (train.fit._CsaBases)
+    others.sort(key=lambda item: (item[0].run.objective, item[0].n_train, item[0].pairs.image_rows.tobytes(),
+                                  item[0].pairs.caption_rows.tobytes(), item[0].train_cfg.csa_ridge))
     for p, pos in others:
         tr, va = pos[:p.n_train], pos[p.n_train:]
         t0 = time.perf_counter()
@@ -230,10 +255,15 @@ def _fit_heads(x_img: np.ndarray, x_txt: np.ndarray, specs: list[RunSpec], first
 def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, summary: dict[str, Any],
           seconds: float, x_train_img: Callable[[], np.ndarray], x_train_txt: Callable[[], np.ndarray],
           all_labels: np.ndarray) -> None:
-    """Score the fitted model on the test split and save the run (weights, training rows, metrics, queries)."""
+    """Score the fitted model on the test split (unless it is a selection run) and save the run (weights, training
+    rows, metrics, queries)."""
     rid = p.run.run_id
     subset = PairRows(p.pairs.image_rows[:p.n_train], p.pairs.caption_rows[:p.n_train])
     metrics = {"run_id": rid, "train_seconds": round(seconds, 3), **summary}
+    if not p.test:
+        metrics["test_scored"] = False
+        registry.save(rid, p.run.config_dict(), {**model_tensors(model), **subset_tensors(subset)}, metrics)
+        return
     train_features = None  # only an objective scored by a probe reads them (a copy of the training rows)
     if objective_named(p.run.objective).evaluation.needs_train_features:
         train_features = (x_train_img(), x_train_txt(), all_labels[subset.image_rows])
@@ -241,6 +271,33 @@ def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, 
     metrics.update(scored.metrics)
     registry.save(rid, p.run.config_dict(), {**model_tensors(model), **subset_tensors(subset)}, metrics)
     save_run_queries(store, p.run, scored)  # after the done mark: a run without them recomputes them when compared
+
+
+def save_derived_final(store: FeatureStore, cfg: RunConfig, selection: RunResult, *, force: bool = False) -> RunResult | None:
+    """The final run `cfg` (its selection run's config with the cell's stop_step) from the weights the selection run
+    kept at that step (train.cohorts): the same trajectory, so the same weights as training it again; scored and saved
+    as a trained run, its metrics say `derived_from`. None where the kept weights cannot stand for it (another step,
+    another config): then it is trained."""
+    registry = RunRegistry(store)
+    run = resolve_run(store, cfg)
+    if not force and registry.is_done(run.run_id):
+        return RunResult(run.run_id, True, registry.metrics(run.run_id))
+    res = selection.trained
+    if res is None or res.checkpoint is None or res.checkpoint.step == 0:
+        return None
+    p = _prepare(store, cfg, run, {})
+    if p.train_cfg.stop_step != res.checkpoint.step or not same_run_but_stop(res.config, p.train_cfg):
+        return None
+    store.require_writable(f"saving run {run.run_id}")
+    store.loc.refuse_links("runs", run.run_id)
+    final = derived_result(res, p.train_cfg, res.checkpoint, source=selection.run_id)
+    summary = {**final.summary(), "train_loop_seconds": 0.0, "derived_from": selection.run_id}
+    rows = PairRows(p.pairs.image_rows[:p.n_train], p.pairs.caption_rows[:p.n_train])
+    _save(store, registry, p, final.model, summary, final.seconds,
+          lambda: gather(p.inputs.vision, run.vision_layer, rows.image_rows),
+          lambda: gather(p.inputs.text, run.text_layer, rows.caption_rows),
+          p.inputs.dataset.images["label"].to_numpy())
+    return RunResult(run.run_id, False, registry.metrics(run.run_id))
 
 
 def knn_graphs_cached(store: FeatureStore, run: ResolvedRun, image_rows: np.ndarray,
