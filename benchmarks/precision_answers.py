@@ -13,6 +13,8 @@ Every run is read back, none is trained (a run the store lacks is an error: run 
    bf16 agreeing with fp32 as often as fp32 agrees with itself is all "unchanged" can mean.
 Last line: `intervals holding 0: K/N; verdicts agreeing: V/M; fp32 against itself: bootstrap seed B/M, one training
 seed left out A/M (the worst of the five)`.
+`--attribute` trains two more grids in the store (bf16 features with fp32 heads; fp32 features with bf16 heads) and
+prints, for each, the same two counts against fp32: which half of bf16 moves the answers.
 
     python benchmarks/precision_answers.py --store stratalign-store [--limit N --seeds K] [--csv out.csv]
 """
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--csv", default=None, help="also write the per-cell differences here")
+    ap.add_argument("--attribute", action="store_true", help="also train and compare the two mixed grids")
     args = ap.parse_args()
     store = FeatureStore.open(args.store, "a")  # read back; a cell's choice record is re-saved
     grids = {}
@@ -69,10 +72,34 @@ def main() -> None:
     if args.csv:
         diffs.write_csv(args.csv)
     holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
+    if args.attribute:
+        _attribute(store, args, grids["fp32"], queries)
     boot, left_out = _self_agreement(grids["fp32"].runs, queries, args.seeds)
     print(f"intervals holding 0: {holding}/{diffs.height}; verdicts agreeing: "
           f"{verdicts.height - changed.height}/{verdicts.height}; fp32 against itself: bootstrap seed {boot}, one "
           f"training seed left out {left_out} (the worst of the {args.seeds})")
+
+
+def _attribute(store: FeatureStore, args: argparse.Namespace, fp32: object, queries: dict) -> None:
+    """The two halves of bf16 apart, each against fp32: bf16 features under fp32 heads, fp32 features under bf16
+    heads (trained here when the store lacks them)."""
+    from dataclasses import replace
+
+    for name, features, heads in (("bf16 features, fp32 heads", "bf16", "fp32"),
+                                  ("fp32 features, bf16 heads", "fp32", "bf16")):
+        sweep = demo_sweep(DemoConfig.sized(args.limit, args.seeds, "fp32"))
+        options = sweep.base.options + ((("precision", heads),) if heads != "fp32" else ())
+        sweep = replace(sweep, base=replace(sweep.base, options=options, feature_precision=features))
+        res = run_sweep(store, sweep, None, progress=False)
+        for rid in res.runs["run"].to_list():
+            got = run_queries(store, rid)
+            if got is not None:
+                queries[rid] = got[0]
+        diffs = grid_differences(res.runs, fp32.runs, queries)
+        holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
+        agree, compared = _agreeing(fp32.comparisons, res.comparisons)
+        print(f"{name} - fp32: intervals holding 0: {holding}/{diffs.height}; verdicts agreeing: {agree}/{compared}"
+              f" ({res.trained} runs trained)", flush=True)
 
 
 def _agreeing(a: pl.DataFrame, b: pl.DataFrame) -> tuple[int, int]:
