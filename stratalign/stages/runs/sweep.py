@@ -25,7 +25,8 @@ from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
 from stratalign.report.naming import method_label
-from stratalign.stages.runs.cells import CellChoice, choose_cells
+from stratalign.stages.runs.cells import CellChoice, choice_label, choose_cells
+from stratalign.stages.runs.choice_margin import choice_margin
 from stratalign.stages.runs.comparisons import compare_runs
 from stratalign.stages.runs.config import RunConfig
 from stratalign.store.feature_store import FeatureStore
@@ -152,16 +153,22 @@ def cost_table(registry: RunRegistry, choices: list[CellChoice]) -> pl.DataFrame
 def tuning_table(choices: list[CellChoice]) -> pl.DataFrame:
     """One row per grid point of every cell: the cell, the knob values, k of its k-fold validation (0: none), the
     mean validation value over the cell's seeds (and folds) at the point's best step, that step, whether the cell
-    chose it, and whether the choice sat on an edge."""
+    chose it, whether the choice sat on an edge, and on the chosen row its margin over the runner-up point with the
+    seed-resampled 95 % interval (stages.runs.choice_margin; `clear_choice` false: a near-tie)."""
     rows = []
     for c in choices:
+        margin = choice_margin(c)
         for point in c.points:
+            mine = margin is not None and point.knobs == c.knobs
             rows.append({"objective": c.cell.objective, "layer_rule": c.cell.layers, "head": c.cell.head,
                          "n_pairs": c.cell.n_pairs, "seeds": len(c.seeds),
                          "knobs": ", ".join(f"{k}={v}" for k, v in point.knobs.items()),
                          "folds": c.folds, "metric": f"val_{c.metric}", "value": point.best_value,
                          "step": point.best_step,
                          "chosen": point.knobs == c.knobs, "on_edge": ", ".join(c.on_edge),
+                         "runner_up": choice_label(margin.runner_up, None) if mine else None,
+                         "margin": margin.margin if mine else None, "margin_low": margin.low if mine else None,
+                         "margin_high": margin.high if mine else None, "clear_choice": margin.clear if mine else None,
                          "runs": " ".join(point.runs)})
     return pl.DataFrame(rows, infer_schema_length=None)
 
