@@ -191,7 +191,9 @@ def choice_lines(tuning: pl.DataFrame | None) -> list[str]:
         over = f"{r['seeds']} seeds x {r['folds']} folds, then a refit on all pairs" if r.get("folds") else \
             f"{r['seeds']} seeds"
         tie = ""
-        if r.get("clear_choice") is False:  # stages.runs.choice_margin: the runner-up within the seeds' noise
+        if r.get("clear_choice") is False and r["margin_low"] == r["margin_high"] == 0:
+            tie = f"; an exact tie with the runner-up {r['runner_up']} on every seed (the earlier grid point is kept)"
+        elif r.get("clear_choice") is False:  # stages.runs.choice_margin: the runner-up within the seeds' noise
             tie = (f"; a near-tie: the runner-up {r['runner_up']} is {r['margin']:.1f} behind, 95 % interval "
                    f"[{r['margin_low']:.1f}, {r['margin_high']:.1f}] over the seeds, so the choice could tip")
         lines.append(f"{method_label(r['objective'], r['layer_rule'])}, n={n_name(r['n_pairs'])}: {knobs}{step}, "

@@ -62,3 +62,6 @@ def test_tuning_table_and_report_carry_the_margin(tmp_path) -> None:
     line = choice_lines(table.with_columns(pl.lit(False).alias("clear_choice")))[0]
     assert "a near-tie: the runner-up" in line and chosen["runner_up"] in line
     assert "near-tie" not in choice_lines(table.with_columns(pl.lit(True).alias("clear_choice")))[0]
+    same = table.with_columns(pl.lit(False).alias("clear_choice"), pl.lit(0.0).alias("margin_low"),
+                              pl.lit(0.0).alias("margin_high"))
+    assert "an exact tie with the runner-up" in choice_lines(same)[0]
