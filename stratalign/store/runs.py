@@ -36,6 +36,12 @@ __all__ = ["QUERIES_FILE", "RunRegistry", "run_id_of"]
 
 QUERIES_FILE = "queries.safetensors"
 EVAL_FINGERPRINT = "eval_dataset_fingerprint"  # the key of an evaluation result that names its dataset version
+TEST_SCORED = "test_scored"  # false in the metrics of a run saved without its test scores (a selection run)
+
+
+def lacks_test_scores(metrics: dict[str, Any]) -> bool:
+    """Whether a run's metrics are those of a run saved without its test scores (stages.runs.cells: a selection run)."""
+    return metrics.get(TEST_SCORED) is False
 
 
 # what every saved run's config.json holds (checked on read, so a damaged file is one line, not a KeyError)

@@ -39,7 +39,6 @@ class CohortCheckpoint:
     """One member's weights at its cohort's best step so far, and its share of the stack's seconds until then."""
 
     step: int
-    value: float  # the cohort's mean validation value at `step`
     state: dict[str, torch.Tensor]
     share_seconds: float
 
@@ -94,7 +93,6 @@ def derived_result(selection: TrainResult, final: TrainConfig, checkpoint: Cohor
                        val_curve=curve)
 
 
-
 class CohortTracker:
     """The cohorts of one stack (train.heads_loop.GroupLoop) whose members all train in it; a cohort with a member
     elsewhere (another stack, or already in the store) keeps nothing."""
@@ -115,4 +113,4 @@ class CohortTracker:
                 continue
             if best.improves([float(r.curve[-1][best.rule.key]) for r in members]):
                 for r in members:
-                    r.checkpoint = CohortCheckpoint(step, float(best.value), state_of(active.index(r))(), r.share)
+                    r.checkpoint = CohortCheckpoint(step, state_of(active.index(r))(), r.share)

@@ -40,9 +40,9 @@ from stratalign.stages.runs.results import RunResult
 from stratalign.stages.runs.training import save_derived_final, train_runs
 from stratalign.stages.subsets import KFOLD, cell_validation
 from stratalign.store.feature_store import FeatureStore
-from stratalign.store.runs import RunRegistry
+from stratalign.store.runs import RunRegistry, lacks_test_scores
 from stratalign.train.cohorts import Cohort
-from stratalign.train.validation import SELECT_METRICS, check_select
+from stratalign.train.validation import SELECT_METRICS, ValidationTargets, check_select
 
 DEFAULT_METRIC = "rsum"
 MAX_EXTENSIONS = 3  # steps past a grid's edge, per knob and direction
@@ -333,13 +333,14 @@ def _final_runs(store: FeatureStore, cells: list[_Cell], force: bool,
     registry = RunRegistry(store)
     out: list[tuple[list[str], int] | None] = []
     derived: list[list[RunResult | None]] = []
+    targets: dict[tuple, ValidationTargets] = {}  # the derived finals' validation targets, built once per split
     configs: list[RunConfig] = []
     for cell in cells:
         i = _best(cell)
         best = cell.results[i]
         if best.best_step is None and not cell.kfold:  # the chosen fits are the cell's runs: scored on test now
             for rid in best.runs:
-                if registry.metrics(rid).get("test_scored") is False:
+                if lacks_test_scores(registry.metrics(rid)):
                     score_saved_run(store, rid)
             out.append((list(best.runs), 0))
             derived.append([])
@@ -347,7 +348,8 @@ def _final_runs(store: FeatureStore, cells: list[_Cell], force: bool,
         out.append(None)
         finals = [cell.run_config(best.knobs, s, best.best_step) for s in cell.seeds]
         kept = cell.kept.get(i) or [None] * len(finals)
-        done = [None if k is None else save_derived_final(store, cfg, k, force=force) for cfg, k in zip(finals, kept)]
+        done = [None if k is None else save_derived_final(store, cfg, k, force=force, targets=targets)
+                for cfg, k in zip(finals, kept)]
         derived.append(done)
         configs += [cfg for cfg, d in zip(finals, done) if d is None]
     results = iter(train_runs(store, configs, force=force, progress=progress)) if configs else iter(())

@@ -33,7 +33,7 @@ from stratalign.stages.runs.results import EvalResult
 from stratalign.stages.subsets import PairRows, drop_bad_pairs
 from stratalign.store.datasets import PairDataset
 from stratalign.store.feature_store import FeatureEntry, FeatureStore
-from stratalign.store.runs import EVAL_FINGERPRINT, RunRegistry
+from stratalign.store.runs import EVAL_FINGERPRINT, TEST_SCORED, RunRegistry
 from stratalign.train import embed_features, fused_features, model_from_tensors
 
 TrainFeatures = tuple[np.ndarray, np.ndarray, np.ndarray]  # (image features, text features, labels)
@@ -283,7 +283,7 @@ def score_saved_run(store: FeatureStore, run_id: str) -> None:
     metrics and per-query results as training would have."""
     run, _, scored = _rescore(store, run_id, None)
     registry = RunRegistry(store)
-    registry.update_metrics(run_id, {**scored.metrics, "test_scored": True})
+    registry.update_metrics(run_id, {**scored.metrics, TEST_SCORED: True})
     save_run_queries(store, run, scored)
 
 

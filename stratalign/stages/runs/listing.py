@@ -13,7 +13,7 @@ from stratalign.core.metric_registry import RUNS, shown_in
 from stratalign.errors import StratalignError
 from stratalign.store import inventory
 from stratalign.store.feature_store import FeatureStore
-from stratalign.store.runs import RunRegistry
+from stratalign.store.runs import RunRegistry, lacks_test_scores
 
 LISTED = shown_in(RUNS)  # the registry's metrics of `runs ls` (core.metric_registry)
 COLUMNS = ("run", "dataset", "vision", "text", "layers", "objective", "head", "n_pairs", "seed", "precision",
@@ -105,7 +105,7 @@ def show_lines(shown: dict[str, Any]) -> list[str]:
                 if isinstance(met.get(k), (int, float))]
         if test:
             lines.append(f"  {'test':<11}" + ", ".join(test))
-        elif met.get("test_scored") is False:
+        elif lacks_test_scores(met):
             lines.append(f"  {'test':<11}not scored: a selection run (the test split sees only the chosen models; "
                          "`stratalign eval` scores it)")
     lines.append(f"  {'files':<11}" + ", ".join(f"{name} ({size:,} bytes)" for name, size in shown["files"]))

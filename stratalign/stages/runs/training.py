@@ -33,7 +33,7 @@ from stratalign.stages.runs.results import RunResult
 from stratalign.stages.subsets import PairRows
 from stratalign.store import graphs as graphs_mod
 from stratalign.store.feature_store import FeatureStore
-from stratalign.store.runs import RunRegistry
+from stratalign.store.runs import TEST_SCORED, RunRegistry, lacks_test_scores
 from stratalign.train import RunSpec, TrainConfig, TrainResult, fit_objective, knn_graphs, model_tensors, train_many
 from stratalign.train.cohorts import Cohort, derived_result, same_run_but_stop
 from stratalign.train.rules import Progress
@@ -116,25 +116,31 @@ def train_runs(store: FeatureStore, cfgs: list[RunConfig], *, resolved: list[Res
     runs = resolved or [resolve_run(store, c) for c in cfgs]  # a bad setting fails here, before any training
     for line in preset_notes(cfgs):  # the schedule in force, said from Python as from the CLI
         print(line, file=sys.stderr, flush=True)
-    todo: dict[str, tuple[RunConfig, ResolvedRun, Cohort | None, bool]] = {}
-    unscored: list[str] = []
+    todo: dict[str, tuple[RunConfig, ResolvedRun, Cohort | None]] = {}
+    scores: dict[str, bool] = {}  # run id -> scored on the test split (asked for by any of its configs)
+    done: dict[str, dict[str, Any]] = {}  # the metrics of the runs already in the store, read once
     for cfg, run, cohort, scored in zip(cfgs, runs, cohorts or [None] * len(cfgs), test or [True] * len(cfgs)):
-        if (force or not registry.is_done(run.run_id)) and run.run_id not in todo:
-            todo[run.run_id] = (cfg, run, cohort, scored)
-        elif run.run_id in todo:
-            todo[run.run_id] = (*todo[run.run_id][:3], todo[run.run_id][3] or scored)
-        elif scored and registry.metrics(run.run_id).get("test_scored") is False and run.run_id not in unscored:
-            unscored.append(run.run_id)
+        rid = run.run_id
+        scores[rid] = scores.get(rid, False) or scored
+        if rid in todo or rid in done:
+            continue
+        if force or not registry.is_done(rid):
+            todo[rid] = (cfg, run, cohort)
+        else:
+            done[rid] = registry.metrics(rid)
     if todo:  # before gathering anything: the runs are saved at the end
         store.require_writable(f"training {len(todo)} run(s)")
     for parts in [("graphs",), *(("runs", rid) for rid in todo)]:  # a write through a link: refused before training
         store.loc.refuse_links(*parts)
     targets: dict[tuple, ValidationTargets] = {}
-    prepared = [_prepare(store, cfg, run, targets, cohort, scored) for cfg, run, cohort, scored in todo.values()]
+    prepared = [_prepare(store, cfg, run, targets, cohort, scores[rid]) for rid, (cfg, run, cohort) in todo.items()]
     kept = _train_prepared(store, registry, prepared, progress)
-    for rid in unscored:  # saved as a selection run, asked for now as a chosen one
-        score_saved_run(store, rid)
-    return [RunResult(run.run_id, run.run_id not in todo, registry.metrics(run.run_id), kept.get(run.run_id))
+    for rid, metrics in done.items():
+        if scores[rid] and lacks_test_scores(metrics):  # saved as a selection run, asked for now as a chosen one
+            score_saved_run(store, rid)
+            done[rid] = registry.metrics(rid)
+    return [RunResult(run.run_id, run.run_id not in todo,
+                      done[run.run_id] if run.run_id in done else registry.metrics(run.run_id), kept.get(run.run_id))
             for run in runs]
 
 
@@ -261,7 +267,7 @@ def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, 
     subset = PairRows(p.pairs.image_rows[:p.n_train], p.pairs.caption_rows[:p.n_train])
     metrics = {"run_id": rid, "train_seconds": round(seconds, 3), **summary}
     if not p.test:
-        metrics["test_scored"] = False
+        metrics[TEST_SCORED] = False
         registry.save(rid, p.run.config_dict(), {**model_tensors(model), **subset_tensors(subset)}, metrics)
         return
     train_features = None  # only an objective scored by a probe reads them (a copy of the training rows)
@@ -273,11 +279,13 @@ def _save(store: FeatureStore, registry: RunRegistry, p: _Prepared, model: Any, 
     save_run_queries(store, p.run, scored)  # after the done mark: a run without them recomputes them when compared
 
 
-def save_derived_final(store: FeatureStore, cfg: RunConfig, selection: RunResult, *, force: bool = False) -> RunResult | None:
+def save_derived_final(store: FeatureStore, cfg: RunConfig, selection: RunResult, *, force: bool = False,
+                       targets: dict[tuple, ValidationTargets] | None = None) -> RunResult | None:
     """The final run `cfg` (its selection run's config with the cell's stop_step) from the weights the selection run
     kept at that step (train.cohorts): the same trajectory, so the same weights as training it again; scored and saved
     as a trained run, its metrics say `derived_from`. None where the kept weights cannot stand for it (another step,
-    another config): then it is trained."""
+    another config): then it is trained. `targets`: validation targets already built, shared as train_runs shares
+    them (filled here)."""
     registry = RunRegistry(store)
     run = resolve_run(store, cfg)
     if not force and registry.is_done(run.run_id):
@@ -285,7 +293,7 @@ def save_derived_final(store: FeatureStore, cfg: RunConfig, selection: RunResult
     res = selection.trained
     if res is None or res.checkpoint is None or res.checkpoint.step == 0:
         return None
-    p = _prepare(store, cfg, run, {})
+    p = _prepare(store, cfg, run, {} if targets is None else targets)
     if p.train_cfg.stop_step != res.checkpoint.step or not same_run_but_stop(res.config, p.train_cfg):
         return None
     store.require_writable(f"saving run {run.run_id}")
