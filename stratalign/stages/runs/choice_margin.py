@@ -3,7 +3,7 @@
 A cell chooses the grid point whose seed-averaged validation curve peaks highest. When the runner-up point sits
 within the seeds' noise of it, the choice is a near-tie: any small perturbation (another precision's features,
 another seed) may tip it, and then every seed of the cell moves at once, with its test numbers. So each choice is
-reported with its margin: per seed (and fold), the chosen point's validation value at its best step less the
+reported with its margin: per seed (folds averaged first), the chosen point's validation value at its best step less the
 runner-up's at its own best step, the mean of those paired differences, and a 95 % interval from resampling the
 seeds (as the seed level of the two-level comparisons). `clear` says whether the interval excludes 0.
 """
@@ -48,6 +48,8 @@ def choice_margin(choice: CellChoice, draws: int = DRAWS) -> ChoiceMargin | None
         diff = -diff
     if not len(diff):
         return None
+    if choice.folds:  # runs are seed-major, k folds a seed: the seed is what is resampled
+        diff = diff.reshape(len(choice.seeds), -1).mean(axis=1)
     rng = np.random.default_rng(0)
     means = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])

@@ -39,6 +39,17 @@ def test_a_margin_every_seed_agrees_on_is_clear_and_a_seed_split_one_is_not() ->
     assert choice_margin(_choice((_point(10.0, [1.0, 2.0]),))) is None  # one point: nothing to beat
 
 
+def test_a_k_fold_cell_resamples_seeds_not_folds() -> None:
+    """Two seeds x two folds: the folds of a seed are averaged before the seeds are resampled, so the interval has
+    only the two seed means' spread (resampling the four runs would give values between them too)."""
+    chosen, other = _point(10.0, [200, 204, 210, 218]), _point(3.0, [200, 200, 204, 204])  # runs' margins 0, 4, 6, 14
+    choice = CellChoice(CELL, (0, 1), "rsum", "rsum", chosen.knobs, 20, chosen.best_value, (chosen, other), (),
+                        ("f0", "f1"), folds=2)
+    got = choice_margin(choice)
+    assert got is not None and got.margin == pytest.approx(6.0)
+    assert (got.low, got.high) == (pytest.approx(2.0), pytest.approx(10.0))  # the seed means 2 and 10 bound it
+
+
 def test_a_loss_is_better_lower() -> None:
     got = choice_margin(_choice((_point(1.0, [2.0, 2.1, 1.9]), _point(3.0, [3.0, 3.1, 2.9])), "clip_loss"))
     assert got is not None and got.margin == pytest.approx(1.0) and got.clear
