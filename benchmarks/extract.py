@@ -25,7 +25,10 @@ The precision axis (`--precision-axis`, issue 30): per encoder, one process prep
 extraction's forward (`forward_pooled`, as stages/extract/shards.py calls it, under the allocator setting
 extraction uses) in fp32 and under bf16 autocast, alternating round by round; it prints rows/s of each, their
 ratio, and per layer the fidelity of the bf16 pooled features against fp32: mean row cosine (its worst layer) and
-max |diff| / scale (scale: the layer's max |fp32|). An encoder with its own bf16 path (DINOv2:
+max |diff| / scale (scale: the layer's max |fp32|); and, since a mean cosine near 1 can hide an error that is large
+against how much the rows differ from each other (pooled features share a large common vector), the error's norm
+against the fp32 rows' centred spread, ||bf16 - fp32|| / ||fp32 - mean||, with the share of it that is one constant
+offset. An encoder with its own bf16 path (DINOv2:
 encoders/dinov2_bf16.py) is also timed as the plain model under autocast, in the same rounds ("autocast").
 `--threads 1` measures one core.
 
@@ -173,17 +176,21 @@ def precision_child(encoder_spec: str, n: int, batch_size: int, threads: int, re
             seconds, layers[name] = forward(name)
             secs[name].append(seconds)
 
-    def fidelity(other: str) -> tuple[list[float], list[float]]:
-        cos, rel = [], []
+    def fidelity(other: str) -> tuple[list[float], list[float], list[float], list[float]]:
+        cos, rel, spread, offset = [], [], [], []
         for a, b in zip(layers["fp32"], layers[other]):
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
             norms = np.maximum(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1), 1e-30)
             cos.append(float(((a64 * b64).sum(1) / norms).mean()))
             rel.append(float(np.abs(a64 - b64).max() / max(np.abs(a64).max(), 1e-30)))
-        return cos, rel
+            d = b64 - a64
+            spread.append(float(np.linalg.norm(d) / max(np.linalg.norm(a64 - a64.mean(0)), 1e-30)))
+            offset.append(float(len(d) * np.square(d.mean(0)).sum() / max(np.square(d).sum(), 1e-30)))
+        return cos, rel, spread, offset
 
-    cos, rel = fidelity("bf16")
-    out = {"rows": len(items), "fp32": secs["fp32"], "bf16": secs["bf16"], "cos": cos, "rel": rel}
+    cos, rel, spread, offset = fidelity("bf16")
+    out = {"rows": len(items), "fp32": secs["fp32"], "bf16": secs["bf16"], "cos": cos, "rel": rel, "spread": spread,
+           "offset": offset}
     if own_path is not None:
         out["autocast"], out["autocast_cos"] = secs["autocast"], fidelity("autocast")[0]
     return out
@@ -211,6 +218,10 @@ def precision_axis(args: argparse.Namespace) -> None:
         print(f"  speed-up per round: {' '.join(f'{r:.2f}x' for r in rounds)}")
         print("  per layer cos: " + " ".join(f"{c:.5f}" for c in t["cos"]))
         print("  per layer max|diff|/scale: " + " ".join(f"{r:.2%}" for r in t["rel"]), flush=True)
+        print("  per layer |bf16 - fp32| / |fp32 - its mean| (Frobenius, over the N rows): "
+              + " ".join(f"{r:.2%}" for r in t["spread"]))
+        print("  per layer share of that error in its mean over rows (a constant offset): "
+              + " ".join(f"{r:.2f}" for r in t["offset"]), flush=True)
         if "autocast" in t:
             ac = t["rows"] / statistics.median(t["autocast"])
             print(f"  the plain model under autocast (not extraction's path): {ac:.1f} rows/s, {ac / f32:.2f}x, "

@@ -15,20 +15,33 @@ Last line: `intervals holding 0: K/N; verdicts agreeing: V/M; fp32 against itsel
 seed left out A/M (the worst of the five)`.
 `--attribute` trains two more grids in the store (bf16 features with fp32 heads; fp32 features with bf16 heads) and
 prints, for each, the same two counts against fp32: which half of bf16 moves the answers.
+`--jitter K` trains the grid K more times under fp32 heads, in a copy of the store without its runs, on fp32 features
+perturbed as much as bf16 perturbs them but at random: each layer's rows plus a fixed Gaussian draw (seed 1..K) whose
+per-dimension sd is that of bf16 - fp32 over the layer's rows (the class prompts' features are left as they are). It
+prints the same two counts against fp32: a yardstick for "bf16 features under fp32 heads". If random noise of
+bf16's size moves as many verdicts, bf16 has no effect of its own; the verdicts rest on choices any change that
+size tips.
 
     python benchmarks/precision_answers.py --store stratalign-store [--limit N --seeds K] [--csv out.csv]
+        [--attribute] [--jitter K]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
+from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import polars as pl
 
 from stratalign.report.compare import grid_differences, paired_comparisons
 from stratalign.stages.demo import DemoConfig, demo_sweep
 from stratalign.stages.runs.evaluate import run_queries
 from stratalign.stages.runs.sweep import run_sweep
+from stratalign.store.entry import FeatureEntry
 from stratalign.store.feature_store import FeatureStore
 
 VERDICT_KEY = ("comparison", "method", "baseline", "n_pairs", "metric")
@@ -41,6 +54,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--csv", default=None, help="also write the per-cell differences here")
     ap.add_argument("--attribute", action="store_true", help="also train and compare the two mixed grids")
+    ap.add_argument("--jitter", type=int, default=0, help="also train K grids on fp32 features jittered to bf16's size")
     args = ap.parse_args()
     store = FeatureStore.open(args.store, "a")  # read back; a cell's choice record is re-saved
     grids = {}
@@ -74,6 +88,8 @@ def main() -> None:
     holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
     if args.attribute:
         _attribute(store, args, grids["fp32"], queries)
+    for draw in range(1, args.jitter + 1):
+        _jitter(Path(args.store), args, grids["fp32"], queries, draw)
     boot, left_out = _self_agreement(grids["fp32"].runs, queries, args.seeds)
     print(f"intervals holding 0: {holding}/{diffs.height}; verdicts agreeing: "
           f"{verdicts.height - changed.height}/{verdicts.height}; fp32 against itself: bootstrap seed {boot}, one "
@@ -100,6 +116,52 @@ def _attribute(store: FeatureStore, args: argparse.Namespace, fp32: object, quer
         agree, compared = _agreeing(fp32.comparisons, res.comparisons)
         print(f"{name} - fp32: intervals holding 0: {holding}/{diffs.height}; verdicts agreeing: {agree}/{compared}"
               f" ({res.trained} runs trained)", flush=True)
+
+
+def _jittered_reads(draw: int):
+    """FeatureEntry.read_layer for fp32 entries: the rows plus a fixed per-(entry, layer) Gaussian draw whose
+    per-dimension sd is that of the bf16 twin entry's rows less the fp32 ones (other entries read as they are)."""
+    original = FeatureEntry.read_layer
+    noise: dict[tuple[str, int], np.ndarray] = {}
+
+    def read(self: FeatureEntry, layer, rows=None, *, verify: bool = True) -> np.ndarray:
+        data = original(self, layer, rows, verify=verify)
+        if self.spec.precision != "fp32":
+            return data
+        idx = self.resolve_layer(layer)
+        if (self.key, idx) not in noise:
+            twin = self.store.find_entry(self.spec.dataset, self.spec.encoder_spec, self.spec.pooling,
+                                         modality=self.spec.modality, precision="bf16")
+            sd = (original(twin, idx).astype(np.float64) - original(self, idx).astype(np.float64)).std(0)
+            rng = np.random.default_rng([draw, idx, int(self.key.encode().hex()[:12], 16)])
+            noise[(self.key, idx)] = (rng.standard_normal((self.spec.rows, len(sd))) * sd).astype(np.float32)
+        extra = noise[(self.key, idx)] if rows is None else noise[(self.key, idx)][np.asarray(rows, dtype=np.int64)]
+        return data.astype(np.float32) + extra
+
+    return mock.patch.object(FeatureEntry, "read_layer", read)
+
+
+def _jitter(source: Path, args: argparse.Namespace, fp32: object, queries: dict, draw: int) -> None:
+    """The grid under fp32 heads on jittered fp32 features (`_jittered_reads`), trained in a copy of the store
+    without its runs (the same run ids; the layer choices kept), against fp32."""
+    with tempfile.TemporaryDirectory(prefix="jitter-", dir=source.parent) as tmp:
+        copy = Path(tmp) / "store"
+        shutil.copytree(source, copy, ignore=lambda d, names: [n for n in names
+                                                               if Path(d) == source and n == "runs"])
+        with _jittered_reads(draw):
+            jstore = FeatureStore.open(str(copy), "a")
+            res = run_sweep(jstore, demo_sweep(DemoConfig.sized(args.limit, args.seeds, "fp32")), None, progress=False)
+            runs = res.runs.with_columns(("jitter:" + pl.col("run")).alias("run"))
+            for rid in res.runs["run"].to_list():
+                got = run_queries(jstore, rid)
+                if got is not None:
+                    queries["jitter:" + rid] = got[0]
+        diffs = grid_differences(runs, fp32.runs, queries)
+        holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
+        agree, compared = _agreeing(fp32.comparisons, res.comparisons)
+        print(f"fp32 features jittered to bf16's size (draw {draw}), fp32 heads - fp32: intervals holding 0: "
+              f"{holding}/{diffs.height}; verdicts agreeing: {agree}/{compared} ({res.trained} runs trained)",
+              flush=True)
 
 
 def _agreeing(a: pl.DataFrame, b: pl.DataFrame) -> tuple[int, int]:
