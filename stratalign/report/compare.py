@@ -168,3 +168,33 @@ def grid_differences(grid_b: pl.DataFrame, grid_a: pl.DataFrame, queries: Querie
             out.append({**dict(zip(CELL_COLUMNS, cell)), "metric": metric, "seeds": res.seeds, "diff": res.diff,
                         "low": res.low, "high": res.high, "verdict": res.verdict})
     return pl.DataFrame(out, infer_schema_length=None)
+
+
+def with_choice_ties(comparisons: pl.DataFrame, tuning: pl.DataFrame) -> pl.DataFrame:
+    """`comparisons` with a `choice_tie` column: which side of each comparison is a cell whose knob choice was a
+    near-tie on validation (tuning's chosen row with `clear_choice` false: stages.runs.choice_margin), "method",
+    "baseline", "both", or null. Such a verdict is the verdict of one side of a coin validation could not call: the
+    runner-up point, as good on validation, could give another (measured: the verdicts bf16 features changed sat in
+    cells whose choice they tipped)."""
+    ties: set[tuple] = set()
+    cells: set[tuple] = set()
+    if tuning.height and "clear_choice" in tuning.columns:
+        for r in tuning.filter(pl.col("chosen")).iter_rows(named=True):
+            key = (r["objective"], r["layer_rule"], r["head"], r["n_pairs"])
+            cells.add(key)
+            if r["clear_choice"] is False:
+                ties.add(key)
+
+    def side(r: dict[str, Any]) -> str | None:
+        base_obj, base_rule = {"objective": (r["baseline"], r["layer_rule"]),
+                               "vs_last": (r["baseline"], r["baseline_rule"]),
+                               "control": (r["baseline"], r["layer_rule"]),
+                               "layers": (r["objective"], r["baseline_rule"])}[r["comparison"]]
+        base = (base_obj, base_rule, r["head"], r["n_pairs"])
+        if base not in cells:  # paired with the baseline's linear head (see _pairs)
+            base = (base_obj, base_rule, "linear", r["n_pairs"])
+        method = (r["objective"], r["layer_rule"], r["head"], r["n_pairs"]) in ties
+        return {(True, True): "both", (True, False): "method", (False, True): "baseline"}.get((method, base in ties))
+
+    column = [side(r) for r in comparisons.iter_rows(named=True)] if comparisons.height else []
+    return comparisons.with_columns(pl.Series("choice_tie", column, dtype=pl.String))

@@ -72,7 +72,7 @@ def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") ->
         for r in rows.filter(pl.col("method") == method).iter_rows(named=True):
             where = (f"{rule_name(r['layer_rule'])} layers, " if kind in ("objective", "control") else
                      "" if kind == "vs_last" else f"{r['objective']}, ") + f"n={n_name(r['n_pairs'])}"
-            cells.append(f"{where}: {_iv(r)} {r['verdict']}")
+            cells.append(f"{where}: {_iv(r)} {r['verdict']}{_tie_mark(r)}")
             counts[r["verdict"]] += 1
         r0 = rows.filter(pl.col("method") == method).row(0, named=True)
         what = {"objective": f"**{method}** vs {r0['baseline']} on the same layers",
@@ -82,6 +82,15 @@ def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") ->
         lines.append(f"{what}, {NAMES.get(metric, metric)}: helps in {counts[HELPS]} cells, hurts in {counts[HURTS]}, "
                      f"no clear difference in {counts[NO_CLEAR]}. Cells: {'; '.join(cells)}.")
     return lines
+
+
+TIE_MARK = " †"
+
+
+def _tie_mark(r: dict[str, Any]) -> str:
+    """After a clear verdict whose method's or baseline's knobs were a near-tie on validation (report.compare.
+    with_choice_ties): the verdict could tip with that choice."""
+    return TIE_MARK if r.get("choice_tie") and r["verdict"] != NO_CLEAR else ""
 
 
 def resolution_lines(comparisons: pl.DataFrame) -> list[str]:
@@ -146,8 +155,12 @@ def bottom_line(comparisons: pl.DataFrame, board: pl.DataFrame, baseline: str = 
     allv = comparisons.filter((pl.col("comparison") == "vs_last") & pl.col("metric").is_in(KEY_METRICS))
     if allv.height:
         c = {v: int((allv["verdict"] == v).sum()) for v in (HELPS, HURTS, NO_CLEAR)}
+        clear = allv.filter(pl.col("verdict") != NO_CLEAR)
+        tied = int(clear["choice_tie"].is_not_null().sum()) if "choice_tie" in clear.columns else 0
         lines.append(f"Over every subset size, {c[HELPS] + c[HURTS]} of {allv.height} comparisons against {base} are "
-                     f"clear ({c[HELPS]} helps, {c[HURTS]} hurts); the rest show no clear difference.")
+                     f"clear ({c[HELPS]} helps, {c[HURTS]} hurts); the rest show no clear difference."
+                     + (f" {tied} of the clear ones ({TIE_MARK.strip()} below) rest on a knob choice that validation "
+                        "could not tell from its runner-up point." if tied else ""))
     return lines[:5] + baseline_lines(at, baseline, baseline_rule, n_top)
 
 
@@ -234,7 +247,11 @@ def write_report(out_dir: str, *, title: str, board: pl.DataFrame, layer_info: d
                "Paired differences in points of %, mean over seeds of (method - baseline) on the same seeds, subsets "
                "and test queries, with a 95 % two-level bootstrap interval (seeds resampled, then queries: one query "
                "resample shared by both runs and every seed). \"helps\" / \"hurts\" only where the interval excludes "
-               "0, otherwise \"no clear difference\".", ""]
+               "0, otherwise \"no clear difference\"." + (
+                   f" {TIE_MARK.strip()}: the method's (or the baseline's) knobs were a near-tie on validation (see "
+                   "\"Chosen on validation\"), so a choice that could have gone to the runner-up point stands behind "
+                   "that verdict." if "choice_tie" in comparisons.columns
+                   and comparisons["choice_tie"].is_not_null().any() else ""), ""]
         for kind in ("vs_last", "objective", "layers", "control"):
             md += [f"- {line}" for m in KEY_METRICS for line in findings(comparisons, m, kind)]
         md += ["", "Smallest resolvable difference:", ""] + [f"- {x}" for x in resolution_lines(comparisons)] + [""]

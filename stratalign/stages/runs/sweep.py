@@ -23,6 +23,7 @@ from stratalign.core.layer_rule import LayerRule
 from stratalign.core.metric_registry import SWEEP, shown_in
 from stratalign.core.objectives import check_head_kind, objective_named
 from stratalign.errors import StratalignError
+from stratalign.report.compare import with_choice_ties
 from stratalign.report.leaderboard import CELL_COLUMNS, aggregate
 from stratalign.report.naming import method_label
 from stratalign.stages.runs.cells import CellChoice, choice_label, choose_cells
@@ -220,8 +221,9 @@ def run_sweep(store: FeatureStore, cfg: SweepConfig, out_dir: str | None = None,
     comparisons, intervals, majority = compare_runs(store, runs, baseline=cfg.baseline)
     if majority is not None:
         board = board.with_columns(pl.lit(majority).alias("zs_majority"))
-    result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=comparisons,
-                         tuning=tuning_table(choices), val_curves=curve_table(registry, runs, held_out_runs(choices)),
+    tuning = tuning_table(choices)
+    result = SweepResult(run_ids, trained, skipped, runs, board, comparisons=with_choice_ties(comparisons, tuning),
+                         tuning=tuning, val_curves=curve_table(registry, runs, held_out_runs(choices)),
                          choices=choices, intervals=intervals, majority=majority, costs=cost_table(registry, choices))
     if out_dir:
         result.files = write_leaderboard(result, out_dir)
