@@ -11,6 +11,7 @@ Every run is read back, none is trained (a run the store lacks is an error: run 
    bootstrap's random seed changes (seeds 1-3 against the report's 0), and when one training seed of five is left out
    (each in turn; the cells' choices stay as made). A verdict at an interval's edge flips under any perturbation;
    bf16 agreeing with fp32 as often as fp32 agrees with itself is all "unchanged" can mean.
+Also how many of the verdicts that differ rest on a near-tie knob choice (`choice_tie`, the report's dagger).
 Last line: `intervals holding 0: K/N; verdicts agreeing: V/M; fp32 against itself: bootstrap seed B/M, one training
 seed left out A/M (the worst of the five)`.
 `--attribute` trains two more grids in the store (bf16 features with fp32 heads; fp32 features with bf16 heads) and
@@ -86,6 +87,7 @@ def main() -> None:
         changed = verdicts.filter(pl.col("fp32") != pl.col("bf16"))
         print("verdicts that differ between the precisions:")
         print(changed if changed.height else "(none)")
+        _tie_share(grids["fp32"].comparisons, grids["bf16"].comparisons, changed.height, verdicts.height)
     if args.csv:
         diffs.write_csv(args.csv)
     holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
@@ -168,6 +170,19 @@ def _jitter(source: Path, args: argparse.Namespace, fp32: object, queries: dict,
         print(f"fp32 features jittered to bf16's {what} (draw {draw}), fp32 heads - fp32: intervals holding 0: "
               f"{holding}/{diffs.height}; verdicts agreeing: {agree}/{compared} ({res.trained} runs trained)",
               flush=True)
+
+
+def _tie_share(fp32: pl.DataFrame, bf16: pl.DataFrame, changed: int, compared: int) -> None:
+    """How many of the verdicts that differ sit on a near-tie knob choice in either grid (`choice_tie`, the report's
+    dagger), against how many verdicts do: does the report's mark point at the fragile ones?"""
+    tied = (fp32.select(*VERDICT_KEY, pl.col("verdict").alias("a"), pl.col("choice_tie").alias("tie_a"))
+            .join(bf16.select(*VERDICT_KEY, pl.col("verdict").alias("b"), pl.col("choice_tie").alias("tie_b")),
+                  on=list(VERDICT_KEY), how="inner", nulls_equal=True)
+            .with_columns((pl.col("tie_a").is_not_null() | pl.col("tie_b").is_not_null()).alias("tie")))
+    moved = tied.filter(pl.col("a") != pl.col("b"))
+    print(f"near-tie choice on either side: {int(tied['tie'].sum())}/{compared} verdicts, {int(moved['tie'].sum())}/"
+          f"{changed} of those that differ; verdicts agreeing without one: "
+          f"{int(((~tied['tie']) & (tied['a'] == tied['b'])).sum())}/{int((~tied['tie']).sum())}")
 
 
 def _agreeing(a: pl.DataFrame, b: pl.DataFrame) -> tuple[int, int]:
