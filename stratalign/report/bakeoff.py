@@ -19,7 +19,8 @@ from typing import Any
 import polars as pl
 
 from stratalign.core.metric_registry import REGISTRY, VERDICT, shown_in
-from stratalign.report.naming import method_label, n_name
+from stratalign.core.stats import NO_CLEAR
+from stratalign.report.naming import TIE_MARK, method_label, n_name
 
 KEY_METRICS = shown_in(VERDICT)  # bakeoff.csv: every metric the comparisons hold
 HEADLINE = ("i2t_R@1", "t2i_R@1", "zs_top1")  # bakeoff.md: one table each (the report's headline metrics)
@@ -68,7 +69,7 @@ def bakeoff_long(intervals: pl.DataFrame, comparisons: pl.DataFrame, *, baseline
                      "seeds": r["seeds"], "mean": r["mean"], "low": r["low"], "high": r["high"],
                      "baseline": method_label(baseline, r["layer_rule"]),
                      "diff": d and d["diff"], "diff_low": d and d["low"], "diff_high": d and d["high"],
-                     "verdict": d and d["verdict"]})
+                     "verdict": d and d["verdict"], "choice_tie": d and d.get("choice_tie")})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
@@ -93,6 +94,8 @@ def bakeoff_table(long: pl.DataFrame, metric: str, costs: dict[tuple, tuple[floa
                 text = f"{r['mean']:.1f} [{r['low']:.1f}, {r['high']:.1f}]"
                 if r["diff"] is not None:
                     text += f"; Δ {r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]"
+                    if r.get("choice_tie") and r["verdict"] != NO_CLEAR:
+                        text += TIE_MARK
             line[f"n={n_name(n)}"] = text
         run_s, cell_s = (costs or {}).get((objective, rule, head), (None, None))
         line["s / run"] = "" if run_s is None else f"{run_s:.3g}"
@@ -121,7 +124,9 @@ def write_bakeoff(out_dir: str, intervals: pl.DataFrame, comparisons: pl.DataFra
           "per cell), each cell chosen on validation by the same rule (its stopping step and its knobs from its grid). "
           "A cell: the mean test metric over seeds in % with its 95 % two-level bootstrap interval (seeds, then test "
           f"queries), then Δ: the paired difference against {baseline} on the same layers (the same features, seeds, "
-          "subsets and test queries) with its two-level interval; 'helps' / 'hurts' only where that interval excludes 0. "
+          "subsets and test queries) with its two-level interval; 'helps' / 'hurts' only where that interval excludes 0; "
+          f"{TIE_MARK.strip()} after such a Δ: the method's or the baseline's knobs were a near-tie on validation "
+          "(report.md, \"Chosen on validation\"). "
           "`s / run`: seconds a final run cost on this machine (a run trained in a stack: its share of the stack's wall "
           "time; a closed form: its fit), mean over the method's runs; `s / cell`: seconds of every run one cell's "
           "choice trained (each grid point x seed, then the final runs), mean over the method's cells. Scoring on the "

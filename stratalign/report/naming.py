@@ -26,3 +26,8 @@ def n_name(n: Any) -> str:
 def method_label(objective: str, rule: Any) -> str:
     """'objective / layers', e.g. 'clip+structure / chosen'."""
     return f"{objective} / {rule_name(rule)}"
+
+
+# after a clear verdict (or difference) that rests on a near-tie knob choice on validation (report.compare.
+# with_choice_ties): report.md and bakeoff.md both mark it so
+TIE_MARK = " †"

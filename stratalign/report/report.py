@@ -15,7 +15,7 @@ import polars as pl
 from stratalign.core.metric_registry import REGISTRY, TABLE, shown_in
 from stratalign.core.stats import HELPS, HURTS, NO_CLEAR, queries_to_resolve
 from stratalign.report.bakeoff import BASELINES
-from stratalign.report.naming import method_label, n_name, rule_name
+from stratalign.report.naming import TIE_MARK, method_label, n_name, rule_name
 
 KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")  # the headline: what the bottom line and the findings speak of
 TABLE_METRICS = shown_in(TABLE)  # core.metric_registry
@@ -82,9 +82,6 @@ def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") ->
         lines.append(f"{what}, {NAMES.get(metric, metric)}: helps in {counts[HELPS]} cells, hurts in {counts[HURTS]}, "
                      f"no clear difference in {counts[NO_CLEAR]}. Cells: {'; '.join(cells)}.")
     return lines
-
-
-TIE_MARK = " †"
 
 
 def _tie_mark(r: dict[str, Any]) -> str:

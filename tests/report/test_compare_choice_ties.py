@@ -1,21 +1,23 @@
 """report.compare.with_choice_ties: each comparison says which side rests on a knob choice that was a near-tie on
-validation, and report.md marks those clear verdicts and counts them."""
+validation; report.md marks those clear verdicts and counts them, bakeoff.md marks their differences."""
 
 from __future__ import annotations
 
 import numpy as np
 import polars as pl
 
-from stratalign.report.compare import paired_comparisons, with_choice_ties
-from stratalign.report.report import TIE_MARK, bottom_line, findings
+from stratalign.report.bakeoff import bakeoff_long, bakeoff_table
+from stratalign.report.compare import cell_intervals, paired_comparisons, with_choice_ties
+from stratalign.report.naming import TIE_MARK
+from stratalign.report.report import bottom_line, findings
 
 ROWS = np.arange(60)
 CELLS = [("clip", "last", "linear"), ("clip", "auto", "linear"), ("clip+ib", "auto", "linear"),
          ("csa", "auto", "csa")]
 
 
-def _comparisons() -> pl.DataFrame:
-    """Real paired comparisons of a small grid: clip+ib and CSA clearly better than CLIP, the layers no different."""
+def _grid() -> tuple[pl.DataFrame, dict]:
+    """A small grid's runs and per-query hits: clip+ib and CSA clearly better than CLIP, the layers no different."""
     rng = np.random.default_rng(0)
     runs, queries = [], {}
     for obj, rule, head in CELLS:
@@ -24,7 +26,12 @@ def _comparisons() -> pl.DataFrame:
             runs.append({"run": rid, "objective": obj, "layer_rule": rule, "head": head, "n_pairs": 200, "seed": s})
             p = 0.8 if obj in ("clip+ib", "csa") else 0.3
             queries[rid] = {"i2t_R@1": (rng.random(60) < p).astype(float), "image_rows": ROWS}
-    return paired_comparisons(pl.DataFrame(runs), queries, metrics=("i2t_R@1",), resamples=1000)
+    return pl.DataFrame(runs), queries
+
+
+def _comparisons() -> pl.DataFrame:
+    runs, queries = _grid()
+    return paired_comparisons(runs, queries, metrics=("i2t_R@1",), resamples=1000)
 
 
 def _tuning(ties: dict[tuple[str, str, str], bool | None]) -> pl.DataFrame:
@@ -57,3 +64,13 @@ def test_the_report_marks_clear_verdicts_on_a_near_tie_and_counts_them() -> None
     assert "1 of the clear ones" in line and "near-tie" not in line.split("1 of the clear ones")[0]
     plain = " ".join(bottom_line(table.drop("choice_tie"), board))
     assert "of the clear ones" not in plain
+
+
+def test_the_bakeoff_marks_a_clear_difference_on_a_near_tie() -> None:
+    runs, queries = _grid()
+    table = with_choice_ties(_comparisons(), _tuning({("clip+ib", "auto", "linear"): False}))
+    long = bakeoff_long(cell_intervals(runs, queries, metrics=("i2t_R@1",), resamples=1000), table,
+                        baseline_rule="last")
+    cells = {r["method"]: r["n=200"] for r in bakeoff_table(long, "i2t_R@1").iter_rows(named=True)}
+    assert cells["clip+ib / chosen"].endswith(TIE_MARK) and "Δ" in cells["clip+ib / chosen"]
+    assert not cells["csa / chosen"].endswith(TIE_MARK)  # clear too, but its choice was not a near-tie
