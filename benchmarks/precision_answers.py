@@ -21,8 +21,8 @@ perturbed as much as bf16 perturbs them but at random: each layer's rows plus a 
 per-dimension sd is that of bf16 - fp32 over the layer's rows (the class prompts' features are left as they are). It
 prints the same two counts against fp32: a yardstick for "bf16 features under fp32 heads". If random noise of
 bf16's size moves as many verdicts, bf16 has no effect of its own; the verdicts rest on choices any change that
-size tips. `--jitter-offset` adds bf16's constant offset as well (the mean of bf16 - fp32 over each layer's rows, about
-40 % of the error's energy for DINOv2-S), so the jitter has bf16's offset and size but not its dependence on the
+size tips. `--jitter-offset` adds bf16's constant offset as well (the mean of bf16 - fp32 over each layer's rows, a
+quarter to a half of the error's energy for DINOv2-S), so the jitter has bf16's offset and size but not its dependence on the
 rows.
 
     python benchmarks/precision_answers.py --store stratalign-store [--limit N --seeds K] [--csv out.csv]
