@@ -141,9 +141,10 @@ def cost_table(registry: RunRegistry, choices: list[CellChoice]) -> pl.DataFrame
     rows = []
     for c in choices:
         every = list(dict.fromkeys([rid for p in c.points for rid in p.runs] + list(c.final)))
-        seconds = {rid: run_seconds(registry.metrics(rid)) for rid in every}
+        metrics = {rid: registry.metrics(rid) for rid in every}  # each run's metrics.json read once
+        seconds = {rid: run_seconds(m) for rid, m in metrics.items()}
         final = [seconds[rid] for rid in c.final if seconds[rid] is not None]
-        derived = {rid for rid in c.final if registry.metrics(rid).get("derived_from")}  # paid by a selection run
+        derived = {rid for rid in c.final if metrics[rid].get("derived_from")}  # paid by a selection run
         rows.append({"objective": c.cell.objective, "layer_rule": c.cell.layers, "head": c.cell.head,
                      "n_pairs": c.cell.n_pairs, "runs": len(every),
                      "run_seconds": sum(final) / len(final) if final else None,
