@@ -186,13 +186,12 @@ def with_choice_ties(comparisons: pl.DataFrame, tuning: pl.DataFrame) -> pl.Data
                 ties.add(key)
 
     def side(r: dict[str, Any]) -> str | None:
-        base_obj, base_rule = {"objective": (r["baseline"], r["layer_rule"]),
-                               "vs_last": (r["baseline"], r["baseline_rule"]),
-                               "control": (r["baseline"], r["layer_rule"]),
-                               "layers": (r["objective"], r["baseline_rule"])}[r["comparison"]]
-        base = (base_obj, base_rule, r["head"], r["n_pairs"])
+        # the baseline cell as _pairs found it: its layer rule is `baseline_rule` for every kind; its objective is the
+        # method's own in a layers comparison (whose `baseline` names the rule)
+        base_obj = r["objective"] if r["comparison"] == "layers" else r["baseline"]
+        base = (base_obj, r["baseline_rule"], r["head"], r["n_pairs"])
         if base not in cells:  # paired with the baseline's linear head (see _pairs)
-            base = (base_obj, base_rule, "linear", r["n_pairs"])
+            base = (base_obj, r["baseline_rule"], "linear", r["n_pairs"])
         method = (r["objective"], r["layer_rule"], r["head"], r["n_pairs"]) in ties
         return {(True, True): "both", (True, False): "method", (False, True): "baseline"}.get((method, base in ties))
 
