@@ -19,8 +19,7 @@ from typing import Any
 import polars as pl
 
 from stratalign.core.metric_registry import REGISTRY, VERDICT, shown_in
-from stratalign.core.stats import NO_CLEAR
-from stratalign.report.naming import TIE_MARK, method_label, n_name
+from stratalign.report.naming import TIE_MARK, method_label, n_name, tie_mark
 
 KEY_METRICS = shown_in(VERDICT)  # bakeoff.csv: every metric the comparisons hold
 HEADLINE = ("i2t_R@1", "t2i_R@1", "zs_top1")  # bakeoff.md: one table each (the report's headline metrics)
@@ -93,9 +92,7 @@ def bakeoff_table(long: pl.DataFrame, metric: str, costs: dict[tuple, tuple[floa
                 r = got.row(0, named=True)
                 text = f"{r['mean']:.1f} [{r['low']:.1f}, {r['high']:.1f}]"
                 if r["diff"] is not None:
-                    text += f"; Δ {r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]"
-                    if r.get("choice_tie") and r["verdict"] != NO_CLEAR:
-                        text += TIE_MARK
+                    text += f"; Δ {r['diff']:+.1f} [{r['diff_low']:+.1f}, {r['diff_high']:+.1f}]{tie_mark(r)}"
             line[f"n={n_name(n)}"] = text
         run_s, cell_s = (costs or {}).get((objective, rule, head), (None, None))
         line["s / run"] = "" if run_s is None else f"{run_s:.3g}"

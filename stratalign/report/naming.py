@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from stratalign.core.stats import NO_CLEAR
+
 CHOSEN = "chosen"  # the layer pair picked by `stratalign layers` (rule auto / best)
 
 
@@ -31,3 +33,8 @@ def method_label(objective: str, rule: Any) -> str:
 # after a clear verdict (or difference) that rests on a near-tie knob choice on validation (report.compare.
 # with_choice_ties): report.md and bakeoff.md both mark it so
 TIE_MARK = " †"
+
+
+def tie_mark(comparison: dict[str, Any]) -> str:
+    """TIE_MARK after a clear verdict whose method's or baseline's knobs were a near-tie (its `choice_tie`), else ''."""
+    return TIE_MARK if comparison.get("choice_tie") and comparison.get("verdict") != NO_CLEAR else ""

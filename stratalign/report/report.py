@@ -15,7 +15,7 @@ import polars as pl
 from stratalign.core.metric_registry import REGISTRY, TABLE, shown_in
 from stratalign.core.stats import HELPS, HURTS, NO_CLEAR, queries_to_resolve
 from stratalign.report.bakeoff import BASELINES
-from stratalign.report.naming import TIE_MARK, method_label, n_name, rule_name
+from stratalign.report.naming import TIE_MARK, method_label, n_name, rule_name, tie_mark
 
 KEY_METRICS = ("i2t_R@1", "t2i_R@1", "zs_top1")  # the headline: what the bottom line and the findings speak of
 TABLE_METRICS = shown_in(TABLE)  # core.metric_registry
@@ -72,7 +72,7 @@ def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") ->
         for r in rows.filter(pl.col("method") == method).iter_rows(named=True):
             where = (f"{rule_name(r['layer_rule'])} layers, " if kind in ("objective", "control") else
                      "" if kind == "vs_last" else f"{r['objective']}, ") + f"n={n_name(r['n_pairs'])}"
-            cells.append(f"{where}: {_iv(r)} {r['verdict']}{_tie_mark(r)}")
+            cells.append(f"{where}: {_iv(r)} {r['verdict']}{tie_mark(r)}")
             counts[r["verdict"]] += 1
         r0 = rows.filter(pl.col("method") == method).row(0, named=True)
         what = {"objective": f"**{method}** vs {r0['baseline']} on the same layers",
@@ -82,12 +82,6 @@ def findings(comparisons: pl.DataFrame, metric: str, kind: str = "objective") ->
         lines.append(f"{what}, {NAMES.get(metric, metric)}: helps in {counts[HELPS]} cells, hurts in {counts[HURTS]}, "
                      f"no clear difference in {counts[NO_CLEAR]}. Cells: {'; '.join(cells)}.")
     return lines
-
-
-def _tie_mark(r: dict[str, Any]) -> str:
-    """After a clear verdict whose method's or baseline's knobs were a near-tie on validation (report.compare.
-    with_choice_ties): the verdict could tip with that choice."""
-    return TIE_MARK if r.get("choice_tie") and r["verdict"] != NO_CLEAR else ""
 
 
 def resolution_lines(comparisons: pl.DataFrame) -> list[str]:
