@@ -69,19 +69,13 @@ def step():
     loss = -torch.log_softmax(z @ z.T / 0.05, 1).diagonal().mean()
     loss.backward()
 
-def inv_sqrt(c):
-    e, v = np.linalg.eigh(c)
-    return (v / np.sqrt(np.clip(e, 1e-12 * e.max(), None))) @ v.T
+# imported after numpy: OpenBLAS has read its thread count by now, so stratalign's own setting (OPENBLAS_NUM_THREADS=1 at
+# import) does not reach this process and each variant's environment is what it runs under
+from stratalign.core.heads import csa_basis
 
-def fit():  # the float64 algebra of core.heads.fit_csa
-    a, b = a32.astype(np.float64), b32.astype(np.float64)
-    ac, bc, n = a - a.mean(0), b - b.mean(0), len(a)
-    caa, cbb, cab = ac.T @ ac / (n - 1), bc.T @ bc / (n - 1), ac.T @ bc / (n - 1)
-    caa += 0.1 * np.trace(caa) / len(caa) * np.eye(len(caa))
-    cbb += 0.1 * np.trace(cbb) / len(cbb) * np.eye(len(cbb))
-    ia, ib = inv_sqrt(caa), inv_sqrt(cbb)
-    u, s, vt = np.linalg.svd(ia @ cab @ ib, full_matrices=False)
-    return ia @ u[:, :64], ib @ vt[:64].T
+def fit():  # CSA's float64 algebra as the trainer runs it: the decomposition, then the top-64 maps
+    basis = csa_basis(a32, b32, 0.1)
+    return basis.inv_a @ basis.u[:, :64], basis.inv_b @ basis.vt[:64].T
 
 limit = sys.argv[3] == "1"
 if limit:
