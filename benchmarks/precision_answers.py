@@ -69,28 +69,27 @@ def main() -> None:
             raise SystemExit(f"the store lacks {res.trained} run(s) of the {precision} demo: run "
                              f"`stratalign demo --precision {precision}` on it first")
         grids[precision] = res
-    queries = {}
+    queries: dict = {}
     for res in grids.values():
-        for rid in res.runs["run"].to_list():
-            got = run_queries(store, rid)
-            if got is not None:
-                queries[rid] = got[0]
+        _load_queries(store, res.runs, queries)
     diffs = grid_differences(grids["bf16"].runs, grids["fp32"].runs, queries)
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=160, float_precision=2):
         print("bf16 - fp32, paired by cell and seed (points of %, two-level 95 % interval):")
         print(diffs.with_columns(pl.col("n_pairs").fill_null(-1)).sort("objective", "layer_rule", "n_pairs", "metric"))
         verdicts = (grids["fp32"].comparisons.select(*VERDICT_KEY, pl.col("verdict").alias("fp32"),
-                                                     pl.col("diff").alias("fp32_diff"))
+                                                     pl.col("diff").alias("fp32_diff"),
+                                                     pl.col("choice_tie").alias("fp32_tie"))
                     .join(grids["bf16"].comparisons.select(*VERDICT_KEY, pl.col("verdict").alias("bf16"),
-                                                           pl.col("diff").alias("bf16_diff")),
+                                                           pl.col("diff").alias("bf16_diff"),
+                                                           pl.col("choice_tie").alias("bf16_tie")),
                           on=list(VERDICT_KEY), how="inner", nulls_equal=True))
         changed = verdicts.filter(pl.col("fp32") != pl.col("bf16"))
         print("verdicts that differ between the precisions:")
         print(changed if changed.height else "(none)")
-        _tie_share(grids["fp32"].comparisons, grids["bf16"].comparisons, changed.height, verdicts.height)
+        _tie_share(verdicts)
     if args.csv:
         diffs.write_csv(args.csv)
-    holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
+    holding = _holding(diffs)
     if args.attribute:
         _attribute(store, args, grids["fp32"], queries)
     for draw in range(1, args.jitter + 1):
@@ -112,15 +111,8 @@ def _attribute(store: FeatureStore, args: argparse.Namespace, fp32: object, quer
         options = sweep.base.options + ((("precision", heads),) if heads != "fp32" else ())
         sweep = replace(sweep, base=replace(sweep.base, options=options, feature_precision=features))
         res = run_sweep(store, sweep, None, progress=False)
-        for rid in res.runs["run"].to_list():
-            got = run_queries(store, rid)
-            if got is not None:
-                queries[rid] = got[0]
-        diffs = grid_differences(res.runs, fp32.runs, queries)
-        holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
-        agree, compared = _agreeing(fp32.comparisons, res.comparisons)
-        print(f"{name} - fp32: intervals holding 0: {holding}/{diffs.height}; verdicts agreeing: {agree}/{compared}"
-              f" ({res.trained} runs trained)", flush=True)
+        _load_queries(store, res.runs, queries)
+        _against_fp32(name, res.runs, res, fp32, queries)
 
 
 def _jittered_reads(draw: int, offset: bool = False):
@@ -158,31 +150,42 @@ def _jitter(source: Path, args: argparse.Namespace, fp32: object, queries: dict,
         with _jittered_reads(draw, args.jitter_offset):
             jstore = FeatureStore.open(str(copy), "a")
             res = run_sweep(jstore, demo_sweep(DemoConfig.sized(args.limit, args.seeds, "fp32")), None, progress=False)
-            runs = res.runs.with_columns(("jitter:" + pl.col("run")).alias("run"))
-            for rid in res.runs["run"].to_list():
-                got = run_queries(jstore, rid)
-                if got is not None:
-                    queries["jitter:" + rid] = got[0]
-        diffs = grid_differences(runs, fp32.runs, queries)
-        holding = int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
-        agree, compared = _agreeing(fp32.comparisons, res.comparisons)
+            _load_queries(jstore, res.runs, queries, prefix="jitter:")  # the same run ids as fp32's: kept apart
         what = "size and offset" if args.jitter_offset else "size"
-        print(f"fp32 features jittered to bf16's {what} (draw {draw}), fp32 heads - fp32: intervals holding 0: "
-              f"{holding}/{diffs.height}; verdicts agreeing: {agree}/{compared} ({res.trained} runs trained)",
-              flush=True)
+        _against_fp32(f"fp32 features jittered to bf16's {what} (draw {draw}), fp32 heads",
+                      res.runs.with_columns(("jitter:" + pl.col("run")).alias("run")), res, fp32, queries)
 
 
-def _tie_share(fp32: pl.DataFrame, bf16: pl.DataFrame, changed: int, compared: int) -> None:
-    """How many of the verdicts that differ sit on a near-tie knob choice in either grid (`choice_tie`, the report's
-    dagger), against how many verdicts do: does the report's mark point at the fragile ones?"""
-    tied = (fp32.select(*VERDICT_KEY, pl.col("verdict").alias("a"), pl.col("choice_tie").alias("tie_a"))
-            .join(bf16.select(*VERDICT_KEY, pl.col("verdict").alias("b"), pl.col("choice_tie").alias("tie_b")),
-                  on=list(VERDICT_KEY), how="inner", nulls_equal=True)
-            .with_columns((pl.col("tie_a").is_not_null() | pl.col("tie_b").is_not_null()).alias("tie")))
-    moved = tied.filter(pl.col("a") != pl.col("b"))
-    print(f"near-tie choice on either side: {int(tied['tie'].sum())}/{compared} verdicts, {int(moved['tie'].sum())}/"
-          f"{changed} of those that differ; verdicts agreeing without one: "
-          f"{int(((~tied['tie']) & (tied['a'] == tied['b'])).sum())}/{int((~tied['tie']).sum())}")
+def _load_queries(store: FeatureStore, runs: pl.DataFrame, queries: dict, prefix: str = "") -> None:
+    """The per-query results of `runs` into `queries`, under `prefix` + run id (runs without them left out)."""
+    for rid in runs["run"].to_list():
+        got = run_queries(store, rid)
+        if got is not None:
+            queries[prefix + rid] = got[0]
+
+
+def _holding(diffs: pl.DataFrame) -> int:
+    """How many paired differences' intervals hold 0."""
+    return int(((diffs["low"] <= 0) & (diffs["high"] >= 0)).sum())
+
+
+def _against_fp32(name: str, runs: pl.DataFrame, res: object, fp32: object, queries: dict) -> None:
+    """One line: a grid (`runs`, named as in `queries`; `res` its sweep result) against the fp32 demo's."""
+    diffs = grid_differences(runs, fp32.runs, queries)
+    agree, compared = _agreeing(fp32.comparisons, res.comparisons)
+    print(f"{name} - fp32: intervals holding 0: {_holding(diffs)}/{diffs.height}; verdicts agreeing: "
+          f"{agree}/{compared} ({res.trained} runs trained)", flush=True)
+
+
+def _tie_share(verdicts: pl.DataFrame) -> None:
+    """How many of the verdicts that differ between the precisions (`verdicts`: both grids' joined) sit on a near-tie
+    knob choice in either grid (`choice_tie`, the report's dagger), against how many verdicts do: does the report's
+    mark point at the fragile ones?"""
+    tie = verdicts["fp32_tie"].is_not_null() | verdicts["bf16_tie"].is_not_null()
+    same = verdicts["fp32"] == verdicts["bf16"]
+    print(f"near-tie choice on either side: {int(tie.sum())}/{verdicts.height} verdicts, {int((tie & ~same).sum())}/"
+          f"{int((~same).sum())} of those that differ; verdicts agreeing without one: "
+          f"{int((~tie & same).sum())}/{int((~tie).sum())}")
 
 
 def _agreeing(a: pl.DataFrame, b: pl.DataFrame) -> tuple[int, int]:
